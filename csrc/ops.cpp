@@ -1,0 +1,43 @@
+// Every fastvid op's schema, once. Kernels register their implementations per device with
+// TORCH_LIBRARY_IMPL next to the kernels; Python adds fake (meta) kernels and autograd formulas
+// (fastvid/ops/). Forward and backward are separate ops so autograd, torch.compile and opcheck
+// all see plain functional ops.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import fastvid._C` loads this library, whose static initialisers register the ops; the module
+// itself is empty (no pybind functions).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(fastvid, m) {
+  // ---- recurrent (csrc/recurrent/): gate math in fastvid/reference/recurrent.py
+  m.def("lstm_cell(Tensor gates_pre, Tensor c_prev, Tensor? peephole) -> (Tensor h, Tensor c, Tensor gates)");
+  m.def("lstm_cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor gates, Tensor c_prev, Tensor c, "
+        "Tensor? peephole) -> (Tensor grad_gates_pre, Tensor grad_c_prev)");
+  m.def("gru_cell(Tensor x_gates, Tensor h_gates, Tensor h_prev, bool reset_after) -> (Tensor h, Tensor cache)");
+  m.def("gru_cell_backward(Tensor grad_h, Tensor cache, Tensor h_prev, bool reset_after) "
+        "-> (Tensor grad_x_gates, Tensor grad_h_gates, Tensor grad_h_prev)");
+  m.def("gru_reset_hidden(Tensor x_r, Tensor h_r, Tensor h_prev) -> Tensor");
+  m.def("gru_reset_hidden_backward(Tensor grad, Tensor x_r, Tensor h_r, Tensor h_prev) "
+        "-> (Tensor grad_r_pre, Tensor grad_h_prev)");
+  // strategy: 0 = input conv hoisted over B*T frames, 1 = persistent [x_t, h] buffer.
+  m.def("convlstm_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias, Tensor h0, Tensor c0, "
+        "Tensor? peephole, int[2] padding, int[2] dilation, bool reverse, int strategy, bool save) "
+        "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor workspace)");
+  m.def("convlstm_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, "
+        "Tensor weight_ih, Tensor weight_hh, bool has_bias, Tensor h0, Tensor c0, Tensor? peephole, "
+        "Tensor output, Tensor gates, Tensor cells, Tensor workspace, int[2] padding, int[2] dilation, "
+        "bool reverse, int strategy) -> (Tensor grad_x, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+        "Tensor grad_bias, Tensor grad_h0, Tensor grad_c0, Tensor grad_peephole)");
+  m.def("convgru_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+        "Tensor h0, int[2] padding, int[2] dilation, bool reset_after, bool reverse, int strategy, bool save) "
+        "-> (Tensor output, Tensor h_n, Tensor cache, Tensor workspace)");
+  m.def("convgru_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor x, Tensor weight_ih, "
+        "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor h0, Tensor output, Tensor cache, "
+        "Tensor workspace, int[2] padding, int[2] dilation, bool reset_after, bool reverse, int strategy) "
+        "-> (Tensor grad_x, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
+        "Tensor grad_bias_hh, Tensor grad_h0)");
+}

@@ -1,0 +1,434 @@
+// CPU gate kernels: rows of contiguous elements, parallel over rows with at::parallel_for.
+//
+// A row is one (batch, pixel) for channels-last planes or one (batch, channel) for NCHW planes,
+// so every plane's inner stride is 1. The row loops call the shared math of recurrent_math.h and
+// are compiled three times (AVX-512, AVX2, baseline) with gcc's target_clones; the loader picks
+// the best clone for the running CPU. Plain loops rather than at::vec::Vectorized: a vectorised
+// exp/tanh in at::vec calls Sleef, which an extension cannot link portably, and the clones give
+// runtime ISA dispatch that a single-capability extension build would not.
+#include "recurrent_kernels.h"
+#include "recurrent_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTVID_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTVID_CPU_CLONES
+#endif
+
+namespace fastvid {
+namespace recurrent {
+namespace {
+
+// ------------------------------------------------------------------------ row iteration
+struct RowLayout {
+  bool channels_inner;   // rows are (b, pixel) and the inner index is the channel
+  int64_t rows_per_batch;
+  int64_t inner;         // elements per row
+};
+
+bool is_broadcast(const Plane& p) { return p.stride_b == 0 && p.stride_c == 0 && p.stride_p == 0; }
+
+RowLayout row_layout(const Geometry& geo, std::initializer_list<const Plane*> planes) {
+  bool pixels_ok = true, channels_ok = true;
+  for (const Plane* p : planes) {
+    if (p->data == nullptr || is_broadcast(*p)) continue;
+    pixels_ok = pixels_ok && (p->stride_p == 1 || geo.pixels == 1);
+    channels_ok = channels_ok && (p->stride_c == 1 || geo.channels == 1);
+  }
+  TORCH_CHECK(pixels_ok || channels_ok,
+              "fastvid internal error: gate planes mix NCHW and channels-last layouts");
+  if (pixels_ok) return {false, geo.channels, geo.pixels};
+  return {true, geo.pixels, geo.channels};
+}
+
+// Pointer to the first element of row (b, outer) of plane p.
+template <typename T>
+T* row_ptr(const Plane& p, const RowLayout& layout, int64_t b, int64_t outer) {
+  if (p.data == nullptr) return nullptr;
+  const int64_t outer_stride = layout.channels_inner ? p.stride_p : p.stride_c;
+  return static_cast<T*>(p.data) + b * p.stride_b + outer * outer_stride;
+}
+
+// Runs body(b, outer) over all rows in parallel; rows are grouped so a task has >= 32k elements.
+template <typename Body>
+void for_each_row(const Geometry& geo, const RowLayout& layout, const Body& body) {
+  const int64_t rows = geo.batch * layout.rows_per_batch;
+  if (rows == 0 || layout.inner == 0) return;
+  const int64_t grain = std::max<int64_t>(1, 32768 / layout.inner);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) body(row / layout.rows_per_batch, row % layout.rows_per_batch);
+  });
+}
+
+// Per-channel peephole weights seen along one row: the weights themselves when channels are the
+// inner index, otherwise the row's single channel value repeated (filled per row).
+template <typename acc_t>
+struct PeepholeRow {
+  const acc_t* weights;  // [3, C] or nullptr
+  int64_t channels;
+  std::vector<acc_t> repeated;
+
+  PeepholeRow(const void* w, int64_t channels, const RowLayout& layout)
+      : weights(static_cast<const acc_t*>(w)), channels(channels),
+        repeated(3 * layout.inner, acc_t(0)) {}
+
+  // Returns three pointers of length `inner` for w_ci, w_cf, w_co.
+  void get(const RowLayout& layout, int64_t outer, const acc_t* out[3]) {
+    for (int k = 0; k < 3; ++k) {
+      if (weights != nullptr && layout.channels_inner) {
+        out[k] = weights + k * channels;
+        continue;
+      }
+      acc_t* dst = repeated.data() + k * layout.inner;
+      if (weights != nullptr) std::fill(dst, dst + layout.inner, weights[k * channels + outer]);
+      out[k] = dst;  // zeros when there is no peephole
+    }
+  }
+};
+
+template <typename T, typename acc_t>
+inline acc_t ld(const T* p, int64_t j) { return static_cast<acc_t>(p[j]); }
+
+// ------------------------------------------------------------------------ LSTM
+template <typename scalar_t>
+struct LstmForwardRow {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* a_x[4];
+  const scalar_t* a_h[4];
+  const acc_t* c_prev;
+  const acc_t* w[3];
+  scalar_t* h_out;
+  scalar_t* h_out2;
+  acc_t* c_out;
+  scalar_t* gates_out[4];
+};
+
+template <typename scalar_t, bool kSave>
+FASTVID_CPU_CLONES void lstm_forward_row(const LstmForwardRow<scalar_t>& r, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *xi = r.a_x[0], *xf = r.a_x[1], *xg = r.a_x[2], *xo = r.a_x[3];
+  const scalar_t *hi = r.a_h[0], *hf = r.a_h[1], *hg = r.a_h[2], *ho = r.a_h[3];
+  const acc_t *c_prev = r.c_prev, *w_ci = r.w[0], *w_cf = r.w[1], *w_co = r.w[2];
+  scalar_t *h_out = r.h_out, *h_out2 = r.h_out2;
+  acc_t* c_out = r.c_out;
+  scalar_t *gi = r.gates_out[0], *gf = r.gates_out[1], *gg = r.gates_out[2], *go = r.gates_out[3];
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    const LstmState<acc_t> s = lstm_forward<acc_t>(
+        ld<scalar_t, acc_t>(xi, j) + ld<scalar_t, acc_t>(hi, j), ld<scalar_t, acc_t>(xf, j) + ld<scalar_t, acc_t>(hf, j),
+        ld<scalar_t, acc_t>(xg, j) + ld<scalar_t, acc_t>(hg, j), ld<scalar_t, acc_t>(xo, j) + ld<scalar_t, acc_t>(ho, j),
+        c_prev[j], w_ci[j], w_cf[j], w_co[j]);
+    h_out[j] = static_cast<scalar_t>(s.h);
+    h_out2[j] = static_cast<scalar_t>(s.h);
+    c_out[j] = s.c;
+    if (kSave) {
+      gi[j] = static_cast<scalar_t>(s.i);
+      gf[j] = static_cast<scalar_t>(s.f);
+      gg[j] = static_cast<scalar_t>(s.g);
+      go[j] = static_cast<scalar_t>(s.o);
+    }
+  }
+}
+
+template <typename scalar_t>
+void lstm_forward_impl(const LstmForwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowLayout layout = row_layout(a.geo, {&a.a_x[0], &a.a_x[1], &a.a_x[2], &a.a_x[3], &a.a_h[0], &a.a_h[1],
+                                              &a.a_h[2], &a.a_h[3], &a.c_prev, &a.h_out, &a.h_out2, &a.c_out,
+                                              &a.gates_out[0], &a.gates_out[1], &a.gates_out[2], &a.gates_out[3]});
+  const int64_t rows = a.geo.batch * layout.rows_per_batch;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, layout.inner));
+  if (rows == 0 || layout.inner == 0) return;
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    PeepholeRow<acc_t> peephole(a.peephole, a.geo.channels, layout);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / layout.rows_per_batch, outer = row % layout.rows_per_batch;
+      LstmForwardRow<scalar_t> r;
+      for (int k = 0; k < 4; ++k) {
+        r.a_x[k] = row_ptr<const scalar_t>(a.a_x[k], layout, b, outer);
+        r.a_h[k] = row_ptr<const scalar_t>(a.a_h[k], layout, b, outer);
+        r.gates_out[k] = row_ptr<scalar_t>(a.gates_out[k], layout, b, outer);
+      }
+      r.c_prev = row_ptr<const acc_t>(a.c_prev, layout, b, outer);
+      r.h_out = row_ptr<scalar_t>(a.h_out, layout, b, outer);
+      r.h_out2 = row_ptr<scalar_t>(a.h_out2, layout, b, outer);
+      r.c_out = row_ptr<acc_t>(a.c_out, layout, b, outer);
+      peephole.get(layout, outer, r.w);
+      if (a.save) lstm_forward_row<scalar_t, true>(r, layout.inner);
+      else lstm_forward_row<scalar_t, false>(r, layout.inner);
+    }
+  });
+}
+
+template <typename scalar_t>
+struct LstmBackwardRow {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* dh_in[3];
+  const acc_t* dc_in;
+  const scalar_t* gates[4];
+  const acc_t* c_prev;
+  const acc_t* c;
+  const acc_t* w[3];
+  scalar_t* d_gates[4];
+  acc_t* dc_prev;
+};
+
+template <typename scalar_t>
+FASTVID_CPU_CLONES void lstm_backward_row(const LstmBackwardRow<scalar_t>& r, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *dh0 = r.dh_in[0], *dh1 = r.dh_in[1], *dh2 = r.dh_in[2];
+  const scalar_t *gi = r.gates[0], *gf = r.gates[1], *gg = r.gates[2], *go = r.gates[3];
+  const acc_t *dc_in = r.dc_in, *c_prev = r.c_prev, *c = r.c;
+  const acc_t *w_ci = r.w[0], *w_cf = r.w[1], *w_co = r.w[2];
+  scalar_t *di = r.d_gates[0], *df = r.d_gates[1], *dg = r.d_gates[2], *d_o = r.d_gates[3];
+  acc_t* dc_prev = r.dc_prev;
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t dh = ld<scalar_t, acc_t>(dh0, j) + ld<scalar_t, acc_t>(dh1, j) + ld<scalar_t, acc_t>(dh2, j);
+    const LstmGrad<acc_t> d = lstm_backward<acc_t>(dh, dc_in[j], ld<scalar_t, acc_t>(gi, j), ld<scalar_t, acc_t>(gf, j),
+                                                   ld<scalar_t, acc_t>(gg, j), ld<scalar_t, acc_t>(go, j), c_prev[j],
+                                                   c[j], w_ci[j], w_cf[j], w_co[j]);
+    di[j] = static_cast<scalar_t>(d.a_i);
+    df[j] = static_cast<scalar_t>(d.a_f);
+    dg[j] = static_cast<scalar_t>(d.a_g);
+    d_o[j] = static_cast<scalar_t>(d.a_o);
+    dc_prev[j] = d.c_prev;
+  }
+}
+
+template <typename scalar_t>
+void lstm_backward_impl(const LstmBackwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowLayout layout =
+      row_layout(a.geo, {&a.dh_in[0], &a.dh_in[1], &a.dh_in[2], &a.dc_in, &a.gates[0], &a.gates[1], &a.gates[2],
+                         &a.gates[3], &a.c_prev, &a.c, &a.d_gates_out[0], &a.d_gates_out[1], &a.d_gates_out[2],
+                         &a.d_gates_out[3], &a.dc_prev_out});
+  const int64_t rows = a.geo.batch * layout.rows_per_batch;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, layout.inner));
+  if (rows == 0 || layout.inner == 0) return;
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    PeepholeRow<acc_t> peephole(a.peephole, a.geo.channels, layout);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / layout.rows_per_batch, outer = row % layout.rows_per_batch;
+      LstmBackwardRow<scalar_t> r;
+      for (int k = 0; k < 3; ++k) r.dh_in[k] = row_ptr<const scalar_t>(a.dh_in[k], layout, b, outer);
+      for (int k = 0; k < 4; ++k) {
+        r.gates[k] = row_ptr<const scalar_t>(a.gates[k], layout, b, outer);
+        r.d_gates[k] = row_ptr<scalar_t>(a.d_gates_out[k], layout, b, outer);
+      }
+      r.dc_in = row_ptr<const acc_t>(a.dc_in, layout, b, outer);
+      r.c_prev = row_ptr<const acc_t>(a.c_prev, layout, b, outer);
+      r.c = row_ptr<const acc_t>(a.c, layout, b, outer);
+      r.dc_prev = row_ptr<acc_t>(a.dc_prev_out, layout, b, outer);
+      peephole.get(layout, outer, r.w);
+      lstm_backward_row<scalar_t>(r, layout.inner);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------ GRU
+template <typename scalar_t>
+struct GruForwardRow {
+  const scalar_t* x[3];
+  const scalar_t* h[3];
+  const scalar_t* h_prev;
+  scalar_t* h_out;
+  scalar_t* h_out2;
+  scalar_t* cache[4];
+};
+
+template <typename scalar_t, bool kResetAfter, bool kSave>
+FASTVID_CPU_CLONES void gru_forward_row(const GruForwardRow<scalar_t>& r, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *xr = r.x[0], *xz = r.x[1], *xn = r.x[2], *hr = r.h[0], *hz = r.h[1], *hn = r.h[2];
+  const scalar_t* h_prev = r.h_prev;
+  scalar_t *h_out = r.h_out, *h_out2 = r.h_out2;
+  scalar_t *cr = r.cache[0], *cz = r.cache[1], *cn = r.cache[2], *chn = r.cache[3];
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t h_n = ld<scalar_t, acc_t>(hn, j);
+    const GruState<acc_t> s = gru_forward<acc_t>(ld<scalar_t, acc_t>(xr, j), ld<scalar_t, acc_t>(xz, j),
+                                                 ld<scalar_t, acc_t>(xn, j), ld<scalar_t, acc_t>(hr, j),
+                                                 ld<scalar_t, acc_t>(hz, j), h_n, ld<scalar_t, acc_t>(h_prev, j),
+                                                 kResetAfter);
+    h_out[j] = static_cast<scalar_t>(s.h);
+    h_out2[j] = static_cast<scalar_t>(s.h);
+    if (kSave) {
+      cr[j] = static_cast<scalar_t>(s.r);
+      cz[j] = static_cast<scalar_t>(s.z);
+      cn[j] = static_cast<scalar_t>(s.n);
+      chn[j] = static_cast<scalar_t>(h_n);
+    }
+  }
+}
+
+template <typename scalar_t>
+void gru_forward_impl(const GruForwardArgs& a) {
+  const RowLayout layout =
+      row_layout(a.geo, {&a.x[0], &a.x[1], &a.x[2], &a.h[0], &a.h[1], &a.h[2], &a.h_prev, &a.h_out, &a.h_out2,
+                         &a.cache_out[0], &a.cache_out[1], &a.cache_out[2], &a.cache_out[3]});
+  for_each_row(a.geo, layout, [&](int64_t b, int64_t outer) {
+    GruForwardRow<scalar_t> r;
+    for (int k = 0; k < 3; ++k) {
+      r.x[k] = row_ptr<const scalar_t>(a.x[k], layout, b, outer);
+      r.h[k] = row_ptr<const scalar_t>(a.h[k], layout, b, outer);
+    }
+    for (int k = 0; k < 4; ++k) r.cache[k] = row_ptr<scalar_t>(a.cache_out[k], layout, b, outer);
+    r.h_prev = row_ptr<const scalar_t>(a.h_prev, layout, b, outer);
+    r.h_out = row_ptr<scalar_t>(a.h_out, layout, b, outer);
+    r.h_out2 = row_ptr<scalar_t>(a.h_out2, layout, b, outer);
+    if (a.reset_after) {
+      if (a.save) gru_forward_row<scalar_t, true, true>(r, layout.inner);
+      else gru_forward_row<scalar_t, true, false>(r, layout.inner);
+    } else {
+      if (a.save) gru_forward_row<scalar_t, false, true>(r, layout.inner);
+      else gru_forward_row<scalar_t, false, false>(r, layout.inner);
+    }
+  });
+}
+
+template <typename scalar_t>
+struct GruBackwardRow {
+  const scalar_t* dh_in[3];
+  const scalar_t* cache[4];
+  const scalar_t* h_prev;
+  scalar_t* d_x[3];
+  scalar_t* d_h[3];
+  scalar_t* dh_prev;
+};
+
+template <typename scalar_t, bool kResetAfter>
+FASTVID_CPU_CLONES void gru_backward_row(const GruBackwardRow<scalar_t>& r, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *dh0 = r.dh_in[0], *dh1 = r.dh_in[1], *dh2 = r.dh_in[2];
+  const scalar_t *cr = r.cache[0], *cz = r.cache[1], *cn = r.cache[2], *chn = r.cache[3];
+  const scalar_t* h_prev = r.h_prev;
+  scalar_t *dxr = r.d_x[0], *dxz = r.d_x[1], *dxn = r.d_x[2];
+  scalar_t *dhr = r.d_h[0], *dhz = r.d_h[1], *dhn = r.d_h[2];
+  scalar_t* dh_prev = r.dh_prev;
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t dh = ld<scalar_t, acc_t>(dh0, j) + ld<scalar_t, acc_t>(dh1, j) + ld<scalar_t, acc_t>(dh2, j);
+    const GruGrad<acc_t> d =
+        gru_backward<acc_t>(dh, ld<scalar_t, acc_t>(cr, j), ld<scalar_t, acc_t>(cz, j), ld<scalar_t, acc_t>(cn, j),
+                            ld<scalar_t, acc_t>(chn, j), ld<scalar_t, acc_t>(h_prev, j), kResetAfter);
+    dxr[j] = static_cast<scalar_t>(d.r);
+    dxz[j] = static_cast<scalar_t>(d.z);
+    dxn[j] = static_cast<scalar_t>(d.x_n);
+    dhr[j] = static_cast<scalar_t>(d.r);
+    dhz[j] = static_cast<scalar_t>(d.z);
+    dhn[j] = static_cast<scalar_t>(d.h_n);
+    dh_prev[j] = static_cast<scalar_t>(d.h_prev);
+  }
+}
+
+template <typename scalar_t>
+void gru_backward_impl(const GruBackwardArgs& a) {
+  const RowLayout layout = row_layout(
+      a.geo, {&a.dh_in[0], &a.dh_in[1], &a.dh_in[2], &a.cache[0], &a.cache[1], &a.cache[2], &a.cache[3], &a.h_prev,
+              &a.d_x_out[0], &a.d_x_out[1], &a.d_x_out[2], &a.d_h_out[0], &a.d_h_out[1], &a.d_h_out[2],
+              &a.dh_prev_out});
+  for_each_row(a.geo, layout, [&](int64_t b, int64_t outer) {
+    GruBackwardRow<scalar_t> r;
+    for (int k = 0; k < 3; ++k) {
+      r.dh_in[k] = row_ptr<const scalar_t>(a.dh_in[k], layout, b, outer);
+      r.d_x[k] = row_ptr<scalar_t>(a.d_x_out[k], layout, b, outer);
+      r.d_h[k] = row_ptr<scalar_t>(a.d_h_out[k], layout, b, outer);
+    }
+    for (int k = 0; k < 4; ++k) r.cache[k] = row_ptr<const scalar_t>(a.cache[k], layout, b, outer);
+    r.h_prev = row_ptr<const scalar_t>(a.h_prev, layout, b, outer);
+    r.dh_prev = row_ptr<scalar_t>(a.dh_prev_out, layout, b, outer);
+    if (a.reset_after) gru_backward_row<scalar_t, true>(r, layout.inner);
+    else gru_backward_row<scalar_t, false>(r, layout.inner);
+  });
+}
+
+template <typename scalar_t, bool kSave>
+FASTVID_CPU_CLONES void gru_reset_forward_row(const scalar_t* x_r, const scalar_t* h_r, const scalar_t* h_prev,
+                                              scalar_t* reset_h, scalar_t* r_out, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t r;
+    const acc_t v = gru_reset_forward<acc_t>(ld<scalar_t, acc_t>(x_r, j), ld<scalar_t, acc_t>(h_r, j),
+                                             ld<scalar_t, acc_t>(h_prev, j), &r);
+    reset_h[j] = static_cast<scalar_t>(v);
+    if (kSave) r_out[j] = static_cast<scalar_t>(r);
+  }
+}
+
+template <typename scalar_t>
+void gru_reset_forward_impl(const GruResetForwardArgs& a) {
+  const RowLayout layout = row_layout(a.geo, {&a.x_r, &a.h_r, &a.h_prev, &a.reset_h_out, &a.r_out});
+  for_each_row(a.geo, layout, [&](int64_t b, int64_t outer) {
+    const scalar_t* x_r = row_ptr<const scalar_t>(a.x_r, layout, b, outer);
+    const scalar_t* h_r = row_ptr<const scalar_t>(a.h_r, layout, b, outer);
+    const scalar_t* h_prev = row_ptr<const scalar_t>(a.h_prev, layout, b, outer);
+    scalar_t* reset_h = row_ptr<scalar_t>(a.reset_h_out, layout, b, outer);
+    scalar_t* r_out = row_ptr<scalar_t>(a.r_out, layout, b, outer);
+    if (a.save) gru_reset_forward_row<scalar_t, true>(x_r, h_r, h_prev, reset_h, r_out, layout.inner);
+    else gru_reset_forward_row<scalar_t, false>(x_r, h_r, h_prev, reset_h, r_out, layout.inner);
+  });
+}
+
+template <typename scalar_t>
+FASTVID_CPU_CLONES void gru_reset_backward_row(const scalar_t* d_reset_h, const scalar_t* r, const scalar_t* h_prev,
+                                               const scalar_t* dh_prev_in, scalar_t* d_r, scalar_t* dh_prev_out,
+                                               int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t dh = ld<scalar_t, acc_t>(dh_prev_in, j);
+    const acc_t dr = gru_reset_backward<acc_t>(ld<scalar_t, acc_t>(d_reset_h, j), ld<scalar_t, acc_t>(r, j),
+                                               ld<scalar_t, acc_t>(h_prev, j), &dh);
+    d_r[j] = static_cast<scalar_t>(dr);
+    dh_prev_out[j] = static_cast<scalar_t>(dh);
+  }
+}
+
+template <typename scalar_t>
+void gru_reset_backward_impl(const GruResetBackwardArgs& a) {
+  const RowLayout layout =
+      row_layout(a.geo, {&a.d_reset_h, &a.r, &a.h_prev, &a.dh_prev_in, &a.d_r_out, &a.dh_prev_out});
+  for_each_row(a.geo, layout, [&](int64_t b, int64_t outer) {
+    gru_reset_backward_row<scalar_t>(
+        row_ptr<const scalar_t>(a.d_reset_h, layout, b, outer), row_ptr<const scalar_t>(a.r, layout, b, outer),
+        row_ptr<const scalar_t>(a.h_prev, layout, b, outer), row_ptr<const scalar_t>(a.dh_prev_in, layout, b, outer),
+        row_ptr<scalar_t>(a.d_r_out, layout, b, outer), row_ptr<scalar_t>(a.dh_prev_out, layout, b, outer),
+        layout.inner);
+  });
+}
+
+}  // namespace
+
+#define FASTVID_DISPATCH(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
+
+void lstm_forward_cpu(const LstmForwardArgs& a) {
+  FASTVID_DISPATCH(a.geo.dtype, "lstm_forward_cpu", [&] { lstm_forward_impl<scalar_t>(a); });
+}
+void lstm_backward_cpu(const LstmBackwardArgs& a) {
+  FASTVID_DISPATCH(a.geo.dtype, "lstm_backward_cpu", [&] { lstm_backward_impl<scalar_t>(a); });
+}
+void gru_forward_cpu(const GruForwardArgs& a) {
+  FASTVID_DISPATCH(a.geo.dtype, "gru_forward_cpu", [&] { gru_forward_impl<scalar_t>(a); });
+}
+void gru_backward_cpu(const GruBackwardArgs& a) {
+  FASTVID_DISPATCH(a.geo.dtype, "gru_backward_cpu", [&] { gru_backward_impl<scalar_t>(a); });
+}
+void gru_reset_forward_cpu(const GruResetForwardArgs& a) {
+  FASTVID_DISPATCH(a.geo.dtype, "gru_reset_forward_cpu", [&] { gru_reset_forward_impl<scalar_t>(a); });
+}
+void gru_reset_backward_cpu(const GruResetBackwardArgs& a) {
+  FASTVID_DISPATCH(a.geo.dtype, "gru_reset_backward_cpu", [&] { gru_reset_backward_impl<scalar_t>(a); });
+}
+
+}  // namespace recurrent
+}  // namespace fastvid

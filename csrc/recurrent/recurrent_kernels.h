@@ -1,0 +1,99 @@
+// The fused gate kernels' interface, shared by the CPU and CUDA implementations and by the
+// device-generic time loops in recurrent_sequence.cpp.
+//
+// Every tensor a kernel touches is a Plane: a [B, C, H·W] view given by a data pointer and element
+// strides for batch, channel and pixel (H and W must merge into one pixel dimension, which holds
+// for NCHW and NHWC tensors and their channel slices). A gate "slot" is the plane of one gate's C
+// channels inside a [B, G·C, H, W] tensor. A plane with all strides 0 that points at a zero buffer
+// of at least max(C, H·W) elements stands for an absent operand (e.g. no hidden-conv input).
+//
+// Dtypes: gate, hidden and gradient planes have the kernel's scalar type (float, double, bfloat16,
+// half); cell-state planes (LSTM c) and peephole weights have its accumulation type (float for
+// the 16-bit types). Index math is 64-bit.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace fastvid {
+namespace recurrent {
+
+struct Plane {
+  void* data = nullptr;
+  int64_t stride_b = 0, stride_c = 0, stride_p = 0;
+};
+
+struct Geometry {
+  int64_t batch = 0, channels = 0, pixels = 0;
+  at::ScalarType dtype = at::kFloat;  // scalar type of the gate planes
+};
+
+// h, c = LSTM(a_x + a_h, c_prev); gates_out (if save) receives the activated i, f, g, o.
+struct LstmForwardArgs {
+  Geometry geo;
+  Plane a_x[4], a_h[4], c_prev;
+  Plane h_out, h_out2, c_out;  // h is written twice: to the layer output and to the next conv input
+  Plane gates_out[4];
+  const void* peephole = nullptr;  // [3, C] contiguous (w_ci, w_cf, w_co) in acc type, or nullptr
+  bool save = false;
+};
+
+// dh = dh_in[0] + dh_in[1] + dh_in[2]; dc_in is the gradient reaching c (may alias dc_prev_out).
+struct LstmBackwardArgs {
+  Geometry geo;
+  Plane dh_in[3], dc_in, gates[4], c_prev, c;
+  Plane d_gates_out[4], dc_prev_out;
+  const void* peephole = nullptr;
+};
+
+// h = GRU(x gates, h gates, h_prev); cache_out (if save) receives r, z, n, h_n.
+struct GruForwardArgs {
+  Geometry geo;
+  Plane x[3], h[3], h_prev;
+  Plane h_out, h_out2;
+  Plane cache_out[4];
+  bool reset_after = true, save = false;
+};
+
+// dh = dh_in[0] + dh_in[1] + dh_in[2]. d_x_out: d(x_r, x_z, x_n); d_h_out: d(h_r, h_z, h_n);
+// dh_prev_out receives the direct part dh·z (the conv part is added by the caller).
+struct GruBackwardArgs {
+  Geometry geo;
+  Plane dh_in[3], cache[4], h_prev;
+  Plane d_x_out[3], d_h_out[3], dh_prev_out;
+  bool reset_after = true;
+};
+
+// reset_h = σ(x_r + h_r)·h_prev; r_out (if save) receives r.
+struct GruResetForwardArgs {
+  Geometry geo;
+  Plane x_r, h_r, h_prev, reset_h_out, r_out;
+  bool save = false;
+};
+
+// d_r_out = d r_pre; dh_prev_out = dh_prev_in + d_reset_h·r (may alias).
+struct GruResetBackwardArgs {
+  Geometry geo;
+  Plane d_reset_h, r, h_prev, dh_prev_in;
+  Plane d_r_out, dh_prev_out;
+};
+
+void lstm_forward_cpu(const LstmForwardArgs& args);
+void lstm_backward_cpu(const LstmBackwardArgs& args);
+void gru_forward_cpu(const GruForwardArgs& args);
+void gru_backward_cpu(const GruBackwardArgs& args);
+void gru_reset_forward_cpu(const GruResetForwardArgs& args);
+void gru_reset_backward_cpu(const GruResetBackwardArgs& args);
+
+#ifdef FASTVID_WITH_CUDA
+void lstm_forward_cuda(const LstmForwardArgs& args);
+void lstm_backward_cuda(const LstmBackwardArgs& args);
+void gru_forward_cuda(const GruForwardArgs& args);
+void gru_backward_cuda(const GruBackwardArgs& args);
+void gru_reset_forward_cuda(const GruResetForwardArgs& args);
+void gru_reset_backward_cuda(const GruResetBackwardArgs& args);
+#endif
+
+}  // namespace recurrent
+}  // namespace fastvid

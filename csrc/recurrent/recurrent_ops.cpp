@@ -1,0 +1,902 @@
+// ConvLSTM / ConvGRU ops: argument checks, buffers and the time loops. Device-generic: the
+// convolutions go through ATen (oneDNN on CPU, cuDNN on CUDA) and the fused gate kernels are
+// picked by device (recurrent_cpu.cpp / recurrent_cuda.cu). Registered for CPU and CUDA.
+//
+// Sequence ops take x as [B, T, C_in, H, W] (any strides) and run one layer in one direction.
+// Strategies (see fastvid/ops/recurrent.py for how one is chosen):
+//   kHoisted: the input conv runs once over all B·T frames; per step one hidden conv
+//             and one fused gate kernel (the cuDNN RNN design).
+//   kConcat:  a persistent time-major buffer [T, B, C_in + C, H, W] holds [x_t, h_{t-1}] for
+//             every step; per step one conv over it, and the gate kernel writes h straight into
+//             the next step's slot (no cat). The buffer is also the input of the one batched
+//             weight-gradient conv in backward.
+// Backward walks the steps in reverse, per step one fused gate-backward kernel and one
+// input-gradient conv; all weight (and bias) gradients come from one batched conv backward.
+#include "recurrent_kernels.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fastvid {
+namespace recurrent {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int64_t kHoisted = 0;
+constexpr int64_t kConcat = 1;
+
+// ------------------------------------------------------------------------ planes
+Plane plane(const Tensor& t) {  // t: [B, C, H, W] with mergeable H, W
+  TORCH_INTERNAL_ASSERT(t.dim() == 4, "plane() expects a 4-D tensor");
+  const int64_t H = t.size(2), W = t.size(3);
+  TORCH_INTERNAL_ASSERT(H == 1 || W == 1 || t.stride(2) == W * t.stride(3), "plane(): H and W do not merge");
+  Plane p;
+  p.data = t.data_ptr();
+  p.stride_b = t.stride(0);
+  p.stride_c = t.stride(1);
+  p.stride_p = W > 1 ? t.stride(3) : (H > 1 ? t.stride(2) : 1);
+  return p;
+}
+
+Plane slot(const Tensor& t, int64_t k, int64_t C) { return plane(t.narrow(1, k * C, C)); }
+
+Plane zero_plane(const Tensor& zeros) {  // zeros: >= max(C, H·W) elements, never written
+  Plane p;
+  p.data = zeros.data_ptr();
+  return p;
+}
+
+#ifdef FASTVID_WITH_CUDA
+#define FASTVID_LAUNCH(name, args, device)                          \
+  do {                                                              \
+    if ((device).is_cuda()) name##_cuda(args);                      \
+    else name##_cpu(args);                                          \
+  } while (0)
+#else
+#define FASTVID_LAUNCH(name, args, device)                                                         \
+  do {                                                                                             \
+    TORCH_CHECK(!(device).is_cuda(), "fastvid was built without CUDA kernels; rebuild with a CUDA " \
+                "toolkit and a CUDA build of torch, or use fastvid.backend('reference')");         \
+    name##_cpu(args);                                                                              \
+  } while (0)
+#endif
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+at::MemoryFormat frame_format(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// [lead..., C, H, W] with the channels innermost when channels_last (the per-frame slices are then
+// channels_last 4-D tensors), else contiguous.
+Tensor empty_frames(std::vector<int64_t> lead, int64_t C, int64_t H, int64_t W, bool channels_last,
+                    const at::TensorOptions& options) {
+  const int64_t n = static_cast<int64_t>(lead.size());
+  std::vector<int64_t> sizes = lead;
+  if (!channels_last) {
+    sizes.insert(sizes.end(), {C, H, W});
+    return at::empty(sizes, options);
+  }
+  sizes.insert(sizes.end(), {H, W, C});
+  std::vector<int64_t> perm;
+  for (int64_t i = 0; i < n; ++i) perm.push_back(i);
+  perm.insert(perm.end(), {n + 2, n, n + 1});
+  return at::empty(sizes, options).permute(perm);
+}
+
+// A [B, T, C, H, W] tensor laid out like empty_frames (copies only if it is not already).
+Tensor to_frames_layout(const Tensor& t, bool channels_last) {
+  if (!channels_last) return t.contiguous();
+  return t.permute({0, 1, 3, 4, 2}).contiguous().permute({0, 1, 4, 2, 3});
+}
+
+Tensor zeros_for_planes(int64_t C, int64_t H, int64_t W, const at::TensorOptions& options) {
+  return at::zeros({std::max<int64_t>(C, H * W)}, options);
+}
+
+// ------------------------------------------------------------------------ checks
+struct SeqGeometry {
+  int64_t B, T, Cin, C, H, W;
+  bool channels_last;
+  std::array<int64_t, 2> padding, dilation;
+};
+
+void check_same(const char* op, const char* name, const Tensor& t, const Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+              "; all tensors must be on one device");
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                   " but x has dtype ", x.scalar_type());
+}
+
+void check_state(const char* op, const char* name, const Tensor& s, const SeqGeometry& g, const Tensor& x) {
+  TORCH_CHECK_VALUE(s.dim() == 4 && s.size(0) == g.B && s.size(1) == g.C && s.size(2) == g.H && s.size(3) == g.W,
+                    op, ": ", name, " must be [B, C, H, W] = [", g.B, ", ", g.C, ", ", g.H, ", ", g.W, "], got ",
+                    s.sizes());
+  TORCH_CHECK(s.device() == x.device(), op, ": ", name, " is on ", s.device(), " but x is on ", x.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()), op, ": ", name, " must be floating point, got ",
+                   s.scalar_type());
+}
+
+SeqGeometry check_sequence(const char* op, const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh,
+                           const Tensor& h0, int64_t num_gates, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           int64_t strategy) {
+  TORCH_CHECK_VALUE(x.dim() == 5, op, ": x must be [B, T, C_in, H, W], got shape ", x.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
+  SeqGeometry g;
+  g.B = x.size(0), g.T = x.size(1), g.Cin = x.size(2), g.H = x.size(3), g.W = x.size(4);
+  TORCH_CHECK_VALUE(g.B > 0, op, ": x has batch size B = 0 (shape ", x.sizes(), ")");
+  TORCH_CHECK_VALUE(g.T > 0, op, ": x has sequence length T = 0 (shape ", x.sizes(), ")");
+  TORCH_CHECK_VALUE(g.Cin > 0 && g.H > 0 && g.W > 0, op, ": x has an empty dimension, shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight_ih.dim() == 4 && weight_ih.size(0) % num_gates == 0 && weight_ih.size(0) > 0, op,
+                    ": weight_ih must be [", num_gates, "*C, C_in, kH, kW], got ", weight_ih.sizes());
+  g.C = weight_ih.size(0) / num_gates;
+  TORCH_CHECK_VALUE(weight_ih.size(1) == g.Cin, op, ": weight_ih has ", weight_ih.size(1),
+                    " input channels but x has C_in = ", g.Cin);
+  TORCH_CHECK_VALUE(weight_hh.dim() == 4 && weight_hh.size(0) == num_gates * g.C && weight_hh.size(1) == g.C &&
+                        weight_hh.size(2) == weight_ih.size(2) && weight_hh.size(3) == weight_ih.size(3),
+                    op, ": weight_hh must be [", num_gates * g.C, ", ", g.C, ", ", weight_ih.size(2), ", ",
+                    weight_ih.size(3), "], got ", weight_hh.sizes());
+  check_same(op, "weight_ih", weight_ih, x);
+  check_same(op, "weight_hh", weight_hh, x);
+  check_state(op, "h0", h0, g, x);
+  TORCH_CHECK_TYPE(h0.scalar_type() == x.scalar_type(), op, ": h0 has dtype ", h0.scalar_type(),
+                   " but x has dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(padding.size() == 2 && dilation.size() == 2, op, ": padding and dilation must have 2 values");
+  for (int d = 0; d < 2; ++d) {
+    const int64_t k = weight_ih.size(2 + d);
+    TORCH_CHECK_VALUE(dilation[d] >= 1 && padding[d] >= 0 && 2 * padding[d] == dilation[d] * (k - 1), op,
+                      ": the hidden state must keep its H x W: need an odd kernel and padding = dilation * (k - 1) / 2,"
+                      " got kernel ", k, ", padding ", padding[d], ", dilation ", dilation[d]);
+    g.padding[d] = padding[d];
+    g.dilation[d] = dilation[d];
+  }
+  TORCH_CHECK_VALUE(strategy == kHoisted || strategy == kConcat, op, ": strategy must be 0 (hoisted) or 1 (concat), got ",
+                    strategy);
+  const Tensor frame = x.select(1, 0);
+  g.channels_last = frame.is_contiguous(at::MemoryFormat::ChannelsLast) && !frame.is_contiguous();
+  return g;
+}
+
+void check_bias(const char* op, const char* name, const OptTensor& bias, int64_t size, const Tensor& x) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == size, op, ": ", name, " must be [", size, "], got ",
+                    bias->sizes());
+  check_same(op, name, *bias, x);
+}
+
+// Conv outputs are brought to the sequence's layout (a no-op unless a backend, e.g. the fp64 CPU
+// path, ignores channels_last), since the gate kernels read conv outputs and buffers side by side.
+Tensor conv(const Tensor& input, const Tensor& weight, const OptTensor& bias, const SeqGeometry& g) {
+  return at::conv2d(input, weight, bias, {1, 1}, g.padding, g.dilation, 1).contiguous(frame_format(g.channels_last));
+}
+
+Tensor conv_input_grad(const Tensor& grad_out, const Tensor& input, const Tensor& weight, const SeqGeometry& g) {
+  return std::get<0>(at::convolution_backward(grad_out, input, weight, std::nullopt, {1, 1}, g.padding, g.dilation,
+                                              false, {0, 0}, 1, {true, false, false}))
+      .contiguous(frame_format(g.channels_last));
+}
+
+// Weight (and bias) gradient of conv(input, weight) over all frames at once.
+std::tuple<Tensor, Tensor> conv_weight_grad(const Tensor& grad_out, const Tensor& input, const Tensor& weight,
+                                            bool with_bias, const SeqGeometry& g) {
+  const auto grads = at::convolution_backward(grad_out, input, weight, at::IntArrayRef({weight.size(0)}), {1, 1},
+                                              g.padding, g.dilation, false, {0, 0}, 1, {false, true, with_bias});
+  return {std::get<1>(grads), std::get<2>(grads)};
+}
+
+Tensor flat(const Tensor& frames) {  // [d0, d1, C, H, W] -> [d0*d1, C, H, W]
+  return frames.reshape({frames.size(0) * frames.size(1), frames.size(2), frames.size(3), frames.size(4)});
+}
+
+OptTensor add_optional(const OptTensor& a, const OptTensor& b) {
+  if (a.has_value() && b.has_value()) return *a + *b;
+  return a.has_value() ? a : b;
+}
+
+OptTensor narrow_optional(const OptTensor& t, int64_t start, int64_t length) {
+  if (!t.has_value()) return std::nullopt;
+  return t->narrow(0, start, length);
+}
+
+Tensor empty_like_frame(const SeqGeometry& g, int64_t C, const at::TensorOptions& o) {
+  return at::empty({g.B, C, g.H, g.W}, o.memory_format(frame_format(g.channels_last)));
+}
+
+// Time index of forward step f.
+int64_t time_of(int64_t f, int64_t T, bool reverse) { return reverse ? T - 1 - f : f; }
+
+// The hidden state entering each time step, [B, T, C, H, W]: h0 at the first step.
+Tensor previous_hidden(const Tensor& output, const Tensor& h0, bool reverse) {
+  const int64_t T = output.size(1);
+  const Tensor first = h0.unsqueeze(1);
+  if (T == 1) return first;
+  return reverse ? at::cat({output.narrow(1, 1, T - 1), first}, 1) : at::cat({first, output.narrow(1, 0, T - 1)}, 1);
+}
+
+// Fills [x_t, ·] of the concat buffer [T, B, C_in + C, H, W] and h0 into the first step's slot.
+void fill_concat_buffer(Tensor& buffer, const Tensor& x, const Tensor& h0, const SeqGeometry& g, bool reverse) {
+  buffer.narrow(2, 0, g.Cin).copy_(x.transpose(0, 1));
+  buffer.select(0, time_of(0, g.T, reverse)).narrow(1, g.Cin, g.C).copy_(h0);
+}
+
+// ======================================================================== LSTM
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
+    const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias, const Tensor& h0,
+    const Tensor& c0, const OptTensor& peephole, at::IntArrayRef padding, at::IntArrayRef dilation, bool reverse,
+    int64_t strategy, bool save) {
+  const char* op = "fastvid.convlstm_sequence";
+  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy);
+  check_state(op, "c0", c0, g, x);
+  check_bias(op, "bias", bias, 4 * g.C, x);
+  if (peephole.has_value()) {
+    TORCH_CHECK_VALUE(peephole->dim() == 2 && peephole->size(0) == 3 && peephole->size(1) == g.C, op,
+                      ": peephole must be [3, C] = [3, ", g.C, "], got ", peephole->sizes());
+    TORCH_CHECK(peephole->device() == x.device(), op, ": peephole is on ", peephole->device(), " but x is on ",
+                x.device());
+  }
+  const c10::DeviceGuard guard(x.device());
+  const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
+  const auto opts = x.options();
+  const auto acc_opts = opts.dtype(acc_type(x.scalar_type()));
+  const auto fmt = frame_format(g.channels_last);
+
+  Tensor output = empty_frames({B, T}, C, H, W, g.channels_last, opts);
+  Tensor gates = save ? empty_frames({B, T}, 4 * C, H, W, g.channels_last, opts) : at::empty({0}, opts);
+  Tensor cells = save ? empty_frames({B, T}, C, H, W, g.channels_last, acc_opts) : at::empty({0}, acc_opts);
+  Tensor c_init = c0.to(acc_opts.dtype()).contiguous(fmt);
+  Tensor c_run = save ? Tensor() : c_init.clone();
+  Tensor h_n = empty_like_frame(g, C, opts);
+  Tensor zeros = zeros_for_planes(C, H, W, opts);
+  Tensor peep = peephole.has_value() ? peephole->to(acc_opts.dtype()).contiguous() : Tensor();
+
+  LstmForwardArgs a;
+  a.geo = {B, C, H * W, x.scalar_type()};
+  a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
+  a.save = save;
+
+  Tensor x_gates, h_buf, buffer, w_cat;
+  if (strategy == kHoisted) {
+    x_gates = conv(flat(x), weight_ih, bias, g).view({B, T, 4 * C, H, W});
+    h_buf = h0.contiguous(fmt).clone();
+  } else {
+    buffer = empty_frames({T, B}, Cin + C, H, W, g.channels_last, opts);
+    fill_concat_buffer(buffer, x, h0, g, reverse);
+    w_cat = at::cat({weight_ih, weight_hh}, 1);
+  }
+  // Per-step conv outputs the planes point into. Declared outside the loop so the previous step's
+  // buffer is still alive while the next conv allocates: malloc then alternates two blocks instead of
+  // returning a large block to the OS and page-faulting it back every step.
+  Tensor h_gates, gates_pre;
+  for (int64_t f = 0; f < T; ++f) {
+    const int64_t t = time_of(f, T, reverse);
+    const bool last = f == T - 1;
+    if (strategy == kHoisted) {
+      h_gates = conv(h_buf, weight_hh, std::nullopt, g);
+      const Tensor x_gates_t = x_gates.select(1, t);
+      for (int k = 0; k < 4; ++k) {
+        a.a_x[k] = slot(x_gates_t, k, C);
+        a.a_h[k] = slot(h_gates, k, C);
+      }
+      a.h_out2 = plane(last ? h_n : h_buf);
+    } else {
+      gates_pre = conv(buffer.select(0, t), w_cat, bias, g);
+      for (int k = 0; k < 4; ++k) {
+        a.a_x[k] = slot(gates_pre, k, C);
+        a.a_h[k] = zero_plane(zeros);
+      }
+      a.h_out2 = plane(last ? h_n : buffer.select(0, time_of(f + 1, T, reverse)).narrow(1, Cin, C));
+    }
+    a.h_out = plane(output.select(1, t));
+    if (save) {
+      a.c_prev = plane(f == 0 ? c_init : cells.select(1, time_of(f - 1, T, reverse)));
+      a.c_out = plane(cells.select(1, t));
+      for (int k = 0; k < 4; ++k) a.gates_out[k] = slot(gates.select(1, t), k, C);
+    } else {
+      a.c_prev = plane(c_run);
+      a.c_out = plane(c_run);
+    }
+    FASTVID_LAUNCH(lstm_forward, a, x.device());
+  }
+  Tensor c_n = save ? cells.select(1, time_of(T - 1, T, reverse)).clone() : c_run;
+  Tensor workspace = (save && strategy == kConcat) ? buffer : at::empty({0}, opts);
+  return {output, h_n, c_n, gates, cells, workspace};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence_backward(
+    const OptTensor& grad_output, const OptTensor& grad_h_n, const OptTensor& grad_c_n, const Tensor& x,
+    const Tensor& weight_ih, const Tensor& weight_hh, bool has_bias, const Tensor& h0, const Tensor& c0,
+    const OptTensor& peephole, const Tensor& output, const Tensor& gates, const Tensor& cells,
+    const Tensor& workspace, at::IntArrayRef padding, at::IntArrayRef dilation, bool reverse, int64_t strategy) {
+  const char* op = "fastvid.convlstm_sequence_backward";
+  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy);
+  TORCH_CHECK_VALUE(gates.dim() == 5 && cells.dim() == 5, op, ": gates and cells must be the caches saved by "
+                    "convlstm_sequence(save=True)");
+  const c10::DeviceGuard guard(x.device());
+  const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
+  const auto opts = x.options();
+  const auto acc_opts = opts.dtype(acc_type(x.scalar_type()));
+  const auto fmt = frame_format(g.channels_last);
+  const bool hoisted = strategy == kHoisted;
+
+  const Tensor zeros = zeros_for_planes(C, H, W, opts);
+  const Tensor g_out = grad_output.has_value() ? to_frames_layout(*grad_output, g.channels_last) : Tensor();
+  const Tensor gates_l = to_frames_layout(gates, g.channels_last);
+  const Tensor cells_l = to_frames_layout(cells, g.channels_last);
+  const Tensor output_l = to_frames_layout(output, g.channels_last);
+  const Tensor c_init = c0.to(acc_opts.dtype()).contiguous(fmt);
+  Tensor dc = grad_c_n.has_value() ? grad_c_n->to(acc_opts.dtype()).contiguous(fmt).clone()
+                                   : at::zeros({B, C, H, W}, acc_opts.memory_format(fmt));
+  Tensor dh_rec = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
+  Tensor peep = peephole.has_value() ? peephole->to(acc_opts.dtype()).contiguous() : Tensor();
+  // d(pre-activation gates): batch-first for hoisted (matches x), time-major for concat (matches the buffer).
+  Tensor d_gates = hoisted ? empty_frames({B, T}, 4 * C, H, W, g.channels_last, opts)
+                           : empty_frames({T, B}, 4 * C, H, W, g.channels_last, opts);
+  Tensor grad_x = hoisted ? Tensor() : empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
+  Tensor w_cat = hoisted ? Tensor() : at::cat({weight_ih, weight_hh}, 1);
+  const Tensor h0_l = h0.contiguous(fmt);
+
+  LstmBackwardArgs a;
+  a.geo = {B, C, H * W, x.scalar_type()};
+  a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
+  for (int64_t f = T - 1; f >= 0; --f) {
+    const int64_t t = time_of(f, T, reverse);
+    a.dh_in[0] = g_out.defined() ? plane(g_out.select(1, t)) : zero_plane(zeros);
+    a.dh_in[1] = dh_rec.defined() ? plane(dh_rec) : zero_plane(zeros);
+    a.dh_in[2] = zero_plane(zeros);
+    a.dc_in = plane(dc);
+    a.dc_prev_out = plane(dc);
+    const Tensor gates_t = gates_l.select(1, t);
+    const Tensor d_gates_t = hoisted ? d_gates.select(1, t) : d_gates.select(0, t);
+    for (int k = 0; k < 4; ++k) {
+      a.gates[k] = slot(gates_t, k, C);
+      a.d_gates_out[k] = slot(d_gates_t, k, C);
+    }
+    a.c_prev = plane(f == 0 ? c_init : cells_l.select(1, time_of(f - 1, T, reverse)));
+    a.c = plane(cells_l.select(1, t));
+    FASTVID_LAUNCH(lstm_backward, a, x.device());
+    if (hoisted) {
+      const Tensor h_prev = f == 0 ? h0_l : output_l.select(1, time_of(f - 1, T, reverse));
+      dh_rec = conv_input_grad(d_gates_t, h_prev, weight_hh, g);
+    } else {
+      const Tensor d_buffer = conv_input_grad(d_gates_t, workspace.select(0, t), w_cat, g);
+      grad_x.select(1, t).copy_(d_buffer.narrow(1, 0, Cin));
+      dh_rec = d_buffer.narrow(1, Cin, C);
+    }
+  }
+  Tensor grad_h0 = dh_rec.contiguous(fmt);
+  Tensor grad_c0 = dc.to(c0.scalar_type());
+
+  Tensor grad_w_ih, grad_w_hh, grad_bias;
+  if (hoisted) {
+    const Tensor d_gates_flat = flat(d_gates);
+    grad_w_hh = std::get<0>(conv_weight_grad(d_gates_flat, flat(previous_hidden(output_l, h0_l, reverse)),
+                                             weight_hh, false, g));
+    const auto grads = at::convolution_backward(d_gates_flat, flat(x), weight_ih, at::IntArrayRef({4 * C}), {1, 1},
+                                                g.padding, g.dilation, false, {0, 0}, 1, {true, true, has_bias});
+    grad_x = std::get<0>(grads).view({B, T, Cin, H, W});
+    grad_w_ih = std::get<1>(grads);
+    grad_bias = std::get<2>(grads);
+  } else {
+    Tensor grad_w_cat;
+    std::tie(grad_w_cat, grad_bias) = conv_weight_grad(flat(d_gates), flat(workspace), w_cat, has_bias, g);
+    grad_w_ih = grad_w_cat.narrow(1, 0, Cin).contiguous();
+    grad_w_hh = grad_w_cat.narrow(1, Cin, C).contiguous();
+  }
+  if (!has_bias) grad_bias = at::empty({0}, opts);
+
+  Tensor grad_peephole = at::empty({0}, opts);
+  if (peephole.has_value()) {
+    // Σ over batch, time and pixels of d a_i·c_prev, d a_f·c_prev, d a_o·c (batch-first views).
+    const Tensor dg = (hoisted ? d_gates : d_gates.transpose(0, 1)).to(acc_opts.dtype());
+    const Tensor c_prev_all = previous_hidden(cells_l, c_init, reverse);
+    const std::vector<int64_t> dims = {0, 1, 3, 4};
+    grad_peephole = at::stack({(dg.narrow(2, 0, C) * c_prev_all).sum(dims),
+                               (dg.narrow(2, C, C) * c_prev_all).sum(dims),
+                               (dg.narrow(2, 3 * C, C) * cells_l).sum(dims)})
+                        .to(peephole->scalar_type());
+  }
+  return {grad_x, grad_w_ih, grad_w_hh, grad_bias, grad_h0, grad_c0, grad_peephole};
+}
+
+// ======================================================================== GRU
+// Combined weights of the concat strategy. reset_after needs x_n and h_n apart, so its conv has
+// 4C outputs [r, z, x_n, h_n] with zero blocks ([W_in | 0] and [0 | W_hn]); the Ballas form uses two
+// convs, [W_rz | U_rz] over [x, h] and [W_n | U_n] over [x, r·h].
+struct GruConcatWeights {
+  Tensor w_a, w_b;
+  OptTensor b_a, b_b;
+};
+
+GruConcatWeights gru_concat_weights(const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                    const OptTensor& b_hh, int64_t C, bool reset_after) {
+  GruConcatWeights w;
+  if (reset_after) {
+    const Tensor w_rz = at::cat({w_ih.narrow(0, 0, 2 * C), w_hh.narrow(0, 0, 2 * C)}, 1);
+    const Tensor w_xn = at::cat({w_ih.narrow(0, 2 * C, C), at::zeros_like(w_hh.narrow(0, 2 * C, C))}, 1);
+    const Tensor w_hn = at::cat({at::zeros_like(w_ih.narrow(0, 2 * C, C)), w_hh.narrow(0, 2 * C, C)}, 1);
+    w.w_a = at::cat({w_rz, w_xn, w_hn}, 0);
+    if (b_ih.has_value() || b_hh.has_value()) {
+      const Tensor bi = b_ih.has_value() ? *b_ih : at::zeros({3 * C}, w_ih.options());
+      const Tensor bh = b_hh.has_value() ? *b_hh : at::zeros({3 * C}, w_ih.options());
+      w.b_a = at::cat({bi.narrow(0, 0, 2 * C) + bh.narrow(0, 0, 2 * C), bi.narrow(0, 2 * C, C), bh.narrow(0, 2 * C, C)});
+    }
+  } else {
+    w.w_a = at::cat({w_ih.narrow(0, 0, 2 * C), w_hh.narrow(0, 0, 2 * C)}, 1);
+    w.w_b = at::cat({w_ih.narrow(0, 2 * C, C), w_hh.narrow(0, 2 * C, C)}, 1);
+    w.b_a = add_optional(narrow_optional(b_ih, 0, 2 * C), narrow_optional(b_hh, 0, 2 * C));
+    w.b_b = add_optional(narrow_optional(b_ih, 2 * C, C), narrow_optional(b_hh, 2 * C, C));
+  }
+  return w;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
+    const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
+    const OptTensor& bias_hh, const Tensor& h0, at::IntArrayRef padding, at::IntArrayRef dilation, bool reset_after,
+    bool reverse, int64_t strategy, bool save) {
+  const char* op = "fastvid.convgru_sequence";
+  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy);
+  check_bias(op, "bias_ih", bias_ih, 3 * g.C, x);
+  check_bias(op, "bias_hh", bias_hh, 3 * g.C, x);
+  const c10::DeviceGuard guard(x.device());
+  const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
+  const auto opts = x.options();
+  const auto fmt = frame_format(g.channels_last);
+
+  Tensor output = empty_frames({B, T}, C, H, W, g.channels_last, opts);
+  Tensor cache = save ? empty_frames({B, T}, 4 * C, H, W, g.channels_last, opts) : at::empty({0}, opts);
+  Tensor h_n = empty_like_frame(g, C, opts);
+  Tensor zeros = zeros_for_planes(C, H, W, opts);
+  Tensor reset_h = reset_after ? Tensor() : empty_like_frame(g, C, opts);
+
+  GruForwardArgs a;
+  a.geo = {B, C, H * W, x.scalar_type()};
+  a.reset_after = reset_after;
+  a.save = save;
+  GruResetForwardArgs ra;
+  ra.geo = a.geo;
+  ra.save = save;
+
+  Tensor x_gates, h_buf, buffers;
+  GruConcatWeights cw;
+  if (strategy == kHoisted) {
+    x_gates = conv(flat(x), weight_ih, bias_ih, g).view({B, T, 3 * C, H, W});
+    h_buf = h0.contiguous(fmt).clone();
+  } else {
+    buffers = empty_frames({reset_after ? 1 : 2, T, B}, Cin + C, H, W, g.channels_last, opts);
+    Tensor buffer = buffers.select(0, 0);
+    fill_concat_buffer(buffer, x, h0, g, reverse);
+    if (!reset_after) buffers.select(0, 1).narrow(2, 0, Cin).copy_(x.transpose(0, 1));
+    cw = gru_concat_weights(weight_ih, weight_hh, bias_ih, bias_hh, C, reset_after);
+  }
+  Tensor keep1, keep2;  // per-step conv outputs the planes point into (outside the loop: see convlstm_sequence)
+  for (int64_t f = 0; f < T; ++f) {
+    const int64_t t = time_of(f, T, reverse);
+    const bool last = f == T - 1;
+    Tensor h_prev, h_next;
+    if (save) {
+      for (int k = 0; k < 4; ++k) a.cache_out[k] = slot(cache.select(1, t), k, C);
+      ra.r_out = a.cache_out[0];
+    }
+    if (strategy == kHoisted) {
+      h_prev = h_buf;
+      h_next = last ? h_n : h_buf;
+      const Tensor x_gates_t = x_gates.select(1, t);
+      for (int k = 0; k < 3; ++k) a.x[k] = slot(x_gates_t, k, C);
+      if (reset_after) {
+        keep1 = conv(h_buf, weight_hh, bias_hh, g);
+        for (int k = 0; k < 3; ++k) a.h[k] = slot(keep1, k, C);
+      } else {
+        keep1 = conv(h_buf, weight_hh.narrow(0, 0, 2 * C), narrow_optional(bias_hh, 0, 2 * C), g);
+        ra.x_r = a.x[0];
+        ra.h_r = slot(keep1, 0, C);
+        ra.h_prev = plane(h_buf);
+        ra.reset_h_out = plane(reset_h);
+        FASTVID_LAUNCH(gru_reset_forward, ra, x.device());
+        keep2 = conv(reset_h, weight_hh.narrow(0, 2 * C, C), narrow_optional(bias_hh, 2 * C, C), g);
+        a.h[0] = slot(keep1, 0, C);
+        a.h[1] = slot(keep1, 1, C);
+        a.h[2] = plane(keep2);
+      }
+    } else {
+      const Tensor buffer_t = buffers.select(0, 0).select(0, t);
+      h_prev = buffer_t.narrow(1, Cin, C);
+      h_next = last ? h_n : buffers.select(0, 0).select(0, time_of(f + 1, T, reverse)).narrow(1, Cin, C);
+      keep1 = conv(buffer_t, cw.w_a, cw.b_a, g);  // [r, z, x_n, h_n] (reset_after) or [r, z] (Ballas)
+      for (int k = 0; k < (reset_after ? 3 : 2); ++k) a.x[k] = slot(keep1, k, C);
+      if (reset_after) {
+        a.h[0] = a.h[1] = zero_plane(zeros);
+        a.h[2] = slot(keep1, 3, C);
+      } else {
+        const Tensor buffer2_t = buffers.select(0, 1).select(0, t);
+        ra.x_r = slot(keep1, 0, C);
+        ra.h_r = zero_plane(zeros);
+        ra.h_prev = plane(h_prev);
+        ra.reset_h_out = plane(buffer2_t.narrow(1, Cin, C));
+        FASTVID_LAUNCH(gru_reset_forward, ra, x.device());
+        keep2 = conv(buffer2_t, cw.w_b, cw.b_b, g);
+        a.x[2] = plane(keep2);
+        a.h[0] = a.h[1] = a.h[2] = zero_plane(zeros);
+      }
+    }
+    a.h_prev = plane(h_prev);
+    a.h_out = plane(output.select(1, t));
+    a.h_out2 = plane(h_next);
+    FASTVID_LAUNCH(gru_forward, a, x.device());
+  }
+  Tensor workspace = (save && strategy == kConcat) ? buffers : at::empty({0}, opts);
+  return {output, h_n, cache, workspace};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_backward(
+    const OptTensor& grad_output, const OptTensor& grad_h_n, const Tensor& x, const Tensor& weight_ih,
+    const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh, const Tensor& h0,
+    const Tensor& output, const Tensor& cache, const Tensor& workspace, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool reset_after, bool reverse, int64_t strategy) {
+  const char* op = "fastvid.convgru_sequence_backward";
+  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy);
+  TORCH_CHECK_VALUE(cache.dim() == 5, op, ": cache must be the cache saved by convgru_sequence(save=True)");
+  const c10::DeviceGuard guard(x.device());
+  const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
+  const auto opts = x.options();
+  const auto fmt = frame_format(g.channels_last);
+  const bool hoisted = strategy == kHoisted;
+  const bool has_bias = bias_ih.has_value() || bias_hh.has_value();
+
+  const Tensor zeros = zeros_for_planes(C, H, W, opts);
+  const Tensor g_out = grad_output.has_value() ? to_frames_layout(*grad_output, g.channels_last) : Tensor();
+  const Tensor cache_l = to_frames_layout(cache, g.channels_last);
+  const Tensor output_l = to_frames_layout(output, g.channels_last);
+  const Tensor h0_l = h0.contiguous(fmt);
+  Tensor dh_conv = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
+  Tensor dh_direct = at::zeros({B, C, H, W}, opts.memory_format(fmt));
+  Tensor scratch = empty_like_frame(g, C, opts);  // receives gradients a variant does not use
+
+  // d(pre-activations): hoisted: d_x [B, T, 3C] and, for reset_after, d_h [B, T, 3C];
+  // concat: [T, B, 4C] (r, z, x_n, h_n) for reset_after, [T, B, 3C] for Ballas.
+  const int64_t d_channels = (!hoisted && reset_after) ? 4 * C : 3 * C;
+  Tensor d_x = hoisted ? empty_frames({B, T}, 3 * C, H, W, g.channels_last, opts)
+                       : empty_frames({T, B}, d_channels, H, W, g.channels_last, opts);
+  Tensor d_h = (hoisted && reset_after) ? empty_frames({B, T}, 3 * C, H, W, g.channels_last, opts) : Tensor();
+  Tensor grad_x = hoisted ? Tensor() : empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
+  GruConcatWeights cw;
+  if (!hoisted) cw = gru_concat_weights(weight_ih, weight_hh, bias_ih, bias_hh, C, reset_after);
+  const Tensor w_rz = weight_hh.narrow(0, 0, 2 * C), w_n = weight_hh.narrow(0, 2 * C, C);
+
+  GruBackwardArgs a;
+  a.geo = {B, C, H * W, x.scalar_type()};
+  a.reset_after = reset_after;
+  GruResetBackwardArgs ra;
+  ra.geo = a.geo;
+  for (int64_t f = T - 1; f >= 0; --f) {
+    const int64_t t = time_of(f, T, reverse);
+    const Tensor cache_t = cache_l.select(1, t);
+    const Tensor d_x_t = hoisted ? d_x.select(1, t) : d_x.select(0, t);
+    const Tensor h_prev = hoisted ? (f == 0 ? h0_l : output_l.select(1, time_of(f - 1, T, reverse)))
+                                  : workspace.select(0, 0).select(0, t).narrow(1, Cin, C);
+    a.dh_in[0] = g_out.defined() ? plane(g_out.select(1, t)) : zero_plane(zeros);
+    a.dh_in[1] = dh_conv.defined() ? plane(dh_conv) : zero_plane(zeros);
+    a.dh_in[2] = plane(dh_direct);
+    for (int k = 0; k < 4; ++k) a.cache[k] = slot(cache_t, k, C);
+    a.h_prev = plane(h_prev);
+    a.dh_prev_out = plane(dh_direct);
+    for (int k = 0; k < 3; ++k) {
+      a.d_x_out[k] = slot(d_x_t, k, C);
+      a.d_h_out[k] = plane(scratch);
+    }
+    if (hoisted && reset_after) {
+      for (int k = 0; k < 3; ++k) a.d_h_out[k] = slot(d_h.select(1, t), k, C);
+    } else if (!hoisted && reset_after) {
+      a.d_h_out[2] = slot(d_x_t, 3, C);
+    }
+    FASTVID_LAUNCH(gru_backward, a, x.device());
+
+    if (reset_after) {
+      if (hoisted) {
+        dh_conv = conv_input_grad(d_h.select(1, t), h_prev, weight_hh, g);
+      } else {
+        const Tensor d_buffer = conv_input_grad(d_x_t, workspace.select(0, 0).select(0, t), cw.w_a, g);
+        grad_x.select(1, t).copy_(d_buffer.narrow(1, 0, Cin));
+        dh_conv = d_buffer.narrow(1, Cin, C);
+      }
+      continue;
+    }
+    // Ballas: back through h_n = U_n*(r·h_prev), then through r = σ(x_r + U_r*h_prev).
+    Tensor d_reset_h, d_x_part;
+    if (hoisted) {
+      d_reset_h = conv_input_grad(d_x_t.narrow(1, 2 * C, C), h_prev, w_n, g);
+    } else {
+      const Tensor d_buffer2 = conv_input_grad(d_x_t.narrow(1, 2 * C, C), workspace.select(0, 1).select(0, t),
+                                               cw.w_b, g);
+      d_x_part = d_buffer2.narrow(1, 0, Cin);
+      d_reset_h = d_buffer2.narrow(1, Cin, C);
+    }
+    ra.d_reset_h = plane(d_reset_h);
+    ra.r = slot(cache_t, 0, C);
+    ra.h_prev = plane(h_prev);
+    ra.dh_prev_in = plane(dh_direct);
+    ra.d_r_out = slot(d_x_t, 0, C);
+    ra.dh_prev_out = plane(dh_direct);
+    FASTVID_LAUNCH(gru_reset_backward, ra, x.device());
+    if (hoisted) {
+      dh_conv = conv_input_grad(d_x_t.narrow(1, 0, 2 * C), h_prev, w_rz, g);
+    } else {
+      const Tensor d_buffer1 = conv_input_grad(d_x_t.narrow(1, 0, 2 * C), workspace.select(0, 0).select(0, t),
+                                               cw.w_a, g);
+      Tensor grad_x_t = grad_x.select(1, t);
+      at::add_out(grad_x_t, d_x_part, d_buffer1.narrow(1, 0, Cin));
+      dh_conv = d_buffer1.narrow(1, Cin, C);
+    }
+  }
+  Tensor grad_h0 = dh_conv.defined() ? at::add(dh_conv, dh_direct).contiguous(fmt) : dh_direct;
+
+  Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
+  if (hoisted) {
+    const Tensor h_prev_all = previous_hidden(output_l, h0_l, reverse);
+    const auto grads = at::convolution_backward(flat(d_x), flat(x), weight_ih, at::IntArrayRef({3 * C}), {1, 1},
+                                                g.padding, g.dilation, false, {0, 0}, 1,
+                                                {true, true, bias_ih.has_value()});
+    grad_x = std::get<0>(grads).view({B, T, Cin, H, W});
+    grad_w_ih = std::get<1>(grads);
+    grad_b_ih = std::get<2>(grads);
+    if (reset_after) {
+      std::tie(grad_w_hh, grad_b_hh) = conv_weight_grad(flat(d_h), flat(h_prev_all), weight_hh,
+                                                        bias_hh.has_value(), g);
+    } else {
+      // In the Ballas form d(h-conv pre-activations) equal d(x-conv pre-activations).
+      const Tensor reset_h_all = cache_l.narrow(2, 0, C) * h_prev_all;
+      auto [gw_rz, gb_rz] = conv_weight_grad(flat(d_x.narrow(2, 0, 2 * C)), flat(h_prev_all), w_rz,
+                                             bias_hh.has_value(), g);
+      auto [gw_n, gb_n] = conv_weight_grad(flat(d_x.narrow(2, 2 * C, C)), flat(reset_h_all), w_n,
+                                           bias_hh.has_value(), g);
+      grad_w_hh = at::cat({gw_rz, gw_n}, 0);
+      if (bias_hh.has_value()) grad_b_hh = at::cat({gb_rz, gb_n}, 0);
+    }
+  } else if (reset_after) {
+    auto [gw, gb] = conv_weight_grad(flat(d_x), flat(workspace.select(0, 0)), cw.w_a, has_bias, g);
+    grad_w_ih = gw.narrow(0, 0, 3 * C).narrow(1, 0, Cin).contiguous();
+    grad_w_hh = at::cat({gw.narrow(0, 0, 2 * C).narrow(1, Cin, C), gw.narrow(0, 3 * C, C).narrow(1, Cin, C)}, 0);
+    if (has_bias) {
+      grad_b_ih = gb.narrow(0, 0, 3 * C).contiguous();
+      grad_b_hh = at::cat({gb.narrow(0, 0, 2 * C), gb.narrow(0, 3 * C, C)}, 0);
+    }
+  } else {
+    auto [gw1, gb1] = conv_weight_grad(flat(d_x.narrow(2, 0, 2 * C)), flat(workspace.select(0, 0)), cw.w_a,
+                                       has_bias, g);
+    auto [gw2, gb2] = conv_weight_grad(flat(d_x.narrow(2, 2 * C, C)), flat(workspace.select(0, 1)), cw.w_b,
+                                       has_bias, g);
+    grad_w_ih = at::cat({gw1.narrow(1, 0, Cin), gw2.narrow(1, 0, Cin)}, 0);
+    grad_w_hh = at::cat({gw1.narrow(1, Cin, C), gw2.narrow(1, Cin, C)}, 0);
+    if (has_bias) grad_b_ih = grad_b_hh = at::cat({gb1, gb2}, 0);
+  }
+  if (!bias_ih.has_value()) grad_b_ih = at::empty({0}, opts);
+  if (!bias_hh.has_value()) grad_b_hh = at::empty({0}, opts);
+  if (grad_b_hh.defined() && grad_b_ih.defined() && grad_b_hh.is_same(grad_b_ih)) grad_b_hh = grad_b_ih.clone();
+  return {grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_h0};
+}
+
+// ======================================================================== cell ops
+// Single-step gate ops for user-written loops and the cell modules.
+struct CellGeometry {
+  int64_t B, C, H, W;
+  at::MemoryFormat fmt;
+};
+
+CellGeometry check_gates(const char* op, const char* name, const Tensor& gates, int64_t num_gates) {
+  TORCH_CHECK_VALUE(gates.dim() == 4, op, ": ", name, " must be [B, ", num_gates, "*C, H, W], got shape ",
+                    gates.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(gates.scalar_type()), op, ": ", name, " must be floating point, got ",
+                   gates.scalar_type());
+  TORCH_CHECK_VALUE(gates.size(1) % num_gates == 0, op, ": ", name, " has ", gates.size(1),
+                    " channels, not a multiple of ", num_gates);
+  CellGeometry g{gates.size(0), gates.size(1) / num_gates, gates.size(2), gates.size(3),
+                 gates.suggest_memory_format()};
+  return g;
+}
+
+void check_like(const char* op, const char* name, const Tensor& t, const CellGeometry& g, int64_t channels,
+                const Tensor& ref, bool same_dtype) {
+  TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == g.B && t.size(1) == channels && t.size(2) == g.H &&
+                        t.size(3) == g.W,
+                    op, ": ", name, " must be [", g.B, ", ", channels, ", ", g.H, ", ", g.W, "], got ", t.sizes());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), ", expected ", ref.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
+                   t.scalar_type());
+  if (same_dtype)
+    TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                     ", expected ", ref.scalar_type());
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& gates_pre, const Tensor& c_prev,
+                                             const OptTensor& peephole) {
+  const char* op = "fastvid.lstm_cell";
+  const CellGeometry g = check_gates(op, "gates_pre", gates_pre, 4);
+  check_like(op, "c_prev", c_prev, g, g.C, gates_pre, false);
+  if (peephole.has_value())
+    TORCH_CHECK_VALUE(peephole->dim() == 2 && peephole->size(0) == 3 && peephole->size(1) == g.C, op,
+                      ": peephole must be [3, C] = [3, ", g.C, "], got ", peephole->sizes());
+  const c10::DeviceGuard guard(gates_pre.device());
+  const auto acc = acc_type(gates_pre.scalar_type());
+  const Tensor pre = gates_pre.contiguous(g.fmt);
+  const Tensor c_in = c_prev.to(acc).contiguous(g.fmt);
+  const Tensor peep = peephole.has_value() ? peephole->to(acc).contiguous() : Tensor();
+  Tensor h = at::empty({g.B, g.C, g.H, g.W}, pre.options().memory_format(g.fmt));
+  Tensor c = at::empty({g.B, g.C, g.H, g.W}, pre.options().dtype(acc).memory_format(g.fmt));
+  Tensor gates = at::empty_like(pre, g.fmt);
+  const Tensor zeros = zeros_for_planes(g.C, g.H, g.W, pre.options());
+  LstmForwardArgs a;
+  a.geo = {g.B, g.C, g.H * g.W, pre.scalar_type()};
+  for (int k = 0; k < 4; ++k) {
+    a.a_x[k] = slot(pre, k, g.C);
+    a.a_h[k] = zero_plane(zeros);
+    a.gates_out[k] = slot(gates, k, g.C);
+  }
+  a.c_prev = plane(c_in);
+  a.h_out = a.h_out2 = plane(h);
+  a.c_out = plane(c);
+  a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
+  a.save = true;
+  FASTVID_LAUNCH(lstm_forward, a, pre.device());
+  return {h, c, gates};
+}
+
+std::tuple<Tensor, Tensor> lstm_cell_backward(const OptTensor& grad_h, const OptTensor& grad_c, const Tensor& gates,
+                                              const Tensor& c_prev, const Tensor& c, const OptTensor& peephole) {
+  const char* op = "fastvid.lstm_cell_backward";
+  const CellGeometry g = check_gates(op, "gates", gates, 4);
+  check_like(op, "c_prev", c_prev, g, g.C, gates, false);
+  check_like(op, "c", c, g, g.C, gates, false);
+  const c10::DeviceGuard guard(gates.device());
+  const auto acc = acc_type(gates.scalar_type());
+  const Tensor gates_l = gates.contiguous(g.fmt);
+  const Tensor c_prev_l = c_prev.to(acc).contiguous(g.fmt), c_l = c.to(acc).contiguous(g.fmt);
+  const Tensor zeros = zeros_for_planes(g.C, g.H, g.W, gates.options());
+  const Tensor dh = grad_h.has_value() ? grad_h->to(gates.scalar_type()).contiguous(g.fmt) : Tensor();
+  Tensor dc = grad_c.has_value() ? grad_c->to(acc).contiguous(g.fmt).clone() : at::zeros_like(c_l, g.fmt);
+  const Tensor peep = peephole.has_value() ? peephole->to(acc).contiguous() : Tensor();
+  Tensor d_gates = at::empty_like(gates_l, g.fmt);
+  LstmBackwardArgs a;
+  a.geo = {g.B, g.C, g.H * g.W, gates.scalar_type()};
+  a.dh_in[0] = dh.defined() ? plane(dh) : zero_plane(zeros);
+  a.dh_in[1] = a.dh_in[2] = zero_plane(zeros);
+  a.dc_in = a.dc_prev_out = plane(dc);
+  for (int k = 0; k < 4; ++k) {
+    a.gates[k] = slot(gates_l, k, g.C);
+    a.d_gates_out[k] = slot(d_gates, k, g.C);
+  }
+  a.c_prev = plane(c_prev_l);
+  a.c = plane(c_l);
+  a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
+  FASTVID_LAUNCH(lstm_backward, a, gates.device());
+  return {d_gates, dc.to(c_prev.scalar_type())};
+}
+
+std::tuple<Tensor, Tensor> gru_cell(const Tensor& x_gates, const Tensor& h_gates, const Tensor& h_prev,
+                                    bool reset_after) {
+  const char* op = "fastvid.gru_cell";
+  const CellGeometry g = check_gates(op, "x_gates", x_gates, 3);
+  check_like(op, "h_gates", h_gates, g, 3 * g.C, x_gates, true);
+  check_like(op, "h_prev", h_prev, g, g.C, x_gates, true);
+  const c10::DeviceGuard guard(x_gates.device());
+  const Tensor xg = x_gates.contiguous(g.fmt), hg = h_gates.contiguous(g.fmt), hp = h_prev.contiguous(g.fmt);
+  Tensor h = at::empty_like(hp, g.fmt);
+  Tensor cache = at::empty({g.B, 4 * g.C, g.H, g.W}, xg.options().memory_format(g.fmt));
+  GruForwardArgs a;
+  a.geo = {g.B, g.C, g.H * g.W, xg.scalar_type()};
+  for (int k = 0; k < 3; ++k) {
+    a.x[k] = slot(xg, k, g.C);
+    a.h[k] = slot(hg, k, g.C);
+  }
+  for (int k = 0; k < 4; ++k) a.cache_out[k] = slot(cache, k, g.C);
+  a.h_prev = plane(hp);
+  a.h_out = a.h_out2 = plane(h);
+  a.reset_after = reset_after;
+  a.save = true;
+  FASTVID_LAUNCH(gru_forward, a, xg.device());
+  return {h, cache};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_h, const Tensor& cache, const Tensor& h_prev,
+                                                     bool reset_after) {
+  const char* op = "fastvid.gru_cell_backward";
+  const CellGeometry g = check_gates(op, "cache", cache, 4);
+  check_like(op, "h_prev", h_prev, g, g.C, cache, true);
+  check_like(op, "grad_h", grad_h, g, g.C, cache, true);
+  const c10::DeviceGuard guard(cache.device());
+  const Tensor cache_l = cache.contiguous(g.fmt), hp = h_prev.contiguous(g.fmt), dh = grad_h.contiguous(g.fmt);
+  const Tensor zeros = zeros_for_planes(g.C, g.H, g.W, cache.options());
+  Tensor d_x = at::empty({g.B, 3 * g.C, g.H, g.W}, cache_l.options().memory_format(g.fmt));
+  Tensor d_h = at::empty_like(d_x, g.fmt);
+  Tensor dh_prev = at::empty_like(hp, g.fmt);
+  GruBackwardArgs a;
+  a.geo = {g.B, g.C, g.H * g.W, cache.scalar_type()};
+  a.dh_in[0] = plane(dh);
+  a.dh_in[1] = a.dh_in[2] = zero_plane(zeros);
+  for (int k = 0; k < 4; ++k) a.cache[k] = slot(cache_l, k, g.C);
+  for (int k = 0; k < 3; ++k) {
+    a.d_x_out[k] = slot(d_x, k, g.C);
+    a.d_h_out[k] = slot(d_h, k, g.C);
+  }
+  a.h_prev = plane(hp);
+  a.dh_prev_out = plane(dh_prev);
+  a.reset_after = reset_after;
+  FASTVID_LAUNCH(gru_backward, a, cache.device());
+  return {d_x, d_h, dh_prev};
+}
+
+Tensor gru_reset_hidden(const Tensor& x_r, const Tensor& h_r, const Tensor& h_prev) {
+  const char* op = "fastvid.gru_reset_hidden";
+  const CellGeometry g = check_gates(op, "x_r", x_r, 1);
+  check_like(op, "h_r", h_r, g, g.C, x_r, true);
+  check_like(op, "h_prev", h_prev, g, g.C, x_r, true);
+  const c10::DeviceGuard guard(x_r.device());
+  const Tensor xr = x_r.contiguous(g.fmt), hr = h_r.contiguous(g.fmt), hp = h_prev.contiguous(g.fmt);
+  Tensor out = at::empty_like(hp, g.fmt);
+  GruResetForwardArgs a;
+  a.geo = {g.B, g.C, g.H * g.W, xr.scalar_type()};
+  a.x_r = plane(xr);
+  a.h_r = plane(hr);
+  a.h_prev = plane(hp);
+  a.reset_h_out = plane(out);
+  a.save = false;
+  FASTVID_LAUNCH(gru_reset_forward, a, xr.device());
+  return out;
+}
+
+std::tuple<Tensor, Tensor> gru_reset_hidden_backward(const Tensor& grad, const Tensor& x_r, const Tensor& h_r,
+                                                     const Tensor& h_prev) {
+  const char* op = "fastvid.gru_reset_hidden_backward";
+  const CellGeometry g = check_gates(op, "x_r", x_r, 1);
+  check_like(op, "grad", grad, g, g.C, x_r, true);
+  check_like(op, "h_r", h_r, g, g.C, x_r, true);
+  check_like(op, "h_prev", h_prev, g, g.C, x_r, true);
+  const c10::DeviceGuard guard(x_r.device());
+  const Tensor xr = x_r.contiguous(g.fmt), hr = h_r.contiguous(g.fmt), hp = h_prev.contiguous(g.fmt);
+  const Tensor gr = grad.contiguous(g.fmt);
+  // r is recomputed (one sigmoid) rather than saved: the cell op keeps no cache.
+  Tensor r = at::sigmoid(xr.to(acc_type(xr.scalar_type())) + hr.to(acc_type(xr.scalar_type()))).to(xr.scalar_type());
+  Tensor d_r = at::empty_like(hp, g.fmt);
+  Tensor dh_prev = at::zeros_like(hp, g.fmt);
+  GruResetBackwardArgs a;
+  a.geo = {g.B, g.C, g.H * g.W, xr.scalar_type()};
+  a.d_reset_h = plane(gr);
+  a.r = plane(r);
+  a.h_prev = plane(hp);
+  a.dh_prev_in = a.dh_prev_out = plane(dh_prev);
+  a.d_r_out = plane(d_r);
+  FASTVID_LAUNCH(gru_reset_backward, a, xr.device());
+  return {d_r, dh_prev};
+}
+
+}  // namespace
+
+#define FASTVID_REGISTER_RECURRENT(m)                                         \
+  m.impl("lstm_cell", &lstm_cell);                                            \
+  m.impl("lstm_cell_backward", &lstm_cell_backward);                          \
+  m.impl("gru_cell", &gru_cell);                                              \
+  m.impl("gru_cell_backward", &gru_cell_backward);                            \
+  m.impl("gru_reset_hidden", &gru_reset_hidden);                              \
+  m.impl("gru_reset_hidden_backward", &gru_reset_hidden_backward);            \
+  m.impl("convlstm_sequence", &convlstm_sequence);                            \
+  m.impl("convlstm_sequence_backward", &convlstm_sequence_backward);          \
+  m.impl("convgru_sequence", &convgru_sequence);                              \
+  m.impl("convgru_sequence_backward", &convgru_sequence_backward)
+
+TORCH_LIBRARY_IMPL(fastvid, CPU, m) { FASTVID_REGISTER_RECURRENT(m); }
+
+#ifdef FASTVID_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastvid, CUDA, m) { FASTVID_REGISTER_RECURRENT(m); }
+#endif
+
+}  // namespace recurrent
+}  // namespace fastvid

@@ -1,0 +1,370 @@
+"""ConvLSTM / ConvGRU modules mirroring ``nn.LSTM`` / ``nn.GRU``.
+
+Parameters are named like ``nn.LSTM``: ``weight_ih_l{k}[_reverse]`` ``[G*C, C_in, kH, kW]``,
+``weight_hh_l{k}[_reverse]`` ``[G*C, C, kH, kW]``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` ``[G*C]``
+(G = 4 for LSTM with gate order i, f, g, o; G = 3 for GRU with r, z, n), so state dicts move
+between backends. Inputs are ``[B, T, C, H, W]`` (``batch_first=True``) or ``[T, B, C, H, W]``;
+'same' padding keeps H×W.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def _per_layer(value, num_layers, name):
+    """An int/tuple for every layer, or a list with one entry per layer."""
+    if isinstance(value, list):
+        if len(value) != num_layers:
+            raise ValueError(f"{name} has {len(value)} entries but num_layers = {num_layers}")
+        return value
+    return [value] * num_layers
+
+
+def _pair(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _check_kernel(kernel_size):
+    if any(k % 2 == 0 or k < 1 for k in kernel_size):
+        raise ValueError(f"kernel_size must be odd (the state keeps its H x W with 'same' padding), got {kernel_size}")
+
+
+class _ConvRNNCellBase(nn.Module):
+    num_gates = 4
+
+    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: IntOrPair = 3, bias: bool = True,
+                 dilation: IntOrPair = 1):
+        super().__init__()
+        if in_channels <= 0 or hidden_channels <= 0:
+            raise ValueError(f"in_channels and hidden_channels must be positive, got {in_channels}, {hidden_channels}")
+        self.in_channels, self.hidden_channels = in_channels, hidden_channels
+        self.kernel_size, self.dilation = _pair(kernel_size), _pair(dilation)
+        _check_kernel(self.kernel_size)
+        self.padding = tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
+        G, C = self.num_gates, hidden_channels
+        self.weight_ih = nn.Parameter(torch.empty(G * C, in_channels, *self.kernel_size))
+        self.weight_hh = nn.Parameter(torch.empty(G * C, C, *self.kernel_size))
+        self.bias_ih = nn.Parameter(torch.empty(G * C)) if bias else None
+        self.bias_hh = nn.Parameter(torch.empty(G * C)) if bias else None
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.hidden_channels}, kernel_size={self.kernel_size}, "
+                f"dilation={self.dilation}, bias={self.bias_ih is not None}")
+
+    def _conv(self, x, weight, bias):
+        return torch.nn.functional.conv2d(x, weight, bias, padding=self.padding, dilation=self.dilation)
+
+    def _zeros(self, x, dtype=None):
+        B, _, H, W = x.shape
+        return x.new_zeros(B, self.hidden_channels, H, W, dtype=dtype)
+
+
+class ConvLSTMCell(_ConvRNNCellBase):
+    """One ConvLSTM step (Shi et al. 2015): ``(h, c) = cell(x, (h, c))`` on ``[B, C, H, W]`` maps.
+
+    The cell state is kept in fp32 for bf16/fp16 inputs. ``peephole=True`` adds per-channel
+    peephole weights ``[3, C]`` (w_ci, w_cf, w_co)."""
+    num_gates = 4
+
+    def __init__(self, in_channels, hidden_channels, kernel_size=3, bias=True, dilation=1, peephole=False,
+                 unit_forget_bias=True):
+        super().__init__(in_channels, hidden_channels, kernel_size, bias, dilation)
+        self.peephole = nn.Parameter(torch.zeros(3, hidden_channels)) if peephole else None
+        self.unit_forget_bias = unit_forget_bias
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        _init_recurrent(self.hidden_channels, [self.weight_ih, self.weight_hh], [self.bias_ih, self.bias_hh],
+                        self.unit_forget_bias)
+        if self.peephole is not None:
+            nn.init.zeros_(self.peephole)
+
+    def forward(self, x: Tensor, state: Optional[tuple] = None):
+        h, c = state if state is not None else (self._zeros(x), self._zeros(x, ops.recurrent._acc(x.dtype)))
+        gates = self._conv(x, self.weight_ih, self.bias_ih) + self._conv(h, self.weight_hh, self.bias_hh)
+        return ops.lstm_cell(gates, c, self.peephole)
+
+    @classmethod
+    def from_concat_conv(cls, conv: nn.Conv2d, hidden_channels: int, gate_order: str = "ifgo",
+                         peephole: bool = False) -> "ConvLSTMCell":
+        """A cell equal to the common hand-written step ``conv(cat([x, h], 1))`` → split into 4
+        gates in ``gate_order`` (a permutation of "ifgo", e.g. "ifog") → sigmoid/tanh; the conv's
+        weights are split into weight_ih / weight_hh and its bias becomes bias_ih (bias_hh = 0)."""
+        if sorted(gate_order) != sorted("ifgo"):
+            raise ValueError(f"gate_order must be a permutation of 'ifgo', got {gate_order!r}")
+        C = hidden_channels
+        if conv.out_channels != 4 * C or conv.in_channels <= C:
+            raise ValueError(f"conv must map C_in + {C} channels to {4 * C}, got {conv.in_channels} -> "
+                             f"{conv.out_channels}")
+        if conv.groups != 1 or _pair(conv.stride) != (1, 1):
+            raise ValueError("conv must have groups=1 and stride=1")
+        dilation = _pair(conv.dilation)
+        kernel = _pair(conv.kernel_size)
+        expected = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
+        if _pair(conv.padding) != expected:
+            raise ValueError(f"conv padding {conv.padding} is not 'same' padding {expected}")
+        cell = cls(conv.in_channels - C, C, kernel, bias=conv.bias is not None, dilation=dilation, peephole=peephole)
+        order = [gate_order.index(g) for g in "ifgo"]  # position of i, f, g, o in the conv's output
+        weight = torch.cat([conv.weight.detach()[k * C:(k + 1) * C] for k in order])
+        with torch.no_grad():
+            cell.weight_ih.copy_(weight[:, :-C])
+            cell.weight_hh.copy_(weight[:, -C:])
+            if conv.bias is not None:
+                cell.bias_ih.copy_(torch.cat([conv.bias.detach()[k * C:(k + 1) * C] for k in order]))
+                cell.bias_hh.zero_()
+        return cell.to(conv.weight.device)
+
+
+class ConvGRUCell(_ConvRNNCellBase):
+    """One ConvGRU step: ``h = cell(x, h)``. ``reset_after=True`` is the ``nn.GRU`` formula
+    n = tanh(W_in*x + b_in + r ⊙ (W_hn*h + b_hn)); ``reset_after=False`` is Ballas et al. 2016,
+    n = tanh(W*x + U*(r ⊙ h)). Both use h = (1 - z) ⊙ n + z ⊙ h_prev."""
+    num_gates = 3
+
+    def __init__(self, in_channels, hidden_channels, kernel_size=3, bias=True, dilation=1, reset_after=True):
+        super().__init__(in_channels, hidden_channels, kernel_size, bias, dilation)
+        self.reset_after = reset_after
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        _init_recurrent(self.hidden_channels, [self.weight_ih, self.weight_hh], [self.bias_ih, self.bias_hh], False)
+
+    def forward(self, x: Tensor, h: Optional[Tensor] = None) -> Tensor:
+        h = self._zeros(x) if h is None else h
+        C = self.hidden_channels
+        x_gates = self._conv(x, self.weight_ih, self.bias_ih)
+        if self.reset_after:
+            h_gates = self._conv(h, self.weight_hh, self.bias_hh)
+        else:
+            b_rz = None if self.bias_hh is None else self.bias_hh[:2 * C]
+            b_n = None if self.bias_hh is None else self.bias_hh[2 * C:]
+            h_rz = self._conv(h, self.weight_hh[:2 * C], b_rz)
+            reset_h = ops.gru_reset_hidden(x_gates[:, :C], h_rz[:, :C], h)
+            h_gates = torch.cat([h_rz, self._conv(reset_h, self.weight_hh[2 * C:], b_n)], dim=1)
+        return ops.gru_cell(x_gates, h_gates, h, self.reset_after)
+
+
+def _init_recurrent(C, weights, biases, unit_forget_bias):
+    """U(-1/√fan, 1/√fan) as nn.LSTM (fan = C·kH·kW); forget-gate bias 1 when unit_forget_bias."""
+    bound = 1.0 / math.sqrt(C * weights[1].shape[2] * weights[1].shape[3])
+    for w in weights:
+        nn.init.uniform_(w, -bound, bound)
+    for b in biases:
+        if b is not None:
+            nn.init.uniform_(b, -bound, bound)
+    if unit_forget_bias and biases[0] is not None:
+        with torch.no_grad():  # the summed forget bias b_ih + b_hh starts at 1
+            biases[0][C:2 * C].fill_(1.0)
+            biases[1][C:2 * C].fill_(0.0)
+
+
+class _ConvRNNBase(nn.Module):
+    num_gates = 4
+
+    def __init__(self, in_channels: int, hidden_channels, kernel_size=3, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = True, bidirectional: bool = False, dropout: float = 0.0, dilation=1,
+                 strategy: Optional[str] = None):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        self.in_channels, self.num_layers = in_channels, num_layers
+        self.hidden_channels = _per_layer(hidden_channels, num_layers, "hidden_channels")
+        self.kernel_size = [_pair(k) for k in _per_layer(kernel_size, num_layers, "kernel_size")]
+        self.dilation = [_pair(d) for d in _per_layer(dilation, num_layers, "dilation")]
+        for k in self.kernel_size:
+            _check_kernel(k)
+        self.bias, self.batch_first, self.bidirectional = bias, batch_first, bidirectional
+        self.dropout, self.strategy = dropout, strategy
+        self.num_directions = 2 if bidirectional else 1
+        G = self.num_gates
+        for layer in range(num_layers):
+            C = self.hidden_channels[layer]
+            for suffix in self._suffixes(layer):
+                c_in = self._layer_input_channels(layer)
+                self.register_parameter("weight_ih" + suffix, nn.Parameter(torch.empty(G * C, c_in, *self.kernel_size[layer])))
+                self.register_parameter("weight_hh" + suffix, nn.Parameter(torch.empty(G * C, C, *self.kernel_size[layer])))
+                if bias:
+                    self.register_parameter("bias_ih" + suffix, nn.Parameter(torch.empty(G * C)))
+                    self.register_parameter("bias_hh" + suffix, nn.Parameter(torch.empty(G * C)))
+
+    def _suffixes(self, layer):
+        return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.bidirectional else [])
+
+    def _layer_input_channels(self, layer):
+        return self.in_channels if layer == 0 else self.hidden_channels[layer - 1] * self.num_directions
+
+    def _params(self, suffix):
+        get = lambda name: getattr(self, name + suffix, None)  # noqa: E731
+        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.hidden_channels}, kernel_size={self.kernel_size}, "
+                f"num_layers={self.num_layers}, bidirectional={self.bidirectional}, batch_first={self.batch_first}")
+
+    def _check_input(self, x):
+        if x.dim() != 5:
+            raise ValueError(f"{type(self).__name__}: input must be 5-D "
+                             f"{'[B, T, C, H, W]' if self.batch_first else '[T, B, C, H, W]'}, got {tuple(x.shape)}")
+        if x.shape[2] != self.in_channels:
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[2]} channels, expected "
+                             f"in_channels = {self.in_channels}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{type(self).__name__}: input has an empty batch or time dimension "
+                             f"(shape {tuple(x.shape)})")
+        return x if self.batch_first else x.transpose(0, 1)
+
+    def _check_state(self, name, state, x, layer_state_shape):
+        expected = (self.num_layers * self.num_directions, x.shape[0], *layer_state_shape)
+        if state.dim() != 5 or any(state.shape[i] != expected[i] for i in (0, 1, 3, 4)):
+            raise ValueError(f"{type(self).__name__}: {name} must be [num_layers * num_directions, B, C, H, W] "
+                             f"= {expected[:2]} + [C, {x.shape[3]}, {x.shape[4]}], got {tuple(state.shape)}")
+        return state
+
+    def _layer_inputs(self, x, outputs, layer):
+        inp = x if layer == 0 else outputs
+        if layer > 0 and self.dropout > 0 and self.training:
+            inp = torch.nn.functional.dropout(inp, self.dropout, training=True)
+        return inp
+
+
+class ConvLSTM(_ConvRNNBase):
+    """Multi-layer ConvLSTM over ``[B, T, C_in, H, W]`` (``batch_first``), like ``nn.LSTM``.
+
+    ``output, (h_n, c_n) = m(x, (h_0, c_0))`` with ``output`` ``[B, T, num_directions*C_last, H, W]``
+    and states ``[num_layers*num_directions, B, C, H, W]`` (layers of different widths: a list of
+    per-layer states is returned instead). Each layer runs the fused sequence op (time loop in
+    C++; see fastvid.ops.convlstm). ``strategy``: None (auto), 'hoisted' or 'concat'."""
+    num_gates = 4
+
+    def __init__(self, in_channels, hidden_channels, kernel_size=3, num_layers=1, bias=True, batch_first=True,
+                 bidirectional=False, dropout=0.0, dilation=1, peephole=False, unit_forget_bias=True,
+                 strategy=None):
+        super().__init__(in_channels, hidden_channels, kernel_size, num_layers, bias, batch_first, bidirectional,
+                         dropout, dilation, strategy)
+        self.peephole, self.unit_forget_bias = peephole, unit_forget_bias
+        if peephole:
+            for layer in range(num_layers):
+                for suffix in self._suffixes(layer):
+                    self.register_parameter("peephole" + suffix,
+                                            nn.Parameter(torch.zeros(3, self.hidden_channels[layer])))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for layer in range(self.num_layers):
+            for suffix in self._suffixes(layer):
+                w_ih, w_hh, b_ih, b_hh = self._params(suffix)
+                _init_recurrent(self.hidden_channels[layer], [w_ih, w_hh], [b_ih, b_hh], self.unit_forget_bias)
+                if self.peephole:
+                    nn.init.zeros_(getattr(self, "peephole" + suffix))
+
+    def forward(self, x: Tensor, state: Optional[tuple] = None):
+        x = self._check_input(x)
+        B, T, _, H, W = x.shape
+        h_n, c_n, outputs = [], [], None
+        for layer in range(self.num_layers):
+            C = self.hidden_channels[layer]
+            inp = self._layer_inputs(x, outputs, layer)
+            direction_outputs = []
+            for d, suffix in enumerate(self._suffixes(layer)):
+                index = layer * self.num_directions + d
+                h0 = c0 = None
+                if state is not None:
+                    h0 = self._state_at(state[0], "h_0", index, x, C)
+                    c0 = self._state_at(state[1], "c_0", index, x, C)
+                w_ih, w_hh, b_ih, b_hh = self._params(suffix)
+                bias = None if b_ih is None else b_ih + b_hh
+                peephole = getattr(self, "peephole" + suffix) if self.peephole else None
+                out, h, c = ops.convlstm(inp, w_ih, w_hh, bias, h0, c0, peephole, self.padding_of(layer),
+                                         self.dilation[layer], reverse=d == 1, strategy=self.strategy)
+                direction_outputs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            outputs = direction_outputs[0] if len(direction_outputs) == 1 else torch.cat(direction_outputs, 2)
+        output = outputs if self.batch_first else outputs.transpose(0, 1)
+        return output, (_stack_states(h_n), _stack_states(c_n))
+
+    def padding_of(self, layer):
+        return tuple(d * (k - 1) // 2 for d, k in zip(self.dilation[layer], self.kernel_size[layer]))
+
+    def _state_at(self, state, name, index, x, C):
+        if isinstance(state, (list, tuple)):
+            s = state[index]
+        else:
+            self._check_state(name, state, x, (C, x.shape[3], x.shape[4]))
+            s = state[index]
+        if s.shape != (x.shape[0], C, x.shape[3], x.shape[4]):
+            raise ValueError(f"{type(self).__name__}: {name}[{index}] must be [B, C, H, W] = "
+                             f"{(x.shape[0], C, x.shape[3], x.shape[4])}, got {tuple(s.shape)}")
+        return s
+
+
+class ConvGRU(_ConvRNNBase):
+    """Multi-layer ConvGRU over ``[B, T, C_in, H, W]``, like ``nn.GRU``: ``output, h_n = m(x, h_0)``.
+
+    ``reset_after``: True = ``nn.GRU`` formula, False = Ballas et al. 2016.
+    ``input_to_all_layers=True``: the stacked ConvGRU of Ballas et al. in which layer l > 0 receives
+    both the input x and the lower layer's hidden state (channels concatenated, so
+    ``weight_ih_l{l}`` is ``[3C, C_in + C_{l-1}·num_directions, kH, kW]``)."""
+    num_gates = 3
+
+    def __init__(self, in_channels, hidden_channels, kernel_size=3, num_layers=1, bias=True, batch_first=True,
+                 bidirectional=False, dropout=0.0, dilation=1, reset_after=True, input_to_all_layers=False,
+                 strategy=None):
+        self.input_to_all_layers = input_to_all_layers
+        super().__init__(in_channels, hidden_channels, kernel_size, num_layers, bias, batch_first, bidirectional,
+                         dropout, dilation, strategy)
+        self.reset_after = reset_after
+        self.reset_parameters()
+
+    def _layer_input_channels(self, layer):
+        channels = super()._layer_input_channels(layer)
+        return channels + self.in_channels if (layer > 0 and self.input_to_all_layers) else channels
+
+    def _layer_inputs(self, x, outputs, layer):
+        inp = super()._layer_inputs(x, outputs, layer)
+        return torch.cat([x, inp], 2) if (layer > 0 and self.input_to_all_layers) else inp
+
+    def reset_parameters(self):
+        for layer in range(self.num_layers):
+            for suffix in self._suffixes(layer):
+                w_ih, w_hh, b_ih, b_hh = self._params(suffix)
+                _init_recurrent(self.hidden_channels[layer], [w_ih, w_hh], [b_ih, b_hh], False)
+
+    padding_of = ConvLSTM.padding_of
+    _state_at = ConvLSTM._state_at
+
+    def forward(self, x: Tensor, h_0=None):
+        x = self._check_input(x)
+        h_n, outputs = [], None
+        for layer in range(self.num_layers):
+            C = self.hidden_channels[layer]
+            inp = self._layer_inputs(x, outputs, layer)
+            direction_outputs = []
+            for d, suffix in enumerate(self._suffixes(layer)):
+                index = layer * self.num_directions + d
+                h0 = None if h_0 is None else self._state_at(h_0, "h_0", index, x, C)
+                w_ih, w_hh, b_ih, b_hh = self._params(suffix)
+                out, h = ops.convgru(inp, w_ih, w_hh, b_ih, b_hh, h0, self.padding_of(layer), self.dilation[layer],
+                                     reset_after=self.reset_after, reverse=d == 1, strategy=self.strategy)
+                direction_outputs.append(out)
+                h_n.append(h)
+            outputs = direction_outputs[0] if len(direction_outputs) == 1 else torch.cat(direction_outputs, 2)
+        output = outputs if self.batch_first else outputs.transpose(0, 1)
+        return output, _stack_states(h_n)
+
+
+def _stack_states(states):
+    """[num_layers*num_directions, B, C, H, W], or the list itself when layer widths differ."""
+    if all(s.shape == states[0].shape for s in states):
+        return torch.stack(states)
+    return states

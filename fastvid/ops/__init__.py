@@ -1,0 +1,4 @@
+"""Functional API: every fastvid op, dispatched to the backend chosen by fastvid._backend."""
+from .recurrent import (  # noqa: F401
+    STRATEGIES, chosen_strategies, convgru, convlstm, gru_cell, gru_reset_hidden, lstm_cell, set_strategy,
+)

@@ -1,0 +1,433 @@
+"""ConvLSTM / ConvGRU functional API and the Python side of the custom ops.
+
+For each C++ op (schemas in csrc/ops.cpp) this module registers a fake kernel and, for forward
+ops, the autograd formula (backward = the matching ``*_backward`` op). The public functions pick
+the backend (fastvid._backend), apply autocast, and for whole sequences pick the strategy.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference import recurrent as ref
+
+__all__ = ["lstm_cell", "gru_cell", "gru_reset_hidden", "convlstm", "convgru", "set_strategy", "STRATEGIES"]
+
+# ------------------------------------------------------------------------------ strategies
+STRATEGIES = {"hoisted": 0, "concat": 1}
+_default_strategy = "auto"
+_strategy_cache: dict = {}
+
+
+def set_strategy(name: str) -> None:
+    """'auto' (time both strategies once per shape/dtype/device/layout and cache the faster, like
+    ``torch.backends.cudnn.benchmark``), 'hoisted' (input conv over all frames at once, then a
+    hidden conv per step) or 'concat' (one conv per step over a persistent [x_t, h] buffer)."""
+    global _default_strategy
+    if name != "auto" and name not in STRATEGIES:
+        raise ValueError(f"strategy must be 'auto', 'hoisted' or 'concat', got {name!r}")
+    _default_strategy = name
+    _strategy_cache.clear()
+
+
+def _pick_strategy(name: Optional[str], key, run) -> int:
+    """Strategy code for one sequence call. `run(code)` runs the op once with that strategy."""
+    name = name or _default_strategy
+    if name != "auto":
+        if name not in STRATEGIES:
+            raise ValueError(f"strategy must be 'auto', 'hoisted' or 'concat', got {name!r}")
+        return STRATEGIES[name]
+    if torch.compiler.is_compiling():
+        return STRATEGIES["hoisted"]  # cannot time while tracing
+    if key not in _strategy_cache:
+        timings = {}
+        with torch.no_grad():
+            for code in STRATEGIES.values():
+                run(code)  # warm-up: oneDNN/cuDNN build their primitives on the first call
+                if key[0] == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                run(code)
+                if key[0] == "cuda":
+                    torch.cuda.synchronize()
+                timings[code] = time.perf_counter() - start
+        _strategy_cache[key] = min(timings, key=timings.get)
+    return _strategy_cache[key]
+
+
+def chosen_strategies() -> dict:
+    """The cached auto choices: {(device, dtype, shape..., layout): 'hoisted' | 'concat'}."""
+    names = {v: k for k, v in STRATEGIES.items()}
+    return {key: names[code] for key, code in _strategy_cache.items()}
+
+
+# ------------------------------------------------------------------------------ helpers
+def _acc(dtype):
+    return ref.compute_dtype(dtype)
+
+
+def _channels_last(x5: Tensor) -> bool:
+    frame = x5[:, 0]
+    return frame.is_contiguous(memory_format=torch.channels_last) and not frame.is_contiguous()
+
+
+def _frames(lead, C, H, W, channels_last, dtype, device):
+    """Mirror of empty_frames() in recurrent_ops.cpp, for fake kernels."""
+    if not channels_last:
+        return torch.empty(*lead, C, H, W, dtype=dtype, device=device)
+    n = len(lead)
+    perm = list(range(n)) + [n + 2, n, n + 1]
+    return torch.empty(*lead, H, W, C, dtype=dtype, device=device).permute(perm)
+
+
+def _frame(B, C, H, W, channels_last, dtype, device):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(B, C, H, W, dtype=dtype, device=device).contiguous(memory_format=fmt)
+
+
+def _autocast(device_type, *tensors):
+    """Under autocast, cast the floating inputs of a conv-based op to the autocast dtype."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def _none_if_empty(t):
+    return None if t is None or t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
+
+
+def _double_backward(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fastvid.{name}: double backward is not supported")
+    return backward
+
+
+def _ops_available():
+    return _backend.cpu_kernels()
+
+
+# ------------------------------------------------------------------------------ fake kernels + autograd
+if _ops_available():
+    ops = torch.ops.fastvid
+
+    # ---- lstm_cell
+    @torch.library.register_fake("fastvid::lstm_cell")
+    def _(gates_pre, c_prev, peephole):
+        fmt = torch.channels_last if _is_cl4(gates_pre) else torch.contiguous_format
+        B, G, H, W = gates_pre.shape
+        h = torch.empty(B, G // 4, H, W, dtype=gates_pre.dtype, device=gates_pre.device).contiguous(memory_format=fmt)
+        c = torch.empty_like(h, dtype=_acc(gates_pre.dtype))
+        return h, c, torch.empty_like(gates_pre, memory_format=fmt)
+
+    @torch.library.register_fake("fastvid::lstm_cell_backward")
+    def _(grad_h, grad_c, gates, c_prev, c, peephole):
+        fmt = torch.channels_last if _is_cl4(gates) else torch.contiguous_format
+        grad_c_prev = torch.empty(c_prev.shape, dtype=c_prev.dtype, device=gates.device).contiguous(memory_format=fmt)
+        return torch.empty_like(gates, memory_format=fmt), grad_c_prev
+
+    def _lstm_cell_setup(ctx, inputs, output):
+        gates_pre, c_prev, peephole = inputs
+        h, c, gates = output
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(gates, c_prev, c, peephole)
+        ctx.c_prev_dtype = c_prev.dtype
+
+    def _lstm_cell_backward(ctx, grad_h, grad_c, grad_gates):
+        gates, c_prev, c, peephole = ctx.saved_tensors
+        grad_gates_pre, grad_c_prev = ops.lstm_cell_backward(grad_h, grad_c, gates, c_prev, c, peephole)
+        grad_peephole = None
+        if peephole is not None and ctx.needs_input_grad[2]:
+            grad_peephole = _peephole_grad(grad_gates_pre, c_prev, c).to(peephole.dtype)
+        return grad_gates_pre, grad_c_prev, grad_peephole
+
+    torch.library.register_autograd("fastvid::lstm_cell", _lstm_cell_backward, setup_context=_lstm_cell_setup)
+    torch.library.register_autograd("fastvid::lstm_cell_backward", _double_backward("lstm_cell_backward"))
+
+    # ---- gru_cell
+    @torch.library.register_fake("fastvid::gru_cell")
+    def _(x_gates, h_gates, h_prev, reset_after):
+        fmt = torch.channels_last if _is_cl4(x_gates) else torch.contiguous_format
+        B, G, H, W = x_gates.shape
+        h = torch.empty(B, G // 3, H, W, dtype=x_gates.dtype, device=x_gates.device).contiguous(memory_format=fmt)
+        cache = torch.empty(B, 4 * (G // 3), H, W, dtype=x_gates.dtype, device=x_gates.device)
+        return h, cache.contiguous(memory_format=fmt)
+
+    @torch.library.register_fake("fastvid::gru_cell_backward")
+    def _(grad_h, cache, h_prev, reset_after):
+        fmt = torch.channels_last if _is_cl4(cache) else torch.contiguous_format
+        B, G, H, W = cache.shape
+        d = torch.empty(B, 3 * (G // 4), H, W, dtype=cache.dtype, device=cache.device).contiguous(memory_format=fmt)
+        return d, torch.empty_like(d), torch.empty_like(h_prev, memory_format=fmt)
+
+    def _gru_cell_setup(ctx, inputs, output):
+        x_gates, h_gates, h_prev, reset_after = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(output[1], h_prev)
+        ctx.reset_after = reset_after
+
+    def _gru_cell_backward(ctx, grad_h, grad_cache):
+        cache, h_prev = ctx.saved_tensors
+        if grad_h is None:
+            grad_h = torch.zeros_like(h_prev)
+        grad_x, grad_h_gates, grad_h_prev = ops.gru_cell_backward(grad_h, cache, h_prev, ctx.reset_after)
+        return grad_x, grad_h_gates, grad_h_prev, None
+
+    torch.library.register_autograd("fastvid::gru_cell", _gru_cell_backward, setup_context=_gru_cell_setup)
+    torch.library.register_autograd("fastvid::gru_cell_backward", _double_backward("gru_cell_backward"))
+
+    # ---- gru_reset_hidden
+    @torch.library.register_fake("fastvid::gru_reset_hidden")
+    def _(x_r, h_r, h_prev):
+        fmt = torch.channels_last if _is_cl4(x_r) else torch.contiguous_format
+        return torch.empty_like(h_prev, memory_format=fmt)
+
+    @torch.library.register_fake("fastvid::gru_reset_hidden_backward")
+    def _(grad, x_r, h_r, h_prev):
+        fmt = torch.channels_last if _is_cl4(x_r) else torch.contiguous_format
+        return torch.empty_like(h_prev, memory_format=fmt), torch.empty_like(h_prev, memory_format=fmt)
+
+    def _gru_reset_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _gru_reset_backward(ctx, grad):
+        x_r, h_r, h_prev = ctx.saved_tensors
+        grad_r, grad_h_prev = ops.gru_reset_hidden_backward(grad, x_r, h_r, h_prev)
+        return grad_r, grad_r, grad_h_prev
+
+    torch.library.register_autograd("fastvid::gru_reset_hidden", _gru_reset_backward, setup_context=_gru_reset_setup)
+    torch.library.register_autograd("fastvid::gru_reset_hidden_backward",
+                                    _double_backward("gru_reset_hidden_backward"))
+
+    # ---- convlstm_sequence
+    @torch.library.register_fake("fastvid::convlstm_sequence")
+    def _(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, save):
+        B, T, Cin, H, W = x.shape
+        C = weight_hh.shape[1]
+        cl, dev, dt = _channels_last(x), x.device, x.dtype
+        output = _frames((B, T), C, H, W, cl, dt, dev)
+        h_n = _frame(B, C, H, W, cl, dt, dev)
+        c_n = _frame(B, C, H, W, cl, _acc(dt), dev)
+        gates = _frames((B, T), 4 * C, H, W, cl, dt, dev) if save else x.new_empty(0)
+        cells = _frames((B, T), C, H, W, cl, _acc(dt), dev) if save else x.new_empty(0, dtype=_acc(dt))
+        workspace = _frames((T, B), Cin + C, H, W, cl, dt, dev) if save and strategy == 1 else x.new_empty(0)
+        return output, h_n, c_n, gates, cells, workspace
+
+    @torch.library.register_fake("fastvid::convlstm_sequence_backward")
+    def _(grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, output, gates,
+          cells, workspace, padding, dilation, reverse, strategy):
+        B, T, Cin, H, W = x.shape
+        C = weight_hh.shape[1]
+        cl, dev, dt = _channels_last(x), x.device, x.dtype
+        return (_frames((B, T), Cin, H, W, cl, dt, dev), torch.empty_like(weight_ih, memory_format=torch.contiguous_format),
+                torch.empty_like(weight_hh, memory_format=torch.contiguous_format),
+                x.new_empty(4 * C if has_bias else 0), _frame(B, C, H, W, cl, dt, dev),
+                _frame(B, C, H, W, cl, c0.dtype, dev),
+                x.new_empty((3, C) if peephole is not None else (0,), dtype=peephole.dtype if peephole is not None else dt))
+
+    def _convlstm_setup(ctx, inputs, output):
+        x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, save = inputs
+        out, h_n, c_n, gates, cells, workspace = output
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the (large) cache outputs
+        ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, peephole, out, gates, cells, workspace)
+        ctx.args = (bias is not None, padding, dilation, reverse, strategy, save)
+
+    def _convlstm_backward(ctx, grad_output, grad_h_n, grad_c_n, *_cache_grads):
+        x, weight_ih, weight_hh, h0, c0, peephole, out, gates, cells, workspace = ctx.saved_tensors
+        has_bias, padding, dilation, reverse, strategy, save = ctx.args
+        if not save:
+            raise RuntimeError("fastvid.convlstm: backward through a call made with save=False")
+        gx, gw_ih, gw_hh, gb, gh0, gc0, gpeep = ops.convlstm_sequence_backward(
+            grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, out, gates,
+            cells, workspace, padding, dilation, reverse, strategy)
+        return (gx, gw_ih, gw_hh, gb if has_bias else None, gh0, gc0, gpeep if peephole is not None else None,
+                None, None, None, None, None)
+
+    torch.library.register_autograd("fastvid::convlstm_sequence", _convlstm_backward, setup_context=_convlstm_setup)
+    torch.library.register_autograd("fastvid::convlstm_sequence_backward",
+                                    _double_backward("convlstm_sequence_backward"))
+
+    # ---- convgru_sequence
+    @torch.library.register_fake("fastvid::convgru_sequence")
+    def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy, save):
+        B, T, Cin, H, W = x.shape
+        C = weight_hh.shape[1]
+        cl, dev, dt = _channels_last(x), x.device, x.dtype
+        output = _frames((B, T), C, H, W, cl, dt, dev)
+        h_n = _frame(B, C, H, W, cl, dt, dev)
+        cache = _frames((B, T), 4 * C, H, W, cl, dt, dev) if save else x.new_empty(0)
+        n_buffers = 1 if reset_after else 2
+        workspace = _frames((n_buffers, T, B), Cin + C, H, W, cl, dt, dev) if save and strategy == 1 \
+            else x.new_empty(0)
+        return output, h_n, cache, workspace
+
+    @torch.library.register_fake("fastvid::convgru_sequence_backward")
+    def _(grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, output, cache, workspace, padding,
+          dilation, reset_after, reverse, strategy):
+        B, T, Cin, H, W = x.shape
+        C = weight_hh.shape[1]
+        cl, dev, dt = _channels_last(x), x.device, x.dtype
+        return (_frames((B, T), Cin, H, W, cl, dt, dev), torch.empty_like(weight_ih, memory_format=torch.contiguous_format),
+                torch.empty_like(weight_hh, memory_format=torch.contiguous_format),
+                x.new_empty(3 * C if bias_ih is not None else 0), x.new_empty(3 * C if bias_hh is not None else 0),
+                _frame(B, C, H, W, cl, dt, dev))
+
+    def _convgru_setup(ctx, inputs, output):
+        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy, save = inputs
+        out, h_n, cache, workspace = output
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace)
+        ctx.args = (padding, dilation, reset_after, reverse, strategy, save)
+
+    def _convgru_backward(ctx, grad_output, grad_h_n, *_cache_grads):
+        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace = ctx.saved_tensors
+        padding, dilation, reset_after, reverse, strategy, save = ctx.args
+        if not save:
+            raise RuntimeError("fastvid.convgru: backward through a call made with save=False")
+        gx, gw_ih, gw_hh, gb_ih, gb_hh, gh0 = ops.convgru_sequence_backward(
+            grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace, padding,
+            dilation, reset_after, reverse, strategy)
+        return (gx, gw_ih, gw_hh, gb_ih if bias_ih is not None else None, gb_hh if bias_hh is not None else None,
+                gh0, None, None, None, None, None, None)
+
+    torch.library.register_autograd("fastvid::convgru_sequence", _convgru_backward, setup_context=_convgru_setup)
+    torch.library.register_autograd("fastvid::convgru_sequence_backward",
+                                    _double_backward("convgru_sequence_backward"))
+
+
+def _is_cl4(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _peephole_grad(grad_gates_pre: Tensor, c_prev: Tensor, c: Tensor) -> Tensor:
+    """[3, C]: Σ d a_i·c_prev, Σ d a_f·c_prev, Σ d a_o·c over batch and pixels."""
+    acc = _acc(grad_gates_pre.dtype)
+    d_i, d_f, _, d_o = grad_gates_pre.to(acc).chunk(4, dim=1)
+    c_prev, c = c_prev.to(acc), c.to(acc)
+    return torch.stack([(d_i * c_prev).sum((0, 2, 3)), (d_f * c_prev).sum((0, 2, 3)), (d_o * c).sum((0, 2, 3))])
+
+
+def _triton():
+    from ..triton_kernels import recurrent as tk  # imported lazily: triton import is slow
+    return tk
+
+
+# ------------------------------------------------------------------------------ public cell ops
+def lstm_cell(gates_pre: Tensor, c_prev: Tensor, peephole: Optional[Tensor] = None):
+    """Fused LSTM gates: ``gates_pre`` ``[B, 4C, H, W]`` (i, f, g, o) and ``c_prev`` → ``(h, c)``.
+    ``c`` is fp32 for bf16/fp16 inputs. ``peephole``: optional ``[3, C]`` (w_ci, w_cf, w_co)."""
+    which = _backend.resolve([gates_pre, c_prev, peephole])
+    if which in ("cpu", "cuda"):
+        h, c, _ = torch.ops.fastvid.lstm_cell(gates_pre, c_prev, peephole)
+    elif which == "triton":
+        h, c, _ = _triton().lstm_cell(gates_pre, c_prev, peephole)
+    else:
+        h, c, _ = ref.lstm_cell(gates_pre, c_prev, peephole)
+    return h, c
+
+
+def gru_cell(x_gates: Tensor, h_gates: Tensor, h_prev: Tensor, reset_after: bool = True) -> Tensor:
+    """Fused GRU gates (r, z, n): ``x_gates``, ``h_gates`` ``[B, 3C, H, W]`` and ``h_prev`` → ``h``.
+    With ``reset_after=False`` the n slot of ``h_gates`` must hold U*(r⊙h_prev) (see gru_reset_hidden)."""
+    which = _backend.resolve([x_gates, h_gates, h_prev])
+    if which in ("cpu", "cuda"):
+        return torch.ops.fastvid.gru_cell(x_gates, h_gates, h_prev, reset_after)[0]
+    if which == "triton":
+        return _triton().gru_cell(x_gates, h_gates, h_prev, reset_after)[0]
+    return ref.gru_cell(x_gates, h_gates, h_prev, reset_after)[0]
+
+
+def gru_reset_hidden(x_r: Tensor, h_r: Tensor, h_prev: Tensor) -> Tensor:
+    """σ(x_r + h_r) ⊙ h_prev, the first stage of the Ballas et al. ConvGRU."""
+    which = _backend.resolve([x_r, h_r, h_prev])
+    if which in ("cpu", "cuda"):
+        return torch.ops.fastvid.gru_reset_hidden(x_r, h_r, h_prev)
+    if which == "triton":
+        return _triton().gru_reset_hidden(x_r, h_r, h_prev)
+    return ref.gru_reset_hidden(x_r, h_r, h_prev)
+
+
+# ------------------------------------------------------------------------------ public sequence ops
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _check_x(name, x):
+    if not isinstance(x, Tensor) or x.dim() != 5:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"fastvid.{name}: x must be [B, T, C_in, H, W], got {shape}")
+
+
+def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Tensor] = None,
+             h0: Optional[Tensor] = None, c0: Optional[Tensor] = None, peephole: Optional[Tensor] = None,
+             padding=None, dilation=1, reverse: bool = False, strategy: Optional[str] = None):
+    """One ConvLSTM layer, one direction, over ``x`` ``[B, T, C_in, H, W]``.
+
+    ``bias`` is the summed input+hidden bias ``[4C]``; ``padding`` defaults to 'same'.
+    Returns ``(output [B, T, C, H, W], h_n, c_n)``; ``c_n`` is fp32 for bf16/fp16 inputs."""
+    _check_x("convlstm", x)
+    C = weight_hh.shape[1]
+    dilation = _pair(dilation)
+    padding = _pair(padding) if padding is not None else tuple(d * (k - 1) // 2 for d, k in
+                                                                 zip(dilation, weight_hh.shape[2:]))
+    B, _, _, H, W = x.shape
+    if h0 is None:
+        h0 = x.new_zeros(B, C, H, W)
+    if c0 is None:
+        c0 = x.new_zeros(B, C, H, W, dtype=_acc(x.dtype))
+    x, weight_ih, weight_hh, bias, h0 = _autocast(x.device.type, x, weight_ih, weight_hh, bias, h0)
+    which = _backend.resolve([x, weight_ih, weight_hh, bias, h0, c0, peephole])
+    if which in ("reference", "triton"):
+        cell = _triton().lstm_cell if which == "triton" else ref.lstm_cell
+        return ref.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
+                                     cell=cell)
+    save = _needs_grad(x, weight_ih, weight_hh, bias, h0, c0, peephole)
+
+    def run(code):
+        return torch.ops.fastvid.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding,
+                                                   dilation, reverse, code, save)
+
+    key = (x.device.type, x.dtype, tuple(x.shape), C, tuple(weight_hh.shape[2:]), dilation, _channels_last(x), save)
+    output, h_n, c_n, *_ = run(_pick_strategy(strategy, key, run))
+    return output, h_n, c_n
+
+
+def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor] = None,
+            bias_hh: Optional[Tensor] = None, h0: Optional[Tensor] = None, padding=None, dilation=1,
+            reset_after: bool = True, reverse: bool = False, strategy: Optional[str] = None):
+    """One ConvGRU layer, one direction, over ``x`` ``[B, T, C_in, H, W]``. Returns ``(output, h_n)``."""
+    _check_x("convgru", x)
+    C = weight_hh.shape[1]
+    dilation = _pair(dilation)
+    padding = _pair(padding) if padding is not None else tuple(d * (k - 1) // 2 for d, k in
+                                                                 zip(dilation, weight_hh.shape[2:]))
+    B, _, _, H, W = x.shape
+    if h0 is None:
+        h0 = x.new_zeros(B, C, H, W)
+    x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = _autocast(x.device.type, x, weight_ih, weight_hh, bias_ih,
+                                                              bias_hh, h0)
+    which = _backend.resolve([x, weight_ih, weight_hh, bias_ih, bias_hh, h0])
+    if which in ("reference", "triton"):
+        cells = {}
+        if which == "triton":
+            cells = {"cell": _triton().gru_cell, "reset_hidden": _triton().gru_reset_hidden}
+        return ref.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
+                                    reverse, **cells)
+    save = _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0)
+
+    def run(code):
+        return torch.ops.fastvid.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation,
+                                                  reset_after, reverse, code, save)
+
+    key = (x.device.type, x.dtype, tuple(x.shape), C, tuple(weight_hh.shape[2:]), dilation, _channels_last(x), save,
+           "gru", reset_after)
+    output, h_n, *_ = run(_pick_strategy(strategy, key, run))
+    return output, h_n

@@ -1,0 +1,9 @@
+"""Triton kernels for fastvid's fused ConvLSTM / ConvGRU cells.
+
+This package is installed as ``fastvid.triton_kernels`` (an unrelated PyPI package owns the
+top-level name ``triton_kernels``), so import it as ``from fastvid.triton_kernels import recurrent``
+in installed code; modules inside it use only relative or stdlib imports for their siblings.
+
+It is kept light on purpose: nothing is imported here. ``recurrent`` imports Triton lazily-guarded
+and sets ``recurrent.AVAILABLE = False`` (defining no ops) when Triton is missing.
+"""
