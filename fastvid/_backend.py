@@ -77,8 +77,18 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _tensors(tensors):
+    """(name, tensor) pairs from a {name: tensor} dict or a list."""
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
+    return [(name, t) for name, t in items if isinstance(t, torch.Tensor)]
+
+
 def _devices(tensors):
-    return {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+    return {t.device.type for _, t in _tensors(tensors)}
+
+
+def _device_report(tensors):
+    return ", ".join(f"{name} on {t.device}" for name, t in _tensors(tensors))
 
 
 def not_supported_reasons(name: str, tensors) -> list[str]:
@@ -86,7 +96,7 @@ def not_supported_reasons(name: str, tensors) -> list[str]:
     devices = _devices(tensors)
     reasons = []
     if len(devices) > 1:
-        reasons.append(f"tensors are on several devices {sorted(devices)}")
+        reasons.append(f"tensors are on several devices ({_device_report(tensors)})")
     if name == "cpu":
         if not cpu_kernels():
             reasons.append(f"fastvid._C is not built ({EXTENSION_ERROR})")
@@ -108,7 +118,8 @@ def not_supported_reasons(name: str, tensors) -> list[str]:
 
 
 def resolve(tensors) -> str:
-    """The concrete backend ('cpu', 'cuda', 'triton' or 'reference') for an op on `tensors`."""
+    """The concrete backend ('cpu', 'cuda', 'triton' or 'reference') for an op on `tensors`
+    (a {argument name: tensor} dict, so errors can name the arguments, or a list)."""
     name = _current.get()
     if name == "reference":
         return name
@@ -123,5 +134,6 @@ def resolve(tensors) -> str:
         if not not_supported_reasons(candidate, tensors):
             return candidate
     if len(devices) > 1:
-        raise RuntimeError(f"fastvid: tensors are on several devices {sorted(devices)}; move them to one device")
+        raise RuntimeError(f"fastvid: tensors are on several devices ({_device_report(tensors)}); "
+                           "move them to one device")
     return "reference"

@@ -130,7 +130,7 @@ void check_state(const char* op, const char* name, const Tensor& s, const SeqGeo
 
 SeqGeometry check_sequence(const char* op, const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh,
                            const Tensor& h0, int64_t num_gates, at::IntArrayRef padding, at::IntArrayRef dilation,
-                           int64_t strategy) {
+                           int64_t strategy, bool channels_last) {
   TORCH_CHECK_VALUE(x.dim() == 5, op, ": x must be [B, T, C_in, H, W], got shape ", x.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
   SeqGeometry g;
@@ -163,8 +163,7 @@ SeqGeometry check_sequence(const char* op, const Tensor& x, const Tensor& weight
   }
   TORCH_CHECK_VALUE(strategy == kHoisted || strategy == kConcat, op, ": strategy must be 0 (hoisted) or 1 (concat), got ",
                     strategy);
-  const Tensor frame = x.select(1, 0);
-  g.channels_last = frame.is_contiguous(at::MemoryFormat::ChannelsLast) && !frame.is_contiguous();
+  g.channels_last = channels_last;
   return g;
 }
 
@@ -234,9 +233,9 @@ void fill_concat_buffer(Tensor& buffer, const Tensor& x, const Tensor& h0, const
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias, const Tensor& h0,
     const Tensor& c0, const OptTensor& peephole, at::IntArrayRef padding, at::IntArrayRef dilation, bool reverse,
-    int64_t strategy, bool save) {
+    int64_t strategy, bool channels_last, bool save) {
   const char* op = "fastvid.convlstm_sequence";
-  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy);
+  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
   check_state(op, "c0", c0, g, x);
   check_bias(op, "bias", bias, 4 * g.C, x);
   if (peephole.has_value()) {
@@ -317,9 +316,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     const OptTensor& grad_output, const OptTensor& grad_h_n, const OptTensor& grad_c_n, const Tensor& x,
     const Tensor& weight_ih, const Tensor& weight_hh, bool has_bias, const Tensor& h0, const Tensor& c0,
     const OptTensor& peephole, const Tensor& output, const Tensor& gates, const Tensor& cells,
-    const Tensor& workspace, at::IntArrayRef padding, at::IntArrayRef dilation, bool reverse, int64_t strategy) {
+    const Tensor& workspace, at::IntArrayRef padding, at::IntArrayRef dilation, bool reverse, int64_t strategy,
+    bool channels_last) {
   const char* op = "fastvid.convlstm_sequence_backward";
-  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy);
+  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
   TORCH_CHECK_VALUE(gates.dim() == 5 && cells.dim() == 5, op, ": gates and cells must be the caches saved by "
                     "convlstm_sequence(save=True)");
   const c10::DeviceGuard guard(x.device());
@@ -336,7 +336,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const Tensor output_l = to_frames_layout(output, g.channels_last);
   const Tensor c_init = c0.to(acc_opts.dtype()).contiguous(fmt);
   Tensor dc = grad_c_n.has_value() ? grad_c_n->to(acc_opts.dtype()).contiguous(fmt).clone()
-                                   : at::zeros({B, C, H, W}, acc_opts.memory_format(fmt));
+                                   : empty_like_frame(g, C, acc_opts).zero_();
   Tensor dh_rec = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
   Tensor peep = peephole.has_value() ? peephole->to(acc_opts.dtype()).contiguous() : Tensor();
   // d(pre-activation gates): batch-first for hoisted (matches x), time-major for concat (matches the buffer).
@@ -381,11 +381,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   if (hoisted) {
     const Tensor d_gates_flat = flat(d_gates);
     grad_w_hh = std::get<0>(conv_weight_grad(d_gates_flat, flat(previous_hidden(output_l, h0_l, reverse)),
-                                             weight_hh, false, g));
+                                             weight_hh, false, g))
+                    .contiguous();
     const auto grads = at::convolution_backward(d_gates_flat, flat(x), weight_ih, at::IntArrayRef({4 * C}), {1, 1},
                                                 g.padding, g.dilation, false, {0, 0}, 1, {true, true, has_bias});
     grad_x = std::get<0>(grads).view({B, T, Cin, H, W});
-    grad_w_ih = std::get<1>(grads);
+    grad_w_ih = std::get<1>(grads).contiguous();
     grad_bias = std::get<2>(grads);
   } else {
     Tensor grad_w_cat;
@@ -406,7 +407,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
                                (dg.narrow(2, 3 * C, C) * cells_l).sum(dims)})
                         .to(peephole->scalar_type());
   }
-  return {grad_x, grad_w_ih, grad_w_hh, grad_bias, grad_h0, grad_c0, grad_peephole};
+  // Weight gradients contiguous like the weights (oneDNN returns channels_last ones for channels_last input).
+  return {to_frames_layout(grad_x, g.channels_last), grad_w_ih.contiguous(), grad_w_hh.contiguous(), grad_bias,
+          grad_h0, grad_c0, grad_peephole};
 }
 
 // ======================================================================== GRU
@@ -443,9 +446,9 @@ GruConcatWeights gru_concat_weights(const Tensor& w_ih, const Tensor& w_hh, cons
 std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
     const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
     const OptTensor& bias_hh, const Tensor& h0, at::IntArrayRef padding, at::IntArrayRef dilation, bool reset_after,
-    bool reverse, int64_t strategy, bool save) {
+    bool reverse, int64_t strategy, bool channels_last, bool save) {
   const char* op = "fastvid.convgru_sequence";
-  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy);
+  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy, channels_last);
   check_bias(op, "bias_ih", bias_ih, 3 * g.C, x);
   check_bias(op, "bias_hh", bias_hh, 3 * g.C, x);
   const c10::DeviceGuard guard(x.device());
@@ -542,9 +545,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     const OptTensor& grad_output, const OptTensor& grad_h_n, const Tensor& x, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh, const Tensor& h0,
     const Tensor& output, const Tensor& cache, const Tensor& workspace, at::IntArrayRef padding,
-    at::IntArrayRef dilation, bool reset_after, bool reverse, int64_t strategy) {
+    at::IntArrayRef dilation, bool reset_after, bool reverse, int64_t strategy, bool channels_last) {
   const char* op = "fastvid.convgru_sequence_backward";
-  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy);
+  const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy, channels_last);
   TORCH_CHECK_VALUE(cache.dim() == 5, op, ": cache must be the cache saved by convgru_sequence(save=True)");
   const c10::DeviceGuard guard(x.device());
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
@@ -559,7 +562,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   const Tensor output_l = to_frames_layout(output, g.channels_last);
   const Tensor h0_l = h0.contiguous(fmt);
   Tensor dh_conv = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
-  Tensor dh_direct = at::zeros({B, C, H, W}, opts.memory_format(fmt));
+  Tensor dh_direct = empty_like_frame(g, C, opts).zero_();
   Tensor scratch = empty_like_frame(g, C, opts);  // receives gradients a variant does not use
 
   // d(pre-activations): hoisted: d_x [B, T, 3C] and, for reset_after, d_h [B, T, 3C];
@@ -647,11 +650,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
                                                 g.padding, g.dilation, false, {0, 0}, 1,
                                                 {true, true, bias_ih.has_value()});
     grad_x = std::get<0>(grads).view({B, T, Cin, H, W});
-    grad_w_ih = std::get<1>(grads);
+    grad_w_ih = std::get<1>(grads).contiguous();
     grad_b_ih = std::get<2>(grads);
     if (reset_after) {
       std::tie(grad_w_hh, grad_b_hh) = conv_weight_grad(flat(d_h), flat(h_prev_all), weight_hh,
                                                         bias_hh.has_value(), g);
+      grad_w_hh = grad_w_hh.contiguous();
     } else {
       // In the Ballas form d(h-conv pre-activations) equal d(x-conv pre-activations).
       const Tensor reset_h_all = cache_l.narrow(2, 0, C) * h_prev_all;
@@ -682,7 +686,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   if (!bias_ih.has_value()) grad_b_ih = at::empty({0}, opts);
   if (!bias_hh.has_value()) grad_b_hh = at::empty({0}, opts);
   if (grad_b_hh.defined() && grad_b_ih.defined() && grad_b_hh.is_same(grad_b_ih)) grad_b_hh = grad_b_ih.clone();
-  return {grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_h0};
+  return {to_frames_layout(grad_x, g.channels_last), grad_w_ih.contiguous(), grad_w_hh.contiguous(), grad_b_ih,
+          grad_b_hh, grad_h0};
 }
 
 // ======================================================================== cell ops
@@ -699,8 +704,9 @@ CellGeometry check_gates(const char* op, const char* name, const Tensor& gates, 
                    gates.scalar_type());
   TORCH_CHECK_VALUE(gates.size(1) % num_gates == 0, op, ": ", name, " has ", gates.size(1),
                     " channels, not a multiple of ", num_gates);
-  CellGeometry g{gates.size(0), gates.size(1) / num_gates, gates.size(2), gates.size(3),
-                 gates.suggest_memory_format()};
+  // channels_last only when dense in it (mirrored by _is_cl4 in fastvid/ops/recurrent.py).
+  const bool channels_last = gates.is_contiguous(at::MemoryFormat::ChannelsLast) && !gates.is_contiguous();
+  CellGeometry g{gates.size(0), gates.size(1) / num_gates, gates.size(2), gates.size(3), frame_format(channels_last)};
   return g;
 }
 

@@ -120,7 +120,7 @@ class ConvLSTMCell(_ConvRNNCellBase):
             if conv.bias is not None:
                 cell.bias_ih.copy_(torch.cat([conv.bias.detach()[k * C:(k + 1) * C] for k in order]))
                 cell.bias_hh.zero_()
-        return cell.to(conv.weight.device)
+        return cell.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
 
 class ConvGRUCell(_ConvRNNCellBase):
@@ -236,6 +236,35 @@ class _ConvRNNBase(nn.Module):
             inp = torch.nn.functional.dropout(inp, self.dropout, training=True)
         return inp
 
+    def padding_of(self, layer):
+        return tuple(d * (k - 1) // 2 for d, k in zip(self.dilation[layer], self.kernel_size[layer]))
+
+    def _state_at(self, state, name, index, x, C):
+        """Initial state `index` from a [L*D, B, C, H, W] tensor or a per-layer list."""
+        if not isinstance(state, (list, tuple)):
+            self._check_state(name, state, x, (C, x.shape[3], x.shape[4]))
+        s = state[index]
+        if s.shape != (x.shape[0], C, x.shape[3], x.shape[4]):
+            raise ValueError(f"{type(self).__name__}: {name}[{index}] must be [B, C, H, W] = "
+                             f"{(x.shape[0], C, x.shape[3], x.shape[4])}, got {tuple(s.shape)}")
+        return s
+
+    def _run_layers(self, x, run_direction):
+        """Runs every layer and direction: run_direction(inp, x, layer, direction, suffix, index) returns
+        (output, *final states). Returns (output, [stacked final states, one per state kind])."""
+        x = self._check_input(x)
+        finals, outputs = [], None
+        for layer in range(self.num_layers):
+            inp = self._layer_inputs(x, outputs, layer)
+            direction_outputs = []
+            for d, suffix in enumerate(self._suffixes(layer)):
+                out, *states = run_direction(inp, x, layer, d, suffix, layer * self.num_directions + d)
+                direction_outputs.append(out)
+                finals.append(states)
+            outputs = direction_outputs[0] if len(direction_outputs) == 1 else torch.cat(direction_outputs, 2)
+        output = outputs if self.batch_first else outputs.transpose(0, 1)
+        return output, [_stack_states(list(kind)) for kind in zip(*finals)]
+
 
 class ConvLSTM(_ConvRNNBase):
     """Multi-layer ConvLSTM over ``[B, T, C_in, H, W]`` (``batch_first``), like ``nn.LSTM``.
@@ -268,44 +297,18 @@ class ConvLSTM(_ConvRNNBase):
                     nn.init.zeros_(getattr(self, "peephole" + suffix))
 
     def forward(self, x: Tensor, state: Optional[tuple] = None):
-        x = self._check_input(x)
-        B, T, _, H, W = x.shape
-        h_n, c_n, outputs = [], [], None
-        for layer in range(self.num_layers):
+        def run_direction(inp, x, layer, d, suffix, index):
             C = self.hidden_channels[layer]
-            inp = self._layer_inputs(x, outputs, layer)
-            direction_outputs = []
-            for d, suffix in enumerate(self._suffixes(layer)):
-                index = layer * self.num_directions + d
-                h0 = c0 = None
-                if state is not None:
-                    h0 = self._state_at(state[0], "h_0", index, x, C)
-                    c0 = self._state_at(state[1], "c_0", index, x, C)
-                w_ih, w_hh, b_ih, b_hh = self._params(suffix)
-                bias = None if b_ih is None else b_ih + b_hh
-                peephole = getattr(self, "peephole" + suffix) if self.peephole else None
-                out, h, c = ops.convlstm(inp, w_ih, w_hh, bias, h0, c0, peephole, self.padding_of(layer),
-                                         self.dilation[layer], reverse=d == 1, strategy=self.strategy)
-                direction_outputs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            outputs = direction_outputs[0] if len(direction_outputs) == 1 else torch.cat(direction_outputs, 2)
-        output = outputs if self.batch_first else outputs.transpose(0, 1)
-        return output, (_stack_states(h_n), _stack_states(c_n))
+            h0 = None if state is None else self._state_at(state[0], "h_0", index, x, C)
+            c0 = None if state is None else self._state_at(state[1], "c_0", index, x, C)
+            w_ih, w_hh, b_ih, b_hh = self._params(suffix)
+            bias = None if b_ih is None else b_ih + b_hh
+            peephole = getattr(self, "peephole" + suffix) if self.peephole else None
+            return ops.convlstm(inp, w_ih, w_hh, bias, h0, c0, peephole, self.padding_of(layer), self.dilation[layer],
+                                reverse=d == 1, strategy=self.strategy)
 
-    def padding_of(self, layer):
-        return tuple(d * (k - 1) // 2 for d, k in zip(self.dilation[layer], self.kernel_size[layer]))
-
-    def _state_at(self, state, name, index, x, C):
-        if isinstance(state, (list, tuple)):
-            s = state[index]
-        else:
-            self._check_state(name, state, x, (C, x.shape[3], x.shape[4]))
-            s = state[index]
-        if s.shape != (x.shape[0], C, x.shape[3], x.shape[4]):
-            raise ValueError(f"{type(self).__name__}: {name}[{index}] must be [B, C, H, W] = "
-                             f"{(x.shape[0], C, x.shape[3], x.shape[4])}, got {tuple(s.shape)}")
-        return s
+        output, (h_n, c_n) = self._run_layers(x, run_direction)
+        return output, (h_n, c_n)
 
 
 class ConvGRU(_ConvRNNBase):
@@ -340,27 +343,15 @@ class ConvGRU(_ConvRNNBase):
                 w_ih, w_hh, b_ih, b_hh = self._params(suffix)
                 _init_recurrent(self.hidden_channels[layer], [w_ih, w_hh], [b_ih, b_hh], False)
 
-    padding_of = ConvLSTM.padding_of
-    _state_at = ConvLSTM._state_at
-
     def forward(self, x: Tensor, h_0=None):
-        x = self._check_input(x)
-        h_n, outputs = [], None
-        for layer in range(self.num_layers):
-            C = self.hidden_channels[layer]
-            inp = self._layer_inputs(x, outputs, layer)
-            direction_outputs = []
-            for d, suffix in enumerate(self._suffixes(layer)):
-                index = layer * self.num_directions + d
-                h0 = None if h_0 is None else self._state_at(h_0, "h_0", index, x, C)
-                w_ih, w_hh, b_ih, b_hh = self._params(suffix)
-                out, h = ops.convgru(inp, w_ih, w_hh, b_ih, b_hh, h0, self.padding_of(layer), self.dilation[layer],
-                                     reset_after=self.reset_after, reverse=d == 1, strategy=self.strategy)
-                direction_outputs.append(out)
-                h_n.append(h)
-            outputs = direction_outputs[0] if len(direction_outputs) == 1 else torch.cat(direction_outputs, 2)
-        output = outputs if self.batch_first else outputs.transpose(0, 1)
-        return output, _stack_states(h_n)
+        def run_direction(inp, x, layer, d, suffix, index):
+            h0 = None if h_0 is None else self._state_at(h_0, "h_0", index, x, self.hidden_channels[layer])
+            w_ih, w_hh, b_ih, b_hh = self._params(suffix)
+            return ops.convgru(inp, w_ih, w_hh, b_ih, b_hh, h0, self.padding_of(layer), self.dilation[layer],
+                               reset_after=self.reset_after, reverse=d == 1, strategy=self.strategy)
+
+        output, (h_n,) = self._run_layers(x, run_direction)
+        return output, h_n
 
 
 def _stack_states(states):

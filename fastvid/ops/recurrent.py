@@ -71,8 +71,8 @@ def _acc(dtype):
 
 
 def _channels_last(x5: Tensor) -> bool:
-    frame = x5[:, 0]
-    return frame.is_contiguous(memory_format=torch.channels_last) and not frame.is_contiguous()
+    """Frames of [B, T, C, H, W] with channels innermost; mirror of frames_channels_last in C++."""
+    return x5.shape[2] > 1 and x5.shape[4] > 1 and x5.stride(2) < x5.stride(4)
 
 
 def _frames(lead, C, H, W, channels_last, dtype, device):
@@ -101,6 +101,15 @@ def _none_if_empty(t):
     return None if t is None or t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
 
 
+def _check_one_device(op, **arguments):
+    """Fake kernels run for meta/fake inputs; like ATen's meta functions they reject mixed devices."""
+    tensors = arguments
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, Tensor)}
+    if len(set(devices.values())) > 1:
+        raise RuntimeError(f"fastvid.{op}: all tensors must be on one device, got "
+                           + ", ".join(f"{name} on {d}" for name, d in devices.items()))
+
+
 def _double_backward(name):
     def backward(ctx, *grads):
         raise RuntimeError(f"fastvid.{name}: double backward is not supported")
@@ -118,6 +127,7 @@ if _ops_available():
     # ---- lstm_cell
     @torch.library.register_fake("fastvid::lstm_cell")
     def _(gates_pre, c_prev, peephole):
+        _check_one_device("lstm_cell", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(gates_pre) else torch.contiguous_format
         B, G, H, W = gates_pre.shape
         h = torch.empty(B, G // 4, H, W, dtype=gates_pre.dtype, device=gates_pre.device).contiguous(memory_format=fmt)
@@ -126,6 +136,7 @@ if _ops_available():
 
     @torch.library.register_fake("fastvid::lstm_cell_backward")
     def _(grad_h, grad_c, gates, c_prev, c, peephole):
+        _check_one_device("lstm_cell_backward", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(gates) else torch.contiguous_format
         grad_c_prev = torch.empty(c_prev.shape, dtype=c_prev.dtype, device=gates.device).contiguous(memory_format=fmt)
         return torch.empty_like(gates, memory_format=fmt), grad_c_prev
@@ -151,6 +162,7 @@ if _ops_available():
     # ---- gru_cell
     @torch.library.register_fake("fastvid::gru_cell")
     def _(x_gates, h_gates, h_prev, reset_after):
+        _check_one_device("gru_cell", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(x_gates) else torch.contiguous_format
         B, G, H, W = x_gates.shape
         h = torch.empty(B, G // 3, H, W, dtype=x_gates.dtype, device=x_gates.device).contiguous(memory_format=fmt)
@@ -159,6 +171,7 @@ if _ops_available():
 
     @torch.library.register_fake("fastvid::gru_cell_backward")
     def _(grad_h, cache, h_prev, reset_after):
+        _check_one_device("gru_cell_backward", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(cache) else torch.contiguous_format
         B, G, H, W = cache.shape
         d = torch.empty(B, 3 * (G // 4), H, W, dtype=cache.dtype, device=cache.device).contiguous(memory_format=fmt)
@@ -183,11 +196,13 @@ if _ops_available():
     # ---- gru_reset_hidden
     @torch.library.register_fake("fastvid::gru_reset_hidden")
     def _(x_r, h_r, h_prev):
+        _check_one_device("gru_reset_hidden", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(x_r) else torch.contiguous_format
         return torch.empty_like(h_prev, memory_format=fmt)
 
     @torch.library.register_fake("fastvid::gru_reset_hidden_backward")
     def _(grad, x_r, h_r, h_prev):
+        _check_one_device("gru_reset_hidden_backward", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(x_r) else torch.contiguous_format
         return torch.empty_like(h_prev, memory_format=fmt), torch.empty_like(h_prev, memory_format=fmt)
 
@@ -205,10 +220,12 @@ if _ops_available():
 
     # ---- convlstm_sequence
     @torch.library.register_fake("fastvid::convlstm_sequence")
-    def _(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, save):
+    def _(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last,
+          save):
+        _check_one_device("convlstm_sequence", **locals())  # the arguments
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
-        cl, dev, dt = _channels_last(x), x.device, x.dtype
+        cl, dev, dt = channels_last, x.device, x.dtype
         output = _frames((B, T), C, H, W, cl, dt, dev)
         h_n = _frame(B, C, H, W, cl, dt, dev)
         c_n = _frame(B, C, H, W, cl, _acc(dt), dev)
@@ -219,10 +236,11 @@ if _ops_available():
 
     @torch.library.register_fake("fastvid::convlstm_sequence_backward")
     def _(grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, output, gates,
-          cells, workspace, padding, dilation, reverse, strategy):
+          cells, workspace, padding, dilation, reverse, strategy, channels_last):
+        _check_one_device("convlstm_sequence_backward", **locals())  # the arguments
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
-        cl, dev, dt = _channels_last(x), x.device, x.dtype
+        cl, dev, dt = channels_last, x.device, x.dtype
         return (_frames((B, T), Cin, H, W, cl, dt, dev), torch.empty_like(weight_ih, memory_format=torch.contiguous_format),
                 torch.empty_like(weight_hh, memory_format=torch.contiguous_format),
                 x.new_empty(4 * C if has_bias else 0), _frame(B, C, H, W, cl, dt, dev),
@@ -230,22 +248,23 @@ if _ops_available():
                 x.new_empty((3, C) if peephole is not None else (0,), dtype=peephole.dtype if peephole is not None else dt))
 
     def _convlstm_setup(ctx, inputs, output):
-        x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, save = inputs
+        x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last, save = \
+            inputs
         out, h_n, c_n, gates, cells, workspace = output
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the (large) cache outputs
         ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, peephole, out, gates, cells, workspace)
-        ctx.args = (bias is not None, padding, dilation, reverse, strategy, save)
+        ctx.args = (bias is not None, padding, dilation, reverse, strategy, channels_last, save)
 
     def _convlstm_backward(ctx, grad_output, grad_h_n, grad_c_n, *_cache_grads):
         x, weight_ih, weight_hh, h0, c0, peephole, out, gates, cells, workspace = ctx.saved_tensors
-        has_bias, padding, dilation, reverse, strategy, save = ctx.args
+        has_bias, padding, dilation, reverse, strategy, channels_last, save = ctx.args
         if not save:
             raise RuntimeError("fastvid.convlstm: backward through a call made with save=False")
         gx, gw_ih, gw_hh, gb, gh0, gc0, gpeep = ops.convlstm_sequence_backward(
             grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, out, gates,
-            cells, workspace, padding, dilation, reverse, strategy)
+            cells, workspace, padding, dilation, reverse, strategy, channels_last)
         return (gx, gw_ih, gw_hh, gb if has_bias else None, gh0, gc0, gpeep if peephole is not None else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
     torch.library.register_autograd("fastvid::convlstm_sequence", _convlstm_backward, setup_context=_convlstm_setup)
     torch.library.register_autograd("fastvid::convlstm_sequence_backward",
@@ -253,10 +272,12 @@ if _ops_available():
 
     # ---- convgru_sequence
     @torch.library.register_fake("fastvid::convgru_sequence")
-    def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy, save):
+    def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy,
+          channels_last, save):
+        _check_one_device("convgru_sequence", **locals())  # the arguments
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
-        cl, dev, dt = _channels_last(x), x.device, x.dtype
+        cl, dev, dt = channels_last, x.device, x.dtype
         output = _frames((B, T), C, H, W, cl, dt, dev)
         h_n = _frame(B, C, H, W, cl, dt, dev)
         cache = _frames((B, T), 4 * C, H, W, cl, dt, dev) if save else x.new_empty(0)
@@ -267,32 +288,34 @@ if _ops_available():
 
     @torch.library.register_fake("fastvid::convgru_sequence_backward")
     def _(grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, output, cache, workspace, padding,
-          dilation, reset_after, reverse, strategy):
+          dilation, reset_after, reverse, strategy, channels_last):
+        _check_one_device("convgru_sequence_backward", **locals())  # the arguments
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
-        cl, dev, dt = _channels_last(x), x.device, x.dtype
+        cl, dev, dt = channels_last, x.device, x.dtype
         return (_frames((B, T), Cin, H, W, cl, dt, dev), torch.empty_like(weight_ih, memory_format=torch.contiguous_format),
                 torch.empty_like(weight_hh, memory_format=torch.contiguous_format),
                 x.new_empty(3 * C if bias_ih is not None else 0), x.new_empty(3 * C if bias_hh is not None else 0),
                 _frame(B, C, H, W, cl, dt, dev))
 
     def _convgru_setup(ctx, inputs, output):
-        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy, save = inputs
+        (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy,
+         channels_last, save) = inputs
         out, h_n, cache, workspace = output
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace)
-        ctx.args = (padding, dilation, reset_after, reverse, strategy, save)
+        ctx.args = (padding, dilation, reset_after, reverse, strategy, channels_last, save)
 
     def _convgru_backward(ctx, grad_output, grad_h_n, *_cache_grads):
         x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace = ctx.saved_tensors
-        padding, dilation, reset_after, reverse, strategy, save = ctx.args
+        padding, dilation, reset_after, reverse, strategy, channels_last, save = ctx.args
         if not save:
             raise RuntimeError("fastvid.convgru: backward through a call made with save=False")
         gx, gw_ih, gw_hh, gb_ih, gb_hh, gh0 = ops.convgru_sequence_backward(
             grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace, padding,
-            dilation, reset_after, reverse, strategy)
+            dilation, reset_after, reverse, strategy, channels_last)
         return (gx, gw_ih, gw_hh, gb_ih if bias_ih is not None else None, gb_hh if bias_hh is not None else None,
-                gh0, None, None, None, None, None, None)
+                gh0, None, None, None, None, None, None, None)
 
     torch.library.register_autograd("fastvid::convgru_sequence", _convgru_backward, setup_context=_convgru_setup)
     torch.library.register_autograd("fastvid::convgru_sequence_backward",
@@ -320,7 +343,7 @@ def _triton():
 def lstm_cell(gates_pre: Tensor, c_prev: Tensor, peephole: Optional[Tensor] = None):
     """Fused LSTM gates: ``gates_pre`` ``[B, 4C, H, W]`` (i, f, g, o) and ``c_prev`` → ``(h, c)``.
     ``c`` is fp32 for bf16/fp16 inputs. ``peephole``: optional ``[3, C]`` (w_ci, w_cf, w_co)."""
-    which = _backend.resolve([gates_pre, c_prev, peephole])
+    which = _backend.resolve(dict(gates_pre=gates_pre, c_prev=c_prev, peephole=peephole))
     if which in ("cpu", "cuda"):
         h, c, _ = torch.ops.fastvid.lstm_cell(gates_pre, c_prev, peephole)
     elif which == "triton":
@@ -333,7 +356,7 @@ def lstm_cell(gates_pre: Tensor, c_prev: Tensor, peephole: Optional[Tensor] = No
 def gru_cell(x_gates: Tensor, h_gates: Tensor, h_prev: Tensor, reset_after: bool = True) -> Tensor:
     """Fused GRU gates (r, z, n): ``x_gates``, ``h_gates`` ``[B, 3C, H, W]`` and ``h_prev`` → ``h``.
     With ``reset_after=False`` the n slot of ``h_gates`` must hold U*(r⊙h_prev) (see gru_reset_hidden)."""
-    which = _backend.resolve([x_gates, h_gates, h_prev])
+    which = _backend.resolve(dict(x_gates=x_gates, h_gates=h_gates, h_prev=h_prev))
     if which in ("cpu", "cuda"):
         return torch.ops.fastvid.gru_cell(x_gates, h_gates, h_prev, reset_after)[0]
     if which == "triton":
@@ -343,7 +366,7 @@ def gru_cell(x_gates: Tensor, h_gates: Tensor, h_prev: Tensor, reset_after: bool
 
 def gru_reset_hidden(x_r: Tensor, h_r: Tensor, h_prev: Tensor) -> Tensor:
     """σ(x_r + h_r) ⊙ h_prev, the first stage of the Ballas et al. ConvGRU."""
-    which = _backend.resolve([x_r, h_r, h_prev])
+    which = _backend.resolve(dict(x_r=x_r, h_r=h_r, h_prev=h_prev))
     if which in ("cpu", "cuda"):
         return torch.ops.fastvid.gru_reset_hidden(x_r, h_r, h_prev)
     if which == "triton":
@@ -384,18 +407,21 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
     if c0 is None:
         c0 = x.new_zeros(B, C, H, W, dtype=_acc(x.dtype))
     x, weight_ih, weight_hh, bias, h0 = _autocast(x.device.type, x, weight_ih, weight_hh, bias, h0)
-    which = _backend.resolve([x, weight_ih, weight_hh, bias, h0, c0, peephole])
+    which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
+                                    peephole=peephole))
     if which in ("reference", "triton"):
         cell = _triton().lstm_cell if which == "triton" else ref.lstm_cell
         return ref.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
                                      cell=cell)
     save = _needs_grad(x, weight_ih, weight_hh, bias, h0, c0, peephole)
 
+    channels_last = _channels_last(x)
+
     def run(code):
         return torch.ops.fastvid.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding,
-                                                   dilation, reverse, code, save)
+                                                   dilation, reverse, code, channels_last, save)
 
-    key = (x.device.type, x.dtype, tuple(x.shape), C, tuple(weight_hh.shape[2:]), dilation, _channels_last(x), save)
+    key = (x.device.type, x.dtype, tuple(x.shape), C, tuple(weight_hh.shape[2:]), dilation, channels_last, save)
     output, h_n, c_n, *_ = run(_pick_strategy(strategy, key, run))
     return output, h_n, c_n
 
@@ -414,7 +440,8 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
         h0 = x.new_zeros(B, C, H, W)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = _autocast(x.device.type, x, weight_ih, weight_hh, bias_ih,
                                                               bias_hh, h0)
-    which = _backend.resolve([x, weight_ih, weight_hh, bias_ih, bias_hh, h0])
+    which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
+                                    h0=h0))
     if which in ("reference", "triton"):
         cells = {}
         if which == "triton":
@@ -423,11 +450,13 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
                                     reverse, **cells)
     save = _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0)
 
+    channels_last = _channels_last(x)
+
     def run(code):
         return torch.ops.fastvid.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation,
-                                                  reset_after, reverse, code, save)
+                                                  reset_after, reverse, code, channels_last, save)
 
-    key = (x.device.type, x.dtype, tuple(x.shape), C, tuple(weight_hh.shape[2:]), dilation, _channels_last(x), save,
+    key = (x.device.type, x.dtype, tuple(x.shape), C, tuple(weight_hh.shape[2:]), dilation, channels_last, save,
            "gru", reset_after)
     output, h_n, *_ = run(_pick_strategy(strategy, key, run))
     return output, h_n

@@ -1,0 +1,558 @@
+"""fastvid.nn ConvLSTM / ConvGRU modules: shapes, nn.LSTM-style parameters, state dicts, states,
+dropout, initialisation, the Ballas stacked GRU, cells, from_concat_conv, torch.compile, info()."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fastvid  # noqa: E402
+from fastvid.nn import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell  # noqa: E402
+from fastvid.reference import recurrent as ref  # noqa: E402
+
+from _recurrent_samples import channels_last_frames  # noqa: E402
+
+B, T, C_IN, C, H, W = 2, 3, 3, 4, 5, 6
+
+
+def _states(result):
+    """output, (h_n, c_n) | output, h_n -> [output, h_n(, c_n)]; per-layer state lists (layers of
+    different widths) are flattened."""
+    output, states = result
+    flat = []
+    for s in (states if isinstance(states, tuple) else (states,)):
+        flat.extend(s if isinstance(s, list) else [s])
+    return [output] + flat
+
+
+def _randomize(module, scale=0.3):
+    """Parameters ~ N(0, scale²) (peepholes included, which start at 0) so nothing is trivially zero."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, scale)
+    return module
+
+
+def _run_with_grads(module, x, state=None, grad_seed=1):
+    """Forward + backward with random upstream gradients on every output; returns
+    (outputs, {'x': dx, 'h_0': ..., parameter name: grad})."""
+    module.zero_grad()
+    x = x.detach().requires_grad_()
+    leaves = {}
+    if state is not None:
+        state = tuple(s.detach().requires_grad_() for s in state) if isinstance(state, tuple) \
+            else state.detach().requires_grad_()
+        for i, s in enumerate(state if isinstance(state, tuple) else (state,)):
+            leaves[f"state{i}"] = s
+    outputs = _states(module(x, state))
+    gen = torch.Generator().manual_seed(grad_seed)
+    grad_outputs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outputs]
+    torch.autograd.backward(outputs, grad_outputs)
+    grads = {"x": x.grad, **{k: v.grad for k, v in leaves.items()}}
+    grads.update({n: p.grad.clone() for n, p in module.named_parameters()})
+    return [o.detach() for o in outputs], grads
+
+
+def _assert_all_close(actual, expected, what, **tol):
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+# ========================================================================================== shapes
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_output_and_state_shapes(cls, num_layers, bidirectional, batch_first):
+    m = cls(C_IN, C, 3, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
+    D = 2 if bidirectional else 1
+    x = torch.randn(B, T, C_IN, H, W) if batch_first else torch.randn(T, B, C_IN, H, W)
+    with torch.no_grad():
+        outs = _states(m(x))
+    expected_output = (B, T, D * C, H, W) if batch_first else (T, B, D * C, H, W)
+    assert tuple(outs[0].shape) == expected_output
+    for s in outs[1:]:
+        assert tuple(s.shape) == (num_layers * D, B, C, H, W)
+    assert len(outs) == (3 if cls is ConvLSTM else 2)
+
+
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_per_layer_hidden_channels_and_kernel_sizes(cls):
+    hidden, kernels = [3, 5, 2], [3, (1, 3), 5]
+    m = cls(C_IN, hidden, kernels, num_layers=3, bidirectional=True)
+    G = 4 if cls is ConvLSTM else 3
+    expected_in = [C_IN, 2 * 3, 2 * 5]
+    k = [(3, 3), (1, 3), (5, 5)]
+    for layer in range(3):
+        for suffix in (f"_l{layer}", f"_l{layer}_reverse"):
+            assert tuple(getattr(m, "weight_ih" + suffix).shape) == (G * hidden[layer], expected_in[layer], *k[layer])
+            assert tuple(getattr(m, "weight_hh" + suffix).shape) == (G * hidden[layer], hidden[layer], *k[layer])
+    x = torch.randn(B, T, C_IN, H, W)
+    with torch.no_grad():
+        output, states = m(x)
+    assert tuple(output.shape) == (B, T, 2 * hidden[-1], H, W)
+    for per_layer in (states if cls is ConvLSTM else (states,)):
+        # widths differ: a list of per-layer, per-direction states
+        assert [tuple(s.shape) for s in per_layer] == [(B, c, H, W) for c in hidden for _ in range(2)]
+
+
+def test_per_layer_list_of_wrong_length_raises():
+    with pytest.raises(ValueError, match="hidden_channels"):
+        ConvLSTM(C_IN, [4, 4], 3, num_layers=3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        ConvGRU(C_IN, 4, [3, 3], num_layers=1)
+
+
+# ====================================================================================== parameters
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True), (3, False)])
+@pytest.mark.parametrize("cls,native", [(ConvLSTM, nn.LSTM), (ConvGRU, nn.GRU)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_names_and_shapes_follow_nn_lstm(cls, native, num_layers, bidirectional, bias):
+    """Names (and their order) exactly as nn.LSTM / nn.GRU; shapes = nn's [G*C, C_in] + [kH, kW]."""
+    ours = cls(C_IN, C, (3, 5), num_layers=num_layers, bidirectional=bidirectional, bias=bias)
+    theirs = native(C_IN, C, num_layers=num_layers, bidirectional=bidirectional, bias=bias)
+    ours_params = list(ours.named_parameters())
+    theirs_params = list(theirs.named_parameters())
+    assert [n for n, _ in ours_params] == [n for n, _ in theirs_params]
+    for (name, p), (_, q) in zip(ours_params, theirs_params):
+        expected = tuple(q.shape) + ((3, 5) if name.startswith("weight") else ())
+        assert tuple(p.shape) == expected, name
+
+
+def test_peephole_parameters():
+    m = ConvLSTM(C_IN, C, 3, num_layers=2, bidirectional=True, peephole=True)
+    names = {n: tuple(p.shape) for n, p in m.named_parameters() if n.startswith("peephole")}
+    assert names == {f"peephole_l{l}{s}": (3, C) for l in range(2) for s in ("", "_reverse")}
+
+
+@pytest.mark.parametrize("cls,kwargs", [(ConvLSTM, dict(peephole=True)), (ConvGRU, dict(reset_after=False))])
+def test_state_dict_round_trip(cls, kwargs):
+    torch.manual_seed(0)
+    m1 = _randomize(cls(C_IN, C, 3, num_layers=2, bidirectional=True, **kwargs))
+    torch.manual_seed(1)
+    m2 = _randomize(cls(C_IN, C, 3, num_layers=2, bidirectional=True, **kwargs))
+    x = torch.randn(B, T, C_IN, H, W)
+    with torch.no_grad():
+        before = _states(m2(x))
+        expected = _states(m1(x))
+    assert not torch.allclose(before[0], expected[0]), "two differently initialised modules agree"
+    missing_unexpected = m2.load_state_dict(m1.state_dict())
+    assert not missing_unexpected.missing_keys and not missing_unexpected.unexpected_keys
+    with torch.no_grad():
+        after = _states(m2(x))
+    _assert_all_close(after, expected, "after load_state_dict", rtol=0, atol=0)
+
+
+def test_state_dict_loads_into_nn_lstm_for_1x1_kernels():
+    """With 1x1 kernels and H = W = 1 a ConvLSTM is an nn.LSTM: the state dict moves across
+    (squeezing the kernel dims) and gives the same outputs."""
+    torch.manual_seed(0)
+    ours = _randomize(ConvLSTM(C_IN, C, 1, num_layers=2, bidirectional=True)).double()
+    native = nn.LSTM(C_IN, C, num_layers=2, bidirectional=True, batch_first=True).double()
+    native.load_state_dict({k: v.reshape(v.shape[:2]) if v.dim() == 4 else v for k, v in ours.state_dict().items()})
+    x = torch.randn(B, T, C_IN, dtype=torch.float64)
+    with torch.no_grad():
+        out, (h, c) = ours(x[..., None, None])
+        out_n, (h_n, c_n) = native(x)
+    _assert_all_close([out[..., 0, 0], h[..., 0, 0], c[..., 0, 0]], [out_n, h_n, c_n], "ConvLSTM vs nn.LSTM",
+                      rtol=1e-10, atol=1e-12)
+
+
+def test_state_dict_loads_into_nn_gru_for_1x1_kernels():
+    torch.manual_seed(0)
+    ours = _randomize(ConvGRU(C_IN, C, 1, num_layers=2, bidirectional=True, reset_after=True)).double()
+    native = nn.GRU(C_IN, C, num_layers=2, bidirectional=True, batch_first=True).double()
+    native.load_state_dict({k: v.reshape(v.shape[:2]) if v.dim() == 4 else v for k, v in ours.state_dict().items()})
+    x = torch.randn(B, T, C_IN, dtype=torch.float64)
+    with torch.no_grad():
+        out, h = ours(x[..., None, None])
+        out_n, h_n = native(x)
+    _assert_all_close([out[..., 0, 0], h[..., 0, 0]], [out_n, h_n], "ConvGRU vs nn.GRU", rtol=1e-10, atol=1e-12)
+
+
+# ===================================================================== default vs reference backend
+MODULE_CASES = {
+    "lstm-2layers-bidir-peephole": lambda: ConvLSTM(C_IN, C, 3, num_layers=2, bidirectional=True, peephole=True),
+    "lstm-widths-kernels-nobias": lambda: ConvLSTM(C_IN, [3, 5], [3, (3, 1)], num_layers=2, bias=False),
+    "lstm-dilation": lambda: ConvLSTM(C_IN, C, 3, dilation=2),
+    "gru-2layers-bidir": lambda: ConvGRU(C_IN, C, 3, num_layers=2, bidirectional=True),
+    "gru-ballas-bidir": lambda: ConvGRU(C_IN, C, 3, num_layers=2, bidirectional=True, reset_after=False),
+    "gru-input_to_all_layers": lambda: ConvGRU(C_IN, [4, 3], 3, num_layers=2, reset_after=False,
+                                               input_to_all_layers=True),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", list(MODULE_CASES))
+def test_default_backend_matches_reference_backend(case, dtype, batch_first, layout):
+    """The module on the default backend (compiled kernels) equals the same module on
+    fastvid.backend('reference'): outputs, states, and the gradients of x and every parameter."""
+    torch.manual_seed(0)
+    m = _randomize(MODULE_CASES[case]()).to(dtype)
+    m.batch_first = batch_first
+    x = torch.randn(B, T, C_IN, H, W, dtype=dtype)
+    if layout == "channels_last":
+        x = channels_last_frames(x)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    ours, ours_grads = _run_with_grads(m, x)
+    with fastvid.backend("reference"):
+        expected, expected_grads = _run_with_grads(m, x)
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    _assert_all_close(ours, expected, "outputs", **tol)
+    assert set(ours_grads) == set(expected_grads)
+    for name in expected_grads:
+        torch.testing.assert_close(ours_grads[name], expected_grads[name], **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+# ================================================================================== initial states
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_initial_states_are_used(cls):
+    torch.manual_seed(0)
+    L, D = 2, 2
+    m = _randomize(cls(C_IN, C, 3, num_layers=L, bidirectional=True)).double()
+    x = torch.randn(B, T, C_IN, H, W, dtype=torch.float64)
+    h0 = torch.randn(L * D, B, C, H, W, dtype=torch.float64)
+    state = (h0, torch.randn(L * D, B, C, H, W, dtype=torch.float64)) if cls is ConvLSTM else h0
+    with torch.no_grad():
+        zero_state = _states(m(x))
+    ours, ours_grads = _run_with_grads(m, x, state)
+    for i in range(len(ours)):
+        assert not torch.allclose(ours[i], zero_state[i]), f"output {i} ignores the initial state"
+    with fastvid.backend("reference"):
+        expected, expected_grads = _run_with_grads(m, x, state)
+    _assert_all_close(ours, expected, "outputs", rtol=1e-9, atol=1e-10)
+    for name in expected_grads:  # includes the gradients of the initial states
+        torch.testing.assert_close(ours_grads[name], expected_grads[name], rtol=1e-9, atol=1e-10,
+                                   msg=lambda msg: f"grad {name}: {msg}")
+    # Each layer/direction starts from its own slice: the reverse direction of layer 1 sees state[3].
+    assert ours_grads["state0"][3].abs().sum() > 0
+
+
+def test_initial_state_matches_hand_written_layers():
+    """ConvLSTM with h_0/c_0 equals the reference layers run with state[layer * D + direction]."""
+    torch.manual_seed(0)
+    m = _randomize(ConvLSTM(C_IN, C, 3, num_layers=2, bidirectional=True)).double()
+    x = torch.randn(B, T, C_IN, H, W, dtype=torch.float64)
+    h0 = torch.randn(4, B, C, H, W, dtype=torch.float64)
+    c0 = torch.randn(4, B, C, H, W, dtype=torch.float64)
+    with torch.no_grad():
+        out, (h_n, c_n) = m(x, (h0, c0))
+        inp, hs, cs = x, [], []
+        for layer in range(2):
+            outs = []
+            for d, suffix in enumerate((f"_l{layer}", f"_l{layer}_reverse")):
+                p = {n: getattr(m, n + suffix) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+                o, h, c = ref.convlstm_sequence(inp, p["weight_ih"], p["weight_hh"], p["bias_ih"] + p["bias_hh"],
+                                                h0[2 * layer + d], c0[2 * layer + d], None, (1, 1), (1, 1),
+                                                reverse=d == 1)
+                outs.append(o)
+                hs.append(h)
+                cs.append(c)
+            inp = torch.cat(outs, 2)
+    _assert_all_close([out, h_n, c_n], [inp, torch.stack(hs), torch.stack(cs)], "ConvLSTM vs hand-written",
+                      rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_initial_state_of_wrong_shape_raises(cls):
+    m = cls(C_IN, C, 3, num_layers=2)
+    x = torch.randn(B, T, C_IN, H, W)
+    bad = torch.zeros(1, B, C, H, W)  # needs num_layers * num_directions = 2
+    state = (bad, bad) if cls is ConvLSTM else bad
+    with pytest.raises(ValueError, match=r"h_0"):
+        m(x, state)
+    bad = torch.zeros(2, B, C, H, W + 1)
+    state = (torch.zeros(2, B, C, H, W), bad) if cls is ConvLSTM else bad
+    with pytest.raises(ValueError, match=r"c_0" if cls is ConvLSTM else r"h_0"):
+        m(x, state)
+
+
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_module_bad_input_raises(cls):
+    m = cls(C_IN, C, 3)
+    with pytest.raises(ValueError, match="in_channels"):
+        m(torch.randn(B, T, C_IN + 1, H, W))
+    with pytest.raises(ValueError, match="5-D"):
+        m(torch.randn(T, C_IN, H, W))
+    with pytest.raises(ValueError, match="empty"):
+        m(torch.randn(B, 0, C_IN, H, W))
+    with pytest.raises(ValueError, match="empty"):
+        m(torch.randn(0, T, C_IN, H, W))
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        cls(C_IN, C, 4)
+    with pytest.raises(ValueError, match="num_layers"):
+        cls(C_IN, C, 3, num_layers=0)
+    with pytest.raises(ValueError, match="dropout"):
+        cls(C_IN, C, 3, dropout=1.5)
+
+
+# ========================================================================================= dropout
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_dropout_between_layers_only_in_training(cls):
+    torch.manual_seed(0)
+    m = _randomize(cls(C_IN, C, 3, num_layers=2, dropout=0.5))
+    plain = cls(C_IN, C, 3, num_layers=2, dropout=0.0)
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(B, T, C_IN, H, W)
+    with torch.no_grad():
+        expected = _states(plain(x))
+        m.eval()
+        _assert_all_close(_states(m(x)), expected, "eval with dropout", rtol=0, atol=0)
+        m.train()
+        train1, train2 = _states(m(x)), _states(m(x))
+    assert not torch.allclose(train1[0], expected[0]), "dropout had no effect in training"
+    assert not torch.allclose(train1[0], train2[0]), "dropout masks do not change between calls"
+    # Layer 0 sees no dropout (it acts between layers): its final state equals the plain module's.
+    torch.testing.assert_close(train1[1][0], expected[1][0], rtol=0, atol=0)
+
+
+def test_dropout_not_applied_to_last_layer_output():
+    torch.manual_seed(0)
+    m = _randomize(ConvLSTM(C_IN, C, 3, num_layers=1, dropout=0.5)).train()
+    x = torch.randn(B, T, C_IN, H, W)
+    with torch.no_grad():
+        train = _states(m(x))
+        expected = _states(m.eval()(x))
+    _assert_all_close(train, expected, "one layer, training", rtol=0, atol=0)
+
+
+# ===================================================================================== forget bias
+def test_unit_forget_bias():
+    m = ConvLSTM(C_IN, [C, 3], 3, num_layers=2, bidirectional=True, unit_forget_bias=True)
+    for layer, c in ((0, C), (1, 3)):
+        for suffix in (f"_l{layer}", f"_l{layer}_reverse"):
+            forget = getattr(m, "bias_ih" + suffix)[c:2 * c] + getattr(m, "bias_hh" + suffix)[c:2 * c]
+            torch.testing.assert_close(forget, torch.ones(c), rtol=0, atol=0)
+            others = torch.cat([getattr(m, "bias_ih" + suffix)[:c], getattr(m, "bias_ih" + suffix)[2 * c:]])
+            assert not torch.all(others == 1) and others.abs().max() > 0
+    m = ConvLSTM(C_IN, C, 3, unit_forget_bias=False)
+    forget = m.bias_ih_l0[C:2 * C] + m.bias_hh_l0[C:2 * C]
+    assert not torch.allclose(forget, torch.ones(C))
+    cell = ConvLSTMCell(C_IN, C, 3)  # unit_forget_bias=True by default
+    torch.testing.assert_close(cell.bias_ih[C:2 * C] + cell.bias_hh[C:2 * C], torch.ones(C), rtol=0, atol=0)
+
+
+def test_unit_forget_bias_survives_reset_parameters():
+    m = ConvLSTM(C_IN, C, 3)
+    _randomize(m)
+    m.reset_parameters()
+    torch.testing.assert_close(m.bias_ih_l0[C:2 * C] + m.bias_hh_l0[C:2 * C], torch.ones(C), rtol=0, atol=0)
+
+
+# ============================================================================ Ballas stacked ConvGRU
+def _ballas_reference(m, x):
+    """Hand-written stacked ConvGRU of Ballas et al.: layer l > 0 reads cat([x, output_{l-1}])."""
+    inp, h_n = x, []
+    for layer in range(m.num_layers):
+        if layer > 0:
+            inp = torch.cat([x, inp], 2)
+        outs = []
+        for d, suffix in enumerate(m._suffixes(layer)):
+            w_ih, w_hh = getattr(m, "weight_ih" + suffix), getattr(m, "weight_hh" + suffix)
+            b_ih, b_hh = getattr(m, "bias_ih" + suffix, None), getattr(m, "bias_hh" + suffix, None)
+            k = w_hh.shape[2:]
+            h0 = x.new_zeros(x.shape[0], w_hh.shape[1], x.shape[3], x.shape[4])
+            o, h = ref.convgru_sequence(inp, w_ih, w_hh, b_ih, b_hh, h0, (k[0] // 2, k[1] // 2), (1, 1),
+                                        reset_after=m.reset_after, reverse=d == 1)
+            outs.append(o)
+            h_n.append(h)
+        inp = torch.cat(outs, 2)
+    return inp, h_n
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("reset_after", [False, True])
+def test_input_to_all_layers(reset_after, bidirectional):
+    torch.manual_seed(0)
+    hidden = [4, 3, 2]
+    m = _randomize(ConvGRU(C_IN, hidden, [3, 1, 3], num_layers=3, reset_after=reset_after,
+                           bidirectional=bidirectional, input_to_all_layers=True)).double()
+    D = 2 if bidirectional else 1
+    assert tuple(m.weight_ih_l0.shape) == (12, C_IN, 3, 3)
+    assert tuple(m.weight_ih_l1.shape) == (9, C_IN + D * 4, 1, 1)
+    assert tuple(m.weight_ih_l2.shape) == (6, C_IN + D * 3, 3, 3)
+    x = torch.randn(B, T, C_IN, H, W, dtype=torch.float64)
+    with torch.no_grad():
+        out, h_n = m(x)
+        expected_out, expected_h = _ballas_reference(m, x)
+    assert tuple(out.shape) == (B, T, D * 2, H, W)
+    torch.testing.assert_close(out, expected_out, rtol=1e-9, atol=1e-10)
+    assert len(h_n) == len(expected_h) == 3 * D
+    for i, (a, e) in enumerate(zip(h_n, expected_h)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10, msg=lambda msg: f"h_n[{i}]: {msg}")
+
+
+# =========================================================================================== cells
+@pytest.mark.parametrize("peephole", [False, True])
+def test_convlstm_cell_equals_module_at_t1(peephole):
+    torch.manual_seed(0)
+    m = _randomize(ConvLSTM(C_IN, C, (3, 5), peephole=peephole, dilation=(1, 2))).double()
+    cell = ConvLSTMCell(C_IN, C, (3, 5), peephole=peephole, dilation=(1, 2)).double()
+    with torch.no_grad():
+        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") + (("peephole",) if peephole else ()):
+            getattr(cell, n).copy_(getattr(m, n + "_l0"))
+    x = torch.randn(B, 1, C_IN, H, W, dtype=torch.float64)
+    h0 = torch.randn(1, B, C, H, W, dtype=torch.float64)
+    c0 = torch.randn(1, B, C, H, W, dtype=torch.float64)
+    with torch.no_grad():
+        out, (h_n, c_n) = m(x, (h0, c0))
+        h, c = cell(x[:, 0], (h0[0], c0[0]))
+        out_zero, (h_zero, c_zero) = m(x)
+        h_z, c_z = cell(x[:, 0])
+    _assert_all_close([h, c, h], [h_n[0], c_n[0], out[:, 0]], "cell vs module", rtol=1e-9, atol=1e-10)
+    _assert_all_close([h_z, c_z], [h_zero[0], c_zero[0]], "cell vs module (zero state)", rtol=1e-9, atol=1e-10)
+    with fastvid.backend("reference"), torch.no_grad():
+        expected = cell(x[:, 0], (h0[0], c0[0]))
+    _assert_all_close([h, c], list(expected), "cell vs reference backend", rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("reset_after", [False, True])
+def test_convgru_cell_equals_module_at_t1(reset_after):
+    torch.manual_seed(0)
+    m = _randomize(ConvGRU(C_IN, C, 3, reset_after=reset_after)).double()
+    cell = ConvGRUCell(C_IN, C, 3, reset_after=reset_after).double()
+    with torch.no_grad():
+        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, n).copy_(getattr(m, n + "_l0"))
+    x = torch.randn(B, 1, C_IN, H, W, dtype=torch.float64)
+    h0 = torch.randn(1, B, C, H, W, dtype=torch.float64)
+    with torch.no_grad():
+        out, h_n = m(x, h0)
+        h = cell(x[:, 0], h0[0])
+        _, h_zero = m(x)
+        h_z = cell(x[:, 0])
+    _assert_all_close([h, h, h_z], [h_n[0], out[:, 0], h_zero[0]], "cell vs module", rtol=1e-9, atol=1e-10)
+    with fastvid.backend("reference"), torch.no_grad():
+        expected = cell(x[:, 0], h0[0])
+    torch.testing.assert_close(h, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_cells_gradients_match_reference_backend():
+    torch.manual_seed(0)
+    for cell in (_randomize(ConvLSTMCell(C_IN, C, 3, peephole=True)), _randomize(ConvGRUCell(C_IN, C, 3,
+                                                                                            reset_after=False))):
+        cell = cell.double()
+        x = torch.randn(B, C_IN, H, W, dtype=torch.float64)
+        h = torch.randn(B, C, H, W, dtype=torch.float64)
+        state = (h, torch.randn(B, C, H, W, dtype=torch.float64)) if isinstance(cell, ConvLSTMCell) else h
+        results = []
+        for backend in ("auto", "reference"):
+            cell.zero_grad()
+            xx = x.clone().requires_grad_()
+            with fastvid.backend(backend):
+                out = cell(xx, state)
+            out = list(out) if isinstance(out, tuple) else [out]
+            torch.autograd.backward(out, [torch.ones_like(o) * (i + 1) for i, o in enumerate(out)])
+            results.append([o.detach() for o in out] + [xx.grad] + [p.grad.clone() for p in cell.parameters()])
+        _assert_all_close(results[0], results[1], type(cell).__name__, rtol=1e-9, atol=1e-10)
+
+
+# ================================================================================ from_concat_conv
+def _hand_written_step(conv, x, h, c, gate_order):
+    """The common per-step ConvLSTM: conv(cat([x, h])) -> split in `gate_order` -> sigmoid/tanh."""
+    chunks = dict(zip(gate_order, torch.split(conv(torch.cat([x, h], 1)), h.shape[1], dim=1)))
+    i, f, o = torch.sigmoid(chunks["i"]), torch.sigmoid(chunks["f"]), torch.sigmoid(chunks["o"])
+    g = torch.tanh(chunks["g"])
+    c = f * c + i * g
+    return o * torch.tanh(c), c
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("gate_order", ["ifgo", "ifog", "gifo", "oigf"])
+def test_from_concat_conv(gate_order, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(C_IN + C, 4 * C, (3, 5), padding=(2, 4), dilation=(2, 2), bias=bias)
+    with torch.no_grad():
+        conv.weight.normal_(0, 0.3)
+        if bias:
+            conv.bias.normal_(0, 0.5)
+    cell = ConvLSTMCell.from_concat_conv(conv, C, gate_order)
+    xs = torch.randn(3, B, C_IN, H, W)
+    h = c = torch.zeros(B, C, H, W)
+    h_cell = c_cell = None
+    with torch.no_grad():
+        for t in range(3):
+            h, c = _hand_written_step(conv, xs[t], h, c, gate_order)
+            h_cell, c_cell = cell(xs[t], None if t == 0 else (h_cell, c_cell))
+            torch.testing.assert_close(h_cell, h, rtol=1e-5, atol=1e-6, msg=lambda m: f"h at step {t}: {m}")
+            torch.testing.assert_close(c_cell, c, rtol=1e-5, atol=1e-6, msg=lambda m: f"c at step {t}: {m}")
+
+
+def test_from_concat_conv_keeps_dtype():
+    """A float64 conv gives a float64 cell equal to the float64 hand-written step (weights are not
+    silently rounded to float32)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(C_IN + C, 4 * C, 3, padding=1).double()
+    cell = ConvLSTMCell.from_concat_conv(conv, C, "ifog")
+    weight_dtype = cell.weight_ih.dtype
+    assert weight_dtype == torch.float64, f"cell weights are {weight_dtype}"
+    x = torch.randn(B, C_IN, H, W, dtype=torch.float64)
+    h = c = torch.zeros(B, C, H, W, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _hand_written_step(conv, x, h, c, "ifog")
+        got = cell(x, (h, c))
+    _assert_all_close(list(got), list(expected), "float64 cell", rtol=1e-12, atol=1e-13)
+
+
+def test_from_concat_conv_rejects_bad_convs():
+    with pytest.raises(ValueError, match="gate_order"):
+        ConvLSTMCell.from_concat_conv(nn.Conv2d(C_IN + C, 4 * C, 3, padding=1), C, "ifgx")
+    with pytest.raises(ValueError, match="4 \\* |map|channels"):
+        ConvLSTMCell.from_concat_conv(nn.Conv2d(C_IN + C, 3 * C, 3, padding=1), C)
+    with pytest.raises(ValueError, match="padding"):
+        ConvLSTMCell.from_concat_conv(nn.Conv2d(C_IN + C, 4 * C, 3, padding=0), C)
+    with pytest.raises(ValueError, match="stride|groups"):
+        ConvLSTMCell.from_concat_conv(nn.Conv2d(C_IN + C, 4 * C, 3, padding=1, stride=2), C)
+
+
+# ================================================================================== torch.compile
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("cls", [ConvLSTM])
+def test_torch_compile_fullgraph_matches_eager(cls, layout):
+    """torch.compile(fullgraph=True) with inductor: forward and backward equal eager (the custom
+    ops stay opaque, so this checks their fake kernels and autograd under AOTAutograd; inductor
+    asserts that real outputs have the strides the fake kernels promised)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = _randomize(cls(C_IN, C, 3, num_layers=2, bidirectional=True, peephole=True))
+    x = torch.randn(B, T, C_IN, H, W)
+    if layout == "channels_last":
+        x = channels_last_frames(x)
+    compiled = torch.compile(m, fullgraph=True, backend="inductor")
+    expected, expected_grads = _run_with_grads(m, x)
+    ours, ours_grads = _run_with_grads(compiled, x)
+    _assert_all_close(ours, expected, "compiled outputs", rtol=1e-5, atol=1e-6)
+    for name in expected_grads:
+        key = name if name in ours_grads else "_orig_mod." + name
+        torch.testing.assert_close(ours_grads[key], expected_grads[name], rtol=1e-5, atol=1e-5,
+                                   msg=lambda msg: f"grad {name}: {msg}")
+    # And against the reference backend, so a shared mistake of eager and compiled cannot pass.
+    with fastvid.backend("reference"):
+        reference, reference_grads = _run_with_grads(m, x)
+    _assert_all_close(ours, reference, "compiled vs reference", rtol=1e-5, atol=1e-6)
+    for name in reference_grads:
+        key = name if name in ours_grads else "_orig_mod." + name
+        torch.testing.assert_close(ours_grads[key], reference_grads[name], rtol=1e-5, atol=1e-5,
+                                   msg=lambda msg: f"grad {name} vs reference: {msg}")
+
+
+# ========================================================================================== info()
+def test_info():
+    info = fastvid.info()
+    for key in ("version", "torch", "cpu_kernels", "cuda_compiled", "cuda_available", "triton_available"):
+        assert key in info, key
+    assert info["version"] == fastvid.__version__ and isinstance(info["version"], str)
+    assert info["torch"] == torch.__version__
+    for key in ("cpu_kernels", "cuda_compiled", "cuda_available", "triton_available"):
+        assert isinstance(info[key], bool), key
+    assert info["cpu_kernels"] == hasattr(torch.ops.fastvid, "lstm_cell")
+    if info["cuda_available"]:
+        assert info["cuda_compiled"] and torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert info["cuda_available"] is False
