@@ -1,0 +1,79 @@
+"""``python -m fastvid bench``: arguments and entry point (wired up in fastvid/__main__.py).
+
+    python -m fastvid bench --quick                         # ~1 min on an idle 2-core machine
+    python -m fastvid bench --quick --wait-idle 120         # on a shared machine
+    python -m fastvid bench --only ConvGRU --only bf16      # a subset (substring match, any)
+    python -m fastvid bench --report bench-results/results.jsonl [--run-id all]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import cases, measure, report, results, runner
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smaller run: ConvGRU on the first shape only, {runner.QUICK_ROUNDS} rounds after "
+                             f"{runner.QUICK_WARMUP} warm-up call (default {runner.FULL_ROUNDS} rounds, "
+                             f"{runner.FULL_WARMUP} warm-up calls)")
+    parser.add_argument("--out", metavar="FILE", default=results.DEFAULT_PATH,
+                        help="results file the rows are appended to (JSON lines; default: %(default)s)")
+    parser.add_argument("--no-save", action="store_true", help="do not append the rows to the results file")
+    parser.add_argument("--report", metavar="FILE",
+                        help="measure nothing: print the table of a results file and exit")
+    parser.add_argument("--run-id", default=None,
+                        help="with --report: which run ('latest' (default), 'all' = newest row per case, or an id)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per provider and case")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per provider and case")
+    parser.add_argument("--only", metavar="TEXT", action="append", default=None,
+                        help="run only cases whose name contains TEXT (repeatable, any matches), "
+                             "e.g. --only ConvGRU --only bf16-fwd_bwd")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(N) first (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="device to run on (default: %(default)s)")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each case wait up to SECONDS for other processes to leave the cores idle "
+                             "(on a shared machine, neighbours distort timings badly; default: don't wait)")
+    parser.add_argument("--malloc-keep", action="store_true",
+                        help="make glibc malloc keep freed memory instead of unmapping it (no page faults from "
+                             "re-mapped big blocks); rows record malloc='keep'. Default: glibc's defaults, as users get")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
+    parser.add_argument("--no-ops", action="store_true", help="skip the dispatched-ops count")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.report:
+        try:
+            print(report.table_from_file(args.report, args.run_id))
+        except (OSError, ValueError) as exc:
+            print(f"fastvid bench --report: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    selected = [c for c in cases.iter_cases(quick=args.quick)
+                if not args.only or any(text in c.name for text in args.only)]
+    if not selected:
+        print(f"no case matches {args.only}", file=sys.stderr)
+        return 2
+    rounds = args.rounds or (runner.QUICK_ROUNDS if args.quick else runner.FULL_ROUNDS)
+    warmup = args.warmup if args.warmup is not None else (runner.QUICK_WARMUP if args.quick else runner.FULL_WARMUP)
+    malloc = "default"
+    if args.malloc_keep:
+        if not measure.keep_freed_memory():
+            print("--malloc-keep: cannot tune malloc here (not glibc)", file=sys.stderr)
+            return 2
+        malloc = "keep"
+    print(f"torch.get_num_threads() = {torch.get_num_threads()}")
+    rows, failures = runner.run(selected, rounds=rounds, warmup=warmup, out=None if args.no_save else args.out,
+                                device=args.device, memory=not args.no_memory, ops=not args.no_ops,
+                                wait_idle=args.wait_idle, extra={"malloc": malloc})
+    print(report.format_table(rows))
+    if failures:
+        print("\nPARITY FAILURES (these cases were not timed):\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,192 @@
+"""Turn result rows into the comparison table: native vs fastvid, ratio, target, PASS/MISS.
+
+``python -m fastvid bench --report FILE`` prints the table of a results file; the runner prints
+the same table for the rows it has just measured.
+
+Targets (issue 2, section 5; 2-core CPU, same run):
+
+* fp32 forward+backward time: native/fastvid >= 1.3
+* fp32 no-grad forward time: native/fastvid >= 1.3
+* bf16 autocast forward+backward time: native/fastvid >= 2
+* dispatched compute ops per time step, forward, one layer: fastvid <= 2 (applied to both
+  counts, the top-level one and the nested one; see measure.py)
+* peak memory of forward+backward: fastvid <= 0.8 x native
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
+
+#: Cores used by other processes (measure.OtherLoad) above which the table warns.
+BUSY_CORES = 0.25
+
+#: Metric order within a case group, and how each is printed.
+METRICS = ("time", "peak_memory", "ops_per_step", "nested_ops_per_step")
+_FORMAT = {"time": "{:.1f} ms", "peak_memory": "{:.1f} MiB", "ops_per_step": "{:.2f}", "nested_ops_per_step": "{:.2f}"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A goal for one metric. ``passes(native, fastvid)``; ``label`` is printed; ``shortfall``
+    is how many times better fastvid's number must get to pass (1 when it passes)."""
+    label: str
+    passes: Callable[[float, float], bool]
+    shortfall: Callable[[float, float], float]
+
+
+def _speedup(minimum: float) -> Target:
+    return Target(f"x{minimum:g} faster", lambda n, f: n / f >= minimum, lambda n, f: max(1.0, minimum * f / n))
+
+
+_OPS_TARGET = Target("<= 2/step", lambda n, f: f <= 2.0, lambda n, f: max(1.0, f / 2.0))
+_MEMORY_TARGET = Target("<= 0.8x native", lambda n, f: f <= 0.8 * n, lambda n, f: max(1.0, f / (0.8 * n)))
+
+
+def target_for(metric: str, mode: str, dtype: str) -> Optional[Target]:
+    """The issue's target for a (metric, mode, dtype) row, or None."""
+    if metric == "time":
+        if dtype == "fp32":
+            return _speedup(1.3)
+        if dtype == "bf16" and mode == "fwd_bwd":
+            return _speedup(2.0)
+        return None
+    if metric in ("ops_per_step", "nested_ops_per_step"):
+        return _OPS_TARGET
+    if metric == "peak_memory":
+        return _MEMORY_TARGET
+    return None
+
+
+@dataclasses.dataclass
+class Comparison:
+    """One table row: a (op, shape, dtype, mode, metric) with both providers' rows."""
+    op: str
+    shape: str
+    dtype: str
+    mode: str
+    metric: str
+    native: Optional[dict] = None
+    fastvid: Optional[dict] = None
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """native / fastvid: > 1 means fastvid is faster / smaller / dispatches fewer ops."""
+        if not (self.native and self.fastvid) or not self.fastvid["median"]:
+            return None
+        return self.native["median"] / self.fastvid["median"]
+
+    @property
+    def target(self) -> Optional[Target]:
+        return target_for(self.metric, self.mode, self.dtype)
+
+    @property
+    def status(self) -> str:
+        """'PASS', 'MISS x<factor>' (fastvid's number must get that many times better), or '-'."""
+        target = self.target
+        if target is None or not (self.native and self.fastvid):
+            return "-"
+        n, f = self.native["median"], self.fastvid["median"]
+        if target.passes(n, f):
+            return "PASS"
+        return f"MISS x{target.shortfall(n, f):.2f}"
+
+    @property
+    def busy(self) -> bool:
+        """Measured while other processes kept the cores busy (time rows only)."""
+        return self.metric == "time" and any((r or {}).get("other_load") is not None
+                                             and r["other_load"] > BUSY_CORES for r in (self.native, self.fastvid))
+
+    @property
+    def noise(self) -> Optional[float]:
+        """Largest (p80 - p20) / median of the two providers (time rows): how steady the run was."""
+        if self.metric != "time":
+            return None
+        spreads = [(r["p80"] - r["p20"]) / r["median"] for r in (self.native, self.fastvid) if r and r["median"]]
+        return max(spreads) if spreads else None
+
+
+def compare(rows: List[dict]) -> List[Comparison]:
+    """Pair native and fastvid rows; table order = first appearance, metrics in METRICS order."""
+    table: Dict[Tuple, Comparison] = {}
+    for row in rows:
+        key = (row["op"], row["shape"], row["dtype"], row["mode"], row["metric"])
+        comparison = table.setdefault(key, Comparison(*key))
+        if row["provider"] in ("native", "fastvid"):
+            setattr(comparison, row["provider"], row)
+    group_order: Dict[Tuple, int] = {}
+    for key in table:
+        group_order.setdefault(key[:3], len(group_order))
+
+    def order(c: Comparison):
+        metric_rank = METRICS.index(c.metric) if c.metric in METRICS else len(METRICS)
+        mode_rank = 0 if c.mode == "no_grad" else 1
+        return group_order[(c.op, c.shape, c.dtype)], metric_rank, mode_rank
+
+    return sorted(table.values(), key=order)
+
+
+def _value(row: Optional[dict], metric: str) -> str:
+    if row is None:
+        return "n/a"
+    return _FORMAT.get(metric, "{:.3g}").format(row["median"])
+
+
+def format_table(rows: List[dict]) -> str:
+    """The printed table (plus a header naming the machine and a legend)."""
+    comparisons = compare(rows)
+    if not comparisons:
+        return "(no results)"
+    header = ("op", "shape", "dtype", "mode", "metric", "native", "fastvid", "ratio", "target", "result",
+              "noise", "strategy")
+    lines = []
+    for c in comparisons:
+        target = c.target
+        strategy = (c.fastvid or {}).get("strategy", "") or ""
+        lines.append((
+            c.op, c.shape, c.dtype + ("+cl" if (c.native or c.fastvid or {}).get("layout") == "channels_last" else ""),
+            c.mode, c.metric, _value(c.native, c.metric), _value(c.fastvid, c.metric),
+            "n/a" if c.ratio is None else f"{c.ratio:.2f}x", target.label if target else "-",
+            c.status + (" *" if c.busy else ""),
+            "" if c.noise is None else f"{100 * c.noise:.0f}%", strategy,
+        ))
+    widths = [max(len(str(row[i])) for row in [header] + lines) for i in range(len(header))]
+    numeric = {5, 6, 7, 10}
+
+    def render(row):
+        return "  ".join(str(v).rjust(w) if i in numeric else str(v).ljust(w)
+                         for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+
+    def field(name, default="?"):
+        values = sorted({str(row.get(name, default)) for row in rows})
+        return values[0] if len(values) == 1 else "mixed (" + ", ".join(values) + ")"
+
+    run_ids = {row.get("run_id") for row in rows}
+    out = [f"fastvid {field('version')} | torch {field('torch')} | {field('machine')} | threads {field('threads')} | "
+           f"malloc {field('malloc', 'default')} | "
+           + (f"run {field('run_id')}" if len(run_ids) == 1 else f"newest rows of {len(run_ids)} runs")]
+    out += [render(header), render(["-" * w for w in widths])]
+    out += [render(line) for line in lines]
+    loads = [row["other_load"] for row in rows if row.get("other_load") is not None]
+    if loads and max(loads) > BUSY_CORES:
+        busy = sorted({f"{row['op']} {row['shape']} {row['dtype']} {row['mode']}" for row in rows
+                       if (row.get("other_load") or 0) > BUSY_CORES})
+        out.append("")
+        out.append(f"WARNING: other processes kept up to {max(loads):.1f} cores busy during {len(busy)} of the cases "
+                   f"({'; '.join(busy[:4])}{'; ...' if len(busy) > 4 else ''}). With every core in use, "
+                   "OpenMP threads can wait for descheduled peers at each parallel region, which can slow the "
+                   "native per-step loop (many small ops) far more than fastvid: treat those ratios with "
+                   "suspicion and re-run on an idle machine.")
+    passed = sum(c.status == "PASS" for c in comparisons)
+    missed = sum(c.status.startswith("MISS") for c in comparisons)
+    out.append("")
+    out.append(f"{passed} PASS, {missed} MISS. ratio = native / fastvid (> 1: fastvid faster / smaller / fewer ops). "
+               "MISS xF: fastvid's number must improve F-fold to meet the target. noise = (p80 - p20) / median, the "
+               "larger of the two providers. +cl: channels_last frames. strategy: fastvid's auto choice. "
+               f"*: timed while other processes used more than {BUSY_CORES} cores.")
+    return "\n".join(out)
+
+
+def table_from_file(path: str, run_id: Optional[str] = None) -> str:
+    """The table for one run of a results file (default: the last run; 'all': newest per case)."""
+    from . import results
+    return format_table(results.select_run(results.load(path), run_id))

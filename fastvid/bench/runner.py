@@ -1,0 +1,137 @@
+"""The benchmark runner behind ``python -m fastvid bench``.
+
+For every case (fastvid/bench/cases.py): build the native and the fastvid workload with equal
+weights, assert they agree (outputs and gradients), time them interleaved, then measure peak
+memory (forward+backward cases) and dispatched ops per step (no-grad cases) — see measure.py
+for how. Rows go to the results file and the table of the run is printed.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Callable, Iterable, List, Optional, Tuple
+
+import torch
+
+import fastvid
+
+from . import cases as cases_mod
+from . import measure, report, results
+
+#: Rounds and warm-up calls per provider and case.
+FULL_ROUNDS, FULL_WARMUP = 10, 2
+QUICK_ROUNDS, QUICK_WARMUP = 7, 1
+
+#: With wait_idle: how often a case is measured at most while other processes disturb it.
+MAX_ATTEMPTS = 3
+
+MIB = 2.0 ** 20
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_case(case: cases_mod.Case, rounds: int, warmup: int, device="cpu", memory: bool = True,
+             ops: bool = True, base: Optional[dict] = None) -> List[dict]:
+    """Measure one case; returns its result rows (both providers). Raises AssertionError when
+    fastvid and native disagree."""
+    base = dict(base or {})
+    workloads = cases_mod.build(case, device=device)
+    parity = {}
+
+    def first_call():  # the first fastvid call makes (and caches) the auto strategy choice
+        parity.update(cases_mod.check_parity(workloads))
+
+    strategy = cases_mod.strategy_of(first_call)
+    rows: List[dict] = []
+
+    def add(provider, metric, unit, stats, **extra):
+        rows.append({
+            "op": case.op, "provider": provider, "mode": case.mode, "metric": metric, "unit": unit,
+            "shape": case.shape.label, **stats, "dtype": case.dtype, **base,
+            "timestamp": results.now(), "shape_dims": case.shape.as_dict(),
+            "layout": "channels_last" if case.channels_last else "contiguous", **extra,
+        })
+
+    fns = {name: workloads[name] for name in cases_mod.PROVIDERS}
+    times = measure.time_interleaved(fns, rounds=rounds, warmup=warmup, device=device)
+    for provider in cases_mod.PROVIDERS:
+        timing = times[provider]
+        stats = {k: v * 1e3 for k, v in measure.summarize(timing.wall).items()}
+        extra = {"rounds": rounds, "parity_max_rel_error": max(parity.values()),
+                 "minor_faults_per_call": statistics.median(timing.minor_faults),
+                 "sys_ms_per_call": 1e3 * statistics.median(timing.sys_seconds)}
+        if provider == "fastvid":
+            extra["strategy"] = strategy
+        add(provider, "time", "ms", stats, **extra)
+
+    if memory and case.mode == "fwd_bwd":
+        for provider in cases_mod.PROVIDERS:
+            workloads[provider].zero_grad()  # free the last call's gradients before measuring
+            peak = measure.peak_memory_bytes(workloads[provider], device=device) / MIB
+            add(provider, "peak_memory", "MiB", {"median": peak, "p20": peak, "p80": peak})
+
+    if ops and case.mode == "no_grad" and torch.device(device).type == "cpu":
+        for provider in cases_mod.PROVIDERS:
+            counts = measure.count_dispatched_ops(workloads[provider])
+            T = case.shape.T
+            for metric, key in (("ops_per_step", "top_level"), ("nested_ops_per_step", "nested")):
+                value = counts[key] / T
+                add(provider, metric, "ops/step", {"median": value, "p20": value, "p80": value},
+                    ops={name: n for name, n in sorted(counts[key + "_ops"].items())})
+    return rows
+
+
+def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional[str] = results.DEFAULT_PATH,
+        device="cpu", memory: bool = True, ops: bool = True, wait_idle: float = 0.0, extra: Optional[dict] = None,
+        log: Callable[[str], None] = _log) -> Tuple[List[dict], List[str]]:
+    """Run the cases; append each case's rows to ``out`` as soon as it is measured (None: don't
+    save). Returns ``(rows, failures)``: cases whose parity check fails are not timed, and
+    their messages are returned in ``failures``. ``wait_idle``: before each case, wait up to that
+    many seconds for other processes to leave the cores alone (see measure.OtherLoad), and measure
+    a case again (at most MAX_ATTEMPTS times in all) when they did not meanwhile. ``extra``:
+    fields added to every row (e.g. ``{"malloc": "keep"}``)."""
+    cases = list(cases)
+    base = {"machine": results.machine(device), "device": str(device), "threads": torch.get_num_threads(),
+            "version": fastvid.__version__, "torch": torch.__version__, "run_id": results.new_run_id(),
+            "malloc": "default", **(extra or {})}
+    log(f"fastvid bench: {len(cases)} cases, {rounds} rounds after {warmup} warm-up call(s), "
+        f"torch.get_num_threads() = {base['threads']}, {base['machine']}, malloc {base['malloc']}")
+    all_rows: List[dict] = []
+    failures = []
+    start = time.perf_counter()
+    for number, case in enumerate(cases, 1):
+        case_start = time.perf_counter()
+        strategy = ""  # auto choice seen in the first attempt (later attempts find it cached)
+        try:
+            for attempt in range(1, (MAX_ATTEMPTS if wait_idle > 0 else 1) + 1):
+                if wait_idle > 0:
+                    measure.wait_until_idle(wait_idle, threshold=report.BUSY_CORES, log=log)
+                with measure.OtherLoad() as load:
+                    rows = run_case(case, rounds, warmup, device, memory, ops, base)
+                for row in rows:
+                    if "strategy" in row:
+                        strategy = row["strategy"] = row["strategy"] or strategy
+                if wait_idle <= 0 or load.cores is None or load.cores <= report.BUSY_CORES:
+                    break
+                if attempt < MAX_ATTEMPTS:
+                    log(f"  {case.name}: other processes used {load.cores:.1f} cores meanwhile; measuring again")
+        except AssertionError as exc:
+            failures.append(str(exc))
+            log(f"[{number}/{len(cases)}] {case.name}: PARITY FAILURE, not timed: {exc}")
+            continue
+        for row in rows:
+            row["other_load"] = None if load.cores is None else round(load.cores, 2)
+        if out:
+            results.append(out, rows)
+        all_rows.extend(rows)
+        timed = {r["provider"]: r for r in rows if r["metric"] == "time"}
+        log(f"[{number}/{len(cases)}] {case.name}: "
+            + ", ".join(f"{p} {r['median']:.1f} ms (sys {r['sys_ms_per_call']:.1f} ms, "
+                        f"{r['minor_faults_per_call']:.0f} page faults)" for p, r in timed.items())
+            + f" ({time.perf_counter() - case_start:.0f} s"
+            + ("" if load.cores is None else f", other processes used {load.cores:.1f} cores") + ")")
+    log(f"fastvid bench: done in {time.perf_counter() - start:.0f} s" + (f", rows appended to {out}" if out else ""))
+    return all_rows, failures
