@@ -251,7 +251,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   const auto fmt = frame_format(g.channels_last);
 
   Tensor output = empty_frames({B, T}, C, H, W, g.channels_last, opts);
-  Tensor gates = save ? empty_frames({B, T}, 4 * C, H, W, g.channels_last, opts) : at::empty({0}, opts);
+  // The gate cache (activated i, f, g, o of every step) is batch-first [B, T, 4C] for hoisted (it is the
+  // hoisted input conv's output, overwritten in place) and time-major [T, B, 4C] for concat (it matches
+  // the [x, h] buffer). Backward overwrites it with the gate gradients.
+  Tensor gates = at::empty({0}, opts);
   Tensor cells = save ? empty_frames({B, T}, C, H, W, g.channels_last, acc_opts) : at::empty({0}, acc_opts);
   Tensor c_init = c0.to(acc_opts.dtype()).contiguous(fmt);
   Tensor c_run = save ? Tensor() : c_init.clone();
@@ -268,7 +271,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   if (strategy == kHoisted) {
     x_gates = conv(flat(x), weight_ih, bias, g).view({B, T, 4 * C, H, W});
     h_buf = h0.contiguous(fmt).clone();
+    if (save) gates = x_gates;
   } else {
+    if (save) gates = empty_frames({T, B}, 4 * C, H, W, g.channels_last, opts);
     buffer = empty_frames({T, B}, Cin + C, H, W, g.channels_last, opts);
     fill_concat_buffer(buffer, x, h0, g, reverse);
     w_cat = at::cat({weight_ih, weight_hh}, 1);
@@ -300,7 +305,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     if (save) {
       a.c_prev = plane(f == 0 ? c_init : cells.select(1, time_of(f - 1, T, reverse)));
       a.c_out = plane(cells.select(1, t));
-      for (int k = 0; k < 4; ++k) a.gates_out[k] = slot(gates.select(1, t), k, C);
+      const Tensor gates_t = gates.select(strategy == kHoisted ? 1 : 0, t);  // in place over x_gates for hoisted
+      for (int k = 0; k < 4; ++k) a.gates_out[k] = slot(gates_t, k, C);
     } else {
       a.c_prev = plane(c_run);
       a.c_out = plane(c_run);
@@ -331,7 +337,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
 
   const Tensor zeros = zeros_for_planes(C, H, W, opts);
   const Tensor g_out = grad_output.has_value() ? to_frames_layout(*grad_output, g.channels_last) : Tensor();
-  const Tensor gates_l = to_frames_layout(gates, g.channels_last);
   const Tensor cells_l = to_frames_layout(cells, g.channels_last);
   const Tensor output_l = to_frames_layout(output, g.channels_last);
   const Tensor c_init = c0.to(acc_opts.dtype()).contiguous(fmt);
@@ -339,9 +344,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
                                    : empty_like_frame(g, C, acc_opts).zero_();
   Tensor dh_rec = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
   Tensor peep = peephole.has_value() ? peephole->to(acc_opts.dtype()).contiguous() : Tensor();
-  // d(pre-activation gates): batch-first for hoisted (matches x), time-major for concat (matches the buffer).
-  Tensor d_gates = hoisted ? empty_frames({B, T}, 4 * C, H, W, g.channels_last, opts)
-                           : empty_frames({T, B}, 4 * C, H, W, g.channels_last, opts);
+  // d(pre-activation gates), laid out like the gate cache: batch-first for hoisted (matches x),
+  // time-major for concat (matches the [x, h] buffer).
+  const int64_t time_dim = hoisted ? 1 : 0;
+  TORCH_CHECK_VALUE(gates.size(time_dim) == T && gates.size(1 - time_dim) == B && gates.size(2) == 4 * C, op,
+                    ": gates must be the cache saved by convlstm_sequence(save=True) with the same strategy");
+  Tensor d_gates = at::empty_like(gates);
   Tensor grad_x = hoisted ? Tensor() : empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
   Tensor w_cat = hoisted ? Tensor() : at::cat({weight_ih, weight_hh}, 1);
   const Tensor h0_l = h0.contiguous(fmt);
@@ -356,8 +364,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     a.dh_in[2] = zero_plane(zeros);
     a.dc_in = plane(dc);
     a.dc_prev_out = plane(dc);
-    const Tensor gates_t = gates_l.select(1, t);
-    const Tensor d_gates_t = hoisted ? d_gates.select(1, t) : d_gates.select(0, t);
+    const Tensor gates_t = gates.select(time_dim, t);
+    const Tensor d_gates_t = d_gates.select(time_dim, t);
     for (int k = 0; k < 4; ++k) {
       a.gates[k] = slot(gates_t, k, C);
       a.d_gates_out[k] = slot(d_gates_t, k, C);

@@ -229,7 +229,7 @@ if _ops_available():
         output = _frames((B, T), C, H, W, cl, dt, dev)
         h_n = _frame(B, C, H, W, cl, dt, dev)
         c_n = _frame(B, C, H, W, cl, _acc(dt), dev)
-        gates = _frames((B, T), 4 * C, H, W, cl, dt, dev) if save else x.new_empty(0)
+        gates = _frames((B, T) if strategy == 0 else (T, B), 4 * C, H, W, cl, dt, dev) if save else x.new_empty(0)
         cells = _frames((B, T), C, H, W, cl, _acc(dt), dev) if save else x.new_empty(0, dtype=_acc(dt))
         workspace = _frames((T, B), Cin + C, H, W, cl, dt, dev) if save and strategy == 1 else x.new_empty(0)
         return output, h_n, c_n, gates, cells, workspace
