@@ -394,10 +394,19 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _check_x(name, x):
+def _sequence_arguments(name, x, weight_hh, h0, padding, dilation):
+    """Checks x's rank; returns (C, padding ('same' by default), dilation, h0 (zeros by default))."""
     if not isinstance(x, Tensor) or x.dim() != 5:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"fastvid.{name}: x must be [B, T, C_in, H, W], got {shape}")
+    C = weight_hh.shape[1]
+    dilation = _pair(dilation)
+    if padding is None:
+        padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight_hh.shape[2:]))
+    if h0 is None:
+        B, _, _, H, W = x.shape
+        h0 = x.new_zeros(B, C, H, W)
+    return C, _pair(padding), dilation, h0
 
 
 def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Tensor] = None,
@@ -407,14 +416,8 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
 
     ``bias`` is the summed input+hidden bias ``[4C]``; ``padding`` defaults to 'same'.
     Returns ``(output [B, T, C, H, W], h_n, c_n)``; ``c_n`` is fp32 for bf16/fp16 inputs."""
-    _check_x("convlstm", x)
-    C = weight_hh.shape[1]
-    dilation = _pair(dilation)
-    padding = _pair(padding) if padding is not None else tuple(d * (k - 1) // 2 for d, k in
-                                                                 zip(dilation, weight_hh.shape[2:]))
+    C, padding, dilation, h0 = _sequence_arguments("convlstm", x, weight_hh, h0, padding, dilation)
     B, _, _, H, W = x.shape
-    if h0 is None:
-        h0 = x.new_zeros(B, C, H, W)
     if c0 is None:
         c0 = x.new_zeros(B, C, H, W, dtype=_acc(x.dtype))
     x, weight_ih, weight_hh, bias, h0 = _autocast(x.device.type, x, weight_ih, weight_hh, bias, h0)
@@ -443,14 +446,7 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
             bias_hh: Optional[Tensor] = None, h0: Optional[Tensor] = None, padding=None, dilation=1,
             reset_after: bool = True, reverse: bool = False, strategy: Optional[str] = None):
     """One ConvGRU layer, one direction, over ``x`` ``[B, T, C_in, H, W]``. Returns ``(output, h_n)``."""
-    _check_x("convgru", x)
-    C = weight_hh.shape[1]
-    dilation = _pair(dilation)
-    padding = _pair(padding) if padding is not None else tuple(d * (k - 1) // 2 for d, k in
-                                                                 zip(dilation, weight_hh.shape[2:]))
-    B, _, _, H, W = x.shape
-    if h0 is None:
-        h0 = x.new_zeros(B, C, H, W)
+    C, padding, dilation, h0 = _sequence_arguments("convgru", x, weight_hh, h0, padding, dilation)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = _autocast(x.device.type, x, weight_ih, weight_hh, bias_ih,
                                                               bias_hh, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
