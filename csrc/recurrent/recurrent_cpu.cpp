@@ -56,15 +56,23 @@ T* row_ptr(const Plane& p, const RowLayout& layout, int64_t b, int64_t outer) {
   return static_cast<T*>(p.data) + b * p.stride_b + outer * outer_stride;
 }
 
-// Runs body(b, outer) over all rows in parallel; rows are grouped so a task has >= 32k elements.
-template <typename Body>
-void for_each_row(const Geometry& geo, const RowLayout& layout, const Body& body) {
+// Runs body(state, b, outer) over all rows in parallel, with one state = make_state() per task (per-task
+// scratch); rows are grouped so a task has >= 32k elements.
+template <typename MakeState, typename Body>
+void for_each_row(const Geometry& geo, const RowLayout& layout, const MakeState& make_state, const Body& body) {
   const int64_t rows = geo.batch * layout.rows_per_batch;
   if (rows == 0 || layout.inner == 0) return;
   const int64_t grain = std::max<int64_t>(1, 32768 / layout.inner);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) body(row / layout.rows_per_batch, row % layout.rows_per_batch);
+    auto state = make_state();
+    for (int64_t row = begin; row < end; ++row)
+      body(state, row / layout.rows_per_batch, row % layout.rows_per_batch);
   });
+}
+
+template <typename Body>
+void for_each_row(const Geometry& geo, const RowLayout& layout, const Body& body) {
+  for_each_row(geo, layout, [] { return 0; }, [&](int, int64_t b, int64_t outer) { body(b, outer); });
 }
 
 // Per-channel peephole weights seen along one row: the weights themselves when channels are the
@@ -143,27 +151,21 @@ void lstm_forward_impl(const LstmForwardArgs& a) {
   const RowLayout layout = row_layout(a.geo, {&a.a_x[0], &a.a_x[1], &a.a_x[2], &a.a_x[3], &a.a_h[0], &a.a_h[1],
                                               &a.a_h[2], &a.a_h[3], &a.c_prev, &a.h_out, &a.h_out2, &a.c_out,
                                               &a.gates_out[0], &a.gates_out[1], &a.gates_out[2], &a.gates_out[3]});
-  const int64_t rows = a.geo.batch * layout.rows_per_batch;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, layout.inner));
-  if (rows == 0 || layout.inner == 0) return;
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    PeepholeRow<acc_t> peephole(a.peephole, a.geo.channels, layout);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / layout.rows_per_batch, outer = row % layout.rows_per_batch;
-      LstmForwardRow<scalar_t> r;
-      for (int k = 0; k < 4; ++k) {
-        r.a_x[k] = row_ptr<const scalar_t>(a.a_x[k], layout, b, outer);
-        r.a_h[k] = row_ptr<const scalar_t>(a.a_h[k], layout, b, outer);
-        r.gates_out[k] = row_ptr<scalar_t>(a.gates_out[k], layout, b, outer);
-      }
-      r.c_prev = row_ptr<const acc_t>(a.c_prev, layout, b, outer);
-      r.h_out = row_ptr<scalar_t>(a.h_out, layout, b, outer);
-      r.h_out2 = row_ptr<scalar_t>(a.h_out2, layout, b, outer);
-      r.c_out = row_ptr<acc_t>(a.c_out, layout, b, outer);
-      peephole.get(layout, outer, r.w);
-      if (a.save) lstm_forward_row<scalar_t, true>(r, layout.inner);
-      else lstm_forward_row<scalar_t, false>(r, layout.inner);
+  const auto make_peephole = [&] { return PeepholeRow<acc_t>(a.peephole, a.geo.channels, layout); };
+  for_each_row(a.geo, layout, make_peephole, [&](PeepholeRow<acc_t>& peephole, int64_t b, int64_t outer) {
+    LstmForwardRow<scalar_t> r;
+    for (int k = 0; k < 4; ++k) {
+      r.a_x[k] = row_ptr<const scalar_t>(a.a_x[k], layout, b, outer);
+      r.a_h[k] = row_ptr<const scalar_t>(a.a_h[k], layout, b, outer);
+      r.gates_out[k] = row_ptr<scalar_t>(a.gates_out[k], layout, b, outer);
     }
+    r.c_prev = row_ptr<const acc_t>(a.c_prev, layout, b, outer);
+    r.h_out = row_ptr<scalar_t>(a.h_out, layout, b, outer);
+    r.h_out2 = row_ptr<scalar_t>(a.h_out2, layout, b, outer);
+    r.c_out = row_ptr<acc_t>(a.c_out, layout, b, outer);
+    peephole.get(layout, outer, r.w);
+    if (a.save) lstm_forward_row<scalar_t, true>(r, layout.inner);
+    else lstm_forward_row<scalar_t, false>(r, layout.inner);
   });
 }
 
@@ -210,26 +212,20 @@ void lstm_backward_impl(const LstmBackwardArgs& a) {
       row_layout(a.geo, {&a.dh_in[0], &a.dh_in[1], &a.dh_in[2], &a.dc_in, &a.gates[0], &a.gates[1], &a.gates[2],
                          &a.gates[3], &a.c_prev, &a.c, &a.d_gates_out[0], &a.d_gates_out[1], &a.d_gates_out[2],
                          &a.d_gates_out[3], &a.dc_prev_out});
-  const int64_t rows = a.geo.batch * layout.rows_per_batch;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, layout.inner));
-  if (rows == 0 || layout.inner == 0) return;
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    PeepholeRow<acc_t> peephole(a.peephole, a.geo.channels, layout);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / layout.rows_per_batch, outer = row % layout.rows_per_batch;
-      LstmBackwardRow<scalar_t> r;
-      for (int k = 0; k < 3; ++k) r.dh_in[k] = row_ptr<const scalar_t>(a.dh_in[k], layout, b, outer);
-      for (int k = 0; k < 4; ++k) {
-        r.gates[k] = row_ptr<const scalar_t>(a.gates[k], layout, b, outer);
-        r.d_gates[k] = row_ptr<scalar_t>(a.d_gates_out[k], layout, b, outer);
-      }
-      r.dc_in = row_ptr<const acc_t>(a.dc_in, layout, b, outer);
-      r.c_prev = row_ptr<const acc_t>(a.c_prev, layout, b, outer);
-      r.c = row_ptr<const acc_t>(a.c, layout, b, outer);
-      r.dc_prev = row_ptr<acc_t>(a.dc_prev_out, layout, b, outer);
-      peephole.get(layout, outer, r.w);
-      lstm_backward_row<scalar_t>(r, layout.inner);
+  const auto make_peephole = [&] { return PeepholeRow<acc_t>(a.peephole, a.geo.channels, layout); };
+  for_each_row(a.geo, layout, make_peephole, [&](PeepholeRow<acc_t>& peephole, int64_t b, int64_t outer) {
+    LstmBackwardRow<scalar_t> r;
+    for (int k = 0; k < 3; ++k) r.dh_in[k] = row_ptr<const scalar_t>(a.dh_in[k], layout, b, outer);
+    for (int k = 0; k < 4; ++k) {
+      r.gates[k] = row_ptr<const scalar_t>(a.gates[k], layout, b, outer);
+      r.d_gates[k] = row_ptr<scalar_t>(a.d_gates_out[k], layout, b, outer);
     }
+    r.dc_in = row_ptr<const acc_t>(a.dc_in, layout, b, outer);
+    r.c_prev = row_ptr<const acc_t>(a.c_prev, layout, b, outer);
+    r.c = row_ptr<const acc_t>(a.c, layout, b, outer);
+    r.dc_prev = row_ptr<acc_t>(a.dc_prev_out, layout, b, outer);
+    peephole.get(layout, outer, r.w);
+    lstm_backward_row<scalar_t>(r, layout.inner);
   });
 }
 
