@@ -230,6 +230,18 @@ void fill_concat_buffer(Tensor& buffer, const Tensor& x, const Tensor& h0, const
 }
 
 // ======================================================================== LSTM
+constexpr int64_t kWeightGradChunks = 4;  // concat backward: weight gradient in <= 4 batched calls
+
+// [3, C] peephole gradient: Σ over batch, time, pixels of d a_i·c_prev, d a_f·c_prev, d a_o·c
+// (all arguments batch-first [B, n, ., H, W]).
+Tensor peephole_grad(const Tensor& d_gates, const Tensor& c_prev, const Tensor& c) {
+  const int64_t C = c.size(2);
+  const Tensor dg = d_gates.to(c.scalar_type());
+  const std::vector<int64_t> dims = {0, 1, 3, 4};
+  return at::stack({(dg.narrow(2, 0, C) * c_prev).sum(dims), (dg.narrow(2, C, C) * c_prev).sum(dims),
+                    (dg.narrow(2, 3 * C, C) * c).sum(dims)});
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias, const Tensor& h0,
     const Tensor& c0, const OptTensor& peephole, at::IntArrayRef padding, at::IntArrayRef dilation, bool reverse,
@@ -349,10 +361,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const int64_t time_dim = hoisted ? 1 : 0;
   TORCH_CHECK_VALUE(gates.size(time_dim) == T && gates.size(1 - time_dim) == B && gates.size(2) == 4 * C, op,
                     ": gates must be the cache saved by convlstm_sequence(save=True) with the same strategy");
-  Tensor d_gates = at::empty_like(gates);
+  // concat: the weight gradient is accumulated over chunks of consecutive steps (each chunk one batched
+  // conv weight-gradient over its B * chunk frames), so backward holds gate gradients -- and the conv's
+  // internal copies of its inputs -- for one chunk instead of the whole sequence. hoisted keeps one call
+  // over all frames (its input gradient is one conv over all of x as well).
+  const int64_t chunk = hoisted ? T : (T + kWeightGradChunks - 1) / kWeightGradChunks;
+  Tensor d_gates = hoisted ? at::empty_like(gates) : empty_frames({chunk, B}, 4 * C, H, W, g.channels_last, opts);
   Tensor grad_x = hoisted ? Tensor() : empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
   Tensor w_cat = hoisted ? Tensor() : at::cat({weight_ih, weight_hh}, 1);
   const Tensor h0_l = h0.contiguous(fmt);
+  const Tensor c_prev_all = peephole.has_value() ? previous_hidden(cells_l, c_init, reverse) : Tensor();
+  Tensor grad_w_cat, grad_bias, grad_peephole;
+  const auto add_to = [](Tensor& sum, const Tensor& term) { sum = sum.defined() ? sum.add_(term) : term; };
+  // Weight, bias and peephole gradients of the steps [t0, t0 + n), whose gate gradients are d_gates[:n].
+  const auto flush_chunk = [&](int64_t t0) {
+    const int64_t n = std::min(chunk, T - t0);
+    const Tensor d = d_gates.narrow(0, 0, n);
+    auto [gw, gb] = conv_weight_grad(flat(d), flat(workspace.narrow(0, t0, n)), w_cat, has_bias, g);
+    add_to(grad_w_cat, gw);
+    if (has_bias) add_to(grad_bias, gb);
+    if (peephole.has_value())
+      add_to(grad_peephole, peephole_grad(d.transpose(0, 1), c_prev_all.narrow(1, t0, n), cells_l.narrow(1, t0, n)));
+  };
+  int64_t chunk_start = -1;  // first time step of the chunk d_gates holds (concat)
 
   LstmBackwardArgs a;
   a.geo = {B, C, H * W, x.scalar_type()};
@@ -364,8 +395,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     a.dh_in[2] = zero_plane(zeros);
     a.dc_in = plane(dc);
     a.dc_prev_out = plane(dc);
+    if (!hoisted && (chunk_start < 0 || t / chunk != chunk_start / chunk)) {
+      if (chunk_start >= 0) flush_chunk(chunk_start);
+      chunk_start = t / chunk * chunk;
+    }
     const Tensor gates_t = gates.select(time_dim, t);
-    const Tensor d_gates_t = d_gates.select(time_dim, t);
+    const Tensor d_gates_t = hoisted ? d_gates.select(1, t) : d_gates.select(0, t - chunk_start);
     for (int k = 0; k < 4; ++k) {
       a.gates[k] = slot(gates_t, k, C);
       a.d_gates_out[k] = slot(d_gates_t, k, C);
@@ -382,10 +417,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
       dh_rec = d_buffer.narrow(1, Cin, C);
     }
   }
+  if (!hoisted) flush_chunk(chunk_start);
   Tensor grad_h0 = dh_rec.contiguous(fmt);
   Tensor grad_c0 = dc.to(c0.scalar_type());
 
-  Tensor grad_w_ih, grad_w_hh, grad_bias;
+  Tensor grad_w_ih, grad_w_hh;
   if (hoisted) {
     const Tensor d_gates_flat = flat(d_gates);
     grad_w_hh = std::get<0>(conv_weight_grad(d_gates_flat, flat(previous_hidden(output_l, h0_l, reverse)),
@@ -396,25 +432,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     grad_x = std::get<0>(grads).view({B, T, Cin, H, W});
     grad_w_ih = std::get<1>(grads).contiguous();
     grad_bias = std::get<2>(grads);
+    if (peephole.has_value()) grad_peephole = peephole_grad(d_gates, c_prev_all, cells_l);
   } else {
-    Tensor grad_w_cat;
-    std::tie(grad_w_cat, grad_bias) = conv_weight_grad(flat(d_gates), flat(workspace), w_cat, has_bias, g);
     grad_w_ih = grad_w_cat.narrow(1, 0, Cin).contiguous();
     grad_w_hh = grad_w_cat.narrow(1, Cin, C).contiguous();
   }
   if (!has_bias) grad_bias = at::empty({0}, opts);
 
-  Tensor grad_peephole = at::empty({0}, opts);
-  if (peephole.has_value()) {
-    // Σ over batch, time and pixels of d a_i·c_prev, d a_f·c_prev, d a_o·c (batch-first views).
-    const Tensor dg = (hoisted ? d_gates : d_gates.transpose(0, 1)).to(acc_opts.dtype());
-    const Tensor c_prev_all = previous_hidden(cells_l, c_init, reverse);
-    const std::vector<int64_t> dims = {0, 1, 3, 4};
-    grad_peephole = at::stack({(dg.narrow(2, 0, C) * c_prev_all).sum(dims),
-                               (dg.narrow(2, C, C) * c_prev_all).sum(dims),
-                               (dg.narrow(2, 3 * C, C) * cells_l).sum(dims)})
-                        .to(peephole->scalar_type());
-  }
+  grad_peephole = peephole.has_value() ? grad_peephole.to(peephole->scalar_type()) : at::empty({0}, opts);
   // Weight gradients contiguous like the weights (oneDNN returns channels_last ones for channels_last input).
   return {to_frames_layout(grad_x, g.channels_last), grad_w_ih.contiguous(), grad_w_hh.contiguous(), grad_bias,
           grad_h0, grad_c0, grad_peephole};
