@@ -108,10 +108,6 @@ def _autocast(device_type, *tensors):
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
 
 
-def _none_if_empty(t):
-    return None if t is None or t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
-
-
 def _check_one_device(op, **arguments):
     """Fake kernels run for meta/fake inputs; like ATen's meta functions they reject mixed devices."""
     tensors = arguments
@@ -127,12 +123,8 @@ def _double_backward(name):
     return backward
 
 
-def _ops_available():
-    return _backend.cpu_kernels()
-
-
 # ------------------------------------------------------------------------------ fake kernels + autograd
-if _ops_available():
+if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     ops = torch.ops.fastvid
 
     # ---- lstm_cell
