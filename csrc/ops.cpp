@@ -44,4 +44,12 @@ TORCH_LIBRARY(fastvid, m) {
         "bool channels_last) "
         "-> (Tensor grad_x, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
         "Tensor grad_bias_hh, Tensor grad_h0)");
+  // ---- depthwise3d (csrc/depthwise3d/): F.conv3d(groups=C) with weight [m*C, 1, kT, kH, kW], see
+  // fastvid/reference/depthwise3d.py. Outputs are channels_last_3d when the input is, else contiguous;
+  // a gradient not asked for in output_mask comes back as an empty [0] tensor.
+  m.def("depthwise_conv3d(Tensor input, Tensor weight, Tensor? bias, int[3] stride, int[3] padding, "
+        "int[3] dilation) -> Tensor");
+  m.def("depthwise_conv3d_backward(Tensor grad_output, Tensor input, Tensor weight, int[3] stride, "
+        "int[3] padding, int[3] dilation, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
+        "Tensor grad_bias)");
 }

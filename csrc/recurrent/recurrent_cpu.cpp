@@ -16,11 +16,7 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTVID_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTVID_CPU_CLONES
-#endif
+#include "../fastvid_common.h"
 
 namespace fastvid {
 namespace recurrent {

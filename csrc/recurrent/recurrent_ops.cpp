@@ -13,6 +13,7 @@
 // Backward walks the steps in reverse, per step one fused gate-backward kernel and one
 // input-gradient conv; all weight (and bias) gradients come from one batched conv backward.
 #include "recurrent_kernels.h"
+#include "../fastvid_common.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -55,20 +56,6 @@ Plane zero_plane(const Tensor& zeros) {  // zeros: >= max(C, H·W) elements, nev
   return p;
 }
 
-#ifdef FASTVID_WITH_CUDA
-#define FASTVID_LAUNCH(name, args, device)                          \
-  do {                                                              \
-    if ((device).is_cuda()) name##_cuda(args);                      \
-    else name##_cpu(args);                                          \
-  } while (0)
-#else
-#define FASTVID_LAUNCH(name, args, device)                                                         \
-  do {                                                                                             \
-    TORCH_CHECK(!(device).is_cuda(), "fastvid was built without CUDA kernels; rebuild with a CUDA " \
-                "toolkit and a CUDA build of torch, or use fastvid.backend('reference')");         \
-    name##_cpu(args);                                                                              \
-  } while (0)
-#endif
 
 at::ScalarType acc_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ._common import autocast_inputs, check_one_device, double_backward_unsupported
 from ..reference import recurrent as ref
 
 __all__ = ["lstm_cell", "gru_cell", "gru_reset_hidden", "convlstm", "convgru", "set_strategy", "STRATEGIES"]
@@ -100,29 +101,6 @@ def _frame(B, C, H, W, channels_last, dtype, device):
     return torch.empty(B, C, H, W, dtype=dtype, device=device).contiguous(memory_format=fmt)
 
 
-def _autocast(device_type, *tensors):
-    """Under autocast, cast the floating inputs of a conv-based op to the autocast dtype."""
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
-
-
-def _check_one_device(op, **arguments):
-    """Fake kernels run for meta/fake inputs; like ATen's meta functions they reject mixed devices."""
-    tensors = arguments
-    devices = {name: t.device for name, t in tensors.items() if isinstance(t, Tensor)}
-    if len(set(devices.values())) > 1:
-        raise RuntimeError(f"fastvid.{op}: all tensors must be on one device, got "
-                           + ", ".join(f"{name} on {d}" for name, d in devices.items()))
-
-
-def _double_backward(name):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"fastvid.{name}: double backward is not supported")
-    return backward
-
-
 # ------------------------------------------------------------------------------ fake kernels + autograd
 if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     ops = torch.ops.fastvid
@@ -130,7 +108,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     # ---- lstm_cell
     @torch.library.register_fake("fastvid::lstm_cell")
     def _(gates_pre, c_prev, peephole):
-        _check_one_device("lstm_cell", **locals())  # the arguments
+        check_one_device("lstm_cell", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(gates_pre) else torch.contiguous_format
         B, G, H, W = gates_pre.shape
         h = torch.empty(B, G // 4, H, W, dtype=gates_pre.dtype, device=gates_pre.device).contiguous(memory_format=fmt)
@@ -139,7 +117,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
 
     @torch.library.register_fake("fastvid::lstm_cell_backward")
     def _(grad_h, grad_c, gates, c_prev, c, peephole):
-        _check_one_device("lstm_cell_backward", **locals())  # the arguments
+        check_one_device("lstm_cell_backward", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(gates) else torch.contiguous_format
         grad_c_prev = torch.empty(c_prev.shape, dtype=c_prev.dtype, device=gates.device).contiguous(memory_format=fmt)
         return torch.empty_like(gates, memory_format=fmt), grad_c_prev
@@ -160,12 +138,12 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
         return grad_gates_pre, grad_c_prev, grad_peephole
 
     torch.library.register_autograd("fastvid::lstm_cell", _lstm_cell_backward, setup_context=_lstm_cell_setup)
-    torch.library.register_autograd("fastvid::lstm_cell_backward", _double_backward("lstm_cell_backward"))
+    torch.library.register_autograd("fastvid::lstm_cell_backward", double_backward_unsupported("lstm_cell_backward"))
 
     # ---- gru_cell
     @torch.library.register_fake("fastvid::gru_cell")
     def _(x_gates, h_gates, h_prev, reset_after):
-        _check_one_device("gru_cell", **locals())  # the arguments
+        check_one_device("gru_cell", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(x_gates) else torch.contiguous_format
         B, G, H, W = x_gates.shape
         h = torch.empty(B, G // 3, H, W, dtype=x_gates.dtype, device=x_gates.device).contiguous(memory_format=fmt)
@@ -174,7 +152,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
 
     @torch.library.register_fake("fastvid::gru_cell_backward")
     def _(grad_h, cache, h_prev, reset_after):
-        _check_one_device("gru_cell_backward", **locals())  # the arguments
+        check_one_device("gru_cell_backward", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(cache) else torch.contiguous_format
         B, G, H, W = cache.shape
         d = torch.empty(B, 3 * (G // 4), H, W, dtype=cache.dtype, device=cache.device).contiguous(memory_format=fmt)
@@ -194,18 +172,18 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
         return grad_x, grad_h_gates, grad_h_prev, None
 
     torch.library.register_autograd("fastvid::gru_cell", _gru_cell_backward, setup_context=_gru_cell_setup)
-    torch.library.register_autograd("fastvid::gru_cell_backward", _double_backward("gru_cell_backward"))
+    torch.library.register_autograd("fastvid::gru_cell_backward", double_backward_unsupported("gru_cell_backward"))
 
     # ---- gru_reset_hidden
     @torch.library.register_fake("fastvid::gru_reset_hidden")
     def _(x_r, h_r, h_prev):
-        _check_one_device("gru_reset_hidden", **locals())  # the arguments
+        check_one_device("gru_reset_hidden", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(x_r) else torch.contiguous_format
         return torch.empty_like(h_prev, memory_format=fmt)
 
     @torch.library.register_fake("fastvid::gru_reset_hidden_backward")
     def _(grad, x_r, h_r, h_prev):
-        _check_one_device("gru_reset_hidden_backward", **locals())  # the arguments
+        check_one_device("gru_reset_hidden_backward", **locals())  # the arguments
         fmt = torch.channels_last if _is_cl4(x_r) else torch.contiguous_format
         return torch.empty_like(h_prev, memory_format=fmt), torch.empty_like(h_prev, memory_format=fmt)
 
@@ -219,13 +197,13 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
 
     torch.library.register_autograd("fastvid::gru_reset_hidden", _gru_reset_backward, setup_context=_gru_reset_setup)
     torch.library.register_autograd("fastvid::gru_reset_hidden_backward",
-                                    _double_backward("gru_reset_hidden_backward"))
+                                    double_backward_unsupported("gru_reset_hidden_backward"))
 
     # ---- convlstm_sequence
     @torch.library.register_fake("fastvid::convlstm_sequence")
     def _(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last,
           save):
-        _check_one_device("convlstm_sequence", **locals())  # the arguments
+        check_one_device("convlstm_sequence", **locals())  # the arguments
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -240,7 +218,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     @torch.library.register_fake("fastvid::convlstm_sequence_backward")
     def _(grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, output, gates,
           cells, workspace, padding, dilation, reverse, strategy, channels_last):
-        _check_one_device("convlstm_sequence_backward", **locals())  # the arguments
+        check_one_device("convlstm_sequence_backward", **locals())  # the arguments
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -271,13 +249,13 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
 
     torch.library.register_autograd("fastvid::convlstm_sequence", _convlstm_backward, setup_context=_convlstm_setup)
     torch.library.register_autograd("fastvid::convlstm_sequence_backward",
-                                    _double_backward("convlstm_sequence_backward"))
+                                    double_backward_unsupported("convlstm_sequence_backward"))
 
     # ---- convgru_sequence
     @torch.library.register_fake("fastvid::convgru_sequence")
     def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy,
           channels_last, save):
-        _check_one_device("convgru_sequence", **locals())  # the arguments
+        check_one_device("convgru_sequence", **locals())  # the arguments
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -292,7 +270,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     @torch.library.register_fake("fastvid::convgru_sequence_backward")
     def _(grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, output, cache, workspace, padding,
           dilation, reset_after, reverse, strategy, channels_last):
-        _check_one_device("convgru_sequence_backward", **locals())  # the arguments
+        check_one_device("convgru_sequence_backward", **locals())  # the arguments
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -322,7 +300,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
 
     torch.library.register_autograd("fastvid::convgru_sequence", _convgru_backward, setup_context=_convgru_setup)
     torch.library.register_autograd("fastvid::convgru_sequence_backward",
-                                    _double_backward("convgru_sequence_backward"))
+                                    double_backward_unsupported("convgru_sequence_backward"))
 
 
 def _is_cl4(t: Tensor) -> bool:
@@ -412,7 +390,7 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
     B, _, _, H, W = x.shape
     if c0 is None:
         c0 = x.new_zeros(B, C, H, W, dtype=_acc(x.dtype))
-    x, weight_ih, weight_hh, bias, h0 = _autocast(x.device.type, x, weight_ih, weight_hh, bias, h0)
+    x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
                                     peephole=peephole))
     if which in ("reference", "triton"):
@@ -439,7 +417,7 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
             reset_after: bool = True, reverse: bool = False, strategy: Optional[str] = None):
     """One ConvGRU layer, one direction, over ``x`` ``[B, T, C_in, H, W]``. Returns ``(output, h_n)``."""
     C, padding, dilation, h0 = _sequence_arguments("convgru", x, weight_hh, h0, padding, dilation)
-    x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = _autocast(x.device.type, x, weight_ih, weight_hh, bias_ih,
+    x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias_ih,
                                                               bias_hh, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                                     h0=h0))

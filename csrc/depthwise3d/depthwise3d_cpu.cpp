@@ -1,0 +1,629 @@
+// CPU depthwise 3D conv kernels: direct stencil loops over NDHWC tensors, vectorised over the
+// contiguous channels, parallel over rows (b, depth, row) with at::parallel_for.
+//
+// m == 1 (the common depthwise case), per row of W positions:
+//   forward / input gradient: interior positions (every W tap in range) go 8 at a time through
+//     sweep_positions (each weight vector loaded once per tap for 8 positions; the input gradient
+//     only when the W stride is 1); border positions build their list of valid taps and run
+//     accumulate_channels. Both keep the accumulators in registers, in 64-byte GCC vectors of the
+//     accumulation type (fp32 for bf16/fp16), stored once per position.
+//   weight gradient: per tap, one register-blocked sweep along the row into a partial sum.
+// m > 1: the per-element formulas of depthwise3d_math.h (the ones the CUDA kernel runs; the CPU
+//   weight gradient keeps its own loop).
+// The row functions are compiled three times (AVX-512, AVX2, baseline) with gcc's target_clones, as
+// in recurrent_cpu.cpp. The weight gradient is reduced without races: each chunk of rows sums into
+// its own partial buffer and the partials are added in chunk order at the end (deterministic for a
+// given thread count).
+#include "depthwise3d_kernels.h"
+#include "depthwise3d_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+// The 64-byte vector types are only passed between always-inlined functions.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../fastvid_common.h"
+
+namespace fastvid {
+namespace depthwise3d {
+namespace {
+
+// Valid taps along one dim for output index o: [k_begin, k_end) with input index in range.
+struct TapRange {
+  int64_t begin, end;
+};
+
+TapRange valid_taps(int64_t o, int64_t k, int64_t stride, int64_t padding, int64_t dilation, int64_t in) {
+  int64_t begin = 0, end = k, i;
+  while (begin < end && !input_index(o, begin, stride, padding, dilation, in, &i)) ++begin;
+  while (end > begin && !input_index(o, end - 1, stride, padding, dilation, in, &i)) --end;
+  return {begin, end};
+}
+
+// Rows per task so that a task has >= ~32k output elements.
+int64_t grain_for(int64_t row_elements) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_elements)); }
+
+constexpr int kMaxTaps = 7 * 7 * 7;
+
+// 64-byte vectors of the accumulation type (GCC vector extensions: each target clone lowers them to
+// its own ISA) and loads that widen the storage type to them.
+template <typename acc_t>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int lanes = 16;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int lanes = 8;
+};
+
+template <typename V, typename T>
+__attribute__((always_inline)) inline V load_vec(const T* p) {
+  V v;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 -> fp32 is a 16-bit shift
+    typedef uint16_t u16 __attribute__((vector_size(32)));
+    typedef uint32_t u32 __attribute__((vector_size(64)));
+    u16 h;
+    std::memcpy(&h, p, sizeof h);
+    const u32 bits = __builtin_convertvector(h, u32) << 16;
+    std::memcpy(&v, &bits, sizeof v);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(v[0])); ++l) v[l] = static_cast<float>(p[l]);
+  } else {
+    std::memcpy(&v, p, sizeof v);
+  }
+  return v;
+}
+
+// Stores a vector of the accumulation type narrowed to T (bf16: round to nearest even, NaN kept as a
+// quiet NaN, exactly as c10::BFloat16's conversion).
+template <typename T, typename V>
+__attribute__((always_inline)) inline void store_vec(T* p, const V& v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    typedef uint16_t u16 __attribute__((vector_size(32)));
+    typedef uint32_t u32 __attribute__((vector_size(64)));
+    u32 bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    const u32 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+    const u32 nan = reinterpret_cast<u32>(v != v);  // all ones where v is NaN
+    const u16 h = __builtin_convertvector((nan & 0x7FC0u) | (~nan & rounded), u16);
+    std::memcpy(p, &h, sizeof h);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(v[0])); ++l) p[l] = static_cast<T>(v[l]);
+  } else {
+    std::memcpy(p, &v, sizeof v);
+  }
+}
+
+// out[c0 .. c0+NV·lanes) = init + Σ_i src[src_offsets[i] + c] · weight[weight_offsets[i] + c]: the
+// NV vector accumulators stay in registers across the taps (the channel loop of the m == 1 kernels).
+template <int NV, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void accumulate_block(int64_t n, const int64_t* src_offsets,
+                                                            const int64_t* weight_offsets, const scalar_t* src,
+                                                            const acc_t* weight, const acc_t* init, scalar_t* out,
+                                                            int64_t c0) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V a[NV];
+#pragma GCC unroll 8
+  for (int j = 0; j < NV; ++j) a[j] = init != nullptr ? load_vec<V>(init + c0 + j * L) : V{};
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* x = src + src_offsets[i] + c0;
+    const acc_t* w = weight + weight_offsets[i] + c0;
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) a[j] += load_vec<V>(x + j * L) * load_vec<V>(w + j * L);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NV; ++j) store_vec(out + c0 + j * L, a[j]);
+}
+
+// The same for one channel (the tail).
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void accumulate_one(int64_t n, const int64_t* src_offsets,
+                                                          const int64_t* weight_offsets, const scalar_t* src,
+                                                          const acc_t* weight, const acc_t* init, scalar_t* out,
+                                                          int64_t c) {
+  acc_t a = init != nullptr ? init[c] : acc_t(0);
+  for (int64_t i = 0; i < n; ++i) a += static_cast<acc_t>(src[src_offsets[i] + c]) * weight[weight_offsets[i] + c];
+  out[c] = static_cast<scalar_t>(a);
+}
+
+// All C channels of one position, in register blocks of 4 vectors, 1 vector and 1 channel.
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void accumulate_channels(int64_t C, int64_t n, const int64_t* src_offsets,
+                                                               const int64_t* weight_offsets, const scalar_t* src,
+                                                               const acc_t* weight, const acc_t* init,
+                                                               scalar_t* out) {
+  constexpr int L = Vec<acc_t>::lanes;
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) accumulate_block<4>(n, src_offsets, weight_offsets, src, weight, init, out, c);
+  for (; c + L <= C; c += L) accumulate_block<1>(n, src_offsets, weight_offsets, src, weight, init, out, c);
+  for (; c < C; ++c) accumulate_one(n, src_offsets, weight_offsets, src, weight, init, out, c);
+}
+
+
+// kPositions consecutive positions along W at once, all of whose W taps are in range (interior):
+//   out[p·out_step + c] = init[c] + Σ_r Σ_kw src_rows[r][kw·kw_step + p·p_step + c] · w_rows[r][kw·C + c]
+// for the (kt, kh) pairs r. Each weight vector is loaded once per tap and used for every position,
+// so the loop does ~1 load per FMA instead of 2. Used by the forward and (stride 1) input gradient.
+constexpr int kPositions = 8;
+
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t rows, const scalar_t* const* src_rows,
+                                                           const acc_t* const* w_rows, int64_t kW, int64_t kw_step,
+                                                           int64_t p_step, const acc_t* init, scalar_t* out,
+                                                           int64_t out_step) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes, P = kPositions;
+  int64_t c0 = 0;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    // 32 channels at a time without widening shuffles (see weight_block_bf16): even and odd
+    // channels are accumulated apart; weights and bias are split once per tap, the sums
+    // interleaved once per position.
+    typedef uint32_t U __attribute__((vector_size(64)));
+    typedef int32_t I __attribute__((vector_size(64)));
+    const I even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    const I odd = even + 1;
+    const I low = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+    const I high = low + 8;
+    for (; c0 + 32 <= C; c0 += 32) {
+      V ae[P], ao[P];
+      V se{}, so{};
+      if (init != nullptr) {
+        const V v0 = load_vec<V>(init + c0), v1 = load_vec<V>(init + c0 + 16);
+        se = __builtin_shuffle(v0, v1, even);
+        so = __builtin_shuffle(v0, v1, odd);
+      }
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) ae[p] = se, ao[p] = so;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t kw = 0; kw < kW; ++kw) {
+          const V w0 = load_vec<V>(w_rows[r] + kw * C + c0), w1 = load_vec<V>(w_rows[r] + kw * C + c0 + 16);
+          const V we = __builtin_shuffle(w0, w1, even), wo = __builtin_shuffle(w0, w1, odd);
+          const scalar_t* x = src_rows[r] + kw * kw_step + c0;
+#pragma GCC unroll 8
+          for (int p = 0; p < P; ++p) {
+            U words;
+            std::memcpy(&words, x + p * p_step, sizeof words);
+            const U e = words << 16, o = words & 0xFFFF0000u;
+            V xe, xo;
+            std::memcpy(&xe, &e, sizeof xe);
+            std::memcpy(&xo, &o, sizeof xo);
+            ae[p] += xe * we;
+            ao[p] += xo * wo;
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) {
+        store_vec(out + p * out_step + c0, V(__builtin_shuffle(ae[p], ao[p], low)));
+        store_vec(out + p * out_step + c0 + 16, V(__builtin_shuffle(ae[p], ao[p], high)));
+      }
+    }
+  }
+  for (; c0 + L <= C; c0 += L) {
+    V a[P];
+    const V start = init != nullptr ? load_vec<V>(init + c0) : V{};
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) a[p] = start;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t kw = 0; kw < kW; ++kw) {
+        const V w = load_vec<V>(w_rows[r] + kw * C + c0);
+        const scalar_t* x = src_rows[r] + kw * kw_step + c0;
+#pragma GCC unroll 8
+        for (int p = 0; p < P; ++p) a[p] += load_vec<V>(x + p * p_step) * w;
+      }
+    }
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) store_vec(out + p * out_step + c0, a[p]);
+  }
+  for (; c0 < C; ++c0) {
+    for (int p = 0; p < P; ++p) {
+      acc_t a = init != nullptr ? init[c0] : acc_t(0);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t kw = 0; kw < kW; ++kw)
+          a += static_cast<acc_t>(src_rows[r][kw * kw_step + p * p_step + c0]) * w_rows[r][kw * C + c0];
+      out[p * out_step + c0] = static_cast<scalar_t>(a);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ forward
+// One output row out[b, ot, oh, :, :]. acc: scratch of C*m acc_t.
+template <typename scalar_t, bool kUnitMultiplier>
+FASTVID_CPU_CLONES void forward_row(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
+                                    const at::opmath_type<scalar_t>* bias, scalar_t* out_row, int64_t b, int64_t ot,
+                                    int64_t oh) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.channels, m = kUnitMultiplier ? 1 : g.multiplier, Cout = C * m;
+  const int64_t T = g.in[0], H = g.in[1], W = g.in[2];
+  const TapRange rt = valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
+  const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], H);
+  if (kUnitMultiplier) {  // tap list per position, register-blocked channel loop
+    int64_t x_offsets[kMaxTaps], w_offsets[kMaxTaps];
+    // (kt, kh) pairs of this row, for the interior sweep.
+    const scalar_t* src_rows[7 * 7];
+    const acc_t* w_rows[7 * 7];
+    int64_t rows = 0;
+    for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
+      const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+      for (int64_t kh = rh.begin; kh < rh.end; ++kh, ++rows) {
+        const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+        src_rows[rows] = input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C);
+        w_rows[rows] = weight + (kt * g.kernel[1] + kh) * g.kernel[2] * Cout;
+      }
+    }
+    // Interior outputs: every W tap in range.
+    const int64_t s_w = g.stride[2], pad_w = g.padding[2], d_w = g.dilation[2], kW = g.kernel[2];
+    const int64_t ow_lo = (pad_w + s_w - 1) / s_w;
+    const int64_t ow_hi = std::min<int64_t>(g.out[2], W - 1 + pad_w - (kW - 1) * d_w >= 0
+                                                          ? (W - 1 + pad_w - (kW - 1) * d_w) / s_w + 1 : 0);
+    for (int64_t ow = 0; ow < g.out[2];) {
+      if (ow >= ow_lo && ow + kPositions <= ow_hi) {
+        const scalar_t* rows_at[7 * 7];
+        const int64_t iw0 = ow * s_w - pad_w;
+        for (int64_t r = 0; r < rows; ++r) rows_at[r] = src_rows[r] + iw0 * C;
+        sweep_positions(C, rows, rows_at, w_rows, kW, d_w * C, s_w * C, bias, out_row + ow * Cout, Cout);
+        ow += kPositions;
+        continue;
+      }
+      const TapRange rw = valid_taps(ow, g.kernel[2], g.stride[2], g.padding[2], g.dilation[2], W);
+      int64_t n = 0;
+      for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
+        const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+        for (int64_t kh = rh.begin; kh < rh.end; ++kh) {
+          const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+          for (int64_t kw = rw.begin; kw < rw.end; ++kw, ++n) {
+            const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+            x_offsets[n] = ndhwc_offset(b, it, ih, iw, 0, T, H, W, C);
+            w_offsets[n] = ((kt * g.kernel[1] + kh) * g.kernel[2] + kw) * Cout;
+          }
+        }
+      }
+      accumulate_channels(C, n, x_offsets, w_offsets, input, weight, bias, out_row + ow * Cout);
+      ++ow;
+    }
+    return;
+  }
+  // m > 1: the per-element formula of depthwise3d_math.h (the one the CUDA kernel runs).
+  for (int64_t ow = 0; ow < g.out[2]; ++ow)
+    for (int64_t o = 0; o < Cout; ++o)
+      out_row[ow * Cout + o] = static_cast<scalar_t>(
+          forward_element<scalar_t, acc_t>(g, input, weight, bias, b, ot, oh, ow, o));
+}
+
+template <typename scalar_t>
+void forward_impl(const ForwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.geo;
+  const int64_t Cout = g.out_channels(), OT = g.out[0], OH = g.out[1];
+  const int64_t rows = g.batch * OT * OH;
+  if (rows == 0 || g.out[2] == 0 || Cout == 0) return;
+  const auto* input = static_cast<const scalar_t*>(a.input);
+  const auto* weight = static_cast<const acc_t*>(a.weight);
+  const auto* bias = static_cast<const acc_t*>(a.bias);
+  auto* output = static_cast<scalar_t*>(a.output);
+  at::parallel_for(0, rows, grain_for(g.out[2] * Cout), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
+      scalar_t* out_row = output + row * g.out[2] * Cout;
+      if (g.multiplier == 1) forward_row<scalar_t, true>(g, input, weight, bias, out_row, b, ot, oh);
+      else forward_row<scalar_t, false>(g, input, weight, bias, out_row, b, ot, oh);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------ input gradient
+// One input-gradient row grad_input[b, it, ih, :, :] (a gather: no two tasks write one element).
+template <typename scalar_t, bool kUnitMultiplier>
+FASTVID_CPU_CLONES void input_grad_row(const Geometry& g, const scalar_t* grad_output,
+                                       const at::opmath_type<scalar_t>* weight, scalar_t* gi_row, int64_t b,
+                                       int64_t it, int64_t ih) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.channels, m = kUnitMultiplier ? 1 : g.multiplier, Cout = C * m;
+  const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2];
+  if (kUnitMultiplier) {  // tap list per position, register-blocked channel loop
+    int64_t go_offsets[kMaxTaps], w_offsets[kMaxTaps];
+    // With stride 1 along W, interior inputs (every W tap reaches an output) take the sweep:
+    // grad_input[iw] = Σ_kw grad_output[iw + pad - kw·d] · w[kw].
+    const int64_t pad_w = g.padding[2], d_w = g.dilation[2], kW = g.kernel[2];
+    const bool sweep = g.stride[2] == 1;
+    const int64_t iw_lo = (kW - 1) * d_w - pad_w, iw_hi = OW - pad_w;  // [iw_lo, iw_hi)
+    const scalar_t* src_rows[7 * 7];
+    const acc_t* w_rows[7 * 7];
+    int64_t rows = 0;
+    if (sweep) {
+      for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
+        int64_t ot;
+        if (!output_index(it, kt, g.stride[0], g.padding[0], g.dilation[0], OT, &ot)) continue;
+        for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+          int64_t oh;
+          if (!output_index(ih, kh, g.stride[1], g.padding[1], g.dilation[1], OH, &oh)) continue;
+          src_rows[rows] = grad_output + ndhwc_offset(b, ot, oh, 0, 0, OT, OH, OW, Cout);
+          w_rows[rows++] = weight + (kt * g.kernel[1] + kh) * kW * Cout;
+        }
+      }
+    }
+    for (int64_t iw = 0; iw < g.in[2];) {
+      if (sweep && iw >= iw_lo && iw + kPositions <= iw_hi) {
+        const scalar_t* rows_at[7 * 7];
+        for (int64_t r = 0; r < rows; ++r) rows_at[r] = src_rows[r] + (iw + pad_w) * Cout;
+        sweep_positions<scalar_t, acc_t>(C, rows, rows_at, w_rows, kW, -d_w * Cout, Cout, nullptr, gi_row + iw * C,
+                                         C);
+        iw += kPositions;
+        continue;
+      }
+      int64_t n = 0;
+      for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
+        int64_t ot;
+        if (!output_index(it, kt, g.stride[0], g.padding[0], g.dilation[0], OT, &ot)) continue;
+        for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+          int64_t oh;
+          if (!output_index(ih, kh, g.stride[1], g.padding[1], g.dilation[1], OH, &oh)) continue;
+          for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+            int64_t ow;
+            if (!output_index(iw, kw, g.stride[2], g.padding[2], g.dilation[2], OW, &ow)) continue;
+            go_offsets[n] = ndhwc_offset(b, ot, oh, ow, 0, OT, OH, OW, Cout);
+            w_offsets[n++] = ((kt * g.kernel[1] + kh) * g.kernel[2] + kw) * Cout;
+          }
+        }
+      }
+      accumulate_channels<scalar_t, acc_t>(C, n, go_offsets, w_offsets, grad_output, weight, nullptr,
+                                           gi_row + iw * C);
+      ++iw;
+    }
+    return;
+  }
+  // m > 1: the per-element formula of depthwise3d_math.h (the one the CUDA kernel runs).
+  for (int64_t iw = 0; iw < g.in[2]; ++iw)
+    for (int64_t c = 0; c < C; ++c)
+      gi_row[iw * C + c] = static_cast<scalar_t>(
+          input_grad_element<scalar_t, acc_t>(g, grad_output, weight, b, it, ih, iw, c));
+}
+
+template <typename scalar_t>
+void input_grad_impl(const InputGradArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.geo;
+  const int64_t C = g.channels, T = g.in[0], H = g.in[1];
+  const int64_t rows = g.batch * T * H;
+  if (rows == 0 || g.in[2] == 0 || C == 0) return;
+  const auto* grad_output = static_cast<const scalar_t*>(a.grad_output);
+  const auto* weight = static_cast<const acc_t*>(a.weight);
+  auto* grad_input = static_cast<scalar_t*>(a.grad_input);
+  at::parallel_for(0, rows, grain_for(g.in[2] * C), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (T * H), it = (row / H) % T, ih = row % H;
+      scalar_t* gi_row = grad_input + row * g.in[2] * C;
+      if (g.multiplier == 1) input_grad_row<scalar_t, true>(g, grad_output, weight, gi_row, b, it, ih);
+      else input_grad_row<scalar_t, false>(g, grad_output, weight, gi_row, b, it, ih);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------ weight (+bias) gradient
+
+// pw[c0 .. c0+NV·lanes) += Σ_i go[i·go_step + c] · x[i·x_step + c], accumulators in registers
+// (NV = 0: the single channel c0).
+template <int NV, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void weight_block(acc_t* pw, const scalar_t* go, const scalar_t* x,
+                                                        int64_t count, int64_t go_step, int64_t x_step, int64_t c0) {
+  if constexpr (NV == 0) {
+    acc_t a = pw[c0];
+    for (int64_t i = 0; i < count; ++i)
+      a += static_cast<acc_t>(go[i * go_step + c0]) * static_cast<acc_t>(x[i * x_step + c0]);
+    pw[c0] = a;
+  } else {
+    using V = typename Vec<acc_t>::type;
+    constexpr int L = Vec<acc_t>::lanes;
+    V a[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) a[j] = load_vec<V>(pw + c0 + j * L);
+    for (int64_t i = 0; i < count; ++i) {
+      const scalar_t* gp = go + i * go_step + c0;
+      const scalar_t* xp = x + i * x_step + c0;
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) a[j] += load_vec<V>(gp + j * L) * load_vec<V>(xp + j * L);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) std::memcpy(pw + c0 + j * L, &a[j], sizeof(V));
+  }
+}
+
+// bf16 weight-gradient block of NP·32 channels without widening shuffles: 32 bf16 loaded as 16 32-bit
+// words give the even channels as (word << 16) and the odd channels as (word & 0xFFFF0000), so the
+// accumulators hold even and odd channels apart; pw is (de)interleaved once per call.
+template <int NP>
+__attribute__((always_inline)) inline void weight_block_bf16(float* pw, const c10::BFloat16* go,
+                                                             const c10::BFloat16* x, int64_t count,
+                                                             int64_t go_step, int64_t x_step, int64_t c0) {
+  typedef float V __attribute__((vector_size(64)));
+  typedef uint32_t U __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  const I even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const I odd = even + 1;
+  const I low = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  const I high = low + 8;
+  V ae[NP], ao[NP];
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q) {
+    V v0, v1;
+    std::memcpy(&v0, pw + c0 + 32 * q, sizeof v0);
+    std::memcpy(&v1, pw + c0 + 32 * q + 16, sizeof v1);
+    ae[q] = __builtin_shuffle(v0, v1, even);
+    ao[q] = __builtin_shuffle(v0, v1, odd);
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const c10::BFloat16* gp = go + i * go_step + c0;
+    const c10::BFloat16* xp = x + i * x_step + c0;
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) {
+      U gw, xw;
+      std::memcpy(&gw, gp + 32 * q, sizeof gw);
+      std::memcpy(&xw, xp + 32 * q, sizeof xw);
+      const U ge = gw << 16, gol = gw & 0xFFFF0000u, xe = xw << 16, xol = xw & 0xFFFF0000u;
+      V gef, gof, xef, xof;
+      std::memcpy(&gef, &ge, sizeof gef);
+      std::memcpy(&gof, &gol, sizeof gof);
+      std::memcpy(&xef, &xe, sizeof xef);
+      std::memcpy(&xof, &xol, sizeof xof);
+      ae[q] += gef * xef;
+      ao[q] += gof * xof;
+    }
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q) {
+    const V v0 = __builtin_shuffle(ae[q], ao[q], low), v1 = __builtin_shuffle(ae[q], ao[q], high);
+    std::memcpy(pw + c0 + 32 * q, &v0, sizeof v0);
+    std::memcpy(pw + c0 + 32 * q + 16, &v1, sizeof v1);
+  }
+}
+
+// Output positions [begin, end) along one dim whose tap k reads an input index inside [0, in).
+TapRange valid_outputs(int64_t k, int64_t stride, int64_t padding, int64_t dilation, int64_t in, int64_t out) {
+  const int64_t lo = padding - k * dilation, hi = in - 1 + padding - k * dilation;
+  if (hi < 0) return {0, 0};
+  const int64_t begin = lo <= 0 ? 0 : (lo + stride - 1) / stride;
+  const int64_t end = std::min<int64_t>(out, hi / stride + 1);
+  return {begin, std::max(begin, end)};
+}
+// Adds one output row's contribution: partial_w[tap, o] += go[.., o] · x[.., o / m] and
+// partial_b[o] += go[.., o] (partial_w / partial_b may be nullptr when not wanted).
+template <typename scalar_t, bool kUnitMultiplier>
+FASTVID_CPU_CLONES void weight_grad_row(const Geometry& g, const scalar_t* input, const scalar_t* go_row,
+                                        at::opmath_type<scalar_t>* partial_w, at::opmath_type<scalar_t>* partial_b,
+                                        int64_t b, int64_t ot, int64_t oh) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.channels, m = kUnitMultiplier ? 1 : g.multiplier, Cout = C * m;
+  const int64_t T = g.in[0], H = g.in[1], W = g.in[2];
+  const TapRange rt = valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
+  const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], H);
+  if (kUnitMultiplier && partial_w != nullptr) {  // per tap: a register-blocked sweep over the row
+    for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
+      const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+      for (int64_t kh = rh.begin; kh < rh.end; ++kh) {
+        const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+        for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+          const TapRange r = valid_outputs(kw, g.stride[2], g.padding[2], g.dilation[2], W, g.out[2]);
+          if (r.end <= r.begin) continue;
+          const int64_t iw0 = r.begin * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+          const scalar_t* go = go_row + r.begin * Cout;
+          const scalar_t* x = input + ndhwc_offset(b, it, ih, iw0, 0, T, H, W, C);
+          acc_t* pw = partial_w + ((kt * g.kernel[1] + kh) * g.kernel[2] + kw) * Cout;
+          const int64_t count = r.end - r.begin, x_step = g.stride[2] * C;
+          constexpr int L = Vec<acc_t>::lanes;
+          int64_t c = 0;
+          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            for (; c + 64 <= C; c += 64) weight_block_bf16<2>(pw, go, x, count, Cout, x_step, c);
+            for (; c + 32 <= C; c += 32) weight_block_bf16<1>(pw, go, x, count, Cout, x_step, c);
+          }
+          for (; c + 4 * L <= C; c += 4 * L) weight_block<4>(pw, go, x, count, Cout, x_step, c);
+          for (; c + L <= C; c += L) weight_block<1>(pw, go, x, count, Cout, x_step, c);
+          for (; c < C; ++c) weight_block<0>(pw, go, x, count, Cout, x_step, c);
+        }
+      }
+    }
+    partial_w = nullptr;  // the loop below then only adds the bias gradient
+  }
+  for (int64_t ow = 0; ow < g.out[2]; ++ow) {
+    const scalar_t* go = go_row + ow * Cout;
+    if (partial_b != nullptr) {
+#pragma GCC ivdep
+      for (int64_t o = 0; o < Cout; ++o) partial_b[o] += static_cast<acc_t>(go[o]);
+    }
+    if (partial_w == nullptr) continue;
+    const TapRange rw = valid_taps(ow, g.kernel[2], g.stride[2], g.padding[2], g.dilation[2], W);
+    for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
+      const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+      for (int64_t kh = rh.begin; kh < rh.end; ++kh) {
+        const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+        for (int64_t kw = rw.begin; kw < rw.end; ++kw) {
+          const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+          const scalar_t* x = input + ndhwc_offset(b, it, ih, iw, 0, T, H, W, C);
+          acc_t* pw = partial_w + ((kt * g.kernel[1] + kh) * g.kernel[2] + kw) * Cout;
+          if (kUnitMultiplier) {
+#pragma GCC ivdep
+            for (int64_t c = 0; c < C; ++c) pw[c] += static_cast<acc_t>(go[c]) * static_cast<acc_t>(x[c]);
+          } else {
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = static_cast<acc_t>(x[c]);
+#pragma GCC ivdep
+              for (int64_t j = 0; j < m; ++j) pw[c * m + j] += static_cast<acc_t>(go[c * m + j]) * xv;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void weight_grad_impl(const WeightGradArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.geo;
+  const int64_t Cout = g.out_channels(), taps = g.taps(), OT = g.out[0], OH = g.out[1];
+  const int64_t rows = g.batch * OT * OH;
+  auto* grad_weight = static_cast<acc_t*>(a.grad_weight);
+  auto* grad_bias = static_cast<acc_t*>(a.grad_bias);
+  if (grad_weight != nullptr) std::fill(grad_weight, grad_weight + taps * Cout, acc_t(0));
+  if (grad_bias != nullptr) std::fill(grad_bias, grad_bias + Cout, acc_t(0));
+  if (rows == 0 || g.out[2] == 0 || Cout == 0 || (grad_weight == nullptr && grad_bias == nullptr)) return;
+  const auto* grad_output = static_cast<const scalar_t*>(a.grad_output);
+  const auto* input = static_cast<const scalar_t*>(a.input);
+  // Fixed chunks of rows, each with its own partial sums: [chunk][taps + 1][Cout] (last: bias).
+  const int64_t chunks = std::min<int64_t>(rows, std::max<int64_t>(1, at::get_num_threads()));
+  const int64_t per_chunk = (taps + 1) * Cout;
+  std::vector<acc_t> partials(chunks * per_chunk, acc_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc_t* pw = partials.data() + chunk * per_chunk;
+      acc_t* pb = pw + taps * Cout;
+      const int64_t row_begin = rows * chunk / chunks, row_end = rows * (chunk + 1) / chunks;
+      for (int64_t row = row_begin; row < row_end; ++row) {
+        const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
+        const scalar_t* go_row = grad_output + row * g.out[2] * Cout;
+        acc_t* w = grad_weight != nullptr ? pw : nullptr;
+        acc_t* bb = grad_bias != nullptr ? pb : nullptr;
+        if (g.multiplier == 1) weight_grad_row<scalar_t, true>(g, input, go_row, w, bb, b, ot, oh);
+        else weight_grad_row<scalar_t, false>(g, input, go_row, w, bb, b, ot, oh);
+      }
+    }
+  });
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const acc_t* pw = partials.data() + chunk * per_chunk;
+    if (grad_weight != nullptr)
+      for (int64_t i = 0; i < taps * Cout; ++i) grad_weight[i] += pw[i];
+    if (grad_bias != nullptr)
+      for (int64_t o = 0; o < Cout; ++o) grad_bias[o] += pw[taps * Cout + o];
+  }
+}
+
+}  // namespace
+
+void forward_cpu(const ForwardArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d",
+                                  [&] { forward_impl<scalar_t>(args); });
+}
+
+void input_grad_cpu(const InputGradArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d_backward",
+                                  [&] { input_grad_impl<scalar_t>(args); });
+}
+
+void weight_grad_cpu(const WeightGradArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d_backward",
+                                  [&] { weight_grad_impl<scalar_t>(args); });
+}
+
+}  // namespace depthwise3d
+}  // namespace fastvid

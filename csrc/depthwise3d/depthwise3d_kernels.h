@@ -1,0 +1,60 @@
+// The depthwise 3D conv kernels' interface (CPU: depthwise3d_cpu.cpp, CUDA: depthwise3d_cuda.cu), called by the
+// device-generic op wrappers in depthwise3d_ops.cpp. Every tensor is channels-innermost (NDHWC)
+// and contiguous; shapes and the channel mapping are documented in depthwise3d_math.h.
+//
+// Dtypes: input, output, grad_output and grad_input have the kernel's scalar type (float,
+// double, bfloat16, half); weight, bias, grad_weight and grad_bias have its accumulation type
+// (float for the 16-bit types). Index math is 64-bit.
+#pragma once
+
+#include "depthwise3d_math.h"
+
+#include <ATen/core/Tensor.h>
+
+namespace fastvid {
+namespace depthwise3d {
+
+// output[b, ot, oh, ow, o] = bias[o] + Σ_taps input[b, it, ih, iw, o / m] · weight[tap, o]
+struct ForwardArgs {
+  Geometry geo;
+  at::ScalarType dtype = at::kFloat;
+  const void* input = nullptr;   // [B, T, H, W, C]
+  const void* weight = nullptr;  // [taps, C*m]
+  const void* bias = nullptr;    // [C*m] or nullptr
+  void* output = nullptr;        // [B, OT, OH, OW, C*m]
+};
+
+// grad_input[b, it, ih, iw, c] = Σ over (output, tap) pairs reading it of grad_output · weight
+struct InputGradArgs {
+  Geometry geo;
+  at::ScalarType dtype = at::kFloat;
+  const void* grad_output = nullptr;  // [B, OT, OH, OW, C*m]
+  const void* weight = nullptr;       // [taps, C*m]
+  void* grad_input = nullptr;         // [B, T, H, W, C]
+};
+
+// grad_weight[tap, o] = Σ_{b, ot, oh, ow} grad_output[.., o] · input[b, it, ih, iw, o / m];
+// grad_bias[o] = Σ grad_output[.., o]. Both are overwritten (not accumulated into).
+struct WeightGradArgs {
+  Geometry geo;
+  at::ScalarType dtype = at::kFloat;
+  const void* grad_output = nullptr;  // [B, OT, OH, OW, C*m]
+  const void* input = nullptr;        // [B, T, H, W, C]
+  void* grad_weight = nullptr;        // [taps, C*m] or nullptr (not wanted)
+  void* grad_bias = nullptr;          // [C*m] or nullptr (not wanted)
+};
+
+void forward_cpu(const ForwardArgs& args);
+void input_grad_cpu(const InputGradArgs& args);
+void weight_grad_cpu(const WeightGradArgs& args);
+
+#ifdef FASTVID_WITH_CUDA
+// depthwise3d_cuda.cu: the per-element formulas of depthwise3d_math.h, one thread per element
+// (weight gradient: one block per 32 output channels and tap, reducing over positions).
+void forward_cuda(const ForwardArgs& args);
+void input_grad_cuda(const InputGradArgs& args);
+void weight_grad_cuda(const WeightGradArgs& args);
+#endif
+
+}  // namespace depthwise3d
+}  // namespace fastvid

@@ -1,0 +1,198 @@
+// Depthwise 3D conv ops: argument checks, layout conversion and the kernel launches.
+//
+// The kernels work on channels-innermost (NDHWC) tensors: the wrappers bring input and
+// grad_output to channels_last_3d (a no-op for channels_last_3d inputs, the fast path), transpose
+// the weight to [taps, C*m] in the accumulation type, and return outputs laid out like the input:
+// channels_last_3d when `channels_last(input)` holds, else contiguous (fastvid/ops/depthwise3d.py
+// mirrors this rule in the fake kernels). Registered for CPU, and for CUDA when built with CUDA
+// (kernels in depthwise3d_cuda.cu).
+#include "depthwise3d_kernels.h"
+#include "../fastvid_common.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace fastvid {
+namespace depthwise3d {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int64_t kMaxKernel = 7;
+const char* const kDims[3] = {"T", "H", "W"};
+
+at::ScalarType acc_type(at::ScalarType t) { return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t; }
+
+// Output layout rule (mirrored by _channels_last in fastvid/ops/depthwise3d.py): channels_last_3d
+// when the input has several channels, more than one position, and unit channel stride.
+bool channels_last(const Tensor& input) {
+  return input.size(1) > 1 && input.stride(1) == 1 && input.size(2) * input.size(3) * input.size(4) > 1;
+}
+
+
+void check_same(const char* op, const char* name, const Tensor& t, const Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+              input.device(), "; all tensors must be on one device");
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                   " but input has dtype ", input.scalar_type());
+}
+
+Geometry check_geometry(const char* op, const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK_VALUE(input.dim() == 5, op, ": input must be [B, C, T, H, W], got shape ", input.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()), op, ": input must be floating point, got ",
+                   input.scalar_type());
+  const int64_t C = input.size(1);
+  TORCH_CHECK_VALUE(C > 0, op, ": input has no channels, shape ", input.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 5 && weight.size(1) == 1 && weight.size(0) > 0 && weight.size(0) % C == 0, op,
+                    ": weight must be [m*C, 1, kT, kH, kW] with C = ", C, " input channels and m >= 1, got shape ",
+                    weight.sizes());
+  check_same(op, "weight", weight, input);
+  TORCH_CHECK_VALUE(stride.size() == 3, op, ": stride must have 3 values (T, H, W), got ", stride);
+  TORCH_CHECK_VALUE(padding.size() == 3, op, ": padding must have 3 values (T, H, W), got ", padding);
+  TORCH_CHECK_VALUE(dilation.size() == 3, op, ": dilation must have 3 values (T, H, W), got ", dilation);
+  Geometry g;
+  g.batch = input.size(0);
+  g.channels = C;
+  g.multiplier = weight.size(0) / C;
+  for (int d = 0; d < 3; ++d) {
+    const int64_t k = weight.size(2 + d), in = input.size(2 + d);
+    TORCH_CHECK_VALUE(k >= 1 && k <= kMaxKernel, op, ": weight's kernel size along ", kDims[d], " must be 1..",
+                      kMaxKernel, ", got ", k, " (weight shape ", weight.sizes(), ")");
+    TORCH_CHECK_VALUE(stride[d] >= 1, op, ": stride must be >= 1, got ", stride);
+    TORCH_CHECK_VALUE(dilation[d] >= 1, op, ": dilation must be >= 1, got ", dilation);
+    TORCH_CHECK_VALUE(padding[d] >= 0, op, ": padding must be non-negative, got ", padding);
+    TORCH_CHECK_VALUE(in > 0, op, ": input has an empty ", kDims[d], " dimension, shape ", input.sizes());
+    const int64_t extent = dilation[d] * (k - 1) + 1;
+    TORCH_CHECK_VALUE(extent <= in + 2 * padding[d], op, ": kernel size along ", kDims[d], " (", k, ", dilated to ",
+                      extent, ") is larger than the padded input (", in, " + 2*", padding[d], " = ",
+                      in + 2 * padding[d], ")");
+    g.in[d] = in;
+    g.kernel[d] = k;
+    g.stride[d] = stride[d];
+    g.padding[d] = padding[d];
+    g.dilation[d] = dilation[d];
+    g.out[d] = output_size(in, k, stride[d], padding[d], dilation[d]);
+  }
+  return g;
+}
+
+// [C*m, 1, kT, kH, kW] -> [taps, C*m] in the accumulation type.
+Tensor kernel_weight(const Tensor& weight, const Geometry& g) {
+  return weight.to(acc_type(weight.scalar_type())).reshape({g.out_channels(), g.taps()}).t().contiguous();
+}
+
+Tensor empty_channels_last(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options) {
+  const int64_t* dims = input_side ? g.in : g.out;
+  return at::empty({g.batch, channels, dims[0], dims[1], dims[2]},
+                   options.memory_format(at::MemoryFormat::ChannelsLast3d));
+}
+
+// The op's result for a kernel output computed in NDHWC: kept if the input is channels_last,
+// else copied into a fresh contiguous tensor.
+Tensor in_input_layout(const Tensor& ndhwc, const Tensor& input) {
+  if (channels_last(input)) return ndhwc;
+  Tensor out = at::empty(ndhwc.sizes(), ndhwc.options().memory_format(at::MemoryFormat::Contiguous));
+  out.copy_(ndhwc);
+  return out;
+}
+
+Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "fastvid.depthwise_conv3d";
+  const Geometry g = check_geometry(op, input, weight, stride, padding, dilation);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.out_channels(), op, ": bias must be [",
+                      g.out_channels(), "], got shape ", bias->sizes());
+    check_same(op, "bias", *bias, input);
+  }
+  const c10::DeviceGuard guard(input.device());
+  const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast3d);
+  const Tensor w = kernel_weight(weight, g);
+  const Tensor b = bias.has_value() ? bias->to(acc_type(input.scalar_type())).contiguous() : Tensor();
+  Tensor out = empty_channels_last(g, g.out_channels(), false, input.options());
+  ForwardArgs a;
+  a.geo = g;
+  a.dtype = input.scalar_type();
+  a.input = x.data_ptr();
+  a.weight = w.data_ptr();
+  a.bias = b.defined() ? b.data_ptr() : nullptr;
+  a.output = out.data_ptr();
+  FASTVID_LAUNCH(forward, a, input.device());
+  return in_input_layout(out, input);
+}
+
+std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_output, const Tensor& input,
+                                                             const Tensor& weight, at::IntArrayRef stride,
+                                                             at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                             std::array<bool, 3> output_mask) {
+  const char* op = "fastvid.depthwise_conv3d_backward";
+  const Geometry g = check_geometry(op, input, weight, stride, padding, dilation);
+  check_same(op, "grad_output", grad_output, input);
+  TORCH_CHECK_VALUE(grad_output.dim() == 5 && grad_output.size(0) == g.batch &&
+                        grad_output.size(1) == g.out_channels() && grad_output.size(2) == g.out[0] &&
+                        grad_output.size(3) == g.out[1] && grad_output.size(4) == g.out[2],
+                    op, ": grad_output must be [B, C*m, OT, OH, OW] = [", g.batch, ", ", g.out_channels(), ", ",
+                    g.out[0], ", ", g.out[1], ", ", g.out[2], "], got shape ", grad_output.sizes());
+  const c10::DeviceGuard guard(input.device());
+  const auto acc = acc_type(input.scalar_type());
+  const Tensor go = grad_output.contiguous(at::MemoryFormat::ChannelsLast3d);
+  Tensor grad_input = at::empty({0}, input.options());
+  Tensor grad_weight = at::empty({0}, input.options());
+  Tensor grad_bias = at::empty({0}, input.options());
+  if (output_mask[0]) {
+    const Tensor w = kernel_weight(weight, g);
+    Tensor gi = empty_channels_last(g, g.channels, true, input.options());
+    InputGradArgs a;
+    a.geo = g;
+    a.dtype = input.scalar_type();
+    a.grad_output = go.data_ptr();
+    a.weight = w.data_ptr();
+    a.grad_input = gi.data_ptr();
+    FASTVID_LAUNCH(input_grad, a, input.device());
+    grad_input = in_input_layout(gi, input);
+  }
+  if (output_mask[1] || output_mask[2]) {
+    const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast3d);
+    Tensor gw = output_mask[1] ? at::empty({g.taps(), g.out_channels()}, input.options().dtype(acc)) : Tensor();
+    Tensor gb = output_mask[2] ? at::empty({g.out_channels()}, input.options().dtype(acc)) : Tensor();
+    WeightGradArgs a;
+    a.geo = g;
+    a.dtype = input.scalar_type();
+    a.grad_output = go.data_ptr();
+    a.input = x.data_ptr();
+    a.grad_weight = gw.defined() ? gw.data_ptr() : nullptr;
+    a.grad_bias = gb.defined() ? gb.data_ptr() : nullptr;
+    FASTVID_LAUNCH(weight_grad, a, input.device());
+    if (gw.defined()) {
+      grad_weight = at::empty(weight.sizes(), input.options());
+      grad_weight.view({g.out_channels(), g.taps()}).copy_(gw.t());
+    }
+    if (gb.defined()) {
+      grad_bias = at::empty({g.out_channels()}, input.options());
+      grad_bias.copy_(gb);
+    }
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+#define FASTVID_REGISTER_DEPTHWISE3D(m)                              \
+  m.impl("depthwise_conv3d", &depthwise_conv3d);                     \
+  m.impl("depthwise_conv3d_backward", &depthwise_conv3d_backward)
+
+TORCH_LIBRARY_IMPL(fastvid, CPU, m) { FASTVID_REGISTER_DEPTHWISE3D(m); }
+
+#ifdef FASTVID_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastvid, CUDA, m) { FASTVID_REGISTER_DEPTHWISE3D(m); }
+#endif
+
+}  // namespace depthwise3d
+}  // namespace fastvid

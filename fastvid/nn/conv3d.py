@@ -1,0 +1,123 @@
+"""Separable 3D convolutions: depthwise, depthwise-separable and R(2+1)D.
+
+``DepthwiseConv3d`` is a drop-in for ``nn.Conv3d(C, m*C, k, groups=C)``: same ``weight``
+``[m*C, 1, kT, kH, kW]`` and ``bias`` ``[m*C]`` names and shapes, so state dicts load both ways.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+IntOrTriple = Union[int, Sequence[int]]
+
+
+def _triple(v) -> tuple:
+    return (v, v, v) if isinstance(v, int) else tuple(v)
+
+
+class DepthwiseConv3d(nn.Module):
+    """Channel-wise 3D convolution: output channel o convolves input channel o // channel_multiplier."""
+
+    def __init__(self, channels: int, kernel_size: IntOrTriple, stride: IntOrTriple = 1, padding: IntOrTriple = 0,
+                 dilation: IntOrTriple = 1, bias: bool = True, channel_multiplier: int = 1):
+        super().__init__()
+        if channels <= 0 or channel_multiplier <= 0:
+            raise ValueError(f"channels and channel_multiplier must be positive, got {channels}, {channel_multiplier}")
+        self.channels, self.channel_multiplier = channels, channel_multiplier
+        self.kernel_size, self.stride = _triple(kernel_size), _triple(stride)
+        self.padding, self.dilation = _triple(padding), _triple(dilation)
+        self.weight = nn.Parameter(torch.empty(channels * channel_multiplier, 1, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels * channel_multiplier)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.channels * self.channel_multiplier
+
+    def reset_parameters(self):
+        # nn.Conv3d's default initialisation (fan_in = kT·kH·kW for one input channel per group).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(math.prod(self.kernel_size))
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.depthwise_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self):
+        return (f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}, channel_multiplier={self.channel_multiplier}, bias={self.bias is not None}")
+
+    @classmethod
+    def from_conv3d(cls, conv: nn.Conv3d) -> "DepthwiseConv3d":
+        """The DepthwiseConv3d equal to ``conv`` (which must have groups == in_channels), weights shared."""
+        if not is_depthwise_conv3d(conv):
+            raise ValueError(f"not a convertible depthwise nn.Conv3d: {conv}")
+        module = cls(conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     bias=conv.bias is not None, channel_multiplier=conv.out_channels // conv.in_channels)
+        module.weight = conv.weight
+        module.bias = conv.bias
+        return module.train(conv.training)
+
+
+def is_depthwise_conv3d(module: nn.Module) -> bool:
+    """An nn.Conv3d that DepthwiseConv3d reproduces exactly: groups == in_channels, zero padding given
+    as numbers."""
+    return (type(module) is nn.Conv3d and module.groups == module.in_channels
+            and module.out_channels % module.in_channels == 0 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+class SeparableConv3d(nn.Module):
+    """Depthwise k×k×k convolution, optional norm and activation, then a pointwise 1×1×1 convolution
+    (the depthwise-separable block of S3D / CSN / X3D-style networks)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTriple, stride: IntOrTriple = 1,
+                 padding: IntOrTriple = 0, dilation: IntOrTriple = 1, bias: bool = True, channel_multiplier: int = 1,
+                 norm: Optional[nn.Module] = None, activation: Optional[nn.Module] = None):
+        super().__init__()
+        self.depthwise = DepthwiseConv3d(in_channels, kernel_size, stride, padding, dilation, bias=bias,
+                                         channel_multiplier=channel_multiplier)
+        self.norm = norm if norm is not None else nn.Identity()
+        self.activation = activation if activation is not None else nn.Identity()
+        self.pointwise = nn.Conv3d(in_channels * channel_multiplier, out_channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise(self.activation(self.norm(self.depthwise(x))))
+
+
+def r2plus1d_mid_channels(in_channels: int, out_channels: int, kernel_size: IntOrTriple = 3) -> int:
+    """M = ⌊t·d²·N_in·N_out / (d²·N_in + t·N_out)⌋ (Tran et al. 2018): the (2+1)D block then has the
+    parameter count of the full t×d×d convolution."""
+    t, d, _ = _triple(kernel_size)
+    return (t * d * d * in_channels * out_channels) // (d * d * in_channels + t * out_channels)
+
+
+class Conv2Plus1d(nn.Sequential):
+    """R(2+1)D factorisation of a t×d×d convolution: spatial (1, d, d) conv to M channels, BatchNorm,
+    ReLU, temporal (t, 1, 1) conv. Spatial stride on the first conv, temporal stride on the second."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTriple = 3, stride: IntOrTriple = 1,
+                 mid_channels: Optional[int] = None):
+        t, d, d2 = _triple(kernel_size)
+        if d != d2:
+            raise ValueError(f"Conv2Plus1d needs a square spatial kernel, got {kernel_size}")
+        st, sh, sw = _triple(stride)
+        mid = mid_channels if mid_channels is not None else r2plus1d_mid_channels(in_channels, out_channels,
+                                                                                 kernel_size)
+        super().__init__(
+            nn.Conv3d(in_channels, mid, (1, d, d), stride=(1, sh, sw), padding=(0, d // 2, d // 2), bias=False),
+            nn.BatchNorm3d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(mid, out_channels, (t, 1, 1), stride=(st, 1, 1), padding=(t // 2, 0, 0), bias=False),
+        )
+        self.in_channels, self.out_channels, self.mid_channels = in_channels, out_channels, mid

@@ -1,0 +1,29 @@
+"""Helpers shared by the op families' Python side (fake kernels, autograd, autocast)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def autocast_inputs(device_type: str, *tensors):
+    """Under autocast, cast the floating inputs of a conv-based op to the autocast dtype."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def check_one_device(op: str, **arguments) -> None:
+    """Fake kernels run for meta/fake inputs; like ATen's meta functions they reject mixed devices."""
+    devices = {name: t.device for name, t in arguments.items() if isinstance(t, Tensor)}
+    if len(set(devices.values())) > 1:
+        raise RuntimeError(f"fastvid.{op}: all tensors must be on one device, got "
+                           + ", ".join(f"{name} on {d}" for name, d in devices.items()))
+
+
+def double_backward_unsupported(name: str):
+    """Autograd formula for a *_backward op: differentiating it raises instead of returning wrong
+    second derivatives (torchvision's habit)."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fastvid.{name}: double backward is not supported")
+    return backward

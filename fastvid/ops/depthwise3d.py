@@ -1,0 +1,114 @@
+"""Depthwise 3D convolution: functional API and the Python side of the custom ops.
+
+``torch.ops.fastvid.depthwise_conv3d`` / ``depthwise_conv3d_backward`` (schemas in csrc/ops.cpp,
+kernels in csrc/depthwise3d/) get fake kernels and the autograd formula here; the public
+:func:`depthwise_conv3d` applies autocast and picks the backend (fastvid._backend).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ._common import autocast_inputs, check_one_device, double_backward_unsupported
+from ..reference import depthwise3d as ref
+
+__all__ = ["depthwise_conv3d"]
+
+
+def _triple(v):
+    if isinstance(v, int):
+        return (v, v, v)
+    v = tuple(v)
+    if len(v) == 1:
+        return v * 3
+    return v
+
+
+def _channels_last(input: Tensor) -> bool:
+    """Output layout rule, mirror of channels_last() in depthwise3d_ops.cpp: channels_last_3d when the
+    input has several channels, more than one position and unit channel stride; else contiguous."""
+    _B, C, T, H, W = input.shape
+    return C > 1 and input.stride(1) == 1 and T * H * W > 1
+
+
+def _format(input: Tensor):
+    return torch.channels_last_3d if _channels_last(input) else torch.contiguous_format
+
+
+def _output_size(n, k, s, p, d):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _check_shapes(op, input, weight):
+    if input.dim() != 5:
+        raise ValueError(f"fastvid.{op}: input must be [B, C, T, H, W], got shape {tuple(input.shape)}")
+    if weight.dim() != 5 or weight.shape[1] != 1 or weight.shape[0] % input.shape[1] != 0:
+        raise ValueError(f"fastvid.{op}: weight must be [m*C, 1, kT, kH, kW] with C = {input.shape[1]}, "
+                         f"got shape {tuple(weight.shape)}")
+
+
+# ------------------------------------------------------------------------------ fake kernels + autograd
+if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
+    ops = torch.ops.fastvid
+
+    @torch.library.register_fake("fastvid::depthwise_conv3d")
+    def _(input, weight, bias, stride, padding, dilation):
+        check_one_device("depthwise_conv3d", input=input, weight=weight, bias=bias)
+        _check_shapes("depthwise_conv3d", input, weight)
+        B = input.shape[0]
+        out = [_output_size(input.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d])
+               for d in range(3)]
+        return torch.empty(B, weight.shape[0], *out, dtype=input.dtype, device=input.device,
+                           memory_format=_format(input))
+
+    @torch.library.register_fake("fastvid::depthwise_conv3d_backward")
+    def _(grad_output, input, weight, stride, padding, dilation, output_mask):
+        check_one_device("depthwise_conv3d_backward", grad_output=grad_output, input=input, weight=weight)
+        _check_shapes("depthwise_conv3d_backward", input, weight)
+        empty = input.new_empty(0)
+        grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                                 memory_format=_format(input)) if output_mask[0] else empty
+        grad_weight = torch.empty(weight.shape, dtype=input.dtype, device=input.device) if output_mask[1] \
+            else input.new_empty(0)
+        grad_bias = input.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0)
+        return grad_input, grad_weight, grad_bias
+
+    def _setup(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.args = (stride, padding, dilation, bias is not None)
+
+    def _backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, has_bias = ctx.args
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        grad_input, grad_weight, grad_bias = ops.depthwise_conv3d_backward(
+            grad_output, input, weight, stride, padding, dilation, mask)
+        return (grad_input if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None,
+                None, None, None)
+
+    torch.library.register_autograd("fastvid::depthwise_conv3d", _backward, setup_context=_setup)
+    torch.library.register_autograd("fastvid::depthwise_conv3d_backward",
+                                    double_backward_unsupported("depthwise_conv3d_backward"))
+
+
+# ------------------------------------------------------------------------------ public op
+def depthwise_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                     dilation=1) -> Tensor:
+    """Depthwise 3D convolution, ``F.conv3d(input, weight, bias, stride, padding, dilation, groups=C)``.
+
+    ``input`` ``[B, C, T, H, W]`` (NCDHW or channels_last_3d: the CPU kernel prefers channels_last_3d
+    and returns its output in the input's layout), ``weight`` ``[m*C, 1, kT, kH, kW]`` (channel
+    multiplier m; kernel sizes up to 7), ``bias`` ``[m*C]`` or None; ``stride``, ``padding`` and
+    ``dilation`` are ints or (T, H, W) triples."""
+    stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
+    if not isinstance(input, Tensor):
+        raise TypeError(f"fastvid.depthwise_conv3d: input must be a Tensor, got {type(input).__name__}")
+    input, weight, bias = autocast_inputs(input.device.type, input, weight, bias)
+    which = _backend.resolve({"input": input, "weight": weight, "bias": bias})
+    if which in ("cpu", "cuda"):
+        return torch.ops.fastvid.depthwise_conv3d(input, weight, bias, stride, padding, dilation)
+    # 'triton': the Triton depthwise kernel is still to be written; until then this backend runs the
+    # pure-PyTorch reference (F.conv3d(groups=C)), as does 'reference'.
+    return ref.depthwise_conv3d(input, weight, bias, stride, padding, dilation)

@@ -1,0 +1,137 @@
+"""DepthwiseConv3d / SeparableConv3d / Conv2Plus1d modules and fastvid.convert."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastvid
+from fastvid.nn import Conv2Plus1d, DepthwiseConv3d, SeparableConv3d, r2plus1d_mid_channels
+
+
+
+def _cl(x):
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=(3, 5, 1), stride=(1, 2, 1), padding=(1, 2, 0)),
+    dict(kernel_size=3, padding=2, dilation=2, channel_multiplier=2),
+    dict(kernel_size=(5, 3, 3), stride=2, padding=0, bias=False),
+])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+def test_depthwise_module_equals_grouped_conv3d(kwargs, layout):
+    C, m = 6, kwargs.get("channel_multiplier", 1)
+    native = nn.Conv3d(C, C * m, kwargs["kernel_size"], stride=kwargs.get("stride", 1),
+                       padding=kwargs.get("padding", 0), dilation=kwargs.get("dilation", 1), groups=C,
+                       bias=kwargs.get("bias", True)).double()
+    ours = DepthwiseConv3d(C, **kwargs).double()
+    ours.load_state_dict(native.state_dict())  # same names and shapes
+    x = torch.randn(2, C, 7, 9, 8, dtype=torch.float64)
+    if layout == "channels_last_3d":
+        x = _cl(x)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = native(x1), ours(x2)
+    torch.testing.assert_close(y2, y1)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(ours.weight.grad, native.weight.grad)
+    if native.bias is not None:
+        torch.testing.assert_close(ours.bias.grad, native.bias.grad)
+
+
+def test_state_dict_loads_both_ways():
+    native = nn.Conv3d(4, 8, 3, padding=1, groups=4)
+    ours = DepthwiseConv3d(4, 3, padding=1, channel_multiplier=2)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in native.state_dict().items()}
+    native.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 4, 3, 5, 5)
+    torch.testing.assert_close(native(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+def test_default_init_matches_conv3d_statistics():
+    """Initialised like nn.Conv3d: weights within U(-1/sqrt(fan_in), 1/sqrt(fan_in)) bound."""
+    ours = DepthwiseConv3d(64, 3)
+    bound = 1 / 27 ** 0.5
+    assert ours.weight.abs().max() <= bound + 1e-6 and ours.weight.std() > bound / 3
+
+
+def test_separable_conv3d_is_depthwise_then_pointwise():
+    sep = SeparableConv3d(4, 6, 3, padding=1, norm=nn.BatchNorm3d(4), activation=nn.ReLU()).eval()
+    x = torch.randn(2, 4, 3, 6, 6)
+    ref_dw = nn.Conv3d(4, 4, 3, padding=1, groups=4)
+    ref_dw.load_state_dict(sep.depthwise.state_dict())
+    expected = sep.pointwise(torch.relu(sep.norm(ref_dw(x))))
+    torch.testing.assert_close(sep(x), expected, rtol=1e-5, atol=1e-5)
+    assert sep(x).shape == (2, 6, 3, 6, 6)
+
+
+@pytest.mark.parametrize("n_in,n_out,expected", [(64, 64, 144), (3, 64, 23), (128, 256, 460)])
+def test_r2plus1d_mid_channels_formula(n_in, n_out, expected):
+    # floor(t d^2 N_in N_out / (d^2 N_in + t N_out)) with t = d = 3, computed by hand
+    assert r2plus1d_mid_channels(n_in, n_out, 3) == expected
+
+
+def test_conv2plus1d_structure_and_parameter_budget():
+    block = Conv2Plus1d(64, 64, 3, stride=2)
+    spatial, norm, relu, temporal = block
+    assert spatial.kernel_size == (1, 3, 3) and spatial.stride == (1, 2, 2) and spatial.out_channels == 144
+    assert temporal.kernel_size == (3, 1, 1) and temporal.stride == (2, 1, 1)
+    conv_params = spatial.weight.numel() + temporal.weight.numel()
+    full = 64 * 64 * 27
+    assert full - 64 * 9 <= conv_params <= full  # matches the t x d x d conv up to the floor in M
+    y = block(torch.randn(1, 64, 8, 16, 16))
+    assert y.shape == (1, 64, 4, 8, 8)
+
+
+class _SqueezeExcite(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv3d(c, c // 4, 1), nn.Conv3d(c // 4, c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3, 4), keepdim=True)
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+def _x3d_block(c_in=8, inner=18):
+    """X3D-style bottleneck: pointwise -> channel-wise 3x3x3 -> SE -> swish -> pointwise."""
+    return nn.Sequential(
+        nn.Conv3d(c_in, inner, 1, bias=False), nn.BatchNorm3d(inner), nn.ReLU(),
+        nn.Conv3d(inner, inner, 3, padding=1, groups=inner, bias=False), nn.BatchNorm3d(inner),
+        _SqueezeExcite(inner), nn.SiLU(),
+        nn.Conv3d(inner, c_in, 1, bias=False), nn.BatchNorm3d(c_in),
+    ).eval()
+
+
+def test_convert_replaces_only_depthwise_convs_and_keeps_outputs():
+    model = _x3d_block()
+    converted = fastvid.convert(model)
+    kinds = [type(m) for m in converted]
+    assert kinds[3] is DepthwiseConv3d
+    assert sum(isinstance(m, DepthwiseConv3d) for m in converted.modules()) == 1
+    assert type(converted[0]) is nn.Conv3d and type(converted[7]) is nn.Conv3d  # dense convs untouched
+    assert type(model[3]) is nn.Conv3d  # inplace=False leaves the original alone
+    x = torch.randn(2, 8, 4, 10, 10)
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(converted[3].weight, model[3].weight)
+
+
+def test_convert_inplace_and_top_level_module():
+    model = _x3d_block()
+    same = fastvid.convert(model, inplace=True)
+    assert same is model and type(model[3]) is DepthwiseConv3d
+    single = nn.Conv3d(5, 5, 3, padding=1, groups=5)
+    out = fastvid.convert(single)
+    assert type(out) is DepthwiseConv3d and type(single) is nn.Conv3d
+
+
+def test_convert_skips_what_it_cannot_reproduce():
+    model = nn.Sequential(nn.Conv3d(4, 4, 3, padding="same", groups=4),
+                          nn.Conv3d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"),
+                          nn.Conv3d(4, 8, 3, groups=2))
+    converted = fastvid.convert(copy.deepcopy(model))
+    assert all(type(m) is nn.Conv3d for m in converted)

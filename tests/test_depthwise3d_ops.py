@@ -1,0 +1,325 @@
+"""Depthwise 3D conv: torch.ops.fastvid.depthwise_conv3d(_backward) and fastvid.ops.depthwise_conv3d
+against F.conv3d(groups=C) (fastvid.reference.depthwise3d).
+
+The oracle is F.conv3d run in float64 on the same (rounded) inputs; bf16 is judged with the
+flash-attention rule: err(ours) <= 2 * err(F.conv3d run in bf16) + atol.
+"""
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import requires_cuda
+
+import fastvid
+from fastvid.ops import depthwise_conv3d
+from fastvid.reference import depthwise3d as ref
+
+pytestmark = pytest.mark.skipif(not fastvid.info()["cpu_kernels"], reason="fastvid._C is not built")
+
+OPS = torch.ops.fastvid
+
+
+@dataclass(frozen=True)
+class Config:
+    channels: int
+    multiplier: int
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    shape: tuple  # (B, T, H, W)
+    bias: bool = True
+
+    def id(self):
+        return (f"C{self.channels}m{self.multiplier}_k{'x'.join(map(str, self.kernel))}"
+                f"_s{''.join(map(str, self.stride))}_p{''.join(map(str, self.padding))}"
+                f"_d{''.join(map(str, self.dilation))}_{'x'.join(map(str, self.shape))}"
+                f"{'' if self.bias else '_nobias'}")
+
+
+CONFIGS = [
+    Config(3, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (2, 5, 7, 6)),
+    Config(16, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (2, 4, 6, 5), bias=False),
+    Config(4, 2, (1, 3, 5), (1, 2, 2), (0, 1, 2), (1, 1, 1), (1, 4, 9, 11)),
+    Config(5, 1, (3, 3, 3), (2, 2, 2), (0, 0, 0), (1, 2, 1), (2, 7, 9, 8), bias=False),
+    Config(2, 3, (2, 1, 3), (2, 1, 3), (1, 0, 1), (2, 1, 2), (1, 6, 5, 10)),
+    Config(8, 1, (7, 7, 7), (1, 1, 1), (3, 3, 3), (1, 1, 1), (1, 7, 8, 9)),
+    Config(6, 1, (5, 3, 7), (1, 3, 1), (2, 0, 0), (1, 1, 1), (1, 5, 7, 7)),
+    Config(1, 2, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 3, 4, 5)),
+    # wide rows: the CPU kernel's 8-position sweep over interior W positions (forward, and the input
+    # gradient when the W stride is 1), with a channel tail that is not a whole vector
+    Config(20, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 3, 4, 21)),
+    Config(20, 1, (1, 3, 3), (1, 1, 2), (0, 1, 2), (1, 1, 2), (1, 3, 4, 37)),
+    Config(35, 1, (3, 1, 5), (1, 2, 1), (1, 0, 2), (1, 1, 2), (2, 4, 5, 30), bias=False),
+    Config(70, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 2, 3, 12)),  # 64-channel register blocks
+]
+LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def make_sample(config: Config, dtype, layout):
+    B, T, H, W = config.shape
+    C, m = config.channels, config.multiplier
+    x = torch.randn(B, C, T, H, W, dtype=torch.float64)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "noncontiguous":
+        x = torch.randn(B, C, T, H, 2 * W, dtype=torch.float64)[..., ::2]
+    weight = torch.randn(C * m, 1, *config.kernel, dtype=torch.float64) / (config.kernel[0] * config.kernel[1])
+    bias = torch.randn(C * m, dtype=torch.float64) if config.bias else None
+    tensors = {"input": x, "weight": weight, "bias": bias}
+    return {k: (v.to(dtype).requires_grad_() if v is not None else None) for k, v in tensors.items()}
+
+
+def conv_args(config):
+    return config.stride, config.padding, config.dilation
+
+
+def run_ours(config, t):
+    return depthwise_conv3d(t["input"], t["weight"], t["bias"], *conv_args(config))
+
+
+def run_native(config, t):
+    return F.conv3d(t["input"], t["weight"], t["bias"], *conv_args(config), groups=config.channels)
+
+
+def converted(t, dtype):
+    return {k: (v.detach().to(dtype).requires_grad_() if v is not None else None) for k, v in t.items()}
+
+
+def values_and_grads(run, config, t, grad_output):
+    out = run(config, t)
+    names = [k for k, v in t.items() if v is not None]
+    grads = torch.autograd.grad(out, [t[k] for k in names], grad_output.to(out.dtype))
+    return out, dict(zip(names, grads))
+
+
+def assert_parity(ours, oracle, dtype, what, comparator=None):
+    assert ours.dtype == dtype, f"{what}: dtype {ours.dtype}, expected {dtype}"
+    if dtype in (torch.bfloat16, torch.float16):
+        err = (ours.double() - oracle).abs().max().item()
+        err_ref = (comparator.double() - oracle).abs().max().item()
+        scale = oracle.abs().max().item()
+        assert err <= 2 * err_ref + 1e-2 * max(1.0, scale), f"{what}: error {err} vs native bf16 error {err_ref}"
+        return
+    tol = {torch.float32: {"atol": 2e-5, "rtol": 2e-5}, torch.float64: {"atol": 1e-10, "rtol": 1e-10}}[dtype]
+    torch.testing.assert_close(ours, oracle.to(dtype), **tol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("config", CONFIGS, ids=Config.id)
+def test_matches_conv3d(config, dtype, layout):
+    """Output and the gradients w.r.t. input, weight and bias equal F.conv3d(groups=C) in float64."""
+    t = make_sample(config, dtype, layout)
+    out = run_ours(config, t)
+    grad_output = torch.randn(out.shape, dtype=torch.float64)
+    ours, ours_grads = values_and_grads(run_ours, config, t, grad_output)
+    oracle, oracle_grads = values_and_grads(run_native, config, converted(t, torch.float64), grad_output)
+    comparator, comparator_grads = None, {}
+    if dtype == torch.bfloat16:
+        comparator, comparator_grads = values_and_grads(run_native, config, converted(t, dtype), grad_output)
+
+    expect_cl = layout == "channels_last_3d" and config.channels > 1
+    fmt = torch.channels_last_3d if expect_cl else torch.contiguous_format
+    assert ours.is_contiguous(memory_format=fmt), f"output strides {ours.stride()} for a {layout} input"
+    assert_parity(ours, oracle, dtype, "output", comparator)
+    for name in ours_grads:
+        assert_parity(ours_grads[name], oracle_grads[name], dtype, f"grad {name}", comparator_grads.get(name))
+
+    with torch.no_grad():
+        assert_parity(run_ours(config, t), oracle, dtype, "output (no_grad)", comparator)
+
+
+def test_backward_partial_mask_and_determinism():
+    config = CONFIGS[2]
+    t = make_sample(config, torch.float32, "channels_last_3d")
+    x, w = t["input"].detach(), t["weight"].detach()
+    out = OPS.depthwise_conv3d(x, w, None, *conv_args(config))
+    go = torch.randn_like(out)
+    full = OPS.depthwise_conv3d_backward(go, x, w, *conv_args(config), [True, True, True])
+    again = OPS.depthwise_conv3d_backward(go, x, w, *conv_args(config), [True, True, True])
+    for a, b in zip(full, again):
+        assert torch.equal(a, b), "reruns are not bit-identical"
+    only_weight = OPS.depthwise_conv3d_backward(go, x, w, *conv_args(config), [False, True, False])
+    assert only_weight[0].numel() == 0 and only_weight[2].numel() == 0
+    assert torch.equal(only_weight[1], full[1])
+    torch.testing.assert_close(full[2], go.sum((0, 2, 3, 4)))
+
+
+def test_reference_backend_and_int_arguments():
+    x = torch.randn(2, 4, 5, 6, 7)
+    w = torch.randn(4, 1, 3, 3, 3)
+    b = torch.randn(4)
+    ours = depthwise_conv3d(x, w, b, stride=2, padding=1, dilation=1)
+    with fastvid.backend("reference"):
+        reference = depthwise_conv3d(x, w, b, stride=2, padding=1, dilation=1)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference, ref.depthwise_conv3d(x, w, b, 2, 1, 1))
+
+
+def test_autocast_bf16():
+    x = torch.randn(1, 8, 4, 6, 6).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(8, 1, 3, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = depthwise_conv3d(x, w, None, padding=1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.conv3d(x, w, None, 1, 1, groups=8), atol=0.1, rtol=0.05)
+
+
+# ===================================================================================== gradcheck
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("config", [
+    Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 3, 4, 3)),
+    Config(2, 2, (2, 3, 1), (2, 1, 1), (1, 1, 0), (1, 2, 1), (1, 4, 5, 3)),
+], ids=Config.id)
+def test_gradcheck(config, layout):
+    t = make_sample(config, torch.float64, layout)
+    names = [k for k, v in t.items() if v is not None]
+
+    def f(*args):
+        return run_ours(config, dict(zip(names, args)))
+
+    assert torch.autograd.gradcheck(f, [t[k] for k in names], eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_double_backward_raises():
+    config = CONFIGS[0]
+    t = make_sample(config, torch.float64, "contiguous")
+    out = run_ours(config, t)
+    (gx,) = torch.autograd.grad(out.sum(), [t["input"]], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        gx.sum().backward()
+
+
+# ======================================================================================= opcheck
+def _opcheck(op, args):
+    result = torch.library.opcheck(op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2], CONFIGS[4]], ids=Config.id)
+def test_opcheck(config, layout):
+    t = make_sample(config, torch.float64, layout)
+    _opcheck(OPS.depthwise_conv3d.default, (t["input"], t["weight"], t["bias"], *conv_args(config)))
+    x, w = t["input"].detach(), t["weight"].detach()
+    out = OPS.depthwise_conv3d(x, w, None, *conv_args(config))
+    go = torch.randn_like(out)
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        _opcheck(OPS.depthwise_conv3d_backward.default, (go, x, w, *conv_args(config), mask))
+
+
+# ===================================================================================== bad input
+def _call(x, w, b=None, stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1)):
+    return OPS.depthwise_conv3d(x, w, b, stride, padding, dilation)
+
+
+X = torch.randn(1, 4, 5, 6, 6)
+W = torch.randn(4, 1, 3, 3, 3)
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ({"x": torch.randn(4, 5, 6, 6), "w": W}, ValueError, "input must be"),
+    ({"x": X, "w": torch.randn(4, 2, 3, 3, 3)}, ValueError, "weight must be"),
+    ({"x": X, "w": torch.randn(6, 1, 3, 3, 3)}, ValueError, "weight must be"),
+    ({"x": X, "w": torch.randn(4, 1, 3, 3)}, ValueError, "weight must be"),
+    ({"x": X, "w": torch.randn(4, 1, 3, 9, 3)}, ValueError, "kernel size along H must be 1..7"),
+    ({"x": X, "w": W, "padding": (1, -1, 1)}, ValueError, "padding must be non-negative"),
+    ({"x": X, "w": W, "stride": (1, 0, 1)}, ValueError, "stride must be >= 1"),
+    ({"x": X, "w": W, "dilation": (0, 1, 1)}, ValueError, "dilation must be >= 1"),
+    ({"x": X, "w": torch.randn(4, 1, 7, 3, 3)}, ValueError, "larger than the padded input"),
+    ({"x": X, "w": W, "dilation": (3, 1, 1)}, ValueError, "larger than the padded input"),
+    ({"x": X.to(torch.int32), "w": W.to(torch.int32)}, TypeError, "input must be floating point"),
+    ({"x": X, "w": W.double()}, TypeError, "weight has dtype"),
+    ({"x": X, "w": W, "b": torch.randn(5)}, ValueError, "bias must be"),
+    ({"x": X, "w": W, "b": torch.randn(4).double()}, TypeError, "bias has dtype"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        _call(**args)
+
+
+def test_bad_grad_output_shape():
+    with pytest.raises(ValueError, match="grad_output must be"):
+        OPS.depthwise_conv3d_backward(torch.randn(1, 4, 3, 4, 5), X, W, (1, 1, 1), (0, 0, 0), (1, 1, 1),
+                                      [True, True, True])
+
+
+def test_device_mismatch():
+    with pytest.raises(RuntimeError, match="device"):
+        _call(X, W.to("meta"))
+
+
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[9], CONFIGS[10], CONFIGS[11]], ids=Config.id)
+def test_bf16_rounds_like_fp32_kernel(config):
+    """bf16 accumulates in fp32 in the same order as fp32: the output and all three gradients are the
+    fp32 kernel's results on the same values rounded to bf16, bit for bit (NaN included)."""
+    t = make_sample(config, torch.bfloat16, "channels_last_3d")
+    x, w = t["input"].detach().clone(), t["weight"].detach()
+    args = conv_args(config)
+    go = torch.randn(OPS.depthwise_conv3d(x, w, None, *args).shape, dtype=torch.bfloat16)
+    go = go.contiguous(memory_format=torch.channels_last_3d)
+    ours = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, True])
+    expected = OPS.depthwise_conv3d_backward(go.float(), x.float(), w.float(), *args, [True, True, True])
+    for name, a, e in zip(["grad_input", "grad_weight", "grad_bias"], ours, expected):
+        assert torch.equal(a, e.bfloat16()), name
+    x[0, 0, 0, 0, 0] = float("nan")
+    ours = OPS.depthwise_conv3d(x, w, None, *args)
+    expected = OPS.depthwise_conv3d(x.float(), w.float(), None, *args).bfloat16()
+    assert torch.equal(ours.isnan(), expected.isnan())
+    assert torch.equal(ours.nan_to_num(), expected.nan_to_num())
+
+
+# ========================================================================================== CUDA
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("config", CONFIGS, ids=Config.id)
+def test_cuda_matches_conv3d(config, dtype):
+    """The CUDA kernels: output and all three gradients against F.conv3d in float64 (on the GPU)."""
+    t = {k: (v.detach().cuda().requires_grad_() if v is not None else None)
+         for k, v in make_sample(config, dtype, "channels_last_3d").items()}
+    out = run_ours(config, t)
+    grad_output = torch.randn(out.shape, dtype=torch.float64, device="cuda")
+    ours, ours_grads = values_and_grads(run_ours, config, t, grad_output)
+    oracle, oracle_grads = values_and_grads(run_native, config, converted(t, torch.float64), grad_output)
+    comparator, comparator_grads = None, {}
+    if dtype in (torch.bfloat16, torch.float16):
+        comparator, comparator_grads = values_and_grads(run_native, config, converted(t, dtype), grad_output)
+    assert_parity(ours, oracle, dtype, "output", comparator)
+    for name in ours_grads:
+        assert_parity(ours_grads[name], oracle_grads[name], dtype, f"grad {name}", comparator_grads.get(name))
+
+
+@requires_cuda
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2]], ids=Config.id)
+def test_cuda_opcheck(config):
+    t = {k: (v.detach().cuda().requires_grad_() if v is not None else None)
+         for k, v in make_sample(config, torch.float64, "channels_last_3d").items()}
+    _opcheck(OPS.depthwise_conv3d.default, (t["input"], t["weight"], t["bias"], *conv_args(config)))
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4], CONFIGS[8], CONFIGS[10], CONFIGS[11]], ids=Config.id)
+def test_no_out_of_bounds_reads(config):
+    """Inputs and grad_output are views into buffers whose neighbouring memory is NaN: a read outside
+    a tensor would turn the results NaN."""
+    def nan_framed(t):  # a channels_last_3d view of t with NaN batches before and after it in memory
+        frame = torch.full((t.shape[0] + 2, *t.shape[1:]), float("nan"), dtype=t.dtype)
+        frame = frame.contiguous(memory_format=torch.channels_last_3d)
+        frame[1:-1] = t
+        return frame[1:-1]
+
+    t = make_sample(config, torch.float32, "channels_last_3d")
+    x, w = nan_framed(t["input"].detach()), t["weight"].detach()
+    assert x.is_contiguous(memory_format=torch.channels_last_3d)
+    args = conv_args(config)
+    out = OPS.depthwise_conv3d(x, w, None, *args)
+    go = nan_framed(torch.randn(out.shape).contiguous(memory_format=torch.channels_last_3d))
+    grads = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, True])
+    for name, value in zip(["output", "grad_input", "grad_weight", "grad_bias"], [out, *grads]):
+        assert not value.isnan().any(), f"{name} read memory outside its tensors"
