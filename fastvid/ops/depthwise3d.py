@@ -93,6 +93,11 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
                                     double_backward_unsupported("depthwise_conv3d_backward"))
 
 
+def _triton():
+    from ..triton_kernels import depthwise3d as tk  # imported lazily: triton import is slow
+    return tk
+
+
 # ------------------------------------------------------------------------------ public op
 def depthwise_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
                      dilation=1) -> Tensor:
@@ -109,6 +114,6 @@ def depthwise_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     which = _backend.resolve({"input": input, "weight": weight, "bias": bias})
     if which in ("cpu", "cuda"):
         return torch.ops.fastvid.depthwise_conv3d(input, weight, bias, stride, padding, dilation)
-    # 'triton': the Triton depthwise kernel is still to be written; until then this backend runs the
-    # pure-PyTorch reference (F.conv3d(groups=C)), as does 'reference'.
+    if which == "triton":  # contiguous NCDHW output
+        return _triton().depthwise_conv3d(input, weight, bias, stride, padding, dilation)
     return ref.depthwise_conv3d(input, weight, bias, stride, padding, dilation)
