@@ -3,6 +3,7 @@
     python -m fastvid bench --quick                         # ~1 min on an idle 2-core machine
     python -m fastvid bench --quick --wait-idle 120         # on a shared machine
     python -m fastvid bench --only ConvGRU --only bf16      # a subset (substring match, any)
+    python -m fastvid bench --only DepthwiseConv3d --only X3DBlock   # the depthwise cases of issue 3
     python -m fastvid bench --report bench-results/results.jsonl [--run-id all]
 """
 from __future__ import annotations
@@ -12,12 +13,13 @@ import sys
 
 import torch
 
-from . import cases, measure, report, results, runner
+from . import cases, depthwise, measure, report, results, runner
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help=f"smaller run: ConvGRU on the first shape only, {runner.QUICK_ROUNDS} rounds after "
+                        help=f"smaller run: ConvGRU on the first shape only, DepthwiseConv3d on the first X3D shape (+ its "
+                             f"bandwidth row) and the X3D block forward+backward only, {runner.QUICK_ROUNDS} rounds after "
                              f"{runner.QUICK_WARMUP} warm-up call (default {runner.FULL_ROUNDS} rounds, "
                              f"{runner.FULL_WARMUP} warm-up calls)")
     parser.add_argument("--out", metavar="FILE", default=results.DEFAULT_PATH,
@@ -31,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per provider and case")
     parser.add_argument("--only", metavar="TEXT", action="append", default=None,
                         help="run only cases whose name contains TEXT (repeatable, any matches), "
-                             "e.g. --only ConvGRU --only bf16-fwd_bwd")
+                             "e.g. --only ConvGRU --only bf16-fwd_bwd, --only DepthwiseConv3d --only X3DBlock")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads(N) first (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="device to run on (default: %(default)s)")
@@ -55,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    selected = [c for c in cases.iter_cases(quick=args.quick)
+    all_cases = list(cases.iter_cases(quick=args.quick)) + list(depthwise.iter_cases(quick=args.quick))
+    selected = [c for c in all_cases
                 if not args.only or any(text in c.name for text in args.only)]
     if not selected:
         print(f"no case matches {args.only}", file=sys.stderr)

@@ -11,6 +11,14 @@ Targets (issue 2, section 5; 2-core CPU, same run):
 * dispatched compute ops per time step, forward, one layer: fastvid <= 2 (applied to both
   counts, the top-level one and the nested one; see measure.py)
 * peak memory of forward+backward: fastvid <= 0.8 x native
+
+Depthwise targets (issue 3, "Benchmarks and targets"; vs ``nn.Conv3d(groups=C)``, channels_last_3d):
+
+* DepthwiseConv3d fp32 forward (no_grad): native/fastvid >= 5; forward+backward: >= 10
+* X3DBlock (X3D-style bottleneck, converted vs native) forward+backward: >= 2
+* ``bandwidth`` rows (fastvid depthwise forward): achieved GB/s in the fastvid column, the
+  machine's copy bandwidth of the same run in the native column (provider ``copy``), ratio =
+  fastvid / copy (the fraction of copy bandwidth reached); no target.
 """
 from __future__ import annotations
 
@@ -21,8 +29,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 BUSY_CORES = 0.25
 
 #: Metric order within a case group, and how each is printed.
-METRICS = ("time", "peak_memory", "ops_per_step", "nested_ops_per_step")
-_FORMAT = {"time": "{:.1f} ms", "peak_memory": "{:.1f} MiB", "ops_per_step": "{:.2f}", "nested_ops_per_step": "{:.2f}"}
+METRICS = ("time", "bandwidth", "peak_memory", "ops_per_step", "nested_ops_per_step")
+_FORMAT = {"time": "{:.1f} ms", "bandwidth": "{:.1f} GB/s", "peak_memory": "{:.1f} MiB", "ops_per_step": "{:.2f}", "nested_ops_per_step": "{:.2f}"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +50,17 @@ _OPS_TARGET = Target("<= 2/step", lambda n, f: f <= 2.0, lambda n, f: max(1.0, f
 _MEMORY_TARGET = Target("<= 0.8x native", lambda n, f: f <= 0.8 * n, lambda n, f: max(1.0, f / (0.8 * n)))
 
 
-def target_for(metric: str, mode: str, dtype: str) -> Optional[Target]:
-    """The issue's target for a (metric, mode, dtype) row, or None."""
+#: Time targets of the depthwise ops (issue 3), per (op, mode); fp32 and bf16 alike.
+DEPTHWISE_TIME_TARGETS = {("DepthwiseConv3d", "no_grad"): 5.0, ("DepthwiseConv3d", "fwd_bwd"): 10.0,
+                          ("X3DBlock", "fwd_bwd"): 2.0}
+DEPTHWISE_OPS = ("DepthwiseConv3d", "X3DBlock")
+
+
+def target_for(metric: str, mode: str, dtype: str, op: Optional[str] = None) -> Optional[Target]:
+    """The issue's target for a (metric, mode, dtype) row of ``op``, or None."""
+    if op in DEPTHWISE_OPS:
+        minimum = DEPTHWISE_TIME_TARGETS.get((op, mode)) if metric == "time" else None
+        return None if minimum is None else _speedup(minimum)
     if metric == "time":
         if dtype == "fp32":
             return _speedup(1.3)
@@ -70,14 +87,17 @@ class Comparison:
 
     @property
     def ratio(self) -> Optional[float]:
-        """native / fastvid: > 1 means fastvid is faster / smaller / dispatches fewer ops."""
+        """native / fastvid: > 1 means fastvid is faster / smaller / dispatches fewer ops.
+        ``bandwidth`` rows: fastvid / copy, the fraction of the copy bandwidth reached."""
         if not (self.native and self.fastvid) or not self.fastvid["median"]:
             return None
+        if self.metric == "bandwidth":
+            return self.fastvid["median"] / self.native["median"] if self.native["median"] else None
         return self.native["median"] / self.fastvid["median"]
 
     @property
     def target(self) -> Optional[Target]:
-        return target_for(self.metric, self.mode, self.dtype)
+        return target_for(self.metric, self.mode, self.dtype, self.op)
 
     @property
     def status(self) -> str:
@@ -113,6 +133,8 @@ def compare(rows: List[dict]) -> List[Comparison]:
         comparison = table.setdefault(key, Comparison(*key))
         if row["provider"] in ("native", "fastvid"):
             setattr(comparison, row["provider"], row)
+        elif row["provider"] == "copy" and row["metric"] == "bandwidth":  # the limit, in the native column
+            comparison.native = row
     group_order: Dict[Tuple, int] = {}
     for key in table:
         group_order.setdefault(key[:3], len(group_order))
@@ -128,7 +150,17 @@ def compare(rows: List[dict]) -> List[Comparison]:
 def _value(row: Optional[dict], metric: str) -> str:
     if row is None:
         return "n/a"
-    return _FORMAT.get(metric, "{:.3g}").format(row["median"])
+    text = _FORMAT.get(metric, "{:.3g}").format(row["median"])
+    return f"copy {text}" if row.get("provider") == "copy" else text
+
+
+_LAYOUT_SUFFIX = {"channels_last": "+cl", "channels_last_3d": "+cl3d"}
+
+
+def _ratio(c: "Comparison") -> str:
+    if c.ratio is None:
+        return "n/a"
+    return f"{100 * c.ratio:.0f}% copy" if c.metric == "bandwidth" else f"{c.ratio:.2f}x"
 
 
 def format_table(rows: List[dict]) -> str:
@@ -143,9 +175,9 @@ def format_table(rows: List[dict]) -> str:
         target = c.target
         strategy = (c.fastvid or {}).get("strategy", "") or ""
         lines.append((
-            c.op, c.shape, c.dtype + ("+cl" if (c.native or c.fastvid or {}).get("layout") == "channels_last" else ""),
+            c.op, c.shape, c.dtype + _LAYOUT_SUFFIX.get((c.native or c.fastvid or {}).get("layout"), ""),
             c.mode, c.metric, _value(c.native, c.metric), _value(c.fastvid, c.metric),
-            "n/a" if c.ratio is None else f"{c.ratio:.2f}x", target.label if target else "-",
+            _ratio(c), target.label if target else "-",
             c.status + (" *" if c.busy else ""),
             "" if c.noise is None else f"{100 * c.noise:.0f}%", strategy,
         ))
@@ -181,7 +213,9 @@ def format_table(rows: List[dict]) -> str:
     out.append("")
     out.append(f"{passed} PASS, {missed} MISS. ratio = native / fastvid (> 1: fastvid faster / smaller / fewer ops). "
                "MISS xF: fastvid's number must improve F-fold to meet the target. noise = (p80 - p20) / median, the "
-               "larger of the two providers. +cl: channels_last frames. strategy: fastvid's auto choice. "
+               "larger of the two providers. +cl: channels_last frames; +cl3d: channels_last_3d input and "
+               "modules (both providers). bandwidth: fastvid forward (input + output + weight bytes) / median time, "
+               "vs this run's copy bandwidth (y.copy_(x), 256 MiB fp32, 2 x bytes). strategy: fastvid's auto choice. "
                f"*: timed while other processes used more than {BUSY_CORES} cores.")
     return "\n".join(out)
 

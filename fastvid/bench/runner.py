@@ -17,7 +17,7 @@ import torch
 import fastvid
 
 from . import cases as cases_mod
-from . import measure, report, results
+from . import depthwise, measure, report, results
 
 #: Rounds and warm-up calls per provider and case.
 FULL_ROUNDS, FULL_WARMUP = 10, 2
@@ -110,7 +110,10 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
                 if wait_idle > 0:
                     measure.wait_until_idle(wait_idle, threshold=report.BUSY_CORES, log=log)
                 with measure.OtherLoad() as load:
-                    rows = run_case(case, rounds, warmup, device, memory, ops, base)
+                    if isinstance(case, depthwise.DWCase):
+                        rows = depthwise.run_case(case, rounds, warmup, device, memory, base)
+                    else:
+                        rows = run_case(case, rounds, warmup, device, memory, ops, base)
                 for row in rows:
                     if "strategy" in row:
                         strategy = row["strategy"] = row["strategy"] or strategy
@@ -128,9 +131,12 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
             results.append(out, rows)
         all_rows.extend(rows)
         timed = {r["provider"]: r for r in rows if r["metric"] == "time"}
+        bandwidth = [r for r in rows if r["metric"] == "bandwidth" and r["provider"] == "fastvid"]
         log(f"[{number}/{len(cases)}] {case.name}: "
             + ", ".join(f"{p} {r['median']:.1f} ms (sys {r['sys_ms_per_call']:.1f} ms, "
                         f"{r['minor_faults_per_call']:.0f} page faults)" for p, r in timed.items())
+            + "".join(f", fastvid forward {r['median']:.1f} GB/s = {r['fraction_of_copy']:.0%} of copy "
+                      f"{r['copy_GBps']:.1f} GB/s" for r in bandwidth)
             + f" ({time.perf_counter() - case_start:.0f} s"
             + ("" if load.cores is None else f", other processes used {load.cores:.1f} cores") + ")")
     log(f"fastvid bench: done in {time.perf_counter() - start:.0f} s" + (f", rows appended to {out}" if out else ""))

@@ -1,0 +1,371 @@
+"""Depthwise 3D convolution cases: ``nn.Conv3d(C, C, k, groups=C)`` vs ``fastvid.nn.DepthwiseConv3d``,
+and an X3D-style bottleneck block native vs ``fastvid.convert(block)`` (issue 3, "Benchmarks and
+targets").
+
+Shared by the runner (``python -m fastvid bench``) and ``benchmarks/test_bench_depthwise.py``:
+
+* :class:`DWShape` / :class:`DWCase` name a measurement: op (``DepthwiseConv3d`` or ``X3DBlock``),
+  shape ``[B, C, T, H, W]`` (+ kernel and stride; ``inner`` channels for the block), dtype
+  (``fp32``, or ``bf16`` autocast) and mode (``no_grad`` forward or ``fwd_bwd``).
+* :func:`build` returns ``{'native': Workload, 'fastvid': Workload}`` with equal weights
+  (``load_state_dict`` / deep copy + ``fastvid.convert``) and equal inputs. Inputs are
+  channels_last_3d (``[B, T, H, W, C]`` in memory) for both providers, and the modules are
+  converted to that memory format too: the layout in which CPU depthwise convolutions are fast.
+* :func:`check_parity` asserts outputs and gradients (input and every parameter) agree before
+  anything is timed.
+* :func:`run_case` measures one case the runner's way (interleaved rounds, median/p20/p80) and,
+  for the fastvid depthwise forward, adds a ``bandwidth`` row: achieved bytes/s =
+  (input + output + weight bytes) / median time, next to the machine's copy bandwidth measured
+  in the same process (:func:`copy_bandwidth`: ``y.copy_(x)`` of a 256 MiB fp32 tensor,
+  bytes = 2 x size, median of a few calls).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import statistics
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import fastvid
+
+from . import measure, results
+
+PROVIDERS = ("native", "fastvid")
+OPS = ("DepthwiseConv3d", "X3DBlock")
+DTYPES = ("fp32", "bf16")
+MODES = ("no_grad", "fwd_bwd")
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+#: Relative error ‖a - b‖ / ‖b‖ allowed per compared tensor (per op and dtype). The block's
+#: batch norms (train mode) divide by per-channel std, which amplifies fp32 rounding a little.
+PARITY_RTOL = {("DepthwiseConv3d", "fp32"): 1e-4, ("X3DBlock", "fp32"): 1e-3,
+               ("DepthwiseConv3d", "bf16"): 3e-2, ("X3DBlock", "bf16"): 5e-2}
+#: Layout recorded in the rows (and shown as ``+cl3d`` in the table).
+LAYOUT = "channels_last_3d"
+
+Triple = Tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class DWShape:
+    """Input ``[B, C, T, H, W]``, cubic kernel ``k``, stride ``stride``; ``inner``: the X3D block's
+    expanded channel count (0 for a bare depthwise conv)."""
+    B: int
+    C: int
+    T: int
+    H: int
+    W: int
+    k: int = 3
+    stride: Triple = (1, 1, 1)
+    inner: int = 0
+
+    @property
+    def label(self) -> str:
+        s = "s1" if self.stride == (1, 1, 1) else "s" + "x".join(map(str, self.stride))
+        inner = f",inner={self.inner}" if self.inner else ""
+        return f"B={self.B},C={self.C}{inner},T={self.T},{self.H}x{self.W},k{self.k},{s}"
+
+    @property
+    def dims(self) -> Tuple[int, int, int, int, int]:
+        return (self.B, self.C, self.T, self.H, self.W)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+#: The X3D shapes of issue 3. The first is the quick one.
+DW_SHAPES = (
+    DWShape(4, 96, 8, 28, 28),
+    DWShape(4, 192, 8, 14, 14),
+    DWShape(4, 48, 8, 56, 56, stride=(1, 2, 2)),
+    DWShape(4, 432, 8, 7, 7),
+)
+X3D_SHAPE = DWShape(4, 48, 8, 28, 28, inner=108)
+
+
+@dataclasses.dataclass(frozen=True)
+class DWCase:
+    """One measurement (same fields as :class:`fastvid.bench.cases.Case`, other op/shape kinds)."""
+    op: str
+    shape: DWShape
+    dtype: str
+    mode: str
+
+    def __post_init__(self):
+        for value, allowed in ((self.op, OPS), (self.dtype, DTYPES), (self.mode, MODES)):
+            if value not in allowed:
+                raise ValueError(f"DWCase: {value!r} is not one of {allowed}")
+
+    channels_last = True  # channels_last_3d, both providers
+
+    @property
+    def name(self) -> str:
+        """Stable id, e.g. ``DepthwiseConv3d-B=4,C=96,T=8,28x28,k3,s1-fp32-no_grad``."""
+        return f"{self.op}-{self.shape.label}-{self.dtype}-{self.mode}"
+
+
+def iter_cases(quick: bool = False, dtypes=("fp32",), modes=MODES) -> Iterator[DWCase]:
+    """Depthwise cases (all four shapes; ``quick``: the first one) in both modes, then the X3D
+    block (forward+backward; plus forward in full runs). bf16 autocast is available
+    (``dtypes=("fp32", "bf16")``) but not run by default."""
+    for shape in (DW_SHAPES[:1] if quick else DW_SHAPES):
+        for dtype in dtypes:
+            for mode in modes:
+                yield DWCase("DepthwiseConv3d", shape, dtype, mode)
+    for dtype in dtypes:
+        for mode in (("fwd_bwd",) if quick else modes):
+            if mode in modes:
+                yield DWCase("X3DBlock", X3D_SHAPE, dtype, mode)
+
+
+# ------------------------------------------------------------------------------ modules
+class SqueezeExcite3d(nn.Module):
+    """X3D's squeeze-excite: global average pool, 1x1x1 conv down, ReLU, 1x1x1 conv up, sigmoid, scale."""
+
+    def __init__(self, channels: int, reduced: int):
+        super().__init__()
+        self.fc1 = nn.Conv3d(channels, reduced, 1)
+        self.fc2 = nn.Conv3d(reduced, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean(dim=(2, 3, 4), keepdim=True)
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+def _se_channels(inner: int) -> int:
+    """X3D: round_width(inner, 1/16) to a multiple of 8 (108 -> 8)."""
+    return max(8, int(inner / 16 + 4) // 8 * 8)
+
+
+class X3DBottleneck(nn.Sequential):
+    """X3D-style bottleneck: 1x1x1 conv C->inner, BN, ReLU, channel-wise kxkxk conv, BN, SE, SiLU,
+    1x1x1 conv inner->C, BN (no residual: the block as issue 3 lists it)."""
+
+    def __init__(self, channels: int, inner: int, k: int = 3, stride: Triple = (1, 1, 1)):
+        super().__init__(
+            nn.Conv3d(channels, inner, 1, bias=False), nn.BatchNorm3d(inner), nn.ReLU(inplace=False),
+            nn.Conv3d(inner, inner, k, stride, padding=k // 2, groups=inner, bias=False), nn.BatchNorm3d(inner),
+            SqueezeExcite3d(inner, _se_channels(inner)), nn.SiLU(),
+            nn.Conv3d(inner, channels, 1, bias=False), nn.BatchNorm3d(channels),
+        )
+
+
+def native_module(case: DWCase) -> nn.Module:
+    s = case.shape
+    if case.op == "DepthwiseConv3d":
+        return nn.Conv3d(s.C, s.C, s.k, s.stride, padding=s.k // 2, groups=s.C)
+    return X3DBottleneck(s.C, s.inner, s.k, s.stride)
+
+
+def fastvid_module_like(native: nn.Module, case: DWCase) -> nn.Module:
+    """The fastvid module with ``native``'s weights."""
+    s = case.shape
+    if case.op == "DepthwiseConv3d":
+        module = fastvid.nn.DepthwiseConv3d(s.C, s.k, s.stride, padding=s.k // 2)
+        module.load_state_dict(native.state_dict())
+        return module
+    return fastvid.convert(copy.deepcopy(native))
+
+
+# ------------------------------------------------------------------------------ workloads
+@dataclasses.dataclass
+class Workload:
+    """One provider's side of a case; ``workload()`` runs one timed step (as in cases.Workload:
+    ``no_grad`` = one forward under no_grad; ``fwd_bwd`` = zero grads (set_to_none), forward,
+    backward of a fixed upstream gradient; the input requires grad)."""
+    case: DWCase
+    provider: str
+    module: nn.Module
+    x: Tensor
+    grad_output: Optional[Tensor] = None
+
+    def autocast(self):
+        dtype = AUTOCAST[self.case.dtype]
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.x.device.type, dtype=dtype)
+
+    def forward(self) -> Tensor:
+        with self.autocast():
+            return self.module(self.x)
+
+    def __call__(self) -> Tensor:
+        if self.case.mode == "no_grad":
+            with torch.no_grad():
+                return self.forward()
+        self.zero_grad()
+        y = self.forward()
+        if self.grad_output is None:
+            self.grad_output = _randn_like(y, seed=1)
+        y.backward(self.grad_output)
+        return y
+
+    def zero_grad(self):
+        self.x.grad = None
+        self.module.zero_grad(set_to_none=True)
+
+    def gradients(self) -> Dict[str, Tensor]:
+        grads = {"x": self.x.grad}
+        for i, p in enumerate(self.module.parameters()):  # same order: convert keeps the parameters
+            grads[f"param{i}{tuple(p.shape)}"] = p.grad
+        return grads
+
+
+def _randn_like(t: Tensor, seed: int) -> Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    values = torch.randn(t.shape, generator=generator, dtype=torch.float32)
+    return torch.empty_like(t).copy_(values)  # keeps t's dtype, device and layout (channels_last_3d)
+
+
+def make_input(case: DWCase, device="cpu", seed: int = 0) -> Tensor:
+    """``[B, C, T, H, W]`` fp32 input stored channels_last_3d."""
+    B, C, T, H, W = case.shape.dims
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(B, T, H, W, C, generator=generator).permute(0, 4, 1, 2, 3)
+    assert x.is_contiguous(memory_format=torch.channels_last_3d)
+    return x.to(device)
+
+
+def build(case: DWCase, device="cpu", seed: int = 0) -> Dict[str, Workload]:
+    torch.manual_seed(seed)
+    native = native_module(case).to(device)
+    modules = {"native": native, "fastvid": fastvid_module_like(native, case).to(device)}
+    x = make_input(case, device, seed)
+    workloads = {}
+    for provider, module in modules.items():
+        module = module.to(memory_format=torch.channels_last_3d)
+        module.train(case.mode == "fwd_bwd")  # block: BN batch statistics when training, running ones otherwise
+        inp = x.clone()
+        if case.mode == "fwd_bwd":
+            inp.requires_grad_(True)
+        workloads[provider] = Workload(case, provider, module, inp)
+    return workloads
+
+
+# ------------------------------------------------------------------------------ parity
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
+
+
+def compare(workloads: Dict[str, Workload]) -> Dict[str, float]:
+    """Relative errors of fastvid vs native: output and, for fwd_bwd, input and parameter gradients.
+    Module state (BN running statistics) is saved and restored around the comparison."""
+    outs = {}
+    for name, w in workloads.items():
+        state = copy.deepcopy(w.module.state_dict())
+        if w.case.mode == "no_grad":
+            with torch.no_grad():
+                outs[name] = w.forward()
+        else:
+            w.zero_grad()
+            outs[name] = w.forward()
+            if w.grad_output is None:
+                w.grad_output = _randn_like(outs[name], seed=1)
+            outs[name].backward(w.grad_output)
+        w.module.load_state_dict(state)
+    native, fast = workloads["native"], workloads["fastvid"]
+    if outs["fastvid"].shape != outs["native"].shape:
+        raise AssertionError(f"{native.case.name}: output shapes differ: fastvid {tuple(outs['fastvid'].shape)}, "
+                             f"native {tuple(outs['native'].shape)}")
+    errors = {"output": relative_error(outs["fastvid"], outs["native"])}
+    if native.case.mode == "fwd_bwd":
+        g_native, g_fast = native.gradients(), fast.gradients()
+        if list(g_native) != list(g_fast):
+            raise AssertionError(f"{native.case.name}: parameters differ after conversion: "
+                                 f"fastvid {list(g_fast)}, native {list(g_native)}")
+        for name, g in g_native.items():
+            errors["grad_" + name] = relative_error(g_fast[name], g)
+    return errors
+
+
+def check_parity(workloads: Dict[str, Workload]) -> Dict[str, float]:
+    case = workloads["native"].case
+    errors = compare(workloads)
+    tolerance = PARITY_RTOL[(case.op, case.dtype)]
+    bad = {k: v for k, v in errors.items() if not v <= tolerance}
+    if bad:
+        raise AssertionError(f"{case.name}: fastvid differs from native beyond relative error {tolerance}: "
+                             + ", ".join(f"{k}={v:.2e}" for k, v in bad.items()))
+    return errors
+
+
+# ------------------------------------------------------------------------------ bandwidth
+COPY_BYTES = 256 * 2 ** 20
+_copy_cache: Dict[str, Dict[str, float]] = {}
+
+
+def copy_bandwidth(device="cpu", nbytes: int = COPY_BYTES, rounds: int = 5) -> Dict[str, float]:
+    """The machine's copy bandwidth in bytes/s: ``y.copy_(x)`` of an ``nbytes`` fp32 tensor, counted
+    as 2 x nbytes (read + write), after one warm-up copy (which also faults ``y``'s pages in).
+    ``{'median', 'p20', 'p80'}`` over ``rounds`` copies (p20 of bytes/s = the slower copies).
+    Measured once per process and device (the runner's "same run")."""
+    key = str(device)
+    if key not in _copy_cache:
+        x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        y = torch.empty_like(x)
+        seconds = measure.time_interleaved({"copy": lambda: y.copy_(x)}, rounds=rounds, warmup=1,
+                                           device=device)["copy"].wall
+        stats = measure.summarize(seconds)
+        _copy_cache[key] = {"median": 2 * nbytes / stats["median"], "p20": 2 * nbytes / stats["p80"],
+                            "p80": 2 * nbytes / stats["p20"]}
+        del x, y
+    return _copy_cache[key]
+
+
+def forward_bytes(case: DWCase, workload: Workload) -> int:
+    """Bytes a depthwise forward must move at least: input + output + weight (+ bias)."""
+    with torch.no_grad():
+        y = workload.forward()
+    params = sum(p.numel() * p.element_size() for p in workload.module.parameters())
+    return workload.x.numel() * workload.x.element_size() + y.numel() * y.element_size() + params
+
+
+# ------------------------------------------------------------------------------ runner
+def run_case(case: DWCase, rounds: int, warmup: int, device="cpu", memory: bool = True,
+             base: Optional[dict] = None) -> List[dict]:
+    """Measure one case; returns its rows (both providers' times; peak memory of fwd_bwd cases;
+    the fastvid forward bandwidth for depthwise no_grad cases). Raises AssertionError on parity failure."""
+    base = dict(base or {})
+    workloads = build(case, device=device)
+    parity = check_parity(workloads)
+    rows: List[dict] = []
+
+    def add(provider, metric, unit, stats, **extra):
+        rows.append({
+            "op": case.op, "provider": provider, "mode": case.mode, "metric": metric, "unit": unit,
+            "shape": case.shape.label, **stats, "dtype": case.dtype, **base, "timestamp": results.now(),
+            "shape_dims": case.shape.as_dict(), "layout": LAYOUT, **extra,
+        })
+
+    fns = {name: workloads[name] for name in PROVIDERS}
+    times = measure.time_interleaved(fns, rounds=rounds, warmup=warmup, device=device)
+    medians = {}
+    for provider in PROVIDERS:
+        timing = times[provider]
+        stats = measure.summarize(timing.wall)
+        medians[provider] = stats["median"]
+        add(provider, "time", "ms", {k: v * 1e3 for k, v in stats.items()}, rounds=rounds,
+            parity_max_rel_error=max(parity.values()),
+            minor_faults_per_call=statistics.median(timing.minor_faults),
+            sys_ms_per_call=1e3 * statistics.median(timing.sys_seconds))
+
+    if case.op == "DepthwiseConv3d" and case.mode == "no_grad":
+        nbytes = forward_bytes(case, workloads["fastvid"])
+        stats = measure.summarize(times["fastvid"].wall)
+        achieved = {"median": nbytes / stats["median"] / 1e9, "p20": nbytes / stats["p80"] / 1e9,
+                    "p80": nbytes / stats["p20"] / 1e9}
+        copy_bw = {k: v / 1e9 for k, v in copy_bandwidth(device).items()}
+        fraction = achieved["median"] / copy_bw["median"]
+        add("copy", "bandwidth", "GB/s", copy_bw, copy_bytes=2 * COPY_BYTES,
+            note="y.copy_(x), 256 MiB fp32, bytes = 2 x size")
+        add("fastvid", "bandwidth", "GB/s", achieved, bytes_per_call=nbytes, copy_GBps=copy_bw["median"],
+            fraction_of_copy=fraction, note="(input + output + weight bytes) / median forward time")
+
+    if memory and case.mode == "fwd_bwd":
+        for provider in PROVIDERS:
+            workloads[provider].zero_grad()
+            peak = measure.peak_memory_bytes(workloads[provider], device=device) / 2.0 ** 20
+            add(provider, "peak_memory", "MiB", {"median": peak, "p20": peak, "p80": peak})
+    return rows
