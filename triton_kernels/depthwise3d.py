@@ -26,20 +26,13 @@ Ops (``mutates_args=()``):
 
 Without Triton the module still imports, with ``AVAILABLE = False`` and none of the above defined.
 Interpreter notes (fake tensors skip the launch; ops stay opaque under functionalization; bf16
-stores round by hand) are those of ``recurrent.py``.
+stores round by hand) are in ``_common.py``.
 """
 from typing import List, Optional, Tuple
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
-AVAILABLE = triton is not None
+from ._common import AVAILABLE, tl, triton
 
 __all__ = ["AVAILABLE", "BLOCK_SIZE", "MAX_KERNEL", "depthwise_conv3d", "depthwise_conv3d_backward"]
 
@@ -48,8 +41,6 @@ BLOCK_SIZE = 256
 # Most programs a weight-gradient tap is split over (the partial sums are added in PyTorch).
 MAX_SPLITS = 64
 MAX_KERNEL = 7
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _triple(v):
@@ -65,34 +56,11 @@ def _output_size(n, k, s, p, d):
 
 if AVAILABLE:
     from torch._subclasses.fake_tensor import is_fake
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
     from torch.library import wrap_triton  # bare name: torch's kernel discovery looks for it
 
-    # ------------------------------------------------------------------------------ helpers
-    @triton.jit
-    def _ld(ptr, mask, IS64: tl.constexpr):
-        x = tl.load(ptr, mask=mask, other=0.0)
-        if IS64:
-            y = x.to(tl.float64)
-        else:
-            y = x.to(tl.float32)
-        return y
-
-    @triton.jit
-    def _st(ptr, x, mask, FIX_BF16: tl.constexpr):
-        if FIX_BF16:
-            if ptr.dtype.element_ty == tl.bfloat16:
-                # Round-to-nearest-even fp32 -> bf16 by hand (the interpreter's cast truncates).
-                x32 = x.to(tl.float32)
-                bits = x32.to(tl.uint32, bitcast=True)
-                bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-                y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-                y = tl.where(x32 != x32, x32.to(tl.bfloat16), y)
-            else:
-                y = x.to(ptr.dtype.element_ty)
-        else:
-            y = x.to(ptr.dtype.element_ty)
-        tl.store(ptr, y, mask=mask)
+    from ._common import FIX_BF16 as _FIX_BF16
+    from ._common import check_tensor as _check_tensor, ld as _ld, register_ops
+    from ._common import should_launch as _launch, st as _st
 
     # ------------------------------------------------------------------------------ kernels
     @triton.jit
@@ -226,23 +194,7 @@ if AVAILABLE:
         if HAS_BIAS:
             tl.store(gb_ptr + split * CM + o, tl.sum(bacc, axis=0), mask=tap == 0)
 
-    # True when @triton.jit produced interpreter functions (TRITON_INTERPRET=1 at triton import).
-    _INTERPRET = type(_dw3d_fwd_kernel).__name__ == "InterpretedFunction"
-    _FIX_BF16 = _INTERPRET
-
     # ------------------------------------------------------------------------------ validation
-    def _check_tensor(fn, name, t, rank):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != rank:
-            raise ValueError(f"{fn}: {name} must be {rank}-D, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{fn}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
-        if t.device.type == "cpu" and not _INTERPRET:
-            raise RuntimeError(
-                f"{fn}: {name} is a CPU tensor; the Triton kernels need GPU tensors, or "
-                "TRITON_INTERPRET=1 set before triton is imported to run them on the CPU")
-
     def _check_args(fn, input, weight, stride, padding, dilation):
         """Validates input/weight/conv arguments; returns the output spatial size (TO, HO, WO)."""
         _check_tensor(fn, "input", input, 5)
@@ -268,13 +220,6 @@ if AVAILABLE:
                              f"stride {tuple(stride)}, padding {tuple(padding)}, dilation "
                              f"{tuple(dilation)} (output size {out})")
         return out
-
-    def _launch(n, t):
-        """Whether to launch a kernel over ``n`` elements of tensors like ``t`` (never for meta
-        tensors, nor for fake tensors under the interpreter: see recurrent.py)."""
-        if n == 0 or t.device.type == "meta":
-            return False
-        return not (_INTERPRET and is_fake(t))
 
     def _acc_dtype(dtype):
         return torch.float64 if dtype == torch.float64 else torch.float32
@@ -376,28 +321,12 @@ if AVAILABLE:
         return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 None, None, None)
 
-    def _no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            "fastvid::triton_depthwise_conv3d_backward: double backward (differentiating the "
-            "backward op) is not supported by the Triton depthwise kernels")
-
     def _setup_none(ctx, inputs, output):
         pass
 
     # ------------------------------------------------------------------------------ registration
-    def _opaque_under_functionalization(mode, op, types, args, kwargs):
-        # See recurrent.py: under the interpreter wrap_triton returns the bare kernel (no HOP).
-        return mode.__torch_dispatch__(op, types, args, kwargs)
-
-    for _name, _impl, _bwd, _setup in (
-            ("triton_depthwise_conv3d", _fwd_impl, _autograd_backward, _setup_context),
-            ("triton_depthwise_conv3d_backward", _bwd_impl, _no_double_backward, _setup_none)):
-        if hasattr(torch.ops.fastvid, _name):  # imported twice (fastvid.triton_kernels / triton_kernels)
-            continue
-        _op = torch.library.triton_op(f"fastvid::{_name}", _impl, mutates_args=())
-        if _INTERPRET:
-            _op.register_torch_dispatch(FunctionalTensorMode, _opaque_under_functionalization)
-        torch.library.register_autograd(f"fastvid::{_name}", _bwd, setup_context=_setup)
+    register_ops((("triton_depthwise_conv3d", _fwd_impl, _autograd_backward, _setup_context),
+                  ("triton_depthwise_conv3d_backward", _bwd_impl, None, _setup_none)))
 
     # ------------------------------------------------------------------------------ public API
     def depthwise_conv3d(input, weight, bias=None, stride=(1, 1, 1), padding=(0, 0, 0),

@@ -23,14 +23,8 @@ backward):
 
 Without Triton the module still imports, with ``AVAILABLE = False`` and none of the above defined.
 
-Interpreter notes (``TRITON_INTERPRET=1``, CPU tensors):
-
-* Triton's interpreted fp32 -> bf16 cast truncates instead of rounding to nearest even as the GPU
-  does; the store helper rounds by hand in that mode only (``_FIX_BF16``), so interpreted bf16
-  results match PyTorch's ``.to(torch.bfloat16)``.
-* ``wrap_triton`` returns the bare interpreted kernel (no traceable HOP), so under fake tensors the
-  launch is skipped (outputs only need shapes) and the ops stay opaque under functionalization
-  (AOTAutograd / torch.compile call them eagerly instead of inlining the kernels).
+Interpreter notes (``TRITON_INTERPRET=1``, CPU tensors: bf16 rounding, no launch on fake tensors,
+ops opaque under functionalization) are in ``_common.py``.
 """
 from typing import Optional, Tuple
 
@@ -38,14 +32,7 @@ import torch
 
 from fastvid.reference.recurrent import compute_dtype
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
-AVAILABLE = triton is not None
+from ._common import AVAILABLE, tl, triton
 
 __all__ = [
     "AVAILABLE",
@@ -61,40 +48,13 @@ __all__ = [
 # Elements per program. Module-level so tests can shrink it to exercise many programs.
 BLOCK_SIZE = 1024
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 if AVAILABLE:
-    from torch._subclasses.fake_tensor import is_fake
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
     from torch.library import wrap_triton  # bare name: torch's kernel discovery looks for it
 
+    from ._common import FIX_BF16 as _FIX_BF16
+    from ._common import check_tensor, ld as _ld, register_ops, should_launch, st as _st
+
     # ------------------------------------------------------------------------------ helpers
-    @triton.jit
-    def _ld(ptr, mask, IS64: tl.constexpr):
-        x = tl.load(ptr, mask=mask, other=0.0)
-        if IS64:
-            y = x.to(tl.float64)
-        else:
-            y = x.to(tl.float32)
-        return y
-
-    @triton.jit
-    def _st(ptr, x, mask, FIX_BF16: tl.constexpr):
-        if FIX_BF16:
-            if ptr.dtype.element_ty == tl.bfloat16:
-                # Round-to-nearest-even fp32 -> bf16 by hand (the interpreter's cast truncates).
-                x32 = x.to(tl.float32)
-                bits = x32.to(tl.uint32, bitcast=True)
-                bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-                y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-                y = tl.where(x32 != x32, x32.to(tl.bfloat16), y)
-            else:
-                y = x.to(ptr.dtype.element_ty)
-        else:
-            y = x.to(ptr.dtype.element_ty)
-        tl.store(ptr, y, mask=mask)
-
     @triton.jit
     def _sigmoid(x):
         # Overflow-free: e = exp(-|x|) <= 1.
@@ -263,22 +223,9 @@ if AVAILABLE:
         _st(dhp_ptr + offs, d * r, mask, FIX_BF16)
         _st(dr_ptr + offs, d * h_prev * r * (1 - r), mask, FIX_BF16)
 
-    # True when @triton.jit produced interpreter functions (TRITON_INTERPRET=1 at triton import).
-    _INTERPRET = type(_lstm_cell_fwd_kernel).__name__ == "InterpretedFunction"
-    _FIX_BF16 = _INTERPRET
-
     # ------------------------------------------------------------------------------ validation
     def _check_tensor(fn, name, t, rank=4):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != rank:
-            raise ValueError(f"{fn}: {name} must be {rank}-D, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{fn}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
-        if t.device.type == "cpu" and not _INTERPRET:
-            raise RuntimeError(
-                f"{fn}: {name} is a CPU tensor; the Triton kernels need GPU tensors, or "
-                "TRITON_INTERPRET=1 set before triton is imported to run them on the CPU")
+        check_tensor(fn, name, t, rank)
 
     def _check_like(fn, ref_name, ref, name, t, channels):
         """``t`` [B, channels, H, W] on ``ref``'s device with ``ref``'s batch and spatial dims."""
@@ -307,16 +254,7 @@ if AVAILABLE:
     def _grid(n):
         return (triton.cdiv(n, BLOCK_SIZE),)
 
-    def _launch(n, t):
-        """Whether to launch a kernel over ``n`` cells of tensors like ``t``.
-
-        Meta tensors never launch (the op then acts as its own shape function). Under the
-        interpreter ``wrap_triton`` hands back the bare kernel instead of a traceable wrapper, so
-        fake-tensor tracing (torch.compile, opcheck) would run the interpreter on fake data: skip it.
-        """
-        if n == 0 or t.device.type == "meta":
-            return False
-        return not (_INTERPRET and is_fake(t))
+    _launch = should_launch
 
     # ------------------------------------------------------------------------------ op bodies
     def _lstm_cell_impl(gates_pre: torch.Tensor, c_prev: torch.Tensor,
@@ -506,26 +444,7 @@ if AVAILABLE:
             grad, x_r, h_r, h_prev)
         return grad_r_pre, grad_r_pre.to(h_r.dtype), grad_h_prev
 
-    def _no_double_backward(name):
-        def backward(ctx, *grads):
-            raise RuntimeError(
-                f"fastvid::{name}: double backward (differentiating the backward op) is not "
-                "supported by the Triton recurrent kernels")
-        return backward
-
     # ------------------------------------------------------------------------------ registration
-    def _registered(name):
-        # The same file may be imported twice (as ``fastvid.triton_kernels.recurrent`` and as a
-        # top-level ``triton_kernels.recurrent`` from a source checkout): register once.
-        return hasattr(torch.ops.fastvid, name)
-
-    def _opaque_under_functionalization(mode, op, types, args, kwargs):
-        # triton_op decomposes the op into its body under FunctionalTensorMode (AOTAutograd,
-        # torch.compile) so the backend sees the wrap_triton HOP. Under the interpreter wrap_triton
-        # returns the bare kernel, there is no HOP and the kernel would vanish from the traced
-        # graph: keep the op opaque instead (the compiled graph then calls the op eagerly).
-        return mode.__torch_dispatch__(op, types, args, kwargs)
-
     _OPS = (
         ("triton_lstm_cell", _lstm_cell_impl,
          _lstm_cell_autograd_backward, _lstm_cell_setup_context),
@@ -537,16 +456,7 @@ if AVAILABLE:
          _gru_reset_hidden_autograd_backward, _gru_reset_hidden_setup_context),
         ("triton_gru_reset_hidden_backward", _gru_reset_hidden_backward_impl, None, None),
     )
-    for _name, _impl, _bwd, _setup in _OPS:
-        if _registered(_name):
-            continue
-        _op = torch.library.triton_op(f"fastvid::{_name}", _impl, mutates_args=())
-        if _INTERPRET:
-            _op.register_torch_dispatch(FunctionalTensorMode, _opaque_under_functionalization)
-        torch.library.register_autograd(
-            f"fastvid::{_name}", _bwd if _bwd is not None else _no_double_backward(_name),
-            setup_context=_setup)
-    del _name, _impl, _bwd, _setup, _op
+    register_ops(_OPS)
 
     # ------------------------------------------------------------------------------ public API
     def lstm_cell(gates_pre, c_prev, peephole=None):
