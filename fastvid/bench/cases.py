@@ -221,7 +221,7 @@ class Workload:
         self.zero_grad()
         output = self.forward()[0]
         if self.grad_output is None:  # first call: fix the upstream gradient (output's dtype/layout)
-            self.grad_output = _randn_like(output, seed=1)
+            self.grad_output = seeded_randn_like(output, seed=1)
         output.backward(self.grad_output)
         return output
 
@@ -249,7 +249,7 @@ class Workload:
         return grads
 
 
-def _randn_like(t: Tensor, seed: int) -> Tensor:
+def seeded_randn_like(t: Tensor, seed: int) -> Tensor:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     values = torch.randn(t.shape, generator=generator, dtype=torch.float32)
     return torch.empty_like(t).copy_(values)  # empty_like keeps t's dtype, device and layout
@@ -304,7 +304,7 @@ def compare(workloads: Dict[str, Workload]) -> Dict[str, float]:
             w.zero_grad()
             outs[name] = w.forward()
             if w.grad_output is None:
-                w.grad_output = _randn_like(outs[name][0], seed=1)
+                w.grad_output = seeded_randn_like(outs[name][0], seed=1)
             outs[name][0].backward(w.grad_output)
     (out_n, state_n), (out_f, state_f) = outs["native"], outs["fastvid"]
     errors["output"] = relative_error(out_f, out_n)
@@ -321,11 +321,14 @@ def compare(workloads: Dict[str, Workload]) -> Dict[str, float]:
 def check_parity(workloads: Dict[str, Workload]) -> Dict[str, float]:
     """Assert that fastvid matches native (see :data:`PARITY_RTOL`); returns the errors."""
     case = workloads["native"].case
-    errors = compare(workloads)
-    tolerance = PARITY_RTOL[case.dtype]
+    return assert_within(case.name, compare(workloads), PARITY_RTOL[case.dtype])
+
+
+def assert_within(case_name: str, errors: Dict[str, float], tolerance: float) -> Dict[str, float]:
+    """Raise unless every relative error is within ``tolerance`` (NaN fails); returns ``errors``."""
     bad = {k: v for k, v in errors.items() if not v <= tolerance}
     if bad:
-        raise AssertionError(f"{case.name}: fastvid differs from native beyond relative error {tolerance}: "
+        raise AssertionError(f"{case_name}: fastvid differs from native beyond relative error {tolerance}: "
                              + ", ".join(f"{k}={v:.2e}" for k, v in bad.items()))
     return errors
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 import fastvid
 
 from . import measure, results
+from .cases import assert_within, relative_error, seeded_randn_like
 
 PROVIDERS = ("native", "fastvid")
 OPS = ("DepthwiseConv3d", "X3DBlock")
@@ -197,7 +198,7 @@ class Workload:
         self.zero_grad()
         y = self.forward()
         if self.grad_output is None:
-            self.grad_output = _randn_like(y, seed=1)
+            self.grad_output = seeded_randn_like(y, seed=1)
         y.backward(self.grad_output)
         return y
 
@@ -210,12 +211,6 @@ class Workload:
         for i, p in enumerate(self.module.parameters()):  # same order: convert keeps the parameters
             grads[f"param{i}{tuple(p.shape)}"] = p.grad
         return grads
-
-
-def _randn_like(t: Tensor, seed: int) -> Tensor:
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    values = torch.randn(t.shape, generator=generator, dtype=torch.float32)
-    return torch.empty_like(t).copy_(values)  # keeps t's dtype, device and layout (channels_last_3d)
 
 
 def make_input(case: DWCase, device="cpu", seed: int = 0) -> Tensor:
@@ -244,11 +239,6 @@ def build(case: DWCase, device="cpu", seed: int = 0) -> Dict[str, Workload]:
 
 
 # ------------------------------------------------------------------------------ parity
-def relative_error(actual: Tensor, expected: Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
-
-
 def compare(workloads: Dict[str, Workload]) -> Dict[str, float]:
     """Relative errors of fastvid vs native: output and, for fwd_bwd, input and parameter gradients.
     Module state (BN running statistics) is saved and restored around the comparison."""
@@ -262,7 +252,7 @@ def compare(workloads: Dict[str, Workload]) -> Dict[str, float]:
             w.zero_grad()
             outs[name] = w.forward()
             if w.grad_output is None:
-                w.grad_output = _randn_like(outs[name], seed=1)
+                w.grad_output = seeded_randn_like(outs[name], seed=1)
             outs[name].backward(w.grad_output)
         w.module.load_state_dict(state)
     native, fast = workloads["native"], workloads["fastvid"]
@@ -282,13 +272,7 @@ def compare(workloads: Dict[str, Workload]) -> Dict[str, float]:
 
 def check_parity(workloads: Dict[str, Workload]) -> Dict[str, float]:
     case = workloads["native"].case
-    errors = compare(workloads)
-    tolerance = PARITY_RTOL[(case.op, case.dtype)]
-    bad = {k: v for k, v in errors.items() if not v <= tolerance}
-    if bad:
-        raise AssertionError(f"{case.name}: fastvid differs from native beyond relative error {tolerance}: "
-                             + ", ".join(f"{k}={v:.2e}" for k, v in bad.items()))
-    return errors
+    return assert_within(case.name, compare(workloads), PARITY_RTOL[(case.op, case.dtype)])
 
 
 # ------------------------------------------------------------------------------ bandwidth
