@@ -145,14 +145,10 @@ LSTM_CONFIGS = [c for c in SEQ_CONFIGS if c.kind == "lstm"]
 GRU_CONFIGS = [c for c in SEQ_CONFIGS if c.kind == "gru"]
 
 
-@dataclasses.dataclass
-class SeqSample:
-    """Inputs of one sequence call: ``tensors`` maps argument name -> tensor (None when absent)."""
-    config: SeqConfig
-    reverse: bool
-    dtype: torch.dtype
-    layout: str
+class _TensorSet:
+    """Shared by the samples: ``tensors`` maps argument name -> tensor (None when absent)."""
     tensors: dict
+    cell_state: str  # the LSTM cell-state argument, which keeps the cell-state dtype rule
 
     @property
     def names(self) -> list:
@@ -163,16 +159,27 @@ class SeqSample:
         return {k: leaf(v) for k, v in self.tensors.items()}
 
     def converted(self, dtype: torch.dtype, requires_grad: bool = True) -> dict:
-        """The same values in ``dtype`` (contiguous); the LSTM c0 keeps the cell-state dtype rule."""
+        """The same values in ``dtype`` (contiguous); the LSTM cell state keeps the cell-state dtype rule."""
         out = {}
         for k, v in self.tensors.items():
             if v is None:
                 out[k] = None
                 continue
-            d = acc_dtype(dtype) if k == "c0" else dtype
-            t = v.detach().to(d).contiguous()
-            out[k] = t.requires_grad_(requires_grad)
+            d = acc_dtype(dtype) if k == self.cell_state else dtype
+            out[k] = v.detach().to(d).contiguous().requires_grad_(requires_grad)
         return out
+
+
+@dataclasses.dataclass
+class SeqSample(_TensorSet):
+    """Inputs of one sequence call: ``tensors`` maps argument name -> tensor (None when absent)."""
+    config: SeqConfig
+    reverse: bool
+    dtype: torch.dtype
+    layout: str
+    tensors: dict
+
+    cell_state = "c0"  # the argument kept in the cell-state dtype by converted()
 
     def run_ops(self, tensors: dict, strategy: Optional[str]):
         """fastvid.ops.convlstm / convgru on ``tensors``; returns the tuple of outputs."""
@@ -299,28 +306,13 @@ CELL_CONFIGS = [
 
 
 @dataclasses.dataclass
-class CellSample:
+class CellSample(_TensorSet):
     config: CellConfig
     dtype: torch.dtype
     layout: str
     tensors: dict
 
-    @property
-    def names(self) -> list:
-        return [k for k, v in self.tensors.items() if v is not None]
-
-    def leaves(self) -> dict:
-        return {k: leaf(v) for k, v in self.tensors.items()}
-
-    def converted(self, dtype: torch.dtype, requires_grad: bool = True) -> dict:
-        out = {}
-        for k, v in self.tensors.items():
-            if v is None:
-                out[k] = None
-                continue
-            d = acc_dtype(dtype) if k == "c_prev" else dtype
-            out[k] = v.detach().to(d).contiguous().requires_grad_(requires_grad)
-        return out
+    cell_state = "c_prev"
 
     def op_args(self, tensors: dict) -> tuple:
         tt = tensors
