@@ -4,7 +4,8 @@ from ._version import __version__
 from ._backend import backend, get_backend, set_backend
 from . import ops  # noqa: F401  (registers fake kernels and autograd of the custom ops)
 from . import nn  # noqa: F401
+from . import models  # noqa: F401
 from .convert import convert
 from ._info import info
 
-__all__ = ["__version__", "backend", "get_backend", "set_backend", "info", "ops", "nn", "convert"]
+__all__ = ["__version__", "backend", "get_backend", "set_backend", "info", "ops", "nn", "models", "convert"]

@@ -1,8 +1,11 @@
-"""Drop-in replacement of native layers in a user's model by fastvid layers, weights kept.
+"""Drop-in replacement of layers, weights kept, both ways.
 
-``fastvid.convert(model)`` walks the module tree and replaces every module that a registered
-converter recognises. Today: ``nn.Conv3d`` with ``groups == in_channels`` → ``DepthwiseConv3d``.
-Later conversions (nonlocal blocks, back to plain PyTorch) add entries to ``CONVERTERS``.
+``fastvid.convert(model)`` walks the module tree and replaces every module that a converter in
+``CONVERTERS`` recognises by the fastvid layer computing the same function (``nn.Conv3d`` with
+``groups == in_channels`` → ``DepthwiseConv3d``; nonlocal blocks → ``NonLocalBlock``).
+``fastvid.convert(model, to="reference")`` goes back: every fastvid layer becomes plain PyTorch
+modules with the same parameters (``fastvid/reference/modules.py``), for export and for users
+without the compiled extension.
 """
 from __future__ import annotations
 
@@ -14,28 +17,38 @@ from torch import nn
 from .nn.conv3d import DepthwiseConv3d, is_depthwise_conv3d
 
 # (name, recognises(module) -> bool, convert(module) -> nn.Module), tried in order.
-CONVERTERS: List[Tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = [
+Converter = Tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]
+CONVERTERS: List[Converter] = [
     ("depthwise_conv3d", is_depthwise_conv3d, DepthwiseConv3d.from_conv3d),
 ]
 
+TARGETS = ("fastvid", "reference")
 
-def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Returns ``model`` with native layers replaced by fastvid ones (outputs equal within float
-    tolerance, parameters kept). With ``inplace=False`` the model is deep-copied first."""
+
+def convert(model: nn.Module, inplace: bool = False, to: str = "fastvid") -> nn.Module:
+    """Returns ``model`` with its layers replaced (outputs equal within float tolerance, parameters
+    kept). ``to="fastvid"``: native layers → fastvid layers; ``to="reference"``: fastvid layers →
+    plain PyTorch modules. With ``inplace=False`` the model is deep-copied first."""
+    if to not in TARGETS:
+        raise ValueError(f"fastvid.convert: to must be one of {TARGETS}, got {to!r}")
+    if to == "reference":
+        from .reference.modules import TO_REFERENCE as converters
+    else:
+        converters = CONVERTERS
     if not inplace:
         model = copy.deepcopy(model)
-    for _, recognises, make in CONVERTERS:
+    for _, recognises, make in converters:
         if recognises(model):
             return make(model)
-    _convert_children(model)
+    _convert_children(model, converters)
     return model
 
 
-def _convert_children(module: nn.Module) -> None:
+def _convert_children(module: nn.Module, converters: List[Converter]) -> None:
     for name, child in module.named_children():
-        for _, recognises, make in CONVERTERS:
+        for _, recognises, make in converters:
             if recognises(child):
                 setattr(module, name, make(child))
                 break
         else:
-            _convert_children(child)
+            _convert_children(child, converters)
