@@ -1,0 +1,187 @@
+"""Nonlocal (spatio-temporal self-) attention: functional API and the Python side of the custom ops.
+
+``nonlocal_attention(q, k, v, scale)`` = ``softmax(scale · q kᵀ) v`` computed tile by tile with an
+online softmax (flash-attention-2 style): forward saves only the output and the per-row
+log-sum-exp, backward recomputes the tiles, so memory is linear in N and M. Backends:
+
+* ``cpu``: ``torch.ops.fastvid.nonlocal_attention`` (+ ``_backward``), the C++ kernel in
+  ``csrc/attention/attention_cpu.cpp`` (tiles multiplied by MKL's GEMM, softmax vectorised);
+* ``cuda``: PyTorch's fused attention kernels (``F.scaled_dot_product_attention``: flash /
+  memory-efficient / cuDNN, which PyTorch picks) — fastvid has no CUDA attention kernel of its own,
+  the Triton kernel is the alternative on GPUs;
+* ``triton``: ``triton_kernels/attention.py``;
+* ``reference``: ``fastvid/reference/attention.py`` (materialises the N×M matrix).
+
+Two nonlocal variants whose affinities are not a softmax get memory-aware paths here too:
+:func:`dot_product_attention` (Wang et al.'s dot product: ``(q kᵀ / M) v`` computed as
+``q (kᵀ v) / M``) and :func:`concatenation_attention` (``ReLU(a_i + b_j) / M``, query chunks
+recomputed in backward).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .. import _backend
+from ._common import autocast_inputs, check_one_device, double_backward_unsupported
+from ..reference import attention as ref
+
+__all__ = ["nonlocal_attention", "dot_product_attention", "concatenation_attention"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_attention_args(op, q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fastvid.{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"fastvid.{op}: {name} must be 3-D [B, rows, dim] (4-D with heads before "
+                             f"folding), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"fastvid.{op}: {name} must be a floating tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"fastvid.{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"fastvid.{op}: q, k, v must have the same batch size, got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"fastvid.{op}: q and k must have the same last dim D, got q {tuple(q.shape)} and "
+                         f"k {tuple(k.shape)}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"fastvid.{op}: k and v must have the same number of rows M, got k {tuple(k.shape)} "
+                         f"and v {tuple(v.shape)}")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"fastvid.{op}: need at least one query and one key, got N = {q.shape[1]}, "
+                         f"M = {k.shape[1]}")
+
+
+# ------------------------------------------------------------------------------ fake kernels + autograd
+def _has_cpu_op() -> bool:
+    return _backend.cpu_kernels() and hasattr(torch.ops.fastvid, "nonlocal_attention")
+
+
+if _has_cpu_op():
+    @torch.library.register_fake("fastvid::nonlocal_attention")
+    def _(q, k, v, scale):
+        check_one_device("nonlocal_attention", q=q, k=k, v=v)
+        _check_attention_args("nonlocal_attention", q, k, v)
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+        lse = q.new_empty(q.shape[0], q.shape[1], dtype=_lse_dtype(q.dtype))
+        return out, lse
+
+    @torch.library.register_fake("fastvid::nonlocal_attention_backward")
+    def _(grad_out, grad_lse, q, k, v, out, lse, scale):
+        check_one_device("nonlocal_attention_backward", grad_out=grad_out, q=q, k=k, v=v)
+        _check_attention_args("nonlocal_attention_backward", q, k, v)
+        return torch.empty_like(q, memory_format=torch.contiguous_format), \
+            torch.empty_like(k, memory_format=torch.contiguous_format), \
+            torch.empty_like(v, memory_format=torch.contiguous_format)
+
+    def _setup(ctx, inputs, output):
+        q, k, v, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+
+    def _backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        grad_q, grad_k, grad_v = torch.ops.fastvid.nonlocal_attention_backward(
+            grad_out, grad_lse, q, k, v, out, lse, ctx.scale)
+        return grad_q, grad_k, grad_v, None
+
+    torch.library.register_autograd("fastvid::nonlocal_attention", _backward, setup_context=_setup)
+    torch.library.register_autograd("fastvid::nonlocal_attention_backward",
+                                    double_backward_unsupported("nonlocal_attention_backward"))
+
+
+def _triton():
+    from ..triton_kernels import attention as tk  # imported lazily: triton import is slow
+    return tk
+
+
+# ------------------------------------------------------------------------------ public ops
+def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """``softmax(scale · q kᵀ, dim=-1) v`` without materialising the N×M affinity matrix.
+
+    ``q`` ``[B, N, D]``, ``k`` ``[B, M, D]``, ``v`` ``[B, M, Dv]``, or with a heads dimension
+    ``[B, heads, N, D]`` etc.; returns ``[B, N, Dv]`` (``[B, heads, N, Dv]``). ``scale`` defaults to
+    ``1/sqrt(D)``; the nonlocal block of Wang et al. uses 1. fp32 / fp64 / bf16 (fp16 on GPUs); low
+    precision accumulates in fp32. Rows of q, k, v may be strided either way (``[B, N, D]`` with unit
+    stride along D or along N: a channels-first projection's transpose is read without a copy)."""
+    heads = None
+    if isinstance(q, Tensor) and q.dim() == 4:
+        if not (isinstance(k, Tensor) and isinstance(v, Tensor) and k.dim() == 4 and v.dim() == 4):
+            raise ValueError("fastvid.nonlocal_attention: with a heads dimension q, k and v must all be 4-D "
+                             "[B, heads, rows, dim]")
+        if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
+            raise ValueError(f"fastvid.nonlocal_attention: q, k, v must agree in [B, heads], got "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        heads = q.shape[:2]
+        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    _check_attention_args("nonlocal_attention", q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = float(scale)
+    q, k, v = autocast_inputs(q.device.type, q, k, v)
+    which = _backend.resolve({"q": q, "k": k, "v": v})
+    if which == "cpu" and _has_cpu_op():
+        out = torch.ops.fastvid.nonlocal_attention(q, k, v, scale)[0]
+    elif which == "cuda":
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    elif which == "triton":
+        out = torch.ops.fastvid.triton_nonlocal_attention(q, k, v, scale)[0] if _triton().AVAILABLE else None
+    else:
+        out = ref.nonlocal_attention(q, k, v, scale)[0]
+    return out if heads is None else out.unflatten(0, heads)
+
+
+def dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Wang et al.'s dot-product nonlocal: ``(q kᵀ / M) v`` for ``[B, N, D]``, ``[B, M, D]``,
+    ``[B, M, Dv]``, computed as ``q (kᵀ v) / M``: no N×M matrix, O(N·D·Dv) work."""
+    _check_attention_args("dot_product_attention", q, k, v)
+    return torch.matmul(q, torch.matmul(k.transpose(1, 2), v)) / k.shape[1]
+
+
+def _concatenation_chunk(query_scores: Tensor, key_scores: Tensor, v: Tensor) -> Tensor:
+    affinity = torch.relu(query_scores.unsqueeze(2) + key_scores.unsqueeze(1))  # [B, n, M]
+    return torch.matmul(affinity, v) / key_scores.shape[1]
+
+
+def concatenation_attention(query_scores: Tensor, key_scores: Tensor, v: Tensor,
+                            max_chunk_elements: int = 1 << 22) -> Tensor:
+    """Wang et al.'s concatenation nonlocal: ``y_i = Σ_j ReLU(a_i + b_j) v_j / M`` where
+    ``a = θ·w_θ`` ``[B, N]`` and ``b = φ·w_φ`` ``[B, M]`` are the two halves of ``w_fᵀ[θ_i, φ_j]``.
+
+    The ReLU of a sum is not a softmax, so the tiled kernel cannot compute it; instead the queries
+    are processed in chunks of at most ``max_chunk_elements`` affinities, each chunk recomputed in
+    backward (activation checkpointing): peak memory is one chunk, not N×M."""
+    if query_scores.dim() != 2 or key_scores.dim() != 2 or v.dim() != 3:
+        raise ValueError("fastvid.concatenation_attention: expected query_scores [B, N], key_scores [B, M], "
+                         f"v [B, M, Dv], got {tuple(query_scores.shape)}, {tuple(key_scores.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, N = query_scores.shape
+    M = key_scores.shape[1]
+    rows = max(1, max_chunk_elements // max(1, B * M))
+    if rows >= N:
+        return _concatenation_chunk(query_scores, key_scores, v)
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in (query_scores, key_scores, v))
+    chunks = []
+    for start in range(0, N, rows):
+        part = query_scores[:, start:start + rows]
+        if track:
+            chunks.append(checkpoint(_concatenation_chunk, part, key_scores, v, use_reentrant=False))
+        else:
+            chunks.append(_concatenation_chunk(part, key_scores, v))
+    return torch.cat(chunks, dim=1)
