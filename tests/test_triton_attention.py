@@ -1,0 +1,303 @@
+"""Triton nonlocal (flash-style) attention kernels against a float64 softmax oracle.
+
+Runs the kernels on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set before
+triton is imported). Skipped when triton is not installed. Shapes are tiny: the interpreter is slow.
+Most tests shrink the tiles to 16 so a few dozen rows already span several query and key blocks
+with masked tails.
+"""
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastvid.triton_kernels import attention as ta  # noqa: E402
+
+if not ta.AVAILABLE:
+    pytest.skip("triton unavailable", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+# (B, N, M, D, Dv): queries N and keys M off the tile multiples, one key, a single query,
+# D != Dv, D not a power of two, the widest head dim.
+CASES = [
+    (2, 37, 21, 16, 16),
+    (1, 20, 1, 8, 12),
+    (2, 33, 50, 24, 5),
+    (1, 1, 40, 3, 7),
+    (1, 9, 18, 256, 200),
+]
+IDS = ["tails", "one-key", "odd-dims", "one-query", "d256"]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    for name in ("BLOCK_N", "BLOCK_M", "BWD_BLOCK_N", "BWD_BLOCK_M"):
+        monkeypatch.setattr(ta, name, 16)
+
+
+def _sample(case, dtype, seed=0):
+    B, N, M, D, Dv = case
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
+    q, k, v = r(B, N, D), r(B, M, D), r(B, M, Dv)
+    grad_out, grad_lse = r(B, N, Dv), r(B, N)
+    scale = 1.7 / math.sqrt(D)  # a bit sharper than 1/sqrt(D): peaked, not uniform, rows
+    return [t.to(dtype).to(DEVICE) for t in (q, k, v, grad_out, grad_lse)], scale
+
+
+def _oracle(q, k, v, scale):
+    """out, lse = softmax(scale q kᵀ) v, logsumexp(scale q kᵀ), written out plainly."""
+    scores = scale * q @ k.transpose(1, 2)
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
+
+
+def _values_and_grads(fn, q, k, v, scale, grad_out, grad_lse, dtype=None):
+    """(out, lse, dq, dk, dv) of fn with inputs cast to dtype; loss <out, grad_out> + <lse, grad_lse>."""
+    dtype = dtype or q.dtype
+    ins = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out, lse = fn(*ins, scale)
+    terms = [(out * grad_out.to(out.dtype)).sum()]
+    if grad_lse is not None:
+        terms.append((lse * grad_lse.to(lse.dtype)).sum())
+    grads = torch.autograd.grad(sum(terms), ins)
+    return (out, lse, *grads)
+
+
+NAMES = ("out", "lse", "dq", "dk", "dv")
+
+
+def _tol(dtype):
+    if dtype == torch.float64:
+        return dict(rtol=1e-10, atol=1e-11)
+    return dict(rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_matches_oracle(case, dtype, small_tiles):
+    (q, k, v, grad_out, grad_lse), scale = _sample(case, dtype)
+    got = _values_and_grads(ta.attention_forward, q, k, v, scale, grad_out, grad_lse)
+    want = _values_and_grads(_oracle, q, k, v, scale, grad_out, grad_lse, torch.float64)
+    assert got[0].dtype == dtype and got[0].is_contiguous()
+    assert got[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.shape == w.shape, name
+        torch.testing.assert_close(g.double(), w, **_tol(dtype), msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=[IDS[0], IDS[2]])
+def test_low_precision_flash_style(case, dtype, small_tiles):
+    """Half-precision error at most twice the error of the same oracle run in that dtype (plus a
+    small atol): low-precision operands, fp32 accumulation."""
+    (q, k, v, grad_out, grad_lse), scale = _sample(case, dtype, seed=1)
+    got = _values_and_grads(ta.attention_forward, q, k, v, scale, grad_out, grad_lse)
+    exact = _values_and_grads(_oracle, q, k, v, scale, grad_out, grad_lse, torch.float64)
+    naive = _values_and_grads(_oracle, q, k, v, scale, grad_out, grad_lse, dtype)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    for name, g, e, n in zip(NAMES, got, exact, naive):
+        err = (g.double() - e).abs().max().item()
+        naive_err = (n.double() - e).abs().max().item()
+        assert err <= 2 * naive_err + 1e-3, f"{name}: error {err:.3g} vs {dtype} oracle {naive_err:.3g}"
+    # lse is kept in fp32 from exact products of the rounded inputs: fp32-accurate.
+    torch.testing.assert_close(got[1].double(), exact[1], rtol=1e-5, atol=1e-5)
+
+
+def test_default_tiles():
+    """Module tile sizes (64), incl. the wide-head halving, with N, M past one block and ragged."""
+    for case in [(1, 70, 65, 16, 20), (1, 40, 35, 256, 130)]:
+        (q, k, v, grad_out, grad_lse), scale = _sample(case, torch.float64, seed=2)
+        got = _values_and_grads(ta.attention_forward, q, k, v, scale, grad_out, grad_lse)
+        want = _values_and_grads(_oracle, q, k, v, scale, grad_out, grad_lse)
+        for name, g, w in zip(NAMES, got, want):
+            torch.testing.assert_close(g, w, **_tol(torch.float64), msg=lambda m: f"{name}: {m}")
+
+
+def _nan_padded(t, extra):
+    """t's values in a slice of a NaN-filled buffer `extra` larger in every dim: any read past t's
+    ends (rows, head dim, batch) picks up NaN."""
+    buf = torch.full([s + e for s, e in zip(t.shape, extra)], float("nan"), dtype=t.dtype, device=t.device)
+    view = buf[tuple(slice(0, s) for s in t.shape)]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_nan_padding_beyond_ends_is_never_read(dtype, small_tiles):
+    (q, k, v, grad_out, grad_lse), scale = _sample((2, 21, 19, 12, 10), dtype, seed=3)
+    clean = _values_and_grads(ta.attention_forward, q, k, v, scale, grad_out, grad_lse)
+    padded = [_nan_padded(t, (1, 7, 5)) for t in (q, k, v, grad_out)]
+    assert not padded[0].is_contiguous()
+    got = _values_and_grads(ta.attention_forward, *padded[:3], scale, padded[3],
+                            _nan_padded(grad_lse, (1, 7)))
+    for name, g, c in zip(NAMES, got, clean):
+        assert not g.isnan().any(), name
+        assert torch.equal(g, c), name  # same values read, same arithmetic: bit-identical
+
+
+def test_backward_op_with_nan_padded_saved_tensors(small_tiles):
+    """The backward op read through NaN-padded out / grad_out / lse views."""
+    (q, k, v, grad_out, grad_lse), scale = _sample((1, 18, 17, 5, 9), torch.float64, seed=4)
+    out, lse = ta.attention_forward(q, k, v, scale)
+    clean = ta.attention_backward(grad_out, grad_lse, q, k, v, out, lse, scale)
+    padded = ta.attention_backward(_nan_padded(grad_out, (2, 3, 4)), _nan_padded(grad_lse, (2, 3)),
+                                   *(_nan_padded(t, (2, 3, 4)) for t in (q, k, v, out)),
+                                   _nan_padded(lse, (2, 3)), scale)
+    for c, p in zip(clean, padded):
+        assert torch.equal(c, p)
+
+
+def test_noncontiguous_inputs(small_tiles):
+    """Transposed and expanded (stride-0 batch) views go through the kernels' strides."""
+    B, N, M, D, Dv = 2, 19, 23, 10, 6
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(N, B, D, dtype=torch.float64, generator=gen).transpose(0, 1)
+    k = torch.randn(1, D, M, dtype=torch.float64, generator=gen).transpose(1, 2).expand(B, M, D)
+    v = torch.randn(B, Dv, M, dtype=torch.float64, generator=gen).transpose(1, 2)
+    grad_out = torch.randn(B, Dv, N, dtype=torch.float64, generator=gen).transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    got = _values_and_grads(ta.attention_forward, q, k, v, 0.4, grad_out, None)
+    want = _values_and_grads(_oracle, q, k, v, 0.4, grad_out, None)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, **_tol(torch.float64), msg=lambda m: f"{name}: {m}")
+
+
+def test_gradient_of_one_output_only(small_tiles):
+    """Loss on out alone (grad_lse None: no lse term in delta) and on lse alone (grad_out None)."""
+    (q, k, v, grad_out, grad_lse), scale = _sample(CASES[2], torch.float64, seed=6)
+    got = _values_and_grads(ta.attention_forward, q, k, v, scale, grad_out, None)
+    want = _values_and_grads(_oracle, q, k, v, scale, grad_out, None)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, **_tol(torch.float64), msg=lambda m: f"{name}: {m}")
+
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    rins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    grads = torch.autograd.grad((ta.attention_forward(*ins, scale)[1] * grad_lse).sum(), ins,
+                                allow_unused=True)
+    rgrads = torch.autograd.grad((_oracle(*rins, scale)[1] * grad_lse).sum(), rins, allow_unused=True)
+    assert rgrads[2] is None
+    torch.testing.assert_close(grads[0], rgrads[0], **_tol(torch.float64))
+    torch.testing.assert_close(grads[1], rgrads[1], **_tol(torch.float64))
+    # lse does not depend on v: its gradient is zero (the kernel still returns a tensor).
+    assert grads[2] is None or not grads[2].any()
+
+
+def test_backward_op_matches_oracle(small_tiles):
+    (q, k, v, grad_out, grad_lse), scale = _sample(CASES[0], torch.float64, seed=7)
+    out, lse = ta.attention_forward(q, k, v, scale)
+    for lse_grad in (grad_lse, None):
+        want = _values_and_grads(_oracle, q, k, v, scale, grad_out, lse_grad)
+        dq, dk, dv = ta.attention_backward(grad_out, lse_grad, q, k, v, out, lse, scale)
+        for name, g, w in zip(NAMES[2:], (dq, dk, dv), want[2:]):
+            torch.testing.assert_close(g, w, **_tol(torch.float64), msg=lambda m: f"{name}: {m}")
+
+
+def test_gradcheck(small_tiles):
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(*s, dtype=torch.float64, generator=gen, device=DEVICE).requires_grad_(True)
+               for s in ((1, 5, 3), (1, 18, 3), (1, 18, 2)))
+    assert torch.autograd.gradcheck(lambda a, b, c: ta.attention_forward(a, b, c, 0.8), (q, k, v))
+
+
+def test_deterministic(small_tiles):
+    (q, k, v, grad_out, grad_lse), scale = _sample(CASES[2], torch.float32, seed=9)
+    first = _values_and_grads(ta.attention_forward, q, k, v, scale, grad_out, grad_lse)
+    second = _values_and_grads(ta.attention_forward, q, k, v, scale, grad_out, grad_lse)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+def test_meta_shapes():
+    q, k, v = (torch.empty(*s, device="meta", dtype=torch.bfloat16) for s in ((3, 7, 24), (3, 5, 24), (3, 5, 40)))
+    out, lse = torch.ops.fastvid.triton_nonlocal_attention(q, k, v, 0.5)
+    assert out.shape == (3, 7, 40) and out.dtype == torch.bfloat16
+    assert lse.shape == (3, 7) and lse.dtype == torch.float32
+    dq, dk, dv = torch.ops.fastvid.triton_nonlocal_attention_backward(out, None, q, k, v, out, lse, 0.5)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+
+
+def test_empty_batch():
+    out, lse = ta.attention_forward(torch.empty(0, 4, 8), torch.empty(0, 3, 8), torch.empty(0, 3, 2), 1.0)
+    assert out.shape == (0, 4, 2) and lse.shape == (0, 4)
+
+
+def test_double_backward_raises():
+    (q, k, v, grad_out, _), scale = _sample((1, 4, 3, 2, 2), torch.float64, seed=10)
+    q.requires_grad_(True)
+    out, _ = ta.attention_forward(q, k, v, scale)
+    (g,) = torch.autograd.grad((out * grad_out).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.sum(), q)
+
+
+def test_bad_inputs():
+    q, k, v = torch.randn(2, 5, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 6)
+    f = ta.attention_forward
+    with pytest.raises(ValueError, match="3-D"):
+        f(q[0], k, v, 1.0)
+    with pytest.raises(ValueError, match="head dim D = 8"):
+        f(q, k[..., :7], v, 1.0)
+    with pytest.raises(ValueError, match="key count M = 4"):
+        f(q, k, v[:, :3], 1.0)
+    with pytest.raises(ValueError, match="batch size"):
+        f(q[:1], k, v, 1.0)
+    with pytest.raises(ValueError, match="N = 0"):
+        f(q[:, :0], k, v, 1.0)
+    with pytest.raises(ValueError, match="M = 0"):
+        f(q, k[:, :0], v[:, :0], 1.0)
+    with pytest.raises(ValueError, match="<= 256"):
+        f(torch.randn(1, 2, 257), torch.randn(1, 3, 257), torch.randn(1, 3, 4), 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        f(q, k.double(), v, 1.0)
+    with pytest.raises(TypeError, match="float16/bfloat16/float32/float64"):
+        f(q.int(), k.int(), v.int(), 1.0)
+    with pytest.raises(ValueError, match="device"):
+        f(q, k.to("meta"), v, 1.0)
+    out, lse = f(q, k, v, 1.0)
+    with pytest.raises(ValueError, match="grad_out"):
+        ta.attention_backward(out[:, :4], None, q, k, v, out, lse, 1.0)
+    with pytest.raises(ValueError, match="lse"):
+        ta.attention_backward(out, None, q, k, v, out, lse[:, :4], 1.0)
+    with pytest.raises(ValueError, match="grad_lse"):
+        ta.attention_backward(out, lse[:1], q, k, v, out, lse, 1.0)
+
+
+def _opcheck_cases():
+    (q, k, v, grad_out, grad_lse), scale = _sample((1, 6, 5, 3, 4), torch.float64, seed=11)
+    out, lse = ta.attention_forward(q, k, v, scale)
+    ops = torch.ops.fastvid
+    return [
+        (ops.triton_nonlocal_attention, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), scale)),
+        (ops.triton_nonlocal_attention, (q.detach().bfloat16(), k.detach().bfloat16(), v.detach().bfloat16(), scale)),
+        (ops.triton_nonlocal_attention_backward, (grad_out, grad_lse, q.detach(), k.detach(), v.detach(), out, lse, scale)),
+        (ops.triton_nonlocal_attention_backward, (grad_out, None, q.detach(), k.detach(), v.detach(), out, lse, scale)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_opcheck(case):
+    """Schema, autograd registration, fake-tensor and AOTAutograd (dynamic shapes) checks."""
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_aot_eager(small_tiles):
+    (q, k, v, grad_out, grad_lse), scale = _sample(CASES[0], torch.float64, seed=12)
+    ins = [t.requires_grad_(True) for t in (q, k, v)]
+
+    def loss(a, b, c):
+        out, lse = ta.attention_forward(a, b, c, scale)
+        return (out * grad_out).sum() + (lse * grad_lse).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(*ins)
+    expected = loss(*ins)
+    torch.testing.assert_close(compiled, expected)
+    for a, b in zip(torch.autograd.grad(compiled, ins), torch.autograd.grad(expected, ins)):
+        torch.testing.assert_close(a, b)
