@@ -6,11 +6,18 @@ and the same outputs.
 """
 from __future__ import annotations
 
+import copy
+import functools
 from typing import List
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from ..nn.attention_lstm import AttentionConvLSTM, attention_convlstm
 from ..nn.conv3d import DepthwiseConv3d
+from ..nn.recurrent import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell
+from . import recurrent as ref
 
 
 def depthwise_to_conv3d(module: DepthwiseConv3d) -> nn.Conv3d:
@@ -22,6 +29,204 @@ def depthwise_to_conv3d(module: DepthwiseConv3d) -> nn.Conv3d:
     return conv.train(module.training)
 
 
+# ------------------------------------------------------------------------------ recurrent twins
+def _autocast(*tensors):
+    """What fastvid.ops does under autocast: conv inputs in the autocast dtype (the cell state keeps its own)."""
+    device = next(t.device.type for t in tensors if isinstance(t, Tensor))
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+class _SharesParameters(nn.Module):
+    """Takes over ``module``'s parameters (the same Parameter objects, same names, same order, so
+    state dicts match key for key), its buffers and the listed configuration attributes."""
+
+    def __init__(self, module: nn.Module, attributes):
+        super().__init__()
+        self._repr_attributes = tuple(attributes)
+        for name in attributes:
+            setattr(self, name, copy.copy(getattr(module, name)))
+        for name, param in module._parameters.items():
+            self.register_parameter(name, param)
+        for name, buf in module._buffers.items():
+            self.register_buffer(name, buf, persistent=name not in module._non_persistent_buffers_set)
+        self.train(module.training)
+
+    def extra_repr(self):
+        return ", ".join(f"{name}={getattr(self, name)}" for name in self._repr_attributes)
+
+
+class _ReferenceCell(_SharesParameters):
+    _ATTRIBUTES = ("in_channels", "hidden_channels", "kernel_size", "dilation", "padding")
+
+    def __init__(self, cell: nn.Module, attributes, optional_parameters=("bias_ih", "bias_hh")):
+        super().__init__(cell, self._ATTRIBUTES + attributes)
+        for name in optional_parameters:  # absent (bias=False, no peephole): None, as in the fastvid cell
+            if name not in self._parameters:
+                setattr(self, name, None)
+
+
+class ReferenceConvLSTMCell(_ReferenceCell):
+    """Plain-PyTorch ``fastvid.nn.ConvLSTMCell``: ``(h, c) = cell(x, (h, c))``; c is fp32 for bf16/fp16."""
+
+    def __init__(self, cell: ConvLSTMCell):
+        super().__init__(cell, ("unit_forget_bias",), ("bias_ih", "bias_hh", "peephole"))
+
+    def forward(self, x: Tensor, state=None):
+        if state is None:
+            B, _, H, W = x.shape
+            state = (x.new_zeros(B, self.hidden_channels, H, W),
+                     x.new_zeros(B, self.hidden_channels, H, W, dtype=ref.compute_dtype(x.dtype)))
+        h, c = state
+        gates = (F.conv2d(x, self.weight_ih, self.bias_ih, padding=self.padding, dilation=self.dilation)
+                 + F.conv2d(h, self.weight_hh, self.bias_hh, padding=self.padding, dilation=self.dilation))
+        h, c, _ = ref.lstm_cell(gates, c, self.peephole)
+        return h, c
+
+
+class ReferenceConvGRUCell(_ReferenceCell):
+    """Plain-PyTorch ``fastvid.nn.ConvGRUCell``: ``h = cell(x, h)`` (both reset_after formulas)."""
+
+    def __init__(self, cell: ConvGRUCell):
+        super().__init__(cell, ("reset_after",))
+
+    def forward(self, x: Tensor, h=None):
+        if h is None:
+            h = x.new_zeros(x.shape[0], self.hidden_channels, *x.shape[2:])
+        C, conv = self.hidden_channels, functools.partial(F.conv2d, padding=self.padding, dilation=self.dilation)
+        x_gates = conv(x, self.weight_ih, self.bias_ih)
+        if self.reset_after:
+            h_gates = conv(h, self.weight_hh, self.bias_hh)
+        else:  # n = tanh(W*x + U*(r ⊙ h)): the candidate's hidden conv needs r first
+            b_rz = None if self.bias_hh is None else self.bias_hh[:2 * C]
+            b_n = None if self.bias_hh is None else self.bias_hh[2 * C:]
+            h_rz = conv(h, self.weight_hh[:2 * C], b_rz)
+            reset_h = ref.gru_reset_hidden(x_gates[:, :C], h_rz[:, :C], h)
+            h_gates = torch.cat([h_rz, conv(reset_h, self.weight_hh[2 * C:], b_n)], dim=1)
+        return ref.gru_cell(x_gates, h_gates, h, self.reset_after)[0]
+
+
+class _ReferenceConvRNN(_SharesParameters):
+    """Multi-layer, optionally bidirectional time loop shared by the ConvLSTM / ConvGRU twins; each
+    direction of each layer runs ``fastvid.reference.recurrent``'s sequence loop."""
+    _ATTRIBUTES = ("in_channels", "hidden_channels", "kernel_size", "dilation", "num_layers", "bias", "batch_first",
+                   "bidirectional", "dropout", "num_directions")
+
+    def _suffixes(self, layer):
+        return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.bidirectional else [])
+
+    def _padding(self, layer):
+        return tuple(d * (k - 1) // 2 for d, k in zip(self.dilation[layer], self.kernel_size[layer]))
+
+    def _layer_input(self, x, below, layer):
+        if layer == 0:
+            return x
+        if self.dropout > 0 and self.training:
+            below = F.dropout(below, self.dropout, training=True)
+        return below
+
+    def _initial(self, states, index, x, C, dtype=None):
+        """Initial state ``index`` from a [L*D, B, C, H, W] tensor or a per-layer list; zeros if None."""
+        if states is None:
+            B, _, _, H, W = x.shape
+            return x.new_zeros(B, C, H, W, dtype=dtype)
+        return states[index]
+
+    def _run(self, x, run_direction):
+        if x.dim() != 5 or x.shape[2] != self.in_channels:
+            raise ValueError(f"{type(self).__name__}: input must be 5-D with {self.in_channels} channels at "
+                             f"dim 2, got {tuple(x.shape)}")
+        x = x if self.batch_first else x.transpose(0, 1)
+        below, finals = None, []
+        for layer in range(self.num_layers):
+            inp = self._layer_input(x, below, layer)
+            directions = []
+            for d, suffix in enumerate(self._suffixes(layer)):
+                out, *states = run_direction(inp, x, layer, d, suffix, layer * self.num_directions + d)
+                directions.append(out)
+                finals.append(states)
+            below = directions[0] if len(directions) == 1 else torch.cat(directions, 2)
+        output = below if self.batch_first else below.transpose(0, 1)
+        return output, [_stack_or_list(list(kind)) for kind in zip(*finals)]
+
+
+class ReferenceConvLSTM(_ReferenceConvRNN):
+    """Plain-PyTorch ``fastvid.nn.ConvLSTM``: ``output, (h_n, c_n) = m(x, (h_0, c_0))``."""
+
+    def __init__(self, module: ConvLSTM):
+        super().__init__(module, self._ATTRIBUTES + ("peephole", "unit_forget_bias"))
+
+    def forward(self, x: Tensor, state=None):
+        def run_direction(inp, x, layer, d, suffix, index):
+            C = self.hidden_channels[layer]
+            h0 = self._initial(None if state is None else state[0], index, x, C)
+            c0 = self._initial(None if state is None else state[1], index, x, C, ref.compute_dtype(x.dtype))
+            w_ih, w_hh = self._parameters["weight_ih" + suffix], self._parameters["weight_hh" + suffix]
+            bias = self._parameters["bias_ih" + suffix] + self._parameters["bias_hh" + suffix] if self.bias else None
+            peephole = self._parameters["peephole" + suffix] if self.peephole else None
+            inp, w_ih, w_hh, bias, h0 = _autocast(inp, w_ih, w_hh, bias, h0)
+            return ref.convlstm_sequence(inp, w_ih, w_hh, bias, h0, c0, peephole, self._padding(layer),
+                                         self.dilation[layer], reverse=d == 1)
+
+        output, (h_n, c_n) = self._run(x, run_direction)
+        return output, (h_n, c_n)
+
+
+class ReferenceConvGRU(_ReferenceConvRNN):
+    """Plain-PyTorch ``fastvid.nn.ConvGRU``: ``output, h_n = m(x, h_0)``."""
+
+    def __init__(self, module: ConvGRU):
+        super().__init__(module, self._ATTRIBUTES + ("reset_after", "input_to_all_layers"))
+
+    def _layer_input(self, x, below, layer):
+        inp = super()._layer_input(x, below, layer)
+        return torch.cat([x, inp], 2) if (layer > 0 and self.input_to_all_layers) else inp
+
+    def forward(self, x: Tensor, h_0=None):
+        def run_direction(inp, x, layer, d, suffix, index):
+            h0 = self._initial(h_0, index, x, self.hidden_channels[layer])
+            params = _autocast(inp, *(self._parameters.get(name + suffix)
+                                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")), h0)
+            inp, w_ih, w_hh, b_ih, b_hh, h0 = params
+            return ref.convgru_sequence(inp, w_ih, w_hh, b_ih, b_hh, h0, self._padding(layer), self.dilation[layer],
+                                        reset_after=self.reset_after, reverse=d == 1)
+
+        output, (h_n,) = self._run(x, run_direction)
+        return output, h_n
+
+
+def _stack_or_list(states):
+    """[num_layers*num_directions, B, C, H, W], or the list itself when layer widths differ (as fastvid)."""
+    if all(s.shape == states[0].shape for s in states):
+        return torch.stack(states)
+    return states
+
+
+class ReferenceAttentionConvLSTM(nn.Module):
+    """``fastvid.nn.AttentionConvLSTM`` with its ConvLSTM cell replaced by the plain-PyTorch twin; the
+    attention convs are the same ``nn.Conv2d`` modules and the time loop is the same function."""
+
+    def __init__(self, module: AttentionConvLSTM):
+        super().__init__()
+        for name in ("in_channels", "hidden_channels", "attention_channels", "attention_in_channels", "batch_first"):
+            setattr(self, name, getattr(module, name))
+        self.input_attention = module.input_attention
+        self.hidden_attention = module.hidden_attention
+        self.attention_score = module.attention_score
+        self.cell = ReferenceConvLSTMCell(module.cell)
+        self.train(module.training)
+
+    def forward(self, x: Tensor, attention_input=None, state=None):
+        return attention_convlstm(self, x, attention_input, state)
+
+
 TO_REFERENCE: List = [
     ("depthwise_conv3d", lambda m: isinstance(m, DepthwiseConv3d), depthwise_to_conv3d),
+    ("convlstm_cell", lambda m: isinstance(m, ConvLSTMCell), ReferenceConvLSTMCell),
+    ("convgru_cell", lambda m: isinstance(m, ConvGRUCell), ReferenceConvGRUCell),
+    ("convlstm", lambda m: isinstance(m, ConvLSTM), ReferenceConvLSTM),
+    ("convgru", lambda m: isinstance(m, ConvGRU), ReferenceConvGRU),
+    ("attention_convlstm", lambda m: isinstance(m, AttentionConvLSTM), ReferenceAttentionConvLSTM),
 ]
