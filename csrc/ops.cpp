@@ -52,4 +52,10 @@ TORCH_LIBRARY(fastvid, m) {
   m.def("depthwise_conv3d_backward(Tensor grad_output, Tensor input, Tensor weight, int[3] stride, "
         "int[3] padding, int[3] dilation, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
         "Tensor grad_bias)");
+  // ---- attention (csrc/attention/): softmax(scale · q kᵀ) v over [B, rows, dim] operands, see
+  // fastvid/reference/attention.py. lse = per-row log-sum-exp (fp32, fp64 for fp64 inputs), saved for
+  // backward; grad_lse may be absent.
+  m.def("nonlocal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def("nonlocal_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+        "Tensor out, Tensor lse, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

@@ -106,9 +106,9 @@ if _has_cpu_op():
                                     double_backward_unsupported("nonlocal_attention_backward"))
 
 
-def _triton():
-    from ..triton_kernels import attention as tk  # imported lazily: triton import is slow
-    return tk
+def _triton_attention(q, k, v, scale):
+    from ..triton_kernels import attention  # noqa: F401  (registers the op; importing triton is slow)
+    return torch.ops.fastvid.triton_nonlocal_attention(q, k, v, scale)
 
 
 # ------------------------------------------------------------------------------ public ops
@@ -141,7 +141,7 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     elif which == "cuda":
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     elif which == "triton":
-        out = torch.ops.fastvid.triton_nonlocal_attention(q, k, v, scale)[0] if _triton().AVAILABLE else None
+        out = _triton_attention(q, k, v, scale)[0]
     else:
         out = ref.nonlocal_attention(q, k, v, scale)[0]
     return out if heads is None else out.unflatten(0, heads)

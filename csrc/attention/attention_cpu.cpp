@@ -1,0 +1,407 @@
+// Nonlocal attention on the CPU: out = softmax(scale · q kᵀ) v computed tile by tile with an online
+// softmax (flash-attention-2), never holding the N×M affinity matrix. The math and conventions are
+// those of fastvid/reference/attention.py.
+//
+// Shapes (heads folded into B by the caller):
+//   q [B, N, D], k [B, M, D], v [B, M, Dv]: each either row-major (unit stride along its last dim)
+//     or "transposed" (unit stride along its rows, e.g. the transpose of a channels-first
+//     projection [B, D, T·H·W]); anything else is made contiguous first.
+//   out [B, N, Dv] contiguous, lse [B, N] (fp32; fp64 for fp64 inputs): log-sum-exp of each score row.
+//   Backward: grad_out [B, N, Dv], grad_lse [B, N] or absent -> grad_q/k/v contiguous like q/k/v.
+//
+// Work: the products of a query block with a key block are GEMMs through the BLAS that torch loaded
+// (MKL's sgemm_/dgemm_/gemm_bf16bf16f32_, AMX/AVX-512 where the CPU has them), the softmax update
+// between them a vectorised loop. Forward: tasks = (batch, query block), each keeps its running row
+// max m, row sum l and an fp32 output accumulator. Backward: the same tasks recompute P from lse,
+// dP = dO vᵀ, dS = P ∘ (dP - delta) with delta = rowsum(dO ∘ O) - grad_lse, and accumulate
+// dQ per task and dK, dV per thread range (summed afterwards in a fixed order: deterministic for a
+// given thread count).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../fastvid_common.h"
+#include "../recurrent/recurrent_math.h"  // exp_fast: vectorisable exp
+
+// BLAS entry points (Fortran ABI, 32-bit ints) exported by the MKL inside torch's x86 wheels. Weak:
+// without them (another BLAS, another platform) they are null and at::mm runs the tiles instead.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+void gemm_bf16bf16f32_(const char*, const char*, const int*, const int*, const int*, const float*,
+                       const uint16_t*, const int*, const uint16_t*, const int*, const float*, float*,
+                       const int*) __attribute__((weak));
+}
+
+namespace fastvid {
+namespace attention {
+namespace {
+
+constexpr int64_t kQueryBlock = 128;   // rows of a query tile
+constexpr int64_t kKeyBlock = 512;    // rows of a key tile (the S tile is 128×512 fp32 = 256 KiB)
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;  // float for float/bf16, double for double
+
+// ---------------------------------------------------------------------------------------- GEMM
+// Row-major C[m×n] = alpha · op(A) · op(B) + beta · C (C in the accumulation type). op(A) is the m×k
+// matrix at a (row stride lda), or with trans_a the transpose of the k×m matrix at a; same for B.
+// In column-major BLAS terms that is Cᵀ = op(B)ᵀ op(A)ᵀ: the operands swap, the flags pass through.
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_type<scalar_t> alpha,
+          const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, acc_type<scalar_t> beta,
+          acc_type<scalar_t>* c, int64_t ldc) {
+  using acc_t = acc_type<scalar_t>;
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (sgemm_) return sgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    if (dgemm_) return dgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+  } else {
+    if (gemm_bf16bf16f32_)
+      return gemm_bf16bf16f32_(&tb, &ta, &ni, &mi, &ki, &alpha, reinterpret_cast<const uint16_t*>(b), &lb,
+                               reinterpret_cast<const uint16_t*>(a), &la, &beta, c, &lc);
+  }
+  // Fallback: the same product with ATen on views of the buffers.
+  const auto in_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    auto t = trans ? at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {1, ld}, in_options)
+                   : at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, in_options);
+    return t.to(c10::CppTypeToScalarType<acc_t>::value);
+  };
+  at::Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, acc_options);
+  c_view.mul_(beta).add_(at::mm(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b)), alpha);
+}
+
+// One batch's [rows, cols] operand: element (r, c) at data[r * ld + c], or data[c * ld + r] when
+// transposed. block(r0) is the operand from row r0 on.
+template <typename scalar_t>
+struct Operand {
+  const scalar_t* data;
+  int64_t batch_stride, ld;
+  bool transposed;
+  const scalar_t* block(int64_t batch, int64_t r0) const {
+    return data + batch * batch_stride + (transposed ? r0 : r0 * ld);
+  }
+};
+
+// A usable stride pattern, or a contiguous copy.
+at::Tensor as_operand_layout(const at::Tensor& t) {
+  const bool row_major = t.stride(2) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(2));
+  const bool transposed = t.stride(1) == 1 && t.stride(2) >= std::max<int64_t>(1, t.size(1));
+  return (row_major || transposed) ? t : t.contiguous();
+}
+
+template <typename scalar_t>
+Operand<scalar_t> operand(const at::Tensor& t) {
+  const bool row_major = t.stride(2) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(2));
+  return {t.data_ptr<scalar_t>(), t.stride(0), row_major ? t.stride(1) : t.stride(2), !row_major};
+}
+
+// ---------------------------------------------------------------------------------------- row math
+// Partial sums/maxima over 16 lanes so gcc vectorises the reductions (a plain `sum += x` loop must
+// stay in order under IEEE rules).
+constexpr int kLanes = 16;
+
+// Online-softmax update of one query row with a new tile of scores s[0..n): new running max m,
+// P = exp(s - m) written to p (may alias s), l and the output accumulator rescaled by exp(m_old - m).
+template <typename acc_t, typename p_t>
+FASTVID_CPU_CLONES void softmax_tile_row(acc_t* s, int64_t n, acc_t& m, acc_t& l, acc_t* out_acc, int64_t dv,
+                                         p_t* p) {
+  acc_t lane_max[kLanes];
+  for (int u = 0; u < kLanes; ++u) lane_max[u] = m;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int u = 0; u < kLanes; ++u) lane_max[u] = s[j + u] > lane_max[u] ? s[j + u] : lane_max[u];
+  acc_t m_new = m;
+  for (int u = 0; u < kLanes; ++u) m_new = lane_max[u] > m_new ? lane_max[u] : m_new;
+  for (; j < n; ++j) m_new = s[j] > m_new ? s[j] : m_new;
+
+  acc_t lane_sum[kLanes] = {};
+  j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int u = 0; u < kLanes; ++u) {
+      const acc_t e = recurrent::exp_fast(s[j + u] - m_new);
+      lane_sum[u] += e;
+      p[j + u] = p_t(e);
+    }
+  acc_t sum = 0;
+  for (int u = 0; u < kLanes; ++u) sum += lane_sum[u];
+  for (; j < n; ++j) {
+    const acc_t e = recurrent::exp_fast(s[j] - m_new);
+    sum += e;
+    p[j] = p_t(e);
+  }
+  const acc_t rescale = m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : recurrent::exp_fast(m - m_new);
+  if (rescale != acc_t(1))
+    for (int64_t d = 0; d < dv; ++d) out_acc[d] *= rescale;
+  l = l * rescale + sum;
+  m = m_new;
+}
+
+// Backward of one row of a tile: p = exp(s - lse) (written to p_low for the low-precision GEMMs),
+// ds = scale · p ∘ (dp - delta) in place of dp.
+template <typename acc_t, typename p_t>
+FASTVID_CPU_CLONES void softmax_grad_tile_row(acc_t* s, acc_t* dp, int64_t n, acc_t lse, acc_t delta, acc_t scale,
+                                              p_t* p_low, p_t* ds_low) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t p = recurrent::exp_fast(s[j] - lse);
+    const acc_t ds = scale * p * (dp[j] - delta);
+    s[j] = p;
+    dp[j] = ds;
+    p_low[j] = p_t(p);
+    ds_low[j] = p_t(ds);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+FASTVID_CPU_CLONES acc_t row_dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  acc_t lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int u = 0; u < kLanes; ++u) lane[u] += acc_t(a[j + u]) * acc_t(b[j + u]);
+  acc_t sum = 0;
+  for (int u = 0; u < kLanes; ++u) sum += lane[u];
+  for (; j < n; ++j) sum += acc_t(a[j]) * acc_t(b[j]);
+  return sum;
+}
+
+struct Sizes {
+  int64_t B, N, M, D, Dv;
+};
+
+Sizes check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == 3, "fastvid.", op, ": q, k, v must be 3-D [B, rows, dim], got shapes ", q.sizes(),
+                ", ", k.sizes(), ", ", v.sizes());
+    TORCH_CHECK(t->device().is_cpu(), "fastvid.", op, ": the CPU kernel needs CPU tensors, got ", t->device());
+  }
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "fastvid.", op,
+              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || q.scalar_type() == at::kBFloat16,
+              "fastvid.", op, ": the CPU kernel supports float32, float64 and bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(0) == v.size(0), "fastvid.", op,
+              ": q, k, v must have the same batch size, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.size(2) == k.size(2), "fastvid.", op, ": q and k must have the same last dim D, got q ",
+              q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(k.size(1) == v.size(1), "fastvid.", op, ": k and v must have the same number of rows M, got k ",
+              k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK(q.size(1) > 0 && k.size(1) > 0, "fastvid.", op, ": need at least one query and one key, got N = ",
+              q.size(1), ", M = ", k.size(1));
+  TORCH_CHECK(q.size(2) > 0 && v.size(2) > 0, "fastvid.", op, ": D and Dv must be positive, got ", q.size(2),
+              " and ", v.size(2));
+  const int64_t limit = std::numeric_limits<int>::max();
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->stride(1) < limit && t->stride(2) < limit && t->size(1) < limit && t->size(2) < limit,
+                "fastvid.", op, ": rows, dims and row strides must fit in 32 bits (BLAS), got ", t->sizes());
+  return {q.size(0), q.size(1), k.size(1), q.size(2), v.size(2)};
+}
+
+// ---------------------------------------------------------------------------------------- forward
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t, double scale_d,
+                    const Sizes& sz, at::Tensor& out_t, at::Tensor& lse_t) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kLowPrecision = !std::is_same_v<scalar_t, acc_t>;
+  const auto q = operand<scalar_t>(q_t), k = operand<scalar_t>(k_t), v = operand<scalar_t>(v_t);
+  scalar_t* out = out_t.data_ptr<scalar_t>();
+  acc_t* lse = lse_t.data_ptr<acc_t>();
+  const acc_t scale = acc_t(scale_d);
+  const int64_t query_blocks = (sz.N + kQueryBlock - 1) / kQueryBlock;
+
+  at::parallel_for(0, sz.B * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scores(kQueryBlock * kKeyBlock), out_acc(kQueryBlock * sz.Dv);
+    std::vector<acc_t> row_max(kQueryBlock), row_sum(kQueryBlock);
+    std::vector<scalar_t> probs_low(kLowPrecision ? kQueryBlock * kKeyBlock : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / query_blocks, i0 = (task % query_blocks) * kQueryBlock;
+      const int64_t rows = std::min(kQueryBlock, sz.N - i0);
+      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+      std::fill(out_acc.begin(), out_acc.end(), acc_t(0));
+      for (int64_t j0 = 0; j0 < sz.M; j0 += kKeyBlock) {
+        const int64_t cols = std::min(kKeyBlock, sz.M - j0);
+        // S = scale · Q_i K_jᵀ
+        gemm<scalar_t>(q.transposed, !k.transposed, rows, cols, sz.D, scale, q.block(b, i0), q.ld, k.block(b, j0),
+                       k.ld, acc_t(0), scores.data(), kKeyBlock);
+        scalar_t* probs;
+        if constexpr (kLowPrecision) probs = probs_low.data();
+        else probs = scores.data();
+        for (int64_t r = 0; r < rows; ++r)
+          softmax_tile_row(scores.data() + r * kKeyBlock, cols, row_max[r], row_sum[r], out_acc.data() + r * sz.Dv,
+                           sz.Dv, probs + r * kKeyBlock);
+        // O_i += P V_j
+        gemm<scalar_t>(false, v.transposed, rows, sz.Dv, cols, acc_t(1), probs, kKeyBlock, v.block(b, j0), v.ld,
+                       acc_t(1), out_acc.data(), sz.Dv);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t inv = acc_t(1) / row_sum[r];
+        scalar_t* out_row = out + (b * sz.N + i0 + r) * sz.Dv;
+        for (int64_t d = 0; d < sz.Dv; ++d) out_row[d] = scalar_t(out_acc[r * sz.Dv + d] * inv);
+        lse[b * sz.N + i0 + r] = row_max[r] + std::log(row_sum[r]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> nonlocal_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                          const at::Tensor& v_in, double scale) {
+  const Sizes sz = check_inputs("nonlocal_attention", q_in, k_in, v_in);
+  const at::Tensor q = as_operand_layout(q_in), k = as_operand_layout(k_in), v = as_operand_layout(v_in);
+  at::Tensor out = at::empty({sz.B, sz.N, sz.Dv}, q.options());
+  at::Tensor lse = at::empty({sz.B, sz.N}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "nonlocal_attention_cpu",
+                                 [&] { forward_kernel<scalar_t>(q, k, v, scale, sz, out, lse); });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------- backward
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t, const at::Tensor& q_t,
+                     const at::Tensor& k_t, const at::Tensor& v_t, const at::Tensor& out_t, const at::Tensor& lse_t,
+                     double scale_d, const Sizes& sz, at::Tensor& grad_q_t, at::Tensor& grad_k_t,
+                     at::Tensor& grad_v_t) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kLowPrecision = !std::is_same_v<scalar_t, acc_t>;
+  const auto q = operand<scalar_t>(q_t), k = operand<scalar_t>(k_t), v = operand<scalar_t>(v_t);
+  const scalar_t* grad_out = grad_out_t.data_ptr<scalar_t>();
+  const scalar_t* out = out_t.data_ptr<scalar_t>();
+  const acc_t* lse = lse_t.data_ptr<acc_t>();
+  const acc_t* grad_lse = grad_lse_t ? grad_lse_t->data_ptr<acc_t>() : nullptr;
+  scalar_t* grad_q = grad_q_t.data_ptr<scalar_t>();
+  const acc_t scale = acc_t(scale_d);
+  const int64_t query_blocks = (sz.N + kQueryBlock - 1) / kQueryBlock;
+  const int64_t tasks = sz.B * query_blocks;
+
+  // dK, dV are sums over every query block: each of `ranges` contiguous task ranges accumulates its
+  // own copy for the batches it touches; the copies are summed below in range order.
+  const int64_t ranges = std::min<int64_t>(tasks, at::get_num_threads());
+  auto range_begin = [&](int64_t r) { return r * tasks / ranges; };
+  std::vector<int64_t> first_batch(ranges), batch_count(ranges);
+  std::vector<std::vector<acc_t>> grad_k_acc(ranges), grad_v_acc(ranges);
+
+  at::parallel_for(0, ranges, 1, [&](int64_t range_lo, int64_t range_hi) {
+    std::vector<acc_t> scores(kQueryBlock * kKeyBlock), dscores(kQueryBlock * kKeyBlock);
+    // fp32/fp64: the GEMMs read P and dS from scores/dscores; bf16: from rounded copies.
+    std::vector<scalar_t> probs_low(kLowPrecision ? kQueryBlock * kKeyBlock : 0);
+    std::vector<scalar_t> dscores_low(kLowPrecision ? kQueryBlock * kKeyBlock : 0);
+    scalar_t *probs, *dprobs;
+    if constexpr (kLowPrecision) probs = probs_low.data(), dprobs = dscores_low.data();
+    else probs = scores.data(), dprobs = dscores.data();
+    std::vector<acc_t> grad_q_acc(kQueryBlock * sz.D), delta(kQueryBlock);
+    for (int64_t range = range_lo; range < range_hi; ++range) {
+      const int64_t t_begin = range_begin(range), t_end = range_begin(range + 1);
+      const int64_t b_first = t_begin / query_blocks, b_last = (t_end - 1) / query_blocks;
+      first_batch[range] = b_first;
+      batch_count[range] = b_last - b_first + 1;
+      auto& gk = grad_k_acc[range];
+      auto& gv = grad_v_acc[range];
+      gk.assign(batch_count[range] * sz.M * sz.D, acc_t(0));
+      gv.assign(batch_count[range] * sz.M * sz.Dv, acc_t(0));
+      for (int64_t task = t_begin; task < t_end; ++task) {
+        const int64_t b = task / query_blocks, i0 = (task % query_blocks) * kQueryBlock;
+        const int64_t rows = std::min(kQueryBlock, sz.N - i0);
+        const scalar_t* dO = grad_out + (b * sz.N + i0) * sz.Dv;
+        for (int64_t r = 0; r < rows; ++r)
+          delta[r] = row_dot<scalar_t, acc_t>(dO + r * sz.Dv, out + (b * sz.N + i0 + r) * sz.Dv, sz.Dv) -
+                     (grad_lse ? grad_lse[b * sz.N + i0 + r] : acc_t(0));
+        std::fill(grad_q_acc.begin(), grad_q_acc.end(), acc_t(0));
+        acc_t* gk_b = gk.data() + (b - b_first) * sz.M * sz.D;
+        acc_t* gv_b = gv.data() + (b - b_first) * sz.M * sz.Dv;
+        for (int64_t j0 = 0; j0 < sz.M; j0 += kKeyBlock) {
+          const int64_t cols = std::min(kKeyBlock, sz.M - j0);
+          // S = scale · Q_i K_jᵀ ; dP = dO_i V_jᵀ
+          gemm<scalar_t>(q.transposed, !k.transposed, rows, cols, sz.D, scale, q.block(b, i0), q.ld,
+                         k.block(b, j0), k.ld, acc_t(0), scores.data(), kKeyBlock);
+          gemm<scalar_t>(false, !v.transposed, rows, cols, sz.Dv, acc_t(1), dO, sz.Dv, v.block(b, j0), v.ld,
+                         acc_t(0), dscores.data(), kKeyBlock);
+          for (int64_t r = 0; r < rows; ++r)
+            softmax_grad_tile_row(scores.data() + r * kKeyBlock, dscores.data() + r * kKeyBlock, cols,
+                                  lse[b * sz.N + i0 + r], delta[r], scale, probs + r * kKeyBlock,
+                                  dprobs + r * kKeyBlock);
+          // dV_j += Pᵀ dO_i ; dK_j += dSᵀ Q_i ; dQ_i += dS K_j   (dS carries the scale)
+          gemm<scalar_t>(true, false, cols, sz.Dv, rows, acc_t(1), probs, kKeyBlock, dO, sz.Dv, acc_t(1),
+                         gv_b + j0 * sz.Dv, sz.Dv);
+          gemm<scalar_t>(true, q.transposed, cols, sz.D, rows, acc_t(1), dprobs, kKeyBlock,
+                         q.block(b, i0), q.ld, acc_t(1), gk_b + j0 * sz.D, sz.D);
+          gemm<scalar_t>(false, k.transposed, rows, sz.D, cols, acc_t(1), dprobs, kKeyBlock,
+                         k.block(b, j0), k.ld, acc_t(1), grad_q_acc.data(), sz.D);
+        }
+        scalar_t* gq = grad_q + (b * sz.N + i0) * sz.D;
+        for (int64_t e = 0; e < rows * sz.D; ++e) gq[e] = scalar_t(grad_q_acc[e]);
+      }
+    }
+  });
+
+  // Sum the ranges' dK, dV per batch, in range order.
+  scalar_t* grad_k = grad_k_t.data_ptr<scalar_t>();
+  scalar_t* grad_v = grad_v_t.data_ptr<scalar_t>();
+  at::parallel_for(0, sz.B * sz.M, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(std::max(sz.D, sz.Dv));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / sz.M, j = item % sz.M;
+      for (auto [width, accs, dst] : {std::tuple{sz.D, &grad_k_acc, grad_k}, std::tuple{sz.Dv, &grad_v_acc, grad_v}}) {
+        std::fill(row.begin(), row.begin() + width, acc_t(0));
+        for (int64_t range = 0; range < ranges; ++range) {
+          if (b < first_batch[range] || b >= first_batch[range] + batch_count[range]) continue;
+          const acc_t* src = (*accs)[range].data() + ((b - first_batch[range]) * sz.M + j) * width;
+          for (int64_t d = 0; d < width; ++d) row[d] += src[d];
+        }
+        for (int64_t d = 0; d < width; ++d) dst[(b * sz.M + j) * width + d] = scalar_t(row[d]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_lse_in, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    double scale) {
+  const Sizes sz = check_inputs("nonlocal_attention_backward", q_in, k_in, v_in);
+  const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::vector<int64_t> out_shape{sz.B, sz.N, sz.Dv}, row_shape{sz.B, sz.N};
+  TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape, "fastvid.nonlocal_attention_backward: ",
+              "grad_out and out must be ", c10::IntArrayRef(out_shape), ", got ", grad_out_in.sizes(), " and ",
+              out_in.sizes());
+  TORCH_CHECK(lse_in.sizes() == row_shape && lse_in.scalar_type() == acc_dtype,
+              "fastvid.nonlocal_attention_backward: lse must be ", c10::IntArrayRef(row_shape), " ", acc_dtype,
+              ", got ", lse_in.sizes(), " ", lse_in.scalar_type());
+  const at::Tensor q = as_operand_layout(q_in), k = as_operand_layout(k_in), v = as_operand_layout(v_in);
+  const at::Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous();
+  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
+  at::Tensor grad_lse;
+  if (grad_lse_in.has_value() && grad_lse_in->defined()) {
+    TORCH_CHECK(grad_lse_in->sizes() == row_shape, "fastvid.nonlocal_attention_backward: grad_lse must be ",
+                c10::IntArrayRef(row_shape), ", got ", grad_lse_in->sizes());
+    grad_lse = grad_lse_in->to(acc_dtype).contiguous();
+  }
+  at::Tensor grad_q = at::empty({sz.B, sz.N, sz.D}, q.options());
+  at::Tensor grad_k = at::empty({sz.B, sz.M, sz.D}, q.options());
+  at::Tensor grad_v = at::empty({sz.B, sz.M, sz.Dv}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "nonlocal_attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(grad_out, grad_lse.defined() ? &grad_lse : nullptr, q, k, v, out, lse, scale, sz,
+                              grad_q, grad_k, grad_v);
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvid, CPU, m) {
+  m.impl("nonlocal_attention", &nonlocal_attention_cpu);
+  m.impl("nonlocal_attention_backward", &nonlocal_attention_backward_cpu);
+}
+
+}  // namespace attention
+}  // namespace fastvid

@@ -1,0 +1,258 @@
+"""Nonlocal attention ops: torch.ops.fastvid.nonlocal_attention(_backward) and
+fastvid.ops.nonlocal_attention / dot_product_attention / concatenation_attention against explicit
+softmax(scale q kᵀ) v computed in float64 (the oracle materialises the N×M matrix).
+
+bf16 is judged with the flash-attention rule: err(ours) <= 2 * err(the oracle run in bf16) + atol.
+"""
+import math
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+import fastvid
+from fastvid.ops import concatenation_attention, dot_product_attention, nonlocal_attention
+
+pytestmark = pytest.mark.skipif(not fastvid.info()["cpu_kernels"], reason="fastvid._C is not built")
+
+OPS = torch.ops.fastvid
+
+# (B, N, M, D, Dv): the CPU kernel's tiles are 128 queries × 512 keys, so these cover one and several
+# tiles in each direction, partial last tiles, N = M = 1, D != Dv, D not a multiple of the SIMD width.
+SHAPES = [
+    (2, 70, 600, 17, 9),
+    (1, 1, 1, 3, 2),
+    (1, 300, 37, 8, 5),
+    (2, 129, 513, 64, 32),
+    (1, 5, 1030, 256, 256),
+]
+SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+LAYOUTS = ["contiguous", "transposed", "noncontiguous"]
+
+
+def oracle(q, k, v, scale, dtype=torch.float64):
+    """softmax(scale q kᵀ) v and the row log-sum-exp, computed naively in `dtype`."""
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+    return torch.matmul(torch.softmax(scores, dim=-1), v.to(dtype)), torch.logsumexp(scores.double(), dim=-1)
+
+
+def make(shape, dtype, layout, seed=0):
+    """q, k, v with the given layout: 'transposed' stores each as [B, dim, rows] (a channels-first
+    projection's transpose), 'noncontiguous' slices every other row of a bigger tensor."""
+    g = torch.Generator().manual_seed(seed)
+    B, N, M, D, Dv = shape
+    out = []
+    for rows, dim in ((N, D), (M, D), (M, Dv)):
+        if layout == "transposed":
+            t = torch.randn(B, dim, rows, generator=g).to(dtype).transpose(1, 2)
+        elif layout == "noncontiguous":
+            t = torch.randn(B, 2 * rows, dim + 3, generator=g).to(dtype)[:, ::2, 1:dim + 1]
+        else:
+            t = torch.randn(B, rows, dim, generator=g).to(dtype)
+        out.append(t.requires_grad_())
+    return out
+
+
+def tolerance(dtype):
+    return {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}[dtype]
+
+
+def assert_close_to_oracle(name, ours, exact, low_precision_run=None, dtype=torch.float32):
+    if dtype == torch.bfloat16:
+        allowed = 2 * (low_precision_run.double() - exact).abs().max().item() + 1e-3
+        err = (ours.double() - exact).abs().max().item()
+        assert err <= allowed, f"{name}: bf16 error {err:.3g} > allowed {allowed:.3g}"
+    else:
+        torch.testing.assert_close(ours.double(), exact, **tolerance(dtype), msg=name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_matches_oracle(shape, dtype, layout):
+    q, k, v = make(shape, dtype, layout)
+    scale = 0.7 / math.sqrt(shape[3])
+    out, lse = OPS.nonlocal_attention(q, k, v, scale)
+    assert out.shape == (shape[0], shape[1], shape[4]) and out.dtype == dtype and out.is_contiguous()
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(out.shape, generator=g).to(dtype)
+    grad_lse = torch.randn(lse.shape, generator=g).to(lse.dtype)
+    grads = torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), (q, k, v))
+
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact_out, exact_lse = oracle(*leaves, scale)
+    exact_grads = torch.autograd.grad((exact_out * grad_out.double()).sum() + (exact_lse * grad_lse.double()).sum(),
+                                      leaves)
+    low = [None] * 5
+    if dtype == torch.bfloat16:
+        low_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        low_out, low_lse = oracle(*low_leaves, scale, dtype=torch.bfloat16)
+        low_grads = torch.autograd.grad((low_out * grad_out).sum() + (low_lse.float() * grad_lse).sum(), low_leaves)
+        low = [low_out, low_lse, *low_grads]
+    for name, ours, exact, lp in zip(["out", "lse", "grad_q", "grad_k", "grad_v"], [out, lse, *grads],
+                                     [exact_out, exact_lse, *exact_grads], low):
+        assert_close_to_oracle(name, ours, exact, lp, dtype)
+
+
+def test_heads_and_default_scale():
+    """[B, heads, N, D] inputs: each head attends on its own; default scale 1/sqrt(D)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, d, generator=g, dtype=torch.float64) for n, d in ((40, 16), (25, 16), (25, 8)))
+    out = nonlocal_attention(q, k, v)
+    assert out.shape == (2, 3, 40, 8)
+    for b in range(2):
+        for h in range(3):
+            torch.testing.assert_close(out[b, h], oracle(q[b, h], k[b, h], v[b, h], 16 ** -0.5)[0])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_public_op_backends_agree(backend):
+    q, k, v = make((2, 150, 530, 12, 7), torch.float32, "transposed")
+    with fastvid.backend(backend):
+        out = nonlocal_attention(q, k, v, 0.5)
+    torch.testing.assert_close(out.double(), oracle(q, k, v, 0.5)[0], rtol=2e-5, atol=2e-5)
+
+
+def test_gradcheck():
+    q, k, v = make((2, 9, 7, 5, 4), torch.float64, "transposed")
+    with fastvid.backend("cpu"):
+        assert torch.autograd.gradcheck(lambda a, b, c: nonlocal_attention(a, b, c, 0.8), (q, k, v))
+
+
+def test_gradcheck_lse_output():
+    q, k, v = make((1, 6, 5, 3, 2), torch.float64, "contiguous")
+    assert torch.autograd.gradcheck(lambda a, b, c: OPS.nonlocal_attention(a, b, c, 1.3), (q, k, v))
+
+
+def test_nan_padding_is_never_read():
+    """Operands that are windows into NaN-filled buffers (padding after every row, after the last row
+    and after the last batch) give NaN-free results equal to clean copies': no out-of-bounds reads.
+    (Equal up to rounding, not bits: the BLAS may block differently for another row stride.)"""
+    B, N, M, D, Dv = 2, 140, 520, 10, 6
+    g = torch.Generator().manual_seed(0)
+    clean = [torch.randn(B, rows, dim, generator=g) for rows, dim in ((N, D), (M, D), (M, Dv))]
+    padded = []
+    for t in clean:
+        buffer = torch.full((B + 1, t.shape[1] + 5, t.shape[2] + 3), float("nan"))
+        buffer[:B, :t.shape[1], :t.shape[2]] = t
+        padded.append(buffer[:B, :t.shape[1], :t.shape[2]].requires_grad_())
+    clean = [t.requires_grad_() for t in clean]
+    results = []
+    for q, k, v in (clean, padded):
+        out, lse = OPS.nonlocal_attention(q, k, v, 0.3)
+        grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+        results.append([out, lse, *grads])
+    for a, b in zip(*results):
+        assert not b.isnan().any()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic():
+    q, k, v = make((3, 200, 700, 16, 16), torch.float32, "contiguous")
+    runs = []
+    for _ in range(2):
+        out, lse = OPS.nonlocal_attention(q, k, v, 0.25)
+        runs.append([out, lse, *torch.autograd.grad(out.square().sum(), (q, k, v))])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_opcheck():
+    for layout in ("contiguous", "transposed"):
+        q, k, v = make((2, 20, 11, 6, 5), torch.float32, layout)
+        torch.library.opcheck(OPS.nonlocal_attention.default, (q, k, v, 0.4))
+        out, lse = OPS.nonlocal_attention(q.detach(), k.detach(), v.detach(), 0.4)
+        for grad_lse in (None, torch.randn_like(lse)):
+            torch.library.opcheck(OPS.nonlocal_attention_backward.default,
+                                  (torch.randn_like(out), grad_lse, q.detach(), k.detach(), v.detach(), out, lse, 0.4))
+
+
+def test_compile_fullgraph():
+    q, k, v = make((2, 33, 17, 8, 8), torch.float32, "transposed")
+    compiled = torch.compile(lambda a, b, c: nonlocal_attention(a, b, c, 0.5), fullgraph=True)
+    out = compiled(q, k, v)
+    expected = nonlocal_attention(q, k, v, 0.5)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), q)[0], torch.autograd.grad(expected.sum(), q)[0])
+
+
+def test_autocast_bf16():
+    q, k, v = make((1, 30, 20, 8, 8), torch.float32, "contiguous")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = nonlocal_attention(q, k, v, 0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), nonlocal_attention(q, k, v, 0.5), rtol=0.02, atol=0.02)
+
+
+def test_double_backward_raises():
+    q, k, v = make((1, 4, 3, 2, 2), torch.float64, "contiguous")
+    out = nonlocal_attention(q, k, v)
+    (grad_q,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_q.sum().backward()
+
+
+# ======================================================================================= bad input
+def _qkv(shapes, dtype=torch.float32):
+    return [torch.randn(s, dtype=dtype) if dtype.is_floating_point else torch.ones(s, dtype=dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("shapes,dtype,match", [
+    (((4, 8), (2, 3, 8), (2, 3, 5)), torch.float32, "3-D"),
+    (((2, 4, 8), (2, 3, 7), (2, 3, 5)), torch.float32, "same last dim D"),
+    (((2, 4, 8), (3, 3, 8), (3, 3, 5)), torch.float32, "same batch size"),
+    (((2, 4, 8), (2, 3, 8), (2, 2, 5)), torch.float32, "same number of rows M"),
+    (((2, 0, 8), (2, 3, 8), (2, 3, 5)), torch.float32, "at least one query"),
+    (((2, 4, 8), (2, 0, 8), (2, 0, 5)), torch.float32, "at least one query and one key"),
+    (((2, 4, 8), (2, 3, 8), (2, 3, 5)), torch.int32, "float"),
+])
+def test_bad_input(shapes, dtype, match):
+    q, k, v = _qkv(shapes, dtype)
+    with pytest.raises((ValueError, TypeError), match=match):
+        nonlocal_attention(q, k, v)
+    with pytest.raises(RuntimeError, match=match):
+        OPS.nonlocal_attention(q, k, v, 1.0)
+
+
+def test_bad_input_fp16_on_cpu_kernel():
+    q, k, v = _qkv(((1, 4, 8), (1, 3, 8), (1, 3, 5)), torch.float16)
+    with pytest.raises(RuntimeError, match="float32, float64 and bfloat16"):
+        OPS.nonlocal_attention(q, k, v, 1.0)
+
+
+def test_heads_mismatch():
+    with pytest.raises(ValueError, match="heads"):
+        nonlocal_attention(torch.randn(2, 3, 4, 8), torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8))
+
+
+# ======================================================================================= other nonlocal forms
+def test_dot_product_attention_matches_explicit_matrix():
+    q, k, v = make((2, 30, 12, 6, 5), torch.float64, "transposed")
+    out = dot_product_attention(q, k, v)
+    expected = torch.matmul(torch.matmul(q, k.transpose(1, 2)) / k.shape[1], v)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), (q, k, v)),
+                               torch.autograd.grad(expected.sum(), (q, k, v)))
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 50])  # one chunk; many chunks with recomputation
+def test_concatenation_attention_matches_explicit_matrix(chunk):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 23, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    out = concatenation_attention(a, b, v, max_chunk_elements=chunk)
+    expected = torch.matmul(torch.relu(a[:, :, None] + b[:, None, :]) / 9, v)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), (a, b, v)),
+                               torch.autograd.grad(expected.square().sum(), (a, b, v)))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_sdpa_path(dtype):
+    q, k, v = (t.detach().cuda().requires_grad_() for t in make((2, 70, 600, 64, 64), dtype, "contiguous"))
+    out = nonlocal_attention(q, k, v, 0.125)
+    torch.testing.assert_close(out.double(), oracle(q, k, v, 0.125)[0], rtol=2e-2, atol=2e-2)
