@@ -196,6 +196,24 @@ def test_convert_at_the_top_level_and_bf16_state_dtype():
     torch.testing.assert_close(c_ref, c)
 
 
+@pytest.mark.parametrize("module", [ConvLSTM(3, 4, num_layers=2), ConvGRU(3, 4, reset_after=False)],
+                         ids=["convlstm", "convgru"])
+def test_twins_follow_autocast_like_the_fastvid_ops(module):
+    """Under bf16 autocast fastvid casts the conv inputs to bf16 (the LSTM cell state stays fp32)."""
+    ref = fastvid.convert(module, to="reference")
+    x = torch.randn(2, 3, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, states = module(x)
+        out_ref, states_ref = ref(x)
+    assert out.dtype == out_ref.dtype == torch.bfloat16
+    assert [s.dtype for s in flat_list(states)] == [s.dtype for s in flat_list(states_ref)]
+    torch.testing.assert_close(out_ref, out, rtol=2e-2, atol=2e-2)
+
+
+def flat_list(states):
+    return [states] if isinstance(states, torch.Tensor) else [t for s in states for t in flat_list(s)]
+
+
 TINY = dict(num_classes=4, cnn_widths=(4, 8), height=16, width=16)
 
 

@@ -19,7 +19,7 @@ from fastvid.models.recurrent import aggregate_predictions
 B, C, T, SIZE = 2, 3, 8, 16
 K = 5  # classes
 TINY = dict(num_classes=K, cnn_widths=(4, 8), height=SIZE, width=SIZE)  # conv maps 4×4
-POOL = dict(head="pooling", num_frames=T, window=2, stride=2, fc_channels=6, time_conv_channels=5)
+POOL = dict(head="pooling", frames=T, window=2, stride=2, fc_channels=6, time_conv_channels=5)
 
 CASES = {
     "lrcn": ("lrcn", dict(feature_channels=10, hidden_size=6)),
@@ -230,7 +230,7 @@ def test_local_pooling_concatenates_the_windows_before_the_classifier():
         model(video(frames=T + 2))
 
 
-def test_local_pooling_windows_follow_num_frames():
+def test_local_pooling_windows_follow_frames():
     """Paper defaults: windows of 10 frames with stride 5 over a 120-frame clip → 23 windows."""
     model = build("beyond_snippets", num_classes=K, cnn_widths=(4,), height=8, width=8, head="pooling",
                   pooling="local", fc_channels=3)
@@ -258,7 +258,7 @@ def test_time_domain_conv_is_a_1x1_reduction_across_frames_before_the_max():
 
 def test_pooling_heads_see_at_most_a_7x7_grid():
     model = build("beyond_snippets", num_classes=K, cnn_widths=(4,), height=32, width=32, head="pooling",
-                  pooling="conv", fc_channels=3, num_frames=2)
+                  pooling="conv", fc_channels=3, frames=2)
     clip = torch.randn(1, C, 2, 32, 32)
     maps = model.frame_maps(clip)
     assert maps.shape[3:] == (7, 7) and model.head.fc[0][0].in_features == 4 * 49
@@ -463,10 +463,23 @@ def test_motion_attention_comes_from_the_flow_not_the_rgb_frame():
     assert not torch.allclose(attention_rgb[:, -1], attention[:, -1])
 
 
+def test_videolstm_takes_flow_between_frames():
+    """T - 1 flow fields (frame t → t + 1): the last RGB frame, without flow, is left out."""
+    model = make("videolstm_motion").eval()
+    clip, flow = video(), video(1, channels=2)[:, :, :-1]
+    scores, attention = model(clip, flow)
+    assert attention.shape == (B, T - 1, 4, 4)
+    expected_scores, expected_attention = model(clip[:, :, :-1], flow)
+    torch.testing.assert_close(scores, expected_scores)
+    torch.testing.assert_close(attention, expected_attention)
+
+
 def test_videolstm_flow_arguments():
     with pytest.raises(ValueError, match="needs flow"):
         make("videolstm_motion")(video())
     with pytest.raises(ValueError, match="flow must be"):
         make("videolstm_motion")(video(), video(channels=3))
+    with pytest.raises(ValueError, match="flow must be"):
+        make("videolstm_motion")(video(), video(channels=2)[:, :, :-2])
     with pytest.raises(ValueError, match="takes no flow"):
         make("videolstm_appearance")(video(), video(channels=2))

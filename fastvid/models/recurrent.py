@@ -121,13 +121,13 @@ class LRCN(nn.Module):
 
 
 @register("lrcn")
-def lrcn(num_classes: int = 101, num_frames: int = 16, height: int = 227, width: int = 227, in_channels: int = 3,
+def lrcn(num_classes: int = 101, frames: int = 16, height: int = 227, width: int = 227, in_channels: int = 3,
          cnn_widths: Sequence[int] = (32, 64, 128), recurrent: str = "lstm", feature_channels: int = 4096,
          hidden_size: int = 256, kernel_size: int = 3, dropout: float = 0.5) -> LRCN:
-    """LRCN (seed 002: 16×227×227 clips, UCF-101). Any clip length and frame size runs; ``num_frames``,
+    """LRCN (seed 002: 16×227×227 clips, UCF-101). Any clip length and frame size runs; ``frames``,
     ``height`` and ``width`` only record the paper's input (``model.input_size``)."""
     model = LRCN(num_classes, in_channels, cnn_widths, recurrent, feature_channels, hidden_size, kernel_size, dropout)
-    model.input_size = (num_frames, height, width)
+    model.input_size = (frames, height, width)
     return model
 
 
@@ -193,7 +193,7 @@ class LocalPooling(nn.Module):
         self.window, self.stride = window, stride
         self.num_windows = num_windows(num_frames, window, stride)
         if self.num_windows < 1:
-            raise ValueError(f"local pooling needs num_frames >= window ({num_frames} < {window})")
+            raise ValueError(f"local pooling needs frames >= window ({num_frames} < {window})")
         self.fc = nn.Sequential(_fc(channels * map_size[0] * map_size[1], fc_channels, dropout),
                                 _fc(fc_channels, fc_channels, dropout))
         self.classifier = nn.Linear(self.num_windows * fc_channels, num_classes)
@@ -202,7 +202,7 @@ class LocalPooling(nn.Module):
         local = window_max(maps, self.window, self.stride)
         if local.shape[1] != self.num_windows:
             raise ValueError(f"LocalPooling was built for {self.num_windows} windows, the clip gives "
-                             f"{local.shape[1]}: build the model with this num_frames")
+                             f"{local.shape[1]}: build the model with this `frames`")
         return self.classifier(self.fc(local.flatten(2)).flatten(1))
 
 
@@ -281,7 +281,7 @@ class BeyondShortSnippets(nn.Module):
 
 
 @register("beyond_snippets")
-def beyond_snippets(num_classes: int = 487, num_frames: int | None = None, height: int = 220, width: int = 220,
+def beyond_snippets(num_classes: int = 487, frames: int | None = None, height: int = 220, width: int = 220,
                     in_channels: int = 3, cnn_widths: Sequence[int] = (32, 64, 128), head: str = "lstm",
                     pooling: str = "conv", aggregation: str = "weighted", window: int = 10, stride: int = 5,
                     fc_channels: int = 4096, time_conv_channels: int = 256, time_conv_spatial_kernel: int = 1,
@@ -294,23 +294,23 @@ def beyond_snippets(num_classes: int = 487, num_frames: int | None = None, heigh
     with stride ``stride``, 10 and 5 in the paper), or ``head="lstm"``: the deep LSTM (default clip:
     30 frames) with ``aggregation`` one of ``last | max | mean | weighted``. The pooling heads see the
     conv maps max-pooled to at most ``grid_size``² positions (7×7, GoogLeNet's last grid);
-    ``height``/``width`` fix that flattened size; ``num_frames`` fixes local pooling's number of
+    ``height``/``width`` fix that flattened size; ``frames`` fixes local pooling's number of
     windows."""
     if head not in ("pooling", "lstm"):
         raise ValueError(f"head must be 'pooling' or 'lstm', got {head!r}")
     if head == "pooling" and pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    num_frames = num_frames if num_frames is not None else (30 if head == "lstm" else 120)
+    frames = frames if frames is not None else (30 if head == "lstm" else 120)
     cnn = FrameCNN(in_channels, cnn_widths)
     map_size = _feature_map_size(height, width, len(cnn_widths))
     map_size = (min(map_size[0], grid_size), min(map_size[1], grid_size))
     arguments = dict(channels=cnn.out_channels, map_size=map_size, num_classes=num_classes, fc_channels=fc_channels,
-                     dropout=dropout, window=window, stride=stride, num_frames=num_frames,
+                     dropout=dropout, window=window, stride=stride, num_frames=frames,
                      time_conv_channels=time_conv_channels, time_conv_spatial_kernel=time_conv_spatial_kernel,
                      hidden_size=hidden_size, num_layers=num_layers, aggregation=aggregation)
     head_module = DeepLSTMHead(**arguments) if head == "lstm" else _POOLING_HEADS[pooling](**arguments)
     model = BeyondShortSnippets(cnn, head_module, in_channels, grid=map_size if head == "pooling" else None)
-    model.input_size = (num_frames, height, width)
+    model.input_size = (frames, height, width)
     return model
 
 
@@ -383,13 +383,13 @@ class GRURCN(nn.Module):
 
 
 @register("convgru_rcn")
-def convgru_rcn(num_classes: int = 101, num_frames: int = 16, height: int = 224, width: int = 224,
+def convgru_rcn(num_classes: int = 101, frames: int = 16, height: int = 224, width: int = 224,
                 in_channels: int = 3, cnn_widths: Sequence[int] = (32, 64, 128), levels: Sequence[int] | None = None,
                 hidden_channels=64, kernel_size: int = 3, stacked: bool = False, dropout: float = 0.5) -> GRURCN:
     """GRU-RCN / Stacked GRU-RCN (UCF-101, 224×224 frames; ``levels`` default: every CNN stage).
     Any clip length and frame size runs; the size arguments are recorded in ``model.input_size``."""
     model = GRURCN(num_classes, in_channels, cnn_widths, levels, hidden_channels, kernel_size, stacked, dropout)
-    model.input_size = (num_frames, height, width)
+    model.input_size = (frames, height, width)
     return model
 
 
@@ -458,14 +458,14 @@ class SoftAttentionLSTM(nn.Module):
 
 
 @register("soft_attention_lstm")
-def soft_attention_lstm(num_classes: int = 51, num_frames: int = 30, height: int = 224, width: int = 224,
+def soft_attention_lstm(num_classes: int = 51, frames: int = 30, height: int = 224, width: int = 224,
                         in_channels: int = 3, cnn_widths: Sequence[int] = (32, 64, 128), hidden_size: int = 1024,
                         num_layers: int = 3, dropout: float = 0.5) -> SoftAttentionLSTM:
     """Soft attention LSTM (HMDB-51, 224×224 frames, 30-frame clips). ``height``/``width`` fix the
     K×K attention grid (the attention weights have one row per position)."""
     grid = _feature_map_size(height, width, len(cnn_widths))
     model = SoftAttentionLSTM(num_classes, grid, in_channels, cnn_widths, hidden_size, num_layers, dropout)
-    model.input_size = (num_frames, height, width)
+    model.input_size = (frames, height, width)
     return model
 
 

@@ -28,6 +28,8 @@ ATTENTIONS = ("motion", "appearance")
 class VideoLSTM(nn.Module):
     """``forward(video, flow=None)`` with ``video`` ``[B, C, T, H, W]`` and (motion attention) ``flow``
     ``[B, flow_channels, T, H, W]`` returns ``(scores [B, num_classes], attention [B, T, h, w])``.
+    Flow with T - 1 fields (from frame t to t + 1, the usual case) is accepted too: the last RGB frame,
+    which has no flow, is then left out (T - 1 steps and maps).
 
     Each step's hidden state H_t is averaged over space and classified; the per-frame predictions are
     averaged as probabilities (the scores are their log)."""
@@ -58,10 +60,13 @@ class VideoLSTM(nn.Module):
             if flow is None:
                 raise ValueError("VideoLSTM with motion-based attention needs flow [B, "
                                  f"{self.flow_channels}, T, H, W]; build it with attention='appearance' to run on RGB only")
+            T = video.shape[2]
             if flow.dim() != 5 or flow.shape[1] != self.flow_channels or flow.shape[0] != video.shape[0] \
-                    or flow.shape[2:] != video.shape[2:]:
-                raise ValueError(f"VideoLSTM: flow must be [B, {self.flow_channels}, T, H, W] with B, T, H, W "
-                                 f"of the video {tuple(video.shape)}, got {tuple(flow.shape)}")
+                    or flow.shape[3:] != video.shape[3:] or flow.shape[2] not in (T, T - 1) or flow.shape[2] == 0:
+                raise ValueError(f"VideoLSTM: flow must be [B, {self.flow_channels}, T or T - 1, H, W] with B, T, H, "
+                                 f"W of the video {tuple(video.shape)}, got {tuple(flow.shape)}")
+            if flow.shape[2] == T - 1:
+                maps = maps[:, :-1]
             motion = per_frame(self.flow_cnn, flow)
         elif flow is not None:
             raise ValueError("VideoLSTM with attention='appearance' takes no flow")
@@ -74,7 +79,7 @@ class VideoLSTM(nn.Module):
 
 
 @register("videolstm")
-def videolstm(num_classes: int = 101, num_frames: int = 30, height: int = 224, width: int = 224, in_channels: int = 3,
+def videolstm(num_classes: int = 101, frames: int = 30, height: int = 224, width: int = 224, in_channels: int = 3,
               flow_channels: int = 2, cnn_widths: Sequence[int] = (32, 64, 128), hidden_channels: int = 512,
               attention_channels: Optional[int] = None, kernel_size: int = 3, attention_kernel_size: int = 1,
               attention: str = "motion", dropout: float = 0.5) -> VideoLSTM:
@@ -83,7 +88,7 @@ def videolstm(num_classes: int = 101, num_frames: int = 30, height: int = 224, w
     size runs; the size arguments are recorded in ``model.input_size``."""
     model = VideoLSTM(num_classes, in_channels, flow_channels, cnn_widths, hidden_channels, attention_channels,
                       kernel_size, attention_kernel_size, attention, dropout)
-    model.input_size = (num_frames, height, width)
+    model.input_size = (frames, height, width)
     return model
 
 
