@@ -15,10 +15,12 @@ from typing import Callable, List, Tuple
 from torch import nn
 
 from .nn.conv3d import DepthwiseConv3d, is_depthwise_conv3d
+from .nn.nonlocal_block import nonlocal_from_module
 
 # (name, recognises(module) -> bool, convert(module) -> nn.Module), tried in order.
 Converter = Tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]
 CONVERTERS: List[Converter] = [
+    ("nonlocal_block", lambda m: nonlocal_from_module(m) is not None, nonlocal_from_module),
     ("depthwise_conv3d", is_depthwise_conv3d, DepthwiseConv3d.from_conv3d),
 ]
 

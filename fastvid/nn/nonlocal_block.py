@@ -16,8 +16,10 @@ output conv starts at zero), so a freshly inserted block is the identity.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 from .. import ops
@@ -113,3 +115,138 @@ class NonLocalBlock(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, inter_channels={self.inter_channels}, mode={self.mode!r}, dims={self.dims}, "
                 f"scale={self.scale}, pool_before_projection={self.pool_before_projection}")
+
+
+# ------------------------------------------------------------------------------ drop-in conversion
+# Nonlocal blocks written by hand come in two common shapes; both are recognised by their attributes
+# (no import of the library they come from), turned into candidate NonLocalBlocks sharing their
+# submodules, and a candidate is accepted only if it reproduces the original on a probe input.
+#
+# * pytorchvideo-style: conv_theta, conv_phi, conv_g, conv_out, pool (applied to x before φ and g),
+#   norm, instantiation "softmax" (scores scaled by inter^-0.5) or "dot_product";
+# * standalone ports (Wang et al.'s structure as most PyTorch re-implementations write it): theta,
+#   phi, g (a conv, or Sequential(conv, max-pool)), W (a conv, or Sequential(conv, BatchNorm)),
+#   optionally concat_project (Sequential(Conv2d(2·inter, 1, 1), ReLU)) for concatenation;
+#   embedded Gaussian and dot product share that structure, the probe tells them apart.
+
+def _is_pointwise_conv(m) -> bool:
+    return (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and all(k == 1 for k in m.kernel_size)
+            and all(s == 1 for s in m.stride) and all(p == 0 for p in m.padding) and m.groups == 1)
+
+
+def _is_plain_max_pool(m) -> bool:
+    """A max pool whose stride equals its kernel, without padding/dilation (what both styles use)."""
+    if not isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        return False
+    stride = m.stride if m.stride is not None else m.kernel_size
+    def as_tuple(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    return (as_tuple(stride) == as_tuple(m.kernel_size) and set(as_tuple(m.padding)) == {0}
+            and set(as_tuple(m.dilation)) == {1} and not m.ceil_mode and not m.return_indices)
+
+
+def _conv_then_pool(m):
+    """(conv, pool) for a pointwise conv or Sequential(conv, max-pool); None when neither."""
+    if _is_pointwise_conv(m):
+        return m, None
+    if isinstance(m, nn.Sequential) and len(m) == 2 and _is_pointwise_conv(m[0]) and _is_plain_max_pool(m[1]):
+        return m[0], m[1]
+    return None
+
+
+def _dims_of(conv) -> int:
+    return {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(conv)]
+
+
+def _candidates_pytorchvideo(module):
+    convs = [getattr(module, name, None) for name in ("conv_theta", "conv_phi", "conv_g", "conv_out")]
+    instantiation = getattr(module, "instantiation", None)
+    pool, norm = getattr(module, "pool", None), getattr(module, "norm", None)
+    if not all(_is_pointwise_conv(c) for c in convs) or instantiation not in ("softmax", "dot_product"):
+        return []
+    if pool is not None and not _is_plain_max_pool(pool):
+        return []
+    theta, phi, g, out = convs
+    dims, inter = _dims_of(theta), theta.out_channels
+    block = NonLocalBlock(theta.in_channels, inter, "embedded_gaussian" if instantiation == "softmax" else "dot_product",
+                          sub_sample=pool is not None, norm=norm is not None, dims=dims, scale=inter ** -0.5,
+                          pool_before_projection=True)
+    block.theta, block.phi, block.g, block.out, block.pool, block.norm = theta, phi, g, out, pool, norm
+    return [block]
+
+
+def _candidates_standalone(module):
+    g_pool = _conv_then_pool(getattr(module, "g", None))
+    W = getattr(module, "W", None)
+    if g_pool is None or W is None:
+        return []
+    g, pool = g_pool
+    if _is_pointwise_conv(W):
+        out, norm = W, None
+    elif isinstance(W, nn.Sequential) and len(W) == 2 and _is_pointwise_conv(W[0]) and \
+            isinstance(W[1], (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        out, norm = W[0], W[1]
+    else:
+        return []
+    dims, inter, in_channels = _dims_of(g), g.out_channels, g.in_channels
+    theta, phi = getattr(module, "theta", None), getattr(module, "phi", None)
+    concat = getattr(module, "concat_project", None)
+
+    def make(mode, theta_conv, phi_conv):
+        block = NonLocalBlock(in_channels, inter, mode, sub_sample=pool is not None, norm=norm is not None, dims=dims,
+                              pool_size=pool.kernel_size if pool is not None else None)
+        block.theta, block.phi, block.g, block.out, block.norm = theta_conv, phi_conv, g, out, norm
+        if pool is not None:
+            block.pool = pool
+        return block
+
+    if _is_pointwise_conv(theta):
+        phi_pool = _conv_then_pool(phi)
+        if phi_pool is None or (phi_pool[1] is None) != (pool is None):
+            return []
+        if concat is not None:
+            if not (isinstance(concat, nn.Sequential) and len(concat) == 2 and isinstance(concat[0], nn.Conv2d)
+                    and concat[0].weight.shape == (1, 2 * inter, 1, 1) and concat[0].bias is None
+                    and isinstance(concat[1], nn.ReLU)):
+                return []
+            block = make("concatenation", theta, phi_pool[0])
+            block.concat_project.weight = nn.Parameter(concat[0].weight.detach().reshape(1, 2 * inter).clone(),
+                                                       requires_grad=concat[0].weight.requires_grad)
+            return [block]
+        return [make("embedded_gaussian", theta, phi_pool[0]), make("dot_product", theta, phi_pool[0])]
+    if theta is None and g.in_channels == in_channels:  # gaussian: f = softmax(x_iᵀ x_j)
+        return [make("gaussian", None, None)]
+    return []
+
+
+def _probe_matches(original: nn.Module, candidate: NonLocalBlock) -> bool:
+    """Whether ``candidate`` computes ``original``'s function on a random probe input. Both are copied
+    together (so the submodules they share stay shared) and put in eval mode; the shared final affine
+    map gets random values first, since a freshly initialised block is the identity, which any
+    candidate would match."""
+    original, candidate = copy.deepcopy((original, candidate))
+    original.eval(), candidate.eval()
+    generator = torch.Generator().manual_seed(0)
+    final = candidate.norm if candidate.norm is not None else candidate.out
+    like = candidate.g.weight
+    sizes = {1: (8,), 2: (4, 4), 3: (2, 4, 4)}[candidate.dims]
+    with torch.no_grad():
+        for p in final.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        x = torch.randn(2, candidate.in_channels, *sizes, generator=generator, dtype=like.dtype).to(like.device)
+        try:
+            expected, got = original(x), candidate(x)
+        except Exception:  # a candidate (or an original) that cannot run the probe is not a match
+            return False
+    return isinstance(expected, torch.Tensor) and expected.shape == got.shape and \
+        torch.allclose(expected, got, rtol=1e-4, atol=1e-5)
+
+
+def nonlocal_from_module(module: nn.Module) -> Optional[NonLocalBlock]:
+    """The NonLocalBlock equal to a hand-written nonlocal block (sharing its submodules), or None."""
+    if isinstance(module, NonLocalBlock):
+        return None
+    for candidate in _candidates_pytorchvideo(module) + _candidates_standalone(module):
+        if _probe_matches(module, candidate):
+            return candidate.train(module.training)
+    return None

@@ -1,0 +1,251 @@
+"""fastvid.nn.NonLocalBlock against an explicit implementation of Wang et al.'s equations written here
+(the N×M affinity matrix materialised), and fastvid.convert of hand-written nonlocal blocks in the two
+common PyTorch styles (written in this file the way pytorchvideo's NonLocal layer and the popular
+standalone ports write them)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastvid
+from fastvid.nn import NonLocalBlock
+
+MODES = ["embedded_gaussian", "dot_product", "gaussian", "concatenation"]
+SIZES = {1: (12,), 2: (6, 8), 3: (3, 6, 8)}
+
+
+def randomize(module, seed=0):
+    """Random values in every parameter and BatchNorm statistic (a fresh block is the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return module
+
+
+def explicit_block(block: NonLocalBlock, x):
+    """z = x + BN(W_z y), y_i = Σ_j f(i, j) g_j / C(x), written from the paper's equations."""
+    def conv1x1(conv, t):
+        return torch.einsum("oc,bc...->bo...", conv.weight.flatten(1), t) + conv.bias.view(1, -1, *[1] * (t.dim() - 2))
+    pool = block.pool if block.pool is not None else (lambda t: t)
+    keys_in = pool(x) if block.pool_before_projection else x
+    theta = conv1x1(block.theta, x) if block.theta is not None else x
+    phi = conv1x1(block.phi, keys_in) if block.phi is not None else keys_in
+    g = conv1x1(block.g, keys_in)
+    if not block.pool_before_projection:
+        phi, g = pool(phi), pool(g)
+    theta, phi, g = theta.flatten(2), phi.flatten(2), g.flatten(2)  # [B, C, N], [B, C, M], [B, inter, M]
+    M = phi.shape[-1]
+    if block.mode in ("embedded_gaussian", "gaussian"):
+        f = torch.softmax(block.scale * torch.einsum("bcn,bcm->bnm", theta, phi), dim=-1)
+    elif block.mode == "dot_product":
+        f = torch.einsum("bcn,bcm->bnm", theta, phi) / M
+    else:
+        w = block.concat_project.weight.view(-1)
+        inter = theta.shape[1]
+        f = torch.relu(torch.einsum("c,bcn->bn", w[:inter], theta)[:, :, None]
+                       + torch.einsum("c,bcm->bm", w[inter:], phi)[:, None, :]) / M
+    y = torch.einsum("bnm,bcm->bcn", f, g).reshape(x.shape[0], -1, *x.shape[2:])
+    z = conv1x1(block.out, y)
+    if block.norm is not None:
+        z = F.batch_norm(z, block.norm.running_mean, block.norm.running_var, block.norm.weight, block.norm.bias,
+                         False, 0.0, block.norm.eps)
+    return x + z
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_fresh_block_is_identity(mode, dims):
+    block = NonLocalBlock(6, mode=mode, dims=dims)
+    x = torch.randn(2, 6, *SIZES[dims])
+    assert torch.equal(block(x), x)
+    assert torch.equal(NonLocalBlock(6, mode=mode, dims=dims, norm=False)(x), x)
+
+
+@pytest.mark.parametrize("pool_before", [False, True])
+@pytest.mark.parametrize("sub_sample", [True, False])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_paper_equations(mode, dims, sub_sample, pool_before):
+    block = randomize(NonLocalBlock(6, 4, mode=mode, dims=dims, sub_sample=sub_sample, scale=0.6,
+                                    pool_before_projection=pool_before).double()).eval()
+    x = torch.randn(2, 6, *SIZES[dims], dtype=torch.float64, requires_grad=True)
+    out = block(x)
+    expected = explicit_block(block, x)
+    torch.testing.assert_close(out, expected)
+    params = [x] + list(block.parameters())
+    grad_out = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, params, grad_out), torch.autograd.grad(expected, params, grad_out))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backends_agree_train_mode(mode):
+    """Default backend (C++ kernel) vs the reference backend, in training mode (batch statistics);
+    float64 because BatchNorm's division by the batch std amplifies fp32 rounding in the gradients."""
+    block = randomize(NonLocalBlock(16, mode=mode)).double().train()
+    x = torch.randn(2, 16, 4, 10, 10, dtype=torch.float64, requires_grad=True)
+    results = []
+    for backend in ("auto", "reference"):
+        with fastvid.backend(backend):
+            out = block(x)
+            results.append([out, *torch.autograd.grad(out.square().sum(), [x, *block.parameters()])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        NonLocalBlock(8, mode="softmax")
+    with pytest.raises(ValueError, match="dims"):
+        NonLocalBlock(8, dims=4)
+    with pytest.raises(ValueError, match=r"expected input \[B, 8"):
+        NonLocalBlock(8)(torch.randn(2, 8, 4, 4))
+
+
+# ======================================================================================= drop-in conversion
+class PytorchvideoStyleNonLocal(nn.Module):
+    """A nonlocal layer laid out as pytorchvideo lays out its NonLocal: conv_theta/phi/g/out, a pool on x
+    before φ and g, a norm on the output, 'softmax' (scores · inter^-0.5) or 'dot_product'."""
+
+    def __init__(self, dim, dim_inner, pool_size=(1, 2, 2), instantiation="softmax"):
+        super().__init__()
+        self.conv_theta = nn.Conv3d(dim, dim_inner, 1)
+        self.conv_phi = nn.Conv3d(dim, dim_inner, 1)
+        self.conv_g = nn.Conv3d(dim, dim_inner, 1)
+        self.conv_out = nn.Conv3d(dim_inner, dim, 1)
+        self.pool = nn.MaxPool3d(pool_size, stride=pool_size) if pool_size is not None else None
+        self.norm = nn.BatchNorm3d(dim)
+        self.instantiation = instantiation
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        inner = self.conv_theta.out_channels
+        theta = self.conv_theta(x).reshape(B, inner, -1)
+        pooled = self.pool(x) if self.pool is not None else x
+        phi = self.conv_phi(pooled).reshape(B, inner, -1)
+        g = self.conv_g(pooled).reshape(B, inner, -1)
+        affinity = torch.einsum("bct,bcp->btp", theta, phi)
+        if self.instantiation == "softmax":
+            affinity = torch.softmax(affinity * inner ** -0.5, dim=2)
+        else:
+            affinity = affinity / affinity.shape[2]
+        y = torch.einsum("btp,bcp->bct", affinity, g).reshape(B, inner, T, H, W)
+        return x + self.norm(self.conv_out(y))
+
+
+class StandaloneStyleNonLocal(nn.Module):
+    """A nonlocal block as the standalone PyTorch ports write it: g/theta/phi convs, sub-sampling by
+    Sequential(conv, max-pool) on g and phi, W = Sequential(conv, BN) with BN zero-initialised,
+    attention by explicit matrices; `kind` selects the pairwise function."""
+
+    def __init__(self, in_channels, kind="embedded_gaussian", sub_sample=True, dims=3):
+        super().__init__()
+        conv, pool, bn = {1: (nn.Conv1d, nn.MaxPool1d(2), nn.BatchNorm1d),
+                          2: (nn.Conv2d, nn.MaxPool2d((2, 2)), nn.BatchNorm2d),
+                          3: (nn.Conv3d, nn.MaxPool3d((1, 2, 2)), nn.BatchNorm3d)}[dims]
+        self.kind, self.inter_channels = kind, max(1, in_channels // 2)
+        self.g = conv(in_channels, self.inter_channels, 1)
+        self.W = nn.Sequential(conv(self.inter_channels, in_channels, 1), bn(in_channels))
+        nn.init.zeros_(self.W[1].weight)
+        nn.init.zeros_(self.W[1].bias)
+        if kind != "gaussian":
+            self.theta = conv(in_channels, self.inter_channels, 1)
+            self.phi = conv(in_channels, self.inter_channels, 1)
+        if kind == "concatenation":
+            self.concat_project = nn.Sequential(nn.Conv2d(self.inter_channels * 2, 1, 1, bias=False), nn.ReLU())
+        if sub_sample:
+            self.g = nn.Sequential(self.g, pool)
+            if kind != "gaussian":
+                self.phi = nn.Sequential(self.phi, pool)
+            else:
+                self.phi = pool
+
+    def forward(self, x):
+        b = x.shape[0]
+        g_x = self.g(x).view(b, self.inter_channels, -1).permute(0, 2, 1)
+        if self.kind == "gaussian":
+            theta_x = x.view(b, x.shape[1], -1).permute(0, 2, 1)
+            phi_x = (self.phi(x) if hasattr(self, "phi") else x).view(b, x.shape[1], -1)
+            f = torch.softmax(torch.matmul(theta_x, phi_x), dim=-1)
+        elif self.kind == "concatenation":
+            theta_x = self.theta(x).view(b, self.inter_channels, -1, 1)
+            phi_x = self.phi(x).view(b, self.inter_channels, 1, -1)
+            n, m = theta_x.shape[2], phi_x.shape[3]
+            pairs = torch.cat([theta_x.repeat(1, 1, 1, m), phi_x.repeat(1, 1, n, 1)], dim=1)
+            f = self.concat_project(pairs).view(b, n, m) / m
+        else:
+            theta_x = self.theta(x).view(b, self.inter_channels, -1).permute(0, 2, 1)
+            phi_x = self.phi(x).view(b, self.inter_channels, -1)
+            f = torch.matmul(theta_x, phi_x)
+            f = torch.softmax(f, dim=-1) if self.kind == "embedded_gaussian" else f / f.shape[-1]
+        y = torch.matmul(f, g_x).permute(0, 2, 1).contiguous().view(b, self.inter_channels, *x.shape[2:])
+        return self.W(y) + x
+
+
+def _check_converted(model, x, expected_mode=None):
+    """float64, so that BatchNorm in training mode does not amplify rounding differences."""
+    model, x = model.double(), x.double()
+    converted = fastvid.convert(model)
+    blocks = [m for m in converted.modules() if isinstance(m, NonLocalBlock)]
+    assert blocks, "no NonLocalBlock after convert"
+    if expected_mode is not None:
+        assert {b.mode for b in blocks} == {expected_mode}
+    assert converted.training == model.training
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, out_converted = model(x1), converted(x2)
+    torch.testing.assert_close(out_converted, out)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out_converted, x2, grad)[0], torch.autograd.grad(out, x1, grad)[0])
+    # Same parameter values under the conversion (state dict values compared by value).
+    assert sorted(p.numel() for p in converted.parameters()) == sorted(p.numel() for p in model.parameters())
+    return converted
+
+
+@pytest.mark.parametrize("instantiation,mode", [("softmax", "embedded_gaussian"), ("dot_product", "dot_product")])
+@pytest.mark.parametrize("pool_size", [(1, 2, 2), None])
+def test_convert_pytorchvideo_style(instantiation, mode, pool_size):
+    model = nn.Sequential(nn.Conv3d(3, 8, 1), PytorchvideoStyleNonLocal(8, 4, pool_size, instantiation), nn.ReLU())
+    randomize(model[1])
+    converted = _check_converted(model.eval(), torch.randn(2, 3, 3, 6, 6), mode)
+    conv_theta = model[1].conv_theta
+    assert converted[1].theta is not conv_theta  # convert copies by default
+    inplace = fastvid.convert(model, inplace=True)
+    assert inplace is model and isinstance(model[1], NonLocalBlock) and model[1].theta is conv_theta
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("kind", MODES)
+def test_convert_standalone_style(kind, dims):
+    block = randomize(StandaloneStyleNonLocal(8, kind=kind, dims=dims))
+    _check_converted(block.eval(), torch.randn(2, 8, *SIZES[dims]), kind)
+    _check_converted(block.train(), torch.randn(2, 8, *SIZES[dims]), kind)
+
+
+def test_convert_keeps_other_layers_and_shares_weights_inplace():
+    model = nn.Sequential(
+        nn.Conv3d(4, 8, 1),
+        StandaloneStyleNonLocal(8, sub_sample=False),
+        nn.Conv3d(8, 8, 3, padding=1, groups=8),  # depthwise: converted too
+        nn.Conv3d(8, 8, 3, padding=1),           # dense: untouched
+    )
+    randomize(model)
+    conv_theta = model[1].theta
+    converted = fastvid.convert(model, inplace=True)
+    assert isinstance(converted[1], NonLocalBlock) and converted[1].theta is conv_theta
+    assert isinstance(converted[2], fastvid.nn.DepthwiseConv3d)
+    assert type(converted[3]) is nn.Conv3d
+
+
+def test_not_converted_when_the_function_differs():
+    """A block with the standalone layout whose forward does something else is left alone: the probe
+    compares outputs, not just attribute names."""
+    class Impostor(StandaloneStyleNonLocal):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = randomize(Impostor(8))
+    assert type(fastvid.convert(model)) is Impostor
