@@ -4,6 +4,7 @@ Commands:
   info    what is compiled and usable here (fastvid.info())
   bench   fastvid vs native PyTorch benchmarks (fastvid/bench); ``bench --report FILE`` prints
           the table of a results file
+  train   train a registered model on synthetic motion clips on the CPU (fastvid/models/train.py)
 
 A command is a (name, help, add_arguments, run) entry in ``_commands()``; add e.g. ``train``
 there. Heavy imports happen inside the command, so ``info`` and ``--help`` stay fast.
@@ -47,10 +48,23 @@ def _bench(args: argparse.Namespace) -> int:
     return cli.main(args)
 
 
+# ------------------------------------------------------------------------------ train
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastvid.models import train
+    train.add_arguments(parser)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fastvid.models import train
+    return train.main(args)
+
+
 def _commands() -> List[Command]:
     return [
         Command("info", "print what is compiled and usable (fastvid.info())", _info_arguments, _info),
         Command("bench", "benchmark fastvid against native PyTorch and print the table", _bench_arguments, _bench),
+        Command("train", "train a registered model on synthetic motion clips (CPU) and print its accuracy",
+                _train_arguments, _train),
     ]
 
 
