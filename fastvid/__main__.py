@@ -6,8 +6,8 @@ Commands:
           the table of a results file
   train   train a registered model on synthetic motion clips on the CPU (fastvid/models/train.py)
 
-A command is a (name, help, add_arguments, run) entry in ``_commands()``; add e.g. ``train``
-there. Heavy imports happen inside the command, so ``info`` and ``--help`` stay fast.
+A command is a (name, help, add_arguments, run) entry in ``_commands()``; a new command is
+one more entry there. Heavy imports happen inside the command, so ``info`` and ``--help`` stay fast.
 """
 from __future__ import annotations
 
