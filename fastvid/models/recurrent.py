@@ -72,11 +72,10 @@ def _fc(in_features: int, out_features: int, dropout: float) -> nn.Sequential:
 
 def _feature_map_size(height: int, width: int, num_stages: int):
     """H×W of FrameCNN's output: every stage halves (floor) with a 2×2 max-pool."""
-    for _ in range(num_stages):
-        height, width = height // 2, width // 2
-    if height < 1 or width < 1:
+    h, w = height // 2 ** num_stages, width // 2 ** num_stages
+    if h < 1 or w < 1:
         raise ValueError(f"frames of {height}x{width} vanish after {num_stages} 2x2 pools")
-    return height, width
+    return h, w
 
 
 # ------------------------------------------------------------------------------ LRCN
@@ -336,7 +335,12 @@ class GRURCN(nn.Module):
     gates see W * x_t^l + W^l * h_t^{l-1} + U * h_{t-1}^l. This is what ``ConvGRU(...,
     input_to_all_layers=True)`` does for layers on one grid; here the levels' inputs and grids
     differ, so each level is its own one-layer ConvGRU fed the concatenation. Because level l at
-    time t only needs h_t^{l-1}, running level l-1 over the whole clip first is exact."""
+    time t only needs h_t^{l-1}, running level l-1 over the whole clip first is exact.
+
+    Difference from the seed's equations: there the candidate h̃_t^l = tanh(W * x_t^l + U * (r ⊙
+    h_{t-1}^l)) does not see h_t^{l-1}; here the concatenated input reaches the candidate too (the
+    seed's model is the special case with those weights at zero). The seed's gate
+    h = (1 - z) h_{t-1} + z h̃ is fastvid's h = (1 - z) h̃ + z h_{t-1} with z relabelled 1 - z."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, cnn_widths: Sequence[int] = (32, 64, 128),
                  levels: Sequence[int] | None = None, hidden_channels=64, kernel_size: int = 3, stacked: bool = False,
