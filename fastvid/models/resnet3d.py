@@ -111,7 +111,11 @@ class NonLocalI3DResNet(nn.Module):
     conv1 5×7×7 stride (1, 2, 2), pool1 1×3×3 stride (1, 2, 2); res2; pool2 2×1×1 max stride
     (2, 1, 1) (the only temporal down-sampling: T/2 from res3 on); res3–res5 with spatial stride 2;
     global average pool, dropout, linear. Spatial size / 32 at res5. ``stages[i]`` is res(i+2), an
-    ``nn.Sequential`` of ``Bottleneck3d`` with the ``NonLocalBlock``s placed among them."""
+    ``nn.Sequential`` of ``Bottleneck3d`` with the ``NonLocalBlock``s placed among them.
+
+    ``inflate``: per stage, one 0/1 flag per block (1: 3×1×1 first conv), default
+    ``i3d_inflation_pattern``; ``nonlocal_blocks``: per stage, the 0-based indices of the blocks a
+    nonlocal block follows, default ``nonlocal_pattern``."""
 
     def __init__(self, num_classes: int = 400, in_channels: int = 3, base_channels: int = 64,
                  stage_blocks: Sequence[int] = RESNET50_BLOCKS, inflate: Optional[Sequence[Sequence[int]]] = None,
