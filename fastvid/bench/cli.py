@@ -4,6 +4,7 @@
     python -m fastvid bench --quick --wait-idle 120         # on a shared machine
     python -m fastvid bench --only ConvGRU --only bf16      # a subset (substring match, any)
     python -m fastvid bench --only DepthwiseConv3d --only X3DBlock   # the depthwise cases of issue 3
+    python -m fastvid bench --only NonlocalAttention --only NonLocalBlock   # the attention cases of issue 4
     python -m fastvid bench --report bench-results/results.jsonl [--run-id all]
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import torch
 
-from . import cases, depthwise, measure, report, results, runner
+from . import attention, cases, depthwise, measure, report, results, runner
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +58,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    all_cases = list(cases.iter_cases(quick=args.quick)) + list(depthwise.iter_cases(quick=args.quick))
+    all_cases = (list(cases.iter_cases(quick=args.quick)) + list(depthwise.iter_cases(quick=args.quick))
+                 + list(attention.iter_cases(quick=args.quick)))
     selected = [c for c in all_cases
                 if not args.only or any(text in c.name for text in args.only)]
     if not selected:

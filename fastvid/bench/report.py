@@ -19,6 +19,13 @@ Depthwise targets (issue 3, "Benchmarks and targets"; vs ``nn.Conv3d(groups=C)``
 * ``bandwidth`` rows (fastvid depthwise forward): achieved GB/s in the fastvid column, the
   machine's copy bandwidth of the same run in the native column (provider ``copy``), ratio =
   fastvid / copy (the fraction of copy bandwidth reached); no target.
+
+Nonlocal attention targets (issue 4; native = the naive ``softmax(q kᵀ) v`` / naive block):
+
+* NonlocalAttention at N >= 6272: forward >= 2x naive, forward+backward >= 1.5x naive; and
+  ``NonlocalAttention vs SDPA`` (provider ``sdpa`` in the native column): >= 1.0x
+* NonLocalBlock at (8,28,28): forward+backward >= 1.3x; peak memory <= 1/2 of naive there and
+  <= 1/4 at (16,28,28)
 """
 from __future__ import annotations
 
@@ -56,8 +63,33 @@ DEPTHWISE_TIME_TARGETS = {("DepthwiseConv3d", "no_grad"): 5.0, ("DepthwiseConv3d
 DEPTHWISE_OPS = ("DepthwiseConv3d", "X3DBlock")
 
 
-def target_for(metric: str, mode: str, dtype: str, op: Optional[str] = None) -> Optional[Target]:
-    """The issue's target for a (metric, mode, dtype) row of ``op``, or None."""
+def _memory_fraction(fraction: float) -> Target:
+    return Target(f"<= {fraction:g}x native", lambda n, f: f <= fraction * n, lambda n, f: max(1.0, f / (fraction * n)))
+
+
+ATTENTION_OPS = ("NonlocalAttention", "NonlocalAttention vs SDPA", "NonLocalBlock")
+SDPA_SUFFIX = " vs SDPA"
+
+
+def _attention_target(metric: str, mode: str, op: str, dims: dict) -> Optional[Target]:
+    if op == "NonlocalAttention" and metric == "time" and dims.get("N", 0) >= 6272:
+        return _speedup(2.0 if mode == "no_grad" else 1.5)
+    if op == "NonlocalAttention" + SDPA_SUFFIX and metric == "time":
+        return _speedup(1.0)
+    if op == "NonLocalBlock":
+        thw = (dims.get("T"), dims.get("H"), dims.get("W"))
+        if metric == "time" and mode == "fwd_bwd" and thw == (8, 28, 28):
+            return _speedup(1.3)
+        if metric == "peak_memory" and thw in ((8, 28, 28), (16, 28, 28)):
+            return _memory_fraction(0.5 if thw == (8, 28, 28) else 0.25)
+    return None
+
+
+def target_for(metric: str, mode: str, dtype: str, op: Optional[str] = None,
+               dims: Optional[dict] = None) -> Optional[Target]:
+    """The issue's target for a (metric, mode, dtype) row of ``op`` (shape ``dims``), or None."""
+    if op in ATTENTION_OPS:
+        return _attention_target(metric, mode, op, dims or {})
     if op in DEPTHWISE_OPS:
         minimum = DEPTHWISE_TIME_TARGETS.get((op, mode)) if metric == "time" else None
         return None if minimum is None else _speedup(minimum)
@@ -97,7 +129,8 @@ class Comparison:
 
     @property
     def target(self) -> Optional[Target]:
-        return target_for(self.metric, self.mode, self.dtype, self.op)
+        dims = (self.fastvid or self.native or {}).get("shape_dims")
+        return target_for(self.metric, self.mode, self.dtype, self.op, dims)
 
     @property
     def status(self) -> str:
@@ -135,6 +168,12 @@ def compare(rows: List[dict]) -> List[Comparison]:
             setattr(comparison, row["provider"], row)
         elif row["provider"] == "copy" and row["metric"] == "bandwidth":  # the limit, in the native column
             comparison.native = row
+        elif row["provider"] == "sdpa":  # a second baseline: its own comparison, SDPA in the native column
+            comparison = table.setdefault((row["op"] + SDPA_SUFFIX, *key[1:]), Comparison(row["op"] + SDPA_SUFFIX, *key[1:]))
+            comparison.native = row
+    for key, comparison in table.items():
+        if key[0].endswith(SDPA_SUFFIX) and (key[0][:-len(SDPA_SUFFIX)], *key[1:]) in table:
+            comparison.fastvid = table[(key[0][:-len(SDPA_SUFFIX)], *key[1:])].fastvid
     group_order: Dict[Tuple, int] = {}
     for key in table:
         group_order.setdefault(key[:3], len(group_order))

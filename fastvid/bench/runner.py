@@ -17,7 +17,7 @@ import torch
 import fastvid
 
 from . import cases as cases_mod
-from . import depthwise, measure, report, results
+from . import attention, depthwise, measure, report, results
 
 #: Rounds and warm-up calls per provider and case.
 FULL_ROUNDS, FULL_WARMUP = 10, 2
@@ -112,6 +112,8 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
                 with measure.OtherLoad() as load:
                     if isinstance(case, depthwise.DWCase):
                         rows = depthwise.run_case(case, rounds, warmup, device, memory, base)
+                    elif isinstance(case, attention.AttnCase):
+                        rows = attention.run_case(case, rounds, warmup, device, memory, base)
                     else:
                         rows = run_case(case, rounds, warmup, device, memory, ops, base)
                 for row in rows:

@@ -1,0 +1,308 @@
+"""Nonlocal attention cases (issue 4, "Benchmarks and targets").
+
+* op level (``NonlocalAttention``): ``fastvid.ops.nonlocal_attention`` vs the naive
+  ``softmax(q kᵀ · scale) v`` (provider ``native``) and vs ``F.scaled_dot_product_attention``
+  (provider ``sdpa``; the report shows it as a second comparison, "NonlocalAttention vs SDPA");
+  B = 2, D = Dv = 128, (N, M) from the issue.
+* block level (``NonLocalBlock``): the naive nonlocal block a user writes (:class:`NaiveNonLocal3d`:
+  1×1×1 convs, max-pool (1,2,2) on φ and g, explicit ``softmax(θᵀφ) g``, output conv + BN) vs the same
+  block after ``fastvid.convert`` (a :class:`fastvid.nn.NonLocalBlock` sharing its weights);
+  C = 256, inter = 128, B = 2, (T, H, W) from the issue, training mode.
+* peak memory: the process's resident-memory high-water mark in a fresh subprocess per case and
+  provider (``python -m fastvid.bench.attention --peak CASE PROVIDER``): after a warm-up call on a
+  tiny input (library start-up, thread pools) and after building the inputs, the high-water mark
+  is reset (``/proc/self/clear_refs``), one timed step runs, and the row is the high-water mark
+  minus the resident size just before the step (so inputs, weights and libraries do not count).
+* :data:`MEMORY_BUDGET_MIB`: the budget the largest cases are judged against (the report's
+  ``fits budget`` note: naive over it, fastvid under it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastvid
+
+from . import measure, results
+from .cases import assert_within, relative_error, seeded_randn_like
+
+OPS = ("NonlocalAttention", "NonLocalBlock")
+MODES = ("no_grad", "fwd_bwd")
+PARITY_RTOL = {"NonlocalAttention": 1e-4, "NonLocalBlock": 1e-3}
+MEMORY_BUDGET_MIB = 1024  # a stated per-layer activation budget for the largest cases
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnShape:
+    """Op: q ``[B, N, D]``, k/v ``[B, M, D]``. Block: x ``[B, C, T, H, W]`` (``inter`` channels,
+    N = T·H·W, M = N/4 after the (1,2,2) pool)."""
+    B: int
+    N: int = 0
+    M: int = 0
+    D: int = 128
+    C: int = 0
+    inter: int = 0
+    T: int = 0
+    H: int = 0
+    W: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.C:
+            return f"B={self.B},C={self.C},inter={self.inter},T={self.T},{self.H}x{self.W}"
+        return f"B={self.B},N={self.N},M={self.M},D={self.D}"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+OP_SHAPES = (AttnShape(2, 1568, 392), AttnShape(2, 6272, 1568), AttnShape(2, 12544, 3136))
+BLOCK_SHAPES = tuple(AttnShape(2, C=256, inter=128, T=t, H=h, W=w) for t, h, w in
+                     ((4, 14, 14), (8, 14, 14), (8, 28, 28), (16, 28, 28)))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnCase:
+    op: str
+    shape: AttnShape
+    mode: str
+    dtype: str = "fp32"
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}-{self.shape.label}-{self.dtype}-{self.mode}"
+
+    @property
+    def providers(self):
+        return ("native", "sdpa", "fastvid") if self.op == "NonlocalAttention" else ("native", "fastvid")
+
+
+def iter_cases(quick: bool = False) -> Iterator[AttnCase]:
+    """Full: every op and block shape in both modes. Quick: the op at N = 6272 and the block at
+    (8, 28, 28), forward+backward only."""
+    for shape in (OP_SHAPES[1:2] if quick else OP_SHAPES):
+        for mode in (("fwd_bwd",) if quick else MODES):
+            yield AttnCase("NonlocalAttention", shape, mode)
+    for shape in (BLOCK_SHAPES[2:3] if quick else BLOCK_SHAPES):
+        for mode in (("fwd_bwd",) if quick else MODES):
+            yield AttnCase("NonLocalBlock", shape, mode)
+
+
+# ------------------------------------------------------------------------------ the naive block
+class NaiveNonLocal3d(nn.Module):
+    """The nonlocal block as usually written (Wang et al. 2018, embedded Gaussian): θ, φ, g 1×1×1
+    convs, φ and g max-pooled (1,2,2), the (THW)×(THW/4) affinity matrix materialised and
+    softmax-normalised, y = f g, z = x + BN(W y) with BN's γ = 0 at initialisation."""
+
+    def __init__(self, channels: int, inter: int):
+        super().__init__()
+        self.inter_channels = inter
+        self.theta = nn.Conv3d(channels, inter, 1)
+        self.phi = nn.Sequential(nn.Conv3d(channels, inter, 1), nn.MaxPool3d((1, 2, 2)))
+        self.g = nn.Sequential(nn.Conv3d(channels, inter, 1), nn.MaxPool3d((1, 2, 2)))
+        self.W = nn.Sequential(nn.Conv3d(inter, channels, 1), nn.BatchNorm3d(channels))
+        nn.init.zeros_(self.W[1].weight)
+        nn.init.zeros_(self.W[1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B = x.shape[0]
+        theta = self.theta(x).view(B, self.inter_channels, -1).transpose(1, 2)   # [B, N, inter]
+        phi = self.phi(x).view(B, self.inter_channels, -1)                       # [B, inter, M]
+        g = self.g(x).view(B, self.inter_channels, -1).transpose(1, 2)           # [B, M, inter]
+        affinity = torch.softmax(torch.matmul(theta, phi), dim=-1)               # [B, N, M]
+        y = torch.matmul(affinity, g).transpose(1, 2).reshape(B, self.inter_channels, *x.shape[2:])
+        return x + self.W(y)
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(1, 2)) * scale, dim=-1), v)
+
+
+# ------------------------------------------------------------------------------ workloads
+class Workload:
+    """One provider's timed step: ``no_grad`` = forward under no_grad; ``fwd_bwd`` = forward and
+    backward of a fixed upstream gradient (inputs and parameters get gradients)."""
+
+    def __init__(self, case: AttnCase, provider: str, fn, inputs: List[Tensor], module: Optional[nn.Module] = None):
+        self.case, self.provider, self.fn, self.inputs, self.module = case, provider, fn, inputs, module
+        self.grad_output: Optional[Tensor] = None
+
+    def forward(self) -> Tensor:
+        return self.fn(*self.inputs)
+
+    def zero_grad(self):
+        for t in self.inputs:
+            t.grad = None
+        if self.module is not None:
+            self.module.zero_grad(set_to_none=True)
+
+    def __call__(self) -> Tensor:
+        if self.case.mode == "no_grad":
+            with torch.no_grad():
+                return self.forward()
+        self.zero_grad()
+        y = self.forward()
+        if self.grad_output is None:
+            self.grad_output = seeded_randn_like(y, seed=1)
+        y.backward(self.grad_output)
+        return y
+
+    def gradients(self) -> Dict[str, Tensor]:
+        grads = {f"input{i}": t.grad for i, t in enumerate(self.inputs)}
+        if self.module is not None:
+            grads.update({f"param{i}": p.grad for i, p in enumerate(self.module.parameters())})
+        return grads
+
+
+def _randomize_block(block: NaiveNonLocal3d, generator: torch.Generator):
+    """A trained-looking block: BN γ, β nonzero (at γ = 0 the block is the identity and gradients of
+    the attention path vanish, which would make the parity check blind)."""
+    with torch.no_grad():
+        block.W[1].weight.copy_(torch.rand(block.W[1].weight.shape, generator=generator) + 0.5)
+        block.W[1].bias.copy_(torch.randn(block.W[1].bias.shape, generator=generator) * 0.1)
+
+
+def build(case: AttnCase, device="cpu", seed: int = 0, scale_down: int = 1) -> Dict[str, Workload]:
+    """Workloads per provider with equal inputs and weights. ``scale_down`` divides N, M (op) or
+    H, W (block) for the subprocess warm-up."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    s = case.shape
+    needs_grad = case.mode == "fwd_bwd"
+    workloads = {}
+    if case.op == "NonlocalAttention":
+        N, M = max(1, s.N // scale_down), max(1, s.M // scale_down)
+        base = [torch.randn(s.B, rows, s.D, generator=generator) for rows in (N, M, M)]
+        scale = 1.0 / math.sqrt(s.D)
+        fns = {"native": naive_attention, "sdpa": lambda q, k, v, sc: F.scaled_dot_product_attention(q, k, v, scale=sc),
+               "fastvid": fastvid.ops.nonlocal_attention}
+        for provider in case.providers:
+            inputs = [t.to(device).requires_grad_(needs_grad) for t in base]
+            fn = fns[provider]
+            workloads[provider] = Workload(case, provider, lambda q, k, v, fn=fn: fn(q, k, v, scale), inputs)
+        return workloads
+    H, W = max(2, s.H // scale_down), max(2, s.W // scale_down)
+    naive = NaiveNonLocal3d(s.C, s.inter)
+    _randomize_block(naive, generator)
+    naive = naive.to(device).train(needs_grad)
+    converted = fastvid.convert(naive)
+    if not isinstance(converted, fastvid.nn.NonLocalBlock):
+        raise AssertionError(f"{case.name}: fastvid.convert did not recognise the naive nonlocal block")
+    x = torch.randn(s.B, s.C, s.T, H, W, generator=generator).to(device)
+    for provider, module in (("native", naive), ("fastvid", converted)):
+        workloads[provider] = Workload(case, provider, module, [x.clone().requires_grad_(needs_grad)], module)
+    return workloads
+
+
+def check_parity(workloads: Dict[str, Workload]) -> Dict[str, float]:
+    """Outputs and (fwd_bwd) every gradient of each provider against the naive one."""
+    case = workloads["native"].case
+    outputs, states = {}, {}
+    for name, w in workloads.items():
+        if w.module is not None:
+            states[name] = {k: v.clone() for k, v in w.module.state_dict().items()}
+        outputs[name] = w()
+        if w.module is not None:  # undo the BN running-statistics update of this extra step
+            w.module.load_state_dict(states[name])
+    errors = {}
+    for name in workloads:
+        if name == "native":
+            continue
+        errors[f"{name}_output"] = relative_error(outputs[name], outputs["native"])
+        if case.mode == "fwd_bwd":
+            # Some gradients are zero in exact arithmetic (biases in front of a softmax or of a
+            # training-mode BatchNorm: both cancel constants), so their rounding noise is judged
+            # against the largest gradient's norm rather than their own.
+            reference = workloads["native"].gradients()
+            floor = 1e-2 * max(float(g.detach().double().norm()) for g in reference.values())
+            for key, grad in workloads[name].gradients().items():
+                diff = float((grad.detach().double() - reference[key].detach().double()).norm())
+                errors[f"{name}_grad_{key}"] = diff / max(float(reference[key].detach().double().norm()), floor)
+    return assert_within(case.name, errors, PARITY_RTOL[case.op])
+
+
+# ------------------------------------------------------------------------------ peak memory (subprocess)
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_here(case: AttnCase, provider: str) -> float:
+    """In this (fresh) process: warm up on a tiny input, build the case, reset the RSS high-water
+    mark, run one step; returns the high-water mark above the RSS before the step, in MiB."""
+    build(case, scale_down=8)[provider]()
+    workload = build(case)[provider]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    before = _status_kib("VmRSS")
+    workload()
+    return (_status_kib("VmHWM") - before) / 1024.0
+
+
+def peak_memory_mib(case: AttnCase, provider: str) -> Optional[float]:
+    """Runs :func:`_peak_here` in a fresh ``python -m fastvid.bench.attention --peak`` subprocess
+    with this process's thread count; None where /proc is unavailable."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    spec = json.dumps({"op": case.op, "shape": case.shape.as_dict(), "mode": case.mode, "dtype": case.dtype})
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    done = subprocess.run([sys.executable, "-m", "fastvid.bench.attention", "--peak", spec, provider],
+                          capture_output=True, text=True, env=env, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ runner
+def run_case(case: AttnCase, rounds: int, warmup: int, device="cpu", memory: bool = True,
+             base: Optional[dict] = None) -> List[dict]:
+    base = dict(base or {})
+    workloads = build(case, device=device)
+    parity = check_parity(workloads)
+    rows: List[dict] = []
+
+    def add(provider, metric, unit, stats, **extra):
+        rows.append({"op": case.op, "provider": provider, "mode": case.mode, "metric": metric, "unit": unit,
+                     "shape": case.shape.label, **stats, "dtype": case.dtype, **base, "timestamp": results.now(),
+                     "shape_dims": case.shape.as_dict(), "layout": "contiguous", **extra})
+
+    times = measure.time_interleaved(dict(workloads), rounds=rounds, warmup=warmup, device=device)
+    for provider in case.providers:
+        stats = measure.summarize(times[provider].wall)
+        add(provider, "time", "ms", {k: v * 1e3 for k, v in stats.items()}, rounds=rounds,
+            parity_max_rel_error=max(parity.values()),
+            minor_faults_per_call=sorted(times[provider].minor_faults)[len(times[provider].minor_faults) // 2],
+            sys_ms_per_call=1e3 * sorted(times[provider].sys_seconds)[len(times[provider].sys_seconds) // 2])
+    if memory and case.mode == "fwd_bwd" and torch.device(device).type == "cpu":
+        del workloads
+        for provider in case.providers:
+            peak = peak_memory_mib(case, provider)
+            if peak is not None:
+                add(provider, "peak_memory", "MiB", {"median": peak, "p20": peak, "p80": peak},
+                    note="RSS high-water mark of one step in a fresh subprocess, above the RSS before the step",
+                    budget_MiB=MEMORY_BUDGET_MIB, fits_budget=peak <= MEMORY_BUDGET_MIB)
+    return rows
+
+
+def _main(argv: List[str]) -> int:
+    if len(argv) == 3 and argv[0] == "--peak":
+        spec = json.loads(argv[1])
+        case = AttnCase(spec["op"], AttnShape(**spec["shape"]), spec["mode"], spec["dtype"])
+        print(f"{_peak_here(case, argv[2]):.3f}")
+        return 0
+    print("usage: python -m fastvid.bench.attention --peak CASE_JSON PROVIDER", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
