@@ -249,3 +249,18 @@ def test_not_converted_when_the_function_differs():
 
     model = randomize(Impostor(8))
     assert type(fastvid.convert(model)) is Impostor
+
+
+@pytest.mark.parametrize("pool_before", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_convert_to_reference(mode, pool_before):
+    """NonLocalBlock -> its plain-PyTorch twin: same parameters (shared), same outputs and gradients."""
+    from fastvid.reference.modules import ReferenceNonLocalBlock
+    block = randomize(NonLocalBlock(6, 4, mode=mode, scale=0.7, pool_before_projection=pool_before).double()).train()
+    twin = fastvid.convert(block, inplace=False, to="reference")
+    assert isinstance(twin, ReferenceNonLocalBlock)
+    assert list(twin.state_dict()) == list(block.state_dict())
+    x = torch.randn(2, 6, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+    out, out_twin = block(x), twin(x)
+    torch.testing.assert_close(out_twin, out)
+    torch.testing.assert_close(torch.autograd.grad(out_twin.sum(), x)[0], torch.autograd.grad(out.sum(), x)[0])

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..nn.attention_lstm import AttentionConvLSTM, attention_convlstm
 from ..nn.conv3d import DepthwiseConv3d
+from ..nn.nonlocal_block import NonLocalBlock
 from ..nn.recurrent import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell
 from . import recurrent as ref
 
@@ -222,6 +223,41 @@ class ReferenceAttentionConvLSTM(nn.Module):
         return attention_convlstm(self, x, attention_input, state)
 
 
+class ReferenceNonLocalBlock(nn.Module):
+    """Plain-PyTorch twin of :class:`fastvid.nn.NonLocalBlock`, sharing its submodules (same names:
+    theta, phi, g, out, concat_project, pool, norm): the N×M affinity matrix is materialised, the way
+    the block is usually written."""
+
+    def __init__(self, block: NonLocalBlock):
+        super().__init__()
+        for name in ("theta", "phi", "g", "out", "concat_project", "pool", "norm"):
+            setattr(self, name, getattr(block, name))
+        self.mode, self.scale, self.inter_channels = block.mode, block.scale, block.inter_channels
+        self.pool_before_projection = block.pool_before_projection
+        self.train(block.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pool = self.pool if self.pool is not None else nn.Identity()
+        keys_in = pool(x) if self.pool_before_projection else x
+        theta = self.theta(x) if self.theta is not None else x
+        phi = self.phi(keys_in) if self.phi is not None else keys_in
+        g = self.g(keys_in)
+        if not self.pool_before_projection:
+            phi, g = pool(phi), pool(g)
+        theta, phi, g = theta.flatten(2), phi.flatten(2), g.flatten(2)  # [B, C', N], [B, C', M], [B, inter, M]
+        M = phi.shape[-1]
+        if self.mode in ("embedded_gaussian", "gaussian"):
+            affinity = torch.softmax(self.scale * torch.matmul(theta.transpose(1, 2), phi), dim=-1)
+        elif self.mode == "dot_product":
+            affinity = torch.matmul(theta.transpose(1, 2), phi) / M
+        else:
+            w = self.concat_project.weight.view(2, self.inter_channels)
+            affinity = torch.relu(torch.matmul(w[0], theta)[:, :, None] + torch.matmul(w[1], phi)[:, None, :]) / M
+        y = torch.matmul(affinity, g.transpose(1, 2)).transpose(1, 2).reshape(x.shape[0], -1, *x.shape[2:])
+        z = self.out(y)
+        return x + (self.norm(z) if self.norm is not None else z)
+
+
 TO_REFERENCE: List = [
     ("depthwise_conv3d", lambda m: isinstance(m, DepthwiseConv3d), depthwise_to_conv3d),
     ("convlstm_cell", lambda m: isinstance(m, ConvLSTMCell), ReferenceConvLSTMCell),
@@ -229,4 +265,5 @@ TO_REFERENCE: List = [
     ("convlstm", lambda m: isinstance(m, ConvLSTM), ReferenceConvLSTM),
     ("convgru", lambda m: isinstance(m, ConvGRU), ReferenceConvGRU),
     ("attention_convlstm", lambda m: isinstance(m, AttentionConvLSTM), ReferenceAttentionConvLSTM),
+    ("nonlocal_block", lambda m: isinstance(m, NonLocalBlock), ReferenceNonLocalBlock),
 ]
