@@ -279,5 +279,6 @@ def wait_until_idle(timeout: float, threshold: float = 0.25, sample: float = 1.0
 
 
 def _own_cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the peak-memory subprocesses are ours)."""
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system + t.children_user + t.children_system

@@ -109,9 +109,13 @@ class NonLocalBlock(nn.Module):
             theta = self._pointwise([self.theta], x)
             phi, g = self._pointwise([self.phi, self.g], pooled).split(inter, dim=1)
         else:
-            theta, phi, g = self._pointwise([self.theta, self.phi, self.g], x).split(inter, dim=1)
+            # θ on its own, φ and g stacked: their gradients then need no concatenation but the
+            # (pooled, smaller) φ/g one.
+            theta = self._pointwise([self.theta], x)
+            phi_g = self._pointwise([self.phi, self.g], x)
             if pool is not None:
-                phi, g = pool(torch.cat([phi, g], 1).view(B, 2 * inter, *x.shape[2:])).flatten(2).split(inter, dim=1)
+                phi_g = pool(phi_g.view(B, 2 * inter, *x.shape[2:])).flatten(2)
+            phi, g = phi_g.split(inter, dim=1)
         # [B, channels, positions] -> [B, positions, channels] views: the kernels read either stride order
         q, k, v = theta.transpose(1, 2), phi.transpose(1, 2), g.transpose(1, 2)
         if self.mode in ("embedded_gaussian", "gaussian"):
