@@ -17,14 +17,42 @@ output conv starts at zero), so a freshly inserted block is the identity.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .. import ops
 
 MODES = ("embedded_gaussian", "dot_product", "gaussian", "concatenation")
+
+
+class _WindowMaxPool(torch.autograd.Function):
+    """Max-pool with stride = kernel (non-overlapping windows) whose backward keeps only the argmax
+    positions, as int32. nn.MaxPoolNd's autograd also keeps its whole input alive — here φ and g at
+    full resolution, the largest tensor of the block's backward; the gradient needs only the
+    positions (each input position is the argmax of at most one window, so a scatter is exact)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel) -> Tensor:
+        pool = {3: F.max_pool1d, 4: F.max_pool2d, 5: F.max_pool3d}[x.dim()]
+        out, positions = pool(x, kernel, kernel, return_indices=True)
+        small = math.prod(x.shape[2:]) < 2 ** 31
+        ctx.save_for_backward(positions.to(torch.int32) if small else positions)
+        ctx.input_shape = x.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (positions,) = ctx.saved_tensors
+        shape = ctx.input_shape
+        grad_input = grad.new_zeros(shape[0], shape[1], math.prod(shape[2:]))
+        grad_input.scatter_(2, positions.flatten(2).long(), grad.reshape(shape[0], shape[1], -1))
+        return grad_input.view(shape), None
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -93,10 +121,16 @@ class NonLocalBlock(nn.Module):
         bias = torch.cat([c.bias if c.bias is not None else c.weight.new_zeros(c.out_channels) for c in convs])
         return torch.baddbmm(bias.to(flat.dtype)[None, :, None], weight, flat)
 
+    def _pool(self, t: Tensor) -> Tensor:
+        kernel = self.pool.kernel_size
+        if _is_plain_max_pool(self.pool) and torch.is_grad_enabled() and t.requires_grad:
+            return _WindowMaxPool.apply(t, kernel)
+        return self.pool(t)
+
     def attend(self, x: Tensor) -> Tensor:
         """The attention output y ``[B, N, inter]`` (N = positions of x; before the output conv)."""
         B, inter = x.shape[0], self.inter_channels
-        pool = self.pool
+        pool = self._pool if self.pool is not None else None
         if self.mode == "gaussian":
             keys_in = pool(x) if pool is not None else x
             theta, phi = x.flatten(2), keys_in.flatten(2)
