@@ -13,6 +13,9 @@
   tiny input (library start-up, thread pools) and after building the inputs, the high-water mark
   is reset (``/proc/self/clear_refs``), one timed step runs, and the row is the high-water mark
   minus the resident size just before the step (so inputs, weights and libraries do not count).
+  With glibc's default malloc this includes heap memory freed but not returned to the system (its
+  mmap threshold rises to the size of freed blocks, up to 32 MiB, so blocks of that size are then
+  served from the heap); ``peak_allocated`` rows give the tensors' own peak (profiler, in process).
 * :data:`MEMORY_BUDGET_MIB`: the budget the largest cases are judged against (the report's
   ``fits budget`` note: naive over it, fastvid under it).
 """
@@ -283,6 +286,13 @@ def run_case(case: AttnCase, rounds: int, warmup: int, device="cpu", memory: boo
             parity_max_rel_error=max(parity.values()),
             minor_faults_per_call=sorted(times[provider].minor_faults)[len(times[provider].minor_faults) // 2],
             sys_ms_per_call=1e3 * sorted(times[provider].sys_seconds)[len(times[provider].sys_seconds) // 2])
+    if memory and case.mode == "fwd_bwd":
+        # What the tensors need, free of allocator effects: the allocation-level peak of one step.
+        for provider in case.providers:
+            workloads[provider].zero_grad()
+            peak = measure.peak_memory_bytes(workloads[provider], device=device) / 2.0 ** 20
+            add(provider, "peak_allocated", "MiB", {"median": peak, "p20": peak, "p80": peak},
+                note="peak bytes allocated by tensors during one step (profiler), above those live before it")
     if memory and case.mode == "fwd_bwd" and torch.device(device).type == "cpu":
         del workloads
         for provider in case.providers:

@@ -36,8 +36,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 BUSY_CORES = 0.25
 
 #: Metric order within a case group, and how each is printed.
-METRICS = ("time", "bandwidth", "peak_memory", "ops_per_step", "nested_ops_per_step")
-_FORMAT = {"time": "{:.1f} ms", "bandwidth": "{:.1f} GB/s", "peak_memory": "{:.1f} MiB", "ops_per_step": "{:.2f}", "nested_ops_per_step": "{:.2f}"}
+METRICS = ("time", "bandwidth", "peak_memory", "peak_allocated", "ops_per_step", "nested_ops_per_step")
+_FORMAT = {"time": "{:.1f} ms", "bandwidth": "{:.1f} GB/s", "peak_memory": "{:.1f} MiB", "peak_allocated": "{:.1f} MiB",
+           "ops_per_step": "{:.2f}", "nested_ops_per_step": "{:.2f}"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +248,13 @@ def format_table(rows: List[dict]) -> str:
                    "OpenMP threads can wait for descheduled peers at each parallel region, which can slow the "
                    "native per-step loop (many small ops) far more than fastvid: treat those ratios with "
                    "suspicion and re-run on an idle machine.")
+    budgeted = [row for row in rows if row.get("budget_MiB") is not None and row["metric"] == "peak_memory"]
+    if budgeted:
+        budget = budgeted[0]["budget_MiB"]
+        out.append("")
+        out.append(f"Memory budget {budget} MiB per layer step (peak_memory rows): "
+                   + "; ".join(f"{row['op']} {row['shape']} {row['provider']} {row['median']:.0f} MiB "
+                               f"{'fits' if row['fits_budget'] else 'DOES NOT FIT'}" for row in budgeted))
     passed = sum(c.status == "PASS" for c in comparisons)
     missed = sum(c.status.startswith("MISS") for c in comparisons)
     out.append("")
@@ -255,6 +263,8 @@ def format_table(rows: List[dict]) -> str:
                "larger of the two providers. +cl: channels_last frames; +cl3d: channels_last_3d input and "
                "modules (both providers). bandwidth: fastvid forward (input + output + weight bytes) / median time, "
                "vs this run's copy bandwidth (y.copy_(x), 256 MiB fp32, 2 x bytes). strategy: fastvid's auto choice. "
+               "Attention rows: peak_memory = RSS high-water mark of one step in a fresh subprocess (glibc malloc as "
+               "users get it), peak_allocated = the tensors' own peak (profiler). "
                f"*: timed while other processes used more than {BUSY_CORES} cores.")
     return "\n".join(out)
 
