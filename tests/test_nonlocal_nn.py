@@ -264,3 +264,46 @@ def test_convert_to_reference(mode, pool_before):
     out, out_twin = block(x), twin(x)
     torch.testing.assert_close(out_twin, out)
     torch.testing.assert_close(torch.autograd.grad(out_twin.sum(), x)[0], torch.autograd.grad(out.sum(), x)[0])
+
+
+# ======================================================================================= temporal attention
+@pytest.mark.parametrize("score", ["dot", "general", "concat"])
+@pytest.mark.parametrize("single_query", [True, False])
+def test_temporal_attention_matches_luong_scores(score, single_query):
+    from fastvid.nn import TemporalAttention
+    torch.manual_seed(0)
+    Dq = 6
+    Dk = Dq if score == "dot" else 5
+    attention = TemporalAttention(Dq, Dk, score=score, attention_dim=4).double()
+    query = torch.randn(3, Dq, dtype=torch.float64) if single_query else torch.randn(3, 2, Dq, dtype=torch.float64)
+    keys = torch.randn(3, 7, Dk, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(3, 7, 4, dtype=torch.float64)
+    q = query if not single_query else query[:, None]
+    if score == "dot":
+        scores = torch.einsum("bnd,btd->bnt", q, keys)
+    elif score == "general":
+        scores = torch.einsum("bnd,de,bte->bnt", q, attention.weight, keys)
+    else:
+        hidden = torch.tanh((q @ attention.query_proj.weight.T)[:, :, None]
+                            + (keys @ attention.key_proj.weight.T + attention.key_proj.bias)[:, None])
+        scores = hidden @ attention.score_vector
+    expected_weights = torch.softmax(scores, dim=-1)
+    expected = expected_weights @ values
+    if single_query:
+        expected, expected_weights = expected[:, 0], expected_weights[:, 0]
+    context, weights = attention(query, keys, values, return_weights=True)
+    torch.testing.assert_close(context, expected)
+    torch.testing.assert_close(weights, expected_weights)
+    fast = attention(query, keys, values)  # the kernel path for dot/general
+    torch.testing.assert_close(fast, expected)
+    torch.testing.assert_close(torch.autograd.grad(fast.sum(), keys)[0], torch.autograd.grad(expected.sum(), keys)[0])
+
+
+def test_temporal_attention_bad_arguments():
+    from fastvid.nn import TemporalAttention
+    with pytest.raises(ValueError, match="score"):
+        TemporalAttention(4, score="additive")
+    with pytest.raises(ValueError, match="query_dim == key_dim"):
+        TemporalAttention(4, 5, score="dot")
+    with pytest.raises(ValueError, match="expected query"):
+        TemporalAttention(4)(torch.randn(2, 5), torch.randn(2, 3, 4))
