@@ -37,21 +37,26 @@ if AVAILABLE:
         return y
 
     @triton.jit
-    def st(ptr, x, mask, FIX_BF16: tl.constexpr):
-        """Masked store narrowed to the pointer's dtype; FIX_BF16 rounds bf16 by hand."""
+    def narrow(x, like_ptr, FIX_BF16: tl.constexpr):
+        """x (accumulation dtype) converted to the element type of like_ptr; FIX_BF16 rounds bf16 to
+        nearest even by hand (the interpreter's cast truncates)."""
         if FIX_BF16:
-            if ptr.dtype.element_ty == tl.bfloat16:
-                # Round-to-nearest-even fp32 -> bf16 by hand (the interpreter's cast truncates).
+            if like_ptr.dtype.element_ty == tl.bfloat16:
                 x32 = x.to(tl.float32)
                 bits = x32.to(tl.uint32, bitcast=True)
                 bits = bits + (((bits >> 16) & 1) + 0x7FFF)
                 y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
                 y = tl.where(x32 != x32, x32.to(tl.bfloat16), y)
             else:
-                y = x.to(ptr.dtype.element_ty)
+                y = x.to(like_ptr.dtype.element_ty)
         else:
-            y = x.to(ptr.dtype.element_ty)
-        tl.store(ptr, y, mask=mask)
+            y = x.to(like_ptr.dtype.element_ty)
+        return y
+
+    @triton.jit
+    def st(ptr, x, mask, FIX_BF16: tl.constexpr):
+        """Masked store narrowed to the pointer's dtype (see narrow)."""
+        tl.store(ptr, narrow(x, ptr, FIX_BF16), mask=mask)
 
     # True when @triton.jit produced interpreter functions (TRITON_INTERPRET=1 at triton import).
     INTERPRET = type(ld).__name__ == "InterpretedFunction"

@@ -81,31 +81,9 @@ if AVAILABLE:
     from ._common import FIX_BF16 as _FIX_BF16
     from ._common import INTERPRET as _INTERPRET
     from ._common import check_tensor as _check_tensor, register_ops
-    from ._common import should_launch as _launch
+    from ._common import narrow as _narrow, should_launch as _launch, st as _store
 
     # ------------------------------------------------------------------------------ helpers
-    @triton.jit
-    def _narrow(x, like_ptr, FIX_BF16: tl.constexpr):
-        """x (accumulation dtype) rounded to the element type of like_ptr, to-nearest-even."""
-        if FIX_BF16:
-            if like_ptr.dtype.element_ty == tl.bfloat16:
-                # The interpreter's fp32 -> bf16 cast truncates; round by hand (as _common.st does).
-                x32 = x.to(tl.float32)
-                bits = x32.to(tl.uint32, bitcast=True)
-                bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-                y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-                y = tl.where(x32 != x32, x32.to(tl.bfloat16), y)
-            else:
-                y = x.to(like_ptr.dtype.element_ty)
-        else:
-            y = x.to(like_ptr.dtype.element_ty)
-        return y
-
-    @triton.jit
-    def _store(ptr, x, mask, FIX_BF16: tl.constexpr):
-        """Masked store of x rounded to the pointer's dtype."""
-        tl.store(ptr, _narrow(x, ptr, FIX_BF16), mask=mask)
-
     @triton.jit
     def _mma(a, b, acc, WIDEN: tl.constexpr):
         """acc + a @ b with fp32 products (fp64 for fp64); WIDEN: bf16 under the interpreter,

@@ -19,6 +19,15 @@ from ._registry import register
 RESNET50_BLOCKS = (3, 4, 6, 3)
 
 
+
+def shortcut(in_channels: int, out_channels: int, spatial_stride: int) -> nn.Module:
+    """The residual branch's shortcut: identity, or a strided 1×1×1 conv + BN where the width or the
+    spatial size changes."""
+    if in_channels == out_channels and spatial_stride == 1:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 1, stride=(1, spatial_stride, spatial_stride), bias=False),
+                         nn.BatchNorm3d(out_channels))
+
 class Bottleneck3d(nn.Module):
     """ResNet bottleneck for video. ``[B, in, T, H, W] -> [B, out, T, H / s, W / s]``."""
 
@@ -37,12 +46,7 @@ class Bottleneck3d(nn.Module):
         self.conv_c = nn.Conv3d(inner_channels, out_channels, 1, bias=False)
         self.norm_c = nn.BatchNorm3d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        if in_channels != out_channels or spatial_stride != 1:
-            self.shortcut = nn.Sequential(
-                nn.Conv3d(in_channels, out_channels, 1, stride=(1, spatial_stride, spatial_stride), bias=False),
-                nn.BatchNorm3d(out_channels))
-        else:
-            self.shortcut = nn.Identity()
+        self.shortcut = shortcut(in_channels, out_channels, spatial_stride)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.relu(self.norm_a(self.conv_a(x)))

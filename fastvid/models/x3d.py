@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..nn import DepthwiseConv3d
 from ._registry import register
+from .resnet3d import shortcut
 
 X3D_WIDTHS = (24, 48, 96, 192)
 X3D_DEPTHS = (3, 5, 11, 7)
@@ -61,12 +62,7 @@ class X3DBlock(nn.Module):
         self.conv_c = nn.Conv3d(inner_channels, out_channels, 1, bias=False)
         self.norm_c = nn.BatchNorm3d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        if in_channels != out_channels or spatial_stride != 1:
-            self.shortcut = nn.Sequential(
-                nn.Conv3d(in_channels, out_channels, 1, stride=(1, spatial_stride, spatial_stride), bias=False),
-                nn.BatchNorm3d(out_channels))
-        else:
-            self.shortcut = nn.Identity()
+        self.shortcut = shortcut(in_channels, out_channels, spatial_stride)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.relu(self.norm_a(self.conv_a(x)))
