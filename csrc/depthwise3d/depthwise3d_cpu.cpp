@@ -15,6 +15,7 @@
 // its own partial buffer and the partials are added in chunk order at the end (deterministic for a
 // given thread count).
 #include "depthwise3d_kernels.h"
+#include "depthwise3d_cpu_vec.h"
 #include "depthwise3d_math.h"
 
 #include <ATen/Dispatch.h>
@@ -35,6 +36,10 @@ namespace fastvid {
 namespace depthwise3d {
 namespace {
 
+using cpu::Vec;
+using cpu::load_vec;
+using cpu::store_vec;
+
 // Valid taps along one dim for output index o: [k_begin, k_end) with input index in range.
 struct TapRange {
   int64_t begin, end;
@@ -51,59 +56,6 @@ TapRange valid_taps(int64_t o, int64_t k, int64_t stride, int64_t padding, int64
 int64_t grain_for(int64_t row_elements) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_elements)); }
 
 constexpr int kMaxTaps = 7 * 7 * 7;
-
-// 64-byte vectors of the accumulation type (GCC vector extensions: each target clone lowers them to
-// its own ISA) and loads that widen the storage type to them.
-template <typename acc_t>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-  static constexpr int lanes = 16;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
-  static constexpr int lanes = 8;
-};
-
-template <typename V, typename T>
-__attribute__((always_inline)) inline V load_vec(const T* p) {
-  V v;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 -> fp32 is a 16-bit shift
-    typedef uint16_t u16 __attribute__((vector_size(32)));
-    typedef uint32_t u32 __attribute__((vector_size(64)));
-    u16 h;
-    std::memcpy(&h, p, sizeof h);
-    const u32 bits = __builtin_convertvector(h, u32) << 16;
-    std::memcpy(&v, &bits, sizeof v);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(v[0])); ++l) v[l] = static_cast<float>(p[l]);
-  } else {
-    std::memcpy(&v, p, sizeof v);
-  }
-  return v;
-}
-
-// Stores a vector of the accumulation type narrowed to T (bf16: round to nearest even, NaN kept as a
-// quiet NaN, exactly as c10::BFloat16's conversion).
-template <typename T, typename V>
-__attribute__((always_inline)) inline void store_vec(T* p, const V& v) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    typedef uint16_t u16 __attribute__((vector_size(32)));
-    typedef uint32_t u32 __attribute__((vector_size(64)));
-    u32 bits;
-    std::memcpy(&bits, &v, sizeof bits);
-    const u32 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
-    const u32 nan = reinterpret_cast<u32>(v != v);  // all ones where v is NaN
-    const u16 h = __builtin_convertvector((nan & 0x7FC0u) | (~nan & rounded), u16);
-    std::memcpy(p, &h, sizeof h);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(v[0])); ++l) p[l] = static_cast<T>(v[l]);
-  } else {
-    std::memcpy(p, &v, sizeof v);
-  }
-}
 
 // out[c0 .. c0+NV·lanes) = init + Σ_i src[src_offsets[i] + c] · weight[weight_offsets[i] + c]: the
 // NV vector accumulators stay in registers across the taps (the channel loop of the m == 1 kernels).

@@ -48,6 +48,14 @@ void forward_cpu(const ForwardArgs& args);
 void input_grad_cpu(const InputGradArgs& args);
 void weight_grad_cpu(const WeightGradArgs& args);
 
+// depthwise3d_ncdhw_cpu.cpp: the same ops for NCDHW tensors and channel multiplier 1 (vectorised
+// along W). The same argument structs with every activation laid out [B, C, T, H, W] (input,
+// grad_input) / [B, C, OT, OH, OW] (output, grad_output), weight and grad_weight [C, taps]
+// (the op's [C, 1, kT, kH, kW] weight as is, in the accumulation type), bias/grad_bias [C].
+void forward_ncdhw_cpu(const ForwardArgs& args);
+void input_grad_ncdhw_cpu(const InputGradArgs& args);
+void weight_grad_ncdhw_cpu(const WeightGradArgs& args);
+
 #ifdef FASTVID_WITH_CUDA
 // depthwise3d_cuda.cu: the per-element formulas of depthwise3d_math.h, one thread per element
 // (weight gradient: one block per 32 output channels and tap, reducing over positions).

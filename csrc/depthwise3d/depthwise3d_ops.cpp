@@ -1,11 +1,14 @@
 // Depthwise 3D conv ops: argument checks, layout conversion and the kernel launches.
 //
-// The kernels work on channels-innermost (NDHWC) tensors: the wrappers bring input and
-// grad_output to channels_last_3d (a no-op for channels_last_3d inputs, the fast path), transpose
-// the weight to [taps, C*m] in the accumulation type, and return outputs laid out like the input:
-// channels_last_3d when `channels_last(input)` holds, else contiguous (fastvid/ops/depthwise3d.py
-// mirrors this rule in the fake kernels). Registered for CPU, and for CUDA when built with CUDA
-// (kernels in depthwise3d_cuda.cu).
+// Outputs are laid out like the input: channels_last_3d when `channels_last(input)` holds, else
+// contiguous (fastvid/ops/depthwise3d.py mirrors this rule in the fake kernels).
+// CPU, channel multiplier 1, input not channels_last: the NCDHW kernels (depthwise3d_ncdhw_cpu.cpp)
+// run on the contiguous tensors directly, weight as [C, taps].
+// Otherwise the kernels work on channels-innermost (NDHWC) tensors: the wrappers bring input and
+// grad_output to channels_last_3d (a no-op for channels_last_3d inputs), transpose the weight to
+// [taps, C*m] in the accumulation type, and copy outputs back to contiguous where the input is not
+// channels_last. Registered for CPU, and for CUDA when built with CUDA (kernels in
+// depthwise3d_cuda.cu).
 #include "depthwise3d_kernels.h"
 #include "../fastvid_common.h"
 
@@ -35,6 +38,10 @@ bool channels_last(const Tensor& input) {
   return input.size(1) > 1 && input.stride(1) == 1 && input.size(2) * input.size(3) * input.size(4) > 1;
 }
 
+// CPU inputs that take the NCDHW kernels (m == 1 and not channels_last).
+bool ncdhw_path(const Tensor& input, const Geometry& g) {
+  return input.device().is_cpu() && g.multiplier == 1 && !channels_last(input);
+}
 
 void check_same(const char* op, const char* name, const Tensor& t, const Tensor& input) {
   TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
@@ -88,6 +95,11 @@ Tensor kernel_weight(const Tensor& weight, const Geometry& g) {
   return weight.to(acc_type(weight.scalar_type())).reshape({g.out_channels(), g.taps()}).t().contiguous();
 }
 
+// [C, 1, kT, kH, kW] -> [C, taps] in the accumulation type (the NCDHW kernels' weight).
+Tensor ncdhw_weight(const Tensor& weight, const Geometry& g) {
+  return weight.to(acc_type(weight.scalar_type())).reshape({g.channels, g.taps()}).contiguous();
+}
+
 Tensor empty_channels_last(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options) {
   const int64_t* dims = input_side ? g.in : g.out;
   return at::empty({g.batch, channels, dims[0], dims[1], dims[2]},
@@ -113,9 +125,23 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
     check_same(op, "bias", *bias, input);
   }
   const c10::DeviceGuard guard(input.device());
+  const Tensor b = bias.has_value() ? bias->to(acc_type(input.scalar_type())).contiguous() : Tensor();
+  if (ncdhw_path(input, g)) {
+    const Tensor x = input.contiguous();
+    const Tensor w = ncdhw_weight(weight, g);
+    Tensor out = at::empty({g.batch, g.channels, g.out[0], g.out[1], g.out[2]}, input.options());
+    ForwardArgs a;
+    a.geo = g;
+    a.dtype = input.scalar_type();
+    a.input = x.data_ptr();
+    a.weight = w.data_ptr();
+    a.bias = b.defined() ? b.data_ptr() : nullptr;
+    a.output = out.data_ptr();
+    forward_ncdhw_cpu(a);
+    return out;
+  }
   const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast3d);
   const Tensor w = kernel_weight(weight, g);
-  const Tensor b = bias.has_value() ? bias->to(acc_type(input.scalar_type())).contiguous() : Tensor();
   Tensor out = empty_channels_last(g, g.out_channels(), false, input.options());
   ForwardArgs a;
   a.geo = g;
@@ -142,10 +168,40 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
                     g.out[0], ", ", g.out[1], ", ", g.out[2], "], got shape ", grad_output.sizes());
   const c10::DeviceGuard guard(input.device());
   const auto acc = acc_type(input.scalar_type());
-  const Tensor go = grad_output.contiguous(at::MemoryFormat::ChannelsLast3d);
   Tensor grad_input = at::empty({0}, input.options());
   Tensor grad_weight = at::empty({0}, input.options());
   Tensor grad_bias = at::empty({0}, input.options());
+  if (ncdhw_path(input, g)) {
+    const Tensor go = grad_output.contiguous();
+    if (output_mask[0]) {
+      const Tensor w = ncdhw_weight(weight, g);
+      grad_input = at::empty(input.sizes(), input.options());
+      InputGradArgs a;
+      a.geo = g;
+      a.dtype = input.scalar_type();
+      a.grad_output = go.data_ptr();
+      a.weight = w.data_ptr();
+      a.grad_input = grad_input.data_ptr();
+      input_grad_ncdhw_cpu(a);
+    }
+    if (output_mask[1] || output_mask[2]) {
+      const Tensor x = input.contiguous();
+      Tensor gw = output_mask[1] ? at::empty({g.channels, g.taps()}, input.options().dtype(acc)) : Tensor();
+      Tensor gb = output_mask[2] ? at::empty({g.channels}, input.options().dtype(acc)) : Tensor();
+      WeightGradArgs a;
+      a.geo = g;
+      a.dtype = input.scalar_type();
+      a.grad_output = go.data_ptr();
+      a.input = x.data_ptr();
+      a.grad_weight = gw.defined() ? gw.data_ptr() : nullptr;
+      a.grad_bias = gb.defined() ? gb.data_ptr() : nullptr;
+      weight_grad_ncdhw_cpu(a);
+      if (gw.defined()) grad_weight = gw.to(input.scalar_type()).view(weight.sizes());
+      if (gb.defined()) grad_bias = gb.to(input.scalar_type());
+    }
+    return {grad_input, grad_weight, grad_bias};
+  }
+  const Tensor go = grad_output.contiguous(at::MemoryFormat::ChannelsLast3d);
   if (output_mask[0]) {
     const Tensor w = kernel_weight(weight, g);
     Tensor gi = empty_channels_last(g, g.channels, true, input.options());

@@ -1,0 +1,549 @@
+// CPU depthwise 3D conv kernels for NCDHW tensors with channel multiplier 1, vectorised along W.
+//
+// Every (b, c) is an independent 3D correlation of one channel with its own kT×kH×kW kernel. The
+// source rows a task reads (input rows for the forward and weight gradient, grad_output rows for
+// the input gradient) are first copied into scratch in the accumulation type, zero-extended on both
+// sides along W and split into `s` phase rows for W stride s (phase r holds every s-th element from
+// r on). Then every W tap is a contiguous, unaligned vector load at a fixed shift and the zero
+// padding needs no tests in the inner loops:
+//   forward:        out[ow] = bias + Σ_taps w[kt,kh,kw] · X_row[phase (kw·d)%s][ow + (kw·d)/s]
+//   input gradient: gi[q·s + r] = Σ_{taps with (r + p - kw·d) % s == 0} w · G_row[q + (r + p - kw·d)/s]
+//                   (a gather per residue r of the input index: no two tasks write one element)
+//   weight gradient: gw[tap] = Σ_rows Σ_ow go[ow] · X_row[...] (per (kt, kh): kW register
+//                   accumulators over all rows of an output plane), gb = Σ go.
+// Rows along T and H never need padding: taps that fall outside are skipped per row.
+// Scratch planes are cached per task by source depth index (a ring of as many planes as one output
+// or input plane reads), so consecutive planes of one channel reuse them.
+// Weight/bias gradient: one partial sum per (b, c, ot-chunk) unit, added in a fixed order at the end
+// (bit-identical results whatever the thread count). bf16/fp16 accumulate in fp32 in the same order
+// as fp32; stores round to nearest even (store_vec / c10 conversions).
+#include "depthwise3d_cpu_vec.h"
+#include "depthwise3d_kernels.h"
+#include "depthwise3d_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../fastvid_common.h"
+
+namespace fastvid {
+namespace depthwise3d {
+namespace {
+
+using cpu::load_vec;
+using cpu::store_vec;
+using cpu::Vec;
+
+#define FASTVID_INLINE __attribute__((always_inline)) inline
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+int64_t ceil_div(int64_t n, int64_t m) { return (n + m - 1) / m; }
+
+// Output positions [begin, end) along one dim whose tap k reads an input index inside [0, in).
+struct Range {
+  int64_t begin, end;
+};
+Range valid_outputs(int64_t k, int64_t stride, int64_t padding, int64_t dilation, int64_t in, int64_t out) {
+  const int64_t lo = padding - k * dilation, hi = in - 1 + padding - k * dilation;
+  if (hi < 0) return {0, 0};
+  const int64_t begin = lo <= 0 ? 0 : ceil_div(lo, stride);
+  const int64_t end = std::min<int64_t>(out, hi / stride + 1);
+  return {begin, std::max(begin, end)};
+}
+
+// Scratch layout of one source row: `phases` phase rows of phase_len values each,
+// row[r·phase_len + i] = src[i·phases + r - left] (0 outside [0, n)).
+struct RowLayout {
+  int64_t phases = 1, phase_len = 0, left = 0;
+  int64_t size() const { return phases * phase_len; }
+};
+
+template <typename scalar_t, typename acc_t>
+FASTVID_INLINE void build_row(const scalar_t* src, int64_t n, const RowLayout& layout, acc_t* dst) {
+  if (layout.phases == 1) {
+    const int64_t left = std::min(layout.left, layout.phase_len);
+    const int64_t count = std::max<int64_t>(0, std::min(n, layout.phase_len - left));
+    std::fill(dst, dst + left, acc_t(0));
+    for (int64_t i = 0; i < count; ++i) dst[left + i] = static_cast<acc_t>(src[i]);
+    std::fill(dst + left + count, dst + layout.phase_len, acc_t(0));
+    return;
+  }
+  for (int64_t r = 0; r < layout.phases; ++r) {
+    acc_t* d = dst + r * layout.phase_len;
+    for (int64_t i = 0; i < layout.phase_len; ++i) {
+      const int64_t j = i * layout.phases + r - layout.left;
+      d[i] = (j >= 0 && j < n) ? static_cast<acc_t>(src[j]) : acc_t(0);
+    }
+  }
+}
+
+// Scratch copies of the source planes of one (b, c), `slots` planes kept, keyed by depth index.
+// A plane is `rows` scratch rows: `top` zero rows, the source rows, then zero rows (so that rows
+// along H need no bounds tests either).
+template <typename acc_t>
+struct PlaneCache {
+  int64_t rows = 0, top = 0, slots = 1;
+  RowLayout layout;
+  std::vector<acc_t> data;
+  std::vector<int64_t> owner;  // depth index held by each slot, -1: none
+  int64_t channel = -1;        // b·C + c the slots belong to
+
+  void init(int64_t rows_, int64_t top_, const RowLayout& layout_, int64_t slots_) {
+    rows = rows_, top = top_, layout = layout_, slots = slots_;
+    data.assign(slots * rows * layout.size(), acc_t(0));
+    owner.assign(slots, -1);
+  }
+  // The scratch plane for depth index `depth` of channel `bc` (src_rows rows of W values at `src`).
+  template <typename scalar_t>
+  const acc_t* plane(int64_t bc, int64_t depth, const scalar_t* src, int64_t src_rows, int64_t W) {
+    if (bc != channel) std::fill(owner.begin(), owner.end(), -1), channel = bc;
+    const int64_t slot = depth % slots;
+    acc_t* dst = data.data() + slot * rows * layout.size();
+    if (owner[slot] != depth) {
+      for (int64_t j = 0; j < rows; ++j) {
+        const int64_t h = j - top;
+        if (h >= 0 && h < src_rows) build_row(src + h * W, W, layout, dst + j * layout.size());
+        else std::fill(dst + j * layout.size(), dst + (j + 1) * layout.size(), acc_t(0));
+      }
+      owner[slot] = depth;
+    }
+    return dst;
+  }
+};
+
+constexpr int kMaxTaps = 7 * 7 * 7;
+constexpr int kGroupRows = 4;  // output rows computed together (independent accumulator chains)
+
+// out[r][q·out_step] = init + Σ_t w[t]·(src[t] + row_offset[r])[q] for R rows and positions
+// [q0, q0 + count), count <= NV·L; every source is readable for whole vectors. The R·NV accumulators
+// stay in registers across the taps; each weight is broadcast once per tap for all rows.
+template <int NV, int R, typename scalar_t, typename acc_t>
+FASTVID_INLINE void stencil_block(int64_t q0, int64_t count, int64_t taps, const acc_t* const* src, const acc_t* w,
+                                  const int64_t* row_offset, acc_t init, scalar_t* const* out, int64_t out_step) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V a[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) a[r][j] = init - V{};
+  for (int64_t t = 0; t < taps; ++t) {
+    const V wt = w[t] - V{};  // broadcast (w - 0 == w for every w, -0 included)
+    const acc_t* s = src[t] + q0;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) a[r][j] += load_vec<V>(s + row_offset[r] + j * L) * wt;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      const int64_t q = q0 + j * L, n = std::min<int64_t>(L, count - j * L);
+      if (n <= 0) break;
+      if (out_step == 1 && n == L) {
+        store_vec(out[r] + q, a[r][j]);
+      } else {
+        acc_t tmp[L];
+        std::memcpy(tmp, &a[r][j], sizeof tmp);
+        for (int64_t l = 0; l < n; ++l) out[r][(q + l) * out_step] = static_cast<scalar_t>(tmp[l]);
+      }
+    }
+  }
+}
+
+template <int R, typename scalar_t, typename acc_t>
+FASTVID_INLINE void stencil_rows_r(int64_t n, int64_t taps, const acc_t* const* src, const acc_t* w,
+                                   const int64_t* row_offset, acc_t init, scalar_t* const* out, int64_t out_step) {
+  constexpr int L = Vec<acc_t>::lanes;
+  int64_t q = 0;
+  for (; q + 2 * L <= n; q += 2 * L) stencil_block<2, R>(q, 2 * L, taps, src, w, row_offset, init, out, out_step);
+  if (n - q > L) stencil_block<2, R>(q, n - q, taps, src, w, row_offset, init, out, out_step);
+  else if (n > q) stencil_block<1, R>(q, n - q, taps, src, w, row_offset, init, out, out_step);
+}
+
+// `rows` rows (any count) of n positions sharing one tap list, row r reading at row_offset[r].
+template <typename scalar_t, typename acc_t>
+FASTVID_INLINE void stencil_rows(int64_t rows, int64_t n, int64_t taps, const acc_t* const* src, const acc_t* w,
+                                 const int64_t* row_offset, acc_t init, scalar_t* const* out, int64_t out_step) {
+  int64_t r = 0;
+  for (; r + kGroupRows <= rows; r += kGroupRows)
+    stencil_rows_r<kGroupRows>(n, taps, src, w, row_offset + r, init, out + r, out_step);
+  switch (rows - r) {
+    case 1: stencil_rows_r<1>(n, taps, src, w, row_offset + r, init, out + r, out_step); break;
+    case 2: stencil_rows_r<2>(n, taps, src, w, row_offset + r, init, out + r, out_step); break;
+    case 3: stencil_rows_r<3>(n, taps, src, w, row_offset + r, init, out + r, out_step); break;
+    default: break;
+  }
+}
+
+// ------------------------------------------------------------------------ forward
+RowLayout forward_row_layout(const Geometry& g, int lanes) {
+  RowLayout l;
+  l.phases = g.stride[2];
+  l.left = g.padding[2];
+  l.phase_len = round_up(g.out[2], lanes) + (g.kernel[2] - 1) * g.dilation[2] / g.stride[2] + 1;
+  return l;
+}
+
+// Scratch rows of the forward / weight-gradient input planes: `top` = H padding, enough rows for
+// every output row's taps.
+int64_t forward_plane_rows(const Geometry& g) {
+  return std::max<int64_t>(g.padding[1] + g.in[1], (g.out[1] - 1) * g.stride[1] + (g.kernel[1] - 1) * g.dilation[1] + 1);
+}
+
+// Output plane out[b, c, ot, :, :].
+template <typename scalar_t>
+FASTVID_CPU_CLONES void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* w,
+                                      at::opmath_type<scalar_t> bias, PlaneCache<at::opmath_type<scalar_t>>& cache,
+                                      int64_t bc, int64_t ot, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = g.in[0], H = g.in[1], W = g.in[2], OH = g.out[1], OW = g.out[2];
+  const int64_t kT = g.kernel[0], kH = g.kernel[1], kW = g.kernel[2];
+  const int64_t row_size = cache.layout.size();
+  // Tap list of output row 0 (scratch row oh·sH + kh·dH for row oh: the top rows are the H padding).
+  const acc_t* src[kMaxTaps];
+  acc_t wt[kMaxTaps];
+  int64_t n = 0;
+  for (int64_t kt = 0; kt < kT; ++kt) {
+    const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+    if (it < 0 || it >= T) continue;
+    const acc_t* plane = cache.plane(bc, it, input + (bc * T + it) * H * W, H, W);
+    for (int64_t kh = 0; kh < kH; ++kh) {
+      for (int64_t kw = 0; kw < kW; ++kw, ++n) {
+        const int64_t shift = kw * g.dilation[2];
+        src[n] = plane + kh * g.dilation[1] * row_size + (shift % g.stride[2]) * cache.layout.phase_len +
+                 shift / g.stride[2];
+        wt[n] = w[(kt * kH + kh) * kW + kw];
+      }
+    }
+  }
+  int64_t row_offset[kGroupRows];
+  scalar_t* outs[kGroupRows];
+  for (int64_t oh0 = 0; oh0 < OH; oh0 += kGroupRows) {
+    const int64_t rows = std::min<int64_t>(kGroupRows, OH - oh0);
+    for (int64_t r = 0; r < rows; ++r) {
+      row_offset[r] = (oh0 + r) * g.stride[1] * row_size;
+      outs[r] = out + (oh0 + r) * OW;
+    }
+    stencil_rows(rows, OW, n, src, wt, row_offset, bias, outs, 1);
+  }
+}
+
+template <typename scalar_t>
+void forward_impl(const ForwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.geo;
+  const int64_t C = g.channels, OT = g.out[0], plane = g.out[1] * g.out[2];
+  const int64_t units = g.batch * C * OT;
+  if (units == 0 || plane == 0) return;
+  const auto* input = static_cast<const scalar_t*>(a.input);
+  const auto* weight = static_cast<const acc_t*>(a.weight);
+  const auto* bias = static_cast<const acc_t*>(a.bias);
+  auto* output = static_cast<scalar_t*>(a.output);
+  const RowLayout layout = forward_row_layout(g, Vec<acc_t>::lanes);
+  const int64_t slots = (g.kernel[0] - 1) * g.dilation[0] + 1;
+  at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {
+    PlaneCache<acc_t> cache;
+    cache.init(forward_plane_rows(g), g.padding[1], layout, slots);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t bc = u / OT, ot = u % OT, c = bc % C;
+      forward_plane<scalar_t>(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : acc_t(0), cache, bc, ot,
+                              output + u * plane);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------ input gradient
+// grad_output rows: one phase, zero-extended by `left` values so that every shift is >= 0.
+RowLayout input_grad_row_layout(const Geometry& g, int lanes) {
+  const int64_t s = g.stride[2], p = g.padding[2], reach = (g.kernel[2] - 1) * g.dilation[2];
+  RowLayout l;
+  l.phases = 1;
+  l.left = reach > p ? ceil_div(reach - p, s) : 0;
+  l.phase_len = l.left + round_up(ceil_div(g.in[2], s), lanes) + (s - 1 + p) / s + 1;
+  return l;
+}
+
+// grad_output planes in scratch: `top` zero rows so that every (residue, kh) row shift is >= 0.
+int64_t input_grad_plane_top(const Geometry& g) {
+  const int64_t reach = (g.kernel[1] - 1) * g.dilation[1], p = g.padding[1];
+  return reach > p ? ceil_div(reach - p, g.stride[1]) : 0;
+}
+int64_t input_grad_plane_rows(const Geometry& g) {
+  return input_grad_plane_top(g) + std::max<int64_t>(g.out[1], (g.in[1] - 1 + g.padding[1]) / g.stride[1] + 1);
+}
+
+// Input-gradient plane grad_input[b, c, it, :, :]: per residue (rh, rw) of (ih, iw) modulo the
+// stride, one tap list for all its rows.
+template <typename scalar_t>
+FASTVID_CPU_CLONES void input_grad_plane(const Geometry& g, const scalar_t* grad_output,
+                                         const at::opmath_type<scalar_t>* w,
+                                         PlaneCache<at::opmath_type<scalar_t>>& cache, int64_t bc, int64_t it,
+                                         scalar_t* gi) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t kT = g.kernel[0], kH = g.kernel[1], kW = g.kernel[2];
+  const int64_t sh = g.stride[1], ph = g.padding[1], dh = g.dilation[1];
+  const int64_t sw = g.stride[2], pw = g.padding[2], dw = g.dilation[2];
+  const int64_t row_size = cache.layout.size();
+  const acc_t* planes[7];
+  for (int64_t kt = 0; kt < kT; ++kt) {
+    int64_t ot;
+    planes[kt] = output_index(it, kt, g.stride[0], g.padding[0], g.dilation[0], OT, &ot)
+                     ? cache.plane(bc, ot, grad_output + (bc * OT + ot) * OH * OW, OH, OW)
+                     : nullptr;
+  }
+  const acc_t* src[kMaxTaps];
+  acc_t wt[kMaxTaps];
+  int64_t row_offset[kGroupRows];
+  scalar_t* outs[kGroupRows];
+  for (int64_t rh = 0; rh < std::min(sh, H); ++rh) {
+    for (int64_t rw = 0; rw < std::min(sw, W); ++rw) {
+      int64_t n = 0;
+      for (int64_t kt = 0; kt < kT; ++kt) {
+        if (planes[kt] == nullptr) continue;
+        for (int64_t kh = 0; kh < kH; ++kh) {
+          const int64_t num_h = rh + ph - kh * dh;
+          if (((num_h % sh) + sh) % sh != 0) continue;
+          const acc_t* row = planes[kt] + (cache.top + num_h / sh) * row_size + cache.layout.left;
+          for (int64_t kw = 0; kw < kW; ++kw) {
+            const int64_t num_w = rw + pw - kw * dw;
+            if (((num_w % sw) + sw) % sw != 0) continue;
+            src[n] = row + num_w / sw;
+            wt[n++] = w[(kt * kH + kh) * kW + kw];
+          }
+        }
+      }
+      const int64_t rows = ceil_div(H - rh, sh);
+      for (int64_t i0 = 0; i0 < rows; i0 += kGroupRows) {
+        const int64_t count = std::min<int64_t>(kGroupRows, rows - i0);
+        for (int64_t r = 0; r < count; ++r) {
+          row_offset[r] = (i0 + r) * row_size;
+          outs[r] = gi + (rh + (i0 + r) * sh) * W + rw;
+        }
+        stencil_rows(count, ceil_div(W - rw, sw), n, src, wt, row_offset, acc_t(0), outs, sw);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void input_grad_impl(const InputGradArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.geo;
+  const int64_t C = g.channels, T = g.in[0], plane = g.in[1] * g.in[2];
+  const int64_t units = g.batch * C * T;
+  if (units == 0 || plane == 0) return;
+  const auto* grad_output = static_cast<const scalar_t*>(a.grad_output);
+  const auto* weight = static_cast<const acc_t*>(a.weight);
+  auto* grad_input = static_cast<scalar_t*>(a.grad_input);
+  const RowLayout layout = input_grad_row_layout(g, Vec<acc_t>::lanes);
+  const int64_t slots = (g.kernel[0] - 1) * g.dilation[0] / g.stride[0] + 2;
+  at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {
+    PlaneCache<acc_t> cache;
+    cache.init(input_grad_plane_rows(g), input_grad_plane_top(g), layout, slots);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t bc = u / T, it = u % T, c = bc % C;
+      input_grad_plane<scalar_t>(g, grad_output, weight + c * g.taps(), cache, bc, it, grad_input + u * plane);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------ weight (+bias) gradient
+// sums[kw] += Σ_rows Σ_q go_rows[row][q] · x_rows[row][offset[kw] + q], q in [0, OW); go rows are
+// zero beyond OW and the x values the last, partial vector reads there are masked out (so a
+// non-finite input element no output reads cannot leak in as 0·inf). Vectors are taken in pairs into
+// two sets of accumulators (2·KW independent chains).
+template <int KW, bool kMasked, typename acc_t>
+FASTVID_INLINE void weight_grad_vectors(int64_t nrows, const acc_t* const* go_rows, const acc_t* const* x_rows,
+                                        const int64_t* offset, int64_t q_begin, int64_t q_end, int64_t tail,
+                                        acc_t* sums) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  typedef std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t> Bits;
+  typedef Bits M __attribute__((vector_size(sizeof(V))));
+  M keep{};
+  for (int l = 0; l < L; ++l) keep[l] = l < tail ? Bits(-1) : Bits(0);
+  V acc[2][KW];
+#pragma GCC unroll 7
+  for (int k = 0; k < KW; ++k) acc[0][k] = acc[1][k] = V{};
+  int which = 0;
+  auto step = [&](V (&a)[KW], const acc_t* go, const acc_t* x) {
+    const V gv = load_vec<V>(go);
+#pragma GCC unroll 7
+    for (int k = 0; k < KW; ++k) {
+      V product = gv * load_vec<V>(x + offset[k]);
+      if constexpr (kMasked) {  // bitwise: keep's lanes are all ones or all zeros
+        M bits;
+        std::memcpy(&bits, &product, sizeof bits);
+        bits &= keep;
+        std::memcpy(&product, &bits, sizeof bits);
+      }
+      a[k] += product;
+    }
+  };
+  const acc_t* pending_go = nullptr;
+  const acc_t* pending_x = nullptr;
+  for (int64_t row = 0; row < nrows; ++row) {
+    for (int64_t q = q_begin; q < q_end; q += L) {
+      if (pending_go == nullptr) {
+        pending_go = go_rows[row] + q, pending_x = x_rows[row] + q;
+        continue;
+      }
+      step(acc[0], pending_go, pending_x);
+      step(acc[1], go_rows[row] + q, x_rows[row] + q);
+      pending_go = nullptr;
+    }
+  }
+  if (pending_go != nullptr) step(acc[which], pending_go, pending_x);
+#pragma GCC unroll 7
+  for (int k = 0; k < KW; ++k) {
+    const V a = acc[0][k] + acc[1][k];
+    acc_t total = 0;
+    for (int l = 0; l < L; ++l) total += a[l];
+    sums[k] += total;
+  }
+}
+
+template <int KW, typename acc_t>
+FASTVID_INLINE void weight_grad_rows(int64_t nrows, const acc_t* const* go_rows, const acc_t* const* x_rows,
+                                     const int64_t* offset, int64_t OW, acc_t* sums) {
+  constexpr int L = Vec<acc_t>::lanes;
+  const int64_t full = OW / L * L, tail = OW % L;
+  if (full > 0) weight_grad_vectors<KW, false>(nrows, go_rows, x_rows, offset, 0, full, 0, sums);
+  if (tail > 0) weight_grad_vectors<KW, true>(nrows, go_rows, x_rows, offset, full, full + L, tail, sums);
+}
+
+// Adds the contributions of output planes [ot_begin, ot_end) of channel bc to partial[taps + 1]
+// (weight taps, then bias).
+template <typename scalar_t>
+FASTVID_CPU_CLONES void weight_grad_unit(const Geometry& g, const scalar_t* input, const scalar_t* grad_output,
+                                         bool want_weight, bool want_bias,
+                                         PlaneCache<at::opmath_type<scalar_t>>& x_cache,
+                                         std::vector<at::opmath_type<scalar_t>>& go_plane, int64_t bc,
+                                         int64_t ot_begin, int64_t ot_end, at::opmath_type<scalar_t>* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  const int64_t T = g.in[0], H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t kT = g.kernel[0], kH = g.kernel[1], kW = g.kernel[2];
+  const int64_t go_len = round_up(OW, L);
+  const RowLayout& lay = x_cache.layout;
+  int64_t kw_offset[7];
+  for (int64_t kw = 0; kw < kW; ++kw) {
+    const int64_t shift = kw * g.dilation[2];
+    kw_offset[kw] = (shift % g.stride[2]) * lay.phase_len + shift / g.stride[2];
+  }
+  const RowLayout go_layout{1, go_len, 0};
+  const acc_t* go_rows[512];
+  const acc_t* x_rows[512];
+  for (int64_t ot = ot_begin; ot < ot_end; ++ot) {
+    const scalar_t* go = grad_output + (bc * OT + ot) * OH * OW;
+    for (int64_t oh = 0; oh < OH; ++oh) build_row(go + oh * OW, OW, go_layout, go_plane.data() + oh * go_len);
+    if (want_bias) {
+      V sum{};
+      for (int64_t i = 0; i < OH * go_len; i += L) sum += load_vec<V>(go_plane.data() + i);
+      acc_t total = 0;
+      for (int l = 0; l < L; ++l) total += sum[l];
+      partial[g.taps()] += total;
+    }
+    if (!want_weight) continue;
+    for (int64_t kt = 0; kt < kT; ++kt) {
+      const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+      if (it < 0 || it >= T) continue;
+      const acc_t* xp = x_cache.plane(bc, it, input + (bc * T + it) * H * W, H, W) + x_cache.top * lay.size();
+      for (int64_t kh = 0; kh < kH; ++kh) {
+        const Range rows = valid_outputs(kh, g.stride[1], g.padding[1], g.dilation[1], H, OH);
+        acc_t* sums = partial + (kt * kH + kh) * kW;
+        // Rows in batches that fit the pointer arrays.
+        for (int64_t oh0 = rows.begin; oh0 < rows.end; oh0 += 512) {
+          const int64_t n = std::min<int64_t>(512, rows.end - oh0);
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t oh = oh0 + i, ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+            go_rows[i] = go_plane.data() + oh * go_len;
+            x_rows[i] = xp + ih * lay.size();
+          }
+          switch (kW) {
+            case 1: weight_grad_rows<1>(n, go_rows, x_rows, kw_offset, OW, sums); break;
+            case 2: weight_grad_rows<2>(n, go_rows, x_rows, kw_offset, OW, sums); break;
+            case 3: weight_grad_rows<3>(n, go_rows, x_rows, kw_offset, OW, sums); break;
+            case 4: weight_grad_rows<4>(n, go_rows, x_rows, kw_offset, OW, sums); break;
+            case 5: weight_grad_rows<5>(n, go_rows, x_rows, kw_offset, OW, sums); break;
+            case 6: weight_grad_rows<6>(n, go_rows, x_rows, kw_offset, OW, sums); break;
+            default: weight_grad_rows<7>(n, go_rows, x_rows, kw_offset, OW, sums); break;
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void weight_grad_impl(const WeightGradArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.geo;
+  const int64_t C = g.channels, taps = g.taps(), OT = g.out[0];
+  const int64_t channels = g.batch * C;
+  auto* grad_weight = static_cast<acc_t*>(a.grad_weight);
+  auto* grad_bias = static_cast<acc_t*>(a.grad_bias);
+  if (grad_weight != nullptr) std::fill(grad_weight, grad_weight + C * taps, acc_t(0));
+  if (grad_bias != nullptr) std::fill(grad_bias, grad_bias + C, acc_t(0));
+  if (channels == 0 || OT == 0 || g.out[1] * g.out[2] == 0 || (grad_weight == nullptr && grad_bias == nullptr))
+    return;
+  const auto* grad_output = static_cast<const scalar_t*>(a.grad_output);
+  const auto* input = static_cast<const scalar_t*>(a.input);
+  // Units of (b, c, a chunk of output planes), enough for parallelism, their count a function of
+  // the shape only (so the summation order does not depend on the thread count).
+  const int64_t splits = std::min<int64_t>(OT, std::max<int64_t>(1, 256 / channels));
+  const int64_t units = channels * splits, per_unit = taps + 1;
+  std::vector<acc_t> partials(units * per_unit, acc_t(0));
+  const RowLayout layout = forward_row_layout(g, Vec<acc_t>::lanes);
+  const int64_t slots = (g.kernel[0] - 1) * g.dilation[0] + 1;
+  const int64_t plane = g.out[1] * g.out[2];
+  at::parallel_for(0, units, std::max<int64_t>(1, 16384 / (plane * ceil_div(OT, splits))), [&](int64_t begin,
+                                                                                                int64_t end) {
+    PlaneCache<acc_t> x_cache;
+    x_cache.init(forward_plane_rows(g), g.padding[1], layout, slots);
+    std::vector<acc_t> go_plane(g.out[1] * round_up(g.out[2], Vec<acc_t>::lanes));
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t bc = u / splits, part = u % splits;
+      weight_grad_unit<scalar_t>(g, input, grad_output, grad_weight != nullptr, grad_bias != nullptr, x_cache,
+                                 go_plane, bc, OT * part / splits, OT * (part + 1) / splits,
+                                 partials.data() + u * per_unit);
+    }
+  });
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t c = (u / splits) % C;
+    const acc_t* p = partials.data() + u * per_unit;
+    if (grad_weight != nullptr)
+      for (int64_t t = 0; t < taps; ++t) grad_weight[c * taps + t] += p[t];
+    if (grad_bias != nullptr) grad_bias[c] += p[taps];
+  }
+}
+
+}  // namespace
+
+void forward_ncdhw_cpu(const ForwardArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d",
+                                  [&] { forward_impl<scalar_t>(args); });
+}
+
+void input_grad_ncdhw_cpu(const InputGradArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d_backward",
+                                  [&] { input_grad_impl<scalar_t>(args); });
+}
+
+void weight_grad_ncdhw_cpu(const WeightGradArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d_backward",
+                                  [&] { weight_grad_impl<scalar_t>(args); });
+}
+
+}  // namespace depthwise3d
+}  // namespace fastvid
