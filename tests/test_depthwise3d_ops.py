@@ -53,6 +53,14 @@ CONFIGS = [
     Config(20, 1, (1, 3, 3), (1, 1, 2), (0, 1, 2), (1, 1, 2), (1, 3, 4, 37)),
     Config(35, 1, (3, 1, 5), (1, 2, 1), (1, 0, 2), (1, 1, 2), (2, 4, 5, 30), bias=False),
     Config(70, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 2, 3, 12)),  # 64-channel register blocks
+    # NCDHW kernels (m == 1, contiguous/non-contiguous inputs), vectorised along W: rows wider than two
+    # vectors with a partial last vector, 6+ rows (groups of 4 rows plus a remainder), W stride 2 and 3
+    # (stride phases), dilation, padding wider than the kernel reach, a W narrower than the stride
+    Config(3, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (2, 3, 6, 45)),
+    Config(2, 1, (3, 5, 3), (1, 2, 2), (1, 2, 1), (1, 1, 1), (1, 4, 11, 37)),
+    Config(2, 1, (2, 3, 5), (2, 3, 3), (1, 1, 2), (2, 2, 1), (1, 6, 13, 35)),
+    Config(3, 1, (1, 3, 7), (1, 1, 1), (0, 4, 5), (1, 1, 2), (1, 2, 5, 19)),
+    Config(2, 1, (3, 3, 3), (1, 2, 4), (2, 1, 1), (1, 1, 1), (1, 3, 9, 3)),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -150,6 +158,29 @@ def test_backward_partial_mask_and_determinism():
     assert only_weight[0].numel() == 0 and only_weight[2].numel() == 0
     assert torch.equal(only_weight[1], full[1])
     torch.testing.assert_close(full[2], go.sum((0, 2, 3, 4)))
+
+
+def test_ncdhw_weight_grad_thread_invariant_and_ignores_unread_inputs():
+    """NCDHW kernels: the weight/bias gradients are bit-identical for 1 and 2 threads, and an inf in an
+    input column no output reads (W stride 2 leaves the last column out) changes nothing."""
+    x = torch.randn(2, 3, 4, 5, 38, dtype=torch.float64)
+    w = torch.randn(3, 1, 3, 3, 3, dtype=torch.float64)
+    args = ((1, 1, 2), (1, 1, 0), (1, 1, 1))  # OW = 18 reads columns 0..36
+    go = torch.randn(OPS.depthwise_conv3d(x, w, None, *args).shape, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, True])
+        torch.set_num_threads(2)
+        two = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, True])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    x_inf = x.clone()
+    x_inf[..., 37] = float("inf")
+    assert torch.equal(OPS.depthwise_conv3d_backward(go, x_inf, w, *args, [False, True, True])[1], two[1])
+    torch.testing.assert_close(two[1], torch.nn.grad.conv3d_weight(x, w.shape, go, *args, groups=3))
 
 
 def test_reference_backend_and_int_arguments():
@@ -256,15 +287,18 @@ def test_device_mismatch():
         _call(X, W.to("meta"))
 
 
-@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[9], CONFIGS[10], CONFIGS[11]], ids=Config.id)
-def test_bf16_rounds_like_fp32_kernel(config):
+@pytest.mark.parametrize("layout", ["channels_last_3d", "contiguous"])
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[9], CONFIGS[10], CONFIGS[11], CONFIGS[12], CONFIGS[14]],
+                         ids=Config.id)
+def test_bf16_rounds_like_fp32_kernel(config, layout):
     """bf16 accumulates in fp32 in the same order as fp32: the output and all three gradients are the
     fp32 kernel's results on the same values rounded to bf16, bit for bit (NaN included)."""
-    t = make_sample(config, torch.bfloat16, "channels_last_3d")
+    t = make_sample(config, torch.bfloat16, layout)
     x, w = t["input"].detach().clone(), t["weight"].detach()
     args = conv_args(config)
     go = torch.randn(OPS.depthwise_conv3d(x, w, None, *args).shape, dtype=torch.bfloat16)
-    go = go.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "channels_last_3d":
+        go = go.contiguous(memory_format=torch.channels_last_3d)
     ours = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, True])
     expected = OPS.depthwise_conv3d_backward(go.float(), x.float(), w.float(), *args, [True, True, True])
     for name, a, e in zip(["grad_input", "grad_weight", "grad_bias"], ours, expected):
@@ -304,22 +338,26 @@ def test_cuda_opcheck(config):
     _opcheck(OPS.depthwise_conv3d.default, (t["input"], t["weight"], t["bias"], *conv_args(config)))
 
 
-@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4], CONFIGS[8], CONFIGS[10], CONFIGS[11]], ids=Config.id)
-def test_no_out_of_bounds_reads(config):
+@pytest.mark.parametrize("layout", ["channels_last_3d", "contiguous"])
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4], CONFIGS[8], CONFIGS[10], CONFIGS[11], CONFIGS[12],
+                                    CONFIGS[14], CONFIGS[16]], ids=Config.id)
+def test_no_out_of_bounds_reads(config, layout):
     """Inputs and grad_output are views into buffers whose neighbouring memory is NaN: a read outside
     a tensor would turn the results NaN."""
-    def nan_framed(t):  # a channels_last_3d view of t with NaN batches before and after it in memory
+    fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
+
+    def nan_framed(t):  # a view of t with NaN batches before and after it in memory
         frame = torch.full((t.shape[0] + 2, *t.shape[1:]), float("nan"), dtype=t.dtype)
-        frame = frame.contiguous(memory_format=torch.channels_last_3d)
+        frame = frame.contiguous(memory_format=fmt)
         frame[1:-1] = t
         return frame[1:-1]
 
-    t = make_sample(config, torch.float32, "channels_last_3d")
+    t = make_sample(config, torch.float32, layout)
     x, w = nan_framed(t["input"].detach()), t["weight"].detach()
-    assert x.is_contiguous(memory_format=torch.channels_last_3d)
+    assert x.is_contiguous(memory_format=fmt)
     args = conv_args(config)
     out = OPS.depthwise_conv3d(x, w, None, *args)
-    go = nan_framed(torch.randn(out.shape).contiguous(memory_format=torch.channels_last_3d))
+    go = nan_framed(torch.randn(out.shape).contiguous(memory_format=fmt))
     grads = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, True])
     for name, value in zip(["output", "grad_input", "grad_weight", "grad_bias"], [out, *grads]):
         assert not value.isnan().any(), f"{name} read memory outside its tensors"
