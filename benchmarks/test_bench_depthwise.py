@@ -3,8 +3,8 @@
 The cases (X3D shapes x mode, the X3D block) and both implementations come from
 ``fastvid.bench.depthwise``, the same definitions ``python -m fastvid bench`` uses: native
 ``nn.Conv3d(C, C, 3, stride, padding=1, groups=C)`` vs ``fastvid.nn.DepthwiseConv3d`` with the same
-weights, and an X3D bottleneck vs ``fastvid.convert`` of a deep copy; channels_last_3d inputs and
-modules for both providers. Each benchmark group is one case, so native and fastvid print side by
+weights, and an X3D bottleneck vs ``fastvid.convert`` of a deep copy; each case in both layouts
+(``ncdhw``: contiguous; ``cl3d``: channels_last_3d inputs and modules), the same for both providers. Each benchmark group is one case, so native and fastvid print side by
 side. Parity (outputs and gradients) is asserted before timing; nothing here asserts on time —
 the speed targets and the bandwidth rows are reported by ``python -m fastvid bench``.
 
@@ -48,5 +48,5 @@ def test_depthwise(benchmark, case, provider):
     step()  # warm-up: oneDNN primitives, allocator
     benchmark.group = case.name
     benchmark.extra_info.update(op=case.op, shape=case.shape.label, dtype=case.dtype, mode=case.mode,
-                                provider=provider, layout=depthwise.LAYOUT, threads=torch.get_num_threads())
+                                provider=provider, layout=depthwise.LAYOUT_ROW[case.layout], threads=torch.get_num_threads())
     benchmark(step)

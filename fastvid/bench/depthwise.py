@@ -8,9 +8,9 @@ Shared by the runner (``python -m fastvid bench``) and ``benchmarks/test_bench_d
   shape ``[B, C, T, H, W]`` (+ kernel and stride; ``inner`` channels for the block), dtype
   (``fp32``, or ``bf16`` autocast) and mode (``no_grad`` forward or ``fwd_bwd``).
 * :func:`build` returns ``{'native': Workload, 'fastvid': Workload}`` with equal weights
-  (``load_state_dict`` / deep copy + ``fastvid.convert``) and equal inputs. Inputs are
-  channels_last_3d (``[B, T, H, W, C]`` in memory) for both providers, and the modules are
-  converted to that memory format too: the layout in which CPU depthwise convolutions are fast.
+  (``load_state_dict`` / deep copy + ``fastvid.convert``) and equal inputs, in the case's layout
+  (``ncdhw``: contiguous, the default; ``cl3d``: channels_last_3d inputs and modules) for both
+  providers.
 * :func:`check_parity` asserts outputs and gradients (input and every parameter) agree before
   anything is timed.
 * :func:`run_case` measures one case the runner's way (interleaved rounds, median/p20/p80) and,
@@ -44,8 +44,11 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 #: batch norms (train mode) divide by per-channel std, which amplifies fp32 rounding a little.
 PARITY_RTOL = {("DepthwiseConv3d", "fp32"): 1e-4, ("X3DBlock", "fp32"): 1e-3,
                ("DepthwiseConv3d", "bf16"): 3e-2, ("X3DBlock", "bf16"): 5e-2}
-#: Layout recorded in the rows (and shown as ``+cl3d`` in the table).
-LAYOUT = "channels_last_3d"
+#: Input/module memory layouts measured (both providers get the same): ``ncdhw`` (contiguous, the
+#: default PyTorch layout) and ``cl3d`` (channels_last_3d). The first is the default.
+LAYOUTS = ("ncdhw", "cl3d")
+#: The rows' ``layout`` field per case layout (the report shows ``channels_last_3d`` as ``+cl3d``).
+LAYOUT_ROW = {"ncdhw": "contiguous", "cl3d": "channels_last_3d"}
 
 Triple = Tuple[int, int, int]
 
@@ -94,32 +97,38 @@ class DWCase:
     shape: DWShape
     dtype: str
     mode: str
+    layout: str = "ncdhw"
 
     def __post_init__(self):
-        for value, allowed in ((self.op, OPS), (self.dtype, DTYPES), (self.mode, MODES)):
+        for value, allowed in ((self.op, OPS), (self.dtype, DTYPES), (self.mode, MODES), (self.layout, LAYOUTS)):
             if value not in allowed:
                 raise ValueError(f"DWCase: {value!r} is not one of {allowed}")
 
-    channels_last = True  # channels_last_3d, both providers
+    @property
+    def channels_last(self) -> bool:
+        """channels_last_3d inputs and modules, both providers."""
+        return self.layout == "cl3d"
 
     @property
     def name(self) -> str:
-        """Stable id, e.g. ``DepthwiseConv3d-B=4,C=96,T=8,28x28,k3,s1-fp32-no_grad``."""
-        return f"{self.op}-{self.shape.label}-{self.dtype}-{self.mode}"
+        """Stable id, e.g. ``DepthwiseConv3d-B=4,C=96,T=8,28x28,k3,s1-fp32-ncdhw-no_grad``."""
+        return f"{self.op}-{self.shape.label}-{self.dtype}-{self.layout}-{self.mode}"
 
 
-def iter_cases(quick: bool = False, dtypes=("fp32",), modes=MODES) -> Iterator[DWCase]:
+def iter_cases(quick: bool = False, dtypes=("fp32",), modes=MODES, layouts=LAYOUTS) -> Iterator[DWCase]:
     """Depthwise cases (all four shapes; ``quick``: the first one) in both modes, then the X3D
-    block (forward+backward; plus forward in full runs). bf16 autocast is available
-    (``dtypes=("fp32", "bf16")``) but not run by default."""
+    block (forward+backward; plus forward in full runs), each in both layouts. bf16 autocast is
+    available (``dtypes=("fp32", "bf16")``) but not run by default."""
     for shape in (DW_SHAPES[:1] if quick else DW_SHAPES):
         for dtype in dtypes:
-            for mode in modes:
-                yield DWCase("DepthwiseConv3d", shape, dtype, mode)
+            for layout in layouts:
+                for mode in modes:
+                    yield DWCase("DepthwiseConv3d", shape, dtype, mode, layout)
     for dtype in dtypes:
-        for mode in (("fwd_bwd",) if quick else modes):
-            if mode in modes:
-                yield DWCase("X3DBlock", X3D_SHAPE, dtype, mode)
+        for layout in layouts:
+            for mode in (("fwd_bwd",) if quick else modes):
+                if mode in modes:
+                    yield DWCase("X3DBlock", X3D_SHAPE, dtype, mode, layout)
 
 
 # ------------------------------------------------------------------------------ modules
@@ -214,11 +223,14 @@ class Workload:
 
 
 def make_input(case: DWCase, device="cpu", seed: int = 0) -> Tensor:
-    """``[B, C, T, H, W]`` fp32 input stored channels_last_3d."""
+    """``[B, C, T, H, W]`` fp32 input, stored channels_last_3d for ``cl3d`` cases, else contiguous
+    (the same values either way)."""
     B, C, T, H, W = case.shape.dims
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(B, T, H, W, C, generator=generator).permute(0, 4, 1, 2, 3)
     assert x.is_contiguous(memory_format=torch.channels_last_3d)
+    if not case.channels_last:
+        x = x.contiguous()
     return x.to(device)
 
 
@@ -229,7 +241,8 @@ def build(case: DWCase, device="cpu", seed: int = 0) -> Dict[str, Workload]:
     x = make_input(case, device, seed)
     workloads = {}
     for provider, module in modules.items():
-        module = module.to(memory_format=torch.channels_last_3d)
+        if case.channels_last:
+            module = module.to(memory_format=torch.channels_last_3d)
         module.train(case.mode == "fwd_bwd")  # block: BN batch statistics when training, running ones otherwise
         inp = x.clone()
         if case.mode == "fwd_bwd":
@@ -319,8 +332,9 @@ def run_case(case: DWCase, rounds: int, warmup: int, device="cpu", memory: bool 
     def add(provider, metric, unit, stats, **extra):
         rows.append({
             "op": case.op, "provider": provider, "mode": case.mode, "metric": metric, "unit": unit,
-            "shape": case.shape.label, **stats, "dtype": case.dtype, **base, "timestamp": results.now(),
-            "shape_dims": case.shape.as_dict(), "layout": LAYOUT, **extra,
+            # the layout is part of the shape label so the report keeps the two layouts' rows apart
+            "shape": f"{case.shape.label},{case.layout}", **stats, "dtype": case.dtype, **base, "timestamp": results.now(),
+            "shape_dims": case.shape.as_dict(), "layout": LAYOUT_ROW[case.layout], **extra,
         })
 
     fns = {name: workloads[name] for name in PROVIDERS}
