@@ -41,8 +41,10 @@ DTYPES = ("fp32", "bf16")
 MODES = ("no_grad", "fwd_bwd")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 #: Relative error ‖a - b‖ / ‖b‖ allowed per compared tensor (per op and dtype). The block's
-#: batch norms (train mode) divide by per-channel std, which amplifies fp32 rounding a little.
-PARITY_RTOL = {("DepthwiseConv3d", "fp32"): 1e-4, ("X3DBlock", "fp32"): 1e-3,
+#: batch norms (train mode) divide by per-channel std, which amplifies fp32 rounding: the first
+#: BN's weight gradient is ill-conditioned (in the NCDHW X3D case native and fastvid fp32 are each
+#: ~1.3e-2 (max-abs relative) from a float64 run of the same block, and 3e-3 from each other).
+PARITY_RTOL = {("DepthwiseConv3d", "fp32"): 1e-4, ("X3DBlock", "fp32"): 1e-2,
                ("DepthwiseConv3d", "bf16"): 3e-2, ("X3DBlock", "bf16"): 5e-2}
 #: Input/module memory layouts measured (both providers get the same): ``ncdhw`` (contiguous, the
 #: default PyTorch layout) and ``cl3d`` (channels_last_3d). The first is the default.
