@@ -165,8 +165,15 @@ class NonLocalBlock(nn.Module):
             raise ValueError(f"NonLocalBlock(dims={self.dims}): expected input [B, {self.in_channels}, "
                              f"{'positions' if self.dims == 1 else '...'}] of rank {self.dims + 2}, got "
                              f"{tuple(x.shape)}")
-        y = self.attend(x)  # [B, N, inter]
-        z = self._pointwise([self.out], y.transpose(1, 2)).view(x.shape)
+        y = self.attend(x)  # [B, N, inter], rows contiguous
+        # The output projection reads y through its transpose as a batched GEMM operand: no copy of y
+        # (which the attention op keeps for its backward anyway), unlike a convolution over it.
+        weight = self.out.weight.flatten(1).to(y.dtype).expand(y.shape[0], -1, -1)
+        if self.out.bias is None:
+            z = torch.bmm(weight, y.transpose(1, 2))
+        else:
+            z = torch.baddbmm(self.out.bias.to(y.dtype)[None, :, None], weight, y.transpose(1, 2))
+        z = z.view(x.shape)
         if self.norm is not None:
             z = self.norm(z)
         return x + z
