@@ -16,7 +16,8 @@ TINY_BLOCK = attention.AttnShape(2, C=16, inter=8, T=2, H=6, W=6)
 
 @pytest.mark.parametrize("shape,op", [(TINY_OP, "NonlocalAttention"), (TINY_BLOCK, "NonLocalBlock")])
 @pytest.mark.parametrize("mode", attention.MODES)
-def test_parity_and_rows(shape, op, mode):
+def test_parity_and_rows(shape, op, mode, monkeypatch):
+    monkeypatch.setattr(attention, "PEAK_RUNS", 1)  # one peak-memory subprocess per provider
     case = attention.AttnCase(op, shape, mode)
     rows = attention.run_case(case, rounds=1, warmup=0, memory=(mode == "fwd_bwd"))
     providers = {(r["provider"], r["metric"]) for r in rows}

@@ -9,7 +9,8 @@
   block after ``fastvid.convert`` (a :class:`fastvid.nn.NonLocalBlock` sharing its weights);
   C = 256, inter = 128, B = 2, (T, H, W) from the issue, training mode.
 * peak memory: the process's resident-memory high-water mark in a fresh subprocess per case and
-  provider (``python -m fastvid.bench.attention --peak CASE PROVIDER``): after a warm-up call on a
+  provider (``python -m fastvid.bench.attention --peak CASE PROVIDER``; the median of
+  :data:`PEAK_RUNS` such subprocesses): after a warm-up call on a
   tiny input (library start-up, thread pools) and after building the inputs, the high-water mark
   is reset (``/proc/self/clear_refs``), one timed step runs, and the row is the high-water mark
   minus the resident size just before the step (so inputs, weights and libraries do not count).
@@ -254,16 +255,22 @@ def _peak_here(case: AttnCase, provider: str) -> float:
     return (_status_kib("VmHWM") - before) / 1024.0
 
 
-def peak_memory_mib(case: AttnCase, provider: str) -> Optional[float]:
-    """Runs :func:`_peak_here` in a fresh ``python -m fastvid.bench.attention --peak`` subprocess
-    with this process's thread count; None where /proc is unavailable."""
+PEAK_RUNS = 3  # subprocesses per case and provider; the RSS high-water mark varies ±15 % with malloc's state
+
+
+def peak_memory_mib(case: AttnCase, provider: str, runs: Optional[int] = None) -> Optional[float]:
+    """The median over ``runs`` fresh ``python -m fastvid.bench.attention --peak`` subprocesses (this
+    process's thread count) of :func:`_peak_here`; None where /proc is unavailable."""
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     spec = json.dumps({"op": case.op, "shape": case.shape.as_dict(), "mode": case.mode, "dtype": case.dtype})
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    done = subprocess.run([sys.executable, "-m", "fastvid.bench.attention", "--peak", spec, provider],
-                          capture_output=True, text=True, env=env, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    peaks = []
+    for _ in range(runs or PEAK_RUNS):
+        done = subprocess.run([sys.executable, "-m", "fastvid.bench.attention", "--peak", spec, provider],
+                              capture_output=True, text=True, env=env, check=True)
+        peaks.append(float(done.stdout.strip().splitlines()[-1]))
+    return sorted(peaks)[len(peaks) // 2]
 
 
 # ------------------------------------------------------------------------------ runner
