@@ -149,6 +149,22 @@ def test_nan_padding_is_never_read():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "padded"])
+def test_backward_reads_strided_grad_out(layout):
+    """grad_out as the transpose of a [B, Dv, N] tensor, or with padded rows, gives the same gradients
+    as a contiguous grad_out."""
+    q, k, v = make((2, 300, 530, 12, 7), torch.float64, "contiguous")
+    out, lse = OPS.nonlocal_attention(q.detach(), k.detach(), v.detach(), 0.5)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    strided = grad.transpose(1, 2).contiguous().transpose(1, 2) if layout == "transposed" else \
+        torch.cat([grad, torch.full_like(grad[..., :3], float("nan"))], dim=-1)[..., :7]
+    assert not strided.is_contiguous()
+    expected = OPS.nonlocal_attention_backward(grad, None, q.detach(), k.detach(), v.detach(), out, lse, 0.5)
+    got = OPS.nonlocal_attention_backward(strided, None, q.detach(), k.detach(), v.detach(), out, lse, 0.5)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 def test_deterministic():
     q, k, v = make((3, 200, 700, 16, 16), torch.float32, "contiguous")
     runs = []

@@ -7,7 +7,8 @@
 //     or "transposed" (unit stride along its rows, e.g. the transpose of a channels-first
 //     projection [B, D, T·H·W]); anything else is made contiguous first.
 //   out [B, N, Dv] contiguous, lse [B, N] (fp32; fp64 for fp64 inputs): log-sum-exp of each score row.
-//   Backward: grad_out [B, N, Dv], grad_lse [B, N] or absent -> grad_q/k/v contiguous like q/k/v.
+//   Backward: grad_out [B, N, Dv] (row-major or transposed, like q), grad_lse [B, N] or absent ->
+//     grad_q/k/v contiguous like q/k/v.
 //
 // Work: the products of a query block with a key block are GEMMs through the BLAS that torch loaded
 // (MKL's sgemm_/dgemm_/gemm_bf16bf16f32_, AMX/AVX-512 where the CPU has them), the softmax update
@@ -277,7 +278,7 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
   using acc_t = acc_type<scalar_t>;
   constexpr bool kLowPrecision = !std::is_same_v<scalar_t, acc_t>;
   const auto q = operand<scalar_t>(q_t), k = operand<scalar_t>(k_t), v = operand<scalar_t>(v_t);
-  const scalar_t* grad_out = grad_out_t.data_ptr<scalar_t>();
+  const auto grad_out = operand<scalar_t>(grad_out_t);
   const scalar_t* out = out_t.data_ptr<scalar_t>();
   const acc_t* lse = lse_t.data_ptr<acc_t>();
   const acc_t* grad_lse = grad_lse_t ? grad_lse_t->data_ptr<acc_t>() : nullptr;
@@ -302,6 +303,9 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
     if constexpr (kLowPrecision) probs = probs_low.data(), dprobs = dscores_low.data();
     else probs = scores.data(), dprobs = dscores.data();
     std::vector<acc_t> grad_q_acc(kQueryBlock * sz.D), delta(kQueryBlock);
+    // A transposed or row-padded grad_out (e.g. the gradient of a projection that read out through
+    // its transpose) is brought to dense rows one tile at a time, instead of a full contiguous copy.
+    std::vector<scalar_t> grad_out_tile(grad_out.transposed || grad_out.ld != sz.Dv ? kQueryBlock * sz.Dv : 0);
     for (int64_t range = range_lo; range < range_hi; ++range) {
       const int64_t t_begin = range_begin(range), t_end = range_begin(range + 1);
       const int64_t b_first = t_begin / query_blocks, b_last = (t_end - 1) / query_blocks;
@@ -314,7 +318,16 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
       for (int64_t task = t_begin; task < t_end; ++task) {
         const int64_t b = task / query_blocks, i0 = (task % query_blocks) * kQueryBlock;
         const int64_t rows = std::min(kQueryBlock, sz.N - i0);
-        const scalar_t* dO = grad_out + (b * sz.N + i0) * sz.Dv;
+        const scalar_t* dO = grad_out.block(b, i0);
+        if (grad_out.transposed) {
+          for (int64_t d = 0; d < sz.Dv; ++d)
+            for (int64_t r = 0; r < rows; ++r) grad_out_tile[r * sz.Dv + d] = dO[d * grad_out.ld + r];
+          dO = grad_out_tile.data();
+        } else if (grad_out.ld != sz.Dv) {
+          for (int64_t r = 0; r < rows; ++r)
+            std::copy(dO + r * grad_out.ld, dO + r * grad_out.ld + sz.Dv, grad_out_tile.data() + r * sz.Dv);
+          dO = grad_out_tile.data();
+        }
         for (int64_t r = 0; r < rows; ++r)
           delta[r] = row_dot<scalar_t, acc_t>(dO + r * sz.Dv, out + (b * sz.N + i0 + r) * sz.Dv, sz.Dv) -
                      (grad_lse ? grad_lse[b * sz.N + i0 + r] : acc_t(0));
@@ -380,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_backward_cpu(
               "fastvid.nonlocal_attention_backward: lse must be ", c10::IntArrayRef(row_shape), " ", acc_dtype,
               ", got ", lse_in.sizes(), " ", lse_in.scalar_type());
   const at::Tensor q = as_operand_layout(q_in), k = as_operand_layout(k_in), v = as_operand_layout(v_in);
-  const at::Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous();
+  const at::Tensor grad_out = as_operand_layout(grad_out_in.to(q.scalar_type()));
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor grad_lse;
   if (grad_lse_in.has_value() && grad_lse_in->defined()) {
