@@ -4,6 +4,7 @@ against F.conv3d(groups=C) (fastvid.reference.depthwise3d).
 The oracle is F.conv3d run in float64 on the same (rounded) inputs; bf16 is judged with the
 flash-attention rule: err(ours) <= 2 * err(F.conv3d run in bf16) + atol.
 """
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -112,6 +113,11 @@ def assert_parity(ours, oracle, dtype, what, comparator=None):
     if dtype in (torch.bfloat16, torch.float16):
         err = (ours.double() - oracle).abs().max().item()
         err_ref = (comparator.double() - oracle).abs().max().item()
+        if not math.isfinite(err_ref):
+            # PyTorch's own bf16 channels_last_3d depthwise weight gradient leaves taps that never
+            # touch the input uninitialised (seen: 6e36 and NaN where the exact value is 0), so the
+            # native run is no yardstick there; the absolute bound below still applies.
+            err_ref = 0.0
         scale = oracle.abs().max().item()
         assert err <= 2 * err_ref + 1e-2 * max(1.0, scale), f"{what}: error {err} vs native bf16 error {err_ref}"
         return
