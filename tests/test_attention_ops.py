@@ -238,6 +238,16 @@ def test_bad_input_fp16_on_cpu_kernel():
         OPS.nonlocal_attention(q, k, v, 1.0)
 
 
+def test_public_op_fp16_on_cpu():
+    """fp16 CPU tensors run through the fp32 kernel and come back fp16, gradients included."""
+    q, k, v = make((1, 40, 30, 8, 4), torch.float16, "contiguous")
+    out = nonlocal_attention(q, k, v, 0.5)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), oracle(q, k, v, 0.5)[0], rtol=2e-3, atol=2e-3)
+    grad_q = torch.autograd.grad(out.float().sum(), q)[0]
+    assert grad_q.dtype == torch.float16 and torch.isfinite(grad_q).all()
+
+
 def test_heads_mismatch():
     with pytest.raises(ValueError, match="heads"):
         nonlocal_attention(torch.randn(2, 3, 4, 8), torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8))

@@ -240,6 +240,15 @@ def test_convert_keeps_other_layers_and_shares_weights_inplace():
     assert type(converted[3]) is nn.Conv3d
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_convert_low_precision_model(dtype):
+    """A bf16/fp16 model converts too (the probe compares in fp32 on copies) and keeps its dtype."""
+    model = nn.Sequential(randomize(StandaloneStyleNonLocal(8))).to(dtype).eval()
+    converted = fastvid.convert(model)
+    assert isinstance(converted[0], NonLocalBlock) and converted[0].g.weight.dtype == dtype
+    assert model[0].g[0].weight.dtype == dtype  # the original is untouched
+
+
 def test_not_converted_when_the_function_differs():
     """A block with the standalone layout whose forward does something else is left alone: the probe
     compares outputs, not just attribute names."""

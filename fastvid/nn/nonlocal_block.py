@@ -291,10 +291,11 @@ def _probe_matches(original: nn.Module, candidate: NonLocalBlock) -> bool:
     map gets random values first, since a freshly initialised block is the identity, which any
     candidate would match."""
     original, candidate = copy.deepcopy((original, candidate))
-    original.eval(), candidate.eval()
+    # In eval mode and fp32 on the copies (a bf16/fp16 model would blur the comparison).
+    original.eval().float(), candidate.eval().float()
     generator = torch.Generator().manual_seed(0)
     final = candidate.norm if candidate.norm is not None else candidate.out
-    like = candidate.g.weight
+    like = candidate.g.weight  # fp32 now; its device is the model's
     sizes = {1: (8,), 2: (4, 4), 3: (2, 4, 4)}[candidate.dims]
     with torch.no_grad():
         for p in final.parameters():

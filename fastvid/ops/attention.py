@@ -117,8 +117,8 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
 
     ``q`` ``[B, N, D]``, ``k`` ``[B, M, D]``, ``v`` ``[B, M, Dv]``, or with a heads dimension
     ``[B, heads, N, D]`` etc.; returns ``[B, N, Dv]`` (``[B, heads, N, Dv]``). ``scale`` defaults to
-    ``1/sqrt(D)``; the nonlocal block of Wang et al. uses 1. fp32 / fp64 / bf16 (fp16 on GPUs); low
-    precision accumulates in fp32. Rows of q, k, v may be strided either way (``[B, N, D]`` with unit
+    ``1/sqrt(D)``; the nonlocal block of Wang et al. uses 1. fp32 / fp64 / bf16 / fp16 (on the CPU,
+    fp16 runs the fp32 kernel on upcast copies); low precision accumulates in fp32. Rows of q, k, v may be strided either way (``[B, N, D]`` with unit
     stride along D or along N: a channels-first projection's transpose is read without a copy)."""
     heads = None
     if isinstance(q, Tensor) and q.dim() == 4:
@@ -137,7 +137,10 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     q, k, v = autocast_inputs(q.device.type, q, k, v)
     which = _backend.resolve({"q": q, "k": k, "v": v})
     if which == "cpu" and _has_cpu_op():
-        out = torch.ops.fastvid.nonlocal_attention(q, k, v, scale)[0]
+        if q.dtype == torch.float16:  # the CPU kernel has no fp16 GEMM: compute in fp32, return fp16
+            out = torch.ops.fastvid.nonlocal_attention(q.float(), k.float(), v.float(), scale)[0].half()
+        else:
+            out = torch.ops.fastvid.nonlocal_attention(q, k, v, scale)[0]
     elif which == "cuda":
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     elif which == "triton":
