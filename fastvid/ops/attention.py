@@ -118,8 +118,9 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     ``q`` ``[B, N, D]``, ``k`` ``[B, M, D]``, ``v`` ``[B, M, Dv]``, or with a heads dimension
     ``[B, heads, N, D]`` etc.; returns ``[B, N, Dv]`` (``[B, heads, N, Dv]``). ``scale`` defaults to
     ``1/sqrt(D)``; the nonlocal block of Wang et al. uses 1. fp32 / fp64 / bf16 / fp16 (on the CPU,
-    fp16 runs the fp32 kernel on upcast copies); low precision accumulates in fp32. Rows of q, k, v may be strided either way (``[B, N, D]`` with unit
-    stride along D or along N: a channels-first projection's transpose is read without a copy)."""
+    fp16 runs the fp32 kernel on upcast copies); low precision accumulates in fp32. Rows of q, k, v
+    may be strided either way (``[B, N, D]`` with unit stride along D or along N: a channels-first
+    projection's transpose is read without a copy)."""
     heads = None
     if isinstance(q, Tensor) and q.dim() == 4:
         if not (isinstance(k, Tensor) and isinstance(v, Tensor) and k.dim() == 4 and v.dim() == 4):
