@@ -2,6 +2,8 @@
 (the N×M affinity matrix materialised), and fastvid.convert of hand-written nonlocal blocks in the two
 common PyTorch styles (written in this file the way pytorchvideo's NonLocal layer and the popular
 standalone ports write them)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -316,3 +318,29 @@ def test_temporal_attention_bad_arguments():
         TemporalAttention(4, 5, score="dot")
     with pytest.raises(ValueError, match="expected query"):
         TemporalAttention(4)(torch.randn(2, 5), torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_folded_batch_norm_matches_nn_batchnorm(momentum, dtype):
+    """The block folds its BatchNorm into the output projection (batch statistics from y's mean and
+    covariance). Against nn.BatchNorm3d on z = out(y), in training mode over two steps: outputs,
+    gradients, running mean/var and the batch counter agree; then in eval mode."""
+    block = randomize(NonLocalBlock(12, 6)).to(dtype)
+    block.norm.momentum = momentum
+    norm = copy.deepcopy(block.norm)
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    for step, train in enumerate((True, True, False)):
+        block.train(train), norm.train(train)
+        x = (torch.randn(2, 12, 3, 6, 8, dtype=dtype) * 2 + 1).requires_grad_()
+        out = block(x)
+        z = block.out(block.attend(x).transpose(1, 2).reshape(2, 6, 3, 6, 8))
+        expected = x + norm(z)
+        torch.testing.assert_close(out, expected, **tol)
+        grad = torch.randn_like(out)
+        params = [x, block.out.weight, block.theta.weight]
+        torch.testing.assert_close(torch.autograd.grad(out, params + [block.norm.weight], grad),
+                                   torch.autograd.grad(expected, params + [norm.weight], grad), **tol)
+        torch.testing.assert_close(block.norm.running_mean, norm.running_mean, **tol)
+        torch.testing.assert_close(block.norm.running_var, norm.running_var, **tol)
+        assert int(block.norm.num_batches_tracked) == int(norm.num_batches_tracked)

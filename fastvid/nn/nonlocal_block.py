@@ -166,17 +166,49 @@ class NonLocalBlock(nn.Module):
                              f"{'positions' if self.dims == 1 else '...'}] of rank {self.dims + 2}, got "
                              f"{tuple(x.shape)}")
         y = self.attend(x)  # [B, N, inter], rows contiguous
-        # The output projection reads y through its transpose as a batched GEMM operand: no copy of y
-        # (which the attention op keeps for its backward anyway), unlike a convolution over it.
-        weight = self.out.weight.flatten(1).to(y.dtype).expand(y.shape[0], -1, -1)
-        if self.out.bias is None:
-            z = torch.bmm(weight, y.transpose(1, 2))
+        weight = self.out.weight.flatten(1).to(y.dtype)  # [C, inter]
+        bias = self.out.bias.to(y.dtype) if self.out.bias is not None else y.new_zeros(self.in_channels)
+        if isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
+            weight, bias = self._fold_batch_norm(y, weight, bias)
+        elif self.norm is not None:  # another norm: apply it to z = W y + b
+            z = torch.baddbmm(bias[None, :, None], weight.expand(y.shape[0], -1, -1), y.transpose(1, 2))
+            return x + self.norm(z.view(x.shape))
+        # x + W y + b as one batched GEMM on y's transpose (no copy of y, which the attention op keeps
+        # for its backward anyway); the bias is added in place.
+        out = torch.baddbmm(x.flatten(2), weight.expand(y.shape[0], -1, -1), y.transpose(1, 2))
+        return out.add_(bias[None, :, None]).view(x.shape)
+
+    def _fold_batch_norm(self, y: Tensor, weight: Tensor, bias: Tensor):
+        """BatchNorm(z) for z = W y + b is the affine map A y + c with A = diag(γ/σ) W and
+        c = γ (b − μ)/σ + β. In training mode μ and σ² are z's batch statistics, which follow from y's
+        mean and covariance (μ = W μ_y + b, σ² = diag(W Σ_y Wᵀ)): z is never formed, which saves the two
+        C×N tensors a separate BatchNorm keeps (its input) and makes (its output). Running statistics
+        are updated as nn.BatchNorm does (momentum, or a cumulative average when it is None;
+        unbiased variance)."""
+        norm = self.norm
+        if norm.training or not norm.track_running_stats:
+            rows = y.reshape(-1, y.shape[-1])
+            n = rows.shape[0]
+            mean_y = rows.mean(0)
+            cov_y = rows.T @ rows / n - torch.outer(mean_y, mean_y)
+            mean = weight @ mean_y + bias
+            var = ((weight @ cov_y) * weight).sum(1).clamp_min(0)
+            if norm.training and norm.track_running_stats:
+                with torch.no_grad():
+                    norm.num_batches_tracked += 1
+                    factor = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+                    norm.running_mean.lerp_(mean.detach().to(norm.running_mean.dtype), factor)
+                    unbiased = var.detach() * (n / max(n - 1, 1))
+                    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
         else:
-            z = torch.baddbmm(self.out.bias.to(y.dtype)[None, :, None], weight, y.transpose(1, 2))
-        z = z.view(x.shape)
-        if self.norm is not None:
-            z = self.norm(z)
-        return x + z
+            mean, var = norm.running_mean.to(y.dtype), norm.running_var.to(y.dtype)
+        scale = torch.rsqrt(var + norm.eps)
+        if norm.affine:
+            scale = scale * norm.weight.to(y.dtype)
+        shift = (bias - mean) * scale
+        if norm.affine:
+            shift = shift + norm.bias.to(y.dtype)
+        return weight * scale[:, None], shift
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, inter_channels={self.inter_channels}, mode={self.mode!r}, dims={self.dims}, "
