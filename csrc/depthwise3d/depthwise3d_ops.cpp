@@ -19,6 +19,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fastvid {
 namespace depthwise3d {
@@ -119,6 +120,23 @@ Tensor in_input_layout(const Tensor& ndhwc, const Tensor& input) {
   return out;
 }
 
+// Where the kernels run: the NCDHW kernels (ncdhw_path) or the channels-innermost ones. The argument
+// structs are the same; this says how operands, weights and results are laid out for each.
+struct KernelLayout {
+  bool ncdhw;
+  Tensor operand(const Tensor& t) const {
+    return ncdhw ? t.contiguous() : t.contiguous(at::MemoryFormat::ChannelsLast3d);
+  }
+  // [C, taps] (NCDHW; m == 1) or [taps, C*m], in the accumulation type.
+  Tensor weight(const Tensor& w, const Geometry& g) const { return ncdhw ? ncdhw_weight(w, g) : kernel_weight(w, g); }
+  Tensor empty(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options) const {
+    if (!ncdhw) return empty_channels_last(g, channels, input_side, options);
+    const int64_t* dims = input_side ? g.in : g.out;
+    return at::empty({g.batch, channels, dims[0], dims[1], dims[2]}, options);
+  }
+  Tensor result(const Tensor& t, const Tensor& input) const { return ncdhw ? t : in_input_layout(t, input); }
+};
+
 Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation) {
   const char* op = "fastvid.depthwise_conv3d";
@@ -130,23 +148,10 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
   }
   const c10::DeviceGuard guard(input.device());
   const Tensor b = bias.has_value() ? bias->to(acc_type(input.scalar_type())).contiguous() : Tensor();
-  if (ncdhw_path(input, g)) {
-    const Tensor x = input.contiguous();
-    const Tensor w = ncdhw_weight(weight, g);
-    Tensor out = at::empty({g.batch, g.channels, g.out[0], g.out[1], g.out[2]}, input.options());
-    ForwardArgs a;
-    a.geo = g;
-    a.dtype = input.scalar_type();
-    a.input = x.data_ptr();
-    a.weight = w.data_ptr();
-    a.bias = b.defined() ? b.data_ptr() : nullptr;
-    a.output = out.data_ptr();
-    forward_ncdhw_cpu(a);
-    return out;
-  }
-  const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast3d);
-  const Tensor w = kernel_weight(weight, g);
-  Tensor out = empty_channels_last(g, g.out_channels(), false, input.options());
+  const KernelLayout layout{ncdhw_path(input, g)};
+  const Tensor x = layout.operand(input);
+  const Tensor w = layout.weight(weight, g);
+  Tensor out = layout.empty(g, g.out_channels(), false, input.options());
   ForwardArgs a;
   a.geo = g;
   a.dtype = input.scalar_type();
@@ -154,8 +159,9 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
   a.weight = w.data_ptr();
   a.bias = b.defined() ? b.data_ptr() : nullptr;
   a.output = out.data_ptr();
-  FASTVID_LAUNCH(forward, a, input.device());
-  return in_input_layout(out, input);
+  if (layout.ncdhw) forward_ncdhw_cpu(a);
+  else FASTVID_LAUNCH(forward, a, input.device());
+  return layout.result(out, input);
 }
 
 std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_output, const Tensor& input,
@@ -175,52 +181,27 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
   Tensor grad_input = at::empty({0}, input.options());
   Tensor grad_weight = at::empty({0}, input.options());
   Tensor grad_bias = at::empty({0}, input.options());
-  if (ncdhw_path(input, g)) {
-    const Tensor go = grad_output.contiguous();
-    if (output_mask[0]) {
-      const Tensor w = ncdhw_weight(weight, g);
-      grad_input = at::empty(input.sizes(), input.options());
-      InputGradArgs a;
-      a.geo = g;
-      a.dtype = input.scalar_type();
-      a.grad_output = go.data_ptr();
-      a.weight = w.data_ptr();
-      a.grad_input = grad_input.data_ptr();
-      input_grad_ncdhw_cpu(a);
-    }
-    if (output_mask[1] || output_mask[2]) {
-      const Tensor x = input.contiguous();
-      Tensor gw = output_mask[1] ? at::empty({g.channels, g.taps()}, input.options().dtype(acc)) : Tensor();
-      Tensor gb = output_mask[2] ? at::empty({g.channels}, input.options().dtype(acc)) : Tensor();
-      WeightGradArgs a;
-      a.geo = g;
-      a.dtype = input.scalar_type();
-      a.grad_output = go.data_ptr();
-      a.input = x.data_ptr();
-      a.grad_weight = gw.defined() ? gw.data_ptr() : nullptr;
-      a.grad_bias = gb.defined() ? gb.data_ptr() : nullptr;
-      weight_grad_ncdhw_cpu(a);
-      if (gw.defined()) grad_weight = gw.to(input.scalar_type()).view(weight.sizes());
-      if (gb.defined()) grad_bias = gb.to(input.scalar_type());
-    }
-    return {grad_input, grad_weight, grad_bias};
-  }
-  const Tensor go = grad_output.contiguous(at::MemoryFormat::ChannelsLast3d);
+  const KernelLayout layout{ncdhw_path(input, g)};
+  const Tensor go = layout.operand(grad_output);
   if (output_mask[0]) {
-    const Tensor w = kernel_weight(weight, g);
-    Tensor gi = empty_channels_last(g, g.channels, true, input.options());
+    const Tensor w = layout.weight(weight, g);
+    Tensor gi = layout.empty(g, g.channels, true, input.options());
     InputGradArgs a;
     a.geo = g;
     a.dtype = input.scalar_type();
     a.grad_output = go.data_ptr();
     a.weight = w.data_ptr();
     a.grad_input = gi.data_ptr();
-    FASTVID_LAUNCH(input_grad, a, input.device());
-    grad_input = in_input_layout(gi, input);
+    if (layout.ncdhw) input_grad_ncdhw_cpu(a);
+    else FASTVID_LAUNCH(input_grad, a, input.device());
+    grad_input = layout.result(gi, input);
   }
   if (output_mask[1] || output_mask[2]) {
-    const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast3d);
-    Tensor gw = output_mask[1] ? at::empty({g.taps(), g.out_channels()}, input.options().dtype(acc)) : Tensor();
+    const Tensor x = layout.operand(input);
+    // The kernels' weight gradient is laid out like their weight: [C, taps] or [taps, C*m].
+    const std::vector<int64_t> gw_shape = layout.ncdhw ? std::vector<int64_t>{g.channels, g.taps()}
+                                                       : std::vector<int64_t>{g.taps(), g.out_channels()};
+    Tensor gw = output_mask[1] ? at::empty(gw_shape, input.options().dtype(acc)) : Tensor();
     Tensor gb = output_mask[2] ? at::empty({g.out_channels()}, input.options().dtype(acc)) : Tensor();
     WeightGradArgs a;
     a.geo = g;
@@ -229,10 +210,11 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
     a.input = x.data_ptr();
     a.grad_weight = gw.defined() ? gw.data_ptr() : nullptr;
     a.grad_bias = gb.defined() ? gb.data_ptr() : nullptr;
-    FASTVID_LAUNCH(weight_grad, a, input.device());
+    if (layout.ncdhw) weight_grad_ncdhw_cpu(a);
+    else FASTVID_LAUNCH(weight_grad, a, input.device());
     if (gw.defined()) {
       grad_weight = at::empty(weight.sizes(), input.options());
-      grad_weight.view({g.out_channels(), g.taps()}).copy_(gw.t());
+      grad_weight.view({g.out_channels(), g.taps()}).copy_(layout.ncdhw ? gw : gw.t());
     }
     if (gb.defined()) {
       grad_bias = at::empty({g.out_channels()}, input.options());
