@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import fastvid
-from fastvid.bench.cases import assert_within, relative_error, seeded_randn_like
+from fastvid.bench.cases import assert_within, relative_error, timed_step
 from fastvid.models import build, list_models
 
 PROVIDERS = ("native", "fastvid")
@@ -84,17 +84,12 @@ class Workload:
         with fastvid.backend(self.backend):
             return _logits(self.module(self.x))
 
-    def __call__(self) -> torch.Tensor:
-        if self.mode == "forward":
-            with torch.no_grad():
-                return self.forward()
+    def zero_grad(self):
         self.x.grad = None
         self.module.zero_grad(set_to_none=True)
-        y = self.forward()
-        if self.grad_output is None:
-            self.grad_output = seeded_randn_like(y, seed=1)
-        y.backward(self.grad_output)
-        return y
+
+    def __call__(self) -> torch.Tensor:
+        return timed_step(self, self.forward, self.mode == "forward")
 
 
 def _fastvid_modules(model: nn.Module) -> int:

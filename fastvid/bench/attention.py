@@ -37,7 +37,7 @@ from torch import Tensor, nn
 import fastvid
 
 from . import measure, results
-from .cases import assert_within, relative_error, seeded_randn_like
+from .cases import assert_within, relative_error, timed_step
 
 OPS = ("NonlocalAttention", "NonLocalBlock")
 MODES = ("no_grad", "fwd_bwd")
@@ -150,15 +150,7 @@ class Workload:
             self.module.zero_grad(set_to_none=True)
 
     def __call__(self) -> Tensor:
-        if self.case.mode == "no_grad":
-            with torch.no_grad():
-                return self.forward()
-        self.zero_grad()
-        y = self.forward()
-        if self.grad_output is None:
-            self.grad_output = seeded_randn_like(y, seed=1)
-        y.backward(self.grad_output)
-        return y
+        return timed_step(self, self.forward, self.case.mode == "no_grad")
 
     def gradients(self) -> Dict[str, Tensor]:
         grads = {f"input{i}": t.grad for i, t in enumerate(self.inputs)}

@@ -215,15 +215,7 @@ class Workload:
             return self.module(self.x)
 
     def __call__(self) -> Tensor:
-        if self.case.mode == "no_grad":
-            with torch.no_grad():
-                return self.forward()[0]
-        self.zero_grad()
-        output = self.forward()[0]
-        if self.grad_output is None:  # first call: fix the upstream gradient (output's dtype/layout)
-            self.grad_output = seeded_randn_like(output, seed=1)
-        output.backward(self.grad_output)
-        return output
+        return timed_step(self, lambda: self.forward()[0], self.case.mode == "no_grad")
 
     def zero_grad(self):
         self.x.grad = None
@@ -247,6 +239,22 @@ class Workload:
             else:
                 grads.update(bias_ih=m.bias_ih_l0.grad, bias_hh=m.bias_hh_l0.grad)
         return grads
+
+
+def timed_step(workload, forward: Callable[[], Tensor], no_grad: bool) -> Tensor:
+    """One timed step of a benchmark workload (every family's ``Workload`` runs this): with
+    ``no_grad``, ``forward()`` under ``torch.no_grad()``; else ``workload.zero_grad()``, ``forward()``,
+    then backward of ``workload.grad_output``, a seeded gradient fixed on the first call (in the
+    output's dtype/layout). Returns the output."""
+    if no_grad:
+        with torch.no_grad():
+            return forward()
+    workload.zero_grad()
+    output = forward()
+    if workload.grad_output is None:
+        workload.grad_output = seeded_randn_like(output, seed=1)
+    output.backward(workload.grad_output)
+    return output
 
 
 def seeded_randn_like(t: Tensor, seed: int) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 import fastvid
 
 from . import measure, results
-from .cases import assert_within, relative_error, seeded_randn_like
+from .cases import assert_within, relative_error, seeded_randn_like, timed_step
 
 PROVIDERS = ("native", "fastvid")
 OPS = ("DepthwiseConv3d", "X3DBlock")
@@ -203,15 +203,7 @@ class Workload:
             return self.module(self.x)
 
     def __call__(self) -> Tensor:
-        if self.case.mode == "no_grad":
-            with torch.no_grad():
-                return self.forward()
-        self.zero_grad()
-        y = self.forward()
-        if self.grad_output is None:
-            self.grad_output = seeded_randn_like(y, seed=1)
-        y.backward(self.grad_output)
-        return y
+        return timed_step(self, self.forward, self.case.mode == "no_grad")
 
     def zero_grad(self):
         self.x.grad = None
