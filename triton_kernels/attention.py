@@ -162,6 +162,17 @@ if AVAILABLE:
         tl.store(delta_ptr + b * N + rows, delta, mask=row_ok)
 
     @triton.jit
+    def _probs_and_dscores(q, k_t, do, v_t, lse, delta, tile_ok, scale, WIDEN: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        """One tile's P = exp(scale·q kᵀ − lse) (0 outside the tensors) and dS = P ∘ (dO vᵀ − delta),
+        recomputed from the saved lse (both backward kernels)."""
+        zeros = tl.zeros([BLOCK_N, BLOCK_M], lse.dtype)
+        p = tl.exp(_mma(q, k_t, zeros, WIDEN) * scale - lse[:, None])
+        p = tl.where(tile_ok, p, 0.0)
+        ds = p * (_mma(do, v_t, zeros, WIDEN) - delta[:, None])
+        return p, ds
+
+    @triton.jit
     def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                               scale_ptr, N, M, D, DV, num_col_blocks,
                               sqb, sqn, sqd, skb, skm, skd, svb, svm, svd, sdb, sdn, sdd,
@@ -197,12 +208,9 @@ if AVAILABLE:
                          mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
             lse = tl.load(lse_ptr + b * N + rows, mask=row_ok, other=0.0)
             delta = tl.load(delta_ptr + b * N + rows, mask=row_ok, other=0.0)
-            s = _mma(q, k_t, tl.zeros([BLOCK_N, BLOCK_M], acc_ty), WIDEN) * scale
-            p = tl.exp(s - lse[:, None])
-            p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+            p, ds = _probs_and_dscores(q, k_t, do, v_t, lse, delta, row_ok[:, None] & col_ok[None, :], scale,
+                                       WIDEN, BLOCK_N, BLOCK_M)
             dv_acc = _mma(tl.trans(_narrow(p, do_ptr, FIX_BF16)), do, dv_acc, WIDEN)
-            dp = _mma(do, v_t, tl.zeros([BLOCK_N, BLOCK_M], acc_ty), WIDEN)
-            ds = p * (dp - delta[:, None])
             dk = _mma(tl.trans(_narrow(ds, q_ptr, FIX_BF16)), q, dk, WIDEN)
         dk = dk * scale
         # dk/dv are contiguous [B, M, D] / [B, M, DV].
@@ -244,11 +252,8 @@ if AVAILABLE:
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
             v_t = tl.load(v_ptr + b * svb + cols[None, :] * svm + dv[:, None] * svd,
                           mask=dv_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_DV, BLOCK_M]
-            s = _mma(q, tl.trans(k), tl.zeros([BLOCK_N, BLOCK_M], acc_ty), WIDEN) * scale
-            p = tl.exp(s - lse[:, None])
-            p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-            dp = _mma(do, v_t, tl.zeros([BLOCK_N, BLOCK_M], acc_ty), WIDEN)
-            ds = p * (dp - delta[:, None])
+            _, ds = _probs_and_dscores(q, tl.trans(k), do, v_t, lse, delta, row_ok[:, None] & col_ok[None, :], scale,
+                                       WIDEN, BLOCK_N, BLOCK_M)
             dq = _mma(_narrow(ds, k_ptr, FIX_BF16), k, dq, WIDEN)
         dq = dq * scale
         _store(dq_ptr + (b * N + rows[:, None]) * D + d[None, :], dq,
