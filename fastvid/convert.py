@@ -10,18 +10,25 @@ without the compiled extension.
 from __future__ import annotations
 
 import copy
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
 from .nn.conv3d import DepthwiseConv3d, is_depthwise_conv3d
 from .nn.nonlocal_block import nonlocal_from_module
 
-# (name, recognises(module) -> bool, convert(module) -> nn.Module), tried in order.
-Converter = Tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]
+# (name, replacement(module) -> the module to put in its place, or None where it does not apply),
+# tried in order. One call decides and builds: the nonlocal converter's check is the probe itself.
+Converter = Tuple[str, Callable[[nn.Module], Optional[nn.Module]]]
+
+
+def _depthwise(module: nn.Module) -> Optional[nn.Module]:
+    return DepthwiseConv3d.from_conv3d(module) if is_depthwise_conv3d(module) else None
+
+
 CONVERTERS: List[Converter] = [
-    ("nonlocal_block", lambda m: nonlocal_from_module(m) is not None, nonlocal_from_module),
-    ("depthwise_conv3d", is_depthwise_conv3d, DepthwiseConv3d.from_conv3d),
+    ("nonlocal_block", nonlocal_from_module),
+    ("depthwise_conv3d", _depthwise),
 ]
 
 TARGETS = ("fastvid", "reference")
@@ -39,18 +46,25 @@ def convert(model: nn.Module, inplace: bool = False, to: str = "fastvid") -> nn.
         converters = CONVERTERS
     if not inplace:
         model = copy.deepcopy(model)
-    for _, recognises, make in converters:
-        if recognises(model):
-            return make(model)
+    replacement = _replacement(model, converters)
+    if replacement is not None:
+        return replacement
     _convert_children(model, converters)
     return model
 
 
+def _replacement(module: nn.Module, converters: List[Converter]) -> Optional[nn.Module]:
+    for _, replace in converters:
+        new = replace(module)
+        if new is not None:
+            return new
+    return None
+
+
 def _convert_children(module: nn.Module, converters: List[Converter]) -> None:
     for name, child in module.named_children():
-        for _, recognises, make in converters:
-            if recognises(child):
-                setattr(module, name, make(child))
-                break
+        replacement = _replacement(child, converters)
+        if replacement is not None:
+            setattr(module, name, replacement)
         else:
             _convert_children(child, converters)

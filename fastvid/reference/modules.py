@@ -1,8 +1,8 @@
 """Plain-PyTorch twins of the fastvid layers, used by ``fastvid.convert(model, to="reference")``.
 
-Each entry of ``TO_REFERENCE`` is (name, recognises(module), make(module)): ``make`` returns a
-module built only from ``torch.nn`` (no fastvid op, no compiled extension) with the same parameters
-and the same outputs.
+Each entry of ``TO_REFERENCE`` is (name, replacement(module)) as in ``fastvid.convert.CONVERTERS``:
+the replacement (None for other modules) is built only from ``torch.nn`` (no fastvid op, no compiled
+extension), with the same parameters and the same outputs.
 """
 from __future__ import annotations
 
@@ -258,12 +258,17 @@ class ReferenceNonLocalBlock(nn.Module):
         return x + (self.norm(z) if self.norm is not None else z)
 
 
+def _twin(cls, make):
+    """Converter entry: ``make(module)`` for instances of ``cls``, None for anything else."""
+    return lambda module: make(module) if isinstance(module, cls) else None
+
+
 TO_REFERENCE: List = [
-    ("depthwise_conv3d", lambda m: isinstance(m, DepthwiseConv3d), depthwise_to_conv3d),
-    ("convlstm_cell", lambda m: isinstance(m, ConvLSTMCell), ReferenceConvLSTMCell),
-    ("convgru_cell", lambda m: isinstance(m, ConvGRUCell), ReferenceConvGRUCell),
-    ("convlstm", lambda m: isinstance(m, ConvLSTM), ReferenceConvLSTM),
-    ("convgru", lambda m: isinstance(m, ConvGRU), ReferenceConvGRU),
-    ("attention_convlstm", lambda m: isinstance(m, AttentionConvLSTM), ReferenceAttentionConvLSTM),
-    ("nonlocal_block", lambda m: isinstance(m, NonLocalBlock), ReferenceNonLocalBlock),
+    ("depthwise_conv3d", _twin(DepthwiseConv3d, depthwise_to_conv3d)),
+    ("convlstm_cell", _twin(ConvLSTMCell, ReferenceConvLSTMCell)),
+    ("convgru_cell", _twin(ConvGRUCell, ReferenceConvGRUCell)),
+    ("convlstm", _twin(ConvLSTM, ReferenceConvLSTM)),
+    ("convgru", _twin(ConvGRU, ReferenceConvGRU)),
+    ("attention_convlstm", _twin(AttentionConvLSTM, ReferenceAttentionConvLSTM)),
+    ("nonlocal_block", _twin(NonLocalBlock, ReferenceNonLocalBlock)),
 ]
