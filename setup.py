@@ -4,9 +4,9 @@ C++ CPU kernels are always built. CUDA kernels are built when a CUDA toolkit and
 torch are present (a GPU is not needed to compile). Environment:
   FASTVID_CPU_ONLY=1     skip the CUDA kernels
   FORCE_CUDA=1           fail instead of skipping when the CUDA toolkit is not found
-  TORCH_CUDA_ARCH_LIST   CUDA archs to build (default here: "8.0;9.0+PTX")
+  TORCH_CUDA_ARCH_LIST   CUDA archs to build (default: the visible GPUs; without one, DEFAULT_CUDA_ARCHS)
   CUDA_HOME              the toolkit root (otherwise resolved from nvcc, see find_cuda_home)
-Install with `pip install --no-build-isolation -e .` (the build imports the installed torch).
+Install with `pip install --no-build-isolation -e .` (the build compiles against the installed torch).
 """
 import glob
 import os
@@ -17,6 +17,15 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Without a visible GPU: Turing, Ampere (A100; RTX 30, A10/A40), Ada (RTX 40, L4, L40), Hopper, Blackwell
+# (B200) as SASS, plus PTX of the newest so later GPUs JIT-compile it. CUDA 13 dropped sm < 7.5.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0+PTX"
+
+NO_TORCH_MESSAGE = (
+    "fastvid-kernels compiles its C++/CUDA kernels against the torch you run, so it must be built with "
+    "that torch importable: install torch first, then `pip install --no-build-isolation .` (an isolated "
+    "build would compile against a different torch and break the ABI)")
 
 
 def read_version():
@@ -61,12 +70,35 @@ def cuda_library_includes():
     return []
 
 
+def cuda_arch_list(torch):
+    """TORCH_CUDA_ARCH_LIST if set; else the visible GPUs' capabilities (newest + PTX), as torch would pick
+    them; else DEFAULT_CUDA_ARCHS. Set explicitly so the build records exactly what it compiled."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    visible = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}) \
+        if torch.cuda.is_available() else []
+    if not visible:
+        return DEFAULT_CUDA_ARCHS
+    return ";".join(f"{major}.{minor}" for major, minor in visible) + "+PTX"
+
+
+def compiled_cuda_archs(arch_flags):
+    """['sm_80', 'compute_90', ...] from nvcc's -gencode flags: SASS (sm_XY) and PTX (compute_XY)."""
+    archs = set()
+    for flag in arch_flags:
+        archs.update(re.findall(r"code=((?:sm|compute)_\d+a?)", flag))
+    return sorted(archs, key=lambda a: (int(re.sub(r"\D", "", a)), a))
+
+
 def extensions():
     cpu_only = os.environ.get("FASTVID_CPU_ONLY", "0") == "1"
     cuda_home = None if cpu_only else find_cuda_home()
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it at import
-    import torch
+    try:
+        import torch
+    except ImportError as exc:
+        raise SystemExit(f"{NO_TORCH_MESSAGE} ({exc})") from None
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     with_cuda = not cpu_only and cuda_home is not None and torch.version.cuda is not None
@@ -81,16 +113,18 @@ def extensions():
     if not with_cuda:
         print(f"fastvid: building CPU kernels only (toolkit: {cuda_home}, torch CUDA: {torch.version.cuda})")
         return [CppExtension("fastvid._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(torch)
+    archs = compiled_cuda_archs(_get_cuda_arch_flags())
     print(f"fastvid: building CPU and CUDA kernels (toolkit {cuda_home}, "
-          f"archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
+          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}: {' '.join(archs)})")
+    # fastvid._C.cuda_archs reports what was compiled (fastvid.info()["cuda_archs"]); auto routing uses it.
+    defines = ["-DFASTVID_WITH_CUDA", "-DFASTVID_CUDA_ARCHS=" + ",".join(archs)]
     return [CUDAExtension(
         "fastvid._C", sources + sorted(glob.glob("csrc/*/*_cuda.cu")),
-        define_macros=[("FASTVID_WITH_CUDA", None)],
         include_dirs=cuda_library_includes(),
         extra_link_args=link,
-        extra_compile_args={"cxx": cxx + ["-DFASTVID_WITH_CUDA"],
-                            "nvcc": ["-O3", "-std=c++20", "-DFASTVID_WITH_CUDA"]},
+        extra_compile_args={"cxx": cxx + defines, "nvcc": ["-O3", "-std=c++20"] + defines},
     )]
 
 

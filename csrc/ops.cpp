@@ -5,11 +5,26 @@
 #include <Python.h>
 #include <torch/library.h>
 
+// The CUDA archs compiled in, comma-separated ("sm_80,sm_90,compute_100"; empty without CUDA kernels):
+// setup.py passes the list nvcc was given, so fastvid.info() and the backend choice read what was built.
+#define FASTVID_STRINGIFY(...) #__VA_ARGS__
+#define FASTVID_EXPAND_STRINGIFY(...) FASTVID_STRINGIFY(__VA_ARGS__)
+#ifdef FASTVID_CUDA_ARCHS
+static const char* const kCudaArchs = FASTVID_EXPAND_STRINGIFY(FASTVID_CUDA_ARCHS);
+#else
+static const char* const kCudaArchs = "";
+#endif
+
 // `import fastvid._C` loads this library, whose static initialisers register the ops; the module
-// itself is empty (no pybind functions).
+// holds no functions (no pybind), only the build fact `cuda_archs`.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "cuda_archs", kCudaArchs) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 TORCH_LIBRARY(fastvid, m) {

@@ -4,6 +4,10 @@ Each backend declares what it supports and answers ``not_supported_reasons(tenso
 takes the compiled kernel for the tensors' device (then Triton on CUDA, then the reference);
 forcing a backend that cannot run the inputs raises an error listing its reasons. The choice is
 made at call time, per op call, so the same model can move between devices.
+
+Two levels choose the backend: ``set_backend(name)`` sets the process-wide default, seen by every thread
+(DataParallel replicas, thread pools, DataLoader threads); ``with backend(name):`` overrides it for the
+current context only (this thread or asyncio task; threads started inside the block do not inherit it).
 """
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ import contextvars
 import functools
 import importlib.util
 import os
+import threading
 import warnings
 
 import torch
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
-_current = contextvars.ContextVar("fastvid_backend", default="auto")
+_process_default = "auto"                       # set_backend(): every thread sees it
+_override = contextvars.ContextVar("fastvid_backend_override", default=None)  # backend(): this context only
 
 try:  # the compiled extension registers torch.ops.fastvid.* as a side effect of loading
     from fastvid import _C  # noqa: F401
@@ -38,6 +44,57 @@ def cuda_compiled() -> bool:
     return cpu_kernels() and torch._C._dispatch_has_kernel_for_dispatch_key("fastvid::lstm_cell", "CUDA")
 
 
+@functools.lru_cache(None)
+def cuda_archs() -> tuple[str, ...]:
+    """The CUDA archs compiled into fastvid._C: SASS 'sm_XY' and PTX 'compute_XY' (empty: none)."""
+    if not cpu_kernels():
+        return ()
+    return tuple(a for a in getattr(_C, "cuda_archs", "").split(",") if a)
+
+
+def _arch_number(arch: str) -> int:
+    return int("".join(ch for ch in arch.split("_", 1)[1] if ch.isdigit()))
+
+
+def arch_serves(archs, capability: tuple[int, int]) -> bool:
+    """Whether a device of compute capability (major, minor) can run code built for `archs`: SASS of the
+    same major version and a minor <= the device's (binary compatible), or PTX of an arch <= the device's
+    (the driver JIT-compiles it). Arch-specific 'a' variants run only on their exact arch."""
+    major, minor = capability
+    device = major * 10 + minor
+    for arch in archs:
+        number = _arch_number(arch)
+        if arch.startswith("sm_"):
+            if arch.endswith("a") and number == device:
+                return True
+            if not arch.endswith("a") and number // 10 == major and number % 10 <= minor:
+                return True
+        elif arch.startswith("compute_") and not arch.endswith("a") and number <= device:
+            return True
+    return False
+
+
+def _cuda_capabilities(tensors) -> dict:
+    """{device: (major, minor)} of the CUDA tensors among `tensors`."""
+    devices = {t.device for _, t in _tensors(tensors) if t.device.type == "cuda"}
+    return {d: torch.cuda.get_device_capability(d) for d in devices}
+
+
+_warned_capabilities: set = set()
+_warn_lock = threading.Lock()
+
+
+def _warn_unserved_once(capability, archs) -> None:
+    with _warn_lock:
+        if capability in _warned_capabilities:
+            return
+        _warned_capabilities.add(capability)
+    warnings.warn(f"fastvid: the compiled CUDA kernels ({', '.join(archs) or 'none'}) cannot run on this GPU "
+                  f"(compute capability {capability[0]}.{capability[1]}); using Triton or the reference "
+                  f"implementation instead. Rebuild for it with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]} "
+                  "pip install --no-build-isolation .", RuntimeWarning, stacklevel=4)
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -53,22 +110,27 @@ def triton_usable() -> bool:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for all later calls in this context ('auto' restores the default)."""
-    _current.set(_check_name(name))
+    """Set the process-wide default backend, seen by every thread ('auto' restores the default).
+    A ``with backend(...)`` block still overrides it in its own context."""
+    global _process_default
+    _process_default = _check_name(name)
 
 
 def get_backend() -> str:
-    return _current.get()
+    """The backend in force here: this context's ``backend(...)`` override, else the process default."""
+    override = _override.get()
+    return _process_default if override is None else override
 
 
 @contextlib.contextmanager
 def backend(name: str):
-    """``with fastvid.backend("reference"): ...`` runs the block on that backend."""
-    token = _current.set(_check_name(name))
+    """``with fastvid.backend("reference"): ...`` runs the block on that backend, in this context only
+    (this thread or asyncio task); other threads keep the process default of ``set_backend``."""
+    token = _override.set(_check_name(name))
     try:
         yield
     finally:
-        _current.reset(token)
+        _override.reset(token)
 
 
 def _check_name(name: str) -> str:
@@ -107,6 +169,11 @@ def not_supported_reasons(name: str, tensors) -> list[str]:
             reasons.append("fastvid._C was built without CUDA kernels")
         if devices - {"cuda"}:
             reasons.append(f"cuda kernels need CUDA tensors, got {sorted(devices)}")
+        elif cuda_compiled():
+            for device, capability in _cuda_capabilities(tensors).items():
+                if not arch_serves(cuda_archs(), capability):
+                    reasons.append(f"no compiled kernel image serves {device} (compute capability "
+                                   f"{capability[0]}.{capability[1]}; built for {', '.join(cuda_archs())})")
     elif name == "triton":
         if not triton_importable():
             reasons.append("triton is not installed")
@@ -120,7 +187,7 @@ def not_supported_reasons(name: str, tensors) -> list[str]:
 def resolve(tensors) -> str:
     """The concrete backend ('cpu', 'cuda', 'triton' or 'reference') for an op on `tensors`
     (a {argument name: tensor} dict, so errors can name the arguments, or a list)."""
-    name = _current.get()
+    name = get_backend()
     if name == "reference":
         return name
     if name != "auto":
@@ -133,6 +200,10 @@ def resolve(tensors) -> str:
     for candidate in preferred:
         if not not_supported_reasons(candidate, tensors):
             return candidate
+        if candidate == "cuda" and cuda_compiled() and devices == {"cuda"}:
+            for capability in set(_cuda_capabilities(tensors).values()):
+                if not arch_serves(cuda_archs(), capability):
+                    _warn_unserved_once(capability, cuda_archs())
     if len(devices) > 1:
         raise RuntimeError(f"fastvid: tensors are on several devices ({_device_report(tensors)}); "
                            "move them to one device")

@@ -15,6 +15,7 @@ def info() -> dict:
         "python": platform.python_version(),
         "cpu_kernels": _backend.cpu_kernels(),
         "cuda_compiled": _backend.cuda_compiled(),
+        "cuda_archs": list(_backend.cuda_archs()),
         "cuda_available": _backend.cuda_compiled() and torch.cuda.is_available(),
         "triton_available": _backend.triton_usable(),
         "triton_interpret": _backend.triton_interpret(),

@@ -53,3 +53,158 @@ def test_import_without_extension_falls_back_to_reference_with_one_warning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+# ---- build archs, routing by compute capability, backend scope, build isolation, required extension
+
+import ast  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import threading  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastvid import _backend  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_py_namespace():
+    """setup.py's constants and helper functions, without running setup() (it builds on import)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    keep = [node for node in tree.body
+            if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef))
+            or (isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets))]
+    namespace = {"__file__": str(ROOT / "setup.py")}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace
+
+
+class _FakeCuda:
+    def __init__(self, capabilities):
+        self.capabilities = capabilities
+
+    def is_available(self):
+        return bool(self.capabilities)
+
+    def device_count(self):
+        return len(self.capabilities)
+
+    def get_device_capability(self, i):
+        return self.capabilities[i]
+
+
+class _FakeTorch:
+    def __init__(self, capabilities):
+        self.cuda = _FakeCuda(capabilities)
+
+
+def test_default_cuda_archs_cover_the_gpus_users_have(monkeypatch):
+    """Without TORCH_CUDA_ARCH_LIST: the visible GPUs when there are any (newest + PTX), else Turing to
+    Blackwell as SASS plus PTX of the newest. The old default (9.0 only, no PTX) served only Hopper."""
+    ns = _setup_py_namespace()
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert ns["cuda_arch_list"](_FakeTorch([])) == "7.5;8.0;8.6;8.9;9.0;10.0+PTX"
+    assert ns["cuda_arch_list"](_FakeTorch([(8, 6), (8, 0), (8, 6)])) == "8.0;8.6+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert ns["cuda_arch_list"](_FakeTorch([(8, 6)])) == "9.0"
+    flags = ["-gencode=arch=compute_75,code=sm_75", "-gencode=arch=compute_100,code=sm_100",
+             "-gencode=arch=compute_100,code=compute_100", "-gencode=arch=compute_90,code=sm_90"]
+    assert ns["compiled_cuda_archs"](flags) == ["sm_75", "sm_90", "compute_100", "sm_100"]
+    for script in ("scripts/setup.sh", "scripts/rebuild.sh"):  # no script pins a single arch for users
+        assert not re.search(r"TORCH_CUDA_ARCH_LIST:?-?=?\$?\{?TORCH_CUDA_ARCH_LIST:-", (ROOT / script).read_text())
+
+
+def test_info_reports_the_compiled_cuda_archs():
+    archs = fastvid.info()["cuda_archs"]
+    assert isinstance(archs, list)
+    assert bool(archs) == fastvid.info()["cuda_compiled"]
+    assert all(re.fullmatch(r"(sm|compute)_\d+a?", a) for a in archs), archs
+
+
+@pytest.mark.parametrize("archs, capability, served", [
+    (["sm_90"], (9, 0), True),
+    (["sm_90"], (8, 0), False),            # SASS does not run on an older major
+    (["sm_90"], (10, 0), False),           # nor on a newer major (needs PTX)
+    (["sm_80"], (8, 6), True),             # same major, newer minor: binary compatible
+    (["sm_86"], (8, 0), False),            # same major, older minor: not
+    (["sm_80", "compute_90"], (12, 0), True),   # PTX JIT-compiles for newer GPUs
+    (["compute_90"], (8, 9), False),       # but not for older ones
+    (["sm_90a"], (9, 0), True),
+    (["sm_90a"], (10, 0), False),          # arch-specific code runs on its exact arch only
+    ([], (9, 0), False),
+])
+def test_arch_serves(archs, capability, served):
+    assert _backend.arch_serves(archs, capability) is served
+
+
+def test_auto_routes_a_gpu_the_build_does_not_serve_to_triton_then_reference(monkeypatch):
+    """A device no compiled SASS/PTX serves goes to Triton (else the reference) with one warning, never
+    an exception; forcing 'cuda' there explains why it cannot run."""
+    monkeypatch.setattr(_backend, "cuda_compiled", lambda: True)
+    monkeypatch.setattr(_backend, "cuda_archs", lambda: ("sm_90",))
+    monkeypatch.setattr(_backend, "_devices", lambda tensors: {"cuda"})
+    monkeypatch.setattr(_backend, "_cuda_capabilities", lambda tensors: {"cuda:0": (8, 6)})
+    monkeypatch.setattr(_backend, "_warned_capabilities", set())
+    for triton_ok, expected in ((True, "triton"), (False, "reference")):
+        monkeypatch.setattr(_backend, "triton_importable", lambda: triton_ok)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _backend.resolve({"x": None}) == expected
+            assert _backend.resolve({"x": None}) == expected
+        assert len([w for w in caught if "compute capability 8.6" in str(w.message)]) == (1 if triton_ok else 0)
+    with fastvid.backend("cuda"), pytest.raises(RuntimeError, match=r"no compiled kernel image serves cuda:0"):
+        _backend.resolve({"x": None})
+    monkeypatch.setattr(_backend, "_cuda_capabilities", lambda tensors: {"cuda:0": (9, 0)})
+    assert _backend.resolve({"x": None}) == "cuda"
+
+
+def test_set_backend_is_process_wide_and_backend_block_is_context_local():
+    """set_backend reaches threads started later (DataParallel replicas, thread pools); a `with
+    backend(...)` block overrides it only in its own thread."""
+    seen = {}
+
+    def probe(key):
+        seen[key] = fastvid.get_backend()
+
+    fastvid.set_backend("reference")
+    try:
+        t = threading.Thread(target=probe, args=("thread after set_backend",))
+        t.start(); t.join()
+        with fastvid.backend("cpu"):
+            probe("inside block")
+            t = threading.Thread(target=probe, args=("thread started inside block",))
+            t.start(); t.join()
+        probe("after block")
+    finally:
+        fastvid.set_backend("auto")
+    assert seen == {"thread after set_backend": "reference", "inside block": "cpu",
+                    "thread started inside block": "reference", "after block": "reference"}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastvid.set_backend("gpu")
+
+
+def test_build_without_importable_torch_says_to_use_no_build_isolation():
+    """`pip install .` builds in an isolated env without torch: setup.py must stop with one clear sentence."""
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', 'egg_info']; "
+            "runpy.run_path('setup.py', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "--no-build-isolation" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert 'requires = ["setuptools>=64", "wheel"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_suite_fails_when_the_compiled_extension_is_missing(tmp_path):
+    """With fastvid._C unimportable the test session (this suite's conftest) must fail, not skip its way
+    to green."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_probe.py").write_text("def test_nothing():\n    pass\n")
+    code = ("import sys; sys.modules['fastvid._C'] = None; import pytest; "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {str(tmp_path)!r}]))")
+    env = {k: v for k, v in os.environ.items() if k != "FASTVID_TEST_WITHOUT_EXTENSION"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode != 0, out.stdout[-2000:]
+    assert "fastvid._C failed to load" in out.stdout + out.stderr
