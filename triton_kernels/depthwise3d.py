@@ -163,7 +163,7 @@ if AVAILABLE:
         kh = (tap // KW) % KH
         kw = tap % KW
         c = o // M
-        SP = TO * HO * WO
+        SP = tl.cast(TO, tl.int64) * HO * WO  # one channel's output positions: may pass 2^31
         lo = split * CHUNK
         hi = tl.minimum(lo + CHUNK, NP)
         if IS64:
