@@ -314,7 +314,7 @@ def test_wide_head_dims(case, dtype):
     """D = 320, 512 (Nonlocal I3D res4): head dims walked in chunks, output columns split over
     programs, at the tiles launch_config picks; values and gradients against the fp64 oracle."""
     (q, k, v, grad_out, grad_lse), scale = _sample(case, dtype, seed=13)
-    meta = ta.launch_config("fwd", dtype, case[3], case[4], ta.shared_limit(q.device), ta._INTERPRET)
+    meta = ta.launch_config("fwd", dtype, case[3], case[4], *ta.device_limits(q.device), ta._INTERPRET)
     assert not meta["D_FITS"]
     got = _values_and_grads(ta.attention_forward, q, k, v, scale, grad_out, grad_lse)
     want = _values_and_grads(_oracle, q, k, v, scale, grad_out, grad_lse, torch.float64)
@@ -356,28 +356,28 @@ def test_launch_config_fits_every_arch(arch, D, Dv, dtype, kernel):
     (tests/test_triton_compile.py checks the model against compiled kernels), are valid tl.dot tiles,
     and describe the GPU variant (no interpreter fixes) unless asked for the interpreter's."""
     limit = ta.SHARED_MEMORY_LIMITS[arch]
-    meta = ta.launch_config(kernel, dtype, D, Dv, limit)
+    meta = ta.launch_config(kernel, dtype, D, Dv, arch, limit)
     elem = torch.empty((), dtype=dtype).element_size()
     bn, bdv = meta["BLOCK_N"], meta["BLOCK_DV"]
     bm, bd = meta.get("BLOCK_M", 16), meta.get("BLOCK_D", 16)
-    assert ta._shared_bytes(kernel, bn, bm, bd, bdv, elem) <= limit
+    assert ta._shared_bytes(kernel, bn, bm, bd, bdv, elem, arch) <= limit
     for block in (bn, bm, bd, bdv):
         assert block >= 16 and block & (block - 1) == 0
     if kernel != "delta":
         assert meta["D_FITS"] == (ta._pad_dim(D) <= bd)
         assert meta["FIX_BF16"] is False and meta["WIDEN"] is False
-        interp = ta.launch_config(kernel, dtype, D, Dv, limit, interpret=True)
+        interp = ta.launch_config(kernel, dtype, D, Dv, arch, limit, interpret=True)
         assert interp["FIX_BF16"] is True and interp["WIDEN"] == (dtype == torch.bfloat16)
 
 
 def test_launch_config_uses_the_device_limit():
     """Less shared memory, smaller tiles: fp32 D = 128 backward at H100's limit vs RTX 4090's."""
-    big = ta.launch_config("dkdv", torch.float32, 128, 128, ta.SHARED_MEMORY_LIMITS[(9, 0)])
-    small = ta.launch_config("dkdv", torch.float32, 128, 128, ta.SHARED_MEMORY_LIMITS[(8, 9)])
+    big = ta.launch_config("dkdv", torch.float32, 128, 128, (8, 0), ta.SHARED_MEMORY_LIMITS[(8, 0)])
+    small = ta.launch_config("dkdv", torch.float32, 128, 128, (8, 9), ta.SHARED_MEMORY_LIMITS[(8, 9)])
     size = lambda m: m["BLOCK_N"] * m["BLOCK_M"] * m["BLOCK_D"] * m["BLOCK_DV"]  # noqa: E731
     assert size(small) < size(big)
     with pytest.raises(RuntimeError, match="shared memory"):
-        ta.launch_config("fwd", torch.float64, 64, 64, 1024)
+        ta.launch_config("fwd", torch.float64, 64, 64, (9, 0), 1024)
 
 
 # ------------------------------------------------------------------------------ CUDA routing
@@ -420,3 +420,40 @@ def test_cuda_backend_runs_triton_where_sdpa_would_be_quadratic(monkeypatch):
         torch.testing.assert_close(out, _oracle(q, k, v, scale)[0], **_tol(torch.float64))
         ops_attention.nonlocal_attention(q.float(), k.float(), v.float(), scale)
     assert sdpa_calls == [torch.float32]
+
+
+# ------------------------------------------------------------------------------ device guard
+def test_device_guard_selects_the_tensors_device():
+    """device_guard makes a CUDA tensor's device current (Triton launches on the current device and
+    its current stream); nothing for CPU tensors. Only ``.device`` is read: a stand-in will do here."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from fastvid.triton_kernels import _common
+
+    guard = _common.device_guard(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(_common.device_guard(torch.empty(1)), contextlib.nullcontext)
+
+
+def test_launches_inside_device_guard(monkeypatch, small_tiles):
+    from _triton_guard import launch_devices
+
+    (q, k, v, grad_out, grad_lse), scale = _sample((1, 20, 18, 8, 8), torch.float64, seed=17)
+    with launch_devices(monkeypatch, ta) as launches:
+        _values_and_grads(ta.attention_forward, q, k, v, scale, grad_out, grad_lse)
+    assert len(launches) == 4 and launches == [q.device] * 4  # fwd, delta, dK/dV, dQ
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: values and gradients as on the CPU oracle."""
+    (q, k, v, grad_out, grad_lse), scale = _sample((2, 37, 21, 16, 16), torch.float32, seed=18)
+    with torch.cuda.device(0):
+        got = _values_and_grads(ta.attention_forward, *(t.to("cuda:1") for t in (q, k, v)), scale,
+                                grad_out.to("cuda:1"), grad_lse.to("cuda:1"))
+    want = _values_and_grads(_oracle, *(t.cpu() for t in (q, k, v)), scale, grad_out.cpu(),
+                             grad_lse.cpu(), torch.float64)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.device == torch.device("cuda", 1), name
+        torch.testing.assert_close(g.double().cpu(), w, **_tol(torch.float32), msg=lambda m: f"{name}: {m}")

@@ -4,7 +4,7 @@ Installed as ``fastvid.triton_kernels.attention``. The math is ``out = softmax(s
 row by row, with heads already folded into the batch by the caller:
 
 * ``q`` ``[B, N, D]``, ``k`` ``[B, M, D]``, ``v`` ``[B, M, Dv]`` (any strides; the kernels read them
-  through their strides), ``D, Dv <= 256``, ``N >= 1``, ``M >= 1``;
+  through their strides), any head dims ``D, Dv >= 1``, ``N >= 1``, ``M >= 1``;
 * ``out`` ``[B, N, Dv]`` contiguous in q's dtype, ``lse`` ``[B, N]`` the per-row log-sum-exp of
   ``scale · q kᵀ`` in the accumulation dtype (float32, float64 for float64 inputs).
 
@@ -19,8 +19,17 @@ The N×M affinity matrix is never stored: it is rebuilt tile by tile in register
   ``dS = P ∘ (dO vᵀ - delta)``: ``dV = Pᵀ dO``, ``dK = scale · dSᵀ q``, ``dQ = scale · dS k``.
   Each output tile has exactly one writer: deterministic, no atomics.
 
+Tiles: ``launch_config`` picks them per kernel from the device's compute capability and shared
+memory (``tl.dot`` operands are staged through shared memory: fp32 D = 128 at 64×64 tiles needs
+more than an RTX 4090 has), so every dtype fits every GPU from sm_80 on; the launchers pass exactly
+its result and tests/test_triton_compile.py compiles exactly that per architecture. A head dim wider
+than one tile (``BLOCK_D`` up to MAX_BLOCK_D) is walked in chunks for the score products, and the
+output columns are split over grid axis 1, each program recomputing the scores: memory stays linear
+for any head dim (Nonlocal I3D's res4 has D = 512).
+
 Numerics: both products go through ``tl.dot`` with operands in the input dtype (P and dS are
-rounded to it first, as flash attention does) and fp32 accumulation (fp64 for float64; fp32
+rounded to it first, as flash attention does) and fp32 accumulation (fp64 for float64, with
+``out_dtype`` passed: Triton before 3.8 does not infer it and fails to compile; fp32
 products use ``input_precision="ieee"``, not TF32, so fp32 results match an fp32 reference); the
 softmax statistics are kept in the accumulation dtype. ``scale`` reaches the kernels through a
 one-element tensor of the accumulation dtype, since Triton passes Python floats as fp32, which
@@ -48,7 +57,7 @@ import torch
 from ._common import AVAILABLE, tl, triton
 
 __all__ = ["AVAILABLE", "BLOCK_N", "BLOCK_M", "BWD_BLOCK_N", "BWD_BLOCK_M", "MAX_BLOCK_D",
-           "KERNELS", "SHARED_MEMORY_LIMITS", "launch_config", "attention_forward",
+           "KERNELS", "SHARED_MEMORY_LIMITS", "device_limits", "launch_config", "attention_forward",
            "attention_backward"]
 
 # Preferred tile sizes (rows of q per program, rows of k/v per step; powers of two >= 16) and the
@@ -67,8 +76,8 @@ NUM_STAGES = 2
 
 # Shared memory one block may use (the opt-in maximum, bytes) by compute capability: what
 # launch_config fits the tiles into when compiling for an arch without the GPU at hand (compile
-# tests) and, at the smallest entry that Triton targets (sm_86/89), under the interpreter. On a GPU
-# the device's own shared_memory_per_block_optin is used.
+# tests) and, at sm_89's, under the interpreter. On a GPU the device's own
+# shared_memory_per_block_optin is used.
 SHARED_MEMORY_LIMITS = {
     (8, 0): 163 * 1024,   # A100
     (8, 6): 99 * 1024,    # RTX 30, A10, A40
@@ -76,7 +85,7 @@ SHARED_MEMORY_LIMITS = {
     (9, 0): 227 * 1024,   # H100, H200
     (10, 0): 227 * 1024,  # B200
 }
-_INTERPRETER_SHARED_LIMIT = 99 * 1024
+_INTERPRETER_ARCH = (8, 9)
 
 # The kernels launch_config describes: forward, backward delta, backward dK/dV, backward dQ.
 KERNELS = ("fwd", "delta", "dkdv", "dq")
@@ -95,26 +104,30 @@ def _fit_block(block, width):
     return block
 
 
-def _shared_bytes(kernel, bn, bm, bd, bdv, elem):
-    """Upper bound of the shared memory a kernel's tiles take (the tl.dot operands, staged through
-    shared memory, each counted twice: one buffer per pipeline stage or per operand layout)."""
-    if kernel == "delta":
-        return 0
+def _shared_bytes(kernel, bn, bm, bd, bdv, elem, capability):
+    """Upper bound of the shared memory a kernel's tiles take: the tl.dot operands, staged through
+    shared memory. Measured on compiled kernels (tests/test_triton_compile.py checks the bound):
+    within 1.0x the operand tiles before sm_90 (mma), up to 1.8x from sm_90 on (wgmma / tcgen05
+    operands in shared memory, with extra pipeline buffers)."""
+    if kernel == "delta":  # no tl.dot: the row-sum reduction's scratch only (<= 1 KB measured)
+        return 4096
     if kernel == "fwd":   # q kᵀ then P v
         tiles = bn * bd + bd * bm + bn * bm + bm * bdv
     elif kernel == "dkdv":  # q kᵀ, dO vᵀ, Pᵀ dO, dSᵀ q
         tiles = bn * bd + bd * bm + bn * bdv + bdv * bm + 2 * bm * bn
     else:                 # dq: q kᵀ, dO vᵀ, dS k
         tiles = bn * bd + bd * bm + bn * bdv + bdv * bm + bn * bm
-    return 2 * elem * tiles
+    factor = 2.0 if tuple(capability) >= (9, 0) else 1.25
+    return int(factor * elem * tiles)
 
 
-def launch_config(kernel, dtype, D, Dv, shared_limit, interpret=False):
+def launch_config(kernel, dtype, D, Dv, capability, shared_limit, interpret=False):
     """Tile sizes, compile-time flags and launch options of ``kernel`` (one of KERNELS) for head
-    dims D, Dv in ``dtype`` on a device with ``shared_limit`` bytes of shared memory per block.
-    The one place launch parameters are chosen: the launchers pass exactly this, and the compile
-    tests compile exactly this for each architecture. ``interpret``: the Triton interpreter's
-    variant (bf16 rounding and widening by hand, see _common.py)."""
+    dims D, Dv in ``dtype`` on a device of compute ``capability`` ``(major, minor)`` with
+    ``shared_limit`` bytes of shared memory per block. The one place launch parameters are chosen:
+    the launchers pass exactly this, and the compile tests compile exactly this for each
+    architecture. ``interpret``: the Triton interpreter's variant (bf16 rounding and widening by
+    hand, see _common.py)."""
     forward = kernel == "fwd"
     bn = BLOCK_N if forward else BWD_BLOCK_N
     bm = BLOCK_M if forward else BWD_BLOCK_M
@@ -125,7 +138,7 @@ def launch_config(kernel, dtype, D, Dv, shared_limit, interpret=False):
     elem = torch.empty((), dtype=dtype).element_size()
     # Shrink the widest tile dimension until the tiles fit: head-dim chunks first (down to 32), then
     # rows; every dimension stays >= 16, the smallest tl.dot tile.
-    while _shared_bytes(kernel, bn, bm, bd, bdv, elem) > shared_limit:
+    while _shared_bytes(kernel, bn, bm, bd, bdv, elem, capability) > shared_limit:
         if max(bd, bdv) > 32:
             if bd >= bdv:
                 bd //= 2
@@ -150,11 +163,13 @@ def launch_config(kernel, dtype, D, Dv, shared_limit, interpret=False):
     return meta
 
 
-def shared_limit(device):
-    """Shared memory per block (bytes) launch_config fits the tiles into for tensors on ``device``."""
+def device_limits(device):
+    """(compute capability, shared memory per block in bytes) launch_config sizes tiles for, for
+    tensors on ``device``; under the interpreter (CPU tensors), those of sm_86/89."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    return _INTERPRETER_SHARED_LIMIT
+        props = torch.cuda.get_device_properties(device)
+        return (props.major, props.minor), props.shared_memory_per_block_optin
+    return _INTERPRETER_ARCH, SHARED_MEMORY_LIMITS[_INTERPRETER_ARCH]
 
 
 if AVAILABLE:
@@ -456,8 +471,8 @@ if AVAILABLE:
         return tuple(t.stride())
 
     def _configs(q, D, Dv, kernels):
-        limit = shared_limit(q.device)
-        return [launch_config(name, q.dtype, D, Dv, limit, _INTERPRET) for name in kernels]
+        capability, limit = device_limits(q.device)
+        return [launch_config(name, q.dtype, D, Dv, capability, limit, _INTERPRET) for name in kernels]
 
     # ------------------------------------------------------------------------------ op bodies
     def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
