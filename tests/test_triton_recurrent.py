@@ -372,14 +372,15 @@ def test_launches_inside_device_guard(monkeypatch):
     gen = torch.Generator().manual_seed(15)
     B, C, H, W = SHAPES[0]
     r = lambda *s: _rand(*s, dtype=torch.float64, gen=gen).requires_grad_()  # noqa: E731
+    gates_pre = r(B, 4 * C, H, W)
     with launch_devices(monkeypatch, tk) as launches:
-        h, c, _ = tk.lstm_cell(r(B, 4 * C, H, W), r(B, C, H, W), r(3, C))
+        h, c, _ = tk.lstm_cell(gates_pre, r(B, C, H, W), r(3, C))
         (h.sum() + c.sum()).backward()
         hg, _ = tk.gru_cell(r(B, 3 * C, H, W), r(B, 3 * C, H, W), r(B, C, H, W), True)
         hg.sum().backward()
         out = tk.gru_reset_hidden(r(B, C, H, W), r(B, C, H, W), r(B, C, H, W))
         out.sum().backward()
-    assert len(launches) == 6 and launches == [torch.device(DEVICE)] * 6
+    assert len(launches) == 6 and launches == [gates_pre.device] * 6
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
