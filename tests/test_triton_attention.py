@@ -456,4 +456,5 @@ def test_second_gpu():
                              grad_lse.cpu(), torch.float64)
     for name, g, w in zip(NAMES, got, want):
         assert g.device == torch.device("cuda", 1), name
-        torch.testing.assert_close(g.double().cpu(), w, **_tol(torch.float32), msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.double().cpu(), w, **_tol(torch.float32),
+                                   msg=lambda m: f"{name}: {m}")
