@@ -54,7 +54,7 @@ def _check(x, w, b, s, p, d, dtype):
     yr = F.conv3d(rins[0], rins[1], rbias, s, p, d, groups=x.shape[1])
     assert y.shape == yr.shape and y.dtype == dtype
     torch.testing.assert_close(y, yr, **_tol(dtype))
-    go = torch.randn(yr.shape, dtype=dtype, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    go = torch.randn(yr.shape, dtype=dtype, generator=torch.Generator().manual_seed(7)).to(x.device)
     grads = torch.autograd.grad(y, ins, go)
     rgrads = torch.autograd.grad(yr, rins, go)
     for name, g, r in zip(("input", "weight", "bias"), grads, rgrads):
@@ -131,3 +131,69 @@ def test_public_op_triton_backend():
     with fastvid.backend("triton"):
         y = depthwise_conv3d(x, w, b, s, p, d)
     torch.testing.assert_close(y, F.conv3d(x, w, b, s, p, d, groups=x.shape[1]), **_tol(torch.float32))
+
+
+# ------------------------------------------------------------------------------ bf16 / fp16
+def _abs_sums(x, w, b, go, s, p, d):
+    """Per output element of the forward, input gradient and weight/bias gradient: Σ|term| over
+    the products it sums (fp64), from the same convolution on absolute values."""
+    xa, wa = x.double().abs().requires_grad_(True), w.double().abs().requires_grad_(True)
+    ba = b.double().abs().requires_grad_(True) if b is not None else None
+    y = F.conv3d(xa, wa, ba, s, p, d, groups=x.shape[1])
+    grads = torch.autograd.grad(y, [t for t in (xa, wa, ba) if t is not None], go.double().abs())
+    return (y.detach(), *grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_low_precision_matches_fp64_oracle(config, dtype):
+    """bf16/fp16 in, fp32 accumulation, one rounding to the dtype on the way out. Judged against
+    the fp64 convolution of the same (rounded) inputs, per element:
+        |ours - exact| <= eps(dtype)·|exact| + n·eps(fp32)·Σ|terms|
+    (one output rounding, with a factor-2 margin, plus fp32 summation of n terms), for values and
+    the input, weight and bias gradients. The interpreter takes the FIX_BF16 store path here (bf16
+    rounded by hand); the compiled GPU variant is covered by tests/test_triton_compile.py."""
+    x, w, b, s, p, d = _sample(config, torch.float64, seed=19)
+    x, w = x.to(dtype), w.to(dtype)
+    b = b.to(dtype) if b is not None else None
+    ins = [t.detach().clone().requires_grad_(True) for t in (x, w, b) if t is not None]
+    y = tk.depthwise_conv3d(ins[0], ins[1], ins[2] if b is not None else None, s, p, d)
+    go = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).to(dtype)
+    grads = torch.autograd.grad(y, ins, go)
+
+    rins = [t.detach().double().requires_grad_(True) for t in ins]
+    yr = F.conv3d(rins[0], rins[1], rins[2] if b is not None else None, s, p, d, groups=x.shape[1])
+    rgrads = torch.autograd.grad(yr, rins, go.double())
+    sums = _abs_sums(x, w, b, go, s, p, d)
+
+    B, C, m, _, k, *_ = config
+    taps = k[0] * k[1] * k[2]
+    positions = B * yr.shape[2] * yr.shape[3] * yr.shape[4]
+    terms = (taps + 1, m * taps, positions, positions)  # y, grad input, grad weight, grad bias
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+    for name, got, exact, total, n in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                                          (y, *grads), (yr, *rgrads), sums, terms):
+        assert got.dtype == dtype, name
+        err = (got.double() - exact).abs()
+        bound = eps * exact.abs() + n * eps32 * total
+        worst = (err - bound).argmax()
+        assert (err <= bound).all(), (f"{name}: error {err.flatten()[worst]:.3g} > bound "
+                                      f"{bound.flatten()[worst]:.3g} at flat index {worst}")
+
+
+def test_launches_inside_device_guard(monkeypatch):
+    from _triton_guard import launch_devices
+
+    x, w, b, s, p, d = _sample(CONFIGS[0], torch.float64, seed=20)
+    with launch_devices(monkeypatch, tk) as launches:
+        _check(x, w, b, s, p, d, torch.float64)
+    assert len(launches) == 3 and launches == [x.device] * 3  # forward, input grad, weight grad
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current."""
+    x, w, b, s, p, d = (t.to("cuda:1") if isinstance(t, torch.Tensor) else t
+                        for t in _sample(CONFIGS[1], torch.float32, seed=21))
+    with torch.cuda.device(0):
+        _check(x, w, b, s, p, d, torch.float32)

@@ -8,6 +8,8 @@ Interpreter notes (TRITON_INTERPRET=1, how the kernels run on CPU tensors here):
   fake or meta tensors (the op then acts as its own shape function), and the ops are kept opaque
   under functionalization so compiled graphs call them eagerly instead of losing the kernel.
 """
+import contextlib
+
 import torch
 
 try:
@@ -80,6 +82,14 @@ if AVAILABLE:
         if n == 0 or t.device.type == "meta":
             return False
         return not (INTERPRET and is_fake(t))
+
+    def device_guard(t):
+        """Context for launching a kernel on ``t``: Triton launches on the current CUDA device and
+        its current stream, so make ``t``'s device current (nothing to do for CPU tensors under the
+        interpreter). Launchers look it up as ``_common.device_guard`` at call time."""
+        if t.device.type == "cuda":
+            return torch.cuda.device(t.device)
+        return contextlib.nullcontext()
 
     def no_double_backward(name):
         """Autograd formula of a backward op: differentiating it raises."""

@@ -58,6 +58,7 @@ if AVAILABLE:
     from torch._subclasses.fake_tensor import is_fake
     from torch.library import wrap_triton  # bare name: torch's kernel discovery looks for it
 
+    from . import _common
     from ._common import FIX_BF16 as _FIX_BF16
     from ._common import check_tensor as _check_tensor, ld as _ld, register_ops
     from ._common import should_launch as _launch, st as _st
@@ -77,7 +78,7 @@ if AVAILABLE:
         r = r // HO
         ot = r % TO
         r = r // TO
-        CM = C * M
+        CM = tl.cast(C, tl.int64) * M
         o = r % CM
         b = r // CM
         c = o // M
@@ -118,7 +119,7 @@ if AVAILABLE:
         r = r // T
         c = r % C
         b = r // C
-        CM = C * M
+        CM = tl.cast(C, tl.int64) * M
         if IS64:
             acc = tl.zeros([BLOCK], dtype=tl.float64)
         else:
@@ -158,12 +159,12 @@ if AVAILABLE:
         tap = tl.program_id(1)
         split = tl.program_id(2).to(tl.int64)
         KK: tl.constexpr = KT * KH * KW
-        CM = C * M
+        CM = tl.cast(C, tl.int64) * M
         kt = tap // (KH * KW)
         kh = (tap // KW) % KH
         kw = tap % KW
         c = o // M
-        SP = TO * HO * WO
+        SP = tl.cast(TO, tl.int64) * HO * WO  # one channel's output positions: may pass 2^31
         lo = split * CHUNK
         hi = tl.minimum(lo + CHUNK, NP)
         if IS64:
@@ -246,11 +247,12 @@ if AVAILABLE:
         N = y.numel()
         if _launch(N, input):
             KT, KH, KW = weight.shape[2:]
-            wrap_triton(_dw3d_fwd_kernel)[(triton.cdiv(N, BLOCK_SIZE),)](
-                input, weight, bias if bias is not None else weight, y, N,
-                *_conv_scalars(input, weight, out, stride, padding, dilation),
-                KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None,
-                IS64=input.dtype == torch.float64, FIX_BF16=_FIX_BF16, BLOCK=BLOCK_SIZE)
+            with _common.device_guard(input):
+                wrap_triton(_dw3d_fwd_kernel)[(triton.cdiv(N, BLOCK_SIZE),)](
+                    input, weight, bias if bias is not None else weight, y, N,
+                    *_conv_scalars(input, weight, out, stride, padding, dilation),
+                    KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None,
+                    IS64=input.dtype == torch.float64, FIX_BF16=_FIX_BF16, BLOCK=BLOCK_SIZE)
         return y
 
     def _bwd_impl(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
@@ -277,9 +279,10 @@ if AVAILABLE:
             grad_input = torch.empty_like(input)
             N = input.numel()
             if launch and N:
-                wrap_triton(_dw3d_bwd_input_kernel)[(triton.cdiv(N, BLOCK_SIZE),)](
-                    grad_output, weight, grad_input, N, *scalars, KT=KT, KH=KH, KW=KW,
-                    IS64=is64, FIX_BF16=_FIX_BF16, BLOCK=BLOCK_SIZE)
+                with _common.device_guard(input):
+                    wrap_triton(_dw3d_bwd_input_kernel)[(triton.cdiv(N, BLOCK_SIZE),)](
+                        grad_output, weight, grad_input, N, *scalars, KT=KT, KH=KH, KW=KW,
+                        IS64=is64, FIX_BF16=_FIX_BF16, BLOCK=BLOCK_SIZE)
             elif not launch and N and grad_output.numel() == 0 and not is_fake(input):
                 grad_input.zero_()
 
@@ -294,9 +297,10 @@ if AVAILABLE:
             gw = torch.zeros((splits, CM, KK), dtype=acc, device=input.device)
             gb = torch.zeros((splits, CM), dtype=acc, device=input.device)
             if launch:
-                wrap_triton(_dw3d_bwd_weight_kernel)[(CM, KK if want_weight else 1, splits)](
-                    grad_output, input, gw, gb, NP, chunk, *scalars, KT=KT, KH=KH, KW=KW,
-                    HAS_BIAS=want_bias, IS64=is64, BLOCK=BLOCK_SIZE)
+                with _common.device_guard(input):
+                    wrap_triton(_dw3d_bwd_weight_kernel)[(CM, KK if want_weight else 1, splits)](
+                        grad_output, input, gw, gb, NP, chunk, *scalars, KT=KT, KH=KH, KW=KW,
+                        HAS_BIAS=want_bias, IS64=is64, BLOCK=BLOCK_SIZE)
             if want_weight:
                 grad_weight = gw.sum(0).reshape(weight.shape).to(input.dtype)
             if want_bias:

@@ -51,6 +51,7 @@ BLOCK_SIZE = 1024
 if AVAILABLE:
     from torch.library import wrap_triton  # bare name: torch's kernel discovery looks for it
 
+    from . import _common
     from ._common import FIX_BF16 as _FIX_BF16
     from ._common import check_tensor, ld as _ld, register_ops, should_launch, st as _st
 
@@ -71,9 +72,11 @@ if AVAILABLE:
 
     @triton.jit
     def _cell_index(N, C, HW, BLOCK: tl.constexpr):
+        """Flat cell offsets of this program, their mask, batch b, rem = ch*HW + p, and C*HW, all
+        int64: G*C*HW passes 2^31 at 2^29 cells per sample for G = 4 gates."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
-        CHW = C * HW
+        CHW = tl.cast(C, tl.int64) * HW
         b = offs // CHW
         rem = offs - b * CHW  # ch * HW + p
         return offs, mask, b, rem, CHW
@@ -274,10 +277,11 @@ if AVAILABLE:
         N = c_prev.numel()
         if _launch(N, c_prev):
             HW = c_prev.shape[2] * c_prev.shape[3]
-            wrap_triton(_lstm_cell_fwd_kernel)[_grid(N)](
-                gates_pre, c_prev, w, h, c, gates, N, C, HW,
-                HAS_PEEP=peephole is not None, IS64=acc == torch.float64, FIX_BF16=_FIX_BF16,
-                BLOCK=BLOCK_SIZE)
+            with _common.device_guard(c_prev):
+                wrap_triton(_lstm_cell_fwd_kernel)[_grid(N)](
+                    gates_pre, c_prev, w, h, c, gates, N, C, HW,
+                    HAS_PEEP=peephole is not None, IS64=acc == torch.float64, FIX_BF16=_FIX_BF16,
+                    BLOCK=BLOCK_SIZE)
         return h, c, gates
 
     def _lstm_cell_backward_impl(grad_h: Optional[torch.Tensor], grad_c: Optional[torch.Tensor],
@@ -304,11 +308,12 @@ if AVAILABLE:
         N = c_prev.numel()
         if _launch(N, c_prev):
             HW = c_prev.shape[2] * c_prev.shape[3]
-            wrap_triton(_lstm_cell_bwd_kernel)[_grid(N)](
-                dh, dc, gates, c_prev, c, w, grad_gates_pre, grad_c_prev, N, C, HW,
-                HAS_DH=grad_h is not None, HAS_DC=grad_c is not None,
-                HAS_PEEP=peephole is not None, IS64=acc == torch.float64, FIX_BF16=_FIX_BF16,
-                BLOCK=BLOCK_SIZE)
+            with _common.device_guard(c_prev):
+                wrap_triton(_lstm_cell_bwd_kernel)[_grid(N)](
+                    dh, dc, gates, c_prev, c, w, grad_gates_pre, grad_c_prev, N, C, HW,
+                    HAS_DH=grad_h is not None, HAS_DC=grad_c is not None,
+                    HAS_PEEP=peephole is not None, IS64=acc == torch.float64, FIX_BF16=_FIX_BF16,
+                    BLOCK=BLOCK_SIZE)
         return grad_gates_pre, grad_c_prev
 
     def _gru_cell_impl(x_gates: torch.Tensor, h_gates: torch.Tensor, h_prev: torch.Tensor,
@@ -325,10 +330,11 @@ if AVAILABLE:
         cache = torch.empty((B, 4 * C, H, W), dtype=h_prev.dtype, device=h_prev.device)
         N = h_prev.numel()
         if _launch(N, h_prev):
-            wrap_triton(_gru_cell_fwd_kernel)[_grid(N)](
-                x_gates, h_gates, h_prev, h, cache, N, C, H * W,
-                RESET_AFTER=bool(reset_after), IS64=acc == torch.float64, FIX_BF16=_FIX_BF16,
-                BLOCK=BLOCK_SIZE)
+            with _common.device_guard(h_prev):
+                wrap_triton(_gru_cell_fwd_kernel)[_grid(N)](
+                    x_gates, h_gates, h_prev, h, cache, N, C, H * W,
+                    RESET_AFTER=bool(reset_after), IS64=acc == torch.float64, FIX_BF16=_FIX_BF16,
+                    BLOCK=BLOCK_SIZE)
         return h, cache
 
     def _gru_cell_backward_impl(grad_h: torch.Tensor, cache: torch.Tensor, h_prev: torch.Tensor,
@@ -347,10 +353,11 @@ if AVAILABLE:
         grad_h_prev = torch.empty_like(h_prev)
         N = h_prev.numel()
         if _launch(N, h_prev):
-            wrap_triton(_gru_cell_bwd_kernel)[_grid(N)](
-                grad_h, cache, h_prev, grad_x, grad_hg, grad_h_prev, N, C, H * W,
-                RESET_AFTER=bool(reset_after), IS64=acc == torch.float64, FIX_BF16=_FIX_BF16,
-                BLOCK=BLOCK_SIZE)
+            with _common.device_guard(h_prev):
+                wrap_triton(_gru_cell_bwd_kernel)[_grid(N)](
+                    grad_h, cache, h_prev, grad_x, grad_hg, grad_h_prev, N, C, H * W,
+                    RESET_AFTER=bool(reset_after), IS64=acc == torch.float64, FIX_BF16=_FIX_BF16,
+                    BLOCK=BLOCK_SIZE)
         return grad_x, grad_hg, grad_h_prev
 
     def _gru_reset_hidden_impl(x_r: torch.Tensor, h_r: torch.Tensor,
@@ -365,9 +372,10 @@ if AVAILABLE:
         out = torch.empty_like(h_prev)
         N = h_prev.numel()
         if _launch(N, h_prev):
-            wrap_triton(_gru_reset_fwd_kernel)[_grid(N)](
-                x_r, h_r, h_prev, out, N,
-                IS64=acc == torch.float64, FIX_BF16=_FIX_BF16, BLOCK=BLOCK_SIZE)
+            with _common.device_guard(h_prev):
+                wrap_triton(_gru_reset_fwd_kernel)[_grid(N)](
+                    x_r, h_r, h_prev, out, N,
+                    IS64=acc == torch.float64, FIX_BF16=_FIX_BF16, BLOCK=BLOCK_SIZE)
         return out
 
     def _gru_reset_hidden_backward_impl(grad: torch.Tensor, x_r: torch.Tensor, h_r: torch.Tensor,
@@ -384,9 +392,10 @@ if AVAILABLE:
         grad_h_prev = torch.empty_like(h_prev)
         N = h_prev.numel()
         if _launch(N, h_prev):
-            wrap_triton(_gru_reset_bwd_kernel)[_grid(N)](
-                grad, x_r, h_r, h_prev, grad_r_pre, grad_h_prev, N,
-                IS64=acc == torch.float64, FIX_BF16=_FIX_BF16, BLOCK=BLOCK_SIZE)
+            with _common.device_guard(h_prev):
+                wrap_triton(_gru_reset_bwd_kernel)[_grid(N)](
+                    grad, x_r, h_r, h_prev, grad_r_pre, grad_h_prev, N,
+                    IS64=acc == torch.float64, FIX_BF16=_FIX_BF16, BLOCK=BLOCK_SIZE)
         return grad_r_pre, grad_h_prev
 
     # ------------------------------------------------------------------------------ autograd

@@ -7,8 +7,9 @@ log-sum-exp, backward recomputes the tiles, so memory is linear in N and M. Back
 * ``cpu``: ``torch.ops.fastvid.nonlocal_attention`` (+ ``_backward``), the C++ kernel in
   ``csrc/attention/attention_cpu.cpp`` (tiles multiplied by MKL's GEMM, softmax vectorised);
 * ``cuda``: PyTorch's fused attention kernels (``F.scaled_dot_product_attention``: flash /
-  memory-efficient / cuDNN, which PyTorch picks) — fastvid has no CUDA attention kernel of its own,
-  the Triton kernel is the alternative on GPUs;
+  memory-efficient / cuDNN, which PyTorch picks) — fastvid has no CUDA attention kernel of its own;
+  where SDPA would fall back to its quadratic-memory math path (see :func:`cuda_attention_kernel`)
+  the Triton kernel runs instead;
 * ``triton``: ``triton_kernels/attention.py``;
 * ``reference``: ``fastvid/reference/attention.py`` (materialises the N×M matrix).
 
@@ -31,7 +32,7 @@ from .. import _backend
 from ._common import autocast_inputs, check_one_device, double_backward_unsupported
 from ..reference import attention as ref
 
-__all__ = ["nonlocal_attention", "dot_product_attention", "concatenation_attention"]
+__all__ = ["nonlocal_attention", "dot_product_attention", "concatenation_attention", "cuda_attention_kernel"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -106,6 +107,25 @@ if _has_cpu_op():
                                     double_backward_unsupported("nonlocal_attention_backward"))
 
 
+# Widest head dim PyTorch's fused SDPA kernels (flash, memory-efficient, cuDNN) are relied on for.
+SDPA_MAX_HEAD_DIM = 256
+
+
+def cuda_attention_kernel(dtype: torch.dtype, head_dim: int, value_dim: int, capability) -> str:
+    """Which kernel the ``cuda`` backend runs for nonlocal attention: ``"sdpa"``
+    (``F.scaled_dot_product_attention``) or ``"triton"`` (fastvid's kernel, linear memory).
+
+    SDPA has fused kernels for fp16/bf16/fp32 with head dims up to 256; anything else (fp64, wider
+    heads such as Nonlocal I3D's res4 blocks with D = 512) goes to its math path, which stores the
+    N×M affinity matrix. Those cases run the Triton kernel, except bf16 before sm_80 (``capability``
+    is ``(major, minor)``), where Triton has no bf16 ``tl.dot`` either."""
+    if dtype == torch.bfloat16 and tuple(capability) < (8, 0):
+        return "sdpa"
+    if dtype == torch.float64 or max(head_dim, value_dim) > SDPA_MAX_HEAD_DIM:
+        return "triton"
+    return "sdpa"
+
+
 def _triton_attention(q, k, v, scale):
     from ..triton_kernels import attention  # noqa: F401  (registers the op; importing triton is slow)
     return torch.ops.fastvid.triton_nonlocal_attention(q, k, v, scale)
@@ -143,7 +163,11 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
         else:
             out = torch.ops.fastvid.nonlocal_attention(q, k, v, scale)[0]
     elif which == "cuda":
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if _backend.triton_importable() and cuda_attention_kernel(
+                q.dtype, q.shape[-1], v.shape[-1], torch.cuda.get_device_capability(q.device)) == "triton":
+            out = _triton_attention(q, k, v, scale)[0]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     elif which == "triton":
         out = _triton_attention(q, k, v, scale)[0]
     else:
