@@ -5,8 +5,9 @@
 #include "depthwise3d_cuda_kernels.cuh"
 #include "depthwise3d_kernels.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
