@@ -58,16 +58,16 @@ def _sequence_cases():
         cases.append(("convlstm_sequence_backward",
                       (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, w_ih, w_hh, True,
                        h0, c0, peephole, output, gates, cells, workspace, PAD, DIL, False, strategy, False),
-                      {"x", "weight_ih"} | ({"workspace"} if strategy == 0 else set())))
+                      {"x", "weight_ih"}))
     w3_ih, w3_hh = torch.randn(3 * C, C_IN, 3, 3), torch.randn(3 * C, C, 3, 3)
     b_ih, b_hh = torch.randn(3 * C), torch.randn(3 * C)
-    for reset_after in (True, False):
-        fwd = (x, w3_ih, w3_hh, b_ih, b_hh, h0, PAD, DIL, reset_after, False, 1, False, True)
+    for reset_after, strategy in ((True, 1), (False, 1), (True, 0)):
+        fwd = (x, w3_ih, w3_hh, b_ih, b_hh, h0, PAD, DIL, reset_after, False, strategy, False, True)
         output, h_n, cache, workspace = torch.ops.fastvid.convgru_sequence(*fwd)
         cases.append(("convgru_sequence", fwd, {"x", "weight_ih"}))
         cases.append(("convgru_sequence_backward",
                       (torch.randn_like(output), torch.randn_like(h_n), x, w3_ih, w3_hh, b_ih, b_hh, h0, output, cache,
-                       workspace, PAD, DIL, reset_after, False, 1, False),
+                       workspace, PAD, DIL, reset_after, False, strategy, False),
                       {"x", "weight_ih"}))
     return cases
 

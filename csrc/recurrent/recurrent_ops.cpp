@@ -168,11 +168,12 @@ void check_arg(const char* op, const char* name, const Tensor& t, at::IntArrayRe
   TORCH_CHECK_VALUE(t.sizes() == sizes, op, ": ", name, " must be ", sizes, ", got ", t.sizes());
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device(), "; all tensors must be on one device");
-  if (dtype.has_value())
+  if (dtype.has_value()) {
     TORCH_CHECK_TYPE(t.scalar_type() == *dtype, op, ": ", name, " must have dtype ", *dtype, ", got ", t.scalar_type());
-  else
+  } else {
     TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
                      t.scalar_type());
+  }
 }
 
 void check_optional_arg(const char* op, const char* name, const OptTensor& t, at::IntArrayRef sizes, const Tensor& ref,
@@ -352,6 +353,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     // hoisted, time-major for concat; the concat workspace is the [x, h] buffer.
     if (strategy == kHoisted) {
       check_arg(op, "gates", gates, {B, T, 4 * C, H, W}, x, "x", x.scalar_type());
+      check_arg(op, "workspace", workspace, {0}, x, "x", x.scalar_type());  // hoisted has none
     } else {
       check_arg(op, "gates", gates, {T, B, 4 * C, H, W}, x, "x", x.scalar_type());
       check_arg(op, "workspace", workspace, {T, B, g.Cin + C, H, W}, x, "x", x.scalar_type());
@@ -607,8 +609,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     // The caches saved by convgru_sequence(save=True): the concat workspace holds one [x, h] buffer
     // (reset_after) or two ([x, h] and [x, r·h]).
     check_arg(op, "cache", cache, {B, T, 4 * C, H, W}, x, "x", x.scalar_type());
-    if (strategy == kConcat)
-      check_arg(op, "workspace", workspace, {reset_after ? 1 : 2, T, B, g.Cin + C, H, W}, x, "x", x.scalar_type());
+    const std::vector<int64_t> workspace_shape =
+        strategy == kConcat ? std::vector<int64_t>{reset_after ? 1 : 2, T, B, g.Cin + C, H, W}
+                            : std::vector<int64_t>{0};  // hoisted has none
+    check_arg(op, "workspace", workspace, workspace_shape, x, "x", x.scalar_type());
   }
   const c10::DeviceGuard guard(x.device());
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
@@ -756,6 +760,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
 struct CellGeometry {
   int64_t B, C, H, W;
   at::MemoryFormat fmt;
+  const char* ref_name;  // the argument the others are checked against
 };
 
 CellGeometry check_gates(const char* op, const char* name, const Tensor& gates, int64_t num_gates) {
@@ -767,7 +772,8 @@ CellGeometry check_gates(const char* op, const char* name, const Tensor& gates, 
                     " channels, not a multiple of ", num_gates);
   // channels_last only when dense in it (mirrored by _is_cl4 in fastvid/ops/recurrent.py).
   const bool channels_last = gates.is_contiguous(at::MemoryFormat::ChannelsLast) && !gates.is_contiguous();
-  CellGeometry g{gates.size(0), gates.size(1) / num_gates, gates.size(2), gates.size(3), frame_format(channels_last)};
+  CellGeometry g{gates.size(0), gates.size(1) / num_gates, gates.size(2), gates.size(3), frame_format(channels_last),
+                 name};
   return g;
 }
 
@@ -776,12 +782,13 @@ void check_like(const char* op, const char* name, const Tensor& t, const CellGeo
   TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == g.B && t.size(1) == channels && t.size(2) == g.H &&
                         t.size(3) == g.W,
                     op, ": ", name, " must be [", g.B, ", ", channels, ", ", g.H, ", ", g.W, "], got ", t.sizes());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), ", expected ", ref.device());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", g.ref_name, " is on ",
+              ref.device(), "; all tensors must be on one device");
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
                    t.scalar_type());
   if (same_dtype)
     TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-                     ", expected ", ref.scalar_type());
+                     " but ", g.ref_name, " has dtype ", ref.scalar_type());
 }
 
 std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& gates_pre, const Tensor& c_prev,
