@@ -185,10 +185,11 @@ struct Sizes {
 };
 
 Sizes check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (const auto* t : {&q, &k, &v}) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     TORCH_CHECK(t->dim() == 3, "fastvid.", op, ": q, k, v must be 3-D [B, rows, dim], got shapes ", q.sizes(),
                 ", ", k.sizes(), ", ", v.sizes());
-    TORCH_CHECK(t->device().is_cpu(), "fastvid.", op, ": the CPU kernel needs CPU tensors, got ", t->device());
+    TORCH_CHECK(t->device().is_cpu(), "fastvid.", op, ": the CPU kernel needs CPU tensors, got ", name, " on ",
+                t->device());
   }
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "fastvid.", op,
               ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
@@ -386,6 +387,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_backward_cpu(
   const Sizes sz = check_inputs("nonlocal_attention_backward", q_in, k_in, v_in);
   const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const std::vector<int64_t> out_shape{sz.B, sz.N, sz.Dv}, row_shape{sz.B, sz.N};
+  // Device and dtype of the saved tensors and gradients, before any of them is read.
+  const std::pair<const char*, const at::Tensor*> others[] = {
+      {"grad_out", &grad_out_in}, {"out", &out_in}, {"lse", &lse_in},
+      {"grad_lse", grad_lse_in.has_value() && grad_lse_in->defined() ? &*grad_lse_in : nullptr}};
+  for (const auto& [name, t] : others) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->device().is_cpu(), "fastvid.nonlocal_attention_backward: ", name,
+                " must be a CPU tensor like q, got ", t->device());
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "fastvid.nonlocal_attention_backward: ", name,
+                " must be floating point, got ", t->scalar_type());
+  }
+  TORCH_CHECK(out_in.scalar_type() == q_in.scalar_type(), "fastvid.nonlocal_attention_backward: out must have q's dtype ",
+              q_in.scalar_type(), ", got ", out_in.scalar_type());
   TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape, "fastvid.nonlocal_attention_backward: ",
               "grad_out and out must be ", c10::IntArrayRef(out_shape), ", got ", grad_out_in.sizes(), " and ",
               out_in.sizes());

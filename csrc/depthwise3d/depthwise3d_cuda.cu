@@ -1,129 +1,69 @@
-// CUDA launchers of the depthwise 3D conv kernels (interface: depthwise3d_kernels.h). A thin layer
-// over the per-element formulas of depthwise3d_math.h, which the CPU kernel also runs (for channel
-// multiplier m > 1): one grid-stride thread per output (forward) or input (input gradient) element,
-// channels fastest so neighbouring threads read neighbouring NDHWC elements; the weight and bias
-// gradients reduce over all output positions in one block per (32 output channels, tap).
+// CUDA launchers of the depthwise 3D conv kernels (interface: depthwise3d_kernels.h). The kernels
+// live in depthwise3d_cuda_kernels.cuh, which tests run on the CPU; this file only picks the dtype,
+// the grid size, the stream and allocates the weight gradient's workspace. `*_cuda` take NDHWC
+// tensors, `*_ncdhw_cuda` NCDHW ones (both any channel multiplier).
+#include "depthwise3d_cuda_kernels.cuh"
 #include "depthwise3d_kernels.h"
-#include "depthwise3d_math.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-
-#include <algorithm>
 
 namespace fastvid {
 namespace depthwise3d {
 namespace {
 
-constexpr int kThreads = 256;
+int64_t multiprocessors() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+int64_t max_blocks() { return multiprocessors() * 32; }
 
-int64_t blocks_for(int64_t n) { return std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 16); }
-
-template <typename scalar_t>
-__global__ void forward_kernel(Geometry g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
-                               const at::opmath_type<scalar_t>* bias, scalar_t* output, int64_t n) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t Cout = g.out_channels();
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = i % Cout, position = i / Cout;
-    const int64_t ow = position % g.out[2], oh = (position / g.out[2]) % g.out[1];
-    const int64_t ot = (position / (g.out[2] * g.out[1])) % g.out[0];
-    const int64_t b = position / (g.out[2] * g.out[1] * g.out[0]);
-    output[i] = static_cast<scalar_t>(forward_element<scalar_t, acc_t>(g, input, weight, bias, b, ot, oh, ow, o));
-  }
+void forward(const ForwardArgs& a, bool ncdhw) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.dtype, "fastvid.depthwise_conv3d", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cuda::launch_forward<scalar_t>(a.geo, ncdhw, static_cast<const scalar_t*>(a.input),
+                                   static_cast<const acc_t*>(a.weight), static_cast<const acc_t*>(a.bias),
+                                   static_cast<scalar_t*>(a.output), max_blocks(),
+                                   at::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
-template <typename scalar_t>
-__global__ void input_grad_kernel(Geometry g, const scalar_t* grad_output, const at::opmath_type<scalar_t>* weight,
-                                  scalar_t* grad_input, int64_t n) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = g.channels;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = i % C, position = i / C;
-    const int64_t iw = position % g.in[2], ih = (position / g.in[2]) % g.in[1];
-    const int64_t it = (position / (g.in[2] * g.in[1])) % g.in[0];
-    const int64_t b = position / (g.in[2] * g.in[1] * g.in[0]);
-    grad_input[i] =
-        static_cast<scalar_t>(input_grad_element<scalar_t, acc_t>(g, grad_output, weight, b, it, ih, iw, c));
-  }
+void input_grad(const InputGradArgs& a, bool ncdhw) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.dtype, "fastvid.depthwise_conv3d_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cuda::launch_input_grad<scalar_t>(a.geo, ncdhw, static_cast<const scalar_t*>(a.grad_output),
+                                      static_cast<const acc_t*>(a.weight), static_cast<scalar_t*>(a.grad_input),
+                                      max_blocks(), at::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
-// blockIdx.x: 32 output channels (threadIdx.x), blockIdx.y: tap (taps() = bias); threadIdx.y strides
-// over the output positions, then the 8 partial sums are reduced in shared memory.
-constexpr int kChannelsPerBlock = 32, kLanes = 8;
-
-template <typename scalar_t>
-__global__ void weight_grad_kernel(Geometry g, const scalar_t* grad_output, const scalar_t* input,
-                                   at::opmath_type<scalar_t>* grad_weight, at::opmath_type<scalar_t>* grad_bias,
-                                   int64_t positions) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t partial[kLanes][kChannelsPerBlock];
-  const int64_t o = blockIdx.x * static_cast<int64_t>(kChannelsPerBlock) + threadIdx.x;
-  const int64_t tap = blockIdx.y;
-  const bool wanted = tap < g.taps() ? grad_weight != nullptr : grad_bias != nullptr;
-  acc_t sum(0);
-  if (wanted && o < g.out_channels())
-    for (int64_t p = threadIdx.y; p < positions; p += kLanes)
-      sum += weight_grad_term<scalar_t, acc_t>(g, grad_output, input, p, tap, o);
-  partial[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && wanted && o < g.out_channels()) {
-    acc_t total(0);
-    for (int l = 0; l < kLanes; ++l) total += partial[l][threadIdx.x];
-    if (tap < g.taps()) grad_weight[tap * g.out_channels() + o] = total;
-    else grad_bias[o] = total;
-  }
+void weight_grad(const WeightGradArgs& a, bool ncdhw) {
+  if (a.grad_weight == nullptr && a.grad_bias == nullptr) return;
+  const cuda::WeightGradPlan plan = cuda::weight_grad_plan(a.geo, ncdhw, multiprocessors() * 8);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.dtype, "fastvid.depthwise_conv3d_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // The partial sums, through the caching allocator on the current device and stream.
+    const at::Tensor workspace =
+        at::empty({plan.workspace_elems}, at::TensorOptions().device(at::kCUDA, at::cuda::current_device())
+                                              .dtype(c10::CppTypeToScalarType<acc_t>::value));
+    cuda::launch_weight_grad<scalar_t>(a.geo, ncdhw, plan, static_cast<const scalar_t*>(a.grad_output),
+                                       static_cast<const scalar_t*>(a.input), workspace.data_ptr<acc_t>(),
+                                       static_cast<acc_t*>(a.grad_weight), static_cast<acc_t*>(a.grad_bias),
+                                       max_blocks(), at::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace
 
-void forward_cuda(const ForwardArgs& a) {
-  const Geometry& g = a.geo;
-  const int64_t n = g.batch * g.out[0] * g.out[1] * g.out[2] * g.out_channels();
-  if (n == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.dtype, "fastvid.depthwise_conv3d", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t><<<static_cast<unsigned>(blocks_for(n)), kThreads, 0,
-                               at::cuda::getCurrentCUDAStream()>>>(
-        g, static_cast<const scalar_t*>(a.input), static_cast<const acc_t*>(a.weight),
-        static_cast<const acc_t*>(a.bias), static_cast<scalar_t*>(a.output), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-void input_grad_cuda(const InputGradArgs& a) {
-  const Geometry& g = a.geo;
-  const int64_t n = g.batch * g.in[0] * g.in[1] * g.in[2] * g.channels;
-  if (n == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.dtype, "fastvid.depthwise_conv3d_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    input_grad_kernel<scalar_t><<<static_cast<unsigned>(blocks_for(n)), kThreads, 0,
-                                  at::cuda::getCurrentCUDAStream()>>>(
-        g, static_cast<const scalar_t*>(a.grad_output), static_cast<const acc_t*>(a.weight),
-        static_cast<scalar_t*>(a.grad_input), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-void weight_grad_cuda(const WeightGradArgs& a) {
-  const Geometry& g = a.geo;
-  if (a.grad_weight == nullptr && a.grad_bias == nullptr) return;
-  const int64_t positions = g.batch * g.out[0] * g.out[1] * g.out[2];
-  const dim3 grid(static_cast<unsigned>((g.out_channels() + kChannelsPerBlock - 1) / kChannelsPerBlock),
-                  static_cast<unsigned>(g.taps() + 1));
-  const dim3 block(kChannelsPerBlock, kLanes);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.dtype, "fastvid.depthwise_conv3d_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    weight_grad_kernel<scalar_t><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
-        g, static_cast<const scalar_t*>(a.grad_output), static_cast<const scalar_t*>(a.input),
-        static_cast<acc_t*>(a.grad_weight), static_cast<acc_t*>(a.grad_bias), positions);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
+void forward_cuda(const ForwardArgs& args) { forward(args, false); }
+void input_grad_cuda(const InputGradArgs& args) { input_grad(args, false); }
+void weight_grad_cuda(const WeightGradArgs& args) { weight_grad(args, false); }
+void forward_ncdhw_cuda(const ForwardArgs& args) { forward(args, true); }
+void input_grad_ncdhw_cuda(const InputGradArgs& args) { input_grad(args, true); }
+void weight_grad_ncdhw_cuda(const WeightGradArgs& args) { weight_grad(args, true); }
 
 }  // namespace depthwise3d
 }  // namespace fastvid

@@ -9,7 +9,7 @@
 
 #include "depthwise3d_math.h"
 
-#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 
 namespace fastvid {
 namespace depthwise3d {
@@ -57,11 +57,14 @@ void input_grad_ncdhw_cpu(const InputGradArgs& args);
 void weight_grad_ncdhw_cpu(const WeightGradArgs& args);
 
 #ifdef FASTVID_WITH_CUDA
-// depthwise3d_cuda.cu: the per-element formulas of depthwise3d_math.h, one thread per element
-// (weight gradient: one block per 32 output channels and tap, reducing over positions).
+// depthwise3d_cuda.cu (kernels: depthwise3d_cuda_kernels.cuh): NDHWC tensors as above, and NCDHW
+// tensors with weight / grad_weight [C*m, taps] (any channel multiplier m).
 void forward_cuda(const ForwardArgs& args);
 void input_grad_cuda(const InputGradArgs& args);
 void weight_grad_cuda(const WeightGradArgs& args);
+void forward_ncdhw_cuda(const ForwardArgs& args);
+void input_grad_ncdhw_cuda(const InputGradArgs& args);
+void weight_grad_ncdhw_cuda(const WeightGradArgs& args);
 #endif
 
 }  // namespace depthwise3d

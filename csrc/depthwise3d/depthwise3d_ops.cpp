@@ -2,9 +2,9 @@
 //
 // Outputs are laid out like the input: channels_last_3d when `channels_last(input)` holds, else
 // contiguous (fastvid/ops/depthwise3d.py mirrors this rule in the fake kernels).
-// CPU, channel multiplier 1, input not channels_last, rows >= 16 wide: the NCDHW kernels
-// (depthwise3d_ncdhw_cpu.cpp) run on the contiguous tensors directly, weight as [C, taps].
-// Otherwise the kernels work on channels-innermost (NDHWC) tensors: the wrappers bring input and
+// Input not channels_last, and on CPU channel multiplier 1 and rows >= 16 wide: the NCDHW kernels
+// (depthwise3d_ncdhw_cpu.cpp, depthwise3d_cuda.cu) run on the contiguous tensors directly, weight as
+// [C*m, taps]. Otherwise the kernels work on channels-innermost (NDHWC) tensors: the wrappers bring input and
 // grad_output to channels_last_3d (a no-op for channels_last_3d inputs), transpose the weight to
 // [taps, C*m] in the accumulation type, and copy outputs back to contiguous where the input is not
 // channels_last. Registered for CPU, and for CUDA when built with CUDA (kernels in
@@ -43,9 +43,12 @@ bool channels_last(const Tensor& input) {
 // 16-float vector. Narrower rows (the 8×8 and 4×4 planes of late X3D stages) leave most vector lanes
 // idle and pay the per-plane set-up for few outputs: there the channels-innermost kernels, layout
 // copies included, measured 1.3-3.4× faster (B=2, C=216-432, T=8).
+// The CUDA kernels take NCDHW tensors of any width and multiplier (threads along W stay coalesced).
 constexpr int64_t kNcdhwMinWidth = 16;
 bool ncdhw_path(const Tensor& input, const Geometry& g) {
-  return input.device().is_cpu() && g.multiplier == 1 && !channels_last(input) && input.size(4) >= kNcdhwMinWidth;
+  if (channels_last(input)) return false;
+  if (input.is_cuda()) return true;
+  return g.multiplier == 1 && input.size(4) >= kNcdhwMinWidth;
 }
 
 void check_same(const char* op, const char* name, const Tensor& t, const Tensor& input) {
@@ -100,9 +103,9 @@ Tensor kernel_weight(const Tensor& weight, const Geometry& g) {
   return weight.to(acc_type(weight.scalar_type())).reshape({g.out_channels(), g.taps()}).t().contiguous();
 }
 
-// [C, 1, kT, kH, kW] -> [C, taps] in the accumulation type (the NCDHW kernels' weight).
+// [C*m, 1, kT, kH, kW] -> [C*m, taps] in the accumulation type (the NCDHW kernels' weight).
 Tensor ncdhw_weight(const Tensor& weight, const Geometry& g) {
-  return weight.to(acc_type(weight.scalar_type())).reshape({g.channels, g.taps()}).contiguous();
+  return weight.to(acc_type(weight.scalar_type())).reshape({g.out_channels(), g.taps()}).contiguous();
 }
 
 Tensor empty_channels_last(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options) {
@@ -127,7 +130,7 @@ struct KernelLayout {
   Tensor operand(const Tensor& t) const {
     return ncdhw ? t.contiguous() : t.contiguous(at::MemoryFormat::ChannelsLast3d);
   }
-  // [C, taps] (NCDHW; m == 1) or [taps, C*m], in the accumulation type.
+  // [C*m, taps] (NCDHW) or [taps, C*m], in the accumulation type.
   Tensor weight(const Tensor& w, const Geometry& g) const { return ncdhw ? ncdhw_weight(w, g) : kernel_weight(w, g); }
   Tensor empty(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options) const {
     if (!ncdhw) return empty_channels_last(g, channels, input_side, options);
@@ -159,7 +162,7 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
   a.weight = w.data_ptr();
   a.bias = b.defined() ? b.data_ptr() : nullptr;
   a.output = out.data_ptr();
-  if (layout.ncdhw) forward_ncdhw_cpu(a);
+  if (layout.ncdhw) FASTVID_LAUNCH(forward_ncdhw, a, input.device());
   else FASTVID_LAUNCH(forward, a, input.device());
   return layout.result(out, input);
 }
@@ -192,14 +195,14 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
     a.grad_output = go.data_ptr();
     a.weight = w.data_ptr();
     a.grad_input = gi.data_ptr();
-    if (layout.ncdhw) input_grad_ncdhw_cpu(a);
+    if (layout.ncdhw) FASTVID_LAUNCH(input_grad_ncdhw, a, input.device());
     else FASTVID_LAUNCH(input_grad, a, input.device());
     grad_input = layout.result(gi, input);
   }
   if (output_mask[1] || output_mask[2]) {
     const Tensor x = layout.operand(input);
-    // The kernels' weight gradient is laid out like their weight: [C, taps] or [taps, C*m].
-    const std::vector<int64_t> gw_shape = layout.ncdhw ? std::vector<int64_t>{g.channels, g.taps()}
+    // The kernels' weight gradient is laid out like their weight: [C*m, taps] or [taps, C*m].
+    const std::vector<int64_t> gw_shape = layout.ncdhw ? std::vector<int64_t>{g.out_channels(), g.taps()}
                                                        : std::vector<int64_t>{g.taps(), g.out_channels()};
     Tensor gw = output_mask[1] ? at::empty(gw_shape, input.options().dtype(acc)) : Tensor();
     Tensor gb = output_mask[2] ? at::empty({g.out_channels()}, input.options().dtype(acc)) : Tensor();
@@ -210,7 +213,7 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
     a.input = x.data_ptr();
     a.grad_weight = gw.defined() ? gw.data_ptr() : nullptr;
     a.grad_bias = gb.defined() ? gb.data_ptr() : nullptr;
-    if (layout.ncdhw) weight_grad_ncdhw_cpu(a);
+    if (layout.ncdhw) FASTVID_LAUNCH(weight_grad_ncdhw, a, input.device());
     else FASTVID_LAUNCH(weight_grad, a, input.device());
     if (gw.defined()) {
       grad_weight = at::empty(weight.sizes(), input.options());

@@ -12,7 +12,7 @@
 // the 16-bit types). Index math is 64-bit.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 
 #include <cstdint>
 

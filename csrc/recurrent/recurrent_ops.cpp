@@ -161,6 +161,26 @@ void check_bias(const char* op, const char* name, const OptTensor& bias, int64_t
   check_same(op, name, *bias, x);
 }
 
+// A tensor argument that must have exactly `sizes`, live on ref's device and have dtype `dtype`
+// (any floating dtype when nullopt: the op converts it). Checked before any pointer is taken.
+void check_arg(const char* op, const char* name, const Tensor& t, at::IntArrayRef sizes, const Tensor& ref,
+               const char* ref_name, std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK_VALUE(t.sizes() == sizes, op, ": ", name, " must be ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device(), "; all tensors must be on one device");
+  if (dtype.has_value()) {
+    TORCH_CHECK_TYPE(t.scalar_type() == *dtype, op, ": ", name, " must have dtype ", *dtype, ", got ", t.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
+                     t.scalar_type());
+  }
+}
+
+void check_optional_arg(const char* op, const char* name, const OptTensor& t, at::IntArrayRef sizes, const Tensor& ref,
+                        const char* ref_name, std::optional<at::ScalarType> dtype) {
+  if (t.has_value()) check_arg(op, name, *t, sizes, ref, ref_name, dtype);
+}
+
 // Conv outputs are brought to the sequence's layout (a no-op unless a backend, e.g. the fp64 CPU
 // path, ignores channels_last), since the gate kernels read conv outputs and buffers side by side.
 Tensor conv(const Tensor& input, const Tensor& weight, const OptTensor& bias, const SeqGeometry& g) {
@@ -237,12 +257,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
   check_state(op, "c0", c0, g, x);
   check_bias(op, "bias", bias, 4 * g.C, x);
-  if (peephole.has_value()) {
-    TORCH_CHECK_VALUE(peephole->dim() == 2 && peephole->size(0) == 3 && peephole->size(1) == g.C, op,
-                      ": peephole must be [3, C] = [3, ", g.C, "], got ", peephole->sizes());
-    TORCH_CHECK(peephole->device() == x.device(), op, ": peephole is on ", peephole->device(), " but x is on ",
-                x.device());
-  }
+  check_optional_arg(op, "peephole", peephole, {3, g.C}, x, "x", std::nullopt);
   const c10::DeviceGuard guard(x.device());
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
   const auto opts = x.options();
@@ -325,8 +340,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     bool channels_last) {
   const char* op = "fastvid.convlstm_sequence_backward";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
-  TORCH_CHECK_VALUE(gates.dim() == 5 && cells.dim() == 5, op, ": gates and cells must be the caches saved by "
-                    "convlstm_sequence(save=True)");
+  {
+    const int64_t B = g.B, T = g.T, C = g.C, H = g.H, W = g.W;
+    const auto acc = acc_type(x.scalar_type());
+    check_state(op, "c0", c0, g, x);
+    check_optional_arg(op, "peephole", peephole, {3, C}, x, "x", std::nullopt);
+    check_optional_arg(op, "grad_output", grad_output, {B, T, C, H, W}, x, "x", x.scalar_type());
+    check_optional_arg(op, "grad_h_n", grad_h_n, {B, C, H, W}, x, "x", std::nullopt);
+    check_optional_arg(op, "grad_c_n", grad_c_n, {B, C, H, W}, x, "x", std::nullopt);
+    check_arg(op, "output", output, {B, T, C, H, W}, x, "x", x.scalar_type());
+    // The caches saved by convlstm_sequence(save=True) with the same strategy: gates batch-first for
+    // hoisted, time-major for concat; the concat workspace is the [x, h] buffer.
+    if (strategy == kHoisted) {
+      check_arg(op, "gates", gates, {B, T, 4 * C, H, W}, x, "x", x.scalar_type());
+      check_arg(op, "workspace", workspace, {0}, x, "x", x.scalar_type());  // hoisted has none
+    } else {
+      check_arg(op, "gates", gates, {T, B, 4 * C, H, W}, x, "x", x.scalar_type());
+      check_arg(op, "workspace", workspace, {T, B, g.Cin + C, H, W}, x, "x", x.scalar_type());
+    }
+    check_arg(op, "cells", cells, {B, T, C, H, W}, x, "x", acc);
+  }
   const c10::DeviceGuard guard(x.device());
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
   const auto opts = x.options();
@@ -346,8 +379,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   // d(pre-activation gates), laid out like the gate cache: batch-first for hoisted (matches x),
   // time-major for concat (matches the [x, h] buffer).
   const int64_t time_dim = hoisted ? 1 : 0;
-  TORCH_CHECK_VALUE(gates.size(time_dim) == T && gates.size(1 - time_dim) == B && gates.size(2) == 4 * C, op,
-                    ": gates must be the cache saved by convlstm_sequence(save=True) with the same strategy");
   // concat: the weight gradient is accumulated over chunks of consecutive steps (each chunk one batched
   // conv weight-gradient over its B * chunk frames), so backward holds gate gradients -- and the conv's
   // internal copies of its inputs -- for one chunk instead of the whole sequence. hoisted keeps one call
@@ -568,7 +599,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     at::IntArrayRef dilation, bool reset_after, bool reverse, int64_t strategy, bool channels_last) {
   const char* op = "fastvid.convgru_sequence_backward";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy, channels_last);
-  TORCH_CHECK_VALUE(cache.dim() == 5, op, ": cache must be the cache saved by convgru_sequence(save=True)");
+  check_bias(op, "bias_ih", bias_ih, 3 * g.C, x);
+  check_bias(op, "bias_hh", bias_hh, 3 * g.C, x);
+  {
+    const int64_t B = g.B, T = g.T, C = g.C, H = g.H, W = g.W;
+    check_optional_arg(op, "grad_output", grad_output, {B, T, C, H, W}, x, "x", x.scalar_type());
+    check_optional_arg(op, "grad_h_n", grad_h_n, {B, C, H, W}, x, "x", std::nullopt);
+    check_arg(op, "output", output, {B, T, C, H, W}, x, "x", x.scalar_type());
+    // The caches saved by convgru_sequence(save=True): the concat workspace holds one [x, h] buffer
+    // (reset_after) or two ([x, h] and [x, r·h]).
+    check_arg(op, "cache", cache, {B, T, 4 * C, H, W}, x, "x", x.scalar_type());
+    const std::vector<int64_t> workspace_shape =
+        strategy == kConcat ? std::vector<int64_t>{reset_after ? 1 : 2, T, B, g.Cin + C, H, W}
+                            : std::vector<int64_t>{0};  // hoisted has none
+    check_arg(op, "workspace", workspace, workspace_shape, x, "x", x.scalar_type());
+  }
   const c10::DeviceGuard guard(x.device());
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
   const auto opts = x.options();
@@ -715,6 +760,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
 struct CellGeometry {
   int64_t B, C, H, W;
   at::MemoryFormat fmt;
+  const char* ref_name;  // the argument the others are checked against
 };
 
 CellGeometry check_gates(const char* op, const char* name, const Tensor& gates, int64_t num_gates) {
@@ -726,7 +772,8 @@ CellGeometry check_gates(const char* op, const char* name, const Tensor& gates, 
                     " channels, not a multiple of ", num_gates);
   // channels_last only when dense in it (mirrored by _is_cl4 in fastvid/ops/recurrent.py).
   const bool channels_last = gates.is_contiguous(at::MemoryFormat::ChannelsLast) && !gates.is_contiguous();
-  CellGeometry g{gates.size(0), gates.size(1) / num_gates, gates.size(2), gates.size(3), frame_format(channels_last)};
+  CellGeometry g{gates.size(0), gates.size(1) / num_gates, gates.size(2), gates.size(3), frame_format(channels_last),
+                 name};
   return g;
 }
 
@@ -735,12 +782,13 @@ void check_like(const char* op, const char* name, const Tensor& t, const CellGeo
   TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == g.B && t.size(1) == channels && t.size(2) == g.H &&
                         t.size(3) == g.W,
                     op, ": ", name, " must be [", g.B, ", ", channels, ", ", g.H, ", ", g.W, "], got ", t.sizes());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), ", expected ", ref.device());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", g.ref_name, " is on ",
+              ref.device(), "; all tensors must be on one device");
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
                    t.scalar_type());
   if (same_dtype)
     TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-                     ", expected ", ref.scalar_type());
+                     " but ", g.ref_name, " has dtype ", ref.scalar_type());
 }
 
 std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& gates_pre, const Tensor& c_prev,
@@ -748,9 +796,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& gates_pre, const Tens
   const char* op = "fastvid.lstm_cell";
   const CellGeometry g = check_gates(op, "gates_pre", gates_pre, 4);
   check_like(op, "c_prev", c_prev, g, g.C, gates_pre, false);
-  if (peephole.has_value())
-    TORCH_CHECK_VALUE(peephole->dim() == 2 && peephole->size(0) == 3 && peephole->size(1) == g.C, op,
-                      ": peephole must be [3, C] = [3, ", g.C, "], got ", peephole->sizes());
+  check_optional_arg(op, "peephole", peephole, {3, g.C}, gates_pre, "gates_pre", std::nullopt);
   const c10::DeviceGuard guard(gates_pre.device());
   const auto acc = acc_type(gates_pre.scalar_type());
   const Tensor pre = gates_pre.contiguous(g.fmt);
@@ -782,6 +828,9 @@ std::tuple<Tensor, Tensor> lstm_cell_backward(const OptTensor& grad_h, const Opt
   const CellGeometry g = check_gates(op, "gates", gates, 4);
   check_like(op, "c_prev", c_prev, g, g.C, gates, false);
   check_like(op, "c", c, g, g.C, gates, false);
+  check_optional_arg(op, "grad_h", grad_h, {g.B, g.C, g.H, g.W}, gates, "gates", std::nullopt);
+  check_optional_arg(op, "grad_c", grad_c, {g.B, g.C, g.H, g.W}, gates, "gates", std::nullopt);
+  check_optional_arg(op, "peephole", peephole, {3, g.C}, gates, "gates", std::nullopt);
   const c10::DeviceGuard guard(gates.device());
   const auto acc = acc_type(gates.scalar_type());
   const Tensor gates_l = gates.contiguous(g.fmt);
