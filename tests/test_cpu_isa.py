@@ -187,3 +187,42 @@ def test_baseline_and_avx2_code_has_no_wider_registers():
     assert used["other"] == set(), used
     assert used["isa_avx2"] == {"%ymm"}, used
     assert "%zmm" in used["isa_avx512"], used
+
+
+# ------------------------------------------------------------------ channels-last sweep variants
+@pytest.mark.parametrize("kernel,stride,dilation", [
+    ((1, 3, 3), (1, 1, 1), (1, 1, 1)),  # forward and input gradient: taps one position apart
+    ((1, 1, 5), (1, 1, 1), (1, 1, 1)),
+    ((1, 1, 3), (1, 1, 2), (1, 1, 2)),  # forward: taps one stride apart (W stride = dilation)
+    ((1, 1, 5), (1, 1, 2), (1, 1, 1)),  # the general sweep
+    ((1, 1, 7), (1, 1, 1), (1, 1, 1)),
+], ids=["k3", "k5", "k3s2d2", "k5s2", "k7"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_channels_last_interior_sweeps(cpu_isa, kernel, stride, dilation, dtype):
+    """The channels_last_3d kernels' interior sweeps (register-reused source vectors for kernel widths
+    3 and 5, the general loop otherwise; channel blocks of 2, 1 vectors and a scalar tail on every
+    vector width) against F.conv3d in float64: forward and input gradient."""
+    C = 2 * 16 + 16 + 3  # a 2-vector bf16 block, a 1-vector block and a tail at 64-byte vectors
+    x = torch.randn(1, C, 2, 3, 29, dtype=torch.float64)
+    w = torch.randn(C, 1, *kernel, dtype=torch.float64) / kernel[2]
+    b = torch.randn(C, dtype=torch.float64)
+    padding = tuple(k // 2 * d for k, d in zip(kernel, dilation))
+    xs = x.to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    out = OPS.depthwise_conv3d(xs, w.to(dtype), b.to(dtype), list(stride), list(padding), list(dilation))
+    exact = F.conv3d(xs.double(), w.to(dtype).double(), b.to(dtype).double(), stride, padding, dilation, groups=C)
+    go = torch.randn(exact.shape, dtype=torch.float64).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    gi = OPS.depthwise_conv3d_backward(go, xs, w.to(dtype), list(stride), list(padding), list(dilation),
+                                       [True, False, False])[0]
+    gi_exact = torch.nn.grad.conv3d_input(xs.shape, w.to(dtype).double(), go.double(), stride, padding, dilation,
+                                          groups=C)
+    assert OPS._cpu_isa_ran("depthwise3d") == cpu_isa
+    # Bound per element, from Σ|terms| (|x|·|w| products, plus |bias|): fp32/fp64 accumulation errs by
+    # a few ulps of it; bf16 adds the final rounding to bf16 (half an ulp: 2^-8 relative).
+    u = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53, torch.bfloat16: 2.0 ** -24}[dtype]
+    wd, bd = w.to(dtype).double().abs(), b.to(dtype).double().abs()
+    terms_out = F.conv3d(xs.double().abs(), wd, bd, stride, padding, dilation, groups=C)
+    terms_gi = torch.nn.grad.conv3d_input(xs.shape, wd, go.double().abs(), stride, padding, dilation, groups=C)
+    for name, ours, ref, terms in (("output", out, exact, terms_out), ("grad_input", gi, gi_exact, terms_gi)):
+        bound = 16 * u * terms + (2.0 ** -8 * ref.abs() if dtype == torch.bfloat16 else 0) + 1e-300
+        err = (ours.double() - ref).abs()
+        assert (err <= bound).all(), f"{name}: max error {err.max().item():.3g}, worst ratio {(err / bound).max():.3g}"

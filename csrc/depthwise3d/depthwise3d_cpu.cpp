@@ -130,6 +130,40 @@ __attribute__((always_inline)) inline void accumulate_channels(int64_t C, int64_
 // so the loop does ~1 load per FMA instead of 2. Used by the forward and (stride 1) input gradient.
 constexpr int kPositions = 8;
 
+// The same sum when the W taps step by one position (kw_step = S·p_step, S = ±1: the forward with
+// W stride = dilation, the input gradient with both 1), for kernel width KW: each source vector is
+// loaded once and used for every (position, tap) pair that reads it (P + KW - 1 loads for P·KW
+// FMAs per row instead of P·KW), the KW weight vectors held in registers. Per position the taps are
+// added in the same order as in sweep_positions' general loop (kw ascending): identical results.
+template <int KW, int S, int P, typename V, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void sweep_rows_reuse(int64_t rows, const scalar_t* const* src_rows,
+                                                            const acc_t* const* w_rows, int64_t C, int64_t step,
+                                                            int64_t c0, V (&a)[P]) {
+  for (int64_t r = 0; r < rows; ++r) {
+    V w[KW];
+#pragma GCC unroll 8
+    for (int k = 0; k < KW; ++k) w[k] = load_vec<V>(w_rows[r] + k * C + c0);
+    // Source position q of step i; position p reads q = p + S·k. The empty asm statements keep gcc
+    // from turning the pointer walk into one offset register per position (too few registers) and
+    // from folding the one load back into every FMA that uses it.
+    const scalar_t* x = src_rows[r] + c0 + (S > 0 ? 0 : P - 1) * step;
+    const int64_t walk = S * step;
+#pragma GCC unroll 16
+    for (int i = 0; i < P + KW - 1; ++i) {
+      const int q = S > 0 ? i : P - 1 - i;
+      V xv = load_vec<V>(x);
+      asm("" : "+v"(xv));
+      x += walk;
+      asm("" : "+r"(x));
+#pragma GCC unroll 8
+      for (int k = 0; k < KW; ++k) {
+        const int p = q - S * k;
+        if (p >= 0 && p < P) a[p] += xv * w[k];
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t rows, const scalar_t* const* src_rows,
                                                            const acc_t* const* w_rows, int64_t kW, int64_t kw_step,
@@ -142,10 +176,14 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
     // 2·L channels at a time without widening shuffles (see weight_block_bf16): even and odd
     // channels are accumulated apart; weights and bias are split once per tap, the sums
     // interleaved once per position.
+    // Narrower than 64-byte vectors: 16 registers, so half the positions at a time (2·PB
+    // accumulators + 2 weights fit).
     using cpu::kEven, cpu::kOdd, cpu::kLow, cpu::kHigh;
     typedef cpu::U32 U;
+    constexpr int PB = cpu::kVecBytes == 64 ? P : P / 2;
     for (; c0 + 2 * L <= C; c0 += 2 * L) {
-      V ae[P], ao[P];
+     for (int p0 = 0; p0 < P; p0 += PB) {
+      V ae[PB], ao[PB];
       V se{}, so{};
       if (init != nullptr) {
         const V v0 = load_vec<V>(init + c0), v1 = load_vec<V>(init + c0 + L);
@@ -153,14 +191,14 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
         so = __builtin_shuffle(v0, v1, kOdd);
       }
 #pragma GCC unroll 8
-      for (int p = 0; p < P; ++p) ae[p] = se, ao[p] = so;
+      for (int p = 0; p < PB; ++p) ae[p] = se, ao[p] = so;
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t kw = 0; kw < kW; ++kw) {
           const V w0 = load_vec<V>(w_rows[r] + kw * C + c0), w1 = load_vec<V>(w_rows[r] + kw * C + c0 + L);
           const V we = __builtin_shuffle(w0, w1, kEven), wo = __builtin_shuffle(w0, w1, kOdd);
-          const scalar_t* x = src_rows[r] + kw * kw_step + c0;
+          const scalar_t* x = src_rows[r] + kw * kw_step + p0 * p_step + c0;
 #pragma GCC unroll 8
-          for (int p = 0; p < P; ++p) {
+          for (int p = 0; p < PB; ++p) {
             U words;
             std::memcpy(&words, x + p * p_step, sizeof words);
             const U e = words << 16, o = words & 0xFFFF0000u;
@@ -173,10 +211,11 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
         }
       }
 #pragma GCC unroll 8
-      for (int p = 0; p < P; ++p) {
-        store_vec(out + p * out_step + c0, V(__builtin_shuffle(ae[p], ao[p], kLow)));
-        store_vec(out + p * out_step + c0 + L, V(__builtin_shuffle(ae[p], ao[p], kHigh)));
+      for (int p = 0; p < PB; ++p) {
+        store_vec(out + (p0 + p) * out_step + c0, V(__builtin_shuffle(ae[p], ao[p], kLow)));
+        store_vec(out + (p0 + p) * out_step + c0 + L, V(__builtin_shuffle(ae[p], ao[p], kHigh)));
       }
+     }
     }
   }
   for (; c0 + L <= C; c0 += L) {
@@ -184,7 +223,11 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
     const V start = init != nullptr ? load_vec<V>(init + c0) : V{};
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p) a[p] = start;
-    for (int64_t r = 0; r < rows; ++r) {
+    if (kW == 3 && kw_step == p_step) sweep_rows_reuse<3, 1>(rows, src_rows, w_rows, C, p_step, c0, a);
+    else if (kW == 5 && kw_step == p_step) sweep_rows_reuse<5, 1>(rows, src_rows, w_rows, C, p_step, c0, a);
+    else if (kW == 3 && kw_step == -p_step) sweep_rows_reuse<3, -1>(rows, src_rows, w_rows, C, p_step, c0, a);
+    else if (kW == 5 && kw_step == -p_step) sweep_rows_reuse<5, -1>(rows, src_rows, w_rows, C, p_step, c0, a);
+    else for (int64_t r = 0; r < rows; ++r) {
       for (int64_t kw = 0; kw < kW; ++kw) {
         const V w = load_vec<V>(w_rows[r] + kw * C + c0);
         const scalar_t* x = src_rows[r] + kw * kw_step + c0;

@@ -1,6 +1,7 @@
 """``python -m fastvid bench``: arguments and entry point (wired up in fastvid/__main__.py).
 
-    python -m fastvid bench --quick                         # ~1 min on an idle 2-core machine
+    python -m fastvid bench --quick                         # <= 5 min on a 2-core machine, best two ISA paths
+    python -m fastvid bench --only DepthwiseConv3d --isa avx2   # one CPU ISA path (default: every path)
     python -m fastvid bench --quick --wait-idle 120         # on a shared machine
     python -m fastvid bench --only ConvGRU --only bf16      # a subset (substring match, any)
     python -m fastvid bench --only DepthwiseConv3d --only X3DBlock   # the depthwise cases of issue 3
@@ -46,10 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "re-mapped big blocks); rows record malloc='keep'. Default: glibc's defaults, as users get")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     parser.add_argument("--no-ops", action="store_true", help="skip the dispatched-ops count")
-    parser.add_argument("--isa", metavar="PATHS", default="all",
-                        help="CPU ISA paths to measure fastvid under, comma-separated (avx512,avx2,baseline) or "
-                             "'all' = every path this CPU supports (default), each case once per path; "
-                             "'active' = only the current one")
+    parser.add_argument("--isa", metavar="PATHS", default=None,
+                        help="CPU ISA paths to measure fastvid under, each case once per path: comma-separated "
+                             "(avx512,avx2,baseline), 'all' = every path this CPU supports (default of full runs), "
+                             "'active' = only the current one (FASTVID_CPU_ISA's). Default of --quick: the best "
+                             "two paths (AVX-512 and AVX2 where the CPU has both)")
     parser.add_argument("--bf16-emulated", action="store_true",
                         help="with --quick: run the bf16 cases even on a CPU without native bf16 arithmetic "
                              "(they are left out there by default: emulated, slow, not what such a CPU runs)")
@@ -79,9 +81,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"no case matches {args.only}", file=sys.stderr)
         return 2
     paths = runner.cpu_isa_paths(args.device)
-    if args.isa == "active":
+    if args.isa is None and args.quick:
+        paths = paths[:2]
+    elif args.isa == "active":
         paths = [None]
-    elif args.isa != "all":
+    elif args.isa not in (None, "all"):
         wanted = args.isa.split(",")
         unknown = [p for p in wanted if p not in paths]
         if unknown:
