@@ -18,8 +18,8 @@ TINY_X3D = depthwise.DWShape(2, 8, 3, 6, 6, inner=12)
 def test_x3d_block_parity_is_judged_against_float64(layout):
     case = depthwise.DWCase("X3DBlock", TINY_X3D, "fp32", "fwd_bwd", layout)
     workloads = depthwise.build(case)
-    errors = depthwise.check_parity(workloads)
-    assert errors and max(errors.values()) < 1e-3, errors
+    errors = depthwise.check_parity(workloads)  # fastvid's errors vs float64 (BN weight gradients: ~1e-3)
+    assert errors["output"] < 1e-5 and errors["grad_x"] < 1e-5, errors
     first_conv = next(m for m in workloads["fastvid"].module.modules() if isinstance(m, torch.nn.Conv3d))
     with torch.no_grad():
         first_conv.weight.mul_(1.001)  # a 0.1 % error: far above fp32 rounding

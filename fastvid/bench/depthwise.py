@@ -267,10 +267,10 @@ def compare(workloads: Dict[str, Workload], reference: str = "native") -> Dict[s
             outs[name].backward(w.grad_output)
         w.module.load_state_dict(state)
     native, fast = workloads[reference], workloads["fastvid"]
-    if outs["fastvid"].shape != outs["native"].shape:
+    if outs["fastvid"].shape != outs[reference].shape:
         raise AssertionError(f"{native.case.name}: output shapes differ: fastvid {tuple(outs['fastvid'].shape)}, "
-                             f"native {tuple(outs['native'].shape)}")
-    errors = {"output": relative_error(outs["fastvid"], outs["native"])}
+                             f"{reference} {tuple(outs[reference].shape)}")
+    errors = {"output": relative_error(outs["fastvid"], outs[reference])}
     if native.case.mode == "fwd_bwd":
         g_native, g_fast = native.gradients(), fast.gradients()
         if list(g_native) != list(g_fast):
