@@ -105,7 +105,7 @@ def extensions():
     if os.environ.get("FORCE_CUDA", "0") == "1" and not with_cuda:
         raise RuntimeError(f"FORCE_CUDA=1 but no CUDA build is possible (toolkit: {cuda_home}, "
                            f"torch CUDA: {torch.version.cuda}, FASTVID_CPU_ONLY={int(cpu_only)})")
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp")) + sorted(glob.glob("csrc/*/*_ops.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/cpu_isa.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp")) + sorted(glob.glob("csrc/*/*_ops.cpp"))
     # -fno-math-errno/-fno-trapping-math let gcc vectorise the gate loops (no libm errno, no FP traps);
     # -fopenmp makes at::parallel_for parallel (without _OPENMP its header falls back to a serial loop).
     cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]

@@ -15,5 +15,9 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
+    import fastvid
+    info = fastvid.info()
+    isa = {k: v for k, v in info.items() if "isa" in k}
     return (f"fastvid benchmarks: torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
-            f"large shapes {'on' if LARGE else 'off (FASTVID_BENCH_LARGE=1 to run them)'}")
+            f"large shapes {'on' if LARGE else 'off (FASTVID_BENCH_LARGE=1 to run them)'}; CPU ISA {isa} "
+            "(FASTVID_CPU_ISA=avx2|baseline measures a lower path)")

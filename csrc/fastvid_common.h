@@ -3,13 +3,7 @@
 
 #include <c10/util/Exception.h>
 
-// CPU inner loops are compiled three times (AVX-512, AVX2, baseline) and the loader picks the best
-// clone for the running CPU: runtime ISA dispatch without building the extension per ISA.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTVID_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTVID_CPU_CLONES
-#endif
+// CPU inner loops are compiled once per ISA path and picked at run time: see cpu_isa.h.
 
 // Calls name##_cuda(args) for CUDA tensors and name##_cpu(args) otherwise; without CUDA kernels in
 // the build, CUDA tensors get a clear error instead of a missing symbol.

@@ -1,4 +1,5 @@
 """fastvid.info(): what is compiled and usable on this machine."""
+import os
 import platform
 
 import torch
@@ -22,4 +23,29 @@ def info() -> dict:
         "backend": _backend.get_backend(),
         "threads": torch.get_num_threads(),
         "extension_error": None if _backend.EXTENSION_ERROR is None else str(_backend.EXTENSION_ERROR),
+        **cpu_isa_info(),
+    }
+
+
+#: The CPU ISA paths, lowest first (csrc/cpu_isa.h), and the kernel families compiled for each.
+CPU_ISA_PATHS = ("baseline", "avx2", "avx512")
+CPU_ISA_FAMILIES = ("depthwise3d", "recurrent", "attention")
+
+
+def cpu_isa_info() -> dict:
+    """The CPU ISA path the kernels run (``cpu_isa``, and per family ``cpu_isa_<family>``: every family
+    is compiled for every path, so they agree), the paths this CPU can run (``cpu_isa_supported``),
+    whether it has native bf16 arithmetic (``cpu_isa_bf16``: AVX512-BF16) and the FASTVID_CPU_ISA
+    request read at import (``cpu_isa_forced``)."""
+    forced = os.environ.get("FASTVID_CPU_ISA") or None
+    if not _backend.cpu_kernels():
+        return {"cpu_isa": None, "cpu_isa_supported": [], "cpu_isa_bf16": None, "cpu_isa_forced": forced}
+    ops = torch.ops.fastvid
+    active, best = ops._cpu_isa(), ops._cpu_isa_supported()
+    return {
+        "cpu_isa": active,
+        "cpu_isa_supported": list(CPU_ISA_PATHS[:CPU_ISA_PATHS.index(best) + 1]),
+        "cpu_isa_bf16": ops._cpu_isa_bf16(),
+        "cpu_isa_forced": forced,
+        **{f"cpu_isa_{family}": active for family in CPU_ISA_FAMILIES},
     }

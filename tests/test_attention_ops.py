@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _isa import cpu_isa  # noqa: F401 (fixture: every CPU ISA path)
 from conftest import requires_cuda
 
 import fastvid
@@ -70,7 +71,7 @@ def assert_close_to_oracle(name, ours, exact, low_precision_run=None, dtype=torc
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_matches_oracle(shape, dtype, layout):
+def test_matches_oracle(shape, dtype, layout, cpu_isa):
     q, k, v = make(shape, dtype, layout)
     scale = 0.7 / math.sqrt(shape[3])
     out, lse = OPS.nonlocal_attention(q, k, v, scale)

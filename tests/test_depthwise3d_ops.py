@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from _isa import cpu_isa  # noqa: F401 (fixture: every CPU ISA path)
 from conftest import requires_cuda
 
 import fastvid
@@ -128,8 +129,9 @@ def assert_parity(ours, oracle, dtype, what, comparator=None):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("config", CONFIGS, ids=Config.id)
-def test_matches_conv3d(config, dtype, layout):
-    """Output and the gradients w.r.t. input, weight and bias equal F.conv3d(groups=C) in float64."""
+def test_matches_conv3d(config, dtype, layout, cpu_isa):
+    """Output and the gradients w.r.t. input, weight and bias equal F.conv3d(groups=C) in float64, on
+    every CPU ISA path."""
     t = make_sample(config, dtype, layout)
     out = run_ours(config, t)
     grad_output = torch.randn(out.shape, dtype=torch.float64)

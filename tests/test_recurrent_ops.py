@@ -16,6 +16,7 @@ import fastvid.ops.recurrent as ops_recurrent  # noqa: E402
 from fastvid.reference import recurrent as ref  # noqa: E402
 
 from conftest import requires_cuda  # noqa: E402
+from _isa import cpu_isa  # noqa: E402,F401 (fixture: every CPU ISA path)
 from _recurrent_samples import (  # noqa: E402
     CELL_CONFIGS, CELL_LAYOUTS, DTYPES, GRU_CONFIGS, LSTM_CONFIGS, SEQ_CONFIGS, SEQ_LAYOUTS, STRATEGIES,
     CellConfig, SeqConfig, acc_dtype, assert_parity, channels_last_frames, dtype_id,
@@ -115,9 +116,10 @@ def test_channels_last_sequence_output_keeps_layout():
 @pytest.mark.parametrize("layout", CELL_LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("config", CELL_CONFIGS, ids=CellConfig.id)
-def test_cell_matches_reference(config, dtype, layout):
+def test_cell_matches_reference(config, dtype, layout, cpu_isa):
     """torch.ops.fastvid.<cell> outputs (incl. the gates / cache it saves for backward) and the
-    gradients of fastvid.ops.<cell> w.r.t. every input equal the float64 reference."""
+    gradients of fastvid.ops.<cell> w.r.t. every input equal the float64 reference, on every CPU ISA
+    path."""
     sample = make_cell_sample(config, dtype, layout)
     raw = sample.op()(*sample.op_args(sample.tensors))
     raw = raw if isinstance(raw, (tuple, list)) else (raw,)

@@ -28,6 +28,7 @@
 #include <limits>
 #include <vector>
 
+#include "../cpu_isa.h"
 #include "../fastvid_common.h"
 #include "../recurrent/recurrent_math.h"  // exp_fast: vectorisable exp
 
@@ -117,10 +118,12 @@ Operand<scalar_t> operand(const at::Tensor& t) {
 // stay in order under IEEE rules).
 constexpr int kLanes = 16;
 
+// The row functions below are compiled once per ISA path (cpu_isa.h), called with FASTVID_ISA_CALL.
+FASTVID_PER_ISA(
 // Online-softmax update of one query row with a new tile of scores s[0..n): new running max m,
 // P = exp(s - m) written to p (may alias s), l and the output accumulator rescaled by exp(m_old - m).
 template <typename acc_t, typename p_t>
-FASTVID_CPU_CLONES void softmax_tile_row(acc_t* s, int64_t n, acc_t& m, acc_t& l, acc_t* out_acc, int64_t dv,
+void softmax_tile_row(acc_t* s, int64_t n, acc_t& m, acc_t& l, acc_t* out_acc, int64_t dv,
                                          p_t* p) {
   acc_t lane_max[kLanes];
   for (int u = 0; u < kLanes; ++u) lane_max[u] = m;
@@ -156,7 +159,7 @@ FASTVID_CPU_CLONES void softmax_tile_row(acc_t* s, int64_t n, acc_t& m, acc_t& l
 // Backward of one row of a tile: p = exp(s - lse) (written to p_low for the low-precision GEMMs),
 // ds = scale · p ∘ (dp - delta) in place of dp.
 template <typename acc_t, typename p_t>
-FASTVID_CPU_CLONES void softmax_grad_tile_row(acc_t* s, acc_t* dp, int64_t n, acc_t lse, acc_t delta, acc_t scale,
+void softmax_grad_tile_row(acc_t* s, acc_t* dp, int64_t n, acc_t lse, acc_t delta, acc_t scale,
                                               p_t* p_low, p_t* ds_low) {
   for (int64_t j = 0; j < n; ++j) {
     const acc_t p = recurrent::exp_fast(s[j] - lse);
@@ -169,7 +172,7 @@ FASTVID_CPU_CLONES void softmax_grad_tile_row(acc_t* s, acc_t* dp, int64_t n, ac
 }
 
 template <typename scalar_t, typename acc_t>
-FASTVID_CPU_CLONES acc_t row_dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+acc_t row_dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   acc_t lane[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
@@ -179,6 +182,7 @@ FASTVID_CPU_CLONES acc_t row_dot(const scalar_t* a, const scalar_t* b, int64_t n
   for (; j < n; ++j) sum += acc_t(a[j]) * acc_t(b[j]);
   return sum;
 }
+)  // FASTVID_PER_ISA
 
 struct Sizes {
   int64_t B, N, M, D, Dv;
@@ -243,8 +247,8 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
         if constexpr (kLowPrecision) probs = probs_low.data();
         else probs = scores.data();
         for (int64_t r = 0; r < rows; ++r)
-          softmax_tile_row(scores.data() + r * kKeyBlock, cols, row_max[r], row_sum[r], out_acc.data() + r * sz.Dv,
-                           sz.Dv, probs + r * kKeyBlock);
+          FASTVID_ISA_CALL(attention, softmax_tile_row(scores.data() + r * kKeyBlock, cols, row_max[r], row_sum[r],
+                                                       out_acc.data() + r * sz.Dv, sz.Dv, probs + r * kKeyBlock));
         // O_i += P V_j
         gemm<scalar_t>(false, v.transposed, rows, sz.Dv, cols, acc_t(1), probs, kKeyBlock, v.block(b, j0), v.ld,
                        acc_t(1), out_acc.data(), sz.Dv);
@@ -330,7 +334,8 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
           dO = grad_out_tile.data();
         }
         for (int64_t r = 0; r < rows; ++r)
-          delta[r] = row_dot<scalar_t, acc_t>(dO + r * sz.Dv, out + (b * sz.N + i0 + r) * sz.Dv, sz.Dv) -
+          delta[r] = FASTVID_ISA_CALL(attention, row_dot<scalar_t, acc_t>(dO + r * sz.Dv,
+                                                                        out + (b * sz.N + i0 + r) * sz.Dv, sz.Dv)) -
                      (grad_lse ? grad_lse[b * sz.N + i0 + r] : acc_t(0));
         std::fill(grad_q_acc.begin(), grad_q_acc.end(), acc_t(0));
         acc_t* gk_b = gk.data() + (b - b_first) * sz.M * sz.D;
@@ -343,9 +348,10 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
           gemm<scalar_t>(false, !v.transposed, rows, cols, sz.Dv, acc_t(1), dO, sz.Dv, v.block(b, j0), v.ld,
                          acc_t(0), dscores.data(), kKeyBlock);
           for (int64_t r = 0; r < rows; ++r)
-            softmax_grad_tile_row(scores.data() + r * kKeyBlock, dscores.data() + r * kKeyBlock, cols,
-                                  lse[b * sz.N + i0 + r], delta[r], scale, probs + r * kKeyBlock,
-                                  dprobs + r * kKeyBlock);
+            FASTVID_ISA_CALL(attention, softmax_grad_tile_row(scores.data() + r * kKeyBlock,
+                                                              dscores.data() + r * kKeyBlock, cols,
+                                                              lse[b * sz.N + i0 + r], delta[r], scale,
+                                                              probs + r * kKeyBlock, dprobs + r * kKeyBlock));
           // dV_j += Pᵀ dO_i ; dK_j += dSᵀ Q_i ; dQ_i += dS K_j   (dS carries the scale)
           gemm<scalar_t>(true, false, cols, sz.Dv, rows, acc_t(1), probs, kKeyBlock, dO, sz.Dv, acc_t(1),
                          gv_b + j0 * sz.Dv, sz.Dv);

@@ -5,35 +5,52 @@
 //   forward / input gradient: interior positions (every W tap in range) go 8 at a time through
 //     sweep_positions (each weight vector loaded once per tap for 8 positions; the input gradient
 //     only when the W stride is 1); border positions build their list of valid taps and run
-//     accumulate_channels. Both keep the accumulators in registers, in 64-byte GCC vectors of the
-//     accumulation type (fp32 for bf16/fp16), stored once per position.
+//     accumulate_channels. Both keep the accumulators in registers, in GCC vectors of the
+//     accumulation type (fp32 for bf16/fp16) as wide as the ISA path's registers, stored once per
+//     position.
 //   weight gradient: per tap, one register-blocked sweep along the row into a partial sum.
 // m > 1: the per-element formulas of depthwise3d_math.h (the ones the CUDA kernel runs; the CPU
 //   weight gradient keeps its own loop).
-// The row functions are compiled three times (AVX-512, AVX2, baseline) with gcc's target_clones, as
-// in recurrent_cpu.cpp. The weight gradient is reduced without races: each chunk of rows sums into
-// its own partial buffer and the partials are added in chunk order at the end (deterministic for a
-// given thread count).
+// Everything below is compiled once per ISA path (cpu_isa.h); the entry points at the top pick one.
+// The weight gradient is reduced without races: fixed chunks of rows (their count a function of the
+// shape, never of the thread count) each sum into their own partial buffer, added in chunk order at
+// the end: bit-identical results whatever the thread count.
 #include "depthwise3d_kernels.h"
-#include "depthwise3d_cpu_vec.h"
 #include "depthwise3d_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-
-// The 64-byte vector types are only passed between always-inlined functions.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "../cpu_isa.h"
 #include "../fastvid_common.h"
+
+#ifndef FASTVID_ISA
+#define FASTVID_ISA_SOURCE "depthwise3d/depthwise3d_cpu.cpp"
+#include "../cpu_isa_each.h"
 
 namespace fastvid {
 namespace depthwise3d {
+void forward_cpu(const ForwardArgs& args) { FASTVID_ISA_CALL(depthwise3d, forward(args)); }
+void input_grad_cpu(const InputGradArgs& args) { FASTVID_ISA_CALL(depthwise3d, input_grad(args)); }
+void weight_grad_cpu(const WeightGradArgs& args) { FASTVID_ISA_CALL(depthwise3d, weight_grad(args)); }
+}  // namespace depthwise3d
+}  // namespace fastvid
+
+#else  // ------------------------------------------------ one ISA path: namespace FASTVID_ISA
+#include "depthwise3d_cpu_vec.h"
+
+namespace fastvid {
+namespace depthwise3d {
+namespace FASTVID_ISA {
 namespace {
 
 using cpu::Vec;
@@ -51,6 +68,9 @@ TapRange valid_taps(int64_t o, int64_t k, int64_t stride, int64_t padding, int64
   while (end > begin && !input_index(o, end - 1, stride, padding, dilation, in, &i)) --end;
   return {begin, end};
 }
+
+// Chunks of rows of the weight gradient (each with its own partial sums).
+constexpr int64_t kWeightGradChunks = 64;
 
 // Rows per task so that a task has >= ~32k output elements.
 int64_t grain_for(int64_t row_elements) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_elements)); }
@@ -110,6 +130,40 @@ __attribute__((always_inline)) inline void accumulate_channels(int64_t C, int64_
 // so the loop does ~1 load per FMA instead of 2. Used by the forward and (stride 1) input gradient.
 constexpr int kPositions = 8;
 
+// The same sum when the W taps step by one position (kw_step = S·p_step, S = ±1: the forward with
+// W stride = dilation, the input gradient with both 1), for kernel width KW: each source vector is
+// loaded once and used for every (position, tap) pair that reads it (P + KW - 1 loads for P·KW
+// FMAs per row instead of P·KW), the KW weight vectors held in registers. Per position the taps are
+// added in the same order as in sweep_positions' general loop (kw ascending): identical results.
+template <int KW, int S, int P, typename V, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void sweep_rows_reuse(int64_t rows, const scalar_t* const* src_rows,
+                                                            const acc_t* const* w_rows, int64_t C, int64_t step,
+                                                            int64_t c0, V (&a)[P]) {
+  for (int64_t r = 0; r < rows; ++r) {
+    V w[KW];
+#pragma GCC unroll 8
+    for (int k = 0; k < KW; ++k) w[k] = load_vec<V>(w_rows[r] + k * C + c0);
+    // Source position q of step i; position p reads q = p + S·k. The empty asm statements keep gcc
+    // from turning the pointer walk into one offset register per position (too few registers) and
+    // from folding the one load back into every FMA that uses it.
+    const scalar_t* x = src_rows[r] + c0 + (S > 0 ? 0 : P - 1) * step;
+    const int64_t walk = S * step;
+#pragma GCC unroll 16
+    for (int i = 0; i < P + KW - 1; ++i) {
+      const int q = S > 0 ? i : P - 1 - i;
+      V xv = load_vec<V>(x);
+      asm("" : "+v"(xv));
+      x += walk;
+      asm("" : "+r"(x));
+#pragma GCC unroll 8
+      for (int k = 0; k < KW; ++k) {
+        const int p = q - S * k;
+        if (p >= 0 && p < P) a[p] += xv * w[k];
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t rows, const scalar_t* const* src_rows,
                                                            const acc_t* const* w_rows, int64_t kW, int64_t kw_step,
@@ -119,32 +173,32 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
   constexpr int L = Vec<acc_t>::lanes, P = kPositions;
   int64_t c0 = 0;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    // 32 channels at a time without widening shuffles (see weight_block_bf16): even and odd
+    // 2·L channels at a time without widening shuffles (see weight_block_bf16): even and odd
     // channels are accumulated apart; weights and bias are split once per tap, the sums
     // interleaved once per position.
-    typedef uint32_t U __attribute__((vector_size(64)));
-    typedef int32_t I __attribute__((vector_size(64)));
-    const I even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-    const I odd = even + 1;
-    const I low = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-    const I high = low + 8;
-    for (; c0 + 32 <= C; c0 += 32) {
-      V ae[P], ao[P];
+    // Narrower than 64-byte vectors: 16 registers, so half the positions at a time (2·PB
+    // accumulators + 2 weights fit).
+    using cpu::kEven, cpu::kOdd, cpu::kLow, cpu::kHigh;
+    typedef cpu::U32 U;
+    constexpr int PB = cpu::kVecBytes == 64 ? P : P / 2;
+    for (; c0 + 2 * L <= C; c0 += 2 * L) {
+     for (int p0 = 0; p0 < P; p0 += PB) {
+      V ae[PB], ao[PB];
       V se{}, so{};
       if (init != nullptr) {
-        const V v0 = load_vec<V>(init + c0), v1 = load_vec<V>(init + c0 + 16);
-        se = __builtin_shuffle(v0, v1, even);
-        so = __builtin_shuffle(v0, v1, odd);
+        const V v0 = load_vec<V>(init + c0), v1 = load_vec<V>(init + c0 + L);
+        se = __builtin_shuffle(v0, v1, kEven);
+        so = __builtin_shuffle(v0, v1, kOdd);
       }
 #pragma GCC unroll 8
-      for (int p = 0; p < P; ++p) ae[p] = se, ao[p] = so;
+      for (int p = 0; p < PB; ++p) ae[p] = se, ao[p] = so;
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t kw = 0; kw < kW; ++kw) {
-          const V w0 = load_vec<V>(w_rows[r] + kw * C + c0), w1 = load_vec<V>(w_rows[r] + kw * C + c0 + 16);
-          const V we = __builtin_shuffle(w0, w1, even), wo = __builtin_shuffle(w0, w1, odd);
-          const scalar_t* x = src_rows[r] + kw * kw_step + c0;
+          const V w0 = load_vec<V>(w_rows[r] + kw * C + c0), w1 = load_vec<V>(w_rows[r] + kw * C + c0 + L);
+          const V we = __builtin_shuffle(w0, w1, kEven), wo = __builtin_shuffle(w0, w1, kOdd);
+          const scalar_t* x = src_rows[r] + kw * kw_step + p0 * p_step + c0;
 #pragma GCC unroll 8
-          for (int p = 0; p < P; ++p) {
+          for (int p = 0; p < PB; ++p) {
             U words;
             std::memcpy(&words, x + p * p_step, sizeof words);
             const U e = words << 16, o = words & 0xFFFF0000u;
@@ -157,10 +211,11 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
         }
       }
 #pragma GCC unroll 8
-      for (int p = 0; p < P; ++p) {
-        store_vec(out + p * out_step + c0, V(__builtin_shuffle(ae[p], ao[p], low)));
-        store_vec(out + p * out_step + c0 + 16, V(__builtin_shuffle(ae[p], ao[p], high)));
+      for (int p = 0; p < PB; ++p) {
+        store_vec(out + (p0 + p) * out_step + c0, V(__builtin_shuffle(ae[p], ao[p], kLow)));
+        store_vec(out + (p0 + p) * out_step + c0 + L, V(__builtin_shuffle(ae[p], ao[p], kHigh)));
       }
+     }
     }
   }
   for (; c0 + L <= C; c0 += L) {
@@ -168,7 +223,11 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
     const V start = init != nullptr ? load_vec<V>(init + c0) : V{};
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p) a[p] = start;
-    for (int64_t r = 0; r < rows; ++r) {
+    if (kW == 3 && kw_step == p_step) sweep_rows_reuse<3, 1>(rows, src_rows, w_rows, C, p_step, c0, a);
+    else if (kW == 5 && kw_step == p_step) sweep_rows_reuse<5, 1>(rows, src_rows, w_rows, C, p_step, c0, a);
+    else if (kW == 3 && kw_step == -p_step) sweep_rows_reuse<3, -1>(rows, src_rows, w_rows, C, p_step, c0, a);
+    else if (kW == 5 && kw_step == -p_step) sweep_rows_reuse<5, -1>(rows, src_rows, w_rows, C, p_step, c0, a);
+    else for (int64_t r = 0; r < rows; ++r) {
       for (int64_t kw = 0; kw < kW; ++kw) {
         const V w = load_vec<V>(w_rows[r] + kw * C + c0);
         const scalar_t* x = src_rows[r] + kw * kw_step + c0;
@@ -193,7 +252,7 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
 // ------------------------------------------------------------------------ forward
 // One output row out[b, ot, oh, :, :]. acc: scratch of C*m acc_t.
 template <typename scalar_t, bool kUnitMultiplier>
-FASTVID_CPU_CLONES void forward_row(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
+void forward_row(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
                                     const at::opmath_type<scalar_t>* bias, scalar_t* out_row, int64_t b, int64_t ot,
                                     int64_t oh) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -278,7 +337,7 @@ void forward_impl(const ForwardArgs& a) {
 // ------------------------------------------------------------------------ input gradient
 // One input-gradient row grad_input[b, it, ih, :, :] (a gather: no two tasks write one element).
 template <typename scalar_t, bool kUnitMultiplier>
-FASTVID_CPU_CLONES void input_grad_row(const Geometry& g, const scalar_t* grad_output,
+void input_grad_row(const Geometry& g, const scalar_t* grad_output,
                                        const at::opmath_type<scalar_t>* weight, scalar_t* gi_row, int64_t b,
                                        int64_t it, int64_t ih) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -392,28 +451,25 @@ __attribute__((always_inline)) inline void weight_block(acc_t* pw, const scalar_
   }
 }
 
-// bf16 weight-gradient block of NP·32 channels without widening shuffles: 32 bf16 loaded as 16 32-bit
+// bf16 weight-gradient block of NP·2L channels without widening shuffles: 2L bf16 loaded as L 32-bit
 // words give the even channels as (word << 16) and the odd channels as (word & 0xFFFF0000), so the
 // accumulators hold even and odd channels apart; pw is (de)interleaved once per call.
 template <int NP>
 __attribute__((always_inline)) inline void weight_block_bf16(float* pw, const c10::BFloat16* go,
                                                              const c10::BFloat16* x, int64_t count,
                                                              int64_t go_step, int64_t x_step, int64_t c0) {
-  typedef float V __attribute__((vector_size(64)));
-  typedef uint32_t U __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  const I even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  const I odd = even + 1;
-  const I low = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-  const I high = low + 8;
+  using V = Vec<float>::type;
+  using U = cpu::U32;
+  using cpu::kEven, cpu::kOdd, cpu::kLow, cpu::kHigh;
+  constexpr int L = Vec<float>::lanes;
   V ae[NP], ao[NP];
 #pragma GCC unroll 4
   for (int q = 0; q < NP; ++q) {
     V v0, v1;
-    std::memcpy(&v0, pw + c0 + 32 * q, sizeof v0);
-    std::memcpy(&v1, pw + c0 + 32 * q + 16, sizeof v1);
-    ae[q] = __builtin_shuffle(v0, v1, even);
-    ao[q] = __builtin_shuffle(v0, v1, odd);
+    std::memcpy(&v0, pw + c0 + 2 * L * q, sizeof v0);
+    std::memcpy(&v1, pw + c0 + 2 * L * q + L, sizeof v1);
+    ae[q] = __builtin_shuffle(v0, v1, kEven);
+    ao[q] = __builtin_shuffle(v0, v1, kOdd);
   }
   for (int64_t i = 0; i < count; ++i) {
     const c10::BFloat16* gp = go + i * go_step + c0;
@@ -421,8 +477,8 @@ __attribute__((always_inline)) inline void weight_block_bf16(float* pw, const c1
 #pragma GCC unroll 4
     for (int q = 0; q < NP; ++q) {
       U gw, xw;
-      std::memcpy(&gw, gp + 32 * q, sizeof gw);
-      std::memcpy(&xw, xp + 32 * q, sizeof xw);
+      std::memcpy(&gw, gp + 2 * L * q, sizeof gw);
+      std::memcpy(&xw, xp + 2 * L * q, sizeof xw);
       const U ge = gw << 16, gol = gw & 0xFFFF0000u, xe = xw << 16, xol = xw & 0xFFFF0000u;
       V gef, gof, xef, xof;
       std::memcpy(&gef, &ge, sizeof gef);
@@ -435,9 +491,9 @@ __attribute__((always_inline)) inline void weight_block_bf16(float* pw, const c1
   }
 #pragma GCC unroll 4
   for (int q = 0; q < NP; ++q) {
-    const V v0 = __builtin_shuffle(ae[q], ao[q], low), v1 = __builtin_shuffle(ae[q], ao[q], high);
-    std::memcpy(pw + c0 + 32 * q, &v0, sizeof v0);
-    std::memcpy(pw + c0 + 32 * q + 16, &v1, sizeof v1);
+    const V v0 = __builtin_shuffle(ae[q], ao[q], kLow), v1 = __builtin_shuffle(ae[q], ao[q], kHigh);
+    std::memcpy(pw + c0 + 2 * L * q, &v0, sizeof v0);
+    std::memcpy(pw + c0 + 2 * L * q + L, &v1, sizeof v1);
   }
 }
 
@@ -452,7 +508,7 @@ TapRange valid_outputs(int64_t k, int64_t stride, int64_t padding, int64_t dilat
 // Adds one output row's contribution: partial_w[tap, o] += go[.., o] · x[.., o / m] and
 // partial_b[o] += go[.., o] (partial_w / partial_b may be nullptr when not wanted).
 template <typename scalar_t, bool kUnitMultiplier>
-FASTVID_CPU_CLONES void weight_grad_row(const Geometry& g, const scalar_t* input, const scalar_t* go_row,
+void weight_grad_row(const Geometry& g, const scalar_t* input, const scalar_t* go_row,
                                         at::opmath_type<scalar_t>* partial_w, at::opmath_type<scalar_t>* partial_b,
                                         int64_t b, int64_t ot, int64_t oh) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -476,8 +532,8 @@ FASTVID_CPU_CLONES void weight_grad_row(const Geometry& g, const scalar_t* input
           constexpr int L = Vec<acc_t>::lanes;
           int64_t c = 0;
           if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-            for (; c + 64 <= C; c += 64) weight_block_bf16<2>(pw, go, x, count, Cout, x_step, c);
-            for (; c + 32 <= C; c += 32) weight_block_bf16<1>(pw, go, x, count, Cout, x_step, c);
+            for (; c + 4 * L <= C; c += 4 * L) weight_block_bf16<2>(pw, go, x, count, Cout, x_step, c);
+            for (; c + 2 * L <= C; c += 2 * L) weight_block_bf16<1>(pw, go, x, count, Cout, x_step, c);
           }
           for (; c + 4 * L <= C; c += 4 * L) weight_block<4>(pw, go, x, count, Cout, x_step, c);
           for (; c + L <= C; c += L) weight_block<1>(pw, go, x, count, Cout, x_step, c);
@@ -532,9 +588,12 @@ void weight_grad_impl(const WeightGradArgs& a) {
   if (rows == 0 || g.out[2] == 0 || Cout == 0 || (grad_weight == nullptr && grad_bias == nullptr)) return;
   const auto* grad_output = static_cast<const scalar_t*>(a.grad_output);
   const auto* input = static_cast<const scalar_t*>(a.input);
-  // Fixed chunks of rows, each with its own partial sums: [chunk][taps + 1][Cout] (last: bias).
-  const int64_t chunks = std::min<int64_t>(rows, std::max<int64_t>(1, at::get_num_threads()));
+  // Fixed chunks of rows, each with its own partial sums: [chunk][taps + 1][Cout] (last: bias). The
+  // chunk count depends on the shape only (enough chunks for any core count here, partials within
+  // ~32 MiB), so the summation order, and the result, do not depend on the thread count.
   const int64_t per_chunk = (taps + 1) * Cout;
+  const int64_t chunks = std::clamp<int64_t>(
+      std::min<int64_t>(kWeightGradChunks, (int64_t(32) << 20) / int64_t(sizeof(acc_t) * per_chunk)), 1, rows);
   std::vector<acc_t> partials(chunks * per_chunk, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -562,20 +621,22 @@ void weight_grad_impl(const WeightGradArgs& a) {
 
 }  // namespace
 
-void forward_cpu(const ForwardArgs& args) {
+void forward(const ForwardArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d",
                                   [&] { forward_impl<scalar_t>(args); });
 }
 
-void input_grad_cpu(const InputGradArgs& args) {
+void input_grad(const InputGradArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d_backward",
                                   [&] { input_grad_impl<scalar_t>(args); });
 }
 
-void weight_grad_cpu(const WeightGradArgs& args) {
+void weight_grad(const WeightGradArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d_backward",
                                   [&] { weight_grad_impl<scalar_t>(args); });
 }
 
+}  // namespace FASTVID_ISA
 }  // namespace depthwise3d
 }  // namespace fastvid
+#endif  // FASTVID_ISA

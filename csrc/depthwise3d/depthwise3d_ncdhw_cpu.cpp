@@ -17,30 +17,54 @@
 // Weight/bias gradient: one partial sum per (b, c, ot-chunk) unit, added in a fixed order at the end
 // (bit-identical results whatever the thread count). bf16/fp16 accumulate in fp32 in the same order
 // as fp32; stores round to nearest even (store_vec / c10 conversions).
-#include "depthwise3d_cpu_vec.h"
+// Everything below is compiled once per ISA path (cpu_isa.h); the entry points at the top pick one.
+// The vector width (and so the scratch row padding and the weight gradient's lane partial sums) is
+// the path's own: results may differ between paths in the last bits, never between thread counts.
 #include "depthwise3d_kernels.h"
 #include "depthwise3d_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "../cpu_isa.h"
 #include "../fastvid_common.h"
+
+#ifndef FASTVID_ISA
+#define FASTVID_ISA_SOURCE "depthwise3d/depthwise3d_ncdhw_cpu.cpp"
+#include "../cpu_isa_each.h"
 
 namespace fastvid {
 namespace depthwise3d {
+void forward_ncdhw_cpu(const ForwardArgs& args) { FASTVID_ISA_CALL(depthwise3d, forward_ncdhw(args)); }
+void input_grad_ncdhw_cpu(const InputGradArgs& args) { FASTVID_ISA_CALL(depthwise3d, input_grad_ncdhw(args)); }
+void weight_grad_ncdhw_cpu(const WeightGradArgs& args) { FASTVID_ISA_CALL(depthwise3d, weight_grad_ncdhw(args)); }
+}  // namespace depthwise3d
+}  // namespace fastvid
+
+#else  // ------------------------------------------------ one ISA path: namespace FASTVID_ISA
+#include "depthwise3d_cpu_vec.h"
+
+namespace fastvid {
+namespace depthwise3d {
+namespace FASTVID_ISA {
 namespace {
 
 using cpu::load_vec;
 using cpu::store_vec;
 using cpu::Vec;
 
+#ifndef FASTVID_INLINE
 #define FASTVID_INLINE __attribute__((always_inline)) inline
+#endif
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 int64_t ceil_div(int64_t n, int64_t m) { return (n + m - 1) / m; }
@@ -200,7 +224,7 @@ int64_t forward_plane_rows(const Geometry& g) {
 
 // Output plane out[b, c, ot, :, :].
 template <typename scalar_t>
-FASTVID_CPU_CLONES void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* w,
+void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* w,
                                       at::opmath_type<scalar_t> bias, PlaneCache<at::opmath_type<scalar_t>>& cache,
                                       int64_t bc, int64_t ot, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -283,7 +307,7 @@ int64_t input_grad_plane_rows(const Geometry& g) {
 // Input-gradient plane grad_input[b, c, it, :, :]: per residue (rh, rw) of (ih, iw) modulo the
 // stride, one tap list for all its rows.
 template <typename scalar_t>
-FASTVID_CPU_CLONES void input_grad_plane(const Geometry& g, const scalar_t* grad_output,
+void input_grad_plane(const Geometry& g, const scalar_t* grad_output,
                                          const at::opmath_type<scalar_t>* w,
                                          PlaneCache<at::opmath_type<scalar_t>>& cache, int64_t bc, int64_t it,
                                          scalar_t* gi) {
@@ -424,7 +448,7 @@ FASTVID_INLINE void weight_grad_rows(int64_t nrows, const acc_t* const* go_rows,
 // Adds the contributions of output planes [ot_begin, ot_end) of channel bc to partial[taps + 1]
 // (weight taps, then bias).
 template <typename scalar_t>
-FASTVID_CPU_CLONES void weight_grad_unit(const Geometry& g, const scalar_t* input, const scalar_t* grad_output,
+void weight_grad_unit(const Geometry& g, const scalar_t* input, const scalar_t* grad_output,
                                          bool want_weight, bool want_bias,
                                          PlaneCache<at::opmath_type<scalar_t>>& x_cache,
                                          std::vector<at::opmath_type<scalar_t>>& go_plane, int64_t bc,
@@ -530,20 +554,22 @@ void weight_grad_impl(const WeightGradArgs& a) {
 
 }  // namespace
 
-void forward_ncdhw_cpu(const ForwardArgs& args) {
+void forward_ncdhw(const ForwardArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d",
                                   [&] { forward_impl<scalar_t>(args); });
 }
 
-void input_grad_ncdhw_cpu(const InputGradArgs& args) {
+void input_grad_ncdhw(const InputGradArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d_backward",
                                   [&] { input_grad_impl<scalar_t>(args); });
 }
 
-void weight_grad_ncdhw_cpu(const WeightGradArgs& args) {
+void weight_grad_ncdhw(const WeightGradArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d_backward",
                                   [&] { weight_grad_impl<scalar_t>(args); });
 }
 
+}  // namespace FASTVID_ISA
 }  // namespace depthwise3d
 }  // namespace fastvid
+#endif  // FASTVID_ISA

@@ -2,10 +2,10 @@
 //
 // A row is one (batch, pixel) for channels-last planes or one (batch, channel) for NCHW planes,
 // so every plane's inner stride is 1. The row loops call the shared math of recurrent_math.h and
-// are compiled three times (AVX-512, AVX2, baseline) with gcc's target_clones; the loader picks
-// the best clone for the running CPU. Plain loops rather than at::vec::Vectorized: a vectorised
-// exp/tanh in at::vec calls Sleef, which an extension cannot link portably, and the clones give
-// runtime ISA dispatch that a single-capability extension build would not.
+// are compiled once per ISA path (cpu_isa.h: AVX-512, AVX2+FMA, baseline; gcc auto-vectorises them
+// at each path's width); the entry points at the top pick one at run time. Plain loops rather than
+// at::vec::Vectorized: a vectorised exp/tanh in at::vec calls Sleef, which an extension cannot link
+// portably, and at::vec is compiled for one ISA per build.
 #include "recurrent_kernels.h"
 #include "recurrent_math.h"
 
@@ -16,10 +16,28 @@
 #include <algorithm>
 #include <vector>
 
+#include "../cpu_isa.h"
 #include "../fastvid_common.h"
+
+#ifndef FASTVID_ISA
+#define FASTVID_ISA_SOURCE "recurrent/recurrent_cpu.cpp"
+#include "../cpu_isa_each.h"
 
 namespace fastvid {
 namespace recurrent {
+void lstm_forward_cpu(const LstmForwardArgs& a) { FASTVID_ISA_CALL(recurrent, lstm_forward(a)); }
+void lstm_backward_cpu(const LstmBackwardArgs& a) { FASTVID_ISA_CALL(recurrent, lstm_backward(a)); }
+void gru_forward_cpu(const GruForwardArgs& a) { FASTVID_ISA_CALL(recurrent, gru_forward(a)); }
+void gru_backward_cpu(const GruBackwardArgs& a) { FASTVID_ISA_CALL(recurrent, gru_backward(a)); }
+void gru_reset_forward_cpu(const GruResetForwardArgs& a) { FASTVID_ISA_CALL(recurrent, gru_reset_forward(a)); }
+void gru_reset_backward_cpu(const GruResetBackwardArgs& a) { FASTVID_ISA_CALL(recurrent, gru_reset_backward(a)); }
+}  // namespace recurrent
+}  // namespace fastvid
+
+#else  // ------------------------------------------------ one ISA path: namespace FASTVID_ISA
+namespace fastvid {
+namespace recurrent {
+namespace FASTVID_ISA {
 namespace {
 
 // ------------------------------------------------------------------------ row iteration
@@ -115,7 +133,7 @@ struct LstmForwardRow {
 };
 
 template <typename scalar_t, bool kSave>
-FASTVID_CPU_CLONES void lstm_forward_row(const LstmForwardRow<scalar_t>& r, int64_t n) {
+void lstm_forward_row(const LstmForwardRow<scalar_t>& r, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t *xi = r.a_x[0], *xf = r.a_x[1], *xg = r.a_x[2], *xo = r.a_x[3];
   const scalar_t *hi = r.a_h[0], *hf = r.a_h[1], *hg = r.a_h[2], *ho = r.a_h[3];
@@ -179,7 +197,7 @@ struct LstmBackwardRow {
 };
 
 template <typename scalar_t>
-FASTVID_CPU_CLONES void lstm_backward_row(const LstmBackwardRow<scalar_t>& r, int64_t n) {
+void lstm_backward_row(const LstmBackwardRow<scalar_t>& r, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t *dh0 = r.dh_in[0], *dh1 = r.dh_in[1], *dh2 = r.dh_in[2];
   const scalar_t *gi = r.gates[0], *gf = r.gates[1], *gg = r.gates[2], *go = r.gates[3];
@@ -237,7 +255,7 @@ struct GruForwardRow {
 };
 
 template <typename scalar_t, bool kResetAfter, bool kSave>
-FASTVID_CPU_CLONES void gru_forward_row(const GruForwardRow<scalar_t>& r, int64_t n) {
+void gru_forward_row(const GruForwardRow<scalar_t>& r, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t *xr = r.x[0], *xz = r.x[1], *xn = r.x[2], *hr = r.h[0], *hz = r.h[1], *hn = r.h[2];
   const scalar_t* h_prev = r.h_prev;
@@ -297,7 +315,7 @@ struct GruBackwardRow {
 };
 
 template <typename scalar_t, bool kResetAfter>
-FASTVID_CPU_CLONES void gru_backward_row(const GruBackwardRow<scalar_t>& r, int64_t n) {
+void gru_backward_row(const GruBackwardRow<scalar_t>& r, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t *dh0 = r.dh_in[0], *dh1 = r.dh_in[1], *dh2 = r.dh_in[2];
   const scalar_t *cr = r.cache[0], *cz = r.cache[1], *cn = r.cache[2], *chn = r.cache[3];
@@ -343,7 +361,7 @@ void gru_backward_impl(const GruBackwardArgs& a) {
 }
 
 template <typename scalar_t, bool kSave>
-FASTVID_CPU_CLONES void gru_reset_forward_row(const scalar_t* x_r, const scalar_t* h_r, const scalar_t* h_prev,
+void gru_reset_forward_row(const scalar_t* x_r, const scalar_t* h_r, const scalar_t* h_prev,
                                               scalar_t* reset_h, scalar_t* r_out, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
 #pragma GCC ivdep
@@ -371,7 +389,7 @@ void gru_reset_forward_impl(const GruResetForwardArgs& a) {
 }
 
 template <typename scalar_t>
-FASTVID_CPU_CLONES void gru_reset_backward_row(const scalar_t* d_reset_h, const scalar_t* r, const scalar_t* h_prev,
+void gru_reset_backward_row(const scalar_t* d_reset_h, const scalar_t* r, const scalar_t* h_prev,
                                                const scalar_t* dh_prev_in, scalar_t* d_r, scalar_t* dh_prev_out,
                                                int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -403,24 +421,27 @@ void gru_reset_backward_impl(const GruResetBackwardArgs& a) {
 #define FASTVID_DISPATCH(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
 
-void lstm_forward_cpu(const LstmForwardArgs& a) {
+void lstm_forward(const LstmForwardArgs& a) {
   FASTVID_DISPATCH(a.geo.dtype, "lstm_forward_cpu", [&] { lstm_forward_impl<scalar_t>(a); });
 }
-void lstm_backward_cpu(const LstmBackwardArgs& a) {
+void lstm_backward(const LstmBackwardArgs& a) {
   FASTVID_DISPATCH(a.geo.dtype, "lstm_backward_cpu", [&] { lstm_backward_impl<scalar_t>(a); });
 }
-void gru_forward_cpu(const GruForwardArgs& a) {
+void gru_forward(const GruForwardArgs& a) {
   FASTVID_DISPATCH(a.geo.dtype, "gru_forward_cpu", [&] { gru_forward_impl<scalar_t>(a); });
 }
-void gru_backward_cpu(const GruBackwardArgs& a) {
+void gru_backward(const GruBackwardArgs& a) {
   FASTVID_DISPATCH(a.geo.dtype, "gru_backward_cpu", [&] { gru_backward_impl<scalar_t>(a); });
 }
-void gru_reset_forward_cpu(const GruResetForwardArgs& a) {
+void gru_reset_forward(const GruResetForwardArgs& a) {
   FASTVID_DISPATCH(a.geo.dtype, "gru_reset_forward_cpu", [&] { gru_reset_forward_impl<scalar_t>(a); });
 }
-void gru_reset_backward_cpu(const GruResetBackwardArgs& a) {
+void gru_reset_backward(const GruResetBackwardArgs& a) {
   FASTVID_DISPATCH(a.geo.dtype, "gru_reset_backward_cpu", [&] { gru_reset_backward_impl<scalar_t>(a); });
 }
+#undef FASTVID_DISPATCH
 
+}  // namespace FASTVID_ISA
 }  // namespace recurrent
 }  // namespace fastvid
+#endif  // FASTVID_ISA

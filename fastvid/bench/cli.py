@@ -1,6 +1,7 @@
 """``python -m fastvid bench``: arguments and entry point (wired up in fastvid/__main__.py).
 
-    python -m fastvid bench --quick                         # ~1 min on an idle 2-core machine
+    python -m fastvid bench --quick                         # <= 5 min on a 2-core machine, best two ISA paths
+    python -m fastvid bench --only DepthwiseConv3d --isa avx2   # one CPU ISA path (default: every path)
     python -m fastvid bench --quick --wait-idle 120         # on a shared machine
     python -m fastvid bench --only ConvGRU --only bf16      # a subset (substring match, any)
     python -m fastvid bench --only DepthwiseConv3d --only X3DBlock   # the depthwise cases of issue 3
@@ -46,6 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "re-mapped big blocks); rows record malloc='keep'. Default: glibc's defaults, as users get")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     parser.add_argument("--no-ops", action="store_true", help="skip the dispatched-ops count")
+    parser.add_argument("--isa", metavar="PATHS", default=None,
+                        help="CPU ISA paths to measure fastvid under, each case once per path: comma-separated "
+                             "(avx512,avx2,baseline), 'all' = every path this CPU supports (default of full runs), "
+                             "'active' = only the current one (FASTVID_CPU_ISA's). Default of --quick: the best "
+                             "two paths (AVX-512 and AVX2 where the CPU has both)")
+    parser.add_argument("--bf16-emulated", action="store_true",
+                        help="with --quick: run the bf16 cases even on a CPU without native bf16 arithmetic "
+                             "(they are left out there by default: emulated, slow, not what such a CPU runs)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -62,9 +71,27 @@ def main(args: argparse.Namespace) -> int:
                  + list(attention.iter_cases(quick=args.quick)))
     selected = [c for c in all_cases
                 if not args.only or any(text in c.name for text in args.only)]
+    if args.quick and not args.bf16_emulated and not runner.bf16_native(args.device):
+        emulated = [c for c in selected if getattr(c, "dtype", "") == "bf16"]
+        selected = [c for c in selected if c not in emulated]
+        if emulated:
+            print(f"bf16: emulated on this CPU (no AVX512-BF16); left out of the quick run: "
+                  f"{', '.join(c.name for c in emulated)} (--bf16-emulated runs them)")
     if not selected:
         print(f"no case matches {args.only}", file=sys.stderr)
         return 2
+    paths = runner.cpu_isa_paths(args.device)
+    if args.isa is None and args.quick:
+        paths = paths[:2]
+    elif args.isa == "active":
+        paths = [None]
+    elif args.isa not in (None, "all"):
+        wanted = args.isa.split(",")
+        unknown = [p for p in wanted if p not in paths]
+        if unknown:
+            print(f"--isa {args.isa}: {unknown} not supported by this CPU (it runs {paths})", file=sys.stderr)
+            return 2
+        paths = wanted
     rounds = args.rounds or (runner.QUICK_ROUNDS if args.quick else runner.FULL_ROUNDS)
     warmup = args.warmup if args.warmup is not None else (runner.QUICK_WARMUP if args.quick else runner.FULL_WARMUP)
     malloc = "default"
@@ -76,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"torch.get_num_threads() = {torch.get_num_threads()}")
     rows, failures = runner.run(selected, rounds=rounds, warmup=warmup, out=None if args.no_save else args.out,
                                 device=args.device, memory=not args.no_memory, ops=not args.no_ops,
-                                wait_idle=args.wait_idle, extra={"malloc": malloc})
+                                wait_idle=args.wait_idle, extra={"malloc": malloc}, isas=paths)
     print(report.format_table(rows))
     if failures:
         print("\nPARITY FAILURES (these cases were not timed):\n" + "\n".join(failures), file=sys.stderr)

@@ -40,12 +40,15 @@ OPS = ("DepthwiseConv3d", "X3DBlock")
 DTYPES = ("fp32", "bf16")
 MODES = ("no_grad", "fwd_bwd")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
-#: Relative error ‖a - b‖ / ‖b‖ allowed per compared tensor (per op and dtype). The block's
-#: batch norms (train mode) divide by per-channel std, which amplifies fp32 rounding: the first
-#: BN's weight gradient is ill-conditioned (in the NCDHW X3D case native and fastvid fp32 are each
-#: ~1.3e-2 (max-abs relative) from a float64 run of the same block, and 3e-3 from each other).
-PARITY_RTOL = {("DepthwiseConv3d", "fp32"): 1e-4, ("X3DBlock", "fp32"): 1e-2,
-               ("DepthwiseConv3d", "bf16"): 3e-2, ("X3DBlock", "bf16"): 5e-2}
+#: Relative error ‖a - b‖ / ‖b‖ allowed per compared tensor (per op and dtype), fastvid vs native.
+#: Not for the fp32 X3D block: its batch norms (train mode) divide by per-channel std, which
+#: amplifies fp32 rounding (the first BN's weight gradient is ill-conditioned: native and fastvid
+#: fp32 are each ~1e-2 from a float64 run, in either layout), so no fixed tolerance between the two
+#: is meaningful; it is judged against float64 by the flash-attention rule (ORACLE_RULE).
+PARITY_RTOL = {("DepthwiseConv3d", "fp32"): 1e-4, ("DepthwiseConv3d", "bf16"): 3e-2, ("X3DBlock", "bf16"): 5e-2}
+#: (factor, atol) of the oracle rule: err(fastvid vs fp64) <= factor · err(native vs fp64) + atol, per
+#: tensor (relative errors as above), for the cases without a PARITY_RTOL.
+ORACLE_RULE = (2.0, 1e-5)
 #: Input/module memory layouts measured (both providers get the same): ``ncdhw`` (contiguous, the
 #: default PyTorch layout) and ``cl3d`` (channels_last_3d). The first is the default.
 LAYOUTS = ("ncdhw", "cl3d")
@@ -246,9 +249,10 @@ def build(case: DWCase, device="cpu", seed: int = 0) -> Dict[str, Workload]:
 
 
 # ------------------------------------------------------------------------------ parity
-def compare(workloads: Dict[str, Workload]) -> Dict[str, float]:
-    """Relative errors of fastvid vs native: output and, for fwd_bwd, input and parameter gradients.
-    Module state (BN running statistics) is saved and restored around the comparison."""
+def compare(workloads: Dict[str, Workload], reference: str = "native") -> Dict[str, float]:
+    """Relative errors of fastvid vs ``reference`` (a key of ``workloads``): output and, for fwd_bwd,
+    input and parameter gradients. Module state (BN running statistics) is saved and restored around
+    the comparison."""
     outs = {}
     for name, w in workloads.items():
         state = copy.deepcopy(w.module.state_dict())
@@ -262,11 +266,11 @@ def compare(workloads: Dict[str, Workload]) -> Dict[str, float]:
                 w.grad_output = seeded_randn_like(outs[name], seed=1)
             outs[name].backward(w.grad_output)
         w.module.load_state_dict(state)
-    native, fast = workloads["native"], workloads["fastvid"]
-    if outs["fastvid"].shape != outs["native"].shape:
+    native, fast = workloads[reference], workloads["fastvid"]
+    if outs["fastvid"].shape != outs[reference].shape:
         raise AssertionError(f"{native.case.name}: output shapes differ: fastvid {tuple(outs['fastvid'].shape)}, "
-                             f"native {tuple(outs['native'].shape)}")
-    errors = {"output": relative_error(outs["fastvid"], outs["native"])}
+                             f"{reference} {tuple(outs[reference].shape)}")
+    errors = {"output": relative_error(outs["fastvid"], outs[reference])}
     if native.case.mode == "fwd_bwd":
         g_native, g_fast = native.gradients(), fast.gradients()
         if list(g_native) != list(g_fast):
@@ -277,9 +281,28 @@ def compare(workloads: Dict[str, Workload]) -> Dict[str, float]:
     return errors
 
 
+def float64_twin(workload: Workload) -> Workload:
+    """The native workload in float64 (same weights, input and upstream gradient): the oracle."""
+    module = copy.deepcopy(workload.module).double()
+    x = workload.x.detach().double().requires_grad_(workload.x.requires_grad)
+    grad_output = None if workload.grad_output is None else workload.grad_output.double()
+    return Workload(workload.case, "float64", module, x, grad_output)
+
+
 def check_parity(workloads: Dict[str, Workload]) -> Dict[str, float]:
+    """fastvid vs native within PARITY_RTOL; or, for cases without one, both against a float64 run
+    by ORACLE_RULE. Returns the errors of fastvid (vs native, resp. vs float64)."""
     case = workloads["native"].case
-    return assert_within(case.name, compare(workloads), PARITY_RTOL[(case.op, case.dtype)])
+    if (case.op, case.dtype) in PARITY_RTOL:
+        return assert_within(case.name, compare(workloads), PARITY_RTOL[(case.op, case.dtype)])
+    factor, atol = ORACLE_RULE
+    ours = compare({"oracle": float64_twin(workloads["native"]), "fastvid": workloads["fastvid"]}, "oracle")
+    native = compare({"oracle": float64_twin(workloads["native"]), "fastvid": workloads["native"]}, "oracle")
+    bad = {k: (v, native[k]) for k, v in ours.items() if not v <= factor * native[k] + atol}
+    if bad:
+        raise AssertionError(f"{case.name}: fastvid's error vs float64 exceeds {factor:g} x native's + {atol:g}: "
+                             + ", ".join(f"{k}={v:.2e} (native {n:.2e})" for k, (v, n) in bad.items()))
+    return ours
 
 
 # ------------------------------------------------------------------------------ bandwidth

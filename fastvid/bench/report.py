@@ -115,6 +115,7 @@ class Comparison:
     dtype: str
     mode: str
     metric: str
+    isa: Optional[str] = None  # fastvid's CPU ISA path (None: not recorded / not a CPU run)
     native: Optional[dict] = None
     fastvid: Optional[dict] = None
 
@@ -163,7 +164,7 @@ def compare(rows: List[dict]) -> List[Comparison]:
     """Pair native and fastvid rows; table order = first appearance, metrics in METRICS order."""
     table: Dict[Tuple, Comparison] = {}
     for row in rows:
-        key = (row["op"], row["shape"], row["dtype"], row["mode"], row["metric"])
+        key = (row["op"], row["shape"], row["dtype"], row["mode"], row["metric"], row.get("isa"))
         comparison = table.setdefault(key, Comparison(*key))
         if row["provider"] in ("native", "fastvid"):
             setattr(comparison, row["provider"], row)
@@ -182,9 +183,16 @@ def compare(rows: List[dict]) -> List[Comparison]:
     def order(c: Comparison):
         metric_rank = METRICS.index(c.metric) if c.metric in METRICS else len(METRICS)
         mode_rank = 0 if c.mode == "no_grad" else 1
-        return group_order[(c.op, c.shape, c.dtype)], metric_rank, mode_rank
+        return group_order[(c.op, c.shape, c.dtype)], metric_rank, mode_rank, _isa_rank(c.isa)
 
     return sorted(table.values(), key=order)
+
+
+_ISA_ORDER = ("avx512", "avx2", "baseline")
+
+
+def _isa_rank(isa: Optional[str]) -> int:
+    return _ISA_ORDER.index(isa) if isa in _ISA_ORDER else len(_ISA_ORDER)
 
 
 def _value(row: Optional[dict], metric: str) -> str:
@@ -208,7 +216,7 @@ def format_table(rows: List[dict]) -> str:
     comparisons = compare(rows)
     if not comparisons:
         return "(no results)"
-    header = ("op", "shape", "dtype", "mode", "metric", "native", "fastvid", "ratio", "target", "result",
+    header = ("op", "shape", "dtype", "mode", "metric", "isa", "native", "fastvid", "ratio", "target", "result",
               "noise", "strategy")
     lines = []
     for c in comparisons:
@@ -216,13 +224,13 @@ def format_table(rows: List[dict]) -> str:
         strategy = (c.fastvid or {}).get("strategy", "") or ""
         lines.append((
             c.op, c.shape, c.dtype + _LAYOUT_SUFFIX.get((c.native or c.fastvid or {}).get("layout"), ""),
-            c.mode, c.metric, _value(c.native, c.metric), _value(c.fastvid, c.metric),
+            c.mode, c.metric, c.isa or "-", _value(c.native, c.metric), _value(c.fastvid, c.metric),
             _ratio(c), target.label if target else "-",
             c.status + (" *" if c.busy else ""),
             "" if c.noise is None else f"{100 * c.noise:.0f}%", strategy,
         ))
     widths = [max(len(str(row[i])) for row in [header] + lines) for i in range(len(header))]
-    numeric = {5, 6, 7, 10}
+    numeric = {6, 7, 8, 11}
 
     def render(row):
         return "  ".join(str(v).rjust(w) if i in numeric else str(v).ljust(w)
@@ -234,7 +242,8 @@ def format_table(rows: List[dict]) -> str:
 
     run_ids = {row.get("run_id") for row in rows}
     out = [f"fastvid {field('version')} | torch {field('torch')} | {field('machine')} | threads {field('threads')} | "
-           f"malloc {field('malloc', 'default')} | "
+           f"malloc {field('malloc', 'default')} | CPU ISA paths {field('cpu_isa_supported')} "
+           f"(bf16 {'native' if field('cpu_isa_bf16') == 'True' else 'emulated'}) | "
            + (f"run {field('run_id')}" if len(run_ids) == 1 else f"newest rows of {len(run_ids)} runs")]
     out += [render(header), render(["-" * w for w in widths])]
     out += [render(line) for line in lines]
@@ -260,7 +269,8 @@ def format_table(rows: List[dict]) -> str:
     out.append("")
     out.append(f"{passed} PASS, {missed} MISS. ratio = native / fastvid (> 1: fastvid faster / smaller / fewer ops). "
                "MISS xF: fastvid's number must improve F-fold to meet the target. noise = (p80 - p20) / median, the "
-               "larger of the two providers. +cl: channels_last frames; +cl3d: channels_last_3d input and "
+               "larger of the two providers. isa: the CPU ISA path fastvid's kernels ran (forced per row; native is "
+               "timed again next to each). +cl: channels_last frames; +cl3d: channels_last_3d input and "
                "modules (both providers). bandwidth: fastvid forward (input + output + weight bytes) / median time, "
                "vs this run's copy bandwidth (y.copy_(x), 256 MiB fp32, 2 x bytes). strategy: fastvid's auto choice. "
                "Attention rows: peak_memory = RSS high-water mark of one step in a fresh subprocess (glibc malloc as "

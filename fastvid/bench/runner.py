@@ -7,10 +7,11 @@ for how. Rows go to the results file and the table of the run is printed.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -84,32 +85,72 @@ def run_case(case: cases_mod.Case, rounds: int, warmup: int, device="cpu", memor
     return rows
 
 
+def cpu_isa_paths(device="cpu") -> List[Optional[str]]:
+    """The CPU ISA paths (csrc/cpu_isa.h) this machine can run, best first; [None] off the CPU or
+    without the compiled kernels (nothing to force)."""
+    info = fastvid.info()
+    if torch.device(device).type != "cpu" or not info["cpu_kernels"]:
+        return [None]
+    return list(reversed(info["cpu_isa_supported"]))
+
+
+@contextlib.contextmanager
+def forced_cpu_isa(isa: Optional[str]):
+    """Runs the block with fastvid's CPU kernels on path ``isa`` (None: leave it)."""
+    if isa is None:
+        yield
+        return
+    ops = torch.ops.fastvid
+    previous = ops._cpu_isa()
+    ops._set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        ops._set_cpu_isa(previous)
+
+
+def bf16_native(device="cpu") -> bool:
+    """Whether the device does bf16 arithmetic natively (CPU: AVX512-BF16; without it PyTorch
+    emulates bf16 convolutions and GEMMs in fp32 with conversions: slow, and not what a user with
+    such a CPU would run)."""
+    if torch.device(device).type != "cpu":
+        return True
+    return bool(fastvid.info().get("cpu_isa_bf16"))
+
+
 def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional[str] = results.DEFAULT_PATH,
         device="cpu", memory: bool = True, ops: bool = True, wait_idle: float = 0.0, extra: Optional[dict] = None,
-        log: Callable[[str], None] = _log) -> Tuple[List[dict], List[str]]:
+        log: Callable[[str], None] = _log, isas: Optional[Sequence[Optional[str]]] = None) -> Tuple[List[dict], List[str]]:
     """Run the cases; append each case's rows to ``out`` as soon as it is measured (None: don't
     save). Returns ``(rows, failures)``: cases whose parity check fails are not timed, and
     their messages are returned in ``failures``. ``wait_idle``: before each case, wait up to that
     many seconds for other processes to leave the cores alone (see measure.OtherLoad), and measure
     a case again (at most MAX_ATTEMPTS times in all) when they did not meanwhile. ``extra``:
-    fields added to every row (e.g. ``{"malloc": "keep"}``)."""
+    fields added to every row (e.g. ``{"malloc": "keep"}``). ``isas``: the CPU ISA paths to measure
+    every case under (default: all the machine supports, :func:`cpu_isa_paths`); each row records
+    its path in ``isa`` (native rows too: native is timed again next to each path, same run)."""
     cases = list(cases)
+    isas = list(isas) if isas is not None else cpu_isa_paths(device)
+    info = fastvid.info()
     base = {"machine": results.machine(device), "device": str(device), "threads": torch.get_num_threads(),
             "version": fastvid.__version__, "torch": torch.__version__, "run_id": results.new_run_id(),
-            "malloc": "default", **(extra or {})}
-    log(f"fastvid bench: {len(cases)} cases, {rounds} rounds after {warmup} warm-up call(s), "
+            "malloc": "default", "cpu_isa_supported": ",".join(info["cpu_isa_supported"]),
+            "cpu_isa_bf16": info["cpu_isa_bf16"], **(extra or {})}
+    log(f"fastvid bench: {len(cases)} cases x ISA paths {isas}, {rounds} rounds after {warmup} warm-up call(s), "
         f"torch.get_num_threads() = {base['threads']}, {base['machine']}, malloc {base['malloc']}")
+    work = [(case, isa) for case in cases for isa in isas]
     all_rows: List[dict] = []
     failures = []
     start = time.perf_counter()
-    for number, case in enumerate(cases, 1):
+    for number, (case, isa) in enumerate(work, 1):
         case_start = time.perf_counter()
+        label = case.name if isa is None else f"{case.name} [{isa}]"
         strategy = ""  # auto choice seen in the first attempt (later attempts find it cached)
         try:
             for attempt in range(1, (MAX_ATTEMPTS if wait_idle > 0 else 1) + 1):
                 if wait_idle > 0:
                     measure.wait_until_idle(wait_idle, threshold=report.BUSY_CORES, log=log)
-                with measure.OtherLoad() as load:
+                with measure.OtherLoad() as load, forced_cpu_isa(isa):
                     if isinstance(case, depthwise.DWCase):
                         rows = depthwise.run_case(case, rounds, warmup, device, memory, base)
                     elif isinstance(case, attention.AttnCase):
@@ -122,19 +163,20 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
                 if wait_idle <= 0 or load.cores is None or load.cores <= report.BUSY_CORES:
                     break
                 if attempt < MAX_ATTEMPTS:
-                    log(f"  {case.name}: other processes used {load.cores:.1f} cores meanwhile; measuring again")
+                    log(f"  {label}: other processes used {load.cores:.1f} cores meanwhile; measuring again")
         except AssertionError as exc:
             failures.append(str(exc))
-            log(f"[{number}/{len(cases)}] {case.name}: PARITY FAILURE, not timed: {exc}")
+            log(f"[{number}/{len(work)}] {label}: PARITY FAILURE, not timed: {exc}")
             continue
         for row in rows:
             row["other_load"] = None if load.cores is None else round(load.cores, 2)
+            row["isa"] = isa
         if out:
             results.append(out, rows)
         all_rows.extend(rows)
         timed = {r["provider"]: r for r in rows if r["metric"] == "time"}
         bandwidth = [r for r in rows if r["metric"] == "bandwidth" and r["provider"] == "fastvid"]
-        log(f"[{number}/{len(cases)}] {case.name}: "
+        log(f"[{number}/{len(work)}] {label}: "
             + ", ".join(f"{p} {r['median']:.1f} ms (sys {r['sys_ms_per_call']:.1f} ms, "
                         f"{r['minor_faults_per_call']:.0f} page faults)" for p, r in timed.items())
             + "".join(f", fastvid forward {r['median']:.1f} GB/s = {r['fraction_of_copy']:.0%} of copy "

@@ -1,0 +1,119 @@
+// CPU ISA detection, the FASTVID_CPU_ISA override and the private ops that tests, fastvid.info()
+// and the benchmarks use to read and switch the active path (see cpu_isa.h).
+#include "cpu_isa.h"
+
+#include <ATen/core/List.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace fastvid {
+namespace cpu_isa {
+namespace {
+
+const char* const kNames[] = {"baseline", "avx2", "avx512"};
+const char* const kFamilies[] = {"depthwise3d", "recurrent", "attention"};
+
+Isa detect() {
+#ifdef FASTVID_ISA_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512cd");
+  return avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::baseline;
+#else
+  return Isa::baseline;
+#endif
+}
+
+bool detect_bf16() {
+#ifdef FASTVID_ISA_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+const Isa g_cpu = detect();        // what cpuid says
+std::atomic<int> g_supported{static_cast<int>(g_cpu)};  // lowered only by _cpu_isa_simulate (tests)
+
+int parse(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kNames[i]) return i;
+  return -1;
+}
+
+// FASTVID_CPU_ISA, read when the library is loaded: unknown names and paths above the CPU's are
+// reported and replaced (clamped), never fatal.
+int initial_isa() {
+  const char* env = std::getenv("FASTVID_CPU_ISA");
+  const int best = static_cast<int>(g_cpu);
+  if (env == nullptr || *env == '\0') return best;
+  const int want = parse(env);
+  if (want < 0) {
+    TORCH_WARN("fastvid: FASTVID_CPU_ISA=", env, " is not one of avx512, avx2, baseline; using ", kNames[best]);
+    return best;
+  }
+  if (want > best) {
+    TORCH_WARN("fastvid: FASTVID_CPU_ISA=", env, " but this CPU supports at most ", kNames[best], "; using ",
+               kNames[best]);
+    return best;
+  }
+  return want;
+}
+
+std::string active_name() { return kNames[static_cast<int>(active())]; }
+std::string supported_name() { return kNames[g_supported.load()]; }
+bool has_bf16() { return detect_bf16() && g_supported.load() == static_cast<int>(Isa::avx512); }
+
+void set_isa(const std::string& name) {
+  const int want = parse(name);
+  TORCH_CHECK(want >= 0, "fastvid._set_cpu_isa: isa must be one of avx512, avx2, baseline, got '", name, "'");
+  TORCH_CHECK(want <= g_supported.load(), "fastvid._set_cpu_isa: isa '", name, "' is not supported by this CPU ",
+              "(best: ", supported_name(), ")");
+  g_active.store(want);
+}
+
+// Test hook: behave as a CPU whose best path is `name` ("" restores cpuid's answer); the active path
+// is clamped to it.
+void simulate(const std::string& name) {
+  const int cap = name.empty() ? static_cast<int>(g_cpu) : parse(name);
+  TORCH_CHECK(cap >= 0 && cap <= static_cast<int>(g_cpu), "fastvid._cpu_isa_simulate: isa must be '' or one of ",
+              "the CPU's paths (<= ", kNames[static_cast<int>(g_cpu)], "), got '", name, "'");
+  g_supported.store(cap);
+  if (g_active.load() > cap) g_active.store(cap);
+}
+
+std::string ran(const std::string& family) {
+  for (int f = 0; f < static_cast<int>(Family::count); ++f) {
+    if (family != kFamilies[f]) continue;
+    const int isa = g_ran[f].load();
+    return isa < 0 ? std::string() : std::string(kNames[isa]);
+  }
+  TORCH_CHECK(false, "fastvid._cpu_isa_ran: family must be one of depthwise3d, recurrent, attention, got '", family,
+              "'");
+}
+
+}  // namespace
+
+std::atomic<int> g_active{initial_isa()};
+std::atomic<int> g_ran[static_cast<int>(Family::count)] = {-1, -1, -1};
+
+}  // namespace cpu_isa
+}  // namespace fastvid
+
+// Schemas in csrc/ops.cpp. No tensor arguments: CompositeImplicitAutograd kernels serve every call.
+TORCH_LIBRARY_IMPL(fastvid, CompositeImplicitAutograd, m) {
+  using namespace fastvid::cpu_isa;
+  m.impl("_cpu_isa", [] { return active_name(); });
+  m.impl("_cpu_isa_supported", [] { return supported_name(); });
+  m.impl("_cpu_isa_bf16", [] { return has_bf16(); });
+  m.impl("_set_cpu_isa", [](std::string name) { set_isa(name); });
+  m.impl("_cpu_isa_simulate", [](std::string name) { simulate(name); });
+  m.impl("_cpu_isa_ran", [](std::string family) { return ran(family); });
+}

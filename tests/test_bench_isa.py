@@ -1,0 +1,52 @@
+"""The benchmark's CPU ISA column and the X3D block's parity rule, on tiny shapes: rows record the ISA
+path fastvid ran, the report keeps one row per path and prints the machine's paths, and the X3D block
+is judged against a float64 run (err(fastvid) <= 2 err(native) + atol), which a wrong kernel fails."""
+import pytest
+import torch
+from _isa import supported_paths
+
+import fastvid
+from fastvid.bench import depthwise, report, runner
+
+pytestmark = pytest.mark.skipif(not fastvid.info()["cpu_kernels"], reason="fastvid._C is not built")
+
+TINY_DW = depthwise.DWShape(1, 8, 3, 6, 20)
+TINY_X3D = depthwise.DWShape(2, 8, 3, 6, 6, inner=12)
+
+
+@pytest.mark.parametrize("layout", depthwise.LAYOUTS)
+def test_x3d_block_parity_is_judged_against_float64(layout):
+    case = depthwise.DWCase("X3DBlock", TINY_X3D, "fp32", "fwd_bwd", layout)
+    workloads = depthwise.build(case)
+    errors = depthwise.check_parity(workloads)  # fastvid's errors vs float64 (BN weight gradients: ~1e-3)
+    assert errors["output"] < 1e-5 and errors["grad_x"] < 1e-5, errors
+    first_conv = next(m for m in workloads["fastvid"].module.modules() if isinstance(m, torch.nn.Conv3d))
+    with torch.no_grad():
+        first_conv.weight.mul_(1.001)  # a 0.1 % error: far above fp32 rounding
+    with pytest.raises(AssertionError, match="error vs float64 exceeds"):
+        depthwise.check_parity(workloads)
+
+
+def test_runner_measures_every_isa_path_and_the_report_shows_them():
+    paths = supported_paths()
+    case = depthwise.DWCase("DepthwiseConv3d", TINY_DW, "fp32", "no_grad", "ncdhw")
+    rows, failures = runner.run([case], rounds=1, warmup=0, out=None, memory=False, ops=False,
+                                isas=paths, log=lambda message: None)
+    assert not failures
+    assert {r["isa"] for r in rows if r["metric"] == "time"} == set(paths)
+    assert torch.ops.fastvid._cpu_isa() == paths[-1]  # restored
+    comparisons = [c for c in report.compare(rows) if c.metric == "time"]
+    assert sorted(c.isa for c in comparisons) == sorted(paths)
+    assert all(c.native and c.fastvid for c in comparisons)
+    table = report.format_table(rows)
+    assert f"CPU ISA paths {','.join(paths)}" in table
+    for path in paths:
+        assert f" {path} " in table
+
+
+def test_forced_path_is_the_one_run():
+    for path in supported_paths():
+        with runner.forced_cpu_isa(path):
+            workloads = depthwise.build(depthwise.DWCase("DepthwiseConv3d", TINY_DW, "fp32", "no_grad"))
+            workloads["fastvid"]()
+            assert torch.ops.fastvid._cpu_isa_ran("depthwise3d") == path
