@@ -4,7 +4,7 @@
 ``CONVERTERS`` recognises by the fastvid layer computing the same function (``nn.Conv3d`` with
 ``groups == in_channels`` → ``DepthwiseConv3d``; nonlocal blocks → ``NonLocalBlock``).
 ``fastvid.convert(model, to="reference")`` goes back: every fastvid layer becomes plain PyTorch
-modules with the same parameters (``fastvid/reference/modules.py``), for export and for users
+modules with the same parameters (``fastvid/convert_reference.py``), for export and for users
 without the compiled extension.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def convert(model: nn.Module, inplace: bool = False, to: str = "fastvid") -> nn.
     if to not in TARGETS:
         raise ValueError(f"fastvid.convert: to must be one of {TARGETS}, got {to!r}")
     if to == "reference":
-        from .reference.modules import TO_REFERENCE as converters
+        from .convert_reference import TO_REFERENCE as converters
     else:
         converters = CONVERTERS
     if not inplace:

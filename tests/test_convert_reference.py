@@ -129,7 +129,7 @@ def test_round_trip_native_fastvid_reference(config, block_fastvid_ops):
     assert set(fastvid_layer_modules(fast)) == {"DepthwiseConv3d", "ConvLSTM", "ConvGRU", "ConvLSTMCell",
                                                  "ConvGRUCell", "AttentionConvLSTM"}
     assert type(ref.depthwise) is nn.Conv3d and type(ref.separable.depthwise) is nn.Conv3d
-    # what is left of fastvid is the plain-PyTorch twins (fastvid.reference.modules) over torch.nn leaves
+    # what is left of fastvid is the plain-PyTorch twins (fastvid.convert_reference) over torch.nn leaves
     assert set(leaf_modules_outside_torch_nn(ref)) == {"ReferenceConvLSTM", "ReferenceConvGRU",
                                                        "ReferenceConvLSTMCell", "ReferenceConvGRUCell"}
 

@@ -274,7 +274,7 @@ def test_not_converted_when_the_function_differs():
 @pytest.mark.parametrize("mode", MODES)
 def test_convert_to_reference(mode, pool_before):
     """NonLocalBlock -> its plain-PyTorch twin: same parameters (shared), same outputs and gradients."""
-    from fastvid.reference.modules import ReferenceNonLocalBlock
+    from fastvid.convert_reference import ReferenceNonLocalBlock
     block = randomize(NonLocalBlock(6, 4, mode=mode, scale=0.7, pool_before_projection=pool_before).double()).train()
     twin = fastvid.convert(block, inplace=False, to="reference")
     assert isinstance(twin, ReferenceNonLocalBlock)
