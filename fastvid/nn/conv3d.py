@@ -31,6 +31,11 @@ class DepthwiseConv3d(nn.Module):
         self.channels, self.channel_multiplier = channels, channel_multiplier
         self.kernel_size, self.stride = _triple(kernel_size), _triple(stride)
         self.padding, self.dilation = _triple(padding), _triple(dilation)
+        for name, value, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                                 ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
+            if len(value) != 3 or any(v < low for v in value):
+                raise ValueError(f"DepthwiseConv3d: {name} must be one int or a (T, H, W) triple, each >= {low}, "
+                                 f"got {value}")
         self.weight = nn.Parameter(torch.empty(channels * channel_multiplier, 1, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(channels * channel_multiplier)) if bias else None
         self.reset_parameters()

@@ -110,6 +110,10 @@ def depthwise_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
     if not isinstance(input, Tensor):
         raise TypeError(f"fastvid.depthwise_conv3d: input must be a Tensor, got {type(input).__name__}")
+    for name, value, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(value) != 3 or any(v < low for v in value):  # checked here for every backend, not only the kernels
+            raise ValueError(f"fastvid.depthwise_conv3d: {name} must be one int or a (T, H, W) triple, each >= {low}, "
+                             f"got {value}")
     input, weight, bias = autocast_inputs(input.device.type, input, weight, bias)
     which = _backend.resolve({"input": input, "weight": weight, "bias": bias})
     if which in ("cpu", "cuda"):

@@ -413,8 +413,13 @@ def _sequence_arguments(name, x, weight_hh, h0, padding, dilation):
     if not isinstance(x, Tensor) or x.dim() != 5:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"fastvid.{name}: x must be [B, T, C_in, H, W], got {shape}")
+    if not isinstance(weight_hh, Tensor) or weight_hh.dim() != 4:
+        shape = tuple(weight_hh.shape) if isinstance(weight_hh, Tensor) else type(weight_hh).__name__
+        raise ValueError(f"fastvid.{name}: weight_hh must be [G*C, C, kH, kW], got {shape}")
     C = weight_hh.shape[1]
     dilation = _pair(dilation)
+    if len(dilation) != 2 or any(d < 1 for d in dilation):
+        raise ValueError(f"fastvid.{name}: dilation must be one int or an (H, W) pair, each >= 1, got {dilation}")
     if padding is None:
         padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight_hh.shape[2:]))
     if h0 is None:
