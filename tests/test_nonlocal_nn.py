@@ -270,6 +270,26 @@ def test_not_converted_when_the_function_differs():
     assert type(fastvid.convert(model)) is Impostor
 
 
+def test_probe_that_raises_is_reported_with_the_module_name():
+    """A block laid out like a nonlocal block whose forward cannot run the probe input (here it needs a
+    fixed spatial size) is left native with a warning naming it, instead of a silent "no match"; the
+    rest of the model still converts."""
+    class FixedSize(StandaloneStyleNonLocal):
+        def forward(self, x):
+            if x.shape[-1] != 8:
+                raise ValueError(f"this block expects W = 8, got {x.shape[-1]}")
+            return super().forward(x)
+
+    model = nn.Sequential(nn.Conv3d(4, 8, 1), nn.Sequential(FixedSize(8), nn.Conv3d(8, 8, 3, padding=1, groups=8)))
+    with pytest.warns(RuntimeWarning, match=r"fastvid.convert: 1.0 \(FixedSize\) left unconverted: the "
+                                            r"nonlocal_block converter raised RuntimeError: the probe input raised "
+                                            r"\(embedded_gaussian: ValueError: this block expects W = 8"):
+        converted = fastvid.convert(model)
+    assert type(converted[1][0]) is FixedSize and isinstance(converted[1][1], fastvid.nn.DepthwiseConv3d)
+    x = torch.randn(2, 4, 2, 4, 8)
+    torch.testing.assert_close(converted(x), model(x))
+
+
 @pytest.mark.parametrize("pool_before", [False, True])
 @pytest.mark.parametrize("mode", MODES)
 def test_convert_to_reference(mode, pool_before):

@@ -75,11 +75,13 @@ class DepthwiseConv3d(nn.Module):
 
 
 def is_depthwise_conv3d(module: nn.Module) -> bool:
-    """An nn.Conv3d that DepthwiseConv3d reproduces exactly: groups == in_channels, zero padding given
-    as numbers."""
+    """An nn.Conv3d that DepthwiseConv3d reproduces exactly and its kernels run: groups ==
+    in_channels, zero padding given as numbers, a floating weight, kernel sizes up to
+    ``ops.depthwise3d.MAX_KERNEL_SIZE``."""
     return (type(module) is nn.Conv3d and module.groups == module.in_channels
             and module.out_channels % module.in_channels == 0 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
+            and not isinstance(module.padding, str) and module.weight.is_floating_point()
+            and all(k <= ops.depthwise3d.MAX_KERNEL_SIZE for k in module.kernel_size))
 
 
 class SeparableConv3d(nn.Module):

@@ -404,7 +404,8 @@ def _probe_matches(original: nn.Module, candidate: NonLocalBlock) -> bool:
     """Whether ``candidate`` computes ``original``'s function on a random probe input. Both are copied
     together (so the submodules they share stay shared) and put in eval mode; the shared final affine
     map gets random values first, since a freshly initialised block is the identity, which any
-    candidate would match."""
+    candidate would match. An exception (from the original or the candidate) propagates: the
+    caller reports it rather than taking it for a mismatch."""
     original, candidate = copy.deepcopy((original, candidate))
     # In eval mode and fp32 on the copies (a bf16/fp16 model would blur the comparison).
     original.eval().float(), candidate.eval().float()
@@ -416,19 +417,24 @@ def _probe_matches(original: nn.Module, candidate: NonLocalBlock) -> bool:
         for p in final.parameters():
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
         x = torch.randn(2, candidate.in_channels, *sizes, generator=generator, dtype=like.dtype).to(like.device)
-        try:
-            expected, got = original(x), candidate(x)
-        except Exception:  # a candidate (or an original) that cannot run the probe is not a match
-            return False
+        expected, got = original(x), candidate(x)
     return isinstance(expected, torch.Tensor) and expected.shape == got.shape and \
         torch.allclose(expected, got, rtol=1e-4, atol=1e-5)
 
 
 def nonlocal_from_module(module: nn.Module) -> Optional[NonLocalBlock]:
-    """The NonLocalBlock equal to a hand-written nonlocal block (sharing its submodules), or None."""
+    """The NonLocalBlock equal to a hand-written nonlocal block (sharing its submodules), or None.
+    Raises RuntimeError when no candidate matched and the probe raised for some (fastvid.convert
+    reports it as a warning): the module looks like a nonlocal block, but could not be checked."""
     if isinstance(module, NonLocalBlock):
         return None
+    failures = []
     for candidate in _candidates_pytorchvideo(module) + _candidates_standalone(module):
-        if _probe_matches(module, candidate):
-            return candidate.train(module.training)
+        try:
+            if _probe_matches(module, candidate):
+                return candidate.train(module.training)
+        except Exception as error:  # collected and raised below: a probe that fails is not a silent "no match"
+            failures.append(f"{candidate.mode}: {type(error).__name__}: {error}")
+    if failures:
+        raise RuntimeError("the probe input raised (" + "; ".join(failures) + ")")
     return None

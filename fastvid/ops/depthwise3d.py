@@ -13,7 +13,11 @@ from .. import _backend
 from ._common import autocast_inputs, check_one_device, double_backward_unsupported
 from ..reference import depthwise3d as ref
 
-__all__ = ["depthwise_conv3d"]
+__all__ = ["depthwise_conv3d", "MAX_KERNEL_SIZE"]
+
+# Largest kernel extent along each of T, H, W that the kernels take (kMaxKernel in
+# csrc/depthwise3d/depthwise3d_ops.cpp, MAX_KERNEL in triton_kernels/depthwise3d.py).
+MAX_KERNEL_SIZE = 7
 
 
 def _triple(v):
