@@ -4,12 +4,13 @@
 ``CONVERTERS`` recognises by the fastvid layer computing the same function (``nn.Conv3d`` with
 ``groups == in_channels`` → ``DepthwiseConv3d``; nonlocal blocks → ``NonLocalBlock``).
 ``fastvid.convert(model, to="reference")`` goes back: every fastvid layer becomes plain PyTorch
-modules with the same parameters (``fastvid/reference/modules.py``), for export and for users
+modules with the same parameters (``fastvid/convert_reference.py``), for export and for users
 without the compiled extension.
 """
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 from torch import nn
@@ -41,30 +42,41 @@ def convert(model: nn.Module, inplace: bool = False, to: str = "fastvid") -> nn.
     if to not in TARGETS:
         raise ValueError(f"fastvid.convert: to must be one of {TARGETS}, got {to!r}")
     if to == "reference":
-        from .reference.modules import TO_REFERENCE as converters
+        from .convert_reference import TO_REFERENCE as converters
     else:
         converters = CONVERTERS
     if not inplace:
         model = copy.deepcopy(model)
-    replacement = _replacement(model, converters)
+    # to="reference" must replace every fastvid layer (export needs them all), so a failure raises;
+    # to="fastvid" leaves a module it cannot check native, with a warning.
+    tolerant = to == "fastvid"
+    replacement = _replacement(model, converters, "", tolerant)
     if replacement is not None:
         return replacement
-    _convert_children(model, converters)
+    _convert_children(model, converters, "", tolerant)
     return model
 
 
-def _replacement(module: nn.Module, converters: List[Converter]) -> Optional[nn.Module]:
-    for _, replace in converters:
-        new = replace(module)
+def _replacement(module: nn.Module, converters: List[Converter], path: str, tolerant: bool) -> Optional[nn.Module]:
+    for name, replace in converters:
+        try:
+            new = replace(module)
+        except Exception as error:
+            if not tolerant:
+                raise
+            warnings.warn(f"fastvid.convert: {path or 'the model'} ({type(module).__name__}) left unconverted: the "
+                          f"{name} converter raised {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2)
+            return None
         if new is not None:
             return new
     return None
 
 
-def _convert_children(module: nn.Module, converters: List[Converter]) -> None:
+def _convert_children(module: nn.Module, converters: List[Converter], prefix: str, tolerant: bool) -> None:
     for name, child in module.named_children():
-        replacement = _replacement(child, converters)
+        path = f"{prefix}.{name}" if prefix else name
+        replacement = _replacement(child, converters, path, tolerant)
         if replacement is not None:
             setattr(module, name, replacement)
         else:
-            _convert_children(child, converters)
+            _convert_children(child, converters, path, tolerant)

@@ -129,7 +129,7 @@ def test_round_trip_native_fastvid_reference(config, block_fastvid_ops):
     assert set(fastvid_layer_modules(fast)) == {"DepthwiseConv3d", "ConvLSTM", "ConvGRU", "ConvLSTMCell",
                                                  "ConvGRUCell", "AttentionConvLSTM"}
     assert type(ref.depthwise) is nn.Conv3d and type(ref.separable.depthwise) is nn.Conv3d
-    # what is left of fastvid is the plain-PyTorch twins (fastvid.reference.modules) over torch.nn leaves
+    # what is left of fastvid is the plain-PyTorch twins (fastvid.convert_reference) over torch.nn leaves
     assert set(leaf_modules_outside_torch_nn(ref)) == {"ReferenceConvLSTM", "ReferenceConvGRU",
                                                        "ReferenceConvLSTMCell", "ReferenceConvGRUCell"}
 
@@ -233,3 +233,18 @@ def test_recurrent_models_convert_to_reference(name, kwargs, block_fastvid_ops):
     block_fastvid_ops()
     got = ref(*inputs)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_convert_leaves_depthwise_convs_the_kernels_cannot_run():
+    """fastvid.convert must not turn a working model into a failing one: depthwise convs with a kernel
+    beyond the kernels' limit (fastvid.ops.depthwise3d.MAX_KERNEL_SIZE along any of T, H, W) or
+    non-floating weights stay nn.Conv3d; the others convert; the model's output is unchanged."""
+    limit = 7  # kMaxKernel in csrc/depthwise3d, MAX_KERNEL in triton_kernels/depthwise3d.py
+    model = nn.Sequential(nn.Conv3d(4, 4, (3, limit + 2, 3), padding=(1, 4, 1), groups=4),
+                          nn.Conv3d(4, 8, limit, padding=limit // 2, groups=4),
+                          nn.Conv3d(8, 8, (1, 1, limit + 4), padding=(0, 0, 5), groups=8))
+    fast = fastvid.convert(model)
+    assert [type(m) for m in fast] == [nn.Conv3d, DepthwiseConv3d, nn.Conv3d]
+    x = torch.randn(1, 4, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))

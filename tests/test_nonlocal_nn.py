@@ -29,8 +29,9 @@ def randomize(module, seed=0):
     return module
 
 
-def explicit_block(block: NonLocalBlock, x):
-    """z = x + BN(W_z y), y_i = Σ_j f(i, j) g_j / C(x), written from the paper's equations."""
+def explicit_block(block: NonLocalBlock, x, norm=None):
+    """z = x + BN(W_z y), y_i = Σ_j f(i, j) g_j / C(x), written from the paper's equations. BN is
+    ``norm`` (an nn.BatchNorm in its own mode) when given, else block.norm's running statistics."""
     def conv1x1(conv, t):
         return torch.einsum("oc,bc...->bo...", conv.weight.flatten(1), t) + conv.bias.view(1, -1, *[1] * (t.dim() - 2))
     pool = block.pool if block.pool is not None else (lambda t: t)
@@ -53,7 +54,9 @@ def explicit_block(block: NonLocalBlock, x):
                        + torch.einsum("c,bcm->bm", w[inter:], phi)[:, None, :]) / M
     y = torch.einsum("bnm,bcm->bcn", f, g).reshape(x.shape[0], -1, *x.shape[2:])
     z = conv1x1(block.out, y)
-    if block.norm is not None:
+    if norm is not None:
+        z = norm(z)
+    elif block.norm is not None:
         z = F.batch_norm(z, block.norm.running_mean, block.norm.running_var, block.norm.weight, block.norm.bias,
                          False, 0.0, block.norm.eps)
     return x + z
@@ -106,6 +109,11 @@ def test_bad_arguments():
         NonLocalBlock(8, dims=4)
     with pytest.raises(ValueError, match=r"expected input \[B, 8"):
         NonLocalBlock(8)(torch.randn(2, 8, 4, 4))
+    # like nn.Conv3d, no silent cast of the input to the parameters' dtype (outside autocast)
+    with pytest.raises(RuntimeError, match="input x has dtype torch.float64 but the parameters have dtype torch.float32"):
+        NonLocalBlock(8)(torch.randn(2, 8, 2, 4, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="input x has dtype torch.bfloat16"):
+        NonLocalBlock(8)(torch.randn(2, 8, 2, 4, 4, dtype=torch.bfloat16))
 
 
 # ======================================================================================= drop-in conversion
@@ -262,11 +270,31 @@ def test_not_converted_when_the_function_differs():
     assert type(fastvid.convert(model)) is Impostor
 
 
+def test_probe_that_raises_is_reported_with_the_module_name():
+    """A block laid out like a nonlocal block whose forward cannot run the probe input (here it needs a
+    fixed spatial size) is left native with a warning naming it, instead of a silent "no match"; the
+    rest of the model still converts."""
+    class FixedSize(StandaloneStyleNonLocal):
+        def forward(self, x):
+            if x.shape[-1] != 8:
+                raise ValueError(f"this block expects W = 8, got {x.shape[-1]}")
+            return super().forward(x)
+
+    model = nn.Sequential(nn.Conv3d(4, 8, 1), nn.Sequential(FixedSize(8), nn.Conv3d(8, 8, 3, padding=1, groups=8)))
+    with pytest.warns(RuntimeWarning, match=r"fastvid.convert: 1.0 \(FixedSize\) left unconverted: the "
+                                            r"nonlocal_block converter raised RuntimeError: the probe input raised "
+                                            r"\(embedded_gaussian: ValueError: this block expects W = 8"):
+        converted = fastvid.convert(model)
+    assert type(converted[1][0]) is FixedSize and isinstance(converted[1][1], fastvid.nn.DepthwiseConv3d)
+    x = torch.randn(2, 4, 2, 4, 8)
+    torch.testing.assert_close(converted(x), model(x))
+
+
 @pytest.mark.parametrize("pool_before", [False, True])
 @pytest.mark.parametrize("mode", MODES)
 def test_convert_to_reference(mode, pool_before):
     """NonLocalBlock -> its plain-PyTorch twin: same parameters (shared), same outputs and gradients."""
-    from fastvid.reference.modules import ReferenceNonLocalBlock
+    from fastvid.convert_reference import ReferenceNonLocalBlock
     block = randomize(NonLocalBlock(6, 4, mode=mode, scale=0.7, pool_before_projection=pool_before).double()).train()
     twin = fastvid.convert(block, inplace=False, to="reference")
     assert isinstance(twin, ReferenceNonLocalBlock)
@@ -344,3 +372,81 @@ def test_folded_batch_norm_matches_nn_batchnorm(momentum, dtype):
         torch.testing.assert_close(block.norm.running_mean, norm.running_mean, **tol)
         torch.testing.assert_close(block.norm.running_var, norm.running_var, **tol)
         assert int(block.norm.num_batches_tracked) == int(norm.num_batches_tracked)
+
+
+def _block_with_offset_values(ratio, seed=0):
+    """A randomised block whose attention output y has, per channel, mean = ratio × std: a constant
+    added to g's bias shifts every softmax-weighted average of g by that constant."""
+    block = randomize(NonLocalBlock(8, 4), seed)
+    x = torch.randn(2, 8, 4, 14, 14, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        block.g.bias.zero_()
+        y = block.attend(x).reshape(-1, 4)
+        block.g.bias.copy_(ratio * y.std(0) - y.mean(0))
+        y = block.attend(x).reshape(-1, 4)
+    assert (y.mean(0) / y.std(0)).min() > ratio / 2  # the premise: channel means dwarf their spread
+    return block
+
+
+def _flash_rule(ours, pytorch, oracle, what):
+    """err(ours) <= 2 err(PyTorch in the same precision) + 4 eps·max|oracle| (the rule in DESIGN.md)."""
+    ours, pytorch = ours.double(), pytorch.double()
+    err, yard = (ours - oracle).abs().max().item(), (pytorch - oracle).abs().max().item()
+    atol = 4 * torch.finfo(torch.float32).eps * oracle.abs().max().item()
+    assert err <= 2 * yard + atol, f"{what}: error {err:.3g} vs PyTorch's {yard:.3g} (atol {atol:.3g})"
+
+
+@pytest.mark.parametrize("ratio,autocast", [(100, False), (1000, False), (10, True)])
+def test_folded_batch_norm_large_channel_means(ratio, autocast):
+    """The folded BatchNorm stays right when y's channel means are large relative to their spread
+    (one-pass E[yyᵀ] − μμᵀ statistics cancel there). The block's attention output y (computed once,
+    then fed in as a leaf so that only the fold is judged) goes through the block and through
+    nn.Conv3d + nn.BatchNorm3d; outputs, gradients (x, y, parameters) and running statistics over two
+    training steps and one eval step, against the fp64 computation, judged by PyTorch's own error in
+    fp32 (or under bf16 autocast)."""
+    block = _block_with_offset_values(ratio)
+    block64, norm, norm64 = copy.deepcopy(block).double(), copy.deepcopy(block.norm), copy.deepcopy(block.norm).double()
+    generator = torch.Generator().manual_seed(5)
+    for step, train in enumerate((True, True, False)):
+        for m in (block, block64, norm, norm64):
+            m.train(train)
+        x = torch.randn(2, 8, 4, 14, 14, generator=generator)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = block.attend(x.clone().requires_grad_())  # [B, N, inter]; bf16 under autocast, as in forward
+        x, y = x.requires_grad_(), y.detach().requires_grad_()
+        x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+
+        def unfolded(conv, bn, x, y):
+            return x + bn(conv(y.transpose(1, 2).reshape(2, 4, 4, 14, 14)))
+        block.attend = lambda _: y
+        try:
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                ours = block(x)
+                pytorch = unfolded(block.out, norm, x, y)
+        finally:
+            del block.attend
+        oracle = unfolded(block64.out, norm64, x64, y64)
+        _flash_rule(ours, pytorch, oracle, f"output, step {step}")
+        grad = torch.randn(oracle.shape, generator=generator, dtype=torch.float64)
+        grads_ours = torch.autograd.grad(ours, [x, y, block.out.weight, block.norm.weight, block.norm.bias],
+                                         grad.to(ours.dtype))
+        grads_pytorch = torch.autograd.grad(pytorch, [x, y, block.out.weight, norm.weight, norm.bias],
+                                            grad.to(pytorch.dtype))
+        grads_oracle = torch.autograd.grad(oracle, [x64, y64, block64.out.weight, norm64.weight, norm64.bias], grad)
+        for name, a, b, c in zip(["x", "y", "out.weight", "norm.weight", "norm.bias"],
+                                 grads_ours, grads_pytorch, grads_oracle):
+            _flash_rule(a, b, c, f"grad {name}, step {step}")
+        _flash_rule(block.norm.running_mean, norm.running_mean, norm64.running_mean, "running_mean")
+        _flash_rule(block.norm.running_var, norm.running_var, norm64.running_var, "running_var")
+
+
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "gaussian"])
+def test_autocast_inference(mode):
+    """Under bf16 autocast without autograd the block pools with nn.MaxPool3d, which CPU autocast runs in
+    fp32: the pooled keys must come back in the autocast dtype (this raised a dtype mismatch)."""
+    block = randomize(NonLocalBlock(8, 4, mode=mode)).eval()
+    x = torch.randn(2, 8, 3, 6, 8)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        ours, pytorch = block(x), explicit_block(block, x)
+    oracle = explicit_block(copy.deepcopy(block).double(), x.double())
+    _flash_rule(ours, pytorch, oracle, "output")

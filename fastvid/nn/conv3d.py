@@ -31,6 +31,11 @@ class DepthwiseConv3d(nn.Module):
         self.channels, self.channel_multiplier = channels, channel_multiplier
         self.kernel_size, self.stride = _triple(kernel_size), _triple(stride)
         self.padding, self.dilation = _triple(padding), _triple(dilation)
+        for name, value, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                                 ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
+            if len(value) != 3 or any(v < low for v in value):
+                raise ValueError(f"DepthwiseConv3d: {name} must be one int or a (T, H, W) triple, each >= {low}, "
+                                 f"got {value}")
         self.weight = nn.Parameter(torch.empty(channels * channel_multiplier, 1, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(channels * channel_multiplier)) if bias else None
         self.reset_parameters()
@@ -70,11 +75,13 @@ class DepthwiseConv3d(nn.Module):
 
 
 def is_depthwise_conv3d(module: nn.Module) -> bool:
-    """An nn.Conv3d that DepthwiseConv3d reproduces exactly: groups == in_channels, zero padding given
-    as numbers."""
+    """An nn.Conv3d that DepthwiseConv3d reproduces exactly and its kernels run: groups ==
+    in_channels, zero padding given as numbers, a floating weight, kernel sizes up to
+    ``ops.depthwise3d.MAX_KERNEL_SIZE``."""
     return (type(module) is nn.Conv3d and module.groups == module.in_channels
             and module.out_channels % module.in_channels == 0 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
+            and not isinstance(module.padding, str) and module.weight.is_floating_point()
+            and all(k <= ops.depthwise3d.MAX_KERNEL_SIZE for k in module.kernel_size))
 
 
 class SeparableConv3d(nn.Module):

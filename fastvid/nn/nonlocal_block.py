@@ -53,6 +53,75 @@ class _WindowMaxPool(torch.autograd.Function):
         grad_input = grad.new_zeros(shape[0], shape[1], math.prod(shape[2:]))
         grad_input.scatter_(2, positions.flatten(2).long(), grad.reshape(shape[0], shape[1], -1))
         return grad_input.view(shape), None
+
+
+class _CentredMoments(torch.autograd.Function):
+    """Centred statistics of ``rows`` ``[n, D]`` (corrected two-pass): ``(pivot, delta, cov)`` with the
+    mean ``pivot + delta`` and covariance ``cov`` (divided by n). ``pivot`` is the mean rounded to the
+    rows' dtype (a constant: no gradient), ``delta`` and ``cov`` are fp32 (fp64 for fp64) from the rows
+    minus the pivot. The one-pass E[yyᵀ] − μμᵀ cancels when a channel's mean is large relative to its
+    spread (normal for attention outputs; at mean/std = 1000 in fp32 it zeroes variances), and a mean
+    rounded to fp32 is off by eps·|mean|; ``delta`` keeps that part. Saves only ``rows`` (which the
+    block keeps anyway); backward recomputes the centred rows."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor):
+        acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        with torch.autocast(rows.device.type, enabled=False):
+            pivot = rows.to(acc).mean(0).to(rows.dtype)
+            centred = rows.to(acc) - pivot.to(acc)
+            delta = centred.mean(0)
+            centred -= delta
+            cov = centred.T @ centred / rows.shape[0]
+        ctx.mark_non_differentiable(pivot)
+        ctx.save_for_backward(rows, pivot, delta)
+        return pivot, delta, cov
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _grad_pivot, grad_delta: Tensor, grad_cov: Tensor):
+        # d cov = (Cᵀ dC + dCᵀ C)/n with C the centred rows; the mean's path vanishes as C's columns sum to 0.
+        rows, pivot, delta = ctx.saved_tensors
+        n = rows.shape[0]
+        with torch.autocast(rows.device.type, enabled=False):
+            centred = rows.to(delta.dtype) - pivot.to(delta.dtype) - delta
+            grad = centred @ ((grad_cov + grad_cov.T) / n) + grad_delta / n
+        return grad.to(rows.dtype)
+
+
+class _CentredAffine(torch.autograd.Function):
+    """``x + A (y − pivot)ᵀ + shift`` for x ``[B, C, N]``, A ``[C, D]`` and shift ``[C]`` (fp32/fp64),
+    y ``[B, N, D]``, pivot ``[D]`` (a constant in y's dtype near y's mean): the folded BatchNorm. A's
+    gradient Σ g (y − pivot)ᵀ is formed from centred y (as Σ g yᵀ − (Σ g) pivotᵀ it would cancel when
+    y's mean dwarfs its spread). Saves y (which the attention op keeps anyway) and recomputes the
+    centred copy in backward. Under autocast (x wider than y) x is added after the product, so the
+    residual is not rounded to y's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, folded: Tensor, y: Tensor, pivot: Tensor, shift: Tensor):
+        with torch.autocast(y.device.type, enabled=False):
+            centred = (y - pivot).transpose(1, 2)
+            weight = folded.to(y.dtype).expand(y.shape[0], -1, -1)
+            if x.dtype == y.dtype:
+                out = torch.baddbmm(x, weight, centred).add_(shift.to(y.dtype)[None, :, None])
+            else:
+                out = x + torch.bmm(weight, centred).add_(shift.to(y.dtype)[None, :, None])
+        ctx.save_for_backward(folded, y, pivot)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        folded, y, pivot = ctx.saved_tensors
+        acc = folded.dtype
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_acc = grad.to(acc)
+            grad_folded = (grad_acc @ (y.to(acc) - pivot.to(acc))).sum(0)
+            grad_y = grad.to(y.dtype).transpose(1, 2) @ folded.to(y.dtype)
+        return grad.to(ctx.x_dtype), grad_folded, grad_y, None, grad_acc.sum((0, 2))
+
+
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -126,7 +195,7 @@ class NonLocalBlock(nn.Module):
         kernel = self.pool.kernel_size
         if _is_plain_max_pool(self.pool) and torch.is_grad_enabled() and t.requires_grad:
             return _WindowMaxPool.apply(t, kernel)
-        return self.pool(t)
+        return self.pool(t).to(t.dtype)  # CPU autocast runs max-pooling in fp32; the maximum is exact
 
     def attend(self, x: Tensor) -> Tensor:
         """The attention output y ``[B, N, inter]`` (N = positions of x; before the output conv)."""
@@ -153,6 +222,8 @@ class NonLocalBlock(nn.Module):
             phi, g = phi_g.split(inter, dim=1)
         # [B, channels, positions] -> [B, positions, channels] views: the kernels read either stride order
         q, k, v = theta.transpose(1, 2), phi.transpose(1, 2), g.transpose(1, 2)
+        # Under autocast g is in the autocast dtype, the gaussian mode's θ and φ are x itself.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if self.mode in ("embedded_gaussian", "gaussian"):
             return ops.nonlocal_attention(q, k, v, scale=self.scale)
         if self.mode == "dot_product":
@@ -165,12 +236,17 @@ class NonLocalBlock(nn.Module):
             raise ValueError(f"NonLocalBlock(dims={self.dims}): expected input [B, {self.in_channels}, "
                              f"{'positions' if self.dims == 1 else '...'}] of rank {self.dims + 2}, got "
                              f"{tuple(x.shape)}")
+        parameter_dtype = self.g.weight.dtype
+        if x.dtype != parameter_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise RuntimeError(f"NonLocalBlock: input x has dtype {x.dtype} but the parameters have dtype "
+                               f"{parameter_dtype} (convert one of them, or run under torch.autocast)")
         y = self.attend(x)  # [B, N, inter], rows contiguous
-        weight = self.out.weight.flatten(1).to(y.dtype)  # [C, inter]
-        bias = self.out.bias.to(y.dtype) if self.out.bias is not None else y.new_zeros(self.in_channels)
+        weight = self.out.weight.flatten(1)  # [C, inter]
+        bias = self.out.bias if self.out.bias is not None else weight.new_zeros(self.in_channels)
         if isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
-            weight, bias = self._fold_batch_norm(y, weight, bias)
-        elif self.norm is not None:  # another norm: apply it to z = W y + b
+            return self._folded_batch_norm(x, y, weight, bias)
+        weight, bias = weight.to(y.dtype), bias.to(y.dtype)
+        if self.norm is not None:  # another norm: apply it to z = W y + b
             z = torch.baddbmm(bias[None, :, None], weight.expand(y.shape[0], -1, -1), y.transpose(1, 2))
             return x + self.norm(z.view(x.shape))
         # x + W y + b as one batched GEMM on y's transpose (no copy of y, which the attention op keeps
@@ -178,37 +254,44 @@ class NonLocalBlock(nn.Module):
         out = torch.baddbmm(x.flatten(2), weight.expand(y.shape[0], -1, -1), y.transpose(1, 2))
         return out.add_(bias[None, :, None]).view(x.shape)
 
-    def _fold_batch_norm(self, y: Tensor, weight: Tensor, bias: Tensor):
-        """BatchNorm(z) for z = W y + b is the affine map A y + c with A = diag(γ/σ) W and
-        c = γ (b − μ)/σ + β. In training mode μ and σ² are z's batch statistics, which follow from y's
-        mean and covariance (μ = W μ_y + b, σ² = diag(W Σ_y Wᵀ)): z is never formed, which saves the two
-        C×N tensors a separate BatchNorm keeps (its input) and makes (its output). Running statistics
-        are updated as nn.BatchNorm does (momentum, or a cumulative average when it is None;
-        unbiased variance)."""
+    def _folded_batch_norm(self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """``x + BatchNorm(z)`` for z = W y + b without forming z. For any pivot p, BatchNorm(z) =
+        A (y − p) + γ (W p + b − μ)/σ + β with A = diag(γ/σ) W. With batch statistics, z's mean and
+        variance follow from y's (μ = W μ_y + b, σ² = diag(W Σ_y Wᵀ)), and with μ_y = p + δ the shift is
+        β − γ W δ / σ. z is never formed, which saves the two C×N tensors a separate BatchNorm keeps
+        (its input) and makes (its output). Running statistics are updated as nn.BatchNorm does
+        (momentum, or a cumulative average when it is None; unbiased variance). Statistics and fold
+        run in fp32 (fp64 for fp64) with autocast off, around a pivot at y's mean: raw moments of y,
+        or a bf16 Σ_y, lose channels whose mean is large relative to their spread."""
         norm = self.norm
-        if norm.training or not norm.track_running_stats:
-            rows = y.reshape(-1, y.shape[-1])
-            n = rows.shape[0]
-            mean_y = rows.mean(0)
-            cov_y = rows.T @ rows / n - torch.outer(mean_y, mean_y)
-            mean = weight @ mean_y + bias
-            var = ((weight @ cov_y) * weight).sum(1).clamp_min(0)
-            if norm.training and norm.track_running_stats:
+        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+        rows = y.reshape(-1, y.shape[-1])
+        with torch.autocast(y.device.type, enabled=False):
+            weight, bias = weight.to(acc), bias.to(acc)
+            gamma = norm.weight.to(acc) if norm.affine else None
+            beta = norm.bias.to(acc) if norm.affine else weight.new_zeros(())
+            if norm.training or not norm.track_running_stats:
+                pivot, delta, cov_y = _CentredMoments.apply(rows)
+                var = ((weight @ cov_y) * weight).sum(1).clamp_min(0)
+                scale = torch.rsqrt(var + norm.eps) if gamma is None else torch.rsqrt(var + norm.eps) * gamma
+                # b cancels against μ; it stays in the graph with nn.BatchNorm's zero gradient (DDP expects one)
+                shift = beta - scale * (weight @ delta) + 0 * bias
+                if norm.training and norm.track_running_stats:
+                    with torch.no_grad():
+                        n = rows.shape[0]
+                        norm.num_batches_tracked += 1
+                        factor = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+                        mean = weight @ (pivot.to(acc) + delta) + bias
+                        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+                        unbiased = var * (n / max(n - 1, 1))
+                        norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
+            else:
                 with torch.no_grad():
-                    norm.num_batches_tracked += 1
-                    factor = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
-                    norm.running_mean.lerp_(mean.detach().to(norm.running_mean.dtype), factor)
-                    unbiased = var.detach() * (n / max(n - 1, 1))
-                    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
-        else:
-            mean, var = norm.running_mean.to(y.dtype), norm.running_var.to(y.dtype)
-        scale = torch.rsqrt(var + norm.eps)
-        if norm.affine:
-            scale = scale * norm.weight.to(y.dtype)
-        shift = (bias - mean) * scale
-        if norm.affine:
-            shift = shift + norm.bias.to(y.dtype)
-        return weight * scale[:, None], shift
+                    pivot = rows.to(acc).mean(0).to(y.dtype)
+                scale = torch.rsqrt(norm.running_var.to(acc) + norm.eps)
+                scale = scale if gamma is None else scale * gamma
+                shift = beta + scale * (weight @ pivot.to(acc) + bias - norm.running_mean.to(acc))
+        return _CentredAffine.apply(x.flatten(2), weight * scale[:, None], y, pivot, shift).view(x.shape)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, inter_channels={self.inter_channels}, mode={self.mode!r}, dims={self.dims}, "
@@ -321,7 +404,8 @@ def _probe_matches(original: nn.Module, candidate: NonLocalBlock) -> bool:
     """Whether ``candidate`` computes ``original``'s function on a random probe input. Both are copied
     together (so the submodules they share stay shared) and put in eval mode; the shared final affine
     map gets random values first, since a freshly initialised block is the identity, which any
-    candidate would match."""
+    candidate would match. An exception (from the original or the candidate) propagates: the
+    caller reports it rather than taking it for a mismatch."""
     original, candidate = copy.deepcopy((original, candidate))
     # In eval mode and fp32 on the copies (a bf16/fp16 model would blur the comparison).
     original.eval().float(), candidate.eval().float()
@@ -333,19 +417,24 @@ def _probe_matches(original: nn.Module, candidate: NonLocalBlock) -> bool:
         for p in final.parameters():
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
         x = torch.randn(2, candidate.in_channels, *sizes, generator=generator, dtype=like.dtype).to(like.device)
-        try:
-            expected, got = original(x), candidate(x)
-        except Exception:  # a candidate (or an original) that cannot run the probe is not a match
-            return False
+        expected, got = original(x), candidate(x)
     return isinstance(expected, torch.Tensor) and expected.shape == got.shape and \
         torch.allclose(expected, got, rtol=1e-4, atol=1e-5)
 
 
 def nonlocal_from_module(module: nn.Module) -> Optional[NonLocalBlock]:
-    """The NonLocalBlock equal to a hand-written nonlocal block (sharing its submodules), or None."""
+    """The NonLocalBlock equal to a hand-written nonlocal block (sharing its submodules), or None.
+    Raises RuntimeError when no candidate matched and the probe raised for some (fastvid.convert
+    reports it as a warning): the module looks like a nonlocal block, but could not be checked."""
     if isinstance(module, NonLocalBlock):
         return None
+    failures = []
     for candidate in _candidates_pytorchvideo(module) + _candidates_standalone(module):
-        if _probe_matches(module, candidate):
-            return candidate.train(module.training)
+        try:
+            if _probe_matches(module, candidate):
+                return candidate.train(module.training)
+        except Exception as error:  # collected and raised below: a probe that fails is not a silent "no match"
+            failures.append(f"{candidate.mode}: {type(error).__name__}: {error}")
+    if failures:
+        raise RuntimeError("the probe input raised (" + "; ".join(failures) + ")")
     return None

@@ -37,6 +37,11 @@ def _check_kernel(kernel_size):
         raise ValueError(f"kernel_size must be odd (the state keeps its H x W with 'same' padding), got {kernel_size}")
 
 
+def _check_dilation(dilation):
+    if len(dilation) != 2 or any(d < 1 for d in dilation):
+        raise ValueError(f"dilation must be one int or an (H, W) pair, each >= 1, got {dilation}")
+
+
 class _ConvRNNCellBase(nn.Module):
     num_gates = 4
 
@@ -48,6 +53,7 @@ class _ConvRNNCellBase(nn.Module):
         self.in_channels, self.hidden_channels = in_channels, hidden_channels
         self.kernel_size, self.dilation = _pair(kernel_size), _pair(dilation)
         _check_kernel(self.kernel_size)
+        _check_dilation(self.dilation)
         self.padding = tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
         G, C = self.num_gates, hidden_channels
         self.weight_ih = nn.Parameter(torch.empty(G * C, in_channels, *self.kernel_size))
@@ -177,12 +183,18 @@ class _ConvRNNBase(nn.Module):
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        if in_channels <= 0:
+            raise ValueError(f"in_channels must be positive, got {in_channels}")
         self.in_channels, self.num_layers = in_channels, num_layers
         self.hidden_channels = _per_layer(hidden_channels, num_layers, "hidden_channels")
+        if any(not isinstance(c, int) or c <= 0 for c in self.hidden_channels):
+            raise ValueError(f"hidden_channels must be a positive int per layer, got {hidden_channels}")
         self.kernel_size = [_pair(k) for k in _per_layer(kernel_size, num_layers, "kernel_size")]
         self.dilation = [_pair(d) for d in _per_layer(dilation, num_layers, "dilation")]
         for k in self.kernel_size:
             _check_kernel(k)
+        for d in self.dilation:
+            _check_dilation(d)
         self.bias, self.batch_first, self.bidirectional = bias, batch_first, bidirectional
         self.dropout, self.strategy = dropout, strategy
         self.num_directions = 2 if bidirectional else 1
@@ -243,6 +255,9 @@ class _ConvRNNBase(nn.Module):
         """Initial state `index` from a [L*D, B, C, H, W] tensor or a per-layer list."""
         if not isinstance(state, (list, tuple)):
             self._check_state(name, state, x, (C, x.shape[3], x.shape[4]))
+        elif len(state) != self.num_layers * self.num_directions:
+            raise ValueError(f"{type(self).__name__}: {name} as a list needs num_layers * num_directions = "
+                             f"{self.num_layers * self.num_directions} states, got {len(state)}")
         s = state[index]
         if s.shape != (x.shape[0], C, x.shape[3], x.shape[4]):
             raise ValueError(f"{type(self).__name__}: {name}[{index}] must be [B, C, H, W] = "

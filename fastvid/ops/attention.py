@@ -61,6 +61,9 @@ def _check_attention_args(op, q, k, v):
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"fastvid.{op}: k and v must have the same number of rows M, got k {tuple(k.shape)} "
                          f"and v {tuple(v.shape)}")
+    if q.shape[2] == 0 or v.shape[2] == 0:
+        raise ValueError(f"fastvid.{op}: q and k need a positive last dim D (the default scale is 1/sqrt(D)) and v "
+                         f"a positive Dv, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"fastvid.{op}: need at least one query and one key, got N = {q.shape[1]}, "
                          f"M = {k.shape[1]}")

@@ -13,7 +13,11 @@ from .. import _backend
 from ._common import autocast_inputs, check_one_device, double_backward_unsupported
 from ..reference import depthwise3d as ref
 
-__all__ = ["depthwise_conv3d"]
+__all__ = ["depthwise_conv3d", "MAX_KERNEL_SIZE"]
+
+# Largest kernel extent along each of T, H, W that the kernels take (kMaxKernel in
+# csrc/depthwise3d/depthwise3d_ops.cpp, MAX_KERNEL in triton_kernels/depthwise3d.py).
+MAX_KERNEL_SIZE = 7
 
 
 def _triple(v):
@@ -110,6 +114,10 @@ def depthwise_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
     if not isinstance(input, Tensor):
         raise TypeError(f"fastvid.depthwise_conv3d: input must be a Tensor, got {type(input).__name__}")
+    for name, value, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(value) != 3 or any(v < low for v in value):  # checked here for every backend, not only the kernels
+            raise ValueError(f"fastvid.depthwise_conv3d: {name} must be one int or a (T, H, W) triple, each >= {low}, "
+                             f"got {value}")
     input, weight, bias = autocast_inputs(input.device.type, input, weight, bias)
     which = _backend.resolve({"input": input, "weight": weight, "bias": bias})
     if which in ("cpu", "cuda"):

@@ -6,7 +6,9 @@ the backend (fastvid._backend), apply autocast, and for whole sequences pick the
 """
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -20,61 +22,103 @@ __all__ = ["lstm_cell", "gru_cell", "gru_reset_hidden", "convlstm", "convgru", "
 
 # ------------------------------------------------------------------------------ strategies
 STRATEGIES = {"hoisted": 0, "concat": 1}
+# The strategy used without timing: under torch.use_deterministic_algorithms(True) (a timed choice
+# could differ between runs, and the two strategies round differently), while tracing for
+# torch.compile a shape eager has not timed, and for a forced choice. 'hoisted' is cuDNN's RNN design.
+FIXED_STRATEGY = "hoisted"
+CACHE_SIZE = 256  # timed choices kept (least recently used dropped first)
 _default_strategy = "auto"
-_strategy_cache: dict = {}
+_strategy_cache: "OrderedDict[tuple, int]" = OrderedDict()  # tuning key -> code, least recently used first
+_cache_lock = threading.Lock()  # guards _strategy_cache
+_timing_lock = threading.Lock()  # one thread times at a time; the others wait for its choice
 
 
 def set_strategy(name: str) -> None:
-    """'auto' (time both strategies once per shape/dtype/device/layout and cache the faster, like
-    ``torch.backends.cudnn.benchmark``), 'hoisted' (input conv over all frames at once, then a
+    """'auto' (time both strategies once per step geometry/dtype/device/layout and cache the faster,
+    like ``torch.backends.cudnn.benchmark``), 'hoisted' (input conv over all frames at once, then a
     hidden conv per step) or 'concat' (one conv per step over a persistent [x_t, h] buffer)."""
     global _default_strategy
     if name != "auto" and name not in STRATEGIES:
         raise ValueError(f"strategy must be 'auto', 'hoisted' or 'concat', got {name!r}")
-    _default_strategy = name
-    _strategy_cache.clear()
+    with _cache_lock:
+        _default_strategy = name
+        _strategy_cache.clear()
+
+
+def _tuning_key(x: Tensor, C: int, kernel, dilation, channels_last: bool, save: bool, *family) -> tuple:
+    """What predicts the faster strategy: the per-step geometry (B, C_in, H, W, C, kernel, dilation),
+    dtype, device, layout, training (save) and the op family. T enters only as a bucket (1, 2-3, 4-7,
+    8+): both strategies do the same work per step (hoisting batches the T input convolutions into
+    one), so their ratio moves little with the clip length once a few steps amortise the batching; a
+    new T in a known bucket reuses the choice instead of timing ~6 passes inside the user's forward."""
+    B, T, C_in, H, W = x.shape
+    return (x.device.type, x.dtype, B, C_in, H, W, C, tuple(kernel), tuple(dilation), min(T, 8).bit_length(),
+            channels_last, save) + family
+
+
+def _time_strategies(device_type: str, run, grad_inputs) -> int:
+    """The faster strategy code: each candidate once to warm up, then best of two timed runs."""
+    def once(code):
+        if not grad_inputs:
+            with torch.no_grad():
+                run(code)
+            return
+        output = run(code)[0]
+        torch.autograd.grad(output, grad_inputs, torch.ones_like(output), allow_unused=True)
+
+    timings = {}
+    for code in STRATEGIES.values():
+        once(code)  # warm-up: oneDNN/cuDNN build their primitives on the first call
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(2):  # best of two: one timing alone flips on noise
+            start = time.perf_counter()
+            once(code)
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        timings[code] = best
+    return min(timings, key=timings.get)
 
 
 def _pick_strategy(name: Optional[str], key, run, grad_inputs=()) -> int:
     """Strategy code for one sequence call. `run(code)` runs the op once with that strategy; with
-    `grad_inputs` (a training call) each candidate is timed forward + backward, else forward only."""
+    `grad_inputs` (a training call) each candidate is timed forward + backward, else forward only.
+    Thread-safe: one thread times a key, threads needing a choice meanwhile wait for it."""
     name = name or _default_strategy
     if name != "auto":
         if name not in STRATEGIES:
             raise ValueError(f"strategy must be 'auto', 'hoisted' or 'concat', got {name!r}")
         return STRATEGIES[name]
+    if torch.are_deterministic_algorithms_enabled():
+        return STRATEGIES[FIXED_STRATEGY]
     if torch.compiler.is_compiling():
-        return STRATEGIES["hoisted"]  # cannot time while tracing
-    if key not in _strategy_cache:
-        def once(code):
-            if not grad_inputs:
-                with torch.no_grad():
-                    run(code)
-                return
-            output = run(code)[0]
-            torch.autograd.grad(output, grad_inputs, torch.ones_like(output), allow_unused=True)
-
-        timings = {}
-        for code in STRATEGIES.values():
-            once(code)  # warm-up: oneDNN/cuDNN build their primitives on the first call
-            if key[0] == "cuda":
-                torch.cuda.synchronize()
-            best = float("inf")
-            for _ in range(2):  # best of two: one timing alone flips on noise
-                start = time.perf_counter()
-                once(code)
-                if key[0] == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - start)
-            timings[code] = best
-        _strategy_cache[key] = min(timings, key=timings.get)
-    return _strategy_cache[key]
+        # Cannot time while tracing: the choice eager made for this key, if any (read without the
+        # lock, which tracing cannot enter; a dict read is atomic), so eager and compiled agree.
+        return _strategy_cache.get(key, STRATEGIES[FIXED_STRATEGY])
+    with _cache_lock:
+        if key in _strategy_cache:
+            _strategy_cache.move_to_end(key)
+            return _strategy_cache[key]
+    with _timing_lock:
+        with _cache_lock:  # timed by another thread while this one waited
+            if key in _strategy_cache:
+                return _strategy_cache[key]
+        code = _time_strategies(key[0], run, grad_inputs)
+        with _cache_lock:
+            _strategy_cache[key] = code
+            while len(_strategy_cache) > CACHE_SIZE:
+                _strategy_cache.popitem(last=False)
+    return code
 
 
 def chosen_strategies() -> dict:
-    """The cached auto choices: {(device, dtype, shape..., layout): 'hoisted' | 'concat'}."""
+    """The cached auto choices, least recently used first: {tuning key: 'hoisted' | 'concat'}, the key
+    being (device, dtype, B, C_in, H, W, C, kernel, dilation, T bucket, channels_last, training[, family])."""
     names = {v: k for k, v in STRATEGIES.items()}
-    return {key: names[code] for key, code in _strategy_cache.items()}
+    with _cache_lock:
+        return {key: names[code] for key, code in _strategy_cache.items()}
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -369,8 +413,13 @@ def _sequence_arguments(name, x, weight_hh, h0, padding, dilation):
     if not isinstance(x, Tensor) or x.dim() != 5:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"fastvid.{name}: x must be [B, T, C_in, H, W], got {shape}")
+    if not isinstance(weight_hh, Tensor) or weight_hh.dim() != 4:
+        shape = tuple(weight_hh.shape) if isinstance(weight_hh, Tensor) else type(weight_hh).__name__
+        raise ValueError(f"fastvid.{name}: weight_hh must be [G*C, C, kH, kW], got {shape}")
     C = weight_hh.shape[1]
     dilation = _pair(dilation)
+    if len(dilation) != 2 or any(d < 1 for d in dilation):
+        raise ValueError(f"fastvid.{name}: dilation must be one int or an (H, W) pair, each >= 1, got {dilation}")
     if padding is None:
         padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight_hh.shape[2:]))
     if h0 is None:
@@ -405,7 +454,7 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
         return torch.ops.fastvid.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding,
                                                    dilation, reverse, code, channels_last, save)
 
-    key = (x.device.type, x.dtype, tuple(x.shape), C, tuple(weight_hh.shape[2:]), dilation, channels_last, save)
+    key = _tuning_key(x, C, weight_hh.shape[2:], dilation, channels_last, save)
     grad_inputs = [t for t in (x, weight_ih, weight_hh, bias, h0, c0, peephole) if save and t is not None
                    and t.requires_grad]
     output, h_n, c_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs))
@@ -435,8 +484,7 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
         return torch.ops.fastvid.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation,
                                                   reset_after, reverse, code, channels_last, save)
 
-    key = (x.device.type, x.dtype, tuple(x.shape), C, tuple(weight_hh.shape[2:]), dilation, channels_last, save,
-           "gru", reset_after)
+    key = _tuning_key(x, C, weight_hh.shape[2:], dilation, channels_last, save, "gru", reset_after)
     grad_inputs = [t for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0) if save and t is not None
                    and t.requires_grad]
     output, h_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs))

@@ -1,2 +1,2 @@
 """Pure-PyTorch twins of every fastvid kernel: the oracle in tests and the fallback without `_C`."""
-from . import attention, depthwise3d, recurrent  # noqa: F401
+from . import attention, attention_lstm, depthwise3d, recurrent  # noqa: F401

@@ -1,8 +1,10 @@
 """Plain-PyTorch twins of the fastvid layers, used by ``fastvid.convert(model, to="reference")``.
 
 Each entry of ``TO_REFERENCE`` is (name, replacement(module)) as in ``fastvid.convert.CONVERTERS``:
-the replacement (None for other modules) is built only from ``torch.nn`` (no fastvid op, no compiled
-extension), with the same parameters and the same outputs.
+the replacement (None for other modules) is built only from ``torch.nn`` and the pure-PyTorch
+functions of ``fastvid.reference`` (no fastvid op, no compiled extension), with the same parameters
+and the same outputs. It lives next to ``convert`` rather than in ``fastvid.reference``: it needs the
+fastvid layer classes, and the oracle package imports nothing it checks.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.attention_lstm import AttentionConvLSTM, attention_convlstm
-from ..nn.conv3d import DepthwiseConv3d
-from ..nn.nonlocal_block import NonLocalBlock
-from ..nn.recurrent import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell
-from . import recurrent as ref
+from .nn.attention_lstm import AttentionConvLSTM
+from .nn.conv3d import DepthwiseConv3d
+from .nn.nonlocal_block import NonLocalBlock
+from .nn.recurrent import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell
+from .reference import recurrent as ref
+from .reference.attention_lstm import attention_convlstm
 
 
 def depthwise_to_conv3d(module: DepthwiseConv3d) -> nn.Conv3d:
@@ -206,8 +209,8 @@ def _stack_or_list(states):
 
 
 class ReferenceAttentionConvLSTM(nn.Module):
-    """``fastvid.nn.AttentionConvLSTM`` with its ConvLSTM cell replaced by the plain-PyTorch twin; the
-    attention convs are the same ``nn.Conv2d`` modules and the time loop is the same function."""
+    """Plain-PyTorch ``fastvid.nn.AttentionConvLSTM``: the same attention convs (``nn.Conv2d`` modules)
+    and cell parameters, the time loop of ``fastvid.reference.attention_lstm``."""
 
     def __init__(self, module: AttentionConvLSTM):
         super().__init__()
@@ -220,7 +223,21 @@ class ReferenceAttentionConvLSTM(nn.Module):
         self.train(module.training)
 
     def forward(self, x: Tensor, attention_input=None, state=None):
-        return attention_convlstm(self, x, attention_input, state)
+        if x.dim() != 5 or x.shape[2] != self.in_channels:
+            raise ValueError(f"ReferenceAttentionConvLSTM: x must be 5-D with {self.in_channels} channels at dim 2, "
+                             f"got {tuple(x.shape)}")
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+            attention_input = None if attention_input is None else attention_input.transpose(0, 1)
+        h0, c0 = state if state is not None else (None, None)
+        cell = self.cell
+        output, (h, c), maps = attention_convlstm(
+            x, attention_input, self.input_attention.weight, self.input_attention.bias, self.hidden_attention.weight,
+            self.attention_score.weight, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, cell.peephole,
+            h0, c0)
+        if not self.batch_first:
+            output, maps = output.transpose(0, 1), maps.transpose(0, 1)
+        return output, (h, c), maps
 
 
 class ReferenceNonLocalBlock(nn.Module):

@@ -1,0 +1,79 @@
+"""Python entry points (modules and fastvid.ops functions) reject bad arguments with a ValueError /
+RuntimeError naming the argument, before any kernel runs (the raw torch.ops.fastvid checks are tested
+with each op family)."""
+import pytest
+import torch
+
+import fastvid
+from fastvid.nn import AttentionConvLSTM, ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell, DepthwiseConv3d, NonLocalBlock
+
+X_SEQ = torch.randn(1, 2, 4, 5, 5)  # [B, T, C_in, H, W]
+X_VIDEO = torch.randn(2, 3, 4, 6, 6)  # [B, C, T, H, W]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: ConvLSTM(4, 0), "hidden_channels must be a positive int per layer, got 0"),
+    (lambda: ConvGRU(4, [4, 0], num_layers=2), r"hidden_channels must be a positive int per layer, got \[4, 0\]"),
+    (lambda: ConvLSTM(0, 4), "in_channels must be positive"),
+    (lambda: ConvLSTMCell(4, 0), "hidden_channels must be positive"),
+    (lambda: ConvLSTM(4, 3, dilation=0), "dilation must be .* >= 1, got \\(0, 0\\)"),
+    (lambda: ConvGRU(4, 3, num_layers=2, dilation=[1, (1, 0)]), "dilation must be .* >= 1, got \\(1, 0\\)"),
+    (lambda: ConvLSTMCell(4, 3, dilation=0), "dilation must be .* >= 1"),
+    (lambda: ConvGRUCell(4, 3, dilation=(1, 0)), "dilation must be .* >= 1"),
+    (lambda: AttentionConvLSTM(4, 0), "hidden_channels must be positive"),
+    (lambda: DepthwiseConv3d(3, 3, dilation=0), "DepthwiseConv3d: dilation must be .* >= 1"),
+    (lambda: DepthwiseConv3d(3, 3, stride=(1, 0, 1)), "DepthwiseConv3d: stride must be"),
+    (lambda: DepthwiseConv3d(3, 3, padding=-1), "DepthwiseConv3d: padding must be .* >= 0"),
+    (lambda: DepthwiseConv3d(3, (3, 3)), "DepthwiseConv3d: kernel_size must be one int or a \\(T, H, W\\) triple"),
+])
+def test_module_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_short_per_layer_state_list(cls):
+    module = cls(4, 3, num_layers=2, bidirectional=True)
+    short = [torch.zeros(1, 3, 5, 5)] * 3  # 2 layers x 2 directions need 4
+    state = (short, short) if cls is ConvLSTM else short
+    with pytest.raises(ValueError, match="h_0 as a list needs num_layers \\* num_directions = 4 states, got 3"):
+        module(X_SEQ, state)
+
+
+@pytest.mark.parametrize("op", ["convlstm", "convgru"])
+def test_sequence_op_arguments(op):
+    G = 4 if op == "convlstm" else 3
+    fn = getattr(fastvid.ops, op)
+    w_ih, w_hh = torch.randn(G * 3, 4, 3, 3), torch.randn(G * 3, 3, 3, 3)
+    with pytest.raises(ValueError, match=f"fastvid.{op}: weight_hh must be \\[G\\*C, C, kH, kW\\], got \\({G * 3},\\)"):
+        fn(X_SEQ, w_ih, torch.randn(G * 3))
+    with pytest.raises(ValueError, match=f"fastvid.{op}: dilation must be .* >= 1, got \\(0, 0\\)"):
+        fn(X_SEQ, w_ih, w_hh, dilation=0)
+
+
+def test_attention_with_empty_head_dim():
+    q, v = torch.randn(1, 5, 0), torch.randn(1, 5, 2)
+    with pytest.raises(ValueError, match="positive last dim D \\(the default scale is 1/sqrt\\(D\\)\\)"):
+        fastvid.ops.nonlocal_attention(q, q, v)
+    with pytest.raises(ValueError, match="positive Dv"):
+        fastvid.ops.nonlocal_attention(torch.randn(1, 5, 2), torch.randn(1, 5, 2), torch.randn(1, 5, 0), scale=1.0)
+
+
+def test_depthwise_op_arguments_on_every_backend():
+    w = torch.randn(3, 1, 3, 3, 3)
+    for backend in ("auto", "reference"):
+        with fastvid.backend(backend):
+            for name, kwargs in (("dilation", dict(dilation=0)), ("stride", dict(stride=(1, 1, 0))),
+                                 ("padding", dict(padding=(0, -1, 0)))):
+                with pytest.raises(ValueError, match=f"fastvid.depthwise_conv3d: {name} must be"):
+                    fastvid.ops.depthwise_conv3d(X_VIDEO, w, **kwargs)
+
+
+def test_nonlocal_block_mixed_dtypes():
+    """nn.Conv raises on an input whose dtype differs from its weights; so does the block (it cast
+    silently), except under autocast, where the casts are autocast's."""
+    block = NonLocalBlock(3)
+    with pytest.raises(RuntimeError, match="input x has dtype torch.float64 but the parameters have dtype torch.float32"):
+        block(X_VIDEO.double())
+    with torch.autocast("cpu", torch.bfloat16):
+        assert block(X_VIDEO).dtype in (torch.float32, torch.bfloat16)

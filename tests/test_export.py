@@ -1,0 +1,117 @@
+"""Export of fastvid models.
+
+* ``fastvid.convert(model, to="reference")`` → ``torch.export``: a graph of ATen ops only; the saved
+  program runs in a fresh interpreter that never imports fastvid and gives the eager model's outputs;
+  a dynamic batch dimension works.
+* The same models → ONNX (``torch.onnx.export(..., dynamo=True)``), checked with onnx's reference
+  evaluator; skipped where ``onnx`` / ``onnxscript`` are not installed.
+* Models with fastvid layers export with ``torch.export`` too, keeping the ``torch.ops.fastvid`` ops
+  (their fake kernels let it trace them): running those programs needs fastvid loaded, and ONNX has
+  no translation for them.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastvid
+from fastvid.nn import AttentionConvLSTM, ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell, DepthwiseConv3d, NonLocalBlock
+
+from test_convert_reference import CONFIGS, Mixed, flat
+
+
+def _randomized(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    return module.eval()
+
+
+CASES = {
+    "depthwise": (lambda: DepthwiseConv3d(3, 3, padding=1, channel_multiplier=2), (2, 3, 4, 6, 6)),
+    "nonlocal": (lambda: NonLocalBlock(4, 2), (2, 4, 3, 6, 6)),
+    "nonlocal_concatenation": (lambda: NonLocalBlock(4, 2, mode="concatenation", dims=2), (2, 4, 6, 6)),
+    "convlstm": (lambda: ConvLSTM(3, 4, 3, num_layers=2, bidirectional=True, peephole=True), (2, 4, 3, 6, 6)),
+    "convgru": (lambda: ConvGRU(3, 4, 3, reset_after=False), (2, 4, 3, 6, 6)),
+    "convlstm_cell": (lambda: ConvLSTMCell(3, 4), (2, 3, 6, 6)),
+    "convgru_cell": (lambda: ConvGRUCell(3, 4), (2, 3, 6, 6)),
+    "attention_convlstm": (lambda: AttentionConvLSTM(3, 4), (2, 4, 3, 6, 6)),
+    "every_layer": (lambda: Mixed(**CONFIGS["deep"]), (2, 3, 4, 6, 5)),  # all but the nonlocal block
+}
+
+
+def _case(name):
+    """(eager fastvid model, its reference twin, a seeded input, the eager outputs flattened)."""
+    make, shape = CASES[name]
+    model = _randomized(make())
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = flat(model(x))
+    return model, fastvid.convert(model, to="reference"), x, expected
+
+
+def _fastvid_ops(program):
+    return {str(n.target) for n in program.graph.nodes if n.op == "call_function" and "fastvid" in str(n.target)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_model_exports(case):
+    _, reference, x, expected = _case(case)
+    program = torch.export.export(reference, (x,))
+    assert _fastvid_ops(program) == set()
+    torch.testing.assert_close(flat(program.module()(x)), expected)
+
+
+_RUN_WITHOUT_FASTVID = """
+import sys, torch
+for program_path, inputs_path, output_path in zip(*[iter(sys.argv[1:])] * 3):
+    torch.save(torch.export.load(program_path).module()(*torch.load(inputs_path)), output_path)
+assert not any(name.startswith("fastvid") for name in sys.modules), "fastvid was imported"
+"""
+
+
+def test_exported_reference_programs_run_without_fastvid(tmp_path):
+    """Saved programs of the reference twins of every layer, loaded and run by an interpreter that does
+    not import fastvid."""
+    arguments, expected = [], {}
+    for case in ("every_layer", "nonlocal", "nonlocal_concatenation"):
+        _, reference, x, expected[case] = _case(case)
+        torch.export.save(torch.export.export(reference, (x,)), tmp_path / f"{case}.pt2")
+        torch.save((x,), tmp_path / f"{case}.in.pt")
+        arguments += [str(tmp_path / f"{case}{suffix}") for suffix in (".pt2", ".in.pt", ".out.pt")]
+    result = subprocess.run([sys.executable, "-c", _RUN_WITHOUT_FASTVID, *arguments], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for case, values in expected.items():
+        torch.testing.assert_close(flat(torch.load(tmp_path / f"{case}.out.pt")), values)
+
+
+def test_reference_model_exports_with_a_dynamic_batch():
+    model, reference, x, _ = _case("every_layer")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(reference, (x,), dynamic_shapes=({0: batch},))
+    other = torch.randn(3, *x.shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(flat(program.module()(other)), flat(model(other)))
+
+
+@pytest.mark.parametrize("case", ["depthwise", "nonlocal", "convlstm", "convgru", "every_layer"])
+def test_fastvid_model_exports_with_its_ops(case):
+    model, _, x, expected = _case(case)
+    program = torch.export.export(model, (x,))
+    assert _fastvid_ops(program)  # the kernels stay in the graph
+    torch.testing.assert_close(flat(program.module()(x)), expected)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "every_layer"])  # every_layer: ~30 s, same layers
+def test_reference_model_exports_to_onnx(case):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from onnx.reference import ReferenceEvaluator
+    _, reference, x, expected = _case(case)
+    proto = torch.onnx.export(reference, (x,), dynamo=True, verbose=False).model_proto
+    onnx.checker.check_model(proto)
+    outputs = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})
+    torch.testing.assert_close(flat([torch.from_numpy(o) for o in outputs]), expected)

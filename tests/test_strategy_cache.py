@@ -1,0 +1,175 @@
+"""The auto strategy cache of fastvid.ops.convlstm / convgru (fastvid/ops/recurrent.py): thread-safe,
+bounded, keyed on what predicts the choice (a new clip length does not re-time), never timed under
+deterministic algorithms, and the compiled graph uses the choice eager made."""
+import threading
+import time
+
+import pytest
+import torch
+
+import fastvid
+import fastvid.ops.recurrent as ops_recurrent
+from fastvid.nn import ConvGRU, ConvLSTM
+
+pytestmark = pytest.mark.skipif(not fastvid.info()["cpu_kernels"], reason="fastvid._C is not built")
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    saved = ops_recurrent._default_strategy
+    fastvid.ops.set_strategy("auto")  # also empties the cache
+    yield
+    fastvid.ops.set_strategy(saved)
+
+
+@pytest.fixture
+def timer(monkeypatch):
+    """Counts the strategy timer's readings (fastvid.ops.recurrent's time.perf_counter); a reading
+    sleeps a little, so that threads overlap while one times."""
+    calls = []
+    real = time.perf_counter
+
+    def perf_counter():
+        calls.append(threading.get_ident())
+        time.sleep(0.002)
+        return real()
+
+    class FakeTime:
+        pass
+    fake = FakeTime()
+    fake.perf_counter = perf_counter
+    monkeypatch.setattr(ops_recurrent, "time", fake)
+    return calls
+
+
+def lstm_call(B=1, T=3, H=6, W=5, train=False, module=None):
+    module = module or ConvLSTM(2, 3, 3)
+    x = torch.randn(B, T, 2, H, W, requires_grad=train)
+    with torch.set_grad_enabled(train):
+        out = module(x)[0]
+    if train:
+        out.sum().backward()
+    return out
+
+
+def test_threads_time_a_new_shape_once(timer):
+    """Four threads meet a new shape at once: one times it, the others wait for its choice (before, each
+    timed: four times the passes, timing each other). Meanwhile chosen_strategies() is read in a loop
+    (an unlocked dict iterated while another thread inserted raised 'dictionary changed size')."""
+    lstm_call(H=7)
+    single = len(timer)  # readings for one timing, on another shape
+    assert single > 0
+    del timer[:]
+    module, errors, stop = ConvLSTM(2, 3, 3), [], threading.Event()
+    barrier = threading.Barrier(5)
+
+    def worker(H):
+        try:
+            barrier.wait()
+            lstm_call(H=H, module=module)
+        except Exception as error:  # reported below, with the thread's shape
+            errors.append((H, repr(error)))
+
+    def reader():
+        barrier.wait()
+        while not stop.is_set():
+            try:
+                fastvid.ops.chosen_strategies()
+            except Exception as error:
+                errors.append(("reader", repr(error)))
+
+    threads = [threading.Thread(target=worker, args=(H,)) for H in (6, 6, 6, 9)] + [threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads[:4]:
+        t.join(60)
+    stop.set()
+    threads[4].join(60)
+    assert errors == []
+    assert len(timer) == 2 * single, "shape H=6 must be timed once, H=9 once"
+    assert len(fastvid.ops.chosen_strategies()) == 3
+
+
+def test_new_clip_length_reuses_the_choice(timer):
+    """T enters the key only as a bucket (1, 2-3, 4-7, 8+): a new clip length in a known bucket
+    reuses the choice instead of timing ~6 passes inside the forward (before: every T re-timed)."""
+    for train in (False, True):
+        fastvid.ops.set_strategy("auto")
+        lstm_call(T=8, train=train)
+        timed = len(timer)
+        assert timed > 0 and len(fastvid.ops.chosen_strategies()) == 1
+        for T in (9, 12, 31):
+            lstm_call(T=T, train=train)
+        assert len(timer) == timed and len(fastvid.ops.chosen_strategies()) == 1
+        lstm_call(T=5, train=train)  # another bucket: timed once
+        assert len(fastvid.ops.chosen_strategies()) == 2
+        timed = len(timer)
+        lstm_call(T=7, train=train)
+        assert len(timer) == timed
+        del timer[:]
+
+
+def test_cache_is_bounded_least_recently_used_first(timer, monkeypatch):
+    monkeypatch.setattr(ops_recurrent, "CACHE_SIZE", 3)
+    for H in (4, 5, 6):
+        lstm_call(H=H)
+    first = list(fastvid.ops.chosen_strategies())
+    lstm_call(H=4)  # used again: now the most recent
+    lstm_call(H=7)  # evicts H=5, the least recently used
+    keys = list(fastvid.ops.chosen_strategies())
+    assert len(keys) == 3
+    assert keys == [first[2], first[0], keys[2]] and first[1] not in keys
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_deterministic_mode_never_times(train, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the fixed rule ('hoisted') runs: no timing (the
+    timer raises), nothing cached, and the output equals the forced 'hoisted' run bit for bit."""
+    def no_timer():
+        raise AssertionError("the strategy was timed under deterministic algorithms")
+    monkeypatch.setattr(ops_recurrent.time, "perf_counter", no_timer)
+    torch.manual_seed(0)
+    lstm, gru = ConvLSTM(2, 3, 3), ConvGRU(2, 3, 3)
+    x = torch.randn(2, 4, 2, 6, 5, requires_grad=train)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.set_grad_enabled(train):
+            outputs = [lstm(x)[0], gru(x)[0]]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert fastvid.ops.chosen_strategies() == {}
+    lstm.strategy = gru.strategy = ops_recurrent.FIXED_STRATEGY
+    with torch.set_grad_enabled(train):
+        expected = [lstm(x)[0], gru(x)[0]]
+    for got, want in zip(outputs, expected):
+        assert torch.equal(got, want)
+
+
+def _strategies_in_graph(fn, *args):
+    """The strategy argument of every fastvid sequence op in the graph torch.compile traces for fn."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    ops = {torch.ops.fastvid.convlstm_sequence: 10, torch.ops.fastvid.convgru_sequence: 10}  # strategy's position
+    return [node.args[ops[node.target]] for gm in graphs for node in gm.graph.nodes
+            if node.op == "call_function" and node.target in ops]
+
+
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_compiled_run_uses_the_eager_choice(cls, monkeypatch):
+    """torch.compile cannot time while tracing: it takes the choice eager made for the key (before, it
+    always took 'hoisted'), and the fixed rule for a key eager has not timed."""
+    module = cls(2, 3, 3)
+    x = torch.randn(2, 4, 2, 6, 5)
+    with torch.no_grad():
+        assert _strategies_in_graph(module, x) == [ops_recurrent.STRATEGIES[ops_recurrent.FIXED_STRATEGY]]
+        monkeypatch.setattr(ops_recurrent, "_time_strategies", lambda *args: ops_recurrent.STRATEGIES["concat"])
+        module(x)  # eager times (here: picks concat) and caches
+        assert list(fastvid.ops.chosen_strategies().values()) == ["concat"]
+        assert _strategies_in_graph(module, x) == [ops_recurrent.STRATEGIES["concat"]]
+    torch._dynamo.reset()
