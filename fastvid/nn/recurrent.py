@@ -265,6 +265,18 @@ class _ConvRNNBase(nn.Module):
         output = outputs if self.batch_first else outputs.transpose(0, 1)
         return output, [_stack_states(list(kind)) for kind in zip(*finals)]
 
+    def stream(self, chunk: Tensor, state=None):
+        """The next ``chunk`` of frames of a longer sequence, continuing from ``state`` (what the
+        previous call returned; None at the start). Chunk by chunk, down to one frame at a time, the
+        outputs and the final state equal one call on the whole sequence, and gradients flow through
+        the carried state (detach it to cut them). Unlike ``forward``, which accepts any initial state,
+        this rejects bidirectional modules: their reverse direction starts at the last frame."""
+        if self.bidirectional:
+            raise ValueError(f"{type(self).__name__}.stream: a bidirectional module cannot run chunk by chunk: its "
+                             f"reverse direction starts at the last frame of the sequence, which has not arrived yet "
+                             f"(call it once on the whole sequence, or use bidirectional=False)")
+        return self(chunk, state)
+
 
 class ConvLSTM(_ConvRNNBase):
     """Multi-layer ConvLSTM over ``[B, T, C_in, H, W]`` (``batch_first``), like ``nn.LSTM``.
