@@ -403,11 +403,11 @@ def _forecast_report(name: str, result: ForecastResult) -> str:
     def mean(values: List[float]) -> float:
         return sum(values) / len(values)
 
-    width = len("copy-last frame")
+    width = max(len(name), len("copy-last frame"))
     lines = [f"model {name}: per-frame MSE on held-out clips (future frames 1..{len(result.model_mse)})"]
     for label, values in ((name, result.model_mse), ("copy-last frame", result.copy_last_mse),
                           ("blank frame", result.blank_mse)):
-        lines.append(f"  {label[:width].ljust(width)}  " + " ".join(f"{v:.4f}" for v in values)
+        lines.append(f"  {label.ljust(width)}  " + " ".join(f"{v:.4f}" for v in values)
                      + f"  mean {mean(values):.4f}")
     lines.append(f"model / copy-last MSE = {mean(result.model_mse) / mean(result.copy_last_mse):.3f}, "
                  f"model / blank MSE = {mean(result.model_mse) / mean(result.blank_mse):.3f}, {result.seconds:.1f} s")
