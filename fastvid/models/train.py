@@ -299,7 +299,7 @@ def predictor_arguments(name: str, frames: int, input_frames: int, extra: Option
 
 def run_predict(name: str = "convlstm_forecaster", epochs: int = 5, frames: int = 10, size: int = 16,
                 input_frames: Optional[int] = None, digits: int = 1, batch_size: int = 16, seed: int = 0,
-                train_clips: int = 512, test_clips: int = 128, lr: float = 1e-2,
+                train_clips: int = 1200, test_clips: int = 128, lr: float = 1e-2,
                 model_kwargs: Optional[Dict[str, Any]] = None, progress: bool = True, device: str = "cpu",
                 distributed: Optional[Distributed] = None, sync_batchnorm: bool = False,
                 checkpoint: Optional[str] = None) -> ForecastResult:
@@ -338,8 +338,8 @@ def _literal_assignment(text: str):
 
 
 #: Defaults that differ between the tasks: (classify, predict).
-TASK_DEFAULTS = {"frames": (16, 10), "size": (32, 16), "batch_size": (32, 16), "test_clips": (256, 128),
-                 "lr": (3e-3, 1e-2)}
+TASK_DEFAULTS = {"frames": (16, 10), "size": (32, 16), "batch_size": (32, 16), "train_clips": (512, 1200),
+                 "test_clips": (256, 128), "lr": (3e-3, 1e-2)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -351,7 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None, help="clip height and width in pixels (default 32; predict: 16)")
     parser.add_argument("--batch-size", type=int, default=None, help="per process (default 32; predict: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data, the initialisation and the batch order")
-    parser.add_argument("--train-clips", type=int, default=512)
+    parser.add_argument("--train-clips", type=int, default=None, help="default 512; predict: 1200")
     parser.add_argument("--test-clips", type=int, default=None, help="held-out clips (default 256; predict: 128)")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 3e-3; predict: 1e-2)")
     parser.add_argument("--noise", type=float, default=0.5,
@@ -374,14 +374,14 @@ def _task_default(args: argparse.Namespace, name: str):
 
 
 def main(args: argparse.Namespace) -> int:
-    frames, size, batch_size, test_clips, lr = (_task_default(args, name) for name in TASK_DEFAULTS)
+    frames, size, batch_size, train_clips, test_clips, lr = (_task_default(args, name) for name in TASK_DEFAULTS)
     distributed = init_distributed(args.device)
     try:
         main_process = distributed is None or distributed.is_main
         if distributed is not None and main_process:
             print(f"distributed: world size {distributed.world_size}, backend {distributed.backend}", flush=True)
         common = dict(epochs=args.epochs, frames=frames, size=size, batch_size=batch_size, seed=args.seed,
-                      train_clips=args.train_clips, test_clips=test_clips, lr=lr,
+                      train_clips=train_clips, test_clips=test_clips, lr=lr,
                       model_kwargs=dict(args.model_kwargs), progress=not args.quiet, device=args.device,
                       distributed=distributed, sync_batchnorm=args.sync_bn, checkpoint=args.checkpoint)
         if args.task == "predict":
