@@ -4,7 +4,8 @@ Commands:
   info    what is compiled and usable here (fastvid.info())
   bench   fastvid vs native PyTorch benchmarks (fastvid/bench); ``bench --report FILE`` prints
           the table of a results file
-  train   train a registered model on synthetic motion clips on the CPU (fastvid/models/train.py)
+  train   train a registered model on synthetic data (motion clips: classify; moving digits:
+          --task predict), on the CPU by default, data-parallel under torchrun (fastvid/models/train.py)
 
 A command is a (name, help, add_arguments, run) entry in ``_commands()``; a new command is
 one more entry there. Heavy imports happen inside the command, so ``info`` and ``--help`` stay fast.
@@ -63,7 +64,8 @@ def _commands() -> List[Command]:
     return [
         Command("info", "print what is compiled and usable (fastvid.info())", _info_arguments, _info),
         Command("bench", "benchmark fastvid against native PyTorch and print the table", _bench_arguments, _bench),
-        Command("train", "train a registered model on synthetic motion clips (CPU) and print its accuracy",
+        Command("train", "train a registered model on synthetic clips (classify, or --task predict future "
+                "frames) and print how well it does; data-parallel under torchrun",
                 _train_arguments, _train),
     ]
 

@@ -7,6 +7,7 @@
     python -m fastvid bench --only DepthwiseConv3d --only X3DBlock   # the depthwise cases of issue 3
     python -m fastvid bench --only NonlocalAttention --only NonLocalBlock   # the attention cases of issue 4
     python -m fastvid bench --report bench-results/results.jsonl [--run-id all]
+    python -m fastvid bench --report bench-results/results.jsonl --plot bench-results/plots   # PNG charts
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-save", action="store_true", help="do not append the rows to the results file")
     parser.add_argument("--report", metavar="FILE",
                         help="measure nothing: print the table of a results file and exit")
+    parser.add_argument("--plot", metavar="DIR", default=None,
+                        help="also draw PNG charts into DIR (fastvid/bench/plot.py): of this run, or of --report FILE")
     parser.add_argument("--run-id", default=None,
                         help="with --report: which run ('latest' (default), 'all' = newest row per case, or an id)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per provider and case")
@@ -61,6 +64,9 @@ def main(args: argparse.Namespace) -> int:
     if args.report:
         try:
             print(report.table_from_file(args.report, args.run_id))
+            if args.plot:
+                rows = results.load(args.report)
+                _plot(results.select_run(rows, args.run_id), args.plot, speedup_rows=rows)
         except (OSError, ValueError) as exc:
             print(f"fastvid bench --report: {exc}", file=sys.stderr)
             return 2
@@ -105,7 +111,15 @@ def main(args: argparse.Namespace) -> int:
                                 device=args.device, memory=not args.no_memory, ops=not args.no_ops,
                                 wait_idle=args.wait_idle, extra={"malloc": malloc}, isas=paths)
     print(report.format_table(rows))
+    if args.plot:
+        _plot(rows, args.plot)
     if failures:
         print("\nPARITY FAILURES (these cases were not timed):\n" + "\n".join(failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _plot(rows, folder, speedup_rows=None) -> None:
+    from . import plot  # matplotlib only when asked for
+    for path in plot.plot(rows, folder, speedup_rows):
+        print(f"wrote {path}")

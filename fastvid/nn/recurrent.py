@@ -128,6 +128,15 @@ class ConvLSTMCell(_ConvRNNCellBase):
                 cell.bias_hh.zero_()
         return cell.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
+    @classmethod
+    def from_keras_weights(cls, kernel, recurrent_kernel, bias=None, **config) -> "ConvLSTMCell":
+        """A cell with a Keras ``ConvLSTM2D`` layer's weights (``kernel`` [kH, kW, C_in, 4C],
+        ``recurrent_kernel`` [kH, kW, C, 4C], ``bias`` [4C]; gate order i, f, c, o). ``config``: the
+        layer's ``padding``, ``strides``, ``dilation_rate``, ``activation``, ``recurrent_activation``,
+        ``unit_forget_bias``; what converts is in fastvid/nn/keras_interop.py."""
+        from .keras_interop import cell_from_keras
+        return cell_from_keras(cls, kernel, recurrent_kernel, bias, **config)
+
 
 class ConvGRUCell(_ConvRNNCellBase):
     """One ConvGRU step: ``h = cell(x, h)``. ``reset_after=True`` is the ``nn.GRU`` formula
@@ -280,6 +289,18 @@ class _ConvRNNBase(nn.Module):
         output = outputs if self.batch_first else outputs.transpose(0, 1)
         return output, [_stack_states(list(kind)) for kind in zip(*finals)]
 
+    def stream(self, chunk: Tensor, state=None):
+        """The next ``chunk`` of frames of a longer sequence, continuing from ``state`` (what the
+        previous call returned; None at the start). Chunk by chunk, down to one frame at a time, the
+        outputs and the final state equal one call on the whole sequence, and gradients flow through
+        the carried state (detach it to cut them). Unlike ``forward``, which accepts any initial state,
+        this rejects bidirectional modules: their reverse direction starts at the last frame."""
+        if self.bidirectional:
+            raise ValueError(f"{type(self).__name__}.stream: a bidirectional module cannot run chunk by chunk: its "
+                             f"reverse direction starts at the last frame of the sequence, which has not arrived yet "
+                             f"(call it once on the whole sequence, or use bidirectional=False)")
+        return self(chunk, state)
+
 
 class ConvLSTM(_ConvRNNBase):
     """Multi-layer ConvLSTM over ``[B, T, C_in, H, W]`` (``batch_first``), like ``nn.LSTM``.
@@ -324,6 +345,15 @@ class ConvLSTM(_ConvRNNBase):
 
         output, (h_n, c_n) = self._run_layers(x, run_direction)
         return output, (h_n, c_n)
+
+    @classmethod
+    def from_keras_weights(cls, layers, **config) -> "ConvLSTM":
+        """A ConvLSTM with the weights of stacked Keras ``ConvLSTM2D`` layers: ``layers`` is one
+        ``layer.get_weights()`` list per layer (bottom first), or one layer's list. ``config``: the
+        layers' ``padding``, ``strides``, ``dilation_rate``, ``activation``, ``recurrent_activation``,
+        ``unit_forget_bias``, and ``batch_first``, ``strategy``; see fastvid/nn/keras_interop.py."""
+        from .keras_interop import sequence_from_keras
+        return sequence_from_keras(cls, layers, **config)
 
 
 class ConvGRU(_ConvRNNBase):
