@@ -47,9 +47,11 @@ def target_value(target: report.Target, native: float) -> Optional[float]:
     return far / shortfall if shortfall > 1 else None
 
 
-def _case_label(c: report.Comparison) -> str:
-    isa = (c.fastvid or c.native or {}).get("isa")
-    return f"{c.shape} {c.dtype} {c.mode}" + (f" [{isa}]" if isa else "")
+def _case_label(c: report.Comparison, with_isa: bool = True) -> str:
+    row = c.fastvid or c.native or {}
+    layout = report._LAYOUT_SUFFIX.get(row.get("layout"), "")  # the table's +cl / +cl3d
+    isa = row.get("isa") if with_isa else None
+    return f"{c.shape} {c.dtype}{layout} {c.mode}" + (f" [{isa}]" if isa else "")
 
 
 def _time_comparisons(rows: List[dict]) -> List[report.Comparison]:
@@ -109,7 +111,7 @@ def speedups(rows: List[dict]) -> Tuple[Dict[Tuple[str, str], Dict[str, float]],
         for c in _time_comparisons(_newest_per_case(group)):
             if c.ratio is None:
                 continue
-            key = (c.op, f"{c.shape} {c.dtype} {c.mode}")
+            key = (c.op, _case_label(c, with_isa=False))  # the platform is the bar, not the case
             ratios.setdefault(key, {})[name] = c.ratio
             limit = target_value(c.target, c.native["median"]) if c.target else None
             if limit:

@@ -365,6 +365,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     parser.add_argument("--checkpoint", metavar="FILE", default=None,
                         help="save model and optimizer state here after every epoch (rank 0 only)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(N) first (1 is fastest for these small models on a busy machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -375,6 +377,8 @@ def _task_default(args: argparse.Namespace, name: str):
 
 def main(args: argparse.Namespace) -> int:
     frames, size, batch_size, train_clips, test_clips, lr = (_task_default(args, name) for name in TASK_DEFAULTS)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     distributed = init_distributed(args.device)
     try:
         main_process = distributed is None or distributed.is_main
