@@ -28,6 +28,11 @@ SHAPES = [
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+# bf16 runs two ways: tiles multiplied in bf16 (the path for CPUs with AMX-BF16) and the fp32 kernel
+# on upcast copies (elsewhere); FASTVID_ATTENTION_BF16_TILES forces either on any machine.
+DTYPE_PATHS = [pytest.param(torch.float64, None, id="float64"), pytest.param(torch.float32, None, id="float32"),
+               pytest.param(torch.bfloat16, "1", id="bfloat16-tiles"),
+               pytest.param(torch.bfloat16, "0", id="bfloat16-upcast")]
 LAYOUTS = ["contiguous", "transposed", "noncontiguous"]
 
 
@@ -68,9 +73,11 @@ def assert_close_to_oracle(name, ours, exact, low_precision_run=None, dtype=torc
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,bf16_tiles", DTYPE_PATHS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_matches_oracle(shape, dtype, layout):
+def test_matches_oracle(shape, dtype, bf16_tiles, layout, monkeypatch):
+    if bf16_tiles is not None:
+        monkeypatch.setenv("FASTVID_ATTENTION_BF16_TILES", bf16_tiles)
     q, k, v = make(shape, dtype, layout)
     scale = 0.7 / math.sqrt(shape[3])
     out, lse = OPS.nonlocal_attention(q, k, v, scale)
@@ -119,11 +126,13 @@ TILE_OFFSETS = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,bf16_tiles", DTYPE_PATHS)
 @pytest.mark.parametrize("offsets", TILE_OFFSETS.values(), ids=TILE_OFFSETS.keys())
-def test_running_max_across_key_tiles(offsets, dtype):
+def test_running_max_across_key_tiles(offsets, dtype, bf16_tiles, monkeypatch):
     """Key tiles whose scores jump by less or more than the lazy-rescale threshold, or fall, or are
     far beyond float32's exp range: values, lse and gradients match the fp64 oracle."""
+    if bf16_tiles is not None:
+        monkeypatch.setenv("FASTVID_ATTENTION_BF16_TILES", bf16_tiles)
     B, N, M, D, Dv = 2, 70, 3 * 512, 16, 8
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, N, D, generator=g) * 0.3
