@@ -50,8 +50,10 @@ namespace attention {
 namespace {
 
 // Tile sizes: rows of q × rows of k (the fp32 S tile is 256 KiB, L2-resident with its K and V tiles).
-// 64-256 × 256-512 all measured within noise of each other: the tiles' GEMMs run at ~85 % of the
-// single-core sgemm rate either way.
+// 64-256 × 256-512 all measured within noise of each other (fp32 forward+backward at 96-98 % of the
+// single-core sgemm rate on this tile shape; 85 % of the samples in MKL's sgemm kernel, 10 % in its
+// operand packing, 3 % in the softmax passes). MKL's packed API (K/V tiles packed once per batch)
+// measured slower: forward 76 ms against 52 ms.
 constexpr int64_t kQueryBlock = 128, kKeyBlock = 512;
 
 template <typename scalar_t>
