@@ -47,3 +47,18 @@ def test_attention(benchmark, case, provider):
     benchmark.extra_info.update(op=case.op, shape=case.shape.label, dtype=case.dtype, mode=case.mode,
                                 provider=provider, threads=torch.get_num_threads())
     benchmark(step)
+
+
+@pytest.mark.parametrize("mode", attention.MODES)
+def test_attention_flops_match_flop_counter(mode):
+    """attention_flops (the FLOP-rate rows' numerator) against torch's FlopCounterMode on the naive
+    computation, which stores P and so has no recomputed product (recompute=False)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = attention.AttnShape(2, 48, 20, D=16)
+    q, k, v = (torch.randn(shape.B, rows, shape.D, requires_grad=mode == "fwd_bwd") for rows in (48, 20, 20))
+    with FlopCounterMode(display=False) as counter:
+        out = attention.naive_attention(q, k, v, 0.25)
+        if mode == "fwd_bwd":
+            out.sum().backward()
+    assert counter.get_total_flops() == attention.attention_flops(shape, mode, recompute=False)

@@ -29,6 +29,11 @@ SHAPES = [
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+# bf16 runs two ways: tiles multiplied in bf16 (the path for CPUs with AMX-BF16) and the fp32 kernel
+# on upcast copies (elsewhere); FASTVID_ATTENTION_BF16_TILES forces either on any machine.
+DTYPE_PATHS = [pytest.param(torch.float64, None, id="float64"), pytest.param(torch.float32, None, id="float32"),
+               pytest.param(torch.bfloat16, "1", id="bfloat16-tiles"),
+               pytest.param(torch.bfloat16, "0", id="bfloat16-upcast")]
 LAYOUTS = ["contiguous", "transposed", "noncontiguous"]
 
 
@@ -69,9 +74,11 @@ def assert_close_to_oracle(name, ours, exact, low_precision_run=None, dtype=torc
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,bf16_tiles", DTYPE_PATHS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_matches_oracle(shape, dtype, layout, cpu_isa):
+def test_matches_oracle(shape, dtype, bf16_tiles, layout, cpu_isa, monkeypatch):
+    if bf16_tiles is not None:
+        monkeypatch.setenv("FASTVID_ATTENTION_BF16_TILES", bf16_tiles)
     q, k, v = make(shape, dtype, layout)
     scale = 0.7 / math.sqrt(shape[3])
     out, lse = OPS.nonlocal_attention(q, k, v, scale)
@@ -95,6 +102,85 @@ def test_matches_oracle(shape, dtype, layout, cpu_isa):
     for name, ours, exact, lp in zip(["out", "lse", "grad_q", "grad_k", "grad_v"], [out, lse, *grads],
                                      [exact_out, exact_lse, *exact_grads], low):
         assert_close_to_oracle(name, ours, exact, lp, dtype)
+
+
+def _values_and_grads(q, k, v, scale, grad_out, grad_lse):
+    out, lse = OPS.nonlocal_attention(q, k, v, scale)
+    return [out, lse, *torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), (q, k, v))]
+
+
+def _oracle_values_and_grads(q, k, v, scale, grad_out, grad_lse, dtype=torch.float64):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = oracle(*leaves, scale, dtype=dtype)
+    total = (out * grad_out.to(dtype)).sum() + (lse * grad_lse.double()).sum()
+    return [out, lse, *torch.autograd.grad(total, leaves)]
+
+
+# The kernel keeps scores in log2 units and moves a row's running max only when a key tile's max
+# exceeds it by more than 8 (log2 units, = 8 ln 2 ≈ 5.5 in natural units); these key-tile offsets
+# (natural units, one per 512-key tile) make later tiles stay under, cross, or fall below that.
+TILE_OFFSETS = {
+    "under_threshold": (0.0, 3.0, 5.0),     # max grows by 4.3 then 2.9 binary orders: no rescale
+    "crosses_threshold": (0.0, 12.0, 30.0),  # grows by 17 then 26 binary orders: two rescales
+    "decreasing": (30.0, 0.0, -30.0),        # the first tile holds the max
+    "large_logits": (-300.0, 400.0, 350.0),  # exp of the raw scores overflows float32
+}
+
+
+@pytest.mark.parametrize("dtype,bf16_tiles", DTYPE_PATHS)
+@pytest.mark.parametrize("offsets", TILE_OFFSETS.values(), ids=TILE_OFFSETS.keys())
+def test_running_max_across_key_tiles(offsets, dtype, bf16_tiles, monkeypatch):
+    """Key tiles whose scores jump by less or more than the lazy-rescale threshold, or fall, or are
+    far beyond float32's exp range: values, lse and gradients match the fp64 oracle."""
+    if bf16_tiles is not None:
+        monkeypatch.setenv("FASTVID_ATTENTION_BF16_TILES", bf16_tiles)
+    B, N, M, D, Dv = 2, 70, 3 * 512, 16, 8
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, N, D, generator=g) * 0.3
+    k = torch.randn(B, M, D, generator=g) * 0.3
+    q[..., 0] = 1.0  # score = offset of the key's tile + noise
+    k[..., 0] = torch.tensor(offsets).repeat_interleave(512)
+    v = torch.randn(B, M, Dv, generator=g)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn(B, N, Dv, generator=g).to(dtype)
+    grad_lse = torch.randn(B, N, generator=g).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    ours = _values_and_grads(q, k, v, 1.0, grad_out, grad_lse)
+    exact = _oracle_values_and_grads(q, k, v, 1.0, grad_out, grad_lse)
+    low = _oracle_values_and_grads(q, k, v, 1.0, grad_out, grad_lse, dtype) if dtype == torch.bfloat16 else [None] * 5
+    for name, a, e, lp in zip(["out", "lse", "grad_q", "grad_k", "grad_v"], ours, exact, low):
+        assert torch.isfinite(a).all(), name
+        if dtype == torch.bfloat16:
+            assert_close_to_oracle(name, a, e, lp, dtype)
+        else:
+            # Logits of magnitude L are rounded (and lse stored) to eps·L absolute, which scales a
+            # whole row of P by up to (1 ± eps·L): every output moves by up to eps·L times its size.
+            logit_error = torch.finfo(dtype).eps * exact[1].abs().max().item() * e.abs().max().item()
+            tol = tolerance(dtype)
+            torch.testing.assert_close(a.double(), e, rtol=tol["rtol"], atol=tol["atol"] + logit_error, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_minus_inf_scores(dtype):
+    """Scores of -inf (key rows with a -inf entry). Keys 0..599 at -inf: every query's first key tile
+    is all -inf and its softmax comes from the later keys, as torch.softmax's does. Every key at -inf
+    (batch 0): NaN output and lse -inf like torch.softmax / logsumexp, batch 1 untouched."""
+    B, N, M, D, Dv = 2, 40, 1100, 8, 5
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, rows, dim, generator=g, dtype=dtype) for rows, dim in ((N, D), (M, D), (M, Dv)))
+    q[..., 0] = 1.0
+    k[:, :600, 0] = float("-inf")
+    out, lse = OPS.nonlocal_attention(q, k, v, 0.7)
+    exact_out, exact_lse = oracle(q, k, v, 0.7)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out.double(), exact_out, **tolerance(dtype))
+    torch.testing.assert_close(lse.double(), exact_lse, **tolerance(dtype))
+
+    k[0, :, 0] = float("-inf")
+    out, lse = OPS.nonlocal_attention(q, k, v, 0.7)
+    assert out[0].isnan().all() and (lse[0] == float("-inf")).all()
+    exact_out, exact_lse = oracle(q[1:], k[1:], v[1:], 0.7)
+    torch.testing.assert_close(out[1:].double(), exact_out, **tolerance(dtype))
+    torch.testing.assert_close(lse[1:].double(), exact_lse, **tolerance(dtype))
 
 
 def test_heads_and_default_scale():

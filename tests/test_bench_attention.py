@@ -40,13 +40,13 @@ def test_report_pairs_sdpa_and_applies_targets():
     shape = dataclasses.asdict(attention.AttnShape(2, 6272, 1568))
     base = dict(op="NonlocalAttention", shape="s", dtype="fp32", mode="fwd_bwd", metric="time", shape_dims=shape)
     rows = [dict(base, provider="native", median=300.0, p20=300.0, p80=300.0),
-            dict(base, provider="sdpa", median=210.0, p20=210.0, p80=210.0),
+            dict(base, provider="sdpa", median=260.0, p20=260.0, p80=260.0),
             dict(base, provider="fastvid", median=200.0, p20=200.0, p80=200.0)]
     by_op = {c.op: c for c in report.compare(rows)}
     assert by_op["NonlocalAttention"].status == "PASS"            # 1.5x naive
-    assert by_op["NonlocalAttention vs SDPA"].ratio == pytest.approx(1.05)
-    assert by_op["NonlocalAttention vs SDPA"].status == "PASS"    # >= 1.0x SDPA
+    assert by_op["NonlocalAttention vs SDPA"].ratio == pytest.approx(1.3)
+    assert by_op["NonlocalAttention vs SDPA"].status == "PASS"    # >= 1.25x SDPA (issue 11)
     rows[2]["median"] = 250.0
     by_op = {c.op: c for c in report.compare(rows)}
     assert by_op["NonlocalAttention"].status.startswith("MISS")
-    assert by_op["NonlocalAttention vs SDPA"].status.startswith("MISS")
+    assert by_op["NonlocalAttention vs SDPA"].status.startswith("MISS")  # 1.04x: parity is not the margin

@@ -20,17 +20,19 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "../cpu_isa.h"
 #include "../fastvid_common.h"
-#include "../recurrent/recurrent_math.h"  // exp_fast: vectorisable exp
 
 // BLAS entry points (Fortran ABI, 32-bit ints) exported by the MKL inside torch's x86 wheels. Weak:
 // without them (another BLAS, another platform) they are null and at::mm runs the tiles instead.
@@ -49,8 +51,10 @@ namespace attention {
 namespace {
 
 // Tile sizes: rows of q × rows of k (the fp32 S tile is 256 KiB, L2-resident with its K and V tiles).
-// 64-256 × 256-512 all measured within noise of each other: the tiles' GEMMs run at ~85 % of the
-// single-core sgemm rate either way.
+// 64-256 × 256-512 all measured within noise of each other (fp32 forward+backward at 96-98 % of the
+// single-core sgemm rate on this tile shape; 85 % of the samples in MKL's sgemm kernel, 10 % in its
+// operand packing, 3 % in the softmax passes). MKL's packed API (K/V tiles packed once per batch)
+// measured slower: forward 76 ms against 52 ms.
 constexpr int64_t kQueryBlock = 128, kKeyBlock = 512;
 
 template <typename scalar_t>
@@ -114,60 +118,131 @@ Operand<scalar_t> operand(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------- row math
+// The tiles' scores are kept in log2 units (the GEMM's alpha is scale · log2 e), so the softmax
+// needs exp2, one multiply cheaper than exp, and lse = ln 2 · (m + log2 l).
+constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
+
+// Lazy rescaling (as in FlashAttention-4): a row's running max m moves only when a tile's max
+// exceeds it by more than this many binary orders, so most tiles skip rescaling the accumulator
+// and the row sum. P entries then stay <= 2^8: no overflow, and no precision lost (the scale of P
+// cancels in out = acc / l).
+constexpr double kRescaleThreshold = 8;
+
+// 2^x for float: round-to-nearest split x = n + r, |r| <= 1/2, and 2^r by its degree-7 Taylor
+// polynomial (relative error < 1e-8 on that range, under float rounding), written branch-free so gcc
+// vectorises the loops that call it. x <= -127 gives exactly 0 (exponent field 0); NaN stays NaN.
+inline float exp2_fast(float x) {
+  x = x < -127.0f ? -127.0f : x;
+  x = x > 127.0f ? 127.0f : x;
+  const float n = std::floor(x + 0.5f);
+  const float r = x - n;
+  float p = 1.5252733804e-5f;
+  p = p * r + 1.5403530393e-4f;
+  p = p * r + 1.3333558146e-3f;
+  p = p * r + 9.6181291076e-3f;
+  p = p * r + 5.5504108665e-2f;
+  p = p * r + 2.4022650696e-1f;
+  p = p * r + 6.9314718056e-1f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp2_fast(double x) { return std::exp2(x); }
+
 // Partial sums/maxima over 16 lanes so gcc vectorises the reductions (a plain `sum += x` loop must
 // stay in order under IEEE rules).
 constexpr int kLanes = 16;
 
 // The row functions below are compiled once per ISA path (cpu_isa.h), called with FASTVID_ISA_CALL.
 FASTVID_PER_ISA(
-// Online-softmax update of one query row with a new tile of scores s[0..n): new running max m,
-// P = exp(s - m) written to p (may alias s), l and the output accumulator rescaled by exp(m_old - m).
-template <typename acc_t, typename p_t>
-void softmax_tile_row(acc_t* s, int64_t n, acc_t& m, acc_t& l, acc_t* out_acc, int64_t dv,
-                                         p_t* p) {
+template <typename acc_t>
+acc_t row_max(const acc_t* s, int64_t n) {
   acc_t lane_max[kLanes];
-  for (int u = 0; u < kLanes; ++u) lane_max[u] = m;
+  for (int u = 0; u < kLanes; ++u) lane_max[u] = -std::numeric_limits<acc_t>::infinity();
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
     for (int u = 0; u < kLanes; ++u) lane_max[u] = s[j + u] > lane_max[u] ? s[j + u] : lane_max[u];
-  acc_t m_new = m;
-  for (int u = 0; u < kLanes; ++u) m_new = lane_max[u] > m_new ? lane_max[u] : m_new;
-  for (; j < n; ++j) m_new = s[j] > m_new ? s[j] : m_new;
+  acc_t result = -std::numeric_limits<acc_t>::infinity();
+  for (int u = 0; u < kLanes; ++u) result = lane_max[u] > result ? lane_max[u] : result;
+  for (; j < n; ++j) result = s[j] > result ? s[j] : result;
+  return result;
+}
 
+// P = 2^(s - m) over a row; returns its sum. fp32/fp64 write P over s (p_low unused), bf16 into p_low.
+template <typename acc_t, typename p_t>
+acc_t exp2_row(acc_t* __restrict s, int64_t n, acc_t m, p_t* __restrict p_low) {
   acc_t lane_sum[kLanes] = {};
-  j = 0;
+  auto put = [&](int64_t j, acc_t e) {
+    if constexpr (std::is_same_v<p_t, acc_t>) s[j] = e;
+    else p_low[j] = p_t(e);
+  };
+  int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
     for (int u = 0; u < kLanes; ++u) {
-      const acc_t e = recurrent::exp_fast(s[j + u] - m_new);
+      const acc_t e = exp2_fast(s[j + u] - m);
       lane_sum[u] += e;
-      p[j + u] = p_t(e);
+      put(j + u, e);
     }
   acc_t sum = 0;
   for (int u = 0; u < kLanes; ++u) sum += lane_sum[u];
   for (; j < n; ++j) {
-    const acc_t e = recurrent::exp_fast(s[j] - m_new);
+    const acc_t e = exp2_fast(s[j] - m);
     sum += e;
-    p[j] = p_t(e);
+    put(j, e);
   }
-  const acc_t rescale = m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : recurrent::exp_fast(m - m_new);
-  if (rescale != acc_t(1))
-    for (int64_t d = 0; d < dv; ++d) out_acc[d] *= rescale;
-  l = l * rescale + sum;
-  m = m_new;
+  return sum;
 }
 
-// Backward of one row of a tile: p = exp(s - lse) (written to p_low for the low-precision GEMMs),
-// ds = scale · p ∘ (dp - delta) in place of dp.
+// Online-softmax update of one query row with a new tile of scores s[0..n) (log2 units): the running
+// max m moves (and l and the output accumulator are rescaled by 2^(m_old - m)) only when the tile's
+// max exceeds m by more than kRescaleThreshold; then P = 2^(s - m) is written (over s, or to p_low
+// for bf16) and added to l. A row whose scores so far are all -inf keeps m = -inf and adds nothing
+// (P = 0 for this tile); a later finite tile takes over with rescale 0.
 template <typename acc_t, typename p_t>
-void softmax_grad_tile_row(acc_t* s, acc_t* dp, int64_t n, acc_t lse, acc_t delta, acc_t scale,
-                                              p_t* p_low, p_t* ds_low) {
+void softmax_tile_row(acc_t* s, int64_t n, acc_t& m, acc_t& l, acc_t* out_acc, int64_t dv,
+                                         p_t* p_low) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t tile_max = row_max(s, n);
+  if (tile_max > m + acc_t(kRescaleThreshold)) {
+    const acc_t rescale = m == kNegInf ? acc_t(0) : exp2_fast(m - tile_max);
+    for (int64_t d = 0; d < dv; ++d) out_acc[d] *= rescale;
+    l *= rescale;
+    m = tile_max;
+  }
+  if (m == kNegInf) {  // every score so far is -inf or NaN (2^(-inf - -inf) would be NaN): P = 0, NaN kept
+    acc_t sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t p = s[j] == kNegInf ? acc_t(0) : s[j];
+      sum += p;
+      if constexpr (std::is_same_v<p_t, acc_t>) s[j] = p;
+      else p_low[j] = p_t(p);
+    }
+    l += sum;
+    return;
+  }
+  l += exp2_row(s, n, m, p_low);
+}
+
+// Backward of one row of a tile (s in log2 units): P = 2^(s - lse2) with lse2 = log2 e · lse given
+// as lse2_hi + lse2_lo (s - lse2_hi is exact where P matters, so lse2 is not rounded again: with
+// large logits its rounding would scale the whole row of P), and dS = scale · P ∘ (dP - delta).
+// fp32/fp64 write them over s and dp; bf16 into p_low and ds_low.
+template <typename acc_t, typename p_t>
+void softmax_grad_tile_row(acc_t* __restrict s, acc_t* __restrict dp, int64_t n, acc_t lse2_hi,
+                                              acc_t lse2_lo, acc_t delta, acc_t scale, p_t* __restrict p_low,
+                                              p_t* __restrict ds_low) {
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t p = recurrent::exp_fast(s[j] - lse);
+    const acc_t p = exp2_fast((s[j] - lse2_hi) - lse2_lo);
     const acc_t ds = scale * p * (dp[j] - delta);
-    s[j] = p;
-    dp[j] = ds;
-    p_low[j] = p_t(p);
-    ds_low[j] = p_t(ds);
+    if constexpr (std::is_same_v<p_t, acc_t>) {
+      s[j] = p;
+      dp[j] = ds;
+    } else {
+      p_low[j] = p_t(p);
+      ds_low[j] = p_t(ds);
+    }
   }
 }
 
@@ -225,7 +300,7 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
   const auto q = operand<scalar_t>(q_t), k = operand<scalar_t>(k_t), v = operand<scalar_t>(v_t);
   scalar_t* out = out_t.data_ptr<scalar_t>();
   acc_t* lse = lse_t.data_ptr<acc_t>();
-  const acc_t scale = acc_t(scale_d);
+  const acc_t scale_log2 = acc_t(scale_d * kLog2e);  // scores in log2 units
   const int64_t query_blocks = (sz.N + kQueryBlock - 1) / kQueryBlock;
 
   at::parallel_for(0, sz.B * query_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -240,8 +315,8 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
       std::fill(out_acc.begin(), out_acc.end(), acc_t(0));
       for (int64_t j0 = 0; j0 < sz.M; j0 += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, sz.M - j0);
-        // S = scale · Q_i K_jᵀ
-        gemm<scalar_t>(q.transposed, !k.transposed, rows, cols, sz.D, scale, q.block(b, i0), q.ld, k.block(b, j0),
+        // S = log2 e · scale · Q_i K_jᵀ
+        gemm<scalar_t>(q.transposed, !k.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld, k.block(b, j0),
                        k.ld, acc_t(0), scores.data(), kKeyBlock);
         scalar_t* probs;
         if constexpr (kLowPrecision) probs = probs_low.data();
@@ -257,15 +332,38 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
         const acc_t inv = acc_t(1) / row_sum[r];
         scalar_t* out_row = out + (b * sz.N + i0 + r) * sz.Dv;
         for (int64_t d = 0; d < sz.Dv; ++d) out_row[d] = scalar_t(out_acc[r * sz.Dv + d] * inv);
-        lse[b * sz.N + i0 + r] = row_max[r] + std::log(row_sum[r]);
+        lse[b * sz.N + i0 + r] = acc_t(kLn2 * (double(row_max[r]) + std::log2(double(row_sum[r]))));
       }
     }
   });
 }
 
+// bf16 inputs: the tiles multiply in bf16 (MKL's gemm_bf16bf16f32) only where the CPU has AMX-BF16.
+// Elsewhere that GEMM is no faster than sgemm (an EPYC with AVX512-BF16, one thread, N = 6272,
+// M = 1568, D = 128 forward+backward: 200 ms with bf16 tiles, 186 ms in fp32) and, without native
+// bf16, emulated; so the kernel runs in fp32 on upcast copies of the operands (linear memory) and
+// rounds its results to bf16: as fast or faster, and P and dS are not rounded to bf16.
+// FASTVID_ATTENTION_BF16_TILES=1 / =0 forces either path (tests run both on any machine).
+bool use_bf16_tiles() {
+  if (const char* env = std::getenv("FASTVID_ATTENTION_BF16_TILES"); env != nullptr && *env != '\0')
+    return env[0] == '1';
+  static const bool amx_bf16 = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto it = caps.find("amx_bf16");
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  }();
+  return amx_bf16;
+}
+
+bool upcast_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 && !use_bf16_tiles(); }
+
 std::tuple<at::Tensor, at::Tensor> nonlocal_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                           const at::Tensor& v_in, double scale) {
   const Sizes sz = check_inputs("nonlocal_attention", q_in, k_in, v_in);
+  if (upcast_bf16(q_in)) {
+    auto [out, lse] = nonlocal_attention_cpu(q_in.to(at::kFloat), k_in.to(at::kFloat), v_in.to(at::kFloat), scale);
+    return {out.to(at::kBFloat16), lse};
+  }
   const at::Tensor q = as_operand_layout(q_in), k = as_operand_layout(k_in), v = as_operand_layout(v_in);
   at::Tensor out = at::empty({sz.B, sz.N, sz.Dv}, q.options());
   at::Tensor lse = at::empty({sz.B, sz.N}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
@@ -288,7 +386,7 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
   const acc_t* lse = lse_t.data_ptr<acc_t>();
   const acc_t* grad_lse = grad_lse_t ? grad_lse_t->data_ptr<acc_t>() : nullptr;
   scalar_t* grad_q = grad_q_t.data_ptr<scalar_t>();
-  const acc_t scale = acc_t(scale_d);
+  const acc_t scale = acc_t(scale_d), scale_log2 = acc_t(scale_d * kLog2e);
   const int64_t query_blocks = (sz.N + kQueryBlock - 1) / kQueryBlock;
   const int64_t tasks = sz.B * query_blocks;
 
@@ -307,7 +405,7 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
     scalar_t *probs, *dprobs;
     if constexpr (kLowPrecision) probs = probs_low.data(), dprobs = dscores_low.data();
     else probs = scores.data(), dprobs = dscores.data();
-    std::vector<acc_t> grad_q_acc(kQueryBlock * sz.D), delta(kQueryBlock);
+    std::vector<acc_t> grad_q_acc(kQueryBlock * sz.D), delta(kQueryBlock), lse2_hi(kQueryBlock), lse2_lo(kQueryBlock);
     // A transposed or row-padded grad_out (e.g. the gradient of a projection that read out through
     // its transpose) is brought to dense rows one tile at a time, instead of a full contiguous copy.
     std::vector<scalar_t> grad_out_tile(grad_out.transposed || grad_out.ld != sz.Dv ? kQueryBlock * sz.Dv : 0);
@@ -333,6 +431,11 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
             std::copy(dO + r * grad_out.ld, dO + r * grad_out.ld + sz.Dv, grad_out_tile.data() + r * sz.Dv);
           dO = grad_out_tile.data();
         }
+        for (int64_t r = 0; r < rows; ++r) {
+          const double lse2 = kLog2e * double(lse[b * sz.N + i0 + r]);
+          lse2_hi[r] = acc_t(lse2);
+          lse2_lo[r] = acc_t(lse2 - double(lse2_hi[r]));
+        }
         for (int64_t r = 0; r < rows; ++r)
           delta[r] = FASTVID_ISA_CALL(attention, row_dot<scalar_t, acc_t>(dO + r * sz.Dv,
                                                                         out + (b * sz.N + i0 + r) * sz.Dv, sz.Dv)) -
@@ -342,16 +445,16 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
         acc_t* gv_b = gv.data() + (b - b_first) * sz.M * sz.Dv;
         for (int64_t j0 = 0; j0 < sz.M; j0 += kKeyBlock) {
           const int64_t cols = std::min(kKeyBlock, sz.M - j0);
-          // S = scale · Q_i K_jᵀ ; dP = dO_i V_jᵀ
-          gemm<scalar_t>(q.transposed, !k.transposed, rows, cols, sz.D, scale, q.block(b, i0), q.ld,
+          // S = log2 e · scale · Q_i K_jᵀ ; dP = dO_i V_jᵀ
+          gemm<scalar_t>(q.transposed, !k.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld,
                          k.block(b, j0), k.ld, acc_t(0), scores.data(), kKeyBlock);
           gemm<scalar_t>(false, !v.transposed, rows, cols, sz.Dv, acc_t(1), dO, sz.Dv, v.block(b, j0), v.ld,
                          acc_t(0), dscores.data(), kKeyBlock);
           for (int64_t r = 0; r < rows; ++r)
             FASTVID_ISA_CALL(attention, softmax_grad_tile_row(scores.data() + r * kKeyBlock,
-                                                              dscores.data() + r * kKeyBlock, cols,
-                                                              lse[b * sz.N + i0 + r], delta[r], scale,
-                                                              probs + r * kKeyBlock, dprobs + r * kKeyBlock));
+                                                              dscores.data() + r * kKeyBlock, cols, lse2_hi[r],
+                                                              lse2_lo[r], delta[r], scale, probs + r * kKeyBlock,
+                                                              dprobs + r * kKeyBlock));
           // dV_j += Pᵀ dO_i ; dK_j += dSᵀ Q_i ; dQ_i += dS K_j   (dS carries the scale)
           gemm<scalar_t>(true, false, cols, sz.Dv, rows, acc_t(1), probs, kKeyBlock, dO, sz.Dv, acc_t(1),
                          gv_b + j0 * sz.Dv, sz.Dv);
@@ -391,6 +494,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_backward_cpu(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     double scale) {
   const Sizes sz = check_inputs("nonlocal_attention_backward", q_in, k_in, v_in);
+  if (upcast_bf16(q_in)) {
+    auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    auto [grad_q, grad_k, grad_v] = nonlocal_attention_backward_cpu(
+        f32(grad_out_in), grad_lse_in, f32(q_in), f32(k_in), f32(v_in), f32(out_in), lse_in, scale);
+    return {grad_q.to(at::kBFloat16), grad_k.to(at::kBFloat16), grad_v.to(at::kBFloat16)};
+  }
   const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const std::vector<int64_t> out_shape{sz.B, sz.N, sz.Dv}, row_shape{sz.B, sz.N};
   // Device and dtype of the saved tensors and gradients, before any of them is read.

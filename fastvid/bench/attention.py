@@ -17,6 +17,10 @@
   With glibc's default malloc this includes heap memory freed but not returned to the system (its
   mmap threshold rises to the size of freed blocks, up to 32 MiB, so blocks of that size are then
   served from the heap); ``peak_allocated`` rows give the tensors' own peak (profiler, in process).
+* FLOP rate (op level): each provider's time row carries ``gflop_per_s`` = :func:`attention_flops`
+  / median time and ``fraction_of_sgemm``, that rate over the machine's best fp32 GEMM rate on the
+  kernel's tile shapes measured in the same run (:func:`sgemm_rate`): how close a provider is to
+  the bound of a GEMM-bound op (every flash-style provider does the same GEMM FLOPs).
 * :data:`MEMORY_BUDGET_MIB`: the budget the largest cases are judged against (the report's
   ``fits budget`` note: naive over it, fastvid under it).
 """
@@ -28,6 +32,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -226,6 +231,34 @@ def check_parity(workloads: Dict[str, Workload]) -> Dict[str, float]:
     return assert_within(case.name, errors, PARITY_RTOL[case.op])
 
 
+# ------------------------------------------------------------------------------ FLOP rate
+def attention_flops(shape: AttnShape, mode: str, recompute: bool = True) -> int:
+    """GEMM FLOPs of one step: forward S = q kᵀ and O = P v (2·N·M·D each per batch, D = Dv);
+    backward dP = dO vᵀ, dV = Pᵀ dO, dK = dSᵀ q, dQ = dS k, plus S again where the backward
+    recomputes it (flash style: fastvid, SDPA; not the naive autograd graph, which stores P). The
+    softmax's exp and row sums are O(N·M), not counted."""
+    per_product = 2 * shape.B * shape.N * shape.M * shape.D
+    return per_product * (2 if mode == "no_grad" else 6 + int(recompute))
+
+
+def sgemm_rate(rounds: int = 10, tile=(128, 512, 128)) -> Dict[str, float]:
+    """The machine's fp32 GEMM rate in FLOP/s at this process's thread count, on the kernel's tile
+    shape (rows × keys × D): a batched product of 64 such tiles per thread (``torch.bmm``, ~10 ms),
+    best and median over ``rounds``. The rows use the best: the rate the cores can reach (on a
+    shared machine the median is whatever the neighbours left)."""
+    m, n, k = tile
+    batch = 64 * torch.get_num_threads()
+    a, b = torch.randn(batch, m, k), torch.randn(batch, k, n)
+    out = torch.empty(batch, m, n)
+    torch.bmm(a, b, out=out)
+    rates = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        torch.bmm(a, b, out=out)
+        rates.append(2 * batch * m * n * k / (time.perf_counter() - start))
+    return {"median": sorted(rates)[len(rates) // 2], "best": max(rates)}
+
+
 # ------------------------------------------------------------------------------ peak memory (subprocess)
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -279,9 +312,17 @@ def run_case(case: AttnCase, rounds: int, warmup: int, device="cpu", memory: boo
                      "shape_dims": case.shape.as_dict(), "layout": "contiguous", **extra})
 
     times = measure.time_interleaved(dict(workloads), rounds=rounds, warmup=warmup, device=device)
+    flop_rate = {}
+    if case.op == "NonlocalAttention" and torch.device(device).type == "cpu":
+        sgemm = sgemm_rate()["best"]
+        for provider in case.providers:
+            flops = attention_flops(case.shape, case.mode, recompute=provider != "native")
+            rate = flops / measure.summarize(times[provider].wall)["median"]
+            flop_rate[provider] = dict(gflop_per_s=rate / 1e9, sgemm_gflop_per_s=sgemm / 1e9,
+                                       fraction_of_sgemm=rate / sgemm)
     for provider in case.providers:
         stats = measure.summarize(times[provider].wall)
-        add(provider, "time", "ms", {k: v * 1e3 for k, v in stats.items()}, rounds=rounds,
+        add(provider, "time", "ms", {k: v * 1e3 for k, v in stats.items()}, rounds=rounds, **flop_rate.get(provider, {}),
             parity_max_rel_error=max(parity.values()),
             minor_faults_per_call=sorted(times[provider].minor_faults)[len(times[provider].minor_faults) // 2],
             sys_ms_per_call=1e3 * sorted(times[provider].sys_seconds)[len(times[provider].sys_seconds) // 2])

@@ -23,7 +23,8 @@ Depthwise targets (issue 3, "Benchmarks and targets"; vs ``nn.Conv3d(groups=C)``
 Nonlocal attention targets (issue 4; native = the naive ``softmax(q kᵀ) v`` / naive block):
 
 * NonlocalAttention at N >= 6272: forward >= 2x naive, forward+backward >= 1.5x naive; and
-  ``NonlocalAttention vs SDPA`` (provider ``sdpa`` in the native column): >= 1.0x
+  ``NonlocalAttention vs SDPA`` (provider ``sdpa`` in the native column): >= 1.0x, and (issue 11)
+  forward+backward >= 1.25x at N >= 6272
 * NonLocalBlock at (8,28,28): forward+backward >= 1.3x; peak memory <= 1/2 of naive there and
   <= 1/4 at (16,28,28)
 """
@@ -75,8 +76,8 @@ SDPA_SUFFIX = " vs SDPA"
 def _attention_target(metric: str, mode: str, op: str, dims: dict) -> Optional[Target]:
     if op == "NonlocalAttention" and metric == "time" and dims.get("N", 0) >= 6272:
         return _speedup(2.0 if mode == "no_grad" else 1.5)
-    if op == "NonlocalAttention" + SDPA_SUFFIX and metric == "time":
-        return _speedup(1.0)
+    if op == "NonlocalAttention" + SDPA_SUFFIX and metric == "time":  # issue 11: a margin at N >= 6272
+        return _speedup(1.25 if mode == "fwd_bwd" and dims.get("N", 0) >= 6272 else 1.0)
     if op == "NonLocalBlock":
         thw = (dims.get("T"), dims.get("H"), dims.get("W"))
         if metric == "time" and mode == "fwd_bwd" and thw == (8, 28, 28):

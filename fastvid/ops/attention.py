@@ -5,7 +5,9 @@ online softmax (flash-attention-2 style): forward saves only the output and the 
 log-sum-exp, backward recomputes the tiles, so memory is linear in N and M. Backends:
 
 * ``cpu``: ``torch.ops.fastvid.nonlocal_attention`` (+ ``_backward``), the C++ kernel in
-  ``csrc/attention/attention_cpu.cpp`` (tiles multiplied by MKL's GEMM, softmax vectorised);
+  ``csrc/attention/attention_cpu.cpp`` (tiles multiplied by MKL's GEMM, scores in log2 units,
+  lazily rescaled running max, softmax vectorised; bf16 tiles only on CPUs with AMX-BF16, else
+  the fp32 kernel on upcast copies);
 * ``cuda``: PyTorch's fused attention kernels (``F.scaled_dot_product_attention``: flash /
   memory-efficient / cuDNN, which PyTorch picks) — fastvid has no CUDA attention kernel of its own;
   where SDPA would fall back to its quadratic-memory math path (see :func:`cuda_attention_kernel`)
@@ -141,7 +143,8 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     ``q`` ``[B, N, D]``, ``k`` ``[B, M, D]``, ``v`` ``[B, M, Dv]``, or with a heads dimension
     ``[B, heads, N, D]`` etc.; returns ``[B, N, Dv]`` (``[B, heads, N, Dv]``). ``scale`` defaults to
     ``1/sqrt(D)``; the nonlocal block of Wang et al. uses 1. fp32 / fp64 / bf16 / fp16 (on the CPU,
-    fp16 runs the fp32 kernel on upcast copies); low precision accumulates in fp32. Rows of q, k, v
+    fp16, and bf16 without AMX-BF16, run the fp32 kernel on upcast copies); low precision
+    accumulates in fp32. Rows of q, k, v
     may be strided either way (``[B, N, D]`` with unit stride along D or along N: a channels-first
     projection's transpose is read without a copy)."""
     heads = None
