@@ -40,6 +40,8 @@ class AttentionConvLSTM(nn.Module):
                  attention_kernel_size: int = 1, attention_in_channels: Optional[int] = None, bias: bool = True,
                  batch_first: bool = True, peephole: bool = False, unit_forget_bias: bool = True):
         super().__init__()
+        if in_channels <= 0 or hidden_channels <= 0:
+            raise ValueError(f"in_channels and hidden_channels must be positive, got {in_channels}, {hidden_channels}")
         if attention_kernel_size % 2 == 0:
             raise ValueError(f"attention_kernel_size must be odd (the map keeps its H x W), got {attention_kernel_size}")
         self.in_channels, self.hidden_channels = in_channels, hidden_channels
