@@ -50,3 +50,26 @@ def test_forced_path_is_the_one_run():
             workloads = depthwise.build(depthwise.DWCase("DepthwiseConv3d", TINY_DW, "fp32", "no_grad"))
             workloads["fastvid"]()
             assert torch.ops.fastvid._cpu_isa_ran("depthwise3d") == path
+
+
+def test_quick_run_leaves_out_bf16_where_it_is_emulated(capsys):
+    """On a CPU without AVX512-BF16 (simulated by capping the paths at AVX2) the quick run reports the
+    bf16 cases as emulated and leaves them out."""
+    import argparse
+
+    from fastvid.bench import cli
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--no-save", "--only", "bf16"])
+    if torch.ops.fastvid._cpu_isa_supported() == "avx512":
+        assert fastvid.info()["cpu_isa_bf16"] == runner.bf16_native()
+    best = torch.ops.fastvid._cpu_isa()
+    try:
+        torch.ops.fastvid._cpu_isa_simulate("avx2" if "avx2" in supported_paths() else "baseline")
+        assert not runner.bf16_native()
+        assert cli.main(args) == 2  # nothing left to run
+    finally:
+        torch.ops.fastvid._cpu_isa_simulate("")
+        torch.ops.fastvid._set_cpu_isa(best)
+    out = capsys.readouterr().out
+    assert "bf16: emulated on this CPU" in out and "ConvLSTM" in out

@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--isa", metavar="PATHS", default=None,
                         help="CPU ISA paths to measure fastvid under, each case once per path: comma-separated "
                              "(avx512,avx2,baseline), 'all' = every path this CPU supports (default of full runs), "
-                             "'active' = only the current one (FASTVID_CPU_ISA's). Default of --quick: the best "
-                             "two paths (AVX-512 and AVX2 where the CPU has both)")
+                             "'active' = only the current one (FASTVID_CPU_ISA's). Default of --quick (5-minute budget): "
+                             "the best two paths (AVX-512 and AVX2 where the CPU has both) for the depthwise cases, "
+                             "the best path for the others")
     parser.add_argument("--bf16-emulated", action="store_true",
                         help="with --quick: run the bf16 cases even on a CPU without native bf16 arithmetic "
                              "(they are left out there by default: emulated, slow, not what such a CPU runs)")
@@ -87,8 +88,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"no case matches {args.only}", file=sys.stderr)
         return 2
     paths = runner.cpu_isa_paths(args.device)
+    isas_of = None
     if args.isa is None and args.quick:
         paths = paths[:2]
+        isas_of = lambda case: paths if isinstance(case, depthwise.DWCase) else paths[:1]  # noqa: E731
     elif args.isa == "active":
         paths = [None]
     elif args.isa not in (None, "all"):
@@ -109,7 +112,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"torch.get_num_threads() = {torch.get_num_threads()}")
     rows, failures = runner.run(selected, rounds=rounds, warmup=warmup, out=None if args.no_save else args.out,
                                 device=args.device, memory=not args.no_memory, ops=not args.no_ops,
-                                wait_idle=args.wait_idle, extra={"malloc": malloc}, isas=paths)
+                                wait_idle=args.wait_idle, extra={"malloc": malloc}, isas=paths,
+                                isas_of=isas_of)
     print(report.format_table(rows))
     if args.plot:
         _plot(rows, args.plot)

@@ -120,7 +120,8 @@ def bf16_native(device="cpu") -> bool:
 
 def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional[str] = results.DEFAULT_PATH,
         device="cpu", memory: bool = True, ops: bool = True, wait_idle: float = 0.0, extra: Optional[dict] = None,
-        log: Callable[[str], None] = _log, isas: Optional[Sequence[Optional[str]]] = None) -> Tuple[List[dict], List[str]]:
+        log: Callable[[str], None] = _log, isas: Optional[Sequence[Optional[str]]] = None,
+        isas_of: Optional[Callable[[object], Sequence[Optional[str]]]] = None) -> Tuple[List[dict], List[str]]:
     """Run the cases; append each case's rows to ``out`` as soon as it is measured (None: don't
     save). Returns ``(rows, failures)``: cases whose parity check fails are not timed, and
     their messages are returned in ``failures``. ``wait_idle``: before each case, wait up to that
@@ -128,7 +129,8 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
     a case again (at most MAX_ATTEMPTS times in all) when they did not meanwhile. ``extra``:
     fields added to every row (e.g. ``{"malloc": "keep"}``). ``isas``: the CPU ISA paths to measure
     every case under (default: all the machine supports, :func:`cpu_isa_paths`); each row records
-    its path in ``isa`` (native rows too: native is timed again next to each path, same run)."""
+    its path in ``isa`` (native rows too: native is timed again next to each path, same run).
+    ``isas_of(case)``: the paths for one case instead (a subset per case, e.g. for a time budget)."""
     cases = list(cases)
     isas = list(isas) if isas is not None else cpu_isa_paths(device)
     info = fastvid.info()
@@ -136,9 +138,10 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
             "version": fastvid.__version__, "torch": torch.__version__, "run_id": results.new_run_id(),
             "malloc": "default", "cpu_isa_supported": ",".join(info["cpu_isa_supported"]),
             "cpu_isa_bf16": info["cpu_isa_bf16"], **(extra or {})}
-    log(f"fastvid bench: {len(cases)} cases x ISA paths {isas}, {rounds} rounds after {warmup} warm-up call(s), "
-        f"torch.get_num_threads() = {base['threads']}, {base['machine']}, malloc {base['malloc']}")
-    work = [(case, isa) for case in cases for isa in isas]
+    work = [(case, isa) for case in cases for isa in (isas_of(case) if isas_of else isas)]
+    log(f"fastvid bench: {len(cases)} cases on ISA paths {isas} ({len(work)} measurements), {rounds} rounds after "
+        f"{warmup} warm-up call(s), torch.get_num_threads() = {base['threads']}, {base['machine']}, "
+        f"malloc {base['malloc']}")
     all_rows: List[dict] = []
     failures = []
     start = time.perf_counter()
