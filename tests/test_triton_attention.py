@@ -458,3 +458,18 @@ def test_second_gpu():
         assert g.device == torch.device("cuda", 1), name
         torch.testing.assert_close(g.double().cpu(), w, **_tol(torch.float32),
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_forced_triton_backend_wide_head_dim():
+    """fastvid.backend("triton") runs the Triton kernel for D = 512 through the public op (it used to
+    reject D > 256)."""
+    import fastvid
+    from fastvid.ops.attention import nonlocal_attention
+
+    (q, k, v, grad_out, _), scale = _sample((1, 4, 6, 512, 512), torch.float64, seed=19)
+    with fastvid.backend("triton"):
+        got = _values_and_grads(lambda a, b, c, s: (nonlocal_attention(a, b, c, s), None),
+                                q, k, v, scale, grad_out, None)
+    want = _values_and_grads(_oracle, q, k, v, scale, grad_out, None)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], want[:1] + want[2:]):
+        torch.testing.assert_close(g, w, **_tol(torch.float64), msg=lambda m: f"{name}: {m}")
