@@ -6,8 +6,8 @@ with each tensor argument wrong in turn: an extra dimension, a wrong leading siz
 dtype, and the 'meta' device (which stands in for "another device" where CUDA is absent). The call
 must raise an error whose message names that argument. Meta tensors would dispatch to the fake
 kernels, so the wrong-device calls are redispatched to the CPU kernel: the C++ checks are what is
-tested. With FASTVID_ASAN_TESTS=1, test_raw_op_checks_under_asan rebuilds the CPU kernels with
-AddressSanitizer/UBSan into a temp dir and reruns this file against them.
+tested. test_raw_op_checks_under_asan rebuilds the CPU kernels with AddressSanitizer/UBSan into a
+temp dir and reruns this file against them in a subprocess (LD_PRELOAD of the ASan runtime).
 """
 import glob
 import os
@@ -201,9 +201,9 @@ def _wait(proc):
     assert proc.returncode == 0, f"sanitized build failed:\n{err[-4000:]}"
 
 
-@pytest.mark.skipif(os.environ.get("FASTVID_ASAN_TESTS") != "1",
-                    reason="opt-in (several minutes): set FASTVID_ASAN_TESTS=1")
+@pytest.mark.skipif(os.environ.get("FASTVID_ASAN_INNER") == "1", reason="this is the sanitized run itself")
 def test_raw_op_checks_under_asan(tmp_path):
+    """About 3 minutes on 2 idle cores (the sanitized build is most of it)."""
     # A copy of the package whose _C is the sanitized build; the tests run from it in a subprocess
     # with the ASan runtime preloaded (python itself is not instrumented).
     pkg = tmp_path / "tree"
@@ -215,11 +215,12 @@ def test_raw_op_checks_under_asan(tmp_path):
     asan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     ubsan = subprocess.run(["g++", "-print-file-name=libubsan.so"], capture_output=True, text=True).stdout.strip()
     env = dict(os.environ, LD_PRELOAD=f"{asan}:{ubsan}", ASAN_OPTIONS="detect_leaks=0:halt_on_error=1",
-               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1", FASTVID_ASAN_TESTS="0", PYTHONPATH=str(pkg))
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1", FASTVID_ASAN_INNER="1", PYTHONPATH=str(pkg))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                            "tests/test_raw_op_checks.py"], cwd=pkg, env=env, capture_output=True, text=True)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "AddressSanitizer" not in output, output[-6000:]
+    assert re.search(r"\b[1-9]\d* passed", proc.stdout), f"no test ran under the sanitizers:\n{output[-3000:]}"
     import_check = subprocess.run([sys.executable, "-c", "import fastvid._C as m; print(m.__file__)"], cwd=pkg,
                                   env=env, capture_output=True, text=True)
     assert str(pkg) in import_check.stdout, f"the sanitized _C was not the one imported: {import_check.stdout}"
