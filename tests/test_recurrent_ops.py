@@ -53,6 +53,10 @@ def _with_grads(run, tensors: dict, grad_outputs):
 def test_sequence_matches_reference(config, reverse, strategy, dtype, layout):
     """fastvid.ops.convlstm / convgru: outputs, final states and the gradients w.r.t. every input
     (random upstream gradients on output, h_n and c_n) equal the float64 reference."""
+    check_sequence(config, reverse, strategy, dtype, layout)
+
+
+def check_sequence(config, reverse, strategy, dtype, layout):
     sample = make_seq_sample(config, reverse, dtype, layout)
     leaves = sample.leaves()
     ours = sample.run_ops(leaves, strategy)
@@ -87,12 +91,12 @@ def test_sequence_fp16_on_cpu(config, strategy, layout):
     """fp16 CPU tensors (dispatched to the CPU kernels, never tested before): outputs, final states and
     every gradient against the float64 reference by the flash-attention rule, the reference run in
     fp16 as yardstick; reverse for the concat strategy, forward for hoisted (both are in the bf16 grid)."""
-    test_sequence_matches_reference(config, strategy == "concat", strategy, torch.float16, layout)
+    check_sequence(config, strategy == "concat", strategy, torch.float16, layout)
 
 
 @pytest.mark.parametrize("config", CELL_CONFIGS, ids=CellConfig.id)
 def test_cell_fp16_on_cpu(config):
-    test_cell_matches_reference(config, torch.float16, "contiguous")
+    check_cell(config, torch.float16, "contiguous")
 
 
 @pytest.mark.parametrize("layout", SEQ_LAYOUTS)
@@ -133,6 +137,10 @@ def test_channels_last_sequence_output_keeps_layout():
 def test_cell_matches_reference(config, dtype, layout):
     """torch.ops.fastvid.<cell> outputs (incl. the gates / cache it saves for backward) and the
     gradients of fastvid.ops.<cell> w.r.t. every input equal the float64 reference."""
+    check_cell(config, dtype, layout)
+
+
+def check_cell(config, dtype, layout):
     sample = make_cell_sample(config, dtype, layout)
     raw = sample.op()(*sample.op_args(sample.tensors))
     raw = raw if isinstance(raw, (tuple, list)) else (raw,)
