@@ -1,8 +1,9 @@
 """Recurrent / attention video models: lrcn, beyond_snippets, convgru_rcn, soft_attention_lstm, videolstm.
 
-Every model builds at a tiny size, runs forward+backward, and gives the same outputs and gradients
-under the default backend (fastvid's C++ kernels for the ConvLSTM/ConvGRU inside) and the reference
-backend. The architecture facts of the seeds are checked against oracles written here from the
+Every model builds at a tiny size and runs forward+backward; the models whose recurrence is a fastvid
+layer give the same outputs and gradients under the default backend (fastvid's C++ kernels) and the
+reference backend, and the others (torch.nn LSTMs) are checked to run no fastvid kernel, so no test
+compares torch.nn with itself. The architecture facts of the seeds are checked against oracles written here from the
 papers' equations (not from the code under test)."""
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 import fastvid
 from fastvid.models import build, list_models
 from fastvid.models.recurrent import aggregate_predictions
+from _dispatch import spy_on_dispatch
 
 B, C, T, SIZE = 2, 3, 8, 16
 K = 5  # classes
@@ -75,17 +77,30 @@ def test_forward_backward_shapes(case):
     assert has_fastvid == (case in WITH_FASTVID_LAYERS)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_default_backend_matches_reference_backend(case):
-    """Train mode (batch-statistics BatchNorm, no dropout): outputs and every gradient."""
+@pytest.mark.parametrize("case", sorted(set(CASES) - WITH_FASTVID_LAYERS))
+def test_torch_nn_models_run_no_fastvid_kernel(case, monkeypatch):
+    """These models recur with torch.nn LSTMs: there is no kernel to compare with the reference (their
+    facts are the paper equations below). If one starts to run a fastvid kernel, this fails."""
+    model = make(case).train()
+    calls = spy_on_dispatch(monkeypatch)
+    run(model, case, video(), flow_for(case)).sum().backward()
+    assert calls == [], f"{case} now runs fastvid kernels ({sorted(set(calls))})"
+
+
+@pytest.mark.parametrize("case", sorted(WITH_FASTVID_LAYERS))
+def test_default_backend_matches_reference_backend(case, monkeypatch):
+    """Train mode (batch-statistics BatchNorm, no dropout): outputs and every gradient, kernels vs reference."""
     model = make(case, dropout=0.0).train()
     clip, flow = video(), flow_for(case)
     results = []
-    for backend in ("auto", "reference"):
+    calls = spy_on_dispatch(monkeypatch)
+    for backend, expected in (("auto", "cpu"), ("reference", "reference")):
         model.zero_grad()
+        calls.clear()
         with fastvid.backend(backend):
             scores = run(model, case, clip, flow)
             (scores * torch.linspace(-1, 1, K)).sum().backward()
+        assert calls and set(calls) == {expected}, f"{backend}: ran {sorted(set(calls))}"
         results.append((scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (out, grads), (out_ref, grads_ref) = results
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)

@@ -19,7 +19,7 @@ from conftest import requires_cuda  # noqa: E402
 from _isa import cpu_isa  # noqa: E402,F401 (fixture: every CPU ISA path)
 from _recurrent_samples import (  # noqa: E402
     CELL_CONFIGS, CELL_LAYOUTS, DTYPES, GRU_CONFIGS, LSTM_CONFIGS, SEQ_CONFIGS, SEQ_LAYOUTS, STRATEGIES,
-    CellConfig, SeqConfig, acc_dtype, assert_parity, channels_last_frames, dtype_id,
+    LOW_PRECISION, CellConfig, SeqConfig, acc_dtype, assert_parity, channels_last_frames, dtype_id,
     make_cell_sample, make_seq_sample, upstream_grads,
 )
 
@@ -54,6 +54,10 @@ def _with_grads(run, tensors: dict, grad_outputs):
 def test_sequence_matches_reference(config, reverse, strategy, dtype, layout):
     """fastvid.ops.convlstm / convgru: outputs, final states and the gradients w.r.t. every input
     (random upstream gradients on output, h_n and c_n) equal the float64 reference."""
+    check_sequence(config, reverse, strategy, dtype, layout)
+
+
+def check_sequence(config, reverse, strategy, dtype, layout):
     sample = make_seq_sample(config, reverse, dtype, layout)
     leaves = sample.leaves()
     ours = sample.run_ops(leaves, strategy)
@@ -62,7 +66,7 @@ def test_sequence_matches_reference(config, reverse, strategy, dtype, layout):
 
     oracle, oracle_grads = _with_grads(sample.run_reference, sample.converted(torch.float64), grad_outputs)
     comparator, comparator_grads = [None] * len(oracle), {}
-    if dtype == torch.bfloat16:
+    if dtype in LOW_PRECISION:
         comparator, comparator_grads = _with_grads(sample.run_reference, sample.converted(dtype), grad_outputs)
 
     names = ["output", "h_n", "c_n"][:len(oracle)]
@@ -79,6 +83,21 @@ def test_sequence_matches_reference(config, reverse, strategy, dtype, layout):
         ours_nograd = sample.run_ops(sample.tensors, strategy)
     for name, a, o, c in zip(names, ours_nograd, oracle, comparator):
         assert_parity(a, o, dtype, f"{name} (no_grad)", c)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("config", SEQ_CONFIGS, ids=SeqConfig.id)
+def test_sequence_fp16_on_cpu(config, strategy, layout):
+    """fp16 CPU tensors (dispatched to the CPU kernels, never tested before): outputs, final states and
+    every gradient against the float64 reference by the flash-attention rule, the reference run in
+    fp16 as yardstick; reverse for the concat strategy, forward for hoisted (both are in the bf16 grid)."""
+    check_sequence(config, strategy == "concat", strategy, torch.float16, layout)
+
+
+@pytest.mark.parametrize("config", CELL_CONFIGS, ids=CellConfig.id)
+def test_cell_fp16_on_cpu(config):
+    check_cell(config, torch.float16, "contiguous")
 
 
 @pytest.mark.parametrize("layout", SEQ_LAYOUTS)
@@ -120,13 +139,17 @@ def test_cell_matches_reference(config, dtype, layout, cpu_isa):
     """torch.ops.fastvid.<cell> outputs (incl. the gates / cache it saves for backward) and the
     gradients of fastvid.ops.<cell> w.r.t. every input equal the float64 reference, on every CPU ISA
     path."""
+    check_cell(config, dtype, layout)
+
+
+def check_cell(config, dtype, layout):
     sample = make_cell_sample(config, dtype, layout)
     raw = sample.op()(*sample.op_args(sample.tensors))
     raw = raw if isinstance(raw, (tuple, list)) else (raw,)
     t64 = sample.converted(torch.float64)
     oracle = sample.run_reference(t64)
     comparator = [None] * len(oracle)
-    if dtype == torch.bfloat16:
+    if dtype in LOW_PRECISION:
         t_lp = sample.converted(dtype)
         comparator = sample.run_reference(t_lp)
     assert len(raw) == len(oracle)
@@ -142,7 +165,7 @@ def test_cell_matches_reference(config, dtype, layout, cpu_isa):
     ours_grads = _grads(ours, leaves, grad_outputs)
     oracle_grads = _grads(oracle[:n], t64, [g.double() for g in grad_outputs])
     comparator_grads = {}
-    if dtype == torch.bfloat16:
+    if dtype in LOW_PRECISION:
         comparator_grads = _grads(comparator[:n], t_lp, [g.to(o.dtype) for g, o in zip(grad_outputs, comparator)])
     for name in sample.names:
         _assert_dtype(ours_grads[name], leaves[name].dtype, f"grad {name}")
@@ -229,29 +252,33 @@ def _seq_op(config, backward=False):
     return getattr(OPS, name).default
 
 
-SEQ_OPCHECK_CASES = (
-    [(c, s, save, "contiguous") for c in SEQ_CONFIGS for s in (0, 1) for save in (True, False)]
-    + [(c, s, True, layout) for c in (LSTM_CONFIGS[0], GRU_CONFIGS[0], GRU_CONFIGS[2]) for s in (0, 1)
-       for layout in ("channels_last", "channels_last_b1", "noncontiguous")]
-)
+# Every (strategy, reverse) pair for every config (the product, not reverse tied to the strategy); the
+# frame layouts rotate over the configs so each (strategy, reverse, layout) triple is covered too.
+OPCHECK_LAYOUTS = ("contiguous", "channels_last", "channels_last_b1", "noncontiguous")
+SEQ_OPCHECK_CASES = [(c, s, r, save, OPCHECK_LAYOUTS[(i + s) % len(OPCHECK_LAYOUTS)])
+                     for i, c in enumerate(SEQ_CONFIGS) for s in (0, 1) for r in (False, True) for save in (True, False)]
 
 
-@pytest.mark.parametrize("config,strategy,save,layout", SEQ_OPCHECK_CASES,
-                         ids=[f"{c.id()}-s{s}-{'save' if save else 'nosave'}-{layout}"
-                              for c, s, save, layout in SEQ_OPCHECK_CASES])
-def test_opcheck_sequence_forward(config, strategy, save, layout):
+@pytest.mark.parametrize("config,strategy,reverse,save,layout", SEQ_OPCHECK_CASES,
+                         ids=[f"{c.id()}-s{s}-{'reverse' if r else 'forward'}-{'save' if save else 'nosave'}-{layout}"
+                              for c, s, r, save, layout in SEQ_OPCHECK_CASES])
+def test_opcheck_sequence_forward(config, strategy, reverse, save, layout):
     """save=True with inputs requiring grad (autograd is exercised); save=False without (its
     backward refuses to run by design)."""
-    sample = make_seq_sample(config, reverse=strategy == 1, dtype=torch.float64, layout=layout)
+    sample = make_seq_sample(config, reverse=reverse, dtype=torch.float64, layout=layout)
     tensors = sample.leaves() if save else sample.tensors
     _opcheck(_seq_op(config), sample.op_args(tensors, strategy, save))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_b1"])
-@pytest.mark.parametrize("strategy", [0, 1])
-@pytest.mark.parametrize("config", SEQ_CONFIGS, ids=SeqConfig.id)
-def test_opcheck_sequence_backward(config, strategy, layout):
-    sample = make_seq_sample(config, reverse=True, dtype=torch.float64, layout=layout)
+SEQ_BACKWARD_OPCHECK_CASES = [(c, s, r, ("contiguous", "channels_last", "channels_last_b1")[(i + s + r) % 3])
+                              for i, c in enumerate(SEQ_CONFIGS) for s in (0, 1) for r in (False, True)]
+
+
+@pytest.mark.parametrize("config,strategy,reverse,layout", SEQ_BACKWARD_OPCHECK_CASES,
+                         ids=[f"{c.id()}-s{s}-{'reverse' if r else 'forward'}-{layout}"
+                              for c, s, r, layout in SEQ_BACKWARD_OPCHECK_CASES])
+def test_opcheck_sequence_backward(config, strategy, reverse, layout):
+    sample = make_seq_sample(config, reverse=reverse, dtype=torch.float64, layout=layout)
     forward = _seq_op(config)(*sample.op_args(sample.tensors, strategy, True))
     n_states = 3 if config.kind == "lstm" else 2
     grads = upstream_grads(forward[:n_states])
@@ -261,6 +288,19 @@ def test_opcheck_sequence_backward(config, strategy, layout):
     _opcheck(_seq_op(config, True), sample.backward_op_args(sample.tensors, strategy, only_output, forward))
     only_h_n = (None, grads[1]) + (None,) * (n_states - 2)
     _opcheck(_seq_op(config, True), sample.backward_op_args(sample.tensors, strategy, only_h_n, forward))
+
+
+def test_opcheck_cases_cover_reverse_times_strategy():
+    """The opcheck grids hold every (config, strategy, reverse) combination, each layout for each
+    (strategy, reverse) pair (the old grid tied reverse to the strategy)."""
+    for cases in (SEQ_OPCHECK_CASES, SEQ_BACKWARD_OPCHECK_CASES):
+        combos = {(c, s, r) for c, s, r, *_ in cases}
+        assert combos == {(c, s, r) for c in SEQ_CONFIGS for s in (0, 1) for r in (False, True)}
+    assert {(s, r, layout) for _, s, r, _, layout in SEQ_OPCHECK_CASES} == \
+        {(s, r, layout) for s in (0, 1) for r in (False, True) for layout in OPCHECK_LAYOUTS}
+    assert {(s, r, layout) for _, s, r, layout in SEQ_BACKWARD_OPCHECK_CASES} == \
+        {(s, r, layout) for s in (0, 1) for r in (False, True) for layout in ("contiguous", "channels_last",
+                                                                              "channels_last_b1")}
 
 
 def test_sequence_backward_op_optional_grads_match_reference():
