@@ -70,6 +70,13 @@ def cuda_library_includes():
     return []
 
 
+def cpu_sources(root="."):
+    """fastvid._C's C++ sources (the CUDA build adds csrc/*/*_cuda.cu): the op schemas and ISA dispatch
+    (csrc/*.cpp), each family's CPU kernels and its device-generic op wrappers."""
+    patterns = ("csrc/*.cpp", "csrc/*/*_cpu.cpp", "csrc/*/*_ops.cpp")
+    return [os.path.relpath(path, root) for pattern in patterns for path in sorted(glob.glob(os.path.join(root, pattern)))]
+
+
 def cuda_arch_list(torch):
     """TORCH_CUDA_ARCH_LIST if set; else the visible GPUs' capabilities (newest + PTX), as torch would pick
     them; else DEFAULT_CUDA_ARCHS. Set explicitly so the build records exactly what it compiled."""
@@ -105,7 +112,7 @@ def extensions():
     if os.environ.get("FORCE_CUDA", "0") == "1" and not with_cuda:
         raise RuntimeError(f"FORCE_CUDA=1 but no CUDA build is possible (toolkit: {cuda_home}, "
                            f"torch CUDA: {torch.version.cuda}, FASTVID_CPU_ONLY={int(cpu_only)})")
-    sources = ["csrc/ops.cpp", "csrc/cpu_isa.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp")) + sorted(glob.glob("csrc/*/*_ops.cpp"))
+    sources = cpu_sources()
     # -fno-math-errno/-fno-trapping-math let gcc vectorise the gate loops (no libm errno, no FP traps);
     # -fopenmp makes at::parallel_for parallel (without _OPENMP its header falls back to a serial loop).
     cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]

@@ -57,7 +57,6 @@ def test_import_without_extension_falls_back_to_reference_with_one_warning():
 
 # ---- build archs, routing by compute capability, backend scope, build isolation, required extension
 
-import ast  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import threading  # noqa: E402
@@ -68,19 +67,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fastvid import _backend  # noqa: E402
+from _setup_py import setup_py_namespace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _setup_py_namespace():
-    """setup.py's constants and helper functions, without running setup() (it builds on import)."""
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    keep = [node for node in tree.body
-            if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef))
-            or (isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets))]
-    namespace = {"__file__": str(ROOT / "setup.py")}
-    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), namespace)
-    return namespace
 
 
 class _FakeCuda:
@@ -105,7 +94,7 @@ class _FakeTorch:
 def test_default_cuda_archs_cover_the_gpus_users_have(monkeypatch):
     """Without TORCH_CUDA_ARCH_LIST: the visible GPUs when there are any (newest + PTX), else Turing to
     Blackwell as SASS plus PTX of the newest. The old default (9.0 only, no PTX) served only Hopper."""
-    ns = _setup_py_namespace()
+    ns = setup_py_namespace()
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     assert ns["cuda_arch_list"](_FakeTorch([])) == "7.5;8.0;8.6;8.9;9.0;10.0+PTX"
     assert ns["cuda_arch_list"](_FakeTorch([(8, 6), (8, 0), (8, 6)])) == "8.0;8.6+PTX"

@@ -9,7 +9,6 @@ kernels, so the wrong-device calls are redispatched to the CPU kernel: the C++ c
 tested. test_raw_op_checks_under_asan rebuilds the CPU kernels with AddressSanitizer/UBSan into a
 temp dir and reruns this file against them in a subprocess (LD_PRELOAD of the ASan runtime).
 """
-import glob
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 import fastvid  # noqa: F401  (loads fastvid._C, registering the ops)
+from _setup_py import setup_py_namespace
 
 B, T, C_IN, C, H, W = 2, 3, 2, 3, 4, 5
 PAD, DIL = [1, 1], [1, 1]
@@ -171,9 +171,7 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-san
 def _build_sanitized_extension(out_dir):
     """fastvid._C's CPU sources (as setup.py lists them) compiled with ASan/UBSan into out_dir."""
     from torch.utils.cpp_extension import include_paths, library_paths
-    sources = (["csrc/ops.cpp"] + sorted(glob.glob(os.path.join(ROOT, "csrc/*/*_cpu.cpp")))
-               + sorted(glob.glob(os.path.join(ROOT, "csrc/*/*_ops.cpp"))))
-    sources = [os.path.join(ROOT, s) for s in sources]
+    sources = [os.path.join(ROOT, s) for s in setup_py_namespace()["cpu_sources"](ROOT)]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cflags = ["-std=c++20", "-O1", "-g", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *SANITIZE,
               f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
