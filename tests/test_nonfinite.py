@@ -131,19 +131,13 @@ def test_recurrent_nan(kind, strategy, reverse):
     assert_nonfinite_exactly_at(out[1, t0], clean[1, t0], mask, f"output at step {t0}")
 
 
-GRU_CONCAT_ZERO_BLOCKS = pytest.mark.xfail(strict=True, reason=(
-    "kernel bug: the concat strategy of reset_after ConvGRU convolves [x, h] with zero weight blocks to "
-    "get h_n (csrc/recurrent/recurrent_ops.cpp gru_concat_weights), so an inf in x gives 0·inf = NaN "
-    "in h_n, where nn.GRU's h_n = W_hn·h never reads x; hoisted and the reference stay finite"))
-
-
 @pytest.mark.parametrize("kind,strategy", [
-    pytest.param(kind, strategy, id=f"{kind}-{strategy}",
-                 marks=[GRU_CONCAT_ZERO_BLOCKS] if (kind, strategy) == ("gru-reset_after", "concat") else [])
+    pytest.param(kind, strategy, id=f"{kind}-{strategy}")
     for kind in ("lstm", "gru-ballas", "gru-reset_after") for strategy in ("hoisted", "concat")])
 def test_recurrent_inf_saturates_like_the_reference(kind, strategy):
     """An inf in x saturates the gates (sigmoid → 0/1, tanh → ±1): the results stay what the math gives,
-    the float64 reference on the same input, not NaN and not clamped elsewhere."""
+    the float64 reference on the same input, not NaN and not clamped elsewhere. (The reset_after concat
+    strategy used to take h_n from a convolution of [x, h] with a zero block over x: 0·inf = NaN.)"""
     B, T, C_in, C, H, W = 1, 3, 2, 3, 5, 5
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, T, C_in, H, W, generator=g)

@@ -465,7 +465,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
 
 // ======================================================================== GRU
 // Combined weights of the concat strategy. reset_after needs x_n and h_n apart, so its conv has
-// 4C outputs [r, z, x_n, h_n] with zero blocks ([W_in | 0] and [0 | W_hn]); the Ballas form uses two
+// 4C outputs [r, z, x_n, h_n] with zero blocks ([W_in | 0] and [0 | W_hn]; the forward convolves h alone
+// for h_n, so only the backward uses the [0 | W_hn] rows); the Ballas form uses two
 // convs, [W_rz | U_rz] over [x, h] and [W_n | U_n] over [x, r·h].
 struct GruConcatWeights {
   Tensor w_a, w_b;
@@ -566,12 +567,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
       const Tensor buffer_t = buffers.select(0, 0).select(0, t);
       h_prev = buffer_t.narrow(1, Cin, C);
       h_next = last ? h_n : buffers.select(0, 0).select(0, time_of(f + 1, T, reverse)).narrow(1, Cin, C);
-      keep1 = conv(buffer_t, cw.w_a, cw.b_a, g);  // [r, z, x_n, h_n] (reset_after) or [r, z] (Ballas)
-      for (int k = 0; k < (reset_after ? 3 : 2); ++k) a.x[k] = slot(keep1, k, C);
       if (reset_after) {
+        // [r, z, x_n] from [x, h]; h_n = W_hn h as a convolution of h alone: cw.w_a's zero block over x
+        // would turn an inf in x into 0·inf = NaN in h_n (the backward keeps the 4C-row cw.w_a: it
+        // reads h_n from the cache and only multiplies gradients by that zero block).
+        keep1 = conv(buffer_t, cw.w_a.narrow(0, 0, 3 * C), narrow_optional(cw.b_a, 0, 3 * C), g);
+        keep2 = conv(h_prev, weight_hh.narrow(0, 2 * C, C), narrow_optional(bias_hh, 2 * C, C), g);
+        for (int k = 0; k < 3; ++k) a.x[k] = slot(keep1, k, C);
         a.h[0] = a.h[1] = zero_plane(zeros);
-        a.h[2] = slot(keep1, 3, C);
+        a.h[2] = plane(keep2);
       } else {
+        keep1 = conv(buffer_t, cw.w_a, cw.b_a, g);  // [r, z]
+        for (int k = 0; k < 2; ++k) a.x[k] = slot(keep1, k, C);
         const Tensor buffer2_t = buffers.select(0, 1).select(0, t);
         ra.x_r = slot(keep1, 0, C);
         ra.h_r = zero_plane(zeros);
