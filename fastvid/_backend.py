@@ -74,10 +74,16 @@ def arch_serves(archs, capability: tuple[int, int]) -> bool:
     return False
 
 
+@functools.lru_cache(None)
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    """A GPU's compute capability never changes: read it once per device, not on every op call."""
+    return torch.cuda.get_device_capability(device)
+
+
 def _cuda_capabilities(tensors) -> dict:
     """{device: (major, minor)} of the CUDA tensors among `tensors`."""
     devices = {t.device for _, t in _tensors(tensors) if t.device.type == "cuda"}
-    return {d: torch.cuda.get_device_capability(d) for d in devices}
+    return {d: _device_capability(d) for d in devices}
 
 
 _warned_capabilities: set = set()
