@@ -97,6 +97,14 @@ def compiled_cuda_archs(arch_flags):
     return sorted(archs, key=lambda a: (int(re.sub(r"\D", "", a)), a))
 
 
+def cuda_defines(archs):
+    """Preprocessor flags of a CUDA build: (for the C++ sources, for nvcc). Only ops.cpp reads the arch
+    list (fastvid._C.cuda_archs, which fastvid.info() reports and auto routing checks), and it must not
+    reach nvcc: nvcc splits option values at commas, so -DFASTVID_CUDA_ARCHS=sm_80,sm_90 would also
+    define sm_90 as a macro and break CUDA's own <nv/target>."""
+    return ["-DFASTVID_WITH_CUDA", "-DFASTVID_CUDA_ARCHS=" + ",".join(archs)], ["-DFASTVID_WITH_CUDA"]
+
+
 def extensions():
     cpu_only = os.environ.get("FASTVID_CPU_ONLY", "0") == "1"
     cuda_home = None if cpu_only else find_cuda_home()
@@ -125,13 +133,12 @@ def extensions():
     archs = compiled_cuda_archs(_get_cuda_arch_flags())
     print(f"fastvid: building CPU and CUDA kernels (toolkit {cuda_home}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}: {' '.join(archs)})")
-    # fastvid._C.cuda_archs reports what was compiled (fastvid.info()["cuda_archs"]); auto routing uses it.
-    defines = ["-DFASTVID_WITH_CUDA", "-DFASTVID_CUDA_ARCHS=" + ",".join(archs)]
+    cxx_defines, nvcc_defines = cuda_defines(archs)
     return [CUDAExtension(
         "fastvid._C", sources + sorted(glob.glob("csrc/*/*_cuda.cu")),
         include_dirs=cuda_library_includes(),
         extra_link_args=link,
-        extra_compile_args={"cxx": cxx + defines, "nvcc": ["-O3", "-std=c++20"] + defines},
+        extra_compile_args={"cxx": cxx + cxx_defines, "nvcc": ["-O3", "-std=c++20"] + nvcc_defines},
     )]
 
 
