@@ -1,5 +1,5 @@
 // The fused gate kernels' interface, shared by the CPU and CUDA implementations and by the
-// device-generic time loops in recurrent_sequence.cpp.
+// device-generic time loops of recurrent_ops.cpp (helpers in recurrent_sequence.h).
 //
 // Every tensor a kernel touches is a Plane: a [B, C, H·W] view given by a data pointer and element
 // strides for batch, channel and pixel (H and W must merge into one pixel dimension, which holds
