@@ -41,21 +41,22 @@ TORCH_LIBRARY(fastvid, m) {
   // strategy: 0 = input conv hoisted over B*T frames, 1 = persistent [x_t, h] buffer.
   // channels_last: the layout of every [.., C, H, W] buffer and output (an argument rather than read
   // off x's strides, so fake kernels and compiled graphs agree with the real op).
+  // reserve: uint8, what backward needs (save=True; empty otherwise), see recurrent_ops.cpp.
   m.def("convlstm_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias, Tensor h0, Tensor c0, "
         "Tensor? peephole, int[2] padding, int[2] dilation, bool reverse, int strategy, bool channels_last, bool save) "
-        "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor workspace)");
+        "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor reserve)");
   m.def("convlstm_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, "
         "Tensor weight_ih, Tensor weight_hh, bool has_bias, Tensor h0, Tensor c0, Tensor? peephole, "
-        "Tensor output, Tensor gates, Tensor cells, Tensor workspace, int[2] padding, int[2] dilation, "
+        "Tensor output, Tensor reserve, int[2] padding, int[2] dilation, "
         "bool reverse, int strategy, bool channels_last) -> (Tensor grad_x, Tensor grad_weight_ih, "
         "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_h0, Tensor grad_c0, Tensor grad_peephole)");
   m.def("convgru_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
         "Tensor h0, int[2] padding, int[2] dilation, bool reset_after, bool reverse, int strategy, "
         "bool channels_last, bool save) "
-        "-> (Tensor output, Tensor h_n, Tensor cache, Tensor workspace)");
+        "-> (Tensor output, Tensor h_n, Tensor reserve)");
   m.def("convgru_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor x, Tensor weight_ih, "
-        "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor h0, Tensor output, Tensor cache, "
-        "Tensor workspace, int[2] padding, int[2] dilation, bool reset_after, bool reverse, int strategy, "
+        "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor h0, Tensor output, Tensor reserve, "
+        "int[2] padding, int[2] dilation, bool reset_after, bool reverse, int strategy, "
         "bool channels_last) "
         "-> (Tensor grad_x, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
         "Tensor grad_bias_hh, Tensor grad_h0)");

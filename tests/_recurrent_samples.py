@@ -223,13 +223,13 @@ class SeqSample(_TensorSet):
         c = self.config
         tt = tensors
         if c.kind == "lstm":
-            output, _, _, gates, cells, workspace = forward
+            output, _, _, reserve = forward
             return (grads[0], grads[1], grads[2], tt["x"], tt["weight_ih"], tt["weight_hh"], tt["bias"] is not None,
-                    tt["h0"], tt["c0"], tt["peephole"], output, gates, cells, workspace, list(c.padding),
+                    tt["h0"], tt["c0"], tt["peephole"], output, reserve, list(c.padding),
                     list(c.dilation), self.reverse, strategy, frames_are_channels_last(tt["x"]))
-        output, _, cache, workspace = forward
+        output, _, reserve = forward
         return (grads[0], grads[1], tt["x"], tt["weight_ih"], tt["weight_hh"], tt["bias_ih"], tt["bias_hh"], tt["h0"],
-                output, cache, workspace, list(c.padding), list(c.dilation), c.reset_after, self.reverse, strategy,
+                output, reserve, list(c.padding), list(c.dilation), c.reset_after, self.reverse, strategy,
                 frames_are_channels_last(tt["x"]))
 
 

@@ -4,14 +4,14 @@
 //
 // Sequence ops take x as [B, T, C_in, H, W] (any strides) and run one layer in one direction.
 // Strategies (see fastvid/ops/recurrent.py for how one is chosen):
-//   kHoisted: the input conv runs once over all B·T frames; per step one hidden conv
-//             and one fused gate kernel (the cuDNN RNN design).
-//   kConcat:  a persistent time-major buffer [T, B, C_in + C, H, W] holds [x_t, h_{t-1}] for
-//             every step; per step one conv over it, and the gate kernel writes h straight into
-//             the next step's slot (no cat). The buffer is also the input of the one batched
-//             weight-gradient conv in backward.
-// Backward walks the steps in reverse, per step one fused gate-backward kernel and one
-// input-gradient conv; all weight (and bias) gradients come from one batched conv backward.
+//   kHoisted: the input conv runs over the B·chunk frames of a chunk of steps at a time; per step one
+//             hidden conv and one fused gate kernel (the cuDNN RNN design).
+//   kConcat:  two [x_t, h_{t-1}] buffers [B, C_in + C, H, W] used in turn; per step one conv over one,
+//             and the gate kernel writes h straight into the other (no cat).
+// With save=True the forward fills the reserve (activated gates, LSTM cell states; see below).
+// Backward walks the steps in reverse, per step one fused gate-backward kernel and one input-gradient
+// conv; the weight (and bias) gradients come from one batched conv backward per chunk of steps, whose
+// [x_t, h_{t-1}] inputs are rebuilt from x and output.
 #include "recurrent_kernels.h"
 #include "recurrent_sequence.h"
 #include "../fastvid_common.h"
@@ -30,11 +30,103 @@ namespace fastvid {
 namespace recurrent {
 namespace {
 
-// ======================================================================== LSTM
-constexpr int64_t kWeightGradChunks = 4;  // concat backward: weight gradient in <= 4 batched calls
+// ======================================================================== reserve and chunks
+// What backward needs of a forward call (save=True) lives in one uint8 buffer per call, the reserve
+// (cuDNN's RNN reserve space): regions of time-major frames [T, B, channels, H, W] in the sequence's
+// frame layout, each starting on a 64-byte boundary. LSTM: the activated gates (4C, x's dtype) and the
+// cell states (C, accumulation type); GRU: the gate cache r, z, n, h_n (4C, x's dtype). Nothing else
+// is kept: the [x_t, h_{t-1}] inputs of the weight gradients are rebuilt from x and output chunk by
+// chunk. Mirrored by _reserve_bytes in fastvid/ops/recurrent.py (the fake kernels).
+constexpr int64_t kReserveAlign = 64;
 
+struct ReserveRegion {
+  at::ScalarType dtype;
+  int64_t channels;
+};
+
+int64_t region_bytes(const SeqGeometry& g, const ReserveRegion& r) {
+  const int64_t bytes = g.T * g.B * r.channels * g.H * g.W * static_cast<int64_t>(c10::elementSize(r.dtype));
+  return (bytes + kReserveAlign - 1) / kReserveAlign * kReserveAlign;
+}
+
+std::vector<ReserveRegion> lstm_reserve(const SeqGeometry& g, at::ScalarType dtype) {
+  return {{dtype, 4 * g.C}, {acc_type(dtype), g.C}};
+}
+
+std::vector<ReserveRegion> gru_reserve(const SeqGeometry& g, at::ScalarType dtype) { return {{dtype, 4 * g.C}}; }
+
+int64_t reserve_bytes(const SeqGeometry& g, const std::vector<ReserveRegion>& regions) {
+  int64_t bytes = 0;
+  for (const auto& r : regions) bytes += region_bytes(g, r);
+  return bytes;
+}
+
+// The regions of `reserve` as [T, B, channels, H, W] frames.
+std::vector<Tensor> reserve_views(const Tensor& reserve, const SeqGeometry& g,
+                                  const std::vector<ReserveRegion>& regions) {
+  std::vector<Tensor> views;
+  int64_t offset = 0;
+  for (const auto& r : regions) {
+    const int64_t n = g.T * g.B * r.channels * g.H * g.W;
+    const Tensor flat_view = reserve.narrow(0, offset, n * static_cast<int64_t>(c10::elementSize(r.dtype))).view(r.dtype);
+    views.push_back(g.channels_last ? flat_view.view({g.T, g.B, g.H, g.W, r.channels}).permute({0, 1, 4, 2, 3})
+                                    : flat_view.view({g.T, g.B, r.channels, g.H, g.W}));
+    offset += region_bytes(g, r);
+  }
+  return views;
+}
+
+Tensor new_reserve(bool save, const SeqGeometry& g, const std::vector<ReserveRegion>& regions,
+                   const at::TensorOptions& opts) {
+  return at::empty({save ? reserve_bytes(g, regions) : 0}, opts.dtype(at::kByte));
+}
+
+void check_reserve(const char* op, const Tensor& reserve, const SeqGeometry& g,
+                   const std::vector<ReserveRegion>& regions, const Tensor& x) {
+  // What the forward op returned with save=True for the same arguments.
+  check_arg(op, "reserve", reserve, {reserve_bytes(g, regions)}, x, "x", at::kByte);
+  TORCH_CHECK_VALUE(reserve.is_contiguous(), op, ": reserve must be contiguous (as the forward op returns it)");
+}
+
+// Steps per chunk: the hoisted input convolution (forward) and the batched weight gradients (backward)
+// run over the B * chunk frames of consecutive steps, so their outputs, gradients and the convolutions'
+// internal copies exist for one chunk instead of the whole sequence.
+int64_t chunk_steps(int64_t T) { return std::max<int64_t>(1, T / 8); }
+
+// The chunk [t0, t0 + n) of `chunk` steps that holds time t.
+std::pair<int64_t, int64_t> chunk_of(int64_t t, int64_t chunk, int64_t T) {
+  const int64_t t0 = t / chunk * chunk;
+  return {t0, std::min(chunk, T - t0)};
+}
+
+// Frames [t0, t0 + n) of batch-first x, copied time-major into dst [>= n, B, C, H, W].
+void copy_time_major(Tensor dst, const Tensor& x, int64_t t0, int64_t n) {
+  dst.narrow(0, 0, n).copy_(x.narrow(1, t0, n).transpose(0, 1));
+}
+
+// dst[:n] = the state entering the steps [t0, t0 + n): frame t - 1 (forward) or t + 1 (reverse) of the
+// sequence `all` ([B, T, ...] batch-first when time_dim = 1, time-major when 0), `first` at the first step.
+void copy_previous(Tensor dst, const Tensor& all, int64_t time_dim, const Tensor& first, int64_t t0, int64_t n,
+                   bool reverse) {
+  const int64_t T = all.size(time_dim);
+  const auto frames = [&](int64_t start, int64_t len) {
+    const Tensor v = all.narrow(time_dim, start, len);
+    return time_dim == 1 ? v.transpose(0, 1) : v;
+  };
+  if (!reverse) {
+    const int64_t skip = t0 == 0 ? 1 : 0;
+    if (skip) dst.select(0, 0).copy_(first);
+    if (n > skip) dst.narrow(0, skip, n - skip).copy_(frames(t0 + skip - 1, n - skip));
+  } else {
+    const int64_t last = t0 + n == T ? 1 : 0;
+    if (last) dst.select(0, n - 1).copy_(first);
+    if (n > last) dst.narrow(0, 0, n - last).copy_(frames(t0 + 1, n - last));
+  }
+}
+
+// ======================================================================== LSTM
 // [3, C] peephole gradient: Σ over batch, time, pixels of d a_i·c_prev, d a_f·c_prev, d a_o·c
-// (all arguments batch-first [B, n, ., H, W]).
+// (all arguments [n, B, ., H, W]).
 Tensor peephole_grad(const Tensor& d_gates, const Tensor& c_prev, const Tensor& c) {
   const int64_t C = c.size(2);
   const Tensor dg = d_gates.to(c.scalar_type());
@@ -43,7 +135,7 @@ Tensor peephole_grad(const Tensor& d_gates, const Tensor& c_prev, const Tensor& 
                     (dg.narrow(2, 3 * C, C) * c).sum(dims)});
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
+std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias, const Tensor& h0,
     const Tensor& c0, const OptTensor& peephole, at::IntArrayRef padding, at::IntArrayRef dilation, bool reverse,
     int64_t strategy, bool channels_last, bool save) {
@@ -57,13 +149,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type(x.scalar_type()));
   const auto fmt = frame_format(g.channels_last);
+  const bool hoisted = strategy == kHoisted;
 
   Tensor output = empty_frames({B, T}, C, H, W, g.channels_last, opts);
-  // The gate cache (activated i, f, g, o of every step) is batch-first [B, T, 4C] for hoisted (it is the
-  // hoisted input conv's output, overwritten in place) and time-major [T, B, 4C] for concat (it matches
-  // the [x, h] buffer). Backward overwrites it with the gate gradients.
-  Tensor gates = at::empty({0}, opts);
-  Tensor cells = save ? empty_frames({B, T}, C, H, W, g.channels_last, acc_opts) : at::empty({0}, acc_opts);
+  const auto regions = lstm_reserve(g, x.scalar_type());
+  Tensor reserve = new_reserve(save, g, regions, opts);
+  Tensor gates, cells;  // save: the reserve's [T, B, 4C] activated i, f, g, o and [T, B, C] cell states
+  if (save) {
+    const auto views = reserve_views(reserve, g, regions);
+    gates = views[0], cells = views[1];
+  }
   Tensor c_init = c0.to(acc_opts.dtype()).contiguous(fmt);
   Tensor c_run = save ? Tensor() : c_init.clone();
   Tensor h_n = empty_like_frame(g, C, opts);
@@ -75,15 +170,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
   a.save = save;
 
-  Tensor x_gates, h_buf, buffer, w_cat;
-  if (strategy == kHoisted) {
-    x_gates = conv(flat(x), weight_ih, bias, g).view({B, T, 4 * C, H, W});
+  // hoisted: the input conv of one chunk of steps at a time (x_chunk -> x_gates, time-major).
+  // concat: two [x_t, h_{t-1}] slots used in turn; the gate kernel writes h into the next step's.
+  const int64_t chunk = hoisted ? chunk_steps(T) : 1;
+  int64_t chunk_start = -1;
+  Tensor x_chunk, x_gates, h_buf, slots, w_cat;
+  if (hoisted) {
+    x_chunk = empty_frames({chunk, B}, Cin, H, W, g.channels_last, opts);
     h_buf = h0.contiguous(fmt).clone();
-    if (save) gates = x_gates;
   } else {
-    if (save) gates = empty_frames({T, B}, 4 * C, H, W, g.channels_last, opts);
-    buffer = empty_frames({T, B}, Cin + C, H, W, g.channels_last, opts);
-    fill_concat_buffer(buffer, x, h0, g, reverse);
+    slots = empty_frames({2, B}, Cin + C, H, W, g.channels_last, opts);
+    slots.select(0, 0).narrow(1, Cin, C).copy_(h0);
     w_cat = at::cat({weight_ih, weight_hh}, 1);
   }
   // Per-step conv outputs the planes point into. Declared outside the loop so the previous step's
@@ -93,66 +190,63 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   for (int64_t f = 0; f < T; ++f) {
     const int64_t t = time_of(f, T, reverse);
     const bool last = f == T - 1;
-    if (strategy == kHoisted) {
+    if (hoisted) {
+      const auto [t0, n] = chunk_of(t, chunk, T);
+      if (t0 != chunk_start) {
+        chunk_start = t0;
+        copy_time_major(x_chunk, x, t0, n);
+        x_gates = Tensor();  // free the previous chunk's before the conv allocates
+        x_gates = conv(flat(x_chunk.narrow(0, 0, n)), weight_ih, bias, g).view({n, B, 4 * C, H, W});
+      }
       h_gates = conv(h_buf, weight_hh, std::nullopt, g);
-      const Tensor x_gates_t = x_gates.select(1, t);
+      const Tensor x_gates_t = x_gates.select(0, t - chunk_start);
       for (int k = 0; k < 4; ++k) {
         a.a_x[k] = slot(x_gates_t, k, C);
         a.a_h[k] = slot(h_gates, k, C);
       }
       a.h_out2 = plane(last ? h_n : h_buf);
     } else {
-      gates_pre = conv(buffer.select(0, t), w_cat, bias, g);
+      const Tensor slot_t = slots.select(0, f % 2);
+      slot_t.narrow(1, 0, Cin).copy_(x.select(1, t));
+      gates_pre = conv(slot_t, w_cat, bias, g);
       for (int k = 0; k < 4; ++k) {
         a.a_x[k] = slot(gates_pre, k, C);
         a.a_h[k] = zero_plane(zeros);
       }
-      a.h_out2 = plane(last ? h_n : buffer.select(0, time_of(f + 1, T, reverse)).narrow(1, Cin, C));
+      a.h_out2 = plane(last ? h_n : slots.select(0, (f + 1) % 2).narrow(1, Cin, C));
     }
     a.h_out = plane(output.select(1, t));
     if (save) {
-      a.c_prev = plane(f == 0 ? c_init : cells.select(1, time_of(f - 1, T, reverse)));
-      a.c_out = plane(cells.select(1, t));
-      const Tensor gates_t = gates.select(strategy == kHoisted ? 1 : 0, t);  // in place over x_gates for hoisted
-      for (int k = 0; k < 4; ++k) a.gates_out[k] = slot(gates_t, k, C);
+      a.c_prev = plane(f == 0 ? c_init : cells.select(0, time_of(f - 1, T, reverse)));
+      a.c_out = plane(cells.select(0, t));
+      for (int k = 0; k < 4; ++k) a.gates_out[k] = slot(gates.select(0, t), k, C);
     } else {
       a.c_prev = plane(c_run);
       a.c_out = plane(c_run);
     }
     FASTVID_LAUNCH(lstm_forward, a, x.device());
   }
-  Tensor c_n = save ? cells.select(1, time_of(T - 1, T, reverse)).clone() : c_run;
-  Tensor workspace = (save && strategy == kConcat) ? buffer : at::empty({0}, opts);
-  return {output, h_n, c_n, gates, cells, workspace};
+  Tensor c_n = save ? cells.select(0, time_of(T - 1, T, reverse)).clone() : c_run;
+  return {output, h_n, c_n, reserve};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence_backward(
     const OptTensor& grad_output, const OptTensor& grad_h_n, const OptTensor& grad_c_n, const Tensor& x,
     const Tensor& weight_ih, const Tensor& weight_hh, bool has_bias, const Tensor& h0, const Tensor& c0,
-    const OptTensor& peephole, const Tensor& output, const Tensor& gates, const Tensor& cells,
-    const Tensor& workspace, at::IntArrayRef padding, at::IntArrayRef dilation, bool reverse, int64_t strategy,
-    bool channels_last) {
+    const OptTensor& peephole, const Tensor& output, const Tensor& reserve, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool reverse, int64_t strategy, bool channels_last) {
   const char* op = "fastvid.convlstm_sequence_backward";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
+  const auto regions = lstm_reserve(g, x.scalar_type());
   {
     const int64_t B = g.B, T = g.T, C = g.C, H = g.H, W = g.W;
-    const auto acc = acc_type(x.scalar_type());
     check_state(op, "c0", c0, g, x);
     check_optional_arg(op, "peephole", peephole, {3, C}, x, "x", std::nullopt);
     check_optional_arg(op, "grad_output", grad_output, {B, T, C, H, W}, x, "x", x.scalar_type());
     check_optional_arg(op, "grad_h_n", grad_h_n, {B, C, H, W}, x, "x", std::nullopt);
     check_optional_arg(op, "grad_c_n", grad_c_n, {B, C, H, W}, x, "x", std::nullopt);
     check_arg(op, "output", output, {B, T, C, H, W}, x, "x", x.scalar_type());
-    // The caches saved by convlstm_sequence(save=True) with the same strategy: gates batch-first for
-    // hoisted, time-major for concat; the concat workspace is the [x, h] buffer.
-    if (strategy == kHoisted) {
-      check_arg(op, "gates", gates, {B, T, 4 * C, H, W}, x, "x", x.scalar_type());
-      check_arg(op, "workspace", workspace, {0}, x, "x", x.scalar_type());  // hoisted has none
-    } else {
-      check_arg(op, "gates", gates, {T, B, 4 * C, H, W}, x, "x", x.scalar_type());
-      check_arg(op, "workspace", workspace, {T, B, g.Cin + C, H, W}, x, "x", x.scalar_type());
-    }
-    check_arg(op, "cells", cells, {B, T, C, H, W}, x, "x", acc);
+    check_reserve(op, reserve, g, regions, x);
   }
   const c10::DeviceGuard guard(x.device());
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
@@ -160,100 +254,91 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const auto acc_opts = opts.dtype(acc_type(x.scalar_type()));
   const auto fmt = frame_format(g.channels_last);
   const bool hoisted = strategy == kHoisted;
+  const auto views = reserve_views(reserve, g, regions);
+  const Tensor &gates = views[0], &cells = views[1];
 
   const Tensor zeros = zeros_for_planes(C, H, W, opts);
   const Tensor g_out = grad_output.has_value() ? to_frames_layout(*grad_output, g.channels_last) : Tensor();
-  const Tensor cells_l = to_frames_layout(cells, g.channels_last);
-  const Tensor output_l = to_frames_layout(output, g.channels_last);
   const Tensor c_init = c0.to(acc_opts.dtype()).contiguous(fmt);
   Tensor dc = grad_c_n.has_value() ? grad_c_n->to(acc_opts.dtype()).contiguous(fmt).clone()
                                    : empty_like_frame(g, C, acc_opts).zero_();
   Tensor dh_rec = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
   Tensor peep = peephole.has_value() ? peephole->to(acc_opts.dtype()).contiguous() : Tensor();
-  // d(pre-activation gates), laid out like the gate cache: batch-first for hoisted (matches x),
-  // time-major for concat (matches the [x, h] buffer).
-  const int64_t time_dim = hoisted ? 1 : 0;
-  // concat: the weight gradient is accumulated over chunks of consecutive steps (each chunk one batched
-  // conv weight-gradient over its B * chunk frames), so backward holds gate gradients -- and the conv's
-  // internal copies of its inputs -- for one chunk instead of the whole sequence. hoisted keeps one call
-  // over all frames (its input gradient is one conv over all of x as well).
-  const int64_t chunk = hoisted ? T : (T + kWeightGradChunks - 1) / kWeightGradChunks;
-  Tensor d_gates = hoisted ? at::empty_like(gates) : empty_frames({chunk, B}, 4 * C, H, W, g.channels_last, opts);
-  Tensor grad_x = hoisted ? Tensor() : empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
-  Tensor w_cat = hoisted ? Tensor() : at::cat({weight_ih, weight_hh}, 1);
   const Tensor h0_l = h0.contiguous(fmt);
-  const Tensor c_prev_all = peephole.has_value() ? previous_hidden(cells_l, c_init, reverse) : Tensor();
+  const Tensor w_cat = at::cat({weight_ih, weight_hh}, 1);
+  Tensor grad_x = empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
+
+  // Chunk by chunk of consecutive steps (in reverse): the d(pre-activation gates) of the chunk's steps
+  // and their conv inputs [x_t, h_{t-1}] (rebuilt from x and output), then one batched weight (and bias)
+  // gradient over the chunk, accumulated; hoisted also gets the chunk's grad_x in one conv.
+  const int64_t chunk = chunk_steps(T);
+  Tensor d_gates = empty_frames({chunk, B}, 4 * C, H, W, g.channels_last, opts);
+  Tensor inputs = empty_frames({chunk, B}, Cin + C, H, W, g.channels_last, opts);
   Tensor grad_w_cat, grad_bias, grad_peephole;
   const auto add_to = [](Tensor& sum, const Tensor& term) { sum = sum.defined() ? sum.add_(term) : term; };
-  // Weight, bias and peephole gradients of the steps [t0, t0 + n), whose gate gradients are d_gates[:n].
-  const auto flush_chunk = [&](int64_t t0) {
-    const int64_t n = std::min(chunk, T - t0);
-    const Tensor d = d_gates.narrow(0, 0, n);
-    auto [gw, gb] = conv_weight_grad(flat(d), flat(workspace.narrow(0, t0, n)), w_cat, has_bias, g);
+  int64_t chunk_start = -1, chunk_len = 0;
+  const auto load_chunk = [&](int64_t t0, int64_t n) {
+    copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
+    copy_previous(inputs.narrow(2, Cin, C), output, 1, h0_l, t0, n, reverse);
+  };
+  const auto flush_chunk = [&](int64_t t0, int64_t n) {
+    const Tensor d = flat(d_gates.narrow(0, 0, n));
+    const Tensor in = inputs.narrow(0, 0, n);
+    auto [gw, gb] = conv_weight_grad(d, flat(in), w_cat, has_bias, g);
     add_to(grad_w_cat, gw);
     if (has_bias) add_to(grad_bias, gb);
-    if (peephole.has_value())
-      add_to(grad_peephole, peephole_grad(d.transpose(0, 1), c_prev_all.narrow(1, t0, n), cells_l.narrow(1, t0, n)));
+    if (hoisted) {
+      const Tensor gx = conv_input_grad(d, flat(in.narrow(2, 0, Cin)), weight_ih, g);
+      grad_x.narrow(1, t0, n).copy_(gx.view({n, B, Cin, H, W}).transpose(0, 1));
+    }
+    if (peephole.has_value()) {
+      Tensor c_prev = empty_frames({n, B}, C, H, W, g.channels_last, acc_opts);
+      copy_previous(c_prev, cells, 0, c_init, t0, n, reverse);
+      add_to(grad_peephole, peephole_grad(d_gates.narrow(0, 0, n), c_prev, cells.narrow(0, t0, n)));
+    }
   };
-  int64_t chunk_start = -1;  // first time step of the chunk d_gates holds (concat)
 
   LstmBackwardArgs a;
   a.geo = {B, C, H * W, x.scalar_type()};
   a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
   for (int64_t f = T - 1; f >= 0; --f) {
     const int64_t t = time_of(f, T, reverse);
+    const auto [t0, n] = chunk_of(t, chunk, T);
+    if (t0 != chunk_start) {
+      if (chunk_start >= 0) flush_chunk(chunk_start, chunk_len);
+      chunk_start = t0, chunk_len = n;
+      load_chunk(t0, n);
+    }
     a.dh_in[0] = g_out.defined() ? plane(g_out.select(1, t)) : zero_plane(zeros);
     a.dh_in[1] = dh_rec.defined() ? plane(dh_rec) : zero_plane(zeros);
     a.dh_in[2] = zero_plane(zeros);
     a.dc_in = plane(dc);
     a.dc_prev_out = plane(dc);
-    if (!hoisted && (chunk_start < 0 || t / chunk != chunk_start / chunk)) {
-      if (chunk_start >= 0) flush_chunk(chunk_start);
-      chunk_start = t / chunk * chunk;
-    }
-    const Tensor gates_t = gates.select(time_dim, t);
-    const Tensor d_gates_t = hoisted ? d_gates.select(1, t) : d_gates.select(0, t - chunk_start);
+    const Tensor gates_t = gates.select(0, t);
+    const Tensor d_gates_t = d_gates.select(0, t - t0);
     for (int k = 0; k < 4; ++k) {
       a.gates[k] = slot(gates_t, k, C);
       a.d_gates_out[k] = slot(d_gates_t, k, C);
     }
-    a.c_prev = plane(f == 0 ? c_init : cells_l.select(1, time_of(f - 1, T, reverse)));
-    a.c = plane(cells_l.select(1, t));
+    a.c_prev = plane(f == 0 ? c_init : cells.select(0, time_of(f - 1, T, reverse)));
+    a.c = plane(cells.select(0, t));
     FASTVID_LAUNCH(lstm_backward, a, x.device());
+    const Tensor inputs_t = inputs.select(0, t - t0);
     if (hoisted) {
-      const Tensor h_prev = f == 0 ? h0_l : output_l.select(1, time_of(f - 1, T, reverse));
-      dh_rec = conv_input_grad(d_gates_t, h_prev, weight_hh, g);
+      dh_rec = conv_input_grad(d_gates_t, inputs_t.narrow(1, Cin, C), weight_hh, g);
     } else {
-      const Tensor d_buffer = conv_input_grad(d_gates_t, workspace.select(0, t), w_cat, g);
-      grad_x.select(1, t).copy_(d_buffer.narrow(1, 0, Cin));
-      dh_rec = d_buffer.narrow(1, Cin, C);
+      const Tensor d_inputs = conv_input_grad(d_gates_t, inputs_t, w_cat, g);
+      grad_x.select(1, t).copy_(d_inputs.narrow(1, 0, Cin));
+      dh_rec = d_inputs.narrow(1, Cin, C);
     }
   }
-  if (!hoisted) flush_chunk(chunk_start);
+  flush_chunk(chunk_start, chunk_len);
   Tensor grad_h0 = dh_rec.contiguous(fmt);
   Tensor grad_c0 = dc.to(c0.scalar_type());
-
-  Tensor grad_w_ih, grad_w_hh;
-  if (hoisted) {
-    const Tensor d_gates_flat = flat(d_gates);
-    grad_w_hh = std::get<0>(conv_weight_grad(d_gates_flat, flat(previous_hidden(output_l, h0_l, reverse)),
-                                             weight_hh, false, g))
-                    .contiguous();
-    const auto grads = at::convolution_backward(d_gates_flat, flat(x), weight_ih, at::IntArrayRef({4 * C}), {1, 1},
-                                                g.padding, g.dilation, false, {0, 0}, 1, {true, true, has_bias});
-    grad_x = std::get<0>(grads).view({B, T, Cin, H, W});
-    grad_w_ih = std::get<1>(grads).contiguous();
-    grad_bias = std::get<2>(grads);
-    if (peephole.has_value()) grad_peephole = peephole_grad(d_gates, c_prev_all, cells_l);
-  } else {
-    grad_w_ih = grad_w_cat.narrow(1, 0, Cin).contiguous();
-    grad_w_hh = grad_w_cat.narrow(1, Cin, C).contiguous();
-  }
   if (!has_bias) grad_bias = at::empty({0}, opts);
-
   grad_peephole = peephole.has_value() ? grad_peephole.to(peephole->scalar_type()) : at::empty({0}, opts);
   // Weight gradients contiguous like the weights (oneDNN returns channels_last ones for channels_last input).
-  return {to_frames_layout(grad_x, g.channels_last), grad_w_ih.contiguous(), grad_w_hh.contiguous(), grad_bias,
+  return {grad_x, grad_w_cat.narrow(1, 0, Cin).contiguous(), grad_w_cat.narrow(1, Cin, C).contiguous(), grad_bias,
           grad_h0, grad_c0, grad_peephole};
 }
 
@@ -289,7 +374,7 @@ GruConcatWeights gru_concat_weights(const Tensor& w_ih, const Tensor& w_hh, cons
   return w;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
+std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
     const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
     const OptTensor& bias_hh, const Tensor& h0, at::IntArrayRef padding, at::IntArrayRef dilation, bool reset_after,
     bool reverse, int64_t strategy, bool channels_last, bool save) {
@@ -301,9 +386,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
   const auto opts = x.options();
   const auto fmt = frame_format(g.channels_last);
+  const bool hoisted = strategy == kHoisted;
 
   Tensor output = empty_frames({B, T}, C, H, W, g.channels_last, opts);
-  Tensor cache = save ? empty_frames({B, T}, 4 * C, H, W, g.channels_last, opts) : at::empty({0}, opts);
+  const auto regions = gru_reserve(g, x.scalar_type());
+  Tensor reserve = new_reserve(save, g, regions, opts);
+  Tensor cache = save ? reserve_views(reserve, g, regions)[0] : Tensor();  // [T, B, 4C]: r, z, n, h_n
   Tensor h_n = empty_like_frame(g, C, opts);
   Tensor zeros = zeros_for_planes(C, H, W, opts);
   Tensor reset_h = reset_after ? Tensor() : empty_like_frame(g, C, opts);
@@ -316,16 +404,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
   ra.geo = a.geo;
   ra.save = save;
 
-  Tensor x_gates, h_buf, buffers;
+  // hoisted: the input conv of one chunk of steps at a time (x_chunk -> x_gates, time-major).
+  // concat: two [x_t, h_{t-1}] slots used in turn (the gate kernel writes h into the next step's) and,
+  // for the Ballas form, one [x_t, r·h_{t-1}] buffer.
+  const int64_t chunk = hoisted ? chunk_steps(T) : 1;
+  int64_t chunk_start = -1;
+  Tensor x_chunk, x_gates, h_buf, slots, buffer2;
   GruConcatWeights cw;
-  if (strategy == kHoisted) {
-    x_gates = conv(flat(x), weight_ih, bias_ih, g).view({B, T, 3 * C, H, W});
+  if (hoisted) {
+    x_chunk = empty_frames({chunk, B}, Cin, H, W, g.channels_last, opts);
     h_buf = h0.contiguous(fmt).clone();
   } else {
-    buffers = empty_frames({reset_after ? 1 : 2, T, B}, Cin + C, H, W, g.channels_last, opts);
-    Tensor buffer = buffers.select(0, 0);
-    fill_concat_buffer(buffer, x, h0, g, reverse);
-    if (!reset_after) buffers.select(0, 1).narrow(2, 0, Cin).copy_(x.transpose(0, 1));
+    slots = empty_frames({2, B}, Cin + C, H, W, g.channels_last, opts);
+    slots.select(0, 0).narrow(1, Cin, C).copy_(h0);
+    if (!reset_after) buffer2 = empty_like_frame(g, Cin + C, opts);
     cw = gru_concat_weights(weight_ih, weight_hh, bias_ih, bias_hh, C, reset_after);
   }
   Tensor keep1, keep2;  // per-step conv outputs the planes point into (outside the loop: see convlstm_sequence)
@@ -334,13 +426,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
     const bool last = f == T - 1;
     Tensor h_prev, h_next;
     if (save) {
-      for (int k = 0; k < 4; ++k) a.cache_out[k] = slot(cache.select(1, t), k, C);
+      for (int k = 0; k < 4; ++k) a.cache_out[k] = slot(cache.select(0, t), k, C);
       ra.r_out = a.cache_out[0];
     }
-    if (strategy == kHoisted) {
+    if (hoisted) {
+      const auto [t0, n] = chunk_of(t, chunk, T);
+      if (t0 != chunk_start) {
+        chunk_start = t0;
+        copy_time_major(x_chunk, x, t0, n);
+        x_gates = Tensor();  // free the previous chunk's before the conv allocates
+        x_gates = conv(flat(x_chunk.narrow(0, 0, n)), weight_ih, bias_ih, g).view({n, B, 3 * C, H, W});
+      }
       h_prev = h_buf;
       h_next = last ? h_n : h_buf;
-      const Tensor x_gates_t = x_gates.select(1, t);
+      const Tensor x_gates_t = x_gates.select(0, t - chunk_start);
       for (int k = 0; k < 3; ++k) a.x[k] = slot(x_gates_t, k, C);
       if (reset_after) {
         keep1 = conv(h_buf, weight_hh, bias_hh, g);
@@ -358,9 +457,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
         a.h[2] = plane(keep2);
       }
     } else {
-      const Tensor buffer_t = buffers.select(0, 0).select(0, t);
+      const Tensor buffer_t = slots.select(0, f % 2);
+      buffer_t.narrow(1, 0, Cin).copy_(x.select(1, t));
       h_prev = buffer_t.narrow(1, Cin, C);
-      h_next = last ? h_n : buffers.select(0, 0).select(0, time_of(f + 1, T, reverse)).narrow(1, Cin, C);
+      h_next = last ? h_n : slots.select(0, (f + 1) % 2).narrow(1, Cin, C);
       if (reset_after) {
         // [r, z, x_n] from [x, h]; h_n = W_hn h as a convolution of h alone: cw.w_a's zero block over x
         // would turn an inf in x into 0·inf = NaN in h_n (the backward keeps the 4C-row cw.w_a: it
@@ -373,13 +473,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
       } else {
         keep1 = conv(buffer_t, cw.w_a, cw.b_a, g);  // [r, z]
         for (int k = 0; k < 2; ++k) a.x[k] = slot(keep1, k, C);
-        const Tensor buffer2_t = buffers.select(0, 1).select(0, t);
+        buffer2.narrow(1, 0, Cin).copy_(x.select(1, t));
         ra.x_r = slot(keep1, 0, C);
         ra.h_r = zero_plane(zeros);
         ra.h_prev = plane(h_prev);
-        ra.reset_h_out = plane(buffer2_t.narrow(1, Cin, C));
+        ra.reset_h_out = plane(buffer2.narrow(1, Cin, C));
         FASTVID_LAUNCH(gru_reset_forward, ra, x.device());
-        keep2 = conv(buffer2_t, cw.w_b, cw.b_b, g);
+        keep2 = conv(buffer2, cw.w_b, cw.b_b, g);
         a.x[2] = plane(keep2);
         a.h[0] = a.h[1] = a.h[2] = zero_plane(zeros);
       }
@@ -389,31 +489,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
     a.h_out2 = plane(h_next);
     FASTVID_LAUNCH(gru_forward, a, x.device());
   }
-  Tensor workspace = (save && strategy == kConcat) ? buffers : at::empty({0}, opts);
-  return {output, h_n, cache, workspace};
+  return {output, h_n, reserve};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_backward(
     const OptTensor& grad_output, const OptTensor& grad_h_n, const Tensor& x, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh, const Tensor& h0,
-    const Tensor& output, const Tensor& cache, const Tensor& workspace, at::IntArrayRef padding,
-    at::IntArrayRef dilation, bool reset_after, bool reverse, int64_t strategy, bool channels_last) {
+    const Tensor& output, const Tensor& reserve, at::IntArrayRef padding, at::IntArrayRef dilation, bool reset_after,
+    bool reverse, int64_t strategy, bool channels_last) {
   const char* op = "fastvid.convgru_sequence_backward";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy, channels_last);
   check_bias(op, "bias_ih", bias_ih, 3 * g.C, x);
   check_bias(op, "bias_hh", bias_hh, 3 * g.C, x);
+  const auto regions = gru_reserve(g, x.scalar_type());
   {
     const int64_t B = g.B, T = g.T, C = g.C, H = g.H, W = g.W;
     check_optional_arg(op, "grad_output", grad_output, {B, T, C, H, W}, x, "x", x.scalar_type());
     check_optional_arg(op, "grad_h_n", grad_h_n, {B, C, H, W}, x, "x", std::nullopt);
     check_arg(op, "output", output, {B, T, C, H, W}, x, "x", x.scalar_type());
-    // The caches saved by convgru_sequence(save=True): the concat workspace holds one [x, h] buffer
-    // (reset_after) or two ([x, h] and [x, r·h]).
-    check_arg(op, "cache", cache, {B, T, 4 * C, H, W}, x, "x", x.scalar_type());
-    const std::vector<int64_t> workspace_shape =
-        strategy == kConcat ? std::vector<int64_t>{reset_after ? 1 : 2, T, B, g.Cin + C, H, W}
-                            : std::vector<int64_t>{0};  // hoisted has none
-    check_arg(op, "workspace", workspace, workspace_shape, x, "x", x.scalar_type());
+    check_reserve(op, reserve, g, regions, x);
   }
   const c10::DeviceGuard guard(x.device());
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
@@ -421,26 +515,78 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   const auto fmt = frame_format(g.channels_last);
   const bool hoisted = strategy == kHoisted;
   const bool has_bias = bias_ih.has_value() || bias_hh.has_value();
+  const Tensor cache = reserve_views(reserve, g, regions)[0];  // [T, B, 4C]: r, z, n, h_n
 
   const Tensor zeros = zeros_for_planes(C, H, W, opts);
   const Tensor g_out = grad_output.has_value() ? to_frames_layout(*grad_output, g.channels_last) : Tensor();
-  const Tensor cache_l = to_frames_layout(cache, g.channels_last);
-  const Tensor output_l = to_frames_layout(output, g.channels_last);
   const Tensor h0_l = h0.contiguous(fmt);
   Tensor dh_conv = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
   Tensor dh_direct = empty_like_frame(g, C, opts).zero_();
   Tensor scratch = empty_like_frame(g, C, opts);  // receives gradients a variant does not use
-
-  // d(pre-activations): hoisted: d_x [B, T, 3C] and, for reset_after, d_h [B, T, 3C];
-  // concat: [T, B, 4C] (r, z, x_n, h_n) for reset_after, [T, B, 3C] for Ballas.
-  const int64_t d_channels = (!hoisted && reset_after) ? 4 * C : 3 * C;
-  Tensor d_x = hoisted ? empty_frames({B, T}, 3 * C, H, W, g.channels_last, opts)
-                       : empty_frames({T, B}, d_channels, H, W, g.channels_last, opts);
-  Tensor d_h = (hoisted && reset_after) ? empty_frames({B, T}, 3 * C, H, W, g.channels_last, opts) : Tensor();
-  Tensor grad_x = hoisted ? Tensor() : empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
+  Tensor grad_x = empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
   GruConcatWeights cw;
   if (!hoisted) cw = gru_concat_weights(weight_ih, weight_hh, bias_ih, bias_hh, C, reset_after);
   const Tensor w_rz = weight_hh.narrow(0, 0, 2 * C), w_n = weight_hh.narrow(0, 2 * C, C);
+
+  // Chunk by chunk of consecutive steps (in reverse), as in convlstm_sequence_backward. Per chunk:
+  // d(pre-activations) -- hoisted: d_x [n, B, 3C] and, for reset_after, d_h [n, B, 3C]; concat: [n, B, 4C]
+  // (r, z, x_n, h_n) for reset_after, [n, B, 3C] for Ballas -- and the conv inputs [x_t, h_{t-1}] rebuilt
+  // from x and output; at its end the batched weight gradients (Ballas: h_{t-1} is then scaled by r
+  // in place for U_n's) and, hoisted, the chunk's grad_x.
+  const int64_t chunk = chunk_steps(T);
+  const int64_t d_channels = (!hoisted && reset_after) ? 4 * C : 3 * C;
+  Tensor d_x = empty_frames({chunk, B}, d_channels, H, W, g.channels_last, opts);
+  Tensor d_h = (hoisted && reset_after) ? empty_frames({chunk, B}, 3 * C, H, W, g.channels_last, opts) : Tensor();
+  Tensor inputs = empty_frames({chunk, B}, Cin + C, H, W, g.channels_last, opts);
+  Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
+  const auto add_to = [](Tensor& sum, const Tensor& term) {
+    if (term.defined() && term.numel() > 0) sum = sum.defined() ? sum.add_(term) : term;
+  };
+  int64_t chunk_start = -1, chunk_len = 0;
+  const auto load_chunk = [&](int64_t t0, int64_t n) {
+    copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
+    copy_previous(inputs.narrow(2, Cin, C), output, 1, h0_l, t0, n, reverse);
+  };
+  const auto flush_chunk = [&](int64_t t0, int64_t n) {
+    const Tensor dx = flat(d_x.narrow(0, 0, n));
+    const Tensor in = inputs.narrow(0, 0, n);
+    const Tensor h_in = in.narrow(2, Cin, C);  // h_{t-1}; Ballas: scaled to r·h_{t-1} below
+    if (hoisted) {
+      const auto grads = at::convolution_backward(dx, flat(in.narrow(2, 0, Cin)), weight_ih, at::IntArrayRef({3 * C}),
+                                                  {1, 1}, g.padding, g.dilation, false, {0, 0}, 1,
+                                                  {true, true, bias_ih.has_value()});
+      grad_x.narrow(1, t0, n).copy_(std::get<0>(grads).view({n, B, Cin, H, W}).transpose(0, 1));
+      add_to(grad_w_ih, std::get<1>(grads));
+      add_to(grad_b_ih, std::get<2>(grads));
+      if (reset_after) {
+        auto [gw, gb] = conv_weight_grad(flat(d_h.narrow(0, 0, n)), flat(h_in), weight_hh, bias_hh.has_value(), g);
+        add_to(grad_w_hh, gw);
+        add_to(grad_b_hh, gb);
+      } else {
+        // In the Ballas form d(h-conv pre-activations) equal d(x-conv pre-activations).
+        auto [gw_rz, gb_rz] = conv_weight_grad(dx.narrow(1, 0, 2 * C), flat(h_in), w_rz, bias_hh.has_value(), g);
+        h_in.mul_(cache.narrow(0, t0, n).narrow(2, 0, C));
+        auto [gw_n, gb_n] = conv_weight_grad(dx.narrow(1, 2 * C, C), flat(h_in), w_n, bias_hh.has_value(), g);
+        add_to(grad_w_hh, at::cat({gw_rz, gw_n}, 0));
+        if (bias_hh.has_value()) add_to(grad_b_hh, at::cat({gb_rz, gb_n}, 0));
+      }
+    } else if (reset_after) {
+      auto [gw, gb] = conv_weight_grad(dx, flat(in), cw.w_a, has_bias, g);
+      add_to(grad_w_ih, gw.narrow(0, 0, 3 * C).narrow(1, 0, Cin));
+      add_to(grad_w_hh, at::cat({gw.narrow(0, 0, 2 * C).narrow(1, Cin, C), gw.narrow(0, 3 * C, C).narrow(1, Cin, C)}, 0));
+      if (has_bias) {
+        add_to(grad_b_ih, gb.narrow(0, 0, 3 * C).contiguous());
+        add_to(grad_b_hh, at::cat({gb.narrow(0, 0, 2 * C), gb.narrow(0, 3 * C, C)}, 0));
+      }
+    } else {
+      auto [gw1, gb1] = conv_weight_grad(dx.narrow(1, 0, 2 * C), flat(in), cw.w_a, has_bias, g);
+      h_in.mul_(cache.narrow(0, t0, n).narrow(2, 0, C));
+      auto [gw2, gb2] = conv_weight_grad(dx.narrow(1, 2 * C, C), flat(in), cw.w_b, has_bias, g);
+      add_to(grad_w_ih, at::cat({gw1.narrow(1, 0, Cin), gw2.narrow(1, 0, Cin)}, 0));
+      add_to(grad_w_hh, at::cat({gw1.narrow(1, Cin, C), gw2.narrow(1, Cin, C)}, 0));
+      if (has_bias) add_to(grad_b_ih, at::cat({gb1, gb2}, 0));
+    }
+  };
 
   GruBackwardArgs a;
   a.geo = {B, C, H * W, x.scalar_type()};
@@ -449,10 +595,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   ra.geo = a.geo;
   for (int64_t f = T - 1; f >= 0; --f) {
     const int64_t t = time_of(f, T, reverse);
-    const Tensor cache_t = cache_l.select(1, t);
-    const Tensor d_x_t = hoisted ? d_x.select(1, t) : d_x.select(0, t);
-    const Tensor h_prev = hoisted ? (f == 0 ? h0_l : output_l.select(1, time_of(f - 1, T, reverse)))
-                                  : workspace.select(0, 0).select(0, t).narrow(1, Cin, C);
+    const auto [t0, n] = chunk_of(t, chunk, T);
+    if (t0 != chunk_start) {
+      if (chunk_start >= 0) flush_chunk(chunk_start, chunk_len);
+      chunk_start = t0, chunk_len = n;
+      load_chunk(t0, n);
+    }
+    const Tensor cache_t = cache.select(0, t);
+    const Tensor d_x_t = d_x.select(0, t - t0);
+    const Tensor inputs_t = inputs.select(0, t - t0);
+    const Tensor h_prev = inputs_t.narrow(1, Cin, C);
     a.dh_in[0] = g_out.defined() ? plane(g_out.select(1, t)) : zero_plane(zeros);
     a.dh_in[1] = dh_conv.defined() ? plane(dh_conv) : zero_plane(zeros);
     a.dh_in[2] = plane(dh_direct);
@@ -464,7 +616,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
       a.d_h_out[k] = plane(scratch);
     }
     if (hoisted && reset_after) {
-      for (int k = 0; k < 3; ++k) a.d_h_out[k] = slot(d_h.select(1, t), k, C);
+      for (int k = 0; k < 3; ++k) a.d_h_out[k] = slot(d_h.select(0, t - t0), k, C);
     } else if (!hoisted && reset_after) {
       a.d_h_out[2] = slot(d_x_t, 3, C);
     }
@@ -472,11 +624,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
 
     if (reset_after) {
       if (hoisted) {
-        dh_conv = conv_input_grad(d_h.select(1, t), h_prev, weight_hh, g);
+        dh_conv = conv_input_grad(d_h.select(0, t - t0), h_prev, weight_hh, g);
       } else {
-        const Tensor d_buffer = conv_input_grad(d_x_t, workspace.select(0, 0).select(0, t), cw.w_a, g);
-        grad_x.select(1, t).copy_(d_buffer.narrow(1, 0, Cin));
-        dh_conv = d_buffer.narrow(1, Cin, C);
+        const Tensor d_inputs = conv_input_grad(d_x_t, inputs_t, cw.w_a, g);
+        grad_x.select(1, t).copy_(d_inputs.narrow(1, 0, Cin));
+        dh_conv = d_inputs.narrow(1, Cin, C);
       }
       continue;
     }
@@ -485,10 +637,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     if (hoisted) {
       d_reset_h = conv_input_grad(d_x_t.narrow(1, 2 * C, C), h_prev, w_n, g);
     } else {
-      const Tensor d_buffer2 = conv_input_grad(d_x_t.narrow(1, 2 * C, C), workspace.select(0, 1).select(0, t),
-                                               cw.w_b, g);
-      d_x_part = d_buffer2.narrow(1, 0, Cin);
-      d_reset_h = d_buffer2.narrow(1, Cin, C);
+      const Tensor d_inputs2 = conv_input_grad(d_x_t.narrow(1, 2 * C, C), inputs_t, cw.w_b, g);
+      d_x_part = d_inputs2.narrow(1, 0, Cin);
+      d_reset_h = d_inputs2.narrow(1, Cin, C);
     }
     ra.d_reset_h = plane(d_reset_h);
     ra.r = slot(cache_t, 0, C);
@@ -500,60 +651,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     if (hoisted) {
       dh_conv = conv_input_grad(d_x_t.narrow(1, 0, 2 * C), h_prev, w_rz, g);
     } else {
-      const Tensor d_buffer1 = conv_input_grad(d_x_t.narrow(1, 0, 2 * C), workspace.select(0, 0).select(0, t),
-                                               cw.w_a, g);
+      const Tensor d_inputs1 = conv_input_grad(d_x_t.narrow(1, 0, 2 * C), inputs_t, cw.w_a, g);
       Tensor grad_x_t = grad_x.select(1, t);
-      at::add_out(grad_x_t, d_x_part, d_buffer1.narrow(1, 0, Cin));
-      dh_conv = d_buffer1.narrow(1, Cin, C);
+      at::add_out(grad_x_t, d_x_part, d_inputs1.narrow(1, 0, Cin));
+      dh_conv = d_inputs1.narrow(1, Cin, C);
     }
   }
+  flush_chunk(chunk_start, chunk_len);
   Tensor grad_h0 = dh_conv.defined() ? at::add(dh_conv, dh_direct).contiguous(fmt) : dh_direct;
 
-  Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
-  if (hoisted) {
-    const Tensor h_prev_all = previous_hidden(output_l, h0_l, reverse);
-    const auto grads = at::convolution_backward(flat(d_x), flat(x), weight_ih, at::IntArrayRef({3 * C}), {1, 1},
-                                                g.padding, g.dilation, false, {0, 0}, 1,
-                                                {true, true, bias_ih.has_value()});
-    grad_x = std::get<0>(grads).view({B, T, Cin, H, W});
-    grad_w_ih = std::get<1>(grads).contiguous();
-    grad_b_ih = std::get<2>(grads);
-    if (reset_after) {
-      std::tie(grad_w_hh, grad_b_hh) = conv_weight_grad(flat(d_h), flat(h_prev_all), weight_hh,
-                                                        bias_hh.has_value(), g);
-      grad_w_hh = grad_w_hh.contiguous();
-    } else {
-      // In the Ballas form d(h-conv pre-activations) equal d(x-conv pre-activations).
-      const Tensor reset_h_all = cache_l.narrow(2, 0, C) * h_prev_all;
-      auto [gw_rz, gb_rz] = conv_weight_grad(flat(d_x.narrow(2, 0, 2 * C)), flat(h_prev_all), w_rz,
-                                             bias_hh.has_value(), g);
-      auto [gw_n, gb_n] = conv_weight_grad(flat(d_x.narrow(2, 2 * C, C)), flat(reset_h_all), w_n,
-                                           bias_hh.has_value(), g);
-      grad_w_hh = at::cat({gw_rz, gw_n}, 0);
-      if (bias_hh.has_value()) grad_b_hh = at::cat({gb_rz, gb_n}, 0);
-    }
-  } else if (reset_after) {
-    auto [gw, gb] = conv_weight_grad(flat(d_x), flat(workspace.select(0, 0)), cw.w_a, has_bias, g);
-    grad_w_ih = gw.narrow(0, 0, 3 * C).narrow(1, 0, Cin).contiguous();
-    grad_w_hh = at::cat({gw.narrow(0, 0, 2 * C).narrow(1, Cin, C), gw.narrow(0, 3 * C, C).narrow(1, Cin, C)}, 0);
-    if (has_bias) {
-      grad_b_ih = gb.narrow(0, 0, 3 * C).contiguous();
-      grad_b_hh = at::cat({gb.narrow(0, 0, 2 * C), gb.narrow(0, 3 * C, C)}, 0);
-    }
-  } else {
-    auto [gw1, gb1] = conv_weight_grad(flat(d_x.narrow(2, 0, 2 * C)), flat(workspace.select(0, 0)), cw.w_a,
-                                       has_bias, g);
-    auto [gw2, gb2] = conv_weight_grad(flat(d_x.narrow(2, 2 * C, C)), flat(workspace.select(0, 1)), cw.w_b,
-                                       has_bias, g);
-    grad_w_ih = at::cat({gw1.narrow(1, 0, Cin), gw2.narrow(1, 0, Cin)}, 0);
-    grad_w_hh = at::cat({gw1.narrow(1, Cin, C), gw2.narrow(1, Cin, C)}, 0);
-    if (has_bias) grad_b_ih = grad_b_hh = at::cat({gb1, gb2}, 0);
-  }
+  if (!hoisted && !reset_after && has_bias) grad_b_hh = grad_b_ih.clone();  // Ballas concat: one summed bias
   if (!bias_ih.has_value()) grad_b_ih = at::empty({0}, opts);
   if (!bias_hh.has_value()) grad_b_hh = at::empty({0}, opts);
-  if (grad_b_hh.defined() && grad_b_ih.defined() && grad_b_hh.is_same(grad_b_ih)) grad_b_hh = grad_b_ih.clone();
-  return {to_frames_layout(grad_x, g.channels_last), grad_w_ih.contiguous(), grad_w_hh.contiguous(), grad_b_ih,
-          grad_b_hh, grad_h0};
+  return {grad_x, grad_w_ih.contiguous(), grad_w_hh.contiguous(), grad_b_ih, grad_b_hh, grad_h0};
 }
 
 // ======================================================================== cell ops

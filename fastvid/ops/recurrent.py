@@ -145,6 +145,25 @@ def _frame(B, C, H, W, channels_last, dtype, device):
     return torch.empty(B, C, H, W, dtype=dtype, device=device).contiguous(memory_format=fmt)
 
 
+RESERVE_ALIGN = 64  # bytes; mirror of kReserveAlign in recurrent_ops.cpp
+
+
+def reserve_bytes(x_shape, regions) -> int:
+    """Size of a sequence op's reserve (mirror of reserve_bytes() in recurrent_ops.cpp): one region of
+    [T, B, channels, H, W] frames per (dtype, channels) in ``regions``, each padded to RESERVE_ALIGN."""
+    B, T, _, H, W = x_shape
+    total = 0
+    for dtype, channels in regions:
+        nbytes = T * B * channels * H * W * dtype.itemsize
+        total += -(-nbytes // RESERVE_ALIGN) * RESERVE_ALIGN
+    return total
+
+
+def _reserve(x, regions, save):
+    """Fake reserve: uint8 [reserve_bytes] with save, empty without."""
+    return x.new_empty(reserve_bytes(x.shape, regions) if save else 0, dtype=torch.uint8)
+
+
 # ------------------------------------------------------------------------------ fake kernels + autograd
 if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     ops = torch.ops.fastvid
@@ -254,14 +273,12 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
         output = _frames((B, T), C, H, W, cl, dt, dev)
         h_n = _frame(B, C, H, W, cl, dt, dev)
         c_n = _frame(B, C, H, W, cl, _acc(dt), dev)
-        gates = _frames((B, T) if strategy == 0 else (T, B), 4 * C, H, W, cl, dt, dev) if save else x.new_empty(0)
-        cells = _frames((B, T), C, H, W, cl, _acc(dt), dev) if save else x.new_empty(0, dtype=_acc(dt))
-        workspace = _frames((T, B), Cin + C, H, W, cl, dt, dev) if save and strategy == 1 else x.new_empty(0)
-        return output, h_n, c_n, gates, cells, workspace
+        reserve = _reserve(x, [(dt, 4 * C), (_acc(dt), C)], save)
+        return output, h_n, c_n, reserve
 
     @torch.library.register_fake("fastvid::convlstm_sequence_backward")
-    def _(grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, output, gates,
-          cells, workspace, padding, dilation, reverse, strategy, channels_last):
+    def _(grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, output, reserve,
+          padding, dilation, reverse, strategy, channels_last):
         check_one_device("convlstm_sequence_backward", **locals())  # the arguments
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
@@ -275,19 +292,19 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     def _convlstm_setup(ctx, inputs, output):
         x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last, save = \
             inputs
-        out, h_n, c_n, gates, cells, workspace = output
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for the (large) cache outputs
-        ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, peephole, out, gates, cells, workspace)
+        out, h_n, c_n, reserve = output
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, peephole, out, reserve)
         ctx.args = (bias is not None, padding, dilation, reverse, strategy, channels_last, save)
 
-    def _convlstm_backward(ctx, grad_output, grad_h_n, grad_c_n, *_cache_grads):
-        x, weight_ih, weight_hh, h0, c0, peephole, out, gates, cells, workspace = ctx.saved_tensors
+    def _convlstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_reserve):
+        x, weight_ih, weight_hh, h0, c0, peephole, out, reserve = ctx.saved_tensors
         has_bias, padding, dilation, reverse, strategy, channels_last, save = ctx.args
         if not save:
             raise RuntimeError("fastvid.convlstm: backward through a call made with save=False")
         gx, gw_ih, gw_hh, gb, gh0, gc0, gpeep = ops.convlstm_sequence_backward(
-            grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, out, gates,
-            cells, workspace, padding, dilation, reverse, strategy, channels_last)
+            grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, out, reserve,
+            padding, dilation, reverse, strategy, channels_last)
         return (gx, gw_ih, gw_hh, gb if has_bias else None, gh0, gc0, gpeep if peephole is not None else None,
                 None, None, None, None, None, None)
 
@@ -305,14 +322,10 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
         cl, dev, dt = channels_last, x.device, x.dtype
         output = _frames((B, T), C, H, W, cl, dt, dev)
         h_n = _frame(B, C, H, W, cl, dt, dev)
-        cache = _frames((B, T), 4 * C, H, W, cl, dt, dev) if save else x.new_empty(0)
-        n_buffers = 1 if reset_after else 2
-        workspace = _frames((n_buffers, T, B), Cin + C, H, W, cl, dt, dev) if save and strategy == 1 \
-            else x.new_empty(0)
-        return output, h_n, cache, workspace
+        return output, h_n, _reserve(x, [(dt, 4 * C)], save)
 
     @torch.library.register_fake("fastvid::convgru_sequence_backward")
-    def _(grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, output, cache, workspace, padding,
+    def _(grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, output, reserve, padding,
           dilation, reset_after, reverse, strategy, channels_last):
         check_one_device("convgru_sequence_backward", **locals())  # the arguments
         B, T, Cin, H, W = x.shape
@@ -326,18 +339,18 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     def _convgru_setup(ctx, inputs, output):
         (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy,
          channels_last, save) = inputs
-        out, h_n, cache, workspace = output
+        out, h_n, reserve = output
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace)
+        ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, reserve)
         ctx.args = (padding, dilation, reset_after, reverse, strategy, channels_last, save)
 
-    def _convgru_backward(ctx, grad_output, grad_h_n, *_cache_grads):
-        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace = ctx.saved_tensors
+    def _convgru_backward(ctx, grad_output, grad_h_n, _grad_reserve):
+        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, reserve = ctx.saved_tensors
         padding, dilation, reset_after, reverse, strategy, channels_last, save = ctx.args
         if not save:
             raise RuntimeError("fastvid.convgru: backward through a call made with save=False")
         gx, gw_ih, gw_hh, gb_ih, gb_hh, gh0 = ops.convgru_sequence_backward(
-            grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace, padding,
+            grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, reserve, padding,
             dilation, reset_after, reverse, strategy, channels_last)
         return (gx, gw_ih, gw_hh, gb_ih if bias_ih is not None else None, gb_hh if bias_hh is not None else None,
                 gh0, None, None, None, None, None, None, None)
