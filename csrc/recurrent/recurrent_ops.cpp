@@ -91,7 +91,7 @@ void check_reserve(const char* op, const Tensor& reserve, const SeqGeometry& g,
 // Steps per chunk: the hoisted input convolution (forward) and the batched weight gradients (backward)
 // run over the B * chunk frames of consecutive steps, so their outputs, gradients and the convolutions'
 // internal copies exist for one chunk instead of the whole sequence.
-int64_t chunk_steps(int64_t T) { return std::max<int64_t>(1, T / 8); }
+int64_t chunk_steps(int64_t T) { return std::max<int64_t>(1, T / 16); }
 
 // The chunk [t0, t0 + n) of `chunk` steps that holds time t.
 std::pair<int64_t, int64_t> chunk_of(int64_t t, int64_t chunk, int64_t T) {
@@ -522,7 +522,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   const Tensor h0_l = h0.contiguous(fmt);
   Tensor dh_conv = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
   Tensor dh_direct = empty_like_frame(g, C, opts).zero_();
-  Tensor scratch = empty_like_frame(g, C, opts);  // receives gradients a variant does not use
   Tensor grad_x = empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
   GruConcatWeights cw;
   if (!hoisted) cw = gru_concat_weights(weight_ih, weight_hh, bias_ih, bias_hh, C, reset_after);
@@ -613,7 +612,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     a.dh_prev_out = plane(dh_direct);
     for (int k = 0; k < 3; ++k) {
       a.d_x_out[k] = slot(d_x_t, k, C);
-      a.d_h_out[k] = plane(scratch);
+      a.d_h_out[k] = a.d_x_out[k];  // d r, d z (and Ballas' d n) are the same for both convs: same value twice
     }
     if (hoisted && reset_after) {
       for (int k = 0; k < 3; ++k) a.d_h_out[k] = slot(d_h.select(0, t - t0), k, C);
