@@ -41,22 +41,25 @@ TORCH_LIBRARY(fastvid, m) {
   // strategy: 0 = input conv hoisted over B*T frames, 1 = persistent [x_t, h] buffer.
   // channels_last: the layout of every [.., C, H, W] buffer and output (an argument rather than read
   // off x's strides, so fake kernels and compiled graphs agree with the real op).
+  // lengths: [B] integers in 1..T (CPU or x's device) for variable-length sequences; sample b takes
+  // part in steps t < lengths[b] only (pack_padded_sequence semantics, see recurrent_kernels.h).
   m.def("convlstm_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias, Tensor h0, Tensor c0, "
-        "Tensor? peephole, int[2] padding, int[2] dilation, bool reverse, int strategy, bool channels_last, bool save) "
-        "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor workspace)");
+        "Tensor? peephole, int[2] padding, int[2] dilation, bool reverse, int strategy, bool channels_last, bool save, "
+        "Tensor? lengths=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor workspace)");
   m.def("convlstm_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, "
         "Tensor weight_ih, Tensor weight_hh, bool has_bias, Tensor h0, Tensor c0, Tensor? peephole, "
         "Tensor output, Tensor gates, Tensor cells, Tensor workspace, int[2] padding, int[2] dilation, "
-        "bool reverse, int strategy, bool channels_last) -> (Tensor grad_x, Tensor grad_weight_ih, "
-        "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_h0, Tensor grad_c0, Tensor grad_peephole)");
+        "bool reverse, int strategy, bool channels_last, Tensor? lengths=None) -> (Tensor grad_x, "
+        "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_h0, Tensor grad_c0, "
+        "Tensor grad_peephole)");
   m.def("convgru_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
         "Tensor h0, int[2] padding, int[2] dilation, bool reset_after, bool reverse, int strategy, "
-        "bool channels_last, bool save) "
+        "bool channels_last, bool save, Tensor? lengths=None) "
         "-> (Tensor output, Tensor h_n, Tensor cache, Tensor workspace)");
   m.def("convgru_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor x, Tensor weight_ih, "
         "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor h0, Tensor output, Tensor cache, "
         "Tensor workspace, int[2] padding, int[2] dilation, bool reset_after, bool reverse, int strategy, "
-        "bool channels_last) "
+        "bool channels_last, Tensor? lengths=None) "
         "-> (Tensor grad_x, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
         "Tensor grad_bias_hh, Tensor grad_h0)");
   // ---- depthwise3d (csrc/depthwise3d/): F.conv3d(groups=C) with weight [m*C, 1, kT, kH, kW], see

@@ -51,23 +51,24 @@ def _sequence_cases():
     h0, c0 = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
     w_ih, w_hh = torch.randn(4 * C, C_IN, 3, 3), torch.randn(4 * C, C, 3, 3)
     bias, peephole = torch.randn(4 * C), torch.randn(3, C)
+    lengths = torch.tensor([T, 2])  # variable lengths (issue 13): checked like every tensor argument
     for strategy in (0, 1):
-        fwd = (x, w_ih, w_hh, bias, h0, c0, peephole, PAD, DIL, False, strategy, False, True)
+        fwd = (x, w_ih, w_hh, bias, h0, c0, peephole, PAD, DIL, False, strategy, False, True, lengths)
         output, h_n, c_n, gates, cells, workspace = torch.ops.fastvid.convlstm_sequence(*fwd)
         cases.append(("convlstm_sequence", fwd, {"x", "weight_ih"}))
         cases.append(("convlstm_sequence_backward",
                       (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, w_ih, w_hh, True,
-                       h0, c0, peephole, output, gates, cells, workspace, PAD, DIL, False, strategy, False),
+                       h0, c0, peephole, output, gates, cells, workspace, PAD, DIL, False, strategy, False, lengths),
                       {"x", "weight_ih"}))
     w3_ih, w3_hh = torch.randn(3 * C, C_IN, 3, 3), torch.randn(3 * C, C, 3, 3)
     b_ih, b_hh = torch.randn(3 * C), torch.randn(3 * C)
     for reset_after, strategy in ((True, 1), (False, 1), (True, 0)):
-        fwd = (x, w3_ih, w3_hh, b_ih, b_hh, h0, PAD, DIL, reset_after, False, strategy, False, True)
+        fwd = (x, w3_ih, w3_hh, b_ih, b_hh, h0, PAD, DIL, reset_after, False, strategy, False, True, lengths)
         output, h_n, cache, workspace = torch.ops.fastvid.convgru_sequence(*fwd)
         cases.append(("convgru_sequence", fwd, {"x", "weight_ih"}))
         cases.append(("convgru_sequence_backward",
                       (torch.randn_like(output), torch.randn_like(h_n), x, w3_ih, w3_hh, b_ih, b_hh, h0, output, cache,
-                       workspace, PAD, DIL, reset_after, False, strategy, False),
+                       workspace, PAD, DIL, reset_after, False, strategy, False, lengths),
                       {"x", "weight_ih"}))
     return cases
 

@@ -46,12 +46,13 @@ Tensor peephole_grad(const Tensor& d_gates, const Tensor& c_prev, const Tensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias, const Tensor& h0,
     const Tensor& c0, const OptTensor& peephole, at::IntArrayRef padding, at::IntArrayRef dilation, bool reverse,
-    int64_t strategy, bool channels_last, bool save) {
+    int64_t strategy, bool channels_last, bool save, const OptTensor& lengths) {
   const char* op = "fastvid.convlstm_sequence";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
   check_state(op, "c0", c0, g, x);
   check_bias(op, "bias", bias, 4 * g.C, x);
   check_optional_arg(op, "peephole", peephole, {3, g.C}, x, "x", std::nullopt);
+  const Tensor lengths_d = check_lengths(op, lengths, g, x);
   const c10::DeviceGuard guard(x.device());
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
   const auto opts = x.options();
@@ -101,8 +102,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
         a.a_h[k] = slot(h_gates, k, C);
       }
       a.h_out2 = plane(last ? h_n : h_buf);
+      a.h_prev = plane(h_buf);
     } else {
       gates_pre = conv(buffer.select(0, t), w_cat, bias, g);
+      a.h_prev = plane(buffer.select(0, t).narrow(1, Cin, C));
       for (int k = 0; k < 4; ++k) {
         a.a_x[k] = slot(gates_pre, k, C);
         a.a_h[k] = zero_plane(zeros);
@@ -119,6 +122,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
       a.c_prev = plane(c_run);
       a.c_out = plane(c_run);
     }
+    a.mask = step_mask(lengths_d, t);
     FASTVID_LAUNCH(lstm_forward, a, x.device());
   }
   Tensor c_n = save ? cells.select(1, time_of(T - 1, T, reverse)).clone() : c_run;
@@ -131,9 +135,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     const Tensor& weight_ih, const Tensor& weight_hh, bool has_bias, const Tensor& h0, const Tensor& c0,
     const OptTensor& peephole, const Tensor& output, const Tensor& gates, const Tensor& cells,
     const Tensor& workspace, at::IntArrayRef padding, at::IntArrayRef dilation, bool reverse, int64_t strategy,
-    bool channels_last) {
+    bool channels_last, const OptTensor& lengths) {
   const char* op = "fastvid.convlstm_sequence_backward";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
+  const Tensor lengths_d = check_lengths(op, lengths, g, x);
   {
     const int64_t B = g.B, T = g.T, C = g.C, H = g.H, W = g.W;
     const auto acc = acc_type(x.scalar_type());
@@ -200,6 +205,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   LstmBackwardArgs a;
   a.geo = {B, C, H * W, x.scalar_type()};
   a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
+  // lengths: the state gradient masked samples pass straight to the previous step.
+  const Tensor dh_skip = lengths_d.defined() ? empty_like_frame(g, C, opts) : Tensor();
+  if (dh_skip.defined()) a.dh_prev_out = plane(dh_skip);
   for (int64_t f = T - 1; f >= 0; --f) {
     const int64_t t = time_of(f, T, reverse);
     a.dh_in[0] = g_out.defined() ? plane(g_out.select(1, t)) : zero_plane(zeros);
@@ -219,6 +227,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     }
     a.c_prev = plane(f == 0 ? c_init : cells_l.select(1, time_of(f - 1, T, reverse)));
     a.c = plane(cells_l.select(1, t));
+    a.mask = step_mask(lengths_d, t);
     FASTVID_LAUNCH(lstm_backward, a, x.device());
     if (hoisted) {
       const Tensor h_prev = f == 0 ? h0_l : output_l.select(1, time_of(f - 1, T, reverse));
@@ -228,6 +237,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
       grad_x.select(1, t).copy_(d_buffer.narrow(1, 0, Cin));
       dh_rec = d_buffer.narrow(1, Cin, C);
     }
+    if (dh_skip.defined()) dh_rec.add_(dh_skip);
   }
   if (!hoisted) flush_chunk(chunk_start);
   Tensor grad_h0 = dh_rec.contiguous(fmt);
@@ -236,7 +246,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   Tensor grad_w_ih, grad_w_hh;
   if (hoisted) {
     const Tensor d_gates_flat = flat(d_gates);
-    grad_w_hh = std::get<0>(conv_weight_grad(d_gates_flat, flat(previous_hidden(output_l, h0_l, reverse)),
+    grad_w_hh = std::get<0>(conv_weight_grad(d_gates_flat,
+                                             flat(previous_state(output_l, h0_l, reverse, lengths_d, g.channels_last)),
                                              weight_hh, false, g))
                     .contiguous();
     const auto grads = at::convolution_backward(d_gates_flat, flat(x), weight_ih, at::IntArrayRef({4 * C}), {1, 1},
@@ -292,11 +303,12 @@ GruConcatWeights gru_concat_weights(const Tensor& w_ih, const Tensor& w_hh, cons
 std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
     const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
     const OptTensor& bias_hh, const Tensor& h0, at::IntArrayRef padding, at::IntArrayRef dilation, bool reset_after,
-    bool reverse, int64_t strategy, bool channels_last, bool save) {
+    bool reverse, int64_t strategy, bool channels_last, bool save, const OptTensor& lengths) {
   const char* op = "fastvid.convgru_sequence";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy, channels_last);
   check_bias(op, "bias_ih", bias_ih, 3 * g.C, x);
   check_bias(op, "bias_hh", bias_hh, 3 * g.C, x);
+  const Tensor lengths_d = check_lengths(op, lengths, g, x);
   const c10::DeviceGuard guard(x.device());
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
   const auto opts = x.options();
@@ -332,6 +344,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
   for (int64_t f = 0; f < T; ++f) {
     const int64_t t = time_of(f, T, reverse);
     const bool last = f == T - 1;
+    a.mask = ra.mask = step_mask(lengths_d, t);
     Tensor h_prev, h_next;
     if (save) {
       for (int k = 0; k < 4; ++k) a.cache_out[k] = slot(cache.select(1, t), k, C);
@@ -397,11 +410,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     const OptTensor& grad_output, const OptTensor& grad_h_n, const Tensor& x, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh, const Tensor& h0,
     const Tensor& output, const Tensor& cache, const Tensor& workspace, at::IntArrayRef padding,
-    at::IntArrayRef dilation, bool reset_after, bool reverse, int64_t strategy, bool channels_last) {
+    at::IntArrayRef dilation, bool reset_after, bool reverse, int64_t strategy, bool channels_last,
+    const OptTensor& lengths) {
   const char* op = "fastvid.convgru_sequence_backward";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy, channels_last);
   check_bias(op, "bias_ih", bias_ih, 3 * g.C, x);
   check_bias(op, "bias_hh", bias_hh, 3 * g.C, x);
+  const Tensor lengths_d = check_lengths(op, lengths, g, x);
   {
     const int64_t B = g.B, T = g.T, C = g.C, H = g.H, W = g.W;
     check_optional_arg(op, "grad_output", grad_output, {B, T, C, H, W}, x, "x", x.scalar_type());
@@ -447,12 +462,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   a.reset_after = reset_after;
   GruResetBackwardArgs ra;
   ra.geo = a.geo;
+  // lengths in reverse: a sample's first step starts from h0, not from the (zero) output after it.
+  const Tensor h_prev_masked = (hoisted && lengths_d.defined() && reverse)
+                                   ? previous_state(output_l, h0_l, reverse, lengths_d, g.channels_last)
+                                   : Tensor();
   for (int64_t f = T - 1; f >= 0; --f) {
     const int64_t t = time_of(f, T, reverse);
+    a.mask = ra.mask = step_mask(lengths_d, t);
     const Tensor cache_t = cache_l.select(1, t);
     const Tensor d_x_t = hoisted ? d_x.select(1, t) : d_x.select(0, t);
-    const Tensor h_prev = hoisted ? (f == 0 ? h0_l : output_l.select(1, time_of(f - 1, T, reverse)))
-                                  : workspace.select(0, 0).select(0, t).narrow(1, Cin, C);
+    const Tensor h_prev = !hoisted                ? workspace.select(0, 0).select(0, t).narrow(1, Cin, C)
+                          : h_prev_masked.defined() ? h_prev_masked.select(1, t)
+                          : f == 0                ? h0_l
+                                                  : output_l.select(1, time_of(f - 1, T, reverse));
     a.dh_in[0] = g_out.defined() ? plane(g_out.select(1, t)) : zero_plane(zeros);
     a.dh_in[1] = dh_conv.defined() ? plane(dh_conv) : zero_plane(zeros);
     a.dh_in[2] = plane(dh_direct);
@@ -511,7 +533,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
 
   Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
   if (hoisted) {
-    const Tensor h_prev_all = previous_hidden(output_l, h0_l, reverse);
+    const Tensor h_prev_all = h_prev_masked.defined() ? h_prev_masked : previous_hidden(output_l, h0_l, reverse);
     const auto grads = at::convolution_backward(flat(d_x), flat(x), weight_ih, at::IntArrayRef({3 * C}), {1, 1},
                                                 g.padding, g.dilation, false, {0, 0}, 1,
                                                 {true, true, bias_ih.has_value()});

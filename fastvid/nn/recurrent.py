@@ -308,7 +308,12 @@ class ConvLSTM(_ConvRNNBase):
     ``output, (h_n, c_n) = m(x, (h_0, c_0))`` with ``output`` ``[B, T, num_directions*C_last, H, W]``
     and states ``[num_layers*num_directions, B, C, H, W]`` (layers of different widths: a list of
     per-layer states is returned instead). Each layer runs the fused sequence op (time loop in
-    C++; see fastvid.ops.convlstm). ``strategy``: None (auto), 'hoisted' or 'concat'."""
+    C++; see fastvid.ops.convlstm). ``strategy``: None (auto), 'hoisted' or 'concat'.
+
+    ``m(x, state, lengths=lengths)`` with ``lengths`` ``[B]`` (integers in 1..T, CPU or x's device) runs a
+    zero-padded batch of shorter clips as ``nn.LSTM`` runs a ``pack_padded_sequence``: ``output`` is 0
+    past each clip's length and ``h_n``/``c_n`` are each clip's state at its last frame (every layer and
+    direction; the reverse direction starts at each clip's last frame)."""
     num_gates = 4
 
     def __init__(self, in_channels, hidden_channels, kernel_size=3, num_layers=1, bias=True, batch_first=True,
@@ -332,7 +337,7 @@ class ConvLSTM(_ConvRNNBase):
                 if self.peephole:
                     nn.init.zeros_(getattr(self, "peephole" + suffix))
 
-    def forward(self, x: Tensor, state: Optional[tuple] = None):
+    def forward(self, x: Tensor, state: Optional[tuple] = None, lengths: Optional[Tensor] = None):
         def run_direction(inp, x, layer, d, suffix, index):
             C = self.hidden_channels[layer]
             h0 = None if state is None else self._state_at(state[0], "h_0", index, x, C)
@@ -341,7 +346,7 @@ class ConvLSTM(_ConvRNNBase):
             bias = None if b_ih is None else b_ih + b_hh
             peephole = getattr(self, "peephole" + suffix) if self.peephole else None
             return ops.convlstm(inp, w_ih, w_hh, bias, h0, c0, peephole, self.padding_of(layer), self.dilation[layer],
-                                reverse=d == 1, strategy=self.strategy)
+                                reverse=d == 1, strategy=self.strategy, lengths=lengths)
 
         output, (h_n, c_n) = self._run_layers(x, run_direction)
         return output, (h_n, c_n)
@@ -362,7 +367,8 @@ class ConvGRU(_ConvRNNBase):
     ``reset_after``: True = ``nn.GRU`` formula, False = Ballas et al. 2016.
     ``input_to_all_layers=True``: the stacked ConvGRU of Ballas et al. in which layer l > 0 receives
     both the input x and the lower layer's hidden state (channels concatenated, so
-    ``weight_ih_l{l}`` is ``[3C, C_in + C_{l-1}·num_directions, kH, kW]``)."""
+    ``weight_ih_l{l}`` is ``[3C, C_in + C_{l-1}·num_directions, kH, kW]``).
+    ``m(x, h_0, lengths=lengths)``: variable-length clips, as in ConvLSTM."""
     num_gates = 3
 
     def __init__(self, in_channels, hidden_channels, kernel_size=3, num_layers=1, bias=True, batch_first=True,
@@ -388,12 +394,13 @@ class ConvGRU(_ConvRNNBase):
                 w_ih, w_hh, b_ih, b_hh = self._params(suffix)
                 _init_recurrent(self.hidden_channels[layer], [w_ih, w_hh], [b_ih, b_hh], False)
 
-    def forward(self, x: Tensor, h_0=None):
+    def forward(self, x: Tensor, h_0=None, lengths: Optional[Tensor] = None):
         def run_direction(inp, x, layer, d, suffix, index):
             h0 = None if h_0 is None else self._state_at(h_0, "h_0", index, x, self.hidden_channels[layer])
             w_ih, w_hh, b_ih, b_hh = self._params(suffix)
             return ops.convgru(inp, w_ih, w_hh, b_ih, b_hh, h0, self.padding_of(layer), self.dilation[layer],
-                               reset_after=self.reset_after, reverse=d == 1, strategy=self.strategy)
+                               reset_after=self.reset_after, reverse=d == 1, strategy=self.strategy,
+                               lengths=lengths)
 
         output, (h_n,) = self._run_layers(x, run_direction)
         return output, h_n

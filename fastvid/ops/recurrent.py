@@ -246,8 +246,9 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     # ---- convlstm_sequence
     @torch.library.register_fake("fastvid::convlstm_sequence")
     def _(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last,
-          save):
-        check_one_device("convlstm_sequence", **locals())  # the arguments
+          save, lengths=None):
+        # lengths may stay on the CPU while x is on a GPU
+        check_one_device("convlstm_sequence", **{k: v for k, v in locals().items() if k != "lengths"})
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -261,8 +262,8 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
 
     @torch.library.register_fake("fastvid::convlstm_sequence_backward")
     def _(grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, output, gates,
-          cells, workspace, padding, dilation, reverse, strategy, channels_last):
-        check_one_device("convlstm_sequence_backward", **locals())  # the arguments
+          cells, workspace, padding, dilation, reverse, strategy, channels_last, lengths=None):
+        check_one_device("convlstm_sequence_backward", **{k: v for k, v in locals().items() if k != "lengths"})
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -273,23 +274,24 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
                 x.new_empty((3, C) if peephole is not None else (0,), dtype=peephole.dtype if peephole is not None else dt))
 
     def _convlstm_setup(ctx, inputs, output):
-        x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last, save = \
-            inputs
+        (x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last, save,
+         *lengths) = inputs
         out, h_n, c_n, gates, cells, workspace = output
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the (large) cache outputs
-        ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, peephole, out, gates, cells, workspace)
+        ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, peephole, out, gates, cells, workspace,
+                              lengths[0] if lengths else None)
         ctx.args = (bias is not None, padding, dilation, reverse, strategy, channels_last, save)
 
     def _convlstm_backward(ctx, grad_output, grad_h_n, grad_c_n, *_cache_grads):
-        x, weight_ih, weight_hh, h0, c0, peephole, out, gates, cells, workspace = ctx.saved_tensors
+        x, weight_ih, weight_hh, h0, c0, peephole, out, gates, cells, workspace, lengths = ctx.saved_tensors
         has_bias, padding, dilation, reverse, strategy, channels_last, save = ctx.args
         if not save:
             raise RuntimeError("fastvid.convlstm: backward through a call made with save=False")
         gx, gw_ih, gw_hh, gb, gh0, gc0, gpeep = ops.convlstm_sequence_backward(
             grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, out, gates,
-            cells, workspace, padding, dilation, reverse, strategy, channels_last)
+            cells, workspace, padding, dilation, reverse, strategy, channels_last, lengths)
         return (gx, gw_ih, gw_hh, gb if has_bias else None, gh0, gc0, gpeep if peephole is not None else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
     torch.library.register_autograd("fastvid::convlstm_sequence", _convlstm_backward, setup_context=_convlstm_setup)
     torch.library.register_autograd("fastvid::convlstm_sequence_backward",
@@ -298,8 +300,8 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     # ---- convgru_sequence
     @torch.library.register_fake("fastvid::convgru_sequence")
     def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy,
-          channels_last, save):
-        check_one_device("convgru_sequence", **locals())  # the arguments
+          channels_last, save, lengths=None):
+        check_one_device("convgru_sequence", **{k: v for k, v in locals().items() if k != "lengths"})
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -313,8 +315,8 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
 
     @torch.library.register_fake("fastvid::convgru_sequence_backward")
     def _(grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, output, cache, workspace, padding,
-          dilation, reset_after, reverse, strategy, channels_last):
-        check_one_device("convgru_sequence_backward", **locals())  # the arguments
+          dilation, reset_after, reverse, strategy, channels_last, lengths=None):
+        check_one_device("convgru_sequence_backward", **{k: v for k, v in locals().items() if k != "lengths"})
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -325,22 +327,23 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
 
     def _convgru_setup(ctx, inputs, output):
         (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy,
-         channels_last, save) = inputs
+         channels_last, save, *lengths) = inputs
         out, h_n, cache, workspace = output
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace)
+        ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace,
+                              lengths[0] if lengths else None)
         ctx.args = (padding, dilation, reset_after, reverse, strategy, channels_last, save)
 
     def _convgru_backward(ctx, grad_output, grad_h_n, *_cache_grads):
-        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace = ctx.saved_tensors
+        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace, lengths = ctx.saved_tensors
         padding, dilation, reset_after, reverse, strategy, channels_last, save = ctx.args
         if not save:
             raise RuntimeError("fastvid.convgru: backward through a call made with save=False")
         gx, gw_ih, gw_hh, gb_ih, gb_hh, gh0 = ops.convgru_sequence_backward(
             grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, cache, workspace, padding,
-            dilation, reset_after, reverse, strategy, channels_last)
+            dilation, reset_after, reverse, strategy, channels_last, lengths)
         return (gx, gw_ih, gw_hh, gb_ih if bias_ih is not None else None, gb_hh if bias_hh is not None else None,
-                gh0, None, None, None, None, None, None, None)
+                gh0, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd("fastvid::convgru_sequence", _convgru_backward, setup_context=_convgru_setup)
     torch.library.register_autograd("fastvid::convgru_sequence_backward",
@@ -362,6 +365,40 @@ def _peephole_grad(grad_gates_pre: Tensor, c_prev: Tensor, c: Tensor) -> Tensor:
 def _triton():
     from ..triton_kernels import recurrent as tk  # imported lazily: triton import is slow
     return tk
+
+
+def _triton_convlstm_lengths(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, lengths):
+    """The Triton backend's time loop with ``lengths``: the step mask is applied inside the cell kernel."""
+    tk, conv = _triton(), torch.nn.functional.conv2d
+    lengths = lengths.to(device=x.device, dtype=torch.int64)
+    T = x.shape[1]
+    h, c, outputs = h0, c0, [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        gates_pre = conv(x[:, t], weight_ih, bias, padding=padding, dilation=dilation) + \
+            conv(h, weight_hh, padding=padding, dilation=dilation)
+        outputs[t], h, c, _ = tk.lstm_cell_masked(gates_pre, c, h, lengths, t, peephole)
+    return torch.stack(outputs, dim=1), h, c
+
+
+def _triton_convgru_lengths(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse,
+                            lengths):
+    """As _triton_convlstm_lengths, for ConvGRU. The Ballas reset stage needs no mask: for a masked
+    sample it only feeds the masked cell, which ignores it (and passes it no gradient)."""
+    tk, conv = _triton(), torch.nn.functional.conv2d
+    lengths = lengths.to(device=x.device, dtype=torch.int64)
+    C, T = h0.shape[1], x.shape[1]
+    h, outputs = h0, [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        x_gates = conv(x[:, t], weight_ih, bias_ih, padding=padding, dilation=dilation)
+        if reset_after:
+            h_gates = conv(h, weight_hh, bias_hh, padding=padding, dilation=dilation)
+        else:
+            b_rz, b_n = (None, None) if bias_hh is None else (bias_hh[:2 * C], bias_hh[2 * C:])
+            h_rz = conv(h, weight_hh[:2 * C], b_rz, padding=padding, dilation=dilation)
+            reset_h = tk.gru_reset_hidden(x_gates[:, :C], h_rz[:, :C], h)
+            h_gates = torch.cat([h_rz, conv(reset_h, weight_hh[2 * C:], b_n, padding=padding, dilation=dilation)], 1)
+        outputs[t], h, _ = tk.gru_cell_masked(x_gates, h_gates, h, lengths, t, reset_after)
+    return torch.stack(outputs, dim=1), h
 
 
 # ------------------------------------------------------------------------------ public cell ops
@@ -428,31 +465,63 @@ def _sequence_arguments(name, x, weight_hh, h0, padding, dilation):
     return C, _pair(padding), dilation, h0
 
 
+def _check_lengths(name, lengths, x):
+    """``lengths`` as a ``[B]`` integer tensor (a list/tuple of ints is converted) with values in
+    1..T, on the CPU or x's device; None stays None."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, (list, tuple)):
+        lengths = torch.as_tensor(lengths)
+    if not isinstance(lengths, Tensor):
+        raise TypeError(f"fastvid.{name}: lengths must be a [B] integer tensor, got {type(lengths).__name__}")
+    B, T = x.shape[0], x.shape[1]
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"fastvid.{name}: lengths must be [B] = [{B}], got shape {tuple(lengths.shape)}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"fastvid.{name}: lengths must be an integer tensor, got {lengths.dtype}")
+    if lengths.device.type != "cpu" and lengths.device != x.device:
+        raise ValueError(f"fastvid.{name}: lengths is on {lengths.device} but x is on {x.device}; lengths must be "
+                         f"on the CPU or x's device")
+    if not torch.compiler.is_compiling():  # values are data: checked eagerly (and again by the C++ op)
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 1 or high > T:
+            raise ValueError(f"fastvid.{name}: lengths must be in 1..T = 1..{T}, got values from {low} to {high}")
+    return lengths
+
+
 def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Tensor] = None,
              h0: Optional[Tensor] = None, c0: Optional[Tensor] = None, peephole: Optional[Tensor] = None,
-             padding=None, dilation=1, reverse: bool = False, strategy: Optional[str] = None):
+             padding=None, dilation=1, reverse: bool = False, strategy: Optional[str] = None,
+             lengths: Optional[Tensor] = None):
     """One ConvLSTM layer, one direction, over ``x`` ``[B, T, C_in, H, W]``.
 
     ``bias`` is the summed input+hidden bias ``[4C]``; ``padding`` defaults to 'same'.
+    ``lengths``: optional ``[B]`` integers in 1..T (CPU or x's device) for padded variable-length
+    batches, with ``pack_padded_sequence`` semantics: sample b runs steps t < lengths[b] only, its
+    output is 0 after them, and in reverse it starts at its last valid step (fastvid/reference/recurrent.py).
     Returns ``(output [B, T, C, H, W], h_n, c_n)``; ``c_n`` is fp32 for bf16/fp16 inputs."""
     C, padding, dilation, h0 = _sequence_arguments("convlstm", x, weight_hh, h0, padding, dilation)
+    lengths = _check_lengths("convlstm", lengths, x)
     B, _, _, H, W = x.shape
     if c0 is None:
         c0 = x.new_zeros(B, C, H, W, dtype=_acc(x.dtype))
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
                                     peephole=peephole))
+    if which == "triton" and lengths is not None:
+        return _triton_convlstm_lengths(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
+                                        lengths)
     if which in ("reference", "triton"):
         cell = _triton().lstm_cell if which == "triton" else ref.lstm_cell
         return ref.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
-                                     cell=cell)
+                                     cell=cell, lengths=lengths)
     save = _needs_grad(x, weight_ih, weight_hh, bias, h0, c0, peephole)
 
     channels_last = _channels_last(x)
 
     def run(code):
         return torch.ops.fastvid.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding,
-                                                   dilation, reverse, code, channels_last, save)
+                                                   dilation, reverse, code, channels_last, save, lengths)
 
     key = _tuning_key(x, C, weight_hh.shape[2:], dilation, channels_last, save)
     grad_inputs = [t for t in (x, weight_ih, weight_hh, bias, h0, c0, peephole) if save and t is not None
@@ -463,26 +532,32 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
 
 def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor] = None,
             bias_hh: Optional[Tensor] = None, h0: Optional[Tensor] = None, padding=None, dilation=1,
-            reset_after: bool = True, reverse: bool = False, strategy: Optional[str] = None):
-    """One ConvGRU layer, one direction, over ``x`` ``[B, T, C_in, H, W]``. Returns ``(output, h_n)``."""
+            reset_after: bool = True, reverse: bool = False, strategy: Optional[str] = None,
+            lengths: Optional[Tensor] = None):
+    """One ConvGRU layer, one direction, over ``x`` ``[B, T, C_in, H, W]``. Returns ``(output, h_n)``.
+    ``lengths``: optional ``[B]`` valid lengths, as in convlstm."""
     C, padding, dilation, h0 = _sequence_arguments("convgru", x, weight_hh, h0, padding, dilation)
+    lengths = _check_lengths("convgru", lengths, x)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias_ih,
                                                               bias_hh, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                                     h0=h0))
+    if which == "triton" and lengths is not None:
+        return _triton_convgru_lengths(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
+                                       reverse, lengths)
     if which in ("reference", "triton"):
         cells = {}
         if which == "triton":
             cells = {"cell": _triton().gru_cell, "reset_hidden": _triton().gru_reset_hidden}
         return ref.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
-                                    reverse, **cells)
+                                    reverse, lengths=lengths, **cells)
     save = _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0)
 
     channels_last = _channels_last(x)
 
     def run(code):
         return torch.ops.fastvid.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation,
-                                                  reset_after, reverse, code, channels_last, save)
+                                                  reset_after, reverse, code, channels_last, save, lengths)
 
     key = _tuning_key(x, C, weight_hh.shape[2:], dilation, channels_last, save, "gru", reset_after)
     grad_inputs = [t for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0) if save and t is not None
