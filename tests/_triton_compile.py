@@ -68,6 +68,17 @@ def _recurrent(dtype):
         tr.gru_cell_backward(r(B, C, H, W), cache, r(B, C, H, W), reset_after)
     out = tr.gru_reset_hidden(r(B, C, H, W), r(B, C, H, W), r(B, C, H, W))
     tr.gru_reset_hidden_backward(out, r(B, C, H, W), r(B, C, H, W), r(B, C, H, W))
+    # the masked cells of variable-length sequences (forward and backward ops)
+    lengths = torch.tensor([2], dtype=torch.int64)
+    for peephole in (None, r(3, C)):
+        out, h, c, gates = tr.lstm_cell_masked(r(B, 4 * C, H, W), r(B, C, H, W).to(acc), r(B, C, H, W), lengths, 3,
+                                               peephole)
+        torch.ops.fastvid.triton_lstm_cell_masked_backward(r(B, C, H, W), r(B, C, H, W), c, gates, c, c, lengths, 3,
+                                                           peephole)
+    for reset_after in (True, False):
+        out, h, cache = tr.gru_cell_masked(r(B, 3 * C, H, W), r(B, 3 * C, H, W), r(B, C, H, W), lengths, 3, reset_after)
+        torch.ops.fastvid.triton_gru_cell_masked_backward(r(B, C, H, W), r(B, C, H, W), cache, r(B, C, H, W), lengths,
+                                                          3, reset_after)
 
 
 def _cases():
