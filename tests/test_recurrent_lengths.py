@@ -443,3 +443,14 @@ def test_compile_with_lengths_matches_eager(cfg):
         torch.testing.assert_close(a.detach(), e, rtol=0, atol=0)
     for name, g in zip(leaves, grads):
         torch.testing.assert_close(g, eager_grads[name], rtol=0, atol=0)
+
+
+def test_lengths_as_list_and_on_cpu_equal_tensor():
+    """lengths given as a Python list, or as an int32 tensor, gives what an int64 tensor gives."""
+    cfg = Cfg("gru")
+    t = _tensors(cfg, torch.float32)
+    ref_out = _run(cfg, t, True, lengths=torch.tensor(LENGTHS))
+    for lengths in (LENGTHS, torch.tensor(LENGTHS, dtype=torch.int32)):
+        out = _run(cfg, t, True, lengths=lengths)
+        for a, r in zip(out, ref_out):
+            assert torch.equal(a, r)

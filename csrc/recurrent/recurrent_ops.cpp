@@ -12,6 +12,8 @@
 //             weight-gradient conv in backward.
 // Backward walks the steps in reverse, per step one fused gate-backward kernel and one
 // input-gradient conv; all weight (and bias) gradients come from one batched conv backward.
+// lengths (optional, variable-length batches): the gate kernels' StepMask (recurrent_kernels.h) makes
+// a sample's steps past its length the identity on its state, in both strategies and directions.
 #include "recurrent_kernels.h"
 #include "recurrent_sequence.h"
 #include "../fastvid_common.h"

@@ -220,7 +220,10 @@ inline Tensor previous_hidden(const Tensor& output, const Tensor& h0, bool rever
 
 // ------------------------------------------------------------------------ variable lengths
 // The sequence ops' optional `lengths` ([B] integers in 1..T, on the CPU or x's device), as the int64
-// tensor on x's device that StepMask points into; undefined without lengths.
+// tensor on x's device that StepMask points into; undefined without lengths. Values are checked here
+// for CPU lengths (free; they then reach the GPU by an asynchronous pinned copy, no device sync); on
+// the device they are not read back (a sync per call), the Python API checks them. Any value is
+// memory-safe: the kernels only compare t < lengths[b].
 inline Tensor check_lengths(const char* op, const OptTensor& lengths, const SeqGeometry& g, const Tensor& x) {
   if (!lengths.has_value()) return Tensor();
   const Tensor& l = *lengths;
@@ -230,12 +233,14 @@ inline Tensor check_lengths(const char* op, const OptTensor& lengths, const SeqG
                    ": lengths must be an integer tensor, got ", l.scalar_type());
   TORCH_CHECK(l.device().is_cpu() || l.device() == x.device(), op, ": lengths is on ", l.device(),
               " but x is on ", x.device(), "; lengths must be on the CPU or x's device");
-  const Tensor out = l.to(x.device(), at::kLong).contiguous();
-  const auto [lo, hi] = at::aminmax(out);
+  if (!l.device().is_cpu()) return l.to(at::kLong).contiguous();
+  const Tensor host = l.to(at::kLong).contiguous();
+  const auto [lo, hi] = at::aminmax(host);
   const int64_t min_length = lo.item<int64_t>(), max_length = hi.item<int64_t>();
   TORCH_CHECK_VALUE(min_length >= 1 && max_length <= g.T, op, ": lengths must be in 1..T = 1..", g.T,
                     ", got values from ", min_length, " to ", max_length);
-  return out;
+  if (x.device().is_cpu()) return host;
+  return host.pin_memory().to(x.device(), at::kLong, /*non_blocking=*/true);
 }
 
 inline StepMask step_mask(const Tensor& lengths, int64_t t) {

@@ -313,7 +313,8 @@ class ConvLSTM(_ConvRNNBase):
     ``m(x, state, lengths=lengths)`` with ``lengths`` ``[B]`` (integers in 1..T, CPU or x's device) runs a
     zero-padded batch of shorter clips as ``nn.LSTM`` runs a ``pack_padded_sequence``: ``output`` is 0
     past each clip's length and ``h_n``/``c_n`` are each clip's state at its last frame (every layer and
-    direction; the reverse direction starts at each clip's last frame)."""
+    direction; the reverse direction starts at each clip's last frame). Keep ``lengths`` on the CPU:
+    on a GPU, checking its values costs a device sync per layer and direction."""
     num_gates = 4
 
     def __init__(self, in_channels, hidden_channels, kernel_size=3, num_layers=1, bias=True, batch_first=True,

@@ -467,7 +467,8 @@ def _sequence_arguments(name, x, weight_hh, h0, padding, dilation):
 
 def _check_lengths(name, lengths, x):
     """``lengths`` as a ``[B]`` integer tensor (a list/tuple of ints is converted) with values in
-    1..T, on the CPU or x's device; None stays None."""
+    1..T, on the CPU or x's device; None stays None. Checking the values of lengths on a GPU syncs
+    the device: CPU lengths (as pack_padded_sequence wants them) cost nothing."""
     if lengths is None:
         return None
     if isinstance(lengths, (list, tuple)):
