@@ -364,6 +364,11 @@ def _triton():
     return tk
 
 
+def _triton_conv():
+    from ..triton_kernels import recurrent_conv as tc  # imported lazily: triton import is slow
+    return tc
+
+
 # ------------------------------------------------------------------------------ public cell ops
 def lstm_cell(gates_pre: Tensor, c_prev: Tensor, peephole: Optional[Tensor] = None):
     """Fused LSTM gates: ``gates_pre`` ``[B, 4C, H, W]`` (i, f, g, o) and ``c_prev`` → ``(h, c)``.
@@ -442,10 +447,10 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
                                     peephole=peephole))
-    if which in ("reference", "triton"):
-        cell = _triton().lstm_cell if which == "triton" else ref.lstm_cell
-        return ref.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
-                                     cell=cell)
+    if which == "triton":  # the hidden conv and the cell fused, one launch per step
+        return _triton_conv().convlstm(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse)
+    if which == "reference":
+        return ref.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse)
     save = _needs_grad(x, weight_ih, weight_hh, bias, h0, c0, peephole)
 
     channels_last = _channels_last(x)
@@ -470,9 +475,11 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
                                                               bias_hh, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                                     h0=h0))
+    if which == "triton" and reset_after:  # the hidden conv and the cell fused, one launch per step
+        return _triton_conv().convgru(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reverse)
     if which in ("reference", "triton"):
         cells = {}
-        if which == "triton":
+        if which == "triton":  # Ballas GRU: r*h precedes its n conv, so native convs + Triton cells per step
             cells = {"cell": _triton().gru_cell, "reset_hidden": _triton().gru_reset_hidden}
         return ref.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
                                     reverse, **cells)
