@@ -328,7 +328,8 @@ if AVAILABLE:
         h_ping = [torch.empty((B, C, H, W), dtype=dtype, device=dev) for _ in range(2)] \
             if lengths is not None else None
         h_prev = h0
-        if T > 0 and _launch(B * C * H * W, x_gates):
+        launched = T > 0 and _launch(B * C * H * W, x_gates)
+        if launched:
             capability, limit = _attention.device_limits(dev)
             meta = launch_config("gru" if is_gru else "lstm", dtype, C, capability, limit, _INTERPRET)
             w_mat = _weight_matrix(weight_hh)
@@ -352,11 +353,11 @@ if AVAILABLE:
                         IS64=acc == torch.float64, **meta)
                     h_prev = h_state if lengths is not None else out_t
                     c_prev = c_out
-        # Outputs must not alias each other or the inputs.
+        # Outputs must not alias each other or the inputs: only a ping-pong buffer is returned as is.
         h_n = h_prev.clone()
         c_n = None
         if not is_gru:
-            c_n = c_prev.clone() if save or T == 0 else c_prev
+            c_n = c_prev if launched and not save else c_prev.clone()
         return output, h_n, c_n, cache, cells
 
     # ------------------------------------------------------------------------------ backward loops
