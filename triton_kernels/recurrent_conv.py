@@ -114,7 +114,7 @@ if AVAILABLE:
     from .recurrent import _sigmoid, _tanh
 
     # ------------------------------------------------------------------------------ kernel
-    @triton.jit
+    @triton.jit(do_not_specialize=["t"])  # the step index: one compiled variant for every step
     def _conv_cell_step_kernel(
             h_ptr, w_ptr, xg_ptr, cp_ptr, aux_ptr, len_ptr,
             out_ptr, hs_ptr, c_ptr, cache_ptr,
