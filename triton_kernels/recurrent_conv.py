@@ -113,7 +113,58 @@ if AVAILABLE:
     from .attention import _mma
     from .recurrent import _sigmoid, _tanh
 
-    # ------------------------------------------------------------------------------ kernel
+    # ------------------------------------------------------------------------------ kernels
+    @triton.jit
+    def _tile(M, C, W, HW, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's pixels m = (b, p = y*W + x) of the M = B*H*W and hidden channels n, int64."""
+        m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        b = m // HW
+        p = m - b * HW
+        y = p // W
+        n = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        return m < M, b, p, y, p - y * W, n, n < C
+
+    @triton.jit
+    def _hidden_gemm(h_ptr, w_ptr, b, y, x, m_ok, n, n_ok, C, H, W, s_hb, s_hc, s_hy, s_hx,
+                     NG: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr,
+                     DW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, IS64: tl.constexpr,
+                     WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        """The hidden convolution of this tile as an implicit GEMM: acc_g[m, n] = Σ over taps and input
+        channels cin of h[b, cin, y + ky*DH - PH, x + kx*DW - PW] · w[tap*C + cin, g*C + n], for the NG
+        (<= 4) gates of the weight matrix w [KH*KW*C, NG*C]; accumulators past NG stay 0."""
+        if IS64:
+            acc0 = tl.zeros([BLOCK_M, BLOCK_C], tl.float64)
+        else:
+            acc0 = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        acc1 = tl.zeros_like(acc0)
+        acc2 = tl.zeros_like(acc0)
+        acc3 = tl.zeros_like(acc0)
+        w_rows0 = tl.arange(0, BLOCK_K).to(tl.int64)  # rows of this tap's first chunk
+        for tap in range(KH * KW):
+            ky = tap // KW
+            kx = tap - ky * KW
+            iy = y + (ky * DH - PH)
+            ix = x + (kx * DW - PW)
+            pix_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            a_row = b * s_hb + iy * s_hy + ix * s_hx
+            for k0 in range(0, C, BLOCK_K):
+                cin = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+                k_ok = cin < C
+                a = tl.load(h_ptr + a_row[:, None] + cin[None, :] * s_hc,
+                            mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                w_off = (w_rows0 + k0)[:, None] * (NG * C) + n[None, :]
+                w_ok = k_ok[:, None] & n_ok[None, :]
+                acc0 = _mma(a, tl.load(w_ptr + w_off, mask=w_ok, other=0.0), acc0, WIDEN)
+                if NG > 1:
+                    acc1 = _mma(a, tl.load(w_ptr + w_off + C, mask=w_ok, other=0.0), acc1, WIDEN)
+                if NG > 2:
+                    acc2 = _mma(a, tl.load(w_ptr + w_off + 2 * C, mask=w_ok, other=0.0), acc2, WIDEN)
+                if NG > 3:
+                    acc3 = _mma(a, tl.load(w_ptr + w_off + 3 * C, mask=w_ok, other=0.0), acc3, WIDEN)
+            w_rows0 += C
+        return acc0, acc1, acc2, acc3
+
     @triton.jit(do_not_specialize=["t"])  # the step index: one compiled variant for every step
     def _conv_cell_step_kernel(
             h_ptr, w_ptr, xg_ptr, cp_ptr, aux_ptr, len_ptr,
@@ -138,46 +189,10 @@ if AVAILABLE:
         product of two runtime ints would be 32-bit in the kernel).
         """
         G: tl.constexpr = 3 if IS_GRU else 4
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = m < M
-        b = m // HW
-        p = m - b * HW
-        y = p // W
-        x = p - y * W
-        n = pid_n.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-        n_ok = n < C
-        if IS64:
-            acc0 = tl.zeros([BLOCK_M, BLOCK_C], tl.float64)
-        else:
-            acc0 = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-        acc1 = tl.zeros_like(acc0)
-        acc2 = tl.zeros_like(acc0)
-        acc3 = tl.zeros_like(acc0)
-
-        # ---- implicit GEMM: K = (tap, input channel); row (tap*C + cin) of the weight matrix.
-        w_rows0 = tl.arange(0, BLOCK_K).to(tl.int64)  # rows of this tap's first chunk
-        for tap in range(KH * KW):
-            ky = tap // KW
-            kx = tap - ky * KW
-            iy = y + (ky * DH - PH)
-            ix = x + (kx * DW - PW)
-            pix_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-            a_row = b * s_hb + iy * s_hy + ix * s_hx
-            for k0 in range(0, C, BLOCK_K):
-                cin = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-                k_ok = cin < C
-                a = tl.load(h_ptr + a_row[:, None] + cin[None, :] * s_hc,
-                            mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                w_off = (w_rows0 + k0)[:, None] * (G * C) + n[None, :]
-                w_ok = k_ok[:, None] & n_ok[None, :]
-                acc0 = _mma(a, tl.load(w_ptr + w_off, mask=w_ok, other=0.0), acc0, WIDEN)
-                acc1 = _mma(a, tl.load(w_ptr + w_off + C, mask=w_ok, other=0.0), acc1, WIDEN)
-                acc2 = _mma(a, tl.load(w_ptr + w_off + 2 * C, mask=w_ok, other=0.0), acc2, WIDEN)
-                if not IS_GRU:
-                    acc3 = _mma(a, tl.load(w_ptr + w_off + 3 * C, mask=w_ok, other=0.0), acc3, WIDEN)
-            w_rows0 += C
+        m_ok, b, p, y, x, n, n_ok = _tile(M, C, W, HW, BLOCK_M, BLOCK_C)
+        acc0, acc1, acc2, acc3 = _hidden_gemm(h_ptr, w_ptr, b, y, x, m_ok, n, n_ok, C, H, W,
+                                              s_hb, s_hc, s_hy, s_hx, G, KH, KW, DH, DW, PH, PW,
+                                              IS64, WIDEN, BLOCK_M, BLOCK_C, BLOCK_K)
 
         # ---- epilogue: the cell, on this tile's pixels and channels of every gate.
         ok = m_ok[:, None] & n_ok[None, :]
