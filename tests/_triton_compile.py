@@ -83,7 +83,10 @@ def _recurrent_conv(dtype):
     # GRU: bias_hh, inference, C = 5: the smallest tiles.
     C = 5
     torch.ops.fastvid.triton_convgru_hidden(r(B, T, 3 * C, H, W), r(3 * C, C, 3, 3), r(3 * C), r(B, C, H, W), None,
-                                            [1, 1], [1, 1], True, False)
+                                            [1, 1], [1, 1], True, False, False)
+    # Ballas GRU (two kernels per step): training cache, lengths.
+    torch.ops.fastvid.triton_convgru_hidden(r(B, T, 3 * C, H, W), r(3 * C, C, 3, 3), r(3 * C), r(B, C, H, W),
+                                            torch.tensor([2, 1]), [1, 1], [1, 1], False, False, True)
 
 
 def _cases():

@@ -132,18 +132,22 @@ def test_attention_shared_memory_within_launch_config_model(compiled, arch):
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_recurrent_conv_shared_memory_within_launch_config_model(compiled, arch):
-    """The fused ConvLSTM/ConvGRU step kernel, every dtype, on sm_80 and sm_90: its compiled shared
-    memory is within the model recurrent_conv.launch_config sized the tiles with."""
+    """The fused ConvLSTM/ConvGRU step kernels (and the Ballas GRU's two), every dtype, on sm_80 and
+    sm_90: their compiled shared memory is within the model recurrent_conv.launch_config sized the
+    tiles with."""
     from fastvid.triton_kernels import recurrent_conv as trc
 
-    records = [r for r in compiled[arch] if r["kernel"] == "_conv_cell_step_kernel"]
+    kernels = {"_conv_cell_step_kernel", "_ballas_reset_kernel", "_ballas_cell_kernel"}
+    records = [r for r in compiled[arch] if r["kernel"] in kernels]
+    assert {r["kernel"] for r in records} == kernels
     assert {r["case"] for r in records} == {f"recurrent_conv-{d}" for d in ("fp16", "bf16", "fp32", "fp64")}
     for r in records:
         assert "error" not in r, f"sm_{arch}: {_label(r)}: {r['error']}"
         m = r["meta"]
         elem = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}[r["case"].split("-")[1]]
-        bound = trc._shared_bytes(3 if m["IS_GRU"] else 4, m["BLOCK_M"], m["BLOCK_C"], m["BLOCK_K"], elem,
-                                  m["num_stages"], r["capability"])
+        gates = 4 if r["kernel"] == "_conv_cell_step_kernel" and not m["IS_GRU"] else 3  # launch_config's cell
+        bound = trc._shared_bytes(gates, m["BLOCK_M"], m["BLOCK_C"], m["BLOCK_K"], elem, m["num_stages"],
+                                  r["capability"])
         assert r["shared"] <= bound, f"sm_{arch}: {_label(r)} uses {r['shared']} bytes, model says {bound}"
 
 

@@ -32,6 +32,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 STEP_KERNEL = "_conv_cell_step_kernel"
+BALLAS_KERNELS = ("_ballas_reset_kernel", "_ballas_cell_kernel")
 
 # (B, T, C_in, C, H, W): C, H, W not powers of two; C = 5 pads to one 16-wide tile.
 SHAPE = (2, 3, 3, 5, 5, 7)
@@ -45,7 +46,17 @@ CONFIGS = [
     GRU,
     SeqConfig("gru", bias="hh", reset_after=True, kernel=(5, 5)),
     SeqConfig("gru", bias="ih", reset_after=True, kernel=(1, 3), dilation=(1, 2)),
+    SeqConfig("gru", bias="both", reset_after=False),
+    SeqConfig("gru", bias="hh", reset_after=False, kernel=(5, 3), dilation=(1, 2)),
 ]
+BALLAS = CONFIGS[-2]
+
+
+def _step_kernels(config):
+    """The Triton launches of one step: one fused kernel, two for the Ballas GRU (r*h before the n conv)."""
+    if config.kind == "gru" and not config.reset_after:
+        return [BALLAS_KERNELS[0], BALLAS_KERNELS[1]]
+    return [STEP_KERNEL]
 
 
 def _to_device(tensors):
@@ -84,7 +95,7 @@ def check_sequence(config, reverse, dtype, layout, launches, shape=SHAPE):
         grad_outputs = [g.to(DEVICE) for g in upstream_grads(ours)]
         ours_grads = _grads(ours, leaves, grad_outputs)
     T = shape[1]
-    assert forward_launches == [STEP_KERNEL] * T, f"forward launched {forward_launches}, expected one fused per step"
+    assert forward_launches == _step_kernels(config) * T, f"forward launched {forward_launches}"
 
     grad_outputs = [g.cpu() for g in grad_outputs]
     t64 = sample.converted(torch.float64)
@@ -113,13 +124,13 @@ def test_sequence_matches_reference_fp64(config, launches):
     check_sequence(config, False, torch.float64, "contiguous", launches)
 
 
-@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[2], GRU], ids=SeqConfig.id)
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[2], GRU, BALLAS], ids=SeqConfig.id)
 def test_sequence_reverse_fp64(config, launches):
     check_sequence(config, True, torch.float64, "contiguous", launches)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("config", [LSTM_PEEPHOLE, GRU], ids=SeqConfig.id)
+@pytest.mark.parametrize("config", [LSTM_PEEPHOLE, GRU, BALLAS], ids=SeqConfig.id)
 def test_sequence_matches_reference_dtypes(config, dtype, launches):
     check_sequence(config, False, dtype, "contiguous", launches)
 
@@ -143,11 +154,13 @@ def test_many_programs_and_k_chunks(monkeypatch, launches):
 
 
 def test_modules_through_backend(launches):
-    """nn.ConvLSTM (bidirectional, 2 layers) and nn.ConvGRU take the fused path under backend('triton')."""
+    """nn.ConvLSTM (bidirectional, 2 layers) and nn.ConvGRU (both reset rules) take the fused path under
+    backend('triton')."""
     B, T, C_in, H, W = 2, 2, 3, 4, 5
     x = torch.randn(B, T, C_in, H, W, dtype=torch.float64)
     for module in (fastvid.nn.ConvLSTM(C_in, 4, 3, num_layers=2, bidirectional=True, peephole=True),
-                   fastvid.nn.ConvGRU(C_in, 4, 3, reset_after=True)):
+                   fastvid.nn.ConvGRU(C_in, 4, 3, reset_after=True),
+                   fastvid.nn.ConvGRU(C_in, 4, 3, reset_after=False)):
         module = module.double()
         with torch.no_grad():
             for p in module.parameters():
@@ -155,21 +168,13 @@ def test_modules_through_backend(launches):
         launches.clear()
         with fastvid.backend("triton"), torch.no_grad():
             ours = module(x)
-        directions = 2 * 2 if isinstance(module, fastvid.nn.ConvLSTM) else 1
-        assert launches == [STEP_KERNEL] * (T * directions)
+        if isinstance(module, fastvid.nn.ConvLSTM):
+            assert launches == [STEP_KERNEL] * (T * 2 * 2)  # 2 layers, 2 directions
+        else:
+            assert launches == _step_kernels(SeqConfig("gru", reset_after=module.reset_after)) * T
         with fastvid.backend("reference"), torch.no_grad():
             expected = module(x)
         torch.testing.assert_close(ours[0], expected[0], rtol=1e-12, atol=1e-12)
-
-
-def test_ballas_gru_stays_on_the_cell_path(launches):
-    """reset_after=False needs r*h before its n conv: native convs + Triton cells per step (no fused kernel)."""
-    sample = make_seq_sample(SeqConfig("gru", reset_after=False), dtype=torch.float64, shape=SHAPE)
-    with fastvid.backend("triton"), torch.no_grad():
-        ours = sample.run_ops(_to_device(sample.tensors), None)
-    assert STEP_KERNEL not in launches and launches
-    expected = sample.run_reference(sample.tensors)
-    torch.testing.assert_close(ours[0].cpu(), expected[0], rtol=1e-12, atol=1e-12)
 
 
 def test_save_flag_and_cache_contents():
@@ -194,7 +199,7 @@ def test_save_flag_and_cache_contents():
     torch.testing.assert_close(saved[4][0], c_first, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru-ballas"])
 def test_gradcheck_fp64(kind):
     """torch.autograd.gradcheck through the fused op and its backward op, w.r.t. every input of the op
     (the input convolution in front of it is native). Fast mode: the interpreter is slow."""
@@ -211,19 +216,19 @@ def test_gradcheck_fp64(kind):
         fn, inputs = tc.convlstm_hidden, (x_gates, weight_hh, h0, r(B, C, H, W), r(3, C, scale=0.5))
     else:
         def fn(x_gates, weight_hh, bias_hh, h0):
-            return tc.convgru_hidden(x_gates, weight_hh, bias_hh, h0)
+            return tc.convgru_hidden(x_gates, weight_hh, bias_hh, h0, reset_after=kind == "gru")
         inputs = (x_gates, weight_hh, r(G * C, scale=0.5), h0)
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- lengths
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru-ballas"])
 def test_lengths_match_per_sample_runs(kind, reverse, launches):
     """Sample b is valid at time index t iff t < lengths[b]: its output is the reference run on its first
     lengths[b] frames (processed backwards when reverse), 0 after them, and h_n (c_n) the state after
     its last valid frame (h0 (c0) for length 0)."""
-    config = LSTM_PEEPHOLE if kind == "lstm" else GRU
+    config = {"lstm": LSTM_PEEPHOLE, "gru": GRU, "gru-ballas": BALLAS}[kind]
     B, T = 4, 3
     sample = make_seq_sample(config, reverse, dtype=torch.float64, shape=(B, T, 3, 5, 5, 7))
     t = _to_device(sample.tensors)
@@ -234,8 +239,8 @@ def test_lengths_match_per_sample_runs(kind, reverse, launches):
                                     t["peephole"], pad, dil, reverse, lengths=lengths)
     else:
         out, h_n = tc.convgru(t["x"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"], t["h0"], pad, dil,
-                              reverse, lengths=lengths)
-    assert launches == [STEP_KERNEL] * T
+                              reset_after=config.reset_after, reverse=reverse, lengths=lengths)
+    assert launches == _step_kernels(config) * T
     for b in range(B):
         n = min(int(lengths[b]), T)
         one = {k: v[b:b + 1] if k in ("x", "h0", "c0") else v for k, v in sample.tensors.items()}
@@ -299,10 +304,10 @@ def test_bad_gru_bias():
     x_gates = torch.randn(2, 2, 15, 5, 7, device=DEVICE)
     with pytest.raises(ValueError, match="bias_hh"):
         torch.ops.fastvid.triton_convgru_hidden(x_gates, t["weight_hh"], t["bias_hh"][:14], t["h0"], None,
-                                                [1, 1], [1, 1], False, False)
+                                                [1, 1], [1, 1], True, False, False)
     with pytest.raises(ValueError, match="weight_hh"):  # an LSTM's 4C weight given to the GRU op
         torch.ops.fastvid.triton_convgru_hidden(x_gates, torch.randn(20, 5, 3, 3, device=DEVICE), None, t["h0"],
-                                                None, [1, 1], [1, 1], False, False)
+                                                None, [1, 1], [1, 1], True, False, False)
 
 
 # ---------------------------------------------------------------------------------------- tiles

@@ -6,8 +6,8 @@ Installed as ``fastvid.triton_kernels.recurrent_conv``. Math, gate orders and dt
 A sequence runs as
 * the input convolution of all frames at once (native ``conv2d`` over ``B*T`` frames, bias
   included: ``x_gates [B, T, G*C, H, W]``), outside the op so autograd differentiates it natively;
-* per step, ONE launch of ``_conv_cell_step_kernel``: the hidden convolution of ``h_{t-1}`` as an
-  implicit GEMM (``tl.dot``; M = pixels of ``B*H*W``, N = a tile of hidden channels taken in all G
+* per step, ONE launch of ``_conv_cell_step_kernel`` (two for the Ballas GRU, below): the hidden
+  convolution of ``h_{t-1}`` as an implicit GEMM (``tl.dot``; M = pixels of ``B*H*W``, N = a tile of hidden channels taken in all G
   gates at once, K = taps × input channels) whose epilogue adds ``x_gates_t`` (and ``b_hh`` for the
   GRU) and applies the cell, so the pre-activations never reach memory. It writes ``h_t`` into the
   output frame, ``c_t`` (LSTM) and, when training, the backward cache the Triton cell backward
@@ -16,9 +16,10 @@ A sequence runs as
   convolution of the gate gradients (native), and one weight-gradient convolution batched over all
   steps.
 
-Supported: LSTM with or without peephole, GRU with ``reset_after=True`` (nn.GRU). The Ballas GRU
-(``reset_after=False``) needs ``r ⊙ h`` before its n convolution, i.e. two dependent launches per
-step; it stays on the per-step path of native convolutions and Triton cells (fastvid.ops.convgru).
+Supported: LSTM with or without peephole, GRU with ``reset_after=True`` (nn.GRU) in one launch per
+step, and the Ballas GRU (``reset_after=False``) in two: its n convolution reads ``r ⊙ h_{t-1}``, which
+needs r, i.e. the r convolution, first (launch 1: the r, z convolution and ``reset_h = r ⊙ h_{t-1}``;
+launch 2: the n convolution of reset_h and the cell).
 
 Tiles: ``launch_config`` picks them from the device's shared memory (``attention.device_limits`` /
 ``SHARED_MEMORY_LIMITS``, the one table); tests/test_triton_compile.py compiles exactly its choice.
@@ -38,12 +39,14 @@ Ops (``mutates_args=()``; forward ops with autograd, backward ops refuse double 
   peephole?, output, gates, cells, padding, dilation, reverse)
   -> (grad_x_gates, grad_weight_hh, grad_h0, grad_c0, grad_peephole)``
 * ``fastvid::triton_convgru_hidden(x_gates, weight_hh, bias_hh?, h0, lengths?, padding, dilation,
-  reverse, save) -> (output, h_n, cache)``
+  reset_after, reverse, save) -> (output, h_n, cache, resets)``
 * ``fastvid::triton_convgru_hidden_backward(grad_output?, grad_h_n?, weight_hh, h0, output, cache,
-  padding, dilation, reverse) -> (grad_x_gates, grad_weight_hh, grad_bias_hh, grad_h0)``
+  resets, padding, dilation, reset_after, reverse) -> (grad_x_gates, grad_weight_hh, grad_bias_hh,
+  grad_h0)``
 
-Caches (``gates``, ``cells``, ``cache``) are time-major ``[T, B, *, H, W]``, contiguous, so the cell
-backward reads each step without a copy. Without Triton: ``AVAILABLE = False``, nothing defined.
+Caches (``gates``, ``cells``, ``cache``, and ``resets``: the Ballas GRU's reset_h per step, the operand
+of its n weight gradient) are time-major ``[T, B, *, H, W]``, contiguous, so the cell backward reads
+each step without a copy. Without Triton: ``AVAILABLE = False``, nothing defined.
 """
 from typing import List, Optional, Tuple
 
@@ -252,6 +255,73 @@ if AVAILABLE:
         if not IS_GRU:
             _st(c_ptr + s_off, c, ok, FIX_BF16)
 
+    @triton.jit
+    def _ballas_reset_kernel(h_ptr, w_ptr, xg_ptr, bias_ptr, reset_ptr, hrz_ptr,
+                             M, C, H, W, HW, CHW,
+                             s_hb, s_hc, s_hy, s_hx, s_xb, s_xc, s_xy, s_xx,
+                             HAS_BIAS: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr,
+                             DW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, IS64: tl.constexpr,
+                             FIX_BF16: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Ballas GRU step, launch 1 of 2: h_r, h_z = W_rz * h_{t-1} + b_rz, kept in hrz [B, 2C, H, W]
+        (accumulation dtype) for launch 2, and reset_h = σ(x_r + h_r) ⊙ h_{t-1} into reset [B, C, H, W]
+        (contiguous, input dtype: the operand of the n convolution). w_ptr: W_rz as [KH*KW*C, 2C];
+        bias_ptr: b_rz [2C]; other pointers and strides as in _conv_cell_step_kernel."""
+        m_ok, b, p, y, x, n, n_ok = _tile(M, C, W, HW, BLOCK_M, BLOCK_C)
+        h_r, h_z, _, _ = _hidden_gemm(h_ptr, w_ptr, b, y, x, m_ok, n, n_ok, C, H, W, s_hb, s_hc, s_hy, s_hx,
+                                      2, KH, KW, DH, DW, PH, PW, IS64, WIDEN, BLOCK_M, BLOCK_C, BLOCK_K)
+        ok = m_ok[:, None] & n_ok[None, :]
+        if HAS_BIAS:
+            h_r += _ld(bias_ptr + n, n_ok, IS64)[None, :]
+            h_z += _ld(bias_ptr + C + n, n_ok, IS64)[None, :]
+        x_row = (b * s_xb + y * s_xy + x * s_xx)[:, None]
+        r = _sigmoid(_ld(xg_ptr + x_row + n[None, :] * s_xc, ok, IS64) + h_r)
+        h_prev = _ld(h_ptr + (b * s_hb + y * s_hy + x * s_hx)[:, None] + n[None, :] * s_hc, ok, IS64)
+        _st(reset_ptr + (b * C)[:, None] * HW + n[None, :] * HW + p[:, None], r * h_prev, ok, FIX_BF16)
+        rz_off = (b * (2 * C))[:, None] * HW + n[None, :] * HW + p[:, None]
+        tl.store(hrz_ptr + rz_off, h_r, mask=ok)
+        tl.store(hrz_ptr + rz_off + CHW, h_z, mask=ok)
+
+    @triton.jit(do_not_specialize=["t"])
+    def _ballas_cell_kernel(reset_ptr, w_ptr, xg_ptr, bias_ptr, hrz_ptr, h_ptr, len_ptr,
+                            out_ptr, hs_ptr, cache_ptr,
+                            t, M, C, H, W, HW, CHW,
+                            s_hb, s_hc, s_hy, s_hx, s_xb, s_xc, s_xy, s_xx, s_ob, s_oc, s_oy, s_ox,
+                            HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
+                            KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                            PH: tl.constexpr, PW: tl.constexpr, IS64: tl.constexpr,
+                            FIX_BF16: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Ballas GRU step, launch 2 of 2: h_n = W_n * reset_h + b_n (reset [B, C, H, W] contiguous,
+        w_ptr: W_n as [KH*KW*C, C], bias_ptr: b_n [C]), then the cell with h_r, h_z from hrz:
+        r = σ(x_r + h_r), z = σ(x_z + h_z), n = tanh(x_n + h_n), h = (1 - z)·n + z·h_{t-1}; cache
+        r, z, n, h_n. h_ptr: h_{t-1}; the rest as in _conv_cell_step_kernel."""
+        m_ok, b, p, y, x, n, n_ok = _tile(M, C, W, HW, BLOCK_M, BLOCK_C)
+        h_n, _, _, _ = _hidden_gemm(reset_ptr, w_ptr, b, y, x, m_ok, n, n_ok, C, H, W, CHW, HW, W, 1,
+                                    1, KH, KW, DH, DW, PH, PW, IS64, WIDEN, BLOCK_M, BLOCK_C, BLOCK_K)
+        ok = m_ok[:, None] & n_ok[None, :]
+        if HAS_BIAS:
+            h_n += _ld(bias_ptr + n, n_ok, IS64)[None, :]
+        rz_off = (b * (2 * C))[:, None] * HW + n[None, :] * HW + p[:, None]
+        x_row = (b * s_xb + y * s_xy + x * s_xx)[:, None]
+        r = _sigmoid(_ld(xg_ptr + x_row + n[None, :] * s_xc, ok, IS64) + _ld(hrz_ptr + rz_off, ok, IS64))
+        z = _sigmoid(_ld(xg_ptr + x_row + (n + C)[None, :] * s_xc, ok, IS64) + _ld(hrz_ptr + rz_off + CHW, ok, IS64))
+        cand = _tanh(_ld(xg_ptr + x_row + (n + 2 * C)[None, :] * s_xc, ok, IS64) + h_n)
+        h_prev = _ld(h_ptr + (b * s_hb + y * s_hy + x * s_hx)[:, None] + n[None, :] * s_hc, ok, IS64)
+        h = (1 - z) * cand + z * h_prev
+        if SAVE:
+            g_off = (b * (4 * C))[:, None] * HW + n[None, :] * HW + p[:, None]
+            _st(cache_ptr + g_off, r, ok, FIX_BF16)
+            _st(cache_ptr + g_off + CHW, z, ok, FIX_BF16)
+            _st(cache_ptr + g_off + 2 * CHW, cand, ok, FIX_BF16)
+            _st(cache_ptr + g_off + 3 * CHW, h_n, ok, FIX_BF16)
+        if HAS_LENGTHS:
+            valid = (t < tl.load(len_ptr + b, mask=m_ok, other=0))[:, None]
+            _st(hs_ptr + (b * C)[:, None] * HW + n[None, :] * HW + p[:, None], tl.where(valid, h, h_prev), ok,
+                FIX_BF16)
+            h = tl.where(valid, h, 0.0)
+        _st(out_ptr + (b * s_ob + y * s_oy + x * s_ox)[:, None] + n[None, :] * s_oc, h, ok, FIX_BF16)
+
     # ------------------------------------------------------------------------------ validation
     def _pair_list(fn, name, v, minimum):
         v = [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
@@ -327,8 +397,10 @@ if AVAILABLE:
     def _steps(T, reverse):
         return range(T - 1, -1, -1) if reverse else range(T)
 
-    def _run_sequence(fn, is_gru, x_gates, weight_hh, h0, c0, aux, lengths, padding, dilation, reverse, save):
-        """The forward time loop: one fused launch per step. Returns (output, h_n, c_n, cache, cells)."""
+    def _run_sequence(fn, is_gru, x_gates, weight_hh, h0, c0, aux, lengths, padding, dilation, reverse, save,
+                      ballas=False):
+        """The forward time loop: one fused launch per step (two for the Ballas GRU). Returns (output, h_n,
+        c_n, cache, cells), cells being the Ballas GRU's reset_h per step (when saving) for a GRU."""
         gates = 3 if is_gru else 4
         B, T, C, H, W, KH, KW = _check_sequence(fn, gates, x_gates, weight_hh, h0, padding, dilation)
         lengths = _check_lengths(fn, lengths, B, x_gates)
@@ -336,7 +408,10 @@ if AVAILABLE:
         acc = compute_dtype(dtype)
         output = _output_frames(x_gates, C)
         cache = torch.empty((T, B, 4 * C, H, W) if save else (0,), dtype=dtype, device=dev)
-        cells = torch.empty((T, B, C, H, W) if save and not is_gru else (0,), dtype=acc, device=dev)
+        if is_gru:
+            cells = torch.empty((T, B, C, H, W) if save and ballas else (0,), dtype=dtype, device=dev)
+        else:
+            cells = torch.empty((T, B, C, H, W) if save else (0,), dtype=acc, device=dev)
         c_prev = c0.to(acc).contiguous() if not is_gru else None
         c_ping = [torch.empty((B, C, H, W), dtype=acc, device=dev) for _ in range(2)] \
             if not is_gru and not save else None
@@ -347,27 +422,45 @@ if AVAILABLE:
         if launched:
             capability, limit = _attention.device_limits(dev)
             meta = launch_config("gru" if is_gru else "lstm", dtype, C, capability, limit, _INTERPRET)
-            w_mat = _weight_matrix(weight_hh)
+            geometry = dict(KH=KH, KW=KW, DH=dilation[0], DW=dilation[1], PH=padding[0], PW=padding[1],
+                            IS64=acc == torch.float64, **meta)
             M = B * H * W
+            sizes = (M, C, H, W, H * W, C * H * W)
             grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
             dummy = x_gates
+            if ballas:
+                w_rz, w_n = _weight_matrix(weight_hh[:2 * C]), _weight_matrix(weight_hh[2 * C:])
+                b_rz, b_n = (dummy, dummy) if aux is None else (aux[:2 * C].contiguous(), aux[2 * C:].contiguous())
+                h_rz = torch.empty((B, 2 * C, H, W), dtype=acc, device=dev)
+                reset_tmp = torch.empty((B, C, H, W), dtype=dtype, device=dev)
+            else:
+                w_mat = _weight_matrix(weight_hh)
             with _common.device_guard(x_gates):
                 for s, t in enumerate(_steps(T, reverse)):
                     out_t = output[:, t]
-                    c_out = dummy if is_gru else (cells[t] if save else c_ping[s % 2])
                     h_state = h_ping[s % 2] if lengths is not None else dummy
                     x_t = x_gates[:, t]
-                    wrap_triton(_conv_cell_step_kernel)[grid](
-                        h_prev, w_mat, x_t, dummy if is_gru else c_prev,
-                        dummy if aux is None else aux, dummy if lengths is None else lengths,
-                        out_t, h_state, c_out, cache[t] if save else dummy,
-                        t, M, C, H, W, H * W, C * H * W,
-                        *_frame_strides(h_prev), *_frame_strides(x_t), *_frame_strides(out_t),
-                        IS_GRU=is_gru, HAS_AUX=aux is not None, HAS_LENGTHS=lengths is not None, SAVE=save,
-                        KH=KH, KW=KW, DH=dilation[0], DW=dilation[1], PH=padding[0], PW=padding[1],
-                        IS64=acc == torch.float64, **meta)
+                    len_arg = dummy if lengths is None else lengths
+                    if ballas:
+                        reset = cells[t] if save else reset_tmp
+                        wrap_triton(_ballas_reset_kernel)[grid](
+                            h_prev, w_rz, x_t, b_rz, reset, h_rz, *sizes,
+                            *_frame_strides(h_prev), *_frame_strides(x_t), HAS_BIAS=aux is not None, **geometry)
+                        wrap_triton(_ballas_cell_kernel)[grid](
+                            reset, w_n, x_t, b_n, h_rz, h_prev, len_arg, out_t, h_state,
+                            cache[t] if save else dummy, t, *sizes,
+                            *_frame_strides(h_prev), *_frame_strides(x_t), *_frame_strides(out_t),
+                            HAS_BIAS=aux is not None, HAS_LENGTHS=lengths is not None, SAVE=save, **geometry)
+                    else:
+                        c_out = dummy if is_gru else (cells[t] if save else c_ping[s % 2])
+                        wrap_triton(_conv_cell_step_kernel)[grid](
+                            h_prev, w_mat, x_t, dummy if is_gru else c_prev, dummy if aux is None else aux,
+                            len_arg, out_t, h_state, c_out, cache[t] if save else dummy, t, *sizes,
+                            *_frame_strides(h_prev), *_frame_strides(x_t), *_frame_strides(out_t),
+                            IS_GRU=is_gru, HAS_AUX=aux is not None, HAS_LENGTHS=lengths is not None, SAVE=save,
+                            **geometry)
+                        c_prev = c_out
                     h_prev = h_state if lengths is not None else out_t
-                    c_prev = c_out
         # Outputs must not alias each other or the inputs: only a ping-pong buffer is returned as is.
         h_n = h_prev.clone()
         c_n = None
@@ -452,8 +545,8 @@ if AVAILABLE:
 
     def _convgru_hidden_impl(x_gates: torch.Tensor, weight_hh: torch.Tensor, bias_hh: Optional[torch.Tensor],
                              h0: torch.Tensor, lengths: Optional[torch.Tensor], padding: List[int],
-                             dilation: List[int], reverse: bool, save: bool
-                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             dilation: List[int], reset_after: bool, reverse: bool, save: bool
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         fn = "triton_convgru_hidden"
         padding = _pair_list(fn, "padding", padding, 0)
         dilation = _pair_list(fn, "dilation", dilation, 1)
@@ -463,19 +556,24 @@ if AVAILABLE:
             if bias_hh.shape[0] != 3 * h0.shape[1]:
                 raise ValueError(f"{fn}: bias_hh must be [3*C] = [{3 * h0.shape[1]}], got {tuple(bias_hh.shape)}")
             bias_hh = bias_hh.contiguous()
-        output, h_n, _, cache, _ = _run_sequence(fn, True, x_gates, weight_hh, h0, None, bias_hh, lengths,
-                                                 padding, dilation, reverse, save)
-        return output, h_n, cache
+        output, h_n, _, cache, resets = _run_sequence(fn, True, x_gates, weight_hh, h0, None, bias_hh, lengths,
+                                                      padding, dilation, reverse, save, ballas=not reset_after)
+        return output, h_n, cache, resets
 
     def _convgru_hidden_backward_impl(grad_output: Optional[torch.Tensor], grad_h_n: Optional[torch.Tensor],
                                       weight_hh: torch.Tensor, h0: torch.Tensor, output: torch.Tensor,
-                                      cache: torch.Tensor, padding: List[int], dilation: List[int], reverse: bool
+                                      cache: torch.Tensor, resets: torch.Tensor, padding: List[int],
+                                      dilation: List[int], reset_after: bool, reverse: bool
                                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         fn = "triton_convgru_hidden_backward"
         B, T, C, H, W = output.shape
         _check_saved(fn, "cache", cache, (T, B, 4 * C, H, W))
+        if not reset_after:
+            _check_saved(fn, "resets", resets, (T, B, C, H, W))
+        acc = compute_dtype(cache.dtype)
         grad_x = cache.new_empty(B, T, 3 * C, H, W)
-        grad_hg = cache.new_empty(T, B, 3 * C, H, W)
+        grad_hg = cache.new_empty(T, B, 3 * C, H, W)  # d(hidden conv outputs): h_r, h_z, h_n
+        conv = dict(padding=padding, dilation=dilation)
         dh = grad_h_n
         for t in reversed(_steps(T, reverse)):
             prev = _previous(t, T, reverse)
@@ -484,13 +582,30 @@ if AVAILABLE:
                 dh = grad_output[:, t] if dh is None else dh + grad_output[:, t]
             if dh is None:
                 dh = torch.zeros_like(h_prev)
-            gx, ghg, dhp = torch.ops.fastvid.triton_gru_cell_backward(dh, cache[t], h_prev, True)
+            gx, ghg, dhp = torch.ops.fastvid.triton_gru_cell_backward(dh, cache[t], h_prev, reset_after)
+            if reset_after:
+                dh = dhp + torch.nn.grad.conv2d_input(h_prev.shape, weight_hh, ghg, **conv)
+            else:
+                # reset_h = r ⊙ h_prev fed the n convolution: its gradient reaches r's pre-activation and h_prev.
+                d_reset = torch.nn.grad.conv2d_input(h_prev.shape, weight_hh[2 * C:], ghg[:, 2 * C:], **conv).to(acc)
+                r = cache[t][:, :C].to(acc)
+                d_r_pre = (d_reset * h_prev.to(acc) * r * (1 - r)).to(ghg.dtype)
+                gx[:, :C] = d_r_pre
+                ghg[:, :C] = d_r_pre
+                dh = (dhp.to(acc) + d_reset * r).to(dhp.dtype) + torch.nn.grad.conv2d_input(
+                    h_prev.shape, weight_hh[:2 * C], ghg[:, :2 * C], **conv)
             grad_x[:, t] = gx
             grad_hg[t] = ghg
-            dh = dhp + torch.nn.grad.conv2d_input(h_prev.shape, weight_hh, ghg, padding=padding, dilation=dilation)
-        grad_weight = torch.nn.grad.conv2d_weight(_h_prevs(output, h0, reverse), weight_hh.shape,
-                                                  grad_hg.flatten(0, 1), padding=padding, dilation=dilation)
-        grad_bias = grad_hg.sum((0, 1, 3, 4), dtype=compute_dtype(cache.dtype)).to(cache.dtype)
+        h_prevs = _h_prevs(output, h0, reverse)
+        if reset_after:
+            grad_weight = torch.nn.grad.conv2d_weight(h_prevs, weight_hh.shape, grad_hg.flatten(0, 1), **conv)
+        else:
+            w_rz, w_n = weight_hh[:2 * C], weight_hh[2 * C:]
+            grad_weight = torch.cat([
+                torch.nn.grad.conv2d_weight(h_prevs, w_rz.shape, grad_hg[:, :, :2 * C].flatten(0, 1), **conv),
+                torch.nn.grad.conv2d_weight(resets.flatten(0, 1), w_n.shape, grad_hg[:, :, 2 * C:].flatten(0, 1),
+                                            **conv)])
+        grad_bias = grad_hg.sum((0, 1, 3, 4), dtype=acc).to(cache.dtype)
         grad_h0 = torch.zeros_like(h0) if dh is None else dh.to(h0.dtype)
         return grad_x, grad_weight, grad_bias, grad_h0
 
@@ -522,23 +637,23 @@ if AVAILABLE:
         return gx, gw, gh0, gc0, gpeep, None, None, None, None, None
 
     def _convgru_setup(ctx, inputs, output):
-        x_gates, weight_hh, bias_hh, h0, lengths, padding, dilation, reverse, save = inputs
-        out, _, cache = output
+        x_gates, weight_hh, bias_hh, h0, lengths, padding, dilation, reset_after, reverse, save = inputs
+        out, _, cache, resets = output
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(weight_hh, h0, out, cache)
-        ctx.args = (padding, dilation, reverse)
+        ctx.save_for_backward(weight_hh, h0, out, cache, resets)
+        ctx.args = (padding, dilation, reset_after, reverse)
         ctx.has_bias = bias_hh is not None
         ctx.refuse = _refusal("convgru", lengths, save)
 
-    def _convgru_backward(ctx, grad_output, grad_h_n, _cache_grad):
+    def _convgru_backward(ctx, grad_output, grad_h_n, *_cache_grads):
         if ctx.refuse:
             raise RuntimeError(ctx.refuse)
-        weight_hh, h0, out, cache = ctx.saved_tensors
+        weight_hh, h0, out, cache, resets = ctx.saved_tensors
         if grad_output is None and grad_h_n is None:
-            return (None,) * 9
+            return (None,) * 10
         gx, gw, gb, gh0 = torch.ops.fastvid.triton_convgru_hidden_backward(
-            grad_output, grad_h_n, weight_hh, h0, out, cache, *ctx.args)
-        return gx, gw, gb if ctx.has_bias else None, gh0, None, None, None, None, None
+            grad_output, grad_h_n, weight_hh, h0, out, cache, resets, *ctx.args)
+        return gx, gw, gb if ctx.has_bias else None, gh0, None, None, None, None, None, None
 
     register_ops((
         ("triton_convlstm_hidden", _convlstm_hidden_impl, _convlstm_backward, _convlstm_setup),
@@ -570,12 +685,13 @@ if AVAILABLE:
         return output, h_n, c_n
 
     def convgru_hidden(x_gates, weight_hh, bias_hh, h0, lengths=None, padding=(1, 1), dilation=(1, 1),
-                       reverse=False):
-        """The recurrent part of a ConvGRU layer (reset_after=True) over precomputed input gates
-        ``x_gates`` ``[B, T, 3C, H, W]`` (b_ih included). Returns ``(output, h_n)``."""
+                       reset_after=True, reverse=False):
+        """The recurrent part of a ConvGRU layer over precomputed input gates ``x_gates``
+        ``[B, T, 3C, H, W]`` (b_ih included). Returns ``(output, h_n)``."""
         save = _save(x_gates, weight_hh, bias_hh, h0)
-        output, h_n, _ = torch.ops.fastvid.triton_convgru_hidden(
-            x_gates, weight_hh, bias_hh, h0, lengths, list(padding), list(dilation), bool(reverse), save)
+        output, h_n, _, _ = torch.ops.fastvid.triton_convgru_hidden(
+            x_gates, weight_hh, bias_hh, h0, lengths, list(padding), list(dilation), bool(reset_after), bool(reverse),
+            save)
         return output, h_n
 
     def convlstm(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse=False, lengths=None):
@@ -584,8 +700,9 @@ if AVAILABLE:
         x_gates = _input_gates(x, weight_ih, bias, padding, dilation)
         return convlstm_hidden(x_gates, weight_hh, h0, c0, peephole, lengths, padding, dilation, reverse)
 
-    def convgru(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reverse=False, lengths=None):
-        """A ConvGRU layer with reset_after=True: input convolution over all frames, then one fused
-        launch per step. Returns ``(output, h_n)``."""
+    def convgru(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after=True, reverse=False,
+                lengths=None):
+        """A ConvGRU layer: input convolution over all frames, then one fused launch per step (two for
+        reset_after=False). Returns ``(output, h_n)``."""
         x_gates = _input_gates(x, weight_ih, bias_ih, padding, dilation)
-        return convgru_hidden(x_gates, weight_hh, bias_hh, h0, lengths, padding, dilation, reverse)
+        return convgru_hidden(x_gates, weight_hh, bias_hh, h0, lengths, padding, dilation, reset_after, reverse)

@@ -475,14 +475,12 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
                                                               bias_hh, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                                     h0=h0))
-    if which == "triton" and reset_after:  # the hidden conv and the cell fused, one launch per step
-        return _triton_conv().convgru(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reverse)
-    if which in ("reference", "triton"):
-        cells = {}
-        if which == "triton":  # Ballas GRU: r*h precedes its n conv, so native convs + Triton cells per step
-            cells = {"cell": _triton().gru_cell, "reset_hidden": _triton().gru_reset_hidden}
+    if which == "triton":  # the hidden conv and the cell fused: one launch per step (two for reset_after=False)
+        return _triton_conv().convgru(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
+                                      reverse)
+    if which == "reference":
         return ref.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
-                                    reverse, **cells)
+                                    reverse)
     save = _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0)
 
     channels_last = _channels_last(x)
