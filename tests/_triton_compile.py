@@ -33,6 +33,7 @@ from fastvid.triton_kernels import _common  # noqa: E402
 from fastvid.triton_kernels import attention as ta  # noqa: E402
 from fastvid.triton_kernels import depthwise3d as td  # noqa: E402
 from fastvid.triton_kernels import recurrent as tr  # noqa: E402
+from fastvid.triton_kernels import recurrent_conv as trc  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -81,6 +82,24 @@ def _recurrent(dtype):
                                                           3, reset_after)
 
 
+def _recurrent_conv(dtype):
+    B, T, H, W = 2, 2, 3, 4
+    r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    acc = tr.compute_dtype(dtype)
+    # LSTM: peephole, training cache, lengths (every flag on), C = 40: the preferred (largest) tiles.
+    C = 40
+    torch.ops.fastvid.triton_convlstm_hidden(r(B, T, 4 * C, H, W), r(4 * C, C, 3, 3), r(B, C, H, W),
+                                             r(B, C, H, W).to(acc), r(3, C), torch.tensor([2, 1]), [1, 1], [1, 1],
+                                             False, True)
+    # GRU: bias_hh, inference, C = 5: the smallest tiles.
+    C = 5
+    torch.ops.fastvid.triton_convgru_hidden(r(B, T, 3 * C, H, W), r(3 * C, C, 3, 3), r(3 * C), r(B, C, H, W), None,
+                                            [1, 1], [1, 1], True, False, False)
+    # Ballas GRU (two kernels per step): training cache, lengths.
+    torch.ops.fastvid.triton_convgru_hidden(r(B, T, 3 * C, H, W), r(3 * C, C, 3, 3), r(3 * C), r(B, C, H, W),
+                                            torch.tensor([2, 1]), [1, 1], [1, 1], False, False, True)
+
+
 def _cases():
     cases = {}
     for name, dtype in DTYPES.items():
@@ -91,6 +110,7 @@ def _cases():
             cases[f"depthwise-{name}-k{''.join(map(str, kernel))}"] = (_depthwise, dtype, kernel)
         cases[f"depthwise-{name}-k333-m2"] = (_depthwise, dtype, (3, 3, 3), 2)
         cases[f"recurrent-{name}"] = (_recurrent, dtype)
+        cases[f"recurrent_conv-{name}"] = (_recurrent_conv, dtype)
     return cases
 
 
@@ -120,7 +140,7 @@ def recording(capability, limit):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
 
-    saved = [(m, name, getattr(m, name)) for m in (ta, td, tr)
+    saved = [(m, name, getattr(m, name)) for m in (ta, td, tr, trc)
              for name in ("wrap_triton", "_launch") if hasattr(m, name)]
     saved += [(ta, "device_limits", ta.device_limits), (_common, "INTERPRET", _common.INTERPRET)]
     try:

@@ -401,6 +401,11 @@ def _triton_convgru_lengths(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, paddi
     return torch.stack(outputs, dim=1), h
 
 
+def _triton_conv():
+    from ..triton_kernels import recurrent_conv as tc  # imported lazily: triton import is slow
+    return tc
+
+
 # ------------------------------------------------------------------------------ public cell ops
 def lstm_cell(gates_pre: Tensor, c_prev: Tensor, peephole: Optional[Tensor] = None):
     """Fused LSTM gates: ``gates_pre`` ``[B, 4C, H, W]`` (i, f, g, o) and ``c_prev`` → ``(h, c)``.
@@ -509,13 +514,16 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
                                     peephole=peephole))
-    if which == "triton" and lengths is not None:
+    if which == "triton" and (lengths is None or not _needs_grad(x, weight_ih, weight_hh, bias, h0, c0, peephole)):
+        # the hidden conv and the cell fused, one launch per step (its backward does not take lengths)
+        return _triton_conv().convlstm(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
+                                       lengths=lengths)
+    if which == "triton":
         return _triton_convlstm_lengths(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
                                         lengths)
-    if which in ("reference", "triton"):
-        cell = _triton().lstm_cell if which == "triton" else ref.lstm_cell
+    if which == "reference":
         return ref.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
-                                     cell=cell, lengths=lengths)
+                                     lengths=lengths)
     save = _needs_grad(x, weight_ih, weight_hh, bias, h0, c0, peephole)
 
     channels_last = _channels_last(x)
@@ -543,15 +551,16 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
                                                               bias_hh, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                                     h0=h0))
-    if which == "triton" and lengths is not None:
+    if which == "triton" and (lengths is None or not _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0)):
+        # the hidden conv and the cell fused: one launch per step (two for reset_after=False)
+        return _triton_conv().convgru(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
+                                      reverse, lengths=lengths)
+    if which == "triton":
         return _triton_convgru_lengths(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
                                        reverse, lengths)
-    if which in ("reference", "triton"):
-        cells = {}
-        if which == "triton":
-            cells = {"cell": _triton().gru_cell, "reset_hidden": _triton().gru_reset_hidden}
+    if which == "reference":
         return ref.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
-                                    reverse, lengths=lengths, **cells)
+                                    reverse, lengths=lengths)
     save = _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0)
 
     channels_last = _channels_last(x)
