@@ -157,7 +157,10 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
                     if isinstance(case, depthwise.DWCase):
                         rows = depthwise.run_case(case, rounds, warmup, device, memory, base)
                     elif isinstance(case, attention.AttnCase):
-                        rows = attention.run_case(case, rounds, warmup, device, memory, base)
+                        # Its peak memory (fresh subprocesses, seconds each) does not depend on the
+                        # ISA path: measured under the case's first path only.
+                        first = (isas_of(case) if isas_of else isas)[0]
+                        rows = attention.run_case(case, rounds, warmup, device, memory and isa == first, base)
                     else:
                         rows = run_case(case, rounds, warmup, device, memory, ops, base)
                 for row in rows:
