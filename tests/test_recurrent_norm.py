@@ -23,10 +23,9 @@ pytestmark = pytest.mark.skipif(not fastvid.info()["cpu_kernels"], reason="fastv
 
 OPS = torch.ops.fastvid
 SHAPE = (2, 3, 3, 4, 5, 6)  # B, T, C_in, C, H, W
-NAMES = ("x", "weight_ih", "weight_hh", "bias", "h0", "c0", "gain_ih", "gain_hh", "gain_c", "bias_c")
 
 
-def make_sample(dtype, shape=SHAPE, bias=True, layout="contiguous", seed=0):
+def make_sample(dtype, shape=SHAPE, bias=True, layout="contiguous", seed=0, kind="lstm"):
     """Inputs drawn in float64 and rounded to ``dtype`` (the cell state and the norm parameters in the
     accumulation dtype). Gains away from 1 and nonzero biases so a kernel that ignores them fails."""
     B, T, Cin, C, H, W = shape
@@ -36,11 +35,18 @@ def make_sample(dtype, shape=SHAPE, bias=True, layout="contiguous", seed=0):
         return torch.randn(*s, generator=gen, dtype=torch.float64) * scale + shift
 
     acc = acc_dtype(dtype)
-    t = dict(x=randn(B, T, Cin, H, W), weight_ih=randn(4 * C, Cin, 3, 3, scale=0.3),
-             weight_hh=randn(4 * C, C, 3, 3, scale=0.3), bias=randn(4 * C, scale=0.5) if bias else None,
-             h0=randn(B, C, H, W, scale=0.5), c0=randn(B, C, H, W), gain_ih=randn(4 * C, scale=0.3, shift=1.0),
-             gain_hh=randn(4 * C, scale=0.3, shift=1.0), gain_c=randn(C, scale=0.3, shift=1.0),
-             bias_c=randn(C, scale=0.3))
+    G = 4 if kind == "lstm" else 3
+    t = dict(x=randn(B, T, Cin, H, W), weight_ih=randn(G * C, Cin, 3, 3, scale=0.3),
+             weight_hh=randn(G * C, C, 3, 3, scale=0.3))
+    if kind == "lstm":
+        t.update(bias=randn(4 * C, scale=0.5) if bias else None, h0=randn(B, C, H, W, scale=0.5),
+                 c0=randn(B, C, H, W), gain_ih=randn(4 * C, scale=0.3, shift=1.0),
+                 gain_hh=randn(4 * C, scale=0.3, shift=1.0), gain_c=randn(C, scale=0.3, shift=1.0),
+                 bias_c=randn(C, scale=0.3))
+    else:
+        t.update(bias_ih=randn(3 * C, scale=0.5) if bias else None, bias_hh=randn(3 * C, scale=0.5) if bias else None,
+                 h0=randn(B, C, H, W, scale=0.5), gain_ih=randn(3 * C, scale=0.3, shift=1.0),
+                 gain_hh=randn(3 * C, scale=0.3, shift=1.0))
     for k, v in t.items():
         if v is not None:
             t[k] = v.to(acc if k in ("c0", "gain_ih", "gain_hh", "gain_c", "bias_c") else dtype)
@@ -55,11 +61,17 @@ def leaves(t):
 
 
 def run_ops(t, reverse=False):
+    if "bias_ih" in t:  # GRU
+        return ops.convgru_ln(t["x"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"], t["h0"],
+                              t["gain_ih"], t["gain_hh"], reverse=reverse)
     return ops.convlstm_ln(t["x"], t["weight_ih"], t["weight_hh"], t["bias"], t["h0"], t["c0"], t["gain_ih"],
                            t["gain_hh"], t["gain_c"], t["bias_c"], reverse=reverse)
 
 
 def run_reference(t, reverse=False):
+    if "bias_ih" in t:  # GRU
+        return ref_norm.convgru_ln_sequence(t["x"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
+                                            t["h0"], t["gain_ih"], t["gain_hh"], (1, 1), (1, 1), reverse)
     return ref_norm.convlstm_ln_sequence(t["x"], t["weight_ih"], t["weight_hh"], t["bias"], t["h0"], t["c0"],
                                          t["gain_ih"], t["gain_hh"], t["gain_c"], t["bias_c"], (1, 1), (1, 1), reverse)
 
@@ -75,30 +87,32 @@ def to64(t):
     return {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in t.items()}
 
 
-def check_against_reference(dtype, layout, reverse, bias):
-    sample = make_sample(dtype, bias=bias, layout=layout)
+def check_against_reference(dtype, layout, reverse, bias, kind="lstm", backend="cpu", shape=SHAPE):
+    sample = make_sample(dtype, bias=bias, layout=layout, kind=kind, shape=shape)
     ours_in = leaves(sample)
-    with fastvid.backend("cpu"):
+    names = ("output", "h_n", "c_n") if kind == "lstm" else ("output", "h_n")
+    with fastvid.backend(backend):
         ours = run_ops(ours_in, reverse)
     grad_outputs = upstream_grads(ours)
     ours_grads = grads_of(ours, ours_in, grad_outputs)
     oracle_in = to64(sample)
     oracle = run_reference(oracle_in, reverse)
     oracle_grads = grads_of(oracle, oracle_in, grad_outputs)
-    comparator, comparator_grads = [None] * 3, {}
+    comparator, comparator_grads = [None] * len(names), {}
     if dtype in LOW_PRECISION:  # the reference run in the dtype: its gate math in fp32 on convs in the dtype
         comp_in = leaves(sample)
         comparator = run_reference(comp_in, reverse)
         comparator_grads = grads_of(comparator, comp_in, grad_outputs)
-    for name, a, o, c in zip(("output", "h_n", "c_n"), ours, oracle, comparator):
+    assert len(ours) == len(names)
+    for name, a, o, c in zip(names, ours, oracle, comparator):
         assert a.dtype == (acc_dtype(dtype) if name == "c_n" else dtype), name
         assert_parity(a, o, dtype, name, c)
     for name in ours_grads:
         assert ours_grads[name].dtype == sample[name].dtype, f"grad {name} dtype"
         assert_parity(ours_grads[name], oracle_grads[name], dtype, f"grad {name}", comparator_grads.get(name),
                       grad=True)
-    with torch.no_grad(), fastvid.backend("cpu"):  # inference: save=False, one step of scratch
-        for name, a, o, c in zip(("output", "h_n", "c_n"), run_ops(sample, reverse), oracle, comparator):
+    with torch.no_grad(), fastvid.backend(backend):  # inference: save=False, one step of scratch
+        for name, a, o, c in zip(names, run_ops(sample, reverse), oracle, comparator):
             assert_parity(a, o, dtype, f"{name} (no_grad)", c)
 
 
@@ -113,17 +127,43 @@ def test_sequence_matches_reference(dtype, layout, reverse, bias, cpu_isa):
     check_against_reference(dtype, layout, reverse, bias)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_sequence_fp16_matches_reference(layout):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_gru_sequence_matches_reference(dtype, layout, reverse, bias, cpu_isa):
+    """ConvGRU: output, h_n and the gradients w.r.t. x, weights, both biases, h0 and both gains equal
+    the float64 reference on every CPU ISA path."""
+    check_against_reference(dtype, layout, reverse, bias, kind="gru")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_sequence_fp16_matches_reference(layout, kind):
     """fp16 on the CPU kernels (gate math and statistics in fp32, the cell state in fp32), by the
     flash-attention rule against the reference run in fp16 (tests/_tolerances.py)."""
-    check_against_reference(torch.float16, layout, reverse=False, bias=True)
+    check_against_reference(torch.float16, layout, reverse=False, bias=True, kind=kind)
 
 
-def test_gradcheck():
+@pytest.mark.skipif(not fastvid._backend.triton_usable(), reason="triton is not usable here")
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("block", [1024, 16], ids=["one_chunk", "many_chunks"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_triton_matches_reference(dtype, reverse, block, kind, monkeypatch):
+    """The Triton LN step kernels (under the interpreter on this machine) in the sequence loop: values
+    and every gradient against the float64 reference; BLOCK 16 makes every pass loop over several
+    masked chunks of a sample (C·H·W = 12, G·C·H·W = 36 / 48 here)."""
+    from fastvid.triton_kernels import recurrent_norm as tk
+    monkeypatch.setattr(tk, "BLOCK_SIZE", block)
+    check_against_reference(dtype, "contiguous", reverse, True, kind=kind, backend="triton", shape=(2, 2, 2, 3, 2, 2))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gradcheck(kind):
     """fp64 gradcheck of the C++ forward/backward pair over every differentiable input."""
-    sample = leaves(make_sample(torch.float64, shape=(2, 2, 2, 2, 3, 4)))
-    names = [k for k in NAMES if sample[k] is not None]
+    sample = leaves(make_sample(torch.float64, shape=(2, 2, 2, 2, 3, 4), kind=kind))
+    names = [k for k, v in sample.items() if v is not None]
 
     def f(*args):
         with fastvid.backend("cpu"):
@@ -242,10 +282,11 @@ def test_bidirectional_multilayer_module_matches_reference(batch_first):
         module.zero_grad()
         with fastvid.backend(backend):
             out, (h_n, c_n) = module(x)
+        states = [*h_n, *c_n]  # per-layer lists: the layers differ in width
         loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + \
-            sum((s * s).sum() for s in (h_n, c_n))
+            sum((s * s).sum() for s in states)
         loss.backward()
-        return [out, *h_n, *c_n], {n: p.grad.clone() for n, p in module.named_parameters()}
+        return [out, *states], {n: p.grad.clone() for n, p in module.named_parameters()}
 
     ours, ours_grads = run(m, "cpu")
     oracle, oracle_grads = run(m, "reference")
@@ -271,13 +312,12 @@ def test_cell_matches_reference_and_sequence():
     h1, c1 = cell(x, (h, c))
     (h1.sum() + (c1 * c1).sum()).backward()
     ours_grads = {n: p.grad.clone() for n, p in cell.named_parameters()}
-    cell.zero_grad()
     twin = convert(cell, to="reference")
     h2, c2 = twin(x, (h, c))
     (h2.sum() + (c2 * c2).sum()).backward()
     assert_full_precision(h1, h2, "h", ulps=RECURRENT_ULPS)
     assert_full_precision(c1, c2, "c", ulps=RECURRENT_ULPS)
-    for n, p in cell.named_parameters():
+    for n, p in twin.named_parameters():
         assert_full_precision(ours_grads[n], p.grad, f"grad {n}", ulps=RECURRENT_ULPS)
     seq = fastvid.nn.ConvLSTM(3, 4, norm="layer").double()
     seq.load_state_dict({k + "_l0": v for k, v in cell.state_dict().items()})
@@ -317,3 +357,109 @@ def test_raw_op_rejects_bad_norm_parameters():
     args[9] = args[9].to(torch.int64)  # bias_c
     with pytest.raises(TypeError, match="bias_c must be floating point"):
         OPS.convlstm_ln_sequence(*args)
+
+
+# ------------------------------------------------------------------------------ ConvGRU
+def _gru_op_args(layout, save, reverse=False):
+    t = make_sample(torch.float64, shape=(2, 2, 2, 2, 3, 4), layout=layout, kind="gru")
+    return (t["x"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"], t["h0"], t["gain_ih"], t["gain_hh"],
+            [1, 1], [1, 1], reverse, layout == "channels_last", save)
+
+
+@pytest.mark.parametrize("save", [True, False], ids=["save", "nosave"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gru_opcheck_forward(layout, save):
+    args = list(_gru_op_args(layout, save))
+    for i in range(8):
+        if isinstance(args[i], torch.Tensor):
+            args[i] = args[i].requires_grad_(save)
+    result = torch.library.opcheck(OPS.convgru_ln_sequence, tuple(args))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gru_opcheck_backward(layout, reverse):
+    args = _gru_op_args(layout, True, reverse)
+    x, w_ih, w_hh, b_ih, b_hh, h0, g_ih, g_hh, padding, dilation, reverse, cl, _ = args
+    out, h_n, x_pre, h_pre, stats = OPS.convgru_ln_sequence(*args)
+    grads = upstream_grads((out, h_n))
+    bargs = (*grads, x, w_ih, w_hh, b_ih, b_hh, h0, g_ih, g_hh, out, x_pre, h_pre, stats, padding, dilation, reverse,
+             cl)
+    result = torch.library.opcheck(OPS.convgru_ln_sequence_backward, bargs)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_gru_bidirectional_multilayer_module_matches_reference():
+    """ConvGRU(norm='layer', num_layers=2, bidirectional=True) on the CPU kernels equals the reference
+    backend and the convert(to='reference') twin, outputs and every parameter gradient (fp64)."""
+    gen = torch.Generator().manual_seed(4)
+    m = fastvid.nn.ConvGRU(3, [4, 3], 3, num_layers=2, bidirectional=True, norm="layer").double()
+    _set_norm_params(m, gen)
+    x = torch.randn(2, 3, 3, 5, 6, generator=gen, dtype=torch.float64)
+    assert {"ln_gain_ih_l0", "ln_gain_hh_l1_reverse"} <= {n for n, _ in m.named_parameters()}
+
+    def run(module, backend):
+        module.zero_grad()
+        with fastvid.backend(backend):
+            out, h_n = module(x)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + \
+            sum((s * s).sum() for s in h_n)
+        loss.backward()
+        return [out, *h_n], {n: p.grad.clone() for n, p in module.named_parameters()}
+
+    ours, ours_grads = run(m, "cpu")
+    oracle, oracle_grads = run(m, "reference")
+    twin_out, twin_grads = run(convert(m, to="reference"), "cpu")
+    for a, o, tw in zip(ours, oracle, twin_out):
+        assert_full_precision(a, o, "module output", ulps=RECURRENT_ULPS)
+        assert_full_precision(tw, o, "reference twin output", ulps=RECURRENT_ULPS)
+    for n in ours_grads:
+        assert_full_precision(ours_grads[n], oracle_grads[n], f"grad {n}", ulps=RECURRENT_ULPS)
+        assert_full_precision(twin_grads[n], oracle_grads[n], f"twin grad {n}", ulps=RECURRENT_ULPS)
+
+
+def test_gru_cell_matches_reference():
+    gen = torch.Generator().manual_seed(6)
+    cell = fastvid.nn.ConvGRUCell(3, 4, norm="layer").double()
+    _set_norm_params(cell, gen)
+    x = torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64)
+    h = torch.randn(2, 4, 5, 6, generator=gen, dtype=torch.float64)
+    ours = cell(x, h)
+    ours.square().sum().backward()
+    ours_grads = {n: p.grad.clone() for n, p in cell.named_parameters()}
+    twin = convert(cell, to="reference")
+    theirs = twin(x, h)
+    theirs.square().sum().backward()
+    assert_full_precision(ours, theirs, "h", ulps=RECURRENT_ULPS)
+    for n, p in twin.named_parameters():
+        assert_full_precision(ours_grads[n], p.grad, f"grad {n}", ulps=RECURRENT_ULPS)
+
+
+def test_gru_bad_norm_arguments():
+    with pytest.raises(ValueError, match="reset_after=True"):
+        fastvid.nn.ConvGRU(2, 3, norm="layer", reset_after=False)
+    with pytest.raises(ValueError, match="reset_after=True"):
+        fastvid.nn.ConvGRUCell(2, 3, norm="layer", reset_after=False)
+    t = make_sample(torch.float32, kind="gru")
+    with pytest.raises(ValueError, match="gain_hh must be \\[12\\]"):
+        ops.convgru_ln(t["x"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"], None, t["gain_ih"],
+                       t["gain_hh"][:3])
+
+
+@pytest.mark.parametrize("cls", [fastvid.nn.ConvLSTM, fastvid.nn.ConvGRU])
+def test_autocast_bf16(cls):
+    """Under CPU autocast the conv operands run in bf16 (outputs bf16, the LSTM cell state fp32), and the
+    result stays within bf16 rounding of the fp32 module's (a loose, dtype-derived bound: 8 bf16 ulps of
+    the largest output, the outputs being tanh-bounded)."""
+    m = cls(3, 4, norm="layer")
+    x = torch.randn(2, 3, 3, 5, 6)
+    with fastvid.backend("cpu"):
+        expected = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+    assert out[0].dtype == torch.bfloat16
+    if cls is fastvid.nn.ConvLSTM:
+        assert out[1][1].dtype == torch.float32
+    bound = 8 * torch.finfo(torch.bfloat16).eps * expected[0].abs().max().item()
+    assert (out[0].float() - expected[0]).abs().max().item() <= bound

@@ -166,16 +166,18 @@ def convgru_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optiona
     """One layer-normalised ConvGRU layer (``nn.GRU`` form, reset_after), one direction, over ``x``
     ``[B, T, C_in, H, W]`` (equations: fastvid/reference/recurrent_norm.py). ``bias_ih`` / ``bias_hh``
     ``[3C]`` are added after their norms; ``gain_ih``, ``gain_hh`` ``[3C]``. Returns ``(output, h_n)``.
-    CUDA tensors run the reference time loop (no fused GRU step kernel in Triton yet)."""
+    CUDA tensors run the Triton step kernel in the reference time loop, as for convlstm_ln."""
     C, padding, dilation, h0 = _sequence_arguments("convgru_ln", x, weight_hh, h0, padding, dilation)
     _check_norm_params("convgru_ln", C, 3, gain_ih=gain_ih, gain_hh=gain_hh)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias_ih,
                                                                     bias_hh, h0)
     tensors = dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, h0=h0,
                    gain_ih=gain_ih, gain_hh=gain_hh)
-    if _backend.resolve(tensors) != "cpu":
+    which = _backend.resolve(tensors)
+    if which != "cpu":
+        cell = _triton_norm().ln_gru_cell if which in ("triton", "cuda") else ref.ln_gru_cell
         return ref.convgru_ln_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding,
-                                       dilation, reverse)
+                                       dilation, reverse, cell=cell)
     output, h_n, *_ = torch.ops.fastvid.convgru_ln_sequence(
         x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding, dilation, reverse,
         _channels_last(x), _needs_grad(*tensors.values()))
