@@ -7,7 +7,10 @@
 //             gradient sums; dL/dx_pre and dL/dh_pre.
 // A row is one (batch, hidden channel) over the pixels for NCHW frames, or one (batch, pixel) over
 // the hidden channels for NHWC frames, so every operand's row is unit-stride; gcc vectorises the row
-// loops at each ISA path's width (cpu_isa.h), as in recurrent_cpu.cpp.
+// loops at each ISA path's width (cpu_isa.h), as in recurrent_cpu.cpp. The row loops that store carry
+// `#pragma GCC ivdep`: their operands alias at most element for element (c_prev/c_out, dc in/out), and
+// gcc would otherwise give up on the ~20 runtime alias checks and keep them scalar. Reductions use
+// lane_sum (fp64 lanes) so they vectorise too.
 #include "recurrent_norm.h"
 #include "recurrent_math.h"
 
@@ -97,20 +100,33 @@ void for_rows(const Rows& rows, int64_t batch, const MakeState& make_state, cons
   });
 }
 
-// Mean and 1/sqrt(var + eps) of each sample's n contiguous elements, written to stats[b, slot], slot+1.
+// Σ_{j<n} term(j) in fp64 over 8 independent lanes: without -ffast-math gcc never reassociates one
+// running sum, so a single accumulator would keep a loop scalar; the lanes vectorise.
+template <typename Term>
+double lane_sum(int64_t n, const Term& term) {
+  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += static_cast<double>(term(j + l));
+  double tail = 0;
+  for (; j < n; ++j) tail += static_cast<double>(term(j));
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + tail;
+}
+
+// Mean and 1/sqrt(var + eps) of each sample's n contiguous elements of x (into stats[b, 0..1]) and of h
+// (into stats[b, 2..3]); one parallel region for both (each region ends in a barrier).
 template <typename scalar_t, typename acc_t>
-void sample_moments(const Frame& f, const Frame& stats, int64_t slot, int64_t batch, int64_t n) {
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
+void sample_moments(const Frame& x, const Frame& h, const Frame& stats, int64_t batch, int64_t n) {
+  at::parallel_for(0, 2 * batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / 2, slot = 2 * (task % 2);
+      const Frame& f = task % 2 ? h : x;
       const scalar_t* v = static_cast<const scalar_t*>(f.data) + b * f.stride_b;
-      double sum = 0;
-      for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(v[i]);
-      const double mean = sum / n;
-      double m2 = 0;
-      for (int64_t i = 0; i < n; ++i) {
+      const double mean = lane_sum(n, [&](int64_t i) { return static_cast<double>(v[i]); }) / n;
+      const double m2 = lane_sum(n, [&](int64_t i) {
         const double d = static_cast<double>(v[i]) - mean;
-        m2 += d * d;
-      }
+        return d * d;
+      });
       acc_t* st = sample_stats<acc_t>(stats, b);
       st[slot] = static_cast<acc_t>(mean);
       st[slot + 1] = static_cast<acc_t>(1.0 / std::sqrt(m2 / n + kLayerNormEps));
@@ -147,8 +163,7 @@ void forward_impl(const LnLstmForwardArgs& a) {
   const NormGeometry& g = a.geo;
   const Rows rows(g);
   const int64_t B = g.batch, n4 = 4 * g.channels * g.pixels;
-  sample_moments<scalar_t, acc_t>(a.x_pre, a.stats, 0, B, n4);
-  sample_moments<scalar_t, acc_t>(a.h_pre, a.stats, 2, B, n4);
+  sample_moments<scalar_t, acc_t>(a.x_pre, a.h_pre, a.stats, B, n4);
 
   // Gates and cell; the per-row mean and M2 of c.
   std::vector<double> row_mean(B * rows.per_batch), row_m2(B * rows.per_batch);
@@ -172,7 +187,7 @@ void forward_impl(const LnLstmForwardArgs& a) {
     }
     const acc_t* c_prev = row_of<const acc_t>(a.c_prev, rows, b, r, 0, 1);
     acc_t* c_out = row_of<acc_t>(a.c_out, rows, b, r, 0, 1);
-    double sum = 0;
+    #pragma GCC ivdep
     for (int64_t j = 0; j < rows.inner; ++j) {
       acc_t pre[4];
       for (int q = 0; q < 4; ++q)
@@ -185,16 +200,13 @@ void forward_impl(const LnLstmForwardArgs& a) {
       gates[1][j] = static_cast<scalar_t>(f);
       gates[2][j] = static_cast<scalar_t>(gg);
       gates[3][j] = static_cast<scalar_t>(o);
-      sum += c;
     }
-    const double mean = sum / rows.inner;
-    double m2 = 0;
-    for (int64_t j = 0; j < rows.inner; ++j) {
-      const double d = c_out[j] - mean;
-      m2 += d * d;
-    }
+    const double mean = lane_sum(rows.inner, [&](int64_t j) { return static_cast<double>(c_out[j]); }) / rows.inner;
     row_mean[row] = mean;
-    row_m2[row] = m2;
+    row_m2[row] = lane_sum(rows.inner, [&](int64_t j) {
+      const double d = static_cast<double>(c_out[j]) - mean;
+      return d * d;
+    });
   });
   for (int64_t b = 0; b < B; ++b) {
     double mean, rstd;
@@ -218,6 +230,7 @@ void forward_impl(const LnLstmForwardArgs& a) {
     const scalar_t* o = row_of<const scalar_t>(a.gates_out, rows, b, r, 3, 4);
     scalar_t* h = row_of<scalar_t>(a.h_out, rows, b, r, 0, 1);
     scalar_t* h2 = row_of<scalar_t>(a.h_out2, rows, b, r, 0, 1);
+    #pragma GCC ivdep
     for (int64_t j = 0; j < rows.inner; ++j) {
       const acc_t value = static_cast<acc_t>(o[j]) * tanh_fast(gc[j] * (c[j] - mc) * rc + bc[j]);
       h[j] = static_cast<scalar_t>(value);
@@ -259,7 +272,7 @@ void backward_impl(const LnLstmBackwardArgs& a) {
     const scalar_t* o = row_of<const scalar_t>(a.gates, rows, b, r, 3, 4);
     acc_t* d_norm_c = row_of<acc_t>(a.d_norm_c, rows, b, r, 0, 1);
     scalar_t* d_o = row_of<scalar_t>(a.d_gates, rows, b, r, 3, 4);
-    double sum1 = 0, sum2 = 0;
+    #pragma GCC ivdep
     for (int64_t j = 0; j < rows.inner; ++j) {
       const acc_t dh = static_cast<acc_t>(dh_out[j]) + static_cast<acc_t>(dh_rec[j]);
       const acc_t c_hat = (c[j] - mc) * rc;
@@ -267,13 +280,10 @@ void backward_impl(const LnLstmBackwardArgs& a) {
       const acc_t oj = static_cast<acc_t>(o[j]);
       const acc_t dn = dh * oj * (acc_t(1) - tn * tn);
       d_norm_c[j] = dn;
-      const acc_t dc_hat = dn * gc[j];
-      sum1 += dc_hat;
-      sum2 += dc_hat * c_hat;
       d_o[j] = static_cast<scalar_t>(dh * tn * oj * (acc_t(1) - oj));
     }
-    s1[row] = sum1;
-    s2[row] = sum2;
+    s1[row] = lane_sum(rows.inner, [&](int64_t j) { return d_norm_c[j] * gc[j]; });
+    s2[row] = lane_sum(rows.inner, [&](int64_t j) { return d_norm_c[j] * gc[j] * ((c[j] - mc) * rc); });
   });
   std::vector<acc_t> m1(B), m2(B);
   for (int64_t b = 0; b < B; ++b) {
@@ -308,6 +318,7 @@ void backward_impl(const LnLstmBackwardArgs& a) {
       d_gates[q] = row_of<scalar_t>(a.d_gates, rows, b, r, q, 4);
     }
     const acc_t mean1 = m1[b], mean2 = m2[b];
+    #pragma GCC ivdep
     for (int64_t j = 0; j < rows.inner; ++j) {
       const acc_t c_hat = (c[j] - mc) * rc;
       const acc_t dc_total = dc[j] + rc * (d_norm_c[j] * gc[j] - mean1 - c_hat * mean2);
@@ -320,14 +331,11 @@ void backward_impl(const LnLstmBackwardArgs& a) {
     }
     double ax1 = 0, ax2 = 0, ah1 = 0, ah2 = 0;
     for (int q = 0; q < 4; ++q) {
-      for (int64_t j = 0; j < rows.inner; ++j) {
-        const acc_t d = static_cast<acc_t>(d_gates[q][j]);
-        const acc_t ux = d * gx[q][j], uh = d * gh[q][j];
-        ax1 += ux;
-        ax2 += ux * ((static_cast<acc_t>(x[q][j]) - mx) * rx);
-        ah1 += uh;
-        ah2 += uh * ((static_cast<acc_t>(h[q][j]) - mh) * rh);
-      }
+      const auto d = [&](int64_t j) { return static_cast<acc_t>(d_gates[q][j]); };
+      ax1 += lane_sum(rows.inner, [&](int64_t j) { return d(j) * gx[q][j]; });
+      ax2 += lane_sum(rows.inner, [&](int64_t j) { return d(j) * gx[q][j] * ((static_cast<acc_t>(x[q][j]) - mx) * rx); });
+      ah1 += lane_sum(rows.inner, [&](int64_t j) { return d(j) * gh[q][j]; });
+      ah2 += lane_sum(rows.inner, [&](int64_t j) { return d(j) * gh[q][j] * ((static_cast<acc_t>(h[q][j]) - mh) * rh); });
     }
     sx1[row] = ax1, sx2[row] = ax2, sh1[row] = ah1, sh2[row] = ah2;
   });
@@ -356,6 +364,7 @@ void backward_impl(const LnLstmBackwardArgs& a) {
       scalar_t* dx = row_of<scalar_t>(a.d_x_pre, rows, b, r, q, 4);
       scalar_t* dhp = row_of<scalar_t>(a.d_h_pre, rows, b, r, q, 4);
       const acc_t ax1 = mx1[b], ax2 = mx2[b], ah1 = mh1[b], ah2 = mh2[b];
+      #pragma GCC ivdep
       for (int64_t j = 0; j < rows.inner; ++j) {
         const acc_t dj = static_cast<acc_t>(d[j]);
         const acc_t x_hat = (static_cast<acc_t>(x[j]) - mx) * rx, h_hat = (static_cast<acc_t>(h[j]) - mh) * rh;
@@ -385,11 +394,11 @@ void norm_backward(const Rows& rows, int64_t B, int64_t n, const Frame& d, const
     for (int64_t q = 0; q < n; ++q) {
       const scalar_t* dq = row_of<const scalar_t>(d, rows, b, r, q, n);
       const scalar_t* vq = row_of<const scalar_t>(v, rows, b, r, q, n);
-      for (int64_t j = 0; j < rows.inner; ++j) {
-        const acc_t u = static_cast<acc_t>(dq[j]) * g[q][j];
-        a1 += u;
-        a2 += u * ((static_cast<acc_t>(vq[j]) - mean) * rstd);
-      }
+      const acc_t* gq = g[q];
+      a1 += lane_sum(rows.inner, [&](int64_t j) { return static_cast<acc_t>(dq[j]) * gq[j]; });
+      a2 += lane_sum(rows.inner, [&](int64_t j) {
+        return static_cast<acc_t>(dq[j]) * gq[j] * ((static_cast<acc_t>(vq[j]) - mean) * rstd);
+      });
     }
     s1[row] = a1;
     s2[row] = a2;
@@ -408,6 +417,7 @@ void norm_backward(const Rows& rows, int64_t B, int64_t n, const Frame& d, const
       const scalar_t* dq = row_of<const scalar_t>(d, rows, b, r, q, n);
       const scalar_t* vq = row_of<const scalar_t>(v, rows, b, r, q, n);
       scalar_t* out = row_of<scalar_t>(dv, rows, b, r, q, n);
+      #pragma GCC ivdep
       for (int64_t j = 0; j < rows.inner; ++j) {
         const acc_t v_hat = (static_cast<acc_t>(vq[j]) - mean) * rstd;
         out[j] = static_cast<scalar_t>(rstd * (static_cast<acc_t>(dq[j]) * g[q][j] - mean1 - v_hat * mean2));
@@ -434,8 +444,7 @@ void gru_forward_impl(const LnGruForwardArgs& a) {
   const NormGeometry& g = a.geo;
   const Rows rows(g);
   const int64_t B = g.batch;
-  sample_moments<scalar_t, acc_t>(a.x_pre, a.stats, 0, B, 3 * g.channels * g.pixels);
-  sample_moments<scalar_t, acc_t>(a.h_pre, a.stats, 2, B, 3 * g.channels * g.pixels);
+  sample_moments<scalar_t, acc_t>(a.x_pre, a.h_pre, a.stats, B, 3 * g.channels * g.pixels);
   const auto make = [&] {
     return GruParams<acc_t>{RowParam<acc_t>(a.gain_ih, 3, rows), RowParam<acc_t>(a.gain_hh, 3, rows),
                             RowParam<acc_t>(a.bias_ih, 3, rows), RowParam<acc_t>(a.bias_hh, 3, rows), {}, {}, {}, {}};
@@ -452,6 +461,7 @@ void gru_forward_impl(const LnGruForwardArgs& a) {
     const scalar_t* h_prev = row_of<const scalar_t>(a.h_prev, rows, b, r, 0, 1);
     scalar_t* out = row_of<scalar_t>(a.h_out, rows, b, r, 0, 1);
     scalar_t* out2 = row_of<scalar_t>(a.h_out2, rows, b, r, 0, 1);
+    #pragma GCC ivdep
     for (int64_t j = 0; j < rows.inner; ++j) {
       acc_t xg[3], hg[3];
       for (int q = 0; q < 3; ++q) {
@@ -501,6 +511,7 @@ void gru_backward_impl(const LnGruBackwardArgs& a) {
     if (dh_rec == nullptr) dh_rec = s.zeros.data();
     const scalar_t* h_prev = row_of<const scalar_t>(a.h_prev, rows, b, r, 0, 1);
     scalar_t* dh_prev = row_of<scalar_t>(a.dh_prev, rows, b, r, 0, 1);
+    #pragma GCC ivdep
     for (int64_t j = 0; j < rows.inner; ++j) {
       acc_t xg[3], hg[3];
       for (int q = 0; q < 3; ++q) {
