@@ -59,9 +59,12 @@ struct LnLstmBackwardArgs {
   const void* gain_hh = nullptr;
   const void* gain_c = nullptr;
   const void* bias_c = nullptr;
-  Frame d_gates;                              // [B, 4C] out: dL/da
+  Frame d_gates;                              // [B, 4C] scratch: dL/da
   Frame d_x_pre, d_h_pre;                     // [B, 4C] out: dL/dx_pre, dL/dh_pre
-  Frame d_norm_c;                             // [B, C] out: dL/d(LN(c)), for the gain_c / bias_c gradients
+  Frame d_norm_c;                             // [B, C] scratch: dL/d(LN(c))
+  // [14C] fp64, accumulated (+=) step after step: the gradients of gain_ih, gain_hh, bias (= Σ dL/da),
+  // gain_c, bias_c, in that order
+  double* param_grads = nullptr;
 };
 
 void ln_lstm_forward_cpu(const LnLstmForwardArgs& a);

@@ -113,6 +113,27 @@ double lane_sum(int64_t n, const Term& term) {
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + tail;
 }
 
+// body(state, b, r, row, sums) over all rows in at most 64 chunks run in parallel; sums points at the
+// chunk's own `width` zeroed doubles (per-channel parameter-gradient sums), added into out[width] in
+// chunk order afterwards: no races, and the same result for any thread count.
+template <typename MakeState, typename Body>
+void for_row_chunks(const Rows& rows, int64_t batch, int64_t width, double* out, const MakeState& make_state,
+                    const Body& body) {
+  const int64_t total = batch * rows.per_batch;
+  const int64_t chunks = std::min<int64_t>(total, 64);
+  std::vector<double> partial(chunks * width, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      auto state = make_state();
+      double* sums = partial.data() + chunk * width;
+      for (int64_t row = chunk * total / chunks; row < (chunk + 1) * total / chunks; ++row)
+        body(state, row / rows.per_batch, row % rows.per_batch, row, sums);
+    }
+  });
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t k = 0; k < width; ++k) out[k] += partial[chunk * width + k];
+}
+
 // Mean and 1/sqrt(var + eps) of each sample's n contiguous elements of x (into stats[b, 0..1]) and of h
 // (into stats[b, 2..3]); one parallel region for both (each region ends in a barrier).
 template <typename scalar_t, typename acc_t>
@@ -258,7 +279,9 @@ void backward_impl(const LnLstmBackwardArgs& a) {
     return ScratchA{RowParam<acc_t>(a.gain_c, 1, rows), RowParam<acc_t>(a.bias_c, 1, rows),
                     std::vector<scalar_t>(rows.inner, scalar_t(0))};
   };
-  for_rows(rows, B, make_a, [&](ScratchA& s, int64_t b, int64_t r, int64_t row) {
+  const int64_t C = g.channels;
+  for_row_chunks(rows, B, 2 * C, a.param_grads + 12 * C, make_a, [&](ScratchA& s, int64_t b, int64_t r, int64_t row,
+                                                                       double* sums) {
     const acc_t* st = sample_stats<acc_t>(a.stats, b);
     const acc_t mc = st[4], rc = st[5];
     const acc_t *gc, *bc;
@@ -284,6 +307,17 @@ void backward_impl(const LnLstmBackwardArgs& a) {
     }
     s1[row] = lane_sum(rows.inner, [&](int64_t j) { return d_norm_c[j] * gc[j]; });
     s2[row] = lane_sum(rows.inner, [&](int64_t j) { return d_norm_c[j] * gc[j] * ((c[j] - mc) * rc); });
+    // gain_c, bias_c gradients: Σ dL/dLN(c)·ĉ, Σ dL/dLN(c) per channel
+    if (rows.cl) {
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < rows.inner; ++j) {
+        sums[j] += static_cast<double>(d_norm_c[j] * ((c[j] - mc) * rc));
+        sums[C + j] += static_cast<double>(d_norm_c[j]);
+      }
+    } else {
+      sums[r] += lane_sum(rows.inner, [&](int64_t j) { return d_norm_c[j] * ((c[j] - mc) * rc); });
+      sums[C + r] += lane_sum(rows.inner, [&](int64_t j) { return d_norm_c[j]; });
+    }
   });
   std::vector<acc_t> m1(B), m2(B);
   for (int64_t b = 0; b < B; ++b) {
@@ -351,7 +385,8 @@ void backward_impl(const LnLstmBackwardArgs& a) {
   const auto make_c = [&] {
     return std::array<RowParam<acc_t>, 2>{RowParam<acc_t>(a.gain_ih, 4, rows), RowParam<acc_t>(a.gain_hh, 4, rows)};
   };
-  for_rows(rows, B, make_c, [&](std::array<RowParam<acc_t>, 2>& p, int64_t b, int64_t r, int64_t) {
+  for_row_chunks(rows, B, 12 * C, a.param_grads, make_c, [&](std::array<RowParam<acc_t>, 2>& p, int64_t b, int64_t r,
+                                                               int64_t, double* sums) {
     const acc_t* st = sample_stats<acc_t>(a.stats, b);
     const acc_t mx = st[0], rx = st[1], mh = st[2], rh = st[3];
     const acc_t *gx[4], *gh[4];
@@ -370,6 +405,24 @@ void backward_impl(const LnLstmBackwardArgs& a) {
         const acc_t x_hat = (static_cast<acc_t>(x[j]) - mx) * rx, h_hat = (static_cast<acc_t>(h[j]) - mh) * rh;
         dx[j] = static_cast<scalar_t>(rx * (dj * gx[q][j] - ax1 - x_hat * ax2));
         dhp[j] = static_cast<scalar_t>(rh * (dj * gh[q][j] - ah1 - h_hat * ah2));
+      }
+      // gain_ih, gain_hh, bias gradients: Σ dL/da·x̂, Σ dL/da·ĥ, Σ dL/da per channel
+      const auto x_hat = [&](int64_t j) { return (static_cast<acc_t>(x[j]) - mx) * rx; };
+      const auto h_hat = [&](int64_t j) { return (static_cast<acc_t>(h[j]) - mh) * rh; };
+      if (rows.cl) {
+        double *s_gx = sums + q * C, *s_gh = sums + 4 * C + q * C, *s_b = sums + 8 * C + q * C;
+        #pragma GCC ivdep
+        for (int64_t j = 0; j < rows.inner; ++j) {
+          const acc_t dj = static_cast<acc_t>(d[j]);
+          s_gx[j] += static_cast<double>(dj * x_hat(j));
+          s_gh[j] += static_cast<double>(dj * h_hat(j));
+          s_b[j] += static_cast<double>(dj);
+        }
+      } else {
+        const int64_t k = q * C + r;
+        sums[k] += lane_sum(rows.inner, [&](int64_t j) { return static_cast<acc_t>(d[j]) * x_hat(j); });
+        sums[4 * C + k] += lane_sum(rows.inner, [&](int64_t j) { return static_cast<acc_t>(d[j]) * h_hat(j); });
+        sums[8 * C + k] += lane_sum(rows.inner, [&](int64_t j) { return static_cast<acc_t>(d[j]); });
       }
     }
   });

@@ -145,10 +145,11 @@ convlstm_ln_sequence_backward(const OptTensor& grad_output, const OptTensor& gra
   const Tensor h0_l = h0.contiguous(fmt);
   Tensor dc = grad_c_n.has_value() ? grad_c_n->to(acc).contiguous(fmt).clone() : empty_like_frame(g, C, acc_opts).zero_();
   Tensor dh_rec = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
-  Tensor d_gates = empty_frames({B, T}, 4 * C, H, W, cl, opts);
+  const Tensor d_gates = empty_like_frame(g, 4 * C, opts);   // per-step scratch
+  const Tensor d_norm_c = empty_like_frame(g, C, acc_opts);  // per-step scratch
   Tensor d_x_pre = empty_frames({B, T}, 4 * C, H, W, cl, opts);
   Tensor d_h_pre = empty_frames({B, T}, 4 * C, H, W, cl, opts);
-  Tensor d_norm_c = empty_frames({B, T}, C, H, W, cl, acc_opts);
+  Tensor param_grads = at::zeros({14 * C}, opts.dtype(at::kDouble));  // gain_ih, gain_hh, bias, gain_c, bias_c
 
   LnLstmBackwardArgs a;
   a.geo = {B, C, H * W, cl, x.scalar_type()};
@@ -156,6 +157,9 @@ convlstm_ln_sequence_backward(const OptTensor& grad_output, const OptTensor& gra
   a.gain_hh = p.gain_hh.data_ptr();
   a.gain_c = p.gain_c.data_ptr();
   a.bias_c = p.bias_c.data_ptr();
+  a.param_grads = param_grads.data_ptr<double>();
+  a.d_gates = frame(d_gates, cl);
+  a.d_norm_c = frame(d_norm_c, cl);
   for (int64_t f = T - 1; f >= 0; --f) {
     const int64_t t = time_of(f, T, reverse);
     a.dh_out = g_out.defined() ? frame(g_out.select(1, t), cl) : Frame{};
@@ -167,10 +171,8 @@ convlstm_ln_sequence_backward(const OptTensor& grad_output, const OptTensor& gra
     a.c = frame(cells_l.select(1, t), cl);
     a.c_prev = frame(f == 0 ? c_init : cells_l.select(1, time_of(f - 1, T, reverse)), cl);
     a.stats = {stats_c.select(1, t).data_ptr(), stats_c.stride(0)};
-    a.d_gates = frame(d_gates.select(1, t), cl);
     a.d_x_pre = frame(d_x_pre.select(1, t), cl);
     a.d_h_pre = frame(d_h_pre.select(1, t), cl);
-    a.d_norm_c = frame(d_norm_c.select(1, t), cl);
     ln_lstm_backward_cpu(a);
     const Tensor h_prev = f == 0 ? h0_l : output_l.select(1, time_of(f - 1, T, reverse));
     dh_rec = conv_input_grad(d_h_pre.select(1, t), h_prev, weight_hh, g);
@@ -184,24 +186,21 @@ convlstm_ln_sequence_backward(const OptTensor& grad_output, const OptTensor& gra
   const auto grads = at::convolution_backward(flat(d_x_pre), flat(x), weight_ih, std::nullopt, {1, 1}, g.padding,
                                               g.dilation, false, {0, 0}, 1, {true, true, false});
   const Tensor grad_x = std::get<0>(grads).view({B, T, Cin, H, W});
-  // Gain and bias gradients: Σ over samples, steps and pixels of dL/d(norm output) · (normalised value).
-  const std::vector<int64_t> dims = {0, 1, 3, 4};
-  const auto per_sample = [&](int64_t k) { return stats_c.select(2, k).view({B, T, 1, 1, 1}); };
-  const Tensor d_gates_acc = d_gates.to(acc);
-  const Tensor x_hat = (x_pre_l.to(acc) - per_sample(0)) * per_sample(1);
-  const Tensor h_hat = (h_pre_l.to(acc) - per_sample(2)) * per_sample(3);
-  const Tensor c_hat = (cells_l - per_sample(4)) * per_sample(5);
-  const Tensor grad_bias = has_bias ? d_gates_acc.sum(dims).to(x.scalar_type()) : at::empty({0}, opts);
+  // The gain and bias gradients the step kernels summed over samples, steps and pixels.
+  const auto param_grad = [&](int64_t start, int64_t size, at::ScalarType dtype) {
+    return param_grads.narrow(0, start, size).to(dtype, /*non_blocking=*/false, /*copy=*/true);  // never a view
+  };
+  const Tensor grad_bias = has_bias ? param_grad(8 * C, 4 * C, x.scalar_type()) : at::empty({0}, opts);
   return {to_frames_layout(grad_x, cl),
           std::get<1>(grads).contiguous(),
           grad_w_hh.contiguous(),
           grad_bias,
           grad_h0,
           grad_c0,
-          (d_gates_acc * x_hat).sum(dims).to(gain_ih.scalar_type()),
-          (d_gates_acc * h_hat).sum(dims).to(gain_hh.scalar_type()),
-          (d_norm_c * c_hat).sum(dims).to(gain_c.scalar_type()),
-          d_norm_c.sum(dims).to(bias_c.scalar_type())};
+          param_grad(0, 4 * C, gain_ih.scalar_type()),
+          param_grad(4 * C, 4 * C, gain_hh.scalar_type()),
+          param_grad(12 * C, C, gain_c.scalar_type()),
+          param_grad(13 * C, C, bias_c.scalar_type())};
 }
 
 // ======================================================================== GRU (reset_after form)
