@@ -59,9 +59,10 @@ TORCH_LIBRARY(fastvid, m) {
         "bool channels_last) "
         "-> (Tensor grad_x, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
         "Tensor grad_bias_hh, Tensor grad_h0)");
-  // Layer-normalised ConvLSTM (norm="layer", csrc/recurrent/recurrent_norm.h, fastvid/reference/recurrent_norm.py):
-  // gains gain_ih, gain_hh [4C], gain_c and bias_c [C]; hoisted strategy only. x_pre, h_pre, gates, cells,
-  // stats ([B, T, 6]) are the backward caches (empty unless save).
+  // Layer-normalised ConvLSTM / ConvGRU (norm="layer", csrc/recurrent/recurrent_norm.h,
+  // fastvid/reference/recurrent_norm.py): gains gain_ih, gain_hh [G*C] (LSTM also gain_c, bias_c [C]);
+  // hoisted input conv only; the GRU is the reset_after form. x_pre, h_pre, gates, cells, stats ([B, T, 6]
+  // LSTM, [B, T, 4] GRU) are the backward caches (empty unless save).
   m.def("convlstm_ln_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias, Tensor h0, Tensor c0, "
         "Tensor gain_ih, Tensor gain_hh, Tensor gain_c, Tensor bias_c, int[2] padding, int[2] dilation, bool reverse, "
         "bool channels_last, bool save) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor x_pre, Tensor h_pre, "

@@ -1,10 +1,10 @@
 """Layer-normalised ConvLSTM / ConvGRU (``norm="layer"``): functional API and the Python side of the
-``convlstm_ln_sequence`` ops (fake kernels, autograd, autocast). Equations and the choice of axes:
+``convlstm_ln_sequence`` / ``convgru_ln_sequence`` ops (fake kernels, autograd, autocast). Equations and the choice of axes:
 fastvid/reference/recurrent_norm.py.
 
 Backends: 'cpu' runs the C++ time loop with the fused LN + cell kernel (csrc/recurrent/recurrent_norm_*.cpp);
-CUDA tensors run the Triton step kernel (triton_kernels/recurrent_norm.py: LN of both pre-activations +
-gates + cell + LN(c) in one kernel per step) inside the reference time loop; 'reference' is the plain
+CUDA tensors (and backend('triton')) run the Triton step kernels (triton_kernels/recurrent_norm.py: LN of
+both pre-activations + gates + cell (+ LN(c)) in one kernel per step) inside the reference time loop; 'reference' is the plain
 PyTorch oracle.
 """
 from __future__ import annotations
