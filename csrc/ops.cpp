@@ -62,6 +62,28 @@ TORCH_LIBRARY(fastvid, m) {
         "bool channels_last, Tensor? lengths=None) "
         "-> (Tensor grad_x, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
         "Tensor grad_bias_hh, Tensor grad_h0)");
+  // Layer-normalised ConvLSTM / ConvGRU (norm="layer", csrc/recurrent/recurrent_norm.h,
+  // fastvid/reference/recurrent_norm.py): gains gain_ih, gain_hh [G*C] (LSTM also gain_c, bias_c [C]);
+  // hoisted input conv only; the GRU is the reset_after form. x_pre, h_pre, gates, cells, stats ([B, T, 6]
+  // LSTM, [B, T, 4] GRU) are the backward caches (empty unless save).
+  m.def("convlstm_ln_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias, Tensor h0, Tensor c0, "
+        "Tensor gain_ih, Tensor gain_hh, Tensor gain_c, Tensor bias_c, int[2] padding, int[2] dilation, bool reverse, "
+        "bool channels_last, bool save) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor x_pre, Tensor h_pre, "
+        "Tensor gates, Tensor cells, Tensor stats)");
+  m.def("convlstm_ln_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, "
+        "Tensor weight_ih, Tensor weight_hh, bool has_bias, Tensor h0, Tensor c0, Tensor gain_ih, Tensor gain_hh, "
+        "Tensor gain_c, Tensor bias_c, Tensor output, Tensor x_pre, Tensor h_pre, Tensor gates, Tensor cells, "
+        "Tensor stats, int[2] padding, int[2] dilation, bool reverse, bool channels_last) -> (Tensor grad_x, "
+        "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_h0, Tensor grad_c0, "
+        "Tensor grad_gain_ih, Tensor grad_gain_hh, Tensor grad_gain_c, Tensor grad_bias_c)");
+  m.def("convgru_ln_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+        "Tensor h0, Tensor gain_ih, Tensor gain_hh, int[2] padding, int[2] dilation, bool reverse, "
+        "bool channels_last, bool save) -> (Tensor output, Tensor h_n, Tensor x_pre, Tensor h_pre, Tensor stats)");
+  m.def("convgru_ln_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor x, Tensor weight_ih, "
+        "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor h0, Tensor gain_ih, Tensor gain_hh, "
+        "Tensor output, Tensor x_pre, Tensor h_pre, Tensor stats, int[2] padding, int[2] dilation, bool reverse, "
+        "bool channels_last) -> (Tensor grad_x, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
+        "Tensor grad_bias_hh, Tensor grad_h0, Tensor grad_gain_ih, Tensor grad_gain_hh)");
   // ---- depthwise3d (csrc/depthwise3d/): F.conv3d(groups=C) with weight [m*C, 1, kT, kH, kW], see
   // fastvid/reference/depthwise3d.py. Outputs are channels_last_3d when the input is, else contiguous;
   // a gradient not asked for in output_mask comes back as an empty [0] tensor.

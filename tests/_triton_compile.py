@@ -34,6 +34,7 @@ from fastvid.triton_kernels import attention as ta  # noqa: E402
 from fastvid.triton_kernels import depthwise3d as td  # noqa: E402
 from fastvid.triton_kernels import recurrent as tr  # noqa: E402
 from fastvid.triton_kernels import recurrent_conv as trc  # noqa: E402
+from fastvid.triton_kernels import recurrent_norm as tn  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -100,6 +101,24 @@ def _recurrent_conv(dtype):
                                             torch.tensor([2, 1]), [1, 1], [1, 1], False, False, True)
 
 
+def _recurrent_norm(dtype):
+    B, C, H, W = 2, 2, 3, 3
+    r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    acc = tr.compute_dtype(dtype)
+    gains = [torch.randn(n) for n in (4 * C, 4 * C, C, C)]
+    for bias in (None, r(4 * C)):
+        h, c, gates, stats = tn._ln_lstm_cell_impl(r(B, 4 * C, H, W), r(B, 4 * C, H, W), r(B, C, H, W).to(acc), bias,
+                                                   *gains)
+    for grad_h, grad_c in ((r(B, C, H, W), c), (None, c), (r(B, C, H, W), None)):
+        tn._ln_lstm_cell_backward_impl(grad_h, grad_c, r(B, 4 * C, H, W), r(B, 4 * C, H, W), c, c, gates, stats,
+                                       *gains)
+    for bias in (None, r(3 * C)):
+        h, stats = tn._ln_gru_cell_impl(r(B, 3 * C, H, W), r(B, 3 * C, H, W), r(B, C, H, W), bias, bias,
+                                        torch.randn(3 * C), torch.randn(3 * C))
+        tn._ln_gru_cell_backward_impl(r(B, C, H, W), r(B, 3 * C, H, W), r(B, 3 * C, H, W), r(B, C, H, W), stats, bias,
+                                      bias, torch.randn(3 * C), torch.randn(3 * C))
+
+
 def _cases():
     cases = {}
     for name, dtype in DTYPES.items():
@@ -111,6 +130,7 @@ def _cases():
         cases[f"depthwise-{name}-k333-m2"] = (_depthwise, dtype, (3, 3, 3), 2)
         cases[f"recurrent-{name}"] = (_recurrent, dtype)
         cases[f"recurrent_conv-{name}"] = (_recurrent_conv, dtype)
+        cases[f"recurrent_norm-{name}"] = (_recurrent_norm, dtype)
     return cases
 
 
@@ -140,7 +160,7 @@ def recording(capability, limit):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
 
-    saved = [(m, name, getattr(m, name)) for m in (ta, td, tr, trc)
+    saved = [(m, name, getattr(m, name)) for m in (ta, td, tr, trc, tn)
              for name in ("wrap_triton", "_launch") if hasattr(m, name)]
     saved += [(ta, "device_limits", ta.device_limits), (_common, "INTERPRET", _common.INTERPRET)]
     try:

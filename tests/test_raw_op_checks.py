@@ -70,6 +70,21 @@ def _sequence_cases():
                       (torch.randn_like(output), torch.randn_like(h_n), x, w3_ih, w3_hh, b_ih, b_hh, h0, output, cache,
                        workspace, PAD, DIL, reset_after, False, strategy, False, lengths),
                       {"x", "weight_ih"}))
+    # norm="layer" (csrc/recurrent/recurrent_norm_ops.cpp)
+    gains = (torch.randn(4 * C), torch.randn(4 * C), torch.randn(C), torch.randn(C))
+    fwd = (x, w_ih, w_hh, bias, h0, c0, *gains, PAD, DIL, False, False, True)
+    output, h_n, c_n, x_pre, h_pre, gates, cells, stats = torch.ops.fastvid.convlstm_ln_sequence(*fwd)
+    cases.append(("convlstm_ln_sequence", fwd, {"x", "weight_ih"}))
+    cases.append(("convlstm_ln_sequence_backward",
+                  (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, w_ih, w_hh, True, h0, c0,
+                   *gains, output, x_pre, h_pre, gates, cells, stats, PAD, DIL, False, False), {"x", "weight_ih"}))
+    gains3 = (torch.randn(3 * C), torch.randn(3 * C))
+    fwd = (x, w3_ih, w3_hh, b_ih, b_hh, h0, *gains3, PAD, DIL, False, False, True)
+    output, h_n, x_pre, h_pre, stats = torch.ops.fastvid.convgru_ln_sequence(*fwd)
+    cases.append(("convgru_ln_sequence", fwd, {"x", "weight_ih"}))
+    cases.append(("convgru_ln_sequence_backward",
+                  (torch.randn_like(output), torch.randn_like(h_n), x, w3_ih, w3_hh, b_ih, b_hh, h0, *gains3, output,
+                   x_pre, h_pre, stats, PAD, DIL, False, False), {"x", "weight_ih"}))
     return cases
 
 

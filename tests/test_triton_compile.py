@@ -48,13 +48,14 @@ ARCHS = [80, 86, 89, 90, 100]
 # (recurrent_conv) in every dtype on sm_80 (mma) and sm_90 (wgmma).
 DEFAULT_CASES = {
     80: ["attention-bf16-D512-Dv512", "recurrent-fp32", "recurrent_conv-fp16", "recurrent_conv-bf16",
-         "recurrent_conv-fp32", "recurrent_conv-fp64"],
+         "recurrent_conv-fp32", "recurrent_conv-fp64", "recurrent_norm-bf16"],
     86: ["depthwise-fp16-k333", "depthwise-fp32-k333-m2", "recurrent-bf16"],
     89: ["attention-fp32-D128-Dv128", "attention-fp16-D40-Dv200"],
     90: ["attention-fp64-D128-Dv128", "attention-bf16-D128-Dv128", "depthwise-bf16-k333",
-         "recurrent-fp64", "recurrent_conv-fp16", "recurrent_conv-bf16", "recurrent_conv-fp32", "recurrent_conv-fp64"],
+         "recurrent-fp64", "recurrent_conv-fp16", "recurrent_conv-bf16", "recurrent_conv-fp32", "recurrent_conv-fp64",
+         "recurrent_norm-fp32"],
     100: ["attention-fp16-D128-Dv128", "attention-fp16-D512-Dv512", "depthwise-fp64-k333",
-          "recurrent-fp16"],
+          "recurrent-fp16", "recurrent_norm-fp64"],
 }
 
 
@@ -102,7 +103,7 @@ def _label(r):
 def test_kernels_compile_and_fit_shared_memory(compiled, arch):
     records = compiled[arch]
     families = {r["case"].split("-")[0] for r in records}
-    assert records and families <= {"attention", "depthwise", "recurrent", "recurrent_conv"}
+    assert records and families <= {"attention", "depthwise", "recurrent", "recurrent_conv", "recurrent_norm"}
     for r in records:
         assert "error" not in r, f"sm_{arch}: {_label(r)} does not compile: {r.get('error')}"
         assert r["shared"] <= r["limit"], f"sm_{arch}: {_label(r)} needs {r['shared']} bytes of shared " \
