@@ -454,3 +454,10 @@ def test_lengths_as_list_and_on_cpu_equal_tensor():
         out = _run(cfg, t, True, lengths=lengths)
         for a, r in zip(out, ref_out):
             assert torch.equal(a, r)
+
+
+@pytest.mark.parametrize("cls", ["ConvLSTM", "ConvGRU"])
+def test_lengths_with_layer_norm_is_refused(cls):
+    m = getattr(fastvid.nn, cls)(2, 3, 3, norm="layer")
+    with pytest.raises(ValueError, match="norm='layer'"):
+        m(torch.randn(2, 3, 2, 5, 5), lengths=torch.tensor([3, 2]))
