@@ -14,6 +14,7 @@
 // input-gradient conv; all weight (and bias) gradients come from one batched conv backward.
 #include "recurrent_kernels.h"
 #include "recurrent_sequence.h"
+#include "recurrent_winograd.h"
 #include "../fastvid_common.h"
 
 #include <ATen/ATen.h>
@@ -49,6 +50,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     int64_t strategy, bool channels_last, bool save) {
   const char* op = "fastvid.convlstm_sequence";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
+  if (strategy == kWinograd) check_winograd(op, x, weight_hh, g);
   check_state(op, "c0", c0, g, x);
   check_bias(op, "bias", bias, 4 * g.C, x);
   check_optional_arg(op, "peephole", peephole, {3, g.C}, x, "x", std::nullopt);
@@ -75,8 +77,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
   a.save = save;
 
-  Tensor x_gates, h_buf, buffer, w_cat;
-  if (strategy == kHoisted) {
+  Tensor x_gates, h_buf, buffer, w_cat, v_hh;
+  if (strategy == kWinograd) {  // hoisted, both convs Winograd; the gate kernel runs per conv strip
+    x_gates = winograd_conv(flat(x), winograd_weights(weight_ih), bias, g).view({B, T, 4 * C, H, W});
+    v_hh = winograd_weights(weight_hh);
+    if (save) gates = x_gates;
+  } else if (strategy == kHoisted) {
     x_gates = conv(flat(x), weight_ih, bias, g).view({B, T, 4 * C, H, W});
     h_buf = h0.contiguous(fmt).clone();
     if (save) gates = x_gates;
@@ -93,7 +99,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   for (int64_t f = 0; f < T; ++f) {
     const int64_t t = time_of(f, T, reverse);
     const bool last = f == T - 1;
-    if (strategy == kHoisted) {
+    if (strategy == kWinograd) {
+      for (int k = 0; k < 4; ++k) a.a_x[k] = slot(x_gates.select(1, t), k, C);  // a_h: per conv strip
+      a.h_out2 = plane(last ? h_n : output.select(1, t));
+    } else if (strategy == kHoisted) {
       h_gates = conv(h_buf, weight_hh, std::nullopt, g);
       const Tensor x_gates_t = x_gates.select(1, t);
       for (int k = 0; k < 4; ++k) {
@@ -113,13 +122,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     if (save) {
       a.c_prev = plane(f == 0 ? c_init : cells.select(1, time_of(f - 1, T, reverse)));
       a.c_out = plane(cells.select(1, t));
-      const Tensor gates_t = gates.select(strategy == kHoisted ? 1 : 0, t);  // in place over x_gates for hoisted
+      const Tensor gates_t = gates.select(strategy == kConcat ? 0 : 1, t);  // in place over x_gates for hoisted
       for (int k = 0; k < 4; ++k) a.gates_out[k] = slot(gates_t, k, C);
     } else {
       a.c_prev = plane(c_run);
       a.c_out = plane(c_run);
     }
-    FASTVID_LAUNCH(lstm_forward, a, x.device());
+    if (strategy == kWinograd) winograd_lstm_step(a, f == 0 ? h0 : output.select(1, time_of(f - 1, T, reverse)), v_hh, g);
+    else FASTVID_LAUNCH(lstm_forward, a, x.device());
   }
   Tensor c_n = save ? cells.select(1, time_of(T - 1, T, reverse)).clone() : c_run;
   Tensor workspace = (save && strategy == kConcat) ? buffer : at::empty({0}, opts);
