@@ -20,6 +20,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#ifdef __x86_64__
+#include <immintrin.h>
+#endif
+#include <chrono>
+#include <ctime>
+#include <cstdio>
 #include <vector>
 
 #include "../cpu_isa.h"
@@ -30,22 +37,27 @@ namespace fastvid {
 namespace recurrent {
 namespace winograd {
 
-// Transform matrices (Lavin & Gray 2016). F(4, 3): interpolation points 0, ±1, ±2, ∞.
+// Transform matrices: output = Aᵀ[(G w Gᵀ) ⊙ (Bᵀ d B)]A. F(4, 3) uses the interpolation points 0, ±1,
+// 1/2, -2, ∞ (not Lavin & Gray's 0, ±1, ±2, ∞) with the rows of Bᵀ scaled to max |entry| = 1 and G
+// scaled inversely: in an fp32 emulation against fp64 the convolution error is 4-7x oneDNN's direct
+// one, against 12-20x with Lavin's points (C = 32-64, 32x32; tests/test_recurrent_winograd.py
+// measures what the sequences see).
 template <int M>
 struct Matrices;
 
 template <>
 struct Matrices<4> {
   static constexpr int A = 6;
-  static constexpr double BT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
-                                      {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
-  static constexpr double G[6][3] = {{1.0 / 4, 0, 0},
-                                     {-1.0 / 6, -1.0 / 6, -1.0 / 6},
-                                     {-1.0 / 6, 1.0 / 6, -1.0 / 6},
-                                     {1.0 / 24, 1.0 / 12, 1.0 / 6},
-                                     {1.0 / 24, -1.0 / 12, 1.0 / 6},
-                                     {0, 0, 1}};
-  static constexpr double AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+  static constexpr double BT[6][6] = {{0.5, -0.75, -1, 0.75, 0.5, 0}, {0, -0.4, 0.2, 1, 0.4, 0},
+                                      {0, 0.4, -1, 0.2, 0.4, 0},     {0, -1, -0.5, 1, 0.5, 0},
+                                      {0, 0.5, -1, -0.5, 1, 0},      {0, 0.5, -0.75, -1, 0.75, 0.5}};
+  static constexpr double G[6][3] = {{2, 0, 0},
+                                     {5.0 / 6, 5.0 / 6, 5.0 / 6},
+                                     {-5.0 / 6, 5.0 / 6, -5.0 / 6},
+                                     {-32.0 / 15, -16.0 / 15, -8.0 / 15},
+                                     {1.0 / 15, -2.0 / 15, 4.0 / 15},
+                                     {0, 0, 2}};
+  static constexpr double AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 0.5, -2, 0}, {0, 1, 1, 0.25, 4, 0}, {0, 1, -1, 0.125, -8, 1}};
 };
 
 // F(2, 3): points 0, ±1, ∞.
@@ -57,11 +69,15 @@ struct Matrices<2> {
   static constexpr double AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
 };
 
+// GEMM column block: 2 vectors of the widest path (AVX-512: 2 x 16 floats); V's rows are padded to it.
+constexpr int64_t kColumnBlock = 32;
+
 // Everything one convolution call needs, in plain pointers (the per-ISA kernels see no Tensor).
 struct Job {
   const void* input = nullptr;  // [B, K, H, W] with element strides:
   int64_t in_sb = 0, in_sc = 0, in_sy = 0, in_sx = 0;
-  const void* V = nullptr;      // [alpha², K, N] contiguous, accumulation type
+  const void* V = nullptr;      // [alpha², K, ldv] (N used columns, zeros up to ldv), accumulation type
+  int64_t ldv = 0;
   const void* bias = nullptr;   // [N] accumulation type, or nullptr
   int64_t B = 0, K = 0, N = 0, H = 0, W = 0, tile = kWinogradTile;
   at::ScalarType dtype = at::kFloat;  // input and output dtype
@@ -90,12 +106,15 @@ winograd::Job make_job(const Tensor& input, const Tensor& V, const OptTensor& bi
   TORCH_CHECK(input.dim() == 4 && input.device().is_cpu(), "winograd_conv: input must be a [B, K, H, W] CPU tensor");
   const int64_t A2 = V.size(0);
   TORCH_CHECK(V.dim() == 3 && V.size(1) == input.size(1) && (A2 == 36 || A2 == 16) &&
-                  V.scalar_type() == acc_type(input.scalar_type()) && V.is_contiguous(),
-              "winograd_conv: V must be contiguous [alpha², K, N] in the accumulation type");
+                  V.scalar_type() == acc_type(input.scalar_type()) && V.stride(2) == 1 &&
+                  V.stride(1) % winograd::kColumnBlock == 0 && V.stride(1) >= V.size(2) &&
+                  V.stride(0) == V.size(1) * V.stride(1),
+              "winograd_conv: V must come from winograd_weights ([alpha², K, N], padded rows)");
   winograd::Job j;
   j.input = input.data_ptr();
   j.in_sb = input.stride(0), j.in_sc = input.stride(1), j.in_sy = input.stride(2), j.in_sx = input.stride(3);
   j.V = V.data_ptr();
+  j.ldv = V.stride(1);
   j.B = input.size(0), j.K = input.size(1), j.H = input.size(2), j.W = input.size(3), j.N = V.size(2);
   j.tile = A2 == 36 ? 4 : 2;
   j.dtype = input.scalar_type();
@@ -117,8 +136,14 @@ Tensor transform_weights(const Tensor& weight) {
     for (int i = 0; i < 3; ++i) G[a][i] = Mat::G[a][i];
   const Tensor w = weight.to(at::kDouble);
   // V[a, b, k, n] = Σ_ij G[a, i] w[n, k, i, j] G[b, j]
-  const Tensor V = at::einsum("ai,nkij,bj->abkn", {G, w, G}).reshape({A * A, weight.size(1), weight.size(0)});
-  return V.to(acc_type(weight.scalar_type())).contiguous();
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const Tensor V = at::einsum("ai,nkij,bj->abkn", {G, w, G}).reshape({A * A, K, N});
+  // Columns padded with zeros to a multiple of winograd::kColumnBlock (the GEMM kernel's widest column
+  // block); the returned view has N columns and row stride Np.
+  const int64_t Np = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
+  Tensor padded = at::zeros({A * A, K, Np}, weight.options().dtype(acc_type(weight.scalar_type())));
+  padded.narrow(2, 0, N).copy_(V);
+  return padded.narrow(2, 0, N);
 }
 }  // namespace
 
@@ -230,7 +255,108 @@ namespace recurrent {
 namespace FASTVID_ISA {
 namespace {
 
-constexpr int64_t kGroupTiles = 64;  // tiles per GEMM group: measured best for the benchmark shapes
+constexpr int64_t kGroupTiles = 64;
+// The alpha² slices of U and M are read / written together per tile: a slice stride that is a multiple
+// of 4 KiB puts all alpha² streams in the same L1 sets. 16 elements (one cache line) of padding.
+constexpr int64_t kSlicePad = 16;
+struct ProfT { double t[5] = {0,0,0,0,0}; ~ProfT() { if (getenv("WINO_PROF")) fprintf(stderr, "wino prof: transform_in %.1f gemm %.1f out %.1f emit %.1f fn %.1f ms\n", t[0]*1e3, t[1]*1e3, t[2]*1e3, t[3]*1e3, t[4]*1e3); } };
+inline ProfT prof_t;
+inline double nowt() { timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts); return ts.tv_sec + 1e-9 * ts.tv_nsec; }  // tiles per GEMM group: measured best for the benchmark shapes
+
+// ---------------------------------------------------------------- GEMM
+// C [P, ldc] = A [P, K] (row stride lda) x B [K, ldb], all Np = ldb columns (a multiple of
+// kColumnBlock). Register-blocked: MR rows x 2 vectors of accumulators, B streamed row by row, A
+// broadcast. MKL's sgemm (what at::bmm runs) took the AVX2 path on the AMD CPUs measured here, at
+// half the AVX-512 rate; this kernel runs each ISA path at its own width.
+typedef float vec_f __attribute__((vector_size(FASTVID_VEC_BYTES)));
+typedef double vec_d __attribute__((vector_size(FASTVID_VEC_BYTES)));
+template <typename T> struct VecOf;
+template <> struct VecOf<float> { using type = vec_f; };
+template <> struct VecOf<double> { using type = vec_d; };
+
+// c + a·b, fused where the path has FMA (the build's ISO C++ mode does not contract a*b + c).
+#if FASTVID_VEC_BYTES == 64
+inline vec_f fmadd(vec_f a, vec_f b, vec_f c) { return (vec_f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+inline vec_d fmadd(vec_d a, vec_d b, vec_d c) { return (vec_d)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c); }
+constexpr int kRows = 12;  // 24 of the 32 vector registers hold accumulators
+#elif FASTVID_VEC_BYTES == 32
+inline vec_f fmadd(vec_f a, vec_f b, vec_f c) { return (vec_f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+inline vec_d fmadd(vec_d a, vec_d b, vec_d c) { return (vec_d)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c); }
+constexpr int kRows = 6;  // 12 of 16
+#else
+template <typename V> inline V fmadd(V a, V b, V c) { return a * b + c; }
+constexpr int kRows = 6;
+#endif
+
+template <typename T, int MR>
+inline void gemm_block(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t K) {
+  using V = typename VecOf<T>::type;
+  constexpr int L = FASTVID_VEC_BYTES / sizeof(T);
+  V acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V b0, b1;
+    std::memcpy(&b0, b + k * ldb, sizeof(V));
+    std::memcpy(&b1, b + k * ldb + L, sizeof(V));
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const V ai = V{} + a[i * lda + k];
+      acc0[i] = fmadd(ai, b0, acc0[i]);
+      acc1[i] = fmadd(ai, b1, acc1[i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    std::memcpy(c + i * ldc, &acc0[i], sizeof(V));
+    std::memcpy(c + i * ldc + L, &acc1[i], sizeof(V));
+  }
+}
+
+template <typename T, int MR>
+inline void gemm_rows(int rows, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t K) {
+  if constexpr (MR > 0) {
+    if (rows == MR) gemm_block<T, MR>(a, lda, b, ldb, c, ldc, K);
+    else gemm_rows<T, MR - 1>(rows, a, lda, b, ldb, c, ldc, K);
+  }
+}
+
+template <typename T>
+void gemm(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t P, int64_t K) {
+  constexpr int64_t NR = 2 * FASTVID_VEC_BYTES / sizeof(T);
+  static_assert(winograd::kColumnBlock % NR == 0, "V's padding must cover the column block");
+  for (int64_t n0 = 0; n0 < ldb; n0 += NR) {
+    int64_t p0 = 0;
+    for (; p0 + kRows <= P; p0 += kRows) gemm_block<T, kRows>(a + p0 * lda, lda, b + n0, ldb, c + p0 * ldc + n0, ldc, K);
+    if (p0 < P) gemm_rows<T, kRows - 1>(static_cast<int>(P - p0), a + p0 * lda, lda, b + n0, ldb, c + p0 * ldc + n0, ldc, K);
+  }
+}
+
+// dst[n·sc + q·sp] = out[pixel q, channel n] for the rows·W pixels q of a strip: out is pixel-major
+// [rows][Wt][N]; channels-major destinations are written in blocks of kBlock channels.
+template <typename acc_t, typename scalar_t>
+void emit_strip(const acc_t* out, int64_t Wt, int64_t W, int64_t rows, int64_t N, scalar_t* dst, int64_t sc,
+                int64_t sp) {
+  if (sc <= sp) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t x = 0; x < W; ++x) {
+        const acc_t* src = out + (r * Wt + x) * N;
+        scalar_t* d = dst + (r * W + x) * sp;
+        for (int64_t n = 0; n < N; ++n) d[n * sc] = static_cast<scalar_t>(src[n]);
+      }
+    return;
+  }
+  constexpr int64_t kBlock = 8;  // 8 write streams: with a 4 KiB channel stride they share one L1 set (12-way)
+  for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+    const int64_t nb = std::min(kBlock, N - n0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t x = 0; x < W; ++x) {
+        const acc_t* src = out + (r * Wt + x) * N + n0;
+        scalar_t* d = dst + n0 * sc + (r * W + x) * sp;
+        for (int64_t n = 0; n < nb; ++n) d[n * sc] = static_cast<scalar_t>(src[n]);
+      }
+  }
+}
 
 template <int M, typename scalar_t>
 void winograd_conv_impl(const winograd::Job& j) {
@@ -244,23 +370,25 @@ void winograd_conv_impl(const winograd::Job& j) {
   const int64_t strips = j.B * tiles_h;
   const int64_t per_group = std::max<int64_t>(1, kGroupTiles / tiles_w);
   const int64_t groups = (strips + per_group - 1) / per_group;
-  const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const Tensor V = at::from_blob(const_cast<void*>(j.V), {A * A, K, N}, acc_options);
+  const int64_t Np = j.ldv;
+  const acc_t* V = static_cast<const acc_t*>(j.V);
   const scalar_t* in = static_cast<const scalar_t*>(j.input);
   const acc_t* bias = static_cast<const acc_t*>(j.bias);
 
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     const int64_t max_tiles = per_group * tiles_w;
     std::vector<acc_t> D(A * Wp * K);             // padded input rows of one strip, channels innermost
-    std::vector<acc_t> U_buf(A * A * max_tiles * K);
-    std::vector<acc_t> M_buf(A * A * max_tiles * N);
+    std::vector<acc_t> U_buf(A * A * (max_tiles * K + kSlicePad));
+    std::vector<acc_t> M_buf(A * A * (max_tiles * Np + kSlicePad));
     std::vector<acc_t> out(M * Wt * N);           // one strip's output, pixel-major
     std::vector<scalar_t> pre(M * W * N);         // the same in the frames layout and dtype
     for (int64_t grp = g0; grp < g1; ++grp) {
       const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
       const int64_t P = (s1 - s0) * tiles_w;
+      const int64_t su = P * K + kSlicePad, sm = P * Np + kSlicePad;  // element strides of the alpha² slices
       acc_t* U = U_buf.data();
       acc_t* Mm = M_buf.data();
+      double t0 = nowt();
       // ---- 1. gather + input transform
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / tiles_h, y_top = (s % tiles_h) * M - 1;
@@ -312,24 +440,22 @@ void winograd_conv_impl(const winograd::Job& j) {
 #pragma GCC unroll 8
                 for (int c = 0; c < A; ++c)
                   if (Mat::BT[jj][c] != 0) v += t[i][c] * acc_t(Mat::BT[jj][c]);
-                u0[(i * A + jj) * P * K + k] = v;
+                u0[(i * A + jj) * su + k] = v;
               }
           }
         }
       }
+      double t1 = nowt(); prof_t.t[0] += t1 - t0;
       // ---- 2. alpha² GEMMs [P, K] x [K, N]
-      {
-        const Tensor Ut = at::from_blob(U, {A * A, P, K}, acc_options);
-        Tensor Mt = at::from_blob(Mm, {A * A, P, N}, acc_options);
-        at::bmm_out(Mt, Ut, V);
-      }
+      for (int e = 0; e < A * A; ++e) gemm<acc_t>(U + e * su, K, V + e * K * Np, Np, Mm + e * sm, Np, P, K);
+      double t2 = nowt(); prof_t.t[1] += t2 - t1;
       // ---- 3. output transform (+ bias), strip by strip
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
         const int64_t rows = std::min<int64_t>(M, H - y0);
         for (int64_t tx = 0; tx < tiles_w; ++tx) {
           const int64_t p = (s - s0) * tiles_w + tx;
-          const acc_t* m0 = Mm + p * N;
+          const acc_t* m0 = Mm + p * Np;
           acc_t* o0 = out.data() + tx * M * N;
 #pragma GCC ivdep
           for (int64_t n = 0; n < N; ++n) {
@@ -337,7 +463,7 @@ void winograd_conv_impl(const winograd::Job& j) {
 #pragma GCC unroll 8
             for (int r = 0; r < A; ++r)
 #pragma GCC unroll 8
-              for (int c = 0; c < A; ++c) m[r][c] = m0[(r * A + c) * P * N + n];
+              for (int c = 0; c < A; ++c) m[r][c] = m0[(r * A + c) * sm + n];
 #pragma GCC unroll 8
             for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
@@ -362,38 +488,22 @@ void winograd_conv_impl(const winograd::Job& j) {
           }
         }
         const int64_t pixels = rows * W;
+        double t3 = nowt(); prof_t.t[2] += t3 - t2;
         if (j.fn != nullptr) {
           Plane pl;
           pl.data = pre.data();
-          if (j.channels_last) {
-            for (int64_t q = 0; q < pixels; ++q) {
-              const acc_t* src = out.data() + ((q / W) * Wt + q % W) * N;
-              scalar_t* dst = pre.data() + q * N;
-              for (int64_t n = 0; n < N; ++n) dst[n] = static_cast<scalar_t>(src[n]);
-            }
-            pl.stride_b = pixels * N, pl.stride_c = 1, pl.stride_p = N;
-          } else {
-            for (int64_t q = 0; q < pixels; ++q) {
-              const acc_t* src = out.data() + ((q / W) * Wt + q % W) * N;
-              for (int64_t n = 0; n < N; ++n) pre[n * pixels + q] = static_cast<scalar_t>(src[n]);
-            }
-            pl.stride_b = pixels * N, pl.stride_c = pixels, pl.stride_p = 1;
-          }
+          pl.stride_b = pixels * N;
+          pl.stride_c = j.channels_last ? 1 : pixels;
+          pl.stride_p = j.channels_last ? N : 1;
+          emit_strip(out.data(), Wt, W, rows, N, pre.data(), pl.stride_c, pl.stride_p);
+          double t4 = nowt();
           (*j.fn)(b, y0, rows, pl);
+          prof_t.t[4] += nowt() - t4;
         } else {
           scalar_t* dst = static_cast<scalar_t*>(j.out.data) + b * j.out.stride_b + y0 * W * j.out.stride_p;
-          const int64_t sc = j.out.stride_c, sp = j.out.stride_p;
-          if (sc <= sp) {
-            for (int64_t q = 0; q < pixels; ++q) {
-              const acc_t* src = out.data() + ((q / W) * Wt + q % W) * N;
-              for (int64_t n = 0; n < N; ++n) dst[q * sp + n * sc] = static_cast<scalar_t>(src[n]);
-            }
-          } else {
-            for (int64_t n = 0; n < N; ++n)
-              for (int64_t q = 0; q < pixels; ++q)
-                dst[q * sp + n * sc] = static_cast<scalar_t>(out[((q / W) * Wt + q % W) * N + n]);
-          }
+          emit_strip(out.data(), Wt, W, rows, N, dst, j.out.stride_c, j.out.stride_p);
         }
+        t2 = nowt(); prof_t.t[3] += t2 - t3;
       }
     }
   });
