@@ -125,7 +125,8 @@ def test_gru_options(cpu_isa, reverse, bias):
 
 
 def test_benchmark_sized_accuracy():
-    """The bound at a benchmark-like size (C = 32, 32x32, where the sums are long)."""
+    """The bound at a benchmark-like size (C = 32, 32x32, where the sums are long). F(4x4, 3x3) failed
+    the bound on these tests (3-11x per tensor), which is why the kernel runs F(2x2, 3x3)."""
     check_against_oracle("lstm", make_inputs("lstm", 1, 2, 32, 32, 32, 32, "contiguous"))
 
 
