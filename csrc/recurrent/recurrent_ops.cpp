@@ -10,8 +10,10 @@
 //             every step; per step one conv over it, and the gate kernel writes h straight into
 //             the next step's slot (no cat). The buffer is also the input of the one batched
 //             weight-gradient conv in backward.
-//   kWinograd: hoisted with every 3x3 conv a Winograd F(4x4, 3x3) on the CPU (recurrent_winograd.h),
-//             weights transformed once per call and the gate kernel run per conv output strip.
+//   kWinograd: CPU, 3x3, dilation 1: every conv a Winograd F(2x2, 3x3) (recurrent_winograd.h) with the
+//             weights transformed once per call and the gate kernel run per conv output strip; LSTM
+//             sums the x and h convs of a step in the Winograd domain, GRU hoists the x conv; backward
+//             as hoisted with the per-step input-gradient convs Winograd.
 // Backward walks the steps in reverse, per step one fused gate-backward kernel and one
 // input-gradient conv; all weight (and bias) gradients come from one batched conv backward.
 #include "recurrent_kernels.h"
@@ -79,11 +81,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
   a.save = save;
 
-  Tensor x_gates, h_buf, buffer, w_cat, v_hh;
-  if (strategy == kWinograd) {  // hoisted, both convs Winograd; the gate kernel runs per conv strip
-    x_gates = winograd_conv(flat(x), winograd_weights(weight_ih), bias, g).view({B, T, 4 * C, H, W});
+  Tensor x_gates, h_buf, buffer, w_cat, v_ih, v_hh;
+  if (strategy == kWinograd) {  // per step x and h convs summed in the Winograd domain, gate kernel per strip
+    v_ih = winograd_weights(weight_ih);
     v_hh = winograd_weights(weight_hh);
-    if (save) gates = x_gates;
+    if (save) gates = empty_frames({B, T}, 4 * C, H, W, g.channels_last, opts);
   } else if (strategy == kHoisted) {
     x_gates = conv(flat(x), weight_ih, bias, g).view({B, T, 4 * C, H, W});
     h_buf = h0.contiguous(fmt).clone();
@@ -102,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     const int64_t t = time_of(f, T, reverse);
     const bool last = f == T - 1;
     if (strategy == kWinograd) {
-      for (int k = 0; k < 4; ++k) a.a_x[k] = slot(x_gates.select(1, t), k, C);  // a_h: per conv strip
+      for (int k = 0; k < 4; ++k) a.a_h[k] = zero_plane(zeros);  // a_x: per conv strip
       a.h_out2 = plane(last ? h_n : output.select(1, t));
     } else if (strategy == kHoisted) {
       h_gates = conv(h_buf, weight_hh, std::nullopt, g);
@@ -130,7 +132,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
       a.c_prev = plane(c_run);
       a.c_out = plane(c_run);
     }
-    if (strategy == kWinograd) winograd_lstm_step(a, f == 0 ? h0 : output.select(1, time_of(f - 1, T, reverse)), v_hh, g);
+    if (strategy == kWinograd)
+      winograd_lstm_step(a, x.select(1, t), v_ih, bias, f == 0 ? h0 : output.select(1, time_of(f - 1, T, reverse)),
+                         v_hh, g);
     else FASTVID_LAUNCH(lstm_forward, a, x.device());
   }
   Tensor c_n = save ? cells.select(1, time_of(T - 1, T, reverse)).clone() : c_run;

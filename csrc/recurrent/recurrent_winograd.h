@@ -56,10 +56,11 @@ void winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, 
 // The same convolution written to a new [B, N, H, W] tensor in the frame layout of g.
 Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g);
 
-// One LSTM step of the winograd strategy: a holds full-frame planes (a_x = the input-conv gates of the
-// step, no a_h); per strip, a_h = conv(h_prev) with V_hh = winograd_weights(weight_hh), then the gate
-// kernel on that strip.
-void winograd_lstm_step(const LstmForwardArgs& a, const Tensor& h_prev, const Tensor& V_hh, const SeqGeometry& g);
+// One LSTM step of the winograd strategy: per strip, the gate pre-activations conv(x_t, W_ih) + bias +
+// conv(h_prev, W_hh), summed in the Winograd domain (one output transform), then the gate kernel on
+// that strip. a holds full-frame planes; its a_x are replaced per strip, its a_h must be zero planes.
+void winograd_lstm_step(const LstmForwardArgs& a, const Tensor& x_t, const Tensor& V_ih, const OptTensor& bias,
+                        const Tensor& h_prev, const Tensor& V_hh, const SeqGeometry& g);
 
 // One GRU step: per strip, conv(input) (+ bias) gives the hidden-conv gates a.h[first_slot...] (N / C
 // of them), then the gate kernel on that strip. reset_after: input = h_prev, slots r, z, n; Ballas:

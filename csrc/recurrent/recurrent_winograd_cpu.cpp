@@ -24,9 +24,6 @@
 #ifdef __x86_64__
 #include <immintrin.h>
 #endif
-#include <chrono>
-#include <ctime>
-#include <cstdio>
 #include <vector>
 
 #include "../cpu_isa.h"
@@ -74,12 +71,16 @@ constexpr int64_t kColumnBlock = 32;
 
 // Everything one convolution call needs, in plain pointers (the per-ISA kernels see no Tensor).
 struct Job {
-  const void* input = nullptr;  // [B, K, H, W] with element strides:
-  int64_t in_sb = 0, in_sc = 0, in_sy = 0, in_sx = 0;
-  const void* V = nullptr;      // [alpha², K, ldv] (N used columns, zeros up to ldv), accumulation type
+  struct Input {
+    const void* data = nullptr;  // [B, K, H, W] with element strides:
+    int64_t sb = 0, sc = 0, sy = 0, sx = 0, K = 0;
+    const void* V = nullptr;     // [alpha², K, ldv] (N used columns, zeros up to ldv), accumulation type
+  };
+  Input in[2];                   // the output sums the convolutions of the inputs used (1 or 2)
+  int inputs = 1;
   int64_t ldv = 0;
   const void* bias = nullptr;   // [N] accumulation type, or nullptr
-  int64_t B = 0, K = 0, N = 0, H = 0, W = 0, tile = kWinogradTile;
+  int64_t B = 0, N = 0, H = 0, W = 0, tile = kWinogradTile;
   at::ScalarType dtype = at::kFloat;  // input and output dtype
   bool channels_last = false;         // layout of the strip planes handed out
   const WinogradStripFn* fn = nullptr;
@@ -101,8 +102,7 @@ namespace recurrent {
 namespace {
 void run(const winograd::Job& job) { FASTVID_ISA_CALL(recurrent, winograd_conv_kernel(job)); }
 
-winograd::Job make_job(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
-                       Tensor& bias_acc) {
+void set_input(winograd::Job& j, int i, const Tensor& input, const Tensor& V) {
   TORCH_CHECK(input.dim() == 4 && input.device().is_cpu(), "winograd_conv: input must be a [B, K, H, W] CPU tensor");
   const int64_t A2 = V.size(0);
   TORCH_CHECK(V.dim() == 3 && V.size(1) == input.size(1) && (A2 == 36 || A2 == 16) &&
@@ -110,17 +110,30 @@ winograd::Job make_job(const Tensor& input, const Tensor& V, const OptTensor& bi
                   V.stride(1) % winograd::kColumnBlock == 0 && V.stride(1) >= V.size(2) &&
                   V.stride(0) == V.size(1) * V.stride(1),
               "winograd_conv: V must come from winograd_weights ([alpha², K, N], padded rows)");
+  TORCH_CHECK(i == 0 || (input.size(2) == j.H && input.size(3) == j.W && input.size(0) == j.B && V.size(2) == j.N &&
+                         V.stride(1) == j.ldv && (A2 == 36 ? 4 : 2) == j.tile && input.scalar_type() == j.dtype),
+              "winograd_conv: the two inputs must agree in B, H, W, dtype and N");
+  winograd::Job::Input& in = j.in[i];
+  in.data = input.data_ptr();
+  in.sb = input.stride(0), in.sc = input.stride(1), in.sy = input.stride(2), in.sx = input.stride(3);
+  in.K = input.size(1);
+  in.V = V.data_ptr();
+  if (i == 0) {
+    j.ldv = V.stride(1);
+    j.B = input.size(0), j.H = input.size(2), j.W = input.size(3), j.N = V.size(2);
+    j.tile = A2 == 36 ? 4 : 2;
+    j.dtype = input.scalar_type();
+  }
+  j.inputs = i + 1;
+}
+
+winograd::Job make_job(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
+                       Tensor& bias_acc) {
   winograd::Job j;
-  j.input = input.data_ptr();
-  j.in_sb = input.stride(0), j.in_sc = input.stride(1), j.in_sy = input.stride(2), j.in_sx = input.stride(3);
-  j.V = V.data_ptr();
-  j.ldv = V.stride(1);
-  j.B = input.size(0), j.K = input.size(1), j.H = input.size(2), j.W = input.size(3), j.N = V.size(2);
-  j.tile = A2 == 36 ? 4 : 2;
-  j.dtype = input.scalar_type();
+  set_input(j, 0, input, V);
   j.channels_last = g.channels_last;
   if (bias.has_value()) {
-    bias_acc = bias->to(V.scalar_type()).contiguous();
+    bias_acc = bias->to(acc_type(input.scalar_type())).contiguous();
     TORCH_CHECK(bias_acc.numel() == j.N, "winograd_conv: bias must have N elements");
     j.bias = bias_acc.data_ptr();
   }
@@ -203,16 +216,20 @@ Plane slot_of(const Plane& p, int64_t k, int64_t C, int64_t elem) {
 }
 }  // namespace
 
-void winograd_lstm_step(const LstmForwardArgs& a, const Tensor& h_prev, const Tensor& V_hh, const SeqGeometry& g) {
+void winograd_lstm_step(const LstmForwardArgs& a, const Tensor& x_t, const Tensor& V_ih, const OptTensor& bias,
+                        const Tensor& h_prev, const Tensor& V_hh, const SeqGeometry& g) {
   const int64_t C = a.geo.channels, W = g.W;
   const int64_t es = c10::elementSize(a.geo.dtype), ea = c10::elementSize(acc_type(a.geo.dtype));
-  winograd_conv(h_prev, V_hh, std::nullopt, g, [&](int64_t b, int64_t y0, int64_t rows, const Plane& pre) {
+  Tensor bias_acc;
+  winograd::Job j = make_job(x_t, V_ih, bias, g, bias_acc);
+  set_input(j, 1, h_prev, V_hh);
+  const WinogradStripFn fn = [&](int64_t b, int64_t y0, int64_t rows, const Plane& pre) {
     LstmForwardArgs s = a;
     s.geo.batch = 1;
     s.geo.pixels = rows * W;
     for (int k = 0; k < 4; ++k) {
-      s.a_x[k] = strip_of(a.a_x[k], b, y0, W, es);
-      s.a_h[k] = slot_of(pre, k, C, es);
+      s.a_x[k] = slot_of(pre, k, C, es);  // x and h convs summed in the Winograd domain
+      s.a_h[k] = a.a_h[k];                // zero planes
       if (a.save) s.gates_out[k] = strip_of(a.gates_out[k], b, y0, W, es);
     }
     s.c_prev = strip_of(a.c_prev, b, y0, W, ea);
@@ -220,7 +237,9 @@ void winograd_lstm_step(const LstmForwardArgs& a, const Tensor& h_prev, const Te
     s.h_out = strip_of(a.h_out, b, y0, W, es);
     s.h_out2 = strip_of(a.h_out2, b, y0, W, es);
     lstm_forward_cpu(s);
-  });
+  };
+  j.fn = &fn;
+  run(j);
 }
 
 void winograd_gru_step(const GruForwardArgs& a, const Tensor& input, const Tensor& V, const OptTensor& bias,
@@ -259,9 +278,6 @@ constexpr int64_t kGroupTiles = 64;
 // The alpha² slices of U and M are read / written together per tile: a slice stride that is a multiple
 // of 4 KiB puts all alpha² streams in the same L1 sets. 16 elements (one cache line) of padding.
 constexpr int64_t kSlicePad = 16;
-struct ProfT { double t[5] = {0,0,0,0,0}; ~ProfT() { if (getenv("WINO_PROF")) fprintf(stderr, "wino prof: transform_in %.1f gemm %.1f out %.1f emit %.1f fn %.1f ms\n", t[0]*1e3, t[1]*1e3, t[2]*1e3, t[3]*1e3, t[4]*1e3); } };
-inline ProfT prof_t;
-inline double nowt() { timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts); return ts.tv_sec + 1e-9 * ts.tv_nsec; }  // tiles per GEMM group: measured best for the benchmark shapes
 
 // ---------------------------------------------------------------- GEMM
 // C [P, ldc] = A [P, K] (row stride lda) x B [K, ldb], all Np = ldb columns (a multiple of
@@ -288,13 +304,20 @@ template <typename V> inline V fmadd(V a, V b, V c) { return a * b + c; }
 constexpr int kRows = 6;
 #endif
 
-template <typename T, int MR>
+template <typename T, bool kAccumulate, int MR>
 inline void gemm_block(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t K) {
   using V = typename VecOf<T>::type;
   constexpr int L = FASTVID_VEC_BYTES / sizeof(T);
   V acc0[MR], acc1[MR];
 #pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = V{};
+  for (int i = 0; i < MR; ++i) {
+    if (kAccumulate) {
+      std::memcpy(&acc0[i], c + i * ldc, sizeof(V));
+      std::memcpy(&acc1[i], c + i * ldc + L, sizeof(V));
+    } else {
+      acc0[i] = acc1[i] = V{};
+    }
+  }
   for (int64_t k = 0; k < K; ++k) {
     V b0, b1;
     std::memcpy(&b0, b + k * ldb, sizeof(V));
@@ -313,22 +336,24 @@ inline void gemm_block(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, i
   }
 }
 
-template <typename T, int MR>
+template <typename T, bool kAccumulate, int MR>
 inline void gemm_rows(int rows, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t K) {
   if constexpr (MR > 0) {
-    if (rows == MR) gemm_block<T, MR>(a, lda, b, ldb, c, ldc, K);
-    else gemm_rows<T, MR - 1>(rows, a, lda, b, ldb, c, ldc, K);
+    if (rows == MR) gemm_block<T, kAccumulate, MR>(a, lda, b, ldb, c, ldc, K);
+    else gemm_rows<T, kAccumulate, MR - 1>(rows, a, lda, b, ldb, c, ldc, K);
   }
 }
 
-template <typename T>
+// kAccumulate: C += A B, else C = A B.
+template <typename T, bool kAccumulate>
 void gemm(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t P, int64_t K) {
   constexpr int64_t NR = 2 * FASTVID_VEC_BYTES / sizeof(T);
   static_assert(winograd::kColumnBlock % NR == 0, "V's padding must cover the column block");
   for (int64_t n0 = 0; n0 < ldb; n0 += NR) {
     int64_t p0 = 0;
-    for (; p0 + kRows <= P; p0 += kRows) gemm_block<T, kRows>(a + p0 * lda, lda, b + n0, ldb, c + p0 * ldc + n0, ldc, K);
-    if (p0 < P) gemm_rows<T, kRows - 1>(static_cast<int>(P - p0), a + p0 * lda, lda, b + n0, ldb, c + p0 * ldc + n0, ldc, K);
+    for (; p0 + kRows <= P; p0 += kRows)
+      gemm_block<T, kAccumulate, kRows>(a + p0 * lda, lda, b + n0, ldb, c + p0 * ldc + n0, ldc, K);
+    if (p0 < P) gemm_rows<T, kAccumulate, kRows - 1>(static_cast<int>(P - p0), a + p0 * lda, lda, b + n0, ldb, c + p0 * ldc + n0, ldc, K);
   }
 }
 
@@ -363,7 +388,8 @@ void winograd_conv_impl(const winograd::Job& j) {
   using acc_t = at::opmath_type<scalar_t>;
   using Mat = winograd::Matrices<M>;
   constexpr int A = Mat::A;
-  const int64_t K = j.K, N = j.N, H = j.H, W = j.W;
+  const int64_t N = j.N, H = j.H, W = j.W;
+  const int64_t K_max = std::max(j.in[0].K, j.inputs > 1 ? j.in[1].K : 0);
   const int64_t tiles_h = (H + M - 1) / M, tiles_w = (W + M - 1) / M;
   const int64_t Wt = tiles_w * M;        // tiled width
   const int64_t Wp = Wt + 2;             // padded scratch width
@@ -371,28 +397,28 @@ void winograd_conv_impl(const winograd::Job& j) {
   const int64_t per_group = std::max<int64_t>(1, kGroupTiles / tiles_w);
   const int64_t groups = (strips + per_group - 1) / per_group;
   const int64_t Np = j.ldv;
-  const acc_t* V = static_cast<const acc_t*>(j.V);
-  const scalar_t* in = static_cast<const scalar_t*>(j.input);
   const acc_t* bias = static_cast<const acc_t*>(j.bias);
 
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     const int64_t max_tiles = per_group * tiles_w;
-    std::vector<acc_t> D(A * Wp * K);             // padded input rows of one strip, channels innermost
-    std::vector<acc_t> U_buf(A * A * (max_tiles * K + kSlicePad));
+    std::vector<acc_t> D(A * Wp * K_max);         // padded input rows of one strip, channels innermost
+    std::vector<acc_t> U_buf(A * A * (max_tiles * K_max + kSlicePad));
     std::vector<acc_t> M_buf(A * A * (max_tiles * Np + kSlicePad));
     std::vector<acc_t> out(M * Wt * N);           // one strip's output, pixel-major
     std::vector<scalar_t> pre(M * W * N);         // the same in the frames layout and dtype
     for (int64_t grp = g0; grp < g1; ++grp) {
       const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
       const int64_t P = (s1 - s0) * tiles_w;
-      const int64_t su = P * K + kSlicePad, sm = P * Np + kSlicePad;  // element strides of the alpha² slices
+      const int64_t sm = P * Np + kSlicePad;  // element stride of the alpha² slices of M
       acc_t* U = U_buf.data();
       acc_t* Mm = M_buf.data();
-      double t0 = nowt();
+      for (int i_in = 0; i_in < j.inputs; ++i_in) {
+      const winograd::Job::Input& in = j.in[i_in];
+      const int64_t K = in.K, su = P * K + kSlicePad;  // element stride of the alpha² slices of U
       // ---- 1. gather + input transform
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / tiles_h, y_top = (s % tiles_h) * M - 1;
-        const scalar_t* in_b = in + b * j.in_sb;
+        const scalar_t* in_b = static_cast<const scalar_t*>(in.data) + b * in.sb;
         for (int r = 0; r < A; ++r) {
           acc_t* row = D.data() + r * Wp * K;
           const int64_t y = y_top + r;
@@ -402,13 +428,13 @@ void winograd_conv_impl(const winograd::Job& j) {
           }
           std::fill(row, row + K, acc_t(0));  // x = -1
           std::fill(row + (W + 1) * K, row + Wp * K, acc_t(0));  // x >= W
-          const scalar_t* src = in_b + y * j.in_sy;
-          if (j.in_sc <= j.in_sx) {
+          const scalar_t* src = in_b + y * in.sy;
+          if (in.sc <= in.sx) {
             for (int64_t x = 0; x < W; ++x)
-              for (int64_t k = 0; k < K; ++k) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * j.in_sx + k * j.in_sc]);
+              for (int64_t k = 0; k < K; ++k) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
           } else {
             for (int64_t k = 0; k < K; ++k)
-              for (int64_t x = 0; x < W; ++x) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * j.in_sx + k * j.in_sc]);
+              for (int64_t x = 0; x < W; ++x) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
           }
         }
         for (int64_t tx = 0; tx < tiles_w; ++tx) {
@@ -445,10 +471,13 @@ void winograd_conv_impl(const winograd::Job& j) {
           }
         }
       }
-      double t1 = nowt(); prof_t.t[0] += t1 - t0;
-      // ---- 2. alpha² GEMMs [P, K] x [K, N]
-      for (int e = 0; e < A * A; ++e) gemm<acc_t>(U + e * su, K, V + e * K * Np, Np, Mm + e * sm, Np, P, K);
-      double t2 = nowt(); prof_t.t[1] += t2 - t1;
+      // ---- 2. alpha² GEMMs [P, K] x [K, N], the second input's accumulated onto the first's
+      const acc_t* V = static_cast<const acc_t*>(in.V);
+      for (int e = 0; e < A * A; ++e) {
+        if (i_in == 0) gemm<acc_t, false>(U + e * su, K, V + e * K * Np, Np, Mm + e * sm, Np, P, K);
+        else gemm<acc_t, true>(U + e * su, K, V + e * K * Np, Np, Mm + e * sm, Np, P, K);
+      }
+      }
       // ---- 3. output transform (+ bias), strip by strip
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
@@ -488,7 +517,6 @@ void winograd_conv_impl(const winograd::Job& j) {
           }
         }
         const int64_t pixels = rows * W;
-        double t3 = nowt(); prof_t.t[2] += t3 - t2;
         if (j.fn != nullptr) {
           Plane pl;
           pl.data = pre.data();
@@ -496,14 +524,11 @@ void winograd_conv_impl(const winograd::Job& j) {
           pl.stride_c = j.channels_last ? 1 : pixels;
           pl.stride_p = j.channels_last ? N : 1;
           emit_strip(out.data(), Wt, W, rows, N, pre.data(), pl.stride_c, pl.stride_p);
-          double t4 = nowt();
           (*j.fn)(b, y0, rows, pl);
-          prof_t.t[4] += nowt() - t4;
         } else {
           scalar_t* dst = static_cast<scalar_t*>(j.out.data) + b * j.out.stride_b + y0 * W * j.out.stride_p;
           emit_strip(out.data(), Wt, W, rows, N, dst, j.out.stride_c, j.out.stride_p);
         }
-        t2 = nowt(); prof_t.t[3] += t2 - t3;
       }
     }
   });
