@@ -308,7 +308,7 @@ class ConvLSTM(_ConvRNNBase):
     ``output, (h_n, c_n) = m(x, (h_0, c_0))`` with ``output`` ``[B, T, num_directions*C_last, H, W]``
     and states ``[num_layers*num_directions, B, C, H, W]`` (layers of different widths: a list of
     per-layer states is returned instead). Each layer runs the fused sequence op (time loop in
-    C++; see fastvid.ops.convlstm). ``strategy``: None (auto), 'hoisted' or 'concat'."""
+    C++; see fastvid.ops.convlstm). ``strategy``: None (auto), 'hoisted', 'concat' or 'winograd'."""
     num_gates = 4
 
     def __init__(self, in_channels, hidden_channels, kernel_size=3, num_layers=1, bias=True, batch_first=True,
