@@ -2,8 +2,8 @@
 // (recurrent_winograd_cpu.cpp; strategy code kWinograd in recurrent_sequence.h).
 //
 // The recurrent setting pays for Winograd: the weights are the same at every step, so they are
-// transformed once per sequence call, and each step costs an input transform, alpha² batched GEMMs
-// through ATen (at::bmm -> the BLAS torch ships) and an output transform. The output is produced
+// transformed once per sequence call, and each step costs an input transform, alpha² GEMMs (a
+// register-blocked kernel per ISA path, recurrent_winograd_cpu.cpp) and an output transform. The output is produced
 // strip by strip (m output rows x the whole width of one image) into a small scratch that stays in
 // cache, and handed to a callback -- the gate kernel -- so the pre-activations of a step are never
 // written to a full-size tensor.

@@ -1,18 +1,19 @@
 // Winograd F(m x m, 3 x 3) convolution on the CPU (interface and design: recurrent_winograd.h).
 //
 // Work unit: a strip = m output rows of one image across its whole width (ceil(W/m) tiles). Strips
-// are grouped (~kGroupTiles tiles) so the alpha² GEMMs of a group -- [tiles, K] x [K, N] each, one
-// at::bmm call -- are large enough for the BLAS and their operands stay in L2; groups run in
-// parallel (at::parallel_for; the bmm inside a task runs on that task's thread). Per group:
+// are grouped (~kGroupTiles tiles) so the alpha² GEMMs of a group -- [tiles, K] x [K, N] each -- have
+// enough rows and their operands stay in L2; groups run in parallel (at::parallel_for). Per group:
 //   1. gather the m + 2 padded input rows of each strip into a channels-innermost scratch (any
 //      input strides; zero padding), input transform Bᵀ d B of every tile into U [alpha², tiles, K];
-//   2. M = U V with V = G w Gᵀ [alpha², K, N] (transformed once per sequence call);
+//   2. M = U V with V = G w Gᵀ [alpha², K, N] (transformed once per sequence call); with a second
+//      input (LSTM: x_t and h_{t-1}) its products are accumulated onto the first's;
 //   3. output transform Aᵀ M A (+ bias) of every tile of a strip into a pixel-major strip scratch,
 //      laid out as the frames (channels innermost or NCHW) in the inputs' dtype, then handed to the
 //      strip callback (the gate kernel) or copied into an output tensor.
-// The transforms are vectorised over channels (the inner index of U, M and the scratches) by the
-// compiler at each ISA path's width (cpu_isa.h); the transform matrices are compile-time constants
-// and the zero coefficients drop out.
+// The GEMM is a register-blocked kernel per ISA path (at::bmm -> MKL ran at ~100 GFLOP/s here, the
+// AVX2 rate, half of AVX-512's); the transforms are vectorised over channels (the inner index of U, M
+// and the scratches) by the compiler at each path's width (cpu_isa.h); the transform matrices are
+// compile-time constants and their zero coefficients drop out.
 #include "recurrent_winograd.h"
 
 #include <ATen/Dispatch.h>
