@@ -461,3 +461,25 @@ def test_lengths_with_layer_norm_is_refused(cls):
     m = getattr(fastvid.nn, cls)(2, 3, 3, norm="layer")
     with pytest.raises(ValueError, match="norm='layer'"):
         m(torch.randn(2, 3, 2, 5, 5), lengths=torch.tensor([3, 2]))
+
+
+def test_winograd_refuses_lengths_and_auto_never_reuses_it_for_them():
+    """The winograd loops carry h in the output frames, which a masked step zeroes: forcing it with
+    lengths is refused (Python and C++), and an auto choice cached without lengths is not reused."""
+    x, w_ih, w_hh = torch.randn(2, 3, 2, 6, 6), torch.randn(12, 2, 3, 3), torch.randn(12, 3, 3, 3)
+    lengths = torch.tensor([3, 1])
+    with pytest.raises(ValueError, match="lengths"):
+        fastvid.ops.convlstm(x, w_ih, w_hh, strategy="winograd", lengths=lengths)
+    h0 = torch.zeros(2, 3, 6, 6)
+    with pytest.raises(ValueError, match="lengths"):
+        torch.ops.fastvid.convlstm_sequence(x, w_ih, w_hh, None, h0, h0, None, [1, 1], [1, 1], False, 2, False,
+                                            False, lengths)
+    fastvid.ops.set_strategy("auto")
+    try:
+        fastvid.ops.recurrent._strategy_cache.clear()
+        fastvid.ops.convlstm(x, w_ih, w_hh)  # may cache 'winograd' for this geometry
+        out, h_n, c_n = fastvid.ops.convlstm(x, w_ih, w_hh, lengths=lengths)
+        alone = fastvid.ops.convlstm(x[1:, :1], w_ih, w_hh, strategy="hoisted")
+        torch.testing.assert_close(h_n[1:], alone[1], rtol=1e-5, atol=1e-6)
+    finally:
+        fastvid.ops.recurrent._strategy_cache.clear()

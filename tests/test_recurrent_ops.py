@@ -584,7 +584,7 @@ def test_auto_strategy_is_timed_once_and_cached(config, restore_strategy, monkey
     sample = make_seq_sample(config, dtype=torch.float32)
     first = sample.run_ops(sample.tensors, None)
     chosen = fastvid.ops.chosen_strategies()
-    assert len(chosen) == 1 and list(chosen.values())[0] in STRATEGIES, chosen
+    assert len(chosen) == 1 and list(chosen.values())[0] in fastvid.ops.STRATEGIES, chosen
     key = list(chosen)[0]
     B, _, C_in, H, W = sample.tensors["x"].shape
     assert key[:6] == ("cpu", torch.float32, B, C_in, H, W), key  # per-step geometry, not T (test_strategy_cache.py)

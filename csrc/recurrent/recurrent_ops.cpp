@@ -10,12 +10,17 @@
 //             every step; per step one conv over it, and the gate kernel writes h straight into
 //             the next step's slot (no cat). The buffer is also the input of the one batched
 //             weight-gradient conv in backward.
+//   kWinograd: CPU, 3x3, dilation 1: every conv a Winograd F(2x2, 3x3) (recurrent_winograd.h) with the
+//             weights transformed once per call and the gate kernel run per conv output strip; LSTM
+//             sums the x and h convs of a step in the Winograd domain, GRU hoists the x conv; backward
+//             as hoisted with the per-step input-gradient convs Winograd.
 // Backward walks the steps in reverse, per step one fused gate-backward kernel and one
 // input-gradient conv; all weight (and bias) gradients come from one batched conv backward.
 // lengths (optional, variable-length batches): the gate kernels' StepMask (recurrent_kernels.h) makes
 // a sample's steps past its length the identity on its state, in both strategies and directions.
 #include "recurrent_kernels.h"
 #include "recurrent_sequence.h"
+#include "recurrent_winograd.h"
 #include "../fastvid_common.h"
 
 #include <ATen/ATen.h>
@@ -51,6 +56,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     int64_t strategy, bool channels_last, bool save, const OptTensor& lengths) {
   const char* op = "fastvid.convlstm_sequence";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
+  if (strategy == kWinograd) check_winograd(op, x, weight_hh, g, lengths);
   check_state(op, "c0", c0, g, x);
   check_bias(op, "bias", bias, 4 * g.C, x);
   check_optional_arg(op, "peephole", peephole, {3, g.C}, x, "x", std::nullopt);
@@ -78,8 +84,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
   a.save = save;
 
-  Tensor x_gates, h_buf, buffer, w_cat;
-  if (strategy == kHoisted) {
+  Tensor x_gates, h_buf, buffer, w_cat, v_ih, v_hh;
+  if (strategy == kWinograd) {  // per step x and h convs summed in the Winograd domain, gate kernel per strip
+    v_ih = winograd_weights(weight_ih);
+    v_hh = winograd_weights(weight_hh);
+    if (save) gates = empty_frames({B, T}, 4 * C, H, W, g.channels_last, opts);
+  } else if (strategy == kHoisted) {
     x_gates = conv(flat(x), weight_ih, bias, g).view({B, T, 4 * C, H, W});
     h_buf = h0.contiguous(fmt).clone();
     if (save) gates = x_gates;
@@ -96,7 +106,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   for (int64_t f = 0; f < T; ++f) {
     const int64_t t = time_of(f, T, reverse);
     const bool last = f == T - 1;
-    if (strategy == kHoisted) {
+    if (strategy == kWinograd) {
+      for (int k = 0; k < 4; ++k) a.a_h[k] = zero_plane(zeros);  // a_x: per conv strip
+      a.h_out2 = plane(last ? h_n : output.select(1, t));
+    } else if (strategy == kHoisted) {
       h_gates = conv(h_buf, weight_hh, std::nullopt, g);
       const Tensor x_gates_t = x_gates.select(1, t);
       for (int k = 0; k < 4; ++k) {
@@ -118,14 +131,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     if (save) {
       a.c_prev = plane(f == 0 ? c_init : cells.select(1, time_of(f - 1, T, reverse)));
       a.c_out = plane(cells.select(1, t));
-      const Tensor gates_t = gates.select(strategy == kHoisted ? 1 : 0, t);  // in place over x_gates for hoisted
+      const Tensor gates_t = gates.select(strategy == kConcat ? 0 : 1, t);  // in place over x_gates for hoisted
       for (int k = 0; k < 4; ++k) a.gates_out[k] = slot(gates_t, k, C);
     } else {
       a.c_prev = plane(c_run);
       a.c_out = plane(c_run);
     }
     a.mask = step_mask(lengths_d, t);
-    FASTVID_LAUNCH(lstm_forward, a, x.device());
+    if (strategy == kWinograd)
+      winograd_lstm_step(a, x.select(1, t), v_ih, bias, f == 0 ? h0 : output.select(1, time_of(f - 1, T, reverse)),
+                         v_hh, g);
+    else FASTVID_LAUNCH(lstm_forward, a, x.device());
   }
   Tensor c_n = save ? cells.select(1, time_of(T - 1, T, reverse)).clone() : c_run;
   Tensor workspace = (save && strategy == kConcat) ? buffer : at::empty({0}, opts);
@@ -141,6 +157,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const char* op = "fastvid.convlstm_sequence_backward";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
   const Tensor lengths_d = check_lengths(op, lengths, g, x);
+  if (strategy == kWinograd) check_winograd(op, x, weight_hh, g, lengths);
   {
     const int64_t B = g.B, T = g.T, C = g.C, H = g.H, W = g.W;
     const auto acc = acc_type(x.scalar_type());
@@ -151,8 +168,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     check_optional_arg(op, "grad_c_n", grad_c_n, {B, C, H, W}, x, "x", std::nullopt);
     check_arg(op, "output", output, {B, T, C, H, W}, x, "x", x.scalar_type());
     // The caches saved by convlstm_sequence(save=True) with the same strategy: gates batch-first for
-    // hoisted, time-major for concat; the concat workspace is the [x, h] buffer.
-    if (strategy == kHoisted) {
+    // hoisted (and winograd), time-major for concat; the concat workspace is the [x, h] buffer.
+    if (strategy != kConcat) {
       check_arg(op, "gates", gates, {B, T, 4 * C, H, W}, x, "x", x.scalar_type());
       check_arg(op, "workspace", workspace, {0}, x, "x", x.scalar_type());  // hoisted has none
     } else {
@@ -166,7 +183,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type(x.scalar_type()));
   const auto fmt = frame_format(g.channels_last);
-  const bool hoisted = strategy == kHoisted;
+  const bool hoisted = strategy != kConcat;  // winograd: hoisted with the per-step input-grad conv Winograd
+  const Tensor v_hh_grad = strategy == kWinograd ? winograd_input_grad_weights(weight_hh) : Tensor();
 
   const Tensor zeros = zeros_for_planes(C, H, W, opts);
   const Tensor g_out = grad_output.has_value() ? to_frames_layout(*grad_output, g.channels_last) : Tensor();
@@ -233,7 +251,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     FASTVID_LAUNCH(lstm_backward, a, x.device());
     if (hoisted) {
       const Tensor h_prev = f == 0 ? h0_l : output_l.select(1, time_of(f - 1, T, reverse));
-      dh_rec = conv_input_grad(d_gates_t, h_prev, weight_hh, g);
+      dh_rec = strategy == kWinograd ? winograd_conv(d_gates_t, v_hh_grad, std::nullopt, g)
+                                     : conv_input_grad(d_gates_t, h_prev, weight_hh, g);
     } else {
       const Tensor d_buffer = conv_input_grad(d_gates_t, workspace.select(0, t), w_cat, g);
       grad_x.select(1, t).copy_(d_buffer.narrow(1, 0, Cin));
@@ -308,6 +327,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
     bool reverse, int64_t strategy, bool channels_last, bool save, const OptTensor& lengths) {
   const char* op = "fastvid.convgru_sequence";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy, channels_last);
+  if (strategy == kWinograd) check_winograd(op, x, weight_hh, g, lengths);
   check_bias(op, "bias_ih", bias_ih, 3 * g.C, x);
   check_bias(op, "bias_hh", bias_hh, 3 * g.C, x);
   const Tensor lengths_d = check_lengths(op, lengths, g, x);
@@ -330,9 +350,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
   ra.geo = a.geo;
   ra.save = save;
 
-  Tensor x_gates, h_buf, buffers;
+  Tensor x_gates, h_buf, buffers, v_h, v_n;
   GruConcatWeights cw;
-  if (strategy == kHoisted) {
+  if (strategy == kWinograd) {  // hoisted, all convs Winograd; the gate kernel runs per strip of the last one
+    x_gates = winograd_conv(flat(x), winograd_weights(weight_ih), bias_ih, g).view({B, T, 3 * C, H, W});
+    v_h = winograd_weights(reset_after ? weight_hh : weight_hh.narrow(0, 0, 2 * C));
+    if (!reset_after) v_n = winograd_weights(weight_hh.narrow(0, 2 * C, C));
+  } else if (strategy == kHoisted) {
     x_gates = conv(flat(x), weight_ih, bias_ih, g).view({B, T, 3 * C, H, W});
     h_buf = h0.contiguous(fmt).clone();
   } else {
@@ -352,25 +376,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
       for (int k = 0; k < 4; ++k) a.cache_out[k] = slot(cache.select(1, t), k, C);
       ra.r_out = a.cache_out[0];
     }
-    if (strategy == kHoisted) {
-      h_prev = h_buf;
-      h_next = last ? h_n : h_buf;
+    if (strategy != kConcat) {
+      const bool wino = strategy == kWinograd;
+      // winograd reads h_{t-1} from the output (a strip's conv reads its neighbours' rows: no in-place h)
+      h_prev = !wino ? h_buf : f == 0 ? h0.contiguous(fmt) : output.select(1, time_of(f - 1, T, reverse));
+      h_next = last ? h_n : wino ? output.select(1, t) : h_buf;
       const Tensor x_gates_t = x_gates.select(1, t);
       for (int k = 0; k < 3; ++k) a.x[k] = slot(x_gates_t, k, C);
       if (reset_after) {
-        keep1 = conv(h_buf, weight_hh, bias_hh, g);
-        for (int k = 0; k < 3; ++k) a.h[k] = slot(keep1, k, C);
+        if (!wino) keep1 = conv(h_buf, weight_hh, bias_hh, g);  // winograd: per strip
+        if (!wino) for (int k = 0; k < 3; ++k) a.h[k] = slot(keep1, k, C);
       } else {
-        keep1 = conv(h_buf, weight_hh.narrow(0, 0, 2 * C), narrow_optional(bias_hh, 0, 2 * C), g);
+        const OptTensor bias_rz = narrow_optional(bias_hh, 0, 2 * C);
+        keep1 = wino ? winograd_conv(h_prev, v_h, bias_rz, g) : conv(h_buf, weight_hh.narrow(0, 0, 2 * C), bias_rz, g);
         ra.x_r = a.x[0];
         ra.h_r = slot(keep1, 0, C);
-        ra.h_prev = plane(h_buf);
+        ra.h_prev = plane(h_prev);
         ra.reset_h_out = plane(reset_h);
         FASTVID_LAUNCH(gru_reset_forward, ra, x.device());
-        keep2 = conv(reset_h, weight_hh.narrow(0, 2 * C, C), narrow_optional(bias_hh, 2 * C, C), g);
+        if (!wino) keep2 = conv(reset_h, weight_hh.narrow(0, 2 * C, C), narrow_optional(bias_hh, 2 * C, C), g);
         a.h[0] = slot(keep1, 0, C);
         a.h[1] = slot(keep1, 1, C);
-        a.h[2] = plane(keep2);
+        if (!wino) a.h[2] = plane(keep2);  // winograd: per strip
       }
     } else {
       const Tensor buffer_t = buffers.select(0, 0).select(0, t);
@@ -402,7 +429,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convgru_sequence(
     a.h_prev = plane(h_prev);
     a.h_out = plane(output.select(1, t));
     a.h_out2 = plane(h_next);
-    FASTVID_LAUNCH(gru_forward, a, x.device());
+    if (strategy == kWinograd && reset_after) winograd_gru_step(a, h_prev, v_h, bias_hh, 0, g);
+    else if (strategy == kWinograd) winograd_gru_step(a, reset_h, v_n, narrow_optional(bias_hh, 2 * C, C), 2, g);
+    else FASTVID_LAUNCH(gru_forward, a, x.device());
   }
   Tensor workspace = (save && strategy == kConcat) ? buffers : at::empty({0}, opts);
   return {output, h_n, cache, workspace};
@@ -416,6 +445,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     const OptTensor& lengths) {
   const char* op = "fastvid.convgru_sequence_backward";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy, channels_last);
+  if (strategy == kWinograd) check_winograd(op, x, weight_hh, g, lengths);
   check_bias(op, "bias_ih", bias_ih, 3 * g.C, x);
   check_bias(op, "bias_hh", bias_hh, 3 * g.C, x);
   const Tensor lengths_d = check_lengths(op, lengths, g, x);
@@ -436,7 +466,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
   const auto opts = x.options();
   const auto fmt = frame_format(g.channels_last);
-  const bool hoisted = strategy == kHoisted;
+  const bool hoisted = strategy != kConcat;  // winograd: hoisted with the per-step input-grad convs Winograd
+  const bool wino = strategy == kWinograd;
   const bool has_bias = bias_ih.has_value() || bias_hh.has_value();
 
   const Tensor zeros = zeros_for_planes(C, H, W, opts);
@@ -458,6 +489,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   GruConcatWeights cw;
   if (!hoisted) cw = gru_concat_weights(weight_ih, weight_hh, bias_ih, bias_hh, C, reset_after);
   const Tensor w_rz = weight_hh.narrow(0, 0, 2 * C), w_n = weight_hh.narrow(0, 2 * C, C);
+  Tensor v_grad_h, v_grad_rz, v_grad_n;  // winograd: transformed flipped weights of the input-grad convs
+  if (wino && reset_after) v_grad_h = winograd_input_grad_weights(weight_hh);
+  if (wino && !reset_after) v_grad_rz = winograd_input_grad_weights(w_rz), v_grad_n = winograd_input_grad_weights(w_n);
 
   GruBackwardArgs a;
   a.geo = {B, C, H * W, x.scalar_type()};
@@ -496,7 +530,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
 
     if (reset_after) {
       if (hoisted) {
-        dh_conv = conv_input_grad(d_h.select(1, t), h_prev, weight_hh, g);
+        dh_conv = wino ? winograd_conv(d_h.select(1, t), v_grad_h, std::nullopt, g)
+                       : conv_input_grad(d_h.select(1, t), h_prev, weight_hh, g);
       } else {
         const Tensor d_buffer = conv_input_grad(d_x_t, workspace.select(0, 0).select(0, t), cw.w_a, g);
         grad_x.select(1, t).copy_(d_buffer.narrow(1, 0, Cin));
@@ -507,7 +542,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     // Ballas: back through h_n = U_n*(r·h_prev), then through r = σ(x_r + U_r*h_prev).
     Tensor d_reset_h, d_x_part;
     if (hoisted) {
-      d_reset_h = conv_input_grad(d_x_t.narrow(1, 2 * C, C), h_prev, w_n, g);
+      d_reset_h = wino ? winograd_conv(d_x_t.narrow(1, 2 * C, C), v_grad_n, std::nullopt, g)
+                       : conv_input_grad(d_x_t.narrow(1, 2 * C, C), h_prev, w_n, g);
     } else {
       const Tensor d_buffer2 = conv_input_grad(d_x_t.narrow(1, 2 * C, C), workspace.select(0, 1).select(0, t),
                                                cw.w_b, g);
@@ -522,7 +558,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     ra.dh_prev_out = plane(dh_direct);
     FASTVID_LAUNCH(gru_reset_backward, ra, x.device());
     if (hoisted) {
-      dh_conv = conv_input_grad(d_x_t.narrow(1, 0, 2 * C), h_prev, w_rz, g);
+      dh_conv = wino ? winograd_conv(d_x_t.narrow(1, 0, 2 * C), v_grad_rz, std::nullopt, g)
+                     : conv_input_grad(d_x_t.narrow(1, 0, 2 * C), h_prev, w_rz, g);
     } else {
       const Tensor d_buffer1 = conv_input_grad(d_x_t.narrow(1, 0, 2 * C), workspace.select(0, 0).select(0, t),
                                                cw.w_a, g);

@@ -22,6 +22,7 @@ using OptTensor = std::optional<Tensor>;
 
 constexpr int64_t kHoisted = 0;
 constexpr int64_t kConcat = 1;
+constexpr int64_t kWinograd = 2;  // hoisted, both convs Winograd (CPU, 3x3, dilation 1): recurrent_winograd.h
 
 // ------------------------------------------------------------------------ planes
 inline Plane plane(const Tensor& t) {  // t: [B, C, H, W] with mergeable H, W
@@ -136,8 +137,8 @@ inline SeqGeometry check_sequence(const char* op, const Tensor& x, const Tensor&
     g.padding[d] = padding[d];
     g.dilation[d] = dilation[d];
   }
-  TORCH_CHECK_VALUE(strategy == kHoisted || strategy == kConcat, op, ": strategy must be 0 (hoisted) or 1 (concat), got ",
-                    strategy);
+  TORCH_CHECK_VALUE(strategy == kHoisted || strategy == kConcat || strategy == kWinograd, op,
+                    ": strategy must be 0 (hoisted), 1 (concat) or 2 (winograd), got ", strategy);
   g.channels_last = channels_last;
   return g;
 }

@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU ISA paths to measure fastvid under, each case once per path: comma-separated "
                              "(avx512,avx2,baseline), 'all' = every path this CPU supports (default of full runs), "
                              "'active' = only the current one (FASTVID_CPU_ISA's). Default of --quick (5-minute budget): "
-                             "the best two paths (AVX-512 and AVX2 where the CPU has both) for the depthwise and attention "
-                             "cases, the best path for the others")
+                             "the best two paths (AVX-512 and AVX2 where the CPU has both) for the depthwise, attention "
+                             "and fp32 ConvLSTM/ConvGRU cases, the best path for the others")
     parser.add_argument("--bf16-emulated", action="store_true",
                         help="with --quick: run the bf16 cases even on a CPU without native bf16 arithmetic "
                              "(they are left out there by default: emulated, slow, not what such a CPU runs)")
@@ -63,9 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def quick_paths(case, paths):
     """The ISA paths ``--quick`` measures ``case`` under (5-minute budget; ``paths`` best first): the
-    best two for the depthwise and attention cases (their kernels differ per path), the best one for
-    the recurrent cases."""
-    return paths[:2] if isinstance(case, (depthwise.DWCase, attention.AttnCase)) else paths[:1]
+    best two for the depthwise, attention and fp32 recurrent cases (their kernels differ per path and
+    issues 11 and 12 set targets on both), the best one for the rest."""
+    both = isinstance(case, (depthwise.DWCase, attention.AttnCase)) or getattr(case, "dtype", "") == "fp32"
+    return paths[:2] if both else paths[:1]
 
 
 def main(args: argparse.Namespace) -> int:

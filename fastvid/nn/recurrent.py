@@ -374,7 +374,7 @@ class ConvLSTM(_ConvRNNBase):
     ``output, (h_n, c_n) = m(x, (h_0, c_0))`` with ``output`` ``[B, T, num_directions*C_last, H, W]``
     and states ``[num_layers*num_directions, B, C, H, W]`` (layers of different widths: a list of
     per-layer states is returned instead). Each layer runs the fused sequence op (time loop in
-    C++; see fastvid.ops.convlstm). ``strategy``: None (auto), 'hoisted' or 'concat'.
+    C++; see fastvid.ops.convlstm). ``strategy``: None (auto), 'hoisted', 'concat' or 'winograd'.
 
     ``m(x, state, lengths=lengths)`` with ``lengths`` ``[B]`` (integers in 1..T, CPU or x's device) runs a
     zero-padded batch of shorter clips as ``nn.LSTM`` runs a ``pack_padded_sequence``: ``output`` is 0

@@ -21,7 +21,7 @@ from ..reference import recurrent as ref
 __all__ = ["lstm_cell", "gru_cell", "gru_reset_hidden", "convlstm", "convgru", "set_strategy", "STRATEGIES"]
 
 # ------------------------------------------------------------------------------ strategies
-STRATEGIES = {"hoisted": 0, "concat": 1}
+STRATEGIES = {"hoisted": 0, "concat": 1, "winograd": 2}
 # The strategy used without timing: under torch.use_deterministic_algorithms(True) (a timed choice
 # could differ between runs, and the two strategies round differently), while tracing for
 # torch.compile a shape eager has not timed, and for a forced choice. 'hoisted' is cuDNN's RNN design.
@@ -34,12 +34,14 @@ _timing_lock = threading.Lock()  # one thread times at a time; the others wait f
 
 
 def set_strategy(name: str) -> None:
-    """'auto' (time both strategies once per step geometry/dtype/device/layout and cache the faster,
+    """'auto' (time the strategies once per step geometry/dtype/device/layout and cache the fastest,
     like ``torch.backends.cudnn.benchmark``), 'hoisted' (input conv over all frames at once, then a
-    hidden conv per step) or 'concat' (one conv per step over a persistent [x_t, h] buffer)."""
+    hidden conv per step), 'concat' (one conv per step over a persistent [x_t, h] buffer) or
+    'winograd' (hoisted with both convs Winograd F(2x2, 3x3) and the gate math per conv strip; CPU,
+    3x3 kernel, dilation 1, no lengths: a sequence it cannot run raises a ValueError)."""
     global _default_strategy
     if name != "auto" and name not in STRATEGIES:
-        raise ValueError(f"strategy must be 'auto', 'hoisted' or 'concat', got {name!r}")
+        raise ValueError(f"strategy must be 'auto', 'hoisted', 'concat' or 'winograd', got {name!r}")
     with _cache_lock:
         _default_strategy = name
         _strategy_cache.clear()
@@ -56,8 +58,22 @@ def _tuning_key(x: Tensor, C: int, kernel, dilation, channels_last: bool, save: 
             channels_last, save) + family
 
 
-def _time_strategies(device_type: str, run, grad_inputs) -> int:
-    """The faster strategy code: each candidate once to warm up, then best of two timed runs."""
+def winograd_unsupported_reason(x: Tensor, weight_hh: Tensor, dilation, lengths=None) -> Optional[str]:
+    """Why the 'winograd' strategy cannot run this sequence (mirror of check_winograd in
+    csrc/recurrent/recurrent_winograd_cpu.cpp), or None when it can."""
+    if lengths is not None:
+        return "it does not take lengths (variable-length batches)"
+    if x.device.type != "cpu":
+        return "it runs on CPU tensors only"
+    if tuple(weight_hh.shape[2:]) != (3, 3):
+        return f"it needs a 3x3 kernel, got {weight_hh.shape[2]}x{weight_hh.shape[3]}"
+    if tuple(dilation) != (1, 1):
+        return f"it needs dilation 1, got {tuple(dilation)}"
+    return None
+
+
+def _time_strategies(device_type: str, run, grad_inputs, candidates=(0, 1)) -> int:
+    """The fastest strategy code: each candidate once to warm up, then best of two timed runs."""
     def once(code):
         if not grad_inputs:
             with torch.no_grad():
@@ -67,7 +83,7 @@ def _time_strategies(device_type: str, run, grad_inputs) -> int:
         torch.autograd.grad(output, grad_inputs, torch.ones_like(output), allow_unused=True)
 
     timings = {}
-    for code in STRATEGIES.values():
+    for code in candidates:
         once(code)  # warm-up: oneDNN/cuDNN build their primitives on the first call
         if device_type == "cuda":
             torch.cuda.synchronize()
@@ -82,17 +98,23 @@ def _time_strategies(device_type: str, run, grad_inputs) -> int:
     return min(timings, key=timings.get)
 
 
-def _pick_strategy(name: Optional[str], key, run, grad_inputs=()) -> int:
+def _pick_strategy(name: Optional[str], key, run, grad_inputs=(), winograd_reason: Optional[str] = None) -> int:
     """Strategy code for one sequence call. `run(code)` runs the op once with that strategy; with
     `grad_inputs` (a training call) each candidate is timed forward + backward, else forward only.
+    `winograd_reason`: why 'winograd' cannot run this call (None: it can; auto then times it too).
     Thread-safe: one thread times a key, threads needing a choice meanwhile wait for it."""
     name = name or _default_strategy
     if name != "auto":
         if name not in STRATEGIES:
-            raise ValueError(f"strategy must be 'auto', 'hoisted' or 'concat', got {name!r}")
+            raise ValueError(f"strategy must be 'auto', 'hoisted', 'concat' or 'winograd', got {name!r}")
+        if name == "winograd" and winograd_reason is not None:
+            raise ValueError(f"strategy 'winograd' cannot run this sequence: {winograd_reason}; "
+                             "use 'hoisted', 'concat' or 'auto'")
         return STRATEGIES[name]
     if torch.are_deterministic_algorithms_enabled():
         return STRATEGIES[FIXED_STRATEGY]
+    # A call winograd cannot run (e.g. with lengths) gets its own choice, never a cached 'winograd'.
+    key = key + (winograd_reason is None,)
     if torch.compiler.is_compiling():
         # Cannot time while tracing: the choice eager made for this key, if any (read without the
         # lock, which tracing cannot enter; a dict read is atomic), so eager and compiled agree.
@@ -105,7 +127,8 @@ def _pick_strategy(name: Optional[str], key, run, grad_inputs=()) -> int:
         with _cache_lock:  # timed by another thread while this one waited
             if key in _strategy_cache:
                 return _strategy_cache[key]
-        code = _time_strategies(key[0], run, grad_inputs)
+        candidates = tuple(c for n, c in STRATEGIES.items() if n != "winograd" or winograd_reason is None)
+        code = _time_strategies(key[0], run, grad_inputs, candidates)
         with _cache_lock:
             _strategy_cache[key] = code
             while len(_strategy_cache) > CACHE_SIZE:
@@ -114,8 +137,9 @@ def _pick_strategy(name: Optional[str], key, run, grad_inputs=()) -> int:
 
 
 def chosen_strategies() -> dict:
-    """The cached auto choices, least recently used first: {tuning key: 'hoisted' | 'concat'}, the key
-    being (device, dtype, B, C_in, H, W, C, kernel, dilation, T bucket, channels_last, training[, family])."""
+    """The cached auto choices, least recently used first: {tuning key: strategy name}, the key
+    being (device, dtype, B, C_in, H, W, C, kernel, dilation, T bucket, channels_last, training[, family],
+    winograd eligible)."""
     names = {v: k for k, v in STRATEGIES.items()}
     with _cache_lock:
         return {key: names[code] for key, code in _strategy_cache.items()}
@@ -255,7 +279,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
         output = _frames((B, T), C, H, W, cl, dt, dev)
         h_n = _frame(B, C, H, W, cl, dt, dev)
         c_n = _frame(B, C, H, W, cl, _acc(dt), dev)
-        gates = _frames((B, T) if strategy == 0 else (T, B), 4 * C, H, W, cl, dt, dev) if save else x.new_empty(0)
+        gates = _frames((T, B) if strategy == 1 else (B, T), 4 * C, H, W, cl, dt, dev) if save else x.new_empty(0)
         cells = _frames((B, T), C, H, W, cl, _acc(dt), dev) if save else x.new_empty(0, dtype=_acc(dt))
         workspace = _frames((T, B), Cin + C, H, W, cl, dt, dev) if save and strategy == 1 else x.new_empty(0)
         return output, h_n, c_n, gates, cells, workspace
@@ -535,7 +559,8 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
     key = _tuning_key(x, C, weight_hh.shape[2:], dilation, channels_last, save)
     grad_inputs = [t for t in (x, weight_ih, weight_hh, bias, h0, c0, peephole) if save and t is not None
                    and t.requires_grad]
-    output, h_n, c_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs))
+    reason = winograd_unsupported_reason(x, weight_hh, dilation, lengths)
+    output, h_n, c_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs, reason))
     return output, h_n, c_n
 
 
@@ -572,5 +597,6 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
     key = _tuning_key(x, C, weight_hh.shape[2:], dilation, channels_last, save, "gru", reset_after)
     grad_inputs = [t for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0) if save and t is not None
                    and t.requires_grad]
-    output, h_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs))
+    reason = winograd_unsupported_reason(x, weight_hh, dilation, lengths)
+    output, h_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs, reason))
     return output, h_n
