@@ -38,28 +38,53 @@ TORCH_LIBRARY(fastvid, m) {
   m.def("gru_reset_hidden(Tensor x_r, Tensor h_r, Tensor h_prev) -> Tensor");
   m.def("gru_reset_hidden_backward(Tensor grad, Tensor x_r, Tensor h_r, Tensor h_prev) "
         "-> (Tensor grad_r_pre, Tensor grad_h_prev)");
-  // strategy: 0 = input conv hoisted over B*T frames, 1 = persistent [x_t, h] buffer.
+  // strategy: 0 = hoisted input conv, 1 = [x_t, h] concat buffers, 2 = Winograd (CPU 3x3; recurrent_winograd.h).
   // channels_last: the layout of every [.., C, H, W] buffer and output (an argument rather than read
   // off x's strides, so fake kernels and compiled graphs agree with the real op).
   // reserve: uint8, what backward needs (save=True; empty otherwise), see recurrent_ops.cpp.
+  // lengths: [B] integers in 1..T (CPU or x's device) for variable-length sequences; sample b takes
+  // part in steps t < lengths[b] only (pack_padded_sequence semantics, see recurrent_kernels.h).
   m.def("convlstm_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias, Tensor h0, Tensor c0, "
-        "Tensor? peephole, int[2] padding, int[2] dilation, bool reverse, int strategy, bool channels_last, bool save) "
-        "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor reserve)");
+        "Tensor? peephole, int[2] padding, int[2] dilation, bool reverse, int strategy, bool channels_last, bool save, "
+        "Tensor? lengths=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor reserve)");
   m.def("convlstm_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, "
         "Tensor weight_ih, Tensor weight_hh, bool has_bias, Tensor h0, Tensor c0, Tensor? peephole, "
         "Tensor output, Tensor reserve, int[2] padding, int[2] dilation, "
-        "bool reverse, int strategy, bool channels_last) -> (Tensor grad_x, Tensor grad_weight_ih, "
-        "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_h0, Tensor grad_c0, Tensor grad_peephole)");
+        "bool reverse, int strategy, bool channels_last, Tensor? lengths=None) -> (Tensor grad_x, "
+        "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_h0, Tensor grad_c0, "
+        "Tensor grad_peephole)");
   m.def("convgru_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
         "Tensor h0, int[2] padding, int[2] dilation, bool reset_after, bool reverse, int strategy, "
-        "bool channels_last, bool save) "
+        "bool channels_last, bool save, Tensor? lengths=None) "
         "-> (Tensor output, Tensor h_n, Tensor reserve)");
   m.def("convgru_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor x, Tensor weight_ih, "
         "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor h0, Tensor output, Tensor reserve, "
         "int[2] padding, int[2] dilation, bool reset_after, bool reverse, int strategy, "
-        "bool channels_last) "
+        "bool channels_last, Tensor? lengths=None) "
         "-> (Tensor grad_x, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
         "Tensor grad_bias_hh, Tensor grad_h0)");
+  // Layer-normalised ConvLSTM / ConvGRU (norm="layer", csrc/recurrent/recurrent_norm.h,
+  // fastvid/reference/recurrent_norm.py): gains gain_ih, gain_hh [G*C] (LSTM also gain_c, bias_c [C]);
+  // hoisted input conv only; the GRU is the reset_after form. x_pre, h_pre, gates, cells, stats ([B, T, 6]
+  // LSTM, [B, T, 4] GRU) are the backward caches (empty unless save).
+  m.def("convlstm_ln_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias, Tensor h0, Tensor c0, "
+        "Tensor gain_ih, Tensor gain_hh, Tensor gain_c, Tensor bias_c, int[2] padding, int[2] dilation, bool reverse, "
+        "bool channels_last, bool save) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor x_pre, Tensor h_pre, "
+        "Tensor gates, Tensor cells, Tensor stats)");
+  m.def("convlstm_ln_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, "
+        "Tensor weight_ih, Tensor weight_hh, bool has_bias, Tensor h0, Tensor c0, Tensor gain_ih, Tensor gain_hh, "
+        "Tensor gain_c, Tensor bias_c, Tensor output, Tensor x_pre, Tensor h_pre, Tensor gates, Tensor cells, "
+        "Tensor stats, int[2] padding, int[2] dilation, bool reverse, bool channels_last) -> (Tensor grad_x, "
+        "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_h0, Tensor grad_c0, "
+        "Tensor grad_gain_ih, Tensor grad_gain_hh, Tensor grad_gain_c, Tensor grad_bias_c)");
+  m.def("convgru_ln_sequence(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+        "Tensor h0, Tensor gain_ih, Tensor gain_hh, int[2] padding, int[2] dilation, bool reverse, "
+        "bool channels_last, bool save) -> (Tensor output, Tensor h_n, Tensor x_pre, Tensor h_pre, Tensor stats)");
+  m.def("convgru_ln_sequence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor x, Tensor weight_ih, "
+        "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor h0, Tensor gain_ih, Tensor gain_hh, "
+        "Tensor output, Tensor x_pre, Tensor h_pre, Tensor stats, int[2] padding, int[2] dilation, bool reverse, "
+        "bool channels_last) -> (Tensor grad_x, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
+        "Tensor grad_bias_hh, Tensor grad_h0, Tensor grad_gain_ih, Tensor grad_gain_hh)");
   // ---- depthwise3d (csrc/depthwise3d/): F.conv3d(groups=C) with weight [m*C, 1, kT, kH, kW], see
   // fastvid/reference/depthwise3d.py. Outputs are channels_last_3d when the input is, else contiguous;
   // a gradient not asked for in output_mask comes back as an empty [0] tensor.

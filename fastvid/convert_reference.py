@@ -21,6 +21,7 @@ from .nn.conv3d import DepthwiseConv3d
 from .nn.nonlocal_block import NonLocalBlock
 from .nn.recurrent import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell
 from .reference import recurrent as ref
+from .reference import recurrent_norm as ref_norm
 from .reference.attention_lstm import attention_convlstm
 
 
@@ -76,7 +77,7 @@ class ReferenceConvLSTMCell(_ReferenceCell):
     """Plain-PyTorch ``fastvid.nn.ConvLSTMCell``: ``(h, c) = cell(x, (h, c))``; c is fp32 for bf16/fp16."""
 
     def __init__(self, cell: ConvLSTMCell):
-        super().__init__(cell, ("unit_forget_bias",), ("bias_ih", "bias_hh", "peephole"))
+        super().__init__(cell, ("unit_forget_bias", "norm"), ("bias_ih", "bias_hh", "peephole"))
 
     def forward(self, x: Tensor, state=None):
         if state is None:
@@ -84,6 +85,11 @@ class ReferenceConvLSTMCell(_ReferenceCell):
             state = (x.new_zeros(B, self.hidden_channels, H, W),
                      x.new_zeros(B, self.hidden_channels, H, W, dtype=ref.compute_dtype(x.dtype)))
         h, c = state
+        if self.norm == "layer":
+            conv = functools.partial(F.conv2d, padding=self.padding, dilation=self.dilation)
+            bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
+            return ref_norm.ln_lstm_cell(conv(x, self.weight_ih), conv(h, self.weight_hh), c, bias, self.ln_gain_ih,
+                                         self.ln_gain_hh, self.ln_gain_c, self.ln_bias_c)
         gates = (F.conv2d(x, self.weight_ih, self.bias_ih, padding=self.padding, dilation=self.dilation)
                  + F.conv2d(h, self.weight_hh, self.bias_hh, padding=self.padding, dilation=self.dilation))
         h, c, _ = ref.lstm_cell(gates, c, self.peephole)
@@ -94,12 +100,15 @@ class ReferenceConvGRUCell(_ReferenceCell):
     """Plain-PyTorch ``fastvid.nn.ConvGRUCell``: ``h = cell(x, h)`` (both reset_after formulas)."""
 
     def __init__(self, cell: ConvGRUCell):
-        super().__init__(cell, ("reset_after",))
+        super().__init__(cell, ("reset_after", "norm"))
 
     def forward(self, x: Tensor, h=None):
         if h is None:
             h = x.new_zeros(x.shape[0], self.hidden_channels, *x.shape[2:])
         C, conv = self.hidden_channels, functools.partial(F.conv2d, padding=self.padding, dilation=self.dilation)
+        if self.norm == "layer":
+            return ref_norm.ln_gru_cell(conv(x, self.weight_ih), conv(h, self.weight_hh), h, self.bias_ih,
+                                        self.bias_hh, self.ln_gain_ih, self.ln_gain_hh)
         x_gates = conv(x, self.weight_ih, self.bias_ih)
         if self.reset_after:
             h_gates = conv(h, self.weight_hh, self.bias_hh)
@@ -160,7 +169,7 @@ class ReferenceConvLSTM(_ReferenceConvRNN):
     """Plain-PyTorch ``fastvid.nn.ConvLSTM``: ``output, (h_n, c_n) = m(x, (h_0, c_0))``."""
 
     def __init__(self, module: ConvLSTM):
-        super().__init__(module, self._ATTRIBUTES + ("peephole", "unit_forget_bias"))
+        super().__init__(module, self._ATTRIBUTES + ("peephole", "unit_forget_bias", "norm"))
 
     def forward(self, x: Tensor, state=None):
         def run_direction(inp, x, layer, d, suffix, index):
@@ -171,6 +180,10 @@ class ReferenceConvLSTM(_ReferenceConvRNN):
             bias = self._parameters["bias_ih" + suffix] + self._parameters["bias_hh" + suffix] if self.bias else None
             peephole = self._parameters["peephole" + suffix] if self.peephole else None
             inp, w_ih, w_hh, bias, h0 = _autocast(inp, w_ih, w_hh, bias, h0)
+            if self.norm == "layer":
+                norm = [self._parameters[name + suffix] for name in ("ln_gain_ih", "ln_gain_hh", "ln_gain_c", "ln_bias_c")]
+                return ref_norm.convlstm_ln_sequence(inp, w_ih, w_hh, bias, h0, c0, *norm, self._padding(layer),
+                                                     self.dilation[layer], reverse=d == 1)
             return ref.convlstm_sequence(inp, w_ih, w_hh, bias, h0, c0, peephole, self._padding(layer),
                                          self.dilation[layer], reverse=d == 1)
 
@@ -182,7 +195,7 @@ class ReferenceConvGRU(_ReferenceConvRNN):
     """Plain-PyTorch ``fastvid.nn.ConvGRU``: ``output, h_n = m(x, h_0)``."""
 
     def __init__(self, module: ConvGRU):
-        super().__init__(module, self._ATTRIBUTES + ("reset_after", "input_to_all_layers"))
+        super().__init__(module, self._ATTRIBUTES + ("reset_after", "input_to_all_layers", "norm"))
 
     def _layer_input(self, x, below, layer):
         inp = super()._layer_input(x, below, layer)
@@ -194,6 +207,10 @@ class ReferenceConvGRU(_ReferenceConvRNN):
             params = _autocast(inp, *(self._parameters.get(name + suffix)
                                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")), h0)
             inp, w_ih, w_hh, b_ih, b_hh, h0 = params
+            if self.norm == "layer":
+                gains = [self._parameters[name + suffix] for name in ("ln_gain_ih", "ln_gain_hh")]
+                return ref_norm.convgru_ln_sequence(inp, w_ih, w_hh, b_ih, b_hh, h0, *gains, self._padding(layer),
+                                                    self.dilation[layer], reverse=d == 1)
             return ref.convgru_sequence(inp, w_ih, w_hh, b_ih, b_hh, h0, self._padding(layer), self.dilation[layer],
                                         reset_after=self.reset_after, reverse=d == 1)
 

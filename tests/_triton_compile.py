@@ -33,6 +33,8 @@ from fastvid.triton_kernels import _common  # noqa: E402
 from fastvid.triton_kernels import attention as ta  # noqa: E402
 from fastvid.triton_kernels import depthwise3d as td  # noqa: E402
 from fastvid.triton_kernels import recurrent as tr  # noqa: E402
+from fastvid.triton_kernels import recurrent_conv as trc  # noqa: E402
+from fastvid.triton_kernels import recurrent_norm as tn  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -68,6 +70,53 @@ def _recurrent(dtype):
         tr.gru_cell_backward(r(B, C, H, W), cache, r(B, C, H, W), reset_after)
     out = tr.gru_reset_hidden(r(B, C, H, W), r(B, C, H, W), r(B, C, H, W))
     tr.gru_reset_hidden_backward(out, r(B, C, H, W), r(B, C, H, W), r(B, C, H, W))
+    # the masked cells of variable-length sequences (forward and backward ops)
+    lengths = torch.tensor([2], dtype=torch.int64)
+    for peephole in (None, r(3, C)):
+        out, h, c, gates = tr.lstm_cell_masked(r(B, 4 * C, H, W), r(B, C, H, W).to(acc), r(B, C, H, W), lengths, 3,
+                                               peephole)
+        torch.ops.fastvid.triton_lstm_cell_masked_backward(r(B, C, H, W), r(B, C, H, W), c, gates, c, c, lengths, 3,
+                                                           peephole)
+    for reset_after in (True, False):
+        out, h, cache = tr.gru_cell_masked(r(B, 3 * C, H, W), r(B, 3 * C, H, W), r(B, C, H, W), lengths, 3, reset_after)
+        torch.ops.fastvid.triton_gru_cell_masked_backward(r(B, C, H, W), r(B, C, H, W), cache, r(B, C, H, W), lengths,
+                                                          3, reset_after)
+
+
+def _recurrent_conv(dtype):
+    B, T, H, W = 2, 2, 3, 4
+    r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    acc = tr.compute_dtype(dtype)
+    # LSTM: peephole, training cache, lengths (every flag on), C = 40: the preferred (largest) tiles.
+    C = 40
+    torch.ops.fastvid.triton_convlstm_hidden(r(B, T, 4 * C, H, W), r(4 * C, C, 3, 3), r(B, C, H, W),
+                                             r(B, C, H, W).to(acc), r(3, C), torch.tensor([2, 1]), [1, 1], [1, 1],
+                                             False, True)
+    # GRU: bias_hh, inference, C = 5: the smallest tiles.
+    C = 5
+    torch.ops.fastvid.triton_convgru_hidden(r(B, T, 3 * C, H, W), r(3 * C, C, 3, 3), r(3 * C), r(B, C, H, W), None,
+                                            [1, 1], [1, 1], True, False, False)
+    # Ballas GRU (two kernels per step): training cache, lengths.
+    torch.ops.fastvid.triton_convgru_hidden(r(B, T, 3 * C, H, W), r(3 * C, C, 3, 3), r(3 * C), r(B, C, H, W),
+                                            torch.tensor([2, 1]), [1, 1], [1, 1], False, False, True)
+
+
+def _recurrent_norm(dtype):
+    B, C, H, W = 2, 2, 3, 3
+    r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    acc = tr.compute_dtype(dtype)
+    gains = [torch.randn(n) for n in (4 * C, 4 * C, C, C)]
+    for bias in (None, r(4 * C)):
+        h, c, gates, stats = tn._ln_lstm_cell_impl(r(B, 4 * C, H, W), r(B, 4 * C, H, W), r(B, C, H, W).to(acc), bias,
+                                                   *gains)
+    for grad_h, grad_c in ((r(B, C, H, W), c), (None, c), (r(B, C, H, W), None)):
+        tn._ln_lstm_cell_backward_impl(grad_h, grad_c, r(B, 4 * C, H, W), r(B, 4 * C, H, W), c, c, gates, stats,
+                                       *gains)
+    for bias in (None, r(3 * C)):
+        h, stats = tn._ln_gru_cell_impl(r(B, 3 * C, H, W), r(B, 3 * C, H, W), r(B, C, H, W), bias, bias,
+                                        torch.randn(3 * C), torch.randn(3 * C))
+        tn._ln_gru_cell_backward_impl(r(B, C, H, W), r(B, 3 * C, H, W), r(B, 3 * C, H, W), r(B, C, H, W), stats, bias,
+                                      bias, torch.randn(3 * C), torch.randn(3 * C))
 
 
 def _cases():
@@ -80,6 +129,8 @@ def _cases():
             cases[f"depthwise-{name}-k{''.join(map(str, kernel))}"] = (_depthwise, dtype, kernel)
         cases[f"depthwise-{name}-k333-m2"] = (_depthwise, dtype, (3, 3, 3), 2)
         cases[f"recurrent-{name}"] = (_recurrent, dtype)
+        cases[f"recurrent_conv-{name}"] = (_recurrent_conv, dtype)
+        cases[f"recurrent_norm-{name}"] = (_recurrent_norm, dtype)
     return cases
 
 
@@ -109,7 +160,7 @@ def recording(capability, limit):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
 
-    saved = [(m, name, getattr(m, name)) for m in (ta, td, tr)
+    saved = [(m, name, getattr(m, name)) for m in (ta, td, tr, trc, tn)
              for name in ("wrap_triton", "_launch") if hasattr(m, name)]
     saved += [(ta, "device_limits", ta.device_limits), (_common, "INTERPRET", _common.INTERPRET)]
     try:

@@ -73,3 +73,20 @@ def test_quick_run_leaves_out_bf16_where_it_is_emulated(capsys):
         torch.ops.fastvid._set_cpu_isa(best)
     out = capsys.readouterr().out
     assert "bf16: emulated on this CPU" in out and "ConvLSTM" in out
+
+
+def test_quick_run_measures_depthwise_attention_and_fp32_recurrent_under_two_paths():
+    """--quick (5-minute budget) runs the depthwise, attention and fp32 recurrent cases under the best two
+    ISA paths (issues 11 and 12: targets on both paths) and the other recurrent cases under the best."""
+    from fastvid.bench import attention, cases, cli
+    paths = ["avx512", "avx2", "baseline"]
+    quick = (list(cases.iter_cases(quick=True)) + list(depthwise.iter_cases(quick=True))
+             + list(attention.iter_cases(quick=True)))
+    by_kind = {}
+    for case in quick:
+        kind = type(case).__name__ + ("-fp32" if isinstance(case, cases.Case) and case.dtype == "fp32" else "")
+        by_kind.setdefault(kind, set()).add(tuple(cli.quick_paths(case, paths)))
+    assert by_kind["DWCase"] == {("avx512", "avx2")}
+    assert by_kind["AttnCase"] == {("avx512", "avx2")}
+    assert by_kind["Case-fp32"] == {("avx512", "avx2")}  # issue 12: the recurrent fp32 targets hold on both paths
+    assert by_kind["Case"] == {("avx512",)}

@@ -65,6 +65,13 @@ CONFIGS = [
     Config(2, 1, (2, 3, 5), (2, 3, 3), (1, 1, 2), (2, 2, 1), (1, 6, 13, 35)),
     Config(3, 1, (1, 3, 7), (1, 1, 1), (0, 4, 5), (1, 1, 2), (1, 2, 5, 19)),
     Config(2, 1, (3, 3, 3), (1, 2, 4), (2, 1, 1), (1, 1, 1), (1, 3, 9, 3)),
+    # all strides 1: the input gradient is the forward with the flipped kernel and padding
+    # dilation·(k - 1) - padding (flipped_geometry): padding below the kernel reach (so the flipped
+    # forward pads more than the original), H and W dilation, T padding equal to the reach, kW = 1
+    # (a padding above the reach, where it does not apply, is CONFIGS[15])
+    Config(4, 1, (3, 5, 3), (1, 1, 1), (0, 0, 2), (1, 1, 2), (2, 7, 9, 13)),
+    Config(3, 1, (3, 3, 1), (1, 1, 1), (2, 1, 0), (1, 2, 1), (1, 6, 10, 17), bias=False),
+    Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 9, 14, 28)),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -378,7 +385,7 @@ def test_cuda_opcheck(config):
 
 @pytest.mark.parametrize("layout", ["channels_last_3d", "contiguous"])
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4], CONFIGS[8], CONFIGS[10], CONFIGS[11], CONFIGS[12],
-                                    CONFIGS[14], CONFIGS[16]], ids=Config.id)
+                                    CONFIGS[14], CONFIGS[16], CONFIGS[17], CONFIGS[18]], ids=Config.id)
 def test_no_out_of_bounds_reads(config, layout):
     """Inputs and grad_output are views into buffers whose neighbouring memory is NaN: a read outside
     a tensor would turn the results NaN."""

@@ -51,24 +51,40 @@ def _sequence_cases():
     h0, c0 = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
     w_ih, w_hh = torch.randn(4 * C, C_IN, 3, 3), torch.randn(4 * C, C, 3, 3)
     bias, peephole = torch.randn(4 * C), torch.randn(3, C)
+    lengths = torch.tensor([T, 2])  # variable lengths (issue 13): checked like every tensor argument
     for strategy in (0, 1):
-        fwd = (x, w_ih, w_hh, bias, h0, c0, peephole, PAD, DIL, False, strategy, False, True)
+        fwd = (x, w_ih, w_hh, bias, h0, c0, peephole, PAD, DIL, False, strategy, False, True, lengths)
         output, h_n, c_n, reserve = torch.ops.fastvid.convlstm_sequence(*fwd)
         cases.append(("convlstm_sequence", fwd, {"x", "weight_ih"}))
         cases.append(("convlstm_sequence_backward",
                       (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, w_ih, w_hh, True,
-                       h0, c0, peephole, output, reserve, PAD, DIL, False, strategy, False),
+                       h0, c0, peephole, output, reserve, PAD, DIL, False, strategy, False, lengths),
                       {"x", "weight_ih"}))
     w3_ih, w3_hh = torch.randn(3 * C, C_IN, 3, 3), torch.randn(3 * C, C, 3, 3)
     b_ih, b_hh = torch.randn(3 * C), torch.randn(3 * C)
     for reset_after, strategy in ((True, 1), (False, 1), (True, 0)):
-        fwd = (x, w3_ih, w3_hh, b_ih, b_hh, h0, PAD, DIL, reset_after, False, strategy, False, True)
+        fwd = (x, w3_ih, w3_hh, b_ih, b_hh, h0, PAD, DIL, reset_after, False, strategy, False, True, lengths)
         output, h_n, reserve = torch.ops.fastvid.convgru_sequence(*fwd)
         cases.append(("convgru_sequence", fwd, {"x", "weight_ih"}))
         cases.append(("convgru_sequence_backward",
                       (torch.randn_like(output), torch.randn_like(h_n), x, w3_ih, w3_hh, b_ih, b_hh, h0, output,
-                       reserve, PAD, DIL, reset_after, False, strategy, False),
+                       reserve, PAD, DIL, reset_after, False, strategy, False, lengths),
                       {"x", "weight_ih"}))
+    # norm="layer" (csrc/recurrent/recurrent_norm_ops.cpp)
+    gains = (torch.randn(4 * C), torch.randn(4 * C), torch.randn(C), torch.randn(C))
+    fwd = (x, w_ih, w_hh, bias, h0, c0, *gains, PAD, DIL, False, False, True)
+    output, h_n, c_n, x_pre, h_pre, gates, cells, stats = torch.ops.fastvid.convlstm_ln_sequence(*fwd)
+    cases.append(("convlstm_ln_sequence", fwd, {"x", "weight_ih"}))
+    cases.append(("convlstm_ln_sequence_backward",
+                  (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x, w_ih, w_hh, True, h0, c0,
+                   *gains, output, x_pre, h_pre, gates, cells, stats, PAD, DIL, False, False), {"x", "weight_ih"}))
+    gains3 = (torch.randn(3 * C), torch.randn(3 * C))
+    fwd = (x, w3_ih, w3_hh, b_ih, b_hh, h0, *gains3, PAD, DIL, False, False, True)
+    output, h_n, x_pre, h_pre, stats = torch.ops.fastvid.convgru_ln_sequence(*fwd)
+    cases.append(("convgru_ln_sequence", fwd, {"x", "weight_ih"}))
+    cases.append(("convgru_ln_sequence_backward",
+                  (torch.randn_like(output), torch.randn_like(h_n), x, w3_ih, w3_hh, b_ih, b_hh, h0, *gains3, output,
+                   x_pre, h_pre, stats, PAD, DIL, False, False), {"x", "weight_ih"}))
     return cases
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import fastvid
-from _recurrent_samples import GRU_CONFIGS, LSTM_CONFIGS, make_seq_sample
+from _recurrent_samples import GRU_CONFIGS, LSTM_CONFIGS, RECURRENT_ULPS, make_seq_sample
+from _tolerances import assert_full_precision
 
 pytestmark = pytest.mark.skipif(not fastvid.info()["cpu_kernels"], reason="fastvid._C is not built")
 
@@ -44,8 +45,9 @@ def _needed_bytes(kind, x, C, dtype):
     return frames * 4 * C * dtype.itemsize + ALIGN
 
 
+# The three configs are 3x3 with dilation 1, so every strategy (winograd included) runs them.
 CASES = [(c, s, d, layout) for c in (LSTM_CONFIGS[0], GRU_CONFIGS[0], GRU_CONFIGS[2])
-         for s in ("hoisted", "concat") for d in (torch.float32, torch.bfloat16)
+         for s in ("hoisted", "concat", "winograd") for d in (torch.float32, torch.bfloat16)
          for layout in ("contiguous", "channels_last")]
 
 
@@ -65,7 +67,7 @@ def test_saved_state_within_what_backward_needs(config, strategy, dtype, layout)
     assert all(t.grad is not None for t in tensors.values() if t is not None)
 
 
-@pytest.mark.parametrize("strategy", ["hoisted", "concat"])
+@pytest.mark.parametrize("strategy", ["hoisted", "concat", "winograd"])
 @pytest.mark.parametrize("config", [LSTM_CONFIGS[0], GRU_CONFIGS[2]], ids=lambda c: c.id())
 def test_backward_leaves_the_reserve_intact(config, strategy):
     """A second backward through the same graph (retain_graph) gives the same gradients: backward
@@ -77,3 +79,50 @@ def test_backward_leaves_the_reserve_intact(config, strategy):
     first = torch.autograd.grad(out, t["x"], grad, retain_graph=True)[0]
     second = torch.autograd.grad(out, t["x"], grad)[0]
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("strategy", ["hoisted", "concat"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("config", [LSTM_CONFIGS[0], GRU_CONFIGS[0], GRU_CONFIGS[2]], ids=lambda c: c.id())
+def test_lengths_across_chunks_match_each_sample_alone(config, reverse, strategy):
+    """Backward rebuilds h_{t-1} chunk by chunk (T = 40: chunks of 2 steps). With lengths in reverse a
+    sample's first step t = lengths[b] - 1 starts from h0, also where that step is inside a chunk
+    (lengths 18: t = 17, the second step of the chunk [16, 18)). Every output and gradient equals the
+    float64 reference run on each sample alone at its length."""
+    lengths = [40, 18, 31]
+    sample = make_seq_sample(config, reverse=reverse, dtype=torch.float64, shape=(3, 40, 2, 3, 4, 5))
+    leaves = sample.leaves()
+    kw = dict(padding=None, dilation=config.dilation, reverse=reverse, strategy=strategy,
+              lengths=torch.tensor(lengths))
+    if config.kind == "lstm":
+        got = fastvid.ops.convlstm(leaves["x"], leaves["weight_ih"], leaves["weight_hh"], leaves["bias"],
+                                   leaves["h0"], leaves["c0"], leaves["peephole"], **kw)
+    else:
+        got = fastvid.ops.convgru(leaves["x"], leaves["weight_ih"], leaves["weight_hh"], leaves["bias_ih"],
+                                  leaves["bias_hh"], leaves["h0"], reset_after=config.reset_after, **kw)
+    gen = torch.Generator().manual_seed(3)
+    ups = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in got]
+    names = [k for k, v in leaves.items() if v is not None]
+    grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(got, ups)), [leaves[k] for k in names])
+
+    ref_leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in leaves.items()}
+    loss, expected_out = 0, torch.zeros_like(got[0])
+    expected_states = [[] for _ in got[1:]]
+    for b, n in enumerate(lengths):
+        alone = dict(ref_leaves)
+        alone["x"] = ref_leaves["x"][b:b + 1, :n]
+        for k in ("h0", "c0"):
+            if k in alone:
+                alone[k] = ref_leaves[k][b:b + 1]
+        outs_b = sample.run_reference(alone)
+        loss = loss + (outs_b[0] * ups[0][b:b + 1, :n]).sum()
+        loss = loss + sum((s * u[b:b + 1]).sum() for s, u in zip(outs_b[1:], ups[1:]))
+        expected_out[b, :n] = outs_b[0][0].detach()
+        for k, s in enumerate(outs_b[1:]):
+            expected_states[k].append(s.detach())
+    expected_grads = torch.autograd.grad(loss, [ref_leaves[k] for k in names])
+    assert_full_precision(got[0], expected_out, "output", ulps=RECURRENT_ULPS)
+    for k, s in enumerate(expected_states):
+        assert_full_precision(got[1 + k], torch.cat(s), f"state {k}", ulps=RECURRENT_ULPS)
+    for name, a, e in zip(names, grads, expected_grads):
+        assert_full_precision(a, e, f"grad {name}", ulps=RECURRENT_ULPS)

@@ -584,7 +584,7 @@ def test_auto_strategy_is_timed_once_and_cached(config, restore_strategy, monkey
     sample = make_seq_sample(config, dtype=torch.float32)
     first = sample.run_ops(sample.tensors, None)
     chosen = fastvid.ops.chosen_strategies()
-    assert len(chosen) == 1 and list(chosen.values())[0] in STRATEGIES, chosen
+    assert len(chosen) == 1 and list(chosen.values())[0] in fastvid.ops.STRATEGIES, chosen
     key = list(chosen)[0]
     B, _, C_in, H, W = sample.tensors["x"].shape
     assert key[:6] == ("cpu", torch.float32, B, C_in, H, W), key  # per-step geometry, not T (test_strategy_cache.py)
@@ -714,7 +714,8 @@ def test_cuda_mixed_devices_raise():
 # ======================================================================== Triton through the API
 @pytest.fixture
 def triton_spy(monkeypatch):
-    """Counts calls of the Triton cell launchers (so a silent fallback to the reference fails)."""
+    """Counts calls of the Triton cell and fused-sequence launchers (so a silent fallback to the reference
+    fails)."""
     pytest.importorskip("triton")
     if not fastvid.info()["triton_available"]:
         pytest.skip("triton not usable here (needs a GPU or TRITON_INTERPRET=1)")
@@ -728,6 +729,15 @@ def triton_spy(monkeypatch):
             return _fn(*args)
 
         monkeypatch.setattr(tk, name, spy)
+    tc = ops_recurrent._triton_conv()  # whole sequences: the fused hidden conv + cell
+    for name in ("convlstm", "convgru"):
+        fn = getattr(tc, name)
+
+        def spy(*args, _fn=fn, _name=name):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*args)
+
+        monkeypatch.setattr(tc, name, spy)
     return calls
 
 

@@ -44,15 +44,18 @@ ARCHS = [80, 86, 89, 90, 100]
 # Per arch: the slice compiled by default. Every family and dtype is covered somewhere; fp32
 # attention (the slowest to compile) on sm_89, the smallest shared memory; fp16 D = 128 on sm_100,
 # where wgmma/tcgen05 operand buffers make shared memory largest relative to the tiles; the head-dim
-# chunked paths (D = 512, D != Dv) on sm_80 and sm_100.
+# chunked paths (D = 512, D != Dv) on sm_80 and sm_100; the fused ConvLSTM/ConvGRU step kernel
+# (recurrent_conv) in every dtype on sm_80 (mma) and sm_90 (wgmma).
 DEFAULT_CASES = {
-    80: ["attention-bf16-D512-Dv512", "recurrent-fp32"],
+    80: ["attention-bf16-D512-Dv512", "recurrent-fp32", "recurrent_conv-fp16", "recurrent_conv-bf16",
+         "recurrent_conv-fp32", "recurrent_conv-fp64", "recurrent_norm-bf16"],
     86: ["depthwise-fp16-k333", "depthwise-fp32-k333-m2", "recurrent-bf16"],
     89: ["attention-fp32-D128-Dv128", "attention-fp16-D40-Dv200"],
     90: ["attention-fp64-D128-Dv128", "attention-bf16-D128-Dv128", "depthwise-bf16-k333",
-         "recurrent-fp64"],
+         "recurrent-fp64", "recurrent_conv-fp16", "recurrent_conv-bf16", "recurrent_conv-fp32", "recurrent_conv-fp64",
+         "recurrent_norm-fp32"],
     100: ["attention-fp16-D128-Dv128", "attention-fp16-D512-Dv512", "depthwise-fp64-k333",
-          "recurrent-fp16"],
+          "recurrent-fp16", "recurrent_norm-fp64"],
 }
 
 
@@ -100,7 +103,7 @@ def _label(r):
 def test_kernels_compile_and_fit_shared_memory(compiled, arch):
     records = compiled[arch]
     families = {r["case"].split("-")[0] for r in records}
-    assert records and families <= {"attention", "depthwise", "recurrent"}
+    assert records and families <= {"attention", "depthwise", "recurrent", "recurrent_conv", "recurrent_norm"}
     for r in records:
         assert "error" not in r, f"sm_{arch}: {_label(r)} does not compile: {r.get('error')}"
         assert r["shared"] <= r["limit"], f"sm_{arch}: {_label(r)} needs {r['shared']} bytes of shared " \
@@ -126,6 +129,27 @@ def test_attention_shared_memory_within_launch_config_model(compiled, arch):
         assert r["shared"] <= bound, f"sm_{arch}: {_label(r)} uses {r['shared']} bytes, model says {bound}"
         checked += 1
     assert checked or not any(c.startswith("attention") for c in _cases(arch))
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_recurrent_conv_shared_memory_within_launch_config_model(compiled, arch):
+    """The fused ConvLSTM/ConvGRU step kernels (and the Ballas GRU's two), every dtype, on sm_80 and
+    sm_90: their compiled shared memory is within the model recurrent_conv.launch_config sized the
+    tiles with."""
+    from fastvid.triton_kernels import recurrent_conv as trc
+
+    kernels = {"_conv_cell_step_kernel", "_ballas_reset_kernel", "_ballas_cell_kernel"}
+    records = [r for r in compiled[arch] if r["kernel"] in kernels]
+    assert {r["kernel"] for r in records} == kernels
+    assert {r["case"] for r in records} == {f"recurrent_conv-{d}" for d in ("fp16", "bf16", "fp32", "fp64")}
+    for r in records:
+        assert "error" not in r, f"sm_{arch}: {_label(r)}: {r['error']}"
+        m = r["meta"]
+        elem = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}[r["case"].split("-")[1]]
+        gates = 4 if r["kernel"] == "_conv_cell_step_kernel" and not m["IS_GRU"] else 3  # launch_config's cell
+        bound = trc._shared_bytes(gates, m["BLOCK_M"], m["BLOCK_C"], m["BLOCK_K"], elem, m["num_stages"],
+                                  r["capability"])
+        assert r["shared"] <= bound, f"sm_{arch}: {_label(r)} uses {r['shared']} bytes, model says {bound}"
 
 
 # `%x = arith.muli %a, %b : i32` (or a tensor of i32), and `%c = arith.constant ...` in TTIR.

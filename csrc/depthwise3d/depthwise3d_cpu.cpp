@@ -5,7 +5,8 @@
 //   forward / input gradient: interior positions (every W tap in range) go 8 at a time through
 //     sweep_positions (each weight vector loaded once per tap for 8 positions; the input gradient
 //     only when the W stride is 1); border positions build their list of valid taps and run
-//     accumulate_channels. Both keep the accumulators in registers, in GCC vectors of the
+//     accumulate_channels. With every stride 1 the input gradient is the forward with the kernel
+//     flipped (flipped_geometry). Both keep the accumulators in registers, in GCC vectors of the
 //     accumulation type (fp32 for bf16/fp16) as wide as the ISA path's registers, stored once per
 //     position.
 //   weight gradient: per tap, one register-blocked sweep along the row into a partial sum.
@@ -411,6 +412,15 @@ void input_grad_impl(const InputGradArgs& a) {
   if (rows == 0 || g.in[2] == 0 || C == 0) return;
   const auto* grad_output = static_cast<const scalar_t*>(a.grad_output);
   const auto* weight = static_cast<const acc_t*>(a.weight);
+  if (const auto flipped = flipped_geometry(g)) {
+    // Stride 1: the forward's kernel (position-blocked sweeps whose loads walk forward) on grad_output,
+    // measured 2.3x (AVX-512) / 1.9x (AVX2) faster than the gather below (4x96x8x28^2, one thread).
+    std::vector<acc_t> w(g.taps() * C);
+    for (int64_t t = 0; t < g.taps(); ++t) std::copy_n(weight + (g.taps() - 1 - t) * C, C, w.data() + t * C);
+    ForwardArgs f;
+    f.geo = *flipped, f.dtype = a.dtype, f.input = a.grad_output, f.weight = w.data(), f.output = a.grad_input;
+    return forward_impl<scalar_t>(f);
+  }
   auto* grad_input = static_cast<scalar_t*>(a.grad_input);
   at::parallel_for(0, rows, grain_for(g.in[2] * C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {

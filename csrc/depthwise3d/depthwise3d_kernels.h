@@ -11,6 +11,8 @@
 
 #include <c10/core/ScalarType.h>
 
+#include <optional>
+
 namespace fastvid {
 namespace depthwise3d {
 
@@ -43,6 +45,21 @@ struct WeightGradArgs {
   void* grad_weight = nullptr;        // [taps, C*m] or nullptr (not wanted)
   void* grad_bias = nullptr;          // [C*m] or nullptr (not wanted)
 };
+
+// The input gradient of a conv with stride 1 and channel multiplier 1 is a forward over grad_output
+// with the kernel flipped along all three dims (taps in reverse order) and padding
+// dilation·(k - 1) - padding: grad_input[i] = Σ_k grad_output[i + p - k·d] · w[k]. The geometry of that
+// forward, or nullopt where it does not apply (a stride > 1, m > 1, padding beyond dilation·(k - 1)).
+inline std::optional<Geometry> flipped_geometry(const Geometry& g) {
+  Geometry f = g;
+  if (g.multiplier != 1) return std::nullopt;
+  for (int d = 0; d < 3; ++d) {
+    f.padding[d] = g.dilation[d] * (g.kernel[d] - 1) - g.padding[d];
+    if (g.stride[d] != 1 || f.padding[d] < 0) return std::nullopt;
+    f.in[d] = g.out[d], f.out[d] = g.in[d];
+  }
+  return f;
+}
 
 void forward_cpu(const ForwardArgs& args);
 void input_grad_cpu(const InputGradArgs& args);

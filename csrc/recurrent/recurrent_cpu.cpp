@@ -118,6 +118,24 @@ struct PeepholeRow {
 template <typename T, typename acc_t>
 inline acc_t ld(const T* p, int64_t j) { return static_cast<acc_t>(p[j]); }
 
+// Rows of a sample the StepMask leaves out: zeros, copies of the previous state, and the sum of the
+// state gradients dh_in[1] + dh_in[2] (out may alias b).
+template <typename T>
+void zero_row(T* p, int64_t n) {
+  if (p != nullptr) std::fill(p, p + n, T(0));
+}
+
+template <typename T>
+void copy_row(const T* src, T* dst, int64_t n) {
+  if (dst != src) std::copy(src, src + n, dst);
+}
+
+template <typename scalar_t>
+void sum_row(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(ld<scalar_t, acc_t>(a, j) + ld<scalar_t, acc_t>(b, j));
+}
+
 // ------------------------------------------------------------------------ LSTM
 template <typename scalar_t>
 struct LstmForwardRow {
@@ -164,7 +182,9 @@ void lstm_forward_impl(const LstmForwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowLayout layout = row_layout(a.geo, {&a.a_x[0], &a.a_x[1], &a.a_x[2], &a.a_x[3], &a.a_h[0], &a.a_h[1],
                                               &a.a_h[2], &a.a_h[3], &a.c_prev, &a.h_out, &a.h_out2, &a.c_out,
-                                              &a.gates_out[0], &a.gates_out[1], &a.gates_out[2], &a.gates_out[3]});
+                                              &a.gates_out[0], &a.gates_out[1], &a.gates_out[2], &a.gates_out[3],
+                                              &a.h_prev});
+  TORCH_INTERNAL_ASSERT(a.mask.lengths == nullptr || a.h_prev.data != nullptr, "lstm_forward: a mask needs h_prev");
   const auto make_peephole = [&] { return PeepholeRow<acc_t>(a.peephole, a.geo.channels, layout); };
   for_each_row(a.geo, layout, make_peephole, [&](PeepholeRow<acc_t>& peephole, int64_t b, int64_t outer) {
     LstmForwardRow<scalar_t> r;
@@ -177,6 +197,13 @@ void lstm_forward_impl(const LstmForwardArgs& a) {
     r.h_out = row_ptr<scalar_t>(a.h_out, layout, b, outer);
     r.h_out2 = row_ptr<scalar_t>(a.h_out2, layout, b, outer);
     r.c_out = row_ptr<acc_t>(a.c_out, layout, b, outer);
+    if (!a.mask.valid(b)) {
+      zero_row(r.h_out, layout.inner);
+      copy_row(row_ptr<const scalar_t>(a.h_prev, layout, b, outer), r.h_out2, layout.inner);
+      copy_row(r.c_prev, r.c_out, layout.inner);
+      for (int k = 0; k < 4 && a.save; ++k) zero_row(r.gates_out[k], layout.inner);
+      return;
+    }
     peephole.get(layout, outer, r.w);
     if (a.save) lstm_forward_row<scalar_t, true>(r, layout.inner);
     else lstm_forward_row<scalar_t, false>(r, layout.inner);
@@ -225,7 +252,9 @@ void lstm_backward_impl(const LstmBackwardArgs& a) {
   const RowLayout layout =
       row_layout(a.geo, {&a.dh_in[0], &a.dh_in[1], &a.dh_in[2], &a.dc_in, &a.gates[0], &a.gates[1], &a.gates[2],
                          &a.gates[3], &a.c_prev, &a.c, &a.d_gates_out[0], &a.d_gates_out[1], &a.d_gates_out[2],
-                         &a.d_gates_out[3], &a.dc_prev_out});
+                         &a.d_gates_out[3], &a.dc_prev_out, &a.dh_prev_out});
+  TORCH_INTERNAL_ASSERT(a.mask.lengths == nullptr || a.dh_prev_out.data != nullptr,
+                        "lstm_backward: a mask needs dh_prev_out");
   const auto make_peephole = [&] { return PeepholeRow<acc_t>(a.peephole, a.geo.channels, layout); };
   for_each_row(a.geo, layout, make_peephole, [&](PeepholeRow<acc_t>& peephole, int64_t b, int64_t outer) {
     LstmBackwardRow<scalar_t> r;
@@ -238,6 +267,14 @@ void lstm_backward_impl(const LstmBackwardArgs& a) {
     r.c_prev = row_ptr<const acc_t>(a.c_prev, layout, b, outer);
     r.c = row_ptr<const acc_t>(a.c, layout, b, outer);
     r.dc_prev = row_ptr<acc_t>(a.dc_prev_out, layout, b, outer);
+    scalar_t* dh_prev = row_ptr<scalar_t>(a.dh_prev_out, layout, b, outer);
+    if (!a.mask.valid(b)) {
+      for (int k = 0; k < 4; ++k) zero_row(r.d_gates[k], layout.inner);
+      copy_row(r.dc_in, r.dc_prev, layout.inner);
+      sum_row(r.dh_in[1], r.dh_in[2], dh_prev, layout.inner);
+      return;
+    }
+    zero_row(dh_prev, layout.inner);
     peephole.get(layout, outer, r.w);
     lstm_backward_row<scalar_t>(r, layout.inner);
   });
@@ -294,6 +331,12 @@ void gru_forward_impl(const GruForwardArgs& a) {
     r.h_prev = row_ptr<const scalar_t>(a.h_prev, layout, b, outer);
     r.h_out = row_ptr<scalar_t>(a.h_out, layout, b, outer);
     r.h_out2 = row_ptr<scalar_t>(a.h_out2, layout, b, outer);
+    if (!a.mask.valid(b)) {
+      zero_row(r.h_out, layout.inner);
+      copy_row(r.h_prev, r.h_out2, layout.inner);
+      for (int k = 0; k < 4 && a.save; ++k) zero_row(r.cache[k], layout.inner);
+      return;
+    }
     if (a.reset_after) {
       if (a.save) gru_forward_row<scalar_t, true, true>(r, layout.inner);
       else gru_forward_row<scalar_t, true, false>(r, layout.inner);
@@ -355,6 +398,14 @@ void gru_backward_impl(const GruBackwardArgs& a) {
     for (int k = 0; k < 4; ++k) r.cache[k] = row_ptr<const scalar_t>(a.cache[k], layout, b, outer);
     r.h_prev = row_ptr<const scalar_t>(a.h_prev, layout, b, outer);
     r.dh_prev = row_ptr<scalar_t>(a.dh_prev_out, layout, b, outer);
+    if (!a.mask.valid(b)) {
+      for (int k = 0; k < 3; ++k) {
+        zero_row(r.d_x[k], layout.inner);
+        zero_row(r.d_h[k], layout.inner);
+      }
+      sum_row(r.dh_in[1], r.dh_in[2], r.dh_prev, layout.inner);
+      return;
+    }
     if (a.reset_after) gru_backward_row<scalar_t, true>(r, layout.inner);
     else gru_backward_row<scalar_t, false>(r, layout.inner);
   });
@@ -383,6 +434,11 @@ void gru_reset_forward_impl(const GruResetForwardArgs& a) {
     const scalar_t* h_prev = row_ptr<const scalar_t>(a.h_prev, layout, b, outer);
     scalar_t* reset_h = row_ptr<scalar_t>(a.reset_h_out, layout, b, outer);
     scalar_t* r_out = row_ptr<scalar_t>(a.r_out, layout, b, outer);
+    if (!a.mask.valid(b)) {
+      zero_row(reset_h, layout.inner);
+      if (a.save) zero_row(r_out, layout.inner);
+      return;
+    }
     if (a.save) gru_reset_forward_row<scalar_t, true>(x_r, h_r, h_prev, reset_h, r_out, layout.inner);
     else gru_reset_forward_row<scalar_t, false>(x_r, h_r, h_prev, reset_h, r_out, layout.inner);
   });
@@ -408,6 +464,12 @@ void gru_reset_backward_impl(const GruResetBackwardArgs& a) {
   const RowLayout layout =
       row_layout(a.geo, {&a.d_reset_h, &a.r, &a.h_prev, &a.dh_prev_in, &a.d_r_out, &a.dh_prev_out});
   for_each_row(a.geo, layout, [&](int64_t b, int64_t outer) {
+    if (!a.mask.valid(b)) {
+      zero_row(row_ptr<scalar_t>(a.d_r_out, layout, b, outer), layout.inner);
+      copy_row(row_ptr<const scalar_t>(a.dh_prev_in, layout, b, outer),
+               row_ptr<scalar_t>(a.dh_prev_out, layout, b, outer), layout.inner);
+      return;
+    }
     gru_reset_backward_row<scalar_t>(
         row_ptr<const scalar_t>(a.d_reset_h, layout, b, outer), row_ptr<const scalar_t>(a.r, layout, b, outer),
         row_ptr<const scalar_t>(a.h_prev, layout, b, outer), row_ptr<const scalar_t>(a.dh_prev_in, layout, b, outer),

@@ -48,6 +48,16 @@ struct LstmForwardOp {
   // a_x, a_h, h_out, h_out2, gates_out: scalar_t; c_prev, c_out: acc_t; peephole: acc_t [3, C].
   LstmForwardArgs a;
   __device__ void operator()(int64_t b, int64_t c, int64_t p) const {
+    if (!a.mask.valid(b)) {  // the step leaves this sample's state unchanged (h_out2 may alias h_prev)
+      store<scalar_t>(a.h_out, b, c, p, acc_t(0));
+      store<scalar_t>(a.h_out2, b, c, p, load<acc_t, scalar_t>(a.h_prev, b, c, p));
+      store<acc_t>(a.c_out, b, c, p, load<acc_t, acc_t>(a.c_prev, b, c, p));
+      if (a.save) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) store<scalar_t>(a.gates_out[k], b, c, p, acc_t(0));
+      }
+      return;
+    }
     acc_t pre[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -75,8 +85,18 @@ struct LstmBackwardOp {
   using acc_t = at::opmath_type<scalar_t>;
   const Plane& layout() const { return a.d_gates_out[0]; }
   // dh_in, gates, d_gates_out: scalar_t; dc_in, c_prev, c, dc_prev_out (may alias dc_in): acc_t.
+  // With a mask, dh_prev_out: scalar_t.
   LstmBackwardArgs a;
   __device__ void operator()(int64_t b, int64_t c, int64_t p) const {
+    if (!a.mask.valid(b)) {  // identity step: state gradients pass through, no gate gradient
+#pragma unroll
+      for (int k = 0; k < 4; ++k) store<scalar_t>(a.d_gates_out[k], b, c, p, acc_t(0));
+      store<acc_t>(a.dc_prev_out, b, c, p, load<acc_t, acc_t>(a.dc_in, b, c, p));
+      store<scalar_t>(a.dh_prev_out, b, c, p,
+                      load<acc_t, scalar_t>(a.dh_in[1], b, c, p) + load<acc_t, scalar_t>(a.dh_in[2], b, c, p));
+      return;
+    }
+    if (a.mask.lengths != nullptr) store<scalar_t>(a.dh_prev_out, b, c, p, acc_t(0));
     const acc_t dh = load<acc_t, scalar_t>(a.dh_in[0], b, c, p) + load<acc_t, scalar_t>(a.dh_in[1], b, c, p) +
                      load<acc_t, scalar_t>(a.dh_in[2], b, c, p);
     const acc_t* w = static_cast<const acc_t*>(a.peephole);
@@ -101,6 +121,15 @@ struct GruForwardOp {
   // All planes scalar_t; h_out2 may alias h_prev. cache_out: r, z, n, h_n.
   GruForwardArgs a;
   __device__ void operator()(int64_t b, int64_t c, int64_t p) const {
+    if (!a.mask.valid(b)) {  // the step leaves this sample's state unchanged
+      store<scalar_t>(a.h_out, b, c, p, acc_t(0));
+      store<scalar_t>(a.h_out2, b, c, p, load<acc_t, scalar_t>(a.h_prev, b, c, p));
+      if (a.save) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) store<scalar_t>(a.cache_out[k], b, c, p, acc_t(0));
+      }
+      return;
+    }
     const acc_t h_n = load<acc_t, scalar_t>(a.h[2], b, c, p);
     const GruState<acc_t> s = gru_forward(
         load<acc_t, scalar_t>(a.x[0], b, c, p), load<acc_t, scalar_t>(a.x[1], b, c, p),
@@ -124,6 +153,16 @@ struct GruBackwardOp {
   // All planes scalar_t. cache: r, z, n, h_n; d_x_out: d(x_r, x_z, x_n); d_h_out: d(h_r, h_z, h_n).
   GruBackwardArgs a;
   __device__ void operator()(int64_t b, int64_t c, int64_t p) const {
+    if (!a.mask.valid(b)) {  // identity step: the state gradient passes through (dh_prev_out may alias dh_in[2])
+#pragma unroll
+      for (int k = 0; k < 3; ++k) {
+        store<scalar_t>(a.d_x_out[k], b, c, p, acc_t(0));
+        store<scalar_t>(a.d_h_out[k], b, c, p, acc_t(0));
+      }
+      store<scalar_t>(a.dh_prev_out, b, c, p,
+                      load<acc_t, scalar_t>(a.dh_in[1], b, c, p) + load<acc_t, scalar_t>(a.dh_in[2], b, c, p));
+      return;
+    }
     const acc_t dh = load<acc_t, scalar_t>(a.dh_in[0], b, c, p) + load<acc_t, scalar_t>(a.dh_in[1], b, c, p) +
                      load<acc_t, scalar_t>(a.dh_in[2], b, c, p);
     const GruGrad<acc_t> d = gru_backward(
@@ -147,6 +186,11 @@ struct GruResetForwardOp {
   // All planes scalar_t: reset_h_out = r·h_prev, r_out = r (if save).
   GruResetForwardArgs a;
   __device__ void operator()(int64_t b, int64_t c, int64_t p) const {
+    if (!a.mask.valid(b)) {
+      store<scalar_t>(a.reset_h_out, b, c, p, acc_t(0));
+      if (a.save) store<scalar_t>(a.r_out, b, c, p, acc_t(0));
+      return;
+    }
     acc_t r;
     const acc_t reset_h = gru_reset_forward(load<acc_t, scalar_t>(a.x_r, b, c, p),
                                             load<acc_t, scalar_t>(a.h_r, b, c, p),
@@ -163,6 +207,11 @@ struct GruResetBackwardOp {
   // All planes scalar_t; dh_prev_out = dh_prev_in + d_reset_h·r (may alias dh_prev_in).
   GruResetBackwardArgs a;
   __device__ void operator()(int64_t b, int64_t c, int64_t p) const {
+    if (!a.mask.valid(b)) {
+      store<scalar_t>(a.d_r_out, b, c, p, acc_t(0));
+      store<scalar_t>(a.dh_prev_out, b, c, p, load<acc_t, scalar_t>(a.dh_prev_in, b, c, p));
+      return;
+    }
     acc_t dh = load<acc_t, scalar_t>(a.dh_prev_in, b, c, p);
     const acc_t d_r = gru_reset_backward(load<acc_t, scalar_t>(a.d_reset_h, b, c, p),
                                          load<acc_t, scalar_t>(a.r, b, c, p),

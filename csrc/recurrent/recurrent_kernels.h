@@ -29,6 +29,17 @@ struct Geometry {
   at::ScalarType dtype = at::kFloat;  // scalar type of the gate planes
 };
 
+// Variable-length sequences (the sequence ops' `lengths`): sample b takes part in time step t when
+// t < lengths[b]. A masked sample's step is the identity on its state: the kernels write 0 to the
+// layer output, copy the previous state to the state outputs and caches 0; their backward gives
+// zero gate gradients and passes the state gradients (dh_in[1], dh_in[2], dc_in) straight through.
+// dh_in[0] is always the layer output's gradient, which a masked step drops.
+struct StepMask {
+  const int64_t* lengths = nullptr;  // [B] int64 on the kernel's device, or nullptr: every sample valid
+  int64_t t = 0;
+  C10_HOST_DEVICE bool valid(int64_t b) const { return lengths == nullptr || t < lengths[b]; }
+};
+
 // h, c = LSTM(a_x + a_h, c_prev); gates_out (if save) receives the activated i, f, g, o.
 struct LstmForwardArgs {
   Geometry geo;
@@ -37,6 +48,8 @@ struct LstmForwardArgs {
   Plane gates_out[4];
   const void* peephole = nullptr;  // [3, C] contiguous (w_ci, w_cf, w_co) in acc type, or nullptr
   bool save = false;
+  StepMask mask;
+  Plane h_prev;  // the hidden state entering the step (read only for masked samples; may alias h_out2)
 };
 
 // dh = dh_in[0] + dh_in[1] + dh_in[2]; dc_in is the gradient reaching c (may alias dc_prev_out).
@@ -45,6 +58,10 @@ struct LstmBackwardArgs {
   Plane dh_in[3], dc_in, gates[4], c_prev, c;
   Plane d_gates_out[4], dc_prev_out;
   const void* peephole = nullptr;
+  StepMask mask;
+  // With a mask: receives the state gradient dh_in[1] + dh_in[2] of masked samples and 0 for the
+  // others (the hidden conv's input gradient, which the caller adds, is 0 for masked samples).
+  Plane dh_prev_out;
 };
 
 // h = GRU(x gates, h gates, h_prev); cache_out (if save) receives r, z, n, h_n.
@@ -54,15 +71,18 @@ struct GruForwardArgs {
   Plane h_out, h_out2;
   Plane cache_out[4];
   bool reset_after = true, save = false;
+  StepMask mask;
 };
 
 // dh = dh_in[0] + dh_in[1] + dh_in[2]. d_x_out: d(x_r, x_z, x_n); d_h_out: d(h_r, h_z, h_n);
-// dh_prev_out receives the direct part dh·z (the conv part is added by the caller).
+// dh_prev_out receives the direct part dh·z (the conv part is added by the caller; masked samples:
+// dh_in[1] + dh_in[2]). dh_prev_out may alias dh_in[2].
 struct GruBackwardArgs {
   Geometry geo;
   Plane dh_in[3], cache[4], h_prev;
   Plane d_x_out[3], d_h_out[3], dh_prev_out;
   bool reset_after = true;
+  StepMask mask;
 };
 
 // reset_h = σ(x_r + h_r)·h_prev; r_out (if save) receives r.
@@ -70,6 +90,7 @@ struct GruResetForwardArgs {
   Geometry geo;
   Plane x_r, h_r, h_prev, reset_h_out, r_out;
   bool save = false;
+  StepMask mask;  // masked samples: reset_h_out = 0, r_out = 0
 };
 
 // d_r_out = d r_pre; dh_prev_out = dh_prev_in + d_reset_h·r (may alias).
@@ -77,6 +98,7 @@ struct GruResetBackwardArgs {
   Geometry geo;
   Plane d_reset_h, r, h_prev, dh_prev_in;
   Plane d_r_out, dh_prev_out;
+  StepMask mask;  // masked samples: d_r_out = 0, dh_prev_out = dh_prev_in
 };
 
 void lstm_forward_cpu(const LstmForwardArgs& args);

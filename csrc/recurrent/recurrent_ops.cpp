@@ -8,12 +8,19 @@
 //             hidden conv and one fused gate kernel (the cuDNN RNN design).
 //   kConcat:  two [x_t, h_{t-1}] buffers [B, C_in + C, H, W] used in turn; per step one conv over one,
 //             and the gate kernel writes h straight into the other (no cat).
+//   kWinograd: CPU, 3x3, dilation 1: every conv a Winograd F(2x2, 3x3) (recurrent_winograd.h) with the
+//             weights transformed once per call and the gate kernel run per conv output strip; LSTM
+//             sums the x and h convs of a step in the Winograd domain, GRU hoists the x conv (chunked as
+//             kHoisted's); backward as hoisted with the per-step input-gradient convs Winograd.
 // With save=True the forward fills the reserve (activated gates, LSTM cell states; see below).
 // Backward walks the steps in reverse, per step one fused gate-backward kernel and one input-gradient
 // conv; the weight (and bias) gradients come from one batched conv backward per chunk of steps, whose
 // [x_t, h_{t-1}] inputs are rebuilt from x and output.
+// lengths (optional, variable-length batches): the gate kernels' StepMask (recurrent_kernels.h) makes
+// a sample's steps past its length the identity on its state, in every strategy and direction.
 #include "recurrent_kernels.h"
 #include "recurrent_sequence.h"
+#include "recurrent_winograd.h"
 #include "../fastvid_common.h"
 
 #include <ATen/ATen.h>
@@ -78,7 +85,18 @@ std::vector<Tensor> reserve_views(const Tensor& reserve, const SeqGeometry& g,
 
 Tensor new_reserve(bool save, const SeqGeometry& g, const std::vector<ReserveRegion>& regions,
                    const at::TensorOptions& opts) {
-  return at::empty({save ? reserve_bytes(g, regions) : 0}, opts.dtype(at::kByte));
+  Tensor reserve = at::empty({save ? reserve_bytes(g, regions) : 0}, opts.dtype(at::kByte));
+  if (!save) return reserve;
+  // Zero the alignment padding after each region, so the op's output is fully defined (opcheck and
+  // compiled graphs compare it byte for byte).
+  int64_t offset = 0;
+  for (const auto& r : regions) {
+    const int64_t used = g.T * g.B * r.channels * g.H * g.W * static_cast<int64_t>(c10::elementSize(r.dtype));
+    const int64_t padded = region_bytes(g, r);
+    if (padded > used) reserve.narrow(0, offset + used, padded - used).zero_();
+    offset += padded;
+  }
+  return reserve;
 }
 
 void check_reserve(const char* op, const Tensor& reserve, const SeqGeometry& g,
@@ -124,6 +142,17 @@ void copy_previous(Tensor dst, const Tensor& all, int64_t time_dim, const Tensor
   }
 }
 
+// copy_previous of the hidden state with lengths: in reverse, sample b's first step t = lengths[b] - 1
+// (and its masked steps after it) start from h0, not from the zero output of step t + 1. The per-chunk
+// form of previous_state (recurrent_sequence.h); dst [n, B, C, H, W] holds the steps [t0, t0 + n).
+void copy_previous_hidden(Tensor dst, const Tensor& output, const Tensor& h0, int64_t t0, int64_t n, bool reverse,
+                          const Tensor& lengths) {
+  copy_previous(dst, output, 1, h0, t0, n, reverse);
+  if (!reverse || !lengths.defined()) return;
+  const Tensor from_h0 = at::arange(t0 + 1, t0 + n + 1, lengths.options()).unsqueeze(1).ge(lengths.unsqueeze(0));
+  dst.copy_(at::where(from_h0.view({n, h0.size(0), 1, 1, 1}), h0.unsqueeze(0), dst));
+}
+
 // ======================================================================== LSTM
 // [3, C] peephole gradient: Σ over batch, time, pixels of d a_i·c_prev, d a_f·c_prev, d a_o·c
 // (all arguments [n, B, ., H, W]).
@@ -138,12 +167,14 @@ Tensor peephole_grad(const Tensor& d_gates, const Tensor& c_prev, const Tensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias, const Tensor& h0,
     const Tensor& c0, const OptTensor& peephole, at::IntArrayRef padding, at::IntArrayRef dilation, bool reverse,
-    int64_t strategy, bool channels_last, bool save) {
+    int64_t strategy, bool channels_last, bool save, const OptTensor& lengths) {
   const char* op = "fastvid.convlstm_sequence";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
+  if (strategy == kWinograd) check_winograd(op, x, weight_hh, g, lengths);
   check_state(op, "c0", c0, g, x);
   check_bias(op, "bias", bias, 4 * g.C, x);
   check_optional_arg(op, "peephole", peephole, {3, g.C}, x, "x", std::nullopt);
+  const Tensor lengths_d = check_lengths(op, lengths, g, x);
   const c10::DeviceGuard guard(x.device());
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
   const auto opts = x.options();
@@ -172,10 +203,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
 
   // hoisted: the input conv of one chunk of steps at a time (x_chunk -> x_gates, time-major).
   // concat: two [x_t, h_{t-1}] slots used in turn; the gate kernel writes h into the next step's.
+  // winograd: per step the x and h convs summed in the Winograd domain, the gate kernel per strip.
+  const bool wino = strategy == kWinograd;
   const int64_t chunk = hoisted ? chunk_steps(T) : 1;
   int64_t chunk_start = -1;
-  Tensor x_chunk, x_gates, h_buf, slots, w_cat;
-  if (hoisted) {
+  Tensor x_chunk, x_gates, h_buf, slots, w_cat, v_ih, v_hh;
+  if (wino) {
+    v_ih = winograd_weights(weight_ih);
+    v_hh = winograd_weights(weight_hh);
+  } else if (hoisted) {
     x_chunk = empty_frames({chunk, B}, Cin, H, W, g.channels_last, opts);
     h_buf = h0.contiguous(fmt).clone();
   } else {
@@ -190,7 +226,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   for (int64_t f = 0; f < T; ++f) {
     const int64_t t = time_of(f, T, reverse);
     const bool last = f == T - 1;
-    if (hoisted) {
+    if (wino) {
+      for (int k = 0; k < 4; ++k) a.a_h[k] = zero_plane(zeros);  // a_x: per conv strip
+      a.h_out2 = plane(last ? h_n : output.select(1, t));
+    } else if (hoisted) {
       const auto [t0, n] = chunk_of(t, chunk, T);
       if (t0 != chunk_start) {
         chunk_start = t0;
@@ -205,10 +244,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
         a.a_h[k] = slot(h_gates, k, C);
       }
       a.h_out2 = plane(last ? h_n : h_buf);
+      a.h_prev = plane(h_buf);
     } else {
       const Tensor slot_t = slots.select(0, f % 2);
       slot_t.narrow(1, 0, Cin).copy_(x.select(1, t));
       gates_pre = conv(slot_t, w_cat, bias, g);
+      a.h_prev = plane(slot_t.narrow(1, Cin, C));
       for (int k = 0; k < 4; ++k) {
         a.a_x[k] = slot(gates_pre, k, C);
         a.a_h[k] = zero_plane(zeros);
@@ -224,7 +265,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
       a.c_prev = plane(c_run);
       a.c_out = plane(c_run);
     }
-    FASTVID_LAUNCH(lstm_forward, a, x.device());
+    a.mask = step_mask(lengths_d, t);
+    if (wino)
+      winograd_lstm_step(a, x.select(1, t), v_ih, bias, f == 0 ? h0 : output.select(1, time_of(f - 1, T, reverse)),
+                         v_hh, g);
+    else FASTVID_LAUNCH(lstm_forward, a, x.device());
   }
   Tensor c_n = save ? cells.select(0, time_of(T - 1, T, reverse)).clone() : c_run;
   return {output, h_n, c_n, reserve};
@@ -234,9 +279,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     const OptTensor& grad_output, const OptTensor& grad_h_n, const OptTensor& grad_c_n, const Tensor& x,
     const Tensor& weight_ih, const Tensor& weight_hh, bool has_bias, const Tensor& h0, const Tensor& c0,
     const OptTensor& peephole, const Tensor& output, const Tensor& reserve, at::IntArrayRef padding,
-    at::IntArrayRef dilation, bool reverse, int64_t strategy, bool channels_last) {
+    at::IntArrayRef dilation, bool reverse, int64_t strategy, bool channels_last, const OptTensor& lengths) {
   const char* op = "fastvid.convlstm_sequence_backward";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 4, padding, dilation, strategy, channels_last);
+  if (strategy == kWinograd) check_winograd(op, x, weight_hh, g, lengths);
+  const Tensor lengths_d = check_lengths(op, lengths, g, x);
   const auto regions = lstm_reserve(g, x.scalar_type());
   {
     const int64_t B = g.B, T = g.T, C = g.C, H = g.H, W = g.W;
@@ -253,7 +300,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type(x.scalar_type()));
   const auto fmt = frame_format(g.channels_last);
-  const bool hoisted = strategy == kHoisted;
+  const bool hoisted = strategy != kConcat;  // winograd: hoisted with the per-step input-grad conv Winograd
+  const Tensor v_hh_grad = strategy == kWinograd ? winograd_input_grad_weights(weight_hh) : Tensor();
   const auto views = reserve_views(reserve, g, regions);
   const Tensor &gates = views[0], &cells = views[1];
 
@@ -279,7 +327,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   int64_t chunk_start = -1, chunk_len = 0;
   const auto load_chunk = [&](int64_t t0, int64_t n) {
     copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
-    copy_previous(inputs.narrow(2, Cin, C), output, 1, h0_l, t0, n, reverse);
+    copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor d = flat(d_gates.narrow(0, 0, n));
@@ -301,6 +349,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   LstmBackwardArgs a;
   a.geo = {B, C, H * W, x.scalar_type()};
   a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
+  // lengths: the state gradient masked samples pass straight to the previous step.
+  const Tensor dh_skip = lengths_d.defined() ? empty_like_frame(g, C, opts) : Tensor();
+  if (dh_skip.defined()) a.dh_prev_out = plane(dh_skip);
   for (int64_t f = T - 1; f >= 0; --f) {
     const int64_t t = time_of(f, T, reverse);
     const auto [t0, n] = chunk_of(t, chunk, T);
@@ -322,15 +373,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     }
     a.c_prev = plane(f == 0 ? c_init : cells.select(0, time_of(f - 1, T, reverse)));
     a.c = plane(cells.select(0, t));
+    a.mask = step_mask(lengths_d, t);
     FASTVID_LAUNCH(lstm_backward, a, x.device());
     const Tensor inputs_t = inputs.select(0, t - t0);
     if (hoisted) {
-      dh_rec = conv_input_grad(d_gates_t, inputs_t.narrow(1, Cin, C), weight_hh, g);
+      dh_rec = strategy == kWinograd ? winograd_conv(d_gates_t, v_hh_grad, std::nullopt, g)
+                                     : conv_input_grad(d_gates_t, inputs_t.narrow(1, Cin, C), weight_hh, g);
     } else {
       const Tensor d_inputs = conv_input_grad(d_gates_t, inputs_t, w_cat, g);
       grad_x.select(1, t).copy_(d_inputs.narrow(1, 0, Cin));
       dh_rec = d_inputs.narrow(1, Cin, C);
     }
+    if (dh_skip.defined()) dh_rec.add_(dh_skip);
   }
   flush_chunk(chunk_start, chunk_len);
   Tensor grad_h0 = dh_rec.contiguous(fmt);
@@ -377,16 +431,19 @@ GruConcatWeights gru_concat_weights(const Tensor& w_ih, const Tensor& w_hh, cons
 std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
     const Tensor& x, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
     const OptTensor& bias_hh, const Tensor& h0, at::IntArrayRef padding, at::IntArrayRef dilation, bool reset_after,
-    bool reverse, int64_t strategy, bool channels_last, bool save) {
+    bool reverse, int64_t strategy, bool channels_last, bool save, const OptTensor& lengths) {
   const char* op = "fastvid.convgru_sequence";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy, channels_last);
+  if (strategy == kWinograd) check_winograd(op, x, weight_hh, g, lengths);
   check_bias(op, "bias_ih", bias_ih, 3 * g.C, x);
   check_bias(op, "bias_hh", bias_hh, 3 * g.C, x);
+  const Tensor lengths_d = check_lengths(op, lengths, g, x);
   const c10::DeviceGuard guard(x.device());
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
   const auto opts = x.options();
   const auto fmt = frame_format(g.channels_last);
-  const bool hoisted = strategy == kHoisted;
+  const bool wino = strategy == kWinograd;
+  const bool hoisted = strategy != kConcat;  // winograd: hoisted, every conv Winograd
 
   Tensor output = empty_frames({B, T}, C, H, W, g.channels_last, opts);
   const auto regions = gru_reserve(g, x.scalar_type());
@@ -406,24 +463,31 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
 
   // hoisted: the input conv of one chunk of steps at a time (x_chunk -> x_gates, time-major).
   // concat: two [x_t, h_{t-1}] slots used in turn (the gate kernel writes h into the next step's) and,
-  // for the Ballas form, one [x_t, r·h_{t-1}] buffer.
+  // for the Ballas form, one [x_t, r·h_{t-1}] buffer. winograd: the hoisted x conv Winograd too, and
+  // the gate kernel run per strip of the step's last h conv.
   const int64_t chunk = hoisted ? chunk_steps(T) : 1;
   int64_t chunk_start = -1;
-  Tensor x_chunk, x_gates, h_buf, slots, buffer2;
+  Tensor x_chunk, x_gates, h_buf, slots, buffer2, v_ih, v_h, v_n;
   GruConcatWeights cw;
   if (hoisted) {
     x_chunk = empty_frames({chunk, B}, Cin, H, W, g.channels_last, opts);
-    h_buf = h0.contiguous(fmt).clone();
+    if (!wino) h_buf = h0.contiguous(fmt).clone();
   } else {
     slots = empty_frames({2, B}, Cin + C, H, W, g.channels_last, opts);
     slots.select(0, 0).narrow(1, Cin, C).copy_(h0);
     if (!reset_after) buffer2 = empty_like_frame(g, Cin + C, opts);
     cw = gru_concat_weights(weight_ih, weight_hh, bias_ih, bias_hh, C, reset_after);
   }
+  if (wino) {
+    v_ih = winograd_weights(weight_ih);
+    v_h = winograd_weights(reset_after ? weight_hh : weight_hh.narrow(0, 0, 2 * C));
+    if (!reset_after) v_n = winograd_weights(weight_hh.narrow(0, 2 * C, C));
+  }
   Tensor keep1, keep2;  // per-step conv outputs the planes point into (outside the loop: see convlstm_sequence)
   for (int64_t f = 0; f < T; ++f) {
     const int64_t t = time_of(f, T, reverse);
     const bool last = f == T - 1;
+    a.mask = ra.mask = step_mask(lengths_d, t);
     Tensor h_prev, h_next;
     if (save) {
       for (int k = 0; k < 4; ++k) a.cache_out[k] = slot(cache.select(0, t), k, C);
@@ -435,26 +499,32 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
         chunk_start = t0;
         copy_time_major(x_chunk, x, t0, n);
         x_gates = Tensor();  // free the previous chunk's before the conv allocates
-        x_gates = conv(flat(x_chunk.narrow(0, 0, n)), weight_ih, bias_ih, g).view({n, B, 3 * C, H, W});
+        const Tensor x_frames = flat(x_chunk.narrow(0, 0, n));
+        x_gates = (wino ? winograd_conv(x_frames, v_ih, bias_ih, g) : conv(x_frames, weight_ih, bias_ih, g))
+                      .view({n, B, 3 * C, H, W});
       }
-      h_prev = h_buf;
-      h_next = last ? h_n : h_buf;
+      // winograd reads h_{t-1} from the output (a strip's conv reads its neighbours' rows: no in-place h)
+      h_prev = !wino ? h_buf : f == 0 ? h0.contiguous(fmt) : output.select(1, time_of(f - 1, T, reverse));
+      h_next = last ? h_n : wino ? output.select(1, t) : h_buf;
       const Tensor x_gates_t = x_gates.select(0, t - chunk_start);
       for (int k = 0; k < 3; ++k) a.x[k] = slot(x_gates_t, k, C);
       if (reset_after) {
-        keep1 = conv(h_buf, weight_hh, bias_hh, g);
-        for (int k = 0; k < 3; ++k) a.h[k] = slot(keep1, k, C);
+        if (!wino) {  // winograd: the h conv per strip
+          keep1 = conv(h_buf, weight_hh, bias_hh, g);
+          for (int k = 0; k < 3; ++k) a.h[k] = slot(keep1, k, C);
+        }
       } else {
-        keep1 = conv(h_buf, weight_hh.narrow(0, 0, 2 * C), narrow_optional(bias_hh, 0, 2 * C), g);
+        const OptTensor bias_rz = narrow_optional(bias_hh, 0, 2 * C);
+        keep1 = wino ? winograd_conv(h_prev, v_h, bias_rz, g) : conv(h_buf, weight_hh.narrow(0, 0, 2 * C), bias_rz, g);
         ra.x_r = a.x[0];
         ra.h_r = slot(keep1, 0, C);
-        ra.h_prev = plane(h_buf);
+        ra.h_prev = plane(h_prev);
         ra.reset_h_out = plane(reset_h);
         FASTVID_LAUNCH(gru_reset_forward, ra, x.device());
-        keep2 = conv(reset_h, weight_hh.narrow(0, 2 * C, C), narrow_optional(bias_hh, 2 * C, C), g);
+        if (!wino) keep2 = conv(reset_h, weight_hh.narrow(0, 2 * C, C), narrow_optional(bias_hh, 2 * C, C), g);
         a.h[0] = slot(keep1, 0, C);
         a.h[1] = slot(keep1, 1, C);
-        a.h[2] = plane(keep2);
+        if (!wino) a.h[2] = plane(keep2);  // winograd: per strip
       }
     } else {
       const Tensor buffer_t = slots.select(0, f % 2);
@@ -487,7 +557,9 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
     a.h_prev = plane(h_prev);
     a.h_out = plane(output.select(1, t));
     a.h_out2 = plane(h_next);
-    FASTVID_LAUNCH(gru_forward, a, x.device());
+    if (wino && reset_after) winograd_gru_step(a, h_prev, v_h, bias_hh, 0, g);
+    else if (wino) winograd_gru_step(a, reset_h, v_n, narrow_optional(bias_hh, 2 * C, C), 2, g);
+    else FASTVID_LAUNCH(gru_forward, a, x.device());
   }
   return {output, h_n, reserve};
 }
@@ -496,11 +568,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     const OptTensor& grad_output, const OptTensor& grad_h_n, const Tensor& x, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh, const Tensor& h0,
     const Tensor& output, const Tensor& reserve, at::IntArrayRef padding, at::IntArrayRef dilation, bool reset_after,
-    bool reverse, int64_t strategy, bool channels_last) {
+    bool reverse, int64_t strategy, bool channels_last, const OptTensor& lengths) {
   const char* op = "fastvid.convgru_sequence_backward";
   const SeqGeometry g = check_sequence(op, x, weight_ih, weight_hh, h0, 3, padding, dilation, strategy, channels_last);
+  if (strategy == kWinograd) check_winograd(op, x, weight_hh, g, lengths);
   check_bias(op, "bias_ih", bias_ih, 3 * g.C, x);
   check_bias(op, "bias_hh", bias_hh, 3 * g.C, x);
+  const Tensor lengths_d = check_lengths(op, lengths, g, x);
   const auto regions = gru_reserve(g, x.scalar_type());
   {
     const int64_t B = g.B, T = g.T, C = g.C, H = g.H, W = g.W;
@@ -513,7 +587,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   const int64_t B = g.B, T = g.T, C = g.C, Cin = g.Cin, H = g.H, W = g.W;
   const auto opts = x.options();
   const auto fmt = frame_format(g.channels_last);
-  const bool hoisted = strategy == kHoisted;
+  const bool hoisted = strategy != kConcat;  // winograd: hoisted with the per-step input-grad convs Winograd
+  const bool wino = strategy == kWinograd;
   const bool has_bias = bias_ih.has_value() || bias_hh.has_value();
   const Tensor cache = reserve_views(reserve, g, regions)[0];  // [T, B, 4C]: r, z, n, h_n
 
@@ -526,6 +601,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   GruConcatWeights cw;
   if (!hoisted) cw = gru_concat_weights(weight_ih, weight_hh, bias_ih, bias_hh, C, reset_after);
   const Tensor w_rz = weight_hh.narrow(0, 0, 2 * C), w_n = weight_hh.narrow(0, 2 * C, C);
+  Tensor v_grad_h, v_grad_rz, v_grad_n;  // winograd: transformed flipped weights of the input-grad convs
+  if (wino && reset_after) v_grad_h = winograd_input_grad_weights(weight_hh);
+  if (wino && !reset_after) v_grad_rz = winograd_input_grad_weights(w_rz), v_grad_n = winograd_input_grad_weights(w_n);
 
   // Chunk by chunk of consecutive steps (in reverse), as in convlstm_sequence_backward. Per chunk:
   // d(pre-activations) -- hoisted: d_x [n, B, 3C] and, for reset_after, d_h [n, B, 3C]; concat: [n, B, 4C]
@@ -544,7 +622,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   int64_t chunk_start = -1, chunk_len = 0;
   const auto load_chunk = [&](int64_t t0, int64_t n) {
     copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
-    copy_previous(inputs.narrow(2, Cin, C), output, 1, h0_l, t0, n, reverse);
+    copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor dx = flat(d_x.narrow(0, 0, n));
@@ -600,6 +678,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
       chunk_start = t0, chunk_len = n;
       load_chunk(t0, n);
     }
+    a.mask = ra.mask = step_mask(lengths_d, t);
     const Tensor cache_t = cache.select(0, t);
     const Tensor d_x_t = d_x.select(0, t - t0);
     const Tensor inputs_t = inputs.select(0, t - t0);
@@ -623,7 +702,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
 
     if (reset_after) {
       if (hoisted) {
-        dh_conv = conv_input_grad(d_h.select(0, t - t0), h_prev, weight_hh, g);
+        dh_conv = wino ? winograd_conv(d_h.select(0, t - t0), v_grad_h, std::nullopt, g)
+                       : conv_input_grad(d_h.select(0, t - t0), h_prev, weight_hh, g);
       } else {
         const Tensor d_inputs = conv_input_grad(d_x_t, inputs_t, cw.w_a, g);
         grad_x.select(1, t).copy_(d_inputs.narrow(1, 0, Cin));
@@ -634,7 +714,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     // Ballas: back through h_n = U_n*(r·h_prev), then through r = σ(x_r + U_r*h_prev).
     Tensor d_reset_h, d_x_part;
     if (hoisted) {
-      d_reset_h = conv_input_grad(d_x_t.narrow(1, 2 * C, C), h_prev, w_n, g);
+      d_reset_h = wino ? winograd_conv(d_x_t.narrow(1, 2 * C, C), v_grad_n, std::nullopt, g)
+                       : conv_input_grad(d_x_t.narrow(1, 2 * C, C), h_prev, w_n, g);
     } else {
       const Tensor d_inputs2 = conv_input_grad(d_x_t.narrow(1, 2 * C, C), inputs_t, cw.w_b, g);
       d_x_part = d_inputs2.narrow(1, 0, Cin);
@@ -648,7 +729,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     ra.dh_prev_out = plane(dh_direct);
     FASTVID_LAUNCH(gru_reset_backward, ra, x.device());
     if (hoisted) {
-      dh_conv = conv_input_grad(d_x_t.narrow(1, 0, 2 * C), h_prev, w_rz, g);
+      dh_conv = wino ? winograd_conv(d_x_t.narrow(1, 0, 2 * C), v_grad_rz, std::nullopt, g)
+                     : conv_input_grad(d_x_t.narrow(1, 0, 2 * C), h_prev, w_rz, g);
     } else {
       const Tensor d_inputs1 = conv_input_grad(d_x_t.narrow(1, 0, 2 * C), inputs_t, cw.w_a, g);
       Tensor grad_x_t = grad_x.select(1, t);

@@ -22,6 +22,7 @@ using OptTensor = std::optional<Tensor>;
 
 constexpr int64_t kHoisted = 0;
 constexpr int64_t kConcat = 1;
+constexpr int64_t kWinograd = 2;  // hoisted, both convs Winograd (CPU, 3x3, dilation 1): recurrent_winograd.h
 
 // ------------------------------------------------------------------------ planes
 inline Plane plane(const Tensor& t) {  // t: [B, C, H, W] with mergeable H, W
@@ -136,8 +137,8 @@ inline SeqGeometry check_sequence(const char* op, const Tensor& x, const Tensor&
     g.padding[d] = padding[d];
     g.dilation[d] = dilation[d];
   }
-  TORCH_CHECK_VALUE(strategy == kHoisted || strategy == kConcat, op, ": strategy must be 0 (hoisted) or 1 (concat), got ",
-                    strategy);
+  TORCH_CHECK_VALUE(strategy == kHoisted || strategy == kConcat || strategy == kWinograd, op,
+                    ": strategy must be 0 (hoisted), 1 (concat) or 2 (winograd), got ", strategy);
   g.channels_last = channels_last;
   return g;
 }
@@ -216,6 +217,49 @@ inline Tensor previous_hidden(const Tensor& output, const Tensor& h0, bool rever
   const Tensor first = h0.unsqueeze(1);
   if (T == 1) return first;
   return reverse ? at::cat({output.narrow(1, 1, T - 1), first}, 1) : at::cat({first, output.narrow(1, 0, T - 1)}, 1);
+}
+
+// ------------------------------------------------------------------------ variable lengths
+// The sequence ops' optional `lengths` ([B] integers in 1..T, on the CPU or x's device), as the int64
+// tensor on x's device that StepMask points into; undefined without lengths. Values are checked here
+// for CPU lengths (free; they then reach the GPU by an asynchronous pinned copy, no device sync); on
+// the device they are not read back (a sync per call), the Python API checks them. Any value is
+// memory-safe: the kernels only compare t < lengths[b].
+inline Tensor check_lengths(const char* op, const OptTensor& lengths, const SeqGeometry& g, const Tensor& x) {
+  if (!lengths.has_value()) return Tensor();
+  const Tensor& l = *lengths;
+  TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == g.B, op, ": lengths must be [B] = [", g.B, "], got shape ",
+                    l.sizes());
+  TORCH_CHECK_TYPE(at::isIntegralType(l.scalar_type(), /*includeBool=*/false), op,
+                   ": lengths must be an integer tensor, got ", l.scalar_type());
+  TORCH_CHECK(l.device().is_cpu() || l.device() == x.device(), op, ": lengths is on ", l.device(),
+              " but x is on ", x.device(), "; lengths must be on the CPU or x's device");
+  if (!l.device().is_cpu()) return l.to(at::kLong).contiguous();
+  const Tensor host = l.to(at::kLong).contiguous();
+  const auto [lo, hi] = at::aminmax(host);
+  const int64_t min_length = lo.item<int64_t>(), max_length = hi.item<int64_t>();
+  TORCH_CHECK_VALUE(min_length >= 1 && max_length <= g.T, op, ": lengths must be in 1..T = 1..", g.T,
+                    ", got values from ", min_length, " to ", max_length);
+  if (x.device().is_cpu()) return host;
+  return host.pin_memory().to(x.device(), at::kLong, /*non_blocking=*/true);
+}
+
+inline StepMask step_mask(const Tensor& lengths, int64_t t) {
+  StepMask m;
+  m.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+  m.t = t;
+  return m;
+}
+
+// The state entering each step, [B, T, C, H, W], where `output` holds 0 at masked steps: as
+// previous_hidden, except that in reverse sample b's first step t = lengths[b] - 1 starts from h0.
+inline Tensor previous_state(const Tensor& output, const Tensor& h0, bool reverse, const Tensor& lengths,
+                             bool channels_last) {
+  const Tensor prev = previous_hidden(output, h0, reverse);
+  if (!lengths.defined() || !reverse) return prev;
+  const int64_t B = output.size(0), T = output.size(1);
+  const Tensor from_h0 = at::arange(1, T + 1, lengths.options()).unsqueeze(0).ge(lengths.unsqueeze(1));
+  return to_frames_layout(at::where(from_h0.view({B, T, 1, 1, 1}), h0.unsqueeze(1), prev), channels_last);
 }
 
 // Fills [x_t, ·] of the concat buffer [T, B, C_in + C, H, W] and h0 into the first step's slot.

@@ -54,11 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU ISA paths to measure fastvid under, each case once per path: comma-separated "
                              "(avx512,avx2,baseline), 'all' = every path this CPU supports (default of full runs), "
                              "'active' = only the current one (FASTVID_CPU_ISA's). Default of --quick (5-minute budget): "
-                             "the best two paths (AVX-512 and AVX2 where the CPU has both) for the depthwise cases, "
-                             "the best path for the others")
+                             "the best two paths (AVX-512 and AVX2 where the CPU has both) for the depthwise, attention "
+                             "and fp32 ConvLSTM/ConvGRU cases, the best path for the others")
     parser.add_argument("--bf16-emulated", action="store_true",
                         help="with --quick: run the bf16 cases even on a CPU without native bf16 arithmetic "
                              "(they are left out there by default: emulated, slow, not what such a CPU runs)")
+
+
+def quick_paths(case, paths):
+    """The ISA paths ``--quick`` measures ``case`` under (5-minute budget; ``paths`` best first): the
+    best two for the depthwise, attention and fp32 recurrent cases (their kernels differ per path and
+    issues 11 and 12 set targets on both), the best one for the rest."""
+    both = isinstance(case, (depthwise.DWCase, attention.AttnCase)) or getattr(case, "dtype", "") == "fp32"
+    return paths[:2] if both else paths[:1]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -91,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
     isas_of = None
     if args.isa is None and args.quick:
         paths = paths[:2]
-        isas_of = lambda case: paths if isinstance(case, depthwise.DWCase) else paths[:1]  # noqa: E731
+        isas_of = lambda case: quick_paths(case, paths)  # noqa: E731
     elif args.isa == "active":
         paths = [None]
     elif args.isa not in (None, "all"):

@@ -126,7 +126,7 @@ class Comparison:
         ``bandwidth`` rows: fastvid / copy, the fraction of the copy bandwidth reached."""
         if not (self.native and self.fastvid) or not self.fastvid["median"]:
             return None
-        if self.metric == "bandwidth":
+        if _is_limit_metric(self.metric):
             return self.fastvid["median"] / self.native["median"] if self.native["median"] else None
         return self.native["median"] / self.fastvid["median"]
 
@@ -171,6 +171,8 @@ def compare(rows: List[dict]) -> List[Comparison]:
             setattr(comparison, row["provider"], row)
         elif row["provider"] == "copy" and row["metric"] == "bandwidth":  # the limit, in the native column
             comparison.native = row
+        elif row["provider"] == "gemm":  # conv_gflops_*: the machine's GEMM rate, in the native column
+            comparison.native = row
         elif row["provider"] == "sdpa":  # a second baseline: its own comparison, SDPA in the native column
             comparison = table.setdefault((row["op"] + SDPA_SUFFIX, *key[1:]), Comparison(row["op"] + SDPA_SUFFIX, *key[1:]))
             comparison.native = row
@@ -200,7 +202,7 @@ def _value(row: Optional[dict], metric: str) -> str:
     if row is None:
         return "n/a"
     text = _FORMAT.get(metric, "{:.3g}").format(row["median"])
-    return f"copy {text}" if row.get("provider") == "copy" else text
+    return f"{row['provider']} {text}" if row.get("provider") in ("copy", "gemm") else text
 
 
 _LAYOUT_SUFFIX = {"channels_last": "+cl", "channels_last_3d": "+cl3d"}
@@ -209,7 +211,14 @@ _LAYOUT_SUFFIX = {"channels_last": "+cl", "channels_last_3d": "+cl3d"}
 def _ratio(c: "Comparison") -> str:
     if c.ratio is None:
         return "n/a"
-    return f"{100 * c.ratio:.0f}% copy" if c.metric == "bandwidth" else f"{c.ratio:.2f}x"
+    if c.metric == "bandwidth":
+        return f"{100 * c.ratio:.0f}% copy"
+    return f"{100 * c.ratio:.0f}% gemm" if _is_limit_metric(c.metric) else f"{c.ratio:.2f}x"
+
+
+def _is_limit_metric(metric: str) -> bool:
+    """Rows whose native column holds a machine limit (copy bandwidth, GEMM rate): ratio = fastvid / limit."""
+    return metric == "bandwidth" or metric.startswith("conv_gflops")
 
 
 def format_table(rows: List[dict]) -> str:
@@ -273,7 +282,10 @@ def format_table(rows: List[dict]) -> str:
                "larger of the two providers. isa: the CPU ISA path fastvid's kernels ran (forced per row; native is "
                "timed again next to each). +cl: channels_last frames; +cl3d: channels_last_3d input and "
                "modules (both providers). bandwidth: fastvid forward (input + output + weight bytes) / median time, "
-               "vs this run's copy bandwidth (y.copy_(x), 256 MiB fp32, 2 x bytes). strategy: fastvid's auto choice. "
+               "vs this run's copy bandwidth (y.copy_(x), 256 MiB fp32, 2 x bytes). conv_gflops_<path>: direct-conv "
+               "FLOPs of the forward / its time (gate math included: a lower bound of the conv rate) for native, "
+               "fastvid oneDNN (hoisted) and fastvid Winograd, vs this run's torch.mm 1024^3 fp32 rate. "
+               "strategy: fastvid's auto choice. "
                "Attention rows: peak_memory = RSS high-water mark of one step in a fresh subprocess (glibc malloc as "
                "users get it), peak_allocated = the tensors' own peak (profiler). "
                f"*: timed while other processes used more than {BUSY_CORES} cores.")

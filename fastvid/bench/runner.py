@@ -74,6 +74,9 @@ def run_case(case: cases_mod.Case, rounds: int, warmup: int, device="cpu", memor
             peak = measure.peak_memory_bytes(workloads[provider], device=device) / MIB
             add(provider, "peak_memory", "MiB", {"median": peak, "p20": peak, "p80": peak})
 
+    if case.mode == "no_grad" and case.dtype == "fp32" and torch.device(device).type == "cpu":
+        flop_rate_rows(case, times["native"], rounds, warmup, add)
+
     if ops and case.mode == "no_grad" and torch.device(device).type == "cpu":
         for provider in cases_mod.PROVIDERS:
             counts = measure.count_dispatched_ops(workloads[provider])
@@ -83,6 +86,45 @@ def run_case(case: cases_mod.Case, rounds: int, warmup: int, device="cpu", memor
                 add(provider, metric, "ops/step", {"median": value, "p20": value, "p80": value},
                     ops={name: n for name, n in sorted(counts[key + "_ops"].items())})
     return rows
+
+
+def conv_flops(case: cases_mod.Case) -> int:
+    """FLOPs of the direct 3x3 convolutions of one sequence forward (input and hidden conv of every
+    step, 2 per multiply-add): what native computes, whichever algorithm runs them."""
+    s = case.shape
+    gates = 4 if case.op == "ConvLSTM" else 3
+    return 2 * s.B * s.T * s.H * s.W * s.kernel_size ** 2 * (s.C_in + s.C) * gates * s.C
+
+
+_gemm_rate: dict = {}
+
+
+def gemm_gflops(size: int = 1024, rounds: int = 5) -> float:
+    """This machine's fp32 GEMM rate (torch.mm of two size x size matrices, median of `rounds`), measured
+    once per process and ISA-independent (torch's BLAS)."""
+    if size not in _gemm_rate:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        timing = measure.time_interleaved({"mm": lambda: torch.mm(a, b)}, rounds=rounds, warmup=1)["mm"]
+        _gemm_rate[size] = 2 * size ** 3 / statistics.median(timing.wall) / 1e9
+    return _gemm_rate[size]
+
+
+def flop_rate_rows(case: cases_mod.Case, native_timing, rounds: int, warmup: int, add) -> None:
+    """conv_gflops_<path> rows: the direct-conv FLOPs of the forward / its median time, for native and
+    fastvid's oneDNN ('hoisted') and Winograd paths, each next to the machine's GEMM rate ('gemm' provider,
+    the native column). The time includes the gate math, so these are lower bounds of the conv part's rate."""
+    flops = conv_flops(case)
+    gemm = gemm_gflops()
+    paths = {"native": statistics.median(native_timing.wall)}
+    for label, strategy in (("onednn", "hoisted"), ("winograd", "winograd")):
+        workload = cases_mod.build(case, strategy=strategy)["fastvid"]
+        timing = measure.time_interleaved({label: workload}, rounds=rounds, warmup=warmup)[label]
+        paths[label] = statistics.median(timing.wall)
+    for label, seconds in paths.items():
+        metric = f"conv_gflops_{label}"
+        add("gemm", metric, "GFLOP/s", {"median": gemm, "p20": gemm, "p80": gemm})
+        rate = flops / seconds / 1e9
+        add("fastvid", metric, "GFLOP/s", {"median": rate, "p20": rate, "p80": rate})
 
 
 def cpu_isa_paths(device="cpu") -> List[Optional[str]]:
@@ -157,7 +199,10 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
                     if isinstance(case, depthwise.DWCase):
                         rows = depthwise.run_case(case, rounds, warmup, device, memory, base)
                     elif isinstance(case, attention.AttnCase):
-                        rows = attention.run_case(case, rounds, warmup, device, memory, base)
+                        # Its peak memory (fresh subprocesses, seconds each) does not depend on the
+                        # ISA path: measured under the case's first path only.
+                        first = (isas_of(case) if isas_of else isas)[0]
+                        rows = attention.run_case(case, rounds, warmup, device, memory and isa == first, base)
                     else:
                         rows = run_case(case, rounds, warmup, device, memory, ops, base)
                 for row in rows:

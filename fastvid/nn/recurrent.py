@@ -37,6 +37,42 @@ def _check_kernel(kernel_size):
         raise ValueError(f"kernel_size must be odd (the state keeps its H x W with 'same' padding), got {kernel_size}")
 
 
+def _check_norm(norm, peephole=False, strategy=None, reset_after=True):
+    """norm=None or "layer" (fastvid/reference/recurrent_norm.py), and what it cannot combine with."""
+    if norm not in (None, "layer"):
+        raise ValueError(f"norm must be None or 'layer', got {norm!r}")
+    if norm is None:
+        return
+    if peephole:
+        raise ValueError("norm='layer' does not support peephole=True")
+    if strategy not in (None, "auto", "hoisted"):
+        raise ValueError(f"norm='layer' runs the hoisted strategy only (the norms need the input and hidden convs "
+                         f"apart), got strategy={strategy!r}")
+    if not reset_after:
+        raise ValueError("norm='layer' needs reset_after=True for ConvGRU (the hidden norm runs over W_hh*h)")
+
+
+def _norm_parameters(module, suffix, num_gates, C):
+    """The layer-norm gains (init 1) and, for the LSTM cell state, biases (init 0) of one cell."""
+    module.register_parameter("ln_gain_ih" + suffix, nn.Parameter(torch.ones(num_gates * C)))
+    module.register_parameter("ln_gain_hh" + suffix, nn.Parameter(torch.ones(num_gates * C)))
+    if num_gates == 4:
+        module.register_parameter("ln_gain_c" + suffix, nn.Parameter(torch.ones(C)))
+        module.register_parameter("ln_bias_c" + suffix, nn.Parameter(torch.zeros(C)))
+
+
+def _reset_norm(module, suffix):
+    for name in ("ln_gain_ih", "ln_gain_hh", "ln_gain_c", "ln_bias_c"):
+        p = getattr(module, name + suffix, None)
+        if p is not None:
+            (nn.init.zeros_ if name == "ln_bias_c" else nn.init.ones_)(p)
+
+
+def _norm_args(module, suffix, num_gates):
+    names = ("ln_gain_ih", "ln_gain_hh") + (("ln_gain_c", "ln_bias_c") if num_gates == 4 else ())
+    return [getattr(module, name + suffix) for name in names]
+
+
 def _check_dilation(dilation):
     if len(dilation) != 2 or any(d < 1 for d in dilation):
         raise ValueError(f"dilation must be one int or an (H, W) pair, each >= 1, got {dilation}")
@@ -62,8 +98,9 @@ class _ConvRNNCellBase(nn.Module):
         self.bias_hh = nn.Parameter(torch.empty(G * C)) if bias else None
 
     def extra_repr(self):
+        norm = f", norm={self.norm!r}" if getattr(self, "norm", None) else ""
         return (f"{self.in_channels}, {self.hidden_channels}, kernel_size={self.kernel_size}, "
-                f"dilation={self.dilation}, bias={self.bias_ih is not None}")
+                f"dilation={self.dilation}, bias={self.bias_ih is not None}{norm}")
 
     def _conv(self, x, weight, bias):
         return torch.nn.functional.conv2d(x, weight, bias, padding=self.padding, dilation=self.dilation)
@@ -77,13 +114,20 @@ class ConvLSTMCell(_ConvRNNCellBase):
     """One ConvLSTM step (Shi et al. 2015): ``(h, c) = cell(x, (h, c))`` on ``[B, C, H, W]`` maps.
 
     The cell state is kept in fp32 for bf16/fp16 inputs. ``peephole=True`` adds per-channel
-    peephole weights ``[3, C]`` (w_ci, w_cf, w_co)."""
+    peephole weights ``[3, C]`` (w_ci, w_cf, w_co). ``norm="layer"``: the layer-normalised cell of
+    Ba et al. 2016 (LN of the input and hidden pre-activations per sample over 4C x H x W, LN of c
+    over C x H x W before the tanh; gains ``ln_gain_ih``, ``ln_gain_hh`` ``[4C]``, ``ln_gain_c``
+    ``[C]`` init 1, ``ln_bias_c`` ``[C]`` init 0; equations in fastvid/reference/recurrent_norm.py)."""
     num_gates = 4
 
     def __init__(self, in_channels, hidden_channels, kernel_size=3, bias=True, dilation=1, peephole=False,
-                 unit_forget_bias=True):
+                 unit_forget_bias=True, norm=None):
         super().__init__(in_channels, hidden_channels, kernel_size, bias, dilation)
+        _check_norm(norm, peephole)
+        self.norm = norm
         self.peephole = nn.Parameter(torch.zeros(3, hidden_channels)) if peephole else None
+        if norm == "layer":
+            _norm_parameters(self, "", 4, hidden_channels)
         self.unit_forget_bias = unit_forget_bias
         self.reset_parameters()
 
@@ -92,9 +136,15 @@ class ConvLSTMCell(_ConvRNNCellBase):
                         self.unit_forget_bias)
         if self.peephole is not None:
             nn.init.zeros_(self.peephole)
+        _reset_norm(self, "")
 
     def forward(self, x: Tensor, state: Optional[tuple] = None):
         h, c = state if state is not None else (self._zeros(x), self._zeros(x, ops.recurrent._acc(x.dtype)))
+        if self.norm == "layer":  # one step of the fused sequence op
+            bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
+            _, h, c = ops.convlstm_ln(x.unsqueeze(1), self.weight_ih, self.weight_hh, bias, h, c,
+                                      *_norm_args(self, "", 4), self.padding, self.dilation)
+            return h, c
         gates = self._conv(x, self.weight_ih, self.bias_ih) + self._conv(h, self.weight_hh, self.bias_hh)
         return ops.lstm_cell(gates, c, self.peephole)
 
@@ -141,19 +191,30 @@ class ConvLSTMCell(_ConvRNNCellBase):
 class ConvGRUCell(_ConvRNNCellBase):
     """One ConvGRU step: ``h = cell(x, h)``. ``reset_after=True`` is the ``nn.GRU`` formula
     n = tanh(W_in*x + b_in + r ⊙ (W_hn*h + b_hn)); ``reset_after=False`` is Ballas et al. 2016,
-    n = tanh(W*x + U*(r ⊙ h)). Both use h = (1 - z) ⊙ n + z ⊙ h_prev."""
+    n = tanh(W*x + U*(r ⊙ h)). Both use h = (1 - z) ⊙ n + z ⊙ h_prev. ``norm="layer"`` (reset_after
+    only): LN of the input and hidden pre-activations, each per sample over 3C x H x W, with gains
+    ``ln_gain_ih``, ``ln_gain_hh`` ``[3C]`` (init 1) and bias_ih / bias_hh added after the norms
+    (fastvid/reference/recurrent_norm.py)."""
     num_gates = 3
 
-    def __init__(self, in_channels, hidden_channels, kernel_size=3, bias=True, dilation=1, reset_after=True):
+    def __init__(self, in_channels, hidden_channels, kernel_size=3, bias=True, dilation=1, reset_after=True,
+                 norm=None):
         super().__init__(in_channels, hidden_channels, kernel_size, bias, dilation)
-        self.reset_after = reset_after
+        _check_norm(norm, reset_after=reset_after)
+        self.reset_after, self.norm = reset_after, norm
+        if norm == "layer":
+            _norm_parameters(self, "", 3, hidden_channels)
         self.reset_parameters()
 
     def reset_parameters(self):
         _init_recurrent(self.hidden_channels, [self.weight_ih, self.weight_hh], [self.bias_ih, self.bias_hh], False)
+        _reset_norm(self, "")
 
     def forward(self, x: Tensor, h: Optional[Tensor] = None) -> Tensor:
         h = self._zeros(x) if h is None else h
+        if self.norm == "layer":  # one step of the fused sequence op
+            return ops.convgru_ln(x.unsqueeze(1), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, h,
+                                  *_norm_args(self, "", 3), self.padding, self.dilation)[1]
         C = self.hidden_channels
         x_gates = self._conv(x, self.weight_ih, self.bias_ih)
         if self.reset_after:
@@ -302,21 +363,40 @@ class _ConvRNNBase(nn.Module):
         return self(chunk, state)
 
 
+def _no_lengths_with_norm(lengths):
+    if lengths is not None:
+        raise ValueError("lengths= is not supported with norm='layer' yet (the layer-norm kernels take no step mask)")
+
+
 class ConvLSTM(_ConvRNNBase):
     """Multi-layer ConvLSTM over ``[B, T, C_in, H, W]`` (``batch_first``), like ``nn.LSTM``.
 
     ``output, (h_n, c_n) = m(x, (h_0, c_0))`` with ``output`` ``[B, T, num_directions*C_last, H, W]``
     and states ``[num_layers*num_directions, B, C, H, W]`` (layers of different widths: a list of
     per-layer states is returned instead). Each layer runs the fused sequence op (time loop in
-    C++; see fastvid.ops.convlstm). ``strategy``: None (auto), 'hoisted' or 'concat'."""
+    C++; see fastvid.ops.convlstm). ``strategy``: None (auto), 'hoisted', 'concat' or 'winograd'.
+
+    ``m(x, state, lengths=lengths)`` with ``lengths`` ``[B]`` (integers in 1..T, CPU or x's device) runs a
+    zero-padded batch of shorter clips as ``nn.LSTM`` runs a ``pack_padded_sequence``: ``output`` is 0
+    past each clip's length and ``h_n``/``c_n`` are each clip's state at its last frame (every layer and
+    direction; the reverse direction starts at each clip's last frame). Keep ``lengths`` on the CPU:
+    on a GPU, checking its values costs a device sync per layer and direction.
+
+    ``norm="layer"``: layer-normalised cells as in ``ConvLSTMCell`` (parameters ``ln_gain_ih_l{k}``,
+    ``ln_gain_hh_l{k}``, ``ln_gain_c_l{k}``, ``ln_bias_c_l{k}`` [+ ``_reverse``]; see fastvid.ops.convlstm_ln)."""
     num_gates = 4
 
     def __init__(self, in_channels, hidden_channels, kernel_size=3, num_layers=1, bias=True, batch_first=True,
                  bidirectional=False, dropout=0.0, dilation=1, peephole=False, unit_forget_bias=True,
-                 strategy=None):
+                 strategy=None, norm=None):
+        _check_norm(norm, peephole, strategy)
         super().__init__(in_channels, hidden_channels, kernel_size, num_layers, bias, batch_first, bidirectional,
                          dropout, dilation, strategy)
-        self.peephole, self.unit_forget_bias = peephole, unit_forget_bias
+        self.peephole, self.unit_forget_bias, self.norm = peephole, unit_forget_bias, norm
+        if norm == "layer":
+            for layer in range(num_layers):
+                for suffix in self._suffixes(layer):
+                    _norm_parameters(self, suffix, 4, self.hidden_channels[layer])
         if peephole:
             for layer in range(num_layers):
                 for suffix in self._suffixes(layer):
@@ -331,17 +411,22 @@ class ConvLSTM(_ConvRNNBase):
                 _init_recurrent(self.hidden_channels[layer], [w_ih, w_hh], [b_ih, b_hh], self.unit_forget_bias)
                 if self.peephole:
                     nn.init.zeros_(getattr(self, "peephole" + suffix))
+                _reset_norm(self, suffix)
 
-    def forward(self, x: Tensor, state: Optional[tuple] = None):
+    def forward(self, x: Tensor, state: Optional[tuple] = None, lengths: Optional[Tensor] = None):
         def run_direction(inp, x, layer, d, suffix, index):
             C = self.hidden_channels[layer]
             h0 = None if state is None else self._state_at(state[0], "h_0", index, x, C)
             c0 = None if state is None else self._state_at(state[1], "c_0", index, x, C)
             w_ih, w_hh, b_ih, b_hh = self._params(suffix)
             bias = None if b_ih is None else b_ih + b_hh
+            if self.norm == "layer":
+                _no_lengths_with_norm(lengths)
+                return ops.convlstm_ln(inp, w_ih, w_hh, bias, h0, c0, *_norm_args(self, suffix, 4),
+                                       self.padding_of(layer), self.dilation[layer], reverse=d == 1)
             peephole = getattr(self, "peephole" + suffix) if self.peephole else None
             return ops.convlstm(inp, w_ih, w_hh, bias, h0, c0, peephole, self.padding_of(layer), self.dilation[layer],
-                                reverse=d == 1, strategy=self.strategy)
+                                reverse=d == 1, strategy=self.strategy, lengths=lengths)
 
         output, (h_n, c_n) = self._run_layers(x, run_direction)
         return output, (h_n, c_n)
@@ -362,16 +447,25 @@ class ConvGRU(_ConvRNNBase):
     ``reset_after``: True = ``nn.GRU`` formula, False = Ballas et al. 2016.
     ``input_to_all_layers=True``: the stacked ConvGRU of Ballas et al. in which layer l > 0 receives
     both the input x and the lower layer's hidden state (channels concatenated, so
-    ``weight_ih_l{l}`` is ``[3C, C_in + C_{l-1}·num_directions, kH, kW]``)."""
+    ``weight_ih_l{l}`` is ``[3C, C_in + C_{l-1}·num_directions, kH, kW]``).
+    ``m(x, h_0, lengths=lengths)``: variable-length clips, as in ConvLSTM.
+
+    ``norm="layer"``: layer-normalised cells as in ``ConvGRUCell`` (parameters ``ln_gain_ih_l{k}``,
+    ``ln_gain_hh_l{k}`` [+ ``_reverse``]; see fastvid.ops.convgru_ln)."""
     num_gates = 3
 
     def __init__(self, in_channels, hidden_channels, kernel_size=3, num_layers=1, bias=True, batch_first=True,
                  bidirectional=False, dropout=0.0, dilation=1, reset_after=True, input_to_all_layers=False,
-                 strategy=None):
+                 strategy=None, norm=None):
+        _check_norm(norm, strategy=strategy, reset_after=reset_after)
         self.input_to_all_layers = input_to_all_layers
         super().__init__(in_channels, hidden_channels, kernel_size, num_layers, bias, batch_first, bidirectional,
                          dropout, dilation, strategy)
-        self.reset_after = reset_after
+        self.reset_after, self.norm = reset_after, norm
+        if norm == "layer":
+            for layer in range(num_layers):
+                for suffix in self._suffixes(layer):
+                    _norm_parameters(self, suffix, 3, self.hidden_channels[layer])
         self.reset_parameters()
 
     def _layer_input_channels(self, layer):
@@ -387,13 +481,19 @@ class ConvGRU(_ConvRNNBase):
             for suffix in self._suffixes(layer):
                 w_ih, w_hh, b_ih, b_hh = self._params(suffix)
                 _init_recurrent(self.hidden_channels[layer], [w_ih, w_hh], [b_ih, b_hh], False)
+                _reset_norm(self, suffix)
 
-    def forward(self, x: Tensor, h_0=None):
+    def forward(self, x: Tensor, h_0=None, lengths: Optional[Tensor] = None):
         def run_direction(inp, x, layer, d, suffix, index):
             h0 = None if h_0 is None else self._state_at(h_0, "h_0", index, x, self.hidden_channels[layer])
             w_ih, w_hh, b_ih, b_hh = self._params(suffix)
+            if self.norm == "layer":
+                _no_lengths_with_norm(lengths)
+                return ops.convgru_ln(inp, w_ih, w_hh, b_ih, b_hh, h0, *_norm_args(self, suffix, 3),
+                                      self.padding_of(layer), self.dilation[layer], reverse=d == 1)
             return ops.convgru(inp, w_ih, w_hh, b_ih, b_hh, h0, self.padding_of(layer), self.dilation[layer],
-                               reset_after=self.reset_after, reverse=d == 1, strategy=self.strategy)
+                               reset_after=self.reset_after, reverse=d == 1, strategy=self.strategy,
+                               lengths=lengths)
 
         output, (h_n,) = self._run_layers(x, run_direction)
         return output, h_n

@@ -4,3 +4,4 @@ from .depthwise3d import depthwise_conv3d  # noqa: F401
 from .recurrent import (  # noqa: F401
     STRATEGIES, chosen_strategies, convgru, convlstm, gru_cell, gru_reset_hidden, lstm_cell, set_strategy,
 )
+from .recurrent_norm import convgru_ln, convlstm_ln  # noqa: F401

@@ -21,7 +21,7 @@ from ..reference import recurrent as ref
 __all__ = ["lstm_cell", "gru_cell", "gru_reset_hidden", "convlstm", "convgru", "set_strategy", "STRATEGIES"]
 
 # ------------------------------------------------------------------------------ strategies
-STRATEGIES = {"hoisted": 0, "concat": 1}
+STRATEGIES = {"hoisted": 0, "concat": 1, "winograd": 2}
 # The strategy used without timing: under torch.use_deterministic_algorithms(True) (a timed choice
 # could differ between runs, and the two strategies round differently), while tracing for
 # torch.compile a shape eager has not timed, and for a forced choice. 'hoisted' is cuDNN's RNN design.
@@ -34,12 +34,14 @@ _timing_lock = threading.Lock()  # one thread times at a time; the others wait f
 
 
 def set_strategy(name: str) -> None:
-    """'auto' (time both strategies once per step geometry/dtype/device/layout and cache the faster,
+    """'auto' (time the strategies once per step geometry/dtype/device/layout and cache the fastest,
     like ``torch.backends.cudnn.benchmark``), 'hoisted' (input conv over all frames at once, then a
-    hidden conv per step) or 'concat' (one conv per step over a persistent [x_t, h] buffer)."""
+    hidden conv per step), 'concat' (one conv per step over a persistent [x_t, h] buffer) or
+    'winograd' (hoisted with both convs Winograd F(2x2, 3x3) and the gate math per conv strip; CPU,
+    3x3 kernel, dilation 1, no lengths: a sequence it cannot run raises a ValueError)."""
     global _default_strategy
     if name != "auto" and name not in STRATEGIES:
-        raise ValueError(f"strategy must be 'auto', 'hoisted' or 'concat', got {name!r}")
+        raise ValueError(f"strategy must be 'auto', 'hoisted', 'concat' or 'winograd', got {name!r}")
     with _cache_lock:
         _default_strategy = name
         _strategy_cache.clear()
@@ -56,8 +58,22 @@ def _tuning_key(x: Tensor, C: int, kernel, dilation, channels_last: bool, save: 
             channels_last, save) + family
 
 
-def _time_strategies(device_type: str, run, grad_inputs) -> int:
-    """The faster strategy code: each candidate once to warm up, then best of two timed runs."""
+def winograd_unsupported_reason(x: Tensor, weight_hh: Tensor, dilation, lengths=None) -> Optional[str]:
+    """Why the 'winograd' strategy cannot run this sequence (mirror of check_winograd in
+    csrc/recurrent/recurrent_winograd_cpu.cpp), or None when it can."""
+    if lengths is not None:
+        return "it does not take lengths (variable-length batches)"
+    if x.device.type != "cpu":
+        return "it runs on CPU tensors only"
+    if tuple(weight_hh.shape[2:]) != (3, 3):
+        return f"it needs a 3x3 kernel, got {weight_hh.shape[2]}x{weight_hh.shape[3]}"
+    if tuple(dilation) != (1, 1):
+        return f"it needs dilation 1, got {tuple(dilation)}"
+    return None
+
+
+def _time_strategies(device_type: str, run, grad_inputs, candidates=(0, 1)) -> int:
+    """The fastest strategy code: each candidate once to warm up, then best of two timed runs."""
     def once(code):
         if not grad_inputs:
             with torch.no_grad():
@@ -67,7 +83,7 @@ def _time_strategies(device_type: str, run, grad_inputs) -> int:
         torch.autograd.grad(output, grad_inputs, torch.ones_like(output), allow_unused=True)
 
     timings = {}
-    for code in STRATEGIES.values():
+    for code in candidates:
         once(code)  # warm-up: oneDNN/cuDNN build their primitives on the first call
         if device_type == "cuda":
             torch.cuda.synchronize()
@@ -82,17 +98,23 @@ def _time_strategies(device_type: str, run, grad_inputs) -> int:
     return min(timings, key=timings.get)
 
 
-def _pick_strategy(name: Optional[str], key, run, grad_inputs=()) -> int:
+def _pick_strategy(name: Optional[str], key, run, grad_inputs=(), winograd_reason: Optional[str] = None) -> int:
     """Strategy code for one sequence call. `run(code)` runs the op once with that strategy; with
     `grad_inputs` (a training call) each candidate is timed forward + backward, else forward only.
+    `winograd_reason`: why 'winograd' cannot run this call (None: it can; auto then times it too).
     Thread-safe: one thread times a key, threads needing a choice meanwhile wait for it."""
     name = name or _default_strategy
     if name != "auto":
         if name not in STRATEGIES:
-            raise ValueError(f"strategy must be 'auto', 'hoisted' or 'concat', got {name!r}")
+            raise ValueError(f"strategy must be 'auto', 'hoisted', 'concat' or 'winograd', got {name!r}")
+        if name == "winograd" and winograd_reason is not None:
+            raise ValueError(f"strategy 'winograd' cannot run this sequence: {winograd_reason}; "
+                             "use 'hoisted', 'concat' or 'auto'")
         return STRATEGIES[name]
     if torch.are_deterministic_algorithms_enabled():
         return STRATEGIES[FIXED_STRATEGY]
+    # A call winograd cannot run (e.g. with lengths) gets its own choice, never a cached 'winograd'.
+    key = key + (winograd_reason is None,)
     if torch.compiler.is_compiling():
         # Cannot time while tracing: the choice eager made for this key, if any (read without the
         # lock, which tracing cannot enter; a dict read is atomic), so eager and compiled agree.
@@ -105,7 +127,8 @@ def _pick_strategy(name: Optional[str], key, run, grad_inputs=()) -> int:
         with _cache_lock:  # timed by another thread while this one waited
             if key in _strategy_cache:
                 return _strategy_cache[key]
-        code = _time_strategies(key[0], run, grad_inputs)
+        candidates = tuple(c for n, c in STRATEGIES.items() if n != "winograd" or winograd_reason is None)
+        code = _time_strategies(key[0], run, grad_inputs, candidates)
         with _cache_lock:
             _strategy_cache[key] = code
             while len(_strategy_cache) > CACHE_SIZE:
@@ -114,8 +137,9 @@ def _pick_strategy(name: Optional[str], key, run, grad_inputs=()) -> int:
 
 
 def chosen_strategies() -> dict:
-    """The cached auto choices, least recently used first: {tuning key: 'hoisted' | 'concat'}, the key
-    being (device, dtype, B, C_in, H, W, C, kernel, dilation, T bucket, channels_last, training[, family])."""
+    """The cached auto choices, least recently used first: {tuning key: strategy name}, the key
+    being (device, dtype, B, C_in, H, W, C, kernel, dilation, T bucket, channels_last, training[, family],
+    winograd eligible)."""
     names = {v: k for k, v in STRATEGIES.items()}
     with _cache_lock:
         return {key: names[code] for key, code in _strategy_cache.items()}
@@ -265,8 +289,9 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     # ---- convlstm_sequence
     @torch.library.register_fake("fastvid::convlstm_sequence")
     def _(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last,
-          save):
-        check_one_device("convlstm_sequence", **locals())  # the arguments
+          save, lengths=None):
+        # lengths may stay on the CPU while x is on a GPU
+        check_one_device("convlstm_sequence", **{k: v for k, v in locals().items() if k != "lengths"})
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -278,8 +303,8 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
 
     @torch.library.register_fake("fastvid::convlstm_sequence_backward")
     def _(grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, output, reserve,
-          padding, dilation, reverse, strategy, channels_last):
-        check_one_device("convlstm_sequence_backward", **locals())  # the arguments
+          padding, dilation, reverse, strategy, channels_last, lengths=None):
+        check_one_device("convlstm_sequence_backward", **{k: v for k, v in locals().items() if k != "lengths"})
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -290,23 +315,23 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
                 x.new_empty((3, C) if peephole is not None else (0,), dtype=peephole.dtype if peephole is not None else dt))
 
     def _convlstm_setup(ctx, inputs, output):
-        x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last, save = \
-            inputs
+        (x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last, save,
+         *lengths) = inputs
         out, h_n, c_n, reserve = output
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, peephole, out, reserve)
+        ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, peephole, out, reserve, lengths[0] if lengths else None)
         ctx.args = (bias is not None, padding, dilation, reverse, strategy, channels_last, save)
 
     def _convlstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_reserve):
-        x, weight_ih, weight_hh, h0, c0, peephole, out, reserve = ctx.saved_tensors
+        x, weight_ih, weight_hh, h0, c0, peephole, out, reserve, lengths = ctx.saved_tensors
         has_bias, padding, dilation, reverse, strategy, channels_last, save = ctx.args
         if not save:
             raise RuntimeError("fastvid.convlstm: backward through a call made with save=False")
         gx, gw_ih, gw_hh, gb, gh0, gc0, gpeep = ops.convlstm_sequence_backward(
             grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, out, reserve,
-            padding, dilation, reverse, strategy, channels_last)
+            padding, dilation, reverse, strategy, channels_last, lengths)
         return (gx, gw_ih, gw_hh, gb if has_bias else None, gh0, gc0, gpeep if peephole is not None else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
     torch.library.register_autograd("fastvid::convlstm_sequence", _convlstm_backward, setup_context=_convlstm_setup)
     torch.library.register_autograd("fastvid::convlstm_sequence_backward",
@@ -315,8 +340,8 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     # ---- convgru_sequence
     @torch.library.register_fake("fastvid::convgru_sequence")
     def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy,
-          channels_last, save):
-        check_one_device("convgru_sequence", **locals())  # the arguments
+          channels_last, save, lengths=None):
+        check_one_device("convgru_sequence", **{k: v for k, v in locals().items() if k != "lengths"})
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -326,8 +351,8 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
 
     @torch.library.register_fake("fastvid::convgru_sequence_backward")
     def _(grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, output, reserve, padding,
-          dilation, reset_after, reverse, strategy, channels_last):
-        check_one_device("convgru_sequence_backward", **locals())  # the arguments
+          dilation, reset_after, reverse, strategy, channels_last, lengths=None):
+        check_one_device("convgru_sequence_backward", **{k: v for k, v in locals().items() if k != "lengths"})
         B, T, Cin, H, W = x.shape
         C = weight_hh.shape[1]
         cl, dev, dt = channels_last, x.device, x.dtype
@@ -338,22 +363,23 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
 
     def _convgru_setup(ctx, inputs, output):
         (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy,
-         channels_last, save) = inputs
+         channels_last, save, *lengths) = inputs
         out, h_n, reserve = output
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, reserve)
+        ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, reserve,
+                              lengths[0] if lengths else None)
         ctx.args = (padding, dilation, reset_after, reverse, strategy, channels_last, save)
 
     def _convgru_backward(ctx, grad_output, grad_h_n, _grad_reserve):
-        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, reserve = ctx.saved_tensors
+        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, reserve, lengths = ctx.saved_tensors
         padding, dilation, reset_after, reverse, strategy, channels_last, save = ctx.args
         if not save:
             raise RuntimeError("fastvid.convgru: backward through a call made with save=False")
         gx, gw_ih, gw_hh, gb_ih, gb_hh, gh0 = ops.convgru_sequence_backward(
             grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, reserve, padding,
-            dilation, reset_after, reverse, strategy, channels_last)
+            dilation, reset_after, reverse, strategy, channels_last, lengths)
         return (gx, gw_ih, gw_hh, gb_ih if bias_ih is not None else None, gb_hh if bias_hh is not None else None,
-                gh0, None, None, None, None, None, None, None)
+                gh0, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd("fastvid::convgru_sequence", _convgru_backward, setup_context=_convgru_setup)
     torch.library.register_autograd("fastvid::convgru_sequence_backward",
@@ -375,6 +401,45 @@ def _peephole_grad(grad_gates_pre: Tensor, c_prev: Tensor, c: Tensor) -> Tensor:
 def _triton():
     from ..triton_kernels import recurrent as tk  # imported lazily: triton import is slow
     return tk
+
+
+def _triton_convlstm_lengths(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, lengths):
+    """The Triton backend's time loop with ``lengths``: the step mask is applied inside the cell kernel."""
+    tk, conv = _triton(), torch.nn.functional.conv2d
+    lengths = lengths.to(device=x.device, dtype=torch.int64)
+    T = x.shape[1]
+    h, c, outputs = h0, c0, [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        gates_pre = conv(x[:, t], weight_ih, bias, padding=padding, dilation=dilation) + \
+            conv(h, weight_hh, padding=padding, dilation=dilation)
+        outputs[t], h, c, _ = tk.lstm_cell_masked(gates_pre, c, h, lengths, t, peephole)
+    return torch.stack(outputs, dim=1), h, c
+
+
+def _triton_convgru_lengths(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse,
+                            lengths):
+    """As _triton_convlstm_lengths, for ConvGRU. The Ballas reset stage needs no mask: for a masked
+    sample it only feeds the masked cell, which ignores it (and passes it no gradient)."""
+    tk, conv = _triton(), torch.nn.functional.conv2d
+    lengths = lengths.to(device=x.device, dtype=torch.int64)
+    C, T = h0.shape[1], x.shape[1]
+    h, outputs = h0, [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        x_gates = conv(x[:, t], weight_ih, bias_ih, padding=padding, dilation=dilation)
+        if reset_after:
+            h_gates = conv(h, weight_hh, bias_hh, padding=padding, dilation=dilation)
+        else:
+            b_rz, b_n = (None, None) if bias_hh is None else (bias_hh[:2 * C], bias_hh[2 * C:])
+            h_rz = conv(h, weight_hh[:2 * C], b_rz, padding=padding, dilation=dilation)
+            reset_h = tk.gru_reset_hidden(x_gates[:, :C], h_rz[:, :C], h)
+            h_gates = torch.cat([h_rz, conv(reset_h, weight_hh[2 * C:], b_n, padding=padding, dilation=dilation)], 1)
+        outputs[t], h, _ = tk.gru_cell_masked(x_gates, h_gates, h, lengths, t, reset_after)
+    return torch.stack(outputs, dim=1), h
+
+
+def _triton_conv():
+    from ..triton_kernels import recurrent_conv as tc  # imported lazily: triton import is slow
+    return tc
 
 
 # ------------------------------------------------------------------------------ public cell ops
@@ -441,64 +506,109 @@ def _sequence_arguments(name, x, weight_hh, h0, padding, dilation):
     return C, _pair(padding), dilation, h0
 
 
+def _check_lengths(name, lengths, x):
+    """``lengths`` as a ``[B]`` integer tensor (a list/tuple of ints is converted) with values in
+    1..T, on the CPU or x's device; None stays None. Checking the values of lengths on a GPU syncs
+    the device: CPU lengths (as pack_padded_sequence wants them) cost nothing."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, (list, tuple)):
+        lengths = torch.as_tensor(lengths)
+    if not isinstance(lengths, Tensor):
+        raise TypeError(f"fastvid.{name}: lengths must be a [B] integer tensor, got {type(lengths).__name__}")
+    B, T = x.shape[0], x.shape[1]
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"fastvid.{name}: lengths must be [B] = [{B}], got shape {tuple(lengths.shape)}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"fastvid.{name}: lengths must be an integer tensor, got {lengths.dtype}")
+    if lengths.device.type != "cpu" and lengths.device != x.device:
+        raise ValueError(f"fastvid.{name}: lengths is on {lengths.device} but x is on {x.device}; lengths must be "
+                         f"on the CPU or x's device")
+    if not torch.compiler.is_compiling():  # values are data: checked eagerly (and again by the C++ op)
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 1 or high > T:
+            raise ValueError(f"fastvid.{name}: lengths must be in 1..T = 1..{T}, got values from {low} to {high}")
+    return lengths
+
+
 def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Tensor] = None,
              h0: Optional[Tensor] = None, c0: Optional[Tensor] = None, peephole: Optional[Tensor] = None,
-             padding=None, dilation=1, reverse: bool = False, strategy: Optional[str] = None):
+             padding=None, dilation=1, reverse: bool = False, strategy: Optional[str] = None,
+             lengths: Optional[Tensor] = None):
     """One ConvLSTM layer, one direction, over ``x`` ``[B, T, C_in, H, W]``.
 
     ``bias`` is the summed input+hidden bias ``[4C]``; ``padding`` defaults to 'same'.
+    ``lengths``: optional ``[B]`` integers in 1..T (CPU or x's device) for padded variable-length
+    batches, with ``pack_padded_sequence`` semantics: sample b runs steps t < lengths[b] only, its
+    output is 0 after them, and in reverse it starts at its last valid step (fastvid/reference/recurrent.py).
     Returns ``(output [B, T, C, H, W], h_n, c_n)``; ``c_n`` is fp32 for bf16/fp16 inputs."""
     C, padding, dilation, h0 = _sequence_arguments("convlstm", x, weight_hh, h0, padding, dilation)
+    lengths = _check_lengths("convlstm", lengths, x)
     B, _, _, H, W = x.shape
     if c0 is None:
         c0 = x.new_zeros(B, C, H, W, dtype=_acc(x.dtype))
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
                                     peephole=peephole))
-    if which in ("reference", "triton"):
-        cell = _triton().lstm_cell if which == "triton" else ref.lstm_cell
+    if which == "triton" and (lengths is None or not _needs_grad(x, weight_ih, weight_hh, bias, h0, c0, peephole)):
+        # the hidden conv and the cell fused, one launch per step (its backward does not take lengths)
+        return _triton_conv().convlstm(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
+                                       lengths=lengths)
+    if which == "triton":
+        return _triton_convlstm_lengths(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
+                                        lengths)
+    if which == "reference":
         return ref.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
-                                     cell=cell)
+                                     lengths=lengths)
     save = _needs_grad(x, weight_ih, weight_hh, bias, h0, c0, peephole)
 
     channels_last = _channels_last(x)
 
     def run(code):
         return torch.ops.fastvid.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding,
-                                                   dilation, reverse, code, channels_last, save)
+                                                   dilation, reverse, code, channels_last, save, lengths)
 
     key = _tuning_key(x, C, weight_hh.shape[2:], dilation, channels_last, save)
     grad_inputs = [t for t in (x, weight_ih, weight_hh, bias, h0, c0, peephole) if save and t is not None
                    and t.requires_grad]
-    output, h_n, c_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs))
+    reason = winograd_unsupported_reason(x, weight_hh, dilation, lengths)
+    output, h_n, c_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs, reason))
     return output, h_n, c_n
 
 
 def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor] = None,
             bias_hh: Optional[Tensor] = None, h0: Optional[Tensor] = None, padding=None, dilation=1,
-            reset_after: bool = True, reverse: bool = False, strategy: Optional[str] = None):
-    """One ConvGRU layer, one direction, over ``x`` ``[B, T, C_in, H, W]``. Returns ``(output, h_n)``."""
+            reset_after: bool = True, reverse: bool = False, strategy: Optional[str] = None,
+            lengths: Optional[Tensor] = None):
+    """One ConvGRU layer, one direction, over ``x`` ``[B, T, C_in, H, W]``. Returns ``(output, h_n)``.
+    ``lengths``: optional ``[B]`` valid lengths, as in convlstm."""
     C, padding, dilation, h0 = _sequence_arguments("convgru", x, weight_hh, h0, padding, dilation)
+    lengths = _check_lengths("convgru", lengths, x)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias_ih,
                                                               bias_hh, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                                     h0=h0))
-    if which in ("reference", "triton"):
-        cells = {}
-        if which == "triton":
-            cells = {"cell": _triton().gru_cell, "reset_hidden": _triton().gru_reset_hidden}
+    if which == "triton" and (lengths is None or not _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0)):
+        # the hidden conv and the cell fused: one launch per step (two for reset_after=False)
+        return _triton_conv().convgru(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
+                                      reverse, lengths=lengths)
+    if which == "triton":
+        return _triton_convgru_lengths(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
+                                       reverse, lengths)
+    if which == "reference":
         return ref.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
-                                    reverse, **cells)
+                                    reverse, lengths=lengths)
     save = _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0)
 
     channels_last = _channels_last(x)
 
     def run(code):
         return torch.ops.fastvid.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation,
-                                                  reset_after, reverse, code, channels_last, save)
+                                                  reset_after, reverse, code, channels_last, save, lengths)
 
     key = _tuning_key(x, C, weight_hh.shape[2:], dilation, channels_last, save, "gru", reset_after)
     grad_inputs = [t for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0) if save and t is not None
                    and t.requires_grad]
-    output, h_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs))
+    reason = winograd_unsupported_reason(x, weight_hh, dilation, lengths)
+    output, h_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs, reason))
     return output, h_n

@@ -12,6 +12,10 @@ Written for clarity, not speed. Conventions shared by every backend:
   reset_after=False (Ballas et al.): n = tanh(x_n + h_n),   h_n = U*(r·h_prev) is computed by
   the caller from ``gru_reset_hidden`` = r·h_prev.
 * Low-precision inputs (bf16/fp16) are computed in fp32; the LSTM cell state is kept in fp32.
+* Variable lengths (``lengths`` ``[B]``, ``pack_padded_sequence`` semantics): sample b takes part in
+  time steps t < lengths[b] only. At any other step its state (h, c) stays as it was and its output
+  is 0, so h_n / c_n are its state after its last valid step, and the reverse direction, walking
+  t = T-1..0, starts from h0 / c0 at t = lengths[b] - 1.
 """
 from __future__ import annotations
 
@@ -67,26 +71,43 @@ def _steps(T, reverse):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
+def _valid(lengths, t, like):
+    """[B, 1, 1, 1] bool: which samples take part in step t (all without lengths)."""
+    if lengths is None:
+        return None
+    return (lengths.to(like.device) > t).view(-1, 1, 1, 1)
+
+
+def _masked(valid, new, old):
+    """new where the step is valid, else old (state) — or 0 when old is None (output)."""
+    if valid is None:
+        return new
+    return torch.where(valid, new, torch.zeros_like(new) if old is None else old)
+
+
 def convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse=False,
-                      cell=lstm_cell):
+                      cell=lstm_cell, lengths=None):
     """One ConvLSTM layer over ``x`` ``[B, T, C_in, H, W]``; returns ``(output, h_n, c_n)``.
 
-    ``cell`` computes the gates (the Triton backend passes its fused kernel)."""
+    ``cell`` computes the gates (the Triton backend passes its fused kernel); ``lengths``: see above."""
     h, c = h0, c0
     outputs = [None] * x.shape[1]
     for t in _steps(x.shape[1], reverse):
         gates_pre = F.conv2d(x[:, t], weight_ih, bias, padding=padding, dilation=dilation)
         gates_pre = gates_pre + F.conv2d(h, weight_hh, padding=padding, dilation=dilation)
-        h, c, _ = cell(gates_pre, c, peephole)
-        outputs[t] = h
+        h_new, c_new, _ = cell(gates_pre, c, peephole)
+        valid = _valid(lengths, t, h_new)
+        outputs[t] = _masked(valid, h_new, None)
+        h, c = _masked(valid, h_new, h), _masked(valid, c_new, c)
     return torch.stack(outputs, dim=1), h, c
 
 
 def convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation,
-                     reset_after=True, reverse=False, cell=None, reset_hidden=None):
+                     reset_after=True, reverse=False, cell=None, reset_hidden=None, lengths=None):
     """One ConvGRU layer over ``x`` ``[B, T, C_in, H, W]``; returns ``(output, h_n)``.
 
-    ``cell`` / ``reset_hidden`` compute the gates (default: this module's gru_cell / gru_reset_hidden)."""
+    ``cell`` / ``reset_hidden`` compute the gates (default: this module's gru_cell / gru_reset_hidden);
+    ``lengths``: see above."""
     cell = cell or gru_cell
     reset_hidden = reset_hidden or gru_reset_hidden
     C = h0.shape[1]
@@ -103,6 +124,8 @@ def convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dil
             reset_h = reset_hidden(x_gates[:, :C], h_rz[:, :C], h)
             h_n = F.conv2d(reset_h, weight_hh[2 * C:], b_n, padding=padding, dilation=dilation)
             h_gates = torch.cat([h_rz, h_n], dim=1)
-        h, _ = cell(x_gates, h_gates, h, reset_after)
-        outputs[t] = h
+        h_new, _ = cell(x_gates, h_gates, h, reset_after)
+        valid = _valid(lengths, t, h_new)
+        outputs[t] = _masked(valid, h_new, None)
+        h = _masked(valid, h_new, h)
     return torch.stack(outputs, dim=1), h

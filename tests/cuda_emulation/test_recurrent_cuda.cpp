@@ -62,15 +62,28 @@ void for_each_element(const std::function<void(int64_t, int64_t, int64_t)>& f) {
 
 Geometry geometry(at::ScalarType dtype) { return Geometry{B, C, P, dtype}; }
 
+// Variable lengths: at step kStep sample 0 is valid (length 4) and sample 1 masked (length 3). A masked
+// sample's step is the identity on its state (recurrent_kernels.h), checked exactly.
+const int64_t kLengths[B] = {4, 3};
+constexpr int64_t kStep = 3;
+StepMask test_mask(bool masked) {
+  StepMask m;
+  if (masked) m.lengths = kLengths, m.t = kStep;
+  return m;
+}
+bool is_masked(bool masked, int64_t b) { return masked && b == 1; }
+std::string mask_tag(bool masked) { return masked ? ",masked" : ""; }
+
 // -------------------------------------------------------------------- LSTM forward
 template <typename T>
-void lstm_forward_case(bool nhwc, bool peephole, bool save, std::mt19937& rng) {
+void lstm_forward_case(bool nhwc, bool peephole, bool save, std::mt19937& rng, bool masked = false) {
   using A = at::opmath_type<T>;
-  const std::string name = tag<T>("lstm_forward", nhwc, std::string(peephole ? ",peephole" : "") + (save ? ",save" : ",c-in-place"));
-  Tensor4<T> ax(4, nhwc), ah(4, nhwc), gates(4, nhwc), h1(1, nhwc), h2(1, nhwc);
+  const std::string name = tag<T>("lstm_forward", nhwc, std::string(peephole ? ",peephole" : "") + (save ? ",save" : ",c-in-place") + mask_tag(masked));
+  Tensor4<T> ax(4, nhwc), ah(4, nhwc), gates(4, nhwc), h1(1, nhwc), h2(1, nhwc), h_prev(1, nhwc);
   Tensor4<A> c_prev(1, nhwc), c_out(1, nhwc);
   Framed<A> peep(3 * C);
   ax.fill(rng, -2, 2), ah.fill(rng, -2, 2), c_prev.fill(rng, -2, 2), peep.fill_uniform(rng, -1, 1);
+  h_prev.fill(rng, -1, 1), gates.fill(rng, -1, 1);
   Tensor4<A> c_prev_copy = c_prev;
   LstmForwardArgs a;
   a.geo = geometry(c10::CppTypeToScalarType<T>::value);
@@ -82,9 +95,18 @@ void lstm_forward_case(bool nhwc, bool peephole, bool save, std::mt19937& rng) {
     for (int k = 0; k < 4; ++k) a.gates_out[k] = gates.slot(k);
   a.peephole = peephole ? peep.data() : nullptr;
   a.save = save;
+  a.mask = test_mask(masked);
+  a.h_prev = h_prev.slot();
   cuda::launch_elementwise(cuda::LstmForwardOp<T>{a}, kMaxBlocks, 0);
   Tensor4<A>& c_res = save ? c_out : c_prev;
   for_each_element([&](int64_t b, int64_t c, int64_t p) {
+    if (is_masked(masked, b)) {  // output 0, state unchanged, cache 0
+      expect_close(name + " masked h", h1.at(0, b, c, p), 0, 0);
+      expect_close(name + " masked h2", h2.at(0, b, c, p), h_prev.at(0, b, c, p), 0);
+      expect_close(name + " masked c", c_res.at(0, b, c, p), c_prev_copy.at(0, b, c, p), 0);
+      for (int k = 0; k < 4 && save; ++k) expect_close(name + " masked gates", gates.at(k, b, c, p), 0, 0);
+      return;
+    }
     const double w_ci = peephole ? double(peep[c]) : 0, w_cf = peephole ? double(peep[C + c]) : 0,
                  w_co = peephole ? double(peep[2 * C + c]) : 0;
     double pre[4];
@@ -101,16 +123,17 @@ void lstm_forward_case(bool nhwc, bool peephole, bool save, std::mt19937& rng) {
       for (int k = 0; k < 4; ++k) expect_close(name + " gates", gates.at(k, b, c, p), act[k], tol_store<T, A>(act[k]));
     }
   });
-  for (auto* t : {&ax, &ah, &gates, &h1, &h2}) t->check_frames(name);
+  for (auto* t : {&ax, &ah, &gates, &h1, &h2, &h_prev}) t->check_frames(name);
   c_prev.check_frames(name), c_out.check_frames(name), peep.frames_intact(name);
 }
 
 // -------------------------------------------------------------------- LSTM backward
 template <typename T>
-void lstm_backward_case(bool nhwc, bool peephole, std::mt19937& rng) {
+void lstm_backward_case(bool nhwc, bool peephole, std::mt19937& rng, bool masked = false) {
   using A = at::opmath_type<T>;
-  const std::string name = tag<T>("lstm_backward", nhwc, peephole ? ",peephole" : "");
-  Tensor4<T> dh0(1, nhwc), dh1(1, nhwc), dh2(1, nhwc), gates(4, nhwc), d_gates(4, nhwc);
+  const std::string name = tag<T>("lstm_backward", nhwc, std::string(peephole ? ",peephole" : "") + mask_tag(masked));
+  Tensor4<T> dh0(1, nhwc), dh1(1, nhwc), dh2(1, nhwc), gates(4, nhwc), d_gates(4, nhwc), dh_prev(1, nhwc);
+  dh_prev.fill(rng, -1, 1);
   Tensor4<A> dc(1, nhwc), c_prev(1, nhwc), c(1, nhwc);
   Framed<A> peep(3 * C);
   dh0.fill(rng, -1, 1), dh1.fill(rng, -1, 1), dh2.fill(rng, -1, 1), dc.fill(rng, -1, 1), c_prev.fill(rng, -2, 2);
@@ -131,8 +154,18 @@ void lstm_backward_case(bool nhwc, bool peephole, std::mt19937& rng) {
   for (int k = 0; k < 4; ++k) a.gates[k] = gates.slot(k), a.d_gates_out[k] = d_gates.slot(k);
   a.c_prev = c_prev.slot(), a.c = c.slot();
   a.peephole = peephole ? peep.data() : nullptr;
+  a.mask = test_mask(masked);
+  if (masked) a.dh_prev_out = dh_prev.slot();
   cuda::launch_elementwise(cuda::LstmBackwardOp<T>{a}, kMaxBlocks, 0);
   for_each_element([&](int64_t b, int64_t ch, int64_t p) {
+    if (is_masked(masked, b)) {  // no gate gradient; dc and the state's dh (not the output's) pass through
+      for (int k = 0; k < 4; ++k) expect_close(name + " masked d_gates", d_gates.at(k, b, ch, p), 0, 0);
+      expect_close(name + " masked dc_prev", dc.at(0, b, ch, p), dc_copy.at(0, b, ch, p), 0);
+      const double pass = dh1.at(0, b, ch, p) + dh2.at(0, b, ch, p);
+      expect_close(name + " masked dh_prev", dh_prev.at(0, b, ch, p), pass, tol_store<T, A>(pass));
+      return;
+    }
+    if (masked) expect_close(name + " dh_prev of a valid sample", dh_prev.at(0, b, ch, p), 0, 0);
     const double w_ci = peephole ? double(peep[ch]) : 0, w_cf = peephole ? double(peep[C + ch]) : 0,
                  w_co = peephole ? double(peep[2 * C + ch]) : 0;
     const double i = gates.at(0, b, ch, p), f = gates.at(1, b, ch, p), g = gates.at(2, b, ch, p),
@@ -154,16 +187,16 @@ void lstm_backward_case(bool nhwc, bool peephole, std::mt19937& rng) {
       expect_close(name + " d_gates", d_gates.at(k, b, ch, p), grad[k], tol_store<T, A>(grad[k]));
     expect_close(name + " dc_prev", dc.at(0, b, ch, p), grad[4], tol_acc<A>(grad[4]));
   });
-  for (auto* t : {&dh0, &dh1, &dh2, &gates, &d_gates}) t->check_frames(name);
+  for (auto* t : {&dh0, &dh1, &dh2, &gates, &d_gates, &dh_prev}) t->check_frames(name);
   dc.check_frames(name), c_prev.check_frames(name), c.check_frames(name), peep.frames_intact(name);
 }
 
 // -------------------------------------------------------------------- GRU forward
 template <typename T>
-void gru_forward_case(bool nhwc, bool reset_after, bool save, std::mt19937& rng) {
+void gru_forward_case(bool nhwc, bool reset_after, bool save, std::mt19937& rng, bool masked = false) {
   using A = at::opmath_type<T>;
   const std::string name =
-      tag<T>("gru_forward", nhwc, std::string(reset_after ? ",reset_after" : ",ballas") + (save ? ",save" : ",h-in-place"));
+      tag<T>("gru_forward", nhwc, std::string(reset_after ? ",reset_after" : ",ballas") + (save ? ",save" : ",h-in-place") + mask_tag(masked));
   Tensor4<T> x(3, nhwc), h(3, nhwc), h_prev(1, nhwc), h1(1, nhwc), h2(1, nhwc), cache(4, nhwc);
   x.fill(rng, -2, 2), h.fill(rng, -2, 2), h_prev.fill(rng, -2, 2);
   Tensor4<T> h_prev_copy = h_prev;
@@ -176,9 +209,17 @@ void gru_forward_case(bool nhwc, bool reset_after, bool save, std::mt19937& rng)
   if (save)
     for (int k = 0; k < 4; ++k) a.cache_out[k] = cache.slot(k);
   a.reset_after = reset_after, a.save = save;
+  a.mask = test_mask(masked);
+  cache.fill(rng, -1, 1);
   cuda::launch_elementwise(cuda::GruForwardOp<T>{a}, kMaxBlocks, 0);
   Tensor4<T>& h2_res = save ? h2 : h_prev;
   for_each_element([&](int64_t b, int64_t c, int64_t p) {
+    if (is_masked(masked, b)) {
+      expect_close(name + " masked h", h1.at(0, b, c, p), 0, 0);
+      expect_close(name + " masked h2", h2_res.at(0, b, c, p), h_prev_copy.at(0, b, c, p), 0);
+      for (int k = 0; k < 4 && save; ++k) expect_close(name + " masked cache", cache.at(k, b, c, p), 0, 0);
+      return;
+    }
     const double r = 1 / (1 + std::exp(-(x.at(0, b, c, p) + h.at(0, b, c, p))));
     const double z = 1 / (1 + std::exp(-(x.at(1, b, c, p) + h.at(1, b, c, p))));
     const double hn = h.at(2, b, c, p);
@@ -196,9 +237,9 @@ void gru_forward_case(bool nhwc, bool reset_after, bool save, std::mt19937& rng)
 
 // -------------------------------------------------------------------- GRU backward
 template <typename T>
-void gru_backward_case(bool nhwc, bool reset_after, std::mt19937& rng) {
+void gru_backward_case(bool nhwc, bool reset_after, std::mt19937& rng, bool masked = false) {
   using A = at::opmath_type<T>;
-  const std::string name = tag<T>("gru_backward", nhwc, reset_after ? ",reset_after" : ",ballas");
+  const std::string name = tag<T>("gru_backward", nhwc, std::string(reset_after ? ",reset_after" : ",ballas") + mask_tag(masked));
   Tensor4<T> dh0(1, nhwc), dh1(1, nhwc), dh_direct(1, nhwc), cache(4, nhwc), h_prev(1, nhwc), d_x(3, nhwc),
       d_h(3, nhwc);
   dh0.fill(rng, -1, 1), dh1.fill(rng, -1, 1), dh_direct.fill(rng, -1, 1), h_prev.fill(rng, -2, 2);
@@ -218,8 +259,18 @@ void gru_backward_case(bool nhwc, bool reset_after, std::mt19937& rng) {
   for (int k = 0; k < 3; ++k) a.d_x_out[k] = d_x.slot(k), a.d_h_out[k] = d_h.slot(k);
   a.h_prev = h_prev.slot();
   a.reset_after = reset_after;
+  a.mask = test_mask(masked);
   cuda::launch_elementwise(cuda::GruBackwardOp<T>{a}, kMaxBlocks, 0);
   for_each_element([&](int64_t b, int64_t c, int64_t p) {
+    if (is_masked(masked, b)) {  // no gate gradient; the state's dh (dh_in[1] + dh_in[2]) passes through
+      for (int k = 0; k < 3; ++k) {
+        expect_close(name + " masked d_x", d_x.at(k, b, c, p), 0, 0);
+        expect_close(name + " masked d_h", d_h.at(k, b, c, p), 0, 0);
+      }
+      const double pass = dh1.at(0, b, c, p) + dh_direct_copy.at(0, b, c, p);
+      expect_close(name + " masked dh_prev", dh_direct.at(0, b, c, p), pass, tol_store<T, A>(pass));
+      return;
+    }
     const double r = cache.at(0, b, c, p), z = cache.at(1, b, c, p), n = cache.at(2, b, c, p), hn = cache.at(3, b, c, p);
     const double dh = dh0.at(0, b, c, p) + dh1.at(0, b, c, p) + dh_direct_copy.at(0, b, c, p);
     const double base[5] = {logit(r), logit(z), std::atanh(n) - (reset_after ? r * hn : hn), hn, h_prev.at(0, b, c, p)};
@@ -243,9 +294,9 @@ void gru_backward_case(bool nhwc, bool reset_after, std::mt19937& rng) {
 
 // -------------------------------------------------------------------- GRU reset (Ballas first stage)
 template <typename T>
-void gru_reset_forward_case(bool nhwc, bool save, std::mt19937& rng) {
+void gru_reset_forward_case(bool nhwc, bool save, std::mt19937& rng, bool masked = false) {
   using A = at::opmath_type<T>;
-  const std::string name = tag<T>("gru_reset_forward", nhwc, save ? ",save" : "");
+  const std::string name = tag<T>("gru_reset_forward", nhwc, std::string(save ? ",save" : "") + mask_tag(masked));
   Tensor4<T> x_r(1, nhwc), h_r(1, nhwc), h_prev(1, nhwc), out(1, nhwc), r_out(1, nhwc);
   x_r.fill(rng, -2, 2), h_r.fill(rng, -2, 2), h_prev.fill(rng, -2, 2);
   GruResetForwardArgs a;
@@ -253,8 +304,14 @@ void gru_reset_forward_case(bool nhwc, bool save, std::mt19937& rng) {
   a.x_r = x_r.slot(), a.h_r = h_r.slot(), a.h_prev = h_prev.slot(), a.reset_h_out = out.slot();
   if (save) a.r_out = r_out.slot();
   a.save = save;
+  a.mask = test_mask(masked);
   cuda::launch_elementwise(cuda::GruResetForwardOp<T>{a}, kMaxBlocks, 0);
   for_each_element([&](int64_t b, int64_t c, int64_t p) {
+    if (is_masked(masked, b)) {
+      expect_close(name + " masked reset_h", out.at(0, b, c, p), 0, 0);
+      if (save) expect_close(name + " masked r", r_out.at(0, b, c, p), 0, 0);
+      return;
+    }
     const double r = 1 / (1 + std::exp(-(x_r.at(0, b, c, p) + h_r.at(0, b, c, p))));
     const double want = r * h_prev.at(0, b, c, p);
     expect_close(name + " reset_h", out.at(0, b, c, p), want, tol_store<T, A>(want));
@@ -264,9 +321,9 @@ void gru_reset_forward_case(bool nhwc, bool save, std::mt19937& rng) {
 }
 
 template <typename T>
-void gru_reset_backward_case(bool nhwc, std::mt19937& rng) {
+void gru_reset_backward_case(bool nhwc, std::mt19937& rng, bool masked = false) {
   using A = at::opmath_type<T>;
-  const std::string name = tag<T>("gru_reset_backward", nhwc, "");
+  const std::string name = tag<T>("gru_reset_backward", nhwc, mask_tag(masked));
   Tensor4<T> d_reset(1, nhwc), r(1, nhwc), h_prev(1, nhwc), dh_prev(1, nhwc), d_r(1, nhwc);
   d_reset.fill(rng, -1, 1), h_prev.fill(rng, -2, 2), dh_prev.fill(rng, -1, 1), r.fill(rng, 0.05, 0.95);
   Tensor4<T> dh_prev_copy = dh_prev;
@@ -275,8 +332,14 @@ void gru_reset_backward_case(bool nhwc, std::mt19937& rng) {
   a.d_reset_h = d_reset.slot(), a.r = r.slot(), a.h_prev = h_prev.slot();
   a.dh_prev_in = a.dh_prev_out = dh_prev.slot();  // accumulated in place, as the time loop does
   a.d_r_out = d_r.slot();
+  a.mask = test_mask(masked);
   cuda::launch_elementwise(cuda::GruResetBackwardOp<T>{a}, kMaxBlocks, 0);
   for_each_element([&](int64_t b, int64_t c, int64_t p) {
+    if (is_masked(masked, b)) {
+      expect_close(name + " masked d_r", d_r.at(0, b, c, p), 0, 0);
+      expect_close(name + " masked dh_prev", dh_prev.at(0, b, c, p), dh_prev_copy.at(0, b, c, p), 0);
+      return;
+    }
     const double g = d_reset.at(0, b, c, p);
     double grad[2];  // d(g · σ(r_pre)·h_prev) / d(r_pre, h_prev)
     for (int s = 0; s < 2; ++s) {
@@ -346,6 +409,15 @@ void all_cases(std::mt19937& rng) {
     gru_reset_forward_case<T>(nhwc, true, rng);
     gru_reset_forward_case<T>(nhwc, false, rng);
     gru_reset_backward_case<T>(nhwc, rng);
+    // variable lengths: one valid and one masked sample
+    for (bool save : {true, false}) {
+      lstm_forward_case<T>(nhwc, true, save, rng, true);
+      gru_forward_case<T>(nhwc, false, save, rng, true);
+      gru_reset_forward_case<T>(nhwc, save, rng, true);
+    }
+    lstm_backward_case<T>(nhwc, true, rng, true);
+    for (bool reset_after : {true, false}) gru_backward_case<T>(nhwc, reset_after, rng, true);
+    gru_reset_backward_case<T>(nhwc, rng, true);
   }
 }
 

@@ -1,0 +1,81 @@
+// Winograd F(m x m, 3 x 3) convolution for the CPU time loops of the "winograd" strategy
+// (recurrent_winograd_cpu.cpp; strategy code kWinograd in recurrent_sequence.h).
+//
+// The recurrent setting pays for Winograd: the weights are the same at every step, so they are
+// transformed once per sequence call, and each step costs an input transform, alpha² GEMMs (a
+// register-blocked kernel per ISA path, recurrent_winograd_cpu.cpp) and an output transform. The output is produced
+// strip by strip (m output rows x the whole width of one image) into a small scratch that stays in
+// cache, and handed to a callback -- the gate kernel -- so the pre-activations of a step are never
+// written to a full-size tensor.
+//
+// Only stride 1, dilation 1, a 3x3 kernel and padding 1 ('same'); CPU only.
+#pragma once
+
+#include "recurrent_kernels.h"
+#include "recurrent_sequence.h"
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <string>
+
+namespace fastvid {
+namespace recurrent {
+
+// Output tile m of F(m x m, 3 x 3); both F(4 x 4) (alpha = 6, 36 GEMMs) and F(2 x 2) (alpha = 4, 16
+// GEMMs) are built. Measured in fp32 against an fp64 oracle (per output/gradient tensor, max error,
+// seeded ConvLSTM/ConvGRU sequences of tests/test_recurrent_winograd.py): F(4 x 4) 3-11x the error of
+// the oneDNN path (issue 12 allows 4x), F(2 x 2) 1.2-2.9x. So F(2 x 2), at 1.8x the GEMM work of
+// F(4 x 4) (4 vs 2.25 multiplies per output, against 9 direct).
+constexpr int64_t kWinogradTile = 2;
+
+// Why the winograd strategy cannot run this sequence ("" when it can).
+std::string winograd_unsupported_reason(const Tensor& x, const Tensor& weight_hh, const SeqGeometry& g);
+
+// Raises a ValueError naming the reason when the winograd strategy cannot run.
+void check_winograd(const char* op, const Tensor& x, const Tensor& weight_hh, const SeqGeometry& g,
+                    const OptTensor& lengths);
+
+// weight [N, K, 3, 3] -> [alpha², K, N] (G w Gᵀ per (n, k), computed in fp64) in the accumulation
+// type of weight's dtype. `tile` is m (4 or 2).
+Tensor winograd_weights(const Tensor& weight, int64_t tile = kWinogradTile);
+
+// Transformed weights of the input gradient of conv(·, weight): the kernel flipped and its
+// in/out channels swapped (a [K, N, 3, 3] convolution of the output gradient).
+Tensor winograd_input_grad_weights(const Tensor& weight, int64_t tile = kWinogradTile);
+
+// Receives output rows [y0, y0 + rows) of image b, all W columns and N channels, as a plane
+// [1, N, rows·W] in the sequence's frame layout (g.channels_last) and the inputs' dtype.
+using WinogradStripFn = std::function<void(int64_t b, int64_t y0, int64_t rows, const Plane& pre)>;
+
+// conv3x3(input, weight) + bias (stride 1, padding 1) with V = winograd_weights(weight) over input
+// [B, K, H, W] (any strides), strip by strip into fn. Strips run in parallel: fn may only touch the
+// pixels of its strip.
+void winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
+                   const WinogradStripFn& fn);
+
+// The same convolution written to a new [B, N, H, W] tensor in the frame layout of g.
+Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g);
+
+// One LSTM step of the winograd strategy: per strip, the gate pre-activations conv(x_t, W_ih) + bias +
+// conv(h_prev, W_hh), summed in the Winograd domain (one output transform), then the gate kernel on
+// that strip. a holds full-frame planes; its a_x are replaced per strip, its a_h must be zero planes.
+void winograd_lstm_step(const LstmForwardArgs& a, const Tensor& x_t, const Tensor& V_ih, const OptTensor& bias,
+                        const Tensor& h_prev, const Tensor& V_hh, const SeqGeometry& g);
+
+// One GRU step: per strip, conv(input) (+ bias) gives the hidden-conv gates a.h[first_slot...] (N / C
+// of them), then the gate kernel on that strip. reset_after: input = h_prev, slots r, z, n; Ballas:
+// input = r·h_prev, slot n (a.h[0], a.h[1] full-frame planes set by the caller).
+void winograd_gru_step(const GruForwardArgs& a, const Tensor& input, const Tensor& V, const OptTensor& bias,
+                       int first_slot, const SeqGeometry& g);
+
+// p moved to image b, pixel `pixel` (element size `elem`), e.g. a strip of a full-frame plane.
+inline Plane offset_plane(const Plane& p, int64_t b, int64_t pixel, int64_t elem) {
+  Plane q = p;
+  if (p.stride_b == 0 && p.stride_c == 0 && p.stride_p == 0) return q;  // a zero plane stays one
+  q.data = static_cast<char*>(p.data) + (b * p.stride_b + pixel * p.stride_p) * elem;
+  return q;
+}
+
+}  // namespace recurrent
+}  // namespace fastvid

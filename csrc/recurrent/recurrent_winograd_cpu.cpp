@@ -1,0 +1,564 @@
+// Winograd F(m x m, 3 x 3) convolution on the CPU (interface and design: recurrent_winograd.h).
+//
+// Work unit: a strip = m output rows of one image across its whole width (ceil(W/m) tiles). Strips
+// are grouped (~kGroupTiles tiles) so the alpha² GEMMs of a group -- [tiles, K] x [K, N] each -- have
+// enough rows and their operands stay in L2; groups run in parallel (at::parallel_for). Per group:
+//   1. gather the m + 2 padded input rows of each strip into a channels-innermost scratch (any
+//      input strides; zero padding), input transform Bᵀ d B of every tile into U [alpha², tiles, K];
+//   2. M = U V with V = G w Gᵀ [alpha², K, N] (transformed once per sequence call); with a second
+//      input (LSTM: x_t and h_{t-1}) its products are accumulated onto the first's;
+//   3. output transform Aᵀ M A (+ bias) of every tile of a strip into a pixel-major strip scratch,
+//      laid out as the frames (channels innermost or NCHW) in the inputs' dtype, then handed to the
+//      strip callback (the gate kernel) or copied into an output tensor.
+// The GEMM is a register-blocked kernel per ISA path (at::bmm -> MKL ran at ~100 GFLOP/s here, the
+// AVX2 rate, half of AVX-512's); the transforms are vectorised over channels (the inner index of U, M
+// and the scratches) by the compiler at each path's width (cpu_isa.h); the transform matrices are
+// compile-time constants and their zero coefficients drop out.
+#include "recurrent_winograd.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#ifdef __x86_64__
+#include <immintrin.h>
+#endif
+#include <vector>
+
+#include "../cpu_isa.h"
+
+#ifndef FASTVID_WINOGRAD_SHARED
+#define FASTVID_WINOGRAD_SHARED
+namespace fastvid {
+namespace recurrent {
+namespace winograd {
+
+// Transform matrices: output = Aᵀ[(G w Gᵀ) ⊙ (Bᵀ d B)]A. F(4, 3) uses the interpolation points 0, ±1,
+// 1/2, -2, ∞ (not Lavin & Gray's 0, ±1, ±2, ∞) with the rows of Bᵀ scaled to max |entry| = 1 and G
+// scaled inversely: in an fp32 emulation against fp64 the convolution error is 4-7x oneDNN's direct
+// one, against 12-20x with Lavin's points (C = 32-64, 32x32; tests/test_recurrent_winograd.py
+// measures what the sequences see).
+template <int M>
+struct Matrices;
+
+template <>
+struct Matrices<4> {
+  static constexpr int A = 6;
+  static constexpr double BT[6][6] = {{0.5, -0.75, -1, 0.75, 0.5, 0}, {0, -0.4, 0.2, 1, 0.4, 0},
+                                      {0, 0.4, -1, 0.2, 0.4, 0},     {0, -1, -0.5, 1, 0.5, 0},
+                                      {0, 0.5, -1, -0.5, 1, 0},      {0, 0.5, -0.75, -1, 0.75, 0.5}};
+  static constexpr double G[6][3] = {{2, 0, 0},
+                                     {5.0 / 6, 5.0 / 6, 5.0 / 6},
+                                     {-5.0 / 6, 5.0 / 6, -5.0 / 6},
+                                     {-32.0 / 15, -16.0 / 15, -8.0 / 15},
+                                     {1.0 / 15, -2.0 / 15, 4.0 / 15},
+                                     {0, 0, 2}};
+  static constexpr double AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 0.5, -2, 0}, {0, 1, 1, 0.25, 4, 0}, {0, 1, -1, 0.125, -8, 1}};
+};
+
+// F(2, 3): points 0, ±1, ∞.
+template <>
+struct Matrices<2> {
+  static constexpr int A = 4;
+  static constexpr double BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+  static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  static constexpr double AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+};
+
+// GEMM column block: 2 vectors of the widest path (AVX-512: 2 x 16 floats); V's rows are padded to it.
+constexpr int64_t kColumnBlock = 32;
+
+// Everything one convolution call needs, in plain pointers (the per-ISA kernels see no Tensor).
+struct Job {
+  struct Input {
+    const void* data = nullptr;  // [B, K, H, W] with element strides:
+    int64_t sb = 0, sc = 0, sy = 0, sx = 0, K = 0;
+    const void* V = nullptr;     // [alpha², K, ldv] (N used columns, zeros up to ldv), accumulation type
+  };
+  Input in[2];                   // the output sums the convolutions of the inputs used (1 or 2)
+  int inputs = 1;
+  int64_t ldv = 0;
+  const void* bias = nullptr;   // [N] accumulation type, or nullptr
+  int64_t B = 0, N = 0, H = 0, W = 0, tile = kWinogradTile;
+  at::ScalarType dtype = at::kFloat;  // input and output dtype
+  bool channels_last = false;         // layout of the strip planes handed out
+  const WinogradStripFn* fn = nullptr;
+  Plane out;  // when fn is null: the [B, N, H·W] output plane
+};
+
+}  // namespace winograd
+}  // namespace recurrent
+}  // namespace fastvid
+#endif  // FASTVID_WINOGRAD_SHARED
+
+#ifndef FASTVID_ISA
+#define FASTVID_ISA_SOURCE "recurrent/recurrent_winograd_cpu.cpp"
+#include "../cpu_isa_each.h"
+
+namespace fastvid {
+namespace recurrent {
+
+namespace {
+void run(const winograd::Job& job) { FASTVID_ISA_CALL(recurrent, winograd_conv_kernel(job)); }
+
+void set_input(winograd::Job& j, int i, const Tensor& input, const Tensor& V) {
+  TORCH_CHECK(input.dim() == 4 && input.device().is_cpu(), "winograd_conv: input must be a [B, K, H, W] CPU tensor");
+  const int64_t A2 = V.size(0);
+  TORCH_CHECK(V.dim() == 3 && V.size(1) == input.size(1) && (A2 == 36 || A2 == 16) &&
+                  V.scalar_type() == acc_type(input.scalar_type()) && V.stride(2) == 1 &&
+                  V.stride(1) % winograd::kColumnBlock == 0 && V.stride(1) >= V.size(2) &&
+                  V.stride(0) == V.size(1) * V.stride(1),
+              "winograd_conv: V must come from winograd_weights ([alpha², K, N], padded rows)");
+  TORCH_CHECK(i == 0 || (input.size(2) == j.H && input.size(3) == j.W && input.size(0) == j.B && V.size(2) == j.N &&
+                         V.stride(1) == j.ldv && (A2 == 36 ? 4 : 2) == j.tile && input.scalar_type() == j.dtype),
+              "winograd_conv: the two inputs must agree in B, H, W, dtype and N");
+  winograd::Job::Input& in = j.in[i];
+  in.data = input.data_ptr();
+  in.sb = input.stride(0), in.sc = input.stride(1), in.sy = input.stride(2), in.sx = input.stride(3);
+  in.K = input.size(1);
+  in.V = V.data_ptr();
+  if (i == 0) {
+    j.ldv = V.stride(1);
+    j.B = input.size(0), j.H = input.size(2), j.W = input.size(3), j.N = V.size(2);
+    j.tile = A2 == 36 ? 4 : 2;
+    j.dtype = input.scalar_type();
+  }
+  j.inputs = i + 1;
+}
+
+winograd::Job make_job(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
+                       Tensor& bias_acc) {
+  winograd::Job j;
+  set_input(j, 0, input, V);
+  j.channels_last = g.channels_last;
+  if (bias.has_value()) {
+    bias_acc = bias->to(acc_type(input.scalar_type())).contiguous();
+    TORCH_CHECK(bias_acc.numel() == j.N, "winograd_conv: bias must have N elements");
+    j.bias = bias_acc.data_ptr();
+  }
+  return j;
+}
+
+template <int M>
+Tensor transform_weights(const Tensor& weight) {
+  using Mat = winograd::Matrices<M>;
+  constexpr int A = Mat::A;
+  const Tensor G = at::empty({A, 3}, weight.options().dtype(at::kDouble).device(at::kCPU));
+  for (int a = 0; a < A; ++a)
+    for (int i = 0; i < 3; ++i) G[a][i] = Mat::G[a][i];
+  const Tensor w = weight.to(at::kDouble);
+  // V[a, b, k, n] = Σ_ij G[a, i] w[n, k, i, j] G[b, j]
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const Tensor V = at::einsum("ai,nkij,bj->abkn", {G, w, G}).reshape({A * A, K, N});
+  // Columns padded with zeros to a multiple of winograd::kColumnBlock (the GEMM kernel's widest column
+  // block); the returned view has N columns and row stride Np.
+  const int64_t Np = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
+  Tensor padded = at::zeros({A * A, K, Np}, weight.options().dtype(acc_type(weight.scalar_type())));
+  padded.narrow(2, 0, N).copy_(V);
+  return padded.narrow(2, 0, N);
+}
+}  // namespace
+
+std::string winograd_unsupported_reason(const Tensor& x, const Tensor& weight_hh, const SeqGeometry& g) {
+  if (!x.device().is_cpu()) return "it runs on CPU tensors only";
+  if (weight_hh.size(2) != 3 || weight_hh.size(3) != 3)
+    return "it needs a 3x3 kernel, got " + std::to_string(weight_hh.size(2)) + "x" + std::to_string(weight_hh.size(3));
+  if (g.dilation[0] != 1 || g.dilation[1] != 1)
+    return "it needs dilation 1, got (" + std::to_string(g.dilation[0]) + ", " + std::to_string(g.dilation[1]) + ")";
+  return "";
+}
+
+void check_winograd(const char* op, const Tensor& x, const Tensor& weight_hh, const SeqGeometry& g,
+                    const OptTensor& lengths) {
+  // With lengths a masked sample's state differs from its (zero) output, and the winograd loops carry
+  // h from step to step in the output frames (a strip's conv reads its neighbours' rows).
+  const std::string reason =
+      lengths.has_value() ? "it does not take lengths (variable-length batches)" : winograd_unsupported_reason(x, weight_hh, g);
+  TORCH_CHECK_VALUE(reason.empty(), op, ": strategy 2 (winograd) cannot run this sequence: ", reason,
+                    "; use strategy 0 (hoisted) or 1 (concat)");
+}
+
+Tensor winograd_weights(const Tensor& weight, int64_t tile) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "winograd_weights: need [N, K, 3, 3]");
+  TORCH_CHECK(tile == 4 || tile == 2, "winograd_weights: tile must be 4 or 2, got ", tile);
+  return tile == 4 ? transform_weights<4>(weight) : transform_weights<2>(weight);
+}
+
+Tensor winograd_input_grad_weights(const Tensor& weight, int64_t tile) {
+  return winograd_weights(weight.flip({2, 3}).transpose(0, 1), tile);
+}
+
+void winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
+                   const WinogradStripFn& fn) {
+  Tensor bias_acc;
+  winograd::Job j = make_job(input, V, bias, g, bias_acc);
+  j.fn = &fn;
+  run(j);
+}
+
+Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g) {
+  Tensor bias_acc;
+  winograd::Job j = make_job(input, V, bias, g, bias_acc);
+  Tensor out = at::empty({j.B, j.N, j.H, j.W}, input.options().memory_format(frame_format(g.channels_last)));
+  j.out = plane(out);
+  run(j);
+  return out;
+}
+
+namespace {
+// The strip [y0, y0 + rows) of image b of a full-frame plane of element size elem.
+Plane strip_of(const Plane& p, int64_t b, int64_t y0, int64_t W, int64_t elem) {
+  return offset_plane(p, b, y0 * W, elem);
+}
+
+// The step mask of a strip of image b (the strip's kernel call sees that one image as batch 0).
+StepMask strip_mask(const StepMask& m, int64_t b) {
+  StepMask s = m;
+  if (m.lengths != nullptr) s.lengths = m.lengths + b;
+  return s;
+}
+
+// Gate slot k (channels [k·C, (k + 1)·C)) of a strip plane.
+Plane slot_of(const Plane& p, int64_t k, int64_t C, int64_t elem) {
+  Plane q = p;
+  q.data = static_cast<char*>(p.data) + k * C * p.stride_c * elem;
+  return q;
+}
+}  // namespace
+
+void winograd_lstm_step(const LstmForwardArgs& a, const Tensor& x_t, const Tensor& V_ih, const OptTensor& bias,
+                        const Tensor& h_prev, const Tensor& V_hh, const SeqGeometry& g) {
+  const int64_t C = a.geo.channels, W = g.W;
+  const int64_t es = c10::elementSize(a.geo.dtype), ea = c10::elementSize(acc_type(a.geo.dtype));
+  Tensor bias_acc;
+  winograd::Job j = make_job(x_t, V_ih, bias, g, bias_acc);
+  set_input(j, 1, h_prev, V_hh);
+  const WinogradStripFn fn = [&](int64_t b, int64_t y0, int64_t rows, const Plane& pre) {
+    LstmForwardArgs s = a;
+    s.geo.batch = 1;
+    s.geo.pixels = rows * W;
+    for (int k = 0; k < 4; ++k) {
+      s.a_x[k] = slot_of(pre, k, C, es);  // x and h convs summed in the Winograd domain
+      s.a_h[k] = a.a_h[k];                // zero planes
+      if (a.save) s.gates_out[k] = strip_of(a.gates_out[k], b, y0, W, es);
+    }
+    s.c_prev = strip_of(a.c_prev, b, y0, W, ea);
+    s.c_out = strip_of(a.c_out, b, y0, W, ea);
+    s.h_out = strip_of(a.h_out, b, y0, W, es);
+    s.h_out2 = strip_of(a.h_out2, b, y0, W, es);
+    s.h_prev = strip_of(a.h_prev, b, y0, W, es);
+    s.mask = strip_mask(a.mask, b);
+    lstm_forward_cpu(s);
+  };
+  j.fn = &fn;
+  run(j);
+}
+
+void winograd_gru_step(const GruForwardArgs& a, const Tensor& input, const Tensor& V, const OptTensor& bias,
+                       int first_slot, const SeqGeometry& g) {
+  const int64_t C = a.geo.channels, W = g.W;
+  const int64_t es = c10::elementSize(a.geo.dtype);
+  const int64_t n_slots = V.size(2) / C;
+  winograd_conv(input, V, bias, g, [&](int64_t b, int64_t y0, int64_t rows, const Plane& pre) {
+    GruForwardArgs s = a;
+    s.geo.batch = 1;
+    s.geo.pixels = rows * W;
+    for (int k = 0; k < 3; ++k) {
+      s.x[k] = strip_of(a.x[k], b, y0, W, es);
+      s.h[k] = k >= first_slot && k < first_slot + n_slots ? slot_of(pre, k - first_slot, C, es)
+                                                            : strip_of(a.h[k], b, y0, W, es);
+    }
+    if (a.save)
+      for (int k = 0; k < 4; ++k) s.cache_out[k] = strip_of(a.cache_out[k], b, y0, W, es);
+    s.h_prev = strip_of(a.h_prev, b, y0, W, es);
+    s.h_out = strip_of(a.h_out, b, y0, W, es);
+    s.h_out2 = strip_of(a.h_out2, b, y0, W, es);
+    s.mask = strip_mask(a.mask, b);
+    gru_forward_cpu(s);
+  });
+}
+
+}  // namespace recurrent
+}  // namespace fastvid
+
+#else  // ------------------------------------------------ one ISA path: namespace FASTVID_ISA
+namespace fastvid {
+namespace recurrent {
+namespace FASTVID_ISA {
+namespace {
+
+constexpr int64_t kGroupTiles = 64;
+// The alpha² slices of U and M are read / written together per tile: a slice stride that is a multiple
+// of 4 KiB puts all alpha² streams in the same L1 sets. 16 elements (one cache line) of padding.
+constexpr int64_t kSlicePad = 16;
+
+// ---------------------------------------------------------------- GEMM
+// C [P, ldc] = A [P, K] (row stride lda) x B [K, ldb], all Np = ldb columns (a multiple of
+// kColumnBlock). Register-blocked: MR rows x 2 vectors of accumulators, B streamed row by row, A
+// broadcast. MKL's sgemm (what at::bmm runs) took the AVX2 path on the AMD CPUs measured here, at
+// half the AVX-512 rate; this kernel runs each ISA path at its own width.
+typedef float vec_f __attribute__((vector_size(FASTVID_VEC_BYTES)));
+typedef double vec_d __attribute__((vector_size(FASTVID_VEC_BYTES)));
+template <typename T> struct VecOf;
+template <> struct VecOf<float> { using type = vec_f; };
+template <> struct VecOf<double> { using type = vec_d; };
+
+// c + a·b, fused where the path has FMA (the build's ISO C++ mode does not contract a*b + c).
+#if FASTVID_VEC_BYTES == 64
+inline vec_f fmadd(vec_f a, vec_f b, vec_f c) { return (vec_f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+inline vec_d fmadd(vec_d a, vec_d b, vec_d c) { return (vec_d)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c); }
+constexpr int kRows = 12;  // 24 of the 32 vector registers hold accumulators
+#elif FASTVID_VEC_BYTES == 32
+inline vec_f fmadd(vec_f a, vec_f b, vec_f c) { return (vec_f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+inline vec_d fmadd(vec_d a, vec_d b, vec_d c) { return (vec_d)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c); }
+constexpr int kRows = 6;  // 12 of 16
+#else
+template <typename V> inline V fmadd(V a, V b, V c) { return a * b + c; }
+constexpr int kRows = 6;
+#endif
+
+template <typename T, bool kAccumulate, int MR>
+inline void gemm_block(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t K) {
+  using V = typename VecOf<T>::type;
+  constexpr int L = FASTVID_VEC_BYTES / sizeof(T);
+  V acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    if (kAccumulate) {
+      std::memcpy(&acc0[i], c + i * ldc, sizeof(V));
+      std::memcpy(&acc1[i], c + i * ldc + L, sizeof(V));
+    } else {
+      acc0[i] = acc1[i] = V{};
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V b0, b1;
+    std::memcpy(&b0, b + k * ldb, sizeof(V));
+    std::memcpy(&b1, b + k * ldb + L, sizeof(V));
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const V ai = V{} + a[i * lda + k];
+      acc0[i] = fmadd(ai, b0, acc0[i]);
+      acc1[i] = fmadd(ai, b1, acc1[i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    std::memcpy(c + i * ldc, &acc0[i], sizeof(V));
+    std::memcpy(c + i * ldc + L, &acc1[i], sizeof(V));
+  }
+}
+
+template <typename T, bool kAccumulate, int MR>
+inline void gemm_rows(int rows, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t K) {
+  if constexpr (MR > 0) {
+    if (rows == MR) gemm_block<T, kAccumulate, MR>(a, lda, b, ldb, c, ldc, K);
+    else gemm_rows<T, kAccumulate, MR - 1>(rows, a, lda, b, ldb, c, ldc, K);
+  }
+}
+
+// kAccumulate: C += A B, else C = A B.
+template <typename T, bool kAccumulate>
+void gemm(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t P, int64_t K) {
+  constexpr int64_t NR = 2 * FASTVID_VEC_BYTES / sizeof(T);
+  static_assert(winograd::kColumnBlock % NR == 0, "V's padding must cover the column block");
+  for (int64_t n0 = 0; n0 < ldb; n0 += NR) {
+    int64_t p0 = 0;
+    for (; p0 + kRows <= P; p0 += kRows)
+      gemm_block<T, kAccumulate, kRows>(a + p0 * lda, lda, b + n0, ldb, c + p0 * ldc + n0, ldc, K);
+    if (p0 < P) gemm_rows<T, kAccumulate, kRows - 1>(static_cast<int>(P - p0), a + p0 * lda, lda, b + n0, ldb, c + p0 * ldc + n0, ldc, K);
+  }
+}
+
+// dst[n·sc + q·sp] = out[pixel q, channel n] for the rows·W pixels q of a strip: out is pixel-major
+// [rows][Wt][N]; channels-major destinations are written in blocks of kBlock channels.
+template <typename acc_t, typename scalar_t>
+void emit_strip(const acc_t* out, int64_t Wt, int64_t W, int64_t rows, int64_t N, scalar_t* dst, int64_t sc,
+                int64_t sp) {
+  if (sc <= sp) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t x = 0; x < W; ++x) {
+        const acc_t* src = out + (r * Wt + x) * N;
+        scalar_t* d = dst + (r * W + x) * sp;
+        for (int64_t n = 0; n < N; ++n) d[n * sc] = static_cast<scalar_t>(src[n]);
+      }
+    return;
+  }
+  constexpr int64_t kBlock = 8;  // 8 write streams: with a 4 KiB channel stride they share one L1 set (12-way)
+  for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+    const int64_t nb = std::min(kBlock, N - n0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t x = 0; x < W; ++x) {
+        const acc_t* src = out + (r * Wt + x) * N + n0;
+        scalar_t* d = dst + n0 * sc + (r * W + x) * sp;
+        for (int64_t n = 0; n < nb; ++n) d[n * sc] = static_cast<scalar_t>(src[n]);
+      }
+  }
+}
+
+template <int M, typename scalar_t>
+void winograd_conv_impl(const winograd::Job& j) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Mat = winograd::Matrices<M>;
+  constexpr int A = Mat::A;
+  const int64_t N = j.N, H = j.H, W = j.W;
+  const int64_t K_max = std::max(j.in[0].K, j.inputs > 1 ? j.in[1].K : 0);
+  const int64_t tiles_h = (H + M - 1) / M, tiles_w = (W + M - 1) / M;
+  const int64_t Wt = tiles_w * M;        // tiled width
+  const int64_t Wp = Wt + 2;             // padded scratch width
+  const int64_t strips = j.B * tiles_h;
+  const int64_t per_group = std::max<int64_t>(1, kGroupTiles / tiles_w);
+  const int64_t groups = (strips + per_group - 1) / per_group;
+  const int64_t Np = j.ldv;
+  const acc_t* bias = static_cast<const acc_t*>(j.bias);
+
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    const int64_t max_tiles = per_group * tiles_w;
+    std::vector<acc_t> D(A * Wp * K_max);         // padded input rows of one strip, channels innermost
+    std::vector<acc_t> U_buf(A * A * (max_tiles * K_max + kSlicePad));
+    std::vector<acc_t> M_buf(A * A * (max_tiles * Np + kSlicePad));
+    std::vector<acc_t> out(M * Wt * N);           // one strip's output, pixel-major
+    std::vector<scalar_t> pre(M * W * N);         // the same in the frames layout and dtype
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
+      const int64_t P = (s1 - s0) * tiles_w;
+      const int64_t sm = P * Np + kSlicePad;  // element stride of the alpha² slices of M
+      acc_t* U = U_buf.data();
+      acc_t* Mm = M_buf.data();
+      for (int i_in = 0; i_in < j.inputs; ++i_in) {
+      const winograd::Job::Input& in = j.in[i_in];
+      const int64_t K = in.K, su = P * K + kSlicePad;  // element stride of the alpha² slices of U
+      // ---- 1. gather + input transform
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t b = s / tiles_h, y_top = (s % tiles_h) * M - 1;
+        const scalar_t* in_b = static_cast<const scalar_t*>(in.data) + b * in.sb;
+        for (int r = 0; r < A; ++r) {
+          acc_t* row = D.data() + r * Wp * K;
+          const int64_t y = y_top + r;
+          if (y < 0 || y >= H) {
+            std::fill(row, row + Wp * K, acc_t(0));
+            continue;
+          }
+          std::fill(row, row + K, acc_t(0));  // x = -1
+          std::fill(row + (W + 1) * K, row + Wp * K, acc_t(0));  // x >= W
+          const scalar_t* src = in_b + y * in.sy;
+          if (in.sc <= in.sx) {
+            for (int64_t x = 0; x < W; ++x)
+              for (int64_t k = 0; k < K; ++k) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
+          } else {
+            for (int64_t k = 0; k < K; ++k)
+              for (int64_t x = 0; x < W; ++x) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
+          }
+        }
+        for (int64_t tx = 0; tx < tiles_w; ++tx) {
+          const int64_t p = (s - s0) * tiles_w + tx;
+          const acc_t* d0 = D.data() + tx * M * K;
+          acc_t* u0 = U + p * K;
+#pragma GCC ivdep
+          for (int64_t k = 0; k < K; ++k) {
+            acc_t d[A][A], t[A][A];
+#pragma GCC unroll 8
+            for (int r = 0; r < A; ++r)
+#pragma GCC unroll 8
+              for (int c = 0; c < A; ++c) d[r][c] = d0[(r * Wp + c) * K + k];
+#pragma GCC unroll 8
+            for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+              for (int c = 0; c < A; ++c) {
+                acc_t v = 0;
+#pragma GCC unroll 8
+                for (int r = 0; r < A; ++r)
+                  if (Mat::BT[i][r] != 0) v += acc_t(Mat::BT[i][r]) * d[r][c];
+                t[i][c] = v;
+              }
+#pragma GCC unroll 8
+            for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+              for (int jj = 0; jj < A; ++jj) {
+                acc_t v = 0;
+#pragma GCC unroll 8
+                for (int c = 0; c < A; ++c)
+                  if (Mat::BT[jj][c] != 0) v += t[i][c] * acc_t(Mat::BT[jj][c]);
+                u0[(i * A + jj) * su + k] = v;
+              }
+          }
+        }
+      }
+      // ---- 2. alpha² GEMMs [P, K] x [K, N], the second input's accumulated onto the first's
+      const acc_t* V = static_cast<const acc_t*>(in.V);
+      for (int e = 0; e < A * A; ++e) {
+        if (i_in == 0) gemm<acc_t, false>(U + e * su, K, V + e * K * Np, Np, Mm + e * sm, Np, P, K);
+        else gemm<acc_t, true>(U + e * su, K, V + e * K * Np, Np, Mm + e * sm, Np, P, K);
+      }
+      }
+      // ---- 3. output transform (+ bias), strip by strip
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
+        const int64_t rows = std::min<int64_t>(M, H - y0);
+        for (int64_t tx = 0; tx < tiles_w; ++tx) {
+          const int64_t p = (s - s0) * tiles_w + tx;
+          const acc_t* m0 = Mm + p * Np;
+          acc_t* o0 = out.data() + tx * M * N;
+#pragma GCC ivdep
+          for (int64_t n = 0; n < N; ++n) {
+            acc_t m[A][A], t[M][A];
+#pragma GCC unroll 8
+            for (int r = 0; r < A; ++r)
+#pragma GCC unroll 8
+              for (int c = 0; c < A; ++c) m[r][c] = m0[(r * A + c) * sm + n];
+#pragma GCC unroll 8
+            for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+              for (int c = 0; c < A; ++c) {
+                acc_t v = 0;
+#pragma GCC unroll 8
+                for (int r = 0; r < A; ++r)
+                  if (Mat::AT[i][r] != 0) v += acc_t(Mat::AT[i][r]) * m[r][c];
+                t[i][c] = v;
+              }
+            const acc_t bn = bias != nullptr ? bias[n] : acc_t(0);
+#pragma GCC unroll 8
+            for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+              for (int jj = 0; jj < M; ++jj) {
+                acc_t v = bn;
+#pragma GCC unroll 8
+                for (int c = 0; c < A; ++c)
+                  if (Mat::AT[jj][c] != 0) v += t[i][c] * acc_t(Mat::AT[jj][c]);
+                o0[(i * Wt + jj) * N + n] = v;
+              }
+          }
+        }
+        const int64_t pixels = rows * W;
+        if (j.fn != nullptr) {
+          Plane pl;
+          pl.data = pre.data();
+          pl.stride_b = pixels * N;
+          pl.stride_c = j.channels_last ? 1 : pixels;
+          pl.stride_p = j.channels_last ? N : 1;
+          emit_strip(out.data(), Wt, W, rows, N, pre.data(), pl.stride_c, pl.stride_p);
+          (*j.fn)(b, y0, rows, pl);
+        } else {
+          scalar_t* dst = static_cast<scalar_t*>(j.out.data) + b * j.out.stride_b + y0 * W * j.out.stride_p;
+          emit_strip(out.data(), Wt, W, rows, N, dst, j.out.stride_c, j.out.stride_p);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void winograd_conv_kernel(const winograd::Job& j) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, j.dtype, "winograd_conv_cpu", [&] {
+    if (j.tile == 4) winograd_conv_impl<4, scalar_t>(j);
+    else winograd_conv_impl<2, scalar_t>(j);
+  });
+}
+
+}  // namespace FASTVID_ISA
+}  // namespace recurrent
+}  // namespace fastvid
+#endif  // FASTVID_ISA

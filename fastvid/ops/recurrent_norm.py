@@ -1,0 +1,190 @@
+"""Layer-normalised ConvLSTM / ConvGRU (``norm="layer"``): functional API and the Python side of the
+``convlstm_ln_sequence`` / ``convgru_ln_sequence`` ops (fake kernels, autograd, autocast). Equations and the choice of axes:
+fastvid/reference/recurrent_norm.py.
+
+Backends: 'cpu' runs the C++ time loop with the fused LN + cell kernel (csrc/recurrent/recurrent_norm_*.cpp);
+CUDA tensors (and backend('triton')) run the Triton step kernels (triton_kernels/recurrent_norm.py: LN of
+both pre-activations + gates + cell (+ LN(c)) in one kernel per step) inside the reference time loop; 'reference' is the plain
+PyTorch oracle.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ._common import autocast_inputs, check_one_device, double_backward_unsupported
+from .recurrent import _acc, _channels_last, _frame, _frames, _needs_grad, _sequence_arguments, _triton
+from ..reference import recurrent_norm as ref
+
+__all__ = ["convlstm_ln", "convgru_ln"]
+
+if _backend.cpu_kernels():
+    @torch.library.register_fake("fastvid::convlstm_ln_sequence")
+    def _(x, weight_ih, weight_hh, bias, h0, c0, gain_ih, gain_hh, gain_c, bias_c, padding, dilation, reverse,
+          channels_last, save):
+        check_one_device("convlstm_ln_sequence", **locals())  # the arguments
+        B, T, Cin, H, W = x.shape
+        C = weight_hh.shape[1]
+        cl, dev, dt = channels_last, x.device, x.dtype
+        acc = _acc(dt)
+        cache = (lambda channels, dtype: _frames((B, T), channels, H, W, cl, dtype, dev)) if save else \
+            (lambda channels, dtype: x.new_empty(0, dtype=dtype))
+        stats = x.new_empty((B, T, 6) if save else (0,), dtype=acc)
+        return (_frames((B, T), C, H, W, cl, dt, dev), _frame(B, C, H, W, cl, dt, dev), _frame(B, C, H, W, cl, acc, dev),
+                cache(4 * C, dt), cache(4 * C, dt), cache(4 * C, dt), cache(C, acc), stats)
+
+    @torch.library.register_fake("fastvid::convlstm_ln_sequence_backward")
+    def _(grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, gain_ih, gain_hh, gain_c,
+          bias_c, output, x_pre, h_pre, gates, cells, stats, padding, dilation, reverse, channels_last):
+        check_one_device("convlstm_ln_sequence_backward", **locals())  # the arguments
+        B, T, Cin, H, W = x.shape
+        C = weight_hh.shape[1]
+        cl, dev, dt = channels_last, x.device, x.dtype
+        contiguous = torch.contiguous_format
+        return (_frames((B, T), Cin, H, W, cl, dt, dev), torch.empty_like(weight_ih, memory_format=contiguous),
+                torch.empty_like(weight_hh, memory_format=contiguous), x.new_empty(4 * C if has_bias else 0),
+                _frame(B, C, H, W, cl, dt, dev), _frame(B, C, H, W, cl, c0.dtype, dev),
+                torch.empty_like(gain_ih), torch.empty_like(gain_hh), torch.empty_like(gain_c),
+                torch.empty_like(bias_c))
+
+    def _setup(ctx, inputs, output):
+        (x, weight_ih, weight_hh, bias, h0, c0, gain_ih, gain_hh, gain_c, bias_c, padding, dilation, reverse,
+         channels_last, save) = inputs
+        out, h_n, c_n, x_pre, h_pre, gates, cells, stats = output
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the (large) cache outputs
+        ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, gain_ih, gain_hh, gain_c, bias_c, out, x_pre, h_pre,
+                              gates, cells, stats)
+        ctx.args = (bias is not None, padding, dilation, reverse, channels_last, save)
+
+    def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_cache_grads):
+        has_bias, padding, dilation, reverse, channels_last, save = ctx.args
+        if not save:
+            raise RuntimeError("fastvid.convlstm_ln: backward through a call made with save=False")
+        (x, weight_ih, weight_hh, h0, c0, gain_ih, gain_hh, gain_c, bias_c, out, x_pre, h_pre, gates, cells,
+         stats) = ctx.saved_tensors
+        grads = torch.ops.fastvid.convlstm_ln_sequence_backward(
+            grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, gain_ih, gain_hh, gain_c,
+            bias_c, out, x_pre, h_pre, gates, cells, stats, padding, dilation, reverse, channels_last)
+        gx, gw_ih, gw_hh, gb, gh0, gc0, g_gain_ih, g_gain_hh, g_gain_c, g_bias_c = grads
+        return (gx, gw_ih, gw_hh, gb if has_bias else None, gh0, gc0, g_gain_ih, g_gain_hh, g_gain_c, g_bias_c,
+                None, None, None, None, None)
+
+    torch.library.register_autograd("fastvid::convlstm_ln_sequence", _backward, setup_context=_setup)
+    torch.library.register_autograd("fastvid::convlstm_ln_sequence_backward",
+                                    double_backward_unsupported("convlstm_ln_sequence_backward"))
+
+    @torch.library.register_fake("fastvid::convgru_ln_sequence")
+    def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding, dilation, reverse, channels_last,
+          save):
+        check_one_device("convgru_ln_sequence", **locals())  # the arguments
+        B, T, Cin, H, W = x.shape
+        C = weight_hh.shape[1]
+        cl, dev, dt = channels_last, x.device, x.dtype
+        cache = (lambda: _frames((B, T), 3 * C, H, W, cl, dt, dev)) if save else (lambda: x.new_empty(0))
+        stats = x.new_empty((B, T, 4) if save else (0,), dtype=_acc(dt))
+        return _frames((B, T), C, H, W, cl, dt, dev), _frame(B, C, H, W, cl, dt, dev), cache(), cache(), stats
+
+    @torch.library.register_fake("fastvid::convgru_ln_sequence_backward")
+    def _(grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, output, x_pre, h_pre,
+          stats, padding, dilation, reverse, channels_last):
+        check_one_device("convgru_ln_sequence_backward", **locals())  # the arguments
+        B, T, Cin, H, W = x.shape
+        C = weight_hh.shape[1]
+        cl, dev, dt = channels_last, x.device, x.dtype
+        contiguous = torch.contiguous_format
+        return (_frames((B, T), Cin, H, W, cl, dt, dev), torch.empty_like(weight_ih, memory_format=contiguous),
+                torch.empty_like(weight_hh, memory_format=contiguous),
+                x.new_empty(3 * C if bias_ih is not None else 0), x.new_empty(3 * C if bias_hh is not None else 0),
+                _frame(B, C, H, W, cl, dt, dev), torch.empty_like(gain_ih), torch.empty_like(gain_hh))
+
+    def _gru_setup(ctx, inputs, output):
+        (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding, dilation, reverse, channels_last,
+         save) = inputs
+        out, h_n, x_pre, h_pre, stats = output
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, out, x_pre, h_pre, stats)
+        ctx.args = (padding, dilation, reverse, channels_last, save)
+
+    def _gru_backward(ctx, grad_output, grad_h_n, *_cache_grads):
+        padding, dilation, reverse, channels_last, save = ctx.args
+        if not save:
+            raise RuntimeError("fastvid.convgru_ln: backward through a call made with save=False")
+        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, out, x_pre, h_pre, stats = ctx.saved_tensors
+        gx, gw_ih, gw_hh, gb_ih, gb_hh, gh0, g_gain_ih, g_gain_hh = torch.ops.fastvid.convgru_ln_sequence_backward(
+            grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, out, x_pre, h_pre,
+            stats, padding, dilation, reverse, channels_last)
+        return (gx, gw_ih, gw_hh, gb_ih if bias_ih is not None else None, gb_hh if bias_hh is not None else None, gh0,
+                g_gain_ih, g_gain_hh, None, None, None, None, None)
+
+    torch.library.register_autograd("fastvid::convgru_ln_sequence", _gru_backward, setup_context=_gru_setup)
+    torch.library.register_autograd("fastvid::convgru_ln_sequence_backward",
+                                    double_backward_unsupported("convgru_ln_sequence_backward"))
+
+
+def _check_norm_params(name, C, gates, **params):
+    """The gains/biases must be 1-D of the stated size (a clear error before any kernel runs)."""
+    sizes = {"gain_ih": gates * C, "gain_hh": gates * C, "gain_c": C, "bias_c": C}
+    for arg, value in params.items():
+        if not isinstance(value, Tensor) or value.shape != (sizes[arg],):
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"fastvid.{name}: {arg} must be [{sizes[arg]}], got {shape}")
+
+
+def convlstm_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Tensor], h0: Optional[Tensor],
+                c0: Optional[Tensor], gain_ih: Tensor, gain_hh: Tensor, gain_c: Tensor, bias_c: Tensor,
+                padding=None, dilation=1, reverse: bool = False):
+    """One layer-normalised ConvLSTM layer, one direction, over ``x`` ``[B, T, C_in, H, W]``
+    (equations: fastvid/reference/recurrent_norm.py). ``bias``: the summed gate bias ``[4C]``, added
+    after the norms; ``gain_ih``, ``gain_hh`` ``[4C]``; ``gain_c``, ``bias_c`` ``[C]``.
+    Returns ``(output [B, T, C, H, W], h_n, c_n)``; ``c_n`` is fp32 for bf16/fp16 inputs."""
+    C, padding, dilation, h0 = _sequence_arguments("convlstm_ln", x, weight_hh, h0, padding, dilation)
+    _check_norm_params("convlstm_ln", C, 4, gain_ih=gain_ih, gain_hh=gain_hh, gain_c=gain_c, bias_c=bias_c)
+    B, _, _, H, W = x.shape
+    if c0 is None:
+        c0 = x.new_zeros(B, C, H, W, dtype=_acc(x.dtype))
+    x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
+    tensors = dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0, gain_ih=gain_ih,
+                   gain_hh=gain_hh, gain_c=gain_c, bias_c=bias_c)
+    which = _backend.resolve(tensors)
+    if which != "cpu":
+        cell = _triton_norm().ln_lstm_cell if which in ("triton", "cuda") else ref.ln_lstm_cell
+        return ref.convlstm_ln_sequence(x, weight_ih, weight_hh, bias, h0, c0, gain_ih, gain_hh, gain_c, bias_c,
+                                        padding, dilation, reverse, cell=cell)
+    save = _needs_grad(*tensors.values())
+    output, h_n, c_n, *_ = torch.ops.fastvid.convlstm_ln_sequence(
+        x, weight_ih, weight_hh, bias, h0, c0, gain_ih, gain_hh, gain_c, bias_c, padding, dilation, reverse,
+        _channels_last(x), save)
+    return output, h_n, c_n
+
+
+def convgru_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+               bias_hh: Optional[Tensor], h0: Optional[Tensor], gain_ih: Tensor, gain_hh: Tensor, padding=None,
+               dilation=1, reverse: bool = False):
+    """One layer-normalised ConvGRU layer (``nn.GRU`` form, reset_after), one direction, over ``x``
+    ``[B, T, C_in, H, W]`` (equations: fastvid/reference/recurrent_norm.py). ``bias_ih`` / ``bias_hh``
+    ``[3C]`` are added after their norms; ``gain_ih``, ``gain_hh`` ``[3C]``. Returns ``(output, h_n)``.
+    CUDA tensors run the Triton step kernel in the reference time loop, as for convlstm_ln."""
+    C, padding, dilation, h0 = _sequence_arguments("convgru_ln", x, weight_hh, h0, padding, dilation)
+    _check_norm_params("convgru_ln", C, 3, gain_ih=gain_ih, gain_hh=gain_hh)
+    x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias_ih,
+                                                                    bias_hh, h0)
+    tensors = dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, h0=h0,
+                   gain_ih=gain_ih, gain_hh=gain_hh)
+    which = _backend.resolve(tensors)
+    if which != "cpu":
+        cell = _triton_norm().ln_gru_cell if which in ("triton", "cuda") else ref.ln_gru_cell
+        return ref.convgru_ln_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding,
+                                       dilation, reverse, cell=cell)
+    output, h_n, *_ = torch.ops.fastvid.convgru_ln_sequence(
+        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding, dilation, reverse,
+        _channels_last(x), _needs_grad(*tensors.values()))
+    return output, h_n
+
+
+def _triton_norm():
+    _triton()  # the recurrent Triton module first (shared launch helpers)
+    from ..triton_kernels import recurrent_norm as tk  # imported lazily: triton import is slow
+    return tk
