@@ -733,9 +733,9 @@ def triton_spy(monkeypatch):
     for name in ("convlstm", "convgru"):
         fn = getattr(tc, name)
 
-        def spy(*args, _fn=fn, _name=name):
+        def spy(*args, _fn=fn, _name=name, **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
-            return _fn(*args)
+            return _fn(*args, **kwargs)
 
         monkeypatch.setattr(tc, name, spy)
     return calls
