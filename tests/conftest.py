@@ -6,13 +6,20 @@
 - The suite tests the compiled kernels: a missing or broken fastvid._C (or, where the build has a CUDA
   toolkit, missing CUDA kernels) fails the session instead of quietly turning every kernel test into a
   reference-vs-reference comparison. FASTVID_TEST_WITHOUT_EXTENSION=1 lifts that for a deliberate run.
+- torch.compile tests get a fresh inductor cache per session (unless TORCHINDUCTOR_CACHE_DIR is set):
+  inductor's FX-graph cache key does not cover a custom op's fake kernel, so graphs compiled against an
+  earlier build of fastvid (e.g. before the sequence ops returned one uint8 reserve) were replayed and
+  failed with "expected dtype torch.float32 but got torch.uint8".
 """
 import os
+import tempfile
 
 import torch  # noqa: E402  (does not import triton)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastvid-inductor-")
 
 import pytest  # noqa: E402
 
