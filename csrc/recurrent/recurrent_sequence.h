@@ -262,11 +262,5 @@ inline Tensor previous_state(const Tensor& output, const Tensor& h0, bool revers
   return to_frames_layout(at::where(from_h0.view({B, T, 1, 1, 1}), h0.unsqueeze(1), prev), channels_last);
 }
 
-// Fills [x_t, ·] of the concat buffer [T, B, C_in + C, H, W] and h0 into the first step's slot.
-inline void fill_concat_buffer(Tensor& buffer, const Tensor& x, const Tensor& h0, const SeqGeometry& g, bool reverse) {
-  buffer.narrow(2, 0, g.Cin).copy_(x.transpose(0, 1));
-  buffer.select(0, time_of(0, g.T, reverse)).narrow(1, g.Cin, g.C).copy_(h0);
-}
-
 }  // namespace recurrent
 }  // namespace fastvid
