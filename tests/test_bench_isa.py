@@ -90,3 +90,43 @@ def test_quick_run_measures_depthwise_attention_and_fp32_recurrent_under_two_pat
     assert by_kind["AttnCase"] == {("avx512", "avx2")}
     assert by_kind["Case-fp32"] == {("avx512", "avx2")}  # issue 12: the recurrent fp32 targets hold on both paths
     assert by_kind["Case"] == {("avx512",)}
+
+
+def test_lower_paths_run_in_a_child_with_native_limited_to_the_same_isa():
+    """A path below the CPU's best is measured as a CPU of that class runs it: fastvid forced to the path
+    and native PyTorch's oneDNN, ATen and MKL limited likewise (otherwise native keeps its AVX-512 kernels)."""
+    from fastvid.bench import emulate
+    paths = supported_paths()
+    if len(paths) < 2:
+        pytest.skip("this CPU runs only the baseline path")
+    lower = paths[-2]
+    case = depthwise.DWCase("DepthwiseConv3d", TINY_DW, "fp32", "no_grad", "ncdhw")
+    rows, failures = runner.run([case], rounds=1, warmup=0, out=None, memory=False, ops=False,
+                                isas=[paths[-1], lower], log=lambda message: None)
+    assert not failures
+    by_isa = {r["isa"]: r for r in rows if r["metric"] == "time" and r["provider"] == "native"}
+    assert set(by_isa) == {paths[-1], lower}
+    assert "native_limit" not in by_isa[paths[-1]]
+    assert by_isa[lower]["native_limit"] == emulate.describe(lower)
+    assert by_isa[lower]["emulated_cpu_isa_supported"] == ",".join(paths[:-1])  # a CPU of the lower class
+    assert by_isa[lower]["cpu_isa_supported"] == ",".join(paths)  # the run's header: this machine
+    assert len({r["run_id"] for r in rows}) == 1
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_the_child_environment_limits_onednn(isa):
+    """oneDNN's verbose log names the ISA of the kernel it ran: none above the emulated path."""
+    import subprocess
+    import sys
+
+    from fastvid.bench import emulate
+    if isa not in supported_paths() or isa == supported_paths()[-1]:
+        pytest.skip(f"{isa} is not a lower path on this CPU")
+    script = ("import torch; torch.nn.functional.conv2d(torch.randn(4, 64, 32, 32), torch.randn(64, 64, 3, 3), padding=1); "
+              "print(torch.backends.cpu.get_cpu_capability())")
+    env = {**emulate.environment(isa), "ONEDNN_VERBOSE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    executed = [line for line in done.stdout.splitlines() if ",exec,cpu,convolution," in line]
+    assert executed, done.stdout
+    assert not any("avx512" in line for line in executed), executed
+    assert done.stdout.split()[-1] == emulate.ATEN_CAPABILITY[isa]

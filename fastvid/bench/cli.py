@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--isa", metavar="PATHS", default=None,
                         help="CPU ISA paths to measure fastvid under, each case once per path: comma-separated "
                              "(avx512,avx2,baseline), 'all' = every path this CPU supports (default of full runs), "
-                             "'active' = only the current one (FASTVID_CPU_ISA's). Default of --quick (5-minute budget): "
+                             "'active' = only the current one (FASTVID_CPU_ISA's). A path below the CPU's best is "
+                             "measured in a child process with native PyTorch limited to it too (fastvid/bench/emulate.py). "
+                             "Default of --quick (5-minute budget): "
                              "the best two paths (AVX-512 and AVX2 where the CPU has both) for the depthwise, attention "
                              "and fp32 ConvLSTM/ConvGRU cases, the best path for the others")
     parser.add_argument("--bf16-emulated", action="store_true",

@@ -279,8 +279,10 @@ def format_table(rows: List[dict]) -> str:
     out.append("")
     out.append(f"{passed} PASS, {missed} MISS. ratio = native / fastvid (> 1: fastvid faster / smaller / fewer ops). "
                "MISS xF: fastvid's number must improve F-fold to meet the target. noise = (p80 - p20) / median, the "
-               "larger of the two providers. isa: the CPU ISA path fastvid's kernels ran (forced per row; native is "
-               "timed again next to each). +cl: channels_last frames; +cl3d: channels_last_3d input and "
+               "larger of the two providers. isa: the CPU ISA path fastvid's kernels ran (native is timed again next "
+               "to each); a path below the CPU's best is measured in a child process with native PyTorch limited to "
+               "the same ISA (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS): an emulated CPU of "
+               "that class. +cl: channels_last frames; +cl3d: channels_last_3d input and "
                "modules (both providers). bandwidth: fastvid forward (input + output + weight bytes) / median time, "
                "vs this run's copy bandwidth (y.copy_(x), 256 MiB fp32, 2 x bytes). conv_gflops_<path>: direct-conv "
                "FLOPs of the forward / its time (gate math included: a lower bound of the conv rate) for native, "

@@ -18,7 +18,7 @@ import torch
 import fastvid
 
 from . import cases as cases_mod
-from . import attention, depthwise, measure, report, results
+from . import attention, depthwise, emulate, measure, report, results
 
 #: Rounds and warm-up calls per provider and case.
 FULL_ROUNDS, FULL_WARMUP = 10, 2
@@ -171,7 +171,8 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
     a case again (at most MAX_ATTEMPTS times in all) when they did not meanwhile. ``extra``:
     fields added to every row (e.g. ``{"malloc": "keep"}``). ``isas``: the CPU ISA paths to measure
     every case under (default: all the machine supports, :func:`cpu_isa_paths`); each row records
-    its path in ``isa`` (native rows too: native is timed again next to each path, same run).
+    its path in ``isa`` (native rows too: native is timed again next to each path, same run); paths below
+    the machine's best run in a child process with native PyTorch limited to the same ISA (emulate.py).
     ``isas_of(case)``: the paths for one case instead (a subset per case, e.g. for a time budget)."""
     cases = list(cases)
     isas = list(isas) if isas is not None else cpu_isa_paths(device)
@@ -186,6 +187,11 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
         f"malloc {base['malloc']}")
     all_rows: List[dict] = []
     failures = []
+    # Paths below the machine's best: measured in a child process that limits native PyTorch too (emulate.py).
+    best = cpu_isa_paths(device)[0]
+    emulated = [] if emulate.in_child() else [isa for isa in dict.fromkeys(isa for _, isa in work)
+                                              if isa is not None and isa != best]
+    work = [(case, isa) for case, isa in work if isa not in emulated]
     start = time.perf_counter()
     for number, (case, isa) in enumerate(work, 1):
         case_start = time.perf_counter()
@@ -200,9 +206,10 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
                         rows = depthwise.run_case(case, rounds, warmup, device, memory, base)
                     elif isinstance(case, attention.AttnCase):
                         # Its peak memory (fresh subprocesses, seconds each) does not depend on the
-                        # ISA path: measured under the case's first path only.
+                        # ISA path: measured under the case's first path only (never in an emulating child).
                         first = (isas_of(case) if isas_of else isas)[0]
-                        rows = attention.run_case(case, rounds, warmup, device, memory and isa == first, base)
+                        rows = attention.run_case(case, rounds, warmup, device,
+                                                  memory and isa == first and not emulate.in_child(), base)
                     else:
                         rows = run_case(case, rounds, warmup, device, memory, ops, base)
                 for row in rows:
@@ -231,5 +238,18 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
                       f"{r['copy_GBps']:.1f} GB/s" for r in bandwidth)
             + f" ({time.perf_counter() - case_start:.0f} s"
             + ("" if load.cores is None else f", other processes used {load.cores:.1f} cores") + ")")
+    for isa in emulated:
+        subset = [case for case in cases if isa in (isas_of(case) if isas_of else isas)]
+        log(f"fastvid bench: {len(subset)} cases on the {isa} path in a child process with native PyTorch limited "
+            f"likewise ({emulate.describe(isa)})")
+        rows, child_failures = emulate.run_in_child(isa, subset, rounds, warmup, str(device), memory, ops, wait_idle,
+                                                    extra)
+        for row in rows:  # one run of this machine; the child's own view of the CPU kept aside
+            row["emulated_cpu_isa_supported"] = row["cpu_isa_supported"]
+            row.update(base)
+        if out:
+            results.append(out, rows)
+        all_rows.extend(rows)
+        failures.extend(child_failures)
     log(f"fastvid bench: done in {time.perf_counter() - start:.0f} s" + (f", rows appended to {out}" if out else ""))
     return all_rows, failures
