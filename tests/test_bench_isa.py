@@ -130,3 +130,16 @@ def test_the_child_environment_limits_onednn(isa):
     assert executed, done.stdout
     assert not any("avx512" in line for line in executed), executed
     assert done.stdout.split()[-1] == emulate.ATEN_CAPABILITY[isa]
+
+
+def test_time_budget_cuts_rounds_of_slow_cases_only(monkeypatch):
+    """--quick's budget: a case whose timed calls pass the budget stops after MIN_ROUNDS rounds; a fast one runs
+    all its rounds."""
+    import time
+
+    from fastvid.bench import measure
+    monkeypatch.setattr(measure, "time_budget_seconds", 0.05)
+    slow = measure.time_interleaved({"a": lambda: time.sleep(0.02), "b": lambda: None}, rounds=7, warmup=0)
+    fast = measure.time_interleaved({"a": lambda: None, "b": lambda: None}, rounds=7, warmup=0)
+    assert [len(slow[k].wall) for k in "ab"] == [measure.MIN_ROUNDS] * 2
+    assert [len(fast[k].wall) for k in "ab"] == [7, 7]

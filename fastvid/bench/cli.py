@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"smaller run: ConvGRU on the first shape only, DepthwiseConv3d on the first X3D shape (+ its "
                              f"bandwidth row) and the X3D block forward+backward only, {runner.QUICK_ROUNDS} rounds after "
-                             f"{runner.QUICK_WARMUP} warm-up call (default {runner.FULL_ROUNDS} rounds, "
+                             f"{runner.QUICK_WARMUP} warm-up call (at least {measure.MIN_ROUNDS} once a case's timed calls pass "
+                             f"{runner.QUICK_TIME_BUDGET_S:.0f} s; default {runner.FULL_ROUNDS} rounds, "
                              f"{runner.FULL_WARMUP} warm-up calls)")
     parser.add_argument("--out", metavar="FILE", default=results.DEFAULT_PATH,
                         help="results file the rows are appended to (JSON lines; default: %(default)s)")
@@ -111,6 +112,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"--isa {args.isa}: {unknown} not supported by this CPU (it runs {paths})", file=sys.stderr)
             return 2
         paths = wanted
+    if args.quick and not args.rounds:
+        measure.time_budget_seconds = runner.QUICK_TIME_BUDGET_S
     rounds = args.rounds or (runner.QUICK_ROUNDS if args.quick else runner.FULL_ROUNDS)
     warmup = args.warmup if args.warmup is not None else (runner.QUICK_WARMUP if args.quick else runner.FULL_WARMUP)
     malloc = "default"

@@ -25,6 +25,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from . import measure
+
 #: Per fastvid path: the native libraries' switches that limit them to the same ISA class.
 NATIVE_LIMITS = {
     "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
@@ -62,7 +64,8 @@ def run_in_child(isa: str, cases: Sequence[object], rounds: int, warmup: int, de
         with open(spec_path, "wb") as f:  # read back by this same package in the child
             pickle.dump({"isa": isa, "cases": list(cases), "rounds": rounds, "warmup": warmup, "device": device,
                        "memory": memory, "ops": ops, "wait_idle": wait_idle, "extra": extra or {},
-                       "threads": torch.get_num_threads(), "result": result_path}, f)
+                       "threads": torch.get_num_threads(), "time_budget": measure.time_budget_seconds,
+                         "result": result_path}, f)
         command = [sys.executable, "-c", "from fastvid.bench import emulate; emulate.child_main()", spec_path]
         done = subprocess.run(command, env=environment(isa), stdout=sys.stderr)
         if done.returncode != 0 or not os.path.exists(result_path):
@@ -86,7 +89,8 @@ def child_main() -> None:
                            f"ATen runs {capability}")
     torch.set_num_threads(spec["threads"])
     torch.ops.fastvid._cpu_isa_simulate(isa)  # a CPU whose best path is `isa` (bf16: emulated)
-    from . import measure, runner
+    from . import runner
+    measure.time_budget_seconds = spec["time_budget"]
     if spec["extra"].get("malloc") == "keep":
         measure.keep_freed_memory()
     rows, failures = runner.run(spec["cases"], rounds=spec["rounds"], warmup=spec["warmup"], out=None,

@@ -81,10 +81,17 @@ class Timings:
     sys_seconds: List[float] = dataclasses.field(default_factory=list)
 
 
+#: When set (``bench --quick``: a 5-minute budget), time_interleaved stops after the first round that
+#: ends past this many seconds of timed calls, once it has MIN_ROUNDS rounds: a native call of seconds
+#: (e.g. oneDNN's GEMM-based depthwise weight gradient on an AVX2 CPU) then costs 3 rounds, not 7.
+time_budget_seconds: Optional[float] = None
+MIN_ROUNDS = 3
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
                      device="cpu") -> Dict[str, Timings]:
     """Time each function: ``warmup`` untimed calls each, then ``rounds`` timed calls each,
-    interleaved and alternating the order every round."""
+    interleaved and alternating the order every round (fewer past ``time_budget_seconds``)."""
     device = torch.device(device)
     for fn in fns.values():
         for _ in range(warmup):
@@ -108,6 +115,9 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int, warmup: 
                 timings[name].wall.append(wall)
                 timings[name].minor_faults.append(after.ru_minflt - before.ru_minflt)
                 timings[name].sys_seconds.append(after.ru_stime - before.ru_stime)
+            spent = sum(sum(t.wall) for t in timings.values())
+            if time_budget_seconds is not None and r + 1 >= MIN_ROUNDS and spent > time_budget_seconds:
+                break
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -23,6 +23,8 @@ from . import attention, depthwise, emulate, measure, report, results
 #: Rounds and warm-up calls per provider and case.
 FULL_ROUNDS, FULL_WARMUP = 10, 2
 QUICK_ROUNDS, QUICK_WARMUP = 7, 1
+#: --quick: seconds of timed calls per case after which fewer rounds suffice (measure.time_budget_seconds).
+QUICK_TIME_BUDGET_S = 10.0
 
 #: With wait_idle: how often a case is measured at most while other processes disturb it.
 MAX_ATTEMPTS = 3
@@ -61,7 +63,7 @@ def run_case(case: cases_mod.Case, rounds: int, warmup: int, device="cpu", memor
     for provider in cases_mod.PROVIDERS:
         timing = times[provider]
         stats = {k: v * 1e3 for k, v in measure.summarize(timing.wall).items()}
-        extra = {"rounds": rounds, "parity_max_rel_error": max(parity.values()),
+        extra = {"rounds": len(timing.wall), "parity_max_rel_error": max(parity.values()),
                  "minor_faults_per_call": statistics.median(timing.minor_faults),
                  "sys_ms_per_call": 1e3 * statistics.median(timing.sys_seconds)}
         if provider == "fastvid":
