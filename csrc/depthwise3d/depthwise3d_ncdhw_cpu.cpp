@@ -31,6 +31,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #ifdef __x86_64__
 #include <immintrin.h>
@@ -92,8 +93,64 @@ struct RowLayout {
   int64_t size() const { return phases * phase_len; }
 };
 
+// Stores the first n lanes of v at p with one masked store where the path has one for this type
+// (fp32); false: not stored.
+template <typename scalar_t, typename V>
+FASTVID_INLINE bool store_first(scalar_t* p, const V& v, int64_t n) {
+#if FASTVID_VEC_BYTES == 64
+  if constexpr (std::is_same_v<scalar_t, float> && sizeof(V) == 64) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
+    return true;
+  }
+#elif FASTVID_VEC_BYTES == 32
+  if constexpr (std::is_same_v<scalar_t, float> && sizeof(V) == 32) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane), reinterpret_cast<__m256>(v));
+    return true;
+  }
+#endif
+  return false;
+}
+
+// Loads the lanes [lo, hi) of p (0 <= lo <= hi <= L), zeros elsewhere, where the path has masked
+// loads for this type (fp32; lanes outside [lo, hi) are not read); false: not loaded.
+template <typename V, typename scalar_t>
+FASTVID_INLINE bool load_lanes(const scalar_t* p, int lo, int hi, V* v) {
+#if FASTVID_VEC_BYTES == 64
+  if constexpr (std::is_same_v<scalar_t, float> && sizeof(V) == 64) {
+    const auto mask = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+    *v = reinterpret_cast<V>(_mm512_maskz_loadu_ps(mask, p));
+    return true;
+  }
+#elif FASTVID_VEC_BYTES == 32
+  if constexpr (std::is_same_v<scalar_t, float> && sizeof(V) == 32) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask =
+        _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), lane), _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), lane));
+    *v = reinterpret_cast<V>(_mm256_maskload_ps(p, mask));
+    return true;
+  }
+#endif
+  return false;
+}
+
 template <typename scalar_t, typename acc_t>
 FASTVID_INLINE void build_row(const scalar_t* src, int64_t n, const RowLayout& layout, acc_t* dst) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V probe;
+  if (layout.phases == 1 && load_lanes(src, 0, 0, &probe)) {
+    // One masked load and one store per vector: no scalar loop, the zero margins included.
+    for (int64_t i = 0; i < layout.phase_len; i += L) {
+      const int64_t j = i - layout.left;  // source index of lane 0
+      const int lo = static_cast<int>(std::clamp<int64_t>(-j, 0, L)), hi = static_cast<int>(std::clamp<int64_t>(n - j, lo, L));
+      V v;
+      load_lanes(src + j, lo, hi, &v);
+      if (i + L <= layout.phase_len) store_vec(dst + i, v);
+      else store_first(dst + i, v, layout.phase_len - i);
+    }
+    return;
+  }
   if (layout.phases == 1) {
     const int64_t left = std::min(layout.left, layout.phase_len);
     const int64_t count = std::max<int64_t>(0, std::min(n, layout.phase_len - left));
@@ -119,12 +176,14 @@ struct PlaneCache {
   int64_t rows = 0, top = 0, slots = 1;
   RowLayout layout;
   std::vector<acc_t> data;
+  acc_t* base = nullptr;       // data's first 64-byte aligned element
   std::vector<int64_t> owner;  // depth index held by each slot, -1: none
   int64_t channel = -1;        // b·C + c the slots belong to
 
   void init(int64_t rows_, int64_t top_, const RowLayout& layout_, int64_t slots_) {
     rows = rows_, top = top_, layout = layout_, slots = slots_;
-    data.assign(slots * rows * layout.size(), acc_t(0));
+    data.assign(slots * rows * layout.size() + 64 / sizeof(acc_t), acc_t(0));
+    base = data.data() + (64 - reinterpret_cast<uintptr_t>(data.data()) % 64) % 64 / sizeof(acc_t);
     owner.assign(slots, -1);
   }
   // The scratch plane for depth index `depth` of channel `bc` (src_rows rows of W values at `src`).
@@ -132,7 +191,7 @@ struct PlaneCache {
   const acc_t* plane(int64_t bc, int64_t depth, const scalar_t* src, int64_t src_rows, int64_t W) {
     if (bc != channel) std::fill(owner.begin(), owner.end(), -1), channel = bc;
     const int64_t slot = depth % slots;
-    acc_t* dst = data.data() + slot * rows * layout.size();
+    acc_t* dst = base + slot * rows * layout.size();
     if (owner[slot] != depth) {
       for (int64_t j = 0; j < rows; ++j) {
         const int64_t h = j - top;
@@ -147,25 +206,6 @@ struct PlaneCache {
 
 constexpr int kMaxTaps = 7 * 7 * 7;
 constexpr int kGroupRows = 4;  // output rows computed together (independent accumulator chains)
-
-// Stores the first n lanes of v at p with one masked store where the path has one for this type
-// (fp32); false: not stored.
-template <typename scalar_t, typename V>
-FASTVID_INLINE bool store_first(scalar_t* p, const V& v, int64_t n) {
-#if FASTVID_VEC_BYTES == 64
-  if constexpr (std::is_same_v<scalar_t, float> && sizeof(V) == 64) {
-    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
-    return true;
-  }
-#elif FASTVID_VEC_BYTES == 32
-  if constexpr (std::is_same_v<scalar_t, float> && sizeof(V) == 32) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane), reinterpret_cast<__m256>(v));
-    return true;
-  }
-#endif
-  return false;
-}
 
 template <int NV, int R, typename V, typename scalar_t>
 FASTVID_INLINE void store_block(const V (&a)[R][NV], int64_t q0, int64_t count, scalar_t* const* out,
@@ -249,7 +289,8 @@ RowLayout forward_row_layout(const Geometry& g, int lanes) {
   RowLayout l;
   l.phases = g.stride[2];
   l.left = g.padding[2];
-  l.phase_len = round_up(g.out[2], lanes) + (g.kernel[2] - 1) * g.dilation[2] / g.stride[2] + 1;
+  // A whole number of vectors: rows stay aligned as the plane (the kernels' loads at shift 0 too).
+  l.phase_len = round_up(round_up(g.out[2], lanes) + (g.kernel[2] - 1) * g.dilation[2] / g.stride[2] + 1, lanes);
   return l;
 }
 
@@ -409,13 +450,31 @@ FASTVID_INLINE void h3_rows(const BlockSources<acc_t>& src, int64_t kW, const in
   h3_block<NV, R, P>(src, kW, kw_offset, row_size, oh0, q, OW - q, bias, out, OW);
 }
 
+// Input planes the next unit reads and this one does not: fetched into cache while this one computes
+// (the plane copies otherwise wait for memory, measured ~40 % of the time at 4x96x8x28^2).
+struct Prefetch {
+  int64_t count = 0, lines = 0;  // planes, 64-byte lines per plane
+  const char* plane[kMaxSources];
+  // The share `block` of `blocks` of every plane.
+  void issue(int64_t block, int64_t blocks) const {
+    const int64_t begin = block * lines / blocks, end = (block + 1) * lines / blocks;
+    for (int64_t p = 0; p < count; ++p)
+      for (int64_t l = begin; l < end; ++l) __builtin_prefetch(plane[p] + 64 * l, 0, 3);
+  }
+};
+
 // All output rows of P output planes.
 template <int P, typename scalar_t, typename acc_t>
 void h3_planes(const BlockSources<acc_t>& src, int64_t kW, const int64_t* kw_offset, int64_t row_size, int64_t OH,
-               int64_t OW, acc_t bias, scalar_t* const* out) {
+               int64_t OW, acc_t bias, scalar_t* const* out, const Prefetch& prefetch) {
   constexpr int R = kBlockRows;
+  const int64_t blocks = ceil_div(OH, R);
   int64_t oh = 0;
-  for (; oh + R <= OH; oh += R) h3_rows<R, P>(src, kW, kw_offset, row_size, oh, bias, out, OW);
+  for (; oh + R <= OH; oh += R) {
+    prefetch.issue(oh / R, blocks);
+    h3_rows<R, P>(src, kW, kw_offset, row_size, oh, bias, out, OW);
+  }
+  if (oh < OH) prefetch.issue(blocks - 1, blocks);
   static_assert(R == 4, "h3_planes: remainder rows below");
   switch (OH - oh) {
     case 1: h3_rows<1, P>(src, kW, kw_offset, row_size, oh, bias, out, OW); break;
@@ -433,7 +492,7 @@ bool use_h3_blocks(const Geometry& g) {
 template <typename scalar_t>
 void forward_h3_unit(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* w,
                      at::opmath_type<scalar_t> bias, PlaneCache<at::opmath_type<scalar_t>>& cache, int64_t bc,
-                     int64_t ot0, int64_t planes, scalar_t* out) {
+                     int64_t ot0, int64_t planes, int64_t next_bc, int64_t next_ot0, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2], OH = g.out[1], OW = g.out[2];
   const int64_t kT = g.kernel[0], kW = g.kernel[2], row_size = cache.layout.size();
@@ -467,10 +526,23 @@ void forward_h3_unit(const Geometry& g, const scalar_t* input, const at::opmath_
     }
   for (int64_t s = 0; s < src.count; ++s)
     src.plane[s] = cache.plane(bc, depth[s], input + (bc * T + depth[s]) * H * W, H, W);
+  // The next unit's (next_bc < 0: none) planes not among this unit's.
+  Prefetch prefetch;
+  prefetch.lines = ceil_div(H * W * static_cast<int64_t>(sizeof(scalar_t)), 64);
+  for (int64_t p = 0; next_bc >= 0 && p < kBlockPlanes && next_ot0 + p < g.out[0]; ++p) {
+    for (int64_t kt = 0; kt < kT; ++kt) {
+      const int64_t it = (next_ot0 + p) * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+      if (it < 0 || it >= T) continue;
+      const char* plane = reinterpret_cast<const char*>(input + (next_bc * T + it) * H * W);
+      bool known = next_bc == bc && std::find(depth, depth + src.count, it) != depth + src.count;
+      for (int64_t i = 0; i < prefetch.count; ++i) known = known || prefetch.plane[i] == plane;
+      if (!known) prefetch.plane[prefetch.count++] = plane;
+    }
+  }
   scalar_t* outs[kBlockPlanes];
   for (int64_t p = 0; p < planes; ++p) outs[p] = out + p * OH * OW;
-  if (planes == kBlockPlanes) h3_planes<kBlockPlanes>(src, kW, kw_offset, row_size, OH, OW, bias, outs);
-  else h3_planes<1>(src, kW, kw_offset, row_size, OH, OW, bias, outs);
+  if (planes == kBlockPlanes) h3_planes<kBlockPlanes>(src, kW, kw_offset, row_size, OH, OW, bias, outs, prefetch);
+  else h3_planes<1>(src, kW, kw_offset, row_size, OH, OW, bias, outs, prefetch);
 }
 
 template <typename scalar_t>
@@ -495,9 +567,11 @@ void forward_impl(const ForwardArgs& a) {
                        cache.init(forward_plane_rows(g), g.padding[1], layout, slots);
                        for (int64_t u = begin; u < end; ++u) {
                          const int64_t bc = u / per_channel, ot0 = u % per_channel * kBlockPlanes, c = bc % C;
+                         const int64_t next = u + 1 < end ? u + 1 : -1;
                          forward_h3_unit<scalar_t>(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : acc_t(0),
                                                    cache, bc, ot0, std::min<int64_t>(kBlockPlanes, OT - ot0),
-                                                   output + (bc * OT + ot0) * plane);
+                                                   next < 0 ? -1 : next / per_channel,
+                                                   next % per_channel * kBlockPlanes, output + (bc * OT + ot0) * plane);
                        }
                      });
     return;
