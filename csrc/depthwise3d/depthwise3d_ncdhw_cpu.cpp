@@ -31,11 +31,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <cstring>
-#ifdef __x86_64__
-#include <immintrin.h>
-#endif
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -93,64 +89,8 @@ struct RowLayout {
   int64_t size() const { return phases * phase_len; }
 };
 
-// Stores the first n lanes of v at p with one masked store where the path has one for this type
-// (fp32); false: not stored.
-template <typename scalar_t, typename V>
-FASTVID_INLINE bool store_first(scalar_t* p, const V& v, int64_t n) {
-#if FASTVID_VEC_BYTES == 64
-  if constexpr (std::is_same_v<scalar_t, float> && sizeof(V) == 64) {
-    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
-    return true;
-  }
-#elif FASTVID_VEC_BYTES == 32
-  if constexpr (std::is_same_v<scalar_t, float> && sizeof(V) == 32) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane), reinterpret_cast<__m256>(v));
-    return true;
-  }
-#endif
-  return false;
-}
-
-// Loads the lanes [lo, hi) of p (0 <= lo <= hi <= L), zeros elsewhere, where the path has masked
-// loads for this type (fp32; lanes outside [lo, hi) are not read); false: not loaded.
-template <typename V, typename scalar_t>
-FASTVID_INLINE bool load_lanes(const scalar_t* p, int lo, int hi, V* v) {
-#if FASTVID_VEC_BYTES == 64
-  if constexpr (std::is_same_v<scalar_t, float> && sizeof(V) == 64) {
-    const auto mask = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
-    *v = reinterpret_cast<V>(_mm512_maskz_loadu_ps(mask, p));
-    return true;
-  }
-#elif FASTVID_VEC_BYTES == 32
-  if constexpr (std::is_same_v<scalar_t, float> && sizeof(V) == 32) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i mask =
-        _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), lane), _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), lane));
-    *v = reinterpret_cast<V>(_mm256_maskload_ps(p, mask));
-    return true;
-  }
-#endif
-  return false;
-}
-
 template <typename scalar_t, typename acc_t>
 FASTVID_INLINE void build_row(const scalar_t* src, int64_t n, const RowLayout& layout, acc_t* dst) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int L = Vec<acc_t>::lanes;
-  V probe;
-  if (layout.phases == 1 && load_lanes(src, 0, 0, &probe)) {
-    // One masked load and one store per vector: no scalar loop, the zero margins included.
-    for (int64_t i = 0; i < layout.phase_len; i += L) {
-      const int64_t j = i - layout.left;  // source index of lane 0
-      const int lo = static_cast<int>(std::clamp<int64_t>(-j, 0, L)), hi = static_cast<int>(std::clamp<int64_t>(n - j, lo, L));
-      V v;
-      load_lanes(src + j, lo, hi, &v);
-      if (i + L <= layout.phase_len) store_vec(dst + i, v);
-      else store_first(dst + i, v, layout.phase_len - i);
-    }
-    return;
-  }
   if (layout.phases == 1) {
     const int64_t left = std::min(layout.left, layout.phase_len);
     const int64_t count = std::max<int64_t>(0, std::min(n, layout.phase_len - left));
@@ -176,14 +116,12 @@ struct PlaneCache {
   int64_t rows = 0, top = 0, slots = 1;
   RowLayout layout;
   std::vector<acc_t> data;
-  acc_t* base = nullptr;       // data's first 64-byte aligned element
   std::vector<int64_t> owner;  // depth index held by each slot, -1: none
   int64_t channel = -1;        // b·C + c the slots belong to
 
   void init(int64_t rows_, int64_t top_, const RowLayout& layout_, int64_t slots_) {
     rows = rows_, top = top_, layout = layout_, slots = slots_;
-    data.assign(slots * rows * layout.size() + 64 / sizeof(acc_t), acc_t(0));
-    base = data.data() + (64 - reinterpret_cast<uintptr_t>(data.data()) % 64) % 64 / sizeof(acc_t);
+    data.assign(slots * rows * layout.size(), acc_t(0));
     owner.assign(slots, -1);
   }
   // The scratch plane for depth index `depth` of channel `bc` (src_rows rows of W values at `src`).
@@ -191,7 +129,7 @@ struct PlaneCache {
   const acc_t* plane(int64_t bc, int64_t depth, const scalar_t* src, int64_t src_rows, int64_t W) {
     if (bc != channel) std::fill(owner.begin(), owner.end(), -1), channel = bc;
     const int64_t slot = depth % slots;
-    acc_t* dst = base + slot * rows * layout.size();
+    acc_t* dst = data.data() + slot * rows * layout.size();
     if (owner[slot] != depth) {
       for (int64_t j = 0; j < rows; ++j) {
         const int64_t h = j - top;
@@ -249,7 +187,6 @@ FASTVID_INLINE void store_block(const V (&a)[R][NV], int64_t q0, int64_t count, 
       if (n <= 0) break;
       if (out_step == 1 && n == L) {
         store_vec(out[r] + q, a[r][j]);
-      } else if (out_step == 1 && store_first(out[r] + q, a[r][j], n)) {
       } else {
         acc_t tmp[L];
         std::memcpy(tmp, &a[r][j], sizeof tmp);
@@ -257,6 +194,64 @@ FASTVID_INLINE void store_block(const V (&a)[R][NV], int64_t q0, int64_t count, 
       }
     }
   }
+}
+
+// The forward's kernel height 3 with H stride = dilation = 1 (X3D's case): input row i of a group of R
+// output rows feeds rows i - kh, so each source vector is loaded once for up to 3 FMAs instead of
+// once per FMA. The taps are stencil_block's list for the group's first row, in order (kt, kh, kw):
+// `groups` kt groups of 3·kW; row r reads src + row_offset0 + r·row_size.
+template <int NV, int R, typename scalar_t, typename acc_t>
+FASTVID_INLINE void stencil_block_h3(int64_t q0, int64_t count, int64_t groups, int64_t kW, const acc_t* const* src,
+                                     const acc_t* w, int64_t row_offset0, int64_t row_size, acc_t init,
+                                     scalar_t* const* out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes, KH = 3;
+  V a[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) a[r][j] = init - V{};
+  for (int64_t t = 0; t < groups; ++t) {
+    for (int64_t kw = 0; kw < kW; ++kw) {
+      const int64_t n0 = t * KH * kW + kw;
+      V wv[KH];
+#pragma GCC unroll 4
+      for (int kh = 0; kh < KH; ++kh) wv[kh] = w[n0 + kh * kW] - V{};
+      const acc_t* s = src[n0] + row_offset0 + q0;
+#pragma GCC unroll 8
+      for (int i = 0; i < R + KH - 1; ++i) {
+        // Empty asm: one load per vector kept in a register (not folded into each FMA), and one
+        // walking pointer rather than an offset register per row.
+        V xv[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) {
+          xv[j] = load_vec<V>(s + j * L);
+          asm("" : "+v"(xv[j]));
+        }
+        s += row_size;
+        asm("" : "+r"(s));
+#pragma GCC unroll 4
+        for (int kh = 0; kh < KH; ++kh) {
+          const int r = i - kh;
+          if (r < 0 || r >= R) continue;
+#pragma GCC unroll 4
+          for (int j = 0; j < NV; ++j) a[r][j] += xv[j] * wv[kh];
+        }
+      }
+    }
+  }
+  store_block<NV, R>(a, q0, count, out, 1);
+}
+
+template <int R, typename scalar_t, typename acc_t>
+FASTVID_INLINE void stencil_rows_h3(int64_t n, int64_t groups, int64_t kW, const acc_t* const* src, const acc_t* w,
+                                    int64_t row_offset0, int64_t row_size, acc_t init, scalar_t* const* out) {
+  constexpr int L = Vec<acc_t>::lanes;
+  int64_t q = 0;
+  for (; q + 2 * L <= n; q += 2 * L)
+    stencil_block_h3<2, R>(q, 2 * L, groups, kW, src, w, row_offset0, row_size, init, out);
+  if (n - q > L) stencil_block_h3<2, R>(q, n - q, groups, kW, src, w, row_offset0, row_size, init, out);
+  else if (n > q) stencil_block_h3<1, R>(q, n - q, groups, kW, src, w, row_offset0, row_size, init, out);
 }
 
 template <int R, typename scalar_t, typename acc_t>
@@ -289,8 +284,7 @@ RowLayout forward_row_layout(const Geometry& g, int lanes) {
   RowLayout l;
   l.phases = g.stride[2];
   l.left = g.padding[2];
-  // A whole number of vectors: rows stay aligned as the plane (the kernels' loads at shift 0 too).
-  l.phase_len = round_up(round_up(g.out[2], lanes) + (g.kernel[2] - 1) * g.dilation[2] / g.stride[2] + 1, lanes);
+  l.phase_len = round_up(g.out[2], lanes) + (g.kernel[2] - 1) * g.dilation[2] / g.stride[2] + 1;
   return l;
 }
 
@@ -326,6 +320,7 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
       }
     }
   }
+  const bool h3 = kH == 3 && g.stride[1] == 1 && g.dilation[1] == 1;
   int64_t row_offset[kGroupRows];
   scalar_t* outs[kGroupRows];
   for (int64_t oh0 = 0; oh0 < OH; oh0 += kGroupRows) {
@@ -334,215 +329,11 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
       row_offset[r] = (oh0 + r) * g.stride[1] * row_size;
       outs[r] = out + (oh0 + r) * OW;
     }
-    stencil_rows(rows, OW, n, src, wt, row_offset, bias, outs, 1);
+    if (h3 && rows == kGroupRows)
+      stencil_rows_h3<kGroupRows>(OW, n / (3 * kW), kW, src, wt, row_offset[0], row_size, bias, outs);
+    else
+      stencil_rows(rows, OW, n, src, wt, row_offset, bias, outs, 1);
   }
-}
-
-// ------------------------------------------------------------------------ forward, kH = 3, H stride 1
-// X3D's case (kH = 3, H stride = dilation = 1, any T/W geometry), register-blocked over P output
-// planes × R output rows × NV vectors of W: each input row vector is loaded once per (source plane,
-// kw) and feeds the 3 kh taps of up to 3 of the R rows of each of the P output planes it reaches
-// (up to 3·P multiply-adds per load instead of 1). The P·R·NV accumulators stay in registers over
-// all taps; the weights of one (source plane, kw) are broadcast once.
-#if FASTVID_VEC_BYTES == 64
-constexpr int kBlockNV = 2, kBlockRows = 4, kBlockPlanes = 2;  // 16 accumulators + 6 weights of 32 zmm
-#else
-constexpr int kBlockNV = 1, kBlockRows = 4, kBlockPlanes = 2;  // 8 accumulators + 6 weights of 16 regs
-#endif
-constexpr int kMaxSources = 7 * kBlockPlanes;  // distinct input planes of one block of output planes
-
-// The input planes one block of output planes reads: plane[s] (its scratch copy at output row 0,
-// kh = 0) feeds output plane p through the kt whose 3·kW weights start at w[s][p] (nullptr: none).
-template <typename acc_t>
-struct BlockSources {
-  int64_t count = 0;
-  const acc_t* plane[kMaxSources];
-  const acc_t* w[kMaxSources][kBlockPlanes];
-  int feeds[kMaxSources];  // bit p set: w[s][p] != nullptr
-};
-
-// a[p][r][·] += Σ_kh Σ_kw w[p][kh·kW + kw] · row (r + kh) of `plane` at shift kw_offset[kw], for the
-// output planes p in bitmask M. Row i of the plane is loaded once for every output row it feeds.
-template <int NV, int R, int P, int M, typename V, typename acc_t>
-FASTVID_INLINE void h3_source(V (&a)[P][R][NV], const acc_t* plane, const acc_t* const* w, int64_t kW,
-                              const int64_t* kw_offset, int64_t row_size) {
-  constexpr int L = Vec<acc_t>::lanes, KH = 3;
-  for (int64_t kw = 0; kw < kW; ++kw) {
-    V wv[P][KH];
-#pragma GCC unroll 4
-    for (int p = 0; p < P; ++p)
-      if ((M >> p) & 1)
-#pragma GCC unroll 4
-        for (int kh = 0; kh < KH; ++kh) wv[p][kh] = w[p][kh * kW + kw] - V{};  // broadcast
-    const acc_t* s = plane + kw_offset[kw];
-#pragma GCC unroll 8
-    for (int i = 0; i < R + KH - 1; ++i) {
-      // Empty asm: one load per vector kept in a register (not folded into each FMA), and one
-      // walking pointer rather than an offset register per row.
-      V xv[NV];
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) {
-        xv[j] = load_vec<V>(s + j * L);
-        asm("" : "+v"(xv[j]));
-      }
-      s += row_size;
-      asm("" : "+r"(s));
-#pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) {
-        if (!((M >> p) & 1)) continue;
-#pragma GCC unroll 4
-        for (int kh = 0; kh < KH; ++kh) {
-          const int r = i - kh;
-          if (r < 0 || r >= R) continue;
-#pragma GCC unroll 4
-          for (int j = 0; j < NV; ++j) a[p][r][j] += xv[j] * wv[p][kh];
-        }
-      }
-    }
-  }
-}
-
-// Output rows [oh0, oh0 + R) and positions [q0, q0 + count) (count <= NV·L) of P output planes.
-template <int NV, int R, int P, typename scalar_t, typename acc_t>
-FASTVID_INLINE void h3_block(const BlockSources<acc_t>& src, int64_t kW, const int64_t* kw_offset, int64_t row_size,
-                             int64_t oh0, int64_t q0, int64_t count, acc_t bias, scalar_t* const* out, int64_t OW) {
-  using V = typename Vec<acc_t>::type;
-  V a[P][R][NV];
-#pragma GCC unroll 4
-  for (int p = 0; p < P; ++p)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) a[p][r][j] = bias - V{};
-  const int64_t offset = oh0 * row_size + q0;
-  for (int64_t s = 0; s < src.count; ++s) {
-    const acc_t* plane = src.plane[s] + offset;
-    if constexpr (P == 1) {
-      h3_source<NV, R, P, 1>(a, plane, src.w[s], kW, kw_offset, row_size);
-    } else {
-      static_assert(P == 2, "h3_block: 1 or 2 output planes");
-      switch (src.feeds[s]) {
-        case 1: h3_source<NV, R, P, 1>(a, plane, src.w[s], kW, kw_offset, row_size); break;
-        case 2: h3_source<NV, R, P, 2>(a, plane, src.w[s], kW, kw_offset, row_size); break;
-        default: h3_source<NV, R, P, 3>(a, plane, src.w[s], kW, kw_offset, row_size); break;
-      }
-    }
-  }
-#pragma GCC unroll 4
-  for (int p = 0; p < P; ++p) {
-    scalar_t* rows[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) rows[r] = out[p] + (oh0 + r) * OW;
-    store_block<NV, R>(a[p], q0, count, rows, 1);
-  }
-}
-
-template <int R, int P, typename scalar_t, typename acc_t>
-FASTVID_INLINE void h3_rows(const BlockSources<acc_t>& src, int64_t kW, const int64_t* kw_offset, int64_t row_size,
-                            int64_t oh0, acc_t bias, scalar_t* const* out, int64_t OW) {
-  constexpr int L = Vec<acc_t>::lanes, NV = kBlockNV;
-  int64_t q = 0;
-  for (; q + NV * L <= OW; q += NV * L) h3_block<NV, R, P>(src, kW, kw_offset, row_size, oh0, q, NV * L, bias, out, OW);
-  if (q == OW) return;
-  if constexpr (NV == 2) {
-    if (OW - q <= L) return h3_block<1, R, P>(src, kW, kw_offset, row_size, oh0, q, OW - q, bias, out, OW);
-  }
-  h3_block<NV, R, P>(src, kW, kw_offset, row_size, oh0, q, OW - q, bias, out, OW);
-}
-
-// Input planes the next unit reads and this one does not: fetched into cache while this one computes
-// (the plane copies otherwise wait for memory, measured ~40 % of the time at 4x96x8x28^2).
-struct Prefetch {
-  int64_t count = 0, lines = 0;  // planes, 64-byte lines per plane
-  const char* plane[kMaxSources];
-  // The share `block` of `blocks` of every plane.
-  void issue(int64_t block, int64_t blocks) const {
-    const int64_t begin = block * lines / blocks, end = (block + 1) * lines / blocks;
-    for (int64_t p = 0; p < count; ++p)
-      for (int64_t l = begin; l < end; ++l) __builtin_prefetch(plane[p] + 64 * l, 0, 3);
-  }
-};
-
-// All output rows of P output planes.
-template <int P, typename scalar_t, typename acc_t>
-void h3_planes(const BlockSources<acc_t>& src, int64_t kW, const int64_t* kw_offset, int64_t row_size, int64_t OH,
-               int64_t OW, acc_t bias, scalar_t* const* out, const Prefetch& prefetch) {
-  constexpr int R = kBlockRows;
-  const int64_t blocks = ceil_div(OH, R);
-  int64_t oh = 0;
-  for (; oh + R <= OH; oh += R) {
-    prefetch.issue(oh / R, blocks);
-    h3_rows<R, P>(src, kW, kw_offset, row_size, oh, bias, out, OW);
-  }
-  if (oh < OH) prefetch.issue(blocks - 1, blocks);
-  static_assert(R == 4, "h3_planes: remainder rows below");
-  switch (OH - oh) {
-    case 1: h3_rows<1, P>(src, kW, kw_offset, row_size, oh, bias, out, OW); break;
-    case 2: h3_rows<2, P>(src, kW, kw_offset, row_size, oh, bias, out, OW); break;
-    case 3: h3_rows<3, P>(src, kW, kw_offset, row_size, oh, bias, out, OW); break;
-    default: break;
-  }
-}
-
-bool use_h3_blocks(const Geometry& g) {
-  return g.kernel[1] == 3 && g.stride[1] == 1 && g.dilation[1] == 1 && g.kernel[0] <= 7;
-}
-
-// Output planes [ot0, ot0 + P) of channel bc (P = kBlockPlanes, or fewer at the end of T).
-template <typename scalar_t>
-void forward_h3_unit(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* w,
-                     at::opmath_type<scalar_t> bias, PlaneCache<at::opmath_type<scalar_t>>& cache, int64_t bc,
-                     int64_t ot0, int64_t planes, int64_t next_bc, int64_t next_ot0, scalar_t* out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = g.in[0], H = g.in[1], W = g.in[2], OH = g.out[1], OW = g.out[2];
-  const int64_t kT = g.kernel[0], kW = g.kernel[2], row_size = cache.layout.size();
-  int64_t kw_offset[7];
-  for (int64_t kw = 0; kw < kW; ++kw) {
-    const int64_t shift = kw * g.dilation[2];
-    kw_offset[kw] = (shift % g.stride[2]) * cache.layout.phase_len + shift / g.stride[2];
-  }
-  // Source planes in increasing depth (the order of the taps of stencil_block's per-plane path).
-  BlockSources<acc_t> src;
-  int64_t depth[kMaxSources];
-  for (int64_t p = 0; p < planes; ++p) {
-    for (int64_t kt = 0; kt < kT; ++kt) {
-      const int64_t it = (ot0 + p) * g.stride[0] - g.padding[0] + kt * g.dilation[0];
-      if (it < 0 || it >= T) continue;
-      int64_t s = 0;
-      while (s < src.count && depth[s] != it) ++s;
-      if (s == src.count) {
-        depth[s] = it, src.feeds[s] = 0, ++src.count;
-        for (int q = 0; q < kBlockPlanes; ++q) src.w[s][q] = nullptr;
-      }
-      src.w[s][p] = w + kt * 3 * kW;
-      src.feeds[s] |= 1 << p;
-    }
-  }
-  // Planes in depth order so that the cache's ring keeps every plane of the block.
-  for (int64_t i = 1; i < src.count; ++i)
-    for (int64_t j = i; j > 0 && depth[j - 1] > depth[j]; --j) {
-      std::swap(depth[j - 1], depth[j]), std::swap(src.feeds[j - 1], src.feeds[j]);
-      for (int q = 0; q < kBlockPlanes; ++q) std::swap(src.w[j - 1][q], src.w[j][q]);
-    }
-  for (int64_t s = 0; s < src.count; ++s)
-    src.plane[s] = cache.plane(bc, depth[s], input + (bc * T + depth[s]) * H * W, H, W);
-  // The next unit's (next_bc < 0: none) planes not among this unit's.
-  Prefetch prefetch;
-  prefetch.lines = ceil_div(H * W * static_cast<int64_t>(sizeof(scalar_t)), 64);
-  for (int64_t p = 0; next_bc >= 0 && p < kBlockPlanes && next_ot0 + p < g.out[0]; ++p) {
-    for (int64_t kt = 0; kt < kT; ++kt) {
-      const int64_t it = (next_ot0 + p) * g.stride[0] - g.padding[0] + kt * g.dilation[0];
-      if (it < 0 || it >= T) continue;
-      const char* plane = reinterpret_cast<const char*>(input + (next_bc * T + it) * H * W);
-      bool known = next_bc == bc && std::find(depth, depth + src.count, it) != depth + src.count;
-      for (int64_t i = 0; i < prefetch.count; ++i) known = known || prefetch.plane[i] == plane;
-      if (!known) prefetch.plane[prefetch.count++] = plane;
-    }
-  }
-  scalar_t* outs[kBlockPlanes];
-  for (int64_t p = 0; p < planes; ++p) outs[p] = out + p * OH * OW;
-  if (planes == kBlockPlanes) h3_planes<kBlockPlanes>(src, kW, kw_offset, row_size, OH, OW, bias, outs, prefetch);
-  else h3_planes<1>(src, kW, kw_offset, row_size, OH, OW, bias, outs, prefetch);
 }
 
 template <typename scalar_t>
@@ -557,25 +348,6 @@ void forward_impl(const ForwardArgs& a) {
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
   const RowLayout layout = forward_row_layout(g, Vec<acc_t>::lanes);
-  if (use_h3_blocks(g)) {
-    // Units of kBlockPlanes output planes of one channel.
-    const int64_t per_channel = ceil_div(OT, kBlockPlanes);
-    const int64_t slots = (g.kernel[0] - 1) * g.dilation[0] + (kBlockPlanes - 1) * g.stride[0] + 1;
-    at::parallel_for(0, g.batch * C * per_channel, std::max<int64_t>(1, 16384 / (kBlockPlanes * plane)),
-                     [&](int64_t begin, int64_t end) {
-                       PlaneCache<acc_t> cache;
-                       cache.init(forward_plane_rows(g), g.padding[1], layout, slots);
-                       for (int64_t u = begin; u < end; ++u) {
-                         const int64_t bc = u / per_channel, ot0 = u % per_channel * kBlockPlanes, c = bc % C;
-                         const int64_t next = u + 1 < end ? u + 1 : -1;
-                         forward_h3_unit<scalar_t>(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : acc_t(0),
-                                                   cache, bc, ot0, std::min<int64_t>(kBlockPlanes, OT - ot0),
-                                                   next < 0 ? -1 : next / per_channel,
-                                                   next % per_channel * kBlockPlanes, output + (bc * OT + ot0) * plane);
-                       }
-                     });
-    return;
-  }
   const int64_t slots = (g.kernel[0] - 1) * g.dilation[0] + 1;
   at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {
     PlaneCache<acc_t> cache;
