@@ -139,17 +139,14 @@ constexpr int kPositions = 8;
 // loaded once and used for every (position, tap) pair that reads it (P + KW - 1 loads for P·KW
 // FMAs per row instead of P·KW), the KW weight vectors held in registers. Per position the taps are
 // added in the same order as in sweep_positions' general loop (kw ascending): identical results.
-template <int KW, int S, int P, int NV, typename V, typename scalar_t, typename acc_t>
+template <int KW, int S, int P, typename V, typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void sweep_rows_reuse(int64_t rows, const scalar_t* const* src_rows,
                                                             const acc_t* const* w_rows, int64_t C, int64_t step,
-                                                            int64_t c0, V (&a)[P][NV]) {
-  constexpr int L = sizeof(V) / sizeof(acc_t);
+                                                            int64_t c0, V (&a)[P]) {
   for (int64_t r = 0; r < rows; ++r) {
-    V w[KW][NV];
+    V w[KW];
 #pragma GCC unroll 8
-    for (int k = 0; k < KW; ++k)
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) w[k][j] = load_vec<V>(w_rows[r] + k * C + c0 + j * L);
+    for (int k = 0; k < KW; ++k) w[k] = load_vec<V>(w_rows[r] + k * C + c0);
     // Source position q of step i; position p reads q = p + S·k. The empty asm statements keep gcc
     // from turning the pointer walk into one offset register per position (too few registers) and
     // from folding the one load back into every FMA that uses it.
@@ -158,20 +155,14 @@ __attribute__((always_inline)) inline void sweep_rows_reuse(int64_t rows, const 
 #pragma GCC unroll 16
     for (int i = 0; i < P + KW - 1; ++i) {
       const int q = S > 0 ? i : P - 1 - i;
-      V xv[NV];
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) {
-        xv[j] = load_vec<V>(x + j * L);
-        asm("" : "+v"(xv[j]));
-      }
+      V xv = load_vec<V>(x);
+      asm("" : "+v"(xv));
       x += walk;
       asm("" : "+r"(x));
 #pragma GCC unroll 8
       for (int k = 0; k < KW; ++k) {
         const int p = q - S * k;
-        if (p >= 0 && p < P)
-#pragma GCC unroll 4
-          for (int j = 0; j < NV; ++j) a[p][j] += xv[j] * w[k][j];
+        if (p >= 0 && p < P) a[p] += xv * w[k];
       }
     }
   }
@@ -236,10 +227,10 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
   // channels leave 12 of 16 / 4 of 8 lanes).
   for (; c0 < C && C >= L; c0 += L) {
     const int64_t cv = std::min(c0, C - L);
-    V a[P][1];
+    V a[P];
     const V start = init != nullptr ? load_vec<V>(init + cv) : V{};
 #pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) a[p][0] = start;
+    for (int p = 0; p < P; ++p) a[p] = start;
     if (kW == 3 && kw_step == p_step) sweep_rows_reuse<3, 1>(rows, src_rows, w_rows, C, p_step, cv, a);
     else if (kW == 5 && kw_step == p_step) sweep_rows_reuse<5, 1>(rows, src_rows, w_rows, C, p_step, cv, a);
     else if (kW == 3 && kw_step == -p_step) sweep_rows_reuse<3, -1>(rows, src_rows, w_rows, C, p_step, cv, a);
@@ -249,11 +240,11 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
         const V w = load_vec<V>(w_rows[r] + kw * C + cv);
         const scalar_t* x = src_rows[r] + kw * kw_step + cv;
 #pragma GCC unroll 8
-        for (int p = 0; p < P; ++p) a[p][0] += load_vec<V>(x + p * p_step) * w;
+        for (int p = 0; p < P; ++p) a[p] += load_vec<V>(x + p * p_step) * w;
       }
     }
 #pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) store_vec(out + p * out_step + cv, a[p][0]);
+    for (int p = 0; p < P; ++p) store_vec(out + p * out_step + cv, a[p]);
   }
   for (; c0 < C; ++c0) {
     for (int p = 0; p < P; ++p) {
@@ -525,9 +516,9 @@ __attribute__((always_inline)) inline void weight_block_bf16(float* pw, const c1
 
 // All KW taps of one (go row, input row) pair at once, W stride and dilation 1:
 //   pw[kw·Cout + c] += Σ_{i<count} go[i·go_step + c] · x[(i + kw)·x_step + c]   (kw < KW)
-// for the NV·lanes channels from c0, less the first `first_lane` ones. Each go and x vector is loaded once and used for every tap that
-// reads it (the last KW - 1 input vectors stay in registers): 2 loads per KW FMAs instead of 2 per
-// FMA in weight_block, KW·NV accumulator chains in registers.
+// for the NV·lanes channels from c0, less the first `first_lane` ones. Each go and x vector is
+// loaded once and used for every tap that reads it (the last KW - 1 input vectors stay in
+// registers): 2 loads per KW FMAs instead of 2 per FMA in weight_block, KW·NV accumulator chains.
 template <int KW, int NV, typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void weight_taps_reuse(acc_t* pw, int64_t Cout, const scalar_t* go,
                                                              const scalar_t* x, int64_t count, int64_t go_step,
