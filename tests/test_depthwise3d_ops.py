@@ -72,13 +72,18 @@ CONFIGS = [
     Config(4, 1, (3, 5, 3), (1, 1, 1), (0, 0, 2), (1, 1, 2), (2, 7, 9, 13)),
     Config(3, 1, (3, 3, 1), (1, 1, 1), (2, 1, 0), (1, 2, 1), (1, 6, 10, 17), bias=False),
     Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 9, 14, 28)),
-    # NCDHW forward with kH = 3, H stride 1 (blocks of 2 output planes x 4 rows): a T stride and
-    # dilation (a block's planes share some inputs), W narrower than a vector without W padding, rows
-    # in a remainder group only; T = 1 (one plane, no T neighbours), W of two 32-lane blocks plus a
-    # tail; kT = 1 (every input plane feeds one output plane) with a W stride
+    # NCDHW forward edges: a T stride and dilation with kT = 5, W narrower than a vector without W
+    # padding; T = 1 (no T neighbours), W of two 32-lane vectors plus a tail; kT = 1 with a W stride
     Config(3, 1, (5, 3, 3), (2, 1, 1), (2, 1, 0), (2, 1, 1), (1, 9, 6, 5)),
     Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 0, 1), (1, 1, 1), (2, 1, 5, 70)),
     Config(2, 1, (1, 3, 3), (1, 1, 2), (0, 1, 1), (1, 1, 1), (1, 3, 9, 33)),
+    # channels-innermost kernels: the weight gradient's all-taps sweep (W stride and dilation 1) for
+    # kW = 5 with register blocks and a channel tail; W stride 2 wide rows; T = 1 with one-vector
+    # blocks; rows too narrow for any interior position
+    Config(37, 1, (1, 3, 5), (2, 1, 1), (0, 1, 2), (1, 1, 1), (1, 3, 4, 13)),
+    Config(40, 1, (3, 3, 3), (1, 2, 2), (1, 1, 1), (1, 1, 1), (1, 3, 8, 24)),
+    Config(24, 1, (1, 3, 3), (1, 1, 1), (0, 1, 1), (1, 1, 1), (2, 1, 5, 12)),
+    Config(20, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 2, 3, 2), bias=False),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

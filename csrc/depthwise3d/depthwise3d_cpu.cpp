@@ -9,7 +9,10 @@
 //     flipped (flipped_geometry). Both keep the accumulators in registers, in GCC vectors of the
 //     accumulation type (fp32 for bf16/fp16) as wide as the ISA path's registers, stored once per
 //     position.
-//   weight gradient: per tap, one register-blocked sweep along the row into a partial sum.
+//   weight gradient: with W stride and dilation 1 (kW 3 or 5), all W taps of a (grad_output row,
+//     input row) pair in one sweep over the interior positions (weight_taps_reuse: each vector
+//     loaded once, measured 1.25x faster than tap by tap with the data in cache); the borders and
+//     other geometries per tap, one register-blocked sweep along the row into a partial sum.
 // m > 1: the per-element formulas of depthwise3d_math.h (the ones the CUDA kernel runs; the CPU
 //   weight gradient keeps its own loop).
 // Everything below is compiled once per ISA path (cpu_isa.h); the entry points at the top pick one.
@@ -219,25 +222,29 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
      }
     }
   }
-  for (; c0 + L <= C; c0 += L) {
+  // The channel tail (C >= L) as the last whole vector, overlapping channels already done: they are
+  // stored again with the same values, instead of a scalar loop over the tail (X3D's 108, 216, 432
+  // channels leave 12 of 16 / 4 of 8 lanes).
+  for (; c0 < C && C >= L; c0 += L) {
+    const int64_t cv = std::min(c0, C - L);
     V a[P];
-    const V start = init != nullptr ? load_vec<V>(init + c0) : V{};
+    const V start = init != nullptr ? load_vec<V>(init + cv) : V{};
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p) a[p] = start;
-    if (kW == 3 && kw_step == p_step) sweep_rows_reuse<3, 1>(rows, src_rows, w_rows, C, p_step, c0, a);
-    else if (kW == 5 && kw_step == p_step) sweep_rows_reuse<5, 1>(rows, src_rows, w_rows, C, p_step, c0, a);
-    else if (kW == 3 && kw_step == -p_step) sweep_rows_reuse<3, -1>(rows, src_rows, w_rows, C, p_step, c0, a);
-    else if (kW == 5 && kw_step == -p_step) sweep_rows_reuse<5, -1>(rows, src_rows, w_rows, C, p_step, c0, a);
+    if (kW == 3 && kw_step == p_step) sweep_rows_reuse<3, 1>(rows, src_rows, w_rows, C, p_step, cv, a);
+    else if (kW == 5 && kw_step == p_step) sweep_rows_reuse<5, 1>(rows, src_rows, w_rows, C, p_step, cv, a);
+    else if (kW == 3 && kw_step == -p_step) sweep_rows_reuse<3, -1>(rows, src_rows, w_rows, C, p_step, cv, a);
+    else if (kW == 5 && kw_step == -p_step) sweep_rows_reuse<5, -1>(rows, src_rows, w_rows, C, p_step, cv, a);
     else for (int64_t r = 0; r < rows; ++r) {
       for (int64_t kw = 0; kw < kW; ++kw) {
-        const V w = load_vec<V>(w_rows[r] + kw * C + c0);
-        const scalar_t* x = src_rows[r] + kw * kw_step + c0;
+        const V w = load_vec<V>(w_rows[r] + kw * C + cv);
+        const scalar_t* x = src_rows[r] + kw * kw_step + cv;
 #pragma GCC unroll 8
         for (int p = 0; p < P; ++p) a[p] += load_vec<V>(x + p * p_step) * w;
       }
     }
 #pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) store_vec(out + p * out_step + c0, a[p]);
+    for (int p = 0; p < P; ++p) store_vec(out + p * out_step + cv, a[p]);
   }
   for (; c0 < C; ++c0) {
     for (int p = 0; p < P; ++p) {
@@ -507,6 +514,87 @@ __attribute__((always_inline)) inline void weight_block_bf16(float* pw, const c1
   }
 }
 
+// All KW taps of one (go row, input row) pair at once, W stride and dilation 1:
+//   pw[kw·Cout + c] += Σ_{i<count} go[i·go_step + c] · x[(i + kw)·x_step + c]   (kw < KW)
+// for the NV·lanes channels from c0, less the first `first_lane` ones. Each go and x vector is
+// loaded once and used for every tap that reads it (the last KW - 1 input vectors stay in
+// registers): 2 loads per KW FMAs instead of 2 per FMA in weight_block, KW·NV accumulator chains.
+template <int KW, int NV, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void weight_taps_reuse(acc_t* pw, int64_t Cout, const scalar_t* go,
+                                                             const scalar_t* x, int64_t count, int64_t go_step,
+                                                             int64_t x_step, int64_t c0, int first_lane = 0) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V acc[KW][NV], window[KW][NV];
+#pragma GCC unroll 8
+  for (int k = 0; k < KW; ++k)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[k][j] = V{};
+#pragma GCC unroll 8
+  for (int k = 0; k + 1 < KW; ++k)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) window[k][j] = load_vec<V>(x + k * x_step + c0 + j * L);
+  const scalar_t* xp = x + (KW - 1) * x_step + c0;
+  const scalar_t* gp = go + c0;
+  for (int64_t i = 0; i < count; ++i, xp += x_step, gp += go_step) {
+    V gv[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) gv[j] = load_vec<V>(gp + j * L), window[KW - 1][j] = load_vec<V>(xp + j * L);
+#pragma GCC unroll 8
+    for (int k = 0; k < KW; ++k)
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[k][j] += gv[j] * window[k][j];
+#pragma GCC unroll 8
+    for (int k = 0; k + 1 < KW; ++k)
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) window[k][j] = window[k + 1][j];
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < KW; ++k)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      for (int l = 0; l < first_lane; ++l) acc[k][j][l] = 0;  // channels another block owns
+      acc_t* p = pw + k * Cout + c0 + j * L;
+      const V sum = load_vec<V>(p) + acc[k][j];
+      std::memcpy(p, &sum, sizeof sum);
+    }
+}
+
+// weight_taps_reuse over all C channels (register blocks as wide as the ISA's registers allow, then
+// one vector; the channel tail as one masked vector, or tap by tap where C is below one vector).
+template <int KW, typename scalar_t, typename acc_t>
+void weight_row_reuse(acc_t* pw, int64_t C, const scalar_t* go, const scalar_t* x, int64_t count) {
+  constexpr int L = Vec<acc_t>::lanes;
+  // Registers: KW·NV accumulators + KW·NV window + NV grad_output vectors (32 zmm / 16 ymm, xmm).
+  constexpr int NV = cpu::kVecBytes == 64 ? (KW <= 3 ? 4 : 2) : (KW <= 3 ? 2 : 1);
+  int64_t c = 0;
+  for (; c + NV * L <= C; c += NV * L) weight_taps_reuse<KW, NV>(pw, C, go, x, count, C, C, c);
+  if constexpr (NV > 1)
+    for (; c + L <= C; c += L) weight_taps_reuse<KW, 1>(pw, C, go, x, count, C, C, c);
+  // The channel tail as the last whole vector, its lanes below c masked out of the sum.
+  if (c < C && C >= L) {
+    weight_taps_reuse<KW, 1>(pw, C, go, x, count, C, C, C - L, static_cast<int>(c - (C - L)));
+    c = C;
+  }
+  for (; c < C; ++c)
+    for (int k = 0; k < KW; ++k) weight_block<0>(pw + k * C, go, x + k * C, count, C, C, c);
+}
+
+// One tap of a row: pw[c] += Σ_{i<count} go[i·go_step + c] · x[i·x_step + c] over all C channels.
+template <typename scalar_t, typename acc_t>
+void weight_tap_sweep(acc_t* pw, int64_t C, const scalar_t* go, const scalar_t* x, int64_t count, int64_t go_step,
+                      int64_t x_step) {
+  constexpr int L = Vec<acc_t>::lanes;
+  int64_t c = 0;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    for (; c + 4 * L <= C; c += 4 * L) weight_block_bf16<2>(pw, go, x, count, go_step, x_step, c);
+    for (; c + 2 * L <= C; c += 2 * L) weight_block_bf16<1>(pw, go, x, count, go_step, x_step, c);
+  }
+  for (; c + 4 * L <= C; c += 4 * L) weight_block<4>(pw, go, x, count, go_step, x_step, c);
+  for (; c + L <= C; c += L) weight_block<1>(pw, go, x, count, go_step, x_step, c);
+  for (; c < C; ++c) weight_block<0>(pw, go, x, count, go_step, x_step, c);
+}
+
 // Output positions [begin, end) along one dim whose tap k reads an input index inside [0, in).
 TapRange valid_outputs(int64_t k, int64_t stride, int64_t padding, int64_t dilation, int64_t in, int64_t out) {
   const int64_t lo = padding - k * dilation, hi = in - 1 + padding - k * dilation;
@@ -526,28 +614,37 @@ void weight_grad_row(const Geometry& g, const scalar_t* input, const scalar_t* g
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2];
   const TapRange rt = valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
   const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], H);
-  if (kUnitMultiplier && partial_w != nullptr) {  // per tap: a register-blocked sweep over the row
+  if (kUnitMultiplier && partial_w != nullptr) {  // register-blocked sweeps over the row
     for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
       const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
       for (int64_t kh = rh.begin; kh < rh.end; ++kh) {
         const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+        const scalar_t* x_row = input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C);
+        acc_t* pw_row = partial_w + (kt * g.kernel[1] + kh) * g.kernel[2] * Cout;
+        // Interior outputs [lo, hi) (every W tap in range) take all taps at once where the W stride
+        // and dilation are 1; the rest goes tap by tap.
+        int64_t lo = 0, hi = 0;
+        if (g.stride[2] == 1 && g.dilation[2] == 1 && (g.kernel[2] == 3 || g.kernel[2] == 5)) {
+          lo = std::min(g.padding[2], g.out[2]);
+          hi = std::max(lo, std::min(g.out[2], W - g.kernel[2] + 1 + g.padding[2]));
+          if (hi > lo) {
+            const scalar_t* go = go_row + lo * Cout;
+            const scalar_t* x = x_row + (lo - g.padding[2]) * C;
+            if (g.kernel[2] == 3) weight_row_reuse<3>(pw_row, C, go, x, hi - lo);
+            else weight_row_reuse<5>(pw_row, C, go, x, hi - lo);
+          }
+        }
         for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
           const TapRange r = valid_outputs(kw, g.stride[2], g.padding[2], g.dilation[2], W, g.out[2]);
-          if (r.end <= r.begin) continue;
-          const int64_t iw0 = r.begin * g.stride[2] - g.padding[2] + kw * g.dilation[2];
-          const scalar_t* go = go_row + r.begin * Cout;
-          const scalar_t* x = input + ndhwc_offset(b, it, ih, iw0, 0, T, H, W, C);
-          acc_t* pw = partial_w + ((kt * g.kernel[1] + kh) * g.kernel[2] + kw) * Cout;
-          const int64_t count = r.end - r.begin, x_step = g.stride[2] * C;
-          constexpr int L = Vec<acc_t>::lanes;
-          int64_t c = 0;
-          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-            for (; c + 4 * L <= C; c += 4 * L) weight_block_bf16<2>(pw, go, x, count, Cout, x_step, c);
-            for (; c + 2 * L <= C; c += 2 * L) weight_block_bf16<1>(pw, go, x, count, Cout, x_step, c);
+          // [r.begin, r.end) minus [lo, hi): at most two pieces.
+          const TapRange pieces[2] = {{r.begin, hi > lo ? std::min(r.end, lo) : r.end},
+                                      {hi > lo ? std::max(r.begin, hi) : r.end, r.end}};
+          for (const TapRange& piece : pieces) {
+            if (piece.end <= piece.begin) continue;
+            const int64_t iw0 = piece.begin * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+            weight_tap_sweep(pw_row + kw * Cout, C, go_row + piece.begin * Cout, x_row + iw0 * C,
+                             piece.end - piece.begin, Cout, g.stride[2] * C);
           }
-          for (; c + 4 * L <= C; c += 4 * L) weight_block<4>(pw, go, x, count, Cout, x_step, c);
-          for (; c + L <= C; c += L) weight_block<1>(pw, go, x, count, Cout, x_step, c);
-          for (; c < C; ++c) weight_block<0>(pw, go, x, count, Cout, x_step, c);
         }
       }
     }
