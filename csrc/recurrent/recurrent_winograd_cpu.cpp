@@ -5,12 +5,13 @@
 // enough rows and their operands stay in L2; groups run in parallel (at::parallel_for). Per group:
 //   1. gather the m + 2 padded input rows of each strip into a channels-innermost scratch (any
 //      input strides; zero padding), input transform Bᵀ d B of every tile into U [alpha², tiles, K];
-//   2. M = U V with V = G w Gᵀ [alpha², K, N] (transformed once per sequence call); with a second
-//      input (x_t and h_{t-1}) both products are summed in the GEMM's registers, per column segment
-//      (Job::Segment: GRU sums r and z but keeps x_n and h_n apart);
-//   3. output transform Aᵀ M A (+ bias) of every tile of a strip into a pixel-major strip scratch,
-//      laid out as the frames (channels innermost or NCHW) in the inputs' dtype, then handed to the
-//      strip callback (the gate kernel) or copied into an output tensor.
+//   2. per block of kBlockColumns output channels: M = U V with V = G w Gᵀ [alpha², K, N]
+//      (transformed once per sequence call); with a second input (x_t and h_{t-1}) both products are
+//      summed in the GEMM's registers, per column segment (Job::Segment: GRU sums r and z but keeps
+//      x_n and h_n apart); then the output transform Aᵀ M A (+ bias) of those channels of every tile
+//      into the group's pixel-major output scratch (M is one column block, not alpha² full slices);
+//   3. per strip: the output laid out as the frames (channels innermost or NCHW) in the inputs'
+//      dtype, handed to the strip callback (the gate kernel) or copied into an output tensor.
 // The GEMM is a register-blocked kernel per ISA path (at::bmm -> MKL ran at ~100 GFLOP/s here, the
 // AVX2 rate, half of AVX-512's); the transforms are vectorised over channels (the inner index of U, M
 // and the scratches) by the compiler at each path's width (cpu_isa.h); the transform matrices are
@@ -373,6 +374,9 @@ constexpr int64_t kGroupTiles = 64;
 // The alpha² slices of U and M are read / written together per tile: a slice stride that is a multiple
 // of 4 KiB puts all alpha² streams in the same L1 sets. 16 elements (one cache line) of padding.
 constexpr int64_t kSlicePad = 16;
+// Columns of M computed and output-transformed at a time (a multiple of both paths' GEMM column
+// block; the segments of a Job start at multiples of it).
+constexpr int64_t kBlockColumns = winograd::kColumnBlock;
 
 // ---------------------------------------------------------------- GEMM
 // C [P, ldc] = Σ_i A_i [P, K_i] (row stride lda_i) x B_i [K_i, ldb] over one or two operand pairs, in
@@ -524,13 +528,13 @@ void winograd_conv_impl(const winograd::Job& j) {
     int64_t u_size[2] = {0, 0};                   // each input's U [alpha², tiles, K] (+ slice padding)
     for (int i = 0; i < j.inputs; ++i) u_size[i] = A * A * (max_tiles * j.in[i].K + kSlicePad);
     std::vector<acc_t> U_buf(u_size[0] + u_size[1]);
-    std::vector<acc_t> M_buf(A * A * (max_tiles * Np + kSlicePad));
-    std::vector<acc_t> out(M * Wt * N);           // one strip's output, pixel-major
+    std::vector<acc_t> M_buf(A * A * (max_tiles * kBlockColumns + kSlicePad));  // one column block of M
+    std::vector<acc_t> out(per_group * M * Wt * N);  // the group's strips' outputs, pixel-major
     std::vector<scalar_t> pre(M * W * N);         // the same in the frames layout and dtype
     for (int64_t grp = g0; grp < g1; ++grp) {
       const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
       const int64_t P = (s1 - s0) * tiles_w;
-      const int64_t sm = P * Np + kSlicePad;  // element stride of the alpha² slices of M
+      const int64_t sm = P * kBlockColumns + kSlicePad;  // element stride of the alpha² slices of M
       acc_t* Mm = M_buf.data();
       acc_t* U_in[2] = {U_buf.data(), U_buf.data() + u_size[0]};
       int64_t su_in[2] = {0, 0};  // element stride of the alpha² slices of each U
@@ -596,35 +600,35 @@ void winograd_conv_impl(const winograd::Job& j) {
         }
       }
       }
-      // ---- 2. alpha² GEMMs [P, K_i] x [K_i, n] per column segment, both inputs' products summed in registers
-      for (int e = 0; e < A * A; ++e)
-        for (int sg = 0; sg < j.segments; ++sg) {
-          const winograd::Job::Segment& seg = j.seg[sg];
+      // ---- 2. + 3. per column block [n0, n0 + kBlockColumns) of M: the alpha² GEMMs [P, K_i] x
+      // [K_i, block], both inputs' products summed in registers, then the output transform (+ bias)
+      // of those channels of every tile: M stays a block (L1/L2-sized) instead of alpha² full slices.
+      for (int64_t n0 = 0; n0 < std::min(N, Np); n0 += kBlockColumns) {
+        int sg = 0;
+        while (sg + 1 < j.segments && n0 >= j.seg[sg].m0 + j.seg[sg].n) ++sg;
+        const winograd::Job::Segment& seg = j.seg[sg];
+        for (int e = 0; e < A * A; ++e) {
           Operands<acc_t> ops[2];
           int n_ops = 0;
           for (int i = 0; i < j.inputs; ++i) {
             if (seg.v[i] < 0) continue;
             const int64_t K = j.in[i].K;
-            ops[n_ops++] = {U_in[i] + e * su_in[i], K, static_cast<const acc_t*>(j.in[i].V) + e * K * j.ldv + seg.v[i],
-                            j.ldv, K};
+            ops[n_ops++] = {U_in[i] + e * su_in[i], K,
+                            static_cast<const acc_t*>(j.in[i].V) + e * K * j.ldv + seg.v[i] + (n0 - seg.m0), j.ldv, K};
           }
-          gemm<acc_t>(ops, n_ops, seg.n, Mm + e * sm + seg.m0, Np, P);
+          gemm<acc_t>(ops, n_ops, kBlockColumns, Mm + e * sm, kBlockColumns, P);
         }
-      // ---- 3. output transform (+ bias), strip by strip
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
-        const int64_t rows = std::min<int64_t>(M, H - y0);
-        for (int64_t tx = 0; tx < tiles_w; ++tx) {
-          const int64_t p = (s - s0) * tiles_w + tx;
-          const acc_t* m0 = Mm + p * Np;
-          acc_t* o0 = out.data() + tx * M * N;
+        const int64_t n1 = std::min(N, n0 + kBlockColumns);
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t* m0 = Mm + p * kBlockColumns;
+          acc_t* o0 = out.data() + (p / tiles_w) * M * Wt * N + (p % tiles_w) * M * N;
 #pragma GCC ivdep
-          for (int64_t n = 0; n < N; ++n) {
+          for (int64_t n = n0; n < n1; ++n) {
             acc_t m[A][A], t[M][A];
 #pragma GCC unroll 8
             for (int r = 0; r < A; ++r)
 #pragma GCC unroll 8
-              for (int c = 0; c < A; ++c) m[r][c] = m0[(r * A + c) * sm + n];
+              for (int c = 0; c < A; ++c) m[r][c] = m0[(r * A + c) * sm + n - n0];
 #pragma GCC unroll 8
             for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
@@ -648,6 +652,12 @@ void winograd_conv_impl(const winograd::Job& j) {
               }
           }
         }
+      }
+      // ---- 4. per strip: into the frames layout, to the gate kernel (or the output tensor)
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
+        const int64_t rows = std::min<int64_t>(M, H - y0);
+        const acc_t* out_s = out.data() + (s - s0) * M * Wt * N;
         const int64_t pixels = rows * W;
         if (j.fn != nullptr) {
           Plane pl;
@@ -655,11 +665,11 @@ void winograd_conv_impl(const winograd::Job& j) {
           pl.stride_b = pixels * N;
           pl.stride_c = j.channels_last ? 1 : pixels;
           pl.stride_p = j.channels_last ? N : 1;
-          emit_strip(out.data(), Wt, W, rows, N, pre.data(), pl.stride_c, pl.stride_p);
+          emit_strip(out_s, Wt, W, rows, N, pre.data(), pl.stride_c, pl.stride_p);
           (*j.fn)(b, y0, rows, pl);
         } else {
           scalar_t* dst = static_cast<scalar_t*>(j.out.data) + b * j.out.stride_b + y0 * W * j.out.stride_p;
-          emit_strip(out.data(), Wt, W, rows, N, dst, j.out.stride_c, j.out.stride_p);
+          emit_strip(out_s, Wt, W, rows, N, dst, j.out.stride_c, j.out.stride_p);
         }
       }
     }
