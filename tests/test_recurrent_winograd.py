@@ -124,10 +124,20 @@ def test_gru_options(cpu_isa, reverse, bias):
     check_against_oracle("gru", make_inputs("gru", *SHAPES["odd"], "contiguous", bias), reverse=reverse)
 
 
-def test_benchmark_sized_accuracy():
+@pytest.mark.parametrize("op,reset_after", [("lstm", True), ("gru", True), ("gru", False)])
+def test_benchmark_sized_accuracy(op, reset_after):
     """The bound at a benchmark-like size (C = 32, 32x32, where the sums are long). F(4x4, 3x3) failed
     the bound on these tests (3-11x per tensor), which is why the kernel runs F(2x2, 3x3)."""
-    check_against_oracle("lstm", make_inputs("lstm", 1, 2, 32, 32, 32, 32, "contiguous"))
+    kw = {} if op == "lstm" else dict(reset_after=reset_after)
+    check_against_oracle(op, make_inputs(op, 1, 2, 32, 32, 32, 32, "contiguous"), **kw)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gru_gates_span_column_blocks(cpu_isa, layout):
+    """nn.GRU form with C = 40 and C_in = 24: each gate's 40 columns are padded to 64 in the fused
+    step (two GEMM column blocks, the second part-used), between the summed r, z columns and the
+    separate x_n, h_n ones."""
+    check_against_oracle("gru", make_inputs("gru", 2, 2, 24, 40, 6, 10, layout), reset_after=True)
 
 
 @pytest.mark.parametrize("op", ["lstm", "gru"])

@@ -10,8 +10,9 @@
 //             and the gate kernel writes h straight into the other (no cat).
 //   kWinograd: CPU, 3x3, dilation 1: every conv a Winograd F(2x2, 3x3) (recurrent_winograd.h) with the
 //             weights transformed once per call and the gate kernel run per conv output strip; LSTM
-//             sums the x and h convs of a step in the Winograd domain, GRU hoists the x conv (chunked as
-//             kHoisted's); backward as hoisted with the per-step input-gradient convs Winograd.
+//             sums the x and h convs of a step in the Winograd domain, so does GRU in the nn.GRU form
+//             (x_n and h_n kept apart), the Ballas GRU hoists the x conv (chunked as kHoisted's);
+//             backward as hoisted with the per-step input-gradient convs Winograd.
 // With save=True the forward fills the reserve (activated gates, LSTM cell states; see below).
 // Backward walks the steps in reverse, per step one fused gate-backward kernel and one input-gradient
 // conv; the weight (and bias) gradients come from one batched conv backward per chunk of steps, whose
@@ -469,7 +470,16 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
   int64_t chunk_start = -1;
   Tensor x_chunk, x_gates, h_buf, slots, buffer2, v_ih, v_h, v_n;
   GruConcatWeights cw;
-  if (hoisted) {
+  // winograd, reset_after: no hoisted x conv; per step x and h convs in the Winograd domain
+  // (winograd_gru_fused_step), a.h[0..1] zero planes (x_r + h_r and x_z + h_z come summed in a.x).
+  const bool fused = wino && reset_after;
+  Tensor bias_fused;
+  if (fused) {
+    v_ih = winograd_gate_weights(weight_ih, 3);
+    v_h = winograd_gate_weights(weight_hh, 3);
+    bias_fused = winograd_gru_bias(bias_ih, bias_hh, C, x.scalar_type());
+    a.h[0] = a.h[1] = zero_plane(zeros);
+  } else if (hoisted) {
     x_chunk = empty_frames({chunk, B}, Cin, H, W, g.channels_last, opts);
     if (!wino) h_buf = h0.contiguous(fmt).clone();
   } else {
@@ -478,10 +488,10 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
     if (!reset_after) buffer2 = empty_like_frame(g, Cin + C, opts);
     cw = gru_concat_weights(weight_ih, weight_hh, bias_ih, bias_hh, C, reset_after);
   }
-  if (wino) {
+  if (wino && !fused) {
     v_ih = winograd_weights(weight_ih);
-    v_h = winograd_weights(reset_after ? weight_hh : weight_hh.narrow(0, 0, 2 * C));
-    if (!reset_after) v_n = winograd_weights(weight_hh.narrow(0, 2 * C, C));
+    v_h = winograd_weights(weight_hh.narrow(0, 0, 2 * C));
+    v_n = winograd_weights(weight_hh.narrow(0, 2 * C, C));
   }
   Tensor keep1, keep2;  // per-step conv outputs the planes point into (outside the loop: see convlstm_sequence)
   for (int64_t f = 0; f < T; ++f) {
@@ -493,7 +503,10 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
       for (int k = 0; k < 4; ++k) a.cache_out[k] = slot(cache.select(0, t), k, C);
       ra.r_out = a.cache_out[0];
     }
-    if (hoisted) {
+    if (fused) {
+      h_prev = f == 0 ? h0.contiguous(fmt) : output.select(1, time_of(f - 1, T, reverse));
+      h_next = last ? h_n : output.select(1, t);
+    } else if (hoisted) {
       const auto [t0, n] = chunk_of(t, chunk, T);
       if (t0 != chunk_start) {
         chunk_start = t0;
@@ -557,7 +570,7 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
     a.h_prev = plane(h_prev);
     a.h_out = plane(output.select(1, t));
     a.h_out2 = plane(h_next);
-    if (wino && reset_after) winograd_gru_step(a, h_prev, v_h, bias_hh, 0, g);
+    if (fused) winograd_gru_fused_step(a, x.select(1, t), v_ih, h_prev, v_h, bias_fused, g);
     else if (wino) winograd_gru_step(a, reset_h, v_n, narrow_optional(bias_hh, 2 * C, C), 2, g);
     else FASTVID_LAUNCH(gru_forward, a, x.device());
   }

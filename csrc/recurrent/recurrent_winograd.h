@@ -69,6 +69,23 @@ void winograd_lstm_step(const LstmForwardArgs& a, const Tensor& x_t, const Tenso
 void winograd_gru_step(const GruForwardArgs& a, const Tensor& input, const Tensor& V, const OptTensor& bias,
                        int first_slot, const SeqGeometry& g);
 
+// Transformed weights of `gates` stacked gates ([gates·C, K, 3, 3]) for winograd_gru_fused_step:
+// [alpha², K, gates·Cp] with gate k's C columns at k·Cp, Cp = C rounded up to the GEMM column block
+// (so every gate starts a column block and the x and h products can be summed or kept apart per gate).
+Tensor winograd_gate_weights(const Tensor& weight, int64_t gates);
+
+// The fused GRU step's bias [4·Cp] in the accumulation type of dtype: b_ih + b_hh for r and z, b_ih
+// for x_n, b_hh for h_n (slot k at k·Cp); undefined when both are absent.
+Tensor winograd_gru_bias(const OptTensor& bias_ih, const OptTensor& bias_hh, int64_t C, at::ScalarType dtype);
+
+// One GRU step of the nn.GRU form (reset_after) with no hoisted x conv: per strip, x_t and h_prev are
+// transformed and multiplied in the Winograd domain, x_r + h_r and x_z + h_z summed in the GEMM
+// accumulators, x_n and h_n kept apart (n = tanh(x_n + r·h_n)), one output transform of 4 gate slots,
+// then the gate kernel on that strip. V_x, V_h from winograd_gate_weights(·, 3), bias from
+// winograd_gru_bias; a.h[0], a.h[1] must be zero planes.
+void winograd_gru_fused_step(const GruForwardArgs& a, const Tensor& x_t, const Tensor& V_x, const Tensor& h_prev,
+                             const Tensor& V_h, const Tensor& bias, const SeqGeometry& g);
+
 // p moved to image b, pixel `pixel` (element size `elem`), e.g. a strip of a full-frame plane.
 inline Plane offset_plane(const Plane& p, int64_t b, int64_t pixel, int64_t elem) {
   Plane q = p;

@@ -5,11 +5,13 @@
 // enough rows and their operands stay in L2; groups run in parallel (at::parallel_for). Per group:
 //   1. gather the m + 2 padded input rows of each strip into a channels-innermost scratch (any
 //      input strides; zero padding), input transform Bᵀ d B of every tile into U [alpha², tiles, K];
-//   2. M = U V with V = G w Gᵀ [alpha², K, N] (transformed once per sequence call); with a second
-//      input (LSTM: x_t and h_{t-1}) its products are accumulated onto the first's;
-//   3. output transform Aᵀ M A (+ bias) of every tile of a strip into a pixel-major strip scratch,
-//      laid out as the frames (channels innermost or NCHW) in the inputs' dtype, then handed to the
-//      strip callback (the gate kernel) or copied into an output tensor.
+//   2. per block of kBlockColumns output channels: M = U V with V = G w Gᵀ [alpha², K, N]
+//      (transformed once per sequence call); with a second input (x_t and h_{t-1}) both products are
+//      summed in the GEMM's registers, per column segment (Job::Segment: GRU sums r and z but keeps
+//      x_n and h_n apart); then the output transform Aᵀ M A (+ bias) of those channels of every tile
+//      into the group's pixel-major output scratch (M is one column block, not alpha² full slices);
+//   3. per strip: the output laid out as the frames (channels innermost or NCHW) in the inputs'
+//      dtype, handed to the strip callback (the gate kernel) or copied into an output tensor.
 // The GEMM is a register-blocked kernel per ISA path (at::bmm -> MKL ran at ~100 GFLOP/s here, the
 // AVX2 rate, half of AVX-512's); the transforms are vectorised over channels (the inner index of U, M
 // and the scratches) by the compiler at each path's width (cpu_isa.h); the transform matrices are
@@ -79,9 +81,19 @@ struct Job {
   };
   Input in[2];                   // the output sums the convolutions of the inputs used (1 or 2)
   int inputs = 1;
-  int64_t ldv = 0;
+  int64_t ldv = 0;               // row length of both inputs' V
+  // The Winograd-domain products M [alpha², tiles, ldm] by column segment: M[:, m0 : m0 + n] = Σ_i
+  // U_i V_i[:, v[i] : v[i] + n] over the inputs with v[i] >= 0 (all multiples of kColumnBlock), so
+  // one column range can sum x and h convs while another keeps them apart (GRU's n gate).
+  struct Segment {
+    int64_t m0 = 0, n = 0;
+    int64_t v[2] = {0, -1};
+  };
+  Segment seg[3];
+  int segments = 1;
+  int64_t ldm = 0;
   const void* bias = nullptr;   // [N] accumulation type, or nullptr
-  int64_t B = 0, N = 0, H = 0, W = 0, tile = kWinogradTile;
+  int64_t B = 0, N = 0, H = 0, W = 0, tile = kWinogradTile;  // N: output channels = M columns [0, N)
   at::ScalarType dtype = at::kFloat;  // input and output dtype
   bool channels_last = false;         // layout of the strip planes handed out
   const WinogradStripFn* fn = nullptr;
@@ -120,10 +132,14 @@ void set_input(winograd::Job& j, int i, const Tensor& input, const Tensor& V) {
   in.K = input.size(1);
   in.V = V.data_ptr();
   if (i == 0) {
-    j.ldv = V.stride(1);
+    j.ldv = j.ldm = V.stride(1);
     j.B = input.size(0), j.H = input.size(2), j.W = input.size(3), j.N = V.size(2);
     j.tile = A2 == 36 ? 4 : 2;
     j.dtype = input.scalar_type();
+    j.segments = 1;
+    j.seg[0] = winograd::Job::Segment{0, j.ldv, {0, -1}};
+  } else {
+    j.seg[0].v[1] = 0;  // the second input's products summed onto the first's
   }
   j.inputs = i + 1;
 }
@@ -184,6 +200,34 @@ Tensor winograd_weights(const Tensor& weight, int64_t tile) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "winograd_weights: need [N, K, 3, 3]");
   TORCH_CHECK(tile == 4 || tile == 2, "winograd_weights: tile must be 4 or 2, got ", tile);
   return tile == 4 ? transform_weights<4>(weight) : transform_weights<2>(weight);
+}
+
+namespace {
+int64_t gate_columns(int64_t C) {
+  return (C + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
+}
+}  // namespace
+
+Tensor winograd_gate_weights(const Tensor& weight, int64_t gates) {
+  TORCH_CHECK(gates > 0 && weight.dim() == 4 && weight.size(0) % gates == 0,
+              "winograd_gate_weights: weight must be [gates·C, K, 3, 3]");
+  const int64_t C = weight.size(0) / gates, Cp = gate_columns(C);
+  const Tensor V = winograd_weights(weight);
+  Tensor out = at::zeros({V.size(0), V.size(1), gates * Cp}, V.options());
+  for (int64_t k = 0; k < gates; ++k) out.narrow(2, k * Cp, C).copy_(V.narrow(2, k * C, C));
+  return out;
+}
+
+Tensor winograd_gru_bias(const OptTensor& bias_ih, const OptTensor& bias_hh, int64_t C, at::ScalarType dtype) {
+  if (!bias_ih.has_value() && !bias_hh.has_value()) return Tensor();
+  const int64_t Cp = gate_columns(C);
+  Tensor out = at::zeros({4 * Cp}, at::TensorOptions().dtype(acc_type(dtype)));
+  const auto add = [&](int64_t slot, const OptTensor& bias, int64_t gate) {
+    if (bias.has_value()) out.narrow(0, slot * Cp, C).add_(bias->narrow(0, gate * C, C).to(out.scalar_type()));
+  };
+  for (int k = 0; k < 3; ++k) add(k, bias_ih, k);  // r, z, x_n
+  add(0, bias_hh, 0), add(1, bias_hh, 1), add(3, bias_hh, 2);  // r, z, h_n
+  return out;
 }
 
 Tensor winograd_input_grad_weights(const Tensor& weight, int64_t tile) {
@@ -280,6 +324,43 @@ void winograd_gru_step(const GruForwardArgs& a, const Tensor& input, const Tenso
   });
 }
 
+void winograd_gru_fused_step(const GruForwardArgs& a, const Tensor& x_t, const Tensor& V_x, const Tensor& h_prev,
+                             const Tensor& V_h, const Tensor& bias, const SeqGeometry& g) {
+  const int64_t C = a.geo.channels, W = g.W, Cp = gate_columns(C);
+  const int64_t es = c10::elementSize(a.geo.dtype);
+  TORCH_CHECK(V_x.size(2) == 3 * Cp && V_h.size(2) == 3 * Cp, "winograd_gru_fused_step: V must come from winograd_gate_weights");
+  winograd::Job j;
+  set_input(j, 0, x_t, V_x);
+  set_input(j, 1, h_prev, V_h);
+  j.channels_last = g.channels_last;
+  j.N = j.ldm = 4 * Cp;  // M columns: r and z (x + h), x_n, h_n
+  j.segments = 3;
+  j.seg[0] = {0, 2 * Cp, {0, 0}};
+  j.seg[1] = {2 * Cp, Cp, {2 * Cp, -1}};
+  j.seg[2] = {3 * Cp, Cp, {-1, 2 * Cp}};
+  if (bias.defined()) {
+    TORCH_CHECK(bias.numel() == 4 * Cp && bias.scalar_type() == acc_type(a.geo.dtype),
+                "winograd_gru_fused_step: bias must come from winograd_gru_bias");
+    j.bias = bias.data_ptr();
+  }
+  const WinogradStripFn fn = [&](int64_t b, int64_t y0, int64_t rows, const Plane& pre) {
+    GruForwardArgs s = a;
+    s.geo.batch = 1;
+    s.geo.pixels = rows * W;
+    for (int k = 0; k < 3; ++k) s.x[k] = slot_of(pre, k, Cp, es);
+    s.h[2] = slot_of(pre, 3, Cp, es);  // s.h[0], s.h[1]: a's zero planes
+    if (a.save)
+      for (int k = 0; k < 4; ++k) s.cache_out[k] = strip_of(a.cache_out[k], b, y0, W, es);
+    s.h_prev = strip_of(a.h_prev, b, y0, W, es);
+    s.h_out = strip_of(a.h_out, b, y0, W, es);
+    s.h_out2 = strip_of(a.h_out2, b, y0, W, es);
+    s.mask = strip_mask(a.mask, b);
+    gru_forward_cpu(s);
+  };
+  j.fn = &fn;
+  run(j);
+}
+
 }  // namespace recurrent
 }  // namespace fastvid
 
@@ -293,11 +374,15 @@ constexpr int64_t kGroupTiles = 64;
 // The alpha² slices of U and M are read / written together per tile: a slice stride that is a multiple
 // of 4 KiB puts all alpha² streams in the same L1 sets. 16 elements (one cache line) of padding.
 constexpr int64_t kSlicePad = 16;
+// Columns of M computed and output-transformed at a time (a multiple of both paths' GEMM column
+// block; the segments of a Job start at multiples of it).
+constexpr int64_t kBlockColumns = winograd::kColumnBlock;
 
 // ---------------------------------------------------------------- GEMM
-// C [P, ldc] = A [P, K] (row stride lda) x B [K, ldb], all Np = ldb columns (a multiple of
-// kColumnBlock). Register-blocked: MR rows x 2 vectors of accumulators, B streamed row by row, A
-// broadcast. MKL's sgemm (what at::bmm runs) took the AVX2 path on the AMD CPUs measured here, at
+// C [P, ldc] = Σ_i A_i [P, K_i] (row stride lda_i) x B_i [K_i, ldb] over one or two operand pairs, in
+// column blocks of NR (2 vectors). Register-blocked: MR rows x 2 vectors of accumulators, B streamed
+// row by row, A broadcast; both pairs run into the same accumulators, so C is written once and
+// never read. MKL's sgemm (what at::bmm runs) took the AVX2 path on the AMD CPUs measured here, at
 // half the AVX-512 rate; this kernel runs each ISA path at its own width.
 typedef float vec_f __attribute__((vector_size(FASTVID_VEC_BYTES)));
 typedef double vec_d __attribute__((vector_size(FASTVID_VEC_BYTES)));
@@ -306,44 +391,66 @@ template <> struct VecOf<float> { using type = vec_f; };
 template <> struct VecOf<double> { using type = vec_d; };
 
 // c + a·b, fused where the path has FMA (the build's ISO C++ mode does not contract a*b + c).
+// broadcast(p): *p in every lane, one load-port broadcast from memory (`V{} + *p` compiled to a scalar
+// add of +0.0 and a register broadcast on an FP port, per row and k: 2 extra FP ops per 2 FMAs).
 #if FASTVID_VEC_BYTES == 64
 inline vec_f fmadd(vec_f a, vec_f b, vec_f c) { return (vec_f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 inline vec_d fmadd(vec_d a, vec_d b, vec_d c) { return (vec_d)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c); }
+inline vec_f broadcast(const float* p) { return (vec_f)_mm512_set1_ps(*p); }
+inline vec_d broadcast(const double* p) { return (vec_d)_mm512_set1_pd(*p); }
 constexpr int kRows = 12;  // 24 of the 32 vector registers hold accumulators
 #elif FASTVID_VEC_BYTES == 32
 inline vec_f fmadd(vec_f a, vec_f b, vec_f c) { return (vec_f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 inline vec_d fmadd(vec_d a, vec_d b, vec_d c) { return (vec_d)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c); }
-constexpr int kRows = 6;  // 12 of 16
+inline vec_f broadcast(const float* p) { return (vec_f)_mm256_broadcast_ss(p); }
+inline vec_d broadcast(const double* p) { return (vec_d)_mm256_broadcast_sd(p); }
+constexpr int kRows = 6;  // 12 of 16 (+ 2 B vectors + 1 broadcast)
 #else
 template <typename V> inline V fmadd(V a, V b, V c) { return a * b + c; }
+template <typename T> inline typename VecOf<T>::type broadcast(const T* p) {
+  typename VecOf<T>::type v;
+  for (size_t l = 0; l < FASTVID_VEC_BYTES / sizeof(T); ++l) v[l] = *p;
+  return v;
+}
 constexpr int kRows = 6;
 #endif
 
-template <typename T, bool kAccumulate, int MR>
-inline void gemm_block(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t K) {
-  using V = typename VecOf<T>::type;
+// One GEMM operand pair: A [P, K] (row stride lda), B [K, ldb] (already moved to the column block).
+template <typename T>
+struct Operands {
+  const T* a = nullptr;
+  int64_t lda = 0;
+  const T* b = nullptr;
+  int64_t ldb = 0, K = 0;
+};
+
+template <typename T, int MR, typename V>
+__attribute__((always_inline)) inline void accumulate(V (&acc0)[MR], V (&acc1)[MR], const Operands<T>& o, int64_t p0) {
   constexpr int L = FASTVID_VEC_BYTES / sizeof(T);
-  V acc0[MR], acc1[MR];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-    if (kAccumulate) {
-      std::memcpy(&acc0[i], c + i * ldc, sizeof(V));
-      std::memcpy(&acc1[i], c + i * ldc + L, sizeof(V));
-    } else {
-      acc0[i] = acc1[i] = V{};
-    }
-  }
-  for (int64_t k = 0; k < K; ++k) {
+  const T* a = o.a + p0 * o.lda;
+  for (int64_t k = 0; k < o.K; ++k) {
     V b0, b1;
-    std::memcpy(&b0, b + k * ldb, sizeof(V));
-    std::memcpy(&b1, b + k * ldb + L, sizeof(V));
+    std::memcpy(&b0, o.b + k * o.ldb, sizeof(V));
+    std::memcpy(&b1, o.b + k * o.ldb + L, sizeof(V));
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const V ai = V{} + a[i * lda + k];
+      const V ai = broadcast(a + i * o.lda + k);
       acc0[i] = fmadd(ai, b0, acc0[i]);
       acc1[i] = fmadd(ai, b1, acc1[i]);
     }
   }
+}
+
+template <typename T, int MR>
+inline void gemm_block(const Operands<T>* ops, int n_ops, int64_t p0, T* c, int64_t ldc) {
+  using V = typename VecOf<T>::type;
+  constexpr int L = FASTVID_VEC_BYTES / sizeof(T);
+  V acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = V{};
+  accumulate<T, MR>(acc0, acc1, ops[0], p0);
+  if (n_ops > 1) accumulate<T, MR>(acc0, acc1, ops[1], p0);
+  c += p0 * ldc;
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     std::memcpy(c + i * ldc, &acc0[i], sizeof(V));
@@ -351,24 +458,25 @@ inline void gemm_block(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, i
   }
 }
 
-template <typename T, bool kAccumulate, int MR>
-inline void gemm_rows(int rows, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t K) {
+template <typename T, int MR>
+inline void gemm_rows(int rows, const Operands<T>* ops, int n_ops, int64_t p0, T* c, int64_t ldc) {
   if constexpr (MR > 0) {
-    if (rows == MR) gemm_block<T, kAccumulate, MR>(a, lda, b, ldb, c, ldc, K);
-    else gemm_rows<T, kAccumulate, MR - 1>(rows, a, lda, b, ldb, c, ldc, K);
+    if (rows == MR) gemm_block<T, MR>(ops, n_ops, p0, c, ldc);
+    else gemm_rows<T, MR - 1>(rows, ops, n_ops, p0, c, ldc);
   }
 }
 
-// kAccumulate: C += A B, else C = A B.
-template <typename T, bool kAccumulate>
-void gemm(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t P, int64_t K) {
+// C [P, n] = Σ_i A_i B_i [:, 0 : n] (n a multiple of kColumnBlock).
+template <typename T>
+void gemm(Operands<T> ops[2], int n_ops, int64_t n, T* c, int64_t ldc, int64_t P) {
   constexpr int64_t NR = 2 * FASTVID_VEC_BYTES / sizeof(T);
   static_assert(winograd::kColumnBlock % NR == 0, "V's padding must cover the column block");
-  for (int64_t n0 = 0; n0 < ldb; n0 += NR) {
+  for (int64_t n0 = 0; n0 < n; n0 += NR) {
+    Operands<T> o[2] = {ops[0], ops[1]};
+    for (int i = 0; i < n_ops; ++i) o[i].b += n0;
     int64_t p0 = 0;
-    for (; p0 + kRows <= P; p0 += kRows)
-      gemm_block<T, kAccumulate, kRows>(a + p0 * lda, lda, b + n0, ldb, c + p0 * ldc + n0, ldc, K);
-    if (p0 < P) gemm_rows<T, kAccumulate, kRows - 1>(static_cast<int>(P - p0), a + p0 * lda, lda, b + n0, ldb, c + p0 * ldc + n0, ldc, K);
+    for (; p0 + kRows <= P; p0 += kRows) gemm_block<T, kRows>(o, n_ops, p0, c + n0, ldc);
+    if (p0 < P) gemm_rows<T, kRows - 1>(static_cast<int>(P - p0), o, n_ops, p0, c + n0, ldc);
   }
 }
 
@@ -411,25 +519,30 @@ void winograd_conv_impl(const winograd::Job& j) {
   const int64_t strips = j.B * tiles_h;
   const int64_t per_group = std::max<int64_t>(1, kGroupTiles / tiles_w);
   const int64_t groups = (strips + per_group - 1) / per_group;
-  const int64_t Np = j.ldv;
+  const int64_t Np = j.ldm;
   const acc_t* bias = static_cast<const acc_t*>(j.bias);
 
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     const int64_t max_tiles = per_group * tiles_w;
     std::vector<acc_t> D(A * Wp * K_max);         // padded input rows of one strip, channels innermost
-    std::vector<acc_t> U_buf(A * A * (max_tiles * K_max + kSlicePad));
-    std::vector<acc_t> M_buf(A * A * (max_tiles * Np + kSlicePad));
-    std::vector<acc_t> out(M * Wt * N);           // one strip's output, pixel-major
+    int64_t u_size[2] = {0, 0};                   // each input's U [alpha², tiles, K] (+ slice padding)
+    for (int i = 0; i < j.inputs; ++i) u_size[i] = A * A * (max_tiles * j.in[i].K + kSlicePad);
+    std::vector<acc_t> U_buf(u_size[0] + u_size[1]);
+    std::vector<acc_t> M_buf(A * A * (max_tiles * kBlockColumns + kSlicePad));  // one column block of M
+    std::vector<acc_t> out(per_group * M * Wt * N);  // the group's strips' outputs, pixel-major
     std::vector<scalar_t> pre(M * W * N);         // the same in the frames layout and dtype
     for (int64_t grp = g0; grp < g1; ++grp) {
       const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
       const int64_t P = (s1 - s0) * tiles_w;
-      const int64_t sm = P * Np + kSlicePad;  // element stride of the alpha² slices of M
-      acc_t* U = U_buf.data();
+      const int64_t sm = P * kBlockColumns + kSlicePad;  // element stride of the alpha² slices of M
       acc_t* Mm = M_buf.data();
+      acc_t* U_in[2] = {U_buf.data(), U_buf.data() + u_size[0]};
+      int64_t su_in[2] = {0, 0};  // element stride of the alpha² slices of each U
       for (int i_in = 0; i_in < j.inputs; ++i_in) {
       const winograd::Job::Input& in = j.in[i_in];
-      const int64_t K = in.K, su = P * K + kSlicePad;  // element stride of the alpha² slices of U
+      const int64_t K = in.K, su = P * K + kSlicePad;
+      su_in[i_in] = su;
+      acc_t* U = U_in[i_in];
       // ---- 1. gather + input transform
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / tiles_h, y_top = (s % tiles_h) * M - 1;
@@ -486,28 +599,36 @@ void winograd_conv_impl(const winograd::Job& j) {
           }
         }
       }
-      // ---- 2. alpha² GEMMs [P, K] x [K, N], the second input's accumulated onto the first's
-      const acc_t* V = static_cast<const acc_t*>(in.V);
-      for (int e = 0; e < A * A; ++e) {
-        if (i_in == 0) gemm<acc_t, false>(U + e * su, K, V + e * K * Np, Np, Mm + e * sm, Np, P, K);
-        else gemm<acc_t, true>(U + e * su, K, V + e * K * Np, Np, Mm + e * sm, Np, P, K);
       }
-      }
-      // ---- 3. output transform (+ bias), strip by strip
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
-        const int64_t rows = std::min<int64_t>(M, H - y0);
-        for (int64_t tx = 0; tx < tiles_w; ++tx) {
-          const int64_t p = (s - s0) * tiles_w + tx;
-          const acc_t* m0 = Mm + p * Np;
-          acc_t* o0 = out.data() + tx * M * N;
+      // ---- 2. + 3. per column block [n0, n0 + kBlockColumns) of M: the alpha² GEMMs [P, K_i] x
+      // [K_i, block], both inputs' products summed in registers, then the output transform (+ bias)
+      // of those channels of every tile: M stays a block (L1/L2-sized) instead of alpha² full slices.
+      for (int64_t n0 = 0; n0 < std::min(N, Np); n0 += kBlockColumns) {
+        int sg = 0;
+        while (sg + 1 < j.segments && n0 >= j.seg[sg].m0 + j.seg[sg].n) ++sg;
+        const winograd::Job::Segment& seg = j.seg[sg];
+        for (int e = 0; e < A * A; ++e) {
+          Operands<acc_t> ops[2];
+          int n_ops = 0;
+          for (int i = 0; i < j.inputs; ++i) {
+            if (seg.v[i] < 0) continue;
+            const int64_t K = j.in[i].K;
+            ops[n_ops++] = {U_in[i] + e * su_in[i], K,
+                            static_cast<const acc_t*>(j.in[i].V) + e * K * j.ldv + seg.v[i] + (n0 - seg.m0), j.ldv, K};
+          }
+          gemm<acc_t>(ops, n_ops, kBlockColumns, Mm + e * sm, kBlockColumns, P);
+        }
+        const int64_t n1 = std::min(N, n0 + kBlockColumns);
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t* m0 = Mm + p * kBlockColumns;
+          acc_t* o0 = out.data() + (p / tiles_w) * M * Wt * N + (p % tiles_w) * M * N;
 #pragma GCC ivdep
-          for (int64_t n = 0; n < N; ++n) {
+          for (int64_t n = n0; n < n1; ++n) {
             acc_t m[A][A], t[M][A];
 #pragma GCC unroll 8
             for (int r = 0; r < A; ++r)
 #pragma GCC unroll 8
-              for (int c = 0; c < A; ++c) m[r][c] = m0[(r * A + c) * sm + n];
+              for (int c = 0; c < A; ++c) m[r][c] = m0[(r * A + c) * sm + n - n0];
 #pragma GCC unroll 8
             for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
@@ -531,6 +652,12 @@ void winograd_conv_impl(const winograd::Job& j) {
               }
           }
         }
+      }
+      // ---- 4. per strip: into the frames layout, to the gate kernel (or the output tensor)
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
+        const int64_t rows = std::min<int64_t>(M, H - y0);
+        const acc_t* out_s = out.data() + (s - s0) * M * Wt * N;
         const int64_t pixels = rows * W;
         if (j.fn != nullptr) {
           Plane pl;
@@ -538,11 +665,11 @@ void winograd_conv_impl(const winograd::Job& j) {
           pl.stride_b = pixels * N;
           pl.stride_c = j.channels_last ? 1 : pixels;
           pl.stride_p = j.channels_last ? N : 1;
-          emit_strip(out.data(), Wt, W, rows, N, pre.data(), pl.stride_c, pl.stride_p);
+          emit_strip(out_s, Wt, W, rows, N, pre.data(), pl.stride_c, pl.stride_p);
           (*j.fn)(b, y0, rows, pl);
         } else {
           scalar_t* dst = static_cast<scalar_t*>(j.out.data) + b * j.out.stride_b + y0 * W * j.out.stride_p;
-          emit_strip(out.data(), Wt, W, rows, N, dst, j.out.stride_c, j.out.stride_p);
+          emit_strip(out_s, Wt, W, rows, N, dst, j.out.stride_c, j.out.stride_p);
         }
       }
     }
