@@ -57,6 +57,15 @@ void winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, 
 // The same convolution written to a new [B, N, H, W] tensor in the frame layout of g.
 Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g);
 
+// Weight gradient of conv3x3(input, weight) (stride 1, padding 1) in the Winograd domain, summed over
+// calls (chunks of steps) and transformed back once. dV = dL/d(G w Gᵀ): a zeroed [alpha², K, N]
+// accumulation-type buffer (padded rows, as winograd_weights' V); winograd_weight_grad_add sums
+// Uᵀ (A dY Aᵀ) over the tiles of input [B, K, H, W] and grad_output [B, N, H, W] (any strides) into it;
+// winograd_weight_grad_finish gives dL/dw = Gᵀ dV G as [N, K, 3, 3] in dtype.
+Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype, int64_t tile = kWinogradTile);
+void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output);
+Tensor winograd_weight_grad_finish(const Tensor& dV, at::ScalarType dtype);
+
 // One LSTM step of the winograd strategy: per strip, the gate pre-activations conv(x_t, W_ih) + bias +
 // conv(h_prev, W_hh), summed in the Winograd domain (one output transform), then the gate kernel on
 // that strip. a holds full-frame planes; its a_x are replaced per strip, its a_h must be zero planes.
