@@ -26,7 +26,9 @@ namespace recurrent {
 // GEMMs) are built. Measured in fp32 against an fp64 oracle (per output/gradient tensor, max error,
 // seeded ConvLSTM/ConvGRU sequences of tests/test_recurrent_winograd.py): F(4 x 4) 3-11x the error of
 // the oneDNN path (issue 12 allows 4x), F(2 x 2) 1.2-2.9x. So F(2 x 2), at 1.8x the GEMM work of
-// F(4 x 4) (4 vs 2.25 multiplies per output, against 9 direct).
+// F(4 x 4) (4 vs 2.25 multiplies per output, against 9 direct). The weight gradients
+// (winograd_weight_grad_*): F(2 x 2) 0.3-0.9x the oneDNN path's error, F(4 x 4) 1.2-2.2x for a backward
+// only ~5 % faster (ConvLSTM/ConvGRU benchmark shapes), so F(2 x 2) there too.
 constexpr int64_t kWinogradTile = 2;
 
 // Why the winograd strategy cannot run this sequence ("" when it can).
