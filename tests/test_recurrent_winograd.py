@@ -96,6 +96,7 @@ SHAPES = {  # (B, T, C_in, C, H, W)
     "odd": (2, 2, 3, 5, 7, 9),      # H, W not divisible by 4
     "tiny": (1, 2, 3, 4, 3, 2),     # H, W < 4
     "T1": (2, 1, 4, 4, 6, 5),
+    "T33": (1, 33, 3, 4, 6, 5),     # backward chunks of 2 steps (the last of 1) summed in the Winograd domain
 }
 
 
@@ -138,6 +139,12 @@ def test_gru_gates_span_column_blocks(cpu_isa, layout):
     step (two GEMM column blocks, the second part-used), between the summed r, z columns and the
     separate x_n, h_n ones."""
     check_against_oracle("gru", make_inputs("gru", 2, 2, 24, 40, 6, 10, layout), reset_after=True)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_benchmark_sized_accuracy_gru(reset_after):
+    """The same for ConvGRU: its weight gradients sum the Winograd-domain products over B·T·H·W/4 tiles."""
+    check_against_oracle("gru", make_inputs("gru", 2, 3, 32, 32, 32, 32, "channels_last"), reset_after=reset_after)
 
 
 @pytest.mark.parametrize("op", ["lstm", "gru"])

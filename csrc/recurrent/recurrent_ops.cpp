@@ -12,7 +12,9 @@
 //             weights transformed once per call and the gate kernel run per conv output strip; LSTM
 //             sums the x and h convs of a step in the Winograd domain, so does GRU in the nn.GRU form
 //             (x_n and h_n kept apart), the Ballas GRU hoists the x conv (chunked as kHoisted's);
-//             backward as hoisted with the per-step input-gradient convs Winograd.
+//             backward: every input-gradient conv Winograd (LSTM: per step one over d_gates for
+//             [grad_x_t, dh], as kConcat's), the weight gradients summed over the chunks in the Winograd
+//             domain and transformed back once.
 // With save=True the forward fills the reserve (activated gates, LSTM cell states; see below).
 // Backward walks the steps in reverse, per step one fused gate-backward kernel and one input-gradient
 // conv; the weight (and bias) gradients come from one batched conv backward per chunk of steps, whose
@@ -301,8 +303,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type(x.scalar_type()));
   const auto fmt = frame_format(g.channels_last);
-  const bool hoisted = strategy != kConcat;  // winograd: hoisted with the per-step input-grad conv Winograd
-  const Tensor v_hh_grad = strategy == kWinograd ? winograd_input_grad_weights(weight_hh) : Tensor();
+  // winograd: per step one Winograd conv of d_gates gives [grad_x_t, dh] (as concat's oneDNN one), and
+  // the weight gradient is summed in the Winograd domain over the chunks, transformed back once.
+  const bool wino = strategy == kWinograd;
+  const bool hoisted = strategy == kHoisted;
   const auto views = reserve_views(reserve, g, regions);
   const Tensor &gates = views[0], &cells = views[1];
 
@@ -315,6 +319,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   Tensor peep = peephole.has_value() ? peephole->to(acc_opts.dtype()).contiguous() : Tensor();
   const Tensor h0_l = h0.contiguous(fmt);
   const Tensor w_cat = at::cat({weight_ih, weight_hh}, 1);
+  const Tensor v_cat_grad = wino ? winograd_input_grad_weights(w_cat) : Tensor();
+  Tensor dV_cat = wino ? winograd_weight_grad_buffer(Cin + C, 4 * C, x.scalar_type()) : Tensor();
   Tensor grad_x = empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
 
   // Chunk by chunk of consecutive steps (in reverse): the d(pre-activation gates) of the chunk's steps
@@ -333,9 +339,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor d = flat(d_gates.narrow(0, 0, n));
     const Tensor in = inputs.narrow(0, 0, n);
-    auto [gw, gb] = conv_weight_grad(d, flat(in), w_cat, has_bias, g);
-    add_to(grad_w_cat, gw);
-    if (has_bias) add_to(grad_bias, gb);
+    if (wino) {
+      winograd_weight_grad_add(dV_cat, flat(in), d);
+      if (has_bias) add_to(grad_bias, d.sum({0, 2, 3}));
+    } else {
+      auto [gw, gb] = conv_weight_grad(d, flat(in), w_cat, has_bias, g);
+      add_to(grad_w_cat, gw);
+      if (has_bias) add_to(grad_bias, gb);
+    }
     if (hoisted) {
       const Tensor gx = conv_input_grad(d, flat(in.narrow(2, 0, Cin)), weight_ih, g);
       grad_x.narrow(1, t0, n).copy_(gx.view({n, B, Cin, H, W}).transpose(0, 1));
@@ -378,17 +389,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     FASTVID_LAUNCH(lstm_backward, a, x.device());
     const Tensor inputs_t = inputs.select(0, t - t0);
     if (hoisted) {
-      dh_rec = strategy == kWinograd ? winograd_conv(d_gates_t, v_hh_grad, std::nullopt, g)
-                                     : conv_input_grad(d_gates_t, inputs_t.narrow(1, Cin, C), weight_hh, g);
+      dh_rec = conv_input_grad(d_gates_t, inputs_t.narrow(1, Cin, C), weight_hh, g);
     } else {
-      const Tensor d_inputs = conv_input_grad(d_gates_t, inputs_t, w_cat, g);
+      const Tensor d_inputs = wino ? winograd_conv(d_gates_t, v_cat_grad, std::nullopt, g)
+                                   : conv_input_grad(d_gates_t, inputs_t, w_cat, g);
       grad_x.select(1, t).copy_(d_inputs.narrow(1, 0, Cin));
       dh_rec = d_inputs.narrow(1, Cin, C);
     }
     if (dh_skip.defined()) dh_rec.add_(dh_skip);
   }
   flush_chunk(chunk_start, chunk_len);
-  Tensor grad_h0 = dh_rec.contiguous(fmt);
+  if (wino) grad_w_cat = winograd_weight_grad_finish(dV_cat, weight_ih.scalar_type());
+  // Not hoisted, dh_rec is a view into the last [grad_x_t, dh] conv output: the output gets its own storage.
+  Tensor grad_h0 = hoisted ? dh_rec.contiguous(fmt) : dh_rec.clone(fmt);
   Tensor grad_c0 = dc.to(c0.scalar_type());
   if (!has_bias) grad_bias = at::empty({0}, opts);
   grad_peephole = peephole.has_value() ? grad_peephole.to(peephole->scalar_type()) : at::empty({0}, opts);
@@ -617,6 +630,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   Tensor v_grad_h, v_grad_rz, v_grad_n;  // winograd: transformed flipped weights of the input-grad convs
   if (wino && reset_after) v_grad_h = winograd_input_grad_weights(weight_hh);
   if (wino && !reset_after) v_grad_rz = winograd_input_grad_weights(w_rz), v_grad_n = winograd_input_grad_weights(w_n);
+  // winograd: grad_x per chunk a Winograd conv too; the weight gradients summed in the Winograd domain
+  // (hh: [r, z, n] reset_after, else [r, z] and [n] apart), transformed back once at the end.
+  const Tensor v_grad_x = wino ? winograd_input_grad_weights(weight_ih) : Tensor();
+  Tensor dV_ih, dV_hh, dV_n;
+  if (wino) {
+    dV_ih = winograd_weight_grad_buffer(Cin, 3 * C, x.scalar_type());
+    dV_hh = winograd_weight_grad_buffer(C, reset_after ? 3 * C : 2 * C, x.scalar_type());
+    if (!reset_after) dV_n = winograd_weight_grad_buffer(C, C, x.scalar_type());
+  }
 
   // Chunk by chunk of consecutive steps (in reverse), as in convlstm_sequence_backward. Per chunk:
   // d(pre-activations) -- hoisted: d_x [n, B, 3C] and, for reset_after, d_h [n, B, 3C]; concat: [n, B, 4C]
@@ -641,7 +663,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     const Tensor dx = flat(d_x.narrow(0, 0, n));
     const Tensor in = inputs.narrow(0, 0, n);
     const Tensor h_in = in.narrow(2, Cin, C);  // h_{t-1}; Ballas: scaled to r·h_{t-1} below
-    if (hoisted) {
+    if (wino) {
+      grad_x.narrow(1, t0, n).copy_(winograd_conv(dx, v_grad_x, std::nullopt, g).view({n, B, Cin, H, W}).transpose(0, 1));
+      winograd_weight_grad_add(dV_ih, flat(in.narrow(2, 0, Cin)), dx);
+      if (bias_ih.has_value()) add_to(grad_b_ih, dx.sum({0, 2, 3}));
+      if (reset_after) {
+        const Tensor dh = flat(d_h.narrow(0, 0, n));
+        winograd_weight_grad_add(dV_hh, flat(h_in), dh);
+        if (bias_hh.has_value()) add_to(grad_b_hh, dh.sum({0, 2, 3}));
+      } else {
+        // In the Ballas form d(h-conv pre-activations) equal d(x-conv pre-activations).
+        winograd_weight_grad_add(dV_hh, flat(h_in), dx.narrow(1, 0, 2 * C));
+        h_in.mul_(cache.narrow(0, t0, n).narrow(2, 0, C));
+        winograd_weight_grad_add(dV_n, flat(h_in), dx.narrow(1, 2 * C, C));
+        if (bias_hh.has_value()) add_to(grad_b_hh, dx.sum({0, 2, 3}));
+      }
+    } else if (hoisted) {
       const auto grads = at::convolution_backward(dx, flat(in.narrow(2, 0, Cin)), weight_ih, at::IntArrayRef({3 * C}),
                                                   {1, 1}, g.padding, g.dilation, false, {0, 0}, 1,
                                                   {true, true, bias_ih.has_value()});
@@ -752,6 +789,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     }
   }
   flush_chunk(chunk_start, chunk_len);
+  if (wino) {
+    grad_w_ih = winograd_weight_grad_finish(dV_ih, weight_ih.scalar_type());
+    grad_w_hh = winograd_weight_grad_finish(dV_hh, weight_hh.scalar_type());
+    if (!reset_after) grad_w_hh = at::cat({grad_w_hh, winograd_weight_grad_finish(dV_n, weight_hh.scalar_type())}, 0);
+  }
   Tensor grad_h0 = dh_conv.defined() ? at::add(dh_conv, dh_direct).contiguous(fmt) : dh_direct;
 
   if (!hoisted && !reset_after && has_bias) grad_b_hh = grad_b_ih.clone();  // Ballas concat: one summed bias

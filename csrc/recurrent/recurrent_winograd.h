@@ -26,7 +26,9 @@ namespace recurrent {
 // GEMMs) are built. Measured in fp32 against an fp64 oracle (per output/gradient tensor, max error,
 // seeded ConvLSTM/ConvGRU sequences of tests/test_recurrent_winograd.py): F(4 x 4) 3-11x the error of
 // the oneDNN path (issue 12 allows 4x), F(2 x 2) 1.2-2.9x. So F(2 x 2), at 1.8x the GEMM work of
-// F(4 x 4) (4 vs 2.25 multiplies per output, against 9 direct).
+// F(4 x 4) (4 vs 2.25 multiplies per output, against 9 direct). The weight gradients
+// (winograd_weight_grad_*): F(2 x 2) 0.3-0.9x the oneDNN path's error, F(4 x 4) 1.2-2.2x for a backward
+// only ~5 % faster (ConvLSTM/ConvGRU benchmark shapes), so F(2 x 2) there too.
 constexpr int64_t kWinogradTile = 2;
 
 // Why the winograd strategy cannot run this sequence ("" when it can).
@@ -56,6 +58,15 @@ void winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, 
 
 // The same convolution written to a new [B, N, H, W] tensor in the frame layout of g.
 Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g);
+
+// Weight gradient of conv3x3(input, weight) (stride 1, padding 1) in the Winograd domain, summed over
+// calls (chunks of steps) and transformed back once. dV = dL/d(G w Gᵀ): a zeroed [alpha², K, N]
+// accumulation-type buffer (padded rows, as winograd_weights' V); winograd_weight_grad_add sums
+// Uᵀ (A dY Aᵀ) over the tiles of input [B, K, H, W] and grad_output [B, N, H, W] (any strides) into it;
+// winograd_weight_grad_finish gives dL/dw = Gᵀ dV G as [N, K, 3, 3] in dtype.
+Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype, int64_t tile = kWinogradTile);
+void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output);
+Tensor winograd_weight_grad_finish(const Tensor& dV, at::ScalarType dtype);
 
 // One LSTM step of the winograd strategy: per strip, the gate pre-activations conv(x_t, W_ih) + bias +
 // conv(h_prev, W_hh), summed in the Winograd domain (one output transform), then the gate kernel on

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #ifdef __x86_64__
 #include <immintrin.h>
 #endif
@@ -100,6 +101,17 @@ struct Job {
   Plane out;  // when fn is null: the [B, N, H·W] output plane
 };
 
+// A weight-gradient call (winograd_weight_grad_add): dV += Σ over the tiles of the input and output
+// gradient frames of U[e]ᵀ dM[e] (e the alpha² Winograd positions).
+struct WeightGradJob {
+  Job::Input in;                   // the convolution's input [B, K, H, W]; in.V unused
+  const void* grad = nullptr;      // the output gradient [B, N, H, W] with element strides:
+  int64_t gb = 0, gc = 0, gy = 0, gx = 0;
+  void* dV = nullptr;              // [alpha², K, ldv] accumulation type, accumulated into
+  int64_t ldv = 0, B = 0, N = 0, H = 0, W = 0, tile = kWinogradTile;
+  at::ScalarType dtype = at::kFloat;  // input and gradient dtype
+};
+
 }  // namespace winograd
 }  // namespace recurrent
 }  // namespace fastvid
@@ -167,7 +179,7 @@ Tensor transform_weights(const Tensor& weight) {
   const Tensor w = weight.to(at::kDouble);
   // V[a, b, k, n] = Σ_ij G[a, i] w[n, k, i, j] G[b, j]
   const int64_t N = weight.size(0), K = weight.size(1);
-  const Tensor V = at::einsum("ai,nkij,bj->abkn", {G, w, G}).reshape({A * A, K, N});
+  const Tensor V = at::matmul(at::matmul(G, w), G.t()).permute({2, 3, 1, 0}).reshape({A * A, K, N});  // 2x einsum's speed
   // Columns padded with zeros to a multiple of winograd::kColumnBlock (the GEMM kernel's widest column
   // block); the returned view has N columns and row stride Np.
   const int64_t Np = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
@@ -359,6 +371,51 @@ void winograd_gru_fused_step(const GruForwardArgs& a, const Tensor& x_t, const T
   };
   j.fn = &fn;
   run(j);
+}
+
+Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype, int64_t tile) {
+  TORCH_CHECK(tile == 4 || tile == 2, "winograd_weight_grad_buffer: tile must be 4 or 2, got ", tile);
+  const int64_t A = tile + 2;
+  const int64_t Np = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
+  return at::zeros({A * A, K, Np}, at::TensorOptions().dtype(acc_type(dtype))).narrow(2, 0, N);
+}
+
+void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output) {
+  TORCH_CHECK(input.dim() == 4 && grad_output.dim() == 4 && input.device().is_cpu() && grad_output.device().is_cpu(),
+              "winograd_weight_grad_add: input and grad_output must be [B, ., H, W] CPU tensors");
+  const int64_t A2 = dV.size(0);
+  TORCH_CHECK(dV.dim() == 3 && (A2 == 36 || A2 == 16) && dV.size(1) == input.size(1) &&
+                  dV.size(2) == grad_output.size(1) && dV.scalar_type() == acc_type(input.scalar_type()) &&
+                  dV.stride(2) == 1 && dV.stride(1) % winograd::kColumnBlock == 0 &&
+                  dV.stride(0) == dV.size(1) * dV.stride(1),
+              "winograd_weight_grad_add: dV must come from winograd_weight_grad_buffer(K, N)");
+  TORCH_CHECK(grad_output.size(0) == input.size(0) && grad_output.size(2) == input.size(2) &&
+                  grad_output.size(3) == input.size(3) && grad_output.scalar_type() == input.scalar_type(),
+              "winograd_weight_grad_add: input and grad_output must agree in B, H, W and dtype");
+  winograd::WeightGradJob j;
+  j.in.data = input.data_ptr();
+  j.in.sb = input.stride(0), j.in.sc = input.stride(1), j.in.sy = input.stride(2), j.in.sx = input.stride(3);
+  j.in.K = input.size(1);
+  j.grad = grad_output.data_ptr();
+  j.gb = grad_output.stride(0), j.gc = grad_output.stride(1), j.gy = grad_output.stride(2),
+  j.gx = grad_output.stride(3);
+  j.dV = dV.data_ptr();
+  j.ldv = dV.stride(1);
+  j.B = input.size(0), j.N = grad_output.size(1), j.H = input.size(2), j.W = input.size(3);
+  j.tile = A2 == 36 ? 4 : 2;
+  j.dtype = input.scalar_type();
+  FASTVID_ISA_CALL(recurrent, winograd_weight_grad_kernel(j));
+}
+
+Tensor winograd_weight_grad_finish(const Tensor& dV, at::ScalarType dtype) {
+  // dV = dL/d(G w Gᵀ), so dL/dw = Gᵀ dV G (in fp64, as the forward's transform).
+  const int64_t A = dV.size(0) == 36 ? 6 : 4, K = dV.size(1), N = dV.size(2);
+  const Tensor G = at::empty({A, 3}, at::TensorOptions().dtype(at::kDouble));
+  for (int a = 0; a < A; ++a)
+    for (int i = 0; i < 3; ++i)
+      G[a][i] = A == 6 ? winograd::Matrices<4>::G[a][i] : winograd::Matrices<2>::G[a][i];
+  const Tensor dv = dV.to(at::kDouble).reshape({A, A, K, N});
+  return at::einsum("ai,abkn,bj->nkij", {G, dv, G}).to(dtype).contiguous();
 }
 
 }  // namespace recurrent
@@ -682,6 +739,208 @@ void winograd_conv_kernel(const winograd::Job& j) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, j.dtype, "winograd_conv_cpu", [&] {
     if (j.tile == 4) winograd_conv_impl<4, scalar_t>(j);
     else winograd_conv_impl<2, scalar_t>(j);
+  });
+}
+
+// ---------------------------------------------------------------- weight gradient
+// The transpose of the forward's three steps: per group of strips, the input transform U [alpha²,
+// tiles, K] (as the forward's step 1), the output-gradient transform dM = A dY Aᵀ [alpha², tiles, Np]
+// of each m x m gradient tile, and alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ dM[e] summing over the tiles.
+// Each worker sums into its own dV, added to the job's under a lock at its end.
+namespace {
+
+// C [K, ldc] += Uᵀ A-rows: C[k, :] += Σ_p u[p·ldu + k] b[p·ldb, :] over P rows of b; MR rows of C x 2
+// vectors of accumulators, u broadcast (a tile's K values are contiguous), b streamed row by row.
+template <typename T, int MR>
+inline void gemm_tn_block(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t P) {
+  using V = typename VecOf<T>::type;
+  constexpr int L = FASTVID_VEC_BYTES / sizeof(T);
+  V acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    std::memcpy(&acc0[i], c + i * ldc, sizeof(V));
+    std::memcpy(&acc1[i], c + i * ldc + L, sizeof(V));
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    V b0, b1;
+    std::memcpy(&b0, b + p * ldb, sizeof(V));
+    std::memcpy(&b1, b + p * ldb + L, sizeof(V));
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const V ai = V{} + u[p * ldu + i];
+      acc0[i] = fmadd(ai, b0, acc0[i]);
+      acc1[i] = fmadd(ai, b1, acc1[i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    std::memcpy(c + i * ldc, &acc0[i], sizeof(V));
+    std::memcpy(c + i * ldc + L, &acc1[i], sizeof(V));
+  }
+}
+
+template <typename T, int MR>
+inline void gemm_tn_rows(int rows, const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t P) {
+  if constexpr (MR > 0) {
+    if (rows == MR) gemm_tn_block<T, MR>(u, ldu, b, ldb, c, ldc, P);
+    else gemm_tn_rows<T, MR - 1>(rows, u, ldu, b, ldb, c, ldc, P);
+  }
+}
+
+// C [K, ldb] += U [P, K]ᵀ (row stride ldu) x B [P, ldb], all ldb columns (a multiple of kColumnBlock).
+template <typename T>
+void gemm_tn(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t K, int64_t P) {
+  constexpr int64_t NR = 2 * FASTVID_VEC_BYTES / sizeof(T);
+  for (int64_t n0 = 0; n0 < ldb; n0 += NR) {
+    int64_t k0 = 0;
+    for (; k0 + kRows <= K; k0 += kRows) gemm_tn_block<T, kRows>(u + k0, ldu, b + n0, ldb, c + k0 * ldb + n0, ldb, P);
+    if (k0 < K) gemm_tn_rows<T, kRows - 1>(static_cast<int>(K - k0), u + k0, ldu, b + n0, ldb, c + k0 * ldb + n0, ldb, P);
+  }
+}
+
+template <int M, typename scalar_t>
+void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Mat = winograd::Matrices<M>;
+  constexpr int A = Mat::A;
+  const winograd::Job::Input& in = j.in;
+  const int64_t K = in.K, N = j.N, H = j.H, W = j.W, Np = j.ldv;
+  const int64_t tiles_h = (H + M - 1) / M, tiles_w = (W + M - 1) / M;
+  const int64_t Wt = tiles_w * M, Wp = Wt + 2;
+  const int64_t strips = j.B * tiles_h;
+  const int64_t per_group = std::max<int64_t>(1, kGroupTiles / tiles_w);
+  const int64_t groups = (strips + per_group - 1) / per_group;
+  std::mutex sum_lock;
+
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    const int64_t max_tiles = per_group * tiles_w;
+    std::vector<acc_t> D(A * Wp * K);             // padded input rows of one strip, channels innermost
+    std::vector<acc_t> Gs(M * Wt * N);            // gradient rows of one strip (zero past H, W), channels innermost
+    std::vector<acc_t> U_buf(A * A * (max_tiles * K + kSlicePad));
+    std::vector<acc_t> M_buf(A * A * (max_tiles * Np + kSlicePad), acc_t(0));  // columns >= N stay 0
+    std::vector<acc_t> dV(A * A * K * Np, acc_t(0));
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
+      const int64_t P = (s1 - s0) * tiles_w;
+      const int64_t su = P * K + kSlicePad, sm = P * Np + kSlicePad;
+      acc_t* U = U_buf.data();
+      acc_t* Mm = M_buf.data();
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
+        // ---- 1. gather + input transform Bᵀ d B (the forward's step 1)
+        const scalar_t* in_b = static_cast<const scalar_t*>(in.data) + b * in.sb;
+        for (int r = 0; r < A; ++r) {
+          acc_t* row = D.data() + r * Wp * K;
+          const int64_t y = y0 - 1 + r;
+          if (y < 0 || y >= H) {
+            std::fill(row, row + Wp * K, acc_t(0));
+            continue;
+          }
+          std::fill(row, row + K, acc_t(0));
+          std::fill(row + (W + 1) * K, row + Wp * K, acc_t(0));
+          const scalar_t* src = in_b + y * in.sy;
+          if (in.sc <= in.sx) {
+            for (int64_t x = 0; x < W; ++x)
+              for (int64_t k = 0; k < K; ++k) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
+          } else {
+            for (int64_t k = 0; k < K; ++k)
+              for (int64_t x = 0; x < W; ++x) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
+          }
+        }
+        for (int64_t tx = 0; tx < tiles_w; ++tx) {
+          const acc_t* d0 = D.data() + tx * M * K;
+          acc_t* u0 = U + ((s - s0) * tiles_w + tx) * K;
+#pragma GCC ivdep
+          for (int64_t k = 0; k < K; ++k) {
+            acc_t d[A][A], t[A][A];
+#pragma GCC unroll 8
+            for (int r = 0; r < A; ++r)
+#pragma GCC unroll 8
+              for (int c = 0; c < A; ++c) d[r][c] = d0[(r * Wp + c) * K + k];
+#pragma GCC unroll 8
+            for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+              for (int c = 0; c < A; ++c) {
+                acc_t v = 0;
+#pragma GCC unroll 8
+                for (int r = 0; r < A; ++r)
+                  if (Mat::BT[i][r] != 0) v += acc_t(Mat::BT[i][r]) * d[r][c];
+                t[i][c] = v;
+              }
+#pragma GCC unroll 8
+            for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+              for (int jj = 0; jj < A; ++jj) {
+                acc_t v = 0;
+#pragma GCC unroll 8
+                for (int c = 0; c < A; ++c)
+                  if (Mat::BT[jj][c] != 0) v += t[i][c] * acc_t(Mat::BT[jj][c]);
+                u0[(i * A + jj) * su + k] = v;
+              }
+          }
+        }
+        // ---- 2. gather the strip's gradient rows, transform dM = A dY Aᵀ of each tile
+        const scalar_t* g_b = static_cast<const scalar_t*>(j.grad) + b * j.gb;
+        std::fill(Gs.begin(), Gs.end(), acc_t(0));
+        for (int64_t r = 0; r < std::min<int64_t>(M, H - y0); ++r) {
+          acc_t* row = Gs.data() + r * Wt * N;
+          const scalar_t* src = g_b + (y0 + r) * j.gy;
+          if (j.gc <= j.gx) {
+            for (int64_t x = 0; x < W; ++x)
+              for (int64_t n = 0; n < N; ++n) row[x * N + n] = static_cast<acc_t>(src[x * j.gx + n * j.gc]);
+          } else {
+            for (int64_t n = 0; n < N; ++n)
+              for (int64_t x = 0; x < W; ++x) row[x * N + n] = static_cast<acc_t>(src[x * j.gx + n * j.gc]);
+          }
+        }
+        for (int64_t tx = 0; tx < tiles_w; ++tx) {
+          const acc_t* g0p = Gs.data() + tx * M * N;
+          acc_t* m0 = Mm + ((s - s0) * tiles_w + tx) * Np;
+#pragma GCC ivdep
+          for (int64_t n = 0; n < N; ++n) {
+            acc_t dy[M][M], t[A][M];
+#pragma GCC unroll 8
+            for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+              for (int c = 0; c < M; ++c) dy[i][c] = g0p[(i * Wt + c) * N + n];
+#pragma GCC unroll 8
+            for (int r = 0; r < A; ++r)  // t = A dY: t[r][c] = Σ_i AT[i][r] dY[i][c]
+#pragma GCC unroll 8
+              for (int c = 0; c < M; ++c) {
+                acc_t v = 0;
+#pragma GCC unroll 8
+                for (int i = 0; i < M; ++i)
+                  if (Mat::AT[i][r] != 0) v += acc_t(Mat::AT[i][r]) * dy[i][c];
+                t[r][c] = v;
+              }
+#pragma GCC unroll 8
+            for (int r = 0; r < A; ++r)  // dM = t Aᵀ: dM[r][c] = Σ_i t[r][i] AT[i][c]
+#pragma GCC unroll 8
+              for (int c = 0; c < A; ++c) {
+                acc_t v = 0;
+#pragma GCC unroll 8
+                for (int i = 0; i < M; ++i)
+                  if (Mat::AT[i][c] != 0) v += t[r][i] * acc_t(Mat::AT[i][c]);
+                m0[(r * A + c) * sm + n] = v;
+              }
+          }
+        }
+      }
+      // ---- 3. alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ [K, P] dM[e] [P, Np]
+      for (int e = 0; e < A * A; ++e) gemm_tn<acc_t>(U + e * su, K, Mm + e * sm, Np, dV.data() + e * K * Np, K, P);
+    }
+    const std::lock_guard<std::mutex> hold(sum_lock);
+    acc_t* out = static_cast<acc_t*>(j.dV);
+    for (int64_t i = 0; i < A * A * K * Np; ++i) out[i] += dV[i];
+  });
+}
+
+}  // namespace
+
+void winograd_weight_grad_kernel(const winograd::WeightGradJob& j) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, j.dtype, "winograd_weight_grad_cpu", [&] {
+    if (j.tile == 4) winograd_weight_grad_impl<4, scalar_t>(j);
+    else winograd_weight_grad_impl<2, scalar_t>(j);
   });
 }
 
