@@ -1,0 +1,114 @@
+// fp32 tile products of the attention kernels, register-blocked at the active path's vector width.
+// Included once per ISA path by attention_cpu.cpp (through cpu_isa_each.h, inside
+// fastvid::attention::{anonymous}): FASTVID_ISA names the namespace, FASTVID_VEC_BYTES the width.
+// No include guard.
+//
+// Why our own: MKL's sgemm runs its AVX2 kernel on the AMD CPUs measured here (~52 GFMA/s per core
+// against a measured 133 at 512 bits), and PyTorch's SDPA uses that same sgemm for its tiles.
+//
+// C [m×n] = alpha · A B (+ C when accumulate). A element (i, kk) at a[i·rsa + kk·csa] (row-major
+// A: csa = 1; a transposed operand: rsa = 1); B is row-major, element (kk, j) at b[kk·ldb + j];
+// C row-major with row stride ldc. Per block of kGemmRows rows, A is packed k-major (so the
+// micro-kernel broadcasts from one stream whatever A's layout), then the block runs across B's
+// columns kGemmVecs vectors at a time: kGemmRows × kGemmVecs accumulators, B streamed row by row.
+namespace FASTVID_ISA {
+
+typedef float gemm_vec __attribute__((vector_size(FASTVID_VEC_BYTES)));
+constexpr int kGemmLanes = FASTVID_VEC_BYTES / int(sizeof(float));
+
+#if FASTVID_VEC_BYTES == 64
+inline gemm_vec gemm_fma(gemm_vec a, gemm_vec b, gemm_vec c) {
+  return (gemm_vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+constexpr int kGemmRows = 12, kGemmVecs = 2;  // 24 of the 32 vector registers accumulate
+#elif FASTVID_VEC_BYTES == 32
+inline gemm_vec gemm_fma(gemm_vec a, gemm_vec b, gemm_vec c) {
+  return (gemm_vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+}
+constexpr int kGemmRows = 6, kGemmVecs = 2;  // 12 of 16
+#else
+inline gemm_vec gemm_fma(gemm_vec a, gemm_vec b, gemm_vec c) { return a * b + c; }
+constexpr int kGemmRows = 6, kGemmVecs = 2;
+#endif
+constexpr int kGemmCols = kGemmVecs * kGemmLanes;
+
+// acc [kGemmRows × kGemmCols] = Apack Bpanel over k: apack k-major (kGemmRows per kk), b row stride ldb.
+// Full tiles (rows == kGemmRows, all columns) are written to c directly; others through `tile`.
+inline void gemm_micro(int64_t k, const float* __restrict apack, const float* __restrict b, int64_t ldb,
+                       float alpha, bool accumulate, float* c, int64_t ldc, int rows, int cols) {
+  gemm_vec acc[kGemmRows][kGemmVecs];
+#pragma GCC unroll 16
+  for (int i = 0; i < kGemmRows; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < kGemmVecs; ++v) acc[i][v] = gemm_vec{};
+  for (int64_t kk = 0; kk < k; ++kk) {
+    gemm_vec bv[kGemmVecs];
+#pragma GCC unroll 4
+    for (int v = 0; v < kGemmVecs; ++v) std::memcpy(&bv[v], b + kk * ldb + v * kGemmLanes, sizeof(gemm_vec));
+    const float* ak = apack + kk * kGemmRows;
+#pragma GCC unroll 16
+    for (int i = 0; i < kGemmRows; ++i) {
+      const gemm_vec ai = gemm_vec{} + ak[i];
+#pragma GCC unroll 4
+      for (int v = 0; v < kGemmVecs; ++v) acc[i][v] = gemm_fma(ai, bv[v], acc[i][v]);
+    }
+  }
+  const gemm_vec alpha_v = gemm_vec{} + alpha;
+  if (rows == kGemmRows && cols == kGemmCols) {
+#pragma GCC unroll 16
+    for (int i = 0; i < kGemmRows; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < kGemmVecs; ++v) {
+        float* dst = c + i * ldc + v * kGemmLanes;
+        gemm_vec r = acc[i][v] * alpha_v;
+        if (accumulate) {
+          gemm_vec old;
+          std::memcpy(&old, dst, sizeof(gemm_vec));
+          r += old;
+        }
+        std::memcpy(dst, &r, sizeof(gemm_vec));
+      }
+    return;
+  }
+  float tile[kGemmRows][kGemmCols];
+  std::memcpy(tile, acc, sizeof(tile));
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) {
+      const float r = tile[i][j] * alpha;
+      c[i * ldc + j] = accumulate ? c[i * ldc + j] + r : r;
+    }
+}
+
+inline void tile_gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t rsa, int64_t csa,
+                      const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  // Per-thread scratch: the packed A block, and B's last (partial) column panel zero-padded.
+  thread_local std::vector<float> apack, bpad;
+  apack.resize(size_t(k) * kGemmRows);
+  const int64_t n_full = n - n % kGemmCols;
+  if (n_full < n) bpad.assign(size_t(k) * kGemmCols, 0.0f);
+  for (int64_t i0 = 0; i0 < m; i0 += kGemmRows) {
+    const int rows = int(std::min<int64_t>(kGemmRows, m - i0));
+    float* ap = apack.data();
+    const float* ai = a + i0 * rsa;
+    if (csa == 1) {
+      for (int i = 0; i < rows; ++i)
+        for (int64_t kk = 0; kk < k; ++kk) ap[kk * kGemmRows + i] = ai[i * rsa + kk];
+    } else {
+      for (int64_t kk = 0; kk < k; ++kk)
+        for (int i = 0; i < rows; ++i) ap[kk * kGemmRows + i] = ai[i * rsa + kk * csa];
+    }
+    for (int i = rows; i < kGemmRows; ++i)
+      for (int64_t kk = 0; kk < k; ++kk) ap[kk * kGemmRows + i] = 0.0f;
+    float* ci = c + i0 * ldc;
+    for (int64_t j0 = 0; j0 < n_full; j0 += kGemmCols)
+      gemm_micro(k, ap, b + j0, ldb, alpha, accumulate, ci + j0, ldc, rows, kGemmCols);
+    if (n_full < n) {
+      const int cols = int(n - n_full);
+      if (i0 == 0)
+        for (int64_t kk = 0; kk < k; ++kk) std::memcpy(&bpad[kk * kGemmCols], b + kk * ldb + n_full, cols * sizeof(float));
+      gemm_micro(k, ap, bpad.data(), kGemmCols, alpha, accumulate, ci + n_full, ldc, rows, cols);
+    }
+  }
+}
+
+}  // namespace FASTVID_ISA
