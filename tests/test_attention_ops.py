@@ -22,12 +22,17 @@ OPS = torch.ops.fastvid
 
 # (B, N, M, D, Dv): the CPU kernel's tiles are 128 queries × 512 keys, so these cover one and several
 # tiles in each direction, partial last tiles, N = M = 1, D != Dv, D not a multiple of the SIMD width.
+# The fp32 tile GEMM (attention_cpu_gemm.h) works in blocks of 12 (AVX-512) / 6 rows × 2 vectors of
+# columns: the last two shapes put partial row blocks and partial column panels (one vector and
+# less) in every product at the head dims 128 and 32.
 SHAPES = [
     (2, 70, 600, 17, 9),
     (1, 1, 1, 3, 2),
     (1, 300, 37, 8, 5),
     (2, 129, 513, 64, 32),
     (1, 5, 1030, 256, 256),
+    (1, 131, 520, 128, 48),
+    (3, 25, 45, 32, 128),
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]

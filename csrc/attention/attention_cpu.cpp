@@ -10,8 +10,9 @@
 //   Backward: grad_out [B, N, Dv] (row-major or transposed, like q), grad_lse [B, N] or absent ->
 //     grad_q/k/v contiguous like q/k/v.
 //
-// Work: the products of a query block with a key block are GEMMs through the BLAS that torch loaded
-// (MKL's sgemm_/dgemm_/gemm_bf16bf16f32_, AMX/AVX-512 where the CPU has them), the softmax update
+// Work: the products of a query block with a key block are GEMMs: fp32 on the AVX-512 / AVX2 paths
+// through our register-blocked kernel (attention_cpu_gemm.h), otherwise through the BLAS that torch
+// loaded (MKL's sgemm_/dgemm_/gemm_bf16bf16f32_); the softmax update
 // between them a vectorised loop. Forward: tasks = (batch, query block), each keeps its running row
 // max m, row sum l and an fp32 output accumulator. Backward: the same tasks recompute P from lse,
 // dP = dO vᵀ, dS = P ∘ (dP - delta) with delta = rowsum(dO ∘ O) - grad_lse, and accumulate
@@ -30,6 +31,10 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "../cpu_isa.h"
 #include "../fastvid_common.h"
@@ -54,21 +59,45 @@ namespace {
 // 64-256 × 256-512 all measured within noise of each other (fp32 forward+backward at 96-98 % of the
 // single-core sgemm rate on this tile shape; 85 % of the samples in MKL's sgemm kernel, 10 % in its
 // operand packing, 3 % in the softmax passes). MKL's packed API (K/V tiles packed once per batch)
-// measured slower: forward 76 ms against 52 ms.
+// measured slower: forward 76 ms against 52 ms. (Measured with MKL's sgemm; with tile_gemm, key
+// blocks of 256 and 512 measured within noise of each other.)
 constexpr int64_t kQueryBlock = 128, kKeyBlock = 512;
+// Row stride of the score tiles: with 2 KiB (512 floats) the GEMMs that read a tile transposed would
+// walk one column of it through the same few L1 sets.
+constexpr int64_t kScoreLd = kKeyBlock + 16;
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;  // float for float/bf16, double for double
 
 // ---------------------------------------------------------------------------------------- GEMM
-// Row-major C[m×n] = alpha · op(A) · op(B) + beta · C (C in the accumulation type). op(A) is the m×k
-// matrix at a (row stride lda), or with trans_a the transpose of the k×m matrix at a; same for B.
-// In column-major BLAS terms that is Cᵀ = op(B)ᵀ op(A)ᵀ: the operands swap, the flags pass through.
+// tile_gemm, per ISA path: our register-blocked fp32 kernel (attention_cpu_gemm.h).
+#define FASTVID_ISA_SOURCE "attention/attention_cpu_gemm.h"
+#include "../cpu_isa_each.h"
+#undef FASTVID_ISA_SOURCE
+
+// fp32 tiles run through tile_gemm on the vector paths (AVX-512 measured 2x MKL's sgemm rate on the
+// tile shapes, AVX2 at par); the baseline path, fp64 and bf16 keep the BLAS (at SSE2 width without
+// FMA ours is far slower). Decided once per kernel call: the operands' layouts depend on it.
 template <typename scalar_t>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_type<scalar_t> alpha,
+bool use_own_gemm() {
+  return std::is_same_v<scalar_t, float> && cpu_isa::active() != cpu_isa::Isa::baseline;
+}
+
+// Row-major C[m×n] = alpha · op(A) · op(B) + beta · C (C in the accumulation type, beta 0 or 1). op(A)
+// is the m×k matrix at a (row stride lda), or with trans_a the transpose of the k×m matrix at a; same
+// for B. With `own` (use_own_gemm) and a row-major op(B), tile_gemm; otherwise the BLAS, where in
+// column-major terms Cᵀ = op(B)ᵀ op(A)ᵀ: the operands swap, the flags pass through.
+template <typename scalar_t>
+void gemm(bool own, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_type<scalar_t> alpha,
           const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, acc_type<scalar_t> beta,
           acc_type<scalar_t>* c, int64_t ldc) {
   using acc_t = acc_type<scalar_t>;
+  TORCH_INTERNAL_ASSERT(beta == acc_t(0) || beta == acc_t(1));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (own && !trans_b)
+      return FASTVID_ISA_CALL(attention, tile_gemm(m, n, k, alpha, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb,
+                                                   beta != 0.0f, c, ldc));
+  }
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
   const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -104,17 +133,28 @@ struct Operand {
   }
 };
 
+bool is_row_major(const at::Tensor& t) {
+  return t.stride(2) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(2));
+}
+
 // A usable stride pattern, or a contiguous copy.
 at::Tensor as_operand_layout(const at::Tensor& t) {
-  const bool row_major = t.stride(2) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(2));
+  const bool row_major = is_row_major(t);
   const bool transposed = t.stride(1) == 1 && t.stride(2) >= std::max<int64_t>(1, t.size(1));
   return (row_major || transposed) ? t : t.contiguous();
 }
 
 template <typename scalar_t>
 Operand<scalar_t> operand(const at::Tensor& t) {
-  const bool row_major = t.stride(2) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(2));
+  const bool row_major = is_row_major(t);
   return {t.data_ptr<scalar_t>(), t.stride(0), row_major ? t.stride(1) : t.stride(2), !row_major};
+}
+
+// t (an as_operand_layout tensor) as a row-major or a transposed operand, copied if it is not one
+// already: tile_gemm needs its B row-major, so e.g. S = Q Kᵀ reads K transposed.
+at::Tensor in_layout(const at::Tensor& t, bool transposed) {
+  if (is_row_major(t) != transposed) return t;
+  return transposed ? t.transpose(1, 2).contiguous().transpose(1, 2) : t.contiguous();
 }
 
 // ---------------------------------------------------------------------------------------- row math
@@ -297,16 +337,19 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
                     const Sizes& sz, at::Tensor& out_t, at::Tensor& lse_t) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kLowPrecision = !std::is_same_v<scalar_t, acc_t>;
-  const auto q = operand<scalar_t>(q_t), k = operand<scalar_t>(k_t), v = operand<scalar_t>(v_t);
+  // K and V in the layouts their products read them as B (row-major op(B) for tile_gemm).
+  const bool own = use_own_gemm<scalar_t>();
+  const at::Tensor k_s = own ? in_layout(k_t, true) : k_t, v_pv = own ? in_layout(v_t, false) : v_t;
+  const auto q = operand<scalar_t>(q_t), k = operand<scalar_t>(k_s), v = operand<scalar_t>(v_pv);
   scalar_t* out = out_t.data_ptr<scalar_t>();
   acc_t* lse = lse_t.data_ptr<acc_t>();
   const acc_t scale_log2 = acc_t(scale_d * kLog2e);  // scores in log2 units
   const int64_t query_blocks = (sz.N + kQueryBlock - 1) / kQueryBlock;
 
   at::parallel_for(0, sz.B * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scores(kQueryBlock * kKeyBlock), out_acc(kQueryBlock * sz.Dv);
+    std::vector<acc_t> scores(kQueryBlock * kScoreLd), out_acc(kQueryBlock * sz.Dv);
     std::vector<acc_t> row_max(kQueryBlock), row_sum(kQueryBlock);
-    std::vector<scalar_t> probs_low(kLowPrecision ? kQueryBlock * kKeyBlock : 0);
+    std::vector<scalar_t> probs_low(kLowPrecision ? kQueryBlock * kScoreLd : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / query_blocks, i0 = (task % query_blocks) * kQueryBlock;
       const int64_t rows = std::min(kQueryBlock, sz.N - i0);
@@ -316,16 +359,16 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
       for (int64_t j0 = 0; j0 < sz.M; j0 += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, sz.M - j0);
         // S = log2 e · scale · Q_i K_jᵀ
-        gemm<scalar_t>(q.transposed, !k.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld, k.block(b, j0),
-                       k.ld, acc_t(0), scores.data(), kKeyBlock);
+        gemm<scalar_t>(own, q.transposed, !k.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld, k.block(b, j0),
+                       k.ld, acc_t(0), scores.data(), kScoreLd);
         scalar_t* probs;
         if constexpr (kLowPrecision) probs = probs_low.data();
         else probs = scores.data();
         for (int64_t r = 0; r < rows; ++r)
-          FASTVID_ISA_CALL(attention, softmax_tile_row(scores.data() + r * kKeyBlock, cols, row_max[r], row_sum[r],
-                                                       out_acc.data() + r * sz.Dv, sz.Dv, probs + r * kKeyBlock));
+          FASTVID_ISA_CALL(attention, softmax_tile_row(scores.data() + r * kScoreLd, cols, row_max[r], row_sum[r],
+                                                       out_acc.data() + r * sz.Dv, sz.Dv, probs + r * kScoreLd));
         // O_i += P V_j
-        gemm<scalar_t>(false, v.transposed, rows, sz.Dv, cols, acc_t(1), probs, kKeyBlock, v.block(b, j0), v.ld,
+        gemm<scalar_t>(own, false, v.transposed, rows, sz.Dv, cols, acc_t(1), probs, kScoreLd, v.block(b, j0), v.ld,
                        acc_t(1), out_acc.data(), sz.Dv);
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -380,7 +423,13 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
                      at::Tensor& grad_v_t) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kLowPrecision = !std::is_same_v<scalar_t, acc_t>;
-  const auto q = operand<scalar_t>(q_t), k = operand<scalar_t>(k_t), v = operand<scalar_t>(v_t);
+  // Q, K and V in the layouts their products read them as B (row-major op(B) for tile_gemm): Q for
+  // dK, K transposed for S and row-major for dQ, V transposed for dP.
+  const bool own = use_own_gemm<scalar_t>();
+  const at::Tensor q_dk = own ? in_layout(q_t, false) : q_t, k_s = own ? in_layout(k_t, true) : k_t,
+                   k_dq = own ? in_layout(k_t, false) : k_t, v_dp = own ? in_layout(v_t, true) : v_t;
+  const auto q = operand<scalar_t>(q_dk), k_for_s = operand<scalar_t>(k_s), k = operand<scalar_t>(k_dq),
+             v = operand<scalar_t>(v_dp);
   const auto grad_out = operand<scalar_t>(grad_out_t);
   const scalar_t* out = out_t.data_ptr<scalar_t>();
   const acc_t* lse = lse_t.data_ptr<acc_t>();
@@ -398,10 +447,10 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
   std::vector<std::vector<acc_t>> grad_k_acc(ranges), grad_v_acc(ranges);
 
   at::parallel_for(0, ranges, 1, [&](int64_t range_lo, int64_t range_hi) {
-    std::vector<acc_t> scores(kQueryBlock * kKeyBlock), dscores(kQueryBlock * kKeyBlock);
+    std::vector<acc_t> scores(kQueryBlock * kScoreLd), dscores(kQueryBlock * kScoreLd);
     // fp32/fp64: the GEMMs read P and dS from scores/dscores; bf16: from rounded copies.
-    std::vector<scalar_t> probs_low(kLowPrecision ? kQueryBlock * kKeyBlock : 0);
-    std::vector<scalar_t> dscores_low(kLowPrecision ? kQueryBlock * kKeyBlock : 0);
+    std::vector<scalar_t> probs_low(kLowPrecision ? kQueryBlock * kScoreLd : 0);
+    std::vector<scalar_t> dscores_low(kLowPrecision ? kQueryBlock * kScoreLd : 0);
     scalar_t *probs, *dprobs;
     if constexpr (kLowPrecision) probs = probs_low.data(), dprobs = dscores_low.data();
     else probs = scores.data(), dprobs = dscores.data();
@@ -446,21 +495,21 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
         for (int64_t j0 = 0; j0 < sz.M; j0 += kKeyBlock) {
           const int64_t cols = std::min(kKeyBlock, sz.M - j0);
           // S = log2 e · scale · Q_i K_jᵀ ; dP = dO_i V_jᵀ
-          gemm<scalar_t>(q.transposed, !k.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld,
-                         k.block(b, j0), k.ld, acc_t(0), scores.data(), kKeyBlock);
-          gemm<scalar_t>(false, !v.transposed, rows, cols, sz.Dv, acc_t(1), dO, sz.Dv, v.block(b, j0), v.ld,
-                         acc_t(0), dscores.data(), kKeyBlock);
+          gemm<scalar_t>(own, q.transposed, !k_for_s.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld,
+                         k_for_s.block(b, j0), k_for_s.ld, acc_t(0), scores.data(), kScoreLd);
+          gemm<scalar_t>(own, false, !v.transposed, rows, cols, sz.Dv, acc_t(1), dO, sz.Dv, v.block(b, j0), v.ld,
+                         acc_t(0), dscores.data(), kScoreLd);
           for (int64_t r = 0; r < rows; ++r)
-            FASTVID_ISA_CALL(attention, softmax_grad_tile_row(scores.data() + r * kKeyBlock,
-                                                              dscores.data() + r * kKeyBlock, cols, lse2_hi[r],
-                                                              lse2_lo[r], delta[r], scale, probs + r * kKeyBlock,
-                                                              dprobs + r * kKeyBlock));
+            FASTVID_ISA_CALL(attention, softmax_grad_tile_row(scores.data() + r * kScoreLd,
+                                                              dscores.data() + r * kScoreLd, cols, lse2_hi[r],
+                                                              lse2_lo[r], delta[r], scale, probs + r * kScoreLd,
+                                                              dprobs + r * kScoreLd));
           // dV_j += Pᵀ dO_i ; dK_j += dSᵀ Q_i ; dQ_i += dS K_j   (dS carries the scale)
-          gemm<scalar_t>(true, false, cols, sz.Dv, rows, acc_t(1), probs, kKeyBlock, dO, sz.Dv, acc_t(1),
+          gemm<scalar_t>(own, true, false, cols, sz.Dv, rows, acc_t(1), probs, kScoreLd, dO, sz.Dv, acc_t(1),
                          gv_b + j0 * sz.Dv, sz.Dv);
-          gemm<scalar_t>(true, q.transposed, cols, sz.D, rows, acc_t(1), dprobs, kKeyBlock,
+          gemm<scalar_t>(own, true, q.transposed, cols, sz.D, rows, acc_t(1), dprobs, kScoreLd,
                          q.block(b, i0), q.ld, acc_t(1), gk_b + j0 * sz.D, sz.D);
-          gemm<scalar_t>(false, k.transposed, rows, sz.D, cols, acc_t(1), dprobs, kKeyBlock,
+          gemm<scalar_t>(own, false, k.transposed, rows, sz.D, cols, acc_t(1), dprobs, kScoreLd,
                          k.block(b, j0), k.ld, acc_t(1), grad_q_acc.data(), sz.D);
         }
         scalar_t* gq = grad_q + (b * sz.N + i0) * sz.D;

@@ -19,8 +19,10 @@
   served from the heap); ``peak_allocated`` rows give the tensors' own peak (profiler, in process).
 * FLOP rate (op level): each provider's time row carries ``gflop_per_s`` = :func:`attention_flops`
   / median time and ``fraction_of_sgemm``, that rate over the machine's best fp32 GEMM rate on the
-  kernel's tile shapes measured in the same run (:func:`sgemm_rate`): how close a provider is to
-  the bound of a GEMM-bound op (every flash-style provider does the same GEMM FLOPs).
+  kernel's tile shapes measured in the same run (:func:`sgemm_rate`, torch's BLAS): how a provider
+  compares with the BLAS rate that bounds a GEMM-bound op built on it (every flash-style provider
+  does the same GEMM FLOPs). fastvid's fp32 tiles on the AVX-512/AVX2 paths run its own GEMM, not
+  the BLAS, so its fraction can exceed 1 (on AMD CPUs MKL's sgemm runs its AVX2 kernel).
 * :data:`MEMORY_BUDGET_MIB`: the budget the largest cases are judged against (the report's
   ``fits budget`` note: naive over it, fastvid under it).
 """
