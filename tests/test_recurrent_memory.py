@@ -1,12 +1,13 @@
 """What a fastvid ConvLSTM/ConvGRU sequence keeps alive for backward (issue 12, memory below native).
 
-Backward provably needs, besides the call's inputs and the output the user holds, the activated
-gates of every step and, for the LSTM, the cell states: per frame 4C values in the input dtype plus C
-in the accumulation type (LSTM), 4C in the input dtype (GRU: r, z, n and the hidden conv's n part).
-Everything autograd saves for the sequence op is counted (distinct storages, via
-saved_tensors_hooks) except the inputs and the returned tensors; that total must not exceed the
-bound. Copies of [x_t, h_{t-1}] (the concat workspace), of the output, or gradients of the whole
-sequence kept for backward fail it.
+Backward keeps, besides the call's inputs and the output the user holds, per frame: LSTM the
+activated i, f, o (3C, input dtype) and the cell state (C, accumulation type) -- g is recomputed
+from [x_t, h_{t-1}] with one C-output conv per chunk, from the g-gate bias kept as one [C] vector --;
+GRU r, z, n (3C) -- reset_after's h_n = U_n*h_{t-1} + b_hn is recomputed likewise. Everything
+autograd saves for the sequence op is counted (distinct storages, via saved_tensors_hooks) except
+the inputs and the returned tensors; that total must not exceed the bound. A fourth gate per frame
+(the former 4C cache), copies of [x_t, h_{t-1}] (the concat workspace), of the output, or gradients
+of the whole sequence kept for backward fail it.
 """
 import pytest
 import torch
@@ -40,9 +41,9 @@ def _needed_bytes(kind, x, C, dtype):
     B, T, _, H, W = x.shape
     frames = B * T * H * W
     acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    if kind == "lstm":
-        return frames * (4 * C * dtype.itemsize + C * acc.itemsize) + 2 * ALIGN
-    return frames * 4 * C * dtype.itemsize + ALIGN
+    if kind == "lstm":  # + the g-gate bias, one [C] vector padded to ALIGN
+        return frames * (3 * C * dtype.itemsize + C * acc.itemsize) + 2 * ALIGN + -(-C * dtype.itemsize // ALIGN) * ALIGN
+    return frames * 3 * C * dtype.itemsize + ALIGN
 
 
 # The three configs are 3x3 with dilation 1, so every strategy (winograd included) runs them.
@@ -126,3 +127,36 @@ def test_lengths_across_chunks_match_each_sample_alone(config, reverse, strategy
         assert_full_precision(got[1 + k], torch.cat(s), f"state {k}", ulps=RECURRENT_ULPS)
     for name, a, e in zip(names, grads, expected_grads):
         assert_full_precision(a, e, f"grad {name}", ulps=RECURRENT_ULPS)
+
+
+@pytest.mark.parametrize("strategy", ["hoisted", "concat", "winograd"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_default_initial_state_is_not_materialised(kind, strategy):
+    """Without h0/c0 the zero states are one broadcast element each: autograd keeps the reserve and
+    at most 2 x 8 bytes besides the inputs and outputs (dense zeros would be B*C*H*W elements each), and
+    every output and gradient equals the call given explicit dense zeros."""
+    from fastvid.ops.recurrent import gru_reserve_regions, lstm_reserve_regions, reserve_bytes
+    gen = torch.Generator().manual_seed(0)
+    B, T, Cin, C, H, W = 2, 5, 3, 4, 6, 7
+    G = 4 if kind == "lstm" else 3
+    leaves = [torch.randn(s, generator=gen).requires_grad_(True)
+              for s in ((B, T, Cin, H, W), (G * C, Cin, 3, 3), (G * C, C, 3, 3), (G * C,))]
+    x, w_ih, w_hh, bias = leaves
+
+    def run(**states):
+        if kind == "lstm":
+            return fastvid.ops.convlstm(x, w_ih, w_hh, bias, strategy=strategy, **states)
+        return fastvid.ops.convgru(x, w_ih, w_hh, bias, bias, strategy=strategy, **states)
+
+    nbytes, outputs = _saved_bytes(run, leaves)
+    regions = (lstm_reserve_regions if kind == "lstm" else gru_reserve_regions)(torch.float32, C)
+    assert nbytes <= reserve_bytes(x.shape, regions) + 2 * 8
+    zeros = {"h0": torch.zeros(B, C, H, W)}
+    if kind == "lstm":
+        zeros["c0"] = torch.zeros(B, C, H, W)
+    expected = run(**zeros)
+    ups = [torch.randn(o.shape, generator=gen) for o in outputs]
+    got_grads = torch.autograd.grad(outputs, leaves, ups)
+    expected_grads = torch.autograd.grad(expected, leaves, ups)
+    for a, e in zip(list(outputs) + list(got_grads), list(expected) + list(expected_grads)):
+        assert torch.equal(a, e)

@@ -43,27 +43,41 @@ namespace {
 // ======================================================================== reserve and chunks
 // What backward needs of a forward call (save=True) lives in one uint8 buffer per call, the reserve
 // (cuDNN's RNN reserve space): regions of time-major frames [T, B, channels, H, W] in the sequence's
-// frame layout, each starting on a 64-byte boundary. LSTM: the activated gates (4C, x's dtype) and the
-// cell states (C, accumulation type); GRU: the gate cache r, z, n, h_n (4C, x's dtype). Nothing else
-// is kept: the [x_t, h_{t-1}] inputs of the weight gradients are rebuilt from x and output chunk by
-// chunk. Mirrored by _reserve_bytes in fastvid/ops/recurrent.py (the fake kernels).
+// frame layout (or one [channels] vector), each starting on a 64-byte boundary.
+//   LSTM: the activated gates i, f, o (3C, x's dtype), the cell states (C, accumulation type) and the
+//         g-gate bias (a [C] vector: the backward op is not given the bias). g = tanh(W_g*[x_t, h_{t-1}]
+//         + b_g) is recomputed in backward, one C-output conv per chunk over the [x_t, h_{t-1}] frames
+//         the weight gradients need anyway: a fifth of the per-frame state for a quarter of a step's
+//         forward conv.
+//   GRU:  r, z, n (3C, x's dtype). reset_after's h_n = U_n*h_{t-1} + b_hn (needed only for d r) is
+//         recomputed per chunk (one C-output conv of h); the Ballas backward does not read h_n.
+// Nothing else is kept: the [x_t, h_{t-1}] inputs of the weight gradients are rebuilt from x and output
+// chunk by chunk. Mirrored by reserve_bytes in fastvid/ops/recurrent.py (the fake kernels).
 constexpr int64_t kReserveAlign = 64;
 
 struct ReserveRegion {
   at::ScalarType dtype;
   int64_t channels;
+  bool per_frame = true;  // false: one [channels] vector
 };
 
+int64_t region_numel(const SeqGeometry& g, const ReserveRegion& r) {
+  return r.per_frame ? g.T * g.B * r.channels * g.H * g.W : r.channels;
+}
+
 int64_t region_bytes(const SeqGeometry& g, const ReserveRegion& r) {
-  const int64_t bytes = g.T * g.B * r.channels * g.H * g.W * static_cast<int64_t>(c10::elementSize(r.dtype));
+  const int64_t bytes = region_numel(g, r) * static_cast<int64_t>(c10::elementSize(r.dtype));
   return (bytes + kReserveAlign - 1) / kReserveAlign * kReserveAlign;
 }
 
 std::vector<ReserveRegion> lstm_reserve(const SeqGeometry& g, at::ScalarType dtype) {
-  return {{dtype, 4 * g.C}, {acc_type(dtype), g.C}};
+  return {{dtype, 3 * g.C}, {acc_type(dtype), g.C}, {dtype, g.C, false}};
 }
 
-std::vector<ReserveRegion> gru_reserve(const SeqGeometry& g, at::ScalarType dtype) { return {{dtype, 4 * g.C}}; }
+// Where gate k (i, f, g, o) of the LSTM lives in the reserve's 3C gate frames; g (-1) is recomputed.
+constexpr int kLstmSavedSlot[4] = {0, 1, -1, 2};
+
+std::vector<ReserveRegion> gru_reserve(const SeqGeometry& g, at::ScalarType dtype) { return {{dtype, 3 * g.C}}; }
 
 int64_t reserve_bytes(const SeqGeometry& g, const std::vector<ReserveRegion>& regions) {
   int64_t bytes = 0;
@@ -77,10 +91,11 @@ std::vector<Tensor> reserve_views(const Tensor& reserve, const SeqGeometry& g,
   std::vector<Tensor> views;
   int64_t offset = 0;
   for (const auto& r : regions) {
-    const int64_t n = g.T * g.B * r.channels * g.H * g.W;
+    const int64_t n = region_numel(g, r);
     const Tensor flat_view = reserve.narrow(0, offset, n * static_cast<int64_t>(c10::elementSize(r.dtype))).view(r.dtype);
-    views.push_back(g.channels_last ? flat_view.view({g.T, g.B, g.H, g.W, r.channels}).permute({0, 1, 4, 2, 3})
-                                    : flat_view.view({g.T, g.B, r.channels, g.H, g.W}));
+    if (!r.per_frame) views.push_back(flat_view);
+    else views.push_back(g.channels_last ? flat_view.view({g.T, g.B, g.H, g.W, r.channels}).permute({0, 1, 4, 2, 3})
+                                         : flat_view.view({g.T, g.B, r.channels, g.H, g.W}));
     offset += region_bytes(g, r);
   }
   return views;
@@ -94,7 +109,7 @@ Tensor new_reserve(bool save, const SeqGeometry& g, const std::vector<ReserveReg
   // compiled graphs compare it byte for byte).
   int64_t offset = 0;
   for (const auto& r : regions) {
-    const int64_t used = g.T * g.B * r.channels * g.H * g.W * static_cast<int64_t>(c10::elementSize(r.dtype));
+    const int64_t used = region_numel(g, r) * static_cast<int64_t>(c10::elementSize(r.dtype));
     const int64_t padded = region_bytes(g, r);
     if (padded > used) reserve.narrow(0, offset + used, padded - used).zero_();
     offset += padded;
@@ -156,6 +171,19 @@ void copy_previous_hidden(Tensor dst, const Tensor& output, const Tensor& h0, in
   dst.copy_(at::where(from_h0.view({n, h0.size(0), 1, 1, 1}), h0.unsqueeze(0), dst));
 }
 
+// An initial state as the kernels and copies read it: in `dtype` and the frame format; a state that is
+// one value broadcast over [B, C, H, W] (every stride 0, e.g. the default zeros of fastvid.ops) stays
+// unmaterialised: a [B, C, H, W] view with strides 0 of max(C, H*W) copies of the value, which the
+// kernels read as a broadcast plane (recurrent_kernels.h) and copy_ / where broadcast.
+Tensor initial_state(const Tensor& s, at::ScalarType dtype, at::MemoryFormat fmt) {
+  const auto strides = s.strides();
+  if (s.numel() == 0 || std::any_of(strides.begin(), strides.end(), [](int64_t st) { return st != 0; }))
+    return s.to(dtype).contiguous(fmt);
+  const int64_t n = std::max(s.size(1), s.size(2) * s.size(3));
+  const Tensor values = s.reshape({-1}).narrow(0, 0, 1).to(dtype).expand({n}).contiguous();
+  return values.as_strided(s.sizes(), {0, 0, 0, 0});
+}
+
 // ======================================================================== LSTM
 // [3, C] peephole gradient: Σ over batch, time, pixels of d a_i·c_prev, d a_f·c_prev, d a_o·c
 // (all arguments [n, B, ., H, W]).
@@ -188,13 +216,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   Tensor output = empty_frames({B, T}, C, H, W, g.channels_last, opts);
   const auto regions = lstm_reserve(g, x.scalar_type());
   Tensor reserve = new_reserve(save, g, regions, opts);
-  Tensor gates, cells;  // save: the reserve's [T, B, 4C] activated i, f, g, o and [T, B, C] cell states
+  // save: the reserve's [T, B, 3C] activated i, f, o and [T, B, C] cell states; g goes to a scratch frame
+  // (backward recomputes it) and the g-gate bias into the reserve.
+  Tensor gates, cells, g_scratch;
   if (save) {
     const auto views = reserve_views(reserve, g, regions);
     gates = views[0], cells = views[1];
+    if (bias.has_value()) views[2].copy_(bias->narrow(0, 2 * C, C));
+    else views[2].zero_();
+    g_scratch = empty_like_frame(g, C, opts);
   }
-  Tensor c_init = c0.to(acc_opts.dtype()).contiguous(fmt);
-  Tensor c_run = save ? Tensor() : c_init.clone();
+  Tensor c_init = initial_state(c0, acc_type(x.scalar_type()), fmt);
+  Tensor c_run = save ? Tensor() : empty_like_frame(g, C, acc_opts).copy_(c0);
   Tensor h_n = empty_like_frame(g, C, opts);
   Tensor zeros = zeros_for_planes(C, H, W, opts);
   Tensor peep = peephole.has_value() ? peephole->to(acc_opts.dtype()).contiguous() : Tensor();
@@ -216,7 +249,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     v_hh = winograd_weights(weight_hh);
   } else if (hoisted) {
     x_chunk = empty_frames({chunk, B}, Cin, H, W, g.channels_last, opts);
-    h_buf = h0.contiguous(fmt).clone();
+    h_buf = empty_like_frame(g, C, opts).copy_(h0);
   } else {
     slots = empty_frames({2, B}, Cin + C, H, W, g.channels_last, opts);
     slots.select(0, 0).narrow(1, Cin, C).copy_(h0);
@@ -263,15 +296,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     if (save) {
       a.c_prev = plane(f == 0 ? c_init : cells.select(0, time_of(f - 1, T, reverse)));
       a.c_out = plane(cells.select(0, t));
-      for (int k = 0; k < 4; ++k) a.gates_out[k] = slot(gates.select(0, t), k, C);
+      for (int k = 0; k < 4; ++k)
+        a.gates_out[k] = kLstmSavedSlot[k] < 0 ? plane(g_scratch) : slot(gates.select(0, t), kLstmSavedSlot[k], C);
     } else {
       a.c_prev = plane(c_run);
       a.c_out = plane(c_run);
     }
     a.mask = step_mask(lengths_d, t);
     if (wino)
-      winograd_lstm_step(a, x.select(1, t), v_ih, bias, f == 0 ? h0 : output.select(1, time_of(f - 1, T, reverse)),
-                         v_hh, g);
+      winograd_lstm_step(a, x.select(1, t), v_ih, bias,
+                         f == 0 ? h0.contiguous(fmt) : output.select(1, time_of(f - 1, T, reverse)), v_hh, g);
     else FASTVID_LAUNCH(lstm_forward, a, x.device());
   }
   Tensor c_n = save ? cells.select(0, time_of(T - 1, T, reverse)).clone() : c_run;
@@ -308,16 +342,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const bool wino = strategy == kWinograd;
   const bool hoisted = strategy == kHoisted;
   const auto views = reserve_views(reserve, g, regions);
-  const Tensor &gates = views[0], &cells = views[1];
+  const Tensor &gates = views[0], &cells = views[1], &bias_g = views[2];  // gates: i, f, o (kLstmSavedSlot)
 
   const Tensor zeros = zeros_for_planes(C, H, W, opts);
   const Tensor g_out = grad_output.has_value() ? to_frames_layout(*grad_output, g.channels_last) : Tensor();
-  const Tensor c_init = c0.to(acc_opts.dtype()).contiguous(fmt);
+  const Tensor c_init = initial_state(c0, acc_type(x.scalar_type()), fmt);
   Tensor dc = grad_c_n.has_value() ? grad_c_n->to(acc_opts.dtype()).contiguous(fmt).clone()
                                    : empty_like_frame(g, C, acc_opts).zero_();
   Tensor dh_rec = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
   Tensor peep = peephole.has_value() ? peephole->to(acc_opts.dtype()).contiguous() : Tensor();
-  const Tensor h0_l = h0.contiguous(fmt);
+  const Tensor h0_l = initial_state(h0, x.scalar_type(), fmt);
   const Tensor w_cat = at::cat({weight_ih, weight_hh}, 1);
   const Tensor v_cat_grad = wino ? winograd_input_grad_weights(w_cat) : Tensor();
   Tensor dV_cat = wino ? winograd_weight_grad_buffer(Cin + C, 4 * C, x.scalar_type()) : Tensor();
@@ -330,11 +364,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   Tensor d_gates = empty_frames({chunk, B}, 4 * C, H, W, g.channels_last, opts);
   Tensor inputs = empty_frames({chunk, B}, Cin + C, H, W, g.channels_last, opts);
   Tensor grad_w_cat, grad_bias, grad_peephole;
+  Tensor g_chunk;  // the chunk's recomputed g gates [n, B, C] (not in the reserve)
+  const Tensor w_g = w_cat.narrow(0, 2 * C, C);
   const auto add_to = [](Tensor& sum, const Tensor& term) { sum = sum.defined() ? sum.add_(term) : term; };
   int64_t chunk_start = -1, chunk_len = 0;
   const auto load_chunk = [&](int64_t t0, int64_t n) {
     copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
     copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
+    g_chunk = Tensor();  // free the previous chunk's before the conv allocates
+    g_chunk = conv(flat(inputs.narrow(0, 0, n)), w_g, bias_g, g).tanh_().view({n, B, C, H, W});
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor d = flat(d_gates.narrow(0, 0, n));
@@ -380,7 +418,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     const Tensor gates_t = gates.select(0, t);
     const Tensor d_gates_t = d_gates.select(0, t - t0);
     for (int k = 0; k < 4; ++k) {
-      a.gates[k] = slot(gates_t, k, C);
+      a.gates[k] = kLstmSavedSlot[k] < 0 ? plane(g_chunk.select(0, t - t0)) : slot(gates_t, kLstmSavedSlot[k], C);
       a.d_gates_out[k] = slot(d_gates_t, k, C);
     }
     a.c_prev = plane(f == 0 ? c_init : cells.select(0, time_of(f - 1, T, reverse)));
@@ -462,7 +500,8 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
   Tensor output = empty_frames({B, T}, C, H, W, g.channels_last, opts);
   const auto regions = gru_reserve(g, x.scalar_type());
   Tensor reserve = new_reserve(save, g, regions, opts);
-  Tensor cache = save ? reserve_views(reserve, g, regions)[0] : Tensor();  // [T, B, 4C]: r, z, n, h_n
+  Tensor cache = save ? reserve_views(reserve, g, regions)[0] : Tensor();  // [T, B, 3C]: r, z, n
+  Tensor hn_scratch = save ? empty_like_frame(g, C, opts) : Tensor();      // h_n: recomputed in backward
   Tensor h_n = empty_like_frame(g, C, opts);
   Tensor zeros = zeros_for_planes(C, H, W, opts);
   Tensor reset_h = reset_after ? Tensor() : empty_like_frame(g, C, opts);
@@ -494,7 +533,7 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
     a.h[0] = a.h[1] = zero_plane(zeros);
   } else if (hoisted) {
     x_chunk = empty_frames({chunk, B}, Cin, H, W, g.channels_last, opts);
-    if (!wino) h_buf = h0.contiguous(fmt).clone();
+    if (!wino) h_buf = empty_like_frame(g, C, opts).copy_(h0);
   } else {
     slots = empty_frames({2, B}, Cin + C, H, W, g.channels_last, opts);
     slots.select(0, 0).narrow(1, Cin, C).copy_(h0);
@@ -513,7 +552,8 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
     a.mask = ra.mask = step_mask(lengths_d, t);
     Tensor h_prev, h_next;
     if (save) {
-      for (int k = 0; k < 4; ++k) a.cache_out[k] = slot(cache.select(0, t), k, C);
+      for (int k = 0; k < 3; ++k) a.cache_out[k] = slot(cache.select(0, t), k, C);
+      a.cache_out[3] = plane(hn_scratch);
       ra.r_out = a.cache_out[0];
     }
     if (fused) {
@@ -616,11 +656,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   const bool hoisted = strategy != kConcat;  // winograd: hoisted with the per-step input-grad convs Winograd
   const bool wino = strategy == kWinograd;
   const bool has_bias = bias_ih.has_value() || bias_hh.has_value();
-  const Tensor cache = reserve_views(reserve, g, regions)[0];  // [T, B, 4C]: r, z, n, h_n
+  const Tensor cache = reserve_views(reserve, g, regions)[0];  // [T, B, 3C]: r, z, n
 
   const Tensor zeros = zeros_for_planes(C, H, W, opts);
   const Tensor g_out = grad_output.has_value() ? to_frames_layout(*grad_output, g.channels_last) : Tensor();
-  const Tensor h0_l = h0.contiguous(fmt);
+  const Tensor h0_l = initial_state(h0, x.scalar_type(), fmt);
   Tensor dh_conv = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
   Tensor dh_direct = empty_like_frame(g, C, opts).zero_();
   Tensor grad_x = empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
@@ -655,9 +695,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     if (term.defined() && term.numel() > 0) sum = sum.defined() ? sum.add_(term) : term;
   };
   int64_t chunk_start = -1, chunk_len = 0;
+  Tensor hn_chunk;  // reset_after: the chunk's recomputed h_n = U_n*h_{t-1} + b_hn [n, B, C] (not in the reserve)
   const auto load_chunk = [&](int64_t t0, int64_t n) {
     copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
     copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
+    if (!reset_after) return;
+    hn_chunk = Tensor();  // free the previous chunk's before the conv allocates
+    hn_chunk = conv(flat(inputs.narrow(0, 0, n).narrow(2, Cin, C)), w_n, narrow_optional(bias_hh, 2 * C, C), g)
+                   .view({n, B, C, H, W});
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor dx = flat(d_x.narrow(0, 0, n));
@@ -736,7 +781,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     a.dh_in[0] = g_out.defined() ? plane(g_out.select(1, t)) : zero_plane(zeros);
     a.dh_in[1] = dh_conv.defined() ? plane(dh_conv) : zero_plane(zeros);
     a.dh_in[2] = plane(dh_direct);
-    for (int k = 0; k < 4; ++k) a.cache[k] = slot(cache_t, k, C);
+    for (int k = 0; k < 3; ++k) a.cache[k] = slot(cache_t, k, C);
+    a.cache[3] = reset_after ? plane(hn_chunk.select(0, t - t0)) : zero_plane(zeros);  // Ballas: not read
     a.h_prev = plane(h_prev);
     a.dh_prev_out = plane(dh_direct);
     for (int k = 0; k < 3; ++k) {

@@ -173,14 +173,25 @@ RESERVE_ALIGN = 64  # bytes; mirror of kReserveAlign in recurrent_ops.cpp
 
 
 def reserve_bytes(x_shape, regions) -> int:
-    """Size of a sequence op's reserve (mirror of reserve_bytes() in recurrent_ops.cpp): one region of
-    [T, B, channels, H, W] frames per (dtype, channels) in ``regions``, each padded to RESERVE_ALIGN."""
+    """Size of a sequence op's reserve (mirror of reserve_bytes() in recurrent_ops.cpp): one region per
+    (dtype, channels, per_frame) in ``regions`` -- [T, B, channels, H, W] frames, or one [channels]
+    vector when not per_frame --, each padded to RESERVE_ALIGN."""
     B, T, _, H, W = x_shape
     total = 0
-    for dtype, channels in regions:
-        nbytes = T * B * channels * H * W * dtype.itemsize
+    for dtype, channels, per_frame in regions:
+        nbytes = (T * B * H * W if per_frame else 1) * channels * dtype.itemsize
         total += -(-nbytes // RESERVE_ALIGN) * RESERVE_ALIGN
     return total
+
+
+def lstm_reserve_regions(dtype, C):
+    """The LSTM reserve (recurrent_ops.cpp): activated i, f, o; cell states; the g-gate bias (g is recomputed)."""
+    return [(dtype, 3 * C, True), (_acc(dtype), C, True), (dtype, C, False)]
+
+
+def gru_reserve_regions(dtype, C):
+    """The GRU reserve: r, z, n (reset_after's h_n is recomputed)."""
+    return [(dtype, 3 * C, True)]
 
 
 def _reserve(x, regions, save):
@@ -298,7 +309,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
         output = _frames((B, T), C, H, W, cl, dt, dev)
         h_n = _frame(B, C, H, W, cl, dt, dev)
         c_n = _frame(B, C, H, W, cl, _acc(dt), dev)
-        reserve = _reserve(x, [(dt, 4 * C), (_acc(dt), C)], save)
+        reserve = _reserve(x, lstm_reserve_regions(dt, C), save)
         return output, h_n, c_n, reserve
 
     @torch.library.register_fake("fastvid::convlstm_sequence_backward")
@@ -347,7 +358,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
         cl, dev, dt = channels_last, x.device, x.dtype
         output = _frames((B, T), C, H, W, cl, dt, dev)
         h_n = _frame(B, C, H, W, cl, dt, dev)
-        return output, h_n, _reserve(x, [(dt, 4 * C)], save)
+        return output, h_n, _reserve(x, gru_reserve_regions(dt, C), save)
 
     @torch.library.register_fake("fastvid::convgru_sequence_backward")
     def _(grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, output, reserve, padding,
@@ -486,8 +497,19 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _sequence_arguments(name, x, weight_hh, h0, padding, dilation):
-    """Checks x's rank; returns (C, padding ('same' by default), dilation, h0 (zeros by default))."""
+def _zero_state(x: Tensor, C: int, dtype, broadcast: bool) -> Tensor:
+    """The default initial state: zeros [B, C, H, W]. For the C++ ops (broadcast=True) one zero expanded
+    with strides 0, which they read without materialising it (initial_state in recurrent_ops.cpp), so
+    a training call does not keep B*C*H*W zeros alive for backward."""
+    B, _, _, H, W = x.shape
+    if broadcast:
+        return x.new_zeros((), dtype=dtype).expand(B, C, H, W)
+    return x.new_zeros(B, C, H, W, dtype=dtype)
+
+
+def _sequence_arguments(name, x, weight_hh, h0, padding, dilation, default_h0: bool = True):
+    """Checks x's rank; returns (C, padding ('same' by default), dilation, h0 (zeros by default; with
+    default_h0=False None stays None: the caller makes it with _zero_state once it knows the backend))."""
     if not isinstance(x, Tensor) or x.dim() != 5:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"fastvid.{name}: x must be [B, T, C_in, H, W], got {shape}")
@@ -500,9 +522,8 @@ def _sequence_arguments(name, x, weight_hh, h0, padding, dilation):
         raise ValueError(f"fastvid.{name}: dilation must be one int or an (H, W) pair, each >= 1, got {dilation}")
     if padding is None:
         padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight_hh.shape[2:]))
-    if h0 is None:
-        B, _, _, H, W = x.shape
-        h0 = x.new_zeros(B, C, H, W)
+    if h0 is None and default_h0:
+        h0 = _zero_state(x, C, x.dtype, broadcast=False)
     return C, _pair(padding), dilation, h0
 
 
@@ -542,14 +563,14 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
     batches, with ``pack_padded_sequence`` semantics: sample b runs steps t < lengths[b] only, its
     output is 0 after them, and in reverse it starts at its last valid step (fastvid/reference/recurrent.py).
     Returns ``(output [B, T, C, H, W], h_n, c_n)``; ``c_n`` is fp32 for bf16/fp16 inputs."""
-    C, padding, dilation, h0 = _sequence_arguments("convlstm", x, weight_hh, h0, padding, dilation)
+    C, padding, dilation, h0 = _sequence_arguments("convlstm", x, weight_hh, h0, padding, dilation, default_h0=False)
     lengths = _check_lengths("convlstm", lengths, x)
-    B, _, _, H, W = x.shape
-    if c0 is None:
-        c0 = x.new_zeros(B, C, H, W, dtype=_acc(x.dtype))
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
                                     peephole=peephole))
+    # default states made after autocast, in the dtypes the op takes (a cast would materialise them)
+    h0 = _zero_state(x, C, x.dtype, which in ("cpu", "cuda")) if h0 is None else h0
+    c0 = _zero_state(x, C, _acc(x.dtype), which in ("cpu", "cuda")) if c0 is None else c0
     if which == "triton" and (lengths is None or not _needs_grad(x, weight_ih, weight_hh, bias, h0, c0, peephole)):
         # the hidden conv and the cell fused, one launch per step (its backward does not take lengths)
         return _triton_conv().convlstm(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse,
@@ -582,12 +603,13 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
             lengths: Optional[Tensor] = None):
     """One ConvGRU layer, one direction, over ``x`` ``[B, T, C_in, H, W]``. Returns ``(output, h_n)``.
     ``lengths``: optional ``[B]`` valid lengths, as in convlstm."""
-    C, padding, dilation, h0 = _sequence_arguments("convgru", x, weight_hh, h0, padding, dilation)
+    C, padding, dilation, h0 = _sequence_arguments("convgru", x, weight_hh, h0, padding, dilation, default_h0=False)
     lengths = _check_lengths("convgru", lengths, x)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias_ih,
                                                               bias_hh, h0)
     which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                                     h0=h0))
+    h0 = _zero_state(x, C, x.dtype, which in ("cpu", "cuda")) if h0 is None else h0  # after autocast: see convlstm
     if which == "triton" and (lengths is None or not _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0)):
         # the hidden conv and the cell fused: one launch per step (two for reset_after=False)
         return _triton_conv().convgru(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after,
