@@ -563,6 +563,68 @@ void emit_strip(const acc_t* out, int64_t Wt, int64_t W, int64_t rows, int64_t N
   }
 }
 
+// Step 1 of every Winograd pass (forward and weight gradient): rows y_top .. y_top + A - 1 of sample b of
+// `in` gathered into D (zero-padded to tiles_w * M + 2 pixels, channels innermost, accumulation type),
+// then per tile and channel U = Bᵀ d B into U_strip (tile t, channel k, slice (i, j) at (i*A + j)*su + t*K + k).
+template <int M, typename acc_t, typename scalar_t>
+void gather_transform_strip(const winograd::Job::Input& in, int64_t b, int64_t y_top, int64_t H, int64_t W,
+                            int64_t tiles_w, acc_t* D, acc_t* U_strip, int64_t su) {
+  using Mat = winograd::Matrices<M>;
+  constexpr int A = Mat::A;
+  const int64_t K = in.K, Wp = tiles_w * M + 2;
+  const scalar_t* in_b = static_cast<const scalar_t*>(in.data) + b * in.sb;
+  for (int r = 0; r < A; ++r) {
+    acc_t* row = D + r * Wp * K;
+    const int64_t y = y_top + r;
+    if (y < 0 || y >= H) {
+      std::fill(row, row + Wp * K, acc_t(0));
+      continue;
+    }
+    std::fill(row, row + K, acc_t(0));
+    std::fill(row + (W + 1) * K, row + Wp * K, acc_t(0));
+    const scalar_t* src = in_b + y * in.sy;
+    if (in.sc <= in.sx) {
+      for (int64_t x = 0; x < W; ++x)
+        for (int64_t k = 0; k < K; ++k) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
+    } else {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t x = 0; x < W; ++x) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
+    }
+  }
+  for (int64_t tx = 0; tx < tiles_w; ++tx) {
+    const acc_t* d0 = D + tx * M * K;
+    acc_t* u0 = U_strip + tx * K;
+#pragma GCC ivdep
+    for (int64_t k = 0; k < K; ++k) {
+      acc_t d[A][A], t[A][A];
+#pragma GCC unroll 8
+      for (int r = 0; r < A; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < A; ++c) d[r][c] = d0[(r * Wp + c) * K + k];
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+        for (int c = 0; c < A; ++c) {
+          acc_t v = 0;
+#pragma GCC unroll 8
+          for (int r = 0; r < A; ++r)
+            if (Mat::BT[i][r] != 0) v += acc_t(Mat::BT[i][r]) * d[r][c];
+          t[i][c] = v;
+        }
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+        for (int jj = 0; jj < A; ++jj) {
+          acc_t v = 0;
+#pragma GCC unroll 8
+          for (int c = 0; c < A; ++c)
+            if (Mat::BT[jj][c] != 0) v += t[i][c] * acc_t(Mat::BT[jj][c]);
+          u0[(i * A + jj) * su + k] = v;
+        }
+    }
+  }
+}
+
 template <int M, typename scalar_t>
 void winograd_conv_impl(const winograd::Job& j) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -603,58 +665,7 @@ void winograd_conv_impl(const winograd::Job& j) {
       // ---- 1. gather + input transform
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / tiles_h, y_top = (s % tiles_h) * M - 1;
-        const scalar_t* in_b = static_cast<const scalar_t*>(in.data) + b * in.sb;
-        for (int r = 0; r < A; ++r) {
-          acc_t* row = D.data() + r * Wp * K;
-          const int64_t y = y_top + r;
-          if (y < 0 || y >= H) {
-            std::fill(row, row + Wp * K, acc_t(0));
-            continue;
-          }
-          std::fill(row, row + K, acc_t(0));  // x = -1
-          std::fill(row + (W + 1) * K, row + Wp * K, acc_t(0));  // x >= W
-          const scalar_t* src = in_b + y * in.sy;
-          if (in.sc <= in.sx) {
-            for (int64_t x = 0; x < W; ++x)
-              for (int64_t k = 0; k < K; ++k) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
-          } else {
-            for (int64_t k = 0; k < K; ++k)
-              for (int64_t x = 0; x < W; ++x) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
-          }
-        }
-        for (int64_t tx = 0; tx < tiles_w; ++tx) {
-          const int64_t p = (s - s0) * tiles_w + tx;
-          const acc_t* d0 = D.data() + tx * M * K;
-          acc_t* u0 = U + p * K;
-#pragma GCC ivdep
-          for (int64_t k = 0; k < K; ++k) {
-            acc_t d[A][A], t[A][A];
-#pragma GCC unroll 8
-            for (int r = 0; r < A; ++r)
-#pragma GCC unroll 8
-              for (int c = 0; c < A; ++c) d[r][c] = d0[(r * Wp + c) * K + k];
-#pragma GCC unroll 8
-            for (int i = 0; i < A; ++i)
-#pragma GCC unroll 8
-              for (int c = 0; c < A; ++c) {
-                acc_t v = 0;
-#pragma GCC unroll 8
-                for (int r = 0; r < A; ++r)
-                  if (Mat::BT[i][r] != 0) v += acc_t(Mat::BT[i][r]) * d[r][c];
-                t[i][c] = v;
-              }
-#pragma GCC unroll 8
-            for (int i = 0; i < A; ++i)
-#pragma GCC unroll 8
-              for (int jj = 0; jj < A; ++jj) {
-                acc_t v = 0;
-#pragma GCC unroll 8
-                for (int c = 0; c < A; ++c)
-                  if (Mat::BT[jj][c] != 0) v += t[i][c] * acc_t(Mat::BT[jj][c]);
-                u0[(i * A + jj) * su + k] = v;
-              }
-          }
-        }
+        gather_transform_strip<M, acc_t, scalar_t>(in, b, y_top, H, W, tiles_w, D.data(), U + (s - s0) * tiles_w * K, su);
       }
       }
       // ---- 2. + 3. per column block [n0, n0 + kBlockColumns) of M: the alpha² GEMMs [P, K_i] x
@@ -828,57 +839,7 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
         // ---- 1. gather + input transform Bᵀ d B (the forward's step 1)
-        const scalar_t* in_b = static_cast<const scalar_t*>(in.data) + b * in.sb;
-        for (int r = 0; r < A; ++r) {
-          acc_t* row = D.data() + r * Wp * K;
-          const int64_t y = y0 - 1 + r;
-          if (y < 0 || y >= H) {
-            std::fill(row, row + Wp * K, acc_t(0));
-            continue;
-          }
-          std::fill(row, row + K, acc_t(0));
-          std::fill(row + (W + 1) * K, row + Wp * K, acc_t(0));
-          const scalar_t* src = in_b + y * in.sy;
-          if (in.sc <= in.sx) {
-            for (int64_t x = 0; x < W; ++x)
-              for (int64_t k = 0; k < K; ++k) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
-          } else {
-            for (int64_t k = 0; k < K; ++k)
-              for (int64_t x = 0; x < W; ++x) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
-          }
-        }
-        for (int64_t tx = 0; tx < tiles_w; ++tx) {
-          const acc_t* d0 = D.data() + tx * M * K;
-          acc_t* u0 = U + ((s - s0) * tiles_w + tx) * K;
-#pragma GCC ivdep
-          for (int64_t k = 0; k < K; ++k) {
-            acc_t d[A][A], t[A][A];
-#pragma GCC unroll 8
-            for (int r = 0; r < A; ++r)
-#pragma GCC unroll 8
-              for (int c = 0; c < A; ++c) d[r][c] = d0[(r * Wp + c) * K + k];
-#pragma GCC unroll 8
-            for (int i = 0; i < A; ++i)
-#pragma GCC unroll 8
-              for (int c = 0; c < A; ++c) {
-                acc_t v = 0;
-#pragma GCC unroll 8
-                for (int r = 0; r < A; ++r)
-                  if (Mat::BT[i][r] != 0) v += acc_t(Mat::BT[i][r]) * d[r][c];
-                t[i][c] = v;
-              }
-#pragma GCC unroll 8
-            for (int i = 0; i < A; ++i)
-#pragma GCC unroll 8
-              for (int jj = 0; jj < A; ++jj) {
-                acc_t v = 0;
-#pragma GCC unroll 8
-                for (int c = 0; c < A; ++c)
-                  if (Mat::BT[jj][c] != 0) v += t[i][c] * acc_t(Mat::BT[jj][c]);
-                u0[(i * A + jj) * su + k] = v;
-              }
-          }
-        }
+        gather_transform_strip<M, acc_t, scalar_t>(in, b, y0 - 1, H, W, tiles_w, D.data(), U + (s - s0) * tiles_w * K, su);
         // ---- 2. gather the strip's gradient rows, transform dM = A dY Aᵀ of each tile
         const scalar_t* g_b = static_cast<const scalar_t*>(j.grad) + b * j.gb;
         std::fill(Gs.begin(), Gs.end(), acc_t(0));
