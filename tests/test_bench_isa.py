@@ -143,3 +143,10 @@ def test_time_budget_cuts_rounds_of_slow_cases_only(monkeypatch):
     fast = measure.time_interleaved({"a": lambda: None, "b": lambda: None}, rounds=7, warmup=0)
     assert [len(slow[k].wall) for k in "ab"] == [measure.MIN_ROUNDS] * 2
     assert [len(fast[k].wall) for k in "ab"] == [7, 7]
+
+
+def test_quick_run_skips_the_baseline_path_where_a_vector_path_exists():
+    from fastvid.bench import cli
+    assert cli.quick_isa_paths(["avx512", "avx2", "baseline"]) == ["avx512", "avx2"]
+    assert cli.quick_isa_paths(["avx2", "baseline"]) == ["avx2"]
+    assert cli.quick_isa_paths(["baseline"]) == ["baseline"]

@@ -57,11 +57,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'active' = only the current one (FASTVID_CPU_ISA's). A path below the CPU's best is "
                              "measured in a child process with native PyTorch limited to it too (fastvid/bench/emulate.py). "
                              "Default of --quick (5-minute budget): "
-                             "the best two paths (AVX-512 and AVX2 where the CPU has both) for the depthwise, attention "
+                             "AVX-512 and AVX2 (the AVX2 path alone on an AVX2-only CPU, baseline only without AVX2) for the depthwise, attention "
                              "and fp32 ConvLSTM/ConvGRU cases, the best path for the others")
     parser.add_argument("--bf16-emulated", action="store_true",
                         help="with --quick: run the bf16 cases even on a CPU without native bf16 arithmetic "
                              "(they are left out there by default: emulated, slow, not what such a CPU runs)")
+
+
+def quick_isa_paths(paths):
+    """The ISA paths ``--quick`` runs at all (``paths`` best first): the vector paths issues 11 and 12 target
+    (AVX-512, AVX2); the baseline only on a CPU without AVX2 (measured as an emulated SSE CPU, its native
+    calls would take minutes)."""
+    return [p for p in paths if p != "baseline"][:2] or paths[:1]
 
 
 def quick_paths(case, paths):
@@ -101,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
     paths = runner.cpu_isa_paths(args.device)
     isas_of = None
     if args.isa is None and args.quick:
-        paths = paths[:2]
+        paths = quick_isa_paths(paths)
         isas_of = lambda case: quick_paths(case, paths)  # noqa: E731
     elif args.isa == "active":
         paths = [None]
