@@ -84,7 +84,7 @@ def check_against_oracle(op, master, dtype=torch.float32, **kw):
     oracle, names = run(op, leaves(master, torch.float64), "reference", **kw)
     wino, _ = run(op, leaves(master, dtype), "winograd", **kw)
     onednn, _ = run(op, leaves(master, dtype), "hoisted", **kw)
-    eps = torch.finfo(dtype).eps
+    eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps  # bf16 products accumulate in fp32
     for name, e_w, e_d, o in zip(names, errors(wino, oracle), errors(onednn, oracle), oracle):
         atol = 8 * eps * max(1.0, o.abs().max().item())  # a few ulps: sums of near-zero terms
         assert e_w <= ERROR_RATIO * e_d + atol, (
@@ -123,6 +123,22 @@ def test_gru_values_and_gradients(cpu_isa, shape, layout, reset_after):
 @pytest.mark.parametrize("bias", [False, True])
 def test_gru_options(cpu_isa, reverse, bias):
     check_against_oracle("gru", make_inputs("gru", *SHAPES["odd"], "contiguous", bias), reverse=reverse)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("op,reset_after", [("lstm", True), ("gru", True), ("gru", False)])
+def test_bf16_values_and_gradients(cpu_isa, shape, layout, op, reset_after):
+    """bf16 runs F(4x4, 3x3) with fp32 products (recurrent_winograd.h, winograd_tile): held to the same
+    bound against the oneDNN bf16 path, on every shape (H, W not divisible by 4, smaller than a tile)."""
+    kw = {} if op == "lstm" else dict(reset_after=reset_after)
+    check_against_oracle(op, make_inputs(op, *SHAPES[shape], layout), dtype=torch.bfloat16, **kw)
+
+
+@pytest.mark.parametrize("op,reset_after", [("lstm", True), ("gru", True), ("gru", False)])
+def test_bf16_benchmark_sized_accuracy(op, reset_after):
+    kw = {} if op == "lstm" else dict(reset_after=reset_after)
+    check_against_oracle(op, make_inputs(op, 1, 3, 32, 32, 32, 32, "channels_last"), dtype=torch.bfloat16, **kw)
 
 
 @pytest.mark.parametrize("op,reset_after", [("lstm", True), ("gru", True), ("gru", False)])

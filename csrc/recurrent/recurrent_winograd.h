@@ -22,14 +22,17 @@
 namespace fastvid {
 namespace recurrent {
 
-// Output tile m of F(m x m, 3 x 3); both F(4 x 4) (alpha = 6, 36 GEMMs) and F(2 x 2) (alpha = 4, 16
-// GEMMs) are built. Measured in fp32 against an fp64 oracle (per output/gradient tensor, max error,
-// seeded ConvLSTM/ConvGRU sequences of tests/test_recurrent_winograd.py): F(4 x 4) 3-11x the error of
-// the oneDNN path (issue 12 allows 4x), F(2 x 2) 1.2-2.9x. So F(2 x 2), at 1.8x the GEMM work of
-// F(4 x 4) (4 vs 2.25 multiplies per output, against 9 direct). The weight gradients
-// (winograd_weight_grad_*): F(2 x 2) 0.3-0.9x the oneDNN path's error, F(4 x 4) 1.2-2.2x for a backward
-// only ~5 % faster (ConvLSTM/ConvGRU benchmark shapes), so F(2 x 2) there too.
-constexpr int64_t kWinogradTile = 2;
+// Output tile m of F(m x m, 3 x 3) for inputs of dtype; both F(4 x 4) (alpha = 6, 36 GEMMs) and
+// F(2 x 2) (alpha = 4, 16 GEMMs) are built. Measured in fp32 against an fp64 oracle (per output/gradient
+// tensor, max error, seeded ConvLSTM/ConvGRU sequences of tests/test_recurrent_winograd.py): F(4 x 4)
+// 3-11x the error of the oneDNN path (issue 12 allows 4x), F(2 x 2) 1.2-2.9x. So fp32 and fp64 take
+// F(2 x 2), at 1.8x the GEMM work of F(4 x 4) (4 vs 2.25 multiplies per output, against 9 direct); the
+// weight gradients (winograd_weight_grad_*) too: F(2 x 2) 0.3-0.9x the oneDNN path's error, F(4 x 4)
+// 1.2-2.2x for a backward only ~5 % faster. bf16 and fp16 take F(4 x 4): the products accumulate in
+// fp32, whose F(4 x 4) error (~1e-6 relative) is far below the 2^-9 rounding of the bf16 values the
+// step reads and writes, and an fp32 F(4 x 4) GEMM does half the work of a direct bf16 conv at twice
+// the fp32 rate (AVX512-BF16's dot product), where F(2 x 2) would do 8/9 of it.
+inline int64_t winograd_tile(at::ScalarType dtype) { return at::isReducedFloatingType(dtype) ? 4 : 2; }
 
 // Why the winograd strategy cannot run this sequence ("" when it can).
 std::string winograd_unsupported_reason(const Tensor& x, const Tensor& weight_hh, const SeqGeometry& g);
@@ -39,12 +42,12 @@ void check_winograd(const char* op, const Tensor& x, const Tensor& weight_hh, co
                     const OptTensor& lengths);
 
 // weight [N, K, 3, 3] -> [alpha², K, N] (G w Gᵀ per (n, k), computed in fp64) in the accumulation
-// type of weight's dtype. `tile` is m (4 or 2).
-Tensor winograd_weights(const Tensor& weight, int64_t tile = kWinogradTile);
+// type of weight's dtype, for the tile m = winograd_tile(weight's dtype).
+Tensor winograd_weights(const Tensor& weight);
 
 // Transformed weights of the input gradient of conv(·, weight): the kernel flipped and its
 // in/out channels swapped (a [K, N, 3, 3] convolution of the output gradient).
-Tensor winograd_input_grad_weights(const Tensor& weight, int64_t tile = kWinogradTile);
+Tensor winograd_input_grad_weights(const Tensor& weight);
 
 // Receives output rows [y0, y0 + rows) of image b, all W columns and N channels, as a plane
 // [1, N, rows·W] in the sequence's frame layout (g.channels_last) and the inputs' dtype.
@@ -64,7 +67,7 @@ Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias
 // accumulation-type buffer (padded rows, as winograd_weights' V); winograd_weight_grad_add sums
 // Uᵀ (A dY Aᵀ) over the tiles of input [B, K, H, W] and grad_output [B, N, H, W] (any strides) into it;
 // winograd_weight_grad_finish gives dL/dw = Gᵀ dV G as [N, K, 3, 3] in dtype.
-Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype, int64_t tile = kWinogradTile);
+Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype);
 void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output);
 Tensor winograd_weight_grad_finish(const Tensor& dV, at::ScalarType dtype);
 

@@ -94,7 +94,7 @@ struct Job {
   int segments = 1;
   int64_t ldm = 0;
   const void* bias = nullptr;   // [N] accumulation type, or nullptr
-  int64_t B = 0, N = 0, H = 0, W = 0, tile = kWinogradTile;  // N: output channels = M columns [0, N)
+  int64_t B = 0, N = 0, H = 0, W = 0, tile = 2;  // N: output channels = M columns [0, N); tile: V's m
   at::ScalarType dtype = at::kFloat;  // input and output dtype
   bool channels_last = false;         // layout of the strip planes handed out
   const WinogradStripFn* fn = nullptr;
@@ -108,7 +108,7 @@ struct WeightGradJob {
   const void* grad = nullptr;      // the output gradient [B, N, H, W] with element strides:
   int64_t gb = 0, gc = 0, gy = 0, gx = 0;
   void* dV = nullptr;              // [alpha², K, ldv] accumulation type, accumulated into
-  int64_t ldv = 0, B = 0, N = 0, H = 0, W = 0, tile = kWinogradTile;
+  int64_t ldv = 0, B = 0, N = 0, H = 0, W = 0, tile = 2;  // tile: dV's m
   at::ScalarType dtype = at::kFloat;  // input and gradient dtype
 };
 
@@ -208,10 +208,9 @@ void check_winograd(const char* op, const Tensor& x, const Tensor& weight_hh, co
                     "; use strategy 0 (hoisted) or 1 (concat)");
 }
 
-Tensor winograd_weights(const Tensor& weight, int64_t tile) {
+Tensor winograd_weights(const Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "winograd_weights: need [N, K, 3, 3]");
-  TORCH_CHECK(tile == 4 || tile == 2, "winograd_weights: tile must be 4 or 2, got ", tile);
-  return tile == 4 ? transform_weights<4>(weight) : transform_weights<2>(weight);
+  return winograd_tile(weight.scalar_type()) == 4 ? transform_weights<4>(weight) : transform_weights<2>(weight);
 }
 
 namespace {
@@ -242,8 +241,8 @@ Tensor winograd_gru_bias(const OptTensor& bias_ih, const OptTensor& bias_hh, int
   return out;
 }
 
-Tensor winograd_input_grad_weights(const Tensor& weight, int64_t tile) {
-  return winograd_weights(weight.flip({2, 3}).transpose(0, 1), tile);
+Tensor winograd_input_grad_weights(const Tensor& weight) {
+  return winograd_weights(weight.flip({2, 3}).transpose(0, 1));
 }
 
 void winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
@@ -373,9 +372,8 @@ void winograd_gru_fused_step(const GruForwardArgs& a, const Tensor& x_t, const T
   run(j);
 }
 
-Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype, int64_t tile) {
-  TORCH_CHECK(tile == 4 || tile == 2, "winograd_weight_grad_buffer: tile must be 4 or 2, got ", tile);
-  const int64_t A = tile + 2;
+Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype) {
+  const int64_t A = winograd_tile(dtype) + 2;
   const int64_t Np = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
   return at::zeros({A * A, K, Np}, at::TensorOptions().dtype(acc_type(dtype))).narrow(2, 0, N);
 }
