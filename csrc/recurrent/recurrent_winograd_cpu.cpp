@@ -171,21 +171,63 @@ winograd::Job make_job(const Tensor& input, const Tensor& V, const OptTensor& bi
 
 template <int M>
 Tensor transform_weights(const Tensor& weight) {
+  // V[a·A + b, k, n] = Σ_ij G[a, i] w[n, k, i, j] G[b, j], in fp64, as plain loops: a batched matmul of
+  // the 6x3 / 3x3 matrices went through ATen's small-matrix bmm (~3 % of a small ConvLSTM forward).
   using Mat = winograd::Matrices<M>;
   constexpr int A = Mat::A;
-  const Tensor G = at::empty({A, 3}, weight.options().dtype(at::kDouble).device(at::kCPU));
-  for (int a = 0; a < A; ++a)
-    for (int i = 0; i < 3; ++i) G[a][i] = Mat::G[a][i];
-  const Tensor w = weight.to(at::kDouble);
-  // V[a, b, k, n] = Σ_ij G[a, i] w[n, k, i, j] G[b, j]
+  const Tensor w = weight.to(at::kDouble).contiguous();
   const int64_t N = weight.size(0), K = weight.size(1);
-  const Tensor V = at::matmul(at::matmul(G, w), G.t()).permute({2, 3, 1, 0}).reshape({A * A, K, N});  // 2x einsum's speed
   // Columns padded with zeros to a multiple of winograd::kColumnBlock (the GEMM kernel's widest column
   // block); the returned view has N columns and row stride Np.
   const int64_t Np = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
   Tensor padded = at::zeros({A * A, K, Np}, weight.options().dtype(acc_type(weight.scalar_type())));
-  padded.narrow(2, 0, N).copy_(V);
+  AT_DISPATCH_FLOATING_TYPES(padded.scalar_type(), "winograd_weights", [&] {
+    const double* src = w.const_data_ptr<double>();
+    scalar_t* V = padded.mutable_data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const double* g = src + (n * K + k) * 9;
+        double Gg[A][3];
+        for (int a = 0; a < A; ++a)
+          for (int j = 0; j < 3; ++j) Gg[a][j] = Mat::G[a][0] * g[j] + Mat::G[a][1] * g[3 + j] + Mat::G[a][2] * g[6 + j];
+        for (int a = 0; a < A; ++a)
+          for (int b = 0; b < A; ++b)
+            V[((a * A + b) * K + k) * Np + n] =
+                static_cast<scalar_t>(Gg[a][0] * Mat::G[b][0] + Gg[a][1] * Mat::G[b][1] + Gg[a][2] * Mat::G[b][2]);
+      }
+  });
   return padded.narrow(2, 0, N);
+}
+
+// dL/dw [N, K, 3, 3] = Gᵀ dV G per (k, n) from dV = dL/d(G w Gᵀ) [A², K, N], in fp64 (as the forward's
+// transform), as plain loops (see transform_weights).
+template <int M>
+Tensor transform_weight_grad(const Tensor& dV, at::ScalarType dtype) {
+  using Mat = winograd::Matrices<M>;
+  constexpr int A = Mat::A;
+  const int64_t K = dV.size(1), N = dV.size(2);
+  const Tensor dv = dV.to(at::kDouble).contiguous();
+  Tensor dw = at::empty({N, K, 3, 3}, at::TensorOptions().dtype(at::kDouble));
+  const double* src = dv.const_data_ptr<double>();
+  double* out = dw.mutable_data_ptr<double>();
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) {
+      double Gm[3][A];  // Gᵀ dV
+      for (int i = 0; i < 3; ++i)
+        for (int b = 0; b < A; ++b) {
+          double sum = 0;
+          for (int a = 0; a < A; ++a) sum += Mat::G[a][i] * src[((a * A + b) * K + k) * N + n];
+          Gm[i][b] = sum;
+        }
+      double* o = out + (n * K + k) * 9;
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) {
+          double sum = 0;
+          for (int b = 0; b < A; ++b) sum += Gm[i][b] * Mat::G[b][j];
+          o[i * 3 + j] = sum;
+        }
+    }
+  return dw.to(dtype);
 }
 }  // namespace
 
@@ -406,14 +448,8 @@ void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& gra
 }
 
 Tensor winograd_weight_grad_finish(const Tensor& dV, at::ScalarType dtype) {
-  // dV = dL/d(G w Gᵀ), so dL/dw = Gᵀ dV G (in fp64, as the forward's transform).
-  const int64_t A = dV.size(0) == 36 ? 6 : 4, K = dV.size(1), N = dV.size(2);
-  const Tensor G = at::empty({A, 3}, at::TensorOptions().dtype(at::kDouble));
-  for (int a = 0; a < A; ++a)
-    for (int i = 0; i < 3; ++i)
-      G[a][i] = A == 6 ? winograd::Matrices<4>::G[a][i] : winograd::Matrices<2>::G[a][i];
-  const Tensor dv = dV.to(at::kDouble).reshape({A, A, K, N});
-  return at::einsum("ai,abkn,bj->nkij", {G, dv, G}).to(dtype).contiguous();
+  // dV = dL/d(G w Gᵀ), so dL/dw = Gᵀ dV G.
+  return dV.size(0) == 36 ? transform_weight_grad<4>(dV, dtype) : transform_weight_grad<2>(dV, dtype);
 }
 
 }  // namespace recurrent
