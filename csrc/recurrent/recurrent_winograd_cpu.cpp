@@ -171,63 +171,70 @@ winograd::Job make_job(const Tensor& input, const Tensor& V, const OptTensor& bi
 
 template <int M>
 Tensor transform_weights(const Tensor& weight) {
-  // V[a·A + b, k, n] = Σ_ij G[a, i] w[n, k, i, j] G[b, j], in fp64, as plain loops: a batched matmul of
-  // the 6x3 / 3x3 matrices went through ATen's small-matrix bmm (~3 % of a small ConvLSTM forward).
+  // V[a·A + b, k, n] = Σ_ij G[a, i] w[n, k, i, j] G[b, j], in fp64, as loops with n innermost (contiguous,
+  // vectorised): a batched matmul of the 6x3 / 3x3 matrices went through ATen's small-matrix bmm, and
+  // scalar loops per (n, k) cost ~5 % of a small ConvGRU fwd+bwd (the weights are transformed per call).
   using Mat = winograd::Matrices<M>;
   constexpr int A = Mat::A;
-  const Tensor w = weight.to(at::kDouble).contiguous();
   const int64_t N = weight.size(0), K = weight.size(1);
+  const Tensor w = weight.to(at::kDouble).permute({1, 2, 3, 0}).contiguous();  // [K, 3, 3, N]
   // Columns padded with zeros to a multiple of winograd::kColumnBlock (the GEMM kernel's widest column
   // block); the returned view has N columns and row stride Np.
   const int64_t Np = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
   Tensor padded = at::zeros({A * A, K, Np}, weight.options().dtype(acc_type(weight.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES(padded.scalar_type(), "winograd_weights", [&] {
-    const double* src = w.const_data_ptr<double>();
-    scalar_t* V = padded.mutable_data_ptr<scalar_t>();
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) {
-        const double* g = src + (n * K + k) * 9;
-        double Gg[A][3];
-        for (int a = 0; a < A; ++a)
-          for (int j = 0; j < 3; ++j) Gg[a][j] = Mat::G[a][0] * g[j] + Mat::G[a][1] * g[3 + j] + Mat::G[a][2] * g[6 + j];
-        for (int a = 0; a < A; ++a)
-          for (int b = 0; b < A; ++b)
-            V[((a * A + b) * K + k) * Np + n] =
-                static_cast<scalar_t>(Gg[a][0] * Mat::G[b][0] + Gg[a][1] * Mat::G[b][1] + Gg[a][2] * Mat::G[b][2]);
-      }
+    std::vector<double> Gw(A * 3 * N);  // (G w)[a, j] of one k, n innermost
+    for (int64_t k = 0; k < K; ++k) {
+      const double* wk = w.const_data_ptr<double>() + k * 9 * N;
+      for (int a = 0; a < A; ++a)
+        for (int j = 0; j < 3; ++j) {
+          double* row = Gw.data() + (a * 3 + j) * N;
+          for (int64_t n = 0; n < N; ++n)
+            row[n] = Mat::G[a][0] * wk[j * N + n] + Mat::G[a][1] * wk[(3 + j) * N + n] + Mat::G[a][2] * wk[(6 + j) * N + n];
+        }
+      for (int a = 0; a < A; ++a)
+        for (int b = 0; b < A; ++b) {
+          const double* g = Gw.data() + a * 3 * N;
+          scalar_t* V = padded.mutable_data_ptr<scalar_t>() + ((a * A + b) * K + k) * Np;
+          for (int64_t n = 0; n < N; ++n)
+            V[n] = static_cast<scalar_t>(g[n] * Mat::G[b][0] + g[N + n] * Mat::G[b][1] + g[2 * N + n] * Mat::G[b][2]);
+        }
+    }
   });
   return padded.narrow(2, 0, N);
 }
 
 // dL/dw [N, K, 3, 3] = Gᵀ dV G per (k, n) from dV = dL/d(G w Gᵀ) [A², K, N], in fp64 (as the forward's
-// transform), as plain loops (see transform_weights).
+// transform), as loops with n innermost (see transform_weights).
 template <int M>
 Tensor transform_weight_grad(const Tensor& dV, at::ScalarType dtype) {
   using Mat = winograd::Matrices<M>;
   constexpr int A = Mat::A;
   const int64_t K = dV.size(1), N = dV.size(2);
   const Tensor dv = dV.to(at::kDouble).contiguous();
-  Tensor dw = at::empty({N, K, 3, 3}, at::TensorOptions().dtype(at::kDouble));
-  const double* src = dv.const_data_ptr<double>();
-  double* out = dw.mutable_data_ptr<double>();
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < N; ++n) {
-      double Gm[3][A];  // Gᵀ dV
-      for (int i = 0; i < 3; ++i)
+  Tensor dw = at::empty({K, 3, 3, N}, at::TensorOptions().dtype(at::kDouble));
+  std::vector<double> Gm(3 * A * N);  // (Gᵀ dV)[i, b] of one k, n innermost
+  for (int64_t k = 0; k < K; ++k) {
+    for (int i = 0; i < 3; ++i)
+      for (int b = 0; b < A; ++b) {
+        double* row = Gm.data() + (i * A + b) * N;
+        std::fill(row, row + N, 0.0);
+        for (int a = 0; a < A; ++a) {
+          const double* d = dv.const_data_ptr<double>() + ((a * A + b) * K + k) * N;
+          for (int64_t n = 0; n < N; ++n) row[n] += Mat::G[a][i] * d[n];
+        }
+      }
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) {
+        double* out = dw.mutable_data_ptr<double>() + ((k * 3 + i) * 3 + j) * N;
+        std::fill(out, out + N, 0.0);
         for (int b = 0; b < A; ++b) {
-          double sum = 0;
-          for (int a = 0; a < A; ++a) sum += Mat::G[a][i] * src[((a * A + b) * K + k) * N + n];
-          Gm[i][b] = sum;
+          const double* g = Gm.data() + (i * A + b) * N;
+          for (int64_t n = 0; n < N; ++n) out[n] += g[n] * Mat::G[b][j];
         }
-      double* o = out + (n * K + k) * 9;
-      for (int i = 0; i < 3; ++i)
-        for (int j = 0; j < 3; ++j) {
-          double sum = 0;
-          for (int b = 0; b < A; ++b) sum += Gm[i][b] * Mat::G[b][j];
-          o[i * 3 + j] = sum;
-        }
-    }
-  return dw.to(dtype);
+      }
+  }
+  return dw.permute({3, 0, 1, 2}).to(dtype).contiguous();
 }
 }  // namespace
 
