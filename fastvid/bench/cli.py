@@ -21,7 +21,7 @@ from . import attention, cases, depthwise, measure, report, results, runner
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help=f"smaller run: DepthwiseConv3d on the first X3D shape (+ its "
+                        help=f"smaller run: ConvGRU on the first shape only, DepthwiseConv3d on the first X3D shape (+ its "
                              f"bandwidth row) and the X3D block forward+backward only, {runner.QUICK_ROUNDS} rounds after "
                              f"{runner.QUICK_WARMUP} warm-up call (at least {measure.MIN_ROUNDS} once a case's timed calls pass "
                              f"{runner.QUICK_TIME_BUDGET_S:.0f} s; default {runner.FULL_ROUNDS} rounds, "
