@@ -7,7 +7,7 @@
 // against a measured 133 at 512 bits), and PyTorch's SDPA uses that same sgemm for its tiles.
 //
 // C [m×n] = alpha · A B (+ C when accumulate). A element (i, kk) at a[i·rsa + kk·csa] (row-major
-// A: csa = 1; a transposed operand: rsa = 1); B is row-major, element (kk, j) at b[kk·ldb + j];
+// A: csa = 1; a transposed operand: rsa = 1); B packed in column panels (pack_panels below);
 // C row-major with row stride ldc. Each block of kGemmRows rows of A runs across B's columns
 // kGemmVecs vectors at a time: kGemmRows × kGemmVecs accumulators, A broadcast, B streamed row by
 // row. Full blocks read A in place; a partial block (and an A with neither stride 1) is packed.
@@ -86,24 +86,48 @@ inline void gemm_micro(int64_t k, const float* __restrict a, int64_t lda, const 
     }
 }
 
-inline void tile_gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t rsa, int64_t csa,
-                      const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
-  // Per-thread scratch: a packed A block (partial row blocks, zero-padded, and A with neither stride
-  // 1), and B's last (partial) column panel zero-padded.
-  thread_local std::vector<float> apack, bpad;
-  const int64_t n_full = n - n % kGemmCols;
-  if (n_full < n) {
-    bpad.assign(size_t(k) * kGemmCols, 0.0f);
-    for (int64_t kk = 0; kk < k; ++kk) std::memcpy(&bpad[kk * kGemmCols], b + kk * ldb + n_full, (n - n_full) * sizeof(float));
+// B operands are packed once into column panels of kGemmCols: panel p holds columns
+// [p·kGemmCols, (p+1)·kGemmCols), zero-padded past n, row kk at bp[p·panel_stride + kk·kGemmCols].
+// A panel is then one contiguous stream (the hardware prefetcher follows it, one TLB page per 4 KiB
+// instead of one per row), and the key/value operands, reused by every query block, are packed once
+// per call instead of being read with a row stride of the whole key dimension.
+inline int64_t gemm_cols() { return kGemmCols; }
+
+// Packs B [k × n], element (kk, j) at b[kk·rsb + j·csb], into panels (panel_stride >= k·kGemmCols).
+inline void pack_panels(int64_t k, int64_t n, const float* b, int64_t rsb, int64_t csb, float* bp,
+                        int64_t panel_stride) {
+  for (int64_t j0 = 0; j0 < n; j0 += kGemmCols) {
+    float* panel = bp + (j0 / kGemmCols) * panel_stride;
+    const int cols = int(std::min<int64_t>(kGemmCols, n - j0));
+    if (csb == 1) {
+      for (int64_t kk = 0; kk < k; ++kk) {
+        std::memcpy(panel + kk * kGemmCols, b + kk * rsb + j0, cols * sizeof(float));
+        std::fill(panel + kk * kGemmCols + cols, panel + (kk + 1) * kGemmCols, 0.0f);
+      }
+    } else {  // a transposed source: read each column along its unit stride
+      for (int j = 0; j < kGemmCols; ++j) {
+        const float* column = b + (j0 + j) * csb;
+        if (j < cols)
+          for (int64_t kk = 0; kk < k; ++kk) panel[kk * kGemmCols + j] = column[kk * rsb];
+        else
+          for (int64_t kk = 0; kk < k; ++kk) panel[kk * kGemmCols + j] = 0.0f;
+      }
+    }
   }
-  // One block of kGemmRows rows of A (read as kRowMajorA says) across all of B's columns.
+}
+
+// C [m×n] = alpha · A B (+ C when accumulate), B in panels (pack_panels) from bp.
+inline void tile_gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t rsa, int64_t csa,
+                      const float* bp, int64_t panel_stride, bool accumulate, float* c, int64_t ldc) {
+  // Per-thread scratch: a packed A block (a partial row block, zero-padded, or an A with neither
+  // stride 1).
+  thread_local std::vector<float> apack;
+  // One block of kGemmRows rows of A (read as kRowMajorA says) across all of B's panels.
   auto row_block = [&](auto row_major_a, const float* ai, int64_t lda, int rows, float* ci) {
     constexpr bool kRowMajorA = decltype(row_major_a)::value;
-    for (int64_t j0 = 0; j0 < n_full; j0 += kGemmCols)
-      gemm_micro<kRowMajorA>(k, ai, lda, b + j0, ldb, alpha, accumulate, ci + j0, ldc, rows, kGemmCols);
-    if (n_full < n)
-      gemm_micro<kRowMajorA>(k, ai, lda, bpad.data(), kGemmCols, alpha, accumulate, ci + n_full, ldc, rows,
-                             int(n - n_full));
+    for (int64_t j0 = 0; j0 < n; j0 += kGemmCols)
+      gemm_micro<kRowMajorA>(k, ai, lda, bp + (j0 / kGemmCols) * panel_stride, kGemmCols, alpha, accumulate, ci + j0,
+                             ldc, rows, int(std::min<int64_t>(kGemmCols, n - j0)));
   };
   for (int64_t i0 = 0; i0 < m; i0 += kGemmRows) {
     const int rows = int(std::min<int64_t>(kGemmRows, m - i0));
