@@ -168,22 +168,23 @@ TileB<scalar_t> tile_b(const Operand<scalar_t>& x, bool transpose, int64_t batch
 
 // Row-major C[m×n] = alpha · op(A) · op(B) + beta · C (C in the accumulation type, beta 0 or 1), op(B)
 // from row kk0 and column j0 of batch `batch` of b_op. op(A) is the m×k matrix at a (row stride lda),
-// or with trans_a the transpose of the k×m matrix at a. A packed B runs through tile_gemm; a plain one
+// or with trans_a the transpose of the k×m matrix at a. A packed B runs through tile_gemm (which can
+// also return each row's max of the result in row_max); a plain one
 // through the BLAS, where in column-major terms Cᵀ = op(B)ᵀ op(A)ᵀ: the operands swap, the flags pass
 // through.
 template <typename scalar_t>
 void gemm(bool trans_a, int64_t m, int64_t n, int64_t k, acc_type<scalar_t> alpha, const scalar_t* a, int64_t lda,
           const TileB<scalar_t>& b_op, int64_t batch, int64_t kk0, int64_t j0, acc_type<scalar_t> beta,
-          acc_type<scalar_t>* c, int64_t ldc) {
+          acc_type<scalar_t>* c, int64_t ldc, float* row_max = nullptr) {
   using acc_t = acc_type<scalar_t>;
   TORCH_INTERNAL_ASSERT(beta == acc_t(0) || beta == acc_t(1));
   const scalar_t* b = b_op.at(batch, kk0, j0);
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (b_op.panel_stride > 0)
       return FASTVID_ISA_CALL(attention, tile_gemm(m, n, k, alpha, a, trans_a ? 1 : lda, trans_a ? lda : 1, b,
-                                                   b_op.panel_stride, beta != 0.0f, c, ldc));
+                                                   b_op.panel_stride, beta != 0.0f, c, ldc, row_max));
   }
-  TORCH_INTERNAL_ASSERT(b_op.panel_stride == 0);
+  TORCH_INTERNAL_ASSERT(b_op.panel_stride == 0 && row_max == nullptr);
   const bool trans_b = b_op.trans;
   const int64_t ldb = b_op.ld;
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
@@ -287,16 +288,15 @@ acc_t exp2_row(acc_t* __restrict s, int64_t n, acc_t m, p_t* __restrict p_low) {
   return sum;
 }
 
-// Online-softmax update of one query row with a new tile of scores s[0..n) (log2 units): the running
-// max m moves (and l and the output accumulator are rescaled by 2^(m_old - m)) only when the tile's
+// Online-softmax update of one query row with a new tile of scores s[0..n) (log2 units) whose max
+// (NaNs skipped) is tile_max: the running max m moves (and l and the output accumulator are rescaled by 2^(m_old - m)) only when the tile's
 // max exceeds m by more than kRescaleThreshold; then P = 2^(s - m) is written (over s, or to p_low
 // for bf16) and added to l. A row whose scores so far are all -inf keeps m = -inf and adds nothing
 // (P = 0 for this tile); a later finite tile takes over with rescale 0.
 template <typename acc_t, typename p_t>
-void softmax_tile_row(acc_t* s, int64_t n, acc_t& m, acc_t& l, acc_t* out_acc, int64_t dv,
-                                         p_t* p_low) {
+void softmax_tile_row(acc_t* s, int64_t n, acc_t tile_max, acc_t& m, acc_t& l, acc_t* out_acc, int64_t dv,
+                      p_t* p_low) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t tile_max = row_max(s, n);
   if (tile_max > m + acc_t(kRescaleThreshold)) {
     const acc_t rescale = m == kNegInf ? acc_t(0) : exp2_fast(m - tile_max);
     for (int64_t d = 0; d < dv; ++d) out_acc[d] *= rescale;
@@ -400,8 +400,12 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
 
   at::parallel_for(0, sz.B * query_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scores(kQueryBlock * kScoreLd), out_acc(kQueryBlock * sz.Dv);
-    std::vector<acc_t> row_max(kQueryBlock), row_sum(kQueryBlock);
+    std::vector<acc_t> row_max(kQueryBlock), row_sum(kQueryBlock), tile_max(kQueryBlock);
     std::vector<scalar_t> probs_low(kLowPrecision ? kQueryBlock * kScoreLd : 0);
+    // tile_gemm returns each row's max of S with S; the BLAS path takes a pass over S for it.
+    float* gemm_tile_max = nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>)
+      if (k_s.panel_stride > 0) gemm_tile_max = tile_max.data();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / query_blocks, i0 = (task % query_blocks) * kQueryBlock;
       const int64_t rows = std::min(kQueryBlock, sz.N - i0);
@@ -412,12 +416,15 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
         const int64_t cols = std::min(kKeyBlock, sz.M - j0);
         // S = log2 e · scale · Q_i K_jᵀ
         gemm<scalar_t>(q.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld, k_s, b, 0, j0, acc_t(0),
-                       scores.data(), kScoreLd);
+                       scores.data(), kScoreLd, gemm_tile_max);
+        if (gemm_tile_max == nullptr)
+          for (int64_t r = 0; r < rows; ++r)
+            tile_max[r] = FASTVID_ISA_CALL(attention, row_max(scores.data() + r * kScoreLd, cols));
         scalar_t* probs;
         if constexpr (kLowPrecision) probs = probs_low.data();
         else probs = scores.data();
         for (int64_t r = 0; r < rows; ++r)
-          FASTVID_ISA_CALL(attention, softmax_tile_row(scores.data() + r * kScoreLd, cols, row_max[r], row_sum[r],
+          FASTVID_ISA_CALL(attention, softmax_tile_row(scores.data() + r * kScoreLd, cols, tile_max[r], row_max[r], row_sum[r],
                                                        out_acc.data() + r * sz.Dv, sz.Dv, probs + r * kScoreLd));
         // O_i += P V_j
         gemm<scalar_t>(false, rows, sz.Dv, cols, acc_t(1), probs, kScoreLd, v_pv, b, j0, 0, acc_t(1), out_acc.data(),
