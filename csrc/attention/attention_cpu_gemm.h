@@ -12,7 +12,9 @@
 // kGemmVecs vectors at a time: kGemmRows × kGemmVecs accumulators, A broadcast, B streamed row by
 // row. Full blocks read A in place; a partial block (and an A with neither stride 1) is packed.
 // Measured alone on the attention tile shapes (one Zen 5 core, FMA peak 133 GFMA/s at 512 bits,
-// 67 at 256): ~100-110 GFMA/s on the AVX-512 path, ~52-57 on the AVX2 path.
+// 67 at 256): ~100-110 GFMA/s on the AVX-512 path; on the AVX2 path ~55 with B read in place, ~62
+// with B packed in panels (120 × 480 × 128 tiles, thread CPU time), ~55-58 per product inside the
+// op's backward (operands from L2/L3).
 namespace FASTVID_ISA {
 
 typedef float gemm_vec __attribute__((vector_size(FASTVID_VEC_BYTES)));
