@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not fastvid.info()["cpu_kernels"], reason="fastv
 
 OPS = torch.ops.fastvid
 
-# (B, N, M, D, Dv): the CPU kernel's tiles are 128 queries × 512 keys, so these cover one and several
+# (B, N, M, D, Dv): the CPU kernel's tiles are 120 queries × 480 keys, so these cover one and several
 # tiles in each direction, partial last tiles, N = M = 1, D != Dv, D not a multiple of the SIMD width.
 # The fp32 tile GEMM (attention_cpu_gemm.h) works in blocks of 12 (AVX-512) / 6 rows × 2 vectors of
 # columns: the last two shapes put partial row blocks and partial column panels (one vector and
@@ -33,6 +33,7 @@ SHAPES = [
     (1, 5, 1030, 256, 256),
     (1, 131, 520, 128, 48),
     (3, 25, 45, 32, 128),
+    (1, 240, 960, 32, 16),  # whole tiles only: no partial row block in any product
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -121,7 +122,8 @@ def _oracle_values_and_grads(q, k, v, scale, grad_out, grad_lse, dtype=torch.flo
 
 # The kernel keeps scores in log2 units and moves a row's running max only when a key tile's max
 # exceeds it by more than 8 (log2 units, = 8 ln 2 ≈ 5.5 in natural units); these key-tile offsets
-# (natural units, one per 512-key tile) make later tiles stay under, cross, or fall below that.
+# (natural units, one per 480-key tile) make later tiles stay under, cross, or fall below that.
+KEY_TILE = 480  # kKeyBlock in csrc/attention/attention_cpu.cpp
 TILE_OFFSETS = {
     "under_threshold": (0.0, 3.0, 5.0),     # max grows by 4.3 then 2.9 binary orders: no rescale
     "crosses_threshold": (0.0, 12.0, 30.0),  # grows by 17 then 26 binary orders: two rescales
@@ -137,12 +139,12 @@ def test_running_max_across_key_tiles(offsets, dtype, bf16_tiles, monkeypatch):
     far beyond float32's exp range: values, lse and gradients match the fp64 oracle."""
     if bf16_tiles is not None:
         monkeypatch.setenv("FASTVID_ATTENTION_BF16_TILES", bf16_tiles)
-    B, N, M, D, Dv = 2, 70, 3 * 512, 16, 8
+    B, N, M, D, Dv = 2, 70, 3 * KEY_TILE, 16, 8
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, N, D, generator=g) * 0.3
     k = torch.randn(B, M, D, generator=g) * 0.3
     q[..., 0] = 1.0  # score = offset of the key's tile + noise
-    k[..., 0] = torch.tensor(offsets).repeat_interleave(512)
+    k[..., 0] = torch.tensor(offsets).repeat_interleave(KEY_TILE)
     v = torch.randn(B, M, Dv, generator=g)
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
     grad_out = torch.randn(B, N, Dv, generator=g).to(dtype)

@@ -55,16 +55,19 @@ namespace fastvid {
 namespace attention {
 namespace {
 
-// Tile sizes: rows of q × rows of k (the fp32 S tile is 256 KiB, L2-resident with its K and V tiles).
-// 64-256 × 256-512 all measured within noise of each other (fp32 forward+backward at 96-98 % of the
-// single-core sgemm rate on this tile shape; 85 % of the samples in MKL's sgemm kernel, 10 % in its
-// operand packing, 3 % in the softmax passes). MKL's packed API (K/V tiles packed once per batch)
-// measured slower: forward 76 ms against 52 ms. (Measured with MKL's sgemm; with tile_gemm, key
-// blocks of 256 and 512 measured within noise of each other.)
-constexpr int64_t kQueryBlock = 128, kKeyBlock = 512;
+// Tile sizes: rows of q × rows of k (the fp32 S tile is 233 KiB, L2-resident with its K and V tiles).
+// Multiples of 6 and 12, the row blocks of tile_gemm's AVX2 / AVX-512 kernels, so that no full tile
+// leaves a partial row block (128 × 512 left 2 or 8 rows in every product: a whole block's time for
+// them; 120 × 480 measured ~4 % faster forward+backward on the AVX2 path, one core). With MKL's sgemm
+// (fp64, bf16, the baseline path) 64-256 × 256-512 measured within noise of each other; MKL's packed
+// API (K/V tiles packed once per batch) measured slower.
+constexpr int64_t kQueryBlock = 120, kKeyBlock = 480;
 // Row stride of the score tiles: with 2 KiB (512 floats) the GEMMs that read a tile transposed would
 // walk one column of it through the same few L1 sets.
 constexpr int64_t kScoreLd = kKeyBlock + 16;
+// Packed K/V operands are sliced per key block at whole column panels (32 columns at most).
+static_assert(kKeyBlock % 32 == 0);
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;  // float for float/bf16, double for double
@@ -81,44 +84,6 @@ using acc_type = at::opmath_type<scalar_t>;  // float for float/bf16, double for
 template <typename scalar_t>
 bool use_own_gemm() {
   return std::is_same_v<scalar_t, float> && cpu_isa::active() != cpu_isa::Isa::baseline;
-}
-
-// Row-major C[m×n] = alpha · op(A) · op(B) + beta · C (C in the accumulation type, beta 0 or 1). op(A)
-// is the m×k matrix at a (row stride lda), or with trans_a the transpose of the k×m matrix at a; same
-// for B. With `own` (use_own_gemm) and a row-major op(B), tile_gemm; otherwise the BLAS, where in
-// column-major terms Cᵀ = op(B)ᵀ op(A)ᵀ: the operands swap, the flags pass through.
-template <typename scalar_t>
-void gemm(bool own, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_type<scalar_t> alpha,
-          const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, acc_type<scalar_t> beta,
-          acc_type<scalar_t>* c, int64_t ldc) {
-  using acc_t = acc_type<scalar_t>;
-  TORCH_INTERNAL_ASSERT(beta == acc_t(0) || beta == acc_t(1));
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (own && !trans_b)
-      return FASTVID_ISA_CALL(attention, tile_gemm(m, n, k, alpha, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb,
-                                                   beta != 0.0f, c, ldc));
-  }
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (sgemm_) return sgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
-  } else if constexpr (std::is_same_v<scalar_t, double>) {
-    if (dgemm_) return dgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
-  } else {
-    if (gemm_bf16bf16f32_)
-      return gemm_bf16bf16f32_(&tb, &ta, &ni, &mi, &ki, &alpha, reinterpret_cast<const uint16_t*>(b), &lb,
-                               reinterpret_cast<const uint16_t*>(a), &la, &beta, c, &lc);
-  }
-  // Fallback: the same product with ATen on views of the buffers.
-  const auto in_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    auto t = trans ? at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {1, ld}, in_options)
-                   : at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, in_options);
-    return t.to(c10::CppTypeToScalarType<acc_t>::value);
-  };
-  at::Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, acc_options);
-  c_view.mul_(beta).add_(at::mm(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b)), alpha);
 }
 
 // One batch's [rows, cols] operand: element (r, c) at data[r * ld + c], or data[c * ld + r] when
@@ -150,11 +115,99 @@ Operand<scalar_t> operand(const at::Tensor& t) {
   return {t.data_ptr<scalar_t>(), t.stride(0), row_major ? t.stride(1) : t.stride(2), !row_major};
 }
 
-// t (an as_operand_layout tensor) as a row-major or a transposed operand, copied if it is not one
-// already: tile_gemm needs its B row-major, so e.g. S = Q Kᵀ reads K transposed.
-at::Tensor in_layout(const at::Tensor& t, bool transposed) {
-  if (is_row_major(t) != transposed) return t;
-  return transposed ? t.transpose(1, 2).contiguous().transpose(1, 2) : t.contiguous();
+// The B operand op(B) [k × n] of a tile product, for every batch. Plain (the BLAS reads it in place):
+// the matrix at data with row stride ld, or with `trans` the transpose of the one stored there.
+// Packed (panel_stride > 0): in tile_gemm's column panels of panel_cols columns (attention_cpu_gemm.h).
+template <typename scalar_t>
+struct TileB {
+  const scalar_t* data;
+  int64_t batch_stride, ld;
+  bool trans;
+  int64_t panel_cols = 0, panel_stride = 0;
+  // op(B) from row kk0 and column j0 on (packed: j0 a multiple of panel_cols).
+  const scalar_t* at(int64_t batch, int64_t kk0, int64_t j0) const {
+    const scalar_t* base = data + batch * batch_stride;
+    if (panel_stride > 0) return base + (j0 / panel_cols) * panel_stride + kk0 * panel_cols;
+    return trans ? base + j0 * ld + kk0 : base + kk0 * ld + j0;
+  }
+};
+
+// op(B) = x, or xᵀ with `transpose`, read in place.
+template <typename scalar_t>
+TileB<scalar_t> plain_b(const Operand<scalar_t>& x, bool transpose) {
+  return {x.data, x.batch_stride, x.ld, x.transposed != transpose};
+}
+
+// op(B) [k × n] = x or xᵀ of every batch packed into tile_gemm's column panels (store keeps the buffer).
+TileB<float> packed_b(const Operand<float>& x, bool transpose, int64_t batches, int64_t k, int64_t n,
+                      at::Tensor& store) {
+  const int64_t cols = FASTVID_ISA_CALL(attention, gemm_cols()), panels = (n + cols - 1) / cols;
+  const int64_t panel_stride = k * cols, batch_stride = panels * panel_stride;
+  store = at::empty({batches * batch_stride}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = store.data_ptr<float>();
+  const TileB<float> src = plain_b(x, transpose);
+  at::parallel_for(0, batches * panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / panels, j0 = (item % panels) * cols;
+      FASTVID_ISA_CALL(attention, pack_panels(k, std::min(cols, n - j0), src.at(b, 0, j0), src.trans ? 1 : src.ld,
+                                              src.trans ? src.ld : 1, dst + b * batch_stride + (j0 / cols) * panel_stride,
+                                              panel_stride));
+    }
+  });
+  return {dst, batch_stride, 0, false, cols, panel_stride};
+}
+
+// op(B) = x or xᵀ for the tile products: packed for tile_gemm (use_own_gemm), else read in place.
+template <typename scalar_t>
+TileB<scalar_t> tile_b(const Operand<scalar_t>& x, bool transpose, int64_t batches, int64_t k, int64_t n,
+                       at::Tensor& store) {
+  if constexpr (std::is_same_v<scalar_t, float>)
+    if (use_own_gemm<float>()) return packed_b(x, transpose, batches, k, n, store);
+  return plain_b(x, transpose);
+}
+
+// Row-major C[m×n] = alpha · op(A) · op(B) + beta · C (C in the accumulation type, beta 0 or 1), op(B)
+// from row kk0 and column j0 of batch `batch` of b_op. op(A) is the m×k matrix at a (row stride lda),
+// or with trans_a the transpose of the k×m matrix at a. A packed B runs through tile_gemm (which can
+// also return each row's max of the result in row_max); a plain one
+// through the BLAS, where in column-major terms Cᵀ = op(B)ᵀ op(A)ᵀ: the operands swap, the flags pass
+// through.
+template <typename scalar_t>
+void gemm(bool trans_a, int64_t m, int64_t n, int64_t k, acc_type<scalar_t> alpha, const scalar_t* a, int64_t lda,
+          const TileB<scalar_t>& b_op, int64_t batch, int64_t kk0, int64_t j0, acc_type<scalar_t> beta,
+          acc_type<scalar_t>* c, int64_t ldc, float* row_max = nullptr) {
+  using acc_t = acc_type<scalar_t>;
+  TORCH_INTERNAL_ASSERT(beta == acc_t(0) || beta == acc_t(1));
+  const scalar_t* b = b_op.at(batch, kk0, j0);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (b_op.panel_stride > 0)
+      return FASTVID_ISA_CALL(attention, tile_gemm(m, n, k, alpha, a, trans_a ? 1 : lda, trans_a ? lda : 1, b,
+                                                   b_op.panel_stride, beta != 0.0f, c, ldc, row_max));
+  }
+  TORCH_INTERNAL_ASSERT(b_op.panel_stride == 0 && row_max == nullptr);
+  const bool trans_b = b_op.trans;
+  const int64_t ldb = b_op.ld;
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (sgemm_) return sgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    if (dgemm_) return dgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+  } else {
+    if (gemm_bf16bf16f32_)
+      return gemm_bf16bf16f32_(&tb, &ta, &ni, &mi, &ki, &alpha, reinterpret_cast<const uint16_t*>(b), &lb,
+                               reinterpret_cast<const uint16_t*>(a), &la, &beta, c, &lc);
+  }
+  // Fallback: the same product with ATen on views of the buffers.
+  const auto in_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    auto t = trans ? at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {1, ld}, in_options)
+                   : at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, in_options);
+    return t.to(c10::CppTypeToScalarType<acc_t>::value);
+  };
+  at::Tensor c_view = at::from_blob(c, {m, n}, {ldc, 1}, acc_options);
+  c_view.mul_(beta).add_(at::mm(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b)), alpha);
 }
 
 // ---------------------------------------------------------------------------------------- row math
@@ -235,16 +288,15 @@ acc_t exp2_row(acc_t* __restrict s, int64_t n, acc_t m, p_t* __restrict p_low) {
   return sum;
 }
 
-// Online-softmax update of one query row with a new tile of scores s[0..n) (log2 units): the running
-// max m moves (and l and the output accumulator are rescaled by 2^(m_old - m)) only when the tile's
+// Online-softmax update of one query row with a new tile of scores s[0..n) (log2 units) whose max
+// (NaNs skipped) is tile_max: the running max m moves (and l and the output accumulator are rescaled by 2^(m_old - m)) only when the tile's
 // max exceeds m by more than kRescaleThreshold; then P = 2^(s - m) is written (over s, or to p_low
 // for bf16) and added to l. A row whose scores so far are all -inf keeps m = -inf and adds nothing
 // (P = 0 for this tile); a later finite tile takes over with rescale 0.
 template <typename acc_t, typename p_t>
-void softmax_tile_row(acc_t* s, int64_t n, acc_t& m, acc_t& l, acc_t* out_acc, int64_t dv,
-                                         p_t* p_low) {
+void softmax_tile_row(acc_t* s, int64_t n, acc_t tile_max, acc_t& m, acc_t& l, acc_t* out_acc, int64_t dv,
+                      p_t* p_low) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t tile_max = row_max(s, n);
   if (tile_max > m + acc_t(kRescaleThreshold)) {
     const acc_t rescale = m == kNegInf ? acc_t(0) : exp2_fast(m - tile_max);
     for (int64_t d = 0; d < dv; ++d) out_acc[d] *= rescale;
@@ -337,10 +389,10 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
                     const Sizes& sz, at::Tensor& out_t, at::Tensor& lse_t) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kLowPrecision = !std::is_same_v<scalar_t, acc_t>;
-  // K and V in the layouts their products read them as B (row-major op(B) for tile_gemm).
-  const bool own = use_own_gemm<scalar_t>();
-  const at::Tensor k_s = own ? in_layout(k_t, true) : k_t, v_pv = own ? in_layout(v_t, false) : v_t;
-  const auto q = operand<scalar_t>(q_t), k = operand<scalar_t>(k_s), v = operand<scalar_t>(v_pv);
+  const auto q = operand<scalar_t>(q_t);
+  at::Tensor k_store, v_store;
+  const auto k_s = tile_b(operand<scalar_t>(k_t), true, sz.B, sz.D, sz.M, k_store);    // Kᵀ [D × M]
+  const auto v_pv = tile_b(operand<scalar_t>(v_t), false, sz.B, sz.M, sz.Dv, v_store);  // V [M × Dv]
   scalar_t* out = out_t.data_ptr<scalar_t>();
   acc_t* lse = lse_t.data_ptr<acc_t>();
   const acc_t scale_log2 = acc_t(scale_d * kLog2e);  // scores in log2 units
@@ -348,8 +400,12 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
 
   at::parallel_for(0, sz.B * query_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scores(kQueryBlock * kScoreLd), out_acc(kQueryBlock * sz.Dv);
-    std::vector<acc_t> row_max(kQueryBlock), row_sum(kQueryBlock);
+    std::vector<acc_t> row_max(kQueryBlock), row_sum(kQueryBlock), tile_max(kQueryBlock);
     std::vector<scalar_t> probs_low(kLowPrecision ? kQueryBlock * kScoreLd : 0);
+    // tile_gemm returns each row's max of S with S; the BLAS path takes a pass over S for it.
+    float* gemm_tile_max = nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>)
+      if (k_s.panel_stride > 0) gemm_tile_max = tile_max.data();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / query_blocks, i0 = (task % query_blocks) * kQueryBlock;
       const int64_t rows = std::min(kQueryBlock, sz.N - i0);
@@ -359,17 +415,20 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
       for (int64_t j0 = 0; j0 < sz.M; j0 += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, sz.M - j0);
         // S = log2 e · scale · Q_i K_jᵀ
-        gemm<scalar_t>(own, q.transposed, !k.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld, k.block(b, j0),
-                       k.ld, acc_t(0), scores.data(), kScoreLd);
+        gemm<scalar_t>(q.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld, k_s, b, 0, j0, acc_t(0),
+                       scores.data(), kScoreLd, gemm_tile_max);
+        if (gemm_tile_max == nullptr)
+          for (int64_t r = 0; r < rows; ++r)
+            tile_max[r] = FASTVID_ISA_CALL(attention, row_max(scores.data() + r * kScoreLd, cols));
         scalar_t* probs;
         if constexpr (kLowPrecision) probs = probs_low.data();
         else probs = scores.data();
         for (int64_t r = 0; r < rows; ++r)
-          FASTVID_ISA_CALL(attention, softmax_tile_row(scores.data() + r * kScoreLd, cols, row_max[r], row_sum[r],
+          FASTVID_ISA_CALL(attention, softmax_tile_row(scores.data() + r * kScoreLd, cols, tile_max[r], row_max[r], row_sum[r],
                                                        out_acc.data() + r * sz.Dv, sz.Dv, probs + r * kScoreLd));
         // O_i += P V_j
-        gemm<scalar_t>(own, false, v.transposed, rows, sz.Dv, cols, acc_t(1), probs, kScoreLd, v.block(b, j0), v.ld,
-                       acc_t(1), out_acc.data(), sz.Dv);
+        gemm<scalar_t>(false, rows, sz.Dv, cols, acc_t(1), probs, kScoreLd, v_pv, b, j0, 0, acc_t(1), out_acc.data(),
+                       sz.Dv);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t inv = acc_t(1) / row_sum[r];
@@ -423,13 +482,15 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
                      at::Tensor& grad_v_t) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kLowPrecision = !std::is_same_v<scalar_t, acc_t>;
-  // Q, K and V in the layouts their products read them as B (row-major op(B) for tile_gemm): Q for
-  // dK, K transposed for S and row-major for dQ, V transposed for dP.
-  const bool own = use_own_gemm<scalar_t>();
-  const at::Tensor q_dk = own ? in_layout(q_t, false) : q_t, k_s = own ? in_layout(k_t, true) : k_t,
-                   k_dq = own ? in_layout(k_t, false) : k_t, v_dp = own ? in_layout(v_t, true) : v_t;
-  const auto q = operand<scalar_t>(q_dk), k_for_s = operand<scalar_t>(k_s), k = operand<scalar_t>(k_dq),
-             v = operand<scalar_t>(v_dp);
+  const auto q = operand<scalar_t>(q_t);
+  // K and V as the B operands of S, dP and dQ (packed once for tile_gemm); Q_i and dO_i, the B of dK
+  // and dV, are packed per task below.
+  at::Tensor k_s_store, v_dp_store, k_dq_store;
+  const auto k_s = tile_b(operand<scalar_t>(k_t), true, sz.B, sz.D, sz.M, k_s_store);      // Kᵀ [D × M]
+  const auto v_dp = tile_b(operand<scalar_t>(v_t), true, sz.B, sz.Dv, sz.M, v_dp_store);   // Vᵀ [Dv × M]
+  const auto k_dq = tile_b(operand<scalar_t>(k_t), false, sz.B, sz.M, sz.D, k_dq_store);   // K [M × D]
+  const bool own = k_s.panel_stride > 0;
+  const int64_t panel_cols = own ? k_s.panel_cols : 1;
   const auto grad_out = operand<scalar_t>(grad_out_t);
   const scalar_t* out = out_t.data_ptr<scalar_t>();
   const acc_t* lse = lse_t.data_ptr<acc_t>();
@@ -458,6 +519,8 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
     // A transposed or row-padded grad_out (e.g. the gradient of a projection that read out through
     // its transpose) is brought to dense rows one tile at a time, instead of a full contiguous copy.
     std::vector<scalar_t> grad_out_tile(grad_out.transposed || grad_out.ld != sz.Dv ? kQueryBlock * sz.Dv : 0);
+    std::vector<float> q_panels(own ? kQueryBlock * round_up(sz.D, panel_cols) : 0);
+    std::vector<float> grad_out_panels(own ? kQueryBlock * round_up(sz.Dv, panel_cols) : 0);
     for (int64_t range = range_lo; range < range_hi; ++range) {
       const int64_t t_begin = range_begin(range), t_end = range_begin(range + 1);
       const int64_t b_first = t_begin / query_blocks, b_last = (t_end - 1) / query_blocks;
@@ -489,28 +552,40 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
           delta[r] = FASTVID_ISA_CALL(attention, row_dot<scalar_t, acc_t>(dO + r * sz.Dv,
                                                                         out + (b * sz.N + i0 + r) * sz.Dv, sz.Dv)) -
                      (grad_lse ? grad_lse[b * sz.N + i0 + r] : acc_t(0));
+        // Q_i [rows × D] and dO_i [rows × Dv] as B operands.
+        TileB<scalar_t> q_i{q.block(b, i0), 0, q.ld, q.transposed}, grad_out_i{dO, 0, sz.Dv, false};
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (own) {
+            FASTVID_ISA_CALL(attention, pack_panels(rows, sz.D, q_i.data, q.transposed ? 1 : q.ld,
+                                                    q.transposed ? q.ld : 1, q_panels.data(), kQueryBlock * panel_cols));
+            FASTVID_ISA_CALL(attention, pack_panels(rows, sz.Dv, dO, sz.Dv, 1, grad_out_panels.data(),
+                                                    kQueryBlock * panel_cols));
+            q_i = {q_panels.data(), 0, 0, false, panel_cols, kQueryBlock * panel_cols};
+            grad_out_i = {grad_out_panels.data(), 0, 0, false, panel_cols, kQueryBlock * panel_cols};
+          }
+        }
         std::fill(grad_q_acc.begin(), grad_q_acc.end(), acc_t(0));
         acc_t* gk_b = gk.data() + (b - b_first) * sz.M * sz.D;
         acc_t* gv_b = gv.data() + (b - b_first) * sz.M * sz.Dv;
         for (int64_t j0 = 0; j0 < sz.M; j0 += kKeyBlock) {
           const int64_t cols = std::min(kKeyBlock, sz.M - j0);
           // S = log2 e · scale · Q_i K_jᵀ ; dP = dO_i V_jᵀ
-          gemm<scalar_t>(own, q.transposed, !k_for_s.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld,
-                         k_for_s.block(b, j0), k_for_s.ld, acc_t(0), scores.data(), kScoreLd);
-          gemm<scalar_t>(own, false, !v.transposed, rows, cols, sz.Dv, acc_t(1), dO, sz.Dv, v.block(b, j0), v.ld,
-                         acc_t(0), dscores.data(), kScoreLd);
+          gemm<scalar_t>(q.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld, k_s, b, 0, j0, acc_t(0),
+                         scores.data(), kScoreLd);
+          gemm<scalar_t>(false, rows, cols, sz.Dv, acc_t(1), dO, sz.Dv, v_dp, b, 0, j0, acc_t(0), dscores.data(),
+                         kScoreLd);
           for (int64_t r = 0; r < rows; ++r)
             FASTVID_ISA_CALL(attention, softmax_grad_tile_row(scores.data() + r * kScoreLd,
                                                               dscores.data() + r * kScoreLd, cols, lse2_hi[r],
                                                               lse2_lo[r], delta[r], scale, probs + r * kScoreLd,
                                                               dprobs + r * kScoreLd));
           // dV_j += Pᵀ dO_i ; dK_j += dSᵀ Q_i ; dQ_i += dS K_j   (dS carries the scale)
-          gemm<scalar_t>(own, true, false, cols, sz.Dv, rows, acc_t(1), probs, kScoreLd, dO, sz.Dv, acc_t(1),
+          gemm<scalar_t>(true, cols, sz.Dv, rows, acc_t(1), probs, kScoreLd, grad_out_i, 0, 0, 0, acc_t(1),
                          gv_b + j0 * sz.Dv, sz.Dv);
-          gemm<scalar_t>(own, true, q.transposed, cols, sz.D, rows, acc_t(1), dprobs, kScoreLd,
-                         q.block(b, i0), q.ld, acc_t(1), gk_b + j0 * sz.D, sz.D);
-          gemm<scalar_t>(own, false, k.transposed, rows, sz.D, cols, acc_t(1), dprobs, kScoreLd,
-                         k.block(b, j0), k.ld, acc_t(1), grad_q_acc.data(), sz.D);
+          gemm<scalar_t>(true, cols, sz.D, rows, acc_t(1), dprobs, kScoreLd, q_i, 0, 0, 0, acc_t(1),
+                         gk_b + j0 * sz.D, sz.D);
+          gemm<scalar_t>(false, rows, sz.D, cols, acc_t(1), dprobs, kScoreLd, k_dq, b, j0, 0, acc_t(1),
+                         grad_q_acc.data(), sz.D);
         }
         scalar_t* gq = grad_q + (b * sz.N + i0) * sz.D;
         for (int64_t e = 0; e < rows * sz.D; ++e) gq[e] = scalar_t(grad_q_acc[e]);
