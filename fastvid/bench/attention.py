@@ -243,7 +243,7 @@ def attention_flops(shape: AttnShape, mode: str, recompute: bool = True) -> int:
     return per_product * (2 if mode == "no_grad" else 6 + int(recompute))
 
 
-def sgemm_rate(rounds: int = 10, tile=(128, 512, 128)) -> Dict[str, float]:
+def sgemm_rate(rounds: int = 10, tile=(120, 480, 128)) -> Dict[str, float]:
     """The machine's fp32 GEMM rate in FLOP/s at this process's thread count, on the kernel's tile
     shape (rows × keys × D): a batched product of 64 such tiles per thread (``torch.bmm``, ~10 ms),
     best and median over ``rounds``. The rows use the best: the rate the cores can reach (on a
