@@ -13,8 +13,8 @@
 //             sums the x and h convs of a step in the Winograd domain, so does GRU in the nn.GRU form
 //             (x_n and h_n kept apart), the Ballas GRU hoists the x conv (chunked as kHoisted's);
 //             backward: every input-gradient conv Winograd (LSTM: per step one over d_gates for
-//             [grad_x_t, dh], as kConcat's), the weight gradients summed over the chunks in the Winograd
-//             domain and transformed back once.
+//             [grad_x_t, dh], as kConcat's), so are the recomputes of g / h_n (see the reserve), the
+//             weight gradients summed over the chunks in the Winograd domain and transformed back once.
 // With save=True the forward fills the reserve (activated gates, LSTM cell states; see below).
 // Backward walks the steps in reverse, per step one fused gate-backward kernel and one input-gradient
 // conv; the weight (and bias) gradients come from one batched conv backward per chunk of steps, whose
@@ -385,13 +385,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   Tensor grad_w_cat, grad_bias, grad_peephole;
   Tensor g_chunk;  // the chunk's recomputed g gates [n, B, C] (not in the reserve)
   const Tensor w_g = w_cat.narrow(0, 2 * C, C);
+  const Tensor v_g = wino ? winograd_weights(w_g) : Tensor();  // winograd: the g recompute a Winograd conv too
   const auto add_to = [](Tensor& sum, const Tensor& term) { sum = sum.defined() ? sum.add_(term) : term; };
   int64_t chunk_start = -1, chunk_len = 0;
   const auto load_chunk = [&](int64_t t0, int64_t n) {
     copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
     copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
     g_chunk = Tensor();  // free the previous chunk's before the conv allocates
-    g_chunk = conv(flat(inputs.narrow(0, 0, n)), w_g, bias_g, g).tanh_().view({n, B, C, H, W});
+    const Tensor frames = flat(inputs.narrow(0, 0, n));
+    g_chunk = (wino ? winograd_conv(frames, v_g, bias_g, g) : conv(frames, w_g, bias_g, g)).tanh_().view({n, B, C, H, W});
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor d = flat(d_gates.narrow(0, 0, n));
@@ -684,6 +686,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   // winograd: grad_x per chunk a Winograd conv too; the weight gradients summed in the Winograd domain
   // (hh: [r, z, n] reset_after, else [r, z] and [n] apart), transformed back once at the end.
   const Tensor v_grad_x = wino ? winograd_input_grad_weights(weight_ih) : Tensor();
+  const Tensor v_n = wino && reset_after ? winograd_weights(w_n) : Tensor();  // the h_n recompute
   Tensor dV_ih, dV_hh, dV_n;
   if (wino) {
     dV_ih = winograd_weight_grad_buffer(Cin, 3 * C, x.scalar_type());
@@ -712,8 +715,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
     if (!reset_after) return;
     hn_chunk = Tensor();  // free the previous chunk's before the conv allocates
-    hn_chunk = conv(flat(inputs.narrow(0, 0, n).narrow(2, Cin, C)), w_n, narrow_optional(bias_hh, 2 * C, C), g)
-                   .view({n, B, C, H, W});
+    const Tensor h_frames = flat(inputs.narrow(0, 0, n).narrow(2, Cin, C));
+    const OptTensor b_hn = narrow_optional(bias_hh, 2 * C, C);
+    hn_chunk = (wino ? winograd_conv(h_frames, v_n, b_hn, g) : conv(h_frames, w_n, b_hn, g)).view({n, B, C, H, W});
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor dx = flat(d_x.narrow(0, 0, n));
