@@ -516,6 +516,18 @@ inline void gemm_block(const Operands<T>* ops, int n_ops, int64_t p0, T* c, int6
   }
 }
 
+// f(r0, n) over [0, rows) in the fewest blocks of at most kRows rows, balanced: 64 rows run as 11, 11,
+// 11, 11, 10, 10 rather than 5 x 12 + 4 (a thin last block runs its FMAs at a fraction of the rate).
+template <typename F>
+inline void for_row_blocks(int64_t rows, const F& f) {
+  const int64_t blocks = (rows + kRows - 1) / kRows;
+  for (int64_t b = 0, r0 = 0; b < blocks; ++b) {
+    const int n = static_cast<int>(rows / blocks + (b < rows % blocks ? 1 : 0));
+    f(r0, n);
+    r0 += n;
+  }
+}
+
 template <typename T, int MR>
 inline void gemm_rows(int rows, const Operands<T>* ops, int n_ops, int64_t p0, T* c, int64_t ldc) {
   if constexpr (MR > 0) {
@@ -532,9 +544,7 @@ void gemm(Operands<T> ops[2], int n_ops, int64_t n, T* c, int64_t ldc, int64_t P
   for (int64_t n0 = 0; n0 < n; n0 += NR) {
     Operands<T> o[2] = {ops[0], ops[1]};
     for (int i = 0; i < n_ops; ++i) o[i].b += n0;
-    int64_t p0 = 0;
-    for (; p0 + kRows <= P; p0 += kRows) gemm_block<T, kRows>(o, n_ops, p0, c + n0, ldc);
-    if (p0 < P) gemm_rows<T, kRows - 1>(static_cast<int>(P - p0), o, n_ops, p0, c + n0, ldc);
+    for_row_blocks(P, [&](int64_t p0, int rows) { gemm_rows<T, kRows>(rows, o, n_ops, p0, c + n0, ldc); });
   }
 }
 
@@ -707,17 +717,6 @@ void gather_transform(const winograd::Job::Input& in, int64_t s0, int64_t s1, in
   }
 }
 
-// Strips per forward group: ~kGroupTiles tiles, the nearest count whose tiles the GEMM's kRows-row
-// blocks divide if there is one (P = 64 tiles of 32-wide frames left 4 rows per 12-/6-row block to
-// the slower remainder kernel).
-int64_t strips_per_group(int64_t tiles_w) {
-  const int64_t target = std::max<int64_t>(1, kGroupTiles / tiles_w);
-  for (int64_t d = 0; d < target; ++d)
-    for (const int64_t s : {target - d, target + d})
-      if (s >= 1 && s * tiles_w % kRows == 0) return s;
-  return target;
-}
-
 template <int M, typename scalar_t>
 void winograd_conv_impl(const winograd::Job& j) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -729,7 +728,7 @@ void winograd_conv_impl(const winograd::Job& j) {
   const int64_t Wt = tiles_w * M;        // tiled width
   const int64_t Wp = Wt + 2;             // padded scratch width
   const int64_t strips = j.B * tiles_h;
-  const int64_t per_group = strips_per_group(tiles_w);
+  const int64_t per_group = std::max<int64_t>(1, kGroupTiles / tiles_w);
   const int64_t groups = (strips + per_group - 1) / per_group;
   const int64_t Np = j.ldm;
   const acc_t* bias = static_cast<const acc_t*>(j.bias);
@@ -877,9 +876,9 @@ template <typename T>
 void gemm_tn(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t K, int64_t P) {
   constexpr int64_t NR = 2 * FASTVID_VEC_BYTES / sizeof(T);
   for (int64_t n0 = 0; n0 < ldb; n0 += NR) {
-    int64_t k0 = 0;
-    for (; k0 + kRows <= K; k0 += kRows) gemm_tn_block<T, kRows>(u + k0, ldu, b + n0, ldb, c + k0 * ldb + n0, ldb, P);
-    if (k0 < K) gemm_tn_rows<T, kRows - 1>(static_cast<int>(K - k0), u + k0, ldu, b + n0, ldb, c + k0 * ldb + n0, ldb, P);
+    for_row_blocks(K, [&](int64_t k0, int rows) {
+      gemm_tn_rows<T, kRows>(rows, u + k0, ldu, b + n0, ldb, c + k0 * ldb + n0, ldb, P);
+    });
   }
 }
 
