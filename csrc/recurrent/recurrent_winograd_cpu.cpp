@@ -3,8 +3,9 @@
 // Work unit: a strip = m output rows of one image across its whole width (ceil(W/m) tiles). Strips
 // are grouped (~kGroupTiles tiles) so the alpha² GEMMs of a group -- [tiles, K] x [K, N] each -- have
 // enough rows and their operands stay in L2; groups run in parallel (at::parallel_for). Per group:
-//   1. gather the m + 2 padded input rows of each strip into a channels-innermost scratch (any
-//      input strides; zero padding), input transform Bᵀ d B of every tile into U [alpha², tiles, K];
+//   1. gather the padded input rows of the group's strips into a channels-innermost scratch (any
+//      input strides, NCHW rows transposed in registers; zero padding; rows shared by neighbouring
+//      strips once), input transform Bᵀ d B of every tile into U [alpha², tiles, K];
 //   2. per block of kBlockColumns output channels: M = U V with V = G w Gᵀ [alpha², K, N]
 //      (transformed once per sequence call); with a second input (x_t and h_{t-1}) both products are
 //      summed in the GEMM's registers, per column segment (Job::Segment: GRU sums r and z but keeps
