@@ -13,8 +13,8 @@
 //             sums the x and h convs of a step in the Winograd domain, so does GRU in the nn.GRU form
 //             (x_n and h_n kept apart), the Ballas GRU hoists the x conv (chunked as kHoisted's);
 //             backward: every input-gradient conv Winograd (LSTM: per step one over d_gates for
-//             [grad_x_t, dh], as kConcat's), the weight gradients summed over the chunks in the Winograd
-//             domain and transformed back once.
+//             [grad_x_t, dh], as kConcat's), so are the recomputes of g / h_n (see the reserve), the
+//             weight gradients summed over the chunks in the Winograd domain and transformed back once.
 // With save=True the forward fills the reserve (activated gates, LSTM cell states; see below).
 // Backward walks the steps in reverse, per step one fused gate-backward kernel and one input-gradient
 // conv; the weight (and bias) gradients come from one batched conv backward per chunk of steps, whose
@@ -140,6 +140,33 @@ void copy_time_major(Tensor dst, const Tensor& x, int64_t t0, int64_t n) {
   dst.narrow(0, 0, n).copy_(x.narrow(1, t0, n).transpose(0, 1));
 }
 
+// The forward's hoisted input conv, one chunk of steps at a time: gates(t) is step t's [B, gates, H, W]
+// frame of the chunk's conv output; when t leaves the current chunk, that chunk's x frames are copied
+// time-major and conv_frames runs over its n·B frames.
+class HoistedInput {
+ public:
+  HoistedInput(const Tensor& x, const SeqGeometry& g, const at::TensorOptions& opts)
+      : x_(x), chunk_(chunk_steps(g.T)), x_chunk_(empty_frames({chunk_, g.B}, g.Cin, g.H, g.W, g.channels_last, opts)) {}
+
+  template <typename ConvFrames>
+  Tensor gates(int64_t t, const ConvFrames& conv_frames) {
+    const auto [t0, n] = chunk_of(t, chunk_, x_.size(1));
+    if (t0 != start_) {
+      start_ = t0;
+      copy_time_major(x_chunk_, x_, t0, n);
+      x_gates_ = Tensor();  // free the previous chunk's before the conv allocates
+      const Tensor out = conv_frames(flat(x_chunk_.narrow(0, 0, n)));
+      x_gates_ = out.view({n, x_.size(0), out.size(1), out.size(2), out.size(3)});
+    }
+    return x_gates_.select(0, t - start_);
+  }
+
+ private:
+  Tensor x_;
+  int64_t chunk_, start_ = -1;
+  Tensor x_chunk_, x_gates_;
+};
+
 // dst[:n] = the state entering the steps [t0, t0 + n): frame t - 1 (forward) or t + 1 (reverse) of the
 // sequence `all` ([B, T, ...] batch-first when time_dim = 1, time-major when 0), `first` at the first step.
 void copy_previous(Tensor dst, const Tensor& all, int64_t time_dim, const Tensor& first, int64_t t0, int64_t n,
@@ -237,18 +264,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
   a.save = save;
 
-  // hoisted: the input conv of one chunk of steps at a time (x_chunk -> x_gates, time-major).
+  // hoisted: the input conv of one chunk of steps at a time (HoistedInput).
   // concat: two [x_t, h_{t-1}] slots used in turn; the gate kernel writes h into the next step's.
   // winograd: per step the x and h convs summed in the Winograd domain, the gate kernel per strip.
   const bool wino = strategy == kWinograd;
-  const int64_t chunk = hoisted ? chunk_steps(T) : 1;
-  int64_t chunk_start = -1;
-  Tensor x_chunk, x_gates, h_buf, slots, w_cat, v_ih, v_hh;
+  std::optional<HoistedInput> hoist;
+  Tensor h_buf, slots, w_cat, v_ih, v_hh;
   if (wino) {
     v_ih = winograd_weights(weight_ih);
     v_hh = winograd_weights(weight_hh);
   } else if (hoisted) {
-    x_chunk = empty_frames({chunk, B}, Cin, H, W, g.channels_last, opts);
+    hoist.emplace(x, g, opts);
     h_buf = empty_like_frame(g, C, opts).copy_(h0);
   } else {
     slots = empty_frames({2, B}, Cin + C, H, W, g.channels_last, opts);
@@ -266,15 +292,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
       for (int k = 0; k < 4; ++k) a.a_h[k] = zero_plane(zeros);  // a_x: per conv strip
       a.h_out2 = plane(last ? h_n : output.select(1, t));
     } else if (hoisted) {
-      const auto [t0, n] = chunk_of(t, chunk, T);
-      if (t0 != chunk_start) {
-        chunk_start = t0;
-        copy_time_major(x_chunk, x, t0, n);
-        x_gates = Tensor();  // free the previous chunk's before the conv allocates
-        x_gates = conv(flat(x_chunk.narrow(0, 0, n)), weight_ih, bias, g).view({n, B, 4 * C, H, W});
-      }
+      const Tensor x_gates_t = hoist->gates(t, [&](const Tensor& frames) { return conv(frames, weight_ih, bias, g); });
       h_gates = conv(h_buf, weight_hh, std::nullopt, g);
-      const Tensor x_gates_t = x_gates.select(0, t - chunk_start);
       for (int k = 0; k < 4; ++k) {
         a.a_x[k] = slot(x_gates_t, k, C);
         a.a_h[k] = slot(h_gates, k, C);
@@ -366,13 +385,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   Tensor grad_w_cat, grad_bias, grad_peephole;
   Tensor g_chunk;  // the chunk's recomputed g gates [n, B, C] (not in the reserve)
   const Tensor w_g = w_cat.narrow(0, 2 * C, C);
+  const Tensor v_g = wino ? winograd_weights(w_g) : Tensor();  // winograd: the g recompute a Winograd conv too
   const auto add_to = [](Tensor& sum, const Tensor& term) { sum = sum.defined() ? sum.add_(term) : term; };
   int64_t chunk_start = -1, chunk_len = 0;
   const auto load_chunk = [&](int64_t t0, int64_t n) {
     copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
     copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
     g_chunk = Tensor();  // free the previous chunk's before the conv allocates
-    g_chunk = conv(flat(inputs.narrow(0, 0, n)), w_g, bias_g, g).tanh_().view({n, B, C, H, W});
+    const Tensor frames = flat(inputs.narrow(0, 0, n));
+    g_chunk = (wino ? winograd_conv(frames, v_g, bias_g, g) : conv(frames, w_g, bias_g, g)).tanh_().view({n, B, C, H, W});
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor d = flat(d_gates.narrow(0, 0, n));
@@ -514,13 +535,12 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
   ra.geo = a.geo;
   ra.save = save;
 
-  // hoisted: the input conv of one chunk of steps at a time (x_chunk -> x_gates, time-major).
+  // hoisted: the input conv of one chunk of steps at a time (HoistedInput).
   // concat: two [x_t, h_{t-1}] slots used in turn (the gate kernel writes h into the next step's) and,
   // for the Ballas form, one [x_t, r·h_{t-1}] buffer. winograd: the hoisted x conv Winograd too, and
   // the gate kernel run per strip of the step's last h conv.
-  const int64_t chunk = hoisted ? chunk_steps(T) : 1;
-  int64_t chunk_start = -1;
-  Tensor x_chunk, x_gates, h_buf, slots, buffer2, v_ih, v_h, v_n;
+  std::optional<HoistedInput> hoist;
+  Tensor h_buf, slots, buffer2, v_ih, v_h, v_n;
   GruConcatWeights cw;
   // winograd, reset_after: no hoisted x conv; per step x and h convs in the Winograd domain
   // (winograd_gru_fused_step), a.h[0..1] zero planes (x_r + h_r and x_z + h_z come summed in a.x).
@@ -532,7 +552,7 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
     bias_fused = winograd_gru_bias(bias_ih, bias_hh, C, x.scalar_type());
     a.h[0] = a.h[1] = zero_plane(zeros);
   } else if (hoisted) {
-    x_chunk = empty_frames({chunk, B}, Cin, H, W, g.channels_last, opts);
+    hoist.emplace(x, g, opts);
     if (!wino) h_buf = empty_like_frame(g, C, opts).copy_(h0);
   } else {
     slots = empty_frames({2, B}, Cin + C, H, W, g.channels_last, opts);
@@ -560,19 +580,12 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
       h_prev = f == 0 ? h0.contiguous(fmt) : output.select(1, time_of(f - 1, T, reverse));
       h_next = last ? h_n : output.select(1, t);
     } else if (hoisted) {
-      const auto [t0, n] = chunk_of(t, chunk, T);
-      if (t0 != chunk_start) {
-        chunk_start = t0;
-        copy_time_major(x_chunk, x, t0, n);
-        x_gates = Tensor();  // free the previous chunk's before the conv allocates
-        const Tensor x_frames = flat(x_chunk.narrow(0, 0, n));
-        x_gates = (wino ? winograd_conv(x_frames, v_ih, bias_ih, g) : conv(x_frames, weight_ih, bias_ih, g))
-                      .view({n, B, 3 * C, H, W});
-      }
+      const Tensor x_gates_t = hoist->gates(t, [&](const Tensor& frames) {
+        return wino ? winograd_conv(frames, v_ih, bias_ih, g) : conv(frames, weight_ih, bias_ih, g);
+      });
       // winograd reads h_{t-1} from the output (a strip's conv reads its neighbours' rows: no in-place h)
       h_prev = !wino ? h_buf : f == 0 ? h0.contiguous(fmt) : output.select(1, time_of(f - 1, T, reverse));
       h_next = last ? h_n : wino ? output.select(1, t) : h_buf;
-      const Tensor x_gates_t = x_gates.select(0, t - chunk_start);
       for (int k = 0; k < 3; ++k) a.x[k] = slot(x_gates_t, k, C);
       if (reset_after) {
         if (!wino) {  // winograd: the h conv per strip
@@ -673,6 +686,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   // winograd: grad_x per chunk a Winograd conv too; the weight gradients summed in the Winograd domain
   // (hh: [r, z, n] reset_after, else [r, z] and [n] apart), transformed back once at the end.
   const Tensor v_grad_x = wino ? winograd_input_grad_weights(weight_ih) : Tensor();
+  const Tensor v_n = wino && reset_after ? winograd_weights(w_n) : Tensor();  // the h_n recompute
   Tensor dV_ih, dV_hh, dV_n;
   if (wino) {
     dV_ih = winograd_weight_grad_buffer(Cin, 3 * C, x.scalar_type());
@@ -701,8 +715,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
     if (!reset_after) return;
     hn_chunk = Tensor();  // free the previous chunk's before the conv allocates
-    hn_chunk = conv(flat(inputs.narrow(0, 0, n).narrow(2, Cin, C)), w_n, narrow_optional(bias_hh, 2 * C, C), g)
-                   .view({n, B, C, H, W});
+    const Tensor h_frames = flat(inputs.narrow(0, 0, n).narrow(2, Cin, C));
+    const OptTensor b_hn = narrow_optional(bias_hh, 2 * C, C);
+    hn_chunk = (wino ? winograd_conv(h_frames, v_n, b_hn, g) : conv(h_frames, w_n, b_hn, g)).view({n, B, C, H, W});
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor dx = flat(d_x.narrow(0, 0, n));

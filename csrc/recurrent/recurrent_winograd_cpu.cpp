@@ -3,8 +3,9 @@
 // Work unit: a strip = m output rows of one image across its whole width (ceil(W/m) tiles). Strips
 // are grouped (~kGroupTiles tiles) so the alpha² GEMMs of a group -- [tiles, K] x [K, N] each -- have
 // enough rows and their operands stay in L2; groups run in parallel (at::parallel_for). Per group:
-//   1. gather the m + 2 padded input rows of each strip into a channels-innermost scratch (any
-//      input strides; zero padding), input transform Bᵀ d B of every tile into U [alpha², tiles, K];
+//   1. gather the padded input rows of the group's strips into a channels-innermost scratch (any
+//      input strides, NCHW rows transposed in registers; zero padding; rows shared by neighbouring
+//      strips once), input transform Bᵀ d B of every tile into U [alpha², tiles, K];
 //   2. per block of kBlockColumns output channels: M = U V with V = G w Gᵀ [alpha², K, N]
 //      (transformed once per sequence call); with a second input (x_t and h_{t-1}) both products are
 //      summed in the GEMM's registers, per column segment (Job::Segment: GRU sums r and z but keeps
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #ifdef __x86_64__
 #include <immintrin.h>
 #endif
@@ -556,6 +558,18 @@ inline void gemm_block(const Operands<T>* ops, int n_ops, int64_t p0, T* c, int6
   }
 }
 
+// f(r0, n) over [0, rows) in the fewest blocks of at most kRows rows, balanced: 64 rows run as 11, 11,
+// 11, 11, 10, 10 rather than 5 x 12 + 4 (a thin last block runs its FMAs at a fraction of the rate).
+template <typename F>
+inline void for_row_blocks(int64_t rows, const F& f) {
+  const int64_t blocks = (rows + kRows - 1) / kRows;
+  for (int64_t b = 0, r0 = 0; b < blocks; ++b) {
+    const int n = static_cast<int>(rows / blocks + (b < rows % blocks ? 1 : 0));
+    f(r0, n);
+    r0 += n;
+  }
+}
+
 template <typename T, int MR>
 inline void gemm_rows(int rows, const Operands<T>* ops, int n_ops, int64_t p0, T* c, int64_t ldc) {
   if constexpr (MR > 0) {
@@ -572,96 +586,175 @@ void gemm(Operands<T> ops[2], int n_ops, int64_t n, T* c, int64_t ldc, int64_t P
   for (int64_t n0 = 0; n0 < n; n0 += NR) {
     Operands<T> o[2] = {ops[0], ops[1]};
     for (int i = 0; i < n_ops; ++i) o[i].b += n0;
-    int64_t p0 = 0;
-    for (; p0 + kRows <= P; p0 += kRows) gemm_block<T, kRows>(o, n_ops, p0, c + n0, ldc);
-    if (p0 < P) gemm_rows<T, kRows - 1>(static_cast<int>(P - p0), o, n_ops, p0, c + n0, ldc);
+    for_row_blocks(P, [&](int64_t p0, int rows) { gemm_rows<T, kRows>(rows, o, n_ops, p0, c + n0, ldc); });
   }
+}
+
+// out = L in Lᵀ (+ add on every element) for the compile-time matrix L (or, with kTranspose, its
+// transpose) of one channel's tile: the one shape of every Winograd transform -- input Bᵀ d B, output
+// Aᵀ m A, output gradient A dY Aᵀ. Zero coefficients drop out once the loops are unrolled.
+template <const auto& L, bool kTranspose = false>
+struct Sandwich {
+  using Matrix = std::remove_cvref_t<decltype(L)>;
+  static constexpr int R = kTranspose ? std::extent_v<Matrix, 1> : std::extent_v<Matrix, 0>;  // out: R x R
+  static constexpr int S = kTranspose ? std::extent_v<Matrix, 0> : std::extent_v<Matrix, 1>;  // in: S x S
+  static constexpr double at(int i, int j) { return kTranspose ? L[j][i] : L[i][j]; }
+
+  template <typename T>
+  __attribute__((always_inline)) static inline void apply(const T (&in)[S][S], T (&out)[R][R], T add = T(0)) {
+    T t[R][S];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int c = 0; c < S; ++c) {
+        T v = 0;
+#pragma GCC unroll 8
+        for (int r = 0; r < S; ++r)
+          if (at(i, r) != 0) v += T(at(i, r)) * in[r][c];
+        t[i][c] = v;
+      }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) {
+        T v = add;
+#pragma GCC unroll 8
+        for (int c = 0; c < S; ++c)
+          if (at(j, c) != 0) v += t[i][c] * T(at(j, c));
+        out[i][j] = v;
+      }
+  }
+};
+
+// dst[c·d_ld + r] = src[r·s_ld + c] for r < rows, c < cols (converted to dst_t). fp32 on x86 goes
+// through 8 x 8 (AVX paths) and 4 x 4 (SSE) blocks transposed in registers: element by element, the
+// stores (or loads) a whole row apart took ~3/4 of the Winograd input gather's time.
+template <typename dst_t, typename src_t>
+void transpose(const src_t* src, int64_t s_ld, int64_t rows, int64_t cols, dst_t* dst, int64_t d_ld) {
+  int64_t r0 = 0;
+  const auto tail_columns = [&](int64_t r_begin, int64_t r_end, int64_t c_begin) {
+    for (int64_t c = c_begin; c < cols; ++c)
+      for (int64_t r = r_begin; r < r_end; ++r) dst[c * d_ld + r] = static_cast<dst_t>(src[r * s_ld + c]);
+  };
+#ifdef __x86_64__
+  if constexpr (std::is_same_v<src_t, float> && std::is_same_v<dst_t, float>) {
+#if FASTVID_VEC_BYTES >= 32
+    for (; r0 + 8 <= rows; r0 += 8) {
+      const float* s = src + r0 * s_ld;
+      int64_t c = 0;
+      for (; c + 8 <= cols; c += 8) {
+        __m256 v[8], t[8];
+        for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(s + i * s_ld + c);
+        for (int i = 0; i < 8; i += 2) {  // t[i]: rows i, i+1 interleaved, columns 0,1 | 4,5; t[i+1]: 2,3 | 6,7
+          t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
+          t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4)  // v[i + j]: column j | j + 4 of rows i .. i + 3
+          for (int h = 0; h < 2; ++h) {
+            v[i + 2 * h] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+            v[i + 2 * h + 1] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+          }
+        float* d = dst + c * d_ld + r0;
+        for (int j = 0; j < 4; ++j) {
+          _mm256_storeu_ps(d + j * d_ld, _mm256_permute2f128_ps(v[j], v[j + 4], 0x20));
+          _mm256_storeu_ps(d + (j + 4) * d_ld, _mm256_permute2f128_ps(v[j], v[j + 4], 0x31));
+        }
+      }
+      tail_columns(r0, r0 + 8, c);
+    }
+#endif
+    for (; r0 + 4 <= rows; r0 += 4) {
+      const float* s = src + r0 * s_ld;
+      int64_t c = 0;
+      for (; c + 4 <= cols; c += 4) {
+        __m128 v0 = _mm_loadu_ps(s + c), v1 = _mm_loadu_ps(s + s_ld + c);
+        __m128 v2 = _mm_loadu_ps(s + 2 * s_ld + c), v3 = _mm_loadu_ps(s + 3 * s_ld + c);
+        _MM_TRANSPOSE4_PS(v0, v1, v2, v3);
+        float* d = dst + c * d_ld + r0;
+        _mm_storeu_ps(d, v0), _mm_storeu_ps(d + d_ld, v1), _mm_storeu_ps(d + 2 * d_ld, v2), _mm_storeu_ps(d + 3 * d_ld, v3);
+      }
+      tail_columns(r0, r0 + 4, c);
+    }
+  }
+#endif
+  for (int64_t r = r0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * d_ld + r] = static_cast<dst_t>(src[r * s_ld + c]);
 }
 
 // dst[n·sc + q·sp] = out[pixel q, channel n] for the rows·W pixels q of a strip: out is pixel-major
-// [rows][Wt][N]; channels-major destinations are written in blocks of kBlock channels.
+// [rows][Wt][N]; channels-major destinations (sp == 1) are transposed row by row.
 template <typename acc_t, typename scalar_t>
 void emit_strip(const acc_t* out, int64_t Wt, int64_t W, int64_t rows, int64_t N, scalar_t* dst, int64_t sc,
                 int64_t sp) {
-  if (sc <= sp) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t x = 0; x < W; ++x) {
-        const acc_t* src = out + (r * Wt + x) * N;
-        scalar_t* d = dst + (r * W + x) * sp;
-        for (int64_t n = 0; n < N; ++n) d[n * sc] = static_cast<scalar_t>(src[n]);
-      }
+  if (sp == 1 && sc > 1) {
+    for (int64_t r = 0; r < rows; ++r) transpose(out + r * Wt * N, N, W, N, dst + r * W, sc);
     return;
   }
-  constexpr int64_t kBlock = 8;  // 8 write streams: with a 4 KiB channel stride they share one L1 set (12-way)
-  for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
-    const int64_t nb = std::min(kBlock, N - n0);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t x = 0; x < W; ++x) {
-        const acc_t* src = out + (r * Wt + x) * N + n0;
-        scalar_t* d = dst + n0 * sc + (r * W + x) * sp;
-        for (int64_t n = 0; n < nb; ++n) d[n * sc] = static_cast<scalar_t>(src[n]);
-      }
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t x = 0; x < W; ++x) {
+      const acc_t* src = out + (r * Wt + x) * N;
+      scalar_t* d = dst + (r * W + x) * sp;
+      for (int64_t n = 0; n < N; ++n) d[n * sc] = static_cast<scalar_t>(src[n]);
+    }
 }
 
-// Step 1 of every Winograd pass (forward and weight gradient): rows y_top .. y_top + A - 1 of sample b of
-// `in` gathered into D (zero-padded to tiles_w * M + 2 pixels, channels innermost, accumulation type),
-// then per tile and channel U = Bᵀ d B into U_strip (tile t, channel k, slice (i, j) at (i*A + j)*su + t*K + k).
+// dst[x·K + k] = src[x·sx + k·sc] for x < W, k < K: one input row, channels innermost, in the
+// accumulation type.
+template <typename acc_t, typename scalar_t>
+void gather_channels_inner(const scalar_t* src, int64_t sx, int64_t sc, int64_t W, int64_t K, acc_t* dst) {
+  if (sx == 1 && sc > 1) {
+    transpose(src, sc, K, W, dst, K);
+    return;
+  }
+  for (int64_t x = 0; x < W; ++x)
+    for (int64_t k = 0; k < K; ++k) dst[x * K + k] = static_cast<acc_t>(src[x * sx + k * sc]);
+}
+
+// Step 1 of every Winograd pass (forward and weight gradient) for the strips [s0, s1) (strip s: output
+// rows (s % tiles_h)·M .. + M - 1 of sample s / tiles_h): the padded input rows the strips read, gathered
+// into D (tiles_w·M + 2 pixels, channels innermost, accumulation type; (s1 - s0)·M + 2 rows) once per
+// image -- neighbouring strips share 2 rows --, then per tile and channel U = Bᵀ d B (strip s's tile t,
+// channel k, slice (i, j) at (i·A + j)·su + ((s - s0)·tiles_w + t)·K + k).
 template <int M, typename acc_t, typename scalar_t>
-void gather_transform_strip(const winograd::Job::Input& in, int64_t b, int64_t y_top, int64_t H, int64_t W,
-                            int64_t tiles_w, acc_t* D, acc_t* U_strip, int64_t su) {
+void gather_transform(const winograd::Job::Input& in, int64_t s0, int64_t s1, int64_t tiles_h, int64_t H, int64_t W,
+                      int64_t tiles_w, acc_t* D, acc_t* U, int64_t su) {
   using Mat = winograd::Matrices<M>;
   constexpr int A = Mat::A;
   const int64_t K = in.K, Wp = tiles_w * M + 2;
-  const scalar_t* in_b = static_cast<const scalar_t*>(in.data) + b * in.sb;
-  for (int r = 0; r < A; ++r) {
-    acc_t* row = D + r * Wp * K;
-    const int64_t y = y_top + r;
-    if (y < 0 || y >= H) {
-      std::fill(row, row + Wp * K, acc_t(0));
-      continue;
+  for (int64_t s = s0; s < s1;) {
+    const int64_t b = s / tiles_h, run_end = std::min(s1, (b + 1) * tiles_h);
+    const int64_t y_first = (s % tiles_h) * M - 1, rows = (run_end - s) * M + 2;
+    const scalar_t* in_b = static_cast<const scalar_t*>(in.data) + b * in.sb;
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* row = D + r * Wp * K;
+      const int64_t y = y_first + r;
+      if (y < 0 || y >= H) {
+        std::fill(row, row + Wp * K, acc_t(0));
+        continue;
+      }
+      std::fill(row, row + K, acc_t(0));
+      std::fill(row + (W + 1) * K, row + Wp * K, acc_t(0));
+      gather_channels_inner(in_b + y * in.sy, in.sx, in.sc, W, K, row + K);
     }
-    std::fill(row, row + K, acc_t(0));
-    std::fill(row + (W + 1) * K, row + Wp * K, acc_t(0));
-    const scalar_t* src = in_b + y * in.sy;
-    if (in.sc <= in.sx) {
-      for (int64_t x = 0; x < W; ++x)
-        for (int64_t k = 0; k < K; ++k) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
-    } else {
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t x = 0; x < W; ++x) row[(x + 1) * K + k] = static_cast<acc_t>(src[x * in.sx + k * in.sc]);
-    }
-  }
-  for (int64_t tx = 0; tx < tiles_w; ++tx) {
-    const acc_t* d0 = D + tx * M * K;
-    acc_t* u0 = U_strip + tx * K;
+    for (const int64_t run_start = s; s < run_end; ++s) {
+      const acc_t* D_s = D + (s - run_start) * M * Wp * K;
+      for (int64_t tx = 0; tx < tiles_w; ++tx) {
+        const acc_t* d0 = D_s + tx * M * K;
+        acc_t* u0 = U + ((s - s0) * tiles_w + tx) * K;
 #pragma GCC ivdep
-    for (int64_t k = 0; k < K; ++k) {
-      acc_t d[A][A], t[A][A];
-#pragma GCC unroll 8
-      for (int r = 0; r < A; ++r)
-#pragma GCC unroll 8
-        for (int c = 0; c < A; ++c) d[r][c] = d0[(r * Wp + c) * K + k];
-#pragma GCC unroll 8
-      for (int i = 0; i < A; ++i)
-#pragma GCC unroll 8
-        for (int c = 0; c < A; ++c) {
-          acc_t v = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          acc_t d[A][A], u[A][A];
 #pragma GCC unroll 8
           for (int r = 0; r < A; ++r)
-            if (Mat::BT[i][r] != 0) v += acc_t(Mat::BT[i][r]) * d[r][c];
-          t[i][c] = v;
+#pragma GCC unroll 8
+            for (int c = 0; c < A; ++c) d[r][c] = d0[(r * Wp + c) * K + k];
+          Sandwich<Mat::BT>::apply(d, u);
+#pragma GCC unroll 8
+          for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+            for (int jj = 0; jj < A; ++jj) u0[(i * A + jj) * su + k] = u[i][jj];
         }
-#pragma GCC unroll 8
-      for (int i = 0; i < A; ++i)
-#pragma GCC unroll 8
-        for (int jj = 0; jj < A; ++jj) {
-          acc_t v = 0;
-#pragma GCC unroll 8
-          for (int c = 0; c < A; ++c)
-            if (Mat::BT[jj][c] != 0) v += t[i][c] * acc_t(Mat::BT[jj][c]);
-          u0[(i * A + jj) * su + k] = v;
-        }
+      }
     }
   }
 }
@@ -684,7 +777,7 @@ void winograd_conv_impl(const winograd::Job& j) {
 
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     const int64_t max_tiles = per_group * tiles_w;
-    std::vector<acc_t> D(A * Wp * K_max);         // padded input rows of one strip, channels innermost
+    std::vector<acc_t> D((per_group * M + 2) * Wp * K_max);  // padded input rows of a group, channels innermost
     int64_t u_size[2] = {0, 0};                   // each input's U [alpha², tiles, K] (+ slice padding)
     for (int i = 0; i < j.inputs; ++i) u_size[i] = A * A * (max_tiles * j.in[i].K + kSlicePad);
     std::vector<acc_t> U_buf(u_size[0] + u_size[1]);
@@ -704,10 +797,7 @@ void winograd_conv_impl(const winograd::Job& j) {
       su_in[i_in] = su;
       acc_t* U = U_in[i_in];
       // ---- 1. gather + input transform
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t b = s / tiles_h, y_top = (s % tiles_h) * M - 1;
-        gather_transform_strip<M, acc_t, scalar_t>(in, b, y_top, H, W, tiles_w, D.data(), U + (s - s0) * tiles_w * K, su);
-      }
+      gather_transform<M, acc_t, scalar_t>(in, s0, s1, tiles_h, H, W, tiles_w, D.data(), U, su);
       }
       // ---- 2. + 3. per column block [n0, n0 + kBlockColumns) of M: the alpha² GEMMs [P, K_i] x
       // [K_i, block], both inputs' products summed in registers, then the output transform (+ bias)
@@ -733,32 +823,16 @@ void winograd_conv_impl(const winograd::Job& j) {
           acc_t* o0 = out.data() + (p / tiles_w) * M * Wt * N + (p % tiles_w) * M * N;
 #pragma GCC ivdep
           for (int64_t n = n0; n < n1; ++n) {
-            acc_t m[A][A], t[M][A];
+            acc_t m[A][A], o[M][M];
 #pragma GCC unroll 8
             for (int r = 0; r < A; ++r)
 #pragma GCC unroll 8
               for (int c = 0; c < A; ++c) m[r][c] = m0[(r * A + c) * sm + n - n0];
+            Sandwich<Mat::AT>::apply(m, o, bias != nullptr ? bias[n] : acc_t(0));
 #pragma GCC unroll 8
             for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
-              for (int c = 0; c < A; ++c) {
-                acc_t v = 0;
-#pragma GCC unroll 8
-                for (int r = 0; r < A; ++r)
-                  if (Mat::AT[i][r] != 0) v += acc_t(Mat::AT[i][r]) * m[r][c];
-                t[i][c] = v;
-              }
-            const acc_t bn = bias != nullptr ? bias[n] : acc_t(0);
-#pragma GCC unroll 8
-            for (int i = 0; i < M; ++i)
-#pragma GCC unroll 8
-              for (int jj = 0; jj < M; ++jj) {
-                acc_t v = bn;
-#pragma GCC unroll 8
-                for (int c = 0; c < A; ++c)
-                  if (Mat::AT[jj][c] != 0) v += t[i][c] * acc_t(Mat::AT[jj][c]);
-                o0[(i * Wt + jj) * N + n] = v;
-              }
+              for (int jj = 0; jj < M; ++jj) o0[(i * Wt + jj) * N + n] = o[i][jj];
           }
         }
       }
@@ -844,9 +918,9 @@ template <typename T>
 void gemm_tn(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t K, int64_t P) {
   constexpr int64_t NR = 2 * FASTVID_VEC_BYTES / sizeof(T);
   for (int64_t n0 = 0; n0 < ldb; n0 += NR) {
-    int64_t k0 = 0;
-    for (; k0 + kRows <= K; k0 += kRows) gemm_tn_block<T, kRows>(u + k0, ldu, b + n0, ldb, c + k0 * ldb + n0, ldb, P);
-    if (k0 < K) gemm_tn_rows<T, kRows - 1>(static_cast<int>(K - k0), u + k0, ldu, b + n0, ldb, c + k0 * ldb + n0, ldb, P);
+    for_row_blocks(K, [&](int64_t k0, int rows) {
+      gemm_tn_rows<T, kRows>(rows, u + k0, ldu, b + n0, ldb, c + k0 * ldb + n0, ldb, P);
+    });
   }
 }
 
@@ -866,7 +940,7 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
 
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     const int64_t max_tiles = per_group * tiles_w;
-    std::vector<acc_t> D(A * Wp * K);             // padded input rows of one strip, channels innermost
+    std::vector<acc_t> D((per_group * M + 2) * Wp * K);  // padded input rows of a group, channels innermost
     std::vector<acc_t> Gs(M * Wt * N);            // gradient rows of one strip (zero past H, W), channels innermost
     std::vector<acc_t> U_buf(A * A * (max_tiles * K + kSlicePad));
     std::vector<acc_t> M_buf(A * A * (max_tiles * Np + kSlicePad), acc_t(0));  // columns >= N stay 0
@@ -877,54 +951,32 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
       const int64_t su = P * K + kSlicePad, sm = P * Np + kSlicePad;
       acc_t* U = U_buf.data();
       acc_t* Mm = M_buf.data();
+      // ---- 1. gather + input transform Bᵀ d B (the forward's step 1)
+      gather_transform<M, acc_t, scalar_t>(in, s0, s1, tiles_h, H, W, tiles_w, D.data(), U, su);
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
-        // ---- 1. gather + input transform Bᵀ d B (the forward's step 1)
-        gather_transform_strip<M, acc_t, scalar_t>(in, b, y0 - 1, H, W, tiles_w, D.data(), U + (s - s0) * tiles_w * K, su);
         // ---- 2. gather the strip's gradient rows, transform dM = A dY Aᵀ of each tile
         const scalar_t* g_b = static_cast<const scalar_t*>(j.grad) + b * j.gb;
         std::fill(Gs.begin(), Gs.end(), acc_t(0));
         for (int64_t r = 0; r < std::min<int64_t>(M, H - y0); ++r) {
           acc_t* row = Gs.data() + r * Wt * N;
-          const scalar_t* src = g_b + (y0 + r) * j.gy;
-          if (j.gc <= j.gx) {
-            for (int64_t x = 0; x < W; ++x)
-              for (int64_t n = 0; n < N; ++n) row[x * N + n] = static_cast<acc_t>(src[x * j.gx + n * j.gc]);
-          } else {
-            for (int64_t n = 0; n < N; ++n)
-              for (int64_t x = 0; x < W; ++x) row[x * N + n] = static_cast<acc_t>(src[x * j.gx + n * j.gc]);
-          }
+          gather_channels_inner(g_b + (y0 + r) * j.gy, j.gx, j.gc, W, N, row);
         }
         for (int64_t tx = 0; tx < tiles_w; ++tx) {
           const acc_t* g0p = Gs.data() + tx * M * N;
           acc_t* m0 = Mm + ((s - s0) * tiles_w + tx) * Np;
 #pragma GCC ivdep
           for (int64_t n = 0; n < N; ++n) {
-            acc_t dy[M][M], t[A][M];
+            acc_t dy[M][M], dm[A][A];
 #pragma GCC unroll 8
             for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
               for (int c = 0; c < M; ++c) dy[i][c] = g0p[(i * Wt + c) * N + n];
+            Sandwich<Mat::AT, true>::apply(dy, dm);  // A dY Aᵀ
 #pragma GCC unroll 8
-            for (int r = 0; r < A; ++r)  // t = A dY: t[r][c] = Σ_i AT[i][r] dY[i][c]
+            for (int r = 0; r < A; ++r)
 #pragma GCC unroll 8
-              for (int c = 0; c < M; ++c) {
-                acc_t v = 0;
-#pragma GCC unroll 8
-                for (int i = 0; i < M; ++i)
-                  if (Mat::AT[i][r] != 0) v += acc_t(Mat::AT[i][r]) * dy[i][c];
-                t[r][c] = v;
-              }
-#pragma GCC unroll 8
-            for (int r = 0; r < A; ++r)  // dM = t Aᵀ: dM[r][c] = Σ_i t[r][i] AT[i][c]
-#pragma GCC unroll 8
-              for (int c = 0; c < A; ++c) {
-                acc_t v = 0;
-#pragma GCC unroll 8
-                for (int i = 0; i < M; ++i)
-                  if (Mat::AT[i][c] != 0) v += t[r][i] * acc_t(Mat::AT[i][c]);
-                m0[(r * A + c) * sm + n] = v;
-              }
+              for (int c = 0; c < A; ++c) m0[(r * A + c) * sm + n] = dm[r][c];
           }
         }
       }
