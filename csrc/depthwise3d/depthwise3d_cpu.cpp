@@ -321,6 +321,147 @@ void forward_row(const Geometry& g, const scalar_t* input, const at::opmath_type
           forward_element<scalar_t, acc_t>(g, input, weight, bias, b, ot, oh, ow, o));
 }
 
+// ---------------------------------------------------------- forward, kW = 3 (register-blocked rows)
+// m == 1, kernel width 3, W dilation 1, W stride 1 or 2 (the depthwise convs of X3D, CSN, S3D, and
+// the input gradient of stride-1 ones): every output position of a row goes through one register
+// block of P positions × NV channel vectors, the W borders included (their out-of-range taps
+// skipped), so no position takes the per-tap-list path.
+//
+// Output positions per block: 7 tiles the widths of video nets (7·2^k) exactly; narrower rows take
+// 4 or 1. Channel vectors per block: 2 with 32 vector registers (14 accumulators + 6 weights +
+// 2 inputs), else 1 (7 + 3 + 1 of 16).
+constexpr int kBlockW = 7;
+constexpr int kBlockC = cpu::kVecBytes == 64 ? 2 : 1;
+
+// Stores lanes [first, L) of v to p + first (the lanes below belong to another channel block).
+template <typename T, typename V>
+__attribute__((always_inline)) inline void store_lanes(T* p, const V& v, int first) {
+  constexpr int L = sizeof(V) / sizeof(v[0]);
+  T tmp[L];
+  store_vec(tmp, v);
+  std::memcpy(p + first, tmp + first, (L - first) * sizeof(T));
+}
+
+// One register block: P output positions, NV channel vectors from c0:
+//   out[p·C + c] = init[c] + Σ_r Σ_{k<3} src_rows[r][(q0 + p·S + k)·C + c] · w_rows[r][k·C + c]
+// over the (kt, kh) rows r, taps reading a source position outside [0, width) skipped (Border).
+// Each source vector is loaded once for every (position, tap) pair that reads it, the row's 3·NV
+// weight vectors held in registers; per position the taps are added in tap order (as
+// forward_element). Lanes below first_lane of the last vector are not stored.
+template <int P, int S, int NV, bool Border, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const scalar_t* const* src_rows,
+                                                         const acc_t* const* w_rows, int64_t C, int64_t q0,
+                                                         int64_t width, const acc_t* init, scalar_t* out,
+                                                         int64_t c0, int first_lane) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes, N = (P - 1) * S + 3;  // source positions read
+  V a[NV][P];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    const V start = init != nullptr ? load_vec<V>(init + c0 + j * L) : V{};
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) a[j][p] = start;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    V w[NV][3];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+#pragma GCC unroll 3
+      for (int k = 0; k < 3; ++k) w[j][k] = load_vec<V>(w_rows[r] + k * C + c0 + j * L);
+    // The empty asm statements keep gcc from folding the one load back into every FMA that uses it
+    // and from turning the pointer walk into one offset register per position.
+    const scalar_t* x = src_rows[r] + q0 * C + c0;
+#pragma GCC unroll 32
+    for (int i = 0; i < N; ++i, x += C) {
+      asm("" : "+r"(x));
+      if (Border && (q0 + i < 0 || q0 + i >= width)) continue;
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) {
+        V xv = load_vec<V>(x + j * L);
+        asm("" : "+v"(xv));
+#pragma GCC unroll 3
+        for (int k = 0; k < 3; ++k) {
+          if ((i - k) % S != 0) continue;
+          const int p = (i - k) / S;
+          if (p >= 0 && p < P) a[j][p] += xv * w[j][k];
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j)
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) {
+      scalar_t* o = out + p * C + c0 + j * L;
+      if (j == NV - 1 && first_lane > 0) store_lanes(o, a[j][p], first_lane);
+      else store_vec(o, a[j][p]);
+    }
+}
+
+// One output row of P-position blocks (the last block ends at the row's end, overlapping the one
+// before it where P does not divide the width), each over all channel blocks.
+template <int P, int S, typename scalar_t, typename acc_t>
+void conv_row_k3(const Geometry& g, int64_t rows, const scalar_t* const* src_rows, const acc_t* const* w_rows,
+                 const acc_t* init, scalar_t* out_row) {
+  constexpr int L = Vec<acc_t>::lanes, N = (P - 1) * S + 3;
+  const int64_t C = g.channels, W = g.in[2], OW = g.out[2], pad = g.padding[2];
+  for (int64_t ow0 = 0; ow0 < OW; ow0 += P) {
+    const int64_t start = std::min(ow0, OW - P), q0 = start * S - pad;
+    scalar_t* out = out_row + start * C;
+    const bool border = q0 < 0 || q0 + N > W;
+    auto run = [&](auto nv, int64_t c0, int first_lane) {
+      if (border) conv_block_k3<P, S, decltype(nv)::value, true>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane);
+      else conv_block_k3<P, S, decltype(nv)::value, false>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane);
+    };
+    int64_t c0 = 0;
+    for (; c0 + kBlockC * L <= C; c0 += kBlockC * L) run(std::integral_constant<int, kBlockC>{}, c0, 0);
+    if constexpr (kBlockC > 1)
+      for (; c0 + L <= C; c0 += L) run(std::integral_constant<int, 1>{}, c0, 0);
+    // The channel tail as the last whole vector; its lanes below c0 are another block's.
+    if (c0 < C) run(std::integral_constant<int, 1>{}, C - L, static_cast<int>(c0 - (C - L)));
+  }
+}
+
+// Whether forward_rows_k3 handles the geometry (else forward_row).
+template <typename acc_t>
+bool forward_k3_applies(const Geometry& g) {
+  return g.multiplier == 1 && g.kernel[2] == 3 && g.dilation[2] == 1 && (g.stride[2] == 1 || g.stride[2] == 2) &&
+         g.channels >= Vec<acc_t>::lanes;
+}
+
+// Output rows [row_begin, row_end) (row = (b·OT + ot)·OH + oh).
+template <typename scalar_t>
+void forward_rows_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
+                     const at::opmath_type<scalar_t>* bias, scalar_t* output, int64_t row_begin, int64_t row_end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.channels, T = g.in[0], H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int P = OW >= kBlockW ? kBlockW : OW >= 4 ? 4 : 1;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
+    const TapRange rt = valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
+    const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], H);
+    const scalar_t* src_rows[7 * 7];
+    const acc_t* w_rows[7 * 7];
+    int64_t rows = 0;
+    for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
+      const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+      for (int64_t kh = rh.begin; kh < rh.end; ++kh, ++rows) {
+        const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+        src_rows[rows] = input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C);
+        w_rows[rows] = weight + (kt * g.kernel[1] + kh) * 3 * C;
+      }
+    }
+    scalar_t* out_row = output + row * OW * C;
+    const bool s2 = g.stride[2] == 2;
+    if (P == kBlockW) s2 ? conv_row_k3<kBlockW, 2>(g, rows, src_rows, w_rows, bias, out_row)
+                         : conv_row_k3<kBlockW, 1>(g, rows, src_rows, w_rows, bias, out_row);
+    else if (P == 4) s2 ? conv_row_k3<4, 2>(g, rows, src_rows, w_rows, bias, out_row)
+                        : conv_row_k3<4, 1>(g, rows, src_rows, w_rows, bias, out_row);
+    else s2 ? conv_row_k3<1, 2>(g, rows, src_rows, w_rows, bias, out_row)
+            : conv_row_k3<1, 1>(g, rows, src_rows, w_rows, bias, out_row);
+  }
+}
+
 template <typename scalar_t>
 void forward_impl(const ForwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -332,6 +473,12 @@ void forward_impl(const ForwardArgs& a) {
   const auto* weight = static_cast<const acc_t*>(a.weight);
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
+  if (forward_k3_applies<acc_t>(g)) {
+    at::parallel_for(0, rows, grain_for(g.out[2] * Cout), [&](int64_t begin, int64_t end) {
+      forward_rows_k3(g, input, weight, bias, output, begin, end);
+    });
+    return;
+  }
   at::parallel_for(0, rows, grain_for(g.out[2] * Cout), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
@@ -682,6 +829,136 @@ void weight_grad_row(const Geometry& g, const scalar_t* input, const scalar_t* g
   }
 }
 
+// ------------------------------------------------- weight gradient, kH = kW = 3 (register-blocked)
+// m == 1, kernel 3 along H and W, W stride, dilation and padding 1 (any T kernel and T/H stride,
+// dilation, padding). For one kt and NV channel vectors, the 9 (kh, kw) sums stay in registers
+// over a chunk's rows:
+//   acc[kh][kw] += Σ_q x_row(kh)[q·C + c] · go_row[(q + 1 - kw)·C + c]   (0 <= q + 1 - kw < OW = W)
+// sweeping the input positions q with the 3 grad_output vectors go[q+1], go[q], go[q-1] in
+// registers: each x vector and each grad_output vector is loaded once per row for 3 FMAs
+// (registers: 9·NV sums + 3·NV grad_output + NV input).
+template <int NV, typename V>
+struct WeightAcc {
+  V a[3][3][NV];
+};
+
+// Adds x · (go[q + 1 - kw] for kw in [K0, K1)) to the rows [KhLo, KhHi) (g[kw] holds go[q + 1 - kw]).
+template <int KhLo, int KhHi, int K0, int K1, int NV, typename V, typename scalar_t>
+__attribute__((always_inline)) inline void weight_step_k3(WeightAcc<NV, V>& acc, const V (&g)[3][NV],
+                                                          const scalar_t* const* x_rows, int64_t offset) {
+  constexpr int L = sizeof(V) / sizeof(g[0][0][0]);
+#pragma GCC unroll 3
+  for (int kh = KhLo; kh < KhHi; ++kh)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      V xv = load_vec<V>(x_rows[kh] + offset + j * L);
+      asm("" : "+v"(xv));
+#pragma GCC unroll 3
+      for (int kw = K0; kw < K1; ++kw) acc.a[kh][kw][j] += xv * g[kw][j];
+    }
+}
+
+// One output row's contribution for one kt: x_rows[kh] = the input row of tap (kt, kh) (nullptr
+// outside [KhLo, KhHi)), go = the grad_output row, both offset to channel c0.
+template <int KhLo, int KhHi, int NV, typename V, typename scalar_t>
+__attribute__((always_inline)) inline void weight_row_k3(WeightAcc<NV, V>& acc, const scalar_t* const* x_rows,
+                                                         const scalar_t* go, int64_t W, int64_t C) {
+  constexpr int L = sizeof(V) / sizeof(acc.a[0][0][0][0]);
+  V g[3][NV];
+  auto load_go = [&](int kw, int64_t o) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) g[kw][j] = load_vec<V>(go + o * C + j * L);
+  };
+  load_go(1, 0);
+  if (W == 1) {  // q = 0 reads go[0] through kw = 1 only
+    weight_step_k3<KhLo, KhHi, 1, 2>(acc, g, x_rows, 0);
+    return;
+  }
+  load_go(0, 1);
+  weight_step_k3<KhLo, KhHi, 0, 2>(acc, g, x_rows, 0);  // q = 0: go[-1] is padding
+  for (int64_t q = 1; q + 1 < W; ++q) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) g[2][j] = g[1][j], g[1][j] = g[0][j];
+    load_go(0, q + 1);
+    weight_step_k3<KhLo, KhHi, 0, 3>(acc, g, x_rows, q * C);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) g[2][j] = g[1][j], g[1][j] = g[0][j];
+  weight_step_k3<KhLo, KhHi, 1, 3>(acc, g, x_rows, (W - 1) * C);  // q = W - 1: go[W] is padding
+}
+
+// Whether weight_grad_rows_k3 handles the geometry (else weight_grad_row).
+template <typename acc_t>
+bool weight_grad_k3_applies(const Geometry& g) {
+  return g.multiplier == 1 && g.kernel[1] == 3 && g.kernel[2] == 3 && g.stride[2] == 1 && g.dilation[2] == 1 &&
+         g.padding[2] == 1 && g.channels >= Vec<acc_t>::lanes;
+}
+
+// Output rows [row_begin, row_end) added into pw ([taps, C]) and pb ([C]; either may be nullptr).
+// Per channel block and kt the 9 (kh, kw) sums are loaded from pw, carried over the rows, stored back.
+template <typename scalar_t>
+void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_t* grad_output,
+                         at::opmath_type<scalar_t>* pw, at::opmath_type<scalar_t>* pb, int64_t row_begin,
+                         int64_t row_end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  const int64_t C = g.channels, T = g.in[0], H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1];
+  if (pb != nullptr)
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const scalar_t* go = grad_output + row * W * C;
+      for (int64_t ow = 0; ow < W; ++ow)
+#pragma GCC ivdep
+        for (int64_t c = 0; c < C; ++c) pb[c] += static_cast<acc_t>(go[ow * C + c]);
+    }
+  if (pw == nullptr) return;
+  auto block = [&](auto nv, int64_t c0, int first_lane) {
+    constexpr int NV = decltype(nv)::value;
+    for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
+      WeightAcc<NV, V> acc;
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw)
+          for (int j = 0; j < NV; ++j) acc.a[kh][kw][j] = V{};
+      for (int64_t row = row_begin; row < row_end; ++row) {
+        const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
+        int64_t it;
+        if (!input_index(ot, kt, g.stride[0], g.padding[0], g.dilation[0], T, &it)) continue;
+        const TapRange rh = valid_taps(oh, 3, g.stride[1], g.padding[1], g.dilation[1], H);
+        const scalar_t* x_rows[3] = {nullptr, nullptr, nullptr};
+        for (int64_t kh = rh.begin; kh < rh.end; ++kh) {
+          const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+          x_rows[kh] = input + ndhwc_offset(b, it, ih, 0, c0, T, H, W, C);
+        }
+        const scalar_t* go = grad_output + row * W * C + c0;
+        const int range = static_cast<int>(rh.begin * 4 + rh.end);
+        switch (range) {
+          case 0 * 4 + 3: weight_row_k3<0, 3>(acc, x_rows, go, W, C); break;
+          case 1 * 4 + 3: weight_row_k3<1, 3>(acc, x_rows, go, W, C); break;
+          case 0 * 4 + 2: weight_row_k3<0, 2>(acc, x_rows, go, W, C); break;
+          case 1 * 4 + 2: weight_row_k3<1, 2>(acc, x_rows, go, W, C); break;
+          case 0 * 4 + 1: weight_row_k3<0, 1>(acc, x_rows, go, W, C); break;
+          case 2 * 4 + 3: weight_row_k3<2, 3>(acc, x_rows, go, W, C); break;
+          default: break;  // no valid kh
+        }
+      }
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw)
+          for (int j = 0; j < NV; ++j) {
+            if (j == NV - 1)
+              for (int l = 0; l < first_lane; ++l) acc.a[kh][kw][j][l] = 0;  // another block's channels
+            acc_t* p = pw + ((kt * 3 + kh) * 3 + kw) * C + c0 + j * L;
+            const V sum = load_vec<V>(p) + acc.a[kh][kw][j];
+            std::memcpy(p, &sum, sizeof sum);
+          }
+    }
+  };
+  int64_t c0 = 0;
+  for (; c0 + kBlockC * L <= C; c0 += kBlockC * L) block(std::integral_constant<int, kBlockC>{}, c0, 0);
+  if constexpr (kBlockC > 1)
+    for (; c0 + L <= C; c0 += L) block(std::integral_constant<int, 1>{}, c0, 0);
+  if (c0 < C) block(std::integral_constant<int, 1>{}, C - L, static_cast<int>(c0 - (C - L)));
+}
+
 template <typename scalar_t>
 void weight_grad_impl(const WeightGradArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -702,16 +979,21 @@ void weight_grad_impl(const WeightGradArgs& a) {
   const int64_t chunks = std::clamp<int64_t>(
       std::min<int64_t>(kWeightGradChunks, (int64_t(32) << 20) / int64_t(sizeof(acc_t) * per_chunk)), 1, rows);
   std::vector<acc_t> partials(chunks * per_chunk, acc_t(0));
+  const bool k3 = weight_grad_k3_applies<acc_t>(g);
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* pw = partials.data() + chunk * per_chunk;
       acc_t* pb = pw + taps * Cout;
       const int64_t row_begin = rows * chunk / chunks, row_end = rows * (chunk + 1) / chunks;
+      acc_t* w = grad_weight != nullptr ? pw : nullptr;
+      acc_t* bb = grad_bias != nullptr ? pb : nullptr;
+      if (k3) {
+        weight_grad_rows_k3(g, input, grad_output, w, bb, row_begin, row_end);
+        continue;
+      }
       for (int64_t row = row_begin; row < row_end; ++row) {
         const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
         const scalar_t* go_row = grad_output + row * g.out[2] * Cout;
-        acc_t* w = grad_weight != nullptr ? pw : nullptr;
-        acc_t* bb = grad_bias != nullptr ? pb : nullptr;
         if (g.multiplier == 1) weight_grad_row<scalar_t, true>(g, input, go_row, w, bb, b, ot, oh);
         else weight_grad_row<scalar_t, false>(g, input, go_row, w, bb, b, ot, oh);
       }
