@@ -323,17 +323,22 @@ void forward_row(const Geometry& g, const scalar_t* input, const at::opmath_type
 
 // ---------------------------------------------------------- forward, kW = 3 (register-blocked rows)
 // m == 1, kernel width 3, W dilation 1, W stride 1 or 2 (the depthwise convs of X3D, CSN, S3D, and
-// the input gradient of stride-1 ones): every output position of a row goes through one register
-// block of P positions × NV channel vectors, the W borders included (their out-of-range taps
-// skipped), so no position takes the per-tap-list path.
+// the input gradient of stride-1 ones): every output position of a row goes through a register
+// block of P positions × one channel vector, the W borders included (source positions in the
+// padding read as zero), so no position takes the per-tap-list path.
 //
-// Output positions per block: 7 tiles the widths of video nets (7·2^k) exactly; narrower rows take
-// 4 or 1. Channel vectors per block: 2 with 32 vector registers (14 accumulators + 6 weights +
-// 2 inputs), else 1 (7 + 3 + 1 of 16).
-constexpr int kBlockW = 7;
-constexpr int kBlockC = cpu::kVecBytes == 64 ? 2 : 1;
+// Positions per block: the block's source window, its P sums and one weight fill the registers
+// (16 + 14 + 1 of 32 at 512 bits; 9 + 7 + 1 of 16 below); W stride 2 reads a window twice as wide.
+// 14 and 7 tile the widths of video nets (7·2^k) exactly.
+constexpr int kBlockW1 = cpu::kVecBytes == 64 ? 14 : 7;
+constexpr int kBlockW2 = cpu::kVecBytes == 64 ? 7 : 4;
+// Loop order: at 512 bits a channel vector is one 64-byte line per position, and sweeping the output
+// planes one channel vector at a time reuses its input rows from L1 (measured ~1.2x faster than all
+// channels per row, 4x96x8x28^2); with narrower vectors (half lines) all channels of a row at once
+// is faster.
+constexpr bool kPlaneOrder = cpu::kVecBytes == 64;
 
-// Stores lanes [first, L) of v to p + first (the lanes below belong to another channel block).
+// Stores lanes [first, L) of v to p + first (the lanes below belong to another channel vector).
 template <typename T, typename V>
 __attribute__((always_inline)) inline void store_lanes(T* p, const V& v, int first) {
   constexpr int L = sizeof(V) / sizeof(v[0]);
@@ -342,123 +347,138 @@ __attribute__((always_inline)) inline void store_lanes(T* p, const V& v, int fir
   std::memcpy(p + first, tmp + first, (L - first) * sizeof(T));
 }
 
-// One register block: P output positions, NV channel vectors from c0:
+// One register block: P output positions, the channel vector at c0:
 //   out[p·C + c] = init[c] + Σ_r Σ_{k<3} src_rows[r][(q0 + p·S + k)·C + c] · w_rows[r][k·C + c]
-// over the (kt, kh) rows r, taps reading a source position outside [0, width) skipped (Border).
-// Each source vector is loaded once for every (position, tap) pair that reads it, the row's 3·NV
-// weight vectors held in registers; per position the taps are added in tap order (as
-// forward_element). Lanes below first_lane of the last vector are not stored.
-template <int P, int S, int NV, bool Border, typename scalar_t, typename acc_t>
+// over the (kt, kh) rows r. Per row the source window (N vectors) is loaded once into registers,
+// then each tap's weight vector is used for all P positions; per position the taps are added in tap
+// order (as forward_element). Border: window positions outside [0, width) are the zero padding (a
+// zero product where forward_element skips the tap: the same sum for finite weights). Lanes below
+// first_lane are not stored.
+template <int P, int S, bool Border, typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const scalar_t* const* src_rows,
                                                          const acc_t* const* w_rows, int64_t C, int64_t q0,
                                                          int64_t width, const acc_t* init, scalar_t* out,
                                                          int64_t c0, int first_lane) {
   using V = typename Vec<acc_t>::type;
-  constexpr int L = Vec<acc_t>::lanes, N = (P - 1) * S + 3;  // source positions read
-  V a[NV][P];
-#pragma GCC unroll 4
-  for (int j = 0; j < NV; ++j) {
-    const V start = init != nullptr ? load_vec<V>(init + c0 + j * L) : V{};
-#pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) a[j][p] = start;
-  }
+  constexpr int N = (P - 1) * S + 3;  // source positions read
+  V a[P];
+  const V start = init != nullptr ? load_vec<V>(init + c0) : V{};
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) a[p] = start;
   for (int64_t r = 0; r < rows; ++r) {
-    V w[NV][3];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j)
-#pragma GCC unroll 3
-      for (int k = 0; k < 3; ++k) w[j][k] = load_vec<V>(w_rows[r] + k * C + c0 + j * L);
-    // The empty asm statements keep gcc from folding the one load back into every FMA that uses it
-    // and from turning the pointer walk into one offset register per position.
     const scalar_t* x = src_rows[r] + q0 * C + c0;
+    V xs[N];
 #pragma GCC unroll 32
-    for (int i = 0; i < N; ++i, x += C) {
-      asm("" : "+r"(x));
-      if (Border && (q0 + i < 0 || q0 + i >= width)) continue;
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) {
-        V xv = load_vec<V>(x + j * L);
-        asm("" : "+v"(xv));
+    for (int i = 0; i < N; ++i) xs[i] = Border && (q0 + i < 0 || q0 + i >= width) ? V{} : load_vec<V>(x + i * C);
 #pragma GCC unroll 3
-        for (int k = 0; k < 3; ++k) {
-          if ((i - k) % S != 0) continue;
-          const int p = (i - k) / S;
-          if (p >= 0 && p < P) a[j][p] += xv * w[j][k];
-        }
-      }
+    for (int k = 0; k < 3; ++k) {
+      const V w = load_vec<V>(w_rows[r] + k * C + c0);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) a[p] += xs[p * S + k] * w;
     }
   }
-#pragma GCC unroll 4
-  for (int j = 0; j < NV; ++j)
-#pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) {
-      scalar_t* o = out + p * C + c0 + j * L;
-      if (j == NV - 1 && first_lane > 0) store_lanes(o, a[j][p], first_lane);
-      else store_vec(o, a[j][p]);
-    }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+    if (first_lane > 0) store_lanes(out + p * C + c0, a[p], first_lane);
+    else store_vec(out + p * C + c0, a[p]);
+  }
 }
 
-// One output row of P-position blocks (the last block ends at the row's end, overlapping the one
-// before it where P does not divide the width), each over all channel blocks.
+// One output row in P-position blocks (the last block ends at the row's end, overlapping the one
+// before it where P does not divide the width), for the channel vectors [v_begin, v_end) (vector v
+// starts at channel v·L; the last one, where C is not a multiple of L, at C - L).
 template <int P, int S, typename scalar_t, typename acc_t>
 void conv_row_k3(const Geometry& g, int64_t rows, const scalar_t* const* src_rows, const acc_t* const* w_rows,
-                 const acc_t* init, scalar_t* out_row) {
+                 const acc_t* init, scalar_t* out_row, int64_t v_begin, int64_t v_end) {
   constexpr int L = Vec<acc_t>::lanes, N = (P - 1) * S + 3;
   const int64_t C = g.channels, W = g.in[2], OW = g.out[2], pad = g.padding[2];
   for (int64_t ow0 = 0; ow0 < OW; ow0 += P) {
     const int64_t start = std::min(ow0, OW - P), q0 = start * S - pad;
     scalar_t* out = out_row + start * C;
     const bool border = q0 < 0 || q0 + N > W;
-    auto run = [&](auto nv, int64_t c0, int first_lane) {
-      if (border) conv_block_k3<P, S, decltype(nv)::value, true>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane);
-      else conv_block_k3<P, S, decltype(nv)::value, false>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane);
-    };
-    int64_t c0 = 0;
-    for (; c0 + kBlockC * L <= C; c0 += kBlockC * L) run(std::integral_constant<int, kBlockC>{}, c0, 0);
-    if constexpr (kBlockC > 1)
-      for (; c0 + L <= C; c0 += L) run(std::integral_constant<int, 1>{}, c0, 0);
-    // The channel tail as the last whole vector; its lanes below c0 are another block's.
-    if (c0 < C) run(std::integral_constant<int, 1>{}, C - L, static_cast<int>(c0 - (C - L)));
+    for (int64_t v = v_begin; v < v_end; ++v) {
+      const int64_t c0 = std::min(v * L, C - L);
+      const int first_lane = static_cast<int>(v * L - c0);
+      if (border) conv_block_k3<P, S, true>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane);
+      else conv_block_k3<P, S, false>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane);
+    }
   }
 }
 
-// Whether forward_rows_k3 handles the geometry (else forward_row).
+// Whether forward_k3 handles the geometry (else forward_row).
 template <typename acc_t>
 bool forward_k3_applies(const Geometry& g) {
   return g.multiplier == 1 && g.kernel[2] == 3 && g.dilation[2] == 1 && (g.stride[2] == 1 || g.stride[2] == 2) &&
          g.channels >= Vec<acc_t>::lanes;
 }
 
-// Output rows [row_begin, row_end) (row = (b·OT + ot)·OH + oh).
-template <typename scalar_t>
-void forward_rows_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
-                     const at::opmath_type<scalar_t>* bias, scalar_t* output, int64_t row_begin, int64_t row_end) {
+// The block width for a row of OW outputs: the candidate with the fewest window loads + FMAs
+// (blocks × (P·S + 5)), P <= OW.
+template <int S>
+int block_width(int64_t OW) {
+  constexpr int candidates[] = {S == 1 ? kBlockW1 : kBlockW2, 7, 4, 1};
+  int best = 1;
+  int64_t best_cost = OW * (S + 5);
+  for (int P : candidates) {
+    if (P > OW || P > candidates[0]) continue;
+    const int64_t cost = (OW + P - 1) / P * (P * S + 5);
+    if (cost < best_cost) best = P, best_cost = cost;
+  }
+  return best;
+}
+
+// Output row `row` = (b·OT + ot)·OH + oh, channel vectors [v_begin, v_end).
+template <int S, typename scalar_t>
+void forward_row_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
+                    const at::opmath_type<scalar_t>* bias, scalar_t* output, int64_t row, int P, int64_t v_begin,
+                    int64_t v_end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = g.channels, T = g.in[0], H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1], OW = g.out[2];
-  const int P = OW >= kBlockW ? kBlockW : OW >= 4 ? 4 : 1;
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
-    const TapRange rt = valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
-    const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], H);
-    const scalar_t* src_rows[7 * 7];
-    const acc_t* w_rows[7 * 7];
-    int64_t rows = 0;
-    for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
-      const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
-      for (int64_t kh = rh.begin; kh < rh.end; ++kh, ++rows) {
-        const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
-        src_rows[rows] = input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C);
-        w_rows[rows] = weight + (kt * g.kernel[1] + kh) * 3 * C;
-      }
+  const int64_t C = g.channels, T = g.in[0], H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1];
+  const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
+  const TapRange rt = valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
+  const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], H);
+  const scalar_t* src_rows[7 * 7];
+  const acc_t* w_rows[7 * 7];
+  int64_t rows = 0;
+  for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
+    const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+    for (int64_t kh = rh.begin; kh < rh.end; ++kh, ++rows) {
+      const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+      src_rows[rows] = input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C);
+      w_rows[rows] = weight + (kt * g.kernel[1] + kh) * 3 * C;
     }
-    scalar_t* out_row = output + row * OW * C;
-    const bool s2 = g.stride[2] == 2;
-    if (P == kBlockW) s2 ? conv_row_k3<kBlockW, 2>(g, rows, src_rows, w_rows, bias, out_row)
-                         : conv_row_k3<kBlockW, 1>(g, rows, src_rows, w_rows, bias, out_row);
-    else if (P == 4) s2 ? conv_row_k3<4, 2>(g, rows, src_rows, w_rows, bias, out_row)
-                        : conv_row_k3<4, 1>(g, rows, src_rows, w_rows, bias, out_row);
-    else s2 ? conv_row_k3<1, 2>(g, rows, src_rows, w_rows, bias, out_row)
-            : conv_row_k3<1, 1>(g, rows, src_rows, w_rows, bias, out_row);
+  }
+  scalar_t* out_row = output + row * g.out[2] * C;
+  constexpr int P0 = S == 1 ? kBlockW1 : kBlockW2;
+  auto run = [&](auto block) {
+    conv_row_k3<decltype(block)::value, S>(g, rows, src_rows, w_rows, bias, out_row, v_begin, v_end);
+  };
+  if (P == P0) run(std::integral_constant<int, P0>{});
+  else if (P == 7) run(std::integral_constant<int, 7>{});
+  else if (P == 4) run(std::integral_constant<int, 4>{});
+  else run(std::integral_constant<int, 1>{});
+}
+
+template <int S, typename scalar_t>
+void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
+                const at::opmath_type<scalar_t>* bias, scalar_t* output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = Vec<acc_t>::lanes;
+  const int64_t rows = g.batch * g.out[0] * g.out[1], OH = g.out[1], vectors = (g.channels + L - 1) / L;
+  const int P = block_width<S>(g.out[2]);
+  if (kPlaneOrder) {  // items (b, vector, ot): one channel vector over one output plane
+    const int64_t BT = g.batch * g.out[0];
+    at::parallel_for(0, BT * vectors, grain_for(OH * g.out[2] * L), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / (vectors * g.out[0]), v = (item / g.out[0]) % vectors, ot = item % g.out[0];
+        for (int64_t oh = 0; oh < OH; ++oh)
+          forward_row_k3<S>(g, input, weight, bias, output, (b * g.out[0] + ot) * OH + oh, P, v, v + 1);
+      }
+    });
+  } else {
+    at::parallel_for(0, rows, grain_for(g.out[2] * g.channels), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) forward_row_k3<S>(g, input, weight, bias, output, row, P, 0, vectors);
+    });
   }
 }
 
@@ -473,12 +493,8 @@ void forward_impl(const ForwardArgs& a) {
   const auto* weight = static_cast<const acc_t*>(a.weight);
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
-  if (forward_k3_applies<acc_t>(g)) {
-    at::parallel_for(0, rows, grain_for(g.out[2] * Cout), [&](int64_t begin, int64_t end) {
-      forward_rows_k3(g, input, weight, bias, output, begin, end);
-    });
-    return;
-  }
+  if (forward_k3_applies<acc_t>(g))
+    return g.stride[2] == 1 ? forward_k3<1>(g, input, weight, bias, output) : forward_k3<2>(g, input, weight, bias, output);
   at::parallel_for(0, rows, grain_for(g.out[2] * Cout), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
@@ -837,9 +853,14 @@ void weight_grad_row(const Geometry& g, const scalar_t* input, const scalar_t* g
 // sweeping the input positions q with the 3 grad_output vectors go[q+1], go[q], go[q-1] in
 // registers: each x vector and each grad_output vector is loaded once per row for 3 FMAs
 // (registers: 9·NV sums + 3·NV grad_output + NV input).
+// Channel vectors per block: 2 with 32 vector registers (18 sums + 2 bias sums + 6 grad_output +
+// 2 input), else 1 (9 + 1 + 3 + 1 of 16).
+constexpr int kWeightBlockC = cpu::kVecBytes == 64 ? 2 : 1;
+
 template <int NV, typename V>
 struct WeightAcc {
   V a[3][3][NV];
+  V bias[NV];  // Σ grad_output, added in the sweep of one kt per row (with_bias)
 };
 
 // Adds x · (go[q + 1 - kw] for kw in [K0, K1)) to the rows [KhLo, KhHi) (g[kw] holds go[q + 1 - kw]).
@@ -862,12 +883,15 @@ __attribute__((always_inline)) inline void weight_step_k3(WeightAcc<NV, V>& acc,
 // outside [KhLo, KhHi)), go = the grad_output row, both offset to channel c0.
 template <int KhLo, int KhHi, int NV, typename V, typename scalar_t>
 __attribute__((always_inline)) inline void weight_row_k3(WeightAcc<NV, V>& acc, const scalar_t* const* x_rows,
-                                                         const scalar_t* go, int64_t W, int64_t C) {
+                                                         const scalar_t* go, int64_t W, int64_t C, bool with_bias) {
   constexpr int L = sizeof(V) / sizeof(acc.a[0][0][0][0]);
   V g[3][NV];
-  auto load_go = [&](int kw, int64_t o) {
+  auto load_go = [&](int kw, int64_t o) {  // each grad_output vector enters the window once
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) g[kw][j] = load_vec<V>(go + o * C + j * L);
+    for (int j = 0; j < NV; ++j) {
+      g[kw][j] = load_vec<V>(go + o * C + j * L);
+      if (with_bias) acc.bias[j] += g[kw][j];
+    }
   };
   load_go(1, 0);
   if (W == 1) {  // q = 0 reads go[0] through kw = 1 only
@@ -904,11 +928,13 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::lanes;
   const int64_t C = g.channels, T = g.in[0], H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1];
+  // Rows none of whose T taps is in range add only to the bias.
   if (pb != nullptr)
     for (int64_t row = row_begin; row < row_end; ++row) {
+      const TapRange rt = valid_taps((row / OH) % OT, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
+      if (rt.end > rt.begin && pw != nullptr) continue;
       const scalar_t* go = grad_output + row * W * C;
       for (int64_t ow = 0; ow < W; ++ow)
-#pragma GCC ivdep
         for (int64_t c = 0; c < C; ++c) pb[c] += static_cast<acc_t>(go[ow * C + c]);
     }
   if (pw == nullptr) return;
@@ -916,13 +942,18 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
     constexpr int NV = decltype(nv)::value;
     for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
       WeightAcc<NV, V> acc;
-      for (int kh = 0; kh < 3; ++kh)
-        for (int kw = 0; kw < 3; ++kw)
-          for (int j = 0; j < NV; ++j) acc.a[kh][kw][j] = V{};
+      for (int j = 0; j < NV; ++j) {
+        acc.bias[j] = V{};
+        for (int kh = 0; kh < 3; ++kh)
+          for (int kw = 0; kw < 3; ++kw) acc.a[kh][kw][j] = V{};
+      }
       for (int64_t row = row_begin; row < row_end; ++row) {
         const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
         int64_t it;
         if (!input_index(ot, kt, g.stride[0], g.padding[0], g.dilation[0], T, &it)) continue;
+        // The bias sum rides along the sweep of the row's first T tap in range.
+        const bool with_bias =
+            pb != nullptr && kt == valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T).begin;
         const TapRange rh = valid_taps(oh, 3, g.stride[1], g.padding[1], g.dilation[1], H);
         const scalar_t* x_rows[3] = {nullptr, nullptr, nullptr};
         for (int64_t kh = rh.begin; kh < rh.end; ++kh) {
@@ -932,29 +963,32 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
         const scalar_t* go = grad_output + row * W * C + c0;
         const int range = static_cast<int>(rh.begin * 4 + rh.end);
         switch (range) {
-          case 0 * 4 + 3: weight_row_k3<0, 3>(acc, x_rows, go, W, C); break;
-          case 1 * 4 + 3: weight_row_k3<1, 3>(acc, x_rows, go, W, C); break;
-          case 0 * 4 + 2: weight_row_k3<0, 2>(acc, x_rows, go, W, C); break;
-          case 1 * 4 + 2: weight_row_k3<1, 2>(acc, x_rows, go, W, C); break;
-          case 0 * 4 + 1: weight_row_k3<0, 1>(acc, x_rows, go, W, C); break;
-          case 2 * 4 + 3: weight_row_k3<2, 3>(acc, x_rows, go, W, C); break;
+          case 0 * 4 + 3: weight_row_k3<0, 3>(acc, x_rows, go, W, C, with_bias); break;
+          case 1 * 4 + 3: weight_row_k3<1, 3>(acc, x_rows, go, W, C, with_bias); break;
+          case 0 * 4 + 2: weight_row_k3<0, 2>(acc, x_rows, go, W, C, with_bias); break;
+          case 1 * 4 + 2: weight_row_k3<1, 2>(acc, x_rows, go, W, C, with_bias); break;
+          case 0 * 4 + 1: weight_row_k3<0, 1>(acc, x_rows, go, W, C, with_bias); break;
+          case 2 * 4 + 3: weight_row_k3<2, 3>(acc, x_rows, go, W, C, with_bias); break;
           default: break;  // no valid kh
         }
       }
+      // Adds the sums into dst (lanes below first_lane of the last vector are another block's).
+      auto add_into = [&](acc_t* dst, V (&sums)[NV]) {
+        for (int j = 0; j < NV; ++j) {
+          if (j == NV - 1)
+            for (int l = 0; l < first_lane; ++l) sums[j][l] = 0;
+          const V sum = load_vec<V>(dst + j * L) + sums[j];
+          std::memcpy(dst + j * L, &sum, sizeof sum);
+        }
+      };
       for (int kh = 0; kh < 3; ++kh)
-        for (int kw = 0; kw < 3; ++kw)
-          for (int j = 0; j < NV; ++j) {
-            if (j == NV - 1)
-              for (int l = 0; l < first_lane; ++l) acc.a[kh][kw][j][l] = 0;  // another block's channels
-            acc_t* p = pw + ((kt * 3 + kh) * 3 + kw) * C + c0 + j * L;
-            const V sum = load_vec<V>(p) + acc.a[kh][kw][j];
-            std::memcpy(p, &sum, sizeof sum);
-          }
+        for (int kw = 0; kw < 3; ++kw) add_into(pw + ((kt * 3 + kh) * 3 + kw) * C + c0, acc.a[kh][kw]);
+      if (pb != nullptr) add_into(pb + c0, acc.bias);
     }
   };
   int64_t c0 = 0;
-  for (; c0 + kBlockC * L <= C; c0 += kBlockC * L) block(std::integral_constant<int, kBlockC>{}, c0, 0);
-  if constexpr (kBlockC > 1)
+  for (; c0 + kWeightBlockC * L <= C; c0 += kWeightBlockC * L) block(std::integral_constant<int, kWeightBlockC>{}, c0, 0);
+  if constexpr (kWeightBlockC > 1)
     for (; c0 + L <= C; c0 += L) block(std::integral_constant<int, 1>{}, c0, 0);
   if (c0 < C) block(std::integral_constant<int, 1>{}, C - L, static_cast<int>(c0 - (C - L)));
 }
