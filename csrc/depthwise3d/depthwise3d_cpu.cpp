@@ -365,14 +365,22 @@ __attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const sca
   const V start = init != nullptr ? load_vec<V>(init + c0) : V{};
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p) a[p] = start;
+  // Window positions [lo, hi) lie inside the row.
+  const int64_t lo = Border ? std::max<int64_t>(0, -q0) : 0, hi = Border ? std::min<int64_t>(N, width - q0) : N;
   for (int64_t r = 0; r < rows; ++r) {
+    // The empty asm statement keeps gcc from giving every window position its own offset register
+    // (too few registers: it spills them).
     const scalar_t* x = src_rows[r] + q0 * C + c0;
     V xs[N];
 #pragma GCC unroll 32
-    for (int i = 0; i < N; ++i) xs[i] = Border && (q0 + i < 0 || q0 + i >= width) ? V{} : load_vec<V>(x + i * C);
+    for (int i = 0; i < N; ++i, x += C) {
+      asm("" : "+r"(x));
+      xs[i] = Border && (i < lo || i >= hi) ? V{} : load_vec<V>(x);
+    }
+    const acc_t* wp = w_rows[r] + c0;
 #pragma GCC unroll 3
     for (int k = 0; k < 3; ++k) {
-      const V w = load_vec<V>(w_rows[r] + k * C + c0);
+      const V w = load_vec<V>(wp + k * C);
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) a[p] += xs[p * S + k] * w;
     }
