@@ -946,7 +946,7 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
         for (int64_t c = 0; c < C; ++c) pb[c] += static_cast<acc_t>(go[ow * C + c]);
     }
   if (pw == nullptr) return;
-  auto block = [&](auto nv, int64_t c0, int first_lane) {
+  auto block = [&](auto nv, int64_t c0, int first_lane, int64_t rows_begin, int64_t rows_end) {
     constexpr int NV = decltype(nv)::value;
     for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
       WeightAcc<NV, V> acc;
@@ -955,7 +955,7 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
         for (int kh = 0; kh < 3; ++kh)
           for (int kw = 0; kw < 3; ++kw) acc.a[kh][kw][j] = V{};
       }
-      for (int64_t row = row_begin; row < row_end; ++row) {
+      for (int64_t row = rows_begin; row < rows_end; ++row) {
         const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
         int64_t it;
         if (!input_index(ot, kt, g.stride[0], g.padding[0], g.dilation[0], T, &it)) continue;
@@ -994,11 +994,20 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
       if (pb != nullptr) add_into(pb + c0, acc.bias);
     }
   };
-  int64_t c0 = 0;
-  for (; c0 + kWeightBlockC * L <= C; c0 += kWeightBlockC * L) block(std::integral_constant<int, kWeightBlockC>{}, c0, 0);
-  if constexpr (kWeightBlockC > 1)
-    for (; c0 + L <= C; c0 += L) block(std::integral_constant<int, 1>{}, c0, 0);
-  if (c0 < C) block(std::integral_constant<int, 1>{}, C - L, static_cast<int>(c0 - (C - L)));
+  // Every channel block over rows [rows_begin, rows_end).
+  auto blocks = [&](int64_t rows_begin, int64_t rows_end) {
+    int64_t c0 = 0;
+    for (; c0 + kWeightBlockC * L <= C; c0 += kWeightBlockC * L)
+      block(std::integral_constant<int, kWeightBlockC>{}, c0, 0, rows_begin, rows_end);
+    if constexpr (kWeightBlockC > 1)
+      for (; c0 + L <= C; c0 += L) block(std::integral_constant<int, 1>{}, c0, 0, rows_begin, rows_end);
+    if (c0 < C) block(std::integral_constant<int, 1>{}, C - L, static_cast<int>(c0 - (C - L)), rows_begin, rows_end);
+  };
+  // Order: at 512 bits each channel block sweeps all the chunk's rows (the sums stay in registers
+  // across rows); with narrower vectors (half lines per position) all channel blocks of a row at a
+  // time, the sums stored per row, measured ~1.15x faster (4x96x8x28^2, one thread).
+  if (cpu::kVecBytes == 64) return blocks(row_begin, row_end);
+  for (int64_t row = row_begin; row < row_end; ++row) blocks(row, row + 1);
 }
 
 template <typename scalar_t>
