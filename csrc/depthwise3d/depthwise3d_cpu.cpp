@@ -1,18 +1,25 @@
 // CPU depthwise 3D conv kernels: direct stencil loops over NDHWC tensors, vectorised over the
 // contiguous channels, parallel over rows (b, depth, row) with at::parallel_for.
 //
-// m == 1 (the common depthwise case), per row of W positions:
-//   forward / input gradient: interior positions (every W tap in range) go 8 at a time through
-//     sweep_positions (each weight vector loaded once per tap for 8 positions; the input gradient
-//     only when the W stride is 1); border positions build their list of valid taps and run
-//     accumulate_channels. With every stride 1 the input gradient is the forward with the kernel
-//     flipped (flipped_geometry). Both keep the accumulators in registers, in GCC vectors of the
-//     accumulation type (fp32 for bf16/fp16) as wide as the ISA path's registers, stored once per
-//     position.
-//   weight gradient: with W stride and dilation 1 (kW 3 or 5), all W taps of a (grad_output row,
-//     input row) pair in one sweep over the interior positions (weight_taps_reuse: each vector
-//     loaded once, measured 1.25x faster than tap by tap with the data in cache); the borders and
-//     other geometries per tap, one register-blocked sweep along the row into a partial sum.
+// m == 1 (the common depthwise case):
+//   kW = 3, W dilation 1, W stride 1 or 2 (X3D, CSN, S3D): forward_k3. Every output position goes
+//     through conv_block_k3 (P positions × one channel vector: per (kt, kh) row the source window is
+//     loaded once into registers and each tap's weight vector serves all P positions), W borders
+//     included. At 512 bits one channel vector sweeps whole output planes; below, all channels of
+//     a row at a time.
+//   other widths / strides, per row of W positions: interior positions (every W tap in range) go
+//     8 at a time through sweep_positions (each weight vector loaded once per tap for 8 positions;
+//     the input gradient only when the W stride is 1); border positions build their list of valid
+//     taps and run accumulate_channels.
+//   With every stride 1 the input gradient is the forward with the kernel flipped
+//     (flipped_geometry). The accumulators stay in registers, in GCC vectors of the accumulation
+//     type (fp32 for bf16/fp16) as wide as the ISA path's registers, stored once per position.
+//   weight gradient: kH = kW = 3 with W stride, dilation and padding 1: weight_grad_rows_k3 (the
+//     9 (kh, kw) sums of one kt and the bias sum in registers while a 3-vector grad_output window
+//     sweeps each row). Otherwise with W stride and dilation 1 (kW 3 or 5), all W taps of a
+//     (grad_output row, input row) pair in one sweep over the interior positions
+//     (weight_taps_reuse); the borders and other geometries per tap, one register-blocked sweep
+//     along the row into a partial sum.
 // m > 1: the per-element formulas of depthwise3d_math.h (the ones the CUDA kernel runs; the CPU
 //   weight gradient keeps its own loop).
 // Everything below is compiled once per ISA path (cpu_isa.h); the entry points at the top pick one.
