@@ -84,6 +84,17 @@ CONFIGS = [
     Config(40, 1, (3, 3, 3), (1, 2, 2), (1, 1, 1), (1, 1, 1), (1, 3, 8, 24)),
     Config(24, 1, (1, 3, 3), (1, 1, 1), (0, 1, 1), (1, 1, 1), (2, 1, 5, 12)),
     Config(20, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 2, 3, 2), bias=False),
+    # channels-innermost kW = 3 register blocks (forward / stride-1 input gradient) and kH = kW = 3
+    # weight-gradient sweeps: X3D's 108 channels (a tail vector at every width) with a W that no
+    # block width divides; W stride 2 with an odd W; H = 1 and T = 1 with kT = 1 and T padding (whole
+    # output rows in the padding, bias gradient only), W = 5; no W padding with H dilation; W = 1;
+    # kT = 5 with T stride, H stride and dilation and a W of 16
+    Config(108, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 3, 5, 30)),
+    Config(20, 1, (3, 3, 3), (1, 2, 2), (1, 1, 1), (1, 1, 1), (1, 2, 9, 13)),
+    Config(40, 1, (1, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (2, 1, 1, 5)),
+    Config(33, 1, (3, 3, 3), (1, 1, 1), (1, 1, 0), (1, 2, 1), (1, 4, 7, 9)),
+    Config(17, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 2, 3, 1)),
+    Config(16, 1, (5, 3, 3), (2, 2, 1), (2, 1, 1), (1, 2, 1), (1, 7, 9, 16)),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -397,7 +408,8 @@ def test_cuda_opcheck(config):
 
 @pytest.mark.parametrize("layout", ["channels_last_3d", "contiguous"])
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4], CONFIGS[8], CONFIGS[10], CONFIGS[11], CONFIGS[12],
-                                    CONFIGS[14], CONFIGS[16], CONFIGS[17], CONFIGS[18]], ids=Config.id)
+                                    CONFIGS[14], CONFIGS[16], CONFIGS[17], CONFIGS[18], CONFIGS[27], CONFIGS[28],
+                                    CONFIGS[29], CONFIGS[31]], ids=Config.id)
 def test_no_out_of_bounds_reads(config, layout):
     """Inputs and grad_output are views into buffers whose neighbouring memory is NaN: a read outside
     a tensor would turn the results NaN."""

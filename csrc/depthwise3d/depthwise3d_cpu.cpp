@@ -1,18 +1,25 @@
 // CPU depthwise 3D conv kernels: direct stencil loops over NDHWC tensors, vectorised over the
 // contiguous channels, parallel over rows (b, depth, row) with at::parallel_for.
 //
-// m == 1 (the common depthwise case), per row of W positions:
-//   forward / input gradient: interior positions (every W tap in range) go 8 at a time through
-//     sweep_positions (each weight vector loaded once per tap for 8 positions; the input gradient
-//     only when the W stride is 1); border positions build their list of valid taps and run
-//     accumulate_channels. With every stride 1 the input gradient is the forward with the kernel
-//     flipped (flipped_geometry). Both keep the accumulators in registers, in GCC vectors of the
-//     accumulation type (fp32 for bf16/fp16) as wide as the ISA path's registers, stored once per
-//     position.
-//   weight gradient: with W stride and dilation 1 (kW 3 or 5), all W taps of a (grad_output row,
-//     input row) pair in one sweep over the interior positions (weight_taps_reuse: each vector
-//     loaded once, measured 1.25x faster than tap by tap with the data in cache); the borders and
-//     other geometries per tap, one register-blocked sweep along the row into a partial sum.
+// m == 1 (the common depthwise case):
+//   kW = 3, W dilation 1, W stride 1 or 2 (X3D, CSN, S3D): forward_k3. Every output position goes
+//     through conv_block_k3 (P positions × one channel vector: per (kt, kh) row the source window is
+//     loaded once into registers and each tap's weight vector serves all P positions), W borders
+//     included. At 512 bits one channel vector sweeps whole output planes; below, all channels of
+//     a row at a time.
+//   other widths / strides, per row of W positions: interior positions (every W tap in range) go
+//     8 at a time through sweep_positions (each weight vector loaded once per tap for 8 positions;
+//     the input gradient only when the W stride is 1); border positions build their list of valid
+//     taps and run accumulate_channels.
+//   With every stride 1 the input gradient is the forward with the kernel flipped
+//     (flipped_geometry). The accumulators stay in registers, in GCC vectors of the accumulation
+//     type (fp32 for bf16/fp16) as wide as the ISA path's registers, stored once per position.
+//   weight gradient: kH = kW = 3 with W stride, dilation and padding 1: weight_grad_rows_k3 (the
+//     9 (kh, kw) sums of one kt and the bias sum in registers while a 3-vector grad_output window
+//     sweeps each row). Otherwise with W stride and dilation 1 (kW 3 or 5), all W taps of a
+//     (grad_output row, input row) pair in one sweep over the interior positions
+//     (weight_taps_reuse); the borders and other geometries per tap, one register-blocked sweep
+//     along the row into a partial sum.
 // m > 1: the per-element formulas of depthwise3d_math.h (the ones the CUDA kernel runs; the CPU
 //   weight gradient keeps its own loop).
 // Everything below is compiled once per ISA path (cpu_isa.h); the entry points at the top pick one.
@@ -321,6 +328,175 @@ void forward_row(const Geometry& g, const scalar_t* input, const at::opmath_type
           forward_element<scalar_t, acc_t>(g, input, weight, bias, b, ot, oh, ow, o));
 }
 
+// ---------------------------------------------------------- forward, kW = 3 (register-blocked rows)
+// m == 1, kernel width 3, W dilation 1, W stride 1 or 2 (the depthwise convs of X3D, CSN, S3D, and
+// the input gradient of stride-1 ones): every output position of a row goes through a register
+// block of P positions × one channel vector, the W borders included (source positions in the
+// padding read as zero), so no position takes the per-tap-list path.
+//
+// Positions per block: the block's source window, its P sums and one weight fill the registers
+// (16 + 14 + 1 of 32 at 512 bits; 9 + 7 + 1 of 16 below); W stride 2 reads a window twice as wide.
+// 14 and 7 tile the widths of video nets (7·2^k) exactly.
+constexpr int kBlockW1 = cpu::kVecBytes == 64 ? 14 : 7;
+constexpr int kBlockW2 = cpu::kVecBytes == 64 ? 7 : 4;
+// Loop order: at 512 bits a channel vector is one 64-byte line per position, and sweeping the output
+// planes one channel vector at a time reuses its input rows from L1 (measured ~1.2x faster than all
+// channels per row, 4x96x8x28^2); with narrower vectors (half lines) all channels of a row at once
+// is faster.
+constexpr bool kPlaneOrder = cpu::kVecBytes == 64;
+
+// Stores lanes [first, L) of v to p + first (the lanes below belong to another channel vector).
+template <typename T, typename V>
+__attribute__((always_inline)) inline void store_lanes(T* p, const V& v, int first) {
+  constexpr int L = sizeof(V) / sizeof(v[0]);
+  T tmp[L];
+  store_vec(tmp, v);
+  std::memcpy(p + first, tmp + first, (L - first) * sizeof(T));
+}
+
+// One register block: P output positions, the channel vector at c0:
+//   out[p·C + c] = init[c] + Σ_r Σ_{k<3} src_rows[r][(q0 + p·S + k)·C + c] · w_rows[r][k·C + c]
+// over the (kt, kh) rows r. Per row the source window (N vectors) is loaded once into registers,
+// then each tap's weight vector is used for all P positions; per position the taps are added in tap
+// order (as forward_element). Border: window positions outside [0, width) are the zero padding (a
+// zero product where forward_element skips the tap: the same sum for finite weights). Lanes below
+// first_lane are not stored.
+template <int P, int S, bool Border, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const scalar_t* const* src_rows,
+                                                         const acc_t* const* w_rows, int64_t C, int64_t q0,
+                                                         int64_t width, const acc_t* init, scalar_t* out,
+                                                         int64_t c0, int first_lane) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int N = (P - 1) * S + 3;  // source positions read
+  V a[P];
+  const V start = init != nullptr ? load_vec<V>(init + c0) : V{};
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) a[p] = start;
+  // Window positions [lo, hi) lie inside the row.
+  const int64_t lo = Border ? std::max<int64_t>(0, -q0) : 0, hi = Border ? std::min<int64_t>(N, width - q0) : N;
+  for (int64_t r = 0; r < rows; ++r) {
+    // The empty asm statement keeps gcc from giving every window position its own offset register
+    // (too few registers: it spills them).
+    const scalar_t* x = src_rows[r] + q0 * C + c0;
+    V xs[N];
+#pragma GCC unroll 32
+    for (int i = 0; i < N; ++i, x += C) {
+      asm("" : "+r"(x));
+      xs[i] = Border && (i < lo || i >= hi) ? V{} : load_vec<V>(x);
+    }
+    const acc_t* wp = w_rows[r] + c0;
+#pragma GCC unroll 3
+    for (int k = 0; k < 3; ++k) {
+      const V w = load_vec<V>(wp + k * C);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) a[p] += xs[p * S + k] * w;
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+    if (first_lane > 0) store_lanes(out + p * C + c0, a[p], first_lane);
+    else store_vec(out + p * C + c0, a[p]);
+  }
+}
+
+// One output row in P-position blocks (the last block ends at the row's end, overlapping the one
+// before it where P does not divide the width), for the channel vectors [v_begin, v_end) (vector v
+// starts at channel v·L; the last one, where C is not a multiple of L, at C - L).
+template <int P, int S, typename scalar_t, typename acc_t>
+void conv_row_k3(const Geometry& g, int64_t rows, const scalar_t* const* src_rows, const acc_t* const* w_rows,
+                 const acc_t* init, scalar_t* out_row, int64_t v_begin, int64_t v_end) {
+  constexpr int L = Vec<acc_t>::lanes, N = (P - 1) * S + 3;
+  const int64_t C = g.channels, W = g.in[2], OW = g.out[2], pad = g.padding[2];
+  for (int64_t ow0 = 0; ow0 < OW; ow0 += P) {
+    const int64_t start = std::min(ow0, OW - P), q0 = start * S - pad;
+    scalar_t* out = out_row + start * C;
+    const bool border = q0 < 0 || q0 + N > W;
+    for (int64_t v = v_begin; v < v_end; ++v) {
+      const int64_t c0 = std::min(v * L, C - L);
+      const int first_lane = static_cast<int>(v * L - c0);
+      if (border) conv_block_k3<P, S, true>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane);
+      else conv_block_k3<P, S, false>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane);
+    }
+  }
+}
+
+// Whether forward_k3 handles the geometry (else forward_row).
+template <typename acc_t>
+bool forward_k3_applies(const Geometry& g) {
+  return g.multiplier == 1 && g.kernel[2] == 3 && g.dilation[2] == 1 && (g.stride[2] == 1 || g.stride[2] == 2) &&
+         g.channels >= Vec<acc_t>::lanes;
+}
+
+// The block width for a row of OW outputs: the candidate with the fewest window loads + FMAs
+// (blocks × (P·S + 5)), P <= OW.
+template <int S>
+int block_width(int64_t OW) {
+  constexpr int candidates[] = {S == 1 ? kBlockW1 : kBlockW2, 7, 4, 1};
+  int best = 1;
+  int64_t best_cost = OW * (S + 5);
+  for (int P : candidates) {
+    if (P > OW || P > candidates[0]) continue;
+    const int64_t cost = (OW + P - 1) / P * (P * S + 5);
+    if (cost < best_cost) best = P, best_cost = cost;
+  }
+  return best;
+}
+
+// Output row `row` = (b·OT + ot)·OH + oh, channel vectors [v_begin, v_end).
+template <int S, typename scalar_t>
+void forward_row_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
+                    const at::opmath_type<scalar_t>* bias, scalar_t* output, int64_t row, int P, int64_t v_begin,
+                    int64_t v_end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.channels, T = g.in[0], H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1];
+  const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
+  const TapRange rt = valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
+  const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], H);
+  const scalar_t* src_rows[7 * 7];
+  const acc_t* w_rows[7 * 7];
+  int64_t rows = 0;
+  for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
+    const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+    for (int64_t kh = rh.begin; kh < rh.end; ++kh, ++rows) {
+      const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+      src_rows[rows] = input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C);
+      w_rows[rows] = weight + (kt * g.kernel[1] + kh) * 3 * C;
+    }
+  }
+  scalar_t* out_row = output + row * g.out[2] * C;
+  constexpr int P0 = S == 1 ? kBlockW1 : kBlockW2;
+  auto run = [&](auto block) {
+    conv_row_k3<decltype(block)::value, S>(g, rows, src_rows, w_rows, bias, out_row, v_begin, v_end);
+  };
+  if (P == P0) run(std::integral_constant<int, P0>{});
+  else if (P == 7) run(std::integral_constant<int, 7>{});
+  else if (P == 4) run(std::integral_constant<int, 4>{});
+  else run(std::integral_constant<int, 1>{});
+}
+
+template <int S, typename scalar_t>
+void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
+                const at::opmath_type<scalar_t>* bias, scalar_t* output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = Vec<acc_t>::lanes;
+  const int64_t rows = g.batch * g.out[0] * g.out[1], OH = g.out[1], vectors = (g.channels + L - 1) / L;
+  const int P = block_width<S>(g.out[2]);
+  if (kPlaneOrder) {  // items (b, vector, ot): one channel vector over one output plane
+    const int64_t BT = g.batch * g.out[0];
+    at::parallel_for(0, BT * vectors, grain_for(OH * g.out[2] * L), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / (vectors * g.out[0]), v = (item / g.out[0]) % vectors, ot = item % g.out[0];
+        for (int64_t oh = 0; oh < OH; ++oh)
+          forward_row_k3<S>(g, input, weight, bias, output, (b * g.out[0] + ot) * OH + oh, P, v, v + 1);
+      }
+    });
+  } else {
+    at::parallel_for(0, rows, grain_for(g.out[2] * g.channels), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) forward_row_k3<S>(g, input, weight, bias, output, row, P, 0, vectors);
+    });
+  }
+}
+
 template <typename scalar_t>
 void forward_impl(const ForwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -332,6 +508,8 @@ void forward_impl(const ForwardArgs& a) {
   const auto* weight = static_cast<const acc_t*>(a.weight);
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
+  if (forward_k3_applies<acc_t>(g))
+    return g.stride[2] == 1 ? forward_k3<1>(g, input, weight, bias, output) : forward_k3<2>(g, input, weight, bias, output);
   at::parallel_for(0, rows, grain_for(g.out[2] * Cout), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
@@ -682,6 +860,163 @@ void weight_grad_row(const Geometry& g, const scalar_t* input, const scalar_t* g
   }
 }
 
+// ------------------------------------------------- weight gradient, kH = kW = 3 (register-blocked)
+// m == 1, kernel 3 along H and W, W stride, dilation and padding 1 (any T kernel and T/H stride,
+// dilation, padding). For one kt and NV channel vectors, the 9 (kh, kw) sums stay in registers
+// over a chunk's rows:
+//   acc[kh][kw] += Σ_q x_row(kh)[q·C + c] · go_row[(q + 1 - kw)·C + c]   (0 <= q + 1 - kw < OW = W)
+// sweeping the input positions q with the 3 grad_output vectors go[q+1], go[q], go[q-1] in
+// registers: each x vector and each grad_output vector is loaded once per row for 3 FMAs
+// (registers: 9·NV sums + 3·NV grad_output + NV input).
+// Channel vectors per block: 2 with 32 vector registers (18 sums + 2 bias sums + 6 grad_output +
+// 2 input), else 1 (9 + 1 + 3 + 1 of 16).
+constexpr int kWeightBlockC = cpu::kVecBytes == 64 ? 2 : 1;
+
+template <int NV, typename V>
+struct WeightAcc {
+  V a[3][3][NV];
+  V bias[NV];  // Σ grad_output, added in the sweep of one kt per row (with_bias)
+};
+
+// Adds x · (go[q + 1 - kw] for kw in [K0, K1)) to the rows [KhLo, KhHi) (g[kw] holds go[q + 1 - kw]).
+template <int KhLo, int KhHi, int K0, int K1, int NV, typename V, typename scalar_t>
+__attribute__((always_inline)) inline void weight_step_k3(WeightAcc<NV, V>& acc, const V (&g)[3][NV],
+                                                          const scalar_t* const* x_rows, int64_t offset) {
+  constexpr int L = sizeof(V) / sizeof(g[0][0][0]);
+#pragma GCC unroll 3
+  for (int kh = KhLo; kh < KhHi; ++kh)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      V xv = load_vec<V>(x_rows[kh] + offset + j * L);
+      asm("" : "+v"(xv));
+#pragma GCC unroll 3
+      for (int kw = K0; kw < K1; ++kw) acc.a[kh][kw][j] += xv * g[kw][j];
+    }
+}
+
+// One output row's contribution for one kt: x_rows[kh] = the input row of tap (kt, kh) (nullptr
+// outside [KhLo, KhHi)), go = the grad_output row, both offset to channel c0.
+template <int KhLo, int KhHi, int NV, typename V, typename scalar_t>
+__attribute__((always_inline)) inline void weight_row_k3(WeightAcc<NV, V>& acc, const scalar_t* const* x_rows,
+                                                         const scalar_t* go, int64_t W, int64_t C, bool with_bias) {
+  constexpr int L = sizeof(V) / sizeof(acc.a[0][0][0][0]);
+  V g[3][NV];
+  auto load_go = [&](int kw, int64_t o) {  // each grad_output vector enters the window once
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      g[kw][j] = load_vec<V>(go + o * C + j * L);
+      if (with_bias) acc.bias[j] += g[kw][j];
+    }
+  };
+  load_go(1, 0);
+  if (W == 1) {  // q = 0 reads go[0] through kw = 1 only
+    weight_step_k3<KhLo, KhHi, 1, 2>(acc, g, x_rows, 0);
+    return;
+  }
+  load_go(0, 1);
+  weight_step_k3<KhLo, KhHi, 0, 2>(acc, g, x_rows, 0);  // q = 0: go[-1] is padding
+  for (int64_t q = 1; q + 1 < W; ++q) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) g[2][j] = g[1][j], g[1][j] = g[0][j];
+    load_go(0, q + 1);
+    weight_step_k3<KhLo, KhHi, 0, 3>(acc, g, x_rows, q * C);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) g[2][j] = g[1][j], g[1][j] = g[0][j];
+  weight_step_k3<KhLo, KhHi, 1, 3>(acc, g, x_rows, (W - 1) * C);  // q = W - 1: go[W] is padding
+}
+
+// Whether weight_grad_rows_k3 handles the geometry (else weight_grad_row).
+template <typename acc_t>
+bool weight_grad_k3_applies(const Geometry& g) {
+  return g.multiplier == 1 && g.kernel[1] == 3 && g.kernel[2] == 3 && g.stride[2] == 1 && g.dilation[2] == 1 &&
+         g.padding[2] == 1 && g.channels >= Vec<acc_t>::lanes;
+}
+
+// Output rows [row_begin, row_end) added into pw ([taps, C]) and pb ([C]; either may be nullptr).
+// Per channel block and kt the 9 (kh, kw) sums are loaded from pw, carried over the rows, stored back.
+template <typename scalar_t>
+void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_t* grad_output,
+                         at::opmath_type<scalar_t>* pw, at::opmath_type<scalar_t>* pb, int64_t row_begin,
+                         int64_t row_end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  const int64_t C = g.channels, T = g.in[0], H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1];
+  // Rows none of whose T taps is in range add only to the bias.
+  if (pb != nullptr)
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const TapRange rt = valid_taps((row / OH) % OT, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
+      if (rt.end > rt.begin && pw != nullptr) continue;
+      const scalar_t* go = grad_output + row * W * C;
+      for (int64_t ow = 0; ow < W; ++ow)
+        for (int64_t c = 0; c < C; ++c) pb[c] += static_cast<acc_t>(go[ow * C + c]);
+    }
+  if (pw == nullptr) return;
+  auto block = [&](auto nv, int64_t c0, int first_lane, int64_t rows_begin, int64_t rows_end) {
+    constexpr int NV = decltype(nv)::value;
+    for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
+      WeightAcc<NV, V> acc;
+      for (int j = 0; j < NV; ++j) {
+        acc.bias[j] = V{};
+        for (int kh = 0; kh < 3; ++kh)
+          for (int kw = 0; kw < 3; ++kw) acc.a[kh][kw][j] = V{};
+      }
+      for (int64_t row = rows_begin; row < rows_end; ++row) {
+        const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
+        int64_t it;
+        if (!input_index(ot, kt, g.stride[0], g.padding[0], g.dilation[0], T, &it)) continue;
+        // The bias sum rides along the sweep of the row's first T tap in range.
+        const bool with_bias =
+            pb != nullptr && kt == valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T).begin;
+        const TapRange rh = valid_taps(oh, 3, g.stride[1], g.padding[1], g.dilation[1], H);
+        const scalar_t* x_rows[3] = {nullptr, nullptr, nullptr};
+        for (int64_t kh = rh.begin; kh < rh.end; ++kh) {
+          const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+          x_rows[kh] = input + ndhwc_offset(b, it, ih, 0, c0, T, H, W, C);
+        }
+        const scalar_t* go = grad_output + row * W * C + c0;
+        const int range = static_cast<int>(rh.begin * 4 + rh.end);
+        switch (range) {
+          case 0 * 4 + 3: weight_row_k3<0, 3>(acc, x_rows, go, W, C, with_bias); break;
+          case 1 * 4 + 3: weight_row_k3<1, 3>(acc, x_rows, go, W, C, with_bias); break;
+          case 0 * 4 + 2: weight_row_k3<0, 2>(acc, x_rows, go, W, C, with_bias); break;
+          case 1 * 4 + 2: weight_row_k3<1, 2>(acc, x_rows, go, W, C, with_bias); break;
+          case 0 * 4 + 1: weight_row_k3<0, 1>(acc, x_rows, go, W, C, with_bias); break;
+          case 2 * 4 + 3: weight_row_k3<2, 3>(acc, x_rows, go, W, C, with_bias); break;
+          default: break;  // no valid kh
+        }
+      }
+      // Adds the sums into dst (lanes below first_lane of the last vector are another block's).
+      auto add_into = [&](acc_t* dst, V (&sums)[NV]) {
+        for (int j = 0; j < NV; ++j) {
+          if (j == NV - 1)
+            for (int l = 0; l < first_lane; ++l) sums[j][l] = 0;
+          const V sum = load_vec<V>(dst + j * L) + sums[j];
+          std::memcpy(dst + j * L, &sum, sizeof sum);
+        }
+      };
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw) add_into(pw + ((kt * 3 + kh) * 3 + kw) * C + c0, acc.a[kh][kw]);
+      if (pb != nullptr) add_into(pb + c0, acc.bias);
+    }
+  };
+  // Every channel block over rows [rows_begin, rows_end).
+  auto blocks = [&](int64_t rows_begin, int64_t rows_end) {
+    int64_t c0 = 0;
+    for (; c0 + kWeightBlockC * L <= C; c0 += kWeightBlockC * L)
+      block(std::integral_constant<int, kWeightBlockC>{}, c0, 0, rows_begin, rows_end);
+    if constexpr (kWeightBlockC > 1)
+      for (; c0 + L <= C; c0 += L) block(std::integral_constant<int, 1>{}, c0, 0, rows_begin, rows_end);
+    if (c0 < C) block(std::integral_constant<int, 1>{}, C - L, static_cast<int>(c0 - (C - L)), rows_begin, rows_end);
+  };
+  // Order: at 512 bits each channel block sweeps all the chunk's rows (the sums stay in registers
+  // across rows); with narrower vectors (half lines per position) all channel blocks of a row at a
+  // time, the sums stored per row, measured ~1.15x faster (4x96x8x28^2, one thread).
+  if (cpu::kVecBytes == 64) return blocks(row_begin, row_end);
+  for (int64_t row = row_begin; row < row_end; ++row) blocks(row, row + 1);
+}
+
 template <typename scalar_t>
 void weight_grad_impl(const WeightGradArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -702,16 +1037,21 @@ void weight_grad_impl(const WeightGradArgs& a) {
   const int64_t chunks = std::clamp<int64_t>(
       std::min<int64_t>(kWeightGradChunks, (int64_t(32) << 20) / int64_t(sizeof(acc_t) * per_chunk)), 1, rows);
   std::vector<acc_t> partials(chunks * per_chunk, acc_t(0));
+  const bool k3 = weight_grad_k3_applies<acc_t>(g);
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* pw = partials.data() + chunk * per_chunk;
       acc_t* pb = pw + taps * Cout;
       const int64_t row_begin = rows * chunk / chunks, row_end = rows * (chunk + 1) / chunks;
+      acc_t* w = grad_weight != nullptr ? pw : nullptr;
+      acc_t* bb = grad_bias != nullptr ? pb : nullptr;
+      if (k3) {
+        weight_grad_rows_k3(g, input, grad_output, w, bb, row_begin, row_end);
+        continue;
+      }
       for (int64_t row = row_begin; row < row_end; ++row) {
         const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
         const scalar_t* go_row = grad_output + row * g.out[2] * Cout;
-        acc_t* w = grad_weight != nullptr ? pw : nullptr;
-        acc_t* bb = grad_bias != nullptr ? pb : nullptr;
         if (g.multiplier == 1) weight_grad_row<scalar_t, true>(g, input, go_row, w, bb, b, ot, oh);
         else weight_grad_row<scalar_t, false>(g, input, go_row, w, bb, b, ot, oh);
       }
