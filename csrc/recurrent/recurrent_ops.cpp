@@ -8,7 +8,8 @@
 //             hidden conv and one fused gate kernel (the cuDNN RNN design).
 //   kConcat:  two [x_t, h_{t-1}] buffers [B, C_in + C, H, W] used in turn; per step one conv over one,
 //             and the gate kernel writes h straight into the other (no cat).
-//   kWinograd: CPU, 3x3, dilation 1: every conv a Winograd F(2x2, 3x3) (recurrent_winograd.h) with the
+//   kWinograd: CPU, 3x3, dilation 1: every conv a Winograd F(2x2, 3x3) (bf16/fp16: F(4x4, 3x3);
+//             winograd_tile in recurrent_winograd.h) with the
 //             weights transformed once per call and the gate kernel run per conv output strip; LSTM
 //             sums the x and h convs of a step in the Winograd domain, so does GRU in the nn.GRU form
 //             (x_n and h_n kept apart), the Ballas GRU hoists the x conv (chunked as kHoisted's);

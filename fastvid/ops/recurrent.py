@@ -37,7 +37,7 @@ def set_strategy(name: str) -> None:
     """'auto' (time the strategies once per step geometry/dtype/device/layout and cache the fastest,
     like ``torch.backends.cudnn.benchmark``), 'hoisted' (input conv over all frames at once, then a
     hidden conv per step), 'concat' (one conv per step over a persistent [x_t, h] buffer) or
-    'winograd' (hoisted with both convs Winograd F(2x2, 3x3) and the gate math per conv strip; CPU,
+    'winograd' (both convs Winograd F(2x2, 3x3), F(4x4, 3x3) for bf16, the gate math per conv strip; CPU,
     3x3 kernel, dilation 1, no lengths: a sequence it cannot run raises a ValueError)."""
     global _default_strategy
     if name != "auto" and name not in STRATEGIES:
