@@ -266,6 +266,25 @@ __attribute__((always_inline)) inline void sweep_positions(int64_t C, int64_t ro
 
 // ------------------------------------------------------------------------ forward
 // One output row out[b, ot, oh, :, :]. acc: scratch of C*m acc_t.
+// The input rows of output row (b, ot, oh) for its (kt, kh) taps in rt x rh, with their weight rows
+// (w_row_stride values per (kt, kh)); returns how many (at most 7 x 7).
+template <typename scalar_t, typename acc_t>
+int64_t tap_rows(const Geometry& g, int64_t b, int64_t ot, int64_t oh, const TapRange& rt, const TapRange& rh,
+                 const scalar_t* input, const acc_t* weight, int64_t w_row_stride, const scalar_t** src_rows,
+                 const acc_t** w_rows) {
+  const int64_t T = g.in[0], H = g.in[1], W = g.in[2], C = g.channels;
+  int64_t rows = 0;
+  for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
+    const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+    for (int64_t kh = rh.begin; kh < rh.end; ++kh, ++rows) {
+      const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+      src_rows[rows] = input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C);
+      w_rows[rows] = weight + (kt * g.kernel[1] + kh) * w_row_stride;
+    }
+  }
+  return rows;
+}
+
 template <typename scalar_t, bool kUnitMultiplier>
 void forward_row(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
                                     const at::opmath_type<scalar_t>* bias, scalar_t* out_row, int64_t b, int64_t ot,
@@ -280,15 +299,7 @@ void forward_row(const Geometry& g, const scalar_t* input, const at::opmath_type
     // (kt, kh) pairs of this row, for the interior sweep.
     const scalar_t* src_rows[7 * 7];
     const acc_t* w_rows[7 * 7];
-    int64_t rows = 0;
-    for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
-      const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
-      for (int64_t kh = rh.begin; kh < rh.end; ++kh, ++rows) {
-        const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
-        src_rows[rows] = input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C);
-        w_rows[rows] = weight + (kt * g.kernel[1] + kh) * g.kernel[2] * Cout;
-      }
-    }
+    const int64_t rows = tap_rows(g, b, ot, oh, rt, rh, input, weight, g.kernel[2] * Cout, src_rows, w_rows);
     // Interior outputs: every W tap in range.
     const int64_t s_w = g.stride[2], pad_w = g.padding[2], d_w = g.dilation[2], kW = g.kernel[2];
     const int64_t ow_lo = (pad_w + s_w - 1) / s_w;
@@ -448,21 +459,13 @@ void forward_row_k3(const Geometry& g, const scalar_t* input, const at::opmath_t
                     const at::opmath_type<scalar_t>* bias, scalar_t* output, int64_t row, int P, int64_t v_begin,
                     int64_t v_end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = g.channels, T = g.in[0], H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1];
+  const int64_t C = g.channels, T = g.in[0], H = g.in[1], OT = g.out[0], OH = g.out[1];
   const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
   const TapRange rt = valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
   const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], H);
   const scalar_t* src_rows[7 * 7];
   const acc_t* w_rows[7 * 7];
-  int64_t rows = 0;
-  for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
-    const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
-    for (int64_t kh = rh.begin; kh < rh.end; ++kh, ++rows) {
-      const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
-      src_rows[rows] = input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C);
-      w_rows[rows] = weight + (kt * g.kernel[1] + kh) * 3 * C;
-    }
-  }
+  const int64_t rows = tap_rows(g, b, ot, oh, rt, rh, input, weight, 3 * C, src_rows, w_rows);
   scalar_t* out_row = output + row * g.out[2] * C;
   constexpr int P0 = S == 1 ? kBlockW1 : kBlockW2;
   auto run = [&](auto block) {
