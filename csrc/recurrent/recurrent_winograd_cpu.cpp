@@ -213,29 +213,33 @@ Tensor transform_weight_grad(const Tensor& dV, at::ScalarType dtype) {
   using Mat = winograd::Matrices<M>;
   constexpr int A = Mat::A;
   const int64_t K = dV.size(1), N = dV.size(2);
-  const Tensor dv = dV.to(at::kDouble).contiguous();
+  // dV read in place (no fp64 copy: at F(4 x 4) that was 36·K·N doubles at the backward's end).
   Tensor dw = at::empty({K, 3, 3, N}, at::TensorOptions().dtype(at::kDouble));
   std::vector<double> Gm(3 * A * N);  // (Gᵀ dV)[i, b] of one k, n innermost
-  for (int64_t k = 0; k < K; ++k) {
-    for (int i = 0; i < 3; ++i)
-      for (int b = 0; b < A; ++b) {
-        double* row = Gm.data() + (i * A + b) * N;
-        std::fill(row, row + N, 0.0);
-        for (int a = 0; a < A; ++a) {
-          const double* d = dv.const_data_ptr<double>() + ((a * A + b) * K + k) * N;
-          for (int64_t n = 0; n < N; ++n) row[n] += Mat::G[a][i] * d[n];
-        }
-      }
-    for (int i = 0; i < 3; ++i)
-      for (int j = 0; j < 3; ++j) {
-        double* out = dw.mutable_data_ptr<double>() + ((k * 3 + i) * 3 + j) * N;
-        std::fill(out, out + N, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(dV.scalar_type(), "winograd_weight_grad_finish", [&] {
+    const scalar_t* src = dV.const_data_ptr<scalar_t>();
+    const int64_t s0 = dV.stride(0), s1 = dV.stride(1);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int i = 0; i < 3; ++i)
         for (int b = 0; b < A; ++b) {
-          const double* g = Gm.data() + (i * A + b) * N;
-          for (int64_t n = 0; n < N; ++n) out[n] += g[n] * Mat::G[b][j];
+          double* row = Gm.data() + (i * A + b) * N;
+          std::fill(row, row + N, 0.0);
+          for (int a = 0; a < A; ++a) {
+            const scalar_t* d = src + (a * A + b) * s0 + k * s1;
+            for (int64_t n = 0; n < N; ++n) row[n] += Mat::G[a][i] * static_cast<double>(d[n]);
+          }
         }
-      }
-  }
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) {
+          double* out = dw.mutable_data_ptr<double>() + ((k * 3 + i) * 3 + j) * N;
+          std::fill(out, out + N, 0.0);
+          for (int b = 0; b < A; ++b) {
+            const double* g = Gm.data() + (i * A + b) * N;
+            for (int64_t n = 0; n < N; ++n) out[n] += g[n] * Mat::G[b][j];
+          }
+        }
+    }
+  });
   return dw.permute({3, 0, 1, 2}).to(dtype).contiguous();
 }
 }  // namespace
@@ -458,6 +462,8 @@ void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& gra
 
 Tensor winograd_weight_grad_finish(const Tensor& dV, at::ScalarType dtype) {
   // dV = dL/d(G w Gᵀ), so dL/dw = Gᵀ dV G.
+  TORCH_CHECK(dV.dim() == 3 && (dV.size(0) == 36 || dV.size(0) == 16) && dV.stride(2) == 1,
+              "winograd_weight_grad_finish: dV must come from winograd_weight_grad_buffer(K, N)");
   return dV.size(0) == 36 ? transform_weight_grad<4>(dV, dtype) : transform_weight_grad<2>(dV, dtype);
 }
 
