@@ -99,6 +99,8 @@ TORCH_LIBRARY(fastvid, m) {
   m.def("nonlocal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
   m.def("nonlocal_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
         "Tensor out, Tensor lse, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // Private: the CPU kernel's tile (query rows, key rows), for the benchmark's GEMM-rate yardstick.
+  m.def("_attention_cpu_tile() -> int[]");
   // ---- CPU ISA path (csrc/cpu_isa.cpp), private: read/switch the active path, "" = the CPU's own
   // best for _cpu_isa_simulate (tests), the path a family's last CPU kernel ran ("" none yet).
   m.def("_cpu_isa() -> str");

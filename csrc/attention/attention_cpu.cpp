@@ -671,5 +671,10 @@ TORCH_LIBRARY_IMPL(fastvid, CPU, m) {
   m.impl("nonlocal_attention_backward", &nonlocal_attention_backward_cpu);
 }
 
+// No tensor arguments: a CompositeImplicitAutograd kernel serves every call.
+TORCH_LIBRARY_IMPL(fastvid, CompositeImplicitAutograd, m) {
+  m.impl("_attention_cpu_tile", [] { return std::vector<int64_t>{kQueryBlock, kKeyBlock}; });
+}
+
 }  // namespace attention
 }  // namespace fastvid

@@ -243,12 +243,13 @@ def attention_flops(shape: AttnShape, mode: str, recompute: bool = True) -> int:
     return per_product * (2 if mode == "no_grad" else 6 + int(recompute))
 
 
-def sgemm_rate(rounds: int = 10, tile=(120, 480, 128)) -> Dict[str, float]:
-    """The machine's fp32 GEMM rate in FLOP/s at this process's thread count, on the kernel's tile
-    shape (rows × keys × D): a batched product of 64 such tiles per thread (``torch.bmm``, ~10 ms),
+def sgemm_rate(depth: int, rounds: int = 10) -> Dict[str, float]:
+    """The machine's fp32 GEMM rate in FLOP/s at this process's thread count, on the CPU kernel's tile
+    shape (query rows × key rows × ``depth``, the tile from the extension itself): a batched product of 64 such tiles per thread (``torch.bmm``, ~10 ms),
     best and median over ``rounds``. The rows use the best: the rate the cores can reach (on a
     shared machine the median is whatever the neighbours left)."""
-    m, n, k = tile
+    m, n = torch.ops.fastvid._attention_cpu_tile()
+    k = depth
     batch = 64 * torch.get_num_threads()
     a, b = torch.randn(batch, m, k), torch.randn(batch, k, n)
     out = torch.empty(batch, m, n)
@@ -316,7 +317,7 @@ def run_case(case: AttnCase, rounds: int, warmup: int, device="cpu", memory: boo
     times = measure.time_interleaved(dict(workloads), rounds=rounds, warmup=warmup, device=device)
     flop_rate = {}
     if case.op == "NonlocalAttention" and torch.device(device).type == "cpu":
-        sgemm = sgemm_rate()["best"]
+        sgemm = sgemm_rate(case.shape.D)["best"]
         for provider in case.providers:
             flops = attention_flops(case.shape, case.mode, recompute=provider != "native")
             rate = flops / measure.summarize(times[provider].wall)["median"]
