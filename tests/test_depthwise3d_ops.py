@@ -218,6 +218,29 @@ def test_ncdhw_weight_grad_thread_invariant_and_ignores_unread_inputs():
     torch.testing.assert_close(two[1], torch.nn.grad.conv3d_weight(x, w.shape, go, *args, groups=3))
 
 
+@pytest.mark.parametrize("channels,kernel", [(20, (3, 3, 3)), (108, (3, 3, 3)), (20, (3, 3, 5))],
+                         ids=["k3-tail", "k3-C108", "generic"])
+def test_channels_last_weight_grad_thread_invariant(channels, kernel, cpu_isa):
+    """Channels-innermost kernels: the weight/bias gradients are bit-identical for 1 and 2 threads (fixed
+    chunks of rows and channel groups, summed in a fixed order) on every ISA path, and match
+    conv3d_weight in float64."""
+    x = torch.randn(2, channels, 5, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(channels, 1, *kernel, dtype=torch.float64)
+    args = ((1, 1, 1), tuple(k // 2 for k in kernel), (1, 1, 1))
+    go = torch.randn_like(OPS.depthwise_conv3d(x, w, None, *args))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OPS.depthwise_conv3d_backward(go, x, w, *args, [False, True, True])
+        torch.set_num_threads(2)
+        two = OPS.depthwise_conv3d_backward(go, x, w, *args, [False, True, True])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[1], two[1]) and torch.equal(one[2], two[2])
+    torch.testing.assert_close(two[1], torch.nn.grad.conv3d_weight(x, w.shape, go, *args, groups=channels))
+    torch.testing.assert_close(two[2], go.sum((0, 2, 3, 4)))
+
+
 def tap_sum_depthwise(x, w, b, stride, padding, dilation):
     """Depthwise conv as the sum over kernel taps of weight × a strided window of the zero-padded
     input, in float64: an oracle that shares no code with F.conv3d."""
