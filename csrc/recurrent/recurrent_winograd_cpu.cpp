@@ -14,9 +14,9 @@
 //   3. per strip: the output laid out as the frames (channels innermost or NCHW) in the inputs'
 //      dtype, handed to the strip callback (the gate kernel) or copied into an output tensor.
 // The GEMM is a register-blocked kernel per ISA path (at::bmm -> MKL ran at ~100 GFLOP/s here, the
-// AVX2 rate, half of AVX-512's); the transforms are vectorised over channels (the inner index of U, M
-// and the scratches) by the compiler at each path's width (cpu_isa.h); the transform matrices are
-// compile-time constants and their zero coefficients drop out.
+// AVX2 rate, half of AVX-512's); the transforms (one helper, Sandwich::apply) are vectorised over
+// channels (the inner index of U, M and the scratches) in each path's vectors (cpu_isa.h); the
+// transform matrices are compile-time constants and their zero coefficients drop out.
 #include "recurrent_winograd.h"
 #include "recurrent_math.h"
 
@@ -949,7 +949,9 @@ void winograd_conv_kernel(const winograd::Job& j) {
 // The transpose of the forward's three steps: per group of strips, the input transform U [alpha²,
 // tiles, K] (as the forward's step 1), the output-gradient transform dM = A dY Aᵀ [alpha², tiles, Np]
 // of each m x m gradient tile, and alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ dM[e] summing over the tiles.
-// Each worker sums into its own dV, added to the job's under a lock at its end.
+// The worker holding the first groups sums into the job's dV in place (under the lock, held throughout);
+// any other into its own dV, added under the lock at its end. With a bias gradient requested, the same
+// pass sums the output gradient per channel (fp64).
 namespace {
 
 // C [K, ldc] += Uᵀ A-rows: C[k, :] += Σ_p u[p·ldu + k] b[p·ldb, :] over P rows of b; MR rows of C x 2
