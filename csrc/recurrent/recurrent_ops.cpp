@@ -51,7 +51,10 @@ namespace {
 //         the weight gradients need anyway: a fifth of the per-frame state for a quarter of a step's
 //         forward conv.
 //   GRU:  r, z, n (3C, x's dtype). reset_after's h_n = U_n*h_{t-1} + b_hn (needed only for d r) is
-//         recomputed per chunk (one C-output conv of h); the Ballas backward does not read h_n.
+//         recomputed per chunk (one C-output conv of h) in fp32/fp64, and kept (C more, a region of
+//         its own) in bf16/fp16, whose 2-byte frames leave room under issue 12's memory bound (the
+//         recompute was ~6 % of a small bf16 ConvGRU fwd+bwd; kept in fp32 it would lift that
+//         layer's peak from ~0.70x to ~0.80x native's); the Ballas backward does not read h_n.
 // Nothing else is kept: the [x_t, h_{t-1}] inputs of the weight gradients are rebuilt from x and output
 // chunk by chunk. Mirrored by reserve_bytes in fastvid/ops/recurrent.py (the fake kernels).
 constexpr int64_t kReserveAlign = 64;
@@ -78,7 +81,12 @@ std::vector<ReserveRegion> lstm_reserve(const SeqGeometry& g, at::ScalarType dty
 // Where gate k (i, f, g, o) of the LSTM lives in the reserve's 3C gate frames; g (-1) is recomputed.
 constexpr int kLstmSavedSlot[4] = {0, 1, -1, 2};
 
-std::vector<ReserveRegion> gru_reserve(const SeqGeometry& g, at::ScalarType dtype) { return {{dtype, 3 * g.C}}; }
+bool gru_keeps_hn(at::ScalarType dtype, bool reset_after) { return reset_after && c10::elementSize(dtype) == 2; }
+
+std::vector<ReserveRegion> gru_reserve(const SeqGeometry& g, at::ScalarType dtype, bool reset_after) {
+  if (gru_keeps_hn(dtype, reset_after)) return {{dtype, 3 * g.C}, {dtype, g.C}};
+  return {{dtype, 3 * g.C}};
+}
 
 int64_t reserve_bytes(const SeqGeometry& g, const std::vector<ReserveRegion>& regions) {
   int64_t bytes = 0;
@@ -375,6 +383,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const Tensor w_cat = at::cat({weight_ih, weight_hh}, 1);
   const Tensor v_cat_grad = wino ? winograd_input_grad_weights(w_cat) : Tensor();
   Tensor dV_cat = wino ? winograd_weight_grad_buffer(Cin + C, 4 * C, x.scalar_type()) : Tensor();
+  Tensor db_acc = wino && has_bias ? at::zeros({4 * C}, opts.dtype(at::kDouble)) : Tensor();  // winograd: the bias gradient
   Tensor grad_x = empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
 
   // Chunk by chunk of consecutive steps (in reverse): the d(pre-activation gates) of the chunk's steps
@@ -394,14 +403,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
     g_chunk = Tensor();  // free the previous chunk's before the conv allocates
     const Tensor frames = flat(inputs.narrow(0, 0, n));
-    g_chunk = (wino ? winograd_conv(frames, v_g, bias_g, g) : conv(frames, w_g, bias_g, g)).tanh_().view({n, B, C, H, W});
+    g_chunk = (wino ? winograd_conv(frames, v_g, bias_g, g, /*tanh=*/true) : conv(frames, w_g, bias_g, g).tanh_())
+                  .view({n, B, C, H, W});
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor d = flat(d_gates.narrow(0, 0, n));
     const Tensor in = inputs.narrow(0, 0, n);
     if (wino) {
-      winograd_weight_grad_add(dV_cat, flat(in), d);
-      if (has_bias) add_to(grad_bias, d.sum({0, 2, 3}));
+      winograd_weight_grad_add(dV_cat, flat(in), d, has_bias ? &db_acc : nullptr);
     } else {
       auto [gw, gb] = conv_weight_grad(d, flat(in), w_cat, has_bias, g);
       add_to(grad_w_cat, gw);
@@ -460,6 +469,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   }
   flush_chunk(chunk_start, chunk_len);
   if (wino) grad_w_cat = winograd_weight_grad_finish(dV_cat, weight_ih.scalar_type());
+  if (wino && has_bias) grad_bias = db_acc.to(x.scalar_type());
   // Not hoisted, dh_rec is a view into the last [grad_x_t, dh] conv output: the output gets its own storage.
   Tensor grad_h0 = hoisted ? dh_rec.contiguous(fmt) : dh_rec.clone(fmt);
   Tensor grad_c0 = dc.to(c0.scalar_type());
@@ -520,10 +530,13 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
   const bool hoisted = strategy != kConcat;  // winograd: hoisted, every conv Winograd
 
   Tensor output = empty_frames({B, T}, C, H, W, g.channels_last, opts);
-  const auto regions = gru_reserve(g, x.scalar_type());
+  const auto regions = gru_reserve(g, x.scalar_type(), reset_after);
+  const bool keep_hn = gru_keeps_hn(x.scalar_type(), reset_after);
   Tensor reserve = new_reserve(save, g, regions, opts);
-  Tensor cache = save ? reserve_views(reserve, g, regions)[0] : Tensor();  // [T, B, 3C]: r, z, n
-  Tensor hn_scratch = save ? empty_like_frame(g, C, opts) : Tensor();      // h_n: recomputed in backward
+  const auto views = save ? reserve_views(reserve, g, regions) : std::vector<Tensor>();
+  Tensor cache = save ? views[0] : Tensor();                              // [T, B, 3C]: r, z, n
+  Tensor hn_kept = save && keep_hn ? views[1] : Tensor();                 // [T, B, C]: h_n
+  Tensor hn_scratch = save && !keep_hn ? empty_like_frame(g, C, opts) : Tensor();  // h_n recomputed in backward
   Tensor h_n = empty_like_frame(g, C, opts);
   Tensor zeros = zeros_for_planes(C, H, W, opts);
   Tensor reset_h = reset_after ? Tensor() : empty_like_frame(g, C, opts);
@@ -574,7 +587,7 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
     Tensor h_prev, h_next;
     if (save) {
       for (int k = 0; k < 3; ++k) a.cache_out[k] = slot(cache.select(0, t), k, C);
-      a.cache_out[3] = plane(hn_scratch);
+      a.cache_out[3] = plane(keep_hn ? hn_kept.select(0, t) : hn_scratch);
       ra.r_out = a.cache_out[0];
     }
     if (fused) {
@@ -655,7 +668,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   check_bias(op, "bias_ih", bias_ih, 3 * g.C, x);
   check_bias(op, "bias_hh", bias_hh, 3 * g.C, x);
   const Tensor lengths_d = check_lengths(op, lengths, g, x);
-  const auto regions = gru_reserve(g, x.scalar_type());
+  const auto regions = gru_reserve(g, x.scalar_type(), reset_after);
   {
     const int64_t B = g.B, T = g.T, C = g.C, H = g.H, W = g.W;
     check_optional_arg(op, "grad_output", grad_output, {B, T, C, H, W}, x, "x", x.scalar_type());
@@ -670,7 +683,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   const bool hoisted = strategy != kConcat;  // winograd: hoisted with the per-step input-grad convs Winograd
   const bool wino = strategy == kWinograd;
   const bool has_bias = bias_ih.has_value() || bias_hh.has_value();
-  const Tensor cache = reserve_views(reserve, g, regions)[0];  // [T, B, 3C]: r, z, n
+  const auto views = reserve_views(reserve, g, regions);
+  const Tensor& cache = views[0];  // [T, B, 3C]: r, z, n
+  const bool keep_hn = gru_keeps_hn(x.scalar_type(), reset_after);  // views[1]: [T, B, C] h_n
 
   const Tensor zeros = zeros_for_planes(C, H, W, opts);
   const Tensor g_out = grad_output.has_value() ? to_frames_layout(*grad_output, g.channels_last) : Tensor();
@@ -687,9 +702,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   // winograd: grad_x per chunk a Winograd conv too; the weight gradients summed in the Winograd domain
   // (hh: [r, z, n] reset_after, else [r, z] and [n] apart), transformed back once at the end.
   const Tensor v_grad_x = wino ? winograd_input_grad_weights(weight_ih) : Tensor();
-  const Tensor v_n = wino && reset_after ? winograd_weights(w_n) : Tensor();  // the h_n recompute
+  const Tensor v_n = wino && reset_after && !keep_hn ? winograd_weights(w_n) : Tensor();  // the h_n recompute
   Tensor dV_ih, dV_hh, dV_n;
+  Tensor db_x, db_h;  // winograd: Σ d_x (b_ih's gradient, and the Ballas b_hh's) and Σ d_h (reset_after's b_hh)
   if (wino) {
+    if (has_bias) db_x = at::zeros({3 * C}, opts.dtype(at::kDouble));
+    if (reset_after && bias_hh.has_value()) db_h = at::zeros({3 * C}, opts.dtype(at::kDouble));
     dV_ih = winograd_weight_grad_buffer(Cin, 3 * C, x.scalar_type());
     dV_hh = winograd_weight_grad_buffer(C, reset_after ? 3 * C : 2 * C, x.scalar_type());
     if (!reset_after) dV_n = winograd_weight_grad_buffer(C, C, x.scalar_type());
@@ -710,11 +728,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     if (term.defined() && term.numel() > 0) sum = sum.defined() ? sum.add_(term) : term;
   };
   int64_t chunk_start = -1, chunk_len = 0;
-  Tensor hn_chunk;  // reset_after: the chunk's recomputed h_n = U_n*h_{t-1} + b_hn [n, B, C] (not in the reserve)
+  Tensor hn_chunk;  // reset_after: the chunk's h_n = U_n*h_{t-1} + b_hn [n, B, C], kept or recomputed
   const auto load_chunk = [&](int64_t t0, int64_t n) {
     copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
     copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
     if (!reset_after) return;
+    if (keep_hn) {
+      hn_chunk = views[1].narrow(0, t0, n);
+      return;
+    }
     hn_chunk = Tensor();  // free the previous chunk's before the conv allocates
     const Tensor h_frames = flat(inputs.narrow(0, 0, n).narrow(2, Cin, C));
     const OptTensor b_hn = narrow_optional(bias_hh, 2 * C, C);
@@ -726,18 +748,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     const Tensor h_in = in.narrow(2, Cin, C);  // h_{t-1}; Ballas: scaled to r·h_{t-1} below
     if (wino) {
       grad_x.narrow(1, t0, n).copy_(winograd_conv(dx, v_grad_x, std::nullopt, g).view({n, B, Cin, H, W}).transpose(0, 1));
-      winograd_weight_grad_add(dV_ih, flat(in.narrow(2, 0, Cin)), dx);
-      if (bias_ih.has_value()) add_to(grad_b_ih, dx.sum({0, 2, 3}));
+      winograd_weight_grad_add(dV_ih, flat(in.narrow(2, 0, Cin)), dx, db_x.defined() ? &db_x : nullptr);
       if (reset_after) {
-        const Tensor dh = flat(d_h.narrow(0, 0, n));
-        winograd_weight_grad_add(dV_hh, flat(h_in), dh);
-        if (bias_hh.has_value()) add_to(grad_b_hh, dh.sum({0, 2, 3}));
+        winograd_weight_grad_add(dV_hh, flat(h_in), flat(d_h.narrow(0, 0, n)), db_h.defined() ? &db_h : nullptr);
       } else {
         // In the Ballas form d(h-conv pre-activations) equal d(x-conv pre-activations).
         winograd_weight_grad_add(dV_hh, flat(h_in), dx.narrow(1, 0, 2 * C));
         h_in.mul_(cache.narrow(0, t0, n).narrow(2, 0, C));
         winograd_weight_grad_add(dV_n, flat(h_in), dx.narrow(1, 2 * C, C));
-        if (bias_hh.has_value()) add_to(grad_b_hh, dx.sum({0, 2, 3}));
       }
     } else if (hoisted) {
       const auto grads = at::convolution_backward(dx, flat(in.narrow(2, 0, Cin)), weight_ih, at::IntArrayRef({3 * C}),
@@ -855,6 +873,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     grad_w_ih = winograd_weight_grad_finish(dV_ih, weight_ih.scalar_type());
     grad_w_hh = winograd_weight_grad_finish(dV_hh, weight_hh.scalar_type());
     if (!reset_after) grad_w_hh = at::cat({grad_w_hh, winograd_weight_grad_finish(dV_n, weight_hh.scalar_type())}, 0);
+    if (bias_ih.has_value()) grad_b_ih = db_x.to(x.scalar_type());
+    if (bias_hh.has_value()) grad_b_hh = (reset_after ? db_h : db_x).to(x.scalar_type());
   }
   Tensor grad_h0 = dh_conv.defined() ? at::add(dh_conv, dh_direct).contiguous(fmt) : dh_direct;
 

@@ -59,8 +59,10 @@ using WinogradStripFn = std::function<void(int64_t b, int64_t y0, int64_t rows, 
 void winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
                    const WinogradStripFn& fn);
 
-// The same convolution written to a new [B, N, H, W] tensor in the frame layout of g.
-Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g);
+// The same convolution written to a new [B, N, H, W] tensor in the frame layout of g; with tanh,
+// tanh of it (applied in fp32 before the rounding to the inputs' dtype).
+Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
+                     bool tanh = false);
 
 // Weight gradient of conv3x3(input, weight) (stride 1, padding 1) in the Winograd domain, summed over
 // calls (chunks of steps) and transformed back once. dV = dL/d(G w Gᵀ): a zeroed [alpha², K, N]
@@ -68,7 +70,10 @@ Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias
 // Uᵀ (A dY Aᵀ) over the tiles of input [B, K, H, W] and grad_output [B, N, H, W] (any strides) into it;
 // winograd_weight_grad_finish gives dL/dw = Gᵀ dV G as [N, K, 3, 3] in dtype.
 Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype);
-void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output);
+// With db (a contiguous [N] float64 tensor), Σ grad_output over B, H, W is added to it (the bias gradient,
+// from the gradient values the kernel reads anyway; fp64 sums: naive fp32 ones over B·T·H·W values
+// missed the oneDNN path's accuracy).
+void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output, Tensor* db = nullptr);
 Tensor winograd_weight_grad_finish(const Tensor& dV, at::ScalarType dtype);
 
 // One LSTM step of the winograd strategy: per strip, the gate pre-activations conv(x_t, W_ih) + bias +

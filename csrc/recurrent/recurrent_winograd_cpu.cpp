@@ -14,10 +14,11 @@
 //   3. per strip: the output laid out as the frames (channels innermost or NCHW) in the inputs'
 //      dtype, handed to the strip callback (the gate kernel) or copied into an output tensor.
 // The GEMM is a register-blocked kernel per ISA path (at::bmm -> MKL ran at ~100 GFLOP/s here, the
-// AVX2 rate, half of AVX-512's); the transforms are vectorised over channels (the inner index of U, M
-// and the scratches) by the compiler at each path's width (cpu_isa.h); the transform matrices are
-// compile-time constants and their zero coefficients drop out.
+// AVX2 rate, half of AVX-512's); the transforms (one helper, Sandwich::apply) are vectorised over
+// channels (the inner index of U, M and the scratches) in each path's vectors (cpu_isa.h); the
+// transform matrices are compile-time constants and their zero coefficients drop out.
 #include "recurrent_winograd.h"
+#include "recurrent_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,6 +26,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <type_traits>
 #ifdef __x86_64__
@@ -101,6 +103,7 @@ struct Job {
   bool channels_last = false;         // layout of the strip planes handed out
   const WinogradStripFn* fn = nullptr;
   Plane out;  // when fn is null: the [B, N, H·W] output plane
+  bool tanh = false;  // when fn is null: write tanh(conv) (LSTM backward's recompute of g)
 };
 
 // A weight-gradient call (winograd_weight_grad_add): dV += Σ over the tiles of the input and output
@@ -110,6 +113,7 @@ struct WeightGradJob {
   const void* grad = nullptr;      // the output gradient [B, N, H, W] with element strides:
   int64_t gb = 0, gc = 0, gy = 0, gx = 0;
   void* dV = nullptr;              // [alpha², K, ldv] accumulation type, accumulated into
+  double* db = nullptr;            // [N], accumulated into (Σ of the output gradient, summed in fp64), or nullptr
   int64_t ldv = 0, B = 0, N = 0, H = 0, W = 0, tile = 2;  // tile: dV's m
   at::ScalarType dtype = at::kFloat;  // input and gradient dtype
 };
@@ -185,23 +189,26 @@ Tensor transform_weights(const Tensor& weight) {
   const int64_t Np = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
   Tensor padded = at::zeros({A * A, K, Np}, weight.options().dtype(acc_type(weight.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES(padded.scalar_type(), "winograd_weights", [&] {
-    std::vector<double> Gw(A * 3 * N);  // (G w)[a, j] of one k, n innermost
-    for (int64_t k = 0; k < K; ++k) {
-      const double* wk = w.const_data_ptr<double>() + k * 9 * N;
-      for (int a = 0; a < A; ++a)
-        for (int j = 0; j < 3; ++j) {
-          double* row = Gw.data() + (a * 3 + j) * N;
-          for (int64_t n = 0; n < N; ++n)
-            row[n] = Mat::G[a][0] * wk[j * N + n] + Mat::G[a][1] * wk[(3 + j) * N + n] + Mat::G[a][2] * wk[(6 + j) * N + n];
-        }
-      for (int a = 0; a < A; ++a)
-        for (int b = 0; b < A; ++b) {
-          const double* g = Gw.data() + a * 3 * N;
-          scalar_t* V = padded.mutable_data_ptr<scalar_t>() + ((a * A + b) * K + k) * Np;
-          for (int64_t n = 0; n < N; ++n)
-            V[n] = static_cast<scalar_t>(g[n] * Mat::G[b][0] + g[N + n] * Mat::G[b][1] + g[2 * N + n] * Mat::G[b][2]);
-        }
-    }
+    // parallel over k: transformed per call, serial they were ~3 % of a 2-thread small ConvGRU fwd+bwd
+    at::parallel_for(0, K, 8, [&](int64_t k0, int64_t k1) {
+      std::vector<double> Gw(A * 3 * N);  // (G w)[a, j] of one k, n innermost
+      for (int64_t k = k0; k < k1; ++k) {
+        const double* wk = w.const_data_ptr<double>() + k * 9 * N;
+        for (int a = 0; a < A; ++a)
+          for (int j = 0; j < 3; ++j) {
+            double* row = Gw.data() + (a * 3 + j) * N;
+            for (int64_t n = 0; n < N; ++n)
+              row[n] = Mat::G[a][0] * wk[j * N + n] + Mat::G[a][1] * wk[(3 + j) * N + n] + Mat::G[a][2] * wk[(6 + j) * N + n];
+          }
+        for (int a = 0; a < A; ++a)
+          for (int b = 0; b < A; ++b) {
+            const double* g = Gw.data() + a * 3 * N;
+            scalar_t* V = padded.mutable_data_ptr<scalar_t>() + ((a * A + b) * K + k) * Np;
+            for (int64_t n = 0; n < N; ++n)
+              V[n] = static_cast<scalar_t>(g[n] * Mat::G[b][0] + g[N + n] * Mat::G[b][1] + g[2 * N + n] * Mat::G[b][2]);
+          }
+      }
+    });
   });
   return padded.narrow(2, 0, N);
 }
@@ -215,30 +222,32 @@ Tensor transform_weight_grad(const Tensor& dV, at::ScalarType dtype) {
   const int64_t K = dV.size(1), N = dV.size(2);
   // dV read in place (no fp64 copy: at F(4 x 4) that was 36·K·N doubles at the backward's end).
   Tensor dw = at::empty({K, 3, 3, N}, at::TensorOptions().dtype(at::kDouble));
-  std::vector<double> Gm(3 * A * N);  // (Gᵀ dV)[i, b] of one k, n innermost
   AT_DISPATCH_FLOATING_TYPES(dV.scalar_type(), "winograd_weight_grad_finish", [&] {
     const scalar_t* src = dV.const_data_ptr<scalar_t>();
     const int64_t s0 = dV.stride(0), s1 = dV.stride(1);
-    for (int64_t k = 0; k < K; ++k) {
-      for (int i = 0; i < 3; ++i)
-        for (int b = 0; b < A; ++b) {
-          double* row = Gm.data() + (i * A + b) * N;
-          std::fill(row, row + N, 0.0);
-          for (int a = 0; a < A; ++a) {
-            const scalar_t* d = src + (a * A + b) * s0 + k * s1;
-            for (int64_t n = 0; n < N; ++n) row[n] += Mat::G[a][i] * static_cast<double>(d[n]);
-          }
-        }
-      for (int i = 0; i < 3; ++i)
-        for (int j = 0; j < 3; ++j) {
-          double* out = dw.mutable_data_ptr<double>() + ((k * 3 + i) * 3 + j) * N;
-          std::fill(out, out + N, 0.0);
+    at::parallel_for(0, K, 8, [&](int64_t k0, int64_t k1) {  // parallel as transform_weights
+      std::vector<double> Gm(3 * A * N);  // (Gᵀ dV)[i, b] of one k, n innermost
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int i = 0; i < 3; ++i)
           for (int b = 0; b < A; ++b) {
-            const double* g = Gm.data() + (i * A + b) * N;
-            for (int64_t n = 0; n < N; ++n) out[n] += g[n] * Mat::G[b][j];
+            double* row = Gm.data() + (i * A + b) * N;
+            std::fill(row, row + N, 0.0);
+            for (int a = 0; a < A; ++a) {
+              const scalar_t* d = src + (a * A + b) * s0 + k * s1;
+              for (int64_t n = 0; n < N; ++n) row[n] += Mat::G[a][i] * static_cast<double>(d[n]);
+            }
           }
-        }
-    }
+        for (int i = 0; i < 3; ++i)
+          for (int j = 0; j < 3; ++j) {
+            double* out = dw.mutable_data_ptr<double>() + ((k * 3 + i) * 3 + j) * N;
+            std::fill(out, out + N, 0.0);
+            for (int b = 0; b < A; ++b) {
+              const double* g = Gm.data() + (i * A + b) * N;
+              for (int64_t n = 0; n < N; ++n) out[n] += g[n] * Mat::G[b][j];
+            }
+          }
+      }
+    });
   });
   return dw.permute({3, 0, 1, 2}).to(dtype).contiguous();
 }
@@ -308,9 +317,10 @@ void winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, 
   run(j);
 }
 
-Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g) {
+Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g, bool tanh) {
   Tensor bias_acc;
   winograd::Job j = make_job(input, V, bias, g, bias_acc);
+  j.tanh = tanh;
   Tensor out = at::empty({j.B, j.N, j.H, j.W}, input.options().memory_format(frame_format(g.channels_last)));
   j.out = plane(out);
   run(j);
@@ -433,7 +443,7 @@ Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype) {
   return at::zeros({A * A, K, Np}, at::TensorOptions().dtype(acc_type(dtype))).narrow(2, 0, N);
 }
 
-void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output) {
+void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output, Tensor* db) {
   TORCH_CHECK(input.dim() == 4 && grad_output.dim() == 4 && input.device().is_cpu() && grad_output.device().is_cpu(),
               "winograd_weight_grad_add: input and grad_output must be [B, ., H, W] CPU tensors");
   const int64_t A2 = dV.size(0);
@@ -453,6 +463,12 @@ void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& gra
   j.gb = grad_output.stride(0), j.gc = grad_output.stride(1), j.gy = grad_output.stride(2),
   j.gx = grad_output.stride(3);
   j.dV = dV.data_ptr();
+  if (db != nullptr) {
+    TORCH_CHECK(db->dim() == 1 && db->numel() == grad_output.size(1) && db->is_contiguous() &&
+                    db->scalar_type() == at::kDouble,
+                "winograd_weight_grad_add: db must be a contiguous [N] float64 tensor");
+    j.db = db->data_ptr<double>();
+  }
   j.ldv = dV.stride(1);
   j.B = input.size(0), j.N = grad_output.size(1), j.H = input.size(2), j.W = input.size(3);
   j.tile = A2 == 36 ? 4 : 2;
@@ -483,6 +499,13 @@ constexpr int64_t kSlicePad = 16;
 // Columns of M computed and output-transformed at a time (a multiple of both paths' GEMM column
 // block; the segments of a Job start at multiples of it).
 constexpr int64_t kBlockColumns = winograd::kColumnBlock;
+
+// A per-call scratch of n elements, not zero-filled (std::vector's fill was a pass over ~1-2 MB per
+// worker per call): whatever is read of it is written first.
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
+}
 
 // ---------------------------------------------------------------- GEMM
 // C [P, ldc] = Σ_i A_i [P, K_i] (row stride lda_i) x B_i [K_i, ldb] over one or two operand pairs, in
@@ -596,39 +619,106 @@ void gemm(Operands<T> ops[2], int n_ops, int64_t n, T* c, int64_t ldc, int64_t P
   }
 }
 
-// out = L in Lᵀ (+ add on every element) for the compile-time matrix L (or, with kTranspose, its
-// transpose) of one channel's tile: the one shape of every Winograd transform -- input Bᵀ d B, output
-// Aᵀ m A, output gradient A dY Aᵀ. Zero coefficients drop out once the loops are unrolled.
+// c + a·b for the transforms: a vector FMA (fmadd above), or a scalar multiply-add for the tail lanes.
+template <typename V>
+inline V mul_add(V a, V b, V c) {
+  if constexpr (std::is_arithmetic_v<V>) return a * b + c;
+  else return fmadd(a, b, c);
+}
+
+template <typename V, typename T>
+inline V load_lanes(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store_lanes(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// out = L in Lᵀ (+ add) per channel for the compile-time matrix L (or, with kTranspose, its transpose):
+// the one shape of every Winograd transform -- input Bᵀ d B, output Aᵀ m A (+ bias), output gradient
+// A dY Aᵀ. `apply` runs it over `lanes` consecutive channels (the inner index of every scratch):
+// input element (r, c) of channel l at src[r·sr + c·sc + l], output (i, j) to dst[i·dr + j·dc + l],
+// add[l] (if given) added to every output of channel l. Two passes through a stack temporary
+// t[i][c][lane], vectorised over the channels: a whole S x S tile of vectors in registers (the
+// previous form) spilled, and so did its 2·S² hoisted addresses. Zero coefficients drop out, ±1 ones
+// become adds, once the loops are unrolled.
 template <const auto& L, bool kTranspose = false>
 struct Sandwich {
   using Matrix = std::remove_cvref_t<decltype(L)>;
   static constexpr int R = kTranspose ? std::extent_v<Matrix, 1> : std::extent_v<Matrix, 0>;  // out: R x R
   static constexpr int S = kTranspose ? std::extent_v<Matrix, 0> : std::extent_v<Matrix, 1>;  // in: S x S
   static constexpr double at(int i, int j) { return kTranspose ? L[j][i] : L[i][j]; }
+  static constexpr int64_t kChunk = 64;  // lanes per pass (t: R·S·kChunk elements)
+
+  // v (+)= coef · x, `first`: v is not yet set.
+  template <typename V, typename T>
+  __attribute__((always_inline)) static inline void term(V& v, bool first, double coef, const V& x) {
+    if (coef == 1) v = first ? x : v + x;
+    else if (coef == -1) v = first ? -x : v - x;
+    else v = first ? T(coef) * x : mul_add<V>(x, V{} + T(coef), v);
+  }
+
+  // t[i·S·kChunk] = Σ_r L[i][r] in[r·sr] for the lanes of one vector (or one scalar lane).
+  template <typename V, typename T>
+  __attribute__((always_inline)) static inline void column(const T* in, int64_t sr, T* t) {
+    V d[S];
+#pragma GCC unroll 8
+    for (int r = 0; r < S; ++r) d[r] = load_lanes<V>(in + r * sr);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      V v{};
+      bool first = true;
+#pragma GCC unroll 8
+      for (int r = 0; r < S; ++r)
+        if (at(i, r) != 0) term<V, T>(v, first, at(i, r), d[r]), first = false;
+      store_lanes(t + i * S * kChunk, v);
+    }
+  }
+
+  // out[j·dc] = add + Σ_c t[c·kChunk] L[j][c].
+  template <typename V, typename T>
+  __attribute__((always_inline)) static inline void row(const T* t, T* out, int64_t dc, const T* add) {
+    V x[S];
+#pragma GCC unroll 8
+    for (int c = 0; c < S; ++c) x[c] = load_lanes<V>(t + c * kChunk);
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      V v = add != nullptr ? load_lanes<V>(add) : V{};
+      bool first = add == nullptr;
+#pragma GCC unroll 8
+      for (int c = 0; c < S; ++c)
+        if (at(j, c) != 0) term<V, T>(v, first, at(j, c), x[c]), first = false;
+      store_lanes(out + j * dc, v);
+    }
+  }
 
   template <typename T>
-  __attribute__((always_inline)) static inline void apply(const T (&in)[S][S], T (&out)[R][R], T add = T(0)) {
-    T t[R][S];
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i)
-#pragma GCC unroll 8
+  static void apply(const T* src, int64_t sr, int64_t sc, T* dst, int64_t dr, int64_t dc, int64_t lanes,
+                    const T* add = nullptr) {
+    using V = typename VecOf<T>::type;
+    constexpr int64_t Lw = sizeof(V) / sizeof(T);
+    static_assert(kChunk % Lw == 0, "a chunk holds whole vectors");
+    alignas(64) T t[R][S][kChunk];
+    for (int64_t l0 = 0; l0 < lanes; l0 += kChunk) {
+      const int64_t n = std::min(kChunk, lanes - l0), nv = n / Lw * Lw;
+      const T* a = add != nullptr ? add + l0 : nullptr;
       for (int c = 0; c < S; ++c) {
-        T v = 0;
-#pragma GCC unroll 8
-        for (int r = 0; r < S; ++r)
-          if (at(i, r) != 0) v += T(at(i, r)) * in[r][c];
-        t[i][c] = v;
+        const T* in = src + c * sc + l0;
+        int64_t l = 0;
+        for (; l < nv; l += Lw) column<V, T>(in + l, sr, &t[0][c][l]);
+        for (; l < n; ++l) column<T, T>(in + l, sr, &t[0][c][l]);
       }
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < R; ++j) {
-        T v = add;
-#pragma GCC unroll 8
-        for (int c = 0; c < S; ++c)
-          if (at(j, c) != 0) v += t[i][c] * T(at(j, c));
-        out[i][j] = v;
+      for (int i = 0; i < R; ++i) {
+        T* out = dst + i * dr + l0;
+        int64_t l = 0;
+        for (; l < nv; l += Lw) row<V, T>(&t[i][0][l], out + l, dc, a != nullptr ? a + l : nullptr);
+        for (; l < n; ++l) row<T, T>(&t[i][0][l], out + l, dc, a != nullptr ? a + l : nullptr);
       }
+    }
   }
 };
 
@@ -747,19 +837,7 @@ void gather_transform(const winograd::Job::Input& in, int64_t s0, int64_t s1, in
       for (int64_t tx = 0; tx < tiles_w; ++tx) {
         const acc_t* d0 = D_s + tx * M * K;
         acc_t* u0 = U + ((s - s0) * tiles_w + tx) * K;
-#pragma GCC ivdep
-        for (int64_t k = 0; k < K; ++k) {
-          acc_t d[A][A], u[A][A];
-#pragma GCC unroll 8
-          for (int r = 0; r < A; ++r)
-#pragma GCC unroll 8
-            for (int c = 0; c < A; ++c) d[r][c] = d0[(r * Wp + c) * K + k];
-          Sandwich<Mat::BT>::apply(d, u);
-#pragma GCC unroll 8
-          for (int i = 0; i < A; ++i)
-#pragma GCC unroll 8
-            for (int jj = 0; jj < A; ++jj) u0[(i * A + jj) * su + k] = u[i][jj];
-        }
+        Sandwich<Mat::BT>::apply(d0, Wp * K, K, u0, A * su, su, K);
       }
     }
   }
@@ -783,19 +861,19 @@ void winograd_conv_impl(const winograd::Job& j) {
 
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     const int64_t max_tiles = per_group * tiles_w;
-    std::vector<acc_t> D((per_group * M + 2) * Wp * K_max);  // padded input rows of a group, channels innermost
+    const auto D = scratch<acc_t>((per_group * M + 2) * Wp * K_max);  // padded input rows of a group, channels innermost
     int64_t u_size[2] = {0, 0};                   // each input's U [alpha², tiles, K] (+ slice padding)
     for (int i = 0; i < j.inputs; ++i) u_size[i] = A * A * (max_tiles * j.in[i].K + kSlicePad);
-    std::vector<acc_t> U_buf(u_size[0] + u_size[1]);
-    std::vector<acc_t> M_buf(A * A * (max_tiles * kBlockColumns + kSlicePad));  // one column block of M
-    std::vector<acc_t> out(per_group * M * Wt * N);  // the group's strips' outputs, pixel-major
-    std::vector<scalar_t> pre(M * W * N);         // the same in the frames layout and dtype
+    const auto U_buf = scratch<acc_t>(u_size[0] + u_size[1]);
+    const auto M_buf = scratch<acc_t>(A * A * (max_tiles * kBlockColumns + kSlicePad));  // one column block of M
+    const auto out = scratch<acc_t>(per_group * M * Wt * N);  // the group's strips' outputs, pixel-major
+    const auto pre = scratch<scalar_t>(M * W * N);         // the same in the frames layout and dtype
     for (int64_t grp = g0; grp < g1; ++grp) {
       const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
       const int64_t P = (s1 - s0) * tiles_w;
       const int64_t sm = P * kBlockColumns + kSlicePad;  // element stride of the alpha² slices of M
-      acc_t* Mm = M_buf.data();
-      acc_t* U_in[2] = {U_buf.data(), U_buf.data() + u_size[0]};
+      acc_t* Mm = M_buf.get();
+      acc_t* U_in[2] = {U_buf.get(), U_buf.get() + u_size[0]};
       int64_t su_in[2] = {0, 0};  // element stride of the alpha² slices of each U
       for (int i_in = 0; i_in < j.inputs; ++i_in) {
       const winograd::Job::Input& in = j.in[i_in];
@@ -803,7 +881,7 @@ void winograd_conv_impl(const winograd::Job& j) {
       su_in[i_in] = su;
       acc_t* U = U_in[i_in];
       // ---- 1. gather + input transform
-      gather_transform<M, acc_t, scalar_t>(in, s0, s1, tiles_h, H, W, tiles_w, D.data(), U, su);
+      gather_transform<M, acc_t, scalar_t>(in, s0, s1, tiles_h, H, W, tiles_w, D.get(), U, su);
       }
       // ---- 2. + 3. per column block [n0, n0 + kBlockColumns) of M: the alpha² GEMMs [P, K_i] x
       // [K_i, block], both inputs' products summed in registers, then the output transform (+ bias)
@@ -826,38 +904,31 @@ void winograd_conv_impl(const winograd::Job& j) {
         const int64_t n1 = std::min(N, n0 + kBlockColumns);
         for (int64_t p = 0; p < P; ++p) {
           const acc_t* m0 = Mm + p * kBlockColumns;
-          acc_t* o0 = out.data() + (p / tiles_w) * M * Wt * N + (p % tiles_w) * M * N;
-#pragma GCC ivdep
-          for (int64_t n = n0; n < n1; ++n) {
-            acc_t m[A][A], o[M][M];
-#pragma GCC unroll 8
-            for (int r = 0; r < A; ++r)
-#pragma GCC unroll 8
-              for (int c = 0; c < A; ++c) m[r][c] = m0[(r * A + c) * sm + n - n0];
-            Sandwich<Mat::AT>::apply(m, o, bias != nullptr ? bias[n] : acc_t(0));
-#pragma GCC unroll 8
-            for (int i = 0; i < M; ++i)
-#pragma GCC unroll 8
-              for (int jj = 0; jj < M; ++jj) o0[(i * Wt + jj) * N + n] = o[i][jj];
-          }
+          acc_t* o0 = out.get() + (p / tiles_w) * M * Wt * N + (p % tiles_w) * M * N;
+          Sandwich<Mat::AT>::apply(m0, A * sm, sm, o0 + n0, Wt * N, N, n1 - n0, bias != nullptr ? bias + n0 : nullptr);
         }
       }
       // ---- 4. per strip: into the frames layout, to the gate kernel (or the output tensor)
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
         const int64_t rows = std::min<int64_t>(M, H - y0);
-        const acc_t* out_s = out.data() + (s - s0) * M * Wt * N;
+        const acc_t* out_s = out.get() + (s - s0) * M * Wt * N;
         const int64_t pixels = rows * W;
         if (j.fn != nullptr) {
           Plane pl;
-          pl.data = pre.data();
+          pl.data = pre.get();
           pl.stride_b = pixels * N;
           pl.stride_c = j.channels_last ? 1 : pixels;
           pl.stride_p = j.channels_last ? N : 1;
-          emit_strip(out_s, Wt, W, rows, N, pre.data(), pl.stride_c, pl.stride_p);
+          emit_strip(out_s, Wt, W, rows, N, pre.get(), pl.stride_c, pl.stride_p);
           (*j.fn)(b, y0, rows, pl);
         } else {
           scalar_t* dst = static_cast<scalar_t*>(j.out.data) + b * j.out.stride_b + y0 * W * j.out.stride_p;
+          if (j.tanh) {  // in place on the strip's fp32 rows, while they are in cache
+            acc_t* o = out.get() + (s - s0) * M * Wt * N;
+#pragma GCC ivdep
+            for (int64_t i = 0; i < rows * Wt * N; ++i) o[i] = tanh_fast(o[i]);
+          }
           emit_strip(out_s, Wt, W, rows, N, dst, j.out.stride_c, j.out.stride_p);
         }
       }
@@ -878,7 +949,9 @@ void winograd_conv_kernel(const winograd::Job& j) {
 // The transpose of the forward's three steps: per group of strips, the input transform U [alpha²,
 // tiles, K] (as the forward's step 1), the output-gradient transform dM = A dY Aᵀ [alpha², tiles, Np]
 // of each m x m gradient tile, and alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ dM[e] summing over the tiles.
-// Each worker sums into its own dV, added to the job's under a lock at its end.
+// The worker holding the first groups sums into the job's dV in place (under the lock, held throughout);
+// any other into its own dV, added under the lock at its end. With a bias gradient requested, the same
+// pass sums the output gradient per channel (fp64).
 namespace {
 
 // C [K, ldc] += Uᵀ A-rows: C[k, :] += Σ_p u[p·ldu + k] b[p·ldb, :] over P rows of b; MR rows of C x 2
@@ -946,52 +1019,63 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
 
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     const int64_t max_tiles = per_group * tiles_w;
-    std::vector<acc_t> D((per_group * M + 2) * Wp * K);  // padded input rows of a group, channels innermost
-    std::vector<acc_t> Gs(M * Wt * N);            // gradient rows of one strip (zero past H, W), channels innermost
-    std::vector<acc_t> U_buf(A * A * (max_tiles * K + kSlicePad));
-    std::vector<acc_t> M_buf(A * A * (max_tiles * Np + kSlicePad), acc_t(0));  // columns >= N stay 0
-    std::vector<acc_t> dV(A * A * K * Np, acc_t(0));
+    const auto D = scratch<acc_t>((per_group * M + 2) * Wp * K);  // padded input rows of a group, channels innermost
+    const auto Gs = scratch<acc_t>(M * Wt * N);   // gradient rows of one strip (zero past H, W), channels innermost
+    const auto U_buf = scratch<acc_t>(A * A * (max_tiles * K + kSlicePad));
+    const auto M_buf = scratch<acc_t>(A * A * (max_tiles * Np + kSlicePad));
+    // The worker with the first groups sums into the job's dV directly, holding the lock throughout;
+    // any other sums into its own, added under the lock at its end.
+    const bool direct = g0 == 0;
+    std::unique_lock<std::mutex> hold(sum_lock, std::defer_lock);
+    if (direct) hold.lock();
+    std::vector<acc_t> own(direct ? 0 : A * A * K * Np, acc_t(0));
+    std::vector<double> own_db(direct || j.db == nullptr ? 0 : N, 0.0);
+    acc_t* dV = direct ? static_cast<acc_t*>(j.dV) : own.data();
+    double* db = j.db == nullptr ? nullptr : direct ? j.db : own_db.data();
     for (int64_t grp = g0; grp < g1; ++grp) {
       const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
       const int64_t P = (s1 - s0) * tiles_w;
       const int64_t su = P * K + kSlicePad, sm = P * Np + kSlicePad;
-      acc_t* U = U_buf.data();
-      acc_t* Mm = M_buf.data();
+      acc_t* U = U_buf.get();
+      acc_t* Mm = M_buf.get();
+      if (N < Np)  // dM's columns >= N: zeros the GEMMs read (the transforms write columns < N)
+        for (int e = 0; e < A * A; ++e)
+          for (int64_t p = 0; p < P; ++p) std::fill(Mm + e * sm + p * Np + N, Mm + e * sm + (p + 1) * Np, acc_t(0));
       // ---- 1. gather + input transform Bᵀ d B (the forward's step 1)
-      gather_transform<M, acc_t, scalar_t>(in, s0, s1, tiles_h, H, W, tiles_w, D.data(), U, su);
+      gather_transform<M, acc_t, scalar_t>(in, s0, s1, tiles_h, H, W, tiles_w, D.get(), U, su);
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
         // ---- 2. gather the strip's gradient rows, transform dM = A dY Aᵀ of each tile
         const scalar_t* g_b = static_cast<const scalar_t*>(j.grad) + b * j.gb;
-        std::fill(Gs.begin(), Gs.end(), acc_t(0));
-        for (int64_t r = 0; r < std::min<int64_t>(M, H - y0); ++r) {
-          acc_t* row = Gs.data() + r * Wt * N;
+        const int64_t rows = std::min<int64_t>(M, H - y0);
+        for (int64_t r = 0; r < M; ++r) {
+          acc_t* row = Gs.get() + r * Wt * N;
+          if (r >= rows) {
+            std::fill(row, row + Wt * N, acc_t(0));
+            continue;
+          }
           gather_channels_inner(g_b + (y0 + r) * j.gy, j.gx, j.gc, W, N, row);
+          std::fill(row + W * N, row + Wt * N, acc_t(0));
+          if (db != nullptr)
+            for (int64_t x = 0; x < W; ++x)
+#pragma GCC ivdep
+              for (int64_t n = 0; n < N; ++n) db[n] += static_cast<double>(row[x * N + n]);
         }
         for (int64_t tx = 0; tx < tiles_w; ++tx) {
-          const acc_t* g0p = Gs.data() + tx * M * N;
+          const acc_t* g0p = Gs.get() + tx * M * N;
           acc_t* m0 = Mm + ((s - s0) * tiles_w + tx) * Np;
-#pragma GCC ivdep
-          for (int64_t n = 0; n < N; ++n) {
-            acc_t dy[M][M], dm[A][A];
-#pragma GCC unroll 8
-            for (int i = 0; i < M; ++i)
-#pragma GCC unroll 8
-              for (int c = 0; c < M; ++c) dy[i][c] = g0p[(i * Wt + c) * N + n];
-            Sandwich<Mat::AT, true>::apply(dy, dm);  // A dY Aᵀ
-#pragma GCC unroll 8
-            for (int r = 0; r < A; ++r)
-#pragma GCC unroll 8
-              for (int c = 0; c < A; ++c) m0[(r * A + c) * sm + n] = dm[r][c];
-          }
+          Sandwich<Mat::AT, true>::apply(g0p, Wt * N, N, m0, A * sm, sm, N);  // A dY Aᵀ
         }
       }
       // ---- 3. alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ [K, P] dM[e] [P, Np]
-      for (int e = 0; e < A * A; ++e) gemm_tn<acc_t>(U + e * su, K, Mm + e * sm, Np, dV.data() + e * K * Np, K, P);
+      for (int e = 0; e < A * A; ++e) gemm_tn<acc_t>(U + e * su, K, Mm + e * sm, Np, dV + e * K * Np, K, P);
     }
-    const std::lock_guard<std::mutex> hold(sum_lock);
-    acc_t* out = static_cast<acc_t*>(j.dV);
-    for (int64_t i = 0; i < A * A * K * Np; ++i) out[i] += dV[i];
+    if (direct) return;
+    hold.lock();
+    acc_t* sum = static_cast<acc_t*>(j.dV);
+    for (int64_t i = 0; i < A * A * K * Np; ++i) sum[i] += dV[i];
+    if (db != nullptr)
+      for (int64_t n = 0; n < N; ++n) j.db[n] += db[n];
   });
 }
 

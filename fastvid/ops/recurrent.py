@@ -189,8 +189,10 @@ def lstm_reserve_regions(dtype, C):
     return [(dtype, 3 * C, True), (_acc(dtype), C, True), (dtype, C, False)]
 
 
-def gru_reserve_regions(dtype, C):
-    """The GRU reserve: r, z, n (reset_after's h_n is recomputed)."""
+def gru_reserve_regions(dtype, C, reset_after=True):
+    """The GRU reserve: r, z, n; reset_after's h_n too for 2-byte dtypes (else it is recomputed)."""
+    if reset_after and dtype.itemsize == 2:
+        return [(dtype, 3 * C, True), (dtype, C, True)]
     return [(dtype, 3 * C, True)]
 
 
@@ -358,7 +360,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
         cl, dev, dt = channels_last, x.device, x.dtype
         output = _frames((B, T), C, H, W, cl, dt, dev)
         h_n = _frame(B, C, H, W, cl, dt, dev)
-        return output, h_n, _reserve(x, gru_reserve_regions(dt, C), save)
+        return output, h_n, _reserve(x, gru_reserve_regions(dt, C, reset_after), save)
 
     @torch.library.register_fake("fastvid::convgru_sequence_backward")
     def _(grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, output, reserve, padding,
