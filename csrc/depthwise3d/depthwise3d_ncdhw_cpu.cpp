@@ -31,7 +31,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -346,68 +345,39 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
 }
 
 // ------------------------------------------------------------------------ forward, direct (fp32)
-// The forward read straight from the input, no scratch plane: for fp32 on the AVX-512 / AVX2 paths
-// with kH = 3 and stride 1, dilation 1 along H, stride 1 along W (X3D's and the benchmark's case).
-// Each vector is a whole-vector load at its tap's shift with the lanes outside the input row (the W
-// padding, the next row) zeroed in registers; rows outside [0, H) are skipped. Only where such a
-// load could leave the input tensor (its first and last planes) are the loads masked loads, which
-// never touch the masked-off lanes: masked loads that cross a page were measured 2x slower overall.
+// The AVX-512 path's fp32 forward for kH = 3 with stride 1 and dilation 1 along H and stride 1 along
+// W (X3D's and the benchmark's case), read straight from the input: no scratch plane. Each vector
+// is a whole-vector load at its tap's shift with the lanes outside the input row (the W padding,
+// the next row) zeroed in registers; rows outside [0, H) are skipped (tested only in the blocks at
+// the top and bottom: a branch per row in every block cost registers and spills). Only where such
+// a load could leave the input tensor (near its first and last planes) are they masked loads,
+// which never touch the masked-off lanes but were measured 1.4x slower overall.
 // A block of R output rows x NV vectors stays in registers while the R + 2 input rows it reads go by
 // once per (kt, kw): each loaded vector feeds up to 3 FMAs (one per kh), each broadcast weight
-// R·NV FMAs, and the R·NV accumulators are independent chains.
-#if defined(__x86_64__) && FASTVID_VEC_BYTES >= 32
+// R·NV FMAs, and the R·NV accumulators are independent chains. 1.4x the scratch-plane kernel at one
+// thread (4x96x8x28^2); on AVX2 (16 registers, masks as vectors) it measured no faster, so AVX2
+// keeps the scratch-plane kernel.
+#if defined(__x86_64__) && FASTVID_VEC_BYTES == 64
 using VF = Vec<float>::type;
 constexpr int kLanes = Vec<float>::lanes;
-#if FASTVID_VEC_BYTES == 64
 typedef __mmask16 LaneMask;
 // Lanes l with lo <= l < hi.
 FASTVID_INLINE LaneMask lane_mask(int64_t lo, int64_t hi) {
   lo = std::clamp<int64_t>(lo, 0, kLanes), hi = std::clamp<int64_t>(hi, lo, kLanes);
   return static_cast<LaneMask>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
 }
-FASTVID_INLINE VF load_masked(const float* p, LaneMask m) { return (VF)_mm512_maskz_loadu_ps(m, p); }
-FASTVID_INLINE VF keep_lanes(VF v, LaneMask m) { return (VF)_mm512_maskz_mov_ps(m, (__m512)v); }
-FASTVID_INLINE void store_first(float* p, VF v, int64_t n) {
-  _mm512_mask_storeu_ps(p, lane_mask(0, n), (__m512)v);
-}
-#else
-typedef __m256i LaneMask;
-FASTVID_INLINE LaneMask lane_mask(int64_t lo, int64_t hi) {
-  lo = std::clamp<int64_t>(lo, 0, kLanes), hi = std::clamp<int64_t>(hi, lo, kLanes);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lo)), lane),
-                             _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), lane));
-}
-FASTVID_INLINE VF load_masked(const float* p, LaneMask m) { return (VF)_mm256_maskload_ps(p, m); }
-FASTVID_INLINE VF keep_lanes(VF v, LaneMask m) { return (VF)_mm256_and_ps((__m256)v, _mm256_castsi256_ps(m)); }
-// The first n lanes (vmaskmovps stores are slow on AMD: a 4-lane store, then single lanes).
-FASTVID_INLINE void store_first(float* p, VF v, int64_t n) {
-  __m128 part = _mm256_castps256_ps128((__m256)v);
-  if (n >= 4) {
-    _mm_storeu_ps(p, part);
-    part = _mm256_extractf128_ps((__m256)v, 1), p += 4, n -= 4;
-  }
-  for (; n > 0; --n, ++p) {
-    _mm_store_ss(p, part);
-    part = _mm_shuffle_ps(part, part, _MM_SHUFFLE(0, 3, 2, 1));
-  }
-}
-#endif
 
 struct DirectPlane {
-  const float* planes[7];  // the kT source planes an output plane reads (nullptr: in the T padding)
+  const float* planes[7];  // the kT input planes an output plane reads (nullptr: in the T padding)
   const float* w;          // [kT, 3, kW]
   int64_t kT, kW, H, W, OH, OW, pad_h;
-  int64_t row_stride;      // W (the input) or a scratch row's size
-  int64_t col_offset[7];   // source column of output column 0 through tap kw (may be < 0)
+  int64_t col_offset[7];   // input column of output column 0 through tap kw (may be < 0)
 };
-// How direct_block loads: from a zero-padded scratch plane (no masks), whole vectors from the input
-// with the lanes outside the row zeroed, or masked loads from the input.
-enum LoadMode { kScratch, kWhole, kMasked };
 
 // Output rows [oh0, oh0 + R) x columns [q0, q0 + NV·L) of one plane (rows >= OH and lanes >= OW
-// computed, not stored). kMasked: masked loads (else whole-vector loads, lanes then masked).
-template <int R, int NV, LoadMode kMode, bool kEdge>
+// computed, not stored). kMasked: masked loads, else whole-vector loads with the lanes then masked.
+// kEdge: some of the block's input rows are outside [0, H).
+template <int R, int NV, bool kMasked, bool kEdge>
 FASTVID_INLINE void direct_block(const DirectPlane& d, const LaneMask (*mask)[NV], int64_t oh0, int64_t q0,
                                  float bias, float* out) {
   constexpr int L = kLanes, KH = 3;
@@ -423,23 +393,22 @@ FASTVID_INLINE void direct_block(const DirectPlane& d, const LaneMask (*mask)[NV
       VF wv[KH];
 #pragma GCC unroll 4
       for (int kh = 0; kh < KH; ++kh) wv[kh] = d.w[(kt * KH + kh) * d.kW + kw] - VF{};
-      const float* s = d.planes[kt] + ih0 * d.row_stride + q0 + d.col_offset[kw];
+      const float* s = d.planes[kt] + ih0 * d.W + q0 + d.col_offset[kw];
       LaneMask m[NV];
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) m[j] = mask[kw][j];
 #pragma GCC unroll 16
-      for (int i = 0; i < R + KH - 1; ++i, s += d.row_stride) {
-        // H padding (only blocks at the top and bottom test: a branch per row costs registers)
-        if (kEdge && static_cast<uint64_t>(ih0 + i) >= static_cast<uint64_t>(d.H)) continue;
+      for (int i = 0; i < R + KH - 1; ++i, s += d.W) {
+        if (kEdge && static_cast<uint64_t>(ih0 + i) >= static_cast<uint64_t>(d.H)) continue;  // H padding
         VF x[NV];
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) {
-          if constexpr (kMode == kMasked) x[j] = load_masked(s + j * L, m[j]);
-          else if constexpr (kMode == kScratch) x[j] = load_vec<VF>(s + j * L);
-          else {
+          if constexpr (kMasked) {
+            x[j] = (VF)_mm512_maskz_loadu_ps(m[j], s + j * L);
+          } else {
             x[j] = load_vec<VF>(s + j * L);
             asm("" : "+v"(x[j]));  // keeps the load a plain load (not folded into a masked one)
-            x[j] = keep_lanes(x[j], m[j]);
+            x[j] = (VF)_mm512_maskz_mov_ps(m[j], (__m512)x[j]);
           }
         }
 #pragma GCC unroll 4
@@ -460,13 +429,12 @@ FASTVID_INLINE void direct_block(const DirectPlane& d, const LaneMask (*mask)[NV
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
       const int64_t n = std::min<int64_t>(L, d.OW - q0 - j * L);
-      if (n >= L) std::memcpy(o + j * L, &a[r][j], sizeof(VF));
-      else if (n > 0) store_first(o + j * L, a[r][j], n);
+      if (n > 0) _mm512_mask_storeu_ps(o + j * L, lane_mask(0, n), (__m512)a[r][j]);
     }
   }
 }
 
-template <int R, int NV, LoadMode kMode>
+template <int R, int NV, bool kMasked>
 void direct_columns(const DirectPlane& d, int64_t q0, float bias, float* out) {
   constexpr int L = kLanes;
   LaneMask mask[7][NV];  // lanes of the load at tap kw, vector j that are inside the input row
@@ -476,28 +444,18 @@ void direct_columns(const DirectPlane& d, int64_t q0, float bias, float* out) {
       mask[kw][j] = lane_mask(-col, d.W - col);
     }
   for (int64_t oh0 = 0; oh0 < d.OH; oh0 += R) {
-    if (oh0 - d.pad_h >= 0 && oh0 - d.pad_h + R + 1 < d.H) direct_block<R, NV, kMode, false>(d, mask, oh0, q0, bias, out);
-    else direct_block<R, NV, kMode, true>(d, mask, oh0, q0, bias, out);
+    if (oh0 - d.pad_h >= 0 && oh0 - d.pad_h + R + 1 < d.H) direct_block<R, NV, kMasked, false>(d, mask, oh0, q0, bias, out);
+    else direct_block<R, NV, kMasked, true>(d, mask, oh0, q0, bias, out);
   }
 }
 
-template <int R, LoadMode kMode>
-void direct_plane_r(const DirectPlane& d, float bias, float* out) {
-  constexpr int L = kLanes;
-  // Column blocks of 2 vectors (AVX2: 16 registers hold 4 x 2 accumulators, 3 weights, 2 inputs).
-  int64_t q0 = 0;
-  for (; q0 + L < d.OW; q0 += 2 * L) direct_columns<R, 2, kMode>(d, q0, bias, out);
-  if (q0 < d.OW) direct_columns<R, 1, kMode>(d, q0, bias, out);
-}
-inline int direct_rows() {
-  static const int r = [] { const char* e = std::getenv("FASTVID_DW_R"); return e ? std::atoi(e) : 4; }();
-  return r;
-}
-template <LoadMode kMode>
+// Column blocks of 2 vectors x 4 rows (6 rows measured no faster).
+template <bool kMasked>
 void direct_plane(const DirectPlane& d, float bias, float* out) {
-  if (direct_rows() == 6) direct_plane_r<6, kMode>(d, bias, out);
-  else if (direct_rows() == 5) direct_plane_r<5, kMode>(d, bias, out);
-  else direct_plane_r<4, kMode>(d, bias, out);
+  constexpr int L = kLanes, R = 4;
+  int64_t q0 = 0;
+  for (; q0 + L < d.OW; q0 += 2 * L) direct_columns<R, 2, kMasked>(d, q0, bias, out);
+  if (q0 < d.OW) direct_columns<R, 1, kMasked>(d, q0, bias, out);
 }
 
 void forward_plane_direct(const Geometry& g, const float* input, const float* w, float bias, int64_t bc, int64_t ot,
@@ -505,36 +463,20 @@ void forward_plane_direct(const Geometry& g, const float* input, const float* w,
   constexpr int L = kLanes;
   DirectPlane d;
   d.kT = g.kernel[0], d.kW = g.kernel[2], d.H = g.in[1], d.W = g.in[2], d.OH = g.out[1], d.OW = g.out[2];
-  d.pad_h = g.padding[1], d.w = w, d.row_stride = d.W;
+  d.pad_h = g.padding[1], d.w = w;
   for (int64_t kw = 0; kw < d.kW; ++kw) d.col_offset[kw] = kw * g.dilation[2] - g.padding[2];
-  // Whole-vector loads of plane p read [p + col_offset[0], p + (H - 1)·W + end) (end: the last column
-  // block's end at the last tap); they stay inside the input tensor except near its ends.
+  // Whole-vector loads of a plane starting at element `start` of the input read elements
+  // [start + col_offset[0], start + (H - 1)·W + end) (end: the last column block's end at the last tap).
   const int64_t T = g.in[0], plane = d.H * d.W, size = g.batch * g.channels * T * plane;
   const int64_t end = (d.OW > L ? round_up(d.OW, 2 * L) : L) + d.col_offset[d.kW - 1];
   bool whole = true;
   for (int64_t kt = 0; kt < d.kT; ++kt) {
-    const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
-    d.planes[kt] = it >= 0 && it < T ? input + (bc * T + it) * plane : nullptr;
-    const int64_t start = (bc * T + it) * plane;
+    const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0], start = (bc * T + it) * plane;
+    d.planes[kt] = it >= 0 && it < T ? input + start : nullptr;
     if (d.planes[kt] != nullptr) whole = whole && start + d.col_offset[0] >= 0 && start + (d.H - 1) * d.W + end <= size;
   }
-  if (whole) direct_plane<kWhole>(d, bias, out);
-  else direct_plane<kMasked>(d, bias, out);
-}
-
-// The same blocks on the PlaneCache's zero-padded scratch copies of the input planes.
-void forward_plane_scratch(const Geometry& g, const float* input, const float* w, float bias,
-                           PlaneCache<float>& cache, int64_t bc, int64_t ot, float* out) {
-  DirectPlane d;
-  d.kT = g.kernel[0], d.kW = g.kernel[2], d.H = cache.rows, d.W = g.in[2], d.OH = g.out[1], d.OW = g.out[2];
-  d.pad_h = 0, d.w = w, d.row_stride = cache.layout.size();
-  for (int64_t kw = 0; kw < d.kW; ++kw) d.col_offset[kw] = kw * g.dilation[2];
-  const int64_t T = g.in[0], H = g.in[1], W = g.in[2];
-  for (int64_t kt = 0; kt < d.kT; ++kt) {
-    const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
-    d.planes[kt] = it >= 0 && it < T ? cache.plane(bc, it, input + (bc * T + it) * H * W, H, W) : nullptr;
-  }
-  direct_plane<kScratch>(d, bias, out);
+  if (whole) direct_plane<false>(d, bias, out);
+  else direct_plane<true>(d, bias, out);
 }
 
 bool direct_forward_applies(const Geometry& g) {
@@ -553,22 +495,14 @@ void forward_impl(const ForwardArgs& a) {
   const auto* weight = static_cast<const acc_t*>(a.weight);
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
-#if defined(__x86_64__) && FASTVID_VEC_BYTES >= 32
+#if defined(__x86_64__) && FASTVID_VEC_BYTES == 64
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (direct_forward_applies(g)) {
-      static const bool scratch = std::getenv("FASTVID_DW_SCRATCH") != nullptr;
-      const RowLayout layout = forward_row_layout(g, Vec<acc_t>::lanes);
       at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {
-        PlaneCache<acc_t> cache;
-        if (scratch) cache.init(forward_plane_rows(g), g.padding[1], layout, (g.kernel[0] - 1) * g.dilation[0] + 1);
         for (int64_t u = begin; u < end; ++u) {
           const int64_t bc = u / OT, ot = u % OT, c = bc % C;
-          if (scratch)
-            forward_plane_scratch(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : 0.f, cache, bc, ot,
-                                  output + u * plane);
-          else
-            forward_plane_direct(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : 0.f, bc, ot,
-                                 output + u * plane);
+          forward_plane_direct(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : 0.f, bc, ot,
+                               output + u * plane);
         }
       });
       return;
