@@ -429,7 +429,8 @@ FASTVID_INLINE void direct_block(const DirectPlane& d, const LaneMask (*mask)[NV
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
       const int64_t n = std::min<int64_t>(L, d.OW - q0 - j * L);
-      if (n > 0) _mm512_mask_storeu_ps(o + j * L, lane_mask(0, n), (__m512)a[r][j]);
+      if (n >= L) std::memcpy(o + j * L, &a[r][j], sizeof(VF));  // (a masked store of every vector: 1.6x slower)
+      else if (n > 0) _mm512_mask_storeu_ps(o + j * L, lane_mask(0, n), (__m512)a[r][j]);
     }
   }
 }
