@@ -95,6 +95,13 @@ CONFIGS = [
     Config(33, 1, (3, 3, 3), (1, 1, 1), (1, 1, 0), (1, 2, 1), (1, 4, 7, 9)),
     Config(17, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 2, 3, 1)),
     Config(16, 1, (5, 3, 3), (2, 2, 1), (2, 1, 1), (1, 2, 1), (1, 7, 9, 16)),
+    # NCDHW fp32 forward read straight from the input (kH = 3, H stride/dilation 1, W stride 1; masked
+    # loads at the row ends): no padding at all with kW = 1 and W one 16-lane vector; H padding 2 (an
+    # output row reading one input row) with kW = 5, W padding 3 and W of two 16-lane vectors; T stride
+    # and W dilation 3 with a W one past a vector
+    Config(3, 1, (3, 3, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1), (1, 4, 5, 16)),
+    Config(2, 1, (3, 3, 5), (1, 1, 1), (1, 2, 3), (1, 1, 1), (1, 3, 4, 32)),
+    Config(2, 1, (3, 3, 3), (2, 1, 1), (1, 1, 1), (1, 1, 3), (1, 5, 7, 17)),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -432,7 +439,8 @@ def test_cuda_opcheck(config):
 @pytest.mark.parametrize("layout", ["channels_last_3d", "contiguous"])
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4], CONFIGS[8], CONFIGS[10], CONFIGS[11], CONFIGS[12],
                                     CONFIGS[14], CONFIGS[16], CONFIGS[17], CONFIGS[18], CONFIGS[27], CONFIGS[28],
-                                    CONFIGS[29], CONFIGS[31]], ids=Config.id)
+                                    CONFIGS[29], CONFIGS[31], CONFIGS[19], CONFIGS[21], CONFIGS[33], CONFIGS[34],
+                                    CONFIGS[35]], ids=Config.id)
 def test_no_out_of_bounds_reads(config, layout):
     """Inputs and grad_output are views into buffers whose neighbouring memory is NaN: a read outside
     a tensor would turn the results NaN."""
