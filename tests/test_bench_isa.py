@@ -150,3 +150,21 @@ def test_quick_run_skips_the_baseline_path_where_a_vector_path_exists():
     assert cli.quick_isa_paths(["avx512", "avx2", "baseline"]) == ["avx512", "avx2"]
     assert cli.quick_isa_paths(["avx2", "baseline"]) == ["avx2"]
     assert cli.quick_isa_paths(["baseline"]) == ["baseline"]
+
+
+@pytest.mark.parametrize("isa, cpu_bf16, has_target", [
+    ("avx512", True, True),     # native bf16 arithmetic: issue 12's x2 target applies
+    ("avx2", True, False),      # the emulated AVX2 CPU: native PyTorch limited to AVX2 emulates bf16
+    ("avx512", False, False),   # an AVX-512 CPU without AVX512-BF16
+])
+def test_bf16_time_target_only_where_bf16_is_native(isa, cpu_bf16, has_target):
+    def row(provider, median):
+        return {"op": "ConvLSTM", "provider": provider, "mode": "fwd_bwd", "metric": "time", "unit": "s",
+                "shape": "B=1", "dtype": "bf16", "isa": isa, "cpu_isa_bf16": cpu_bf16, "median": median,
+                "p20": median, "p80": median}
+    (time_row,) = [c for c in report.compare([row("native", 3.0), row("fastvid", 2.0)]) if c.metric == "time"]
+    # 3.0 / 2.0 = 1.5x: short of x2 where the target applies, no verdict where it does not.
+    assert time_row.status == ("MISS x1.33" if has_target else "-")
+    fp32 = report.Comparison("ConvLSTM", "B=1", "fp32", "fwd_bwd", "time", isa=isa,
+                             native=dict(row("native", 3.0), dtype="fp32"), fastvid=dict(row("fastvid", 2.0), dtype="fp32"))
+    assert fp32.status == "PASS"  # fp32 keeps its target on every path
