@@ -202,6 +202,19 @@ def test_backward_partial_mask_and_determinism():
     torch.testing.assert_close(full[2], go.sum((0, 2, 3, 4)))
 
 
+def backward_at_one_and_two_threads(go, x, w, args, output_mask):
+    """The op's backward run with 1 and then 2 threads (the caller's thread count restored)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OPS.depthwise_conv3d_backward(go, x, w, *args, output_mask)
+        torch.set_num_threads(2)
+        two = OPS.depthwise_conv3d_backward(go, x, w, *args, output_mask)
+    finally:
+        torch.set_num_threads(threads)
+    return one, two
+
+
 def test_ncdhw_weight_grad_thread_invariant_and_ignores_unread_inputs():
     """NCDHW kernels: the weight/bias gradients are bit-identical for 1 and 2 threads, and an inf in an
     input column no output reads (W stride 2 leaves the last column out) changes nothing."""
@@ -209,14 +222,7 @@ def test_ncdhw_weight_grad_thread_invariant_and_ignores_unread_inputs():
     w = torch.randn(3, 1, 3, 3, 3, dtype=torch.float64)
     args = ((1, 1, 2), (1, 1, 0), (1, 1, 1))  # OW = 18 reads columns 0..36
     go = torch.randn(OPS.depthwise_conv3d(x, w, None, *args).shape, dtype=torch.float64)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, True])
-        torch.set_num_threads(2)
-        two = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, True])
-    finally:
-        torch.set_num_threads(threads)
+    one, two = backward_at_one_and_two_threads(go, x, w, args, [True, True, True])
     for a, b in zip(one, two):
         assert torch.equal(a, b)
     x_inf = x.clone()
@@ -235,14 +241,7 @@ def test_channels_last_weight_grad_thread_invariant(channels, kernel, cpu_isa):
     w = torch.randn(channels, 1, *kernel, dtype=torch.float64)
     args = ((1, 1, 1), tuple(k // 2 for k in kernel), (1, 1, 1))
     go = torch.randn_like(OPS.depthwise_conv3d(x, w, None, *args))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = OPS.depthwise_conv3d_backward(go, x, w, *args, [False, True, True])
-        torch.set_num_threads(2)
-        two = OPS.depthwise_conv3d_backward(go, x, w, *args, [False, True, True])
-    finally:
-        torch.set_num_threads(threads)
+    one, two = backward_at_one_and_two_threads(go, x, w, args, [False, True, True])
     assert torch.equal(one[1], two[1]) and torch.equal(one[2], two[2])
     torch.testing.assert_close(two[1], torch.nn.grad.conv3d_weight(x, w.shape, go, *args, groups=channels))
     torch.testing.assert_close(two[2], go.sum((0, 2, 3, 4)))
