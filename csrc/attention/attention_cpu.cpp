@@ -18,6 +18,10 @@
 // dP = dO vᵀ, dS = P ∘ (dP - delta) with delta = rowsum(dO ∘ O) - grad_lse, and accumulate
 // dQ per task and dK, dV per thread range (summed afterwards in a fixed order: deterministic for a
 // given thread count).
+// Where the time goes (AVX2 path, one thread, B=2 N=6272 M=1568 D=128): the seven tile products
+// 95 % (at ~95 % of the FMA peak measured alongside), the softmax row math 4 %, the rest ~1 %: the
+// whole op at ~91 % of the peak, SDPA (MKL's sgemm) at ~74 %. A key-block-outer backward would only
+// change where the products' operands stream from, which bounds its gain to a few percent.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
