@@ -1076,9 +1076,10 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
     }
   });
   if (chunks == 1) return;
-  // Partials added in chunk order (each element's sum order fixed; parallel over elements).
+  // Partials added in chunk order (each element's sum order fixed). Parallel over elements only for a
+  // dV of >= 1 MB (the large ConvLSTM's 4.7 MB); a small one is added inline, no second fork/join.
   acc_t* sum = static_cast<acc_t*>(j.dV);
-  at::parallel_for(0, dv_size, 4096, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, dv_size, (1 << 20) / sizeof(acc_t), [&](int64_t i0, int64_t i1) {
     for (int64_t c = 1; c < chunks; ++c) {
       const acc_t* part = partial.get() + (c - 1) * dv_size;
 #pragma GCC ivdep
