@@ -84,6 +84,10 @@ def check_against_oracle(op, master, dtype=torch.float32, **kw):
     oracle, names = run(op, leaves(master, torch.float64), "reference", **kw)
     wino, _ = run(op, leaves(master, dtype), "winograd", **kw)
     onednn, _ = run(op, leaves(master, dtype), "hoisted", **kw)
+    assert_within_bound(names, wino, onednn, oracle, dtype)
+
+
+def assert_within_bound(names, wino, onednn, oracle, dtype):
     eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps  # bf16 products accumulate in fp32
     for name, e_w, e_d, o in zip(names, errors(wino, oracle), errors(onednn, oracle), oracle):
         atol = 8 * eps * max(1.0, o.abs().max().item())  # a few ulps: sums of near-zero terms
@@ -161,6 +165,27 @@ def test_gru_gates_span_column_blocks(cpu_isa, layout):
 def test_benchmark_sized_accuracy_gru(reset_after):
     """The same for ConvGRU: its weight gradients sum the Winograd-domain products over B·T·H·W/4 tiles."""
     check_against_oracle("gru", make_inputs("gru", 2, 3, 32, 32, 32, 32, "channels_last"), reset_after=reset_after)
+
+
+@pytest.mark.parametrize("op", ["lstm", "gru"])
+def test_weight_grad_deterministic_at_one_two_three_threads(op):
+    """The Winograd weight gradient sums fixed chunks of tile groups (one per thread), the first in place and
+    the others' partials added in chunk order: at 1, 2 and 3 threads (3 > this machine's cores, so chunks
+    share threads) two runs are bit-identical and each is within the bound against fp64."""
+    master = make_inputs(op, 3, 2, 8, 8, 16, 16, "contiguous")  # 3 tile groups (of 8 strips) per weight-gradient call
+    oracle, names = run(op, leaves(master, torch.float64), "reference")
+    onednn, _ = run(op, leaves(master, torch.float32), "hoisted")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            first, _ = run(op, leaves(master, torch.float32), "winograd")
+            again, _ = run(op, leaves(master, torch.float32), "winograd")
+            for name, a, b in zip(names, first, again):
+                assert torch.equal(a, b), f"{name}: two runs at {n} threads differ"
+            assert_within_bound(names, first, onednn, oracle, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("op", ["lstm", "gru"])

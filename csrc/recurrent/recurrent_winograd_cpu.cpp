@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <type_traits>
 #ifdef __x86_64__
 #include <immintrin.h>
@@ -949,9 +948,11 @@ void winograd_conv_kernel(const winograd::Job& j) {
 // The transpose of the forward's three steps: per group of strips, the input transform U [alpha²,
 // tiles, K] (as the forward's step 1), the output-gradient transform dM = A dY Aᵀ [alpha², tiles, Np]
 // of each m x m gradient tile, and alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ dM[e] summing over the tiles.
-// The worker holding the first groups sums into the job's dV in place (under the lock, held throughout);
-// any other into its own dV, added under the lock at its end. With a bias gradient requested, the same
-// pass sums the output gradient per channel (fp64).
+// The groups are split into a fixed number of chunks (one per thread): chunk 0 sums into the job's dV in
+// place, chunk c > 0 into its own partial dV, and the partials are added after the parallel region in
+// chunk order -- so the bits depend on the thread count only, never on which thread ran which chunk or
+// when, and no chunk waits on another (a pool may run two chunks on one thread). With a bias gradient
+// requested, the same pass sums the output gradient per channel (fp64).
 namespace {
 
 // C [K, ldc] += Uᵀ A-rows: C[k, :] += Σ_p u[p·ldu + k] b[p·ldb, :] over P rows of b; MR rows of C x 2
@@ -1015,68 +1016,79 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
   const int64_t strips = j.B * tiles_h;
   const int64_t per_group = std::max<int64_t>(1, kGroupTiles / tiles_w);
   const int64_t groups = (strips + per_group - 1) / per_group;
-  std::mutex sum_lock;
+  const int64_t chunks = at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups));
+  const int64_t dv_size = A * A * K * Np;
+  const auto partial = scratch<acc_t>((chunks - 1) * dv_size);  // chunk c's dV at (c - 1)·dv_size, zeroed by c
+  std::vector<double> partial_db(j.db == nullptr ? 0 : (chunks - 1) * N, 0.0);
 
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const int64_t max_tiles = per_group * tiles_w;
     const auto D = scratch<acc_t>((per_group * M + 2) * Wp * K);  // padded input rows of a group, channels innermost
     const auto Gs = scratch<acc_t>(M * Wt * N);   // gradient rows of one strip (zero past H, W), channels innermost
     const auto U_buf = scratch<acc_t>(A * A * (max_tiles * K + kSlicePad));
     const auto M_buf = scratch<acc_t>(A * A * (max_tiles * Np + kSlicePad));
-    // The worker with the first groups sums into the job's dV directly, holding the lock throughout;
-    // any other sums into its own, added under the lock at its end.
-    const bool direct = g0 == 0;
-    std::unique_lock<std::mutex> hold(sum_lock, std::defer_lock);
-    if (direct) hold.lock();
-    std::vector<acc_t> own(direct ? 0 : A * A * K * Np, acc_t(0));
-    std::vector<double> own_db(direct || j.db == nullptr ? 0 : N, 0.0);
-    acc_t* dV = direct ? static_cast<acc_t*>(j.dV) : own.data();
-    double* db = j.db == nullptr ? nullptr : direct ? j.db : own_db.data();
-    for (int64_t grp = g0; grp < g1; ++grp) {
-      const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
-      const int64_t P = (s1 - s0) * tiles_w;
-      const int64_t su = P * K + kSlicePad, sm = P * Np + kSlicePad;
-      acc_t* U = U_buf.get();
-      acc_t* Mm = M_buf.get();
-      if (N < Np)  // dM's columns >= N: zeros the GEMMs read (the transforms write columns < N)
-        for (int e = 0; e < A * A; ++e)
-          for (int64_t p = 0; p < P; ++p) std::fill(Mm + e * sm + p * Np + N, Mm + e * sm + (p + 1) * Np, acc_t(0));
-      // ---- 1. gather + input transform Bᵀ d B (the forward's step 1)
-      gather_transform<M, acc_t, scalar_t>(in, s0, s1, tiles_h, H, W, tiles_w, D.get(), U, su);
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
-        // ---- 2. gather the strip's gradient rows, transform dM = A dY Aᵀ of each tile
-        const scalar_t* g_b = static_cast<const scalar_t*>(j.grad) + b * j.gb;
-        const int64_t rows = std::min<int64_t>(M, H - y0);
-        for (int64_t r = 0; r < M; ++r) {
-          acc_t* row = Gs.get() + r * Wt * N;
-          if (r >= rows) {
-            std::fill(row, row + Wt * N, acc_t(0));
-            continue;
-          }
-          gather_channels_inner(g_b + (y0 + r) * j.gy, j.gx, j.gc, W, N, row);
-          std::fill(row + W * N, row + Wt * N, acc_t(0));
-          if (db != nullptr)
-            for (int64_t x = 0; x < W; ++x)
-#pragma GCC ivdep
-              for (int64_t n = 0; n < N; ++n) db[n] += static_cast<double>(row[x * N + n]);
-        }
-        for (int64_t tx = 0; tx < tiles_w; ++tx) {
-          const acc_t* g0p = Gs.get() + tx * M * N;
-          acc_t* m0 = Mm + ((s - s0) * tiles_w + tx) * Np;
-          Sandwich<Mat::AT, true>::apply(g0p, Wt * N, N, m0, A * sm, sm, N);  // A dY Aᵀ
-        }
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* dV = static_cast<acc_t*>(j.dV);
+      double* db = j.db;
+      if (c > 0) {
+        dV = partial.get() + (c - 1) * dv_size;
+        std::fill(dV, dV + dv_size, acc_t(0));
+        if (db != nullptr) db = partial_db.data() + (c - 1) * N;
       }
-      // ---- 3. alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ [K, P] dM[e] [P, Np]
-      for (int e = 0; e < A * A; ++e) gemm_tn<acc_t>(U + e * su, K, Mm + e * sm, Np, dV + e * K * Np, K, P);
+      for (int64_t grp = c * groups / chunks; grp < (c + 1) * groups / chunks; ++grp) {
+        const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
+        const int64_t P = (s1 - s0) * tiles_w;
+        const int64_t su = P * K + kSlicePad, sm = P * Np + kSlicePad;
+        acc_t* U = U_buf.get();
+        acc_t* Mm = M_buf.get();
+        if (N < Np)  // dM's columns >= N: zeros the GEMMs read (the transforms write columns < N)
+          for (int e = 0; e < A * A; ++e)
+            for (int64_t p = 0; p < P; ++p) std::fill(Mm + e * sm + p * Np + N, Mm + e * sm + (p + 1) * Np, acc_t(0));
+        // ---- 1. gather + input transform Bᵀ d B (the forward's step 1)
+        gather_transform<M, acc_t, scalar_t>(in, s0, s1, tiles_h, H, W, tiles_w, D.get(), U, su);
+        for (int64_t s = s0; s < s1; ++s) {
+          const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
+          // ---- 2. gather the strip's gradient rows, transform dM = A dY Aᵀ of each tile
+          const scalar_t* g_b = static_cast<const scalar_t*>(j.grad) + b * j.gb;
+          const int64_t rows = std::min<int64_t>(M, H - y0);
+          for (int64_t r = 0; r < M; ++r) {
+            acc_t* row = Gs.get() + r * Wt * N;
+            if (r >= rows) {
+              std::fill(row, row + Wt * N, acc_t(0));
+              continue;
+            }
+            gather_channels_inner(g_b + (y0 + r) * j.gy, j.gx, j.gc, W, N, row);
+            std::fill(row + W * N, row + Wt * N, acc_t(0));
+            if (db != nullptr)
+              for (int64_t x = 0; x < W; ++x)
+#pragma GCC ivdep
+                for (int64_t n = 0; n < N; ++n) db[n] += static_cast<double>(row[x * N + n]);
+          }
+          for (int64_t tx = 0; tx < tiles_w; ++tx) {
+            const acc_t* g0p = Gs.get() + tx * M * N;
+            acc_t* m0 = Mm + ((s - s0) * tiles_w + tx) * Np;
+            Sandwich<Mat::AT, true>::apply(g0p, Wt * N, N, m0, A * sm, sm, N);  // A dY Aᵀ
+          }
+        }
+        // ---- 3. alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ [K, P] dM[e] [P, Np]
+        for (int e = 0; e < A * A; ++e) gemm_tn<acc_t>(U + e * su, K, Mm + e * sm, Np, dV + e * K * Np, K, P);
+      }
     }
-    if (direct) return;
-    hold.lock();
-    acc_t* sum = static_cast<acc_t*>(j.dV);
-    for (int64_t i = 0; i < A * A * K * Np; ++i) sum[i] += dV[i];
-    if (db != nullptr)
-      for (int64_t n = 0; n < N; ++n) j.db[n] += db[n];
   });
+  if (chunks == 1) return;
+  // Partials added in chunk order (each element's sum order fixed). Parallel over elements only for a
+  // dV of >= 1 MB (the large ConvLSTM's 4.7 MB); a small one is added inline, no second fork/join.
+  acc_t* sum = static_cast<acc_t*>(j.dV);
+  at::parallel_for(0, dv_size, (1 << 20) / sizeof(acc_t), [&](int64_t i0, int64_t i1) {
+    for (int64_t c = 1; c < chunks; ++c) {
+      const acc_t* part = partial.get() + (c - 1) * dv_size;
+#pragma GCC ivdep
+      for (int64_t i = i0; i < i1; ++i) sum[i] += part[i];
+    }
+  });
+  if (j.db != nullptr)
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t n = 0; n < N; ++n) j.db[n] += partial_db[(c - 1) * N + n];
 }
 
 }  // namespace
