@@ -102,6 +102,14 @@ CONFIGS = [
     Config(3, 1, (3, 3, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1), (1, 4, 5, 16)),
     Config(2, 1, (3, 3, 5), (1, 1, 1), (1, 2, 3), (1, 1, 1), (1, 3, 4, 32)),
     Config(2, 1, (3, 3, 3), (2, 1, 1), (1, 1, 1), (1, 1, 3), (1, 5, 7, 17)),
+    # the same kernel at 8 lanes (AVX2: only the vectors that reach past a row end are masked, partial
+    # last vectors stored in 4/2/1-float pieces): H = 1 and T = 1 with a W of 2 vectors + 7; W of
+    # exactly 3 vectors (a last one-vector block masked on both sides); kW = 7 with W padding 3 over
+    # one 2-vector block; W dilation 3 where the first vector of the second block reads past the row
+    Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1, 23)),
+    Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (2, 2, 6, 24)),
+    Config(2, 1, (1, 3, 7), (1, 1, 1), (0, 1, 3), (1, 1, 1), (1, 2, 5, 16)),
+    Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 3), (1, 1, 3), (1, 3, 5, 26), bias=False),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -439,10 +447,10 @@ def test_cuda_opcheck(config):
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4], CONFIGS[8], CONFIGS[10], CONFIGS[11], CONFIGS[12],
                                     CONFIGS[14], CONFIGS[16], CONFIGS[17], CONFIGS[18], CONFIGS[27], CONFIGS[28],
                                     CONFIGS[29], CONFIGS[31], CONFIGS[19], CONFIGS[21], CONFIGS[33], CONFIGS[34],
-                                    CONFIGS[35]], ids=Config.id)
-def test_no_out_of_bounds_reads(config, layout):
+                                    CONFIGS[35], *CONFIGS[36:40]], ids=Config.id)
+def test_no_out_of_bounds_reads(config, layout, cpu_isa):
     """Inputs and grad_output are views into buffers whose neighbouring memory is NaN: a read outside
-    a tensor would turn the results NaN."""
+    a tensor would turn the results NaN (on every CPU ISA path: each has its own vector width)."""
     fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
 
     def nan_framed(t):  # a view of t with NaN batches before and after it in memory
