@@ -404,6 +404,24 @@ struct DirectPlane {
   int64_t col_offset[7];   // input column of output column 0 through tap kw (may be < 0)
 };
 
+// Stores rows [oh0, oh0 + R) x columns [q0, q0 + NV·L) of a block, clipped to the plane.
+template <int R, int NV>
+FASTVID_INLINE void direct_store(const DirectPlane& d, const VF (&a)[R][NV], int64_t oh0, int64_t q0, float* out) {
+  constexpr int L = kLanes;
+  const int64_t rows = std::min<int64_t>(R, d.OH - oh0);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+    float* o = out + (oh0 + r) * d.OW + q0;
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      const int64_t n = std::min<int64_t>(L, d.OW - q0 - j * L);
+      if (n >= L) std::memcpy(o + j * L, &a[r][j], sizeof(VF));  // (a masked store of every vector: 1.6x slower)
+      else if (n > 0) store_first(o + j * L, a[r][j], n);
+    }
+  }
+}
+
 // Output rows [oh0, oh0 + R) x columns [q0, q0 + NV·L) of one plane (rows >= OH and lanes >= OW
 // computed, not stored). kMasked: masked loads, else whole-vector loads with the lanes then masked
 // (vector j masked when bit (j == 0 ? 0 : 1) of kMaskSide is set; NV <= 2).
@@ -455,18 +473,7 @@ FASTVID_INLINE void direct_block(const DirectPlane& d, const LaneMask (*mask)[NV
       }
     }
   }
-  const int64_t rows = std::min<int64_t>(R, d.OH - oh0);
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    if (r >= rows) break;
-    float* o = out + (oh0 + r) * d.OW + q0;
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) {
-      const int64_t n = std::min<int64_t>(L, d.OW - q0 - j * L);
-      if (n >= L) std::memcpy(o + j * L, &a[r][j], sizeof(VF));  // (a masked store of every vector: 1.6x slower)
-      else if (n > 0) store_first(o + j * L, a[r][j], n);
-    }
-  }
+  direct_store<R, NV>(d, a, oh0, q0, out);
 }
 
 // Not inlined: inlined into its callers (as GCC does by default here) the forward measured 1.35x slower.
@@ -532,6 +539,24 @@ void forward_plane_direct(const Geometry& g, const float* input, const float* w,
   else direct_plane<true>(d, bias, out);
 }
 
+// Requests the kT input planes of output plane (bc, ot) into the cache, kPrefetchPlanes output planes
+// ahead. With caches cold (as in the benchmark, where native's call in between evicts them, or after a
+// 64 MB memset) the direct kernel's column-block reads stalled: 4x96x8x28^2 at one thread, A/B in one
+// process, cold 2.0 -> 1.57 ms (AVX-512; scratch-plane kernel 1.75) and 2.5 -> 1.9 ms (AVX2; 2.16),
+// warm unchanged within noise. Prefetching only the plane the previous output plane did not read, at
+// distance 1, 2 or 3, measured no faster than no prefetch at all; all kT planes at distance 1 or 2 did.
+// Only planes this small (28^2 and 56^2 for kT = 3; measured at 28^2 only) are prefetched: the kT planes of
+// two output planes ahead stay far below L2, and long rows are what the hardware prefetchers follow well.
+constexpr int64_t kPrefetchPlanes = 2, kPrefetchMaxBytes = 64 * 1024;
+void prefetch_input_planes(const Geometry& g, const float* input, int64_t in_plane, int64_t bc, int64_t ot) {
+  for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
+    const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
+    if (it < 0 || it >= g.in[0]) continue;
+    const char* p = reinterpret_cast<const char*>(input + (bc * g.in[0] + it) * in_plane);
+    for (int64_t i = 0; i < in_plane * static_cast<int64_t>(sizeof(float)); i += 64) __builtin_prefetch(p + i, 0, 3);
+  }
+}
+
 bool direct_forward_applies(const Geometry& g) {
   return g.kernel[1] == 3 && g.stride[1] == 1 && g.dilation[1] == 1 && g.stride[2] == 1;
 }
@@ -551,9 +576,13 @@ void forward_impl(const ForwardArgs& a) {
 #if defined(__x86_64__) && (FASTVID_VEC_BYTES == 64 || FASTVID_VEC_BYTES == 32)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (direct_forward_applies(g)) {
+      const int64_t in_plane = g.in[1] * g.in[2];
+      const bool prefetch = g.kernel[0] * in_plane * static_cast<int64_t>(sizeof(float)) <= kPrefetchMaxBytes;
       at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {
         for (int64_t u = begin; u < end; ++u) {
           const int64_t bc = u / OT, ot = u % OT, c = bc % C;
+          if (prefetch && u + kPrefetchPlanes < end)
+            prefetch_input_planes(g, input, in_plane, (u + kPrefetchPlanes) / OT, (u + kPrefetchPlanes) % OT);
           forward_plane_direct(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : 0.f, bc, ot,
                                output + u * plane);
         }
