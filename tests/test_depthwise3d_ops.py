@@ -102,10 +102,9 @@ CONFIGS = [
     Config(3, 1, (3, 3, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1), (1, 4, 5, 16)),
     Config(2, 1, (3, 3, 5), (1, 1, 1), (1, 2, 3), (1, 1, 1), (1, 3, 4, 32)),
     Config(2, 1, (3, 3, 3), (2, 1, 1), (1, 1, 1), (1, 1, 3), (1, 5, 7, 17)),
-    # the same kernel at 8 lanes (AVX2: only the vectors that reach past a row end are masked, partial
-    # last vectors stored in 4/2/1-float pieces): H = 1 and T = 1 with a W of 2 vectors + 7; W of
-    # exactly 3 vectors (a last one-vector block masked on both sides); kW = 7 with W padding 3 over
-    # one 2-vector block; W dilation 3 where the first vector of the second block reads past the row
+    # the same geometry class at 8 lanes (the AVX2 path's scratch-plane kernel, with a W that is not
+    # a multiple of 16): H = 1 and T = 1 with a W of 2 vectors + 7; W of exactly 3 vectors; kW = 7
+    # with W padding 3 over one 2-vector block; W dilation 3 with a W of 3 vectors + 2
     Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1, 23)),
     Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (2, 2, 6, 24)),
     Config(2, 1, (1, 3, 7), (1, 1, 1), (0, 1, 3), (1, 1, 1), (1, 2, 5, 16)),

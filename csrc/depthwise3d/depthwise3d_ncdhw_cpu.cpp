@@ -345,56 +345,28 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
 }
 
 // ------------------------------------------------------------------------ forward, direct (fp32)
-// The fp32 forward for kH = 3 with stride 1 and dilation 1 along H and stride 1 along W (X3D's and
-// the benchmark's case) on the AVX-512 and AVX2 paths, read straight from the input: no scratch
-// plane. Each vector is a whole-vector load at its tap's shift with the lanes outside the input row
-// (the W padding, the next row) zeroed in registers; rows outside [0, H) are skipped (tested only in
-// the blocks at the top and bottom: a branch per row in every block cost registers and spills). Only
-// where such a load could leave the input tensor (near its first and last planes) are they masked
-// loads, which never touch the masked-off lanes but were measured 1.4x slower overall.
+// The AVX-512 path's fp32 forward for kH = 3 with stride 1 and dilation 1 along H and stride 1 along
+// W (X3D's and the benchmark's case), read straight from the input: no scratch plane. Each vector
+// is a whole-vector load at its tap's shift with the lanes outside the input row (the W padding,
+// the next row) zeroed in registers; rows outside [0, H) are skipped (tested only in the blocks at
+// the top and bottom: a branch per row in every block cost registers and spills). Only where such
+// a load could leave the input tensor (near its first and last planes) are they masked loads,
+// which never touch the masked-off lanes but were measured 1.4x slower overall.
 // A block of R output rows x NV vectors stays in registers while the R + 2 input rows it reads go by
 // once per (kt, kw): each loaded vector feeds up to 3 FMAs (one per kh), each broadcast weight
 // R·NV FMAs, and the R·NV accumulators are independent chains. 4x96x8x28^2 on an idle machine,
 // best of 60: 1.32-1.42 vs 1.50-1.59 ms for the scratch-plane kernel at one thread, 0.61-0.63 vs
-// 0.79-1.21 ms at two (AVX-512).
-// AVX-512 zeroes the outside lanes of every vector (a k-masked move); AVX2 has 16 registers and no
-// mask registers, so there only the vectors that can reach past a row end are masked (an AND with a
-// mask vector; `kMaskSide` bit 0: the block's first vector, bit 1: its last), and a partial last
-// vector is stored in 4/2/1-float pieces (vmaskmovps stores are slow on AMD).
-#if defined(__x86_64__) && (FASTVID_VEC_BYTES == 64 || FASTVID_VEC_BYTES == 32)
+// 0.79-1.21 ms at two; on AVX2 (16 registers, masks as vectors) it measured no faster, so AVX2
+// keeps the scratch-plane kernel.
+#if defined(__x86_64__) && FASTVID_VEC_BYTES == 64
 using VF = Vec<float>::type;
 constexpr int kLanes = Vec<float>::lanes;
-#if FASTVID_VEC_BYTES == 64
 typedef __mmask16 LaneMask;
 // Lanes l with lo <= l < hi.
 FASTVID_INLINE LaneMask lane_mask(int64_t lo, int64_t hi) {
   lo = std::clamp<int64_t>(lo, 0, kLanes), hi = std::clamp<int64_t>(hi, lo, kLanes);
   return static_cast<LaneMask>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
 }
-FASTVID_INLINE VF keep_lanes(VF x, LaneMask m) { return (VF)_mm512_maskz_mov_ps(m, (__m512)x); }
-FASTVID_INLINE VF load_lanes(const float* p, LaneMask m) { return (VF)_mm512_maskz_loadu_ps(m, p); }
-// Stores the first n < kLanes lanes of v.
-FASTVID_INLINE void store_first(float* p, VF v, int64_t n) { _mm512_mask_storeu_ps(p, lane_mask(0, n), (__m512)v); }
-constexpr int kMaskAll = 3;  // k-masked moves are cheap: every vector masked
-#else
-typedef VF LaneMask;  // all bits set in the lanes kept
-FASTVID_INLINE LaneMask lane_mask(int64_t lo, int64_t hi) {
-  lo = std::clamp<int64_t>(lo, 0, kLanes), hi = std::clamp<int64_t>(hi, lo, kLanes);
-  const cpu::I32 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  return (LaneMask)((lane >= static_cast<int32_t>(lo)) & (lane < static_cast<int32_t>(hi)));  // -1 / 0 per lane
-}
-FASTVID_INLINE VF keep_lanes(VF x, LaneMask m) { return (VF)_mm256_and_ps((__m256)x, (__m256)m); }
-FASTVID_INLINE VF load_lanes(const float* p, LaneMask m) {
-  return (VF)_mm256_maskload_ps(p, _mm256_castps_si256((__m256)m));
-}
-FASTVID_INLINE void store_first(float* p, VF v, int64_t n) {
-  __m128 h = _mm256_castps256_ps128((__m256)v);
-  if (n & 4) _mm_storeu_ps(p, h), h = _mm256_extractf128_ps((__m256)v, 1), p += 4;
-  if (n & 2) _mm_storel_pi(reinterpret_cast<__m64*>(p), h), h = _mm_movehl_ps(h, h), p += 2;
-  if (n & 1) _mm_store_ss(p, h);
-}
-constexpr int kMaskAll = 0;  // masks chosen per block (kMaskSide)
-#endif
 
 // Arrays of 7: the op's largest kernel size (kMaxKernel, depthwise3d_ops.cpp).
 struct DirectPlane {
@@ -404,34 +376,13 @@ struct DirectPlane {
   int64_t col_offset[7];   // input column of output column 0 through tap kw (may be < 0)
 };
 
-// Stores rows [oh0, oh0 + R) x columns [q0, q0 + NV·L) of a block, clipped to the plane.
-template <int R, int NV>
-FASTVID_INLINE void direct_store(const DirectPlane& d, const VF (&a)[R][NV], int64_t oh0, int64_t q0, float* out) {
-  constexpr int L = kLanes;
-  const int64_t rows = std::min<int64_t>(R, d.OH - oh0);
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    if (r >= rows) break;
-    float* o = out + (oh0 + r) * d.OW + q0;
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) {
-      const int64_t n = std::min<int64_t>(L, d.OW - q0 - j * L);
-      if (n >= L) std::memcpy(o + j * L, &a[r][j], sizeof(VF));  // (a masked store of every vector: 1.6x slower)
-      else if (n > 0) store_first(o + j * L, a[r][j], n);
-    }
-  }
-}
-
 // Output rows [oh0, oh0 + R) x columns [q0, q0 + NV·L) of one plane (rows >= OH and lanes >= OW
-// computed, not stored). kMasked: masked loads, else whole-vector loads with the lanes then masked
-// (vector j masked when bit (j == 0 ? 0 : 1) of kMaskSide is set; NV <= 2).
+// computed, not stored). kMasked: masked loads, else whole-vector loads with the lanes then masked.
 // kEdge: some of the block's input rows are outside [0, H).
-template <int R, int NV, bool kMasked, bool kEdge, int kMaskSide>
+template <int R, int NV, bool kMasked, bool kEdge>
 FASTVID_INLINE void direct_block(const DirectPlane& d, const LaneMask (*mask)[NV], int64_t oh0, int64_t q0,
                                  float bias, float* out) {
-  static_assert(NV <= 2, "kMaskSide names the first and the last vector only");
   constexpr int L = kLanes, KH = 3;
-  constexpr bool kMaskVec[2] = {(kMaskSide & 1) != 0, (kMaskSide & (NV == 1 ? 1 : 2)) != 0};
   VF a[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -447,8 +398,7 @@ FASTVID_INLINE void direct_block(const DirectPlane& d, const LaneMask (*mask)[NV
       const float* s = d.planes[kt] + ih0 * d.W + q0 + d.col_offset[kw];
       LaneMask m[NV];
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j)
-        if (kMasked || kMaskVec[j]) m[j] = mask[kw][j];
+      for (int j = 0; j < NV; ++j) m[j] = mask[kw][j];
 #pragma GCC unroll 16
       for (int i = 0; i < R + KH - 1; ++i, s += d.W) {
         if (kEdge && static_cast<uint64_t>(ih0 + i) >= static_cast<uint64_t>(d.H)) continue;  // H padding
@@ -456,11 +406,11 @@ FASTVID_INLINE void direct_block(const DirectPlane& d, const LaneMask (*mask)[NV
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) {
           if constexpr (kMasked) {
-            x[j] = load_lanes(s + j * L, m[j]);
+            x[j] = (VF)_mm512_maskz_loadu_ps(m[j], s + j * L);
           } else {
             x[j] = load_vec<VF>(s + j * L);
             asm("" : "+v"(x[j]));  // keeps the load a plain load (not folded into a masked one)
-            if (kMaskVec[j]) x[j] = keep_lanes(x[j], m[j]);
+            x[j] = (VF)_mm512_maskz_mov_ps(m[j], (__m512)x[j]);
           }
         }
 #pragma GCC unroll 4
@@ -473,39 +423,33 @@ FASTVID_INLINE void direct_block(const DirectPlane& d, const LaneMask (*mask)[NV
       }
     }
   }
-  direct_store<R, NV>(d, a, oh0, q0, out);
-}
-
-// Not inlined: inlined into its callers (as GCC does by default here) the forward measured 1.35x slower.
-template <int R, int NV, bool kMasked, int kMaskSide>
-__attribute__((noinline)) void direct_columns(const DirectPlane& d, const LaneMask (*mask)[NV], int64_t q0,
-                                              float bias, float* out) {
-  for (int64_t oh0 = 0; oh0 < d.OH; oh0 += R) {
-    if (oh0 - d.pad_h >= 0 && oh0 - d.pad_h + R + 1 < d.H)
-      direct_block<R, NV, kMasked, false, kMaskSide>(d, mask, oh0, q0, bias, out);
-    else
-      direct_block<R, NV, kMasked, true, kMaskSide>(d, mask, oh0, q0, bias, out);
+  const int64_t rows = std::min<int64_t>(R, d.OH - oh0);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+    float* o = out + (oh0 + r) * d.OW + q0;
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      const int64_t n = std::min<int64_t>(L, d.OW - q0 - j * L);
+      if (n >= L) std::memcpy(o + j * L, &a[r][j], sizeof(VF));  // (a masked store of every vector: 1.6x slower)
+      else if (n > 0) _mm512_mask_storeu_ps(o + j * L, lane_mask(0, n), (__m512)a[r][j]);
+    }
   }
 }
 
-// Columns [q0, q0 + NV·L): the lane masks of each tap, and which vectors need them.
+// Not inlined: inlined into its callers (as GCC does by default here) the forward measured 1.35x slower.
 template <int R, int NV, bool kMasked>
-void direct_column_block(const DirectPlane& d, int64_t q0, float bias, float* out) {
+__attribute__((noinline)) void direct_columns(const DirectPlane& d, int64_t q0, float bias, float* out) {
   constexpr int L = kLanes;
   LaneMask mask[7][NV];  // lanes of the load at tap kw, vector j that are inside the input row
-  int side = kMaskAll;   // bit 0: vector 0 reads outside the row for a stored lane, bit 1: vector NV - 1
   for (int64_t kw = 0; kw < d.kW; ++kw)
     for (int j = 0; j < NV; ++j) {
-      const int64_t col = q0 + j * L + d.col_offset[kw], stored = std::min<int64_t>(L, d.OW - q0 - j * L);
+      const int64_t col = q0 + j * L + d.col_offset[kw];
       mask[kw][j] = lane_mask(-col, d.W - col);
-      if (col < 0 || col + stored > d.W) side |= j == 0 ? 1 : 2;
     }
-  if constexpr (NV == 1) side = side != 0 ? 3 : 0;
-  switch (side) {
-    case 0: return direct_columns<R, NV, kMasked, 0>(d, mask, q0, bias, out);
-    case 1: return direct_columns<R, NV, kMasked, 1>(d, mask, q0, bias, out);
-    case 2: return direct_columns<R, NV, kMasked, 2>(d, mask, q0, bias, out);
-    default: return direct_columns<R, NV, kMasked, 3>(d, mask, q0, bias, out);
+  for (int64_t oh0 = 0; oh0 < d.OH; oh0 += R) {
+    if (oh0 - d.pad_h >= 0 && oh0 - d.pad_h + R + 1 < d.H) direct_block<R, NV, kMasked, false>(d, mask, oh0, q0, bias, out);
+    else direct_block<R, NV, kMasked, true>(d, mask, oh0, q0, bias, out);
   }
 }
 
@@ -514,8 +458,8 @@ template <bool kMasked>
 void direct_plane(const DirectPlane& d, float bias, float* out) {
   constexpr int L = kLanes, R = 4;
   int64_t q0 = 0;
-  for (; q0 + L < d.OW; q0 += 2 * L) direct_column_block<R, 2, kMasked>(d, q0, bias, out);
-  if (q0 < d.OW) direct_column_block<R, 1, kMasked>(d, q0, bias, out);
+  for (; q0 + L < d.OW; q0 += 2 * L) direct_columns<R, 2, kMasked>(d, q0, bias, out);
+  if (q0 < d.OW) direct_columns<R, 1, kMasked>(d, q0, bias, out);
 }
 
 void forward_plane_direct(const Geometry& g, const float* input, const float* w, float bias, int64_t bc, int64_t ot,
@@ -539,24 +483,6 @@ void forward_plane_direct(const Geometry& g, const float* input, const float* w,
   else direct_plane<true>(d, bias, out);
 }
 
-// Requests the kT input planes of output plane (bc, ot) into the cache, kPrefetchPlanes output planes
-// ahead. With caches cold (as in the benchmark, where native's call in between evicts them, or after a
-// 64 MB memset) the direct kernel's column-block reads stalled: 4x96x8x28^2 at one thread, A/B in one
-// process, cold 2.0 -> 1.57 ms (AVX-512; scratch-plane kernel 1.75) and 2.5 -> 1.9 ms (AVX2; 2.16),
-// warm unchanged within noise. Prefetching only the plane the previous output plane did not read, at
-// distance 1, 2 or 3, measured no faster than no prefetch at all; all kT planes at distance 1 or 2 did.
-// Only planes this small (28^2 and 56^2 for kT = 3; measured at 28^2 only) are prefetched: the kT planes of
-// two output planes ahead stay far below L2, and long rows are what the hardware prefetchers follow well.
-constexpr int64_t kPrefetchPlanes = 2, kPrefetchMaxBytes = 64 * 1024;
-void prefetch_input_planes(const Geometry& g, const float* input, int64_t in_plane, int64_t bc, int64_t ot) {
-  for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
-    const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
-    if (it < 0 || it >= g.in[0]) continue;
-    const char* p = reinterpret_cast<const char*>(input + (bc * g.in[0] + it) * in_plane);
-    for (int64_t i = 0; i < in_plane * static_cast<int64_t>(sizeof(float)); i += 64) __builtin_prefetch(p + i, 0, 3);
-  }
-}
-
 bool direct_forward_applies(const Geometry& g) {
   return g.kernel[1] == 3 && g.stride[1] == 1 && g.dilation[1] == 1 && g.stride[2] == 1;
 }
@@ -573,16 +499,12 @@ void forward_impl(const ForwardArgs& a) {
   const auto* weight = static_cast<const acc_t*>(a.weight);
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
-#if defined(__x86_64__) && (FASTVID_VEC_BYTES == 64 || FASTVID_VEC_BYTES == 32)
+#if defined(__x86_64__) && FASTVID_VEC_BYTES == 64
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (direct_forward_applies(g)) {
-      const int64_t in_plane = g.in[1] * g.in[2];
-      const bool prefetch = g.kernel[0] * in_plane * static_cast<int64_t>(sizeof(float)) <= kPrefetchMaxBytes;
       at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {
         for (int64_t u = begin; u < end; ++u) {
           const int64_t bc = u / OT, ot = u % OT, c = bc % C;
-          if (prefetch && u + kPrefetchPlanes < end)
-            prefetch_input_planes(g, input, in_plane, (u + kPrefetchPlanes) / OT, (u + kPrefetchPlanes) % OT);
           forward_plane_direct(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : 0.f, bc, ot,
                                output + u * plane);
         }
