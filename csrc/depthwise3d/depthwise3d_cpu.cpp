@@ -37,7 +37,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -374,14 +373,11 @@ __attribute__((always_inline)) inline void store_lanes(T* p, const V& v, int fir
 // order (as forward_element). Border: window positions outside [0, width) are the zero padding (a
 // zero product where forward_element skips the tap: the same sum for finite weights). Lanes below
 // first_lane are not stored.
-// Source positions are x_step elements apart, the vector at x_c0 within one (C and c0 for the
-// tensor itself, L and 0 for a plane cache).
 template <int P, int S, bool Border, typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const scalar_t* const* src_rows,
                                                          const acc_t* const* w_rows, int64_t C, int64_t q0,
                                                          int64_t width, const acc_t* init, scalar_t* out,
-                                                         int64_t c0, int first_lane, int64_t x_step,
-                                                         int64_t x_c0) {
+                                                         int64_t c0, int first_lane) {
   using V = typename Vec<acc_t>::type;
   constexpr int N = (P - 1) * S + 3;  // source positions read
   V a[P];
@@ -393,10 +389,10 @@ __attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const sca
   for (int64_t r = 0; r < rows; ++r) {
     // The empty asm statement keeps gcc from giving every window position its own offset register
     // (too few registers: it spills them).
-    const scalar_t* x = src_rows[r] + q0 * x_step + x_c0;
+    const scalar_t* x = src_rows[r] + q0 * C + c0;
     V xs[N];
 #pragma GCC unroll 32
-    for (int i = 0; i < N; ++i, x += x_step) {
+    for (int i = 0; i < N; ++i, x += C) {
       asm("" : "+r"(x));
       xs[i] = Border && (i < lo || i >= hi) ? V{} : load_vec<V>(x);
     }
@@ -430,8 +426,8 @@ void conv_row_k3(const Geometry& g, int64_t rows, const scalar_t* const* src_row
     for (int64_t v = v_begin; v < v_end; ++v) {
       const int64_t c0 = std::min(v * L, C - L);
       const int first_lane = static_cast<int>(v * L - c0);
-      if (border) conv_block_k3<P, S, true>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane, C, c0);
-      else conv_block_k3<P, S, false>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane, C, c0);
+      if (border) conv_block_k3<P, S, true>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane);
+      else conv_block_k3<P, S, false>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane);
     }
   }
 }
@@ -482,56 +478,6 @@ void forward_row_k3(const Geometry& g, const scalar_t* input, const at::opmath_t
   else run(std::integral_constant<int, 1>{});
 }
 
-// Plane order with a per-thread plane cache: an item (b, vector, ot) first copies its channel vector of
-// the kT input planes it reads into a dense buffer [kT][H][W + 2·pad][L] whose pad columns stay zero,
-// then sweeps the plane from there: every window load is one aligned line (C = 108: 432-byte
-// positions, so three in four 64-byte loads from the tensor straddle two lines), rows are contiguous
-// for the prefetchers, and no block needs the border path.
-template <int P, int S, typename scalar_t>
-void forward_plane_cached_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
-                             const at::opmath_type<scalar_t>* bias, scalar_t* output) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = Vec<acc_t>::lanes;
-  const int64_t C = g.channels, T = g.in[0], H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1], OW = g.out[2];
-  const int64_t kT = g.kernel[0], kH = g.kernel[1], pad = g.padding[2], Wp = W + 2 * pad;
-  const int64_t vectors = (C + L - 1) / L, items = g.batch * vectors * OT;
-  at::parallel_for(0, items, grain_for(OH * OW * L), [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> cache(kT * H * Wp * L, scalar_t(0));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (vectors * OT), v = (item / OT) % vectors, ot = item % OT;
-      const int64_t c0 = std::min(v * L, C - L);
-      const int first_lane = static_cast<int>(v * L - c0);
-      const TapRange rt = valid_taps(ot, kT, g.stride[0], g.padding[0], g.dilation[0], T);
-      for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
-        const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
-        for (int64_t ih = 0; ih < H; ++ih) {
-          const scalar_t* src = input + ndhwc_offset(b, it, ih, 0, c0, T, H, W, C);
-          scalar_t* dst = cache.data() + ((kt * H + ih) * Wp + pad) * L;
-          for (int64_t iw = 0; iw < W; ++iw) std::memcpy(dst + iw * L, src + iw * C, L * sizeof(scalar_t));
-        }
-      }
-      for (int64_t oh = 0; oh < OH; ++oh) {
-        const TapRange rh = valid_taps(oh, kH, g.stride[1], g.padding[1], g.dilation[1], H);
-        const scalar_t* src_rows[7 * 7];
-        const acc_t* w_rows[7 * 7];
-        int64_t rows = 0;
-        for (int64_t kt = rt.begin; kt < rt.end; ++kt)
-          for (int64_t kh = rh.begin; kh < rh.end; ++kh, ++rows) {
-            const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
-            src_rows[rows] = cache.data() + (kt * H + ih) * Wp * L;
-            w_rows[rows] = weight + (kt * kH + kh) * 3 * C;
-          }
-        scalar_t* out_row = output + ((b * OT + ot) * OH + oh) * OW * C;
-        for (int64_t ow0 = 0; ow0 < OW; ow0 += P) {
-          const int64_t start = std::min(ow0, OW - P);  // cache position = tensor position + pad
-          conv_block_k3<P, S, false>(rows, src_rows, w_rows, C, start * S, Wp, bias, out_row + start * C, c0,
-                                     first_lane, L, 0);
-        }
-      }
-    }
-  });
-}
-
 template <int S, typename scalar_t>
 void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
                 const at::opmath_type<scalar_t>* bias, scalar_t* output) {
@@ -539,13 +485,6 @@ void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<
   constexpr int L = Vec<acc_t>::lanes;
   const int64_t rows = g.batch * g.out[0] * g.out[1], OH = g.out[1], vectors = (g.channels + L - 1) / L;
   const int P = block_width<S>(g.out[2]);
-  if (kPlaneOrder && std::getenv("FASTVID_DW_CACHE") != nullptr) {  // EXPERIMENT switch
-    constexpr int P0 = S == 1 ? kBlockW1 : kBlockW2;
-    if (P == P0) return forward_plane_cached_k3<P0, S>(g, input, weight, bias, output);
-    if (P == 7) return forward_plane_cached_k3<7, S>(g, input, weight, bias, output);
-    if (P == 4) return forward_plane_cached_k3<4, S>(g, input, weight, bias, output);
-    return forward_plane_cached_k3<1, S>(g, input, weight, bias, output);
-  }
   if (kPlaneOrder) {  // items (b, vector, ot): one channel vector over one output plane
     const int64_t BT = g.batch * g.out[0];
     at::parallel_for(0, BT * vectors, grain_for(OH * g.out[2] * L), [&](int64_t begin, int64_t end) {
