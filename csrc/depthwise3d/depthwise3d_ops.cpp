@@ -120,11 +120,12 @@ Tensor empty_channels_last(const Geometry& g, int64_t channels, bool input_side,
 }
 
 // A fresh output's pages arrive one zero-filled 4 KiB fault at a time when the kernel first writes
-// them (~1 us each): where freed blocks go back to the OS between calls (glibc trims the heap once
-// the free space at its top passes twice the largest freed block: in a training step the forward's
-// output and the input gradient, 9.6 MB each at 4x96x8x28^2) that was half of a one-thread fwd+bwd.
-// Transparent huge pages over the tensor's own 2 MiB-aligned interior take 512x fewer faults; only
-// its own bytes are advised, and the kernels write all of them. A hint: an error leaves 4 KiB pages.
+// them (~2 us each here). In a training step they are fresh every time: glibc trims the heap when the
+// free space at its top passes twice the largest block it has unmapped (its dynamic threshold), which
+// the freed forward output plus input gradient do (9.6 MB each at 4x96x8x28^2, cl3d): 1.6-4.7k faults
+// and 3.6-9.4 ms of system time per one-thread fwd+bwd, as much as the kernels' own time. Transparent
+// huge pages over the tensor's own 2 MiB-aligned interior: 0.4-1.1k faults, 1.6-3.1 ms. Only the
+// tensor's bytes are advised (the kernels write all of them); a hint: an error leaves 4 KiB pages.
 void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
