@@ -254,26 +254,6 @@ def test_channels_last_weight_grad_thread_invariant(channels, kernel, cpu_isa):
     torch.testing.assert_close(two[2], go.sum((0, 2, 3, 4)))
 
 
-@pytest.mark.parametrize("layout", ["channels_last_3d", "contiguous"])
-def test_large_outputs_match_conv3d(layout):
-    """Outputs of >= 4 MiB (the forward output and input gradient get the transparent-huge-page hint
-    over their 2 MiB-aligned interior) hold the same values as F.conv3d in float64, in both layouts."""
-    fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
-    x = torch.randn(1, 16, 8, 96, 96).contiguous(memory_format=fmt)  # 4.5 MiB in fp32
-    w, b = torch.randn(16, 1, 3, 3, 3), torch.randn(16)
-    args = ((1, 1, 1), (1, 1, 1), (1, 1, 1))
-    out = OPS.depthwise_conv3d(x, w, b, *args)
-    assert out.nbytes >= 4 << 20 and out.is_contiguous(memory_format=fmt)
-    expect = F.conv3d(x.double(), w.double(), b.double(), *args, groups=16)
-    tol = full_precision_tol(torch.float32, expect.abs().max().item())
-    torch.testing.assert_close(out.double(), expect, **tol)
-    go = torch.randn_like(out)
-    grad_input = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, False, False])[0]
-    expect_gi = torch.nn.grad.conv3d_input(x.shape, w.double(), go.double(), *args, groups=16)
-    tol = full_precision_tol(torch.float32, expect_gi.abs().max().item())
-    torch.testing.assert_close(grad_input.double(), expect_gi, **tol)
-
-
 def tap_sum_depthwise(x, w, b, stride, padding, dilation):
     """Depthwise conv as the sum over kernel taps of weight × a strided window of the zero-padded
     input, in float64: an oracle that shares no code with F.conv3d."""

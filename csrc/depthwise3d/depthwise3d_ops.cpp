@@ -17,14 +17,9 @@
 #include <torch/library.h>
 
 #include <array>
-#include <cstdint>
 #include <optional>
 #include <tuple>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace fastvid {
 namespace depthwise3d {
@@ -119,25 +114,6 @@ Tensor empty_channels_last(const Geometry& g, int64_t channels, bool input_side,
                    options.memory_format(at::MemoryFormat::ChannelsLast3d));
 }
 
-// A fresh output's pages arrive one zero-filled 4 KiB fault at a time when the kernel first writes
-// them (~2 us each here). In a training step they are fresh every time: glibc trims the heap when the
-// free space at its top passes twice the largest block it has unmapped (its dynamic threshold), which
-// the freed forward output plus input gradient do (9.6 MB each at 4x96x8x28^2, cl3d): 1.6-4.7k faults
-// and 3.6-9.4 ms of system time per one-thread fwd+bwd, as much as the kernels' own time. Transparent
-// huge pages over the tensor's own 2 MiB-aligned interior: 0.4-1.1k faults, 1.6-3.1 ms. Only the
-// tensor's bytes are advised (the kernels write all of them); a hint: an error leaves 4 KiB pages.
-void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (!t.is_cpu() || t.nbytes() < 2 * kHuge) return;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 // The op's result for a kernel output computed in NDHWC: kept if the input is channels_last,
 // else copied into a fresh contiguous tensor.
 Tensor in_input_layout(const Tensor& ndhwc, const Tensor& input) {
@@ -179,7 +155,6 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
   const Tensor x = layout.operand(input);
   const Tensor w = layout.weight(weight, g);
   Tensor out = layout.empty(g, g.out_channels(), false, input.options());
-  advise_huge_pages(out);
   ForwardArgs a;
   a.geo = g;
   a.dtype = input.scalar_type();
@@ -214,7 +189,6 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
   if (output_mask[0]) {
     const Tensor w = layout.weight(weight, g);
     Tensor gi = layout.empty(g, g.channels, true, input.options());
-    advise_huge_pages(gi);
     InputGradArgs a;
     a.geo = g;
     a.dtype = input.scalar_type();
