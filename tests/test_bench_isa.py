@@ -145,6 +145,17 @@ def test_time_budget_cuts_rounds_of_slow_cases_only(monkeypatch):
     assert [len(fast[k].wall) for k in "ab"] == [7, 7]
 
 
+def test_timed_calls_follow_a_fixed_cycle():
+    """Every timed call follows the other provider's call (same cache state for both in every round); warmup
+    calls come first, each provider's own."""
+    from fastvid.bench import measure
+    calls = []
+    timings = measure.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                       rounds=5, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 5
+    assert [len(timings[k].wall) for k in "ab"] == [5, 5]
+
+
 def test_quick_run_skips_the_baseline_path_where_a_vector_path_exists():
     from fastvid.bench import cli
     assert cli.quick_isa_paths(["avx512", "avx2", "baseline"]) == ["avx512", "avx2"]

@@ -4,8 +4,13 @@ Time
     Every provider of a case runs in the same process with the same thread count. Each gets
     ``warmup`` untimed calls (the first fastvid call also times its two strategies once and
     caches the faster, like ``cudnn.benchmark``), then the providers are timed in *interleaved*
-    rounds (native, fastvid, fastvid, native, ...) so that a change in machine load during the
-    run hits both alike. One round = one call, timed with ``time.perf_counter`` (CUDA: with a
+    rounds in a fixed cycle (native, fastvid, native, fastvid, ...) so that a change in machine
+    load during the run hits both alike, and every timed call follows another provider's call,
+    as a layer's call follows other layers' in a model: each provider meets the same cache state
+    in every round. (Alternating the order each round gave each provider half its calls right
+    after its own, with its data still in cache, and half after the other's, which had evicted
+    it: a two-mode distribution whose median flipped between runs, e.g. 1.3 vs 1.6 ms for the
+    NCDHW depthwise forward.) One round = one call, timed with ``time.perf_counter`` (CUDA: with a
     synchronize before and after). The garbage collector is off while timing. Reported:
     median and the 20th/80th percentiles over the rounds, plus the median minor page faults and
     system CPU time per call (glibc malloc unmaps big freed blocks, so code that allocates big
@@ -91,7 +96,7 @@ MIN_ROUNDS = 3
 def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
                      device="cpu") -> Dict[str, Timings]:
     """Time each function: ``warmup`` untimed calls each, then ``rounds`` timed calls each,
-    interleaved and alternating the order every round (fewer past ``time_budget_seconds``)."""
+    interleaved in a fixed cycle (fewer past ``time_budget_seconds``)."""
     device = torch.device(device)
     for fn in fns.values():
         for _ in range(warmup):
@@ -104,7 +109,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int, warmup: 
     gc.disable()
     try:
         for r in range(rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
+            for name in names:
                 _sync(device)
                 before = resource.getrusage(resource.RUSAGE_SELF)
                 start = time.perf_counter()
