@@ -35,9 +35,6 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include "../cpu_isa.h"
 #include "../fastvid_common.h"
@@ -344,150 +341,6 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
   }
 }
 
-// ------------------------------------------------------------------------ forward, direct (fp32)
-// The AVX-512 path's fp32 forward for kH = 3 with stride 1 and dilation 1 along H and stride 1 along
-// W (X3D's and the benchmark's case), read straight from the input: no scratch plane. Each vector
-// is a whole-vector load at its tap's shift with the lanes outside the input row (the W padding,
-// the next row) zeroed in registers; rows outside [0, H) are skipped (tested only in the blocks at
-// the top and bottom: a branch per row in every block cost registers and spills). Only where such
-// a load could leave the input tensor (near its first and last planes) are they masked loads,
-// which never touch the masked-off lanes but were measured 1.4x slower overall.
-// A block of R output rows x NV vectors stays in registers while the R + 2 input rows it reads go by
-// once per (kt, kw): each loaded vector feeds up to 3 FMAs (one per kh), each broadcast weight
-// R·NV FMAs, and the R·NV accumulators are independent chains. 4x96x8x28^2 on an idle machine,
-// best of 60: 1.32-1.42 vs 1.50-1.59 ms for the scratch-plane kernel at one thread, 0.61-0.63 vs
-// 0.79-1.21 ms at two; on AVX2 (16 registers, masks as vectors) it measured no faster, so AVX2
-// keeps the scratch-plane kernel.
-#if defined(__x86_64__) && FASTVID_VEC_BYTES == 64
-using VF = Vec<float>::type;
-constexpr int kLanes = Vec<float>::lanes;
-typedef __mmask16 LaneMask;
-// Lanes l with lo <= l < hi.
-FASTVID_INLINE LaneMask lane_mask(int64_t lo, int64_t hi) {
-  lo = std::clamp<int64_t>(lo, 0, kLanes), hi = std::clamp<int64_t>(hi, lo, kLanes);
-  return static_cast<LaneMask>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
-}
-
-// Arrays of 7: the op's largest kernel size (kMaxKernel, depthwise3d_ops.cpp).
-struct DirectPlane {
-  const float* planes[7];  // the kT input planes an output plane reads (nullptr: in the T padding)
-  const float* w;          // [kT, 3, kW]
-  int64_t kT, kW, H, W, OH, OW, pad_h;
-  int64_t col_offset[7];   // input column of output column 0 through tap kw (may be < 0)
-};
-
-// Output rows [oh0, oh0 + R) x columns [q0, q0 + NV·L) of one plane (rows >= OH and lanes >= OW
-// computed, not stored). kMasked: masked loads, else whole-vector loads with the lanes then masked.
-// kEdge: some of the block's input rows are outside [0, H).
-template <int R, int NV, bool kMasked, bool kEdge>
-FASTVID_INLINE void direct_block(const DirectPlane& d, const LaneMask (*mask)[NV], int64_t oh0, int64_t q0,
-                                 float bias, float* out) {
-  constexpr int L = kLanes, KH = 3;
-  VF a[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) a[r][j] = bias - VF{};
-  const int64_t ih0 = oh0 - d.pad_h;
-  for (int64_t kt = 0; kt < d.kT; ++kt) {
-    if (d.planes[kt] == nullptr) continue;
-    for (int64_t kw = 0; kw < d.kW; ++kw) {
-      VF wv[KH];
-#pragma GCC unroll 4
-      for (int kh = 0; kh < KH; ++kh) wv[kh] = d.w[(kt * KH + kh) * d.kW + kw] - VF{};
-      const float* s = d.planes[kt] + ih0 * d.W + q0 + d.col_offset[kw];
-      LaneMask m[NV];
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) m[j] = mask[kw][j];
-#pragma GCC unroll 16
-      for (int i = 0; i < R + KH - 1; ++i, s += d.W) {
-        if (kEdge && static_cast<uint64_t>(ih0 + i) >= static_cast<uint64_t>(d.H)) continue;  // H padding
-        VF x[NV];
-#pragma GCC unroll 4
-        for (int j = 0; j < NV; ++j) {
-          if constexpr (kMasked) {
-            x[j] = (VF)_mm512_maskz_loadu_ps(m[j], s + j * L);
-          } else {
-            x[j] = load_vec<VF>(s + j * L);
-            asm("" : "+v"(x[j]));  // keeps the load a plain load (not folded into a masked one)
-            x[j] = (VF)_mm512_maskz_mov_ps(m[j], (__m512)x[j]);
-          }
-        }
-#pragma GCC unroll 4
-        for (int kh = 0; kh < KH; ++kh) {
-          const int r = i - kh;
-          if (r < 0 || r >= R) continue;
-#pragma GCC unroll 4
-          for (int j = 0; j < NV; ++j) a[r][j] += x[j] * wv[kh];
-        }
-      }
-    }
-  }
-  const int64_t rows = std::min<int64_t>(R, d.OH - oh0);
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    if (r >= rows) break;
-    float* o = out + (oh0 + r) * d.OW + q0;
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) {
-      const int64_t n = std::min<int64_t>(L, d.OW - q0 - j * L);
-      if (n >= L) std::memcpy(o + j * L, &a[r][j], sizeof(VF));  // (a masked store of every vector: 1.6x slower)
-      else if (n > 0) _mm512_mask_storeu_ps(o + j * L, lane_mask(0, n), (__m512)a[r][j]);
-    }
-  }
-}
-
-// Not inlined: inlined into its callers (as GCC does by default here) the forward measured 1.35x slower.
-template <int R, int NV, bool kMasked>
-__attribute__((noinline)) void direct_columns(const DirectPlane& d, int64_t q0, float bias, float* out) {
-  constexpr int L = kLanes;
-  LaneMask mask[7][NV];  // lanes of the load at tap kw, vector j that are inside the input row
-  for (int64_t kw = 0; kw < d.kW; ++kw)
-    for (int j = 0; j < NV; ++j) {
-      const int64_t col = q0 + j * L + d.col_offset[kw];
-      mask[kw][j] = lane_mask(-col, d.W - col);
-    }
-  for (int64_t oh0 = 0; oh0 < d.OH; oh0 += R) {
-    if (oh0 - d.pad_h >= 0 && oh0 - d.pad_h + R + 1 < d.H) direct_block<R, NV, kMasked, false>(d, mask, oh0, q0, bias, out);
-    else direct_block<R, NV, kMasked, true>(d, mask, oh0, q0, bias, out);
-  }
-}
-
-// Column blocks of 2 vectors x 4 rows (6 rows measured no faster).
-template <bool kMasked>
-void direct_plane(const DirectPlane& d, float bias, float* out) {
-  constexpr int L = kLanes, R = 4;
-  int64_t q0 = 0;
-  for (; q0 + L < d.OW; q0 += 2 * L) direct_columns<R, 2, kMasked>(d, q0, bias, out);
-  if (q0 < d.OW) direct_columns<R, 1, kMasked>(d, q0, bias, out);
-}
-
-void forward_plane_direct(const Geometry& g, const float* input, const float* w, float bias, int64_t bc, int64_t ot,
-                          float* out) {
-  constexpr int L = kLanes;
-  DirectPlane d;
-  d.kT = g.kernel[0], d.kW = g.kernel[2], d.H = g.in[1], d.W = g.in[2], d.OH = g.out[1], d.OW = g.out[2];
-  d.pad_h = g.padding[1], d.w = w;
-  for (int64_t kw = 0; kw < d.kW; ++kw) d.col_offset[kw] = kw * g.dilation[2] - g.padding[2];
-  // Whole-vector loads of a plane starting at element `start` of the input read elements
-  // [start + col_offset[0], start + (H - 1)·W + end) (end: the last column block's end at the last tap).
-  const int64_t T = g.in[0], plane = d.H * d.W, size = g.batch * g.channels * T * plane;
-  const int64_t end = (d.OW > L ? round_up(d.OW, 2 * L) : L) + d.col_offset[d.kW - 1];
-  bool whole = true;
-  for (int64_t kt = 0; kt < d.kT; ++kt) {
-    const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0], start = (bc * T + it) * plane;
-    d.planes[kt] = it >= 0 && it < T ? input + start : nullptr;
-    if (d.planes[kt] != nullptr) whole = whole && start + d.col_offset[0] >= 0 && start + (d.H - 1) * d.W + end <= size;
-  }
-  if (whole) direct_plane<false>(d, bias, out);
-  else direct_plane<true>(d, bias, out);
-}
-
-bool direct_forward_applies(const Geometry& g) {
-  return g.kernel[1] == 3 && g.stride[1] == 1 && g.dilation[1] == 1 && g.stride[2] == 1;
-}
-#endif
-
 template <typename scalar_t>
 void forward_impl(const ForwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -499,20 +352,6 @@ void forward_impl(const ForwardArgs& a) {
   const auto* weight = static_cast<const acc_t*>(a.weight);
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
-#if defined(__x86_64__) && FASTVID_VEC_BYTES == 64
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (direct_forward_applies(g)) {
-      at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {
-        for (int64_t u = begin; u < end; ++u) {
-          const int64_t bc = u / OT, ot = u % OT, c = bc % C;
-          forward_plane_direct(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : 0.f, bc, ot,
-                               output + u * plane);
-        }
-      });
-      return;
-    }
-  }
-#endif
   const RowLayout layout = forward_row_layout(g, Vec<acc_t>::lanes);
   const int64_t slots = (g.kernel[0] - 1) * g.dilation[0] + 1;
   at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {
