@@ -95,16 +95,15 @@ CONFIGS = [
     Config(33, 1, (3, 3, 3), (1, 1, 1), (1, 1, 0), (1, 2, 1), (1, 4, 7, 9)),
     Config(17, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 2, 3, 1)),
     Config(16, 1, (5, 3, 3), (2, 2, 1), (2, 1, 1), (1, 2, 1), (1, 7, 9, 16)),
-    # NCDHW fp32 forward read straight from the input (kH = 3, H stride/dilation 1, W stride 1; masked
-    # loads at the row ends): no padding at all with kW = 1 and W one 16-lane vector; H padding 2 (an
-    # output row reading one input row) with kW = 5, W padding 3 and W of two 16-lane vectors; T stride
-    # and W dilation 3 with a W one past a vector
+    # NCDHW scratch-plane forward, row edges at 16 lanes: no padding at all with kW = 1 and W one vector;
+    # H padding 2 (an output row reading one input row) with kW = 5, W padding 3 and W of two vectors;
+    # T stride and W dilation 3 with a W one past a vector
     Config(3, 1, (3, 3, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1), (1, 4, 5, 16)),
     Config(2, 1, (3, 3, 5), (1, 1, 1), (1, 2, 3), (1, 1, 1), (1, 3, 4, 32)),
     Config(2, 1, (3, 3, 3), (2, 1, 1), (1, 1, 1), (1, 1, 3), (1, 5, 7, 17)),
-    # the same geometry class at 8 lanes (the AVX2 path's scratch-plane kernel, with a W that is not
-    # a multiple of 16): H = 1 and T = 1 with a W of 2 vectors + 7; W of exactly 3 vectors; kW = 7
-    # with W padding 3 over one 2-vector block; W dilation 3 with a W of 3 vectors + 2
+    # the same at 8 lanes (the AVX2 path, W not a multiple of 16): H = 1 and T = 1 with a W of 2 vectors
+    # + 7; W of exactly 3 vectors; kW = 7 with W padding 3 over one 2-vector block; W dilation 3 with a
+    # W of 3 vectors + 2
     Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1, 23)),
     Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (2, 2, 6, 24)),
     Config(2, 1, (1, 3, 7), (1, 1, 1), (0, 1, 3), (1, 1, 1), (1, 2, 5, 16)),
