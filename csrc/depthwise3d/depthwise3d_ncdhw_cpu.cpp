@@ -145,15 +145,33 @@ constexpr int kMaxTaps = 7 * 7 * 7;
 constexpr int kGroupRows = 4;  // output rows computed together (independent accumulator chains)
 
 template <int NV, int R, typename V, typename scalar_t>
-FASTVID_INLINE void store_block(const V (&a)[R][NV], int64_t q0, int64_t count, scalar_t* const* out,
+FASTVID_INLINE void store_block(const V (&a)[R][NV], int64_t q0, int64_t count, int64_t last, scalar_t* const* out,
                                 int64_t out_step);
 
+// Offset from q0 of a block's vector j: j·L, the last one at `last` (see last_vector).
+template <int NV, int L>
+FASTVID_INLINE int64_t vector_offset(int j, int64_t last) { return j == NV - 1 ? last : int64_t(j) * L; }
+
+// Where a block of `count` positions (count <= NV·L) puts its last vector: where it ends at the
+// block's end (count - L, overlapping the vector before it, or a block before it for NV = 1,
+// `back` positions being available before q0), so that every store is a whole vector; else at
+// (NV - 1)·L with a partial store. On Intel (Emerald Rapids) the partial store (a stack copy and
+// 8-byte pieces) stalled on store forwarding: ~20 % of the 4x96x8x28^2 forward's samples (perf).
+// The overlapped positions are computed twice with the same taps in the same order: equal values.
+template <int NV, int L>
+FASTVID_INLINE int64_t last_vector(int64_t count, int64_t back, int64_t out_step) {
+  const bool whole = out_step == 1 && count + back >= L && count > (NV - 1) * L;
+  return whole ? count - L : int64_t(NV - 1) * L;
+}
+
 // out[r][q·out_step] = init + Σ_t w[t]·(src[t] + row_offset[r])[q] for R rows and positions
-// [q0, q0 + count), count <= NV·L; every source is readable for whole vectors. The R·NV accumulators
-// stay in registers across the taps; each weight is broadcast once per tap for all rows.
+// [q0, q0 + count), count <= NV·L, the block's vectors at vector_offset (last: last_vector); every
+// source is readable for whole vectors. The R·NV accumulators stay in registers across the taps; each
+// weight is broadcast once per tap for all rows.
 template <int NV, int R, typename scalar_t, typename acc_t>
-FASTVID_INLINE void stencil_block(int64_t q0, int64_t count, int64_t taps, const acc_t* const* src, const acc_t* w,
-                                  const int64_t* row_offset, acc_t init, scalar_t* const* out, int64_t out_step) {
+FASTVID_INLINE void stencil_block(int64_t q0, int64_t count, int64_t last, int64_t taps, const acc_t* const* src,
+                                  const acc_t* w, const int64_t* row_offset, acc_t init, scalar_t* const* out,
+                                  int64_t out_step) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::lanes;
   V a[R][NV];
@@ -167,14 +185,14 @@ FASTVID_INLINE void stencil_block(int64_t q0, int64_t count, int64_t taps, const
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) a[r][j] += load_vec<V>(s + row_offset[r] + j * L) * wt;
+      for (int j = 0; j < NV; ++j) a[r][j] += load_vec<V>(s + row_offset[r] + vector_offset<NV, L>(j, last)) * wt;
   }
-  store_block<NV, R>(a, q0, count, out, out_step);
+  store_block<NV, R>(a, q0, count, last, out, out_step);
 }
 
 // Stores the accumulators of stencil_block: positions [q0, q0 + count) of R rows.
 template <int NV, int R, typename V, typename scalar_t>
-FASTVID_INLINE void store_block(const V (&a)[R][NV], int64_t q0, int64_t count, scalar_t* const* out,
+FASTVID_INLINE void store_block(const V (&a)[R][NV], int64_t q0, int64_t count, int64_t last, scalar_t* const* out,
                                 int64_t out_step) {
   using acc_t = std::remove_cv_t<std::remove_reference_t<decltype(a[0][0][0])>>;
   constexpr int L = Vec<acc_t>::lanes;
@@ -182,7 +200,8 @@ FASTVID_INLINE void store_block(const V (&a)[R][NV], int64_t q0, int64_t count, 
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
-      const int64_t q = q0 + j * L, n = std::min<int64_t>(L, count - j * L);
+      const int64_t offset = vector_offset<NV, L>(j, last), q = q0 + offset;
+      const int64_t n = std::min<int64_t>(L, count - offset);
       if (n <= 0) break;
       if (out_step == 1 && n == L) {
         store_vec(out[r] + q, a[r][j]);
@@ -203,7 +222,8 @@ FASTVID_INLINE void store_block(const V (&a)[R][NV], int64_t q0, int64_t count, 
 // once per FMA. The taps are stencil_block's list for the group's first row, in order (kt, kh, kw):
 // `groups` kt groups of 3·kW; row r reads src + row_offset0 + r·row_size.
 template <int NV, int R, typename scalar_t, typename acc_t>
-FASTVID_INLINE void stencil_block_h3(int64_t q0, int64_t count, int64_t groups, int64_t kW, const acc_t* const* src,
+FASTVID_INLINE void stencil_block_h3(int64_t q0, int64_t count, int64_t last, int64_t groups, int64_t kW,
+                                     const acc_t* const* src,
                                      const acc_t* w, int64_t row_offset0, int64_t row_size, acc_t init,
                                      scalar_t* const* out) {
   using V = typename Vec<acc_t>::type;
@@ -227,7 +247,7 @@ FASTVID_INLINE void stencil_block_h3(int64_t q0, int64_t count, int64_t groups, 
         V xv[NV];
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) {
-          xv[j] = load_vec<V>(s + j * L);
+          xv[j] = load_vec<V>(s + vector_offset<NV, L>(j, last));
           asm("" : "+v"(xv[j]));
         }
         s += row_size;
@@ -242,7 +262,7 @@ FASTVID_INLINE void stencil_block_h3(int64_t q0, int64_t count, int64_t groups, 
       }
     }
   }
-  store_block<NV, R>(a, q0, count, out, 1);
+  store_block<NV, R>(a, q0, count, last, out, 1);
 }
 
 template <int R, typename scalar_t, typename acc_t>
@@ -251,9 +271,13 @@ FASTVID_INLINE void stencil_rows_h3(int64_t n, int64_t groups, int64_t kW, const
   constexpr int L = Vec<acc_t>::lanes;
   int64_t q = 0;
   for (; q + 2 * L <= n; q += 2 * L)
-    stencil_block_h3<2, R>(q, 2 * L, groups, kW, src, w, row_offset0, row_size, init, out);
-  if (n - q > L) stencil_block_h3<2, R>(q, n - q, groups, kW, src, w, row_offset0, row_size, init, out);
-  else if (n > q) stencil_block_h3<1, R>(q, n - q, groups, kW, src, w, row_offset0, row_size, init, out);
+    stencil_block_h3<2, R>(q, 2 * L, L, groups, kW, src, w, row_offset0, row_size, init, out);
+  if (n - q > L)
+    stencil_block_h3<2, R>(q, n - q, last_vector<2, L>(n - q, q, 1), groups, kW, src, w, row_offset0, row_size, init,
+                           out);
+  else if (n > q)
+    stencil_block_h3<1, R>(q, n - q, last_vector<1, L>(n - q, q, 1), groups, kW, src, w, row_offset0, row_size, init,
+                           out);
 }
 
 template <int R, typename scalar_t, typename acc_t>
@@ -261,9 +285,11 @@ FASTVID_INLINE void stencil_rows_r(int64_t n, int64_t taps, const acc_t* const* 
                                    const int64_t* row_offset, acc_t init, scalar_t* const* out, int64_t out_step) {
   constexpr int L = Vec<acc_t>::lanes;
   int64_t q = 0;
-  for (; q + 2 * L <= n; q += 2 * L) stencil_block<2, R>(q, 2 * L, taps, src, w, row_offset, init, out, out_step);
-  if (n - q > L) stencil_block<2, R>(q, n - q, taps, src, w, row_offset, init, out, out_step);
-  else if (n > q) stencil_block<1, R>(q, n - q, taps, src, w, row_offset, init, out, out_step);
+  for (; q + 2 * L <= n; q += 2 * L) stencil_block<2, R>(q, 2 * L, L, taps, src, w, row_offset, init, out, out_step);
+  if (n - q > L)
+    stencil_block<2, R>(q, n - q, last_vector<2, L>(n - q, q, out_step), taps, src, w, row_offset, init, out, out_step);
+  else if (n > q)
+    stencil_block<1, R>(q, n - q, last_vector<1, L>(n - q, q, out_step), taps, src, w, row_offset, init, out, out_step);
 }
 
 // `rows` rows (any count) of n positions sharing one tap list, row r reading at row_offset[r].
