@@ -36,6 +36,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -357,10 +359,25 @@ constexpr int kBlockW2 = cpu::kVecBytes == 64 ? 7 : 4;
 // is faster.
 constexpr bool kPlaneOrder = cpu::kVecBytes == 64;
 
-// Stores lanes [first, L) of v to p + first (the lanes below belong to another channel vector).
+// Stores lanes [first, L) of v to p + first (the lanes below belong to another channel vector: not
+// written, another thread may be writing them). fp32 at 512 / 256 bits: one masked store (X3D's
+// C = 108, one thread, Zen 5: forward and input gradient 2-5 % faster than the round trip through
+// the stack below).
 template <typename T, typename V>
 __attribute__((always_inline)) inline void store_lanes(T* p, const V& v, int first) {
   constexpr int L = sizeof(V) / sizeof(v[0]);
+#if FASTVID_VEC_BYTES == 64
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>(0xFFFFu << first), (__m512)v);
+    return;
+  }
+#elif FASTVID_VEC_BYTES == 32
+  if constexpr (std::is_same_v<T, float>) {
+    const cpu::I32 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    _mm256_maskstore_ps(p, (__m256i)(lane >= first), (__m256)v);
+    return;
+  }
+#endif
   T tmp[L];
   store_vec(tmp, v);
   std::memcpy(p + first, tmp + first, (L - first) * sizeof(T));
