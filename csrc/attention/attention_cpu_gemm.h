@@ -57,6 +57,7 @@ constexpr int kGemmRows = 6, kGemmVecs = 2;
 constexpr int kGemmPrefetchRows = 0;
 #endif
 constexpr int kGemmCols = kGemmVecs * kGemmLanes;
+constexpr int kFloatsPerCacheLine = 64 / int(sizeof(float));  // one B-row prefetch per 64-byte line
 
 // acc [kGemmRows × kGemmCols] = A B over k: A element (i, kk) at a[i·lda + kk] (kRowMajorA) or
 // a[kk·lda + i] (a transposed operand, or a packed block with lda = kGemmRows); b row stride ldb.
@@ -75,7 +76,8 @@ inline void gemm_micro(int64_t k, const float* __restrict a, int64_t lda, const 
     gemm_vec bv[kGemmVecs];
     if constexpr (kGemmPrefetchRows > 0)
 #pragma GCC unroll 4
-      for (int l = 0; l < kGemmCols; l += 16) __builtin_prefetch(b + (kk + kGemmPrefetchRows) * ldb + l, 0, 3);
+      for (int l = 0; l < kGemmCols; l += kFloatsPerCacheLine)
+        __builtin_prefetch(b + (kk + kGemmPrefetchRows) * ldb + l, 0, 3);
 #pragma GCC unroll 4
     for (int v = 0; v < kGemmVecs; ++v) std::memcpy(&bv[v], b + kk * ldb + v * kGemmLanes, sizeof(gemm_vec));
 #pragma GCC unroll 16
