@@ -36,8 +36,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -46,6 +44,10 @@
 
 #include "../cpu_isa.h"
 #include "../fastvid_common.h"
+
+#ifdef FASTVID_ISA_X86
+#include <immintrin.h>  // store_lanes' masked stores on the AVX-512 / AVX2 paths
+#endif
 
 #ifndef FASTVID_ISA
 #define FASTVID_ISA_SOURCE "depthwise3d/depthwise3d_cpu.cpp"
@@ -361,8 +363,8 @@ constexpr bool kPlaneOrder = cpu::kVecBytes == 64;
 
 // Stores lanes [first, L) of v to p + first (the lanes below belong to another channel vector: not
 // written, another thread may be writing them). fp32 at 512 / 256 bits: one masked store (X3D's
-// C = 108, one thread, Zen 5: forward and input gradient 2-5 % faster than the round trip through
-// the stack below).
+// C = 108, one thread, Zen 5: forward 1-2 %, input gradient 3-5 % faster than the round trip
+// through the stack below).
 template <typename T, typename V>
 __attribute__((always_inline)) inline void store_lanes(T* p, const V& v, int first) {
   constexpr int L = sizeof(V) / sizeof(v[0]);
