@@ -1004,13 +1004,68 @@ void gemm_tn(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t K, 
   }
 }
 
+// One strip's output gradient rows (zero past H and W), channels innermost, in Gs [M, Wt, N]; its
+// Winograd-domain dM = A dY Aᵀ per tile into Mm (tile p of the group at column offset p·Np, alpha²
+// slices sm apart); db (when not null) += the rows' sums per channel, in fp64.
+template <int M, typename acc_t, typename scalar_t>
+void gradient_strip_transform(const winograd::WeightGradJob& j, int64_t b, int64_t y0, int64_t tiles_w,
+                              int64_t first_tile, acc_t* Gs, acc_t* Mm, int64_t sm, double* db) {
+  using Mat = winograd::Matrices<M>;
+  constexpr int A = Mat::A;
+  const int64_t N = j.N, H = j.H, W = j.W, Wt = tiles_w * M, Np = j.ldv;
+  const scalar_t* g_b = static_cast<const scalar_t*>(j.grad) + b * j.gb;
+  const int64_t rows = std::min<int64_t>(M, H - y0);
+  for (int64_t r = 0; r < M; ++r) {
+    acc_t* row = Gs + r * Wt * N;
+    if (r >= rows) {
+      std::fill(row, row + Wt * N, acc_t(0));
+      continue;
+    }
+    gather_channels_inner(g_b + (y0 + r) * j.gy, j.gx, j.gc, W, N, row);
+    std::fill(row + W * N, row + Wt * N, acc_t(0));
+    if (db == nullptr) continue;
+    for (int64_t x = 0; x < W; ++x)
+#pragma GCC ivdep
+      for (int64_t n = 0; n < N; ++n) db[n] += static_cast<double>(row[x * N + n]);
+  }
+  for (int64_t tx = 0; tx < tiles_w; ++tx)
+    Sandwich<Mat::AT, true>::apply(Gs + tx * M * N, Wt * N, N, Mm + (first_tile + tx) * Np, A * sm, sm, N);
+}
+
+// Buffers of one worker of the weight gradient (not zero-filled: written before they are read).
+template <typename acc_t>
+struct WeightGradScratch {
+  std::unique_ptr<acc_t[]> D, Gs, U, M;  // padded input rows, gradient rows of a strip, U and dM of a group
+};
+
+// dV [alpha², K, Np] += U[e]ᵀ dM[e] over the tiles of the strips [s0, s1) (one group).
+template <int M, typename acc_t, typename scalar_t>
+void weight_grad_group(const winograd::WeightGradJob& j, int64_t s0, int64_t s1, int64_t tiles_h, int64_t tiles_w,
+                       WeightGradScratch<acc_t>& buf, acc_t* dV, double* db) {
+  constexpr int A = winograd::Matrices<M>::A;
+  const int64_t K = j.in.K, N = j.N, Np = j.ldv;
+  const int64_t P = (s1 - s0) * tiles_w;
+  const int64_t su = P * K + kSlicePad, sm = P * Np + kSlicePad;
+  acc_t* U = buf.U.get();
+  acc_t* Mm = buf.M.get();
+  if (N < Np)  // dM's columns >= N: zeros the GEMMs read (the transforms write columns < N)
+    for (int e = 0; e < A * A; ++e)
+      for (int64_t p = 0; p < P; ++p) std::fill(Mm + e * sm + p * Np + N, Mm + e * sm + (p + 1) * Np, acc_t(0));
+  // 1. gather + input transform Bᵀ d B (the forward's step 1)
+  gather_transform<M, acc_t, scalar_t>(j.in, s0, s1, tiles_h, j.H, j.W, tiles_w, buf.D.get(), U, su);
+  // 2. per strip: the output gradient's transform dM = A dY Aᵀ
+  for (int64_t s = s0; s < s1; ++s)
+    gradient_strip_transform<M, acc_t, scalar_t>(j, s / tiles_h, (s % tiles_h) * M, tiles_w, (s - s0) * tiles_w,
+                                                 buf.Gs.get(), Mm, sm, db);
+  // 3. alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ [K, P] dM[e] [P, Np]
+  for (int e = 0; e < A * A; ++e) gemm_tn<acc_t>(U + e * su, K, Mm + e * sm, Np, dV + e * K * Np, K, P);
+}
+
 template <int M, typename scalar_t>
 void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Mat = winograd::Matrices<M>;
-  constexpr int A = Mat::A;
-  const winograd::Job::Input& in = j.in;
-  const int64_t K = in.K, N = j.N, H = j.H, W = j.W, Np = j.ldv;
+  constexpr int A = winograd::Matrices<M>::A;
+  const int64_t K = j.in.K, N = j.N, H = j.H, W = j.W, Np = j.ldv;
   const int64_t tiles_h = (H + M - 1) / M, tiles_w = (W + M - 1) / M;
   const int64_t Wt = tiles_w * M, Wp = Wt + 2;
   const int64_t strips = j.B * tiles_h;
@@ -1023,10 +1078,9 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
 
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const int64_t max_tiles = per_group * tiles_w;
-    const auto D = scratch<acc_t>((per_group * M + 2) * Wp * K);  // padded input rows of a group, channels innermost
-    const auto Gs = scratch<acc_t>(M * Wt * N);   // gradient rows of one strip (zero past H, W), channels innermost
-    const auto U_buf = scratch<acc_t>(A * A * (max_tiles * K + kSlicePad));
-    const auto M_buf = scratch<acc_t>(A * A * (max_tiles * Np + kSlicePad));
+    WeightGradScratch<acc_t> buf{scratch<acc_t>((per_group * M + 2) * Wp * K), scratch<acc_t>(M * Wt * N),
+                                 scratch<acc_t>(A * A * (max_tiles * K + kSlicePad)),
+                                 scratch<acc_t>(A * A * (max_tiles * Np + kSlicePad))};
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* dV = static_cast<acc_t*>(j.dV);
       double* db = j.db;
@@ -1035,44 +1089,9 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
         std::fill(dV, dV + dv_size, acc_t(0));
         if (db != nullptr) db = partial_db.data() + (c - 1) * N;
       }
-      for (int64_t grp = c * groups / chunks; grp < (c + 1) * groups / chunks; ++grp) {
-        const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
-        const int64_t P = (s1 - s0) * tiles_w;
-        const int64_t su = P * K + kSlicePad, sm = P * Np + kSlicePad;
-        acc_t* U = U_buf.get();
-        acc_t* Mm = M_buf.get();
-        if (N < Np)  // dM's columns >= N: zeros the GEMMs read (the transforms write columns < N)
-          for (int e = 0; e < A * A; ++e)
-            for (int64_t p = 0; p < P; ++p) std::fill(Mm + e * sm + p * Np + N, Mm + e * sm + (p + 1) * Np, acc_t(0));
-        // ---- 1. gather + input transform Bᵀ d B (the forward's step 1)
-        gather_transform<M, acc_t, scalar_t>(in, s0, s1, tiles_h, H, W, tiles_w, D.get(), U, su);
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t b = s / tiles_h, y0 = (s % tiles_h) * M;
-          // ---- 2. gather the strip's gradient rows, transform dM = A dY Aᵀ of each tile
-          const scalar_t* g_b = static_cast<const scalar_t*>(j.grad) + b * j.gb;
-          const int64_t rows = std::min<int64_t>(M, H - y0);
-          for (int64_t r = 0; r < M; ++r) {
-            acc_t* row = Gs.get() + r * Wt * N;
-            if (r >= rows) {
-              std::fill(row, row + Wt * N, acc_t(0));
-              continue;
-            }
-            gather_channels_inner(g_b + (y0 + r) * j.gy, j.gx, j.gc, W, N, row);
-            std::fill(row + W * N, row + Wt * N, acc_t(0));
-            if (db != nullptr)
-              for (int64_t x = 0; x < W; ++x)
-#pragma GCC ivdep
-                for (int64_t n = 0; n < N; ++n) db[n] += static_cast<double>(row[x * N + n]);
-          }
-          for (int64_t tx = 0; tx < tiles_w; ++tx) {
-            const acc_t* g0p = Gs.get() + tx * M * N;
-            acc_t* m0 = Mm + ((s - s0) * tiles_w + tx) * Np;
-            Sandwich<Mat::AT, true>::apply(g0p, Wt * N, N, m0, A * sm, sm, N);  // A dY Aᵀ
-          }
-        }
-        // ---- 3. alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ [K, P] dM[e] [P, Np]
-        for (int e = 0; e < A * A; ++e) gemm_tn<acc_t>(U + e * su, K, Mm + e * sm, Np, dV + e * K * Np, K, P);
-      }
+      for (int64_t grp = c * groups / chunks; grp < (c + 1) * groups / chunks; ++grp)
+        weight_grad_group<M, acc_t, scalar_t>(j, grp * per_group, std::min(strips, (grp + 1) * per_group), tiles_h,
+                                              tiles_w, buf, dV, db);
     }
   });
   if (chunks == 1) return;
