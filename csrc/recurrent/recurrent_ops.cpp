@@ -747,7 +747,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     const Tensor in = inputs.narrow(0, 0, n);
     const Tensor h_in = in.narrow(2, Cin, C);  // h_{t-1}; Ballas: scaled to r·h_{t-1} below
     if (wino) {
-      grad_x.narrow(1, t0, n).copy_(winograd_conv(dx, v_grad_x, std::nullopt, g).view({n, B, Cin, H, W}).transpose(0, 1));
+      if (n == 1)  // straight into the frame (T < 32: every chunk is one step)
+        winograd_conv_out(dx, v_grad_x, std::nullopt, g, grad_x.select(1, t0));
+      else
+        grad_x.narrow(1, t0, n).copy_(winograd_conv(dx, v_grad_x, std::nullopt, g).view({n, B, Cin, H, W}).transpose(0, 1));
       winograd_weight_grad_add(dV_ih, flat(in.narrow(2, 0, Cin)), dx, db_x.defined() ? &db_x : nullptr);
       if (reset_after) {
         winograd_weight_grad_add(dV_hh, flat(h_in), flat(d_h.narrow(0, 0, n)), db_h.defined() ? &db_h : nullptr);

@@ -63,6 +63,10 @@ void winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, 
 // tanh of it (applied in fp32 before the rounding to the inputs' dtype).
 Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
                      bool tanh = false);
+// The same into out [B, N, H, W] (the inputs' dtype; any strides with H, W mergeable, e.g. one frame of a
+// sequence tensor).
+void winograd_conv_out(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
+                       const Tensor& out, bool tanh = false);
 
 // Weight gradient of conv3x3(input, weight) (stride 1, padding 1) in the Winograd domain, summed over
 // calls (chunks of steps) and transformed back once. dV = dL/d(G w Gᵀ): a zeroed [alpha², K, N]

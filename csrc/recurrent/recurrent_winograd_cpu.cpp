@@ -316,13 +316,22 @@ void winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, 
   run(j);
 }
 
-Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g, bool tanh) {
+void winograd_conv_out(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
+                       const Tensor& out, bool tanh) {
   Tensor bias_acc;
   winograd::Job j = make_job(input, V, bias, g, bias_acc);
+  TORCH_INTERNAL_ASSERT(out.dim() == 4 && out.size(0) == j.B && out.size(1) == j.N && out.size(2) == j.H &&
+                            out.size(3) == j.W && out.scalar_type() == input.scalar_type(),
+                        "winograd_conv_out: out must be [B, N, H, W] in the input's dtype");
   j.tanh = tanh;
-  Tensor out = at::empty({j.B, j.N, j.H, j.W}, input.options().memory_format(frame_format(g.channels_last)));
   j.out = plane(out);
   run(j);
+}
+
+Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g, bool tanh) {
+  Tensor out = at::empty({input.size(0), V.size(2), input.size(2), input.size(3)},
+                         input.options().memory_format(frame_format(g.channels_last)));
+  winograd_conv_out(input, V, bias, g, out, tanh);
   return out;
 }
 
