@@ -747,10 +747,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     const Tensor in = inputs.narrow(0, 0, n);
     const Tensor h_in = in.narrow(2, Cin, C);  // h_{t-1}; Ballas: scaled to r·h_{t-1} below
     if (wino) {
-      if (n == 1)  // straight into the frame (T < 32: every chunk is one step)
+      if (n == 1) {  // straight into the frame (T < 32: every chunk is one step)
         winograd_conv_out(dx, v_grad_x, std::nullopt, g, grad_x.select(1, t0));
-      else
-        grad_x.narrow(1, t0, n).copy_(winograd_conv(dx, v_grad_x, std::nullopt, g).view({n, B, Cin, H, W}).transpose(0, 1));
+      } else {
+        const Tensor gx = winograd_conv(dx, v_grad_x, std::nullopt, g);
+        grad_x.narrow(1, t0, n).copy_(gx.view({n, B, Cin, H, W}).transpose(0, 1));
+      }
       winograd_weight_grad_add(dV_ih, flat(in.narrow(2, 0, Cin)), dx, db_x.defined() ? &db_x : nullptr);
       if (reset_after) {
         winograd_weight_grad_add(dV_hh, flat(h_in), flat(d_h.narrow(0, 0, n)), db_h.defined() ? &db_h : nullptr);
@@ -813,6 +815,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     a.mask = ra.mask = step_mask(lengths_d, t);
     const Tensor cache_t = cache.select(0, t);
     const Tensor d_x_t = d_x.select(0, t - t0);
+    const Tensor d_h_t = d_h.defined() ? d_h.select(0, t - t0) : Tensor();  // hoisted reset_after only
     const Tensor inputs_t = inputs.select(0, t - t0);
     const Tensor h_prev = inputs_t.narrow(1, Cin, C);
     a.dh_in[0] = g_out.defined() ? plane(g_out.select(1, t)) : zero_plane(zeros);
@@ -827,7 +830,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
       a.d_h_out[k] = a.d_x_out[k];  // d r, d z (and Ballas' d n) are the same for both convs: same value twice
     }
     if (hoisted && reset_after) {
-      for (int k = 0; k < 3; ++k) a.d_h_out[k] = slot(d_h.select(0, t - t0), k, C);
+      for (int k = 0; k < 3; ++k) a.d_h_out[k] = slot(d_h_t, k, C);
     } else if (!hoisted && reset_after) {
       a.d_h_out[2] = slot(d_x_t, 3, C);
     }
@@ -835,8 +838,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
 
     if (reset_after) {
       if (hoisted) {
-        dh_conv = wino ? winograd_conv(d_h.select(0, t - t0), v_grad_h, std::nullopt, g)
-                       : conv_input_grad(d_h.select(0, t - t0), h_prev, weight_hh, g);
+        dh_conv = wino ? winograd_conv(d_h_t, v_grad_h, std::nullopt, g) : conv_input_grad(d_h_t, h_prev, weight_hh, g);
       } else {
         const Tensor d_inputs = conv_input_grad(d_x_t, inputs_t, cw.w_a, g);
         grad_x.select(1, t).copy_(d_inputs.narrow(1, 0, Cin));
