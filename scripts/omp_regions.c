@@ -27,8 +27,15 @@ struct Site {
   double wall, busy[kMaxThreads];
 };
 static struct Site sites[kMaxSites];
-static int n_sites = 0, recording = 0;
+static int n_sites = 0, recording = 0, last_site = -1;
 static double serial = 0, last_end = 0;
+// The serial time before each region, by (site of the region before, site of this one).
+static double gap[kMaxSites][kMaxSites];
+static long gaps[kMaxSites][kMaxSites];
+// The last kTrace regions in order: site, serial time before it, wall time.
+enum { kTrace = 4096 };
+static struct { int site; double gap, wall; } trace[kTrace];
+static long n_trace = 0;
 
 struct Body {
   void (*fn)(void*);
@@ -54,13 +61,22 @@ void GOMP_parallel(void (*fn)(void*), void* data, unsigned threads, unsigned fla
   void* caller = __builtin_return_address(0);
   struct Body body = {fn, data, {0}};
   const double t0 = now();
-  if (last_end > 0) serial += t0 - last_end;
   real(timed_body, &body, threads, flags);
-  last_end = now();
+  const double t1 = now();
   int s = 0;
   while (s < n_sites && sites[s].caller != caller) ++s;
   if (s == kMaxSites) return;  // more call sites than slots: not counted
   if (s == n_sites) sites[n_sites++].caller = caller;
+  if (last_end > 0) {
+    serial += t0 - last_end;
+    gap[last_site][s] += t0 - last_end;
+    gaps[last_site][s]++;
+  }
+  trace[n_trace % kTrace].site = s;
+  trace[n_trace % kTrace].gap = last_end > 0 ? t0 - last_end : 0;
+  trace[n_trace % kTrace].wall = t1 - t0;
+  ++n_trace;
+  last_end = t1, last_site = s;
   sites[s].regions++;
   sites[s].wall += last_end - t0;
   for (int i = 0; i < kMaxThreads; ++i) sites[s].busy[i] += body.busy[i];
@@ -68,11 +84,15 @@ void GOMP_parallel(void (*fn)(void*), void* data, unsigned threads, unsigned fla
 
 void omp_regions_start(void) {
   memset(sites, 0, sizeof sites);
-  n_sites = 0, serial = 0, last_end = 0, recording = 1;
+  memset(gap, 0, sizeof gap);
+  memset(gaps, 0, sizeof gaps);
+  n_sites = 0, serial = 0, last_end = 0, last_site = -1, n_trace = 0, recording = 1;
 }
 
 // One line per call site, per call of the measured step (`calls` steps were recorded):
 //   site <library> <offset> <regions> <wall ms> <busy ms of thread 0> <thread 1> ...
+// then: gap <site before> <site after> <gaps per call> <ms per call> (by site index, in the order above),
+// then: trace <site> <ms serial before it> <ms wall> for the last regions recorded, in order,
 // then: serial <ms between regions>.
 void omp_regions_report(int calls, int threads, const char* path) {
   recording = 0;
@@ -87,6 +107,11 @@ void omp_regions_report(int calls, int threads, const char* path) {
     for (int i = 0; i < threads && i < kMaxThreads; ++i) fprintf(out, " %.4f", 1e3 * sites[s].busy[i] / calls);
     fprintf(out, "\n");
   }
+  for (int a = 0; a < n_sites; ++a)
+    for (int b = 0; b < n_sites; ++b)
+      if (gaps[a][b] > 0) fprintf(out, "gap %d %d %.2f %.4f\n", a, b, (double)gaps[a][b] / calls, 1e3 * gap[a][b] / calls);
+  for (long i = n_trace > kTrace ? n_trace - kTrace : 0; i < n_trace; ++i)
+    fprintf(out, "trace %d %.4f %.4f\n", trace[i % kTrace].site, 1e3 * trace[i % kTrace].gap, 1e3 * trace[i % kTrace].wall);
   fprintf(out, "serial %.4f\n", 1e3 * serial / calls);
   fclose(out);
 }

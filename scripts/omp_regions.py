@@ -2,6 +2,8 @@
 at::parallel_for, ours and ATen's), regions per step, wall time and each thread's busy time inside the
 region body, and the wall time between regions (serial: Python, dispatch, allocation, single-threaded
 code). Busy below wall = that thread waited (imbalance); serial time = every other thread waited.
+The serial time is also listed by the pair of regions around it (the largest --gaps of them), and
+--trace lists the last step's regions in order with the serial time before each.
 
     .venv/bin/python scripts/omp_regions.py "ConvGRU-B=4,T=8,C=32,32x32-bf16-fwd_bwd" --threads 2
 
@@ -74,12 +76,16 @@ def profile(args) -> None:
         workload()
     wall = 1e3 * (time.perf_counter() - start) / args.calls
     shim.omp_regions_report(args.calls, args.threads, report.encode())
-    sites, serial = [], 0.0
+    sites, gaps, trace, serial = [], [], [], 0.0
     with open(report) as f:
         for line in f:
             fields = line.split()
             if fields[0] == "serial":
                 serial = float(fields[1])
+            elif fields[0] == "trace":
+                trace.append((int(fields[1]), float(fields[2]), float(fields[3])))
+            elif fields[0] == "gap":
+                gaps.append((int(fields[1]), int(fields[2]), float(fields[3]), float(fields[4])))
             else:
                 sites.append((site_name(fields[1], fields[2]), float(fields[3]), float(fields[4]),
                               [float(v) for v in fields[5:]]))
@@ -92,6 +98,14 @@ def profile(args) -> None:
     busy = [sum(s[3][i] for s in sites) for i in range(args.threads)]
     print(f"in regions {in_regions:.2f} ms (busy per thread {' / '.join(f'{b:.2f}' for b in busy)}), "
           f"between regions (serial) {serial:.2f} ms")
+    print(f"largest serial gaps, by the regions around them:\n{'gaps':>8} {'ms':>8}  after -> before")
+    for before, after, count, ms in sorted(gaps, key=lambda g: -g[3])[:args.gaps]:
+        print(f"{count:8.1f} {ms:8.3f}  {sites[before][0]} -> {sites[after][0]}")
+    if args.trace:
+        per_call = round(sum(s[1] for s in sites))
+        print(f"the last step's {per_call} regions in order:\n{'serial ms':>10} {'wall ms':>8}  region body")
+        for site, gap, wall in trace[-per_call:]:
+            print(f"{gap:10.3f} {wall:8.3f}  {sites[site][0]}")
 
 
 def main() -> None:
@@ -102,6 +116,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=30, help="timed steps (default 30)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--min-ms", type=float, default=0.02, help="hide call sites below this wall time per step")
+    parser.add_argument("--trace", action="store_true", help="list the last step's regions in order")
+    parser.add_argument("--gaps", type=int, default=12, help="how many of the largest serial gaps to list")
     args = parser.parse_args()
     if PRELOADED not in os.environ:
         lib = build_shim()
