@@ -138,6 +138,13 @@ void check_reserve(const char* op, const Tensor& reserve, const SeqGeometry& g,
 // internal copies exist for one chunk instead of the whole sequence.
 int64_t chunk_steps(int64_t T) { return std::max<int64_t>(1, T / 16); }
 
+// A bias in the accumulation type of dtype, for a time loop's Winograd convs: converted once per call
+// (the convs would otherwise convert it at every step, an ATen op each).
+OptTensor winograd_bias(const OptTensor& bias, at::ScalarType dtype) {
+  if (!bias.has_value()) return std::nullopt;
+  return bias->to(acc_type(dtype)).contiguous();
+}
+
 // The chunk [t0, t0 + n) of `chunk` steps that holds time t.
 std::pair<int64_t, int64_t> chunk_of(int64_t t, int64_t chunk, int64_t T) {
   const int64_t t0 = t / chunk * chunk;
@@ -279,6 +286,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   const bool wino = strategy == kWinograd;
   std::optional<HoistedInput> hoist;
   Tensor h_buf, slots, w_cat, v_ih, v_hh;
+  const OptTensor bias_wino = wino ? winograd_bias(bias, x.scalar_type()) : std::nullopt;
   if (wino) {
     v_ih = winograd_weights(weight_ih);
     v_hh = winograd_weights(weight_hh);
@@ -332,7 +340,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     }
     a.mask = step_mask(lengths_d, t);
     if (wino)
-      winograd_lstm_step(a, x.select(1, t), v_ih, bias,
+      winograd_lstm_step(a, x.select(1, t), v_ih, bias_wino,
                          f == 0 ? h0.contiguous(fmt) : output.select(1, time_of(f - 1, T, reverse)), v_hh, g);
     else FASTVID_LAUNCH(lstm_forward, a, x.device());
   }
@@ -396,6 +404,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   Tensor g_chunk;  // the chunk's recomputed g gates [n, B, C] (not in the reserve)
   const Tensor w_g = w_cat.narrow(0, 2 * C, C);
   const Tensor v_g = wino ? winograd_weights(w_g) : Tensor();  // winograd: the g recompute a Winograd conv too
+  const OptTensor bias_g_wino = wino ? winograd_bias(bias_g, x.scalar_type()) : std::nullopt;
   const auto add_to = [](Tensor& sum, const Tensor& term) { sum = sum.defined() ? sum.add_(term) : term; };
   int64_t chunk_start = -1, chunk_len = 0;
   const auto load_chunk = [&](int64_t t0, int64_t n) {
@@ -403,7 +412,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
     g_chunk = Tensor();  // free the previous chunk's before the conv allocates
     const Tensor frames = flat(inputs.narrow(0, 0, n));
-    g_chunk = (wino ? winograd_conv(frames, v_g, bias_g, g, /*tanh=*/true) : conv(frames, w_g, bias_g, g).tanh_())
+    g_chunk = (wino ? winograd_conv(frames, v_g, bias_g_wino, g, /*tanh=*/true) : conv(frames, w_g, bias_g, g).tanh_())
                   .view({n, B, C, H, W});
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
@@ -574,10 +583,13 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
     if (!reset_after) buffer2 = empty_like_frame(g, Cin + C, opts);
     cw = gru_concat_weights(weight_ih, weight_hh, bias_ih, bias_hh, C, reset_after);
   }
+  OptTensor wb_ih, wb_hh;  // winograd, not fused: the biases for its convs
   if (wino && !fused) {
     v_ih = winograd_weights(weight_ih);
     v_h = winograd_weights(weight_hh.narrow(0, 0, 2 * C));
     v_n = winograd_weights(weight_hh.narrow(0, 2 * C, C));
+    wb_ih = winograd_bias(bias_ih, x.scalar_type());
+    wb_hh = winograd_bias(bias_hh, x.scalar_type());
   }
   Tensor keep1, keep2;  // per-step conv outputs the planes point into (outside the loop: see convlstm_sequence)
   for (int64_t f = 0; f < T; ++f) {
@@ -595,7 +607,7 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
       h_next = last ? h_n : output.select(1, t);
     } else if (hoisted) {
       const Tensor x_gates_t = hoist->gates(t, [&](const Tensor& frames) {
-        return wino ? winograd_conv(frames, v_ih, bias_ih, g) : conv(frames, weight_ih, bias_ih, g);
+        return wino ? winograd_conv(frames, v_ih, wb_ih, g) : conv(frames, weight_ih, bias_ih, g);
       });
       // winograd reads h_{t-1} from the output (a strip's conv reads its neighbours' rows: no in-place h)
       h_prev = !wino ? h_buf : f == 0 ? h0.contiguous(fmt) : output.select(1, time_of(f - 1, T, reverse));
@@ -608,7 +620,8 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
         }
       } else {
         const OptTensor bias_rz = narrow_optional(bias_hh, 0, 2 * C);
-        keep1 = wino ? winograd_conv(h_prev, v_h, bias_rz, g) : conv(h_buf, weight_hh.narrow(0, 0, 2 * C), bias_rz, g);
+        keep1 = wino ? winograd_conv(h_prev, v_h, narrow_optional(wb_hh, 0, 2 * C), g)
+                     : conv(h_buf, weight_hh.narrow(0, 0, 2 * C), bias_rz, g);
         ra.x_r = a.x[0];
         ra.h_r = slot(keep1, 0, C);
         ra.h_prev = plane(h_prev);
@@ -651,7 +664,7 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
     a.h_out = plane(output.select(1, t));
     a.h_out2 = plane(h_next);
     if (fused) winograd_gru_fused_step(a, x.select(1, t), v_ih, h_prev, v_h, bias_fused, g);
-    else if (wino) winograd_gru_step(a, reset_h, v_n, narrow_optional(bias_hh, 2 * C, C), 2, g);
+    else if (wino) winograd_gru_step(a, reset_h, v_n, narrow_optional(wb_hh, 2 * C, C), 2, g);
     else FASTVID_LAUNCH(gru_forward, a, x.device());
   }
   return {output, h_n, reserve};
@@ -703,6 +716,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   // (hh: [r, z, n] reset_after, else [r, z] and [n] apart), transformed back once at the end.
   const Tensor v_grad_x = wino ? winograd_input_grad_weights(weight_ih) : Tensor();
   const Tensor v_n = wino && reset_after && !keep_hn ? winograd_weights(w_n) : Tensor();  // the h_n recompute
+  const OptTensor wb_hn = v_n.defined() ? winograd_bias(narrow_optional(bias_hh, 2 * C, C), x.scalar_type()) : std::nullopt;
   Tensor dV_ih, dV_hh, dV_n;
   Tensor db_x, db_h;  // winograd: Σ d_x (b_ih's gradient, and the Ballas b_hh's) and Σ d_h (reset_after's b_hh)
   if (wino) {
@@ -739,8 +753,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     }
     hn_chunk = Tensor();  // free the previous chunk's before the conv allocates
     const Tensor h_frames = flat(inputs.narrow(0, 0, n).narrow(2, Cin, C));
-    const OptTensor b_hn = narrow_optional(bias_hh, 2 * C, C);
-    hn_chunk = (wino ? winograd_conv(h_frames, v_n, b_hn, g) : conv(h_frames, w_n, b_hn, g)).view({n, B, C, H, W});
+    hn_chunk = (wino ? winograd_conv(h_frames, v_n, wb_hn, g) : conv(h_frames, w_n, narrow_optional(bias_hh, 2 * C, C), g))
+                   .view({n, B, C, H, W});
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor dx = flat(d_x.narrow(0, 0, n));

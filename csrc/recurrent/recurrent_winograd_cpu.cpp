@@ -167,7 +167,10 @@ winograd::Job make_job(const Tensor& input, const Tensor& V, const OptTensor& bi
   set_input(j, 0, input, V);
   j.channels_last = g.channels_last;
   if (bias.has_value()) {
-    bias_acc = bias->to(acc_type(input.scalar_type())).contiguous();
+    // a bias already in the accumulation type is used as is (the time loops convert theirs once per
+    // call: a conversion here per step was an ATen op per step)
+    const bool ready = bias->scalar_type() == acc_type(input.scalar_type()) && bias->is_contiguous();
+    bias_acc = ready ? *bias : bias->to(acc_type(input.scalar_type())).contiguous();
     TORCH_CHECK(bias_acc.numel() == j.N, "winograd_conv: bias must have N elements");
     j.bias = bias_acc.data_ptr();
   }
