@@ -137,11 +137,13 @@ void sum_row(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n) {
 }
 
 // ------------------------------------------------------------------------ LSTM
-template <typename scalar_t>
+// pre_t: the pre-activations' type (scalar_t, or the accumulation type for a Winograd strip);
+// kHidden: a_h is read and added (false: the hidden part is already in a_x).
+template <typename scalar_t, typename pre_t>
 struct LstmForwardRow {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* a_x[4];
-  const scalar_t* a_h[4];
+  const pre_t* a_x[4];
+  const pre_t* a_h[4];
   const acc_t* c_prev;
   const acc_t* w[3];
   scalar_t* h_out;
@@ -150,21 +152,23 @@ struct LstmForwardRow {
   scalar_t* gates_out[4];
 };
 
-template <typename scalar_t, bool kSave>
-void lstm_forward_row(const LstmForwardRow<scalar_t>& r, int64_t n) {
+template <typename scalar_t, typename pre_t, bool kSave, bool kHidden>
+void lstm_forward_row(const LstmForwardRow<scalar_t, pre_t>& r, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t *xi = r.a_x[0], *xf = r.a_x[1], *xg = r.a_x[2], *xo = r.a_x[3];
-  const scalar_t *hi = r.a_h[0], *hf = r.a_h[1], *hg = r.a_h[2], *ho = r.a_h[3];
+  const pre_t *xi = r.a_x[0], *xf = r.a_x[1], *xg = r.a_x[2], *xo = r.a_x[3];
+  const pre_t *hi = r.a_h[0], *hf = r.a_h[1], *hg = r.a_h[2], *ho = r.a_h[3];
   const acc_t *c_prev = r.c_prev, *w_ci = r.w[0], *w_cf = r.w[1], *w_co = r.w[2];
   scalar_t *h_out = r.h_out, *h_out2 = r.h_out2;
   acc_t* c_out = r.c_out;
   scalar_t *gi = r.gates_out[0], *gf = r.gates_out[1], *gg = r.gates_out[2], *go = r.gates_out[3];
+  const auto pre = [&](const pre_t* x, const pre_t* h, int64_t j) {
+    if constexpr (kHidden) return ld<pre_t, acc_t>(x, j) + ld<pre_t, acc_t>(h, j);
+    else return ld<pre_t, acc_t>(x, j);
+  };
 #pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) {
-    const LstmState<acc_t> s = lstm_forward<acc_t>(
-        ld<scalar_t, acc_t>(xi, j) + ld<scalar_t, acc_t>(hi, j), ld<scalar_t, acc_t>(xf, j) + ld<scalar_t, acc_t>(hf, j),
-        ld<scalar_t, acc_t>(xg, j) + ld<scalar_t, acc_t>(hg, j), ld<scalar_t, acc_t>(xo, j) + ld<scalar_t, acc_t>(ho, j),
-        c_prev[j], w_ci[j], w_cf[j], w_co[j]);
+    const LstmState<acc_t> s = lstm_forward<acc_t>(pre(xi, hi, j), pre(xf, hf, j), pre(xg, hg, j), pre(xo, ho, j),
+                                                   c_prev[j], w_ci[j], w_cf[j], w_co[j]);
     h_out[j] = static_cast<scalar_t>(s.h);
     h_out2[j] = static_cast<scalar_t>(s.h);
     c_out[j] = s.c;
@@ -177,8 +181,8 @@ void lstm_forward_row(const LstmForwardRow<scalar_t>& r, int64_t n) {
   }
 }
 
-template <typename scalar_t>
-void lstm_forward_impl(const LstmForwardArgs& a) {
+template <typename scalar_t, typename pre_t, bool kHidden>
+void lstm_forward_rows(const LstmForwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowLayout layout = row_layout(a.geo, {&a.a_x[0], &a.a_x[1], &a.a_x[2], &a.a_x[3], &a.a_h[0], &a.a_h[1],
                                               &a.a_h[2], &a.a_h[3], &a.c_prev, &a.h_out, &a.h_out2, &a.c_out,
@@ -187,10 +191,10 @@ void lstm_forward_impl(const LstmForwardArgs& a) {
   TORCH_INTERNAL_ASSERT(a.mask.lengths == nullptr || a.h_prev.data != nullptr, "lstm_forward: a mask needs h_prev");
   const auto make_peephole = [&] { return PeepholeRow<acc_t>(a.peephole, a.geo.channels, layout); };
   for_each_row(a.geo, layout, make_peephole, [&](PeepholeRow<acc_t>& peephole, int64_t b, int64_t outer) {
-    LstmForwardRow<scalar_t> r;
+    LstmForwardRow<scalar_t, pre_t> r;
     for (int k = 0; k < 4; ++k) {
-      r.a_x[k] = row_ptr<const scalar_t>(a.a_x[k], layout, b, outer);
-      r.a_h[k] = row_ptr<const scalar_t>(a.a_h[k], layout, b, outer);
+      r.a_x[k] = row_ptr<const pre_t>(a.a_x[k], layout, b, outer);
+      r.a_h[k] = kHidden ? row_ptr<const pre_t>(a.a_h[k], layout, b, outer) : nullptr;
       r.gates_out[k] = row_ptr<scalar_t>(a.gates_out[k], layout, b, outer);
     }
     r.c_prev = row_ptr<const acc_t>(a.c_prev, layout, b, outer);
@@ -205,9 +209,15 @@ void lstm_forward_impl(const LstmForwardArgs& a) {
       return;
     }
     peephole.get(layout, outer, r.w);
-    if (a.save) lstm_forward_row<scalar_t, true>(r, layout.inner);
-    else lstm_forward_row<scalar_t, false>(r, layout.inner);
+    if (a.save) lstm_forward_row<scalar_t, pre_t, true, kHidden>(r, layout.inner);
+    else lstm_forward_row<scalar_t, pre_t, false, kHidden>(r, layout.inner);
   });
+}
+
+template <typename scalar_t>
+void lstm_forward_impl(const LstmForwardArgs& a) {
+  if (a.pre_acc) lstm_forward_rows<scalar_t, at::opmath_type<scalar_t>, false>(a);
+  else lstm_forward_rows<scalar_t, scalar_t, true>(a);
 }
 
 template <typename scalar_t>
@@ -281,30 +291,35 @@ void lstm_backward_impl(const LstmBackwardArgs& a) {
 }
 
 // ------------------------------------------------------------------------ GRU
-template <typename scalar_t>
+// pre_t: the pre-activations' type (scalar_t, or the accumulation type for a fused Winograd strip);
+// kHidden: h[0], h[1] read and added (false: h's r and z parts are already in x[0], x[1]).
+template <typename scalar_t, typename pre_t>
 struct GruForwardRow {
-  const scalar_t* x[3];
-  const scalar_t* h[3];
+  const pre_t* x[3];
+  const pre_t* h[3];
   const scalar_t* h_prev;
   scalar_t* h_out;
   scalar_t* h_out2;
   scalar_t* cache[4];
 };
 
-template <typename scalar_t, bool kResetAfter, bool kSave>
-void gru_forward_row(const GruForwardRow<scalar_t>& r, int64_t n) {
+template <typename scalar_t, typename pre_t, bool kResetAfter, bool kSave, bool kHidden>
+void gru_forward_row(const GruForwardRow<scalar_t, pre_t>& r, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t *xr = r.x[0], *xz = r.x[1], *xn = r.x[2], *hr = r.h[0], *hz = r.h[1], *hn = r.h[2];
+  const pre_t *xr = r.x[0], *xz = r.x[1], *xn = r.x[2], *hr = r.h[0], *hz = r.h[1], *hn = r.h[2];
   const scalar_t* h_prev = r.h_prev;
   scalar_t *h_out = r.h_out, *h_out2 = r.h_out2;
   scalar_t *cr = r.cache[0], *cz = r.cache[1], *cn = r.cache[2], *chn = r.cache[3];
+  const auto hidden = [&](const pre_t* h, int64_t j) {
+    if constexpr (kHidden) return ld<pre_t, acc_t>(h, j);
+    else return acc_t(0);
+  };
 #pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t h_n = ld<scalar_t, acc_t>(hn, j);
-    const GruState<acc_t> s = gru_forward<acc_t>(ld<scalar_t, acc_t>(xr, j), ld<scalar_t, acc_t>(xz, j),
-                                                 ld<scalar_t, acc_t>(xn, j), ld<scalar_t, acc_t>(hr, j),
-                                                 ld<scalar_t, acc_t>(hz, j), h_n, ld<scalar_t, acc_t>(h_prev, j),
-                                                 kResetAfter);
+    const acc_t h_n = ld<pre_t, acc_t>(hn, j);
+    const GruState<acc_t> s = gru_forward<acc_t>(ld<pre_t, acc_t>(xr, j), ld<pre_t, acc_t>(xz, j),
+                                                 ld<pre_t, acc_t>(xn, j), hidden(hr, j), hidden(hz, j), h_n,
+                                                 ld<scalar_t, acc_t>(h_prev, j), kResetAfter);
     h_out[j] = static_cast<scalar_t>(s.h);
     h_out2[j] = static_cast<scalar_t>(s.h);
     if (kSave) {
@@ -316,16 +331,16 @@ void gru_forward_row(const GruForwardRow<scalar_t>& r, int64_t n) {
   }
 }
 
-template <typename scalar_t>
-void gru_forward_impl(const GruForwardArgs& a) {
+template <typename scalar_t, typename pre_t, bool kHidden>
+void gru_forward_rows(const GruForwardArgs& a) {
   const RowLayout layout =
       row_layout(a.geo, {&a.x[0], &a.x[1], &a.x[2], &a.h[0], &a.h[1], &a.h[2], &a.h_prev, &a.h_out, &a.h_out2,
                          &a.cache_out[0], &a.cache_out[1], &a.cache_out[2], &a.cache_out[3]});
   for_each_row(a.geo, layout, [&](int64_t b, int64_t outer) {
-    GruForwardRow<scalar_t> r;
+    GruForwardRow<scalar_t, pre_t> r;
     for (int k = 0; k < 3; ++k) {
-      r.x[k] = row_ptr<const scalar_t>(a.x[k], layout, b, outer);
-      r.h[k] = row_ptr<const scalar_t>(a.h[k], layout, b, outer);
+      r.x[k] = row_ptr<const pre_t>(a.x[k], layout, b, outer);
+      r.h[k] = kHidden || k == 2 ? row_ptr<const pre_t>(a.h[k], layout, b, outer) : nullptr;
     }
     for (int k = 0; k < 4; ++k) r.cache[k] = row_ptr<scalar_t>(a.cache_out[k], layout, b, outer);
     r.h_prev = row_ptr<const scalar_t>(a.h_prev, layout, b, outer);
@@ -338,13 +353,20 @@ void gru_forward_impl(const GruForwardArgs& a) {
       return;
     }
     if (a.reset_after) {
-      if (a.save) gru_forward_row<scalar_t, true, true>(r, layout.inner);
-      else gru_forward_row<scalar_t, true, false>(r, layout.inner);
+      if (a.save) gru_forward_row<scalar_t, pre_t, true, true, kHidden>(r, layout.inner);
+      else gru_forward_row<scalar_t, pre_t, true, false, kHidden>(r, layout.inner);
     } else {
-      if (a.save) gru_forward_row<scalar_t, false, true>(r, layout.inner);
-      else gru_forward_row<scalar_t, false, false>(r, layout.inner);
+      if (a.save) gru_forward_row<scalar_t, pre_t, false, true, kHidden>(r, layout.inner);
+      else gru_forward_row<scalar_t, pre_t, false, false, kHidden>(r, layout.inner);
     }
   });
+}
+
+template <typename scalar_t>
+void gru_forward_impl(const GruForwardArgs& a) {
+  TORCH_INTERNAL_ASSERT(!a.pre_acc || a.reset_after, "gru_forward: pre_acc is the fused reset_after step's");
+  if (a.pre_acc) gru_forward_rows<scalar_t, at::opmath_type<scalar_t>, false>(a);
+  else gru_forward_rows<scalar_t, scalar_t, true>(a);
 }
 
 template <typename scalar_t>

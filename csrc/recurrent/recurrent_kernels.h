@@ -50,6 +50,9 @@ struct LstmForwardArgs {
   bool save = false;
   StepMask mask;
   Plane h_prev;  // the hidden state entering the step (read only for masked samples; may alias h_out2)
+  // CPU, Winograd step: a_x hold the summed pre-activations in the accumulation type (the strip's fp32
+  // output transform, never rounded to the input dtype) and a_h are not read.
+  bool pre_acc = false;
 };
 
 // dh = dh_in[0] + dh_in[1] + dh_in[2]; dc_in is the gradient reaching c (may alias dc_prev_out).
@@ -72,6 +75,9 @@ struct GruForwardArgs {
   Plane cache_out[4];
   bool reset_after = true, save = false;
   StepMask mask;
+  // CPU, fused Winograd step (reset_after): x[0..2] (r and z with h's part summed in) and h[2] hold the
+  // pre-activations in the accumulation type (the strip's fp32 output transform); h[0], h[1] not read.
+  bool pre_acc = false;
 };
 
 // dh = dh_in[0] + dh_in[1] + dh_in[2]. d_x_out: d(x_r, x_z, x_n); d_h_out: d(h_r, h_z, h_n);

@@ -101,6 +101,7 @@ struct Job {
   at::ScalarType dtype = at::kFloat;  // input and output dtype
   bool channels_last = false;         // layout of the strip planes handed out
   const WinogradStripFn* fn = nullptr;
+  bool pre_acc = false;  // fn gets the strip in the accumulation type (else in dtype, as the frames)
   Plane out;  // when fn is null: the [B, N, H·W] output plane
   bool tanh = false;  // when fn is null: write tanh(conv) (LSTM backward's recompute of g)
 };
@@ -366,13 +367,14 @@ void winograd_lstm_step(const LstmForwardArgs& a, const Tensor& x_t, const Tenso
   Tensor bias_acc;
   winograd::Job j = make_job(x_t, V_ih, bias, g, bias_acc);
   set_input(j, 1, h_prev, V_hh);
+  j.pre_acc = true;  // the gates read the fp32 output transform: pre-activations never rounded to dtype
   const WinogradStripFn fn = [&](int64_t b, int64_t y0, int64_t rows, const Plane& pre) {
     LstmForwardArgs s = a;
     s.geo.batch = 1;
     s.geo.pixels = rows * W;
+    s.pre_acc = true;
     for (int k = 0; k < 4; ++k) {
-      s.a_x[k] = slot_of(pre, k, C, es);  // x and h convs summed in the Winograd domain
-      s.a_h[k] = a.a_h[k];                // zero planes
+      s.a_x[k] = slot_of(pre, k, C, ea);  // x and h convs summed in the Winograd domain; a_h not read
       if (a.save) s.gates_out[k] = strip_of(a.gates_out[k], b, y0, W, es);
     }
     s.c_prev = strip_of(a.c_prev, b, y0, W, ea);
@@ -414,7 +416,7 @@ void winograd_gru_step(const GruForwardArgs& a, const Tensor& input, const Tenso
 void winograd_gru_fused_step(const GruForwardArgs& a, const Tensor& x_t, const Tensor& V_x, const Tensor& h_prev,
                              const Tensor& V_h, const Tensor& bias, const SeqGeometry& g) {
   const int64_t C = a.geo.channels, W = g.W, Cp = gate_columns(C);
-  const int64_t es = c10::elementSize(a.geo.dtype);
+  const int64_t es = c10::elementSize(a.geo.dtype), ea = c10::elementSize(acc_type(a.geo.dtype));
   TORCH_CHECK(V_x.size(2) == 3 * Cp && V_h.size(2) == 3 * Cp, "winograd_gru_fused_step: V must come from winograd_gate_weights");
   winograd::Job j;
   set_input(j, 0, x_t, V_x);
@@ -430,12 +432,14 @@ void winograd_gru_fused_step(const GruForwardArgs& a, const Tensor& x_t, const T
                 "winograd_gru_fused_step: bias must come from winograd_gru_bias");
     j.bias = bias.data_ptr();
   }
+  j.pre_acc = true;  // the gates read the fp32 output transform: pre-activations never rounded to dtype
   const WinogradStripFn fn = [&](int64_t b, int64_t y0, int64_t rows, const Plane& pre) {
     GruForwardArgs s = a;
     s.geo.batch = 1;
     s.geo.pixels = rows * W;
-    for (int k = 0; k < 3; ++k) s.x[k] = slot_of(pre, k, Cp, es);
-    s.h[2] = slot_of(pre, 3, Cp, es);  // s.h[0], s.h[1]: a's zero planes
+    s.pre_acc = true;
+    for (int k = 0; k < 3; ++k) s.x[k] = slot_of(pre, k, Cp, ea);
+    s.h[2] = slot_of(pre, 3, Cp, ea);  // s.h[0], s.h[1] not read (h's r, z parts are summed into x's)
     if (a.save)
       for (int k = 0; k < 4; ++k) s.cache_out[k] = strip_of(a.cache_out[k], b, y0, W, es);
     s.h_prev = strip_of(a.h_prev, b, y0, W, es);
@@ -878,7 +882,11 @@ void winograd_conv_impl(const winograd::Job& j) {
     const auto U_buf = scratch<acc_t>(u_size[0] + u_size[1]);
     const auto M_buf = scratch<acc_t>(A * A * (max_tiles * kBlockColumns + kSlicePad));  // one column block of M
     const auto out = scratch<acc_t>(per_group * M * Wt * N);  // the group's strips' outputs, pixel-major
-    const auto pre = scratch<scalar_t>(M * W * N);         // the same in the frames layout and dtype
+    // a strip for fn in the frames layout: in dtype, or (pre_acc) in the accumulation type -- unless
+    // pre_acc with channels innermost and no W padding, where fn reads `out` itself
+    const bool direct = j.fn != nullptr && j.pre_acc && j.channels_last && Wt == W;
+    const auto pre = scratch<scalar_t>(j.fn != nullptr && !j.pre_acc ? M * W * N : 0);
+    const auto pre_acc = scratch<acc_t>(j.fn != nullptr && j.pre_acc && !direct ? M * W * N : 0);
     for (int64_t grp = g0; grp < g1; ++grp) {
       const int64_t s0 = grp * per_group, s1 = std::min(strips, s0 + per_group);
       const int64_t P = (s1 - s0) * tiles_w;
@@ -927,11 +935,18 @@ void winograd_conv_impl(const winograd::Job& j) {
         const int64_t pixels = rows * W;
         if (j.fn != nullptr) {
           Plane pl;
-          pl.data = pre.get();
           pl.stride_b = pixels * N;
           pl.stride_c = j.channels_last ? 1 : pixels;
           pl.stride_p = j.channels_last ? N : 1;
-          emit_strip(out_s, Wt, W, rows, N, pre.get(), pl.stride_c, pl.stride_p);
+          if (direct) {
+            pl.data = const_cast<acc_t*>(out_s);
+          } else if (j.pre_acc) {
+            pl.data = pre_acc.get();
+            emit_strip(out_s, Wt, W, rows, N, pre_acc.get(), pl.stride_c, pl.stride_p);
+          } else {
+            pl.data = pre.get();
+            emit_strip(out_s, Wt, W, rows, N, pre.get(), pl.stride_c, pl.stride_p);
+          }
           (*j.fn)(b, y0, rows, pl);
         } else {
           scalar_t* dst = static_cast<scalar_t*>(j.out.data) + b * j.out.stride_b + y0 * W * j.out.stride_p;
