@@ -178,25 +178,44 @@ winograd::Job make_job(const Tensor& input, const Tensor& V, const OptTensor& bi
   return j;
 }
 
+int64_t gate_columns(int64_t C) {
+  return (C + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
+}
+
+// V[a·A + b, k, col(n)] = Σ_ij G[a, i] w[n, k, i, j] G[b, j] in fp64 for the kernel w [N, K, 3, 3] =
+// weight, or with `flipped` the input-gradient kernel w[n, k, i, j] = weight[k, n, 2 - i, 2 - j]; with
+// `gates` > 1 the N rows are that many stacked gates of C and gate g's column c is g·Cp + c (Cp = C
+// rounded up to the GEMM column block). V is [A², K, Np] (Np: the columns rounded up to the column
+// block, zeros past them) in the accumulation type; returned narrowed to N columns (gates: gates·Cp).
+// One parallel pass straight from weight (any strides and floating dtype): the fp64 copy, the permuted
+// copy, the zero-filled buffer and the gate copies it replaced were a dozen ATen ops per call.
+// Loops with n innermost (contiguous, vectorised): a batched matmul of the 6x3 / 3x3 matrices went
+// through ATen's small-matrix bmm, and scalar loops per (n, k) cost ~5 % of a small ConvGRU fwd+bwd.
 template <int M>
-Tensor transform_weights(const Tensor& weight) {
-  // V[a·A + b, k, n] = Σ_ij G[a, i] w[n, k, i, j] G[b, j], in fp64, as loops with n innermost (contiguous,
-  // vectorised): a batched matmul of the 6x3 / 3x3 matrices went through ATen's small-matrix bmm, and
-  // scalar loops per (n, k) cost ~5 % of a small ConvGRU fwd+bwd (the weights are transformed per call).
+Tensor transform_weights(const Tensor& weight, bool flipped, int64_t gates) {
   using Mat = winograd::Matrices<M>;
   constexpr int A = Mat::A;
-  const int64_t N = weight.size(0), K = weight.size(1);
-  const Tensor w = weight.to(at::kDouble).permute({1, 2, 3, 0}).contiguous();  // [K, 3, 3, N]
-  // Columns padded with zeros to a multiple of winograd::kColumnBlock (the GEMM kernel's widest column
-  // block); the returned view has N columns and row stride Np.
-  const int64_t Np = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
-  Tensor padded = at::zeros({A * A, K, Np}, weight.options().dtype(acc_type(weight.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES(padded.scalar_type(), "winograd_weights", [&] {
+  const int64_t N = weight.size(flipped ? 1 : 0), K = weight.size(flipped ? 0 : 1);
+  const int64_t C = N / gates, Cp = gates > 1 ? gate_columns(C) : C;
+  const int64_t columns = gates * Cp;
+  const int64_t Np = (columns + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
+  // element strides of w[n, k, i, j] in weight (flipped: i, j read backwards from the last tap)
+  const int64_t sn = weight.stride(flipped ? 1 : 0), sk = weight.stride(flipped ? 0 : 1);
+  const int64_t si = flipped ? -weight.stride(2) : weight.stride(2), sj = flipped ? -weight.stride(3) : weight.stride(3);
+  const int64_t first_tap = flipped ? 2 * weight.stride(2) + 2 * weight.stride(3) : 0;
+  Tensor V = at::empty({A * A, K, Np}, weight.options().dtype(acc_type(weight.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "winograd_weights", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = weight.const_data_ptr<scalar_t>() + first_tap;
+    acc_t* dst = V.mutable_data_ptr<acc_t>();
     // parallel over k: transformed per call, serial they were ~3 % of a 2-thread small ConvGRU fwd+bwd
     at::parallel_for(0, K, 8, [&](int64_t k0, int64_t k1) {
-      std::vector<double> Gw(A * 3 * N);  // (G w)[a, j] of one k, n innermost
+      std::vector<double> wk(9 * N), Gw(A * 3 * N);  // w[·, k, i, j] and (G w)[a, j] of one k, n innermost
       for (int64_t k = k0; k < k1; ++k) {
-        const double* wk = w.const_data_ptr<double>() + k * 9 * N;
+        for (int i = 0; i < 3; ++i)
+          for (int j = 0; j < 3; ++j)
+            for (int64_t n = 0; n < N; ++n)
+              wk[(i * 3 + j) * N + n] = static_cast<double>(src[n * sn + k * sk + i * si + j * sj]);
         for (int a = 0; a < A; ++a)
           for (int j = 0; j < 3; ++j) {
             double* row = Gw.data() + (a * 3 + j) * N;
@@ -206,14 +225,19 @@ Tensor transform_weights(const Tensor& weight) {
         for (int a = 0; a < A; ++a)
           for (int b = 0; b < A; ++b) {
             const double* g = Gw.data() + a * 3 * N;
-            scalar_t* V = padded.mutable_data_ptr<scalar_t>() + ((a * A + b) * K + k) * Np;
-            for (int64_t n = 0; n < N; ++n)
-              V[n] = static_cast<scalar_t>(g[n] * Mat::G[b][0] + g[N + n] * Mat::G[b][1] + g[2 * N + n] * Mat::G[b][2]);
+            acc_t* row = dst + ((a * A + b) * K + k) * Np;
+            std::fill(row, row + Np, acc_t(0));
+            for (int64_t gate = 0; gate < gates; ++gate)
+              for (int64_t c = 0; c < C; ++c) {
+                const int64_t n = gate * C + c;
+                row[gate * Cp + c] =
+                    static_cast<acc_t>(g[n] * Mat::G[b][0] + g[N + n] * Mat::G[b][1] + g[2 * N + n] * Mat::G[b][2]);
+              }
           }
       }
     });
   });
-  return padded.narrow(2, 0, N);
+  return V.narrow(2, 0, gates > 1 ? columns : N);
 }
 
 // dL/dw [N, K, 3, 3] = Gᵀ dV G per (k, n) from dV = dL/d(G w Gᵀ) [A², K, N], in fp64 (as the forward's
@@ -275,25 +299,20 @@ void check_winograd(const char* op, const Tensor& x, const Tensor& weight_hh, co
                     "; use strategy 0 (hoisted) or 1 (concat)");
 }
 
-Tensor winograd_weights(const Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "winograd_weights: need [N, K, 3, 3]");
-  return winograd_tile(weight.scalar_type()) == 4 ? transform_weights<4>(weight) : transform_weights<2>(weight);
-}
-
 namespace {
-int64_t gate_columns(int64_t C) {
-  return (C + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
+Tensor transformed_weights(const Tensor& weight, bool flipped, int64_t gates) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "winograd_weights: need [N, K, 3, 3]");
+  return winograd_tile(weight.scalar_type()) == 4 ? transform_weights<4>(weight, flipped, gates)
+                                                  : transform_weights<2>(weight, flipped, gates);
 }
 }  // namespace
+
+Tensor winograd_weights(const Tensor& weight) { return transformed_weights(weight, false, 1); }
 
 Tensor winograd_gate_weights(const Tensor& weight, int64_t gates) {
   TORCH_CHECK(gates > 0 && weight.dim() == 4 && weight.size(0) % gates == 0,
               "winograd_gate_weights: weight must be [gates·C, K, 3, 3]");
-  const int64_t C = weight.size(0) / gates, Cp = gate_columns(C);
-  const Tensor V = winograd_weights(weight);
-  Tensor out = at::zeros({V.size(0), V.size(1), gates * Cp}, V.options());
-  for (int64_t k = 0; k < gates; ++k) out.narrow(2, k * Cp, C).copy_(V.narrow(2, k * C, C));
-  return out;
+  return transformed_weights(weight, false, gates);
 }
 
 Tensor winograd_gru_bias(const OptTensor& bias_ih, const OptTensor& bias_hh, int64_t C, at::ScalarType dtype) {
@@ -308,9 +327,7 @@ Tensor winograd_gru_bias(const OptTensor& bias_ih, const OptTensor& bias_hh, int
   return out;
 }
 
-Tensor winograd_input_grad_weights(const Tensor& weight) {
-  return winograd_weights(weight.flip({2, 3}).transpose(0, 1));
-}
+Tensor winograd_input_grad_weights(const Tensor& weight) { return transformed_weights(weight, true, 1); }
 
 void winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
                    const WinogradStripFn& fn) {
