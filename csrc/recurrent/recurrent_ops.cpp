@@ -203,6 +203,13 @@ void copy_previous(Tensor dst, const Tensor& all, int64_t time_dim, const Tensor
   }
 }
 
+// The state entering step t without a copy: frame t - 1 (reverse: t + 1) of `all` [B, T, ...], `first`
+// at the first step.
+Tensor previous_frame(const Tensor& all, const Tensor& first, int64_t t, bool reverse) {
+  const int64_t prev = reverse ? t + 1 : t - 1;
+  return prev < 0 || prev >= all.size(1) ? first : all.select(1, prev);
+}
+
 // copy_previous of the hidden state with lengths: in reverse, sample b's first step t = lengths[b] - 1
 // (and its masked steps after it) start from h0, not from the zero output of step t + 1. The per-chunk
 // form of previous_state (recurrent_sequence.h); dst [n, B, C, H, W] holds the steps [t0, t0 + n).
@@ -736,7 +743,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   const int64_t d_channels = (!hoisted && reset_after) ? 4 * C : 3 * C;
   Tensor d_x = empty_frames({chunk, B}, d_channels, H, W, g.channels_last, opts);
   Tensor d_h = (hoisted && reset_after) ? empty_frames({chunk, B}, 3 * C, H, W, g.channels_last, opts) : Tensor();
-  Tensor inputs = empty_frames({chunk, B}, Cin + C, H, W, g.channels_last, opts);
+  // winograd reset_after with one-step chunks (T < 32): the step's conv inputs x_t and h_{t-1} are read
+  // where they are (x, and the output or h0; winograd takes no lengths) instead of copied into `inputs`
+  // (Ballas scales h_{t-1} in place, so it keeps the copy).
+  const bool in_place_inputs = wino && reset_after && chunk == 1;
+  Tensor inputs = in_place_inputs ? Tensor() : empty_frames({chunk, B}, Cin + C, H, W, g.channels_last, opts);
+  Tensor x_step, h_step;  // in_place_inputs: the current step's x_t and h_{t-1} ([B, ., H, W] views)
   Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
   const auto add_to = [](Tensor& sum, const Tensor& term) {
     if (term.defined() && term.numel() > 0) sum = sum.defined() ? sum.add_(term) : term;
@@ -744,22 +756,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   int64_t chunk_start = -1, chunk_len = 0;
   Tensor hn_chunk;  // reset_after: the chunk's h_n = U_n*h_{t-1} + b_hn [n, B, C], kept or recomputed
   const auto load_chunk = [&](int64_t t0, int64_t n) {
-    copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
-    copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
+    if (in_place_inputs) {
+      x_step = x.select(1, t0);
+      h_step = previous_frame(output, h0_l, t0, reverse);
+    } else {
+      copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
+      copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
+    }
     if (!reset_after) return;
     if (keep_hn) {
       hn_chunk = views[1].narrow(0, t0, n);
       return;
     }
     hn_chunk = Tensor();  // free the previous chunk's before the conv allocates
-    const Tensor h_frames = flat(inputs.narrow(0, 0, n).narrow(2, Cin, C));
+    const Tensor h_frames = in_place_inputs ? h_step : flat(inputs.narrow(0, 0, n).narrow(2, Cin, C));
     hn_chunk = (wino ? winograd_conv(h_frames, v_n, wb_hn, g) : conv(h_frames, w_n, narrow_optional(bias_hh, 2 * C, C), g))
                    .view({n, B, C, H, W});
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor dx = flat(d_x.narrow(0, 0, n));
-    const Tensor in = inputs.narrow(0, 0, n);
-    const Tensor h_in = in.narrow(2, Cin, C);  // h_{t-1}; Ballas: scaled to r·h_{t-1} below
+    const Tensor in = in_place_inputs ? Tensor() : inputs.narrow(0, 0, n);
+    const Tensor h_in = in_place_inputs ? Tensor() : in.narrow(2, Cin, C);  // h_{t-1}; Ballas: scaled to r·h_{t-1} below
     if (wino) {
       if (n == 1) {  // straight into the frame (T < 32: every chunk is one step)
         winograd_conv_out(dx, v_grad_x, std::nullopt, g, grad_x.select(1, t0));
@@ -767,9 +784,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
         const Tensor gx = winograd_conv(dx, v_grad_x, std::nullopt, g);
         grad_x.narrow(1, t0, n).copy_(gx.view({n, B, Cin, H, W}).transpose(0, 1));
       }
-      winograd_weight_grad_add(dV_ih, flat(in.narrow(2, 0, Cin)), dx, db_x.defined() ? &db_x : nullptr);
+      winograd_weight_grad_add(dV_ih, in_place_inputs ? x_step : flat(in.narrow(2, 0, Cin)), dx,
+                               db_x.defined() ? &db_x : nullptr);
       if (reset_after) {
-        winograd_weight_grad_add(dV_hh, flat(h_in), flat(d_h.narrow(0, 0, n)), db_h.defined() ? &db_h : nullptr);
+        winograd_weight_grad_add(dV_hh, in_place_inputs ? h_step : flat(h_in), flat(d_h.narrow(0, 0, n)),
+                                 db_h.defined() ? &db_h : nullptr);
       } else {
         // In the Ballas form d(h-conv pre-activations) equal d(x-conv pre-activations).
         winograd_weight_grad_add(dV_hh, flat(h_in), dx.narrow(1, 0, 2 * C));
@@ -830,8 +849,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     const Tensor cache_t = cache.select(0, t);
     const Tensor d_x_t = d_x.select(0, t - t0);
     const Tensor d_h_t = d_h.defined() ? d_h.select(0, t - t0) : Tensor();  // hoisted reset_after only
-    const Tensor inputs_t = inputs.select(0, t - t0);
-    const Tensor h_prev = inputs_t.narrow(1, Cin, C);
+    const Tensor inputs_t = in_place_inputs ? Tensor() : inputs.select(0, t - t0);
+    const Tensor h_prev = in_place_inputs ? h_step : inputs_t.narrow(1, Cin, C);
     a.dh_in[0] = g_out.defined() ? plane(g_out.select(1, t)) : zero_plane(zeros);
     a.dh_in[1] = dh_conv.defined() ? plane(dh_conv) : zero_plane(zeros);
     a.dh_in[2] = plane(dh_direct);
