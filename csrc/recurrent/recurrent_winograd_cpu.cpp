@@ -1017,7 +1017,7 @@ inline void gemm_tn_block(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c
     std::memcpy(&b1, b + p * ldb + L, sizeof(V));
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const V ai = V{} + u[p * ldu + i];
+      const V ai = broadcast(u + p * ldu + i);  // from memory: see broadcast()
       acc0[i] = fmadd(ai, b0, acc0[i]);
       acc1[i] = fmadd(ai, b1, acc1[i]);
     }
