@@ -406,7 +406,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   // gradient over the chunk, accumulated; hoisted also gets the chunk's grad_x in one conv.
   const int64_t chunk = chunk_steps(T);
   Tensor d_gates = empty_frames({chunk, B}, 4 * C, H, W, g.channels_last, opts);
-  Tensor inputs = empty_frames({chunk, B}, Cin + C, H, W, g.channels_last, opts);
+  // winograd with one-step chunks (T < 32): the step's conv inputs x_t and h_{t-1} are read where they
+  // are (x, and the output or h0; winograd takes no lengths) instead of copied into `inputs`; the g
+  // recompute and the weight gradient take them as two inputs.
+  const bool in_place_inputs = wino && chunk == 1;
+  Tensor inputs = in_place_inputs ? Tensor() : empty_frames({chunk, B}, Cin + C, H, W, g.channels_last, opts);
+  Tensor x_step, h_step;  // in_place_inputs: the current step's x_t and h_{t-1} ([B, ., H, W] views)
+  Tensor dh_buf = wino ? empty_like_frame(g, C, opts) : Tensor();  // winograd: each step's dh from its conv
   Tensor grad_w_cat, grad_bias, grad_peephole;
   Tensor g_chunk;  // the chunk's recomputed g gates [n, B, C] (not in the reserve)
   const Tensor w_g = w_cat.narrow(0, 2 * C, C);
@@ -415,17 +421,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const auto add_to = [](Tensor& sum, const Tensor& term) { sum = sum.defined() ? sum.add_(term) : term; };
   int64_t chunk_start = -1, chunk_len = 0;
   const auto load_chunk = [&](int64_t t0, int64_t n) {
+    g_chunk = Tensor();  // free the previous chunk's before the conv allocates
+    if (in_place_inputs) {
+      x_step = x.select(1, t0);
+      h_step = previous_frame(output, h0_l, t0, reverse);
+      g_chunk = winograd_conv2(x_step, v_g.narrow(1, 0, Cin), h_step, v_g.narrow(1, Cin, C), bias_g_wino, g,
+                               /*tanh=*/true)
+                    .view({1, B, C, H, W});
+      return;
+    }
     copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
     copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
-    g_chunk = Tensor();  // free the previous chunk's before the conv allocates
     const Tensor frames = flat(inputs.narrow(0, 0, n));
     g_chunk = (wino ? winograd_conv(frames, v_g, bias_g_wino, g, /*tanh=*/true) : conv(frames, w_g, bias_g, g).tanh_())
                   .view({n, B, C, H, W});
   };
   const auto flush_chunk = [&](int64_t t0, int64_t n) {
     const Tensor d = flat(d_gates.narrow(0, 0, n));
-    const Tensor in = inputs.narrow(0, 0, n);
-    if (wino) {
+    const Tensor in = in_place_inputs ? Tensor() : inputs.narrow(0, 0, n);
+    if (in_place_inputs) {
+      winograd_weight_grad_add(dV_cat, x_step, d, has_bias ? &db_acc : nullptr, &h_step);
+    } else if (wino) {
       winograd_weight_grad_add(dV_cat, flat(in), d, has_bias ? &db_acc : nullptr);
     } else {
       auto [gw, gb] = conv_weight_grad(d, flat(in), w_cat, has_bias, g);
@@ -472,12 +488,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     a.c = plane(cells.select(0, t));
     a.mask = step_mask(lengths_d, t);
     FASTVID_LAUNCH(lstm_backward, a, x.device());
-    const Tensor inputs_t = inputs.select(0, t - t0);
-    if (hoisted) {
-      dh_rec = conv_input_grad(d_gates_t, inputs_t.narrow(1, Cin, C), weight_hh, g);
+    if (wino) {  // [grad_x_t, dh] from one conv, grad_x_t straight into its frame; dh_buf was read above
+      winograd_conv_split_out(d_gates_t, v_cat_grad, g, grad_x.select(1, t), dh_buf);
+      dh_rec = dh_buf;
+    } else if (hoisted) {
+      dh_rec = conv_input_grad(d_gates_t, inputs.select(0, t - t0).narrow(1, Cin, C), weight_hh, g);
     } else {
-      const Tensor d_inputs = wino ? winograd_conv(d_gates_t, v_cat_grad, std::nullopt, g)
-                                   : conv_input_grad(d_gates_t, inputs_t, w_cat, g);
+      const Tensor d_inputs = conv_input_grad(d_gates_t, inputs.select(0, t - t0), w_cat, g);
       grad_x.select(1, t).copy_(d_inputs.narrow(1, 0, Cin));
       dh_rec = d_inputs.narrow(1, Cin, C);
     }

@@ -67,6 +67,14 @@ Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias
 // sequence tensor).
 void winograd_conv_out(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g,
                        const Tensor& out, bool tanh = false);
+// The same (no bias) with the output channels split: [0, out_a.size(1)) into out_a, the rest into out_b
+// (e.g. one frame of grad_x and the hidden state's gradient, from one conv over [x_t, h_{t-1}]'s kernel).
+void winograd_conv_split_out(const Tensor& input, const Tensor& V, const SeqGeometry& g, const Tensor& out_a,
+                             const Tensor& out_b);
+// conv(x, ·) + conv(h, ·) (+ bias) as one convolution of [x, h] with V_x, V_h the rows of its V for x's and
+// h's channels (a narrow of one winograd_weights), into a new [B, N, H, W] tensor; with tanh, tanh of it.
+Tensor winograd_conv2(const Tensor& x, const Tensor& V_x, const Tensor& h, const Tensor& V_h, const OptTensor& bias,
+                      const SeqGeometry& g, bool tanh = false);
 
 // Weight gradient of conv3x3(input, weight) (stride 1, padding 1) in the Winograd domain, summed over
 // calls (chunks of steps) and transformed back once. dV = dL/d(G w Gᵀ): a zeroed [alpha², K, N]
@@ -77,7 +85,10 @@ Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype);
 // With db (a contiguous [N] float64 tensor), Σ grad_output over B, H, W is added to it (the bias gradient,
 // from the gradient values the kernel reads anyway; fp64 sums: naive fp32 ones over B·T·H·W values
 // missed the oneDNN path's accuracy).
-void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output, Tensor* db = nullptr);
+// With input2 [B, K2, H, W], dV is [alpha², K + K2, N]: the gradient of conv(cat([input, input2], 1), w)
+// without the concatenation (input2's channels are dV's rows K ..).
+void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output, Tensor* db = nullptr,
+                              const Tensor* input2 = nullptr);
 Tensor winograd_weight_grad_finish(const Tensor& dV, at::ScalarType dtype);
 
 // One LSTM step of the winograd strategy: per strip, the gate pre-activations conv(x_t, W_ih) + bias +

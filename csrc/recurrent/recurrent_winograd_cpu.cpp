@@ -81,7 +81,8 @@ struct Job {
   struct Input {
     const void* data = nullptr;  // [B, K, H, W] with element strides:
     int64_t sb = 0, sc = 0, sy = 0, sx = 0, K = 0;
-    const void* V = nullptr;     // [alpha², K, ldv] (N used columns, zeros up to ldv), accumulation type
+    const void* V = nullptr;     // [alpha², K, ldv] (N used columns, zeros up to ldv), accumulation type,
+    int64_t sv = 0;              // with slices sv elements apart (K·ldv, or more for a row range of a V)
   };
   Input in[2];                   // the output sums the convolutions of the inputs used (1 or 2)
   int inputs = 1;
@@ -103,6 +104,8 @@ struct Job {
   const WinogradStripFn* fn = nullptr;
   bool pre_acc = false;  // fn gets the strip in the accumulation type (else in dtype, as the frames)
   Plane out;  // when fn is null: the [B, N, H·W] output plane
+  Plane out2;  // when fn is null and split > 0: channels [split, N) go to out2 (its channel 0) instead
+  int64_t split = 0;
   bool tanh = false;  // when fn is null: write tanh(conv) (LSTM backward's recompute of g)
 };
 
@@ -110,6 +113,7 @@ struct Job {
 // gradient frames of U[e]ᵀ dM[e] (e the alpha² Winograd positions).
 struct WeightGradJob {
   Job::Input in;                   // the convolution's input [B, K, H, W]; in.V unused
+  Job::Input in2;                  // K2 = in2.K > 0: a second input whose channels follow in's (dV rows K..K+K2)
   const void* grad = nullptr;      // the output gradient [B, N, H, W] with element strides:
   int64_t gb = 0, gc = 0, gy = 0, gx = 0;
   void* dV = nullptr;              // [alpha², K, ldv] accumulation type, accumulated into
@@ -139,7 +143,7 @@ void set_input(winograd::Job& j, int i, const Tensor& input, const Tensor& V) {
   TORCH_CHECK(V.dim() == 3 && V.size(1) == input.size(1) && (A2 == 36 || A2 == 16) &&
                   V.scalar_type() == acc_type(input.scalar_type()) && V.stride(2) == 1 &&
                   V.stride(1) % winograd::kColumnBlock == 0 && V.stride(1) >= V.size(2) &&
-                  V.stride(0) == V.size(1) * V.stride(1),
+                  V.stride(0) >= V.size(1) * V.stride(1),
               "winograd_conv: V must come from winograd_weights ([alpha², K, N], padded rows)");
   TORCH_CHECK(i == 0 || (input.size(2) == j.H && input.size(3) == j.W && input.size(0) == j.B && V.size(2) == j.N &&
                          V.stride(1) == j.ldv && (A2 == 36 ? 4 : 2) == j.tile && input.scalar_type() == j.dtype),
@@ -149,6 +153,7 @@ void set_input(winograd::Job& j, int i, const Tensor& input, const Tensor& V) {
   in.sb = input.stride(0), in.sc = input.stride(1), in.sy = input.stride(2), in.sx = input.stride(3);
   in.K = input.size(1);
   in.V = V.data_ptr();
+  in.sv = V.stride(0);
   if (i == 0) {
     j.ldv = j.ldm = V.stride(1);
     j.B = input.size(0), j.H = input.size(2), j.W = input.size(3), j.N = V.size(2);
@@ -349,6 +354,34 @@ void winograd_conv_out(const Tensor& input, const Tensor& V, const OptTensor& bi
   run(j);
 }
 
+void winograd_conv_split_out(const Tensor& input, const Tensor& V, const SeqGeometry& g, const Tensor& out_a,
+                             const Tensor& out_b) {
+  Tensor no_bias;
+  winograd::Job j = make_job(input, V, std::nullopt, g, no_bias);
+  const auto fits = [&](const Tensor& o, int64_t channels) {
+    return o.dim() == 4 && o.size(0) == j.B && o.size(1) == channels && o.size(2) == j.H && o.size(3) == j.W &&
+           o.scalar_type() == input.scalar_type();
+  };
+  TORCH_INTERNAL_ASSERT(out_a.dim() == 4 && fits(out_a, out_a.size(1)) && fits(out_b, j.N - out_a.size(1)),
+                        "winograd_conv_split_out: out_a, out_b must split [B, N, H, W] in the input's dtype");
+  j.out = plane(out_a);
+  j.out2 = plane(out_b);
+  j.split = out_a.size(1);
+  run(j);
+}
+
+Tensor winograd_conv2(const Tensor& x, const Tensor& V_x, const Tensor& h, const Tensor& V_h, const OptTensor& bias,
+                      const SeqGeometry& g, bool tanh) {
+  Tensor bias_acc;
+  winograd::Job j = make_job(x, V_x, bias, g, bias_acc);
+  set_input(j, 1, h, V_h);
+  Tensor out = at::empty({x.size(0), j.N, x.size(2), x.size(3)}, x.options().memory_format(frame_format(g.channels_last)));
+  j.tanh = tanh;
+  j.out = plane(out);
+  run(j);
+  return out;
+}
+
 Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g, bool tanh) {
   Tensor out = at::empty({input.size(0), V.size(2), input.size(2), input.size(3)},
                          input.options().memory_format(frame_format(g.channels_last)));
@@ -475,11 +508,17 @@ Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype) {
   return at::zeros({A * A, K, Np}, at::TensorOptions().dtype(acc_type(dtype))).narrow(2, 0, N);
 }
 
-void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output, Tensor* db) {
+void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output, Tensor* db,
+                              const Tensor* input2) {
   TORCH_CHECK(input.dim() == 4 && grad_output.dim() == 4 && input.device().is_cpu() && grad_output.device().is_cpu(),
               "winograd_weight_grad_add: input and grad_output must be [B, ., H, W] CPU tensors");
   const int64_t A2 = dV.size(0);
-  TORCH_CHECK(dV.dim() == 3 && (A2 == 36 || A2 == 16) && dV.size(1) == input.size(1) &&
+  const int64_t K2 = input2 != nullptr ? input2->size(1) : 0;
+  TORCH_CHECK(input2 == nullptr || (input2->dim() == 4 && input2->device().is_cpu() &&
+                                    input2->size(0) == input.size(0) && input2->size(2) == input.size(2) &&
+                                    input2->size(3) == input.size(3) && input2->scalar_type() == input.scalar_type()),
+              "winograd_weight_grad_add: input2 must agree with input in B, H, W and dtype");
+  TORCH_CHECK(dV.dim() == 3 && (A2 == 36 || A2 == 16) && dV.size(1) == input.size(1) + K2 &&
                   dV.size(2) == grad_output.size(1) && dV.scalar_type() == acc_type(input.scalar_type()) &&
                   dV.stride(2) == 1 && dV.stride(1) % winograd::kColumnBlock == 0 &&
                   dV.stride(0) == dV.size(1) * dV.stride(1),
@@ -491,6 +530,11 @@ void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& gra
   j.in.data = input.data_ptr();
   j.in.sb = input.stride(0), j.in.sc = input.stride(1), j.in.sy = input.stride(2), j.in.sx = input.stride(3);
   j.in.K = input.size(1);
+  if (input2 != nullptr) {
+    j.in2.data = input2->data_ptr();
+    j.in2.sb = input2->stride(0), j.in2.sc = input2->stride(1), j.in2.sy = input2->stride(2), j.in2.sx = input2->stride(3);
+    j.in2.K = K2;
+  }
   j.grad = grad_output.data_ptr();
   j.gb = grad_output.stride(0), j.gc = grad_output.stride(1), j.gy = grad_output.stride(2),
   j.gx = grad_output.stride(3);
@@ -809,21 +853,28 @@ void transpose(const src_t* src, int64_t s_ld, int64_t rows, int64_t cols, dst_t
     for (int64_t c = 0; c < cols; ++c) dst[c * d_ld + r] = static_cast<dst_t>(src[r * s_ld + c]);
 }
 
-// dst[n·sc + q·sp] = out[pixel q, channel n] for the rows·W pixels q of a strip: out is pixel-major
-// [rows][Wt][N]; channels-major destinations (sp == 1) are transposed row by row.
+// dst[(n - c0)·sc + q·sp] = out[pixel q, channel n] for the channels [c0, c1) and the rows·W pixels q of a
+// strip: out is pixel-major [rows][Wt][N]; channels-major destinations (sp == 1) are transposed row by row.
 template <typename acc_t, typename scalar_t>
-void emit_strip(const acc_t* out, int64_t Wt, int64_t W, int64_t rows, int64_t N, scalar_t* dst, int64_t sc,
-                int64_t sp) {
+void emit_strip_channels(const acc_t* out, int64_t Wt, int64_t W, int64_t rows, int64_t N, int64_t c0, int64_t c1,
+                         scalar_t* dst, int64_t sc, int64_t sp) {
   if (sp == 1 && sc > 1) {
-    for (int64_t r = 0; r < rows; ++r) transpose(out + r * Wt * N, N, W, N, dst + r * W, sc);
+    for (int64_t r = 0; r < rows; ++r) transpose(out + r * Wt * N + c0, N, W, c1 - c0, dst + r * W, sc);
     return;
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t x = 0; x < W; ++x) {
-      const acc_t* src = out + (r * Wt + x) * N;
+      const acc_t* src = out + (r * Wt + x) * N + c0;
       scalar_t* d = dst + (r * W + x) * sp;
-      for (int64_t n = 0; n < N; ++n) d[n * sc] = static_cast<scalar_t>(src[n]);
+      for (int64_t n = 0; n < c1 - c0; ++n) d[n * sc] = static_cast<scalar_t>(src[n]);
     }
+}
+
+// All N channels (emit_strip_channels over [0, N)).
+template <typename acc_t, typename scalar_t>
+void emit_strip(const acc_t* out, int64_t Wt, int64_t W, int64_t rows, int64_t N, scalar_t* dst, int64_t sc,
+                int64_t sp) {
+  emit_strip_channels(out, Wt, W, rows, N, 0, N, dst, sc, sp);
 }
 
 // dst[x·K + k] = src[x·sx + k·sc] for x < W, k < K: one input row, channels innermost, in the
@@ -933,7 +984,7 @@ void winograd_conv_impl(const winograd::Job& j) {
             if (seg.v[i] < 0) continue;
             const int64_t K = j.in[i].K;
             ops[n_ops++] = {U_in[i] + e * su_in[i], K,
-                            static_cast<const acc_t*>(j.in[i].V) + e * K * j.ldv + seg.v[i] + (n0 - seg.m0), j.ldv, K};
+                            static_cast<const acc_t*>(j.in[i].V) + e * j.in[i].sv + seg.v[i] + (n0 - seg.m0), j.ldv, K};
           }
           gemm<acc_t>(ops, n_ops, kBlockColumns, Mm + e * sm, kBlockColumns, P);
         }
@@ -972,7 +1023,13 @@ void winograd_conv_impl(const winograd::Job& j) {
 #pragma GCC ivdep
             for (int64_t i = 0; i < rows * Wt * N; ++i) o[i] = tanh_fast(o[i]);
           }
-          emit_strip(out_s, Wt, W, rows, N, dst, j.out.stride_c, j.out.stride_p);
+          if (j.split > 0) {  // channels [0, split) to out, the rest to out2 (pixel stride N in out_s)
+            scalar_t* dst2 = static_cast<scalar_t*>(j.out2.data) + b * j.out2.stride_b + y0 * W * j.out2.stride_p;
+            emit_strip_channels(out_s, Wt, W, rows, N, 0, j.split, dst, j.out.stride_c, j.out.stride_p);
+            emit_strip_channels(out_s, Wt, W, rows, N, j.split, N, dst2, j.out2.stride_c, j.out2.stride_p);
+          } else {
+            emit_strip(out_s, Wt, W, rows, N, dst, j.out.stride_c, j.out.stride_p);
+          }
         }
       }
     }
@@ -1082,34 +1139,40 @@ struct WeightGradScratch {
   std::unique_ptr<acc_t[]> D, Gs, U, M;  // padded input rows, gradient rows of a strip, U and dM of a group
 };
 
-// dV [alpha², K, Np] += U[e]ᵀ dM[e] over the tiles of the strips [s0, s1) (one group).
+// dV [alpha², K + K2, Np] += U[e]ᵀ dM[e] over the tiles of the strips [s0, s1) (one group), U the
+// input's (rows [0, K)) and the second input's (rows [K, K + K2)).
 template <int M, typename acc_t, typename scalar_t>
 void weight_grad_group(const winograd::WeightGradJob& j, int64_t s0, int64_t s1, int64_t tiles_h, int64_t tiles_w,
                        WeightGradScratch<acc_t>& buf, acc_t* dV, double* db) {
   constexpr int A = winograd::Matrices<M>::A;
-  const int64_t K = j.in.K, N = j.N, Np = j.ldv;
+  const int64_t K = j.in.K, K2 = j.in2.K, Kt = K + K2, N = j.N, Np = j.ldv;
   const int64_t P = (s1 - s0) * tiles_w;
-  const int64_t su = P * K + kSlicePad, sm = P * Np + kSlicePad;
+  const int64_t su = P * K + kSlicePad, su2 = P * K2 + kSlicePad, sm = P * Np + kSlicePad;
   acc_t* U = buf.U.get();
+  acc_t* U2 = U + A * A * su;
   acc_t* Mm = buf.M.get();
   if (N < Np)  // dM's columns >= N: zeros the GEMMs read (the transforms write columns < N)
     for (int e = 0; e < A * A; ++e)
       for (int64_t p = 0; p < P; ++p) std::fill(Mm + e * sm + p * Np + N, Mm + e * sm + (p + 1) * Np, acc_t(0));
   // 1. gather + input transform Bᵀ d B (the forward's step 1)
   gather_transform<M, acc_t, scalar_t>(j.in, s0, s1, tiles_h, j.H, j.W, tiles_w, buf.D.get(), U, su);
+  if (K2 > 0) gather_transform<M, acc_t, scalar_t>(j.in2, s0, s1, tiles_h, j.H, j.W, tiles_w, buf.D.get(), U2, su2);
   // 2. per strip: the output gradient's transform dM = A dY Aᵀ
   for (int64_t s = s0; s < s1; ++s)
     gradient_strip_transform<M, acc_t, scalar_t>(j, s / tiles_h, (s % tiles_h) * M, tiles_w, (s - s0) * tiles_w,
                                                  buf.Gs.get(), Mm, sm, db);
-  // 3. alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ [K, P] dM[e] [P, Np]
-  for (int e = 0; e < A * A; ++e) gemm_tn<acc_t>(U + e * su, K, Mm + e * sm, Np, dV + e * K * Np, K, P);
+  // 3. alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ [K, P] dM[e] [P, Np] (and the second input's rows)
+  for (int e = 0; e < A * A; ++e) {
+    gemm_tn<acc_t>(U + e * su, K, Mm + e * sm, Np, dV + e * Kt * Np, K, P);
+    if (K2 > 0) gemm_tn<acc_t>(U2 + e * su2, K2, Mm + e * sm, Np, dV + (e * Kt + K) * Np, K2, P);
+  }
 }
 
 template <int M, typename scalar_t>
 void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int A = winograd::Matrices<M>::A;
-  const int64_t K = j.in.K, N = j.N, H = j.H, W = j.W, Np = j.ldv;
+  const int64_t K = j.in.K + j.in2.K, K_max = std::max(j.in.K, j.in2.K), N = j.N, H = j.H, W = j.W, Np = j.ldv;
   const int64_t tiles_h = (H + M - 1) / M, tiles_w = (W + M - 1) / M;
   const int64_t Wt = tiles_w * M, Wp = Wt + 2;
   const int64_t strips = j.B * tiles_h;
@@ -1122,8 +1185,8 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
 
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const int64_t max_tiles = per_group * tiles_w;
-    WeightGradScratch<acc_t> buf{scratch<acc_t>((per_group * M + 2) * Wp * K), scratch<acc_t>(M * Wt * N),
-                                 scratch<acc_t>(A * A * (max_tiles * K + kSlicePad)),
+    WeightGradScratch<acc_t> buf{scratch<acc_t>((per_group * M + 2) * Wp * K_max), scratch<acc_t>(M * Wt * N),
+                                 scratch<acc_t>(A * A * (max_tiles * K + 2 * kSlicePad)),
                                  scratch<acc_t>(A * A * (max_tiles * Np + kSlicePad))};
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* dV = static_cast<acc_t*>(j.dV);
