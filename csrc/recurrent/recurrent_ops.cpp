@@ -291,6 +291,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   // concat: two [x_t, h_{t-1}] slots used in turn; the gate kernel writes h into the next step's.
   // winograd: per step the x and h convs summed in the Winograd domain, the gate kernel per strip.
   const bool wino = strategy == kWinograd;
+  // winograd's first hidden conv reads h0 with any strides: a broadcast zero h0 stays unmaterialised
+  const Tensor h0_state = wino ? initial_state(h0, x.scalar_type(), fmt) : Tensor();
   std::optional<HoistedInput> hoist;
   Tensor h_buf, slots, w_cat, v_ih, v_hh;
   const OptTensor bias_wino = wino ? winograd_bias(bias, x.scalar_type()) : std::nullopt;
@@ -348,7 +350,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
     a.mask = step_mask(lengths_d, t);
     if (wino)
       winograd_lstm_step(a, x.select(1, t), v_ih, bias_wino,
-                         f == 0 ? h0.contiguous(fmt) : output.select(1, time_of(f - 1, T, reverse)), v_hh, g);
+                         f == 0 ? h0_state : output.select(1, time_of(f - 1, T, reverse)), v_hh, g);
     else FASTVID_LAUNCH(lstm_forward, a, x.device());
   }
   Tensor c_n = save ? cells.select(0, time_of(T - 1, T, reverse)).clone() : c_run;
@@ -560,6 +562,8 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
   const auto opts = x.options();
   const auto fmt = frame_format(g.channels_last);
   const bool wino = strategy == kWinograd;
+  // winograd's first hidden conv reads h0 with any strides: a broadcast zero h0 stays unmaterialised
+  const Tensor h0_state = wino ? initial_state(h0, x.scalar_type(), fmt) : Tensor();
   const bool hoisted = strategy != kConcat;  // winograd: hoisted, every conv Winograd
 
   Tensor output = empty_frames({B, T}, C, H, W, g.channels_last, opts);
@@ -627,14 +631,14 @@ std::tuple<Tensor, Tensor, Tensor> convgru_sequence(
       ra.r_out = a.cache_out[0];
     }
     if (fused) {
-      h_prev = f == 0 ? h0.contiguous(fmt) : output.select(1, time_of(f - 1, T, reverse));
+      h_prev = f == 0 ? h0_state : output.select(1, time_of(f - 1, T, reverse));
       h_next = last ? h_n : output.select(1, t);
     } else if (hoisted) {
       const Tensor x_gates_t = hoist->gates(t, [&](const Tensor& frames) {
         return wino ? winograd_conv(frames, v_ih, wb_ih, g) : conv(frames, weight_ih, bias_ih, g);
       });
       // winograd reads h_{t-1} from the output (a strip's conv reads its neighbours' rows: no in-place h)
-      h_prev = !wino ? h_buf : f == 0 ? h0.contiguous(fmt) : output.select(1, time_of(f - 1, T, reverse));
+      h_prev = !wino ? h_buf : f == 0 ? h0_state : output.select(1, time_of(f - 1, T, reverse));
       h_next = last ? h_n : wino ? output.select(1, t) : h_buf;
       for (int k = 0; k < 3; ++k) a.x[k] = slot(x_gates_t, k, C);
       if (reset_after) {

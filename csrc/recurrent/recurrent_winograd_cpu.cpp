@@ -324,11 +324,18 @@ Tensor winograd_gru_bias(const OptTensor& bias_ih, const OptTensor& bias_hh, int
   if (!bias_ih.has_value() && !bias_hh.has_value()) return Tensor();
   const int64_t Cp = gate_columns(C);
   Tensor out = at::zeros({4 * Cp}, at::TensorOptions().dtype(acc_type(dtype)));
-  const auto add = [&](int64_t slot, const OptTensor& bias, int64_t gate) {
-    if (bias.has_value()) out.narrow(0, slot * Cp, C).add_(bias->narrow(0, gate * C, C).to(out.scalar_type()));
-  };
-  for (int k = 0; k < 3; ++k) add(k, bias_ih, k);  // r, z, x_n
-  add(0, bias_hh, 0), add(1, bias_hh, 1), add(3, bias_hh, 2);  // r, z, h_n
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "winograd_gru_bias", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const auto add = [&](const OptTensor& bias, std::initializer_list<std::pair<int64_t, int64_t>> slot_gate) {
+      if (!bias.has_value()) return;
+      const Tensor b = bias->to(out.scalar_type()).contiguous();  // one conversion per bias, not per gate
+      const scalar_t* v = b.const_data_ptr<scalar_t>();
+      for (const auto& [slot, gate] : slot_gate)
+        for (int64_t c = 0; c < C; ++c) o[slot * Cp + c] += v[gate * C + c];
+    };
+    add(bias_ih, {{0, 0}, {1, 1}, {2, 2}});  // r, z, x_n
+    add(bias_hh, {{0, 0}, {1, 1}, {3, 2}});  // r, z, h_n
+  });
   return out;
 }
 
