@@ -137,6 +137,15 @@ namespace recurrent {
 namespace {
 void run(const winograd::Job& job) { FASTVID_ISA_CALL(recurrent, winograd_conv_kernel(job)); }
 
+// A [B, K, H, W] tensor as a Job input: data, element strides and K (V unset).
+winograd::Job::Input input_of(const Tensor& t) {
+  winograd::Job::Input in;
+  in.data = t.data_ptr();
+  in.sb = t.stride(0), in.sc = t.stride(1), in.sy = t.stride(2), in.sx = t.stride(3);
+  in.K = t.size(1);
+  return in;
+}
+
 void set_input(winograd::Job& j, int i, const Tensor& input, const Tensor& V) {
   TORCH_CHECK(input.dim() == 4 && input.device().is_cpu(), "winograd_conv: input must be a [B, K, H, W] CPU tensor");
   const int64_t A2 = V.size(0);
@@ -149,9 +158,7 @@ void set_input(winograd::Job& j, int i, const Tensor& input, const Tensor& V) {
                          V.stride(1) == j.ldv && (A2 == 36 ? 4 : 2) == j.tile && input.scalar_type() == j.dtype),
               "winograd_conv: the two inputs must agree in B, H, W, dtype and N");
   winograd::Job::Input& in = j.in[i];
-  in.data = input.data_ptr();
-  in.sb = input.stride(0), in.sc = input.stride(1), in.sy = input.stride(2), in.sx = input.stride(3);
-  in.K = input.size(1);
+  in = input_of(input);
   in.V = V.data_ptr();
   in.sv = V.stride(0);
   if (i == 0) {
@@ -534,14 +541,8 @@ void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& gra
                   grad_output.size(3) == input.size(3) && grad_output.scalar_type() == input.scalar_type(),
               "winograd_weight_grad_add: input and grad_output must agree in B, H, W and dtype");
   winograd::WeightGradJob j;
-  j.in.data = input.data_ptr();
-  j.in.sb = input.stride(0), j.in.sc = input.stride(1), j.in.sy = input.stride(2), j.in.sx = input.stride(3);
-  j.in.K = input.size(1);
-  if (input2 != nullptr) {
-    j.in2.data = input2->data_ptr();
-    j.in2.sb = input2->stride(0), j.in2.sc = input2->stride(1), j.in2.sy = input2->stride(2), j.in2.sx = input2->stride(3);
-    j.in2.K = K2;
-  }
+  j.in = input_of(input);
+  if (input2 != nullptr) j.in2 = input_of(*input2);
   j.grad = grad_output.data_ptr();
   j.gb = grad_output.stride(0), j.gc = grad_output.stride(1), j.gy = grad_output.stride(2),
   j.gx = grad_output.stride(3);
