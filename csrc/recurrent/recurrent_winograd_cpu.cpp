@@ -1067,7 +1067,8 @@ namespace {
 // C [K, ldc] += Uᵀ A-rows: C[k, :] += Σ_p u[p·ldu + k] b[p·ldb, :] over P rows of b; MR rows of C x 2
 // vectors of accumulators, u broadcast (a tile's K values are contiguous), b streamed row by row.
 template <typename T, int MR>
-inline void gemm_tn_block(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t P) {
+inline void gemm_tn_block(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t P,
+                          const T* c_next, int64_t next_rows) {
   using V = typename VecOf<T>::type;
   constexpr int L = FASTVID_VEC_BYTES / sizeof(T);
   V acc0[MR], acc1[MR];
@@ -1077,6 +1078,10 @@ inline void gemm_tn_block(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c
     std::memcpy(&acc1[i], c + i * ldc + L, sizeof(V));
   }
   for (int64_t p = 0; p < P; ++p) {
+    if (p < next_rows) {  // one row of the next block's C per iteration (its 2 vectors)
+      __builtin_prefetch(c_next + p * ldc, 1, 3);
+      __builtin_prefetch(c_next + p * ldc + L, 1, 3);
+    }
     V b0, b1;
     std::memcpy(&b0, b + p * ldb, sizeof(V));
     std::memcpy(&b1, b + p * ldb + L, sizeof(V));
@@ -1095,20 +1100,26 @@ inline void gemm_tn_block(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c
 }
 
 template <typename T, int MR>
-inline void gemm_tn_rows(int rows, const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t P) {
+inline void gemm_tn_rows(int rows, const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t P,
+                         const T* c_next, int64_t next_rows) {
   if constexpr (MR > 0) {
-    if (rows == MR) gemm_tn_block<T, MR>(u, ldu, b, ldb, c, ldc, P);
-    else gemm_tn_rows<T, MR - 1>(rows, u, ldu, b, ldb, c, ldc, P);
+    if (rows == MR) gemm_tn_block<T, MR>(u, ldu, b, ldb, c, ldc, P, c_next, next_rows);
+    else gemm_tn_rows<T, MR - 1>(rows, u, ldu, b, ldb, c, ldc, P, c_next, next_rows);
   }
 }
 
 // C [K, ldb] += U [P, K]ᵀ (row stride ldu) x B [P, ldb], all ldb columns (a multiple of kColumnBlock).
+// C (a dV slice) is out of L2 at each call (a group's alpha² slices of dV are 1.2-4.7 MB), so each block
+// prefetches the C rows of the block after it, one row per iteration of its own loop.
 template <typename T>
 void gemm_tn(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t K, int64_t P) {
   constexpr int64_t NR = 2 * FASTVID_VEC_BYTES / sizeof(T);
   for (int64_t n0 = 0; n0 < ldb; n0 += NR) {
     for_row_blocks(K, [&](int64_t k0, int rows) {
-      gemm_tn_rows<T, kRows>(rows, u + k0, ldu, b + n0, ldb, c + k0 * ldb + n0, ldb, P);
+      const int64_t next_k = k0 + rows < K ? k0 + rows : 0, next_n = k0 + rows < K ? n0 : n0 + NR;
+      const int64_t next_rows = next_n < ldb ? std::min<int64_t>(kRows, K - next_k) : 0;
+      gemm_tn_rows<T, kRows>(rows, u + k0, ldu, b + n0, ldb, c + k0 * ldb + n0, ldb, P, c + next_k * ldb + next_n,
+                             next_rows);
     });
   }
 }
