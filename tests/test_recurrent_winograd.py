@@ -161,6 +161,30 @@ def test_gru_gates_span_column_blocks(cpu_isa, layout):
     check_against_oracle("gru", make_inputs("gru", 2, 2, 24, 40, 6, 10, layout), reset_after=True)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gru_merged_input_gradients(cpu_isa, layout, dtype, reverse):
+    """C_in a multiple of 32 (the GEMM column block): the nn.GRU-form backward runs a step's grad_x and dh
+    convolutions as one over the gate-gradient frame [x_n, r, z, h_n] (winograd_gru_input_grads) and
+    reorders W_ih's and b_ih's gradients from it; C = 5 leaves dh's column block part-used."""
+    check_against_oracle("gru", make_inputs("gru", 2, 3, 32, 5, 5, 7, layout), dtype=dtype, reset_after=True,
+                         reverse=reverse)
+
+
+def test_gru_merged_input_gradients_gradcheck_fp64():
+    master = make_inputs("gru", 1, 2, 32, 2, 3, 4, "contiguous")
+    names = list(master)
+    t = leaves(master, torch.float64)
+
+    def fn(*args):
+        d = dict(zip(names, args))
+        return fastvid.ops.convgru(d["x"], d["weight_ih"], d["weight_hh"], d["bias_ih"], d["bias_hh"], d["h0"],
+                                   strategy="winograd")
+
+    assert torch.autograd.gradcheck(fn, [t[k] for k in names], eps=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("reset_after", [True, False])
 def test_benchmark_sized_accuracy_gru(reset_after):
     """The same for ConvGRU: its weight gradients sum the Winograd-domain products over B·T·H·W/4 tiles."""

@@ -737,12 +737,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   GruConcatWeights cw;
   if (!hoisted) cw = gru_concat_weights(weight_ih, weight_hh, bias_ih, bias_hh, C, reset_after);
   const Tensor w_rz = weight_hh.narrow(0, 0, 2 * C), w_n = weight_hh.narrow(0, 2 * C, C);
+  // Chunk by chunk of consecutive steps (see below); winograd reset_after with one-step chunks (T < 32)
+  // reads the step's conv inputs x_t and h_{t-1} where they are (x, and the output or h0; winograd takes
+  // no lengths) instead of copying them into `inputs` (Ballas scales h_{t-1} in place, so it keeps the copy).
+  const int64_t chunk = chunk_steps(T);
+  const bool in_place_inputs = wino && reset_after && chunk == 1;
+  // ... and, where Cin allows, runs the step's two input-gradient convs as one: the gate gradients in
+  // one frame [x_n, r, z, h_n] (d_x = its channels [0, 3C), d_h = [C, 4C)), d r and d z transformed once.
+  const bool merged_input_grads = in_place_inputs && winograd_gru_input_grads_apply(Cin);
   Tensor v_grad_h, v_grad_rz, v_grad_n;  // winograd: transformed flipped weights of the input-grad convs
-  if (wino && reset_after) v_grad_h = winograd_input_grad_weights(weight_hh);
+  if (wino && reset_after && !merged_input_grads) v_grad_h = winograd_input_grad_weights(weight_hh);
   if (wino && !reset_after) v_grad_rz = winograd_input_grad_weights(w_rz), v_grad_n = winograd_input_grad_weights(w_n);
   // winograd: grad_x per chunk a Winograd conv too; the weight gradients summed in the Winograd domain
   // (hh: [r, z, n] reset_after, else [r, z] and [n] apart), transformed back once at the end.
-  const Tensor v_grad_x = wino ? winograd_input_grad_weights(weight_ih) : Tensor();
+  const Tensor v_grad_x = wino && !merged_input_grads ? winograd_input_grad_weights(weight_ih) : Tensor();
+  const Tensor v_input_grads = merged_input_grads ? winograd_gru_input_grad_weights(weight_ih, weight_hh) : Tensor();
   const Tensor v_n = wino && reset_after && !keep_hn ? winograd_weights(w_n) : Tensor();  // the h_n recompute
   const OptTensor wb_hn = v_n.defined() ? winograd_bias(narrow_optional(bias_hh, 2 * C, C), x.scalar_type()) : std::nullopt;
   Tensor dV_ih, dV_hh, dV_n;
@@ -759,15 +768,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   // d(pre-activations) -- hoisted: d_x [n, B, 3C] and, for reset_after, d_h [n, B, 3C]; concat: [n, B, 4C]
   // (r, z, x_n, h_n) for reset_after, [n, B, 3C] for Ballas -- and the conv inputs [x_t, h_{t-1}] rebuilt
   // from x and output; at its end the batched weight gradients (Ballas: h_{t-1} is then scaled by r
-  // in place for U_n's) and, hoisted, the chunk's grad_x.
-  const int64_t chunk = chunk_steps(T);
+  // in place for U_n's) and, hoisted, the chunk's grad_x (merged_input_grads: one [1, B, 4C] frame
+  // [x_n, r, z, h_n] holding d_x and d_h, grad_x written per step with dh).
   const int64_t d_channels = (!hoisted && reset_after) ? 4 * C : 3 * C;
-  Tensor d_x = empty_frames({chunk, B}, d_channels, H, W, g.channels_last, opts);
-  Tensor d_h = (hoisted && reset_after) ? empty_frames({chunk, B}, 3 * C, H, W, g.channels_last, opts) : Tensor();
-  // winograd reset_after with one-step chunks (T < 32): the step's conv inputs x_t and h_{t-1} are read
-  // where they are (x, and the output or h0; winograd takes no lengths) instead of copied into `inputs`
-  // (Ballas scales h_{t-1} in place, so it keeps the copy).
-  const bool in_place_inputs = wino && reset_after && chunk == 1;
+  const Tensor d_merged = merged_input_grads ? empty_frames({1, B}, 4 * C, H, W, g.channels_last, opts) : Tensor();
+  Tensor d_x = merged_input_grads ? d_merged.narrow(2, 0, 3 * C)  // [x_n, r, z]: dV_ih's columns in that order
+                                  : empty_frames({chunk, B}, d_channels, H, W, g.channels_last, opts);
+  Tensor d_h = merged_input_grads ? d_merged.narrow(2, C, 3 * C)
+               : (hoisted && reset_after) ? empty_frames({chunk, B}, 3 * C, H, W, g.channels_last, opts) : Tensor();
+  Tensor dh_buf = merged_input_grads ? empty_like_frame(g, C, opts) : Tensor();
   Tensor inputs = in_place_inputs ? Tensor() : empty_frames({chunk, B}, Cin + C, H, W, g.channels_last, opts);
   Tensor x_step, h_step;  // in_place_inputs: the current step's x_t and h_{t-1} ([B, ., H, W] views)
   Tensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
@@ -799,7 +808,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     const Tensor in = in_place_inputs ? Tensor() : inputs.narrow(0, 0, n);
     const Tensor h_in = in_place_inputs ? Tensor() : in.narrow(2, Cin, C);  // h_{t-1}; Ballas: scaled to r·h_{t-1} below
     if (wino) {
-      if (n == 1) {  // straight into the frame (T < 32: every chunk is one step)
+      if (merged_input_grads) {
+        // grad_x_t was written with dh in the step loop
+      } else if (n == 1) {  // straight into the frame (T < 32: every chunk is one step)
         winograd_conv_out(dx, v_grad_x, std::nullopt, g, grad_x.select(1, t0));
       } else {
         const Tensor gx = winograd_conv(dx, v_grad_x, std::nullopt, g);
@@ -883,7 +894,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
       a.d_x_out[k] = slot(d_x_t, k, C);
       a.d_h_out[k] = a.d_x_out[k];  // d r, d z (and Ballas' d n) are the same for both convs: same value twice
     }
-    if (hoisted && reset_after) {
+    if (merged_input_grads) {  // the frame [x_n, r, z, h_n]: d r, d z written once for both convs
+      const Tensor d_t = d_merged.select(0, 0);
+      a.d_x_out[0] = a.d_h_out[0] = slot(d_t, 1, C);
+      a.d_x_out[1] = a.d_h_out[1] = slot(d_t, 2, C);
+      a.d_x_out[2] = slot(d_t, 0, C);
+      a.d_h_out[2] = slot(d_t, 3, C);
+    } else if (hoisted && reset_after) {
       for (int k = 0; k < 3; ++k) a.d_h_out[k] = slot(d_h_t, k, C);
     } else if (!hoisted && reset_after) {
       a.d_h_out[2] = slot(d_x_t, 3, C);
@@ -891,7 +908,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     FASTVID_LAUNCH(gru_backward, a, x.device());
 
     if (reset_after) {
-      if (hoisted) {
+      if (merged_input_grads) {
+        winograd_gru_input_grads(d_merged.select(0, 0), v_input_grads, g, grad_x.select(1, t), dh_buf);
+        dh_conv = dh_buf;  // the next step's gate kernel reads it before this buffer is written again
+      } else if (hoisted) {
         dh_conv = wino ? winograd_conv(d_h_t, v_grad_h, std::nullopt, g) : conv_input_grad(d_h_t, h_prev, weight_hh, g);
       } else {
         const Tensor d_inputs = conv_input_grad(d_x_t, inputs_t, cw.w_a, g);
@@ -930,6 +950,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   flush_chunk(chunk_start, chunk_len);
   if (wino) {
     grad_w_ih = winograd_weight_grad_finish(dV_ih, weight_ih.scalar_type());
+    if (merged_input_grads) {  // dV_ih's and db_x's columns came in the gradient frame's order [x_n, r, z]
+      grad_w_ih = at::cat({grad_w_ih.narrow(0, C, 2 * C), grad_w_ih.narrow(0, 0, C)}, 0);
+      if (db_x.defined()) db_x = at::cat({db_x.narrow(0, C, 2 * C), db_x.narrow(0, 0, C)}, 0);
+    }
     grad_w_hh = winograd_weight_grad_finish(dV_hh, weight_hh.scalar_type());
     if (!reset_after) grad_w_hh = at::cat({grad_w_hh, winograd_weight_grad_finish(dV_n, weight_hh.scalar_type())}, 0);
     if (bias_ih.has_value()) grad_b_ih = db_x.to(x.scalar_type());

@@ -76,6 +76,17 @@ void winograd_conv_split_out(const Tensor& input, const Tensor& V, const SeqGeom
 Tensor winograd_conv2(const Tensor& x, const Tensor& V_x, const Tensor& h, const Tensor& V_h, const OptTensor& bias,
                       const SeqGeometry& g, bool tanh = false);
 
+// The ConvGRU (reset_after) backward's two input-gradient convolutions of one step as one: from the
+// gate-gradient frame d [B, 4C, H, W] with channels [x_n, r, z, h_n], grad_x = conv(d[:, 0:3C],
+// W_ih's input-gradient kernel) into grad_x [B, Cin, H, W] and dh = conv(d[:, C:4C], W_hh's) into dh
+// [B, C, H, W]: d r and d z (the same for both) are transformed once, 4C input channels instead of
+// 6C. V = winograd_gru_input_grad_weights(weight_ih, weight_hh); Cin a multiple of winograd's column
+// block (32), so the two outputs are separate column segments.
+Tensor winograd_gru_input_grad_weights(const Tensor& weight_ih, const Tensor& weight_hh);
+void winograd_gru_input_grads(const Tensor& d, const Tensor& V, const SeqGeometry& g, const Tensor& grad_x,
+                              const Tensor& dh);
+bool winograd_gru_input_grads_apply(int64_t Cin);
+
 // Weight gradient of conv3x3(input, weight) (stride 1, padding 1) in the Winograd domain, summed over
 // calls (chunks of steps) and transformed back once. dV = dL/d(G w Gᵀ): a zeroed [alpha², K, N]
 // accumulation-type buffer (padded rows, as winograd_weights' V); winograd_weight_grad_add sums

@@ -84,15 +84,17 @@ struct Job {
     const void* V = nullptr;     // [alpha², K, ldv] (N used columns, zeros up to ldv), accumulation type,
     int64_t sv = 0;              // with slices sv elements apart (K·ldv, or more for a row range of a V)
   };
-  Input in[2];                   // the output sums the convolutions of the inputs used (1 or 2)
+  static constexpr int kMaxInputs = 3;
+  Input in[kMaxInputs];          // the output sums the convolutions of the inputs used (1 to 3)
   int inputs = 1;
-  int64_t ldv = 0;               // row length of both inputs' V
+  int64_t ldv = 0;               // row length of every input's V
   // The Winograd-domain products M [alpha², tiles, ldm] by column segment: M[:, m0 : m0 + n] = Σ_i
   // U_i V_i[:, v[i] : v[i] + n] over the inputs with v[i] >= 0 (all multiples of kColumnBlock), so
-  // one column range can sum x and h convs while another keeps them apart (GRU's n gate).
+  // one column range can sum x and h convs while another keeps them apart (GRU's n gate). A segment
+  // sums at most two inputs (the GEMM's operand pairs).
   struct Segment {
     int64_t m0 = 0, n = 0;
-    int64_t v[2] = {0, -1};
+    int64_t v[kMaxInputs] = {0, -1, -1};
   };
   Segment seg[3];
   int segments = 1;
@@ -135,7 +137,14 @@ namespace fastvid {
 namespace recurrent {
 
 namespace {
-void run(const winograd::Job& job) { FASTVID_ISA_CALL(recurrent, winograd_conv_kernel(job)); }
+void run(const winograd::Job& job) {
+  for (int sg = 0; sg < job.segments; ++sg) {
+    int used = 0;
+    for (int i = 0; i < job.inputs; ++i) used += job.seg[sg].v[i] >= 0;
+    TORCH_INTERNAL_ASSERT(used >= 1 && used <= 2, "winograd_conv: a column segment sums one or two inputs");
+  }
+  FASTVID_ISA_CALL(recurrent, winograd_conv_kernel(job));
+}
 
 // A [B, K, H, W] tensor as a Job input: data, element strides and K (V unset).
 winograd::Job::Input input_of(const Tensor& t) {
@@ -167,9 +176,9 @@ void set_input(winograd::Job& j, int i, const Tensor& input, const Tensor& V) {
     j.tile = A2 == 36 ? 4 : 2;
     j.dtype = input.scalar_type();
     j.segments = 1;
-    j.seg[0] = winograd::Job::Segment{0, j.ldv, {0, -1}};
+    j.seg[0] = winograd::Job::Segment{0, j.ldv, {0, -1, -1}};
   } else {
-    j.seg[0].v[1] = 0;  // the second input's products summed onto the first's
+    j.seg[0].v[i] = 0;  // this input's products summed onto the first's
   }
   j.inputs = i + 1;
 }
@@ -396,6 +405,48 @@ Tensor winograd_conv2(const Tensor& x, const Tensor& V_x, const Tensor& h, const
   return out;
 }
 
+// Rows in the order of the gradient frame [x_n, r, z, h_n]; columns [0, Cin) grad_x's (weight_ih's
+// input-gradient kernel), [Cin, Cin + C) dh's (weight_hh's). The blocks no segment reads stay zero.
+Tensor winograd_gru_input_grad_weights(const Tensor& weight_ih, const Tensor& weight_hh) {
+  const Tensor V_x = winograd_input_grad_weights(weight_ih), V_h = winograd_input_grad_weights(weight_hh);
+  const int64_t C = weight_hh.size(1), Cin = weight_ih.size(1), N = Cin + C;
+  const int64_t ldv = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
+  Tensor V = at::zeros({V_x.size(0), 4 * C, ldv}, V_x.options());
+  V.narrow(1, 0, C).narrow(2, 0, Cin).copy_(V_x.narrow(1, 2 * C, C));          // x_n
+  V.narrow(1, C, 2 * C).narrow(2, 0, Cin).copy_(V_x.narrow(1, 0, 2 * C));      // r, z -> grad_x
+  V.narrow(1, C, 2 * C).narrow(2, Cin, C).copy_(V_h.narrow(1, 0, 2 * C));      // r, z -> dh
+  V.narrow(1, 3 * C, C).narrow(2, Cin, C).copy_(V_h.narrow(1, 2 * C, C));      // h_n
+  return V.narrow(2, 0, N);
+}
+
+bool winograd_gru_input_grads_apply(int64_t Cin) { return Cin % winograd::kColumnBlock == 0; }
+
+void winograd_gru_input_grads(const Tensor& d, const Tensor& V, const SeqGeometry& g, const Tensor& grad_x,
+                              const Tensor& dh) {
+  const int64_t C = d.size(1) / 4, Cin = grad_x.size(1);
+  TORCH_INTERNAL_ASSERT(d.size(1) == 4 * C && V.size(1) == 4 * C && V.size(2) == Cin + C &&
+                            Cin % winograd::kColumnBlock == 0 && dh.size(1) == C,
+                        "winograd_gru_input_grads: d [B, 4C, H, W], V from winograd_gru_input_grad_weights, "
+                        "Cin a multiple of the column block");
+  Tensor no_bias;
+  winograd::Job j = make_job(d.narrow(1, C, 2 * C), V.narrow(1, C, 2 * C), std::nullopt, g, no_bias);  // r, z
+  set_input(j, 1, d.narrow(1, 0, C), V.narrow(1, 0, C));                                                 // x_n
+  set_input(j, 2, d.narrow(1, 3 * C, C), V.narrow(1, 3 * C, C));                                        // h_n
+  j.segments = 2;
+  j.seg[0] = {0, Cin, {0, 0, -1}};                 // grad_x = r, z and x_n through W_ih's kernel
+  j.seg[1] = {Cin, j.ldv - Cin, {Cin, -1, Cin}};   // dh = r, z and h_n through W_hh's
+  const auto fits = [&](const Tensor& o, int64_t channels) {
+    return o.dim() == 4 && o.size(0) == j.B && o.size(1) == channels && o.size(2) == j.H && o.size(3) == j.W &&
+           o.scalar_type() == d.scalar_type();
+  };
+  TORCH_INTERNAL_ASSERT(fits(grad_x, Cin) && fits(dh, C), "winograd_gru_input_grads: grad_x, dh must be "
+                        "[B, Cin, H, W] and [B, C, H, W] in d's dtype");
+  j.out = plane(grad_x);
+  j.out2 = plane(dh);
+  j.split = Cin;
+  run(j);
+}
+
 Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g, bool tanh) {
   Tensor out = at::empty({input.size(0), V.size(2), input.size(2), input.size(3)},
                          input.options().memory_format(frame_format(g.channels_last)));
@@ -488,9 +539,9 @@ void winograd_gru_fused_step(const GruForwardArgs& a, const Tensor& x_t, const T
   j.channels_last = g.channels_last;
   j.N = j.ldm = 4 * Cp;  // M columns: r and z (x + h), x_n, h_n
   j.segments = 3;
-  j.seg[0] = {0, 2 * Cp, {0, 0}};
-  j.seg[1] = {2 * Cp, Cp, {2 * Cp, -1}};
-  j.seg[2] = {3 * Cp, Cp, {-1, 2 * Cp}};
+  j.seg[0] = {0, 2 * Cp, {0, 0, -1}};
+  j.seg[1] = {2 * Cp, Cp, {2 * Cp, -1, -1}};
+  j.seg[2] = {3 * Cp, Cp, {-1, 2 * Cp, -1}};
   if (bias.defined()) {
     TORCH_CHECK(bias.numel() == 4 * Cp && bias.scalar_type() == acc_type(a.geo.dtype),
                 "winograd_gru_fused_step: bias must come from winograd_gru_bias");
@@ -940,7 +991,8 @@ void winograd_conv_impl(const winograd::Job& j) {
   using Mat = winograd::Matrices<M>;
   constexpr int A = Mat::A;
   const int64_t N = j.N, H = j.H, W = j.W;
-  const int64_t K_max = std::max(j.in[0].K, j.inputs > 1 ? j.in[1].K : 0);
+  int64_t K_max = 0;
+  for (int i = 0; i < j.inputs; ++i) K_max = std::max(K_max, j.in[i].K);
   const int64_t tiles_h = (H + M - 1) / M, tiles_w = (W + M - 1) / M;
   const int64_t Wt = tiles_w * M;        // tiled width
   const int64_t Wp = Wt + 2;             // padded scratch width
@@ -953,9 +1005,9 @@ void winograd_conv_impl(const winograd::Job& j) {
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     const int64_t max_tiles = per_group * tiles_w;
     const auto D = scratch<acc_t>((per_group * M + 2) * Wp * K_max);  // padded input rows of a group, channels innermost
-    int64_t u_size[2] = {0, 0};                   // each input's U [alpha², tiles, K] (+ slice padding)
-    for (int i = 0; i < j.inputs; ++i) u_size[i] = A * A * (max_tiles * j.in[i].K + kSlicePad);
-    const auto U_buf = scratch<acc_t>(u_size[0] + u_size[1]);
+    int64_t u_offset[winograd::Job::kMaxInputs + 1] = {0};  // each input's U [alpha², tiles, K] (+ slice padding)
+    for (int i = 0; i < j.inputs; ++i) u_offset[i + 1] = u_offset[i] + A * A * (max_tiles * j.in[i].K + kSlicePad);
+    const auto U_buf = scratch<acc_t>(u_offset[j.inputs]);
     const auto M_buf = scratch<acc_t>(A * A * (max_tiles * kBlockColumns + kSlicePad));  // one column block of M
     const auto out = scratch<acc_t>(per_group * M * Wt * N);  // the group's strips' outputs, pixel-major
     // a strip for fn in the frames layout: in dtype, or (pre_acc) in the accumulation type -- unless
@@ -968,8 +1020,9 @@ void winograd_conv_impl(const winograd::Job& j) {
       const int64_t P = (s1 - s0) * tiles_w;
       const int64_t sm = P * kBlockColumns + kSlicePad;  // element stride of the alpha² slices of M
       acc_t* Mm = M_buf.get();
-      acc_t* U_in[2] = {U_buf.get(), U_buf.get() + u_size[0]};
-      int64_t su_in[2] = {0, 0};  // element stride of the alpha² slices of each U
+      acc_t* U_in[winograd::Job::kMaxInputs];
+      for (int i = 0; i < j.inputs; ++i) U_in[i] = U_buf.get() + u_offset[i];
+      int64_t su_in[winograd::Job::kMaxInputs] = {0};  // element stride of the alpha² slices of each U
       for (int i_in = 0; i_in < j.inputs; ++i_in) {
       const winograd::Job::Input& in = j.in[i_in];
       const int64_t K = in.K, su = P * K + kSlicePad;
