@@ -165,9 +165,10 @@ def test_gru_gates_span_column_blocks(cpu_isa, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gru_merged_input_gradients(cpu_isa, layout, dtype, reverse):
-    """C_in a multiple of 32 (the GEMM column block): the nn.GRU-form backward runs a step's grad_x and dh
-    convolutions as one over the gate-gradient frame [x_n, r, z, h_n] (winograd_gru_input_grads) and
-    reorders W_ih's and b_ih's gradients from it; C = 5 leaves dh's column block part-used."""
+    """The nn.GRU-form backward runs a step's grad_x and dh convolutions as one over the gate-gradient
+    frame [x_n, r, z, h_n] (winograd_gru_input_grads) and reorders W_ih's and b_ih's gradients from it.
+    C_in = 32 fills grad_x's column block exactly (dh's segment follows with no gap; the other shapes of
+    this file leave a gap); C = 5 leaves dh's column block part-used."""
     check_against_oracle("gru", make_inputs("gru", 2, 3, 32, 5, 5, 7, layout), dtype=dtype, reset_after=True,
                          reverse=reverse)
 

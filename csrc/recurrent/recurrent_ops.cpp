@@ -742,9 +742,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   // no lengths) instead of copying them into `inputs` (Ballas scales h_{t-1} in place, so it keeps the copy).
   const int64_t chunk = chunk_steps(T);
   const bool in_place_inputs = wino && reset_after && chunk == 1;
-  // ... and, where Cin allows, runs the step's two input-gradient convs as one: the gate gradients in
-  // one frame [x_n, r, z, h_n] (d_x = its channels [0, 3C), d_h = [C, 4C)), d r and d z transformed once.
-  const bool merged_input_grads = in_place_inputs && winograd_gru_input_grads_apply(Cin);
+  // ... and runs the step's two input-gradient convs as one: the gate gradients in one frame
+  // [x_n, r, z, h_n] (d_x = its channels [0, 3C), d_h = [C, 4C)), d r and d z transformed once.
+  const bool merged_input_grads = in_place_inputs;
   Tensor v_grad_h, v_grad_rz, v_grad_n;  // winograd: transformed flipped weights of the input-grad convs
   if (wino && reset_after && !merged_input_grads) v_grad_h = winograd_input_grad_weights(weight_hh);
   if (wino && !reset_after) v_grad_rz = winograd_input_grad_weights(w_rz), v_grad_n = winograd_input_grad_weights(w_n);

@@ -80,12 +80,11 @@ Tensor winograd_conv2(const Tensor& x, const Tensor& V_x, const Tensor& h, const
 // gate-gradient frame d [B, 4C, H, W] with channels [x_n, r, z, h_n], grad_x = conv(d[:, 0:3C],
 // W_ih's input-gradient kernel) into grad_x [B, Cin, H, W] and dh = conv(d[:, C:4C], W_hh's) into dh
 // [B, C, H, W]: d r and d z (the same for both) are transformed once, 4C input channels instead of
-// 6C. V = winograd_gru_input_grad_weights(weight_ih, weight_hh); Cin a multiple of winograd's column
-// block (32), so the two outputs are separate column segments.
+// 6C. V = winograd_gru_input_grad_weights(weight_ih, weight_hh): the two outputs are separate column
+// segments of one GEMM, dh's starting at the column block after grad_x's.
 Tensor winograd_gru_input_grad_weights(const Tensor& weight_ih, const Tensor& weight_hh);
 void winograd_gru_input_grads(const Tensor& d, const Tensor& V, const SeqGeometry& g, const Tensor& grad_x,
                               const Tensor& dh);
-bool winograd_gru_input_grads_apply(int64_t Cin);
 
 // Weight gradient of conv3x3(input, weight) (stride 1, padding 1) in the Winograd domain, summed over
 // calls (chunks of steps) and transformed back once. dV = dL/d(G w Gᵀ): a zeroed [alpha², K, N]

@@ -106,8 +106,9 @@ struct Job {
   const WinogradStripFn* fn = nullptr;
   bool pre_acc = false;  // fn gets the strip in the accumulation type (else in dtype, as the frames)
   Plane out;  // when fn is null: the [B, N, H·W] output plane
-  Plane out2;  // when fn is null and split > 0: channels [split, N) go to out2 (its channel 0) instead
-  int64_t split = 0;
+  Plane out2;  // when fn is null and split > 0: channels [split, N) go to out2 (its channel 0) instead,
+  int64_t split = 0;  // or with split2 > split, channels [split2, N) (those between are dropped)
+  int64_t split2 = 0;
   bool tanh = false;  // when fn is null: write tanh(conv) (LSTM backward's recompute of g)
 };
 
@@ -406,35 +407,31 @@ Tensor winograd_conv2(const Tensor& x, const Tensor& V_x, const Tensor& h, const
 }
 
 // Rows in the order of the gradient frame [x_n, r, z, h_n]; columns [0, Cin) grad_x's (weight_ih's
-// input-gradient kernel), [Cin, Cin + C) dh's (weight_hh's). The blocks no segment reads stay zero.
+// input-gradient kernel), [Cp, Cp + C) dh's (weight_hh's), Cp = Cin rounded up to the column block (each
+// segment starts a block). The blocks no segment reads, and the columns between, stay zero.
 Tensor winograd_gru_input_grad_weights(const Tensor& weight_ih, const Tensor& weight_hh) {
   const Tensor V_x = winograd_input_grad_weights(weight_ih), V_h = winograd_input_grad_weights(weight_hh);
-  const int64_t C = weight_hh.size(1), Cin = weight_ih.size(1), N = Cin + C;
-  const int64_t ldv = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
-  Tensor V = at::zeros({V_x.size(0), 4 * C, ldv}, V_x.options());
+  const int64_t C = weight_hh.size(1), Cin = weight_ih.size(1), Cp = gate_columns(Cin), N = Cp + C;
+  Tensor V = at::zeros({V_x.size(0), 4 * C, gate_columns(N)}, V_x.options());
   V.narrow(1, 0, C).narrow(2, 0, Cin).copy_(V_x.narrow(1, 2 * C, C));          // x_n
   V.narrow(1, C, 2 * C).narrow(2, 0, Cin).copy_(V_x.narrow(1, 0, 2 * C));      // r, z -> grad_x
-  V.narrow(1, C, 2 * C).narrow(2, Cin, C).copy_(V_h.narrow(1, 0, 2 * C));      // r, z -> dh
-  V.narrow(1, 3 * C, C).narrow(2, Cin, C).copy_(V_h.narrow(1, 2 * C, C));      // h_n
+  V.narrow(1, C, 2 * C).narrow(2, Cp, C).copy_(V_h.narrow(1, 0, 2 * C));       // r, z -> dh
+  V.narrow(1, 3 * C, C).narrow(2, Cp, C).copy_(V_h.narrow(1, 2 * C, C));       // h_n
   return V.narrow(2, 0, N);
 }
 
-bool winograd_gru_input_grads_apply(int64_t Cin) { return Cin % winograd::kColumnBlock == 0; }
-
 void winograd_gru_input_grads(const Tensor& d, const Tensor& V, const SeqGeometry& g, const Tensor& grad_x,
                               const Tensor& dh) {
-  const int64_t C = d.size(1) / 4, Cin = grad_x.size(1);
-  TORCH_INTERNAL_ASSERT(d.size(1) == 4 * C && V.size(1) == 4 * C && V.size(2) == Cin + C &&
-                            Cin % winograd::kColumnBlock == 0 && dh.size(1) == C,
-                        "winograd_gru_input_grads: d [B, 4C, H, W], V from winograd_gru_input_grad_weights, "
-                        "Cin a multiple of the column block");
+  const int64_t C = d.size(1) / 4, Cin = grad_x.size(1), Cp = gate_columns(Cin);
+  TORCH_INTERNAL_ASSERT(d.size(1) == 4 * C && V.size(1) == 4 * C && V.size(2) == Cp + C && dh.size(1) == C,
+                        "winograd_gru_input_grads: d [B, 4C, H, W], V from winograd_gru_input_grad_weights");
   Tensor no_bias;
   winograd::Job j = make_job(d.narrow(1, C, 2 * C), V.narrow(1, C, 2 * C), std::nullopt, g, no_bias);  // r, z
   set_input(j, 1, d.narrow(1, 0, C), V.narrow(1, 0, C));                                                 // x_n
   set_input(j, 2, d.narrow(1, 3 * C, C), V.narrow(1, 3 * C, C));                                        // h_n
   j.segments = 2;
-  j.seg[0] = {0, Cin, {0, 0, -1}};                 // grad_x = r, z and x_n through W_ih's kernel
-  j.seg[1] = {Cin, j.ldv - Cin, {Cin, -1, Cin}};   // dh = r, z and h_n through W_hh's
+  j.seg[0] = {0, Cp, {0, 0, -1}};                // grad_x = r, z and x_n through W_ih's kernel
+  j.seg[1] = {Cp, j.ldv - Cp, {Cp, -1, Cp}};     // dh = r, z and h_n through W_hh's
   const auto fits = [&](const Tensor& o, int64_t channels) {
     return o.dim() == 4 && o.size(0) == j.B && o.size(1) == channels && o.size(2) == j.H && o.size(3) == j.W &&
            o.scalar_type() == d.scalar_type();
@@ -444,6 +441,7 @@ void winograd_gru_input_grads(const Tensor& d, const Tensor& V, const SeqGeometr
   j.out = plane(grad_x);
   j.out2 = plane(dh);
   j.split = Cin;
+  j.split2 = Cp;
   run(j);
 }
 
@@ -1087,7 +1085,8 @@ void winograd_conv_impl(const winograd::Job& j) {
           if (j.split > 0) {  // channels [0, split) to out, the rest to out2 (pixel stride N in out_s)
             scalar_t* dst2 = static_cast<scalar_t*>(j.out2.data) + b * j.out2.stride_b + y0 * W * j.out2.stride_p;
             emit_strip_channels(out_s, Wt, W, rows, N, 0, j.split, dst, j.out.stride_c, j.out.stride_p);
-            emit_strip_channels(out_s, Wt, W, rows, N, j.split, N, dst2, j.out2.stride_c, j.out2.stride_p);
+            emit_strip_channels(out_s, Wt, W, rows, N, std::max(j.split, j.split2), N, dst2, j.out2.stride_c,
+                                j.out2.stride_p);
           } else {
             emit_strip(out_s, Wt, W, rows, N, dst, j.out.stride_c, j.out.stride_p);
           }
