@@ -776,6 +776,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
                                   : empty_frames({chunk, B}, d_channels, H, W, g.channels_last, opts);
   Tensor d_h = merged_input_grads ? d_merged.narrow(2, C, 3 * C)
                : (hoisted && reset_after) ? empty_frames({chunk, B}, 3 * C, H, W, g.channels_last, opts) : Tensor();
+  const Tensor d_frame = merged_input_grads ? d_merged.select(0, 0) : Tensor();  // its [B, 4C, H, W] frame
   Tensor dh_buf = merged_input_grads ? empty_like_frame(g, C, opts) : Tensor();
   Tensor inputs = in_place_inputs ? Tensor() : empty_frames({chunk, B}, Cin + C, H, W, g.channels_last, opts);
   Tensor x_step, h_step;  // in_place_inputs: the current step's x_t and h_{t-1} ([B, ., H, W] views)
@@ -895,11 +896,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
       a.d_h_out[k] = a.d_x_out[k];  // d r, d z (and Ballas' d n) are the same for both convs: same value twice
     }
     if (merged_input_grads) {  // the frame [x_n, r, z, h_n]: d r, d z written once for both convs
-      const Tensor d_t = d_merged.select(0, 0);
-      a.d_x_out[0] = a.d_h_out[0] = slot(d_t, 1, C);
-      a.d_x_out[1] = a.d_h_out[1] = slot(d_t, 2, C);
-      a.d_x_out[2] = slot(d_t, 0, C);
-      a.d_h_out[2] = slot(d_t, 3, C);
+      a.d_x_out[0] = a.d_h_out[0] = slot(d_frame, 1, C);
+      a.d_x_out[1] = a.d_h_out[1] = slot(d_frame, 2, C);
+      a.d_x_out[2] = slot(d_frame, 0, C);
+      a.d_h_out[2] = slot(d_frame, 3, C);
     } else if (hoisted && reset_after) {
       for (int k = 0; k < 3; ++k) a.d_h_out[k] = slot(d_h_t, k, C);
     } else if (!hoisted && reset_after) {
@@ -909,7 +909,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
 
     if (reset_after) {
       if (merged_input_grads) {
-        winograd_gru_input_grads(d_merged.select(0, 0), v_input_grads, g, grad_x.select(1, t), dh_buf);
+        winograd_gru_input_grads(d_frame, v_input_grads, g, grad_x.select(1, t), dh_buf);
         dh_conv = dh_buf;  // the next step's gate kernel reads it before this buffer is written again
       } else if (hoisted) {
         dh_conv = wino ? winograd_conv(d_h_t, v_grad_h, std::nullopt, g) : conv_input_grad(d_h_t, h_prev, weight_hh, g);
