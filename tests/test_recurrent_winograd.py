@@ -157,7 +157,8 @@ def test_benchmark_sized_accuracy(op, reset_after):
 def test_gru_gates_span_column_blocks(cpu_isa, layout):
     """nn.GRU form with C = 40 and C_in = 24: each gate's 40 columns are padded to 64 in the fused
     step (two GEMM column blocks, the second part-used), between the summed r, z columns and the
-    separate x_n, h_n ones."""
+    separate x_n, h_n ones; in the backward W_hh's gradient reads the gate-gradient frame's columns
+    [40, 160), which start inside a GEMM column block (the kernel computes from column 32 on)."""
     check_against_oracle("gru", make_inputs("gru", 2, 2, 24, 40, 6, 10, layout), reset_after=True)
 
 
@@ -194,9 +195,10 @@ def test_benchmark_sized_accuracy_gru(reset_after):
 
 @pytest.mark.parametrize("op", ["lstm", "gru"])
 def test_weight_grad_deterministic_at_one_two_three_threads(op):
-    """The Winograd weight gradient sums fixed chunks of tile groups (one per thread), the first in place and
-    the others' partials added in chunk order: at 1, 2 and 3 threads (3 > this machine's cores, so chunks
-    share threads) two runs are bit-identical and each is within the bound against fp64."""
+    """The Winograd weight gradient sums fixed chunks of tile groups (one per thread) into their own partial
+    sums, kept for the whole backward and added in chunk order at its end: at 1, 2 and 3 threads (3 > this
+    machine's cores, so chunks share threads) two runs are bit-identical and each is within the bound
+    against fp64."""
     master = make_inputs(op, 3, 2, 8, 8, 16, 16, "contiguous")  # 3 tile groups (of 8 strips) per weight-gradient call
     oracle, names = run(op, leaves(master, torch.float64), "reference")
     onednn, _ = run(op, leaves(master, torch.float32), "hoisted")

@@ -399,7 +399,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const Tensor h0_l = initial_state(h0, x.scalar_type(), fmt);
   const Tensor w_cat = at::cat({weight_ih, weight_hh}, 1);
   const Tensor v_cat_grad = wino ? winograd_input_grad_weights(w_cat) : Tensor();
-  Tensor dV_cat = wino ? winograd_weight_grad_buffer(Cin + C, 4 * C, x.scalar_type()) : Tensor();
+  Tensor dV_cat =
+      wino ? winograd_weight_grad_buffer(Cin + C, 4 * C, x.scalar_type(), B * chunk_steps(T), H, W) : Tensor();
   Tensor db_acc = wino && has_bias ? at::zeros({4 * C}, opts.dtype(at::kDouble)) : Tensor();  // winograd: the bias gradient
   Tensor grad_x = empty_frames({B, T}, Cin, H, W, g.channels_last, opts);
 
@@ -503,7 +504,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     if (dh_skip.defined()) dh_rec.add_(dh_skip);
   }
   flush_chunk(chunk_start, chunk_len);
-  if (wino) grad_w_cat = winograd_weight_grad_finish(dV_cat, weight_ih.scalar_type());
+  if (wino) grad_w_cat = winograd_weight_grad_finish(winograd_weight_grad_total(dV_cat), weight_ih.scalar_type());
   if (wino && has_bias) grad_bias = db_acc.to(x.scalar_type());
   // Not hoisted, dh_rec is a view into the last [grad_x_t, dh] conv output: the output gets its own storage.
   Tensor grad_h0 = hoisted ? dh_rec.contiguous(fmt) : dh_rec.clone(fmt);
@@ -754,14 +755,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   const Tensor v_input_grads = merged_input_grads ? winograd_gru_input_grad_weights(weight_ih, weight_hh) : Tensor();
   const Tensor v_n = wino && reset_after && !keep_hn ? winograd_weights(w_n) : Tensor();  // the h_n recompute
   const OptTensor wb_hn = v_n.defined() ? winograd_bias(narrow_optional(bias_hh, 2 * C, C), x.scalar_type()) : std::nullopt;
-  Tensor dV_ih, dV_hh, dV_n;
+  Tensor dV_ih, dV_hh, dV_n, dV_frame;
   Tensor db_x, db_h;  // winograd: Σ d_x (b_ih's gradient, and the Ballas b_hh's) and Σ d_h (reset_after's b_hh)
-  if (wino) {
+  Tensor db_frame;    // merged_input_grads: Σ of the gradient frame [x_n, r, z, h_n] (both biases' gradients)
+  const int64_t frames = B * chunk_steps(T);
+  if (merged_input_grads) {  // both weight gradients from one call per step: rows [0, Cin) W_ih's, [Cin, Cin + C) W_hh's
+    if (has_bias) db_frame = at::zeros({4 * C}, opts.dtype(at::kDouble));
+    dV_frame = winograd_weight_grad_buffer(Cin + C, 4 * C, x.scalar_type(), frames, H, W);
+  } else if (wino) {
     if (has_bias) db_x = at::zeros({3 * C}, opts.dtype(at::kDouble));
     if (reset_after && bias_hh.has_value()) db_h = at::zeros({3 * C}, opts.dtype(at::kDouble));
-    dV_ih = winograd_weight_grad_buffer(Cin, 3 * C, x.scalar_type());
-    dV_hh = winograd_weight_grad_buffer(C, reset_after ? 3 * C : 2 * C, x.scalar_type());
-    if (!reset_after) dV_n = winograd_weight_grad_buffer(C, C, x.scalar_type());
+    dV_ih = winograd_weight_grad_buffer(Cin, 3 * C, x.scalar_type(), frames, H, W);
+    dV_hh = winograd_weight_grad_buffer(C, reset_after ? 3 * C : 2 * C, x.scalar_type(), frames, H, W);
+    if (!reset_after) dV_n = winograd_weight_grad_buffer(C, C, x.scalar_type(), frames, H, W);
   }
 
   // Chunk by chunk of consecutive steps (in reverse), as in convlstm_sequence_backward. Per chunk:
@@ -808,10 +814,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     const Tensor dx = flat(d_x.narrow(0, 0, n));
     const Tensor in = in_place_inputs ? Tensor() : inputs.narrow(0, 0, n);
     const Tensor h_in = in_place_inputs ? Tensor() : in.narrow(2, Cin, C);  // h_{t-1}; Ballas: scaled to r·h_{t-1} below
-    if (wino) {
-      if (merged_input_grads) {
-        // grad_x_t was written with dh in the step loop
-      } else if (n == 1) {  // straight into the frame (T < 32: every chunk is one step)
+    if (merged_input_grads) {
+      // grad_x_t was written with dh in the step loop. W_ih's rows read the frame's [x_n, r, z], W_hh's
+      // its [r, z, h_n]: d r and d z gathered and transformed once for both.
+      WeightGradColumns columns;
+      columns.begin[0] = 0, columns.end[0] = 3 * C;
+      columns.begin[1] = C, columns.end[1] = 4 * C;
+      winograd_weight_grad_add(dV_frame, x_step, d_frame, db_frame.defined() ? &db_frame : nullptr, &h_step, columns);
+    } else if (wino) {
+      if (n == 1) {  // straight into the frame (T < 32: every chunk is one step)
         winograd_conv_out(dx, v_grad_x, std::nullopt, g, grad_x.select(1, t0));
       } else {
         const Tensor gx = winograd_conv(dx, v_grad_x, std::nullopt, g);
@@ -948,14 +959,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
     }
   }
   flush_chunk(chunk_start, chunk_len);
-  if (wino) {
-    grad_w_ih = winograd_weight_grad_finish(dV_ih, weight_ih.scalar_type());
-    if (merged_input_grads) {  // dV_ih's and db_x's columns came in the gradient frame's order [x_n, r, z]
-      grad_w_ih = at::cat({grad_w_ih.narrow(0, C, 2 * C), grad_w_ih.narrow(0, 0, C)}, 0);
-      if (db_x.defined()) db_x = at::cat({db_x.narrow(0, C, 2 * C), db_x.narrow(0, 0, C)}, 0);
-    }
-    grad_w_hh = winograd_weight_grad_finish(dV_hh, weight_hh.scalar_type());
-    if (!reset_after) grad_w_hh = at::cat({grad_w_hh, winograd_weight_grad_finish(dV_n, weight_hh.scalar_type())}, 0);
+  if (merged_input_grads) {
+    const Tensor total = winograd_weight_grad_total(dV_frame);
+    grad_w_ih = winograd_weight_grad_finish(total.narrow(1, 0, Cin).narrow(2, 0, 3 * C), weight_ih.scalar_type());
+    grad_w_hh = winograd_weight_grad_finish(total.narrow(1, Cin, C).narrow(2, C, 3 * C), weight_hh.scalar_type());
+    // W_ih's rows and b_ih's sums came in the frame's order [x_n, r, z]; W_hh's are [r, z, h_n] already
+    grad_w_ih = at::cat({grad_w_ih.narrow(0, C, 2 * C), grad_w_ih.narrow(0, 0, C)}, 0);
+    if (bias_ih.has_value())
+      grad_b_ih = at::cat({db_frame.narrow(0, C, 2 * C), db_frame.narrow(0, 0, C)}, 0).to(x.scalar_type());
+    if (bias_hh.has_value()) grad_b_hh = db_frame.narrow(0, C, 3 * C).to(x.scalar_type());
+  } else if (wino) {
+    grad_w_ih = winograd_weight_grad_finish(winograd_weight_grad_total(dV_ih), weight_ih.scalar_type());
+    grad_w_hh = winograd_weight_grad_finish(winograd_weight_grad_total(dV_hh), weight_hh.scalar_type());
+    if (!reset_after)
+      grad_w_hh = at::cat({grad_w_hh, winograd_weight_grad_finish(winograd_weight_grad_total(dV_n),
+                                                                  weight_hh.scalar_type())}, 0);
     if (bias_ih.has_value()) grad_b_ih = db_x.to(x.scalar_type());
     if (bias_hh.has_value()) grad_b_hh = (reset_after ? db_h : db_x).to(x.scalar_type());
   }

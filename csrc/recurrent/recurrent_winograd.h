@@ -87,19 +87,31 @@ void winograd_gru_input_grads(const Tensor& d, const Tensor& V, const SeqGeometr
                               const Tensor& dh);
 
 // Weight gradient of conv3x3(input, weight) (stride 1, padding 1) in the Winograd domain, summed over
-// calls (chunks of steps) and transformed back once. dV = dL/d(G w Gᵀ): a zeroed [alpha², K, N]
-// accumulation-type buffer (padded rows, as winograd_weights' V); winograd_weight_grad_add sums
-// Uᵀ (A dY Aᵀ) over the tiles of input [B, K, H, W] and grad_output [B, N, H, W] (any strides) into it;
-// winograd_weight_grad_finish gives dL/dw = Gᵀ dV G as [N, K, 3, 3] in dtype.
-Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype);
+// calls (chunks of steps) and transformed back once. dV = dL/d(G w Gᵀ): a zeroed [chunks, alpha², K, N]
+// accumulation-type buffer (padded rows, as winograd_weights' V; one partial sum per worker, chunks =
+// min(threads, groups of strips of `frames` frames H x W: the largest call's)); winograd_weight_grad_add
+// sums Uᵀ (A dY Aᵀ) over the tiles of input [B, K, H, W] and grad_output [B, N, H, W] (any strides) into
+// it; winograd_weight_grad_total adds the partials in a fixed order (bits depend on the thread count at
+// allocation only) and returns the [alpha², K, N] sum; winograd_weight_grad_finish gives dL/dw = Gᵀ dV G
+// of (a [alpha², K', N'] view of) it as [N', K', 3, 3] in dtype.
+Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype, int64_t frames, int64_t H,
+                                   int64_t W);
+// Per input (input, input2), the output-gradient channels [begin, end) its dV rows need (end -1: all N);
+// dV's other columns of those rows are left unspecified. A GRU's x and h convolutions read different gate
+// channels of one gradient frame ([x_n, r, z] and [r, z, h_n]): one call, the shared r, z transformed once.
+struct WeightGradColumns {
+  int64_t begin[2] = {0, 0};
+  int64_t end[2] = {-1, -1};
+};
 // With db (a contiguous [N] float64 tensor), Σ grad_output over B, H, W is added to it (the bias gradient,
 // from the gradient values the kernel reads anyway; fp64 sums: naive fp32 ones over B·T·H·W values
 // missed the oneDNN path's accuracy).
-// With input2 [B, K2, H, W], dV is [alpha², K + K2, N]: the gradient of conv(cat([input, input2], 1), w)
+// With input2 [B, K2, H, W], dV is [chunks, alpha², K + K2, N]: the gradient of conv(cat([input, input2], 1), w)
 // without the concatenation (input2's channels are dV's rows K ..).
 void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output, Tensor* db = nullptr,
-                              const Tensor* input2 = nullptr);
-Tensor winograd_weight_grad_finish(const Tensor& dV, at::ScalarType dtype);
+                              const Tensor* input2 = nullptr, const WeightGradColumns& columns = {});
+Tensor winograd_weight_grad_total(const Tensor& dV);
+Tensor winograd_weight_grad_finish(const Tensor& total, at::ScalarType dtype);
 
 // One LSTM step of the winograd strategy: per strip, the gate pre-activations conv(x_t, W_ih) + bias +
 // conv(h_prev, W_hh), summed in the Winograd domain (one output transform), then the gate kernel on

@@ -75,6 +75,11 @@ struct Matrices<2> {
 
 // GEMM column block: 2 vectors of the widest path (AVX-512: 2 x 16 floats); V's rows are padded to it.
 constexpr int64_t kColumnBlock = 32;
+// Tiles per group of strips (the work unit of a parallel region, see the top of the file).
+constexpr int64_t kGroupTiles = 64;
+
+// Strips of m rows per group for frames W wide.
+inline int64_t strips_per_group(int64_t W, int64_t m) { return std::max<int64_t>(1, kGroupTiles / ((W + m - 1) / m)); }
 
 // Everything one convolution call needs, in plain pointers (the per-ISA kernels see no Tensor).
 struct Job {
@@ -119,7 +124,10 @@ struct WeightGradJob {
   Job::Input in2;                  // K2 = in2.K > 0: a second input whose channels follow in's (dV rows K..K+K2)
   const void* grad = nullptr;      // the output gradient [B, N, H, W] with element strides:
   int64_t gb = 0, gc = 0, gy = 0, gx = 0;
-  void* dV = nullptr;              // [alpha², K, ldv] accumulation type, accumulated into
+  void* dV = nullptr;              // [chunks, alpha², K, ldv] accumulation type, accumulated into: chunk c
+  int64_t chunks = 1, chunk_stride = 0;  // of the groups sums into dV + c·chunk_stride (see the kernel)
+  int64_t columns[2][2] = {{0, -1}, {0, -1}};  // the output-gradient channels [begin, end) each input's dV
+                                               // rows need (end -1: N); the kernel may compute a few more
   double* db = nullptr;            // [N], accumulated into (Σ of the output gradient, summed in fp64), or nullptr
   int64_t ldv = 0, B = 0, N = 0, H = 0, W = 0, tile = 2;  // tile: dV's m
   at::ScalarType dtype = at::kFloat;  // input and gradient dtype
@@ -565,27 +573,32 @@ void winograd_gru_fused_step(const GruForwardArgs& a, const Tensor& x_t, const T
   run(j);
 }
 
-Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype) {
-  const int64_t A = winograd_tile(dtype) + 2;
+Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype, int64_t frames, int64_t H,
+                                   int64_t W) {
+  const int64_t m = winograd_tile(dtype), A = m + 2;
   const int64_t Np = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
-  return at::zeros({A * A, K, Np}, at::TensorOptions().dtype(acc_type(dtype))).narrow(2, 0, N);
+  // one partial sum per thread, but no more than one call's groups of strips can fill
+  const int64_t groups = (frames * ((H + m - 1) / m) + winograd::strips_per_group(W, m) - 1) /
+                         winograd::strips_per_group(W, m);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups));
+  return at::zeros({chunks, A * A, K, Np}, at::TensorOptions().dtype(acc_type(dtype))).narrow(3, 0, N);
 }
 
 void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output, Tensor* db,
-                              const Tensor* input2) {
+                              const Tensor* input2, const WeightGradColumns& columns) {
   TORCH_CHECK(input.dim() == 4 && grad_output.dim() == 4 && input.device().is_cpu() && grad_output.device().is_cpu(),
               "winograd_weight_grad_add: input and grad_output must be [B, ., H, W] CPU tensors");
-  const int64_t A2 = dV.size(0);
+  const int64_t A2 = dV.dim() == 4 ? dV.size(1) : 0;
   const int64_t K2 = input2 != nullptr ? input2->size(1) : 0;
   TORCH_CHECK(input2 == nullptr || (input2->dim() == 4 && input2->device().is_cpu() &&
                                     input2->size(0) == input.size(0) && input2->size(2) == input.size(2) &&
                                     input2->size(3) == input.size(3) && input2->scalar_type() == input.scalar_type()),
               "winograd_weight_grad_add: input2 must agree with input in B, H, W and dtype");
-  TORCH_CHECK(dV.dim() == 3 && (A2 == 36 || A2 == 16) && dV.size(1) == input.size(1) + K2 &&
-                  dV.size(2) == grad_output.size(1) && dV.scalar_type() == acc_type(input.scalar_type()) &&
-                  dV.stride(2) == 1 && dV.stride(1) % winograd::kColumnBlock == 0 &&
-                  dV.stride(0) == dV.size(1) * dV.stride(1),
-              "winograd_weight_grad_add: dV must come from winograd_weight_grad_buffer(K, N)");
+  TORCH_CHECK(dV.dim() == 4 && (A2 == 36 || A2 == 16) && dV.size(2) == input.size(1) + K2 &&
+                  dV.size(3) == grad_output.size(1) && dV.scalar_type() == acc_type(input.scalar_type()) &&
+                  dV.stride(3) == 1 && dV.stride(2) % winograd::kColumnBlock == 0 &&
+                  dV.stride(1) == dV.size(2) * dV.stride(2) && dV.stride(0) == A2 * dV.stride(1),
+              "winograd_weight_grad_add: dV must come from winograd_weight_grad_buffer(K, N, ...)");
   TORCH_CHECK(grad_output.size(0) == input.size(0) && grad_output.size(2) == input.size(2) &&
                   grad_output.size(3) == input.size(3) && grad_output.scalar_type() == input.scalar_type(),
               "winograd_weight_grad_add: input and grad_output must agree in B, H, W and dtype");
@@ -596,24 +609,49 @@ void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& gra
   j.gb = grad_output.stride(0), j.gc = grad_output.stride(1), j.gy = grad_output.stride(2),
   j.gx = grad_output.stride(3);
   j.dV = dV.data_ptr();
+  j.chunks = dV.size(0), j.chunk_stride = dV.stride(0);
+  for (int i = 0; i < 2; ++i) {
+    const int64_t N = grad_output.size(1), end = columns.end[i] < 0 ? N : columns.end[i];
+    TORCH_CHECK(columns.begin[i] >= 0 && columns.begin[i] < end && end <= N,
+                "winograd_weight_grad_add: column range [", columns.begin[i], ", ", end, ") not in [0, ", N, ")");
+    j.columns[i][0] = columns.begin[i], j.columns[i][1] = end;
+  }
   if (db != nullptr) {
     TORCH_CHECK(db->dim() == 1 && db->numel() == grad_output.size(1) && db->is_contiguous() &&
                     db->scalar_type() == at::kDouble,
                 "winograd_weight_grad_add: db must be a contiguous [N] float64 tensor");
     j.db = db->data_ptr<double>();
   }
-  j.ldv = dV.stride(1);
+  j.ldv = dV.stride(2);
   j.B = input.size(0), j.N = grad_output.size(1), j.H = input.size(2), j.W = input.size(3);
   j.tile = A2 == 36 ? 4 : 2;
   j.dtype = input.scalar_type();
   FASTVID_ISA_CALL(recurrent, winograd_weight_grad_kernel(j));
 }
 
-Tensor winograd_weight_grad_finish(const Tensor& dV, at::ScalarType dtype) {
-  // dV = dL/d(G w Gᵀ), so dL/dw = Gᵀ dV G.
-  TORCH_CHECK(dV.dim() == 3 && (dV.size(0) == 36 || dV.size(0) == 16) && dV.stride(2) == 1,
-              "winograd_weight_grad_finish: dV must come from winograd_weight_grad_buffer(K, N)");
-  return dV.size(0) == 36 ? transform_weight_grad<4>(dV, dtype) : transform_weight_grad<2>(dV, dtype);
+Tensor winograd_weight_grad_total(const Tensor& dV) {
+  TORCH_CHECK(dV.dim() == 4 && (dV.size(1) == 36 || dV.size(1) == 16) && dV.stride(3) == 1 &&
+                  dV.stride(0) == dV.size(1) * dV.stride(1) && dV.stride(1) == dV.size(2) * dV.stride(2),
+              "winograd_weight_grad_total: dV must come from winograd_weight_grad_buffer(K, N, ...)");
+  // The chunks' partial sums added into chunk 0 in chunk order (each element's sum order fixed).
+  AT_DISPATCH_FLOATING_TYPES(dV.scalar_type(), "winograd_weight_grad_total", [&] {
+    scalar_t* sum = dV.mutable_data_ptr<scalar_t>();
+    const int64_t size = dV.stride(0), chunks = dV.size(0);
+    at::parallel_for(0, chunks > 1 ? size : 0, 1 << 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t c = 1; c < chunks; ++c) {
+        const scalar_t* part = sum + c * size;
+        for (int64_t i = i0; i < i1; ++i) sum[i] += part[i];
+      }
+    });
+  });
+  return dV.select(0, 0);
+}
+
+Tensor winograd_weight_grad_finish(const Tensor& total, at::ScalarType dtype) {
+  // total = dL/d(G w Gᵀ), so dL/dw = Gᵀ total G.
+  TORCH_CHECK(total.dim() == 3 && (total.size(0) == 36 || total.size(0) == 16) && total.stride(2) == 1,
+              "winograd_weight_grad_finish: takes [alpha², K, N] (a view of) winograd_weight_grad_total's result");
+  return total.size(0) == 36 ? transform_weight_grad<4>(total, dtype) : transform_weight_grad<2>(total, dtype);
 }
 
 }  // namespace recurrent
@@ -625,7 +663,7 @@ namespace recurrent {
 namespace FASTVID_ISA {
 namespace {
 
-constexpr int64_t kGroupTiles = 64;
+using winograd::kGroupTiles;
 // The alpha² slices of U and M are read / written together per tile: a slice stride that is a multiple
 // of 4 KiB puts all alpha² streams in the same L1 sets. 16 elements (one cache line) of padding.
 constexpr int64_t kSlicePad = 16;
@@ -995,7 +1033,7 @@ void winograd_conv_impl(const winograd::Job& j) {
   const int64_t Wt = tiles_w * M;        // tiled width
   const int64_t Wp = Wt + 2;             // padded scratch width
   const int64_t strips = j.B * tiles_h;
-  const int64_t per_group = std::max<int64_t>(1, kGroupTiles / tiles_w);
+  const int64_t per_group = winograd::strips_per_group(W, M);
   const int64_t groups = (strips + per_group - 1) / per_group;
   const int64_t Np = j.ldm;
   const acc_t* bias = static_cast<const acc_t*>(j.bias);
@@ -1160,16 +1198,17 @@ inline void gemm_tn_rows(int rows, const T* u, int64_t ldu, const T* b, int64_t 
   }
 }
 
-// C [K, ldb] += U [P, K]ᵀ (row stride ldu) x B [P, ldb], all ldb columns (a multiple of kColumnBlock).
-// C (a dV slice) is out of L2 at each call (a group's alpha² slices of dV are 1.2-4.7 MB), so each block
-// prefetches the C rows of the block after it, one row per iteration of its own loop.
+// C [K, ldb] += U [P, K]ᵀ (row stride ldu) x B [P, ldb], columns [0, n) rounded up to the column block
+// (B's and C's rows hold them). C (a dV slice) is out of L2 at each call (a group's alpha² slices of dV
+// are 1.2-4.7 MB), so each block prefetches the C rows of the block after it, one row per iteration of
+// its own loop.
 template <typename T>
-void gemm_tn(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t K, int64_t P) {
+void gemm_tn(const T* u, int64_t ldu, const T* b, int64_t ldb, T* c, int64_t K, int64_t P, int64_t n) {
   constexpr int64_t NR = 2 * FASTVID_VEC_BYTES / sizeof(T);
-  for (int64_t n0 = 0; n0 < ldb; n0 += NR) {
+  for (int64_t n0 = 0; n0 < n; n0 += NR) {
     for_row_blocks(K, [&](int64_t k0, int rows) {
       const int64_t next_k = k0 + rows < K ? k0 + rows : 0, next_n = k0 + rows < K ? n0 : n0 + NR;
-      const int64_t next_rows = next_n < ldb ? std::min<int64_t>(kRows, K - next_k) : 0;
+      const int64_t next_rows = next_n < n ? std::min<int64_t>(kRows, K - next_k) : 0;
       gemm_tn_rows<T, kRows>(rows, u + k0, ldu, b + n0, ldb, c + k0 * ldb + n0, ldb, P, c + next_k * ldb + next_n,
                              next_rows);
     });
@@ -1232,10 +1271,18 @@ void weight_grad_group(const winograd::WeightGradJob& j, int64_t s0, int64_t s1,
   for (int64_t s = s0; s < s1; ++s)
     gradient_strip_transform<M, acc_t, scalar_t>(j, s / tiles_h, (s % tiles_h) * M, tiles_w, (s - s0) * tiles_w,
                                                  buf.Gs.get(), Mm, sm, db);
-  // 3. alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ [K, P] dM[e] [P, Np] (and the second input's rows)
+  // 3. alpha² GEMMs dV[e] [K, Np] += U[e]ᵀ [K, P] dM[e] [P, Np] (and the second input's rows), over each
+  // input's columns: from its begin rounded down to the GEMM's column block (to its end rounded up)
+  constexpr int64_t NR = 2 * FASTVID_VEC_BYTES / sizeof(acc_t);
+  int64_t c0[2], cn[2];
+  for (int i = 0; i < 2; ++i) {
+    c0[i] = j.columns[i][0] / NR * NR;
+    cn[i] = (j.columns[i][1] < 0 ? N : j.columns[i][1]) - c0[i];
+  }
   for (int e = 0; e < A * A; ++e) {
-    gemm_tn<acc_t>(U + e * su, K, Mm + e * sm, Np, dV + e * Kt * Np, K, P);
-    if (K2 > 0) gemm_tn<acc_t>(U2 + e * su2, K2, Mm + e * sm, Np, dV + (e * Kt + K) * Np, K2, P);
+    gemm_tn<acc_t>(U + e * su, K, Mm + e * sm + c0[0], Np, dV + e * Kt * Np + c0[0], K, P, cn[0]);
+    if (K2 > 0)
+      gemm_tn<acc_t>(U2 + e * su2, K2, Mm + e * sm + c0[1], Np, dV + (e * Kt + K) * Np + c0[1], K2, P, cn[1]);
   }
 }
 
@@ -1247,11 +1294,12 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
   const int64_t tiles_h = (H + M - 1) / M, tiles_w = (W + M - 1) / M;
   const int64_t Wt = tiles_w * M, Wp = Wt + 2;
   const int64_t strips = j.B * tiles_h;
-  const int64_t per_group = std::max<int64_t>(1, kGroupTiles / tiles_w);
+  const int64_t per_group = winograd::strips_per_group(W, M);
   const int64_t groups = (strips + per_group - 1) / per_group;
-  const int64_t chunks = at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups));
-  const int64_t dv_size = A * A * K * Np;
-  const auto partial = scratch<acc_t>((chunks - 1) * dv_size);  // chunk c's dV at (c - 1)·dv_size, zeroed by c
+  // chunk c of the groups sums into its own partial dV (chunk 0 into dV itself), zeroed at the buffer's
+  // allocation and added in chunk order by winograd_weight_grad_finish: the partials stay for the
+  // whole backward (no per-call zero fill and reduction of alpha²·K·Np values per step).
+  const int64_t chunks = at::in_parallel_region() ? 1 : j.chunks;
   std::vector<double> partial_db(j.db == nullptr ? 0 : (chunks - 1) * N, 0.0);
 
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -1260,27 +1308,11 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
                                  scratch<acc_t>(A * A * (max_tiles * K + 2 * kSlicePad)),
                                  scratch<acc_t>(A * A * (max_tiles * Np + kSlicePad))};
     for (int64_t c = c0; c < c1; ++c) {
-      acc_t* dV = static_cast<acc_t*>(j.dV);
-      double* db = j.db;
-      if (c > 0) {
-        dV = partial.get() + (c - 1) * dv_size;
-        std::fill(dV, dV + dv_size, acc_t(0));
-        if (db != nullptr) db = partial_db.data() + (c - 1) * N;
-      }
+      acc_t* dV = static_cast<acc_t*>(j.dV) + c * j.chunk_stride;
+      double* db = c == 0 || j.db == nullptr ? j.db : partial_db.data() + (c - 1) * N;
       for (int64_t grp = c * groups / chunks; grp < (c + 1) * groups / chunks; ++grp)
         weight_grad_group<M, acc_t, scalar_t>(j, grp * per_group, std::min(strips, (grp + 1) * per_group), tiles_h,
                                               tiles_w, buf, dV, db);
-    }
-  });
-  if (chunks == 1) return;
-  // Partials added in chunk order (each element's sum order fixed). Parallel over elements only for a
-  // dV of >= 1 MB (the large ConvLSTM's 4.7 MB); a small one is added inline, no second fork/join.
-  acc_t* sum = static_cast<acc_t*>(j.dV);
-  at::parallel_for(0, dv_size, (1 << 20) / sizeof(acc_t), [&](int64_t i0, int64_t i1) {
-    for (int64_t c = 1; c < chunks; ++c) {
-      const acc_t* part = partial.get() + (c - 1) * dv_size;
-#pragma GCC ivdep
-      for (int64_t i = i0; i < i1; ++i) sum[i] += part[i];
     }
   });
   if (j.db != nullptr)
