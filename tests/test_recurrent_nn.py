@@ -512,6 +512,23 @@ def test_from_concat_conv_rejects_bad_convs():
 
 
 # ================================================================================== torch.compile
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_one_layer_final_state_is_a_view_of_the_last_step(cls):
+    """One layer, one direction: h_n [1, B, C, H, W] is the last output frame, kept in the frames' layout
+    (channels_last here: a view of the op's h_n, no copy), and gradients flow through it as through
+    the output."""
+    m = _randomize(cls(C_IN, C, 3)).double()
+    x = channels_last_frames(torch.randn(B, T, C_IN, H, W, dtype=torch.float64)).requires_grad_(True)
+    out, states = m(x)
+    h_n = states[0] if cls is ConvLSTM else states
+    assert h_n.shape == (1, B, C, H, W)
+    assert h_n._is_view() and h_n[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(h_n[0], out[:, -1], rtol=0, atol=0)
+    grad_via_state = torch.autograd.grad(h_n.sum(), x, retain_graph=True)[0]
+    grad_via_output = torch.autograd.grad(out[:, -1].sum(), x)[0]
+    torch.testing.assert_close(grad_via_state, grad_via_output, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("cls", [ConvLSTM])
 def test_torch_compile_fullgraph_matches_eager(cls, layout):

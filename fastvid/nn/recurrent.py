@@ -500,7 +500,10 @@ class ConvGRU(_ConvRNNBase):
 
 
 def _stack_states(states):
-    """[num_layers*num_directions, B, C, H, W], or the list itself when layer widths differ."""
+    """[num_layers*num_directions, B, C, H, W], or the list itself when layer widths differ. One state
+    (one layer, one direction) is a view of it: no copy, and its frame layout (channels_last) kept."""
+    if len(states) == 1:
+        return states[0].unsqueeze(0)
     if all(s.shape == states[0].shape for s in states):
         return torch.stack(states)
     return states
