@@ -142,6 +142,44 @@ def test_cell_matches_reference(config, dtype, layout, cpu_isa):
     check_cell(config, dtype, layout)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_cells_saturate_and_propagate_nan(dtype, layout, cpu_isa):
+    """Pre-activations far outside exp's clamped range (±1e4, ±88), zeros and NaN (also in the states)
+    through lstm_cell and gru_cell (the CPU rows run vectors of 8 / 16 lanes and a scalar tail: 37
+    pixels per row, 19 channels): NaN exactly where the float64 reference has NaN (a NaN cell state
+    reaches c and h but not the gates of a cell without peepholes), every other value within fp32 /
+    bf16 rounding of it, on every ISA path. (No ±inf: fp64's sigmoid reaches exactly 0 where float's
+    stops at ~1e-38, so 0·inf is NaN in the reference only.)"""
+    gen = torch.Generator().manual_seed(3)
+    B, C, H, W = 2, 19, 1, 37
+    special = torch.tensor([1e4, -1e4, 88.0, -88.0, 0.0, float("nan")])
+
+    def frames(channels, specials=special):
+        t = torch.randn(B, channels, H, W, generator=gen) * 3
+        flat = t.view(-1)
+        where = torch.randperm(flat.numel(), generator=gen)[: flat.numel() // 4]
+        flat[where] = specials[torch.arange(where.numel()) % specials.numel()]
+        t = t.to(dtype)
+        return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+    states = torch.tensor([0.0, float("nan")])
+    gates, c_prev = frames(4 * C), frames(C, states).float()
+    x_gates, h_gates, h_prev = frames(3 * C), frames(3 * C), frames(C, states)
+    cases = [("lstm_cell", torch.ops.fastvid.lstm_cell(gates, c_prev, None),
+              ref.lstm_cell(gates.double(), c_prev.double())),
+             ("gru_cell", torch.ops.fastvid.gru_cell(x_gates, h_gates, h_prev, True),
+              ref.gru_cell(x_gates.double(), h_gates.double(), h_prev.double()))]
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    for op, ours, oracle in cases:
+        for i, (a, o) in enumerate(zip(ours, oracle)):
+            a, o = a.double(), o.double()
+            assert torch.equal(a.isnan(), o.isnan()), f"{op} output {i}: NaN at other places than the reference"
+            finite = ~o.isnan()
+            torch.testing.assert_close(a[finite], o[finite], rtol=rtol, atol=rtol,
+                                       msg=lambda m: f"{op} output {i} ({dtype}, {layout}): {m}")
+
+
 def check_cell(config, dtype, layout):
     sample = make_cell_sample(config, dtype, layout)
     raw = sample.op()(*sample.op_args(sample.tensors))

@@ -67,7 +67,7 @@ struct LstmForwardOp {
     const int64_t C = a.geo.channels;
     const LstmState<acc_t> s =
         lstm_forward(pre[0], pre[1], pre[2], pre[3], load<acc_t, acc_t>(a.c_prev, b, c, p),
-                     peephole_w(w, 0, C, c), peephole_w(w, 1, C, c), peephole_w(w, 2, C, c));
+                     peephole_w(w, 0, C, c), peephole_w(w, 1, C, c), peephole_w(w, 2, C, c), w != nullptr);
     store<scalar_t>(a.h_out, b, c, p, s.h);
     store<scalar_t>(a.h_out2, b, c, p, s.h);
     store<acc_t>(a.c_out, b, c, p, s.c);

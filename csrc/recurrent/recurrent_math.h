@@ -92,22 +92,23 @@ FASTVID_MATH acc_t tanh_fast(acc_t x) {
 }
 
 // ---------------------------------------------------------------- LSTM (gate order i, f, g, o)
-// Forward. a_*: pre-activations (input conv + hidden conv + bias); w_c*: peephole weights (0 when
-// the cell has none). Outputs the activated gates (the backward cache), the new cell and hidden.
+// Forward. a_*: pre-activations (input conv + hidden conv + bias); w_c*: peephole weights, read only
+// with `peephole` (without, a NaN cell state must not reach i, f, o through 0 · c). Outputs the
+// activated gates (the backward cache), the new cell and hidden.
 template <typename acc_t>
 struct LstmState {
   acc_t i, f, g, o, c, h;
 };
 
 template <typename acc_t>
-FASTVID_MATH LstmState<acc_t> lstm_forward(acc_t a_i, acc_t a_f, acc_t a_g, acc_t a_o,
-                                                     acc_t c_prev, acc_t w_ci, acc_t w_cf, acc_t w_co) {
+FASTVID_MATH LstmState<acc_t> lstm_forward(acc_t a_i, acc_t a_f, acc_t a_g, acc_t a_o, acc_t c_prev, acc_t w_ci,
+                                           acc_t w_cf, acc_t w_co, bool peephole) {
   LstmState<acc_t> s;
-  s.i = sigmoid(a_i + w_ci * c_prev);
-  s.f = sigmoid(a_f + w_cf * c_prev);
+  s.i = sigmoid(peephole ? a_i + w_ci * c_prev : a_i);
+  s.f = sigmoid(peephole ? a_f + w_cf * c_prev : a_f);
   s.g = tanh_fast(a_g);
   s.c = s.f * c_prev + s.i * s.g;
-  s.o = sigmoid(a_o + w_co * s.c);
+  s.o = sigmoid(peephole ? a_o + w_co * s.c : a_o);
   s.h = s.o * tanh_fast(s.c);
   return s;
 }
