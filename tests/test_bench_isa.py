@@ -1,6 +1,12 @@
 """The benchmark's CPU ISA column and the X3D block's parity rule, on tiny shapes: rows record the ISA
 path fastvid ran, the report keeps one row per path and prints the machine's paths, and the X3D block
 is judged against a float64 run (err(fastvid) <= 2 err(native) + atol), which a wrong kernel fails."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from _isa import supported_paths
@@ -111,6 +117,37 @@ def test_lower_paths_run_in_a_child_with_native_limited_to_the_same_isa():
     assert by_isa[lower]["emulated_cpu_isa_supported"] == ",".join(paths[:-1])  # a CPU of the lower class
     assert by_isa[lower]["cpu_isa_supported"] == ",".join(paths)  # the run's header: this machine
     assert len({r["run_id"] for r in rows}) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_emulation_child_ends_when_the_bench_is_killed(tmp_path):
+    """A parent killed by SIGKILL (no cleanup of its own) takes the child that die_with_parent armed
+    with it; the child would otherwise sleep on (measure on, in the bench) for 60 s."""
+    child = ("import sys, time; from fastvid.bench import emulate; emulate.die_with_parent(int(sys.argv[1])); "
+             "open(sys.argv[2], 'w').write('armed'); time.sleep(60)")
+    parent = ("import os, subprocess, sys; "
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid()), sys.argv[1]]); "
+              "print(p.pid, flush=True); p.wait()")
+    armed = tmp_path / "armed"
+    proc = subprocess.Popen([sys.executable, "-c", parent, str(armed)], stdout=subprocess.PIPE, text=True)
+    child_pid = int(proc.stdout.readline())
+    deadline = time.monotonic() + 30
+    while not armed.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert armed.exists(), "the child did not start"
+    proc.kill()
+    proc.wait()
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child_pid}/stat") as f:  # a zombie waiting for init's reap has ended too
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        time.sleep(0.05)
+    os.kill(child_pid, signal.SIGKILL)
+    pytest.fail("the emulation child outlived its killed parent")
 
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])

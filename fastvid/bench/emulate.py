@@ -63,9 +63,9 @@ def run_in_child(isa: str, cases: Sequence[object], rounds: int, warmup: int, de
         spec_path, result_path = os.path.join(folder, "spec.pickle"), os.path.join(folder, "result.json")
         with open(spec_path, "wb") as f:  # read back by this same package in the child
             pickle.dump({"isa": isa, "cases": list(cases), "rounds": rounds, "warmup": warmup, "device": device,
-                       "memory": memory, "ops": ops, "wait_idle": wait_idle, "extra": extra or {},
-                       "threads": torch.get_num_threads(), "time_budget": measure.time_budget_seconds,
-                         "result": result_path}, f)
+                     "memory": memory, "ops": ops, "wait_idle": wait_idle, "extra": extra or {},
+                     "threads": torch.get_num_threads(), "time_budget": measure.time_budget_seconds,
+                     "result": result_path, "parent": os.getpid()}, f)
         command = [sys.executable, "-c", "from fastvid.bench import emulate; emulate.child_main()", spec_path]
         done = subprocess.run(command, env=environment(isa), stdout=sys.stderr)
         if done.returncode != 0 or not os.path.exists(result_path):
@@ -78,10 +78,25 @@ def run_in_child(isa: str, cases: Sequence[object], rounds: int, warmup: int, de
     return result["rows"], result["failures"]
 
 
+def die_with_parent(parent: int) -> None:
+    """Ends this process when `parent` ends: a bench killed by a signal (not Ctrl-C, which reaches the
+    whole process group) otherwise left its child measuring, two cores busy, for many minutes. Linux:
+    the kernel sends SIGTERM on the parent's exit (PR_SET_PDEATHSIG); elsewhere nothing is set up."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        pr_set_pdeathsig = 1
+        if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), "fastvid bench: prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent was gone before the death signal was armed
+        raise SystemExit("fastvid bench: the parent process has exited")
+
+
 def child_main() -> None:
     """Entry point of the child process (see :func:`run_in_child`)."""
     with open(sys.argv[1], "rb") as f:
         spec = pickle.load(f)
+    die_with_parent(spec["parent"])
     isa = spec["isa"]
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != ATEN_CAPABILITY[isa]:
