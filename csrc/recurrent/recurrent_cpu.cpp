@@ -90,17 +90,18 @@ inline V reciprocal(V d) {
 
 // exp_fast of recurrent_math.h, lane-wise (same range reduction and polynomial, fused multiply-adds).
 inline V exp(V x) {
-  x = vmin(88.3f, vmax(-87.3f, x));
-  const V shifted = fma(x, V{} + 1.44269504088896341f, V{} + 12583039.0f);
-  const V n = shifted - 12583039.0f;
-  V r = fma(n, V{} - 0.693359375f, x);
-  r = fma(n, V{} + 2.12194440e-4f, r);
-  V p = V{} + 1.9875691500e-4f;
-  p = fma(p, r, V{} + 1.3981999507e-3f);
-  p = fma(p, r, V{} + 8.3334519073e-3f);
-  p = fma(p, r, V{} + 4.1665795894e-2f);
-  p = fma(p, r, V{} + 1.6666665459e-1f);
-  p = fma(p, r, V{} + 5.0000001201e-1f);
+  using namespace exp_fast_constants;
+  x = vmin(kHigh, vmax(kLow, x));
+  const V shifted = fma(x, V{} + kLog2e, V{} + kShifter);
+  const V n = shifted - kShifter;
+  V r = fma(n, V{} - kLn2Hi, x);
+  r = fma(n, V{} + kLn2Lo, r);
+  V p = V{} + kP0;
+  p = fma(p, r, V{} + kP1);
+  p = fma(p, r, V{} + kP2);
+  p = fma(p, r, V{} + kP3);
+  p = fma(p, r, V{} + kP4);
+  p = fma(p, r, V{} + kP5);
   p = fma(p * r, r, r) + 1.0f;
   U32 bits;
   std::memcpy(&bits, &shifted, sizeof(bits));
@@ -110,7 +111,7 @@ inline V exp(V x) {
   return p * scale;
 }
 
-inline V sigmoid(V x) { return reciprocal(1.0f + exp(vmin(87.0f, -x))); }
+inline V sigmoid(V x) { return reciprocal(1.0f + exp(vmin(exp_fast_constants::kSigmoidExpMax, -x))); }
 inline V tanh(V x) { return 2.0f * sigmoid(2.0f * x) - 1.0f; }
 }  // namespace gate_vec
 #endif

@@ -27,22 +27,34 @@ namespace recurrent {
 // auto-vectorises the gate loops; libm's expf would keep them scalar. n = round(x·log2 e) comes from
 // adding 1.5·2^23 (+ the exponent bias 127): the sum's low mantissa bits are n + 127, so one add gives
 // both n and the bits of 2^n (no floor and float-to-int conversion). On the device: expf.
+// Its constants, shared with the CPU gate rows' explicit-vector version (recurrent_cpu.cpp, gate_vec).
+namespace exp_fast_constants {
+constexpr float kLow = -87.3f, kHigh = 88.3f;      // the clamped range
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kShifter = 12583039.0f;            // 1.5·2^23 + 127
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = 2.12194440e-4f;  // ln 2 = kLn2Hi - kLn2Lo
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f, kP3 = 4.1665795894e-2f,
+                kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+constexpr float kSigmoidExpMax = 87.0f;  // σ's exp argument bound (see sigmoid<float>)
+}  // namespace exp_fast_constants
+
 FASTVID_MATH float exp_fast(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
-  const float shifted = x * 1.44269504088896341f + 12583039.0f;  // 1.5·2^23 + 127
-  const float n = shifted - 12583039.0f;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  using namespace exp_fast_constants;
+  x = x < kLow ? kLow : x;
+  x = x > kHigh ? kHigh : x;
+  const float shifted = x * kLog2e + kShifter;
+  const float n = shifted - kShifter;
+  float r = x - n * kLn2Hi;
+  r = r + n * kLn2Lo;
+  float p = kP0;
+  p = p * r + kP1;
+  p = p * r + kP2;
+  p = p * r + kP3;
+  p = p * r + kP4;
+  p = p * r + kP5;
   p = p * r * r + r + 1.0f;
   uint32_t bits;
   std::memcpy(&bits, &shifted, sizeof(bits));
@@ -80,7 +92,7 @@ FASTVID_MATH float reciprocal(float d) {
 // float: exp's argument clamped to 87 keeps 1 + e^-x within reciprocal's range (σ(-87) ~ 1.6e-38).
 template <>
 FASTVID_MATH float sigmoid<float>(float x) {
-  const float m = x < -87.0f ? 87.0f : -x;
+  const float m = x < -exp_fast_constants::kSigmoidExpMax ? exp_fast_constants::kSigmoidExpMax : -x;
   return reciprocal(1.0f + exp_fast(m));
 }
 #endif

@@ -78,8 +78,13 @@ constexpr int64_t kColumnBlock = 32;
 // Tiles per group of strips (the work unit of a parallel region, see the top of the file).
 constexpr int64_t kGroupTiles = 64;
 
-// Strips of m rows per group for frames W wide.
+// Strips of m rows per group for frames W wide, and the groups of `frames` frames H x W (the work units
+// of one convolution or weight-gradient call).
 inline int64_t strips_per_group(int64_t W, int64_t m) { return std::max<int64_t>(1, kGroupTiles / ((W + m - 1) / m)); }
+inline int64_t strip_groups(int64_t frames, int64_t H, int64_t W, int64_t m) {
+  const int64_t per_group = strips_per_group(W, m);
+  return (frames * ((H + m - 1) / m) + per_group - 1) / per_group;
+}
 
 // Everything one convolution call needs, in plain pointers (the per-ISA kernels see no Tensor).
 struct Job {
@@ -126,8 +131,8 @@ struct WeightGradJob {
   int64_t gb = 0, gc = 0, gy = 0, gx = 0;
   void* dV = nullptr;              // [chunks, alpha², K, ldv] accumulation type, accumulated into: chunk c
   int64_t chunks = 1, chunk_stride = 0;  // of the groups sums into dV + c·chunk_stride (see the kernel)
-  int64_t columns[2][2] = {{0, -1}, {0, -1}};  // the output-gradient channels [begin, end) each input's dV
-                                               // rows need (end -1: N); the kernel may compute a few more
+  int64_t columns[2][2] = {{0, 0}, {0, 0}};  // the output-gradient channels [begin, end) each input's dV
+                                             // rows need; the kernel may compute a few more
   double* db = nullptr;            // [N], accumulated into (Σ of the output gradient, summed in fp64), or nullptr
   int64_t ldv = 0, B = 0, N = 0, H = 0, W = 0, tile = 2;  // tile: dV's m
   at::ScalarType dtype = at::kFloat;  // input and gradient dtype
@@ -578,26 +583,34 @@ Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype, i
   const int64_t m = winograd_tile(dtype), A = m + 2;
   const int64_t Np = (N + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
   // one partial sum per thread, but no more than one call's groups of strips can fill
-  const int64_t groups = (frames * ((H + m - 1) / m) + winograd::strips_per_group(W, m) - 1) /
-                         winograd::strips_per_group(W, m);
+  const int64_t groups = winograd::strip_groups(frames, H, W, m);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups));
   return at::zeros({chunks, A * A, K, Np}, at::TensorOptions().dtype(acc_type(dtype))).narrow(3, 0, N);
 }
+
+// The layout winograd_weight_grad_buffer allocates: [chunks, alpha², K, N] of dense chunks and slices,
+// rows padded to the GEMM column block.
+namespace {
+bool is_weight_grad_buffer(const Tensor& dV) {
+  return dV.dim() == 4 && (dV.size(1) == 36 || dV.size(1) == 16) && dV.stride(3) == 1 &&
+         dV.stride(2) % winograd::kColumnBlock == 0 && dV.stride(1) == dV.size(2) * dV.stride(2) &&
+         dV.stride(0) == dV.size(1) * dV.stride(1);
+}
+}  // namespace
 
 void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& grad_output, Tensor* db,
                               const Tensor* input2, const WeightGradColumns& columns) {
   TORCH_CHECK(input.dim() == 4 && grad_output.dim() == 4 && input.device().is_cpu() && grad_output.device().is_cpu(),
               "winograd_weight_grad_add: input and grad_output must be [B, ., H, W] CPU tensors");
-  const int64_t A2 = dV.dim() == 4 ? dV.size(1) : 0;
+  TORCH_CHECK(is_weight_grad_buffer(dV), "winograd_weight_grad_add: dV must come from winograd_weight_grad_buffer(K, N, ...)");
+  const int64_t A2 = dV.size(1);
   const int64_t K2 = input2 != nullptr ? input2->size(1) : 0;
   TORCH_CHECK(input2 == nullptr || (input2->dim() == 4 && input2->device().is_cpu() &&
                                     input2->size(0) == input.size(0) && input2->size(2) == input.size(2) &&
                                     input2->size(3) == input.size(3) && input2->scalar_type() == input.scalar_type()),
               "winograd_weight_grad_add: input2 must agree with input in B, H, W and dtype");
-  TORCH_CHECK(dV.dim() == 4 && (A2 == 36 || A2 == 16) && dV.size(2) == input.size(1) + K2 &&
-                  dV.size(3) == grad_output.size(1) && dV.scalar_type() == acc_type(input.scalar_type()) &&
-                  dV.stride(3) == 1 && dV.stride(2) % winograd::kColumnBlock == 0 &&
-                  dV.stride(1) == dV.size(2) * dV.stride(2) && dV.stride(0) == A2 * dV.stride(1),
+  TORCH_CHECK(dV.size(2) == input.size(1) + K2 && dV.size(3) == grad_output.size(1) &&
+                  dV.scalar_type() == acc_type(input.scalar_type()),
               "winograd_weight_grad_add: dV must come from winograd_weight_grad_buffer(K, N, ...)");
   TORCH_CHECK(grad_output.size(0) == input.size(0) && grad_output.size(2) == input.size(2) &&
                   grad_output.size(3) == input.size(3) && grad_output.scalar_type() == input.scalar_type(),
@@ -630,8 +643,7 @@ void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& gra
 }
 
 Tensor winograd_weight_grad_total(const Tensor& dV) {
-  TORCH_CHECK(dV.dim() == 4 && (dV.size(1) == 36 || dV.size(1) == 16) && dV.stride(3) == 1 &&
-                  dV.stride(0) == dV.size(1) * dV.stride(1) && dV.stride(1) == dV.size(2) * dV.stride(2),
+  TORCH_CHECK(is_weight_grad_buffer(dV),
               "winograd_weight_grad_total: dV must come from winograd_weight_grad_buffer(K, N, ...)");
   // The chunks' partial sums added into chunk 0 in chunk order (each element's sum order fixed).
   AT_DISPATCH_FLOATING_TYPES(dV.scalar_type(), "winograd_weight_grad_total", [&] {
@@ -1034,7 +1046,7 @@ void winograd_conv_impl(const winograd::Job& j) {
   const int64_t Wp = Wt + 2;             // padded scratch width
   const int64_t strips = j.B * tiles_h;
   const int64_t per_group = winograd::strips_per_group(W, M);
-  const int64_t groups = (strips + per_group - 1) / per_group;
+  const int64_t groups = winograd::strip_groups(j.B, H, W, M);
   const int64_t Np = j.ldm;
   const acc_t* bias = static_cast<const acc_t*>(j.bias);
 
@@ -1277,7 +1289,7 @@ void weight_grad_group(const winograd::WeightGradJob& j, int64_t s0, int64_t s1,
   int64_t c0[2], cn[2];
   for (int i = 0; i < 2; ++i) {
     c0[i] = j.columns[i][0] / NR * NR;
-    cn[i] = (j.columns[i][1] < 0 ? N : j.columns[i][1]) - c0[i];
+    cn[i] = j.columns[i][1] - c0[i];
   }
   for (int e = 0; e < A * A; ++e) {
     gemm_tn<acc_t>(U + e * su, K, Mm + e * sm + c0[0], Np, dV + e * Kt * Np + c0[0], K, P, cn[0]);
@@ -1295,9 +1307,9 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
   const int64_t Wt = tiles_w * M, Wp = Wt + 2;
   const int64_t strips = j.B * tiles_h;
   const int64_t per_group = winograd::strips_per_group(W, M);
-  const int64_t groups = (strips + per_group - 1) / per_group;
+  const int64_t groups = winograd::strip_groups(j.B, H, W, M);
   // chunk c of the groups sums into its own partial dV (chunk 0 into dV itself), zeroed at the buffer's
-  // allocation and added in chunk order by winograd_weight_grad_finish: the partials stay for the
+  // allocation and added in chunk order by winograd_weight_grad_total: the partials stay for the
   // whole backward (no per-call zero fill and reduction of alpha²·K·Np values per step).
   const int64_t chunks = at::in_parallel_region() ? 1 : j.chunks;
   std::vector<double> partial_db(j.db == nullptr ? 0 : (chunks - 1) * N, 0.0);
