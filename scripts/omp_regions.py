@@ -65,7 +65,9 @@ def profile(args) -> None:
     import torch
     torch.set_num_threads(args.threads)
     module, case = find_case(args.case)
-    workload = module.build(case)[args.provider]
+    # The auto strategy choice times candidates once, under this shim's per-region cost: --strategy pins it.
+    kwargs = {"strategy": args.strategy} if args.strategy else {}
+    workload = module.build(case, **kwargs)[args.provider]
     for _ in range(args.warmup):
         workload()
     shim = ctypes.CDLL(os.environ[PRELOADED])
@@ -113,6 +115,8 @@ def main() -> None:
     parser.add_argument("case", help="a benchmark case name, e.g. ConvGRU-B=4,T=8,C=32,32x32-bf16-fwd_bwd")
     parser.add_argument("--provider", default="fastvid", choices=("fastvid", "native"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--strategy", choices=("hoisted", "concat", "winograd"),
+                        help="ConvLSTM/ConvGRU cases: fastvid's strategy (default: the auto choice)")
     parser.add_argument("--calls", type=int, default=30, help="timed steps (default 30)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--min-ms", type=float, default=0.02, help="hide call sites below this wall time per step")

@@ -49,7 +49,7 @@ void gru_reset_backward_cpu(const GruResetBackwardArgs& a) { FASTVID_ISA_CALL(re
 // compare + blend pairs and divided by three Newton steps (no scalar spelling of rcp14/rcpps), at
 // ~1 instruction per cycle; the LSTM gate rows were 18 % of the AVX2 fp32 no-grad ConvLSTM.
 #define FASTVID_GATE_VECTORS 1
-#include "../depthwise3d/depthwise3d_cpu_vec.h"  // load_vec / store_vec: the storage type <-> float vectors
+#include "../cpu_vec.h"  // load_vec / store_vec: the storage type <-> float vectors
 #endif
 
 namespace fastvid {
@@ -59,11 +59,11 @@ namespace {
 
 #ifdef FASTVID_GATE_VECTORS
 namespace gate_vec {
-using depthwise3d::FASTVID_ISA::cpu::load_vec;
-using depthwise3d::FASTVID_ISA::cpu::store_vec;
-using V = depthwise3d::FASTVID_ISA::cpu::Vec<float>::type;
-using U32 = depthwise3d::FASTVID_ISA::cpu::U32;
-constexpr int kLanes = depthwise3d::FASTVID_ISA::cpu::Vec<float>::lanes;
+using cpu_vec::FASTVID_ISA::load_vec;
+using cpu_vec::FASTVID_ISA::store_vec;
+using V = cpu_vec::FASTVID_ISA::Vec<float>::type;
+using U32 = cpu_vec::FASTVID_ISA::U32;
+constexpr int kLanes = cpu_vec::FASTVID_ISA::Vec<float>::lanes;
 
 // max(c, x) / min(c, x) with the constant first: a NaN x comes out as NaN (maxps / minps return the
 // second operand when either is NaN), as the scalar code's ternaries do.
