@@ -206,6 +206,12 @@ void copy_row(const T* src, T* dst, int64_t n) {
   if (dst != src) std::copy(src, src + n, dst);
 }
 
+template <typename S, typename D>
+void convert_row(const S* src, D* dst, int64_t n) {
+  if (dst != nullptr)
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<D>(src[j]);
+}
+
 template <typename scalar_t>
 void sum_row(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -225,6 +231,7 @@ struct LstmForwardRow {
   scalar_t* h_out;
   scalar_t* h_out2;
   acc_t* c_out;
+  scalar_t* c_save;  // nullptr: not written
   scalar_t* gates_out[4];
 };
 
@@ -236,6 +243,7 @@ void lstm_forward_row(const LstmForwardRow<scalar_t, pre_t>& r, int64_t n) {
   const acc_t *c_prev = r.c_prev, *w_ci = r.w[0], *w_cf = r.w[1], *w_co = r.w[2];
   scalar_t *h_out = r.h_out, *h_out2 = r.h_out2;
   acc_t* c_out = r.c_out;
+  scalar_t* c_save = r.c_save;
   scalar_t *gi = r.gates_out[0], *gf = r.gates_out[1], *gg = r.gates_out[2], *go = r.gates_out[3];
   const auto pre = [&](const pre_t* x, const pre_t* h, int64_t j) {
     if constexpr (kHidden) return ld<pre_t, acc_t>(x, j) + ld<pre_t, acc_t>(h, j);
@@ -265,6 +273,7 @@ void lstm_forward_row(const LstmForwardRow<scalar_t, pre_t>& r, int64_t n) {
       gv::store_vec(h_out + j, h);
       gv::store_vec(h_out2 + j, h);
       gv::store_vec(c_out + j, c);
+      if (c_save != nullptr) gv::store_vec(c_save + j, c);
       if (kSave) {
         gv::store_vec(gi + j, i);
         gv::store_vec(gf + j, f);
@@ -281,6 +290,7 @@ void lstm_forward_row(const LstmForwardRow<scalar_t, pre_t>& r, int64_t n) {
     h_out[j] = static_cast<scalar_t>(s.h);
     h_out2[j] = static_cast<scalar_t>(s.h);
     c_out[j] = s.c;
+    if (c_save != nullptr) c_save[j] = static_cast<scalar_t>(s.c);
     if (kSave) {
       gi[j] = static_cast<scalar_t>(s.i);
       gf[j] = static_cast<scalar_t>(s.f);
@@ -295,8 +305,8 @@ void lstm_forward_rows(const LstmForwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowLayout layout = row_layout(a.geo, {&a.a_x[0], &a.a_x[1], &a.a_x[2], &a.a_x[3], &a.a_h[0], &a.a_h[1],
                                               &a.a_h[2], &a.a_h[3], &a.c_prev, &a.h_out, &a.h_out2, &a.c_out,
-                                              &a.gates_out[0], &a.gates_out[1], &a.gates_out[2], &a.gates_out[3],
-                                              &a.h_prev});
+                                              &a.c_save, &a.gates_out[0], &a.gates_out[1], &a.gates_out[2],
+                                              &a.gates_out[3], &a.h_prev});
   TORCH_INTERNAL_ASSERT(a.mask.lengths == nullptr || a.h_prev.data != nullptr, "lstm_forward: a mask needs h_prev");
   const auto make_peephole = [&] { return PeepholeRow<acc_t>(a.peephole, a.geo.channels, layout); };
   for_each_row(a.geo, layout, make_peephole, [&](PeepholeRow<acc_t>& peephole, int64_t b, int64_t outer) {
@@ -310,10 +320,12 @@ void lstm_forward_rows(const LstmForwardArgs& a) {
     r.h_out = row_ptr<scalar_t>(a.h_out, layout, b, outer);
     r.h_out2 = row_ptr<scalar_t>(a.h_out2, layout, b, outer);
     r.c_out = row_ptr<acc_t>(a.c_out, layout, b, outer);
+    r.c_save = row_ptr<scalar_t>(a.c_save, layout, b, outer);
     if (!a.mask.valid(b)) {
       zero_row(r.h_out, layout.inner);
       copy_row(row_ptr<const scalar_t>(a.h_prev, layout, b, outer), r.h_out2, layout.inner);
       copy_row(r.c_prev, r.c_out, layout.inner);
+      convert_row(r.c_prev, r.c_save, layout.inner);
       for (int k = 0; k < 4 && a.save; ++k) zero_row(r.gates_out[k], layout.inner);
       return;
     }
@@ -334,25 +346,27 @@ void lstm_forward_impl(const LstmForwardArgs& a) {
   else lstm_forward_rows<scalar_t, scalar_t, true>(a);
 }
 
-template <typename scalar_t>
+// cell_t: the saved cell states' type (the accumulation type, or scalar_t from the bf16 sequence reserve).
+template <typename scalar_t, typename cell_t>
 struct LstmBackwardRow {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* dh_in[3];
   const acc_t* dc_in;
   const scalar_t* gates[4];
-  const acc_t* c_prev;
-  const acc_t* c;
+  const cell_t* c_prev;
+  const cell_t* c;
   const acc_t* w[3];
   scalar_t* d_gates[4];
   acc_t* dc_prev;
 };
 
-template <typename scalar_t>
-void lstm_backward_row(const LstmBackwardRow<scalar_t>& r, int64_t n) {
+template <typename scalar_t, typename cell_t>
+void lstm_backward_row(const LstmBackwardRow<scalar_t, cell_t>& r, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t *dh0 = r.dh_in[0], *dh1 = r.dh_in[1], *dh2 = r.dh_in[2];
   const scalar_t *gi = r.gates[0], *gf = r.gates[1], *gg = r.gates[2], *go = r.gates[3];
-  const acc_t *dc_in = r.dc_in, *c_prev = r.c_prev, *c = r.c;
+  const acc_t* dc_in = r.dc_in;
+  const cell_t *c_prev = r.c_prev, *c = r.c;
   const acc_t *w_ci = r.w[0], *w_cf = r.w[1], *w_co = r.w[2];
   scalar_t *di = r.d_gates[0], *df = r.d_gates[1], *dg = r.d_gates[2], *d_o = r.d_gates[3];
   acc_t* dc_prev = r.dc_prev;
@@ -360,8 +374,9 @@ void lstm_backward_row(const LstmBackwardRow<scalar_t>& r, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const acc_t dh = ld<scalar_t, acc_t>(dh0, j) + ld<scalar_t, acc_t>(dh1, j) + ld<scalar_t, acc_t>(dh2, j);
     const LstmGrad<acc_t> d = lstm_backward<acc_t>(dh, dc_in[j], ld<scalar_t, acc_t>(gi, j), ld<scalar_t, acc_t>(gf, j),
-                                                   ld<scalar_t, acc_t>(gg, j), ld<scalar_t, acc_t>(go, j), c_prev[j],
-                                                   c[j], w_ci[j], w_cf[j], w_co[j]);
+                                                   ld<scalar_t, acc_t>(gg, j), ld<scalar_t, acc_t>(go, j),
+                                                   ld<cell_t, acc_t>(c_prev, j), ld<cell_t, acc_t>(c, j), w_ci[j],
+                                                   w_cf[j], w_co[j]);
     di[j] = static_cast<scalar_t>(d.a_i);
     df[j] = static_cast<scalar_t>(d.a_f);
     dg[j] = static_cast<scalar_t>(d.a_g);
@@ -370,8 +385,8 @@ void lstm_backward_row(const LstmBackwardRow<scalar_t>& r, int64_t n) {
   }
 }
 
-template <typename scalar_t>
-void lstm_backward_impl(const LstmBackwardArgs& a) {
+template <typename scalar_t, typename cell_t>
+void lstm_backward_rows(const LstmBackwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowLayout layout =
       row_layout(a.geo, {&a.dh_in[0], &a.dh_in[1], &a.dh_in[2], &a.dc_in, &a.gates[0], &a.gates[1], &a.gates[2],
@@ -381,15 +396,15 @@ void lstm_backward_impl(const LstmBackwardArgs& a) {
                         "lstm_backward: a mask needs dh_prev_out");
   const auto make_peephole = [&] { return PeepholeRow<acc_t>(a.peephole, a.geo.channels, layout); };
   for_each_row(a.geo, layout, make_peephole, [&](PeepholeRow<acc_t>& peephole, int64_t b, int64_t outer) {
-    LstmBackwardRow<scalar_t> r;
+    LstmBackwardRow<scalar_t, cell_t> r;
     for (int k = 0; k < 3; ++k) r.dh_in[k] = row_ptr<const scalar_t>(a.dh_in[k], layout, b, outer);
     for (int k = 0; k < 4; ++k) {
       r.gates[k] = row_ptr<const scalar_t>(a.gates[k], layout, b, outer);
       r.d_gates[k] = row_ptr<scalar_t>(a.d_gates_out[k], layout, b, outer);
     }
     r.dc_in = row_ptr<const acc_t>(a.dc_in, layout, b, outer);
-    r.c_prev = row_ptr<const acc_t>(a.c_prev, layout, b, outer);
-    r.c = row_ptr<const acc_t>(a.c, layout, b, outer);
+    r.c_prev = row_ptr<const cell_t>(a.c_prev, layout, b, outer);
+    r.c = row_ptr<const cell_t>(a.c, layout, b, outer);
     r.dc_prev = row_ptr<acc_t>(a.dc_prev_out, layout, b, outer);
     scalar_t* dh_prev = row_ptr<scalar_t>(a.dh_prev_out, layout, b, outer);
     if (!a.mask.valid(b)) {
@@ -400,8 +415,14 @@ void lstm_backward_impl(const LstmBackwardArgs& a) {
     }
     zero_row(dh_prev, layout.inner);
     peephole.get(layout, outer, r.w);
-    lstm_backward_row<scalar_t>(r, layout.inner);
+    lstm_backward_row<scalar_t, cell_t>(r, layout.inner);
   });
+}
+
+template <typename scalar_t>
+void lstm_backward_impl(const LstmBackwardArgs& a) {
+  if (a.cells_in_dtype) lstm_backward_rows<scalar_t, scalar_t>(a);
+  else lstm_backward_rows<scalar_t, at::opmath_type<scalar_t>>(a);
 }
 
 // ------------------------------------------------------------------------ GRU

@@ -45,13 +45,14 @@ template <typename scalar_t>
 struct LstmForwardOp {
   using acc_t = at::opmath_type<scalar_t>;
   const Plane& layout() const { return a.h_out; }
-  // a_x, a_h, h_out, h_out2, gates_out: scalar_t; c_prev, c_out: acc_t; peephole: acc_t [3, C].
+  // a_x, a_h, h_out, h_out2, gates_out, c_save (optional): scalar_t; c_prev, c_out: acc_t; peephole: acc_t [3, C].
   LstmForwardArgs a;
   __device__ void operator()(int64_t b, int64_t c, int64_t p) const {
     if (!a.mask.valid(b)) {  // the step leaves this sample's state unchanged (h_out2 may alias h_prev)
       store<scalar_t>(a.h_out, b, c, p, acc_t(0));
       store<scalar_t>(a.h_out2, b, c, p, load<acc_t, scalar_t>(a.h_prev, b, c, p));
       store<acc_t>(a.c_out, b, c, p, load<acc_t, acc_t>(a.c_prev, b, c, p));
+      if (a.c_save.data != nullptr) store<scalar_t>(a.c_save, b, c, p, load<acc_t, acc_t>(a.c_prev, b, c, p));
       if (a.save) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) store<scalar_t>(a.gates_out[k], b, c, p, acc_t(0));
@@ -71,6 +72,7 @@ struct LstmForwardOp {
     store<scalar_t>(a.h_out, b, c, p, s.h);
     store<scalar_t>(a.h_out2, b, c, p, s.h);
     store<acc_t>(a.c_out, b, c, p, s.c);
+    if (a.c_save.data != nullptr) store<scalar_t>(a.c_save, b, c, p, s.c);
     if (a.save) {
       store<scalar_t>(a.gates_out[0], b, c, p, s.i);
       store<scalar_t>(a.gates_out[1], b, c, p, s.f);
@@ -84,7 +86,8 @@ template <typename scalar_t>
 struct LstmBackwardOp {
   using acc_t = at::opmath_type<scalar_t>;
   const Plane& layout() const { return a.d_gates_out[0]; }
-  // dh_in, gates, d_gates_out: scalar_t; dc_in, c_prev, c, dc_prev_out (may alias dc_in): acc_t.
+  // dh_in, gates, d_gates_out: scalar_t; dc_in, dc_prev_out (may alias dc_in): acc_t; c_prev, c: scalar_t
+  // with cells_in_dtype, else acc_t.
   // With a mask, dh_prev_out: scalar_t.
   LstmBackwardArgs a;
   __device__ void operator()(int64_t b, int64_t c, int64_t p) const {
@@ -101,11 +104,13 @@ struct LstmBackwardOp {
                      load<acc_t, scalar_t>(a.dh_in[2], b, c, p);
     const acc_t* w = static_cast<const acc_t*>(a.peephole);
     const int64_t C = a.geo.channels;
+    const auto cell = [&](const Plane& q) {
+      return a.cells_in_dtype ? load<acc_t, scalar_t>(q, b, c, p) : load<acc_t, acc_t>(q, b, c, p);
+    };
     const LstmGrad<acc_t> d = lstm_backward(
         dh, load<acc_t, acc_t>(a.dc_in, b, c, p), load<acc_t, scalar_t>(a.gates[0], b, c, p),
         load<acc_t, scalar_t>(a.gates[1], b, c, p), load<acc_t, scalar_t>(a.gates[2], b, c, p),
-        load<acc_t, scalar_t>(a.gates[3], b, c, p), load<acc_t, acc_t>(a.c_prev, b, c, p),
-        load<acc_t, acc_t>(a.c, b, c, p), peephole_w(w, 0, C, c), peephole_w(w, 1, C, c), peephole_w(w, 2, C, c));
+        load<acc_t, scalar_t>(a.gates[3], b, c, p), cell(a.c_prev), cell(a.c), peephole_w(w, 0, C, c), peephole_w(w, 1, C, c), peephole_w(w, 2, C, c));
     store<scalar_t>(a.d_gates_out[0], b, c, p, d.a_i);
     store<scalar_t>(a.d_gates_out[1], b, c, p, d.a_f);
     store<scalar_t>(a.d_gates_out[2], b, c, p, d.a_g);

@@ -45,6 +45,7 @@ struct LstmForwardArgs {
   Geometry geo;
   Plane a_x[4], a_h[4], c_prev;
   Plane h_out, h_out2, c_out;  // h is written twice: to the layer output and to the next conv input
+  Plane c_save;                // optional: c once more, in the gates' dtype (the bf16 sequence reserve)
   Plane gates_out[4];
   const void* peephole = nullptr;  // [3, C] contiguous (w_ci, w_cf, w_co) in acc type, or nullptr
   bool save = false;
@@ -60,6 +61,7 @@ struct LstmBackwardArgs {
   Geometry geo;
   Plane dh_in[3], dc_in, gates[4], c_prev, c;
   Plane d_gates_out[4], dc_prev_out;
+  bool cells_in_dtype = false;  // c_prev, c in geo.dtype (the bf16 sequence reserve), else the acc type
   const void* peephole = nullptr;
   StepMask mask;
   // With a mask: receives the state gradient dh_in[1] + dh_in[2] of masked samples and 0 for the

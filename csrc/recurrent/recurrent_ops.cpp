@@ -49,7 +49,10 @@ namespace {
 //         g-gate bias (a [C] vector: the backward op is not given the bias). g = tanh(W_g*[x_t, h_{t-1}]
 //         + b_g) is recomputed in backward, one C-output conv per chunk over the [x_t, h_{t-1}] frames
 //         the weight gradients need anyway: a fifth of the per-frame state for a quarter of a step's
-//         forward conv.
+//         forward conv. bf16 keeps g instead (4C gates) and saves the cell states in bf16 too (the
+//         forward still carries them in fp32 from step to step): the same 10C bytes per pixel and step,
+//         no recompute (it was ~8 % of a small bf16 ConvLSTM fwd+bwd at two threads), the cell states
+//         rounded like the gates beside them. fp16 does not: its range cannot hold every fp32 cell state.
 //   GRU:  r, z, n (3C, x's dtype). reset_after's h_n = U_n*h_{t-1} + b_hn (needed only for d r) is
 //         recomputed per chunk (one C-output conv of h) in fp32/fp64, and kept (C more, a region of
 //         its own) in bf16/fp16, whose 2-byte frames leave room under issue 12's memory bound (the
@@ -74,12 +77,19 @@ int64_t region_bytes(const SeqGeometry& g, const ReserveRegion& r) {
   return (bytes + kReserveAlign - 1) / kReserveAlign * kReserveAlign;
 }
 
+bool lstm_keeps_g(at::ScalarType dtype) { return dtype == at::kBFloat16; }
+
 std::vector<ReserveRegion> lstm_reserve(const SeqGeometry& g, at::ScalarType dtype) {
+  if (lstm_keeps_g(dtype)) return {{dtype, 4 * g.C}, {dtype, g.C}};
   return {{dtype, 3 * g.C}, {acc_type(dtype), g.C}, {dtype, g.C, false}};
 }
 
-// Where gate k (i, f, g, o) of the LSTM lives in the reserve's 3C gate frames; g (-1) is recomputed.
-constexpr int kLstmSavedSlot[4] = {0, 1, -1, 2};
+// Where gate k (i, f, g, o) of the LSTM lives in the reserve's gate frames: 4C frames in gate order when
+// g is kept, else 3C frames i, f, o with g (-1) recomputed.
+int lstm_saved_slot(int k, bool keeps_g) {
+  constexpr int kWithoutG[4] = {0, 1, -1, 2};
+  return keeps_g ? k : kWithoutG[k];
+}
 
 bool gru_keeps_hn(at::ScalarType dtype, bool reset_after) { return reset_after && c10::elementSize(dtype) == 2; }
 
@@ -237,12 +247,13 @@ Tensor initial_state(const Tensor& s, at::ScalarType dtype, at::MemoryFormat fmt
 // ======================================================================== LSTM
 // [3, C] peephole gradient: Σ over batch, time, pixels of d a_i·c_prev, d a_f·c_prev, d a_o·c
 // (all arguments [n, B, ., H, W]).
+// Summed in c_prev's type (the accumulation type; c may be the bf16 reserve's).
 Tensor peephole_grad(const Tensor& d_gates, const Tensor& c_prev, const Tensor& c) {
   const int64_t C = c.size(2);
-  const Tensor dg = d_gates.to(c.scalar_type());
+  const Tensor dg = d_gates.to(c_prev.scalar_type()), c_acc = c.to(c_prev.scalar_type());
   const std::vector<int64_t> dims = {0, 1, 3, 4};
   return at::stack({(dg.narrow(2, 0, C) * c_prev).sum(dims), (dg.narrow(2, C, C) * c_prev).sum(dims),
-                    (dg.narrow(2, 3 * C, C) * c).sum(dims)});
+                    (dg.narrow(2, 3 * C, C) * c_acc).sum(dims)});
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
@@ -267,14 +278,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
   const auto regions = lstm_reserve(g, x.scalar_type());
   Tensor reserve = new_reserve(save, g, regions, opts);
   // save: the reserve's [T, B, 3C] activated i, f, o and [T, B, C] cell states; g goes to a scratch frame
-  // (backward recomputes it) and the g-gate bias into the reserve.
-  Tensor gates, cells, g_scratch;
+  // (backward recomputes it) and the g-gate bias into the reserve. bf16 (keeps_g): [T, B, 4C] i, f, g, o
+  // and the cell states in bf16, written beside the fp32 state carried in two frames used in turn.
+  const bool keeps_g = save && lstm_keeps_g(x.scalar_type());
+  Tensor gates, cells, g_scratch, c_steps;
   if (save) {
     const auto views = reserve_views(reserve, g, regions);
     gates = views[0], cells = views[1];
-    if (bias.has_value()) views[2].copy_(bias->narrow(0, 2 * C, C));
-    else views[2].zero_();
-    g_scratch = empty_like_frame(g, C, opts);
+    if (keeps_g) {
+      c_steps = empty_frames({2, B}, C, H, W, g.channels_last, acc_opts);
+    } else {
+      if (bias.has_value()) views[2].copy_(bias->narrow(0, 2 * C, C));
+      else views[2].zero_();
+      g_scratch = empty_like_frame(g, C, opts);
+    }
   }
   Tensor c_init = initial_state(c0, acc_type(x.scalar_type()), fmt);
   Tensor c_run = save ? Tensor() : empty_like_frame(g, C, acc_opts).copy_(c0);
@@ -338,14 +355,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
       a.h_out2 = plane(last ? h_n : slots.select(0, (f + 1) % 2).narrow(1, Cin, C));
     }
     a.h_out = plane(output.select(1, t));
-    if (save) {
+    if (!save) {
+      a.c_prev = a.c_out = plane(c_run);
+    } else if (keeps_g) {
+      a.c_prev = plane(f == 0 ? c_init : c_steps.select(0, (f - 1) % 2));
+      a.c_out = plane(c_steps.select(0, f % 2));
+      a.c_save = plane(cells.select(0, t));
+    } else {
       a.c_prev = plane(f == 0 ? c_init : cells.select(0, time_of(f - 1, T, reverse)));
       a.c_out = plane(cells.select(0, t));
-      for (int k = 0; k < 4; ++k)
-        a.gates_out[k] = kLstmSavedSlot[k] < 0 ? plane(g_scratch) : slot(gates.select(0, t), kLstmSavedSlot[k], C);
-    } else {
-      a.c_prev = plane(c_run);
-      a.c_out = plane(c_run);
+    }
+    for (int k = 0; k < 4 && save; ++k) {
+      const int s = lstm_saved_slot(k, keeps_g);
+      a.gates_out[k] = s < 0 ? plane(g_scratch) : slot(gates.select(0, t), s, C);
     }
     a.mask = step_mask(lengths_d, t);
     if (wino)
@@ -353,7 +375,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> convlstm_sequence(
                          f == 0 ? h0_state : output.select(1, time_of(f - 1, T, reverse)), v_hh, g);
     else FASTVID_LAUNCH(lstm_forward, a, x.device());
   }
-  Tensor c_n = save ? cells.select(0, time_of(T - 1, T, reverse)).clone() : c_run;
+  Tensor c_n = keeps_g ? c_steps.select(0, (T - 1) % 2).clone()
+                : save    ? cells.select(0, time_of(T - 1, T, reverse)).clone()
+                          : c_run;
   return {output, h_n, c_n, reserve};
 }
 
@@ -387,11 +411,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   const bool wino = strategy == kWinograd;
   const bool hoisted = strategy == kHoisted;
   const auto views = reserve_views(reserve, g, regions);
-  const Tensor &gates = views[0], &cells = views[1], &bias_g = views[2];  // gates: i, f, o (kLstmSavedSlot)
+  // gates: i, f, o, or i, f, g, o in bf16 (lstm_saved_slot); cells: the acc type's, or bf16's with g kept
+  const bool keeps_g = lstm_keeps_g(x.scalar_type());
+  const Tensor &gates = views[0], &cells = views[1];
+  const Tensor bias_g = keeps_g ? Tensor() : views[2];
 
   const Tensor zeros = zeros_for_planes(C, H, W, opts);
   const Tensor g_out = grad_output.has_value() ? to_frames_layout(*grad_output, g.channels_last) : Tensor();
-  const Tensor c_init = initial_state(c0, acc_type(x.scalar_type()), fmt);
+  const Tensor c_init = initial_state(c0, cells.scalar_type(), fmt);  // read as the saved cell states are
   Tensor dc = grad_c_n.has_value() ? grad_c_n->to(acc_opts.dtype()).contiguous(fmt).clone()
                                    : empty_like_frame(g, C, acc_opts).zero_();
   Tensor dh_rec = grad_h_n.has_value() ? grad_h_n->to(x.scalar_type()).contiguous(fmt) : Tensor();
@@ -417,10 +444,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   Tensor x_step, h_step;  // in_place_inputs: the current step's x_t and h_{t-1} ([B, ., H, W] views)
   Tensor dh_buf = wino ? empty_like_frame(g, C, opts) : Tensor();  // winograd: each step's dh from its conv
   Tensor grad_w_cat, grad_bias, grad_peephole;
-  Tensor g_chunk;  // the chunk's recomputed g gates [n, B, C] (not in the reserve)
+  Tensor g_chunk;  // the chunk's recomputed g gates [n, B, C] (not in the reserve; none with keeps_g)
   const Tensor w_g = w_cat.narrow(0, 2 * C, C);
-  const Tensor v_g = wino ? winograd_weights(w_g) : Tensor();  // winograd: the g recompute a Winograd conv too
-  const OptTensor bias_g_wino = wino ? winograd_bias(bias_g, x.scalar_type()) : std::nullopt;
+  const bool wino_g = wino && !keeps_g;  // winograd: the g recompute a Winograd conv too
+  const Tensor v_g = wino_g ? winograd_weights(w_g) : Tensor();
+  const OptTensor bias_g_wino = wino_g ? winograd_bias(bias_g, x.scalar_type()) : std::nullopt;
   const auto add_to = [](Tensor& sum, const Tensor& term) { sum = sum.defined() ? sum.add_(term) : term; };
   int64_t chunk_start = -1, chunk_len = 0;
   const auto load_chunk = [&](int64_t t0, int64_t n) {
@@ -428,6 +456,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     if (in_place_inputs) {
       x_step = x.select(1, t0);
       h_step = previous_frame(output, h0_l, t0, reverse);
+      if (keeps_g) return;
       g_chunk = winograd_conv2(x_step, v_g.narrow(1, 0, Cin), h_step, v_g.narrow(1, Cin, C), bias_g_wino, g,
                                /*tanh=*/true)
                     .view({1, B, C, H, W});
@@ -435,6 +464,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     }
     copy_time_major(inputs.narrow(2, 0, Cin), x, t0, n);
     copy_previous_hidden(inputs.narrow(2, Cin, C), output, h0_l, t0, n, reverse, lengths_d);
+    if (keeps_g) return;
     const Tensor frames = flat(inputs.narrow(0, 0, n));
     g_chunk = (wino ? winograd_conv(frames, v_g, bias_g_wino, g, /*tanh=*/true) : conv(frames, w_g, bias_g, g).tanh_())
                   .view({n, B, C, H, W});
@@ -465,6 +495,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   LstmBackwardArgs a;
   a.geo = {B, C, H * W, x.scalar_type()};
   a.peephole = peep.defined() ? peep.data_ptr() : nullptr;
+  a.cells_in_dtype = keeps_g;
   // lengths: the state gradient masked samples pass straight to the previous step.
   const Tensor dh_skip = lengths_d.defined() ? empty_like_frame(g, C, opts) : Tensor();
   if (dh_skip.defined()) a.dh_prev_out = plane(dh_skip);
@@ -484,7 +515,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
     const Tensor gates_t = gates.select(0, t);
     const Tensor d_gates_t = d_gates.select(0, t - t0);
     for (int k = 0; k < 4; ++k) {
-      a.gates[k] = kLstmSavedSlot[k] < 0 ? plane(g_chunk.select(0, t - t0)) : slot(gates_t, kLstmSavedSlot[k], C);
+      const int s = lstm_saved_slot(k, keeps_g);
+      a.gates[k] = s < 0 ? plane(g_chunk.select(0, t - t0)) : slot(gates_t, s, C);
       a.d_gates_out[k] = slot(d_gates_t, k, C);
     }
     a.c_prev = plane(f == 0 ? c_init : cells.select(0, time_of(f - 1, T, reverse)));

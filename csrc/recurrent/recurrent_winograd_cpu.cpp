@@ -505,6 +505,7 @@ void winograd_lstm_step(const LstmForwardArgs& a, const Tensor& x_t, const Tenso
     }
     s.c_prev = strip_of(a.c_prev, b, y0, W, ea);
     s.c_out = strip_of(a.c_out, b, y0, W, ea);
+    s.c_save = strip_of(a.c_save, b, y0, W, es);  // a default (null) plane stays null
     s.h_out = strip_of(a.h_out, b, y0, W, es);
     s.h_out2 = strip_of(a.h_out2, b, y0, W, es);
     s.h_prev = strip_of(a.h_prev, b, y0, W, es);

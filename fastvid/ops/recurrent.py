@@ -185,7 +185,10 @@ def reserve_bytes(x_shape, regions) -> int:
 
 
 def lstm_reserve_regions(dtype, C):
-    """The LSTM reserve (recurrent_ops.cpp): activated i, f, o; cell states; the g-gate bias (g is recomputed)."""
+    """The LSTM reserve (recurrent_ops.cpp): activated i, f, o; cell states; the g-gate bias (g is
+    recomputed). bf16: i, f, g, o and the cell states, all bf16."""
+    if dtype == torch.bfloat16:
+        return [(dtype, 4 * C, True), (dtype, C, True)]
     return [(dtype, 3 * C, True), (_acc(dtype), C, True), (dtype, C, False)]
 
 

@@ -8,6 +8,7 @@
 #include "emulation_common.h"
 
 #include <functional>
+#include <type_traits>
 
 using namespace fastvid::recurrent;
 using namespace emu_test;
@@ -80,6 +81,7 @@ void lstm_forward_case(bool nhwc, bool peephole, bool save, std::mt19937& rng, b
   using A = at::opmath_type<T>;
   const std::string name = tag<T>("lstm_forward", nhwc, std::string(peephole ? ",peephole" : "") + (save ? ",save" : ",c-in-place") + mask_tag(masked));
   Tensor4<T> ax(4, nhwc), ah(4, nhwc), gates(4, nhwc), h1(1, nhwc), h2(1, nhwc), h_prev(1, nhwc);
+  Tensor4<T> c_saved(1, nhwc);  // with save: c once more in T (the bf16 sequence reserve's c_save)
   Tensor4<A> c_prev(1, nhwc), c_out(1, nhwc);
   Framed<A> peep(3 * C);
   ax.fill(rng, -2, 2), ah.fill(rng, -2, 2), c_prev.fill(rng, -2, 2), peep.fill_uniform(rng, -1, 1);
@@ -91,8 +93,10 @@ void lstm_forward_case(bool nhwc, bool peephole, bool save, std::mt19937& rng, b
   a.c_prev = c_prev.slot();
   a.c_out = save ? c_out.slot() : c_prev.slot();  // the time loop without a cache updates c in place
   a.h_out = h1.slot(), a.h_out2 = h2.slot();
-  if (save)
+  if (save) {
     for (int k = 0; k < 4; ++k) a.gates_out[k] = gates.slot(k);
+    a.c_save = c_saved.slot();
+  }
   a.peephole = peephole ? peep.data() : nullptr;
   a.save = save;
   a.mask = test_mask(masked);
@@ -104,6 +108,10 @@ void lstm_forward_case(bool nhwc, bool peephole, bool save, std::mt19937& rng, b
       expect_close(name + " masked h", h1.at(0, b, c, p), 0, 0);
       expect_close(name + " masked h2", h2.at(0, b, c, p), h_prev.at(0, b, c, p), 0);
       expect_close(name + " masked c", c_res.at(0, b, c, p), c_prev_copy.at(0, b, c, p), 0);
+      if (save) {
+        const double kept = c_prev_copy.at(0, b, c, p);
+        expect_close(name + " masked c_save", c_saved.at(0, b, c, p), kept, tol_store<T, A>(kept));
+      }
       for (int k = 0; k < 4 && save; ++k) expect_close(name + " masked gates", gates.at(k, b, c, p), 0, 0);
       return;
     }
@@ -119,22 +127,27 @@ void lstm_forward_case(bool nhwc, bool peephole, bool save, std::mt19937& rng, b
     expect_close(name + " h2", h2.at(0, b, c, p), h, tol_store<T, A>(h));
     expect_close(name + " c", c_res.at(0, b, c, p), cn, tol_acc<A>(cn));
     if (save) {
+      expect_close(name + " c_save", c_saved.at(0, b, c, p), cn, tol_store<T, A>(cn));
       const double act[4] = {i, f, g, o};
       for (int k = 0; k < 4; ++k) expect_close(name + " gates", gates.at(k, b, c, p), act[k], tol_store<T, A>(act[k]));
     }
   });
-  for (auto* t : {&ax, &ah, &gates, &h1, &h2, &h_prev}) t->check_frames(name);
+  for (auto* t : {&ax, &ah, &gates, &h1, &h2, &h_prev, &c_saved}) t->check_frames(name);
   c_prev.check_frames(name), c_out.check_frames(name), peep.frames_intact(name);
 }
 
 // -------------------------------------------------------------------- LSTM backward
-template <typename T>
+// Cell: the saved cell states' type, the accumulation type or T (cells_in_dtype, the bf16 sequence reserve).
+template <typename T, typename Cell = at::opmath_type<T>>
 void lstm_backward_case(bool nhwc, bool peephole, std::mt19937& rng, bool masked = false) {
   using A = at::opmath_type<T>;
-  const std::string name = tag<T>("lstm_backward", nhwc, std::string(peephole ? ",peephole" : "") + mask_tag(masked));
+  constexpr bool kCellsInDtype = !std::is_same_v<Cell, A>;
+  const std::string name = tag<T>("lstm_backward", nhwc, std::string(peephole ? ",peephole" : "") +
+                                  (kCellsInDtype ? ",cells-in-dtype" : "") + mask_tag(masked));
   Tensor4<T> dh0(1, nhwc), dh1(1, nhwc), dh2(1, nhwc), gates(4, nhwc), d_gates(4, nhwc), dh_prev(1, nhwc);
   dh_prev.fill(rng, -1, 1);
-  Tensor4<A> dc(1, nhwc), c_prev(1, nhwc), c(1, nhwc);
+  Tensor4<A> dc(1, nhwc);
+  Tensor4<Cell> c_prev(1, nhwc), c(1, nhwc);
   Framed<A> peep(3 * C);
   dh0.fill(rng, -1, 1), dh1.fill(rng, -1, 1), dh2.fill(rng, -1, 1), dc.fill(rng, -1, 1), c_prev.fill(rng, -2, 2);
   peep.fill_uniform(rng, -1, 1);
@@ -143,8 +156,8 @@ void lstm_backward_case(bool nhwc, bool peephole, std::mt19937& rng, bool masked
   std::uniform_real_distribution<double> unit(0.05, 0.95), sym(-0.95, 0.95);
   for_each_element([&](int64_t b, int64_t ch, int64_t p) {
     for (int k = 0; k < 4; ++k) gates.ref(k, b, ch, p) = static_cast<T>(k == 2 ? sym(rng) : unit(rng));
-    c.ref(0, b, ch, p) = static_cast<A>(gates.at(1, b, ch, p) * c_prev.at(0, b, ch, p) +
-                                        gates.at(0, b, ch, p) * gates.at(2, b, ch, p));
+    c.ref(0, b, ch, p) = static_cast<Cell>(gates.at(1, b, ch, p) * c_prev.at(0, b, ch, p) +
+                                           gates.at(0, b, ch, p) * gates.at(2, b, ch, p));
   });
   Tensor4<A> dc_copy = dc;
   LstmBackwardArgs a;
@@ -153,6 +166,7 @@ void lstm_backward_case(bool nhwc, bool peephole, std::mt19937& rng, bool masked
   a.dc_in = a.dc_prev_out = dc.slot();  // the time loop carries dc in place
   for (int k = 0; k < 4; ++k) a.gates[k] = gates.slot(k), a.d_gates_out[k] = d_gates.slot(k);
   a.c_prev = c_prev.slot(), a.c = c.slot();
+  a.cells_in_dtype = kCellsInDtype;
   a.peephole = peephole ? peep.data() : nullptr;
   a.mask = test_mask(masked);
   if (masked) a.dh_prev_out = dh_prev.slot();
@@ -178,7 +192,10 @@ void lstm_backward_case(bool nhwc, bool peephole, std::mt19937& rng, bool masked
       Dual x[5];
       for (int k = 0; k < 5; ++k) x[k] = Dual(base[k], k == s ? 1 : 0);
       const Dual gi = sigmoid(x[0] + Dual(w_ci) * x[4]), gf = sigmoid(x[1] + Dual(w_cf) * x[4]), gg = tanh(x[2]);
-      const Dual cn = gf * x[4] + gi * gg;
+      Dual cn = gf * x[4] + gi * gg;
+      // cells in T: the kernel evaluates the gradient where the reserve says the forward was (its rounded
+      // c), so the oracle does too: the stored value with the derivative of the exact c.
+      if (kCellsInDtype) cn = Dual(cc, cn.d);
       const Dual go = sigmoid(x[3] + Dual(w_co) * cn);
       const Dual loss = Dual(dh) * (go * tanh(cn)) + Dual(dcn) * cn;
       grad[s] = loss.d;
@@ -400,6 +417,7 @@ void all_cases(std::mt19937& rng) {
       lstm_forward_case<T>(nhwc, peephole, true, rng);
       lstm_forward_case<T>(nhwc, peephole, false, rng);
       lstm_backward_case<T>(nhwc, peephole, rng);
+      if constexpr (!std::is_same_v<T, at::opmath_type<T>>) lstm_backward_case<T, T>(nhwc, peephole, rng);
     }
     for (bool reset_after : {true, false}) {
       gru_forward_case<T>(nhwc, reset_after, true, rng);
