@@ -110,7 +110,8 @@ struct LstmBackwardOp {
     const LstmGrad<acc_t> d = lstm_backward(
         dh, load<acc_t, acc_t>(a.dc_in, b, c, p), load<acc_t, scalar_t>(a.gates[0], b, c, p),
         load<acc_t, scalar_t>(a.gates[1], b, c, p), load<acc_t, scalar_t>(a.gates[2], b, c, p),
-        load<acc_t, scalar_t>(a.gates[3], b, c, p), cell(a.c_prev), cell(a.c), peephole_w(w, 0, C, c), peephole_w(w, 1, C, c), peephole_w(w, 2, C, c));
+        load<acc_t, scalar_t>(a.gates[3], b, c, p), cell(a.c_prev), cell(a.c), peephole_w(w, 0, C, c),
+        peephole_w(w, 1, C, c), peephole_w(w, 2, C, c));
     store<scalar_t>(a.d_gates_out[0], b, c, p, d.a_i);
     store<scalar_t>(a.d_gates_out[1], b, c, p, d.a_f);
     store<scalar_t>(a.d_gates_out[2], b, c, p, d.a_g);

@@ -603,7 +603,8 @@ void winograd_weight_grad_add(Tensor& dV, const Tensor& input, const Tensor& gra
                               const Tensor* input2, const WeightGradColumns& columns) {
   TORCH_CHECK(input.dim() == 4 && grad_output.dim() == 4 && input.device().is_cpu() && grad_output.device().is_cpu(),
               "winograd_weight_grad_add: input and grad_output must be [B, ., H, W] CPU tensors");
-  TORCH_CHECK(is_weight_grad_buffer(dV), "winograd_weight_grad_add: dV must come from winograd_weight_grad_buffer(K, N, ...)");
+  TORCH_CHECK(is_weight_grad_buffer(dV),
+              "winograd_weight_grad_add: dV must come from winograd_weight_grad_buffer(K, N, ...)");
   const int64_t A2 = dV.size(1);
   const int64_t K2 = input2 != nullptr ? input2->size(1) : 0;
   TORCH_CHECK(input2 == nullptr || (input2->dim() == 4 && input2->device().is_cpu() &&
