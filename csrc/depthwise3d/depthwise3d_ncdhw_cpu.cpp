@@ -39,6 +39,10 @@
 #include "../cpu_isa.h"
 #include "../fastvid_common.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // the AVX-512 forward's lane shifts and masked stores
+#endif
+
 #ifndef FASTVID_ISA
 #define FASTVID_ISA_SOURCE "depthwise3d/depthwise3d_ncdhw_cpu.cpp"
 #include "../cpu_isa_each.h"
@@ -117,12 +121,14 @@ struct PlaneCache {
   int64_t rows = 0, top = 0, slots = 1;
   RowLayout layout;
   std::vector<acc_t> data;
+  acc_t* base = nullptr;       // data's first 64-byte aligned element: the planes start there
   std::vector<int64_t> owner;  // depth index held by each slot, -1: none
   int64_t channel = -1;        // b·C + c the slots belong to
 
   void init(int64_t rows_, int64_t top_, const RowLayout& layout_, int64_t slots_) {
     rows = rows_, top = top_, layout = layout_, slots = slots_;
-    data.assign(slots * rows * layout.size(), acc_t(0));
+    data.assign(slots * rows * layout.size() + 64 / sizeof(acc_t), acc_t(0));
+    base = reinterpret_cast<acc_t*>((reinterpret_cast<uintptr_t>(data.data()) + 63) & ~uintptr_t(63));
     owner.assign(slots, -1);
   }
   // The scratch plane for depth index `depth` of channel `bc` (src_rows rows of W values at `src`).
@@ -130,7 +136,7 @@ struct PlaneCache {
   const acc_t* plane(int64_t bc, int64_t depth, const scalar_t* src, int64_t src_rows, int64_t W) {
     if (bc != channel) std::fill(owner.begin(), owner.end(), -1), channel = bc;
     const int64_t slot = depth % slots;
-    acc_t* dst = data.data() + slot * rows * layout.size();
+    acc_t* dst = base + slot * rows * layout.size();
     if (owner[slot] != depth) {
       // The padding rows (outside [top, top + src_rows)) are the same rows in every plane: zero since init.
       for (int64_t h = std::max<int64_t>(0, -top); h < std::min(src_rows, rows - top); ++h)
@@ -308,11 +314,88 @@ FASTVID_INLINE void stencil_rows(int64_t rows, int64_t n, int64_t taps, const ac
 }
 
 // ------------------------------------------------------------------------ forward
-RowLayout forward_row_layout(const Geometry& g, int lanes) {
+#if FASTVID_VEC_BYTES == 64
+using V16 = Vec<float>::type;
+
+// Lanes [K, K + 16) of the 32 lanes lo:hi: one valignd. (The masked form only because GCC 12 warns
+// about the unmasked one's undefined pass-through; __builtin_shufflevector became vpermi2ps here.)
+template <int K>
+FASTVID_INLINE V16 lanes_from(V16 lo, V16 hi) {
+  const __m512i l = (__m512i)lo, h = (__m512i)hi;
+  return (V16)_mm512_mask_alignr_epi32(l, static_cast<__mmask16>(0xFFFF), h, l, K);
+}
+
+// The fp32 forward for kernel 3×3 along H, W with stride and dilation 1 (X3D's case) on AVX-512: the
+// scratch rows are 64-byte aligned and padded to whole vectors, so each source row is three aligned
+// loads (A0, A1, A2 at q, q + 16, q + 32) and the W taps 1 and 2 are lane shifts of them instead of
+// unaligned loads, nearly all of which straddle two cache lines. Blocks of 32 positions; where the row
+// ends, the block's last vector is stored with a mask. FMA order per output: (kt, kh, kw), as stencil_block.
+template <int R>
+FASTVID_INLINE void stencil_rows_h3k3_aligned(int64_t n, int64_t groups, const float* const* src, const float* w,
+                                              int64_t row_offset0, int64_t row_size, float init, float* const* out) {
+  constexpr int KH = 3, KW = 3;
+  for (int64_t q = 0; q < n; q += 32) {
+    V16 a[R][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = init - V16{};
+    for (int64_t t = 0; t < groups; ++t) {
+      V16 wv[KH][KW];
+#pragma GCC unroll 4
+      for (int kh = 0; kh < KH; ++kh)
+#pragma GCC unroll 4
+        for (int kw = 0; kw < KW; ++kw) wv[kh][kw] = w[t * KH * KW + kh * KW + kw] - V16{};
+      const float* s = src[t * KH * KW] + row_offset0 + q;
+#pragma GCC unroll 16
+      for (int i = 0; i < R + KH - 1; ++i) {
+        const V16 A0 = load_vec<V16>(s), A1 = load_vec<V16>(s + 16), A2 = load_vec<V16>(s + 32);
+        const V16 x[2][KW] = {{A0, lanes_from<1>(A0, A1), lanes_from<2>(A0, A1)},
+                              {A1, lanes_from<1>(A1, A2), lanes_from<2>(A1, A2)}};
+        s += row_size;
+#pragma GCC unroll 4
+        for (int kh = 0; kh < KH; ++kh) {
+          const int r = i - kh;
+          if (r < 0 || r >= R) continue;
+#pragma GCC unroll 4
+          for (int kw = 0; kw < KW; ++kw) {
+            a[r][0] += x[0][kw] * wv[kh][kw];
+            a[r][1] += x[1][kw] * wv[kh][kw];
+          }
+        }
+      }
+    }
+    const int64_t rest = n - q;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      float* o = out[r] + q;
+      if (rest > 16) {
+        store_vec(o, a[r][0]);
+        if (rest >= 32)
+          store_vec(o + 16, a[r][1]);
+        else
+          _mm512_mask_storeu_ps(o + 16, static_cast<__mmask16>((1u << (rest - 16)) - 1), (__m512)a[r][1]);
+      } else {
+        _mm512_mask_storeu_ps(o, static_cast<__mmask16>((1u << rest) - 1), (__m512)a[r][0]);
+      }
+    }
+  }
+}
+#endif
+
+// Whether the forward runs stencil_rows_h3k3_aligned (fp32, AVX-512, kernel 3 along H and W, H and W
+// stride and dilation 1).
+template <typename scalar_t>
+bool forward_h3k3_aligned(const Geometry& g) {
+  return FASTVID_VEC_BYTES == 64 && std::is_same_v<scalar_t, float> && g.kernel[1] == 3 && g.kernel[2] == 3 &&
+         g.stride[1] == 1 && g.stride[2] == 1 && g.dilation[1] == 1 && g.dilation[2] == 1;
+}
+
+RowLayout forward_row_layout(const Geometry& g, int lanes, bool aligned = false) {
   RowLayout l;
   l.phases = g.stride[2];
   l.left = g.padding[2];
   l.phase_len = round_up(g.out[2], lanes) + (g.kernel[2] - 1) * g.dilation[2] / g.stride[2] + 1;
+  // stencil_rows_h3k3_aligned: whole vectors per row, three of them readable from each block's start.
+  if (aligned) l.phase_len = round_up(g.out[2], 2 * lanes) + lanes;
   return l;
 }
 
@@ -331,11 +414,6 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2], OH = g.out[1], OW = g.out[2];
   const int64_t kT = g.kernel[0], kH = g.kernel[1], kW = g.kernel[2];
   const int64_t row_size = cache.layout.size();
-  int64_t kw_offset[7];  // offset of tap kw in a scratch row (its phase row, then its shift)
-  for (int64_t kw = 0; kw < kW; ++kw) {
-    const int64_t shift = kw * g.dilation[2];
-    kw_offset[kw] = (shift % g.stride[2]) * cache.layout.phase_len + shift / g.stride[2];
-  }
   // Tap list of output row 0 (scratch row oh·sH + kh·dH for row oh: the top rows are the H padding).
   const acc_t* src[kMaxTaps];
   acc_t wt[kMaxTaps];
@@ -346,20 +424,31 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
     const acc_t* plane = cache.plane(bc, it, input + (bc * T + it) * H * W, H, W);
     for (int64_t kh = 0; kh < kH; ++kh) {
       for (int64_t kw = 0; kw < kW; ++kw, ++n) {
-        src[n] = plane + kh * g.dilation[1] * row_size + kw_offset[kw];
+        // Tap kw's offset in a scratch row (its phase row, then its shift), computed here rather than
+        // read from a small array stored just before: GCC loaded such an array's pairs as one vector,
+        // which cannot be forwarded from two scalar stores (~7 % of the forward's samples stalled there).
+        const int64_t shift = kw * g.dilation[2];
+        src[n] = plane + kh * g.dilation[1] * row_size + (shift % g.stride[2]) * cache.layout.phase_len +
+                 shift / g.stride[2];
         wt[n] = w[(kt * kH + kh) * kW + kw];
       }
     }
   }
   const bool h3 = kH == 3 && g.stride[1] == 1 && g.dilation[1] == 1;
-  // Software prefetch of the input plane(s) after the last one this unit reads (the next unit's new
-  // plane, or the next channel's first), a slice per row group: on Intel (Emerald Rapids: L3 over a
-  // high-latency mesh) the scratch-plane copy of each new plane stalled on its loads (~1/3 of
-  // forward_plane's perf samples) although the reads are sequential.
-  const int64_t it_last = std::min(T - 1, ot * g.stride[0] - g.padding[0] + (kT - 1) * g.dilation[0]);
+  [[maybe_unused]] const bool aligned = forward_h3k3_aligned<scalar_t>(g);
+  // Software prefetch of the input planes the next unit copies and this one does not hold ((bc, ot + 1)'s
+  // planes after this unit's last, or all planes of the next channel's first unit), a slice per row
+  // group: on Intel (Emerald Rapids: L3 over a high-latency mesh) the scratch-plane copy of each new
+  // plane stalled on its loads (~1/3 of forward_plane's perf samples) although the reads are sequential.
+  const int64_t reach = (kT - 1) * g.dilation[0], OT = g.out[0];
+  const int64_t it_last = std::min(T - 1, ot * g.stride[0] - g.padding[0] + reach);
+  const bool next_channel = ot + 1 == OT;
+  const int64_t next_first = next_channel ? std::max<int64_t>(0, -g.padding[0]) : it_last + 1;
+  const int64_t next_last = std::min(T - 1, (next_channel ? 0 : ot + 1) * g.stride[0] - g.padding[0] + reach);
   const int64_t total = g.batch * g.channels * T * H * W;
-  const int64_t pf_begin = std::min(total, (bc * T + std::max<int64_t>(it_last, -1) + 1) * H * W);
-  const int64_t pf_end = std::min(total, pf_begin + g.stride[0] * H * W);
+  const int64_t next_bc = next_channel ? bc + 1 : bc;
+  const int64_t pf_begin = std::min(total, (next_bc * T + next_first) * H * W);
+  const int64_t pf_end = std::min(total, (next_bc * T + std::max(next_first, next_last + 1)) * H * W);
   const char* pf = reinterpret_cast<const char*>(input + pf_begin);
   const int64_t pf_lines = ceil_div((pf_end - pf_begin) * int64_t(sizeof(scalar_t)), 64);
   const int64_t pf_step = ceil_div(pf_lines, ceil_div(OH, kGroupRows));
@@ -373,6 +462,14 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
       row_offset[r] = (oh0 + r) * g.stride[1] * row_size;
       outs[r] = out + (oh0 + r) * OW;
     }
+#if FASTVID_VEC_BYTES == 64
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (aligned && rows == kGroupRows) {
+        stencil_rows_h3k3_aligned<kGroupRows>(OW, n / 9, src, wt, row_offset[0], row_size, bias, outs);
+        continue;
+      }
+    }
+#endif
     if (h3 && rows == kGroupRows)
       stencil_rows_h3<kGroupRows>(OW, n / (3 * kW), kW, src, wt, row_offset[0], row_size, bias, outs);
     else
@@ -391,7 +488,7 @@ void forward_impl(const ForwardArgs& a) {
   const auto* weight = static_cast<const acc_t*>(a.weight);
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
-  const RowLayout layout = forward_row_layout(g, Vec<acc_t>::lanes);
+  const RowLayout layout = forward_row_layout(g, Vec<acc_t>::lanes, forward_h3k3_aligned<scalar_t>(g));
   const int64_t slots = (g.kernel[0] - 1) * g.dilation[0] + 1;
   at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {
     PlaneCache<acc_t> cache;
