@@ -326,67 +326,78 @@ FASTVID_INLINE V16 lanes_from(V16 lo, V16 hi) {
 }
 
 // The fp32 forward for kernel 3×3 along H, W with stride and dilation 1 (X3D's case) on AVX-512: the
-// scratch rows are 64-byte aligned and padded to whole vectors, so each source row is three aligned
-// loads (A0, A1, A2 at q, q + 16, q + 32) and the W taps 1 and 2 are lane shifts of them instead of
-// unaligned loads, nearly all of which straddle two cache lines. Blocks of 32 positions; where the row
-// ends, the block's last vector is stored with a mask. FMA order per output: (kt, kh, kw), as stencil_block.
-template <int R>
-FASTVID_INLINE void stencil_rows_h3k3_aligned(int64_t n, int64_t groups, const float* const* src, const float* w,
-                                              int64_t row_offset0, int64_t row_size, float init, float* const* out) {
+// scratch rows are 64-byte aligned and padded to whole vectors, so each source row is aligned loads
+// (A0, A1, A2 at q, q + 16, q + 32) and the W taps 1 and 2 are lane shifts of them instead of unaligned
+// loads, nearly all of which straddle two cache lines. A block is NV vectors from q; where the row ends,
+// its last vector is stored with a mask. FMA order per output: (kt, kh, kw), as stencil_block.
+template <int NV, int R>
+FASTVID_INLINE void stencil_block_h3k3_aligned(int64_t q, int64_t count, int64_t groups, const float* const* src,
+                                               const float* w, int64_t row_offset0, int64_t row_size, float init,
+                                               float* const* out) {
   constexpr int KH = 3, KW = 3;
-  for (int64_t q = 0; q < n; q += 32) {
-    V16 a[R][2];
+  V16 a[R][NV];
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = init - V16{};
-    for (int64_t t = 0; t < groups; ++t) {
-      V16 wv[KH][KW];
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int j = 0; j < NV; ++j) a[r][j] = init - V16{};
+  for (int64_t t = 0; t < groups; ++t) {
+    V16 wv[KH][KW];
 #pragma GCC unroll 4
-      for (int kh = 0; kh < KH; ++kh)
+    for (int kh = 0; kh < KH; ++kh)
 #pragma GCC unroll 4
-        for (int kw = 0; kw < KW; ++kw) wv[kh][kw] = w[t * KH * KW + kh * KW + kw] - V16{};
-      const float* s = src[t * KH * KW] + row_offset0 + q;
+      for (int kw = 0; kw < KW; ++kw) wv[kh][kw] = w[t * KH * KW + kh * KW + kw] - V16{};
+    const float* s = src[t * KH * KW] + row_offset0 + q;
 #pragma GCC unroll 16
-      for (int i = 0; i < R + KH - 1; ++i) {
-        const V16 A0 = load_vec<V16>(s), A1 = load_vec<V16>(s + 16), A2 = load_vec<V16>(s + 32);
-        const V16 x[2][KW] = {{A0, lanes_from<1>(A0, A1), lanes_from<2>(A0, A1)},
-                              {A1, lanes_from<1>(A1, A2), lanes_from<2>(A1, A2)}};
-        s += row_size;
+    for (int i = 0; i < R + KH - 1; ++i) {
+      V16 A[NV + 1], x[NV][KW];
 #pragma GCC unroll 4
-        for (int kh = 0; kh < KH; ++kh) {
-          const int r = i - kh;
-          if (r < 0 || r >= R) continue;
+      for (int j = 0; j <= NV; ++j) A[j] = load_vec<V16>(s + 16 * j);
+#pragma GCC unroll 2
+      for (int j = 0; j < NV; ++j) x[j][0] = A[j], x[j][1] = lanes_from<1>(A[j], A[j + 1]),
+                                   x[j][2] = lanes_from<2>(A[j], A[j + 1]);
+      s += row_size;
 #pragma GCC unroll 4
-          for (int kw = 0; kw < KW; ++kw) {
-            a[r][0] += x[0][kw] * wv[kh][kw];
-            a[r][1] += x[1][kw] * wv[kh][kw];
-          }
-        }
-      }
-    }
-    const int64_t rest = n - q;
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      float* o = out[r] + q;
-      if (rest > 16) {
-        store_vec(o, a[r][0]);
-        if (rest >= 32)
-          store_vec(o + 16, a[r][1]);
-        else
-          _mm512_mask_storeu_ps(o + 16, static_cast<__mmask16>((1u << (rest - 16)) - 1), (__m512)a[r][1]);
-      } else {
-        _mm512_mask_storeu_ps(o, static_cast<__mmask16>((1u << rest) - 1), (__m512)a[r][0]);
+      for (int kh = 0; kh < KH; ++kh) {
+        const int r = i - kh;
+        if (r < 0 || r >= R) continue;
+#pragma GCC unroll 4
+        for (int kw = 0; kw < KW; ++kw)
+#pragma GCC unroll 2
+          for (int j = 0; j < NV; ++j) a[r][j] += x[j][kw] * wv[kh][kw];
       }
     }
   }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int j = 0; j < NV; ++j) {
+      const int64_t n = count - 16 * j;
+      if (n >= 16)
+        store_vec(out[r] + q + 16 * j, a[r][j]);
+      else
+        _mm512_mask_storeu_ps(out[r] + q + 16 * j, static_cast<__mmask16>((1u << n) - 1), (__m512)a[r][j]);
+    }
+  }
+}
+
+template <int R>
+FASTVID_INLINE void stencil_rows_h3k3_aligned(int64_t n, int64_t groups, const float* const* src, const float* w,
+                                              int64_t row_offset0, int64_t row_size, float init, float* const* out) {
+  int64_t q = 0;
+  for (; n - q > 16; q += 32)
+    stencil_block_h3k3_aligned<2, R>(q, std::min<int64_t>(32, n - q), groups, src, w, row_offset0, row_size, init,
+                                     out);
+  if (n > q) stencil_block_h3k3_aligned<1, R>(q, n - q, groups, src, w, row_offset0, row_size, init, out);
 }
 #endif
 
 // Whether the forward runs stencil_rows_h3k3_aligned (fp32, AVX-512, kernel 3 along H and W, H and W
-// stride and dilation 1).
+// stride and dilation 1, output rows longer than one vector: at 14x14 and 7x7 it measured 5-15 % slower
+// than stencil_rows_h3, one thread).
 template <typename scalar_t>
 bool forward_h3k3_aligned(const Geometry& g) {
   return FASTVID_VEC_BYTES == 64 && std::is_same_v<scalar_t, float> && g.kernel[1] == 3 && g.kernel[2] == 3 &&
-         g.stride[1] == 1 && g.stride[2] == 1 && g.dilation[1] == 1 && g.dilation[2] == 1;
+         g.stride[1] == 1 && g.stride[2] == 1 && g.dilation[1] == 1 && g.dilation[2] == 1 && g.out[2] > 16;
 }
 
 RowLayout forward_row_layout(const Geometry& g, int lanes, bool aligned = false) {
@@ -409,7 +420,7 @@ int64_t forward_plane_rows(const Geometry& g) {
 template <typename scalar_t>
 void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* w,
                                       at::opmath_type<scalar_t> bias, PlaneCache<at::opmath_type<scalar_t>>& cache,
-                                      int64_t bc, int64_t ot, scalar_t* out) {
+                                      const int64_t* kw_offset, int64_t bc, int64_t ot, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2], OH = g.out[1], OW = g.out[2];
   const int64_t kT = g.kernel[0], kH = g.kernel[1], kW = g.kernel[2];
@@ -424,12 +435,7 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
     const acc_t* plane = cache.plane(bc, it, input + (bc * T + it) * H * W, H, W);
     for (int64_t kh = 0; kh < kH; ++kh) {
       for (int64_t kw = 0; kw < kW; ++kw, ++n) {
-        // Tap kw's offset in a scratch row (its phase row, then its shift), computed here rather than
-        // read from a small array stored just before: GCC loaded such an array's pairs as one vector,
-        // which cannot be forwarded from two scalar stores (~7 % of the forward's samples stalled there).
-        const int64_t shift = kw * g.dilation[2];
-        src[n] = plane + kh * g.dilation[1] * row_size + (shift % g.stride[2]) * cache.layout.phase_len +
-                 shift / g.stride[2];
+        src[n] = plane + kh * g.dilation[1] * row_size + kw_offset[kw];
         wt[n] = w[(kt * kH + kh) * kW + kw];
       }
     }
@@ -490,13 +496,21 @@ void forward_impl(const ForwardArgs& a) {
   auto* output = static_cast<scalar_t*>(a.output);
   const RowLayout layout = forward_row_layout(g, Vec<acc_t>::lanes, forward_h3k3_aligned<scalar_t>(g));
   const int64_t slots = (g.kernel[0] - 1) * g.dilation[0] + 1;
+  // Offset of tap kw in a scratch row (its phase row, then its shift), once per call: an array stored at
+  // each unit's start, then loaded in pairs as one vector (GCC), stalled on store forwarding (~7 % of
+  // the forward's samples).
+  int64_t kw_offset[7];
+  for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+    const int64_t shift = kw * g.dilation[2];
+    kw_offset[kw] = (shift % g.stride[2]) * layout.phase_len + shift / g.stride[2];
+  }
   at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {
     PlaneCache<acc_t> cache;
     cache.init(forward_plane_rows(g), g.padding[1], layout, slots);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t bc = u / OT, ot = u % OT, c = bc % C;
-      forward_plane<scalar_t>(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : acc_t(0), cache, bc, ot,
-                              output + u * plane);
+      forward_plane<scalar_t>(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : acc_t(0), cache, kw_offset,
+                              bc, ot, output + u * plane);
     }
   });
 }
