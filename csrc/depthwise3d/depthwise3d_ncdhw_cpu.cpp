@@ -458,12 +458,19 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
   const char* pf = reinterpret_cast<const char*>(input + pf_begin);
   const int64_t pf_lines = ceil_div((pf_end - pf_begin) * int64_t(sizeof(scalar_t)), 64);
   const int64_t pf_step = ceil_div(pf_lines, ceil_div(OH, kGroupRows));
+  const bool has_next_unit = bc * OT + ot + 1 < g.batch * g.channels * OT;
   int64_t row_offset[kGroupRows];
   scalar_t* outs[kGroupRows];
   for (int64_t oh0 = 0; oh0 < OH; oh0 += kGroupRows) {
     const int64_t rows = std::min<int64_t>(kGroupRows, OH - oh0);
     const int64_t line0 = oh0 / kGroupRows * pf_step;
     for (int64_t i = line0; i < std::min(pf_lines, line0 + pf_step); ++i) __builtin_prefetch(pf + i * 64, 0, 3);
+    // The same rows of the next unit's output plane (the next in memory), to be written: their misses (a
+    // new output is in no cache) are under way before the stores.
+    if (has_next_unit) {
+      const char* next_out = reinterpret_cast<const char*>(out + (OH + oh0) * OW);
+      for (int64_t b = 0; b < rows * OW * int64_t(sizeof(scalar_t)); b += 64) __builtin_prefetch(next_out + b, 1, 3);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       row_offset[r] = (oh0 + r) * g.stride[1] * row_size;
       outs[r] = out + (oh0 + r) * OW;
