@@ -39,7 +39,7 @@
 #include "../cpu_isa.h"
 #include "../fastvid_common.h"
 
-#if defined(__x86_64__) || defined(__i386__)
+#ifdef FASTVID_ISA_X86
 #include <immintrin.h>  // the AVX-512 forward's lane shifts and masked stores
 #endif
 
@@ -404,9 +404,9 @@ RowLayout forward_row_layout(const Geometry& g, int lanes, bool aligned = false)
   RowLayout l;
   l.phases = g.stride[2];
   l.left = g.padding[2];
-  l.phase_len = round_up(g.out[2], lanes) + (g.kernel[2] - 1) * g.dilation[2] / g.stride[2] + 1;
   // stencil_rows_h3k3_aligned: whole vectors per row, three of them readable from each block's start.
-  if (aligned) l.phase_len = round_up(g.out[2], 2 * lanes) + lanes;
+  l.phase_len = aligned ? round_up(g.out[2], 2 * lanes) + lanes
+                        : round_up(g.out[2], lanes) + (g.kernel[2] - 1) * g.dilation[2] / g.stride[2] + 1;
   return l;
 }
 
@@ -416,11 +416,33 @@ int64_t forward_plane_rows(const Geometry& g) {
   return std::max<int64_t>(g.padding[1] + g.in[1], (g.out[1] - 1) * g.stride[1] + (g.kernel[1] - 1) * g.dilation[1] + 1);
 }
 
+// What the forward decides once per call: whether stencil_rows_h3k3_aligned runs (and so the scratch
+// row layout), and the offset of each W tap kw in a scratch row (its phase row, then its shift). The
+// offsets were an array stored at each unit's start, which GCC then loaded in pairs as one vector: a
+// store-forwarding stall, ~7 % of the forward's samples.
+struct ForwardPlan {
+  bool aligned = false;
+  RowLayout layout;
+  int64_t kw_offset[7] = {};
+};
+
+template <typename scalar_t>
+ForwardPlan forward_plan(const Geometry& g) {
+  ForwardPlan p;
+  p.aligned = forward_h3k3_aligned<scalar_t>(g);
+  p.layout = forward_row_layout(g, Vec<at::opmath_type<scalar_t>>::lanes, p.aligned);
+  for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+    const int64_t shift = kw * g.dilation[2];
+    p.kw_offset[kw] = (shift % g.stride[2]) * p.layout.phase_len + shift / g.stride[2];
+  }
+  return p;
+}
+
 // Output plane out[b, c, ot, :, :].
 template <typename scalar_t>
-void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* w,
-                                      at::opmath_type<scalar_t> bias, PlaneCache<at::opmath_type<scalar_t>>& cache,
-                                      const int64_t* kw_offset, int64_t bc, int64_t ot, scalar_t* out) {
+void forward_plane(const Geometry& g, const ForwardPlan& plan, const scalar_t* input,
+                   const at::opmath_type<scalar_t>* w, at::opmath_type<scalar_t> bias,
+                   PlaneCache<at::opmath_type<scalar_t>>& cache, int64_t bc, int64_t ot, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2], OH = g.out[1], OW = g.out[2];
   const int64_t kT = g.kernel[0], kH = g.kernel[1], kW = g.kernel[2];
@@ -435,13 +457,12 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
     const acc_t* plane = cache.plane(bc, it, input + (bc * T + it) * H * W, H, W);
     for (int64_t kh = 0; kh < kH; ++kh) {
       for (int64_t kw = 0; kw < kW; ++kw, ++n) {
-        src[n] = plane + kh * g.dilation[1] * row_size + kw_offset[kw];
+        src[n] = plane + kh * g.dilation[1] * row_size + plan.kw_offset[kw];
         wt[n] = w[(kt * kH + kh) * kW + kw];
       }
     }
   }
   const bool h3 = kH == 3 && g.stride[1] == 1 && g.dilation[1] == 1;
-  [[maybe_unused]] const bool aligned = forward_h3k3_aligned<scalar_t>(g);
   // Software prefetch of the input planes the next unit copies and this one does not hold ((bc, ot + 1)'s
   // planes after this unit's last, or all planes of the next channel's first unit), a slice per row
   // group: on Intel (Emerald Rapids: L3 over a high-latency mesh) the scratch-plane copy of each new
@@ -477,7 +498,7 @@ void forward_plane(const Geometry& g, const scalar_t* input, const at::opmath_ty
     }
 #if FASTVID_VEC_BYTES == 64
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (aligned && rows == kGroupRows) {
+      if (plan.aligned && rows == kGroupRows) {
         stencil_rows_h3k3_aligned<kGroupRows>(OW, n / 9, src, wt, row_offset[0], row_size, bias, outs);
         continue;
       }
@@ -501,23 +522,15 @@ void forward_impl(const ForwardArgs& a) {
   const auto* weight = static_cast<const acc_t*>(a.weight);
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
-  const RowLayout layout = forward_row_layout(g, Vec<acc_t>::lanes, forward_h3k3_aligned<scalar_t>(g));
+  const ForwardPlan plan = forward_plan<scalar_t>(g);
   const int64_t slots = (g.kernel[0] - 1) * g.dilation[0] + 1;
-  // Offset of tap kw in a scratch row (its phase row, then its shift), once per call: an array stored at
-  // each unit's start, then loaded in pairs as one vector (GCC), stalled on store forwarding (~7 % of
-  // the forward's samples).
-  int64_t kw_offset[7];
-  for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
-    const int64_t shift = kw * g.dilation[2];
-    kw_offset[kw] = (shift % g.stride[2]) * layout.phase_len + shift / g.stride[2];
-  }
   at::parallel_for(0, units, std::max<int64_t>(1, 16384 / plane), [&](int64_t begin, int64_t end) {
     PlaneCache<acc_t> cache;
-    cache.init(forward_plane_rows(g), g.padding[1], layout, slots);
+    cache.init(forward_plane_rows(g), g.padding[1], plan.layout, slots);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t bc = u / OT, ot = u % OT, c = bc % C;
-      forward_plane<scalar_t>(g, input, weight + c * g.taps(), bias != nullptr ? bias[c] : acc_t(0), cache, kw_offset,
-                              bc, ot, output + u * plane);
+      forward_plane<scalar_t>(g, plan, input, weight + c * g.taps(), bias != nullptr ? bias[c] : acc_t(0), cache, bc,
+                              ot, output + u * plane);
     }
   });
 }
