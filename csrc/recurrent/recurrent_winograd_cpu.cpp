@@ -224,12 +224,12 @@ int64_t gate_columns(int64_t C) {
 // block, zeros past them) in the accumulation type; returned narrowed to N columns (gates: gates·Cp).
 // One parallel pass straight from weight (any strides and floating dtype): the fp64 copy, the permuted
 // copy, the zero-filled buffer and the gate copies it replaced were a dozen ATen ops per call.
-// Loops with n innermost (contiguous, vectorised): a batched matmul of the 6x3 / 3x3 matrices went
-// through ATen's small-matrix bmm, and scalar loops per (n, k) cost ~5 % of a small ConvGRU fwd+bwd.
+// Loops with n innermost (contiguous, vectorised; transform_weight_rows, per ISA path): a batched matmul
+// of the 6x3 / 3x3 matrices went through ATen's small-matrix bmm, and scalar loops per (n, k) cost ~5 %
+// of a small ConvGRU fwd+bwd.
 template <int M>
 Tensor transform_weights(const Tensor& weight, bool flipped, int64_t gates) {
-  using Mat = winograd::Matrices<M>;
-  constexpr int A = Mat::A;
+  constexpr int A = winograd::Matrices<M>::A;
   const int64_t N = weight.size(flipped ? 1 : 0), K = weight.size(flipped ? 0 : 1);
   const int64_t C = N / gates, Cp = gates > 1 ? gate_columns(C) : C;
   const int64_t columns = gates * Cp;
@@ -245,31 +245,7 @@ Tensor transform_weights(const Tensor& weight, bool flipped, int64_t gates) {
     acc_t* dst = V.mutable_data_ptr<acc_t>();
     // parallel over k: transformed per call, serial they were ~3 % of a 2-thread small ConvGRU fwd+bwd
     at::parallel_for(0, K, 8, [&](int64_t k0, int64_t k1) {
-      std::vector<double> wk(9 * N), Gw(A * 3 * N);  // w[·, k, i, j] and (G w)[a, j] of one k, n innermost
-      for (int64_t k = k0; k < k1; ++k) {
-        for (int i = 0; i < 3; ++i)
-          for (int j = 0; j < 3; ++j)
-            for (int64_t n = 0; n < N; ++n)
-              wk[(i * 3 + j) * N + n] = static_cast<double>(src[n * sn + k * sk + i * si + j * sj]);
-        for (int a = 0; a < A; ++a)
-          for (int j = 0; j < 3; ++j) {
-            double* row = Gw.data() + (a * 3 + j) * N;
-            for (int64_t n = 0; n < N; ++n)
-              row[n] = Mat::G[a][0] * wk[j * N + n] + Mat::G[a][1] * wk[(3 + j) * N + n] + Mat::G[a][2] * wk[(6 + j) * N + n];
-          }
-        for (int a = 0; a < A; ++a)
-          for (int b = 0; b < A; ++b) {
-            const double* g = Gw.data() + a * 3 * N;
-            acc_t* row = dst + ((a * A + b) * K + k) * Np;
-            std::fill(row, row + Np, acc_t(0));
-            for (int64_t gate = 0; gate < gates; ++gate)
-              for (int64_t c = 0; c < C; ++c) {
-                const int64_t n = gate * C + c;
-                row[gate * Cp + c] =
-                    static_cast<acc_t>(g[n] * Mat::G[b][0] + g[N + n] * Mat::G[b][1] + g[2 * N + n] * Mat::G[b][2]);
-              }
-          }
-      }
+      FASTVID_ISA_CALL(recurrent, transform_weight_rows<M>(src, sn, sk, si, sj, N, gates, Cp, K, Np, k0, k1, dst));
     });
   });
   return V.narrow(2, 0, gates > 1 ? columns : N);
@@ -279,36 +255,17 @@ Tensor transform_weights(const Tensor& weight, bool flipped, int64_t gates) {
 // transform), as loops with n innermost (see transform_weights).
 template <int M>
 Tensor transform_weight_grad(const Tensor& dV, at::ScalarType dtype) {
-  using Mat = winograd::Matrices<M>;
-  constexpr int A = Mat::A;
+  constexpr int A = winograd::Matrices<M>::A;
+  TORCH_INTERNAL_ASSERT(dV.size(0) == A * A, "transform_weight_grad: dV must be [alpha², K, N]");
   const int64_t K = dV.size(1), N = dV.size(2);
   // dV read in place (no fp64 copy: at F(4 x 4) that was 36·K·N doubles at the backward's end).
   Tensor dw = at::empty({K, 3, 3, N}, at::TensorOptions().dtype(at::kDouble));
+  double* dst = dw.mutable_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(dV.scalar_type(), "winograd_weight_grad_finish", [&] {
     const scalar_t* src = dV.const_data_ptr<scalar_t>();
     const int64_t s0 = dV.stride(0), s1 = dV.stride(1);
     at::parallel_for(0, K, 8, [&](int64_t k0, int64_t k1) {  // parallel as transform_weights
-      std::vector<double> Gm(3 * A * N);  // (Gᵀ dV)[i, b] of one k, n innermost
-      for (int64_t k = k0; k < k1; ++k) {
-        for (int i = 0; i < 3; ++i)
-          for (int b = 0; b < A; ++b) {
-            double* row = Gm.data() + (i * A + b) * N;
-            std::fill(row, row + N, 0.0);
-            for (int a = 0; a < A; ++a) {
-              const scalar_t* d = src + (a * A + b) * s0 + k * s1;
-              for (int64_t n = 0; n < N; ++n) row[n] += Mat::G[a][i] * static_cast<double>(d[n]);
-            }
-          }
-        for (int i = 0; i < 3; ++i)
-          for (int j = 0; j < 3; ++j) {
-            double* out = dw.mutable_data_ptr<double>() + ((k * 3 + i) * 3 + j) * N;
-            std::fill(out, out + N, 0.0);
-            for (int b = 0; b < A; ++b) {
-              const double* g = Gm.data() + (i * A + b) * N;
-              for (int64_t n = 0; n < N; ++n) out[n] += g[n] * Mat::G[b][j];
-            }
-          }
-      }
+      FASTVID_ISA_CALL(recurrent, transform_weight_grad_rows<M>(src, s0, s1, K, N, k0, k1, dst));
     });
   });
   return dw.permute({3, 0, 1, 2}).to(dtype).contiguous();
@@ -1335,6 +1292,71 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------- weight transforms
+// The k range [k0, k1) of transform_weights and transform_weight_grad (see there): fp64 loops with n
+// innermost, compiled per ISA path so that they run at its vector width (built once for the baseline,
+// two doubles per vector, they were ~3 % of a 2-thread small bf16 ConvGRU fwd+bwd).
+template <int M, typename scalar_t, typename acc_t>
+void transform_weight_rows(const scalar_t* src, int64_t sn, int64_t sk, int64_t si, int64_t sj, int64_t N,
+                           int64_t gates, int64_t Cp, int64_t K, int64_t Np, int64_t k0, int64_t k1, acc_t* dst) {
+  using Mat = winograd::Matrices<M>;
+  constexpr int A = Mat::A;
+  const int64_t C = N / gates;
+  std::vector<double> wk(9 * N), Gw(A * 3 * N);  // w[·, k, i, j] and (G w)[a, j] of one k, n innermost
+  for (int64_t k = k0; k < k1; ++k) {
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j)
+        for (int64_t n = 0; n < N; ++n)
+          wk[(i * 3 + j) * N + n] = static_cast<double>(src[n * sn + k * sk + i * si + j * sj]);
+    for (int a = 0; a < A; ++a)
+      for (int j = 0; j < 3; ++j) {
+        double* row = Gw.data() + (a * 3 + j) * N;
+        for (int64_t n = 0; n < N; ++n)
+          row[n] = Mat::G[a][0] * wk[j * N + n] + Mat::G[a][1] * wk[(3 + j) * N + n] + Mat::G[a][2] * wk[(6 + j) * N + n];
+      }
+    for (int a = 0; a < A; ++a)
+      for (int b = 0; b < A; ++b) {
+        const double* g = Gw.data() + a * 3 * N;
+        acc_t* row = dst + ((a * A + b) * K + k) * Np;
+        std::fill(row, row + Np, acc_t(0));
+        for (int64_t gate = 0; gate < gates; ++gate)
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t n = gate * C + c;
+            row[gate * Cp + c] =
+                static_cast<acc_t>(g[n] * Mat::G[b][0] + g[N + n] * Mat::G[b][1] + g[2 * N + n] * Mat::G[b][2]);
+          }
+      }
+  }
+}
+
+template <int M, typename scalar_t>
+void transform_weight_grad_rows(const scalar_t* src, int64_t s0, int64_t s1, int64_t K, int64_t N, int64_t k0,
+                                int64_t k1, double* dw) {
+  using Mat = winograd::Matrices<M>;
+  constexpr int A = Mat::A;
+  std::vector<double> Gm(3 * A * N);  // (Gᵀ dV)[i, b] of one k, n innermost
+  for (int64_t k = k0; k < k1; ++k) {
+    for (int i = 0; i < 3; ++i)
+      for (int b = 0; b < A; ++b) {
+        double* row = Gm.data() + (i * A + b) * N;
+        std::fill(row, row + N, 0.0);
+        for (int a = 0; a < A; ++a) {
+          const scalar_t* d = src + (a * A + b) * s0 + k * s1;
+          for (int64_t n = 0; n < N; ++n) row[n] += Mat::G[a][i] * static_cast<double>(d[n]);
+        }
+      }
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) {
+        double* out = dw + ((k * 3 + i) * 3 + j) * N;
+        std::fill(out, out + N, 0.0);
+        for (int b = 0; b < A; ++b) {
+          const double* g = Gm.data() + (i * A + b) * N;
+          for (int64_t n = 0; n < N; ++n) out[n] += g[n] * Mat::G[b][j];
+        }
+      }
+  }
+}
 
 void winograd_weight_grad_kernel(const winograd::WeightGradJob& j) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, j.dtype, "winograd_weight_grad_cpu", [&] {
