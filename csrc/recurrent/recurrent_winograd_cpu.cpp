@@ -138,6 +138,16 @@ struct WeightGradJob {
   at::ScalarType dtype = at::kFloat;  // input and gradient dtype
 };
 
+// Where transform_weight_rows reads a 3x3 kernel w[n, k, i, j] and writes its transform (see
+// transform_weights_into): source row k from its first tap on, destination row k from its first column on.
+struct WeightPlacement {
+  int64_t sn = 0, sk = 0, si = 0, sj = 0;  // element strides of w (flipped: negative i, j strides)
+  int64_t N = 0, gates = 1, Cp = 0;        // gate g's column c (n = g·C + c) at g·Cp + c; gates = 1: Cp = N
+  int64_t slice_stride = 0, row_stride = 0;  // V[a·A + b, row, ·] at ab·slice_stride + row·row_stride
+  int64_t col0 = 0, row_len = 0;           // the columns start at col0 of destination rows of row_len values
+  bool fill = true;                        // zero each whole destination row before writing its columns
+};
+
 }  // namespace winograd
 }  // namespace recurrent
 }  // namespace fastvid
@@ -217,6 +227,38 @@ int64_t gate_columns(int64_t C) {
   return (C + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
 }
 
+// transform_weights' pass for the kernel rows [k_begin, k_begin + k_count) only, written into the rows
+// [row0, row0 + k_count) of V [A², rows, row_len] (contiguous, accumulation type) at columns from col0 on;
+// with `fill` each of those rows is zeroed first (else its other columns are left as they are).
+template <int M>
+void transform_weights_into(const Tensor& weight, bool flipped, int64_t gates, int64_t k_begin, int64_t k_count,
+                            const Tensor& V, int64_t row0, int64_t col0, bool fill) {
+  constexpr int A = winograd::Matrices<M>::A;
+  TORCH_INTERNAL_ASSERT(V.dim() == 3 && V.size(0) == A * A && V.is_contiguous() &&
+                            V.scalar_type() == acc_type(weight.scalar_type()) && row0 + k_count <= V.size(1) &&
+                            k_begin + k_count <= weight.size(flipped ? 0 : 1),
+                        "transform_weights_into: V must be [alpha², rows, len] in the accumulation type");
+  winograd::WeightPlacement p;
+  p.N = weight.size(flipped ? 1 : 0);
+  p.gates = gates;
+  p.Cp = gates > 1 ? gate_columns(p.N / gates) : p.N;
+  // element strides of w[n, k, i, j] in weight (flipped: i, j read backwards from the last tap)
+  p.sn = weight.stride(flipped ? 1 : 0), p.sk = weight.stride(flipped ? 0 : 1);
+  p.si = flipped ? -weight.stride(2) : weight.stride(2), p.sj = flipped ? -weight.stride(3) : weight.stride(3);
+  p.slice_stride = V.stride(0), p.row_stride = V.stride(1), p.col0 = col0, p.row_len = V.size(2), p.fill = fill;
+  TORCH_INTERNAL_ASSERT(col0 + (gates - 1) * p.Cp + p.N / gates <= p.row_len, "transform_weights_into: columns past the row");
+  const int64_t first_tap = (flipped ? 2 * weight.stride(2) + 2 * weight.stride(3) : 0) + k_begin * p.sk;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "winograd_weights", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = weight.const_data_ptr<scalar_t>() + first_tap;
+    acc_t* dst = V.mutable_data_ptr<acc_t>() + row0 * p.row_stride + col0;
+    // parallel over k: transformed per call, serial they were ~3 % of a 2-thread small ConvGRU fwd+bwd
+    at::parallel_for(0, k_count, 8, [&](int64_t k0, int64_t k1) {
+      FASTVID_ISA_CALL(recurrent, transform_weight_rows<M>(src, p, k0, k1, dst));
+    });
+  });
+}
+
 // V[a·A + b, k, col(n)] = Σ_ij G[a, i] w[n, k, i, j] G[b, j] in fp64 for the kernel w [N, K, 3, 3] =
 // weight, or with `flipped` the input-gradient kernel w[n, k, i, j] = weight[k, n, 2 - i, 2 - j]; with
 // `gates` > 1 the N rows are that many stacked gates of C and gate g's column c is g·Cp + c (Cp = C
@@ -234,20 +276,8 @@ Tensor transform_weights(const Tensor& weight, bool flipped, int64_t gates) {
   const int64_t C = N / gates, Cp = gates > 1 ? gate_columns(C) : C;
   const int64_t columns = gates * Cp;
   const int64_t Np = (columns + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
-  // element strides of w[n, k, i, j] in weight (flipped: i, j read backwards from the last tap)
-  const int64_t sn = weight.stride(flipped ? 1 : 0), sk = weight.stride(flipped ? 0 : 1);
-  const int64_t si = flipped ? -weight.stride(2) : weight.stride(2), sj = flipped ? -weight.stride(3) : weight.stride(3);
-  const int64_t first_tap = flipped ? 2 * weight.stride(2) + 2 * weight.stride(3) : 0;
   Tensor V = at::empty({A * A, K, Np}, weight.options().dtype(acc_type(weight.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "winograd_weights", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* src = weight.const_data_ptr<scalar_t>() + first_tap;
-    acc_t* dst = V.mutable_data_ptr<acc_t>();
-    // parallel over k: transformed per call, serial they were ~3 % of a 2-thread small ConvGRU fwd+bwd
-    at::parallel_for(0, K, 8, [&](int64_t k0, int64_t k1) {
-      FASTVID_ISA_CALL(recurrent, transform_weight_rows<M>(src, sn, sk, si, sj, N, gates, Cp, K, Np, k0, k1, dst));
-    });
-  });
+  transform_weights_into<M>(weight, flipped, gates, 0, K, V, 0, 0, true);
   return V.narrow(2, 0, gates > 1 ? columns : N);
 }
 
@@ -379,14 +409,23 @@ Tensor winograd_conv2(const Tensor& x, const Tensor& V_x, const Tensor& h, const
 // Rows in the order of the gradient frame [x_n, r, z, h_n]; columns [0, Cin) grad_x's (weight_ih's
 // input-gradient kernel), [Cp, Cp + C) dh's (weight_hh's), Cp = Cin rounded up to the column block (each
 // segment starts a block). The blocks no segment reads, and the columns between, stay zero.
+// Each part is transformed straight into its rows and columns (the first writer of a row zeroes it): two
+// transforms into temporaries, a zero fill and four copies were ~0.1 ms of a small ConvGRU's backward.
 Tensor winograd_gru_input_grad_weights(const Tensor& weight_ih, const Tensor& weight_hh) {
-  const Tensor V_x = winograd_input_grad_weights(weight_ih), V_h = winograd_input_grad_weights(weight_hh);
   const int64_t C = weight_hh.size(1), Cin = weight_ih.size(1), Cp = gate_columns(Cin), N = Cp + C;
-  Tensor V = at::zeros({V_x.size(0), 4 * C, gate_columns(N)}, V_x.options());
-  V.narrow(1, 0, C).narrow(2, 0, Cin).copy_(V_x.narrow(1, 2 * C, C));          // x_n
-  V.narrow(1, C, 2 * C).narrow(2, 0, Cin).copy_(V_x.narrow(1, 0, 2 * C));      // r, z -> grad_x
-  V.narrow(1, C, 2 * C).narrow(2, Cp, C).copy_(V_h.narrow(1, 0, 2 * C));       // r, z -> dh
-  V.narrow(1, 3 * C, C).narrow(2, Cp, C).copy_(V_h.narrow(1, 2 * C, C));       // h_n
+  const int64_t m = winograd_tile(weight_ih.scalar_type()), A = m + 2;
+  TORCH_CHECK(weight_hh.scalar_type() == weight_ih.scalar_type(), "winograd_gru_input_grad_weights: one dtype");
+  const Tensor V = at::empty({A * A, 4 * C, gate_columns(N)},
+                             weight_ih.options().dtype(acc_type(weight_ih.scalar_type())));
+  const auto place = [&](const Tensor& weight, int64_t k_begin, int64_t k_count, int64_t row0, int64_t col0,
+                         bool fill) {
+    if (m == 4) transform_weights_into<4>(weight, true, 1, k_begin, k_count, V, row0, col0, fill);
+    else transform_weights_into<2>(weight, true, 1, k_begin, k_count, V, row0, col0, fill);
+  };
+  place(weight_ih, 2 * C, C, 0, 0, true);        // x_n
+  place(weight_ih, 0, 2 * C, C, 0, true);        // r, z -> grad_x
+  place(weight_hh, 0, 2 * C, C, Cp, false);      // r, z -> dh (rows zeroed just above)
+  place(weight_hh, 2 * C, C, 3 * C, Cp, true);   // h_n
   return V.narrow(2, 0, N);
 }
 
@@ -1298,17 +1337,17 @@ void winograd_weight_grad_impl(const winograd::WeightGradJob& j) {
 // innermost, compiled per ISA path so that they run at its vector width (built once for the baseline,
 // two doubles per vector, they were ~3 % of a 2-thread small bf16 ConvGRU fwd+bwd).
 template <int M, typename scalar_t, typename acc_t>
-void transform_weight_rows(const scalar_t* src, int64_t sn, int64_t sk, int64_t si, int64_t sj, int64_t N,
-                           int64_t gates, int64_t Cp, int64_t K, int64_t Np, int64_t k0, int64_t k1, acc_t* dst) {
+void transform_weight_rows(const scalar_t* src, const winograd::WeightPlacement& p, int64_t k0, int64_t k1,
+                           acc_t* dst) {
   using Mat = winograd::Matrices<M>;
   constexpr int A = Mat::A;
-  const int64_t C = N / gates;
+  const int64_t N = p.N, C = N / p.gates;
   std::vector<double> wk(9 * N), Gw(A * 3 * N);  // w[·, k, i, j] and (G w)[a, j] of one k, n innermost
   for (int64_t k = k0; k < k1; ++k) {
     for (int i = 0; i < 3; ++i)
       for (int j = 0; j < 3; ++j)
         for (int64_t n = 0; n < N; ++n)
-          wk[(i * 3 + j) * N + n] = static_cast<double>(src[n * sn + k * sk + i * si + j * sj]);
+          wk[(i * 3 + j) * N + n] = static_cast<double>(src[n * p.sn + k * p.sk + i * p.si + j * p.sj]);
     for (int a = 0; a < A; ++a)
       for (int j = 0; j < 3; ++j) {
         double* row = Gw.data() + (a * 3 + j) * N;
@@ -1318,12 +1357,12 @@ void transform_weight_rows(const scalar_t* src, int64_t sn, int64_t sk, int64_t 
     for (int a = 0; a < A; ++a)
       for (int b = 0; b < A; ++b) {
         const double* g = Gw.data() + a * 3 * N;
-        acc_t* row = dst + ((a * A + b) * K + k) * Np;
-        std::fill(row, row + Np, acc_t(0));
-        for (int64_t gate = 0; gate < gates; ++gate)
+        acc_t* row = dst + (a * A + b) * p.slice_stride + k * p.row_stride;
+        if (p.fill) std::fill(row - p.col0, row - p.col0 + p.row_len, acc_t(0));
+        for (int64_t gate = 0; gate < p.gates; ++gate)
           for (int64_t c = 0; c < C; ++c) {
             const int64_t n = gate * C + c;
-            row[gate * Cp + c] =
+            row[gate * p.Cp + c] =
                 static_cast<acc_t>(g[n] * Mat::G[b][0] + g[N + n] * Mat::G[b][1] + g[2 * N + n] * Mat::G[b][2]);
           }
       }
