@@ -275,8 +275,7 @@ Tensor transform_weights(const Tensor& weight, bool flipped, int64_t gates) {
   const int64_t N = weight.size(flipped ? 1 : 0), K = weight.size(flipped ? 0 : 1);
   const int64_t C = N / gates, Cp = gates > 1 ? gate_columns(C) : C;
   const int64_t columns = gates * Cp;
-  const int64_t Np = (columns + winograd::kColumnBlock - 1) / winograd::kColumnBlock * winograd::kColumnBlock;
-  Tensor V = at::empty({A * A, K, Np}, weight.options().dtype(acc_type(weight.scalar_type())));
+  Tensor V = at::empty({A * A, K, gate_columns(columns)}, weight.options().dtype(acc_type(weight.scalar_type())));
   transform_weights_into<M>(weight, flipped, gates, 0, K, V, 0, 0, true);
   return V.narrow(2, 0, gates > 1 ? columns : N);
 }
@@ -295,7 +294,7 @@ Tensor transform_weight_grad(const Tensor& dV, at::ScalarType dtype) {
     const scalar_t* src = dV.const_data_ptr<scalar_t>();
     const int64_t s0 = dV.stride(0), s1 = dV.stride(1);
     at::parallel_for(0, K, 8, [&](int64_t k0, int64_t k1) {  // parallel as transform_weights
-      FASTVID_ISA_CALL(recurrent, transform_weight_grad_rows<M>(src, s0, s1, K, N, k0, k1, dst));
+      FASTVID_ISA_CALL(recurrent, transform_weight_grad_rows<M>(src, s0, s1, N, k0, k1, dst));
     });
   });
   return dw.permute({3, 0, 1, 2}).to(dtype).contiguous();
@@ -1370,8 +1369,8 @@ void transform_weight_rows(const scalar_t* src, const winograd::WeightPlacement&
 }
 
 template <int M, typename scalar_t>
-void transform_weight_grad_rows(const scalar_t* src, int64_t s0, int64_t s1, int64_t K, int64_t N, int64_t k0,
-                                int64_t k1, double* dw) {
+void transform_weight_grad_rows(const scalar_t* src, int64_t s0, int64_t s1, int64_t N, int64_t k0, int64_t k1,
+                                double* dw) {
   using Mat = winograd::Matrices<M>;
   constexpr int A = Mat::A;
   std::vector<double> Gm(3 * A * N);  // (Gᵀ dV)[i, b] of one k, n innermost
