@@ -237,7 +237,8 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
             + ", ".join(f"{p} {r['median']:.1f} ms (sys {r['sys_ms_per_call']:.1f} ms, "
                         f"{r['minor_faults_per_call']:.0f} page faults)" for p, r in timed.items())
             + "".join(f", fastvid forward {r['median']:.1f} GB/s = {r['fraction_of_copy']:.0%} of copy "
-                      f"{r['copy_GBps']:.1f} GB/s" for r in bandwidth)
+                      f"{r['copy_GBps']:.1f} GB/s ({r['calls_without_page_faults']} of {r['calls_timed']} calls "
+                      f"without page faults; every call: {r['every_call_fraction_of_copy']:.0%})" for r in bandwidth)
             + f" ({time.perf_counter() - case_start:.0f} s"
             + ("" if load.cores is None else f", other processes used {load.cores:.1f} cores") + ")")
     for isa in emulated:
