@@ -244,7 +244,7 @@ def test_bandwidth_row_counts_the_calls_that_did_not_fault_the_output_in():
 
 def test_depthwise_bandwidth_row_says_which_calls_it_counts(monkeypatch):
     # A copy bandwidth given in advance (the 256 MiB copy takes seconds): the row's arithmetic is what is checked.
-    monkeypatch.setattr(depthwise, "_copy_cache", {"cpu": {"median": 10e9, "p20": 9e9, "p80": 11e9}})
+    monkeypatch.setattr(depthwise, "_copy_cache", {"cpu": {"median": 10.0, "p20": 9.0, "p80": 11.0}})
     case = depthwise.DWCase("DepthwiseConv3d", depthwise.DWShape(1, 4, 4, 6, 6), "fp32", "no_grad")
     rows = depthwise.run_case(case, rounds=3, warmup=1)
     (copy_row,) = [r for r in rows if r["metric"] == "bandwidth" and r["provider"] == "copy"]

@@ -309,6 +309,7 @@ def check_parity(workloads: Dict[str, Workload]) -> Dict[str, float]:
 
 # ------------------------------------------------------------------------------ bandwidth
 COPY_BYTES = 256 * 2 ** 20
+_copy_cache: Dict[str, Dict[str, float]] = {}
 
 
 def calls_without_page_faults(timing: measure.Timings, output_bytes: int) -> List[float]:
@@ -332,13 +333,12 @@ def gigabytes_per_second(nbytes: int, seconds: List[float]) -> Dict[str, float]:
     stats = measure.summarize(seconds)
     return {"median": nbytes / stats["median"] / 1e9, "p20": nbytes / stats["p80"] / 1e9,
             "p80": nbytes / stats["p20"] / 1e9}
-_copy_cache: Dict[str, Dict[str, float]] = {}
 
 
 def copy_bandwidth(device="cpu", nbytes: int = COPY_BYTES, rounds: int = 5) -> Dict[str, float]:
-    """The machine's copy bandwidth in bytes/s: ``y.copy_(x)`` of an ``nbytes`` fp32 tensor, counted
+    """The machine's copy bandwidth in GB/s: ``y.copy_(x)`` of an ``nbytes`` fp32 tensor, counted
     as 2 x nbytes (read + write), after one warm-up copy (which also faults ``y``'s pages in).
-    ``{'median', 'p20', 'p80'}`` over ``rounds`` copies (p20 of bytes/s = the slower copies).
+    ``{'median', 'p20', 'p80'}`` over ``rounds`` copies (:func:`gigabytes_per_second`).
     Measured once per process and device (the runner's "same run")."""
     key = str(device)
     if key not in _copy_cache:
@@ -346,9 +346,7 @@ def copy_bandwidth(device="cpu", nbytes: int = COPY_BYTES, rounds: int = 5) -> D
         y = torch.empty_like(x)
         seconds = measure.time_interleaved({"copy": lambda: y.copy_(x)}, rounds=rounds, warmup=1,
                                            device=device)["copy"].wall
-        stats = measure.summarize(seconds)
-        _copy_cache[key] = {"median": 2 * nbytes / stats["median"], "p20": 2 * nbytes / stats["p80"],
-                            "p80": 2 * nbytes / stats["p20"]}
+        _copy_cache[key] = gigabytes_per_second(2 * nbytes, seconds)
         del x, y
     return _copy_cache[key]
 
@@ -396,15 +394,16 @@ def run_case(case: DWCase, rounds: int, warmup: int, device="cpu", memory: bool 
         nbytes = sum(moved.values())
         timing = times["fastvid"]
         calls = calls_without_page_faults(timing, moved["output"])
-        copy_bw = {k: v / 1e9 for k, v in copy_bandwidth(device).items()}
+        copy_bw = copy_bandwidth(device)
         achieved = gigabytes_per_second(nbytes, calls or timing.wall)
         every_call = gigabytes_per_second(nbytes, timing.wall)
         add("copy", "bandwidth", "GB/s", copy_bw, copy_bytes=2 * COPY_BYTES,
             note="y.copy_(x), 256 MiB fp32, bytes = 2 x size")
         add("fastvid", "bandwidth", "GB/s", achieved, bytes_per_call=nbytes, copy_GBps=copy_bw["median"],
             fraction_of_copy=achieved["median"] / copy_bw["median"],
-            calls_counted=len(calls or timing.wall), calls_without_page_faults=len(calls), calls_timed=len(timing.wall),
-            every_call_GBps=every_call["median"], every_call_fraction_of_copy=every_call["median"] / copy_bw["median"],
+            calls_counted=len(calls or timing.wall), calls_without_page_faults=len(calls),
+            calls_timed=len(timing.wall), every_call_GBps=every_call["median"],
+            every_call_fraction_of_copy=every_call["median"] / copy_bw["median"],
             note="(input + output + weight bytes) / median forward time over the timed calls in which the OS "
                  "faulted in no more than 1 % of the output's pages (every call where there are none)")
 
