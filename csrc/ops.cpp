@@ -1,6 +1,7 @@
 // Every fastvid op's schema, once. Kernels register their implementations per device with
-// TORCH_LIBRARY_IMPL next to the kernels; Python adds fake (meta) kernels and autograd formulas
-// (fastvid/ops/). Forward and backward are separate ops so autograd, torch.compile and opcheck
+// TORCH_LIBRARY_IMPL next to the kernels; Python adds fake (meta) kernels and the autograd formulas
+// (fastvid/ops/), except for the sequence and depthwise ops, whose autograd kernels are C++
+// (csrc/autograd.cpp). Forward and backward are separate ops so autograd, torch.compile and opcheck
 // all see plain functional ops.
 #include <Python.h>
 #include <torch/library.h>

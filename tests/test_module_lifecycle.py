@@ -195,7 +195,7 @@ class _EveryFamily(torch.nn.Module):
 
 
 def test_memory_does_not_grow_over_100_training_steps():
-    """Live tensors (counted through gc) are the same after 100 steps as after warm-up, and the
+    """Live tensors (counted through gc) are no more after 100 steps than after warm-up, and the
     process RSS grows by less than 16 MiB (measured: 0.1 MiB), where leaking one step's gate
     caches (the ConvLSTM's alone are B·T·4C·H·W floats = 83 KiB) would add over 8 MiB per layer."""
     torch.manual_seed(0)
@@ -211,12 +211,17 @@ def test_memory_does_not_grow_over_100_training_steps():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is ~15x faster than two on a loaded 2-core runner
     try:
+        # Counted with the gradients dropped: the last step's .grad tensors, made in C++ and read by the
+        # optimizer, are in gc's view at some counts and not at others; and a count may only fall (after
+        # test_compile.py, 3 of its leftover tensors were freed during the 100 steps): a leak adds >= 100.
         for _ in range(10):
             step()
+        optimizer.zero_grad()
         tensors, rss = _live_tensors(), _rss_bytes()
         for _ in range(100):
             step()
-        assert _live_tensors() == tensors, "tensors are kept alive across training steps"
+        optimizer.zero_grad()
+        assert _live_tensors() <= tensors, "tensors are kept alive across training steps"
         grown = _rss_bytes() - rss
     finally:
         torch.set_num_threads(threads)

@@ -390,6 +390,28 @@ def test_gru_opcheck_backward(layout, reverse):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_double_backward_raises(kind):
+    """The backward ops' autograd (csrc/autograd.cpp) refuses a second derivative instead of returning
+    a wrong one: differentiating the first gradient raises."""
+    t = leaves(make_sample(torch.float64, shape=(2, 2, 2, 2, 3, 4), kind=kind))
+    output = run_ops(t)[0]
+    (grad_x,) = torch.autograd.grad(output.pow(2).sum(), t["x"], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_backward_after_save_false_raises(kind):
+    """A forward run without caches (save=False) cannot be differentiated: a clear error, not zeros."""
+    args = list(_op_args("contiguous", False) if kind == "lstm" else _gru_op_args("contiguous", False))
+    args[0] = args[0].requires_grad_()
+    op = OPS.convlstm_ln_sequence if kind == "lstm" else OPS.convgru_ln_sequence
+    output = op(*args)[0]
+    with pytest.raises(RuntimeError, match=f"fastvid.conv{kind}_ln: backward through a call made with save=False"):
+        output.sum().backward()
+
+
 def test_gru_bidirectional_multilayer_module_matches_reference():
     """ConvGRU(norm='layer', num_layers=2, bidirectional=True) on the CPU kernels equals the reference
     backend and the convert(to='reference') twin, outputs and every parameter gradient (fp64)."""

@@ -1,7 +1,7 @@
 """Depthwise 3D convolution: functional API and the Python side of the custom ops.
 
 ``torch.ops.fastvid.depthwise_conv3d`` / ``depthwise_conv3d_backward`` (schemas in csrc/ops.cpp,
-kernels in csrc/depthwise3d/) get fake kernels and the autograd formula here; the public
+kernels in csrc/depthwise3d/, autograd in csrc/autograd.cpp) get fake kernels here; the public
 :func:`depthwise_conv3d` applies autocast and picks the backend (fastvid._backend).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ._common import autocast_inputs, check_one_device, double_backward_unsupported
+from ._common import autocast_inputs, check_one_device
 from ..reference import depthwise3d as ref
 
 __all__ = ["depthwise_conv3d", "MAX_KERNEL_SIZE"]
@@ -52,7 +52,7 @@ def _check_shapes(op, input, weight):
                          f"got shape {tuple(weight.shape)}")
 
 
-# ------------------------------------------------------------------------------ fake kernels + autograd
+# ------------------------------------------------------------- fake kernels (the autograd kernels: csrc/autograd.cpp)
 if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     ops = torch.ops.fastvid
 
@@ -77,24 +77,6 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
             else input.new_empty(0)
         grad_bias = input.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0)
         return grad_input, grad_weight, grad_bias
-
-    def _setup(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation = inputs
-        ctx.save_for_backward(input, weight)
-        ctx.args = (stride, padding, dilation, bias is not None)
-
-    def _backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        stride, padding, dilation, has_bias = ctx.args
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
-        grad_input, grad_weight, grad_bias = ops.depthwise_conv3d_backward(
-            grad_output, input, weight, stride, padding, dilation, mask)
-        return (grad_input if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None,
-                None, None, None)
-
-    torch.library.register_autograd("fastvid::depthwise_conv3d", _backward, setup_context=_setup)
-    torch.library.register_autograd("fastvid::depthwise_conv3d_backward",
-                                    double_backward_unsupported("depthwise_conv3d_backward"))
 
 
 def _triton():

@@ -1,7 +1,8 @@
 """ConvLSTM / ConvGRU functional API and the Python side of the custom ops.
 
-For each C++ op (schemas in csrc/ops.cpp) this module registers a fake kernel and, for forward
-ops, the autograd formula (backward = the matching ``*_backward`` op). The public functions pick
+For each C++ op (schemas in csrc/ops.cpp) this module registers a fake kernel and, for the cell
+ops, the autograd formula (backward = the matching ``*_backward`` op); the sequence ops' autograd
+kernels are C++ (csrc/autograd.cpp: no Python between a call's forward and backward). The public functions pick
 the backend (fastvid._backend), apply autocast, and for whole sequences pick the strategy.
 """
 from __future__ import annotations
@@ -302,7 +303,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     torch.library.register_autograd("fastvid::gru_reset_hidden_backward",
                                     double_backward_unsupported("gru_reset_hidden_backward"))
 
-    # ---- convlstm_sequence
+    # ---- convlstm_sequence (autograd: csrc/autograd.cpp)
     @torch.library.register_fake("fastvid::convlstm_sequence")
     def _(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last,
           save, lengths=None):
@@ -330,30 +331,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
                 _frame(B, C, H, W, cl, c0.dtype, dev),
                 x.new_empty((3, C) if peephole is not None else (0,), dtype=peephole.dtype if peephole is not None else dt))
 
-    def _convlstm_setup(ctx, inputs, output):
-        (x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, channels_last, save,
-         *lengths) = inputs
-        out, h_n, c_n, reserve = output
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, peephole, out, reserve, lengths[0] if lengths else None)
-        ctx.args = (bias is not None, padding, dilation, reverse, strategy, channels_last, save)
-
-    def _convlstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_reserve):
-        x, weight_ih, weight_hh, h0, c0, peephole, out, reserve, lengths = ctx.saved_tensors
-        has_bias, padding, dilation, reverse, strategy, channels_last, save = ctx.args
-        if not save:
-            raise RuntimeError("fastvid.convlstm: backward through a call made with save=False")
-        gx, gw_ih, gw_hh, gb, gh0, gc0, gpeep = ops.convlstm_sequence_backward(
-            grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, peephole, out, reserve,
-            padding, dilation, reverse, strategy, channels_last, lengths)
-        return (gx, gw_ih, gw_hh, gb if has_bias else None, gh0, gc0, gpeep if peephole is not None else None,
-                None, None, None, None, None, None, None)
-
-    torch.library.register_autograd("fastvid::convlstm_sequence", _convlstm_backward, setup_context=_convlstm_setup)
-    torch.library.register_autograd("fastvid::convlstm_sequence_backward",
-                                    double_backward_unsupported("convlstm_sequence_backward"))
-
-    # ---- convgru_sequence
+    # ---- convgru_sequence (autograd: csrc/autograd.cpp)
     @torch.library.register_fake("fastvid::convgru_sequence")
     def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy,
           channels_last, save, lengths=None):
@@ -376,30 +354,6 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
                 torch.empty_like(weight_hh, memory_format=torch.contiguous_format),
                 x.new_empty(3 * C if bias_ih is not None else 0), x.new_empty(3 * C if bias_hh is not None else 0),
                 _frame(B, C, H, W, cl, dt, dev))
-
-    def _convgru_setup(ctx, inputs, output):
-        (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy,
-         channels_last, save, *lengths) = inputs
-        out, h_n, reserve = output
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, reserve,
-                              lengths[0] if lengths else None)
-        ctx.args = (padding, dilation, reset_after, reverse, strategy, channels_last, save)
-
-    def _convgru_backward(ctx, grad_output, grad_h_n, _grad_reserve):
-        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, reserve, lengths = ctx.saved_tensors
-        padding, dilation, reset_after, reverse, strategy, channels_last, save = ctx.args
-        if not save:
-            raise RuntimeError("fastvid.convgru: backward through a call made with save=False")
-        gx, gw_ih, gw_hh, gb_ih, gb_hh, gh0 = ops.convgru_sequence_backward(
-            grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, out, reserve, padding,
-            dilation, reset_after, reverse, strategy, channels_last, lengths)
-        return (gx, gw_ih, gw_hh, gb_ih if bias_ih is not None else None, gb_hh if bias_hh is not None else None,
-                gh0, None, None, None, None, None, None, None, None)
-
-    torch.library.register_autograd("fastvid::convgru_sequence", _convgru_backward, setup_context=_convgru_setup)
-    torch.library.register_autograd("fastvid::convgru_sequence_backward",
-                                    double_backward_unsupported("convgru_sequence_backward"))
 
 
 def _is_cl4(t: Tensor) -> bool:

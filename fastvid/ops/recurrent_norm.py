@@ -1,6 +1,6 @@
 """Layer-normalised ConvLSTM / ConvGRU (``norm="layer"``): functional API and the Python side of the
-``convlstm_ln_sequence`` / ``convgru_ln_sequence`` ops (fake kernels, autograd, autocast). Equations and the choice of axes:
-fastvid/reference/recurrent_norm.py.
+``convlstm_ln_sequence`` / ``convgru_ln_sequence`` ops (fake kernels, autocast; their autograd kernels are
+in csrc/autograd.cpp). Equations and the choice of axes: fastvid/reference/recurrent_norm.py.
 
 Backends: 'cpu' runs the C++ time loop with the fused LN + cell kernel (csrc/recurrent/recurrent_norm_*.cpp);
 CUDA tensors (and backend('triton')) run the Triton step kernels (triton_kernels/recurrent_norm.py: LN of
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ._common import autocast_inputs, check_one_device, double_backward_unsupported
+from ._common import autocast_inputs, check_one_device
 from .recurrent import _acc, _channels_last, _frame, _frames, _needs_grad, _sequence_arguments, _triton
 from ..reference import recurrent_norm as ref
 
@@ -50,32 +50,6 @@ if _backend.cpu_kernels():
                 torch.empty_like(gain_ih), torch.empty_like(gain_hh), torch.empty_like(gain_c),
                 torch.empty_like(bias_c))
 
-    def _setup(ctx, inputs, output):
-        (x, weight_ih, weight_hh, bias, h0, c0, gain_ih, gain_hh, gain_c, bias_c, padding, dilation, reverse,
-         channels_last, save) = inputs
-        out, h_n, c_n, x_pre, h_pre, gates, cells, stats = output
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for the (large) cache outputs
-        ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, gain_ih, gain_hh, gain_c, bias_c, out, x_pre, h_pre,
-                              gates, cells, stats)
-        ctx.args = (bias is not None, padding, dilation, reverse, channels_last, save)
-
-    def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_cache_grads):
-        has_bias, padding, dilation, reverse, channels_last, save = ctx.args
-        if not save:
-            raise RuntimeError("fastvid.convlstm_ln: backward through a call made with save=False")
-        (x, weight_ih, weight_hh, h0, c0, gain_ih, gain_hh, gain_c, bias_c, out, x_pre, h_pre, gates, cells,
-         stats) = ctx.saved_tensors
-        grads = torch.ops.fastvid.convlstm_ln_sequence_backward(
-            grad_output, grad_h_n, grad_c_n, x, weight_ih, weight_hh, has_bias, h0, c0, gain_ih, gain_hh, gain_c,
-            bias_c, out, x_pre, h_pre, gates, cells, stats, padding, dilation, reverse, channels_last)
-        gx, gw_ih, gw_hh, gb, gh0, gc0, g_gain_ih, g_gain_hh, g_gain_c, g_bias_c = grads
-        return (gx, gw_ih, gw_hh, gb if has_bias else None, gh0, gc0, g_gain_ih, g_gain_hh, g_gain_c, g_bias_c,
-                None, None, None, None, None)
-
-    torch.library.register_autograd("fastvid::convlstm_ln_sequence", _backward, setup_context=_setup)
-    torch.library.register_autograd("fastvid::convlstm_ln_sequence_backward",
-                                    double_backward_unsupported("convlstm_ln_sequence_backward"))
-
     @torch.library.register_fake("fastvid::convgru_ln_sequence")
     def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding, dilation, reverse, channels_last,
           save):
@@ -99,29 +73,6 @@ if _backend.cpu_kernels():
                 torch.empty_like(weight_hh, memory_format=contiguous),
                 x.new_empty(3 * C if bias_ih is not None else 0), x.new_empty(3 * C if bias_hh is not None else 0),
                 _frame(B, C, H, W, cl, dt, dev), torch.empty_like(gain_ih), torch.empty_like(gain_hh))
-
-    def _gru_setup(ctx, inputs, output):
-        (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding, dilation, reverse, channels_last,
-         save) = inputs
-        out, h_n, x_pre, h_pre, stats = output
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, out, x_pre, h_pre, stats)
-        ctx.args = (padding, dilation, reverse, channels_last, save)
-
-    def _gru_backward(ctx, grad_output, grad_h_n, *_cache_grads):
-        padding, dilation, reverse, channels_last, save = ctx.args
-        if not save:
-            raise RuntimeError("fastvid.convgru_ln: backward through a call made with save=False")
-        x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, out, x_pre, h_pre, stats = ctx.saved_tensors
-        gx, gw_ih, gw_hh, gb_ih, gb_hh, gh0, g_gain_ih, g_gain_hh = torch.ops.fastvid.convgru_ln_sequence_backward(
-            grad_output, grad_h_n, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, out, x_pre, h_pre,
-            stats, padding, dilation, reverse, channels_last)
-        return (gx, gw_ih, gw_hh, gb_ih if bias_ih is not None else None, gb_hh if bias_hh is not None else None, gh0,
-                g_gain_ih, g_gain_hh, None, None, None, None, None)
-
-    torch.library.register_autograd("fastvid::convgru_ln_sequence", _gru_backward, setup_context=_gru_setup)
-    torch.library.register_autograd("fastvid::convgru_ln_sequence_backward",
-                                    double_backward_unsupported("convgru_ln_sequence_backward"))
 
 
 def _check_norm_params(name, C, gates, **params):
