@@ -121,9 +121,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
                  reserve, padding, dilation, reverse, strategy, channels_last, lengths);
 }
 
-// A gradient the engine handed over (undefined: that output took no part in the loss) as the op's optional.
-OptTensor grad_or_none(const Tensor& g) { return g.defined() ? OptTensor(g) : std::nullopt; }
-OptTensor saved_or_none(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+// An undefined tensor (a gradient of an output that took no part in the loss, or an absent optional
+// input saved as undefined) as the op's empty optional: the inverse of defined_or_empty.
+OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // Saved scalars of the sequence ops (the same keys for all four).
 void save_sequence_args(AutogradContext* ctx, IntArrayRef padding, IntArrayRef dilation, bool reverse,
@@ -166,10 +166,10 @@ struct ConvLstmSequence : torch::autograd::Function<ConvLstmSequence> {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool has_peephole = s[5].defined();
     auto [gx, gw_ih, gw_hh, gb, gh0, gc0, gpeep] = lstm_backward_call(
-        grad_or_none(grads[0]), grad_or_none(grads[1]), grad_or_none(grads[2]), s[0], s[1], s[2], has_bias, s[3],
-        s[4], saved_or_none(s[5]), s[6], s[7], ctx->saved_data["padding"].toIntVector(),
+        optional_of(grads[0]), optional_of(grads[1]), optional_of(grads[2]), s[0], s[1], s[2], has_bias, s[3],
+        s[4], optional_of(s[5]), s[6], s[7], ctx->saved_data["padding"].toIntVector(),
         ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["reverse"].toBool(),
-        ctx->saved_data["strategy"].toInt(), ctx->saved_data["channels_last"].toBool(), saved_or_none(s[8]));
+        ctx->saved_data["strategy"].toInt(), ctx->saved_data["channels_last"].toBool(), optional_of(s[8]));
     return {gx,       gw_ih,    gw_hh,    has_bias ? gb : Tensor(), gh0,      gc0,      has_peephole ? gpeep : Tensor(),
             Tensor(), Tensor(), Tensor(), Tensor(),                 Tensor(), Tensor(), Tensor()};
   }
@@ -248,10 +248,10 @@ struct ConvGruSequence : torch::autograd::Function<ConvGruSequence> {
     const auto s = ctx->get_saved_variables();
     const bool has_bias_ih = s[3].defined(), has_bias_hh = s[4].defined();
     auto [gx, gw_ih, gw_hh, gb_ih, gb_hh, gh0] = gru_backward_call(
-        grad_or_none(grads[0]), grad_or_none(grads[1]), s[0], s[1], s[2], saved_or_none(s[3]), saved_or_none(s[4]),
+        optional_of(grads[0]), optional_of(grads[1]), s[0], s[1], s[2], optional_of(s[3]), optional_of(s[4]),
         s[5], s[6], s[7], ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
         ctx->saved_data["reset_after"].toBool(), ctx->saved_data["reverse"].toBool(),
-        ctx->saved_data["strategy"].toInt(), ctx->saved_data["channels_last"].toBool(), saved_or_none(s[8]));
+        ctx->saved_data["strategy"].toInt(), ctx->saved_data["channels_last"].toBool(), optional_of(s[8]));
     return {gx,       gw_ih,    gw_hh,    has_bias_ih ? gb_ih : Tensor(), has_bias_hh ? gb_hh : Tensor(),
             gh0,      Tensor(), Tensor(), Tensor(),                       Tensor(),
             Tensor(), Tensor(), Tensor(), Tensor()};
@@ -338,7 +338,7 @@ struct ConvLstmLnSequence : torch::autograd::Function<ConvLstmLnSequence> {
     const auto s = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     auto [gx, gw_ih, gw_hh, gb, gh0, gc0, g_gain_ih, g_gain_hh, g_gain_c, g_bias_c] = ln_lstm_backward_call(
-        grad_or_none(grads[0]), grad_or_none(grads[1]), grad_or_none(grads[2]), s[0], s[1], s[2], has_bias, s[3],
+        optional_of(grads[0]), optional_of(grads[1]), optional_of(grads[2]), s[0], s[1], s[2], has_bias, s[3],
         s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], s[12], s[13], s[14],
         ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
         ctx->saved_data["reverse"].toBool(), ctx->saved_data["channels_last"].toBool());
@@ -422,7 +422,7 @@ struct ConvGruLnSequence : torch::autograd::Function<ConvGruLnSequence> {
     const auto s = ctx->get_saved_variables();
     const bool has_bias_ih = s[3].defined(), has_bias_hh = s[4].defined();
     auto [gx, gw_ih, gw_hh, gb_ih, gb_hh, gh0, g_gain_ih, g_gain_hh] = ln_gru_backward_call(
-        grad_or_none(grads[0]), grad_or_none(grads[1]), s[0], s[1], s[2], saved_or_none(s[3]), saved_or_none(s[4]),
+        optional_of(grads[0]), optional_of(grads[1]), s[0], s[1], s[2], optional_of(s[3]), optional_of(s[4]),
         s[5], s[6], s[7], s[8], s[9], s[10], s[11], ctx->saved_data["padding"].toIntVector(),
         ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["reverse"].toBool(),
         ctx->saved_data["channels_last"].toBool());

@@ -2,8 +2,8 @@
 
 For each C++ op (schemas in csrc/ops.cpp) this module registers a fake kernel and, for the cell
 ops, the autograd formula (backward = the matching ``*_backward`` op); the sequence ops' autograd
-kernels are C++ (csrc/autograd.cpp: no Python between a call's forward and backward). The public functions pick
-the backend (fastvid._backend), apply autocast, and for whole sequences pick the strategy.
+kernels are C++ (csrc/autograd.cpp: no Python between a call's forward and backward). The public
+functions pick the backend (fastvid._backend), apply autocast, and for whole sequences pick the strategy.
 """
 from __future__ import annotations
 
