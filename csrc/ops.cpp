@@ -102,6 +102,8 @@ TORCH_LIBRARY(fastvid, m) {
         "Tensor out, Tensor lse, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // Private: the CPU kernel's tile (query rows, key rows), for the benchmark's GEMM-rate yardstick.
   m.def("_attention_cpu_tile() -> int[]");
+  // Private: the active CPU path's multiply-add rate on all threads, fp32 lanes/s (csrc/cpu_peak.cpp).
+  m.def("_cpu_fma_peak(int iterations, int rounds) -> float");
   // ---- CPU ISA path (csrc/cpu_isa.cpp), private: read/switch the active path, "" = the CPU's own
   // best for _cpu_isa_simulate (tests), the path a family's last CPU kernel ran ("" none yet).
   m.def("_cpu_isa() -> str");

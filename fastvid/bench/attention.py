@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 import fastvid
 
-from . import measure, results
+from . import ceiling, depthwise, measure, results
 from .cases import assert_within, relative_error, timed_step
 
 OPS = ("NonlocalAttention", "NonLocalBlock")
@@ -323,6 +323,19 @@ def run_case(case: AttnCase, rounds: int, warmup: int, device="cpu", memory: boo
             rate = flops / measure.summarize(times[provider].wall)["median"]
             flop_rate[provider] = dict(gflop_per_s=rate / 1e9, sgemm_gflop_per_s=sgemm / 1e9,
                                        fraction_of_sgemm=rate / sgemm)
+    if case.op == "NonlocalAttention" and case.dtype == "fp32" and torch.device(device).type == "cpu":
+        # The least time of any implementation: the products without recomputing q kᵀ (the naive
+        # provider's count) at the FMA peak; the operands' bytes at the copy bandwidth.
+        sh = case.shape
+        operands = sh.B * (2 * sh.N * sh.D + 2 * sh.M * sh.D) * 4  # q, out; k, v (fp32)
+        copy_bps = 1e9 * depthwise.copy_bandwidth(device)["median"]
+        least = ceiling.least_seconds(operands * (1 if case.mode == "no_grad" else 3),
+                                      attention_flops(sh, case.mode, recompute=False) / 2, copy_bps,
+                                      ceiling.fma_peak())
+        for provider in ("native", "sdpa"):  # each baseline's time, against the one least time
+            if provider in case.providers:
+                add(provider, "ceiling", "ms", {k: v * 1e3 for k, v in measure.summarize(times[provider].wall).items()})
+        add("bound", "ceiling", "ms", ceiling.bound_fields(least, fma_G_per_s=ceiling.fma_peak() / 1e9))
     for provider in case.providers:
         stats = measure.summarize(times[provider].wall)
         add(provider, "time", "ms", {k: v * 1e3 for k, v in stats.items()}, rounds=rounds, **flop_rate.get(provider, {}),

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 import fastvid
 
-from . import measure, results
+from . import ceiling, measure, results
 from .cases import assert_within, relative_error, seeded_randn_like, timed_step
 
 PROVIDERS = ("native", "fastvid")
@@ -250,6 +250,17 @@ def build(case: DWCase, device="cpu", seed: int = 0) -> Dict[str, Workload]:
     return workloads
 
 
+def without_depthwise(workload: Workload) -> Workload:
+    """The X3D block's workload with its depthwise conv replaced by the identity (stride 1: same
+    shapes): the time of the layers around it, the floor under any depthwise kernel (ceiling.py)."""
+    module = copy.deepcopy(workload.module)
+    assert isinstance(module, X3DBottleneck) and tuple(workload.case.shape.stride) == (1, 1, 1), \
+        "without_depthwise: a stride-1 X3D block"
+    module[3] = nn.Identity()
+    x = workload.x.detach().clone().requires_grad_(workload.x.requires_grad)
+    return Workload(workload.case, "without_depthwise", module, x, workload.grad_output)
+
+
 # ------------------------------------------------------------------------------ parity
 def compare(workloads: Dict[str, Workload], reference: str = "native") -> Dict[str, float]:
     """Relative errors of fastvid vs ``reference`` (a key of ``workloads``): output and, for fwd_bwd,
@@ -378,6 +389,9 @@ def run_case(case: DWCase, rounds: int, warmup: int, device="cpu", memory: bool 
         })
 
     fns = {name: workloads[name] for name in PROVIDERS}
+    with_ceiling = case.dtype == "fp32" and torch.device(device).type == "cpu"
+    if with_ceiling and case.op == "X3DBlock":
+        fns["without_depthwise"] = without_depthwise(workloads["fastvid"])
     times = measure.time_interleaved(fns, rounds=rounds, warmup=warmup, device=device)
     medians = {}
     for provider in PROVIDERS:
@@ -406,6 +420,21 @@ def run_case(case: DWCase, rounds: int, warmup: int, device="cpu", memory: bool 
             every_call_fraction_of_copy=every_call["median"] / copy_bw["median"],
             note="(input + output + weight bytes) / median forward time over the timed calls in which the OS "
                  "faulted in no more than 1 % of the output's pages (every call where there are none)")
+
+    if with_ceiling:
+        s = case.shape
+        out_numel = workloads["fastvid"].x.numel() // (s.stride[0] * s.stride[1] * s.stride[2])
+        channels = s.inner or s.C
+        work = ceiling.depthwise_work(s.B * channels * s.T * s.H * s.W, out_numel // s.C * channels, s.k, case.mode)
+        least = ceiling.least_seconds(work["bytes"], work["multiply_adds"], 1e9 * copy_bandwidth(device)["median"],
+                                      ceiling.fma_peak())
+        extra = dict(work, copy_GBps=copy_bandwidth(device)["median"], fma_G_per_s=ceiling.fma_peak() / 1e9)
+        if case.op == "X3DBlock":  # the block's other layers as measured, plus its depthwise conv's bound
+            rest = statistics.median(times["without_depthwise"].wall)
+            least = dict(least, least_s=least["least_s"] + rest)
+            extra["other_layers_ms"] = 1e3 * rest
+        add("native", "ceiling", "ms", {k: v * 1e3 for k, v in measure.summarize(times["native"].wall).items()})
+        add("bound", "ceiling", "ms", ceiling.bound_fields(least, **extra))
 
     if memory and case.mode == "fwd_bwd":
         for provider in PROVIDERS:

@@ -21,6 +21,10 @@ issue 3's forward x5 by x3 plus a bandwidth fraction and raised the X3D block fr
   machine's copy bandwidth of the same run in the native column (provider ``copy``), ratio =
   fastvid / copy (the fraction of copy bandwidth reached): >= 0.5.
 
+``ceiling`` rows (fastvid/bench/ceiling.py; depthwise, X3D block and attention op, fp32 on the CPU)
+carry their time row's target and say whether any implementation could meet it in this run
+(``reachable`` / ``target > ceiling``); a time row's MISS above its ceiling is marked ``(bound)``.
+
 Nonlocal attention targets (issue 4; native = the naive ``softmax(q kᵀ) v`` / naive block):
 
 * NonlocalAttention at N >= 6272: forward >= 2x naive, forward+backward >= 1.5x naive; and
@@ -38,8 +42,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 BUSY_CORES = 0.25
 
 #: Metric order within a case group, and how each is printed.
-METRICS = ("time", "bandwidth", "peak_memory", "peak_allocated", "ops_per_step", "nested_ops_per_step")
-_FORMAT = {"time": "{:.1f} ms", "bandwidth": "{:.1f} GB/s", "peak_memory": "{:.1f} MiB", "peak_allocated": "{:.1f} MiB",
+METRICS = ("time", "ceiling", "bandwidth", "peak_memory", "peak_allocated", "ops_per_step", "nested_ops_per_step")
+_FORMAT = {"time": "{:.1f} ms", "ceiling": "{:.1f} ms", "bandwidth": "{:.1f} GB/s", "peak_memory": "{:.1f} MiB", "peak_allocated": "{:.1f} MiB",
            "ops_per_step": "{:.2f}", "nested_ops_per_step": "{:.2f}"}
 
 
@@ -100,7 +104,10 @@ def _attention_target(metric: str, mode: str, op: str, dims: dict) -> Optional[T
 
 def target_for(metric: str, mode: str, dtype: str, op: Optional[str] = None,
                dims: Optional[dict] = None) -> Optional[Target]:
-    """The issue's target for a (metric, mode, dtype) row of ``op`` (shape ``dims``), or None."""
+    """The issue's target for a (metric, mode, dtype) row of ``op`` (shape ``dims``), or None.
+    A ``ceiling`` row carries its time row's target."""
+    if metric == "ceiling":
+        metric = "time"
     if op in ATTENTION_OPS:
         return _attention_target(metric, mode, op, dims or {})
     if op in DEPTHWISE_OPS:
@@ -132,6 +139,7 @@ class Comparison:
     isa: Optional[str] = None  # fastvid's CPU ISA path (None: not recorded / not a CPU run)
     native: Optional[dict] = None
     fastvid: Optional[dict] = None
+    ceiling: Optional["Comparison"] = None  # time rows: the same case's ceiling row, where measured
 
     @property
     def ratio(self) -> Optional[float]:
@@ -165,9 +173,16 @@ class Comparison:
         if target is None or not (self.native and self.fastvid):
             return "-"
         n, f = self.native["median"], self.fastvid["median"]
+        if self.metric == "ceiling":  # fastvid column = the least time: can any kernel meet the target?
+            return "reachable" if target.passes(n, f) else f"target > ceiling x{target.shortfall(n, f):.2f}"
         if target.passes(n, f):
             return "PASS"
-        return f"MISS x{target.shortfall(n, f):.2f}"
+        return f"MISS x{target.shortfall(n, f):.2f}" + (" (bound)" if self.above_ceiling else "")
+
+    @property
+    def above_ceiling(self) -> bool:
+        """A time row whose target lies above this run's ceiling for it (no kernel could meet it)."""
+        return self.ceiling is not None and self.ceiling.status.startswith("target > ceiling")
 
     @property
     def busy(self) -> bool:
@@ -196,12 +211,17 @@ def compare(rows: List[dict]) -> List[Comparison]:
             comparison.native = row
         elif row["provider"] == "gemm":  # conv_gflops_*: the machine's GEMM rate, in the native column
             comparison.native = row
+        elif row["provider"] == "bound":  # ceiling: the least time the op can take, in the fastvid column
+            comparison.fastvid = row
         elif row["provider"] == "sdpa":  # a second baseline: its own comparison, SDPA in the native column
             comparison = table.setdefault((row["op"] + SDPA_SUFFIX, *key[1:]), Comparison(row["op"] + SDPA_SUFFIX, *key[1:]))
             comparison.native = row
     for key, comparison in table.items():
         if key[0].endswith(SDPA_SUFFIX) and (key[0][:-len(SDPA_SUFFIX)], *key[1:]) in table:
             comparison.fastvid = table[(key[0][:-len(SDPA_SUFFIX)], *key[1:])].fastvid
+    for key, comparison in table.items():
+        if key[4] == "time":
+            comparison.ceiling = table.get((*key[:4], "ceiling", key[5]))
     group_order: Dict[Tuple, int] = {}
     for key in table:
         group_order.setdefault(key[:3], len(group_order))
@@ -299,8 +319,10 @@ def format_table(rows: List[dict]) -> str:
                                f"{'fits' if row['fits_budget'] else 'DOES NOT FIT'}" for row in budgeted))
     passed = sum(c.status == "PASS" for c in comparisons)
     missed = sum(c.status.startswith("MISS") for c in comparisons)
+    bound = sum(c.status.startswith("MISS") and c.above_ceiling for c in comparisons)
     out.append("")
-    out.append(f"{passed} PASS, {missed} MISS. ratio = native / fastvid (> 1: fastvid faster / smaller / fewer ops). "
+    out.append(f"{passed} PASS, {missed} MISS" + (f" ({bound} of them above this run's ceiling)" if bound else "")
+               + ". ratio = native / fastvid (> 1: fastvid faster / smaller / fewer ops). "
                "MISS xF: fastvid's number must improve F-fold to meet the target. noise = (p80 - p20) / median, the "
                "larger of the two providers. isa: the CPU ISA path fastvid's kernels ran (native is timed again next "
                "to each); a path below the CPU's best is measured in a child process with native PyTorch limited to "
@@ -312,7 +334,12 @@ def format_table(rows: List[dict]) -> str:
                "vs this run's copy bandwidth (y.copy_(x), 256 MiB fp32, 2 x bytes). conv_gflops_<path>: direct-conv "
                "FLOPs of the forward / its time (gate math included: a lower bound of the conv rate) for native, "
                "fastvid oneDNN (hoisted) and fastvid Winograd, vs this run's torch.mm 1024^3 fp32 rate. "
-               "strategy: fastvid's auto choice. "
+               "strategy: fastvid's auto choice. ceiling: native's time vs the least time any implementation "
+               "could take here (fastvid column: the larger of the bytes it must move at this run's copy bandwidth "
+               "and the multiply-adds it must do at this run's FMA peak of the ISA path on all threads; the X3D "
+               "block's: its other layers' measured time plus its depthwise conv's least time; fastvid/bench/"
+               "ceiling.py): the ratio no kernel can beat; 'target > ceiling' = this machine cannot meet the "
+               "target, and a time row's MISS is then marked (bound). "
                "Attention rows: peak_memory = RSS high-water mark of one step in a fresh subprocess (glibc malloc as "
                "users get it), peak_allocated = the tensors' own peak (profiler). "
                f"*: timed while other processes used more than {BUSY_CORES} cores.")

@@ -1,0 +1,65 @@
+"""Ceilings (issue 11, "where a target cannot hold, show the bound"): the best native/fastvid ratio
+any implementation of the same computation could reach in this run.
+
+A ``ceiling`` row pairs native's time (native column) with the least time the op can take on this
+machine (fastvid column, provider ``bound``): the larger of
+
+* the bytes it must move at least, at this run's copy bandwidth (:func:`depthwise.copy_bandwidth`:
+  the same yardstick as the ``bandwidth`` rows), and
+* the multiply-adds it must do, at this run's multiply-add peak of the active CPU ISA path on all
+  threads (:func:`fma_peak`: independent FMA chains, ``csrc/cpu_peak.cpp``),
+
+so the ratio is the ceiling on native/fastvid. The report marks a ceiling row ``reachable`` or
+``target > ceiling``: a MISS of the time row above such a ceiling is not a kernel to improve but a
+target this machine cannot meet with this op alone (the two bounds also overlap perfectly here,
+so real kernels stay below the ceiling).
+
+Where one term cannot be derived from sizes, it is measured: the X3D block's ceiling is its other
+layers' time (the fastvid block with its depthwise conv replaced by the identity, timed in the same
+cycle) plus the depthwise conv's own bound.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+#: Rounds of the FMA chains per thread per measurement (~20-40 ms), and measurements (the best counts).
+FMA_ITERATIONS = 2_000_000
+FMA_ROUNDS = 5
+
+_fma_cache: Dict[tuple, float] = {}
+
+
+def fma_peak() -> float:
+    """Multiply-adds (fp32 lanes) per second on all of this process's threads, on the active CPU ISA
+    path; measured once per (path, thread count) and process."""
+    key = (torch.ops.fastvid._cpu_isa(), torch.get_num_threads())
+    if key not in _fma_cache:
+        _fma_cache[key] = torch.ops.fastvid._cpu_fma_peak(FMA_ITERATIONS, FMA_ROUNDS)
+    return _fma_cache[key]
+
+
+def least_seconds(nbytes: float, multiply_adds: float, copy_bytes_per_s: float, fma_per_s: float) -> Dict[str, float]:
+    """The memory and compute terms and their maximum, the least time (seconds)."""
+    memory, compute = nbytes / copy_bytes_per_s, multiply_adds / fma_per_s
+    return {"memory_s": memory, "compute_s": compute, "least_s": max(memory, compute)}
+
+
+def depthwise_work(in_numel: int, out_numel: int, k: int, mode: str, element_bytes: int = 4) -> Dict[str, float]:
+    """What a depthwise conv (multiplier 1, cubic kernel k) with input and output of these sizes must
+    do at least. Forward: read x, write y, one multiply-add per output and tap. Forward+backward adds
+    reading grad_output and x again (the weight gradient needs both) and writing grad_input, and twice
+    the multiply-adds (input and weight gradient); the weights are negligible."""
+    if mode == "no_grad":
+        elements, passes = in_numel + out_numel, 1
+    else:
+        elements, passes = 3 * in_numel + 2 * out_numel, 3
+    return {"bytes": elements * element_bytes, "multiply_adds": passes * out_numel * k ** 3}
+
+
+def bound_fields(least: Dict[str, float], **extra) -> dict:
+    """The ``bound`` provider's ``ceiling`` row fields (ms): the least time and its two terms."""
+    bound_ms = 1e3 * least["least_s"]
+    return {"median": bound_ms, "p20": bound_ms, "p80": bound_ms, "memory_ms": 1e3 * least["memory_s"],
+            "compute_ms": 1e3 * least["compute_s"], **extra}
