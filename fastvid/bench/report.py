@@ -140,6 +140,7 @@ class Comparison:
     native: Optional[dict] = None
     fastvid: Optional[dict] = None
     ceiling: Optional["Comparison"] = None  # time rows: the same case's ceiling row, where measured
+    timed: Optional["Comparison"] = None  # ceiling rows: the same case's time row
 
     @property
     def ratio(self) -> Optional[float]:
@@ -174,7 +175,9 @@ class Comparison:
             return "-"
         n, f = self.native["median"], self.fastvid["median"]
         if self.metric == "ceiling":  # fastvid column = the least time: can any kernel meet the target?
-            return "reachable" if target.passes(n, f) else f"target > ceiling x{target.shortfall(n, f):.2f}"
+            verdict = "reachable" if target.passes(n, f) else f"target > ceiling x{target.shortfall(n, f):.2f}"
+            ours = (self.timed.fastvid or {}).get("median") if self.timed else None
+            return verdict + (f", fastvid at {f / ours:.0%}" if ours else "")
         if target.passes(n, f):
             return "PASS"
         return f"MISS x{target.shortfall(n, f):.2f}" + (" (bound)" if self.above_ceiling else "")
@@ -220,8 +223,9 @@ def compare(rows: List[dict]) -> List[Comparison]:
         if key[0].endswith(SDPA_SUFFIX) and (key[0][:-len(SDPA_SUFFIX)], *key[1:]) in table:
             comparison.fastvid = table[(key[0][:-len(SDPA_SUFFIX)], *key[1:])].fastvid
     for key, comparison in table.items():
-        if key[4] == "time":
-            comparison.ceiling = table.get((*key[:4], "ceiling", key[5]))
+        if key[4] == "time" and (*key[:4], "ceiling", key[5]) in table:
+            comparison.ceiling = table[(*key[:4], "ceiling", key[5])]
+            comparison.ceiling.timed = comparison
     group_order: Dict[Tuple, int] = {}
     for key in table:
         group_order.setdefault(key[:3], len(group_order))
@@ -339,7 +343,8 @@ def format_table(rows: List[dict]) -> str:
                "and the multiply-adds it must do at this run's FMA peak of the ISA path on all threads; the X3D "
                "block's: its other layers' measured time plus its depthwise conv's least time; fastvid/bench/"
                "ceiling.py): the ratio no kernel can beat; 'target > ceiling' = this machine cannot meet the "
-               "target, and a time row's MISS is then marked (bound). "
+               "target, and a time row's MISS is then marked (bound); 'fastvid at P%' = the least time / fastvid's "
+               "time, how close fastvid is to the limit. "
                "Attention rows: peak_memory = RSS high-water mark of one step in a fresh subprocess (glibc malloc as "
                "users get it), peak_allocated = the tensors' own peak (profiler). "
                f"*: timed while other processes used more than {BUSY_CORES} cores.")
