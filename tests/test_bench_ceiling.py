@@ -101,3 +101,13 @@ def test_sdpa_comparison_gets_its_own_ceiling():
     assert vs_sdpa.ratio == pytest.approx(1.6)  # x1.25 <= 1.6; fastvid's 150 ms vs the least 100 ms
     assert vs_sdpa.status == "reachable, fastvid at 67%"
     assert comparisons[("NonlocalAttention vs SDPA", "time")].status == "MISS x1.17"
+
+
+def test_bench_fma_peak_keeps_the_thread_count_and_counts_every_thread(monkeypatch):
+    threads = torch.get_num_threads()
+    rates = {1: 50e9, threads: 60e9}  # all threads at once slower than threads x one (a busy neighbour)
+    monkeypatch.setattr(ceiling, "_fma_cache", {})
+    monkeypatch.setattr(torch.ops.fastvid, "_cpu_fma_peak",
+                        lambda iterations, rounds: rates[torch.get_num_threads()], raising=False)
+    assert ceiling.fma_peak() == max(60e9, threads * 50e9)
+    assert torch.get_num_threads() == threads

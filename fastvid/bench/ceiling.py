@@ -7,7 +7,8 @@ machine (fastvid column, provider ``bound``): the larger of
 * the bytes it must move at least, at this run's copy bandwidth (:func:`depthwise.copy_bandwidth`:
   the same yardstick as the ``bandwidth`` rows), and
 * the multiply-adds it must do, at this run's multiply-add peak of the active CPU ISA path on all
-  threads (:func:`fma_peak`: independent FMA chains, ``csrc/cpu_peak.cpp``),
+  threads (:func:`fma_peak`: independent FMA chains, ``csrc/cpu_peak.cpp``; the optimistic one of
+  all threads at once and one thread times the thread count),
 
 so the ratio is the ceiling on native/fastvid. The report marks a ceiling row ``reachable`` or
 ``target > ceiling``: a MISS of the time row above such a ceiling is not a kernel to improve but a
@@ -24,19 +25,30 @@ from typing import Dict
 
 import torch
 
-#: Rounds of the FMA chains per thread per measurement (~20-40 ms), and measurements (the best counts).
+#: Rounds of the FMA chains per thread per measurement (~3-7 ms), and measurements (the best counts).
 FMA_ITERATIONS = 2_000_000
-FMA_ROUNDS = 5
+FMA_ROUNDS = 10
 
 _fma_cache: Dict[tuple, float] = {}
 
 
 def fma_peak() -> float:
     """Multiply-adds (fp32 lanes) per second on all of this process's threads, on the active CPU ISA
-    path; measured once per (path, thread count) and process."""
-    key = (torch.ops.fastvid._cpu_isa(), torch.get_num_threads())
+    path: the larger of all threads measured at once and one thread's rate times the thread count (on
+    a shared VM a neighbour can hold a core through a whole measurement: once the emulated-AVX2 child
+    measured one core's rate with two threads, and fastvid's attention came out faster than the
+    'least' time). A ceiling must not be too low, so the optimistic figure counts. Measured once per
+    (path, thread count) and process."""
+    threads = torch.get_num_threads()
+    key = (torch.ops.fastvid._cpu_isa(), threads)
     if key not in _fma_cache:
-        _fma_cache[key] = torch.ops.fastvid._cpu_fma_peak(FMA_ITERATIONS, FMA_ROUNDS)
+        together = torch.ops.fastvid._cpu_fma_peak(FMA_ITERATIONS, FMA_ROUNDS)
+        torch.set_num_threads(1)
+        try:
+            one = torch.ops.fastvid._cpu_fma_peak(FMA_ITERATIONS, FMA_ROUNDS)
+        finally:
+            torch.set_num_threads(threads)
+        _fma_cache[key] = max(together, threads * one)
     return _fma_cache[key]
 
 
