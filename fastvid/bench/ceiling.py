@@ -12,7 +12,7 @@ machine (fastvid column, provider ``bound``): the larger of
 
 so the ratio is the ceiling on native/fastvid. The report marks a ceiling row ``reachable`` or
 ``target > ceiling``: a MISS of the time row above such a ceiling is not a kernel to improve but a
-target this machine cannot meet with this op alone (the two bounds also overlap perfectly here,
+target this machine cannot meet with this op alone (the two terms are taken as fully overlapped,
 so real kernels stay below the ceiling).
 
 Where one term cannot be derived from sizes, it is measured: the X3D block's ceiling is its other
