@@ -328,14 +328,13 @@ def run_case(case: AttnCase, rounds: int, warmup: int, device="cpu", memory: boo
         # provider's count) at the FMA peak; the operands' bytes at the copy bandwidth.
         sh = case.shape
         operands = sh.B * (2 * sh.N * sh.D + 2 * sh.M * sh.D) * 4  # q, out; k, v (fp32)
-        copy_bps = 1e9 * depthwise.copy_bandwidth(device)["median"]
+        copy_bps, fma_per_s = 1e9 * depthwise.copy_bandwidth(device)["median"], ceiling.fma_peak()
         least = ceiling.least_seconds(operands * (1 if case.mode == "no_grad" else 3),
-                                      attention_flops(sh, case.mode, recompute=False) / 2, copy_bps,
-                                      ceiling.fma_peak())
+                                      attention_flops(sh, case.mode, recompute=False) / 2, copy_bps, fma_per_s)
         for provider in ("native", "sdpa"):  # each baseline's time, against the one least time
             if provider in case.providers:
                 add(provider, "ceiling", "ms", {k: v * 1e3 for k, v in measure.summarize(times[provider].wall).items()})
-        add("bound", "ceiling", "ms", ceiling.bound_fields(least, fma_G_per_s=ceiling.fma_peak() / 1e9))
+        add("bound", "ceiling", "ms", ceiling.bound_fields(least, fma_G_per_s=fma_per_s / 1e9))
     for provider in case.providers:
         stats = measure.summarize(times[provider].wall)
         add(provider, "time", "ms", {k: v * 1e3 for k, v in stats.items()}, rounds=rounds, **flop_rate.get(provider, {}),

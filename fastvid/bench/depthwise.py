@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import resource
 import statistics
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 import fastvid
+from fastvid.ops.depthwise3d import _output_size
 
 from . import ceiling, measure, results
 from .cases import assert_within, relative_error, seeded_randn_like, timed_step
@@ -423,12 +425,14 @@ def run_case(case: DWCase, rounds: int, warmup: int, device="cpu", memory: bool 
 
     if with_ceiling:
         s = case.shape
-        out_numel = workloads["fastvid"].x.numel() // (s.stride[0] * s.stride[1] * s.stride[2])
-        channels = s.inner or s.C
-        work = ceiling.depthwise_work(s.B * channels * s.T * s.H * s.W, out_numel // s.C * channels, s.k, case.mode)
-        least = ceiling.least_seconds(work["bytes"], work["multiply_adds"], 1e9 * copy_bandwidth(device)["median"],
-                                      ceiling.fma_peak())
-        extra = dict(work, copy_GBps=copy_bandwidth(device)["median"], fma_G_per_s=ceiling.fma_peak() / 1e9)
+        channels = s.inner or s.C  # the depthwise conv's own channels (the X3D block's inner ones)
+        out_positions = math.prod(_output_size(n, s.k, stride, s.k // 2, 1)
+                                  for n, stride in zip((s.T, s.H, s.W), s.stride))
+        work = ceiling.depthwise_work(s.B * channels * s.T * s.H * s.W, s.B * channels * out_positions, s.k,
+                                      case.mode)
+        copy_gbps, fma_per_s = copy_bandwidth(device)["median"], ceiling.fma_peak()
+        least = ceiling.least_seconds(work["bytes"], work["multiply_adds"], 1e9 * copy_gbps, fma_per_s)
+        extra = dict(work, copy_GBps=copy_gbps, fma_G_per_s=fma_per_s / 1e9)
         if case.op == "X3DBlock":  # the block's other layers as measured, plus its depthwise conv's bound
             rest = statistics.median(times["without_depthwise"].wall)
             least = dict(least, least_s=least["least_s"] + rest)
