@@ -237,13 +237,16 @@ def test_ncdhw_weight_grad_thread_invariant_and_ignores_unread_inputs():
     torch.testing.assert_close(two[1], torch.nn.grad.conv3d_weight(x, w.shape, go, *args, groups=3))
 
 
-@pytest.mark.parametrize("channels,kernel", [(20, (3, 3, 3)), (108, (3, 3, 3)), (20, (3, 3, 5))],
-                         ids=["k3-tail", "k3-C108", "generic"])
-def test_channels_last_weight_grad_thread_invariant(channels, kernel, cpu_isa):
+@pytest.mark.parametrize("channels,kernel,shape", [(20, (3, 3, 3), (2, 5, 9, 7)), (108, (3, 3, 3), (2, 5, 9, 7)),
+                                                   (108, (3, 3, 3), (1, 2, 3, 7)), (20, (3, 3, 5), (2, 5, 9, 7))],
+                         ids=["k3-tail", "k3-C108", "k3-C108-6rows", "generic"])
+def test_channels_last_weight_grad_thread_invariant(channels, kernel, shape, cpu_isa):
     """Channels-innermost kernels: the weight/bias gradients are bit-identical for 1 and 2 threads (fixed
     chunks of rows and channel groups, summed in a fixed order) on every ISA path, and match
-    conv3d_weight in float64."""
-    x = torch.randn(2, channels, 5, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    conv3d_weight in float64. 6 output rows: 6 chunks, so the kH = kW = 3 kernel's items are chunks at
+    one thread and (channel group, chunk) pairs at two (fewer than 4 chunks per thread)."""
+    B, T, H, W = shape
+    x = torch.randn(B, channels, T, H, W, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
     w = torch.randn(channels, 1, *kernel, dtype=torch.float64)
     args = ((1, 1, 1), tuple(k // 2 for k in kernel), (1, 1, 1))
     go = torch.randn_like(OPS.depthwise_conv3d(x, w, None, *args))
@@ -251,6 +254,39 @@ def test_channels_last_weight_grad_thread_invariant(channels, kernel, cpu_isa):
     assert torch.equal(one[1], two[1]) and torch.equal(one[2], two[2])
     torch.testing.assert_close(two[1], torch.nn.grad.conv3d_weight(x, w.shape, go, *args, groups=channels))
     torch.testing.assert_close(two[2], go.sum((0, 2, 3, 4)))
+
+
+@pytest.mark.parametrize("shape,channels", [((2, 8, 28, 28), 96), ((1, 8, 30, 56), 64), ((1, 2, 5, 30), 108)],
+                         ids=["streamed", "plane-chunks", "channel-splits"])
+def test_channels_last_forward_work_split(shape, channels, cpu_isa):
+    """The channels-innermost kW = 3 forward splits its output into boxes of planes x rows x channel
+    groups (csrc/depthwise3d/depthwise3d_cpu.cpp, Boxes) and streams outputs above 1 MiB per thread
+    past the cache: outputs of 4.8 MB and 3.4 MB (streamed at 1 and 2 threads; the second in chunks of
+    2 of 8 planes and 8 bands, the last of 2 rows), and C = 108 in 2 boxes (channel groups split, a
+    tail vector). The forward and the stride-1 input gradient (the same kernel, flipped) are
+    bit-identical at 1 and 2 threads and match the tap-sum oracle in float64."""
+    B, T, H, W = shape
+    x = torch.randn(B, channels, T, H, W).contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.randn(channels, 1, 3, 3, 3) / 9, torch.randn(channels)
+    args = ((1, 1, 1), (1, 1, 1), (1, 1, 1))
+    go = torch.randn(B, channels, T, H, W).contiguous(memory_format=torch.channels_last_3d)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append((OPS.depthwise_conv3d(x, w, b, *args),
+                         OPS.depthwise_conv3d_backward(go, x, w, *args, [True, False, False])[0]))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, gi1), (out2, gi2) = runs
+    assert torch.equal(out1, out2) and torch.equal(gi1, gi2), "results depend on the thread count"
+    x64 = x.double().requires_grad_()
+    oracle = tap_sum_depthwise(x64, w, b, *args)
+    (gi_oracle,) = torch.autograd.grad(oracle, x64, go.double())
+    assert out2.is_contiguous(memory_format=torch.channels_last_3d)
+    assert_full_precision(out2, oracle, "forward")
+    assert_full_precision(gi2, gi_oracle, "input gradient")
 
 
 def tap_sum_depthwise(x, w, b, stride, padding, dilation):
