@@ -406,7 +406,8 @@ __attribute__((always_inline)) inline void store_lanes(T* p, const V& v, int fir
 template <typename T>
 constexpr bool kStreams = std::is_same_v<T, float> && FASTVID_VEC_BYTES >= 32;
 
-// Stores v to p with a streaming (non-temporal) store where p is aligned to the vector, else a plain one.
+// Stores v to p with a streaming (non-temporal) store where p is aligned to the vector (forward_k3 streams
+// only where all whole vectors are), else a plain one.
 // Callers fence (_mm_sfence) before their writes are read by another thread.
 template <typename T, typename V>
 __attribute__((always_inline)) inline void store_line(T* p, const V& v) {
@@ -629,7 +630,12 @@ void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<
   const int P = block_width<S>(g.out[2]);
   const int64_t threads = at::get_num_threads();
   const int64_t output_bytes = g.batch * g.out[0] * OH * g.out[2] * g.channels * int64_t(sizeof(scalar_t));
-  const bool stream = kStreams<scalar_t> && output_bytes > threads * kStreamBytesPerThread;
+  // Only where every position starts a line (C a multiple of 16 floats, output line-aligned): with C = 108
+  // most vectors straddle two lines, and streaming the aligned ones among plain stores to the same
+  // lines made the AVX2 forward slower (4x108x8x28^2, two threads: 2.2-2.4 -> 2.8-3.1 ms).
+  const bool stream = kStreams<scalar_t> && output_bytes > threads * kStreamBytesPerThread &&
+                      (g.channels * int64_t(sizeof(scalar_t))) % kLineBytes == 0 &&
+                      reinterpret_cast<uintptr_t>(output) % kLineBytes == 0;
   const Boxes boxes(g, groups, threads, sizeof(scalar_t));
   at::parallel_for(0, boxes.count(g), 1, [&](int64_t begin, int64_t end) {
     SpreadPrefetch prefetch;
