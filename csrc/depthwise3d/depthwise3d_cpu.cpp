@@ -553,7 +553,8 @@ struct Box {
 
 // The items: boxes whose input rows take at most kItemInputBytes (bands of up to kBandRows output
 // rows, then as many planes as fit, at least one), the channel groups split further only where there
-// would be fewer than 4 items per thread. Ordered bands fastest (consecutive items share input rows).
+// would be fewer than 4 items per thread. Ordered (b, plane chunk, band, channel split), the last
+// fastest: consecutive items share input rows.
 struct Boxes {
   int64_t bands, band, chunks, planes, splits, per_split, groups;
   Boxes(const Geometry& g, int64_t groups_, int64_t threads, int64_t element_bytes) : groups(groups_) {
