@@ -260,8 +260,9 @@ def test_channels_last_weight_grad_thread_invariant(channels, kernel, shape, cpu
                          ids=["streamed", "plane-chunks", "channel-splits"])
 def test_channels_last_forward_work_split(shape, channels, cpu_isa):
     """The channels-innermost kW = 3 forward splits its output into boxes of planes x rows x channel
-    groups (csrc/depthwise3d/depthwise3d_cpu.cpp, Boxes) and streams outputs above 1 MiB per thread
-    past the cache: outputs of 4.8 MB and 3.4 MB (streamed at 1 and 2 threads; the second in chunks of
+    groups (csrc/depthwise3d/depthwise3d_cpu.cpp, Boxes) and, on the AVX2 and AVX-512 paths, streams
+    fp32 outputs above 1 MiB per thread past the cache where C is a multiple of 16: outputs of 4.8 MB and
+    3.4 MB (streamed there at 1 and 2 threads; the second in chunks of
     2 of 8 planes and 8 bands, the last of 2 rows), and C = 108 in 2 boxes (channel groups split, a
     tail vector). The forward and the stride-1 input gradient (the same kernel, flipped) are
     bit-identical at 1 and 2 threads and match the tap-sum oracle in float64."""
