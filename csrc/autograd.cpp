@@ -29,11 +29,21 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
 // A *_backward op's outputs, called with grad mode on and inputs that require grad (a backward
 // with create_graph=True, or a direct call): they get a node that raises when reached, so a second
 // derivative fails instead of coming out wrong (torchvision's habit).
+// torch holds autograd nodes in std::shared_ptr up to 2.11 (the image of GPU machines we run on) and in
+// c10::intrusive_ptr later: make a node the way the torch we build against holds them.
+template <typename NodeT, typename... Args>
+auto make_node(Args&&... args) {
+  using NodePtr = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>)
+    return std::make_shared<NodeT>(std::forward<Args>(args)...);
+  else
+    return c10::make_intrusive<NodeT>(std::forward<Args>(args)...);
+}
+
 void refuse_double_backward(const char* op, const variable_list& inputs, std::vector<Tensor*> outputs) {
   if (!torch::autograd::compute_requires_grad(inputs)) return;
-  auto node = c10::make_intrusive<torch::autograd::Error>(std::string("fastvid.") + op +
-                                                              ": double backward is not supported",
-                                                          torch::autograd::collect_next_edges(inputs));
+  auto node = make_node<torch::autograd::Error>(std::string("fastvid.") + op + ": double backward is not supported",
+                                                torch::autograd::collect_next_edges(inputs));
   for (Tensor* out : outputs)
     if (out->defined() && torch::autograd::isDifferentiableType(out->scalar_type()))
       torch::autograd::set_history(*out, node);
