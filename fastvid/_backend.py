@@ -122,9 +122,23 @@ def set_backend(name: str) -> None:
     _process_default = _check_name(name)
 
 
+# torch.compile: torch 2.14's dynamo reads a ContextVar at trace time and guards on its value; 2.11's
+# cannot trace ContextVar.get at all (seen on the GPU image), so there the override is read once per
+# trace as a constant, without a guard (versions between 2.11 and 2.14 are not known: they take this path).
+_DYNAMO_GUARDS_CONTEXTVARS = torch.__version__ >= "2.14"
+
+
+@torch.compiler.assume_constant_result
+def _override_as_traced():
+    return _override.get()
+
+
 def get_backend() -> str:
     """The backend in force here: this context's ``backend(...)`` override, else the process default."""
-    override = _override.get()
+    if not _DYNAMO_GUARDS_CONTEXTVARS and torch.compiler.is_compiling():
+        override = _override_as_traced()
+    else:
+        override = _override.get()
     return _process_default if override is None else override
 
 
