@@ -103,7 +103,11 @@ class _CentredAffine(torch.autograd.Function):
             centred = (y - pivot).transpose(1, 2)
             weight = folded.to(y.dtype).expand(y.shape[0], -1, -1)
             if x.dtype == y.dtype:
-                out = torch.baddbmm(x, weight, centred).add_(shift.to(y.dtype)[None, :, None])
+                out = torch.baddbmm(x, weight, centred)
+                # in place saves a pass, but not under torch.compile: torch 2.11's dynamo gives zero
+                # gradients to a Function whose returned tensor is an in-place op's result (2.14 does not)
+                shift_column = shift.to(y.dtype)[None, :, None]
+                out = out + shift_column if torch.compiler.is_compiling() else out.add_(shift_column)
             else:
                 out = x + torch.bmm(weight, centred).add_(shift.to(y.dtype)[None, :, None])
         ctx.save_for_backward(folded, y, pivot)
