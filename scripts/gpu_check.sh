@@ -36,9 +36,12 @@ PY
 
 # The README's build (editable: it also maps triton_kernels/ to fastvid.triton_kernels, which an in-place
 # build_ext would not), into the interpreter's own environment.
-timeout 300 "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+# Verbose, so a build cut by its timeout still shows how far ninja got ([n/N] lines). On the H200 lease
+# machine (16 cores) the build ran past 300 s: give it BUILD_TIMEOUT_S.
+timeout "${BUILD_TIMEOUT_S:-480}" "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
 build=$?
-status build "$([ $build -eq 0 ] && echo ok || echo FAIL) ($(( $(date +%s) - start )) s; log $OUT/build.log)"
+steps=$(grep -o '\[[0-9]*/[0-9]*\]' "$OUT/build.log" | tail -1)
+status build "$([ $build -eq 0 ] && echo ok || echo "FAIL (exit $build)") ($(( $(date +%s) - start )) s, ninja at ${steps:-?}; log $OUT/build.log)"
 [ $build -eq 0 ] || { tail -30 "$OUT/build.log"; exit 1; }
 "$PYTHON" -m fastvid info | tee "$OUT/info.txt"
 
