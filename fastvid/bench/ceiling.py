@@ -17,7 +17,7 @@ so real kernels stay below the ceiling).
 
 Where one term cannot be derived from sizes, it is measured: the X3D block's ceiling is its other
 layers' time (the fastvid block with its depthwise conv replaced by the identity, timed in the same
-cycle) plus the depthwise conv's own bound.
+cycle; its fastest call) plus the depthwise conv's own bound.
 """
 from __future__ import annotations
 
