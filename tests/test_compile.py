@@ -91,3 +91,35 @@ def test_compile_nonlocal_block_training():
         return x64 + z
 
     _compiled_matches(m.train(), oracle, x)
+
+
+@pytest.mark.parametrize("contextvar_guard", [True, False], ids=["contextvar_guard", "traced_constant"])
+def test_compiled_graph_follows_the_backend_override(monkeypatch, contextvar_guard):
+    """``with fastvid.backend(...)`` around a compiled call picks the implementation traced into the graph:
+    the reference's aten ops under 'reference', the fastvid op otherwise. Both ways of reading the
+    override while tracing run here: torch 2.14's ContextVar guard, and the trace-time constant that
+    torch < 2.14 takes (its dynamo cannot trace ContextVar.get)."""
+    if contextvar_guard and not torch.__version__ >= "2.14":
+        pytest.skip("this torch's dynamo does not trace ContextVar.get")
+    monkeypatch.setattr(fastvid._backend, "_DYNAMO_GUARDS_CONTEXTVARS", contextvar_guard)
+    q, k, v = torch.randn(2, 12, 4), torch.randn(2, 10, 4), torch.randn(2, 10, 5)
+
+    def traced_targets(backend_name):
+        graphs = []
+
+        def record(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with fastvid.backend(backend_name):
+            out = torch.compile(lambda a, b, c: fastvid.ops.nonlocal_attention(a, b, c, 0.5), backend=record,
+                                fullgraph=True)(q, k, v)
+        targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+        return out, targets
+
+    exact = torch.softmax(0.5 * q.double() @ k.double().transpose(1, 2), -1) @ v.double()
+    for backend_name, fastvid_op_traced in (("reference", False), ("auto", True)):
+        out, targets = traced_targets(backend_name)
+        assert any("fastvid.nonlocal_attention" in t for t in targets) == fastvid_op_traced, (backend_name, targets)
+        assert_full_precision(out, exact, f"compiled output ({backend_name})")
