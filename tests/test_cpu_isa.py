@@ -154,8 +154,11 @@ def test_depthwise_gradients_do_not_depend_on_the_thread_count(cpu_isa, layout, 
             assert torch.equal(a, b), f"grad {name} differs between thread counts"
     assert OPS._cpu_isa_ran("depthwise3d") == cpu_isa
     ref = torch.nn.grad.conv3d_weight(x.double(), w.shape, go.double(), *args, groups=C)
-    tol = 1e-12 if dtype == torch.float64 else 1e-4 * ref.abs().max().item()
-    assert (results[0][1].double() - ref).abs().max().item() <= tol * (30 if dtype == torch.bfloat16 else 1)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4 * ref.abs().max().item()  # fp32 sums of 2160 products
+    if dtype == torch.bfloat16:  # plus the one rounding to bf16: half an ulp, at most 2^-8 |value|
+        tol = tol + 2.0 ** -8 * ref.abs()
+    err = (results[0][1].double() - ref).abs()
+    assert (err <= tol).all(), f"grad weight off by {err.max().item():.3g}"
 
 
 # ------------------------------------------------------------------ per-ISA code really is per ISA
