@@ -341,7 +341,7 @@ def format_table(rows: List[dict]) -> str:
                "strategy: fastvid's auto choice. ceiling: native's time vs the least time any implementation "
                "could take here (fastvid column: the larger of the bytes it must move at this run's copy bandwidth "
                "and the multiply-adds it must do at this run's FMA peak of the ISA path on all threads; the X3D "
-               "block's: its other layers' measured time plus its depthwise conv's least time; fastvid/bench/"
+               "block's: its other layers' fastest measured call plus its depthwise conv's least time; fastvid/bench/"
                "ceiling.py): the ratio no kernel can beat; 'target > ceiling' = this machine cannot meet the "
                "target, and a time row's MISS is then marked (bound); 'fastvid at P%' = the least time / fastvid's "
                "time, how close fastvid is to the limit. "
