@@ -26,11 +26,8 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// A *_backward op's outputs, called with grad mode on and inputs that require grad (a backward
-// with create_graph=True, or a direct call): they get a node that raises when reached, so a second
-// derivative fails instead of coming out wrong (torchvision's habit).
-// torch holds autograd nodes in std::shared_ptr up to 2.11 (the image of GPU machines we run on) and in
-// c10::intrusive_ptr later: make a node the way the torch we build against holds them.
+// torch 2.11 (the GPU lease image's) holds autograd nodes in std::shared_ptr, 2.14 in c10::intrusive_ptr:
+// make a node the way the torch we build against holds them (the type of Edge::function).
 template <typename NodeT, typename... Args>
 auto make_node(Args&&... args) {
   using NodePtr = decltype(torch::autograd::Edge::function);
@@ -40,6 +37,9 @@ auto make_node(Args&&... args) {
     return c10::make_intrusive<NodeT>(std::forward<Args>(args)...);
 }
 
+// A *_backward op's outputs, called with grad mode on and inputs that require grad (a backward
+// with create_graph=True, or a direct call): they get a node that raises when reached, so a second
+// derivative fails instead of coming out wrong (torchvision's habit).
 void refuse_double_backward(const char* op, const variable_list& inputs, std::vector<Tensor*> outputs) {
   if (!torch::autograd::compute_requires_grad(inputs)) return;
   auto node = make_node<torch::autograd::Error>(std::string("fastvid.") + op + ": double backward is not supported",
