@@ -8,6 +8,7 @@
 #   OUT=DIR      where logs go (default: build/gpu_check)
 #   TEST_WORKERS=N  pytest-xdist workers where xdist is installed (default: nproc / 2, at most 8)
 #   BUDGET_S=N   seconds for the whole run (default 540)
+#   GPU_TESTS_S=N  limit of the GPU tests phase (default 150)
 #   PREBUILT=1   use the fastvid/_C*.so already there (scripts/gpu_prebuild.sh) instead of building
 #   BUILD_TIMEOUT_S=N  limit of the build (default 480)
 set -uo pipefail
@@ -69,7 +70,7 @@ run_tests() {  # name, timeout (s), pytest selection...
   grep -E "^(FAILED|ERROR)" "$OUT/$name.log" | head -20
   return $rc
 }
-run_tests gpu_tests 150 tests -k "cuda or triton"
+run_tests gpu_tests "${GPU_TESTS_S:-150}" tests -k "cuda or triton"
 gpu_tests=$?
 
 timeout 100 "$PYTHON" -m fastvid bench --quick --device cuda --no-save > "$OUT/bench.log" 2>&1
