@@ -1,9 +1,5 @@
 """fastvid.nn ConvLSTM / ConvGRU modules: shapes, nn.LSTM-style parameters, state dicts, states,
 dropout, initialisation, the Ballas stacked GRU, cells, from_concat_conv, torch.compile, info()."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

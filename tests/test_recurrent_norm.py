@@ -1,9 +1,5 @@
 """Layer-normalised ConvLSTM (norm="layer"): the fused CPU op and the modules against the float64
 reference of fastvid/reference/recurrent_norm.py, which itself is checked to normalise."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import (conftest does the same)
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -4,10 +4,6 @@ One sample list (tests/_recurrent_samples.py) feeds the value, gradient and opch
 oracle is always the pure-PyTorch reference run in float64 on the same (rounded) inputs; bf16 is
 judged with the flash-attention rule against the reference run in bf16.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

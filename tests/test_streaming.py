@@ -2,10 +2,6 @@
 state the previous one returned, equals one call on the whole sequence — outputs, final states and the
 gradients of the input, the initial state and every parameter (gradients flow through the carried
 state). Bidirectional modules are refused by ``stream``: their reverse direction needs the future."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

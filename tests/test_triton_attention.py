@@ -1,14 +1,13 @@
 """Triton nonlocal (flash-style) attention kernels against a float64 softmax oracle.
 
-Runs the kernels on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set before
-triton is imported). Skipped when triton is not installed. Shapes are tiny: the interpreter is slow.
+Without a GPU the kernels run on CPU tensors under the Triton interpreter (tests/conftest.py sets
+``TRITON_INTERPRET=1`` there); with one, compiled on CUDA tensors. Skipped when triton is not installed.
+Shapes are tiny: the interpreter is slow.
 Most tests shrink the tiles to 16 so a few dozen rows already span several query and key blocks
 with masked tails.
 """
 import math
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

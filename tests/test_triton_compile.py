@@ -87,11 +87,11 @@ def _run_helper(arch, cases, cache, pythonpath=None):
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """{arch: [record, ...]}: every arch's cases compiled, two subprocesses at a time."""
-    def run(arch):
-        return _run_helper(arch, _cases(arch), tmp_path_factory.mktemp(f"triton-cache-sm{arch}"))
-
+    # The cache folders are made here, not in the threads: tmp_path_factory is not thread-safe (two
+    # threads making its base folder at once failed on a 16-core machine).
+    caches = {arch: tmp_path_factory.mktemp(f"triton-cache-sm{arch}") for arch in ARCHS}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(ARCHS, pool.map(run, ARCHS)))
+        return dict(zip(ARCHS, pool.map(lambda arch: _run_helper(arch, _cases(arch), caches[arch]), ARCHS)))
 
 
 def _label(r):

@@ -1,11 +1,10 @@
 """Triton depthwise 3D convolution kernels against F.conv3d(groups=C).
 
-Runs the kernels on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set before
-triton is imported). Skipped when triton is not installed. Shapes are tiny: the interpreter is slow.
+Without a GPU the kernels run on CPU tensors under the Triton interpreter (tests/conftest.py sets
+``TRITON_INTERPRET=1`` there); with one, compiled on CUDA tensors. Skipped when triton is not installed.
+Shapes are tiny: the interpreter is slow.
 """
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -1,11 +1,9 @@
 """Triton ConvLSTM / ConvGRU cell kernels against the pure-PyTorch oracle.
 
-Runs the kernels on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set before
-triton is imported). Skipped when triton is not installed.
+Without a GPU the kernels run on CPU tensors under the Triton interpreter (tests/conftest.py sets
+``TRITON_INTERPRET=1`` there); with one, compiled on CUDA tensors. Skipped when triton is not installed.
 """
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -1,14 +1,12 @@
 """Fused Triton ConvLSTM / ConvGRU sequences (triton_kernels/recurrent_conv.py): the hidden convolution
 and the cell in one launch per step, reached through ``fastvid.backend("triton")``.
 
-Under ``TRITON_INTERPRET=1`` on CPU tensors (shapes tiny: the interpreter's tl.dot is slow). The oracle
+Without a GPU under ``TRITON_INTERPRET=1`` on CPU tensors (tests/conftest.py; shapes tiny: the interpreter's tl.dot is slow). The oracle
 is fastvid.reference run in float64 on the same rounded inputs; bf16/fp16 by the flash-attention rule
 with the reference run in that dtype as yardstick (tests/_recurrent_samples.assert_parity). Every
 parity test also counts the Triton launches of the forward: exactly one fused launch per step.
 """
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
