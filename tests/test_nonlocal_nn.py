@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastvid
+from conftest import requires_cuda
 from fastvid.nn import NonLocalBlock
 
 MODES = ["embedded_gaussian", "dot_product", "gaussian", "concatenation"]
@@ -257,6 +258,17 @@ def test_convert_low_precision_model(dtype):
     converted = fastvid.convert(model)
     assert isinstance(converted[0], NonLocalBlock) and converted[0].g.weight.dtype == dtype
     assert model[0].g[0].weight.dtype == dtype  # the original is untouched
+
+
+@requires_cuda
+def test_convert_cuda_model_under_default_tf32():
+    """A CUDA model converts with PyTorch's default TF32 convolutions on (the suite turns them off): the
+    probe compares on CPU copies. Probing on the GPU, cuDNN's TF32 1x1 convolutions put the original
+    ~1e-3 from every candidate and nothing converted (seen on an H200)."""
+    model = nn.Sequential(randomize(StandaloneStyleNonLocal(64))).cuda().eval()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        converted = fastvid.convert(model)
+    assert isinstance(converted[0], NonLocalBlock) and converted[0].g.weight.is_cuda
 
 
 def test_not_converted_when_the_function_differs():
