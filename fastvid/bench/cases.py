@@ -332,6 +332,19 @@ def check_parity(workloads: Dict[str, Workload]) -> Dict[str, float]:
     return assert_within(case.name, compare(workloads), PARITY_RTOL[case.dtype])
 
 
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """fp32 convolutions and matrix products without TF32, for the parity checks: on a GPU cuDNN's default
+    TF32 convolutions (10-bit mantissa) put either provider ~1e-3 from fp32, beyond the tolerances. The
+    timed calls keep PyTorch's defaults, the same for both providers."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def assert_within(case_name: str, errors: Dict[str, float], tolerance: float) -> Dict[str, float]:
     """Raise unless every relative error is within ``tolerance`` (NaN fails); returns ``errors``."""
     bad = {k: v for k, v in errors.items() if not v <= tolerance}

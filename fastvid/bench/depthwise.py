@@ -37,7 +37,7 @@ import fastvid
 from fastvid.ops.depthwise3d import _output_size
 
 from . import ceiling, measure, results
-from .cases import assert_within, relative_error, seeded_randn_like, timed_step
+from .cases import assert_within, ieee_fp32, relative_error, seeded_randn_like, timed_step
 
 PROVIDERS = ("native", "fastvid")
 OPS = ("DepthwiseConv3d", "X3DBlock")
@@ -379,7 +379,8 @@ def run_case(case: DWCase, rounds: int, warmup: int, device="cpu", memory: bool 
     the fastvid forward bandwidth for depthwise no_grad cases). Raises AssertionError on parity failure."""
     base = dict(base or {})
     workloads = build(case, device=device)
-    parity = check_parity(workloads)
+    with ieee_fp32():
+        parity = check_parity(workloads)
     rows: List[dict] = []
 
     def add(provider, metric, unit, stats, **extra):

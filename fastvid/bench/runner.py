@@ -45,7 +45,8 @@ def run_case(case: cases_mod.Case, rounds: int, warmup: int, device="cpu", memor
     parity = {}
 
     def first_call():  # the first fastvid call makes (and caches) the auto strategy choice
-        parity.update(cases_mod.check_parity(workloads))
+        with cases_mod.ieee_fp32():
+            parity.update(cases_mod.check_parity(workloads))
 
     strategy = cases_mod.strategy_of(first_call)
     rows: List[dict] = []
