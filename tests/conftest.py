@@ -29,6 +29,8 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+#: Where the Triton tests put their tensors: CPU under the interpreter, else the GPU (compiled kernels).
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def pytest_sessionstart(session):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastvid
+from conftest import TRITON_DEVICE
 from fastvid.reference import recurrent as ref
 from _isa import cpu_isa  # noqa: F401 (fixture: every CPU ISA path)
 from _recurrent_samples import RECURRENT_ULPS, channels_last_frames
@@ -83,7 +84,7 @@ def _sample(t, b, length):
 
 def _upstream(outs, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+    return [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
 
 
 def _loss(outs, ups):
@@ -303,7 +304,9 @@ def test_triton_backend_lengths_match_each_sample_alone(cfg, reverse):
     pytest.importorskip("triton")
     t = _tensors(cfg, torch.float64)
     with fastvid.backend("triton"):
-        ours, ours_grads, ups = _batched(cfg, t, reverse, torch.tensor(LENGTHS), None)
+        ours, ours_grads, ups = _batched(cfg, {k: v.to(TRITON_DEVICE) for k, v in t.items()}, reverse,
+                                         torch.tensor(LENGTHS), None)
+    ours, ours_grads, ups = [o.cpu() for o in ours], {k: g.cpu() for k, g in ours_grads.items()}, [u.cpu() for u in ups]
     _check_padding_zero(ours[0], "triton")
     oracle, oracle_grads = _per_sample(cfg, t, reverse, ups, reference=True)
     _compare(ours, ours_grads, oracle, oracle_grads, "triton vs fp64 reference per sample")
@@ -314,17 +317,15 @@ def test_triton_masked_cells_fp32():
     gradients, with the mask mixing valid and masked samples."""
     pytest.importorskip("triton")
     from fastvid.triton_kernels import recurrent as tk
-    lengths = torch.tensor(LENGTHS)
+    lengths = torch.tensor(LENGTHS, device=TRITON_DEVICE)
     t = 3  # samples 0, 2 valid; 1 masked
     valid = (lengths > t).view(-1, 1, 1, 1)
-    gp = torch.randn(B, 4 * C, H, W, requires_grad=True)
-    c_prev = torch.randn(B, C, H, W, requires_grad=True)
-    h_prev = torch.randn(B, C, H, W, requires_grad=True)
-    peephole = torch.randn(3, C, requires_grad=True)
+    randn = lambda *shape: torch.randn(*shape, device=TRITON_DEVICE, requires_grad=True)  # noqa: E731
+    gp, c_prev, h_prev, peephole = randn(B, 4 * C, H, W), randn(B, C, H, W), randn(B, C, H, W), randn(3, C)
     out, h, c, _ = tk.lstm_cell_masked(gp, c_prev, h_prev, lengths, t, peephole)
     h_r, c_r, _ = ref.lstm_cell(gp, c_prev, peephole)
     expect = (torch.where(valid, h_r, 0.0), torch.where(valid, h_r, h_prev), torch.where(valid, c_r, c_prev))
-    ups = [torch.randn(B, C, H, W) for _ in range(3)]
+    ups = [torch.randn(B, C, H, W, device=TRITON_DEVICE) for _ in range(3)]
     leaves = [gp, c_prev, h_prev, peephole]
     ga = torch.autograd.grad([out, h, c], leaves, ups)
     ge = torch.autograd.grad(list(expect), leaves, ups)
@@ -334,8 +335,7 @@ def test_triton_masked_cells_fp32():
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
     for reset_after in (True, False):
-        xg = torch.randn(B, 3 * C, H, W, requires_grad=True)
-        hg = torch.randn(B, 3 * C, H, W, requires_grad=True)
+        xg, hg = randn(B, 3 * C, H, W), randn(B, 3 * C, H, W)
         out, h, _ = tk.gru_cell_masked(xg, hg, h_prev, lengths, t, reset_after)
         h_r, _ = ref.gru_cell(xg, hg, h_prev, reset_after)
         expect = (torch.where(valid, h_r, 0.0), torch.where(valid, h_r, h_prev))

@@ -5,6 +5,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastvid  # noqa: E402
+from conftest import TRITON_DEVICE  # noqa: E402
 from fastvid import ops  # noqa: E402
 from fastvid.convert import convert  # noqa: E402
 from fastvid.reference import recurrent_norm as ref_norm  # noqa: E402
@@ -74,7 +75,7 @@ def run_reference(t, reverse=False):
 
 def grads_of(outputs, tensors, grad_outputs):
     names = [k for k, v in tensors.items() if v is not None]
-    grads = torch.autograd.grad(outputs, [tensors[k] for k in names], [g.to(o.dtype) for g, o in
+    grads = torch.autograd.grad(outputs, [tensors[k] for k in names], [g.to(o.device, o.dtype) for g, o in
                                                                        zip(grad_outputs, outputs)])
     return dict(zip(names, grads))
 
@@ -83,14 +84,17 @@ def to64(t):
     return {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in t.items()}
 
 
-def check_against_reference(dtype, layout, reverse, bias, kind="lstm", backend="cpu", shape=SHAPE):
+def check_against_reference(dtype, layout, reverse, bias, kind="lstm", backend="cpu", shape=SHAPE, device="cpu"):
+    """fastvid on ``device`` against the float64 reference on the CPU."""
     sample = make_sample(dtype, bias=bias, layout=layout, kind=kind, shape=shape)
-    ours_in = leaves(sample)
+    on_device = {k: (v.to(device) if v is not None else None) for k, v in sample.items()}
+    ours_in = leaves(on_device)
     names = ("output", "h_n", "c_n") if kind == "lstm" else ("output", "h_n")
     with fastvid.backend(backend):
         ours = run_ops(ours_in, reverse)
     grad_outputs = upstream_grads(ours)
-    ours_grads = grads_of(ours, ours_in, grad_outputs)
+    ours_grads = {k: g.cpu() for k, g in grads_of(ours, ours_in, grad_outputs).items()}
+    ours = [o.cpu() for o in ours]
     oracle_in = to64(sample)
     oracle = run_reference(oracle_in, reverse)
     oracle_grads = grads_of(oracle, oracle_in, grad_outputs)
@@ -108,8 +112,8 @@ def check_against_reference(dtype, layout, reverse, bias, kind="lstm", backend="
         assert_parity(ours_grads[name], oracle_grads[name], dtype, f"grad {name}", comparator_grads.get(name),
                       grad=True)
     with torch.no_grad(), fastvid.backend(backend):  # inference: save=False, one step of scratch
-        for name, a, o, c in zip(names, run_ops(sample, reverse), oracle, comparator):
-            assert_parity(a, o, dtype, f"{name} (no_grad)", c)
+        for name, a, o, c in zip(names, run_ops(on_device, reverse), oracle, comparator):
+            assert_parity(a.cpu(), o, dtype, f"{name} (no_grad)", c)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -147,12 +151,13 @@ def test_sequence_fp16_matches_reference(layout, kind):
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 def test_triton_matches_reference(dtype, reverse, block, kind, monkeypatch):
-    """The Triton LN step kernels (under the interpreter on this machine) in the sequence loop: values
+    """The Triton LN step kernels (on the GPU, or under the interpreter) in the sequence loop: values
     and every gradient against the float64 reference; BLOCK 16 makes every pass loop over several
     masked chunks of a sample (C·H·W = 12, G·C·H·W = 36 / 48 here)."""
     from fastvid.triton_kernels import recurrent_norm as tk
     monkeypatch.setattr(tk, "BLOCK_SIZE", block)
-    check_against_reference(dtype, "contiguous", reverse, True, kind=kind, backend="triton", shape=(2, 2, 2, 3, 2, 2))
+    check_against_reference(dtype, "contiguous", reverse, True, kind=kind, backend="triton", shape=(2, 2, 2, 3, 2, 2),
+                            device=TRITON_DEVICE)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

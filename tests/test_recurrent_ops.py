@@ -11,7 +11,7 @@ import fastvid  # noqa: E402
 import fastvid.ops.recurrent as ops_recurrent  # noqa: E402
 from fastvid.reference import recurrent as ref  # noqa: E402
 
-from conftest import requires_cuda  # noqa: E402
+from conftest import TRITON_DEVICE, requires_cuda  # noqa: E402
 from _isa import cpu_isa  # noqa: E402,F401 (fixture: every CPU ISA path)
 from _recurrent_samples import (  # noqa: E402
     CELL_CONFIGS, CELL_LAYOUTS, DTYPES, GRU_CONFIGS, LSTM_CONFIGS, SEQ_CONFIGS, SEQ_LAYOUTS, STRATEGIES,
@@ -786,7 +786,7 @@ def _module_grads(module, x, state, grad_outputs):
 
 @pytest.mark.parametrize("kind", ["lstm-peephole-bidirectional", "gru-reset_after", "gru-ballas-2layers"])
 def test_triton_backend_modules_match_reference_backend(kind, triton_spy):
-    """fastvid.backend('triton') (Triton cells under the interpreter here) equals the reference
+    """fastvid.backend('triton') (Triton cells on the GPU, or under the interpreter) equals the reference
     backend for a ConvLSTM / ConvGRU module, forward and backward."""
     torch.manual_seed(0)
     B, T, C_in, C, H, W = 1, 2, 2, 3, 4, 4
@@ -800,7 +800,7 @@ def test_triton_backend_modules_match_reference_backend(kind, triton_spy):
         module = fastvid.nn.ConvGRU(C_in, C, 3, reset_after=True)
     else:
         module = fastvid.nn.ConvGRU(C_in, C, 3, num_layers=2, reset_after=False)
-    x = torch.randn(B, T, C_in, H, W)
+    module, x = module.to(TRITON_DEVICE), torch.randn(B, T, C_in, H, W).to(TRITON_DEVICE)
     with torch.no_grad():
         probe = module(x)
     outs_probe = [probe[0]] + (list(probe[1]) if isinstance(probe[1], tuple) else [probe[1]])

@@ -21,7 +21,7 @@ if not ta.AVAILABLE:
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+from conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 
 # (B, N, M, D, Dv): queries N and keys M off the tile multiples, one key, a single query,
 # D != Dv, D not a power of two, the widest head dim.
@@ -163,10 +163,11 @@ def test_noncontiguous_inputs(small_tiles):
     """Transposed and expanded (stride-0 batch) views go through the kernels' strides."""
     B, N, M, D, Dv = 2, 19, 23, 10, 6
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(N, B, D, dtype=torch.float64, generator=gen).transpose(0, 1)
-    k = torch.randn(1, D, M, dtype=torch.float64, generator=gen).transpose(1, 2).expand(B, M, D)
-    v = torch.randn(B, Dv, M, dtype=torch.float64, generator=gen).transpose(1, 2)
-    grad_out = torch.randn(B, Dv, N, dtype=torch.float64, generator=gen).transpose(1, 2)
+    randn = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=gen).to(DEVICE)  # noqa: E731
+    q = randn(N, B, D).transpose(0, 1)
+    k = randn(1, D, M).transpose(1, 2).expand(B, M, D)
+    v = randn(B, Dv, M).transpose(1, 2)
+    grad_out = randn(B, Dv, N).transpose(1, 2)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     got = _values_and_grads(ta.attention_forward, q, k, v, 0.4, grad_out, None)
     want = _values_and_grads(_oracle, q, k, v, 0.4, grad_out, None)
@@ -206,7 +207,7 @@ def test_backward_op_matches_oracle(small_tiles):
 
 def test_gradcheck(small_tiles):
     gen = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(*s, dtype=torch.float64, generator=gen, device=DEVICE).requires_grad_(True)
+    q, k, v = (torch.randn(*s, dtype=torch.float64, generator=gen).to(DEVICE).requires_grad_(True)
                for s in ((1, 5, 3), (1, 18, 3), (1, 18, 2)))
     assert torch.autograd.gradcheck(lambda a, b, c: ta.attention_forward(a, b, c, 0.8), (q, k, v))
 
@@ -229,7 +230,8 @@ def test_meta_shapes():
 
 
 def test_empty_batch():
-    out, lse = ta.attention_forward(torch.empty(0, 4, 8), torch.empty(0, 3, 8), torch.empty(0, 3, 2), 1.0)
+    q, k, v = (torch.empty(*shape, device=DEVICE) for shape in ((0, 4, 8), (0, 3, 8), (0, 3, 2)))
+    out, lse = ta.attention_forward(q, k, v, 1.0)
     assert out.shape == (0, 4, 2) and lse.shape == (0, 4)
 
 
@@ -243,7 +245,7 @@ def test_double_backward_raises():
 
 
 def test_bad_inputs():
-    q, k, v = torch.randn(2, 5, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 6)
+    q, k, v = (torch.randn(*shape, device=DEVICE) for shape in ((2, 5, 8), (2, 4, 8), (2, 4, 6)))
     f = ta.attention_forward
     with pytest.raises(ValueError, match="3-D"):
         f(q[0], k, v, 1.0)

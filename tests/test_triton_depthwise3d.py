@@ -4,6 +4,7 @@ Without a GPU the kernels run on CPU tensors under the Triton interpreter (tests
 ``TRITON_INTERPRET=1`` there); with one, compiled on CUDA tensors. Skipped when triton is not installed.
 Shapes are tiny: the interpreter is slow.
 """
+import functools
 import os
 
 import pytest
@@ -19,7 +20,7 @@ if not tk.AVAILABLE:
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+from conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 
 # (B, C, m, (T, H, W), kernel, stride, padding, dilation, bias)
 CONFIGS = [
@@ -81,11 +82,11 @@ def test_many_programs_and_noncontiguous(monkeypatch):
 def test_partial_gradients_and_backward_op():
     x, w, b, s, p, d = _sample(CONFIGS[1], torch.float32)
     y = F.conv3d(x, w, None, s, p, d, groups=x.shape[1])
-    go = torch.randn(y.shape)
+    go = torch.randn(y.shape, device=DEVICE)
     gi, gw, gb = tk.depthwise_conv3d_backward(go, x, w, s, p, d, (False, True, True))
     assert gi.numel() == 0
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    br = torch.zeros(w.shape[0], requires_grad=True)
+    br = torch.zeros(w.shape[0], device=DEVICE, requires_grad=True)
     rgw, rgb = torch.autograd.grad(F.conv3d(xr, wr, br, s, p, d, groups=x.shape[1]), (wr, br), go)
     torch.testing.assert_close(gw, rgw, **_tol(torch.float32))
     torch.testing.assert_close(gb, rgb, **_tol(torch.float32))
@@ -105,21 +106,22 @@ def test_meta_shapes():
 
 
 def test_bad_inputs():
-    x = torch.randn(1, 3, 4, 4, 4)
+    randn = functools.partial(torch.randn, device=DEVICE)
+    x = randn(1, 3, 4, 4, 4)
     with pytest.raises(ValueError, match="weight must be"):
-        tk.depthwise_conv3d(x, torch.randn(4, 1, 3, 3, 3))  # 4 is not a multiple of C = 3
+        tk.depthwise_conv3d(x, randn(4, 1, 3, 3, 3))  # 4 is not a multiple of C = 3
     with pytest.raises(ValueError, match="kernel sizes"):
-        tk.depthwise_conv3d(x, torch.randn(3, 1, 8, 1, 1), padding=(4, 0, 0))
+        tk.depthwise_conv3d(x, randn(3, 1, 8, 1, 1), padding=(4, 0, 0))
     with pytest.raises(ValueError, match="5-D"):
-        tk.depthwise_conv3d(x[0], torch.randn(3, 1, 3, 3, 3))
+        tk.depthwise_conv3d(x[0], randn(3, 1, 3, 3, 3))
     with pytest.raises(TypeError, match="dtype"):
-        tk.depthwise_conv3d(x, torch.randn(3, 1, 3, 3, 3, dtype=torch.float64))
+        tk.depthwise_conv3d(x, randn(3, 1, 3, 3, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="too small"):
-        tk.depthwise_conv3d(x, torch.randn(3, 1, 5, 3, 3))
+        tk.depthwise_conv3d(x, randn(3, 1, 5, 3, 3))
     with pytest.raises(ValueError, match="stride"):
-        tk.depthwise_conv3d(x, torch.randn(3, 1, 3, 3, 3), stride=(0, 1, 1))
+        tk.depthwise_conv3d(x, randn(3, 1, 3, 3, 3), stride=(0, 1, 1))
     with pytest.raises(ValueError, match="bias"):
-        tk.depthwise_conv3d(x, torch.randn(3, 1, 3, 3, 3), torch.randn(4))
+        tk.depthwise_conv3d(x, randn(3, 1, 3, 3, 3), randn(4))
 
 
 def test_public_op_triton_backend():
@@ -157,7 +159,7 @@ def test_low_precision_matches_fp64_oracle(config, dtype):
     b = b.to(dtype) if b is not None else None
     ins = [t.detach().clone().requires_grad_(True) for t in (x, w, b) if t is not None]
     y = tk.depthwise_conv3d(ins[0], ins[1], ins[2] if b is not None else None, s, p, d)
-    go = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).to(dtype)
+    go = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)
     grads = torch.autograd.grad(y, ins, go)
 
     rins = [t.detach().double().requires_grad_(True) for t in ins]

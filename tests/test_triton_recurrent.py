@@ -19,7 +19,7 @@ if not tk.AVAILABLE:
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+from conftest import TRITON_DEVICE as DEVICE  # noqa: E402
 
 # (B, C, H, W): the tiny case, and one whose B*C*H*W = 1430 spans two blocks and is not a multiple
 # of BLOCK_SIZE (masked tail).
