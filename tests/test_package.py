@@ -217,3 +217,12 @@ def test_suite_fails_when_the_compiled_extension_is_missing(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
     assert out.returncode != 0, out.stdout[-2000:]
     assert "fastvid._C failed to load" in out.stdout + out.stderr
+
+
+def test_only_conftest_switches_the_triton_interpreter_on():
+    """conftest sets TRITON_INTERPRET=1 only where no GPU is visible. A test module setting it too made
+    every Triton test on a GPU machine run interpreted on CPU tensors (the H200 run of 2026-12-04)."""
+    setters = [path.name for path in sorted((ROOT / "tests").glob("*.py"))
+               if path.name != "conftest.py" and re.search(r"environ(\.setdefault\(|\[)\s*[\"']TRITON_INTERPRET",
+                                                           path.read_text())]
+    assert setters == [], f"test modules that set TRITON_INTERPRET: {setters}"
