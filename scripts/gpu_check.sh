@@ -64,7 +64,7 @@ xdist=()
 export OMP_NUM_THREADS=2
 run_tests() {  # name, timeout (s), pytest selection...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" "$PYTHON" -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider "${xdist[@]}" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   status "$name" "$([ $rc -eq 0 ] && echo ok || echo "FAIL (exit $rc)"): $(tail -1 "$OUT/$name.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/$name.log" | head -20
