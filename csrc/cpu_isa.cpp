@@ -7,6 +7,9 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
 #include <string>
 #include <vector>
 
@@ -103,6 +106,21 @@ std::string ran(const std::string& family) {
 
 std::atomic<int> g_active{initial_isa()};
 std::atomic<int> g_ran[static_cast<int>(Family::count)] = {-1, -1, -1};
+
+// Read from cpuid directly: torch's ATen has no call for it that every supported version has
+// (torch 2.9 has no at::cpu::get_cpu_capabilities, 2.11 and 2.14 no is_amx_tile_supported).
+bool has_amx_bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_OSXSAVE)) return false;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22))) return false;  // AMX-BF16
+  unsigned xcr0_lo = 0, xcr0_hi = 0;
+  __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  return (xcr0_lo & (3u << 17)) == (3u << 17);  // XTILECFG and XTILEDATA state
+#else
+  return false;
+#endif
+}
 
 }  // namespace cpu_isa
 }  // namespace fastvid

@@ -36,6 +36,8 @@ extern std::atomic<int> g_active;                                     // the act
 extern std::atomic<int> g_ran[static_cast<int>(Family::count)];       // last path each family ran, -1: none
 
 inline Isa active() { return static_cast<Isa>(g_active.load(std::memory_order_relaxed)); }
+// Whether the CPU has AMX-BF16 and the OS enabled its tile state (cpuid + xgetbv; false off x86-64).
+bool has_amx_bf16();
 // The active path, noted as the one `family` ran (a store only when it changes: no shared-line traffic).
 inline Isa use(Family family) {
   const int isa = g_active.load(std::memory_order_relaxed);

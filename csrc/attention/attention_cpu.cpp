@@ -25,7 +25,6 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -453,11 +452,7 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
 bool use_bf16_tiles() {
   if (const char* env = std::getenv("FASTVID_ATTENTION_BF16_TILES"); env != nullptr && *env != '\0')
     return env[0] == '1';
-  static const bool amx_bf16 = [] {
-    const auto caps = at::cpu::get_cpu_capabilities();
-    const auto it = caps.find("amx_bf16");
-    return it != caps.end() && it->second.isBool() && it->second.toBool();
-  }();
+  static const bool amx_bf16 = cpu_isa::has_amx_bf16();
   return amx_bf16;
 }
 
