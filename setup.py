@@ -158,7 +158,7 @@ setup(
     package_dir={"fastvid.triton_kernels": "triton_kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},
-    install_requires=["torch>=2.6"],
+    install_requires=["torch>=2.9"],  # the oldest torch tested (README: Torch versions)
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy", "expecttest"]},
     entry_points={"console_scripts": ["fastvid=fastvid.__main__:main"]},
 )
