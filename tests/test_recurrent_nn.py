@@ -1,14 +1,14 @@
 """fastvid.nn ConvLSTM / ConvGRU modules: shapes, nn.LSTM-style parameters, state dicts, states,
 dropout, initialisation, the Ballas stacked GRU, cells, from_concat_conv, torch.compile, info()."""
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
-import fastvid  # noqa: E402
-from fastvid.nn import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell  # noqa: E402
-from fastvid.reference import recurrent as ref  # noqa: E402
+import fastvid
+from fastvid.nn import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell
+from fastvid.reference import recurrent as ref
 
-from _recurrent_samples import channels_last_frames  # noqa: E402
+from _recurrent_samples import channels_last_frames
 
 B, T, C_IN, C, H, W = 2, 3, 3, 4, 5, 6
 

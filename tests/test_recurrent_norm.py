@@ -1,20 +1,20 @@
 """Layer-normalised ConvLSTM (norm="layer"): the fused CPU op and the modules against the float64
 reference of fastvid/reference/recurrent_norm.py, which itself is checked to normalise."""
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
 
-import fastvid  # noqa: E402
-from conftest import TRITON_DEVICE  # noqa: E402
-from fastvid import ops  # noqa: E402
-from fastvid.convert import convert  # noqa: E402
-from fastvid.reference import recurrent_norm as ref_norm  # noqa: E402
+import fastvid
+from conftest import TRITON_DEVICE
+from fastvid import ops
+from fastvid.convert import convert
+from fastvid.reference import recurrent_norm as ref_norm
 
-from _isa import cpu_isa  # noqa: E402,F401 (fixture: every CPU ISA path)
-from _recurrent_samples import (  # noqa: E402
+from _isa import cpu_isa  # noqa: F401 (fixture: every CPU ISA path)
+from _recurrent_samples import (
     LOW_PRECISION, RECURRENT_ULPS, acc_dtype, assert_parity, channels_last_frames, dtype_id, upstream_grads,
 )
-from _tolerances import assert_full_precision  # noqa: E402
+from _tolerances import assert_full_precision
 
 pytestmark = pytest.mark.skipif(not fastvid.info()["cpu_kernels"], reason="fastvid._C is not built")
 

@@ -4,16 +4,16 @@ One sample list (tests/_recurrent_samples.py) feeds the value, gradient and opch
 oracle is always the pure-PyTorch reference run in float64 on the same (rounded) inputs; bf16 is
 judged with the flash-attention rule against the reference run in bf16.
 """
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import fastvid  # noqa: E402
-import fastvid.ops.recurrent as ops_recurrent  # noqa: E402
-from fastvid.reference import recurrent as ref  # noqa: E402
+import fastvid
+import fastvid.ops.recurrent as ops_recurrent
+from fastvid.reference import recurrent as ref
 
-from conftest import TRITON_DEVICE, requires_cuda  # noqa: E402
-from _isa import cpu_isa  # noqa: E402,F401 (fixture: every CPU ISA path)
-from _recurrent_samples import (  # noqa: E402
+from conftest import TRITON_DEVICE, requires_cuda
+from _isa import cpu_isa  # noqa: F401 (fixture: every CPU ISA path)
+from _recurrent_samples import (
     CELL_CONFIGS, CELL_LAYOUTS, DTYPES, GRU_CONFIGS, LSTM_CONFIGS, SEQ_CONFIGS, SEQ_LAYOUTS, STRATEGIES,
     LOW_PRECISION, CellConfig, SeqConfig, acc_dtype, assert_parity, channels_last_frames, dtype_id,
     make_cell_sample, make_seq_sample, upstream_grads,

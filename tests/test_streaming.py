@@ -2,11 +2,11 @@
 state the previous one returned, equals one call on the whole sequence — outputs, final states and the
 gradients of the input, the initial state and every parameter (gradients flow through the carried
 state). Bidirectional modules are refused by ``stream``: their reverse direction needs the future."""
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import fastvid  # noqa: E402
-from fastvid.nn import ConvGRU, ConvLSTM  # noqa: E402
+import fastvid
+from fastvid.nn import ConvGRU, ConvLSTM
 
 B, T, C_IN, H, W = 2, 5, 3, 5, 4
 
