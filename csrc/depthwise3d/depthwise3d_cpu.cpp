@@ -423,14 +423,21 @@ __attribute__((always_inline)) inline void store_line(T* p, const V& v) {
   store_vec(p, v);
 }
 
+// Where a register block's source window leaves its row (conv_block_k3): nowhere, at its first position
+// only (the left padding of 1), at its last only (the right one), or anywhere (bounds from q0 at run time).
+// The first three are template cases, so the unrolled window loads carry no bounds tests: at 512 bits
+// every block of a 28-wide row is a left or right one. Zen 4, 4x96x8x28^2 cl3d, two threads, in-process
+// A/B against kBorderAny for both: forward and input gradient 4-5 % (AVX-512) and 5-7 % (AVX2) faster.
+enum BlockBorder { kBorderNone, kBorderLeft, kBorderRight, kBorderAny };
+
 // One register block: P output positions, the channel vector at c0:
 //   out[p·C + c] = init[c] + Σ_r Σ_{k<3} src_rows[r][(q0 + p·S + k)·C + c] · w_rows[r][k·C + c]
 // over the (kt, kh) rows r. Per row the source window (N vectors) is loaded once into registers,
 // then each tap's weight vector is used for all P positions; per position the taps are added in tap
-// order (as forward_element). Border: window positions outside [0, width) are the zero padding (a
+// order (as forward_element). Border (BlockBorder): window positions outside [0, width) are the zero padding (a
 // zero product where forward_element skips the tap: the same sum for finite weights). Lanes below
 // first_lane are not stored.
-template <int P, int S, bool Border, typename scalar_t, typename acc_t>
+template <int P, int S, int Border, typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const scalar_t* const* src_rows,
                                                          const acc_t* const* w_rows, int64_t C, int64_t q0,
                                                          int64_t width, const acc_t* init, scalar_t* out,
@@ -442,7 +449,8 @@ __attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const sca
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p) a[p] = start;
   // Window positions [lo, hi) lie inside the row.
-  const int64_t lo = Border ? std::max<int64_t>(0, -q0) : 0, hi = Border ? std::min<int64_t>(N, width - q0) : N;
+  const int64_t lo = Border == kBorderLeft ? 1 : Border == kBorderAny ? std::max<int64_t>(0, -q0) : 0;
+  const int64_t hi = Border == kBorderRight ? N - 1 : Border == kBorderAny ? std::min<int64_t>(N, width - q0) : N;
   for (int64_t r = 0; r < rows; ++r) {
     // The empty asm statement keeps gcc from giving every window position its own offset register
     // (too few registers: it spills them).
@@ -451,7 +459,7 @@ __attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const sca
 #pragma GCC unroll 32
     for (int i = 0; i < N; ++i, x += C) {
       asm("" : "+r"(x));
-      xs[i] = Border && (i < lo || i >= hi) ? V{} : load_vec<V>(x);
+      xs[i] = Border != kBorderNone && (i < lo || i >= hi) ? V{} : load_vec<V>(x);
     }
     const acc_t* wp = w_rows[r] + c0;
 #pragma GCC unroll 3
@@ -480,12 +488,19 @@ void conv_row_k3(const Geometry& g, int64_t rows, const scalar_t* const* src_row
   for (int64_t ow0 = 0; ow0 < OW; ow0 += P) {
     const int64_t start = std::min(ow0, OW - P), q0 = start * S - pad;
     scalar_t* out = out_row + start * C;
-    const bool border = q0 < 0 || q0 + N > W;
+    const int border = q0 >= 0 && q0 + N <= W ? kBorderNone
+                       : q0 == -1 && N <= W + 1 ? kBorderLeft
+                       : q0 >= 0 && q0 + N == W + 1 ? kBorderRight : kBorderAny;
     for (int64_t v = v_begin; v < v_end; ++v) {
       const int64_t c0 = std::min(v * L, C - L);
       const int first_lane = static_cast<int>(v * L - c0);
-      if (border) conv_block_k3<P, S, true>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane, stream);
-      else conv_block_k3<P, S, false>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane, stream);
+      auto block = [&](auto kind) {
+        conv_block_k3<P, S, decltype(kind)::value>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane, stream);
+      };
+      if (border == kBorderNone) block(std::integral_constant<int, kBorderNone>{});
+      else if (border == kBorderLeft) block(std::integral_constant<int, kBorderLeft>{});
+      else if (border == kBorderRight) block(std::integral_constant<int, kBorderRight>{});
+      else block(std::integral_constant<int, kBorderAny>{});
     }
   }
 }
