@@ -94,6 +94,9 @@ TORCH_LIBRARY(fastvid, m) {
   m.def("depthwise_conv3d_backward(Tensor grad_output, Tensor input, Tensor weight, int[3] stride, "
         "int[3] padding, int[3] dilation, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
         "Tensor grad_bias)");
+  // Private: the channels-last CPU kernel's streaming stores, "auto" | "always" | "never" (tests, A/Bs);
+  // returns the previous mode.
+  m.def("_set_depthwise_streaming(str mode) -> str");
   // ---- attention (csrc/attention/): softmax(scale · q kᵀ) v over [B, rows, dim] operands, see
   // fastvid/reference/attention.py. lse = per-row log-sum-exp (fp32, fp64 for fp64 inputs), saved for
   // backward; grad_lse may be absent.

@@ -256,15 +256,29 @@ def test_channels_last_weight_grad_thread_invariant(channels, kernel, shape, cpu
     torch.testing.assert_close(two[2], go.sum((0, 2, 3, 4)))
 
 
+@pytest.fixture(params=["always", "never"])
+def streaming(request):
+    """The channels-last kernel's streaming stores forced on or off (its own choice depends on the
+    cache size and the buffers' addresses, csrc/depthwise3d/depthwise3d_cpu.cpp, streams_output)."""
+    previous = OPS._set_depthwise_streaming(request.param)
+    yield request.param
+    OPS._set_depthwise_streaming(previous)
+
+
+def test_set_depthwise_streaming_rejects_unknown_modes():
+    with pytest.raises(RuntimeError, match="mode must be one of auto, always, never, got 'sometimes'"):
+        OPS._set_depthwise_streaming("sometimes")
+
+
 @pytest.mark.parametrize("shape,channels", [((2, 8, 28, 28), 96), ((1, 8, 30, 56), 64), ((1, 2, 5, 30), 108)],
-                         ids=["streamed", "plane-chunks", "channel-splits"])
-def test_channels_last_forward_work_split(shape, channels, cpu_isa):
+                         ids=["lines", "plane-chunks", "channel-splits"])
+def test_channels_last_forward_work_split(shape, channels, cpu_isa, streaming):
     """The channels-innermost kW = 3 forward splits its output into boxes of planes x rows x channel
-    groups (csrc/depthwise3d/depthwise3d_cpu.cpp, Boxes) and, on the AVX2 and AVX-512 paths, streams
-    fp32 outputs above 1 MiB per thread past the cache where C is a multiple of 16: outputs of 4.8 MB and
-    3.4 MB (streamed there at 1 and 2 threads; the second in chunks of
-    2 of 8 planes and 8 bands, the last of 2 rows), and C = 108 in 2 boxes (channel groups split, a
-    tail vector). The forward and the stride-1 input gradient (the same kernel, flipped) are
+    groups (csrc/depthwise3d/depthwise3d_cpu.cpp, Boxes) and, on the AVX2 and AVX-512 paths, can write
+    fp32 outputs whose positions are whole 64-byte lines (C a multiple of 16) with streaming stores,
+    here forced on and off: outputs of 4.8 MB and 3.4 MB (the second in chunks of 2 of 8 planes and 8
+    bands, the last of 2 rows), and C = 108 in 2 boxes (channel groups split, a tail vector; never
+    streamed). The forward and the stride-1 input gradient (the same kernel, flipped) are
     bit-identical at 1 and 2 threads and match the tap-sum oracle in float64."""
     B, T, H, W = shape
     x = torch.randn(B, channels, T, H, W).contiguous(memory_format=torch.channels_last_3d)

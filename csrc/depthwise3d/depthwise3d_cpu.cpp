@@ -38,10 +38,13 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <unistd.h>  // sysconf: the last-level cache size
 
 #include "../cpu_isa.h"
 #include "../fastvid_common.h"
@@ -59,6 +62,12 @@ namespace depthwise3d {
 void forward_cpu(const ForwardArgs& args) { FASTVID_ISA_CALL(depthwise3d, forward(args)); }
 void input_grad_cpu(const InputGradArgs& args) { FASTVID_ISA_CALL(depthwise3d, input_grad(args)); }
 void weight_grad_cpu(const WeightGradArgs& args) { FASTVID_ISA_CALL(depthwise3d, weight_grad(args)); }
+
+namespace {
+std::atomic<int> g_streaming{static_cast<int>(Streaming::kAuto)};
+}
+Streaming streaming() { return static_cast<Streaming>(g_streaming.load(std::memory_order_relaxed)); }
+void set_streaming(Streaming mode) { g_streaming.store(static_cast<int>(mode), std::memory_order_relaxed); }
 }  // namespace depthwise3d
 }  // namespace fastvid
 
@@ -371,12 +380,47 @@ constexpr int kBandRows = 4;
 constexpr int64_t kItemInputBytes = 512 * 1024;
 constexpr int kLineBytes = 64;
 constexpr int kVectorsPerLine = kLineBytes / cpu::kVecBytes;
-// Outputs larger than this per thread (more than its L2 can keep for a consumer) are written with
-// streaming stores (fp32, aligned whole vectors): the line is not read from memory first. At 256 bits
-// the two halves of a line are stored one block apart (vectors v and v + 1 of a line group) and meet in
-// the write-combining buffers. Zen 4, 4x96x8x28^2: AVX-512 two threads 1.5 -> 1.1 ms, AVX2 one thread
-// 3.5 -> 2.2 ms; a BatchNorm + ReLU on the output after it took the same time (1.13 vs 1.20 ms) either way.
+// Outputs larger than this per thread (more than its L2 can keep for a consumer) and than a quarter of
+// the last-level cache may be written with streaming stores (fp32, aligned whole vectors): the line is
+// not read from memory first. At 256 bits the two halves of a line are stored one block apart (vectors
+// v and v + 1 of a line group) and meet in the write-combining buffers. Zen 4 (32 MB L3), 4x96x8x28^2,
+// each call's tensors cold: AVX-512 two threads 1.5 -> 1.1 ms, AVX2 one thread 3.5 -> 2.2 ms; a BatchNorm
+// + ReLU on the output after it took the same time (1.13 vs 1.20 ms) either way. See streams_output.
 constexpr int64_t kStreamBytesPerThread = 1024 * 1024;
+
+// Whether forward_k3 writes its output with streaming stores (besides the dtype and width: kStreams):
+// - only where every position starts a line (C a multiple of 16 floats, output line-aligned): with
+//   C = 108 most vectors straddle two lines, and streaming the aligned ones among plain stores to the
+//   same lines made the AVX2 forward slower (4x108x8x28^2, two threads: 2.2-2.4 -> 2.8-3.1 ms);
+// - only for outputs above a quarter of the last-level cache: a smaller one's lines are likely still
+//   cached (the allocator hands out recently written memory, and the layers around keep theirs in L3),
+//   and a streaming store to a cached line first evicts it. Intel Xeon with a 480 MB L3, 4x96x8x28^2
+//   (9.6 MB out), two threads, in-process A/B: plain stores 1.0-1.1 ms against streaming 2.6-3.6 ms
+//   (AVX2) and 1.05-1.15 against 1.8-1.9 (AVX-512) right after native's conv, as fast or faster
+//   back to back but for AVX-512 with the phases below differing (1.23 vs 1.12 ms);
+// - not where a position is a whole number of 128-byte pairs of lines (C·4 a multiple of 128) and the
+//   output and input have the same 128-byte phase (bit 6 of their distance 0): then the input lines a
+//   channel group loads are 4 KiB aliases of output lines it has just stored (the same low 12 address
+//   bits; with the phases differing, only lines of another group are), and such loads wait for the
+//   streaming stores ahead of them to leave the store buffer. Same Intel, back to back: AVX2 2.1 vs
+//   1.2 ms, AVX-512 1.27 vs 1.12 (the equal phase is 1 in 2 of PyTorch's 64-byte aligned allocations;
+//   plain stores: 1.04 vs 0.97 ms). Not measured on AMD; session 24 saw the AVX2 forward take 0.9 ms in
+//   one process and 1.9 in the next on Zen 4, which this would explain.
+// (Streaming::kAlways / kNever: see depthwise3d_kernels.h.)
+bool streams_output(const Geometry& g, const void* input, const void* output, int64_t output_bytes, int64_t threads) {
+  static const int64_t last_level_cache = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));  // 0: unknown
+  const auto in = reinterpret_cast<uintptr_t>(input), out = reinterpret_cast<uintptr_t>(output);
+  const int64_t position_bytes = g.channels * int64_t(sizeof(float));
+  const bool lines = position_bytes % kLineBytes == 0 && out % kLineBytes == 0;
+  const bool aliasing_phase = position_bytes % (2 * kLineBytes) == 0 && ((out - in) / kLineBytes) % 2 == 0;
+  switch (streaming()) {
+    case Streaming::kAlways: return lines;
+    case Streaming::kNever: return false;
+    case Streaming::kAuto: break;
+  }
+  return lines && output_bytes > threads * kStreamBytesPerThread && output_bytes > last_level_cache / 4 &&
+         !aliasing_phase;
+}
 
 // Stores lanes [first, L) of v to p + first (the lanes below belong to another channel vector: not
 // written, another thread may be writing them). fp32 at 512 / 256 bits: one masked store (X3D's
@@ -646,12 +690,7 @@ void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<
   const int P = block_width<S>(g.out[2]);
   const int64_t threads = at::get_num_threads();
   const int64_t output_bytes = g.batch * g.out[0] * OH * g.out[2] * g.channels * int64_t(sizeof(scalar_t));
-  // Only where every position starts a line (C a multiple of 16 floats, output line-aligned): with C = 108
-  // most vectors straddle two lines, and streaming the aligned ones among plain stores to the same
-  // lines made the AVX2 forward slower (4x108x8x28^2, two threads: 2.2-2.4 -> 2.8-3.1 ms).
-  const bool stream = kStreams<scalar_t> && output_bytes > threads * kStreamBytesPerThread &&
-                      (g.channels * int64_t(sizeof(scalar_t))) % kLineBytes == 0 &&
-                      reinterpret_cast<uintptr_t>(output) % kLineBytes == 0;
+  const bool stream = kStreams<scalar_t> && streams_output(g, input, output, output_bytes, threads);
   const Boxes boxes(g, groups, threads, sizeof(scalar_t));
   at::parallel_for(0, boxes.count(g), 1, [&](int64_t begin, int64_t end) {
     SpreadPrefetch prefetch;

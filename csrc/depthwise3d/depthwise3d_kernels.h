@@ -65,6 +65,13 @@ void forward_cpu(const ForwardArgs& args);
 void input_grad_cpu(const InputGradArgs& args);
 void weight_grad_cpu(const WeightGradArgs& args);
 
+// Streaming stores of the channels-last kW = 3 forward and stride-1 input gradient (depthwise3d_cpu.cpp,
+// streams_output): kAuto decides per call; kAlways / kNever override that wherever the output's lines
+// allow it (tests run the streamed path on any machine; A/Bs). torch.ops.fastvid._set_depthwise_streaming.
+enum class Streaming { kAuto, kAlways, kNever };
+Streaming streaming();
+void set_streaming(Streaming mode);
+
 // depthwise3d_ncdhw_cpu.cpp: the same ops for NCDHW tensors and channel multiplier 1 (vectorised
 // along W). The same argument structs with every activation laid out [B, C, T, H, W] (input,
 // grad_input) / [B, C, OT, OH, OW] (output, grad_output), weight and grad_weight [C, taps]

@@ -18,6 +18,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -234,6 +235,21 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
   m.impl("depthwise_conv3d_backward", &depthwise_conv3d_backward)
 
 TORCH_LIBRARY_IMPL(fastvid, CPU, m) { FASTVID_REGISTER_DEPTHWISE3D(m); }
+
+// No tensor arguments: a CompositeImplicitAutograd kernel serves every call.
+TORCH_LIBRARY_IMPL(fastvid, CompositeImplicitAutograd, m) {
+  m.impl("_set_depthwise_streaming", [](std::string mode) {
+    using fastvid::depthwise3d::Streaming;
+    const char* names[] = {"auto", "always", "never"};
+    int want = -1;
+    for (int i = 0; i < 3; ++i)
+      if (mode == names[i]) want = i;
+    TORCH_CHECK(want >= 0, "fastvid._set_depthwise_streaming: mode must be one of auto, always, never, got '", mode, "'");
+    const std::string previous = names[static_cast<int>(fastvid::depthwise3d::streaming())];
+    fastvid::depthwise3d::set_streaming(static_cast<Streaming>(want));
+    return previous;
+  });
+}
 
 #ifdef FASTVID_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastvid, CUDA, m) { FASTVID_REGISTER_DEPTHWISE3D(m); }
