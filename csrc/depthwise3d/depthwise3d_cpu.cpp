@@ -6,8 +6,8 @@
 //     through conv_block_k3 (P positions × one channel vector: per (kt, kh) row the source window is
 //     loaded once into registers and each tap's weight vector serves all P positions), W borders
 //     included. Work items are boxes of output rows whose input fits in L2, swept one 64-byte line
-//     of channels at a time, the next box's rows prefetched meanwhile; large fp32 outputs are
-//     written with streaming stores (see "Loop order" below).
+//     of channels at a time, the next box's rows prefetched meanwhile where the input is unlikely
+//     to be in L3; fp32 outputs too large for L3 are written with streaming stores (see "Loop order" below).
 //   other widths / strides, per row of W positions: interior positions (every W tap in range) go
 //     8 at a time through sweep_positions (each weight vector loaded once per tap for 8 positions;
 //     the input gradient only when the W stride is 1); border positions build their list of valid
@@ -380,6 +380,15 @@ constexpr int kBandRows = 4;
 constexpr int64_t kItemInputBytes = 512 * 1024;
 constexpr int kLineBytes = 64;
 constexpr int kVectorsPerLine = kLineBytes / cpu::kVecBytes;
+// Whether tensors of `bytes` an op is about to read or write are likely in the last-level cache
+// already: at most a quarter of it (the layers around them keep theirs there too). Then the next
+// work item's rows need no software prefetch and an output no streaming stores (see streams_output
+// and the two SpreadPrefetch users). An unknown size (sysconf 0) counts as too small.
+bool likely_in_last_level_cache(int64_t bytes) {
+  static const int64_t last_level_cache = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+  return bytes <= last_level_cache / 4;
+}
+
 // Outputs larger than this per thread (more than its L2 can keep for a consumer) and than a quarter of
 // the last-level cache may be written with streaming stores (fp32, aligned whole vectors): the line is
 // not read from memory first. At 256 bits the two halves of a line are stored one block apart (vectors
@@ -408,7 +417,6 @@ constexpr int64_t kStreamBytesPerThread = 1024 * 1024;
 //   one process and 1.9 in the next on Zen 4, which this would explain.
 // (Streaming::kAlways / kNever: see depthwise3d_kernels.h.)
 bool streams_output(const Geometry& g, const void* input, const void* output, int64_t output_bytes, int64_t threads) {
-  static const int64_t last_level_cache = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));  // 0: unknown
   const auto in = reinterpret_cast<uintptr_t>(input), out = reinterpret_cast<uintptr_t>(output);
   const int64_t position_bytes = g.channels * int64_t(sizeof(float));
   const bool lines = position_bytes % kLineBytes == 0 && out % kLineBytes == 0;
@@ -418,7 +426,7 @@ bool streams_output(const Geometry& g, const void* input, const void* output, in
     case Streaming::kNever: return false;
     case Streaming::kAuto: break;
   }
-  return lines && output_bytes > threads * kStreamBytesPerThread && output_bytes > last_level_cache / 4 &&
+  return lines && output_bytes > threads * kStreamBytesPerThread && !likely_in_last_level_cache(output_bytes) &&
          !aliasing_phase;
 }
 
@@ -691,13 +699,19 @@ void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<
   const int64_t threads = at::get_num_threads();
   const int64_t output_bytes = g.batch * g.out[0] * OH * g.out[2] * g.channels * int64_t(sizeof(scalar_t));
   const bool stream = kStreams<scalar_t> && streams_output(g, input, output, output_bytes, threads);
+  // The next box's new input rows come from memory only where the input is unlikely to be in L3. Intel
+  // Xeon, 480 MB L3, 4x96x8x28^2, two threads, same-process A/B: without that prefetch 3-17 % faster back
+  // to back, after native's conv or after a 64 MB read, -10..+9 % after a 64 MB write (Zen 4, 32 MB L3,
+  // session 24: 3-56 % slower without it).
+  const bool prefetch_next = !likely_in_last_level_cache(g.batch * g.in[0] * g.in[1] * g.in[2] * g.channels *
+                                                         int64_t(sizeof(scalar_t)));
   const Boxes boxes(g, groups, threads, sizeof(scalar_t));
   at::parallel_for(0, boxes.count(g), 1, [&](int64_t begin, int64_t end) {
     SpreadPrefetch prefetch;
     for (int64_t item = begin; item < end; ++item) {
       const Box box = boxes(g, item);
       prefetch.clear();
-      if (item + 1 < end) add_new_input_rows(prefetch, g, input, box, boxes(g, item + 1));
+      if (prefetch_next && item + 1 < end) add_new_input_rows(prefetch, g, input, box, boxes(g, item + 1));
       // over the row calls after the first group's (all of them where there is one group)
       const int64_t rows = (box.t1 - box.t0) * (box.h1 - box.h0);
       prefetch.spread_over(std::max<int64_t>(1, box.v1 - box.v0 - 1) * rows);
@@ -1341,12 +1355,21 @@ void weight_grad_impl(const WeightGradArgs& a) {
       // next chunk's rows (add_weight_grad_rows): Zen 4, 4x96x8x28^2, each call's tensors cold:
       // one thread 3.3 -> 2.4 ms, two 1.8 -> 1.4 ms (AVX2 2.2 -> 2.0) against the groups-major order
       // (items (group, chunk): one group's slices of the input planes stay in L2 from one chunk to
-      // the next, but each pass over the tensors reads one line in three, strided).
+      // the next, but each pass over the tensors reads one line in three, strided). That prefetch only
+      // where the tensors are unlikely to be in L3: it stalls on full miss queues (the lines of a row
+      // step at once) and the rows come fast enough from L3 without it. Intel Xeon, 480 MB L3, two
+      // threads, same-process A/B: without it 17-24 % faster (AVX-512), 8-18 % (AVX2), back to back,
+      // after native's fwd+bwd and after a 64 MB read or write; perf put ~45 % of the later groups'
+      // samples on the prefetch. Zen 4 (32 MB L3, session 24): 16-27 % faster without it with the data
+      // in L3, 30 % slower (AVX2) from memory.
+      const bool prefetch_next =
+          !likely_in_last_level_cache((g.batch * g.in[0] * g.in[1] * g.in[2] + rows * g.out[2]) * g.channels *
+                                      int64_t(sizeof(scalar_t)));
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
         SpreadPrefetch prefetch;
         for (int64_t chunk = begin; chunk < end; ++chunk) {
           prefetch.clear();
-          if (chunk + 1 < end) {
+          if (prefetch_next && chunk + 1 < end) {
             const auto [next_begin, next_end] = chunk_rows(chunk + 1);
             add_weight_grad_rows(prefetch, g, input, grad_output, next_begin, next_end);
           }
