@@ -304,6 +304,40 @@ def test_channels_last_forward_work_split(shape, channels, cpu_isa, streaming):
     assert_full_precision(gi2, gi_oracle, "input gradient")
 
 
+@pytest.mark.parametrize("shape,channels", [((2, 8, 28, 28), 96), ((2, 5, 9, 7), 20), ((1, 3, 4, 30), 108)],
+                         ids=["lines", "tail", "C108"])
+def test_channels_last_fused_backward(shape, channels, cpu_isa, streaming):
+    """Stride 1 with the output the size of the input: the channels-innermost backward computes both
+    gradients in one pass, chunk by chunk of rows (csrc/depthwise3d/depthwise3d_cpu.cpp, backward_impl;
+    12 to 448 rows here, so at least 4 chunks per thread). Its results are bit-identical to each
+    gradient asked for alone (then each runs its own pass) at 1 and 2 threads, with the input gradient's
+    streaming stores forced on and off, and match the tap-sum oracle in float64."""
+    B, T, H, W = shape
+    x = torch.randn(B, channels, T, H, W).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(channels, 1, 3, 3, 3) / 9
+    args = ((1, 1, 1), (1, 1, 1), (1, 1, 1))
+    go = torch.randn(B, channels, T, H, W).contiguous(memory_format=torch.channels_last_3d)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            both = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, True])
+            (gi_alone,) = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, False, False])[:1]
+            _, gw_alone, gb_alone = OPS.depthwise_conv3d_backward(go, x, w, *args, [False, True, True])
+            assert torch.equal(both[0], gi_alone), f"input gradient differs from its own pass ({n} threads)"
+            assert torch.equal(both[1], gw_alone), f"weight gradient differs from its own pass ({n} threads)"
+            assert torch.equal(both[2], gb_alone), f"bias gradient differs from its own pass ({n} threads)"
+    finally:
+        torch.set_num_threads(threads)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    oracle = tap_sum_depthwise(x64, w64, None, *args)
+    gi_oracle, gw_oracle = torch.autograd.grad(oracle, (x64, w64), go.double())
+    assert both[0].is_contiguous(memory_format=torch.channels_last_3d)
+    assert_full_precision(both[0], gi_oracle, "input gradient")
+    assert_full_precision(both[1], gw_oracle, "weight gradient")
+    assert_full_precision(both[2], go.double().sum((0, 2, 3, 4)), "bias gradient")
+
+
 def tap_sum_depthwise(x, w, b, stride, padding, dilation):
     """Depthwise conv as the sum over kernel taps of weight × a strided window of the zero-padded
     input, in float64: an oracle that shares no code with F.conv3d."""

@@ -64,6 +64,10 @@ inline std::optional<Geometry> flipped_geometry(const Geometry& g) {
 void forward_cpu(const ForwardArgs& args);
 void input_grad_cpu(const InputGradArgs& args);
 void weight_grad_cpu(const WeightGradArgs& args);
+// Both gradients of one call (the same geometry in both argument structs): in one pass over the tensors
+// where the geometry allows it (stride 1, output the size of the input, kW = 3: depthwise3d_cpu.cpp,
+// backward_impl), else input_grad_cpu then weight_grad_cpu.
+void backward_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args);
 
 // Streaming stores of the channels-last kW = 3 forward and stride-1 input gradient (depthwise3d_cpu.cpp,
 // streams_output): kAuto decides per call; kAlways / kNever override that wherever the output's lines

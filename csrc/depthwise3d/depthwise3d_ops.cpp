@@ -187,43 +187,53 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
   Tensor grad_bias = at::empty({0}, input.options());
   const KernelLayout layout{ncdhw_path(input, g)};
   const Tensor go = layout.operand(grad_output);
-  if (output_mask[0]) {
-    const Tensor w = layout.weight(weight, g);
-    Tensor gi = layout.empty(g, g.channels, true, input.options());
-    InputGradArgs a;
-    a.geo = g;
-    a.dtype = input.scalar_type();
-    a.grad_output = go.data_ptr();
-    a.weight = w.data_ptr();
-    a.grad_input = gi.data_ptr();
-    if (layout.ncdhw) FASTVID_LAUNCH(input_grad_ncdhw, a, input.device());
-    else FASTVID_LAUNCH(input_grad, a, input.device());
-    grad_input = layout.result(gi, input);
+  const bool want_input = output_mask[0], want_weight = output_mask[1] || output_mask[2];
+  Tensor w, gi, x, gw, gb;
+  InputGradArgs ia;
+  if (want_input) {
+    w = layout.weight(weight, g);
+    gi = layout.empty(g, g.channels, true, input.options());
+    ia.geo = g;
+    ia.dtype = input.scalar_type();
+    ia.grad_output = go.data_ptr();
+    ia.weight = w.data_ptr();
+    ia.grad_input = gi.data_ptr();
   }
-  if (output_mask[1] || output_mask[2]) {
-    const Tensor x = layout.operand(input);
+  WeightGradArgs wa;
+  if (want_weight) {
+    x = layout.operand(input);
     // The kernels' weight gradient is laid out like their weight: [C*m, taps] or [taps, C*m].
     const std::vector<int64_t> gw_shape = layout.ncdhw ? std::vector<int64_t>{g.out_channels(), g.taps()}
                                                        : std::vector<int64_t>{g.taps(), g.out_channels()};
-    Tensor gw = output_mask[1] ? at::empty(gw_shape, input.options().dtype(acc)) : Tensor();
-    Tensor gb = output_mask[2] ? at::empty({g.out_channels()}, input.options().dtype(acc)) : Tensor();
-    WeightGradArgs a;
-    a.geo = g;
-    a.dtype = input.scalar_type();
-    a.grad_output = go.data_ptr();
-    a.input = x.data_ptr();
-    a.grad_weight = gw.defined() ? gw.data_ptr() : nullptr;
-    a.grad_bias = gb.defined() ? gb.data_ptr() : nullptr;
-    if (layout.ncdhw) FASTVID_LAUNCH(weight_grad_ncdhw, a, input.device());
-    else FASTVID_LAUNCH(weight_grad, a, input.device());
-    if (gw.defined()) {
-      grad_weight = at::empty(weight.sizes(), input.options());
-      grad_weight.view({g.out_channels(), g.taps()}).copy_(layout.ncdhw ? gw : gw.t());
+    if (output_mask[1]) gw = at::empty(gw_shape, input.options().dtype(acc));
+    if (output_mask[2]) gb = at::empty({g.out_channels()}, input.options().dtype(acc));
+    wa.geo = g;
+    wa.dtype = input.scalar_type();
+    wa.grad_output = go.data_ptr();
+    wa.input = x.data_ptr();
+    wa.grad_weight = gw.defined() ? gw.data_ptr() : nullptr;
+    wa.grad_bias = gb.defined() ? gb.data_ptr() : nullptr;
+  }
+  if (want_input && want_weight && !layout.ncdhw && !input.is_cuda()) {
+    backward_cpu(ia, wa);  // both in one pass where it can
+  } else {
+    if (want_input) {
+      if (layout.ncdhw) FASTVID_LAUNCH(input_grad_ncdhw, ia, input.device());
+      else FASTVID_LAUNCH(input_grad, ia, input.device());
     }
-    if (gb.defined()) {
-      grad_bias = at::empty({g.out_channels()}, input.options());
-      grad_bias.copy_(gb);
+    if (want_weight) {
+      if (layout.ncdhw) FASTVID_LAUNCH(weight_grad_ncdhw, wa, input.device());
+      else FASTVID_LAUNCH(weight_grad, wa, input.device());
     }
+  }
+  if (want_input) grad_input = layout.result(gi, input);
+  if (gw.defined()) {
+    grad_weight = at::empty(weight.sizes(), input.options());
+    grad_weight.view({g.out_channels(), g.taps()}).copy_(layout.ncdhw ? gw : gw.t());
+  }
+  if (gb.defined()) {
+    grad_bias = at::empty({g.out_channels()}, input.options());
+    grad_bias.copy_(gb);
   }
   return {grad_input, grad_weight, grad_bias};
 }
