@@ -5,7 +5,7 @@
 //   kW = 3, W dilation 1, W stride 1 or 2 (X3D, CSN, S3D): forward_k3. Every output position goes
 //     through conv_block_k3 (P positions × one channel vector: per (kt, kh) row the source window is
 //     loaded once into registers and each tap's weight vector serves all P positions), W borders
-//     included. Work items are boxes of output rows whose input fits in L2, swept one 64-byte line
+//     included. Work items are boxes of output rows whose input fits in L2, swept two 64-byte lines
 //     of channels at a time, the next box's rows prefetched meanwhile where the input is unlikely
 //     to be in L3; fp32 outputs too large for L3 are written with streaming stores (see "Loop order" below).
 //   other widths / strides, per row of W positions: interior positions (every W tap in range) go
@@ -372,8 +372,8 @@ constexpr int kBlockW1 = cpu::kVecBytes == 64 ? 14 : 7;
 constexpr int kBlockW2 = cpu::kVecBytes == 64 ? 7 : 4;
 // Loop order (forward_k3): work items are boxes of output rows -- one batch index, a chunk of output
 // planes and a band of kBandRows rows -- whose input rows fit in L2 (kItemInputBytes). Within an item
-// the channels go in groups of one 64-byte line per position (1 vector at 512 bits, 2 at 256, 4 at
-// 128), outermost, and each group sweeps the item's planes and rows: a group's input rows are reused
+// the channels go in groups of two 64-byte lines per position (group_vectors: 2 vectors at 512 bits, 4
+// at 256, 8 at 128; one line where the output is streamed), outermost, and each group sweeps the item's planes and rows: a group's input rows are reused
 // from L1 by the rows of the band and the planes after it, and the box's input lines come from memory
 // once (for the first group) and from L2 for the others. While the later groups run, the next item's
 // new input rows are prefetched into L2, spread over the row calls, so that its first group does not
@@ -384,7 +384,13 @@ constexpr int kBlockW2 = cpu::kVecBytes == 64 ? 7 : 4;
 constexpr int kBandRows = 4;
 constexpr int64_t kItemInputBytes = 512 * 1024;
 constexpr int kLineBytes = 64;
-constexpr int kVectorsPerLine = kLineBytes / cpu::kVecBytes;
+// Channel vectors per group of forward_k3's loop order (see "Loop order" above): two 64-byte lines per
+// position, the pair the L2 spatial prefetcher fetches together. Intel Xeon, 4x96x8x28^2, two threads,
+// same-process A/B against one line (order shuffled per round): module step (fwd+bwd) 6-7 % faster on
+// both paths after native's step and 6-9 % back to back, the forward after native's step 0-9 % (AVX-512)
+// and 12 % (AVX2); four lines no better. With streaming stores one line, the group streams_output's
+// 4 KiB-aliasing rule was derived and measured for.
+int group_vectors(bool stream) { return (stream ? kLineBytes : 2 * kLineBytes) / cpu::kVecBytes; }
 // Whether tensors of `bytes` an op is about to read or write are likely in the last-level cache
 // already: at most a quarter of it (the layers around them keep theirs there too). Then the next
 // work item's rows need no software prefetch and an output no streaming stores (see streams_output
@@ -618,7 +624,7 @@ IndexRange input_range(int64_t o0, int64_t o1, int64_t k, int64_t stride, int64_
 }
 
 // One work item of forward_k3: output planes [t0, t1) and rows [h0, h1) of batch index b, channel
-// groups [v0, v1) (groups of kVectorsPerLine vectors).
+// groups [v0, v1) (groups of group_vectors vectors).
 struct Box {
   int64_t b, t0, t1, h0, h1, v0, v1;
 };
@@ -699,11 +705,12 @@ void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::lanes;
   const int64_t OH = g.out[1], vectors = (g.channels + L - 1) / L;
-  const int64_t groups = (vectors + kVectorsPerLine - 1) / kVectorsPerLine;
   const int P = block_width<S>(g.out[2]);
   const int64_t threads = at::get_num_threads();
   const int64_t output_bytes = g.batch * g.out[0] * OH * g.out[2] * g.channels * int64_t(sizeof(scalar_t));
   const bool stream = kStreams<scalar_t> && streams_output(g, input, output, output_bytes, threads);
+  const int per_group = group_vectors(stream);
+  const int64_t groups = (vectors + per_group - 1) / per_group;
   // The next box's new input rows come from memory only where the input is unlikely to be in L3. Intel
   // Xeon, 480 MB L3, 4x96x8x28^2, two threads, same-process A/B: without that prefetch 3-17 % faster back
   // to back, after native's conv or after a 64 MB read, -10..+9 % after a 64 MB write (Zen 4, 32 MB L3,
@@ -724,7 +731,7 @@ void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<
         for (int64_t ot = box.t0; ot < box.t1; ++ot)
           for (int64_t oh = box.h0; oh < box.h1; ++oh) {
             forward_row_k3<S>(g, input, weight, bias, output, (box.b * g.out[0] + ot) * OH + oh, P,
-                              v * kVectorsPerLine, std::min(vectors, (v + 1) * kVectorsPerLine), stream);
+                              v * per_group, std::min(vectors, (v + 1) * per_group), stream);
             if (v > box.v0 || box.v1 - box.v0 == 1) prefetch.step();
           }
       }
@@ -1472,7 +1479,7 @@ bool fused_backward_applies(const Geometry& g) {
 
 // Both gradients. Where fused_backward_applies, per chunk of rows of the weight gradient first the
 // chunk's input-gradient rows (forward_k3's rows on grad_output with the flipped kernel, one 64-byte
-// line of channels at a time over the chunk's rows, as in forward_k3's boxes), then the chunk's weight
+// group of channels at a time over the chunk's rows, as in forward_k3's boxes), then the chunk's weight
 // sums, which read the chunk's grad_output rows again while they are in L2: grad_output crosses from
 // memory once per call instead of twice. Else the input gradient, then the weight gradient.
 // Intel Xeon (480 MB L3, shared), 4x96x8x28^2, two threads, same-process A/B against the two passes,
@@ -1495,17 +1502,18 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   const auto* grad_output = static_cast<const scalar_t*>(ia.grad_output);
   auto* grad_input = static_cast<scalar_t*>(ia.grad_input);
   const int64_t vectors = (g.channels + L - 1) / L;
-  const int64_t groups = (vectors + kVectorsPerLine - 1) / kVectorsPerLine;
   const int P = block_width<1>(f.out[2]);
   const int64_t grad_input_bytes = g.batch * g.in[0] * g.in[1] * g.in[2] * g.channels * int64_t(sizeof(scalar_t));
   const bool stream =
       kStreams<scalar_t> && streams_output(f, grad_output, grad_input, grad_input_bytes, at::get_num_threads());
+  const int per_group = group_vectors(stream);
+  const int64_t groups = (vectors + per_group - 1) / per_group;
   const acc_t* no_bias = nullptr;
   weight_grad_impl<scalar_t>(wa, [&](int64_t row_begin, int64_t row_end) {
     for (int64_t v = 0; v < groups; ++v)
       for (int64_t row = row_begin; row < row_end; ++row)
-        forward_row_k3<1>(f, grad_output, w.data(), no_bias, grad_input, row, P, v * kVectorsPerLine,
-                          std::min(vectors, (v + 1) * kVectorsPerLine), stream);
+        forward_row_k3<1>(f, grad_output, w.data(), no_bias, grad_input, row, P, v * per_group,
+                          std::min(vectors, (v + 1) * per_group), stream);
   });
 }
 
