@@ -373,11 +373,11 @@ constexpr int kBlockW2 = cpu::kVecBytes == 64 ? 7 : 4;
 // Loop order (forward_k3): work items are boxes of output rows -- one batch index, a chunk of output
 // planes and a band of kBandRows rows -- whose input rows fit in L2 (kItemInputBytes). Within an item
 // the channels go in groups of two 64-byte lines per position (group_vectors: 2 vectors at 512 bits, 4
-// at 256, 8 at 128; one line where the output is streamed), outermost, and each group sweeps the item's planes and rows: a group's input rows are reused
-// from L1 by the rows of the band and the planes after it, and the box's input lines come from memory
-// once (for the first group) and from L2 for the others. While the later groups run, the next item's
-// new input rows are prefetched into L2, spread over the row calls, so that its first group does not
-// wait on memory. AMD Zen 4, 4x96x8x28^2, two threads, each call's input cold: 1.8 -> 1.1 ms with
+// at 256, 8 at 128; one line where the output is streamed), outermost, and each group sweeps the
+// item's planes and rows: a group's input rows are reused from L1 by the rows of the band and the
+// planes after it, and the box's input lines come from memory once (for the first group) and from L2
+// for the others. While the later groups run, the next item's new input rows are prefetched into L2,
+// spread over the row calls, so that its first group does not wait on memory. AMD Zen 4, 4x96x8x28^2, two threads, each call's input cold: 1.8 -> 1.1 ms with
 // the streaming stores below (one channel vector over whole output planes before: every 64-byte line
 // of a position read in a separate pass over the plane, ~25 % of the FMA peak against ~80 % with the
 // data in L2; all channels of a row at a time: no reuse of a row from L1 across planes).
@@ -1478,8 +1478,8 @@ bool fused_backward_applies(const Geometry& g) {
 }
 
 // Both gradients. Where fused_backward_applies, per chunk of rows of the weight gradient first the
-// chunk's input-gradient rows (forward_k3's rows on grad_output with the flipped kernel, one 64-byte
-// group of channels at a time over the chunk's rows, as in forward_k3's boxes), then the chunk's weight
+// chunk's input-gradient rows (forward_k3's rows on grad_output with the flipped kernel, one channel
+// group (group_vectors) at a time over the chunk's rows, as in forward_k3's boxes), then the chunk's weight
 // sums, which read the chunk's grad_output rows again while they are in L2: grad_output crosses from
 // memory once per call instead of twice. Else the input gradient, then the weight gradient.
 // Intel Xeon (480 MB L3, shared), 4x96x8x28^2, two threads, same-process A/B against the two passes,
