@@ -1483,11 +1483,11 @@ bool fused_backward_applies(const Geometry& g) {
 // sums, which read the chunk's grad_output rows again while they are in L2: grad_output crosses from
 // memory once per call instead of twice. Else the input gradient, then the weight gradient.
 // Intel Xeon (480 MB L3, shared), 4x96x8x28^2, two threads, same-process A/B against the two passes,
-// each call after the forward: after native's fwd+bwd step (which evicts these tensors: reading the
-// input then runs at 20 GB/s, as after a 256 MB write, against 51 warm) 11-13 % faster on AVX-512 and
-// 7-9 % on AVX2; after a 256 MB write 4-5 % / 1-4 %; warm 2-3 % faster / 2-7 % slower (a chunk is half
-// a plane, so the input gradient's grad_output rows are not reused across planes from L1 as in
-// forward_k3's boxes).
+// each call after the forward, with two-line channel groups (group_vectors): after native's fwd+bwd
+// step (which evicts these tensors: reading the input then runs at 20 GB/s, as after a 256 MB write,
+// against 51 warm) 12 % faster on AVX-512 and 10 % on AVX2; after a 256 MB write 6 % / 5 %; back to
+// back 7 % / 9 %. (With one-line groups back to back was 2-3 % faster / 2-7 % slower.) A chunk is half
+// a plane, so its grad_output rows are not reused across planes from L1 as in forward_k3's boxes.
 template <typename scalar_t>
 void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   using acc_t = at::opmath_type<scalar_t>;
