@@ -42,6 +42,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -1408,12 +1409,27 @@ void weight_grad_impl(const WeightGradArgs& a, BeforeChunk&& before_chunk = Befo
       const bool prefetch_next =
           !likely_in_last_level_cache((g.batch * g.in[0] * g.in[1] * g.in[2] + rows * g.out[2]) * g.channels *
                                       int64_t(sizeof(scalar_t)));
+      // The chunks in the order (b, first row, plane): where chunks are parts of planes, the next chunk
+      // of a thread is the same rows of the next plane, whose input (and, fused, grad_output) planes it
+      // shares but one, still in L2, as forward_k3's boxes. Any order gives the same sums (one partial
+      // per chunk). Intel Xeon, 4x96x8x28^2 (chunks of half a plane), two threads, same-process A/B
+      // against row order: fused backward 3-8 % faster (AVX-512) and 1-3 % (AVX2), after native's step
+      // and back to back.
+      std::vector<int64_t> order(chunks);
+      for (int64_t c = 0; c < chunks; ++c) order[c] = c;
+      auto plane_major = [&](int64_t c) {
+        const int64_t r = chunk_rows(c).first;
+        return std::make_tuple(r / (OT * OH), r % OH, (r / OH) % OT);
+      };
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t a, int64_t b) { return plane_major(a) < plane_major(b); });
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
         SpreadPrefetch prefetch;
-        for (int64_t chunk = begin; chunk < end; ++chunk) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t chunk = order[item];
           prefetch.clear();
-          if (prefetch_next && chunk + 1 < end) {
-            const auto [next_begin, next_end] = chunk_rows(chunk + 1);
+          if (prefetch_next && item + 1 < end) {
+            const auto [next_begin, next_end] = chunk_rows(order[item + 1]);
             add_weight_grad_rows(prefetch, g, input, grad_output, next_begin, next_end);
           }
           const auto [row_begin, row_end] = chunk_rows(chunk);
