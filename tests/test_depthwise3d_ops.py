@@ -309,8 +309,9 @@ def test_channels_last_forward_work_split(shape, channels, cpu_isa, streaming):
 def test_channels_last_fused_backward(shape, channels, cpu_isa, streaming):
     """Stride 1 with the output the size of the input: the channels-innermost backward computes both
     gradients in one pass, chunk by chunk of rows (csrc/depthwise3d/depthwise3d_cpu.cpp, backward_impl;
-    12 to 448 rows here, so at least 4 chunks per thread). Its results are bit-identical to each
-    gradient asked for alone (then each runs its own pass) at 1 and 2 threads, with the input gradient's
+    12 to 448 rows here, so at least 4 chunks per thread). Its results, also with only the weight or
+    only the bias gradient asked for beside the input gradient, are bit-identical to each gradient
+    asked for alone (then each runs its own pass) at 1 and 2 threads, with the input gradient's
     streaming stores forced on and off, and match the tap-sum oracle in float64."""
     B, T, H, W = shape
     x = torch.randn(B, channels, T, H, W).contiguous(memory_format=torch.channels_last_3d)
@@ -327,6 +328,15 @@ def test_channels_last_fused_backward(shape, channels, cpu_isa, streaming):
             assert torch.equal(both[0], gi_alone), f"input gradient differs from its own pass ({n} threads)"
             assert torch.equal(both[1], gw_alone), f"weight gradient differs from its own pass ({n} threads)"
             assert torch.equal(both[2], gb_alone), f"bias gradient differs from its own pass ({n} threads)"
+            # the input gradient with only one of the others (the bias alone is summed in another order
+            # than beside the weight gradient, so each is compared with its own mask asked for alone)
+            gi_b, none_w, gb_b = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, False, True])
+            gi_w, gw_w, none_b = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, False])
+            gb_only = OPS.depthwise_conv3d_backward(go, x, w, *args, [False, False, True])[2]
+            gw_only = OPS.depthwise_conv3d_backward(go, x, w, *args, [False, True, False])[1]
+            assert none_w.numel() == 0 and none_b.numel() == 0
+            assert torch.equal(gi_b, gi_alone) and torch.equal(gb_b, gb_only), "input + bias gradients"
+            assert torch.equal(gi_w, gi_alone) and torch.equal(gw_w, gw_only), "input + weight gradients"
     finally:
         torch.set_num_threads(threads)
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
