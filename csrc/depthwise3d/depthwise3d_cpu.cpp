@@ -378,10 +378,11 @@ constexpr int kBlockW2 = cpu::kVecBytes == 64 ? 7 : 4;
 // item's planes and rows: a group's input rows are reused from L1 by the rows of the band and the
 // planes after it, and the box's input lines come from memory once (for the first group) and from L2
 // for the others. While the later groups run, the next item's new input rows are prefetched into L2,
-// spread over the row calls, so that its first group does not wait on memory. AMD Zen 4, 4x96x8x28^2, two threads, each call's input cold: 1.8 -> 1.1 ms with
-// the streaming stores below (one channel vector over whole output planes before: every 64-byte line
-// of a position read in a separate pass over the plane, ~25 % of the FMA peak against ~80 % with the
-// data in L2; all channels of a row at a time: no reuse of a row from L1 across planes).
+// spread over the row calls, so that its first group does not wait on memory. AMD Zen 4, 4x96x8x28^2,
+// two threads, each call's input cold: 1.8 -> 1.1 ms with the streaming stores below (one channel
+// vector over whole output planes before: every 64-byte line of a position read in a separate pass over
+// the plane, ~25 % of the FMA peak against ~80 % with the data in L2; all channels of a row at a time:
+// no reuse of a row from L1 across planes).
 constexpr int kBandRows = 4;
 constexpr int64_t kItemInputBytes = 512 * 1024;
 constexpr int kLineBytes = 64;
@@ -700,25 +701,46 @@ void add_new_input_rows(SpreadPrefetch& prefetch, const Geometry& g, const scala
                  (nh.end - nh.begin) * row_bytes);
 }
 
+// What forward_k3 decides once per call for its row calls: the register block width, whether the output
+// is streamed, and the channel groups of its loop order (group_vectors). The fused backward's
+// input-gradient rows (backward_impl) run under the same plan.
+template <int S, typename scalar_t>
+struct RowPlan {
+  using acc_t = at::opmath_type<scalar_t>;
+  int P;
+  bool stream;
+  int64_t vectors, per_group, groups;
+
+  RowPlan(const Geometry& g, const scalar_t* input, const scalar_t* output) {
+    const int64_t output_bytes =
+        g.batch * g.out[0] * g.out[1] * g.out[2] * g.channels * int64_t(sizeof(scalar_t));
+    P = block_width<S>(g.out[2]);
+    stream = kStreams<scalar_t> && streams_output(g, input, output, output_bytes, at::get_num_threads());
+    vectors = (g.channels + Vec<acc_t>::lanes - 1) / Vec<acc_t>::lanes;
+    per_group = group_vectors(stream);
+    groups = (vectors + per_group - 1) / per_group;
+  }
+  // Output row `row` ((b·OT + ot)·OH + oh), channel group v.
+  void run_row(const Geometry& g, const scalar_t* input, const acc_t* weight, const acc_t* bias, scalar_t* output,
+               int64_t row, int64_t v) const {
+    forward_row_k3<S>(g, input, weight, bias, output, row, P, v * per_group, std::min(vectors, (v + 1) * per_group),
+                      stream);
+  }
+};
+
 template <int S, typename scalar_t>
 void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<scalar_t>* weight,
                 const at::opmath_type<scalar_t>* bias, scalar_t* output) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = Vec<acc_t>::lanes;
-  const int64_t OH = g.out[1], vectors = (g.channels + L - 1) / L;
-  const int P = block_width<S>(g.out[2]);
+  const int64_t OH = g.out[1];
   const int64_t threads = at::get_num_threads();
-  const int64_t output_bytes = g.batch * g.out[0] * OH * g.out[2] * g.channels * int64_t(sizeof(scalar_t));
-  const bool stream = kStreams<scalar_t> && streams_output(g, input, output, output_bytes, threads);
-  const int per_group = group_vectors(stream);
-  const int64_t groups = (vectors + per_group - 1) / per_group;
+  const RowPlan<S, scalar_t> plan(g, input, output);
   // The next box's new input rows come from memory only where the input is unlikely to be in L3. Intel
   // Xeon, 480 MB L3, 4x96x8x28^2, two threads, same-process A/B: without that prefetch 3-17 % faster back
   // to back, after native's conv or after a 64 MB read, -10..+9 % after a 64 MB write (Zen 4, 32 MB L3,
   // session 24: 3-56 % slower without it).
   const bool prefetch_next = !likely_in_last_level_cache(g.batch * g.in[0] * g.in[1] * g.in[2] * g.channels *
                                                          int64_t(sizeof(scalar_t)));
-  const Boxes boxes(g, groups, threads, sizeof(scalar_t));
+  const Boxes boxes(g, plan.groups, threads, sizeof(scalar_t));
   at::parallel_for(0, boxes.count(g), 1, [&](int64_t begin, int64_t end) {
     SpreadPrefetch prefetch;
     for (int64_t item = begin; item < end; ++item) {
@@ -731,14 +753,13 @@ void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<
       for (int64_t v = box.v0; v < box.v1; ++v) {
         for (int64_t ot = box.t0; ot < box.t1; ++ot)
           for (int64_t oh = box.h0; oh < box.h1; ++oh) {
-            forward_row_k3<S>(g, input, weight, bias, output, (box.b * g.out[0] + ot) * OH + oh, P,
-                              v * per_group, std::min(vectors, (v + 1) * per_group), stream);
+            plan.run_row(g, input, weight, bias, output, (box.b * g.out[0] + ot) * OH + oh, v);
             if (v > box.v0 || box.v1 - box.v0 == 1) prefetch.step();
           }
       }
     }
 #if FASTVID_VEC_BYTES >= 32
-    if (stream) _mm_sfence();  // the streaming stores are visible before parallel_for returns
+    if (plan.stream) _mm_sfence();  // the streaming stores are visible before parallel_for returns
 #endif
   });
 }
@@ -1494,9 +1515,9 @@ bool fused_backward_applies(const Geometry& g) {
 }
 
 // Both gradients. Where fused_backward_applies, per chunk of rows of the weight gradient first the
-// chunk's input-gradient rows (forward_k3's rows on grad_output with the flipped kernel, one channel
-// group (group_vectors) at a time over the chunk's rows, as in forward_k3's boxes), then the chunk's weight
-// sums, which read the chunk's grad_output rows again while they are in L2: grad_output crosses from
+// chunk's input-gradient rows (forward_k3's rows on grad_output with the flipped kernel and its RowPlan,
+// one channel group at a time over the chunk's rows, as in forward_k3's boxes), then the chunk's
+// weight sums, which read the chunk's grad_output rows again while they are in L2: grad_output crosses from
 // memory once per call instead of twice. Else the input gradient, then the weight gradient.
 // Intel Xeon (480 MB L3, shared), 4x96x8x28^2, two threads, same-process A/B against the two passes,
 // each call after the forward, with two-line channel groups (group_vectors): after native's fwd+bwd
@@ -1507,7 +1528,6 @@ bool fused_backward_applies(const Geometry& g) {
 template <typename scalar_t>
 void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = Vec<acc_t>::lanes;
   const Geometry& g = wa.geo;
   if (!fused_backward_applies<acc_t>(g)) {
     input_grad_impl<scalar_t>(ia);
@@ -1517,19 +1537,11 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   const std::vector<acc_t> w = flipped_weight(g, static_cast<const acc_t*>(ia.weight));
   const auto* grad_output = static_cast<const scalar_t*>(ia.grad_output);
   auto* grad_input = static_cast<scalar_t*>(ia.grad_input);
-  const int64_t vectors = (g.channels + L - 1) / L;
-  const int P = block_width<1>(f.out[2]);
-  const int64_t grad_input_bytes = g.batch * g.in[0] * g.in[1] * g.in[2] * g.channels * int64_t(sizeof(scalar_t));
-  const bool stream =
-      kStreams<scalar_t> && streams_output(f, grad_output, grad_input, grad_input_bytes, at::get_num_threads());
-  const int per_group = group_vectors(stream);
-  const int64_t groups = (vectors + per_group - 1) / per_group;
-  const acc_t* no_bias = nullptr;
+  const RowPlan<1, scalar_t> plan(f, grad_output, grad_input);
   weight_grad_impl<scalar_t>(wa, [&](int64_t row_begin, int64_t row_end) {
-    for (int64_t v = 0; v < groups; ++v)
+    for (int64_t v = 0; v < plan.groups; ++v)
       for (int64_t row = row_begin; row < row_end; ++row)
-        forward_row_k3<1>(f, grad_output, w.data(), no_bias, grad_input, row, P, v * per_group,
-                          std::min(vectors, (v + 1) * per_group), stream);
+        plan.run_row(f, grad_output, w.data(), nullptr, grad_input, row, v);
   });
 }
 
