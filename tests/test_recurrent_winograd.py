@@ -163,6 +163,17 @@ def test_gru_gates_span_column_blocks(cpu_isa, layout):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("op,reset_after", [("lstm", True), ("gru", True), ("gru", False)])
+def test_large_weights_in_column_panels(cpu_isa, layout, op, reset_after):
+    """C_in = 96, C = 136: every convolution's transformed weights V (forward and backward) exceed half
+    of any L2 (2.9-9.5 MB per call), so its GEMMs read V from column panels copied once per call
+    (packs_v); C not a multiple of the 32-column block puts the gates' padded columns, and the GRU's
+    separate x_n / h_n column segments, inside and across panels."""
+    kw = {} if op == "lstm" else dict(reset_after=reset_after)
+    check_against_oracle(op, make_inputs(op, 1, 2, 96, 136, 5, 6, layout), **kw)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gru_merged_input_gradients(cpu_isa, layout, dtype, reverse):
