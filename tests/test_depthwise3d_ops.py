@@ -323,7 +323,7 @@ def test_channels_last_fused_backward(shape, channels, cpu_isa, streaming):
         for n in (1, 2):
             torch.set_num_threads(n)
             both = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, True])
-            (gi_alone,) = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, False, False])[:1]
+            gi_alone = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, False, False])[0]
             _, gw_alone, gb_alone = OPS.depthwise_conv3d_backward(go, x, w, *args, [False, True, True])
             assert torch.equal(both[0], gi_alone), f"input gradient differs from its own pass ({n} threads)"
             assert torch.equal(both[1], gw_alone), f"weight gradient differs from its own pass ({n} threads)"
