@@ -747,9 +747,9 @@ __attribute__((always_inline)) inline void accumulate(V (&acc0)[MR], V (&acc1)[M
   constexpr int L = FASTVID_VEC_BYTES / sizeof(T);
   const T* a = o.a + p0 * o.lda;
   for (int64_t k = 0; k < o.K; ++k) {
-    if constexpr (kPrefetchRows > 0) {
+    if constexpr (kPrefetchRows > 0) {  // 512 bits: each of the two B vectors is one 64-byte line
       __builtin_prefetch(o.b + (k + kPrefetchRows) * o.ldb, 0, 3);
-      if constexpr (2 * L * sizeof(T) > 64) __builtin_prefetch(o.b + (k + kPrefetchRows) * o.ldb + L, 0, 3);
+      __builtin_prefetch(o.b + (k + kPrefetchRows) * o.ldb + L, 0, 3);
     }
     V b0, b1;
     std::memcpy(&b0, o.b + k * o.ldb, sizeof(V));
@@ -1061,11 +1061,12 @@ bool packs_v(int64_t v_bytes) {
   return v_bytes > l2 / 2;
 }
 
-// Each input's V in column panels (see packs_v); input i's at panels + offset[i].
+// Each input's V in column panels where packs_v says so (input i's at panels + offset[i]), else null.
 template <int A, typename acc_t>
 std::unique_ptr<acc_t[]> pack_v_panels(const winograd::Job& j, int64_t (&offset)[winograd::Job::kMaxInputs]) {
   int64_t total = 0;
   for (int i = 0; i < j.inputs; ++i) offset[i] = total, total += A * A * j.in[i].K * j.ldv;
+  if (!packs_v(total * int64_t(sizeof(acc_t)))) return nullptr;
   auto panels = scratch<acc_t>(total);
   const int64_t blocks = j.ldv / kBlockColumns;
   at::parallel_for(0, j.inputs * A * A, 1, [&](int64_t begin, int64_t end) {
@@ -1089,11 +1090,8 @@ void winograd_conv_impl(const winograd::Job& j) {
   using Mat = winograd::Matrices<M>;
   constexpr int A = Mat::A;
   const int64_t N = j.N, H = j.H, W = j.W;
-  int64_t v_elements = 0;
-  for (int i = 0; i < j.inputs; ++i) v_elements += A * A * j.in[i].K * j.ldv;
   int64_t panel_offset[winograd::Job::kMaxInputs] = {0};
-  std::unique_ptr<acc_t[]> V_panels;
-  if (packs_v(v_elements * int64_t(sizeof(acc_t)))) V_panels = pack_v_panels<A, acc_t>(j, panel_offset);
+  const auto V_panels = pack_v_panels<A, acc_t>(j, panel_offset);
   int64_t K_max = 0;
   for (int i = 0; i < j.inputs; ++i) K_max = std::max(K_max, j.in[i].K);
   const int64_t tiles_h = (H + M - 1) / M, tiles_w = (W + M - 1) / M;
@@ -1147,13 +1145,9 @@ void winograd_conv_impl(const winograd::Job& j) {
           for (int i = 0; i < j.inputs; ++i) {
             if (seg.v[i] < 0) continue;
             const int64_t K = j.in[i].K, column = seg.v[i] + (n0 - seg.m0);
-            if (V_panels)
-              ops[n_ops++] = {U_in[i] + e * su_in[i], K,
-                              V_panels.get() + panel_offset[i] + ((column / kBlockColumns) * A * A + e) * K * kBlockColumns,
-                              kBlockColumns, K};
-            else
-              ops[n_ops++] = {U_in[i] + e * su_in[i], K,
-                              static_cast<const acc_t*>(j.in[i].V) + e * j.in[i].sv + column, j.ldv, K};
+            const acc_t* b = V_panels ? V_panels.get() + panel_offset[i] + ((column / kBlockColumns) * A * A + e) * K * kBlockColumns
+                                      : static_cast<const acc_t*>(j.in[i].V) + e * j.in[i].sv + column;
+            ops[n_ops++] = {U_in[i] + e * su_in[i], K, b, V_panels ? kBlockColumns : j.ldv, K};
           }
           gemm<acc_t>(ops, n_ops, kBlockColumns, Mm + e * sm, kBlockColumns, P);
         }
