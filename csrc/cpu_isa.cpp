@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>  // sysconf
+
 namespace fastvid {
 namespace cpu_isa {
 namespace {
@@ -122,6 +124,27 @@ bool has_amx_bf16() {
 #endif
 }
 
+#ifdef _SC_LEVEL2_CACHE_SIZE  // glibc
+namespace {
+int64_t sysconf_bytes(int name) {
+  const long bytes = sysconf(name);
+  return bytes > 0 ? int64_t(bytes) : 0;
+}
+}  // namespace
+
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = sysconf_bytes(_SC_LEVEL2_CACHE_SIZE);
+  return bytes;
+}
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = sysconf_bytes(_SC_LEVEL3_CACHE_SIZE);
+  return bytes;
+}
+#else  // no cache sizes from this libc
+int64_t l2_cache_bytes() { return 0; }
+int64_t last_level_cache_bytes() { return 0; }
+#endif
+
 }  // namespace cpu_isa
 }  // namespace fastvid
 
@@ -134,4 +157,5 @@ TORCH_LIBRARY_IMPL(fastvid, CompositeImplicitAutograd, m) {
   m.impl("_set_cpu_isa", [](std::string name) { set_isa(name); });
   m.impl("_cpu_isa_simulate", [](std::string name) { simulate(name); });
   m.impl("_cpu_isa_ran", [](std::string family) { return ran(family); });
+  m.impl("_cpu_cache_bytes", [] { return std::vector<int64_t>{l2_cache_bytes(), last_level_cache_bytes()}; });
 }

@@ -115,4 +115,6 @@ TORCH_LIBRARY(fastvid, m) {
   m.def("_set_cpu_isa(str isa) -> ()");
   m.def("_cpu_isa_simulate(str isa) -> ()");
   m.def("_cpu_isa_ran(str family) -> str");
+  // [L2 of one core, last-level cache] in bytes as the kernels' cache rules see them (0: unknown).
+  m.def("_cpu_cache_bytes() -> int[]");
 }

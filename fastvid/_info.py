@@ -24,6 +24,7 @@ def info() -> dict:
         "threads": torch.get_num_threads(),
         "extension_error": None if _backend.EXTENSION_ERROR is None else str(_backend.EXTENSION_ERROR),
         **cpu_isa_info(),
+        **cpu_cache_info(),
     }
 
 
@@ -49,3 +50,13 @@ def cpu_isa_info() -> dict:
         "cpu_isa_forced": forced,
         **{f"cpu_isa_{family}": active for family in CPU_ISA_FAMILIES},
     }
+
+
+def cpu_cache_info() -> dict:
+    """The data cache sizes in bytes the CPU kernels' cache rules go by, as the OS reports them:
+    ``cpu_l2_bytes`` (one core's L2) and ``cpu_last_level_cache_bytes`` (on a VM the host's L3 as the
+    guest sees it, shared with other tenants); 0 where the OS does not say, None without CPU kernels."""
+    if not _backend.cpu_kernels():
+        return {"cpu_l2_bytes": None, "cpu_last_level_cache_bytes": None}
+    l2, last_level = torch.ops.fastvid._cpu_cache_bytes()
+    return {"cpu_l2_bytes": l2, "cpu_last_level_cache_bytes": last_level}

@@ -58,6 +58,16 @@ def test_info_reports_the_paths():
         assert info["cpu_isa_bf16"] == (avx512 and "avx512_bf16" in flags)
 
 
+@pytest.mark.skipif(shutil.which("getconf") is None, reason="no getconf to ask for the cache sizes")
+def test_info_reports_the_cache_sizes_the_os_reports():
+    def getconf(name):
+        out = subprocess.run(["getconf", name], capture_output=True, text=True)
+        return int(out.stdout) if out.returncode == 0 and out.stdout.strip().isdigit() else 0
+    info = fastvid.info()
+    assert info["cpu_l2_bytes"] == getconf("LEVEL2_CACHE_SIZE")
+    assert info["cpu_last_level_cache_bytes"] == getconf("LEVEL3_CACHE_SIZE")
+
+
 def test_forcing_selects_the_path_the_kernels_run(cpu_isa):
     assert OPS._cpu_isa() == cpu_isa
     run_every_family()

@@ -47,8 +47,6 @@
 #include <utility>
 #include <vector>
 
-#include <unistd.h>  // sysconf: the last-level cache size
-
 #include "../cpu_isa.h"
 #include "../fastvid_common.h"
 
@@ -396,11 +394,8 @@ int group_vectors(bool stream) { return (stream ? kLineBytes : 2 * kLineBytes) /
 // Whether tensors of `bytes` an op is about to read or write are likely in the last-level cache
 // already: at most a quarter of it (the layers around them keep theirs there too). Then the next
 // work item's rows need no software prefetch and an output no streaming stores (see streams_output
-// and the two SpreadPrefetch users). An unknown size (sysconf 0) counts as too small.
-bool likely_in_last_level_cache(int64_t bytes) {
-  static const int64_t last_level_cache = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
-  return bytes <= last_level_cache / 4;
-}
+// and the two SpreadPrefetch users). An unknown size (0) counts as too small.
+bool likely_in_last_level_cache(int64_t bytes) { return bytes <= cpu_isa::last_level_cache_bytes() / 4; }
 
 // Outputs larger than this per thread (more than its L2 can keep for a consumer) and than a quarter of
 // the last-level cache may be written with streaming stores (fp32, aligned whole vectors): the line is

@@ -29,7 +29,6 @@
 #include <memory>
 #include <type_traits>
 
-#include <unistd.h>  // sysconf: the L2 size (packs_v)
 #ifdef __x86_64__
 #include <immintrin.h>
 #endif
@@ -1053,12 +1052,10 @@ void gather_transform(const winograd::Job::Input& in, int64_t s0, int64_t s1, in
 // bits and 5-8 % at 256, fwd+bwd 4-6 % / 1-2 %. The small ConvLSTM and ConvGRU (B4 T8 C32: 512 KB of
 // V, L2-resident) measured 1-18 % slower with the copy (a pass over V per conv call, i.e. per step):
 // not packed.
+// An L2 the OS does not report counts as 1 MB.
 bool packs_v(int64_t v_bytes) {
-  static const int64_t l2 = [] {
-    const long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return bytes > 0 ? int64_t(bytes) : int64_t(1) << 20;
-  }();
-  return v_bytes > l2 / 2;
+  const int64_t l2 = cpu_isa::l2_cache_bytes();
+  return v_bytes > (l2 > 0 ? l2 : int64_t(1) << 20) / 2;
 }
 
 // Each input's V in column panels where packs_v says so (input i's at panels + offset[i]), else null.

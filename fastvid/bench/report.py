@@ -268,6 +268,12 @@ def _is_limit_metric(metric: str) -> bool:
     return metric == "bandwidth" or metric.startswith("conv_gflops")
 
 
+def _cache_size(value: str) -> str:
+    """A row's cache size field (bytes, as text) for the header: MiB, or '?' where the OS did not say
+    (0) or the rows predate the field."""
+    return f"{int(value) / 2 ** 20:g} MiB" if value.isdigit() and int(value) > 0 else "?"
+
+
 def format_table(rows: List[dict]) -> str:
     """The printed table (plus a header naming the machine and a legend)."""
     comparisons = compare(rows)
@@ -301,6 +307,8 @@ def format_table(rows: List[dict]) -> str:
     out = [f"fastvid {field('version')} | torch {field('torch')} | {field('machine')} | threads {field('threads')} | "
            f"malloc {field('malloc', 'default')} | CPU ISA paths {field('cpu_isa_supported')} "
            f"(bf16 {'native' if field('cpu_isa_bf16') == 'True' else 'emulated'}) | "
+           f"L2 {_cache_size(field('cpu_l2_bytes'))}, last-level cache "
+           f"{_cache_size(field('cpu_last_level_cache_bytes'))} | "
            + (f"run {field('run_id')}" if len(run_ids) == 1 else f"newest rows of {len(run_ids)} runs")]
     out += [render(header), render(["-" * w for w in widths])]
     out += [render(line) for line in lines]

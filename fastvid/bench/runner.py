@@ -183,7 +183,8 @@ def run(cases: Iterable[cases_mod.Case], rounds: int, warmup: int, out: Optional
     base = {"machine": results.machine(device), "device": str(device), "threads": torch.get_num_threads(),
             "version": fastvid.__version__, "torch": torch.__version__, "run_id": results.new_run_id(),
             "malloc": "default", "cpu_isa_supported": ",".join(info["cpu_isa_supported"]),
-            "cpu_isa_bf16": info["cpu_isa_bf16"], **(extra or {})}
+            "cpu_isa_bf16": info["cpu_isa_bf16"], "cpu_l2_bytes": info["cpu_l2_bytes"],
+            "cpu_last_level_cache_bytes": info["cpu_last_level_cache_bytes"], **(extra or {})}
     work = [(case, isa) for case in cases for isa in (isas_of(case) if isas_of else isas)]
     log(f"fastvid bench: {len(cases)} cases on ISA paths {isas} ({len(work)} measurements), {rounds} rounds after "
         f"{warmup} warm-up call(s), torch.get_num_threads() = {base['threads']}, {base['machine']}, "
