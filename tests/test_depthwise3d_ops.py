@@ -304,8 +304,9 @@ def test_channels_last_forward_work_split(shape, channels, cpu_isa, streaming):
     assert_full_precision(gi2, gi_oracle, "input gradient")
 
 
-@pytest.mark.parametrize("shape,channels", [((2, 8, 28, 28), 96), ((2, 5, 9, 7), 20), ((1, 3, 4, 30), 108)],
-                         ids=["lines", "tail", "C108"])
+@pytest.mark.parametrize("shape,channels", [((2, 8, 28, 28), 96), ((2, 5, 9, 7), 20), ((1, 3, 4, 30), 108),
+                                            ((1, 4, 6, 30), 64)],
+                         ids=["lines", "tail", "C108", "C64"])
 def test_channels_last_fused_backward(shape, channels, cpu_isa, streaming):
     """Stride 1 with the output the size of the input: the channels-innermost backward computes both
     gradients in one pass, chunk by chunk of rows (csrc/depthwise3d/depthwise3d_cpu.cpp, backward_impl;

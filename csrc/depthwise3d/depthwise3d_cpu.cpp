@@ -369,6 +369,17 @@ void forward_row(const Geometry& g, const scalar_t* input, const at::opmath_type
 // 14 and 7 tile the widths of video nets (7·2^k) exactly.
 constexpr int kBlockW1 = cpu::kVecBytes == 64 ? 14 : 7;
 constexpr int kBlockW2 = cpu::kVecBytes == 64 ? 7 : 4;
+// Where positions are n·64 bytes apart with 4 | n (C = 64, 128, 192, 256 fp32), a channel group's lines
+// of a row fall into 128 / gcd(n, 64) of the L1's 64 sets (C = 128: 16; rows and planes of such a
+// tensor land on the same sets), the rows a band reuses do not stay in L1, and the blocks' window
+// loads come from L2. There 4-wide blocks (6 loads, 12 FMAs per row) ran faster than 14-wide (16
+// loads, 42 FMAs) at 512 bits: Intel Xeon, 4xCx8x28^2, two threads, in-process A/Bs (order shuffled,
+// p20 of 30-50 rounds, four runs on a noisy VM), data in L2/L3: forward C = 64 -8..-24 %, 128 -4..-31 %,
+// 192 -21..-26 %, 256 -8..-29 %; fused backward -5..-10 % (once +6 % at C = 192); with the inputs
+// from memory (after native's step) within +-5 %. Not where the sets are not the problem (C = 96
+// equal, C = 108 +10 %: its split loads), nor at 256 bits (7-wide blocks; 4-wide within +-6 %), nor for
+// bf16 (C = 128 and 256: 9-17 % slower).
+constexpr int kConflictBlockW = 4;
 // Loop order (forward_k3): work items are boxes of output rows -- one batch index, a chunk of output
 // planes and a band of kBandRows rows -- whose input rows fit in L2 (kItemInputBytes). Within an item
 // the channels go in groups of two 64-byte lines per position (group_vectors: 2 vectors at 512 bits, 4
@@ -573,9 +584,11 @@ bool forward_k3_applies(const Geometry& g) {
 }
 
 // The block width for a row of OW outputs: the candidate with the fewest window loads + FMAs
-// (blocks × (P·S + 5)), P <= OW.
+// (blocks × (P·S + 5)), P <= OW; but kConflictBlockW at 512 bits, stride 1, for fp32 positions a
+// multiple of 256 bytes apart (set_conflicts).
 template <int S>
-int block_width(int64_t OW) {
+int block_width(int64_t OW, bool set_conflicts) {
+  if (S == 1 && cpu::kVecBytes == 64 && set_conflicts && OW >= kConflictBlockW) return kConflictBlockW;
   constexpr int candidates[] = {S == 1 ? kBlockW1 : kBlockW2, 7, 4, 1};
   int best = 1;
   int64_t best_cost = OW * (S + 5);
@@ -709,7 +722,8 @@ struct RowPlan {
   RowPlan(const Geometry& g, const scalar_t* input, const scalar_t* output) {
     const int64_t output_bytes =
         g.batch * g.out[0] * g.out[1] * g.out[2] * g.channels * int64_t(sizeof(scalar_t));
-    P = block_width<S>(g.out[2]);
+    const bool set_conflicts = std::is_same_v<scalar_t, float> && g.channels * int64_t(sizeof(float)) % 256 == 0;
+    P = block_width<S>(g.out[2], set_conflicts);
     stream = kStreams<scalar_t> && streams_output(g, input, output, output_bytes, at::get_num_threads());
     vectors = (g.channels + Vec<acc_t>::lanes - 1) / Vec<acc_t>::lanes;
     per_group = group_vectors(stream);
