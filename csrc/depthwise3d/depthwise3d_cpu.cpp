@@ -584,11 +584,9 @@ bool forward_k3_applies(const Geometry& g) {
 }
 
 // The block width for a row of OW outputs: the candidate with the fewest window loads + FMAs
-// (blocks × (P·S + 5)), P <= OW; but kConflictBlockW at 512 bits, stride 1, for fp32 positions a
-// multiple of 256 bytes apart (set_conflicts).
+// (blocks × (P·S + 5)), P <= OW.
 template <int S>
-int block_width(int64_t OW, bool set_conflicts) {
-  if (S == 1 && cpu::kVecBytes == 64 && set_conflicts && OW >= kConflictBlockW) return kConflictBlockW;
+int block_width(int64_t OW) {
   constexpr int candidates[] = {S == 1 ? kBlockW1 : kBlockW2, 7, 4, 1};
   int best = 1;
   int64_t best_cost = OW * (S + 5);
@@ -709,6 +707,14 @@ void add_new_input_rows(SpreadPrefetch& prefetch, const Geometry& g, const scala
                  (nh.end - nh.begin) * row_bytes);
 }
 
+// Whether forward_k3's rows run kConflictBlockW-wide blocks (see there): fp32 on the 512-bit path, W
+// stride 1, positions a multiple of 256 bytes apart, rows at least that wide.
+template <int S, typename scalar_t>
+bool uses_conflict_blocks(const Geometry& g) {
+  return S == 1 && cpu::kVecBytes == 64 && std::is_same_v<scalar_t, float> &&
+         g.channels * int64_t(sizeof(float)) % 256 == 0 && g.out[2] >= kConflictBlockW;
+}
+
 // What forward_k3 decides once per call for its row calls: the register block width, whether the output
 // is streamed, and the channel groups of its loop order (group_vectors). The fused backward's
 // input-gradient rows (backward_impl) run under the same plan.
@@ -722,8 +728,7 @@ struct RowPlan {
   RowPlan(const Geometry& g, const scalar_t* input, const scalar_t* output) {
     const int64_t output_bytes =
         g.batch * g.out[0] * g.out[1] * g.out[2] * g.channels * int64_t(sizeof(scalar_t));
-    const bool set_conflicts = std::is_same_v<scalar_t, float> && g.channels * int64_t(sizeof(float)) % 256 == 0;
-    P = block_width<S>(g.out[2], set_conflicts);
+    P = uses_conflict_blocks<S, scalar_t>(g) ? kConflictBlockW : block_width<S>(g.out[2]);
     stream = kStreams<scalar_t> && streams_output(g, input, output, output_bytes, at::get_num_threads());
     vectors = (g.channels + Vec<acc_t>::lanes - 1) / Vec<acc_t>::lanes;
     per_group = group_vectors(stream);

@@ -28,7 +28,6 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
-
 #ifdef __x86_64__
 #include <immintrin.h>
 #endif
