@@ -1371,10 +1371,11 @@ void add_weight_grad_rows(SpreadPrefetch& prefetch, const Geometry& g, const sca
   }
 }
 
-// Adds to `prefetch` the input rows the kH = kW = 3 weight gradient of output rows [row_begin, row_end)
-// reads through its last T tap in range (all its H taps for the first row and at the top of a plane, then
-// each row's last): in the plane-major chunk order (weight_grad_impl), the one input plane of a chunk
-// that the chunk before it did not read.
+// Adds to `prefetch` the input rows that output rows [row_begin, row_end) of a kH = 3 geometry read
+// through their last T tap in range (all H taps for the first row and at the top of a plane, then each
+// row's last): in the plane-major chunk order (weight_grad_impl), the one input plane of a chunk that
+// the chunk before it did not read. Used by the fused backward for the weight sums' input rows (g) and
+// for the input-gradient rows' grad_output rows (the flipped geometry, whose input is grad_output).
 template <typename scalar_t>
 void add_last_plane_input_rows(SpreadPrefetch& prefetch, const Geometry& g, const scalar_t* input, int64_t row_begin,
                                int64_t row_end) {
@@ -1412,17 +1413,20 @@ bool weight_grad_by_chunks(const Geometry& g) {
   return weight_grad_k3_applies<acc_t>(g) && weight_grad_chunks<acc_t>(g) >= 4 * at::get_num_threads();
 }
 
-// weight_grad_impl's hook before each chunk's sums (chunk items only, see weight_grad_by_chunks):
-// nothing, or the fused backward's input gradient of the chunk's rows.
+// weight_grad_impl's other work per chunk (chunk items only, see weight_grad_by_chunks): nothing, or the
+// fused backward's input gradient of the chunk's rows (backward_impl). run(row_begin, row_end) comes
+// before the chunk's sums; add_next_rows(prefetch, next_begin, next_end) adds what run will read for the
+// thread's next chunk to the prefetch spread over this chunk's later channel groups.
 struct NoChunkWork {
-  void operator()(int64_t, int64_t) const {}
+  void run(int64_t, int64_t) const {}
+  void add_next_rows(SpreadPrefetch&, int64_t, int64_t) const {}
 };
 
-template <typename scalar_t, typename BeforeChunk = NoChunkWork>
-void weight_grad_impl(const WeightGradArgs& a, BeforeChunk&& before_chunk = BeforeChunk{}) {
+template <typename scalar_t, typename ChunkWork = NoChunkWork>
+void weight_grad_impl(const WeightGradArgs& a, const ChunkWork& chunk_work = ChunkWork{}) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::lanes;
-  constexpr bool kChunkWork = !std::is_same_v<std::decay_t<BeforeChunk>, NoChunkWork>;
+  constexpr bool kChunkWork = !std::is_same_v<ChunkWork, NoChunkWork>;
   const Geometry& g = a.geo;
   const int64_t Cout = g.out_channels(), taps = g.taps(), OT = g.out[0], OH = g.out[1];
   const int64_t rows = g.batch * OT * OH;
@@ -1486,12 +1490,13 @@ void weight_grad_impl(const WeightGradArgs& a, BeforeChunk&& before_chunk = Befo
         for (int64_t item = begin; item < end; ++item) {
           const int64_t chunk = order[item];
           prefetch.clear();
-          if (prefetch_next && item + 1 < end) {
+          if (item + 1 < end) {
             const auto [next_begin, next_end] = chunk_rows(order[item + 1]);
-            add_weight_grad_rows(prefetch, g, input, grad_output, next_begin, next_end);
+            if (prefetch_next) add_weight_grad_rows(prefetch, g, input, grad_output, next_begin, next_end);
+            else chunk_work.add_next_rows(prefetch, next_begin, next_end);
           }
           const auto [row_begin, row_end] = chunk_rows(chunk);
-          before_chunk(row_begin, row_end);
+          chunk_work.run(row_begin, row_end);
           // over the row calls of the later groups (weight_grad_rows_k3: per kt, and per vector below 512 bits)
           const int64_t calls_per_group = g.kernel[0] * (row_end - row_begin) * (cpu::kVecBytes == 64 ? 1 : kWeightGroupV);
           prefetch.spread_over(std::max<int64_t>(1, groups - 1) * calls_per_group);
@@ -1503,7 +1508,7 @@ void weight_grad_impl(const WeightGradArgs& a, BeforeChunk&& before_chunk = Befo
           }
         }
 #if FASTVID_VEC_BYTES >= 32
-        if (kChunkWork) _mm_sfence();  // before_chunk's streaming stores are visible when parallel_for returns
+        if (kChunkWork) _mm_sfence();  // chunk_work's streaming stores are visible when parallel_for returns
 #endif
       });
     } else {
@@ -1562,12 +1567,15 @@ bool fused_backward_applies(const Geometry& g) {
 // against 51 warm) 12 % faster on AVX-512 and 10 % on AVX2; after a 256 MB write 6 % / 5 %; back to
 // back 7 % / 9 %. (With one-line groups back to back was 2-3 % faster / 2-7 % slower.) A chunk is half
 // a plane, so its grad_output rows are not reused across planes from L1 as in forward_k3's boxes.
-// While a chunk's input-gradient rows run, the input rows its weight sums read through the last T tap
-// (add_last_plane_input_rows: the one plane the chunk before did not read) are prefetched into L2,
-// spread over those row calls, so the sums do not start by waiting on memory. Intel Xeon, same
-// shape, same-process A/B (order shuffled, p20 of 40 rounds): backward after native's step -7 %
-// (AVX-512) and -3 % (AVX2), back to back -2..-5 %, module step -3..-4 %; prefetching all three planes,
-// or also the next chunk's new grad_output plane, no better.
+// Two prefetches into L2 of the one plane of rows a chunk reads that the chunk before did not
+// (add_last_plane_input_rows), so that neither phase starts by waiting on memory: while a chunk's
+// input-gradient rows run, the input rows its weight sums will read; while its weight sums' later channel
+// groups run, the grad_output rows the next chunk's input-gradient rows will read. Intel Xeon, same
+// shape, same-process A/Bs (order shuffled, p20 of 40-50 rounds): the first, backward after native's
+// step -7 % (AVX-512) / -3 % (AVX2), back to back -2..-5 %, module step -3..-4 % (all three input
+// planes instead, or the grad_output plane during the input-gradient rows: no better); the second on
+// top, backward after native's step -5..-8 % on both paths, back to back -3..-9 %, module step after
+// native's -2..-7 % (AVX-512) / -4..-5 % (AVX2), back to back +3 % / -1 %.
 template <typename scalar_t>
 void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -1581,17 +1589,28 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   const auto* grad_output = static_cast<const scalar_t*>(ia.grad_output);
   auto* grad_input = static_cast<scalar_t*>(ia.grad_input);
   const RowPlan<1, scalar_t> plan(f, grad_output, grad_input);
-  const auto* input = static_cast<const scalar_t*>(wa.input);
-  weight_grad_impl<scalar_t>(wa, [&](int64_t row_begin, int64_t row_end) {
-    SpreadPrefetch prefetch;
-    add_last_plane_input_rows(prefetch, g, input, row_begin, row_end);
-    prefetch.spread_over(plan.groups * (row_end - row_begin));
-    for (int64_t v = 0; v < plan.groups; ++v)
-      for (int64_t row = row_begin; row < row_end; ++row) {
-        plan.run_row(f, grad_output, w.data(), nullptr, grad_input, row, v);
-        prefetch.step();
-      }
-  });
+  struct InputGradRows {  // weight_grad_impl's chunk work (NoChunkWork)
+    const Geometry &g, &f;
+    const RowPlan<1, scalar_t>& plan;
+    const scalar_t *input, *grad_output;
+    const acc_t* weight;  // flipped
+    scalar_t* grad_input;
+    void run(int64_t row_begin, int64_t row_end) const {
+      SpreadPrefetch prefetch;
+      add_last_plane_input_rows(prefetch, g, input, row_begin, row_end);
+      prefetch.spread_over(plan.groups * (row_end - row_begin));
+      for (int64_t v = 0; v < plan.groups; ++v)
+        for (int64_t row = row_begin; row < row_end; ++row) {
+          plan.run_row(f, grad_output, weight, nullptr, grad_input, row, v);
+          prefetch.step();
+        }
+    }
+    void add_next_rows(SpreadPrefetch& prefetch, int64_t next_begin, int64_t next_end) const {
+      add_last_plane_input_rows(prefetch, f, grad_output, next_begin, next_end);
+    }
+  };
+  weight_grad_impl<scalar_t>(wa, InputGradRows{g, f, plan, static_cast<const scalar_t*>(wa.input), grad_output,
+                                               w.data(), grad_input});
 }
 
 }  // namespace
