@@ -1347,50 +1347,29 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
   for (int64_t row = row_begin; row < row_end; ++row) blocks(row, row + 1);
 }
 
-// Adds to `prefetch` the rows the kH = kW = 3 weight gradient of output rows [row_begin, row_end)
-// reads: each grad_output row, and per T tap the input row of its last H tap (all its H taps for the
-// first row and at the top of a plane; the rest were read by the rows before).
+// Adds to `prefetch` the rows that output rows [row_begin, row_end) of a kH = 3 geometry read (the kH =
+// kW = 3 weight gradient's, or the flipped geometry's of the fused backward, whose input is
+// grad_output): each grad_output row where grad_output is given, and per T tap in range -- or only the
+// last one, last_t_tap_only: in the plane-major chunk order the one input plane of a chunk that the
+// chunk before it did not read -- the input row of its last H tap (all its H taps for the first row and
+// at the top of a plane; the rest were read by the rows before).
 template <typename scalar_t>
-void add_weight_grad_rows(SpreadPrefetch& prefetch, const Geometry& g, const scalar_t* input,
-                          const scalar_t* grad_output, int64_t row_begin, int64_t row_end) {
+void add_rows_read(SpreadPrefetch& prefetch, const Geometry& g, const scalar_t* input, const scalar_t* grad_output,
+                   int64_t row_begin, int64_t row_end, bool last_t_tap_only) {
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2], C = g.channels, OT = g.out[0], OH = g.out[1];
   const int64_t row_bytes = W * C * int64_t(sizeof(scalar_t));
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
-    prefetch.add(grad_output + row * W * C, row_bytes);
+    if (grad_output != nullptr) prefetch.add(grad_output + row * W * C, row_bytes);
     const TapRange rt = valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
     const TapRange rh = valid_taps(oh, 3, g.stride[1], g.padding[1], g.dilation[1], H);
     const int64_t kh_begin = row == row_begin || oh == 0 ? rh.begin : std::max(rh.begin, rh.end - 1);
-    for (int64_t kt = rt.begin; kt < rt.end; ++kt) {
+    for (int64_t kt = last_t_tap_only ? std::max(rt.begin, rt.end - 1) : rt.begin; kt < rt.end; ++kt) {
       const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
       for (int64_t kh = kh_begin; kh < rh.end; ++kh) {
         const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
         prefetch.add(input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C), row_bytes);
       }
-    }
-  }
-}
-
-// Adds to `prefetch` the input rows that output rows [row_begin, row_end) of a kH = 3 geometry read
-// through their last T tap in range (all H taps for the first row and at the top of a plane, then each
-// row's last): in the plane-major chunk order (weight_grad_impl), the one input plane of a chunk that
-// the chunk before it did not read. Used by the fused backward for the weight sums' input rows (g) and
-// for the input-gradient rows' grad_output rows (the flipped geometry, whose input is grad_output).
-template <typename scalar_t>
-void add_last_plane_input_rows(SpreadPrefetch& prefetch, const Geometry& g, const scalar_t* input, int64_t row_begin,
-                               int64_t row_end) {
-  const int64_t T = g.in[0], H = g.in[1], W = g.in[2], C = g.channels, OT = g.out[0], OH = g.out[1];
-  const int64_t row_bytes = W * C * int64_t(sizeof(scalar_t));
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
-    const TapRange rt = valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
-    const TapRange rh = valid_taps(oh, 3, g.stride[1], g.padding[1], g.dilation[1], H);
-    if (rt.end <= rt.begin) continue;
-    const int64_t it = ot * g.stride[0] - g.padding[0] + (rt.end - 1) * g.dilation[0];
-    const int64_t kh_begin = row == row_begin || oh == 0 ? rh.begin : std::max(rh.begin, rh.end - 1);
-    for (int64_t kh = kh_begin; kh < rh.end; ++kh) {
-      const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
-      prefetch.add(input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C), row_bytes);
     }
   }
 }
@@ -1458,7 +1437,7 @@ void weight_grad_impl(const WeightGradArgs& a, const ChunkWork& chunk_work = Chu
     if (weight_grad_by_chunks<acc_t>(g)) {
       // Items: chunks, each with all channel groups in turn. A chunk's rows of input and grad_output
       // come from memory for its first group and from L2 for the others, while those prefetch the
-      // next chunk's rows (add_weight_grad_rows): Zen 4, 4x96x8x28^2, each call's tensors cold:
+      // next chunk's rows (add_rows_read): Zen 4, 4x96x8x28^2, each call's tensors cold:
       // one thread 3.3 -> 2.4 ms, two 1.8 -> 1.4 ms (AVX2 2.2 -> 2.0) against the groups-major order
       // (items (group, chunk): one group's slices of the input planes stay in L2 from one chunk to
       // the next, but each pass over the tensors reads one line in three, strided). That prefetch only
@@ -1492,7 +1471,7 @@ void weight_grad_impl(const WeightGradArgs& a, const ChunkWork& chunk_work = Chu
           prefetch.clear();
           if (item + 1 < end) {
             const auto [next_begin, next_end] = chunk_rows(order[item + 1]);
-            if (prefetch_next) add_weight_grad_rows(prefetch, g, input, grad_output, next_begin, next_end);
+            if (prefetch_next) add_rows_read(prefetch, g, input, grad_output, next_begin, next_end, false);
             else chunk_work.add_next_rows(prefetch, next_begin, next_end);
           }
           const auto [row_begin, row_end] = chunk_rows(chunk);
@@ -1568,7 +1547,7 @@ bool fused_backward_applies(const Geometry& g) {
 // back 7 % / 9 %. (With one-line groups back to back was 2-3 % faster / 2-7 % slower.) A chunk is half
 // a plane, so its grad_output rows are not reused across planes from L1 as in forward_k3's boxes.
 // Two prefetches into L2 of the one plane of rows a chunk reads that the chunk before did not
-// (add_last_plane_input_rows), so that neither phase starts by waiting on memory: while a chunk's
+// (add_rows_read, last_t_tap_only), so that neither phase starts by waiting on memory: while a chunk's
 // input-gradient rows run, the input rows its weight sums will read; while its weight sums' later channel
 // groups run, the grad_output rows the next chunk's input-gradient rows will read. Intel Xeon, same
 // shape, same-process A/Bs (order shuffled, p20 of 40-50 rounds): the first, backward after native's
@@ -1597,7 +1576,7 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
     scalar_t* grad_input;
     void run(int64_t row_begin, int64_t row_end) const {
       SpreadPrefetch prefetch;
-      add_last_plane_input_rows(prefetch, g, input, row_begin, row_end);
+      add_rows_read(prefetch, g, input, static_cast<const scalar_t*>(nullptr), row_begin, row_end, true);
       prefetch.spread_over(plan.groups * (row_end - row_begin));
       for (int64_t v = 0; v < plan.groups; ++v)
         for (int64_t row = row_begin; row < row_end; ++row) {
@@ -1606,7 +1585,7 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
         }
     }
     void add_next_rows(SpreadPrefetch& prefetch, int64_t next_begin, int64_t next_end) const {
-      add_last_plane_input_rows(prefetch, f, grad_output, next_begin, next_end);
+      add_rows_read(prefetch, f, grad_output, static_cast<const scalar_t*>(nullptr), next_begin, next_end, true);
     }
   };
   weight_grad_impl<scalar_t>(wa, InputGradRows{g, f, plan, static_cast<const scalar_t*>(wa.input), grad_output,
