@@ -148,6 +148,20 @@ void check_reserve(const char* op, const Tensor& reserve, const SeqGeometry& g,
 // internal copies exist for one chunk instead of the whole sequence.
 int64_t chunk_steps(int64_t T) { return std::max<int64_t>(1, T / 16); }
 
+// Steps per chunk of the backward's batched weight gradients. Winograd: chunk_steps (one-step chunks read each
+// step's conv inputs in place). The oneDNN strategies (hoisted, concat): at least two steps, their weight-gradient
+// convs then run over 2·B frames instead of B. Intel Xeon (AVX-512 + AMX), bf16 autocast, two threads, same-process
+// A/Bs (order shuffled, medians of 8-10), fwd+bwd: ConvGRU B=4 T=8 C=32 32^2 16.5 -> 15.7 and 15.7 -> 14.9 ms,
+// ConvLSTM same 15.4 -> 14.5 and 18.9 -> 18.3, ConvLSTM B=8 T=16 C=64 181.8 -> 174.4 and 190.6 -> 184.0; with
+// `hoisted` forced (B=4 T=8, medians of 10): bf16 ConvLSTM 17.3 -> 16.3 and ConvGRU 15.3 -> 13.8 ms, fp32 65.7 ->
+// 64.0 and 49.6 -> 49.4. The cost, one more step of gate gradients and conv inputs: peak memory (profiler, warm)
+// 14.0 -> 16.5, 16.4 -> 17.9 and 110.7 -> 116.7 MiB (native's 25.5, 25.4, 212.0). Four steps ran faster still at T
+// = 8 but the ConvGRU's step then took 21.5 MiB, above 0.8x native's; fp32 Winograd ran 2-20 % slower with any
+// chunk above one.
+int64_t backward_chunk_steps(int64_t T, int64_t strategy) {
+  return strategy == kWinograd ? chunk_steps(T) : std::min<int64_t>(T, std::max<int64_t>(2, chunk_steps(T)));
+}
+
 // A bias in the accumulation type of dtype, for a time loop's Winograd convs: converted once per call
 // (the convs would otherwise convert it at every step, an ATen op each).
 OptTensor winograd_bias(const OptTensor& bias, at::ScalarType dtype) {
@@ -434,7 +448,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convlstm_sequ
   // Chunk by chunk of consecutive steps (in reverse): the d(pre-activation gates) of the chunk's steps
   // and their conv inputs [x_t, h_{t-1}] (rebuilt from x and output), then one batched weight (and bias)
   // gradient over the chunk, accumulated; hoisted also gets the chunk's grad_x in one conv.
-  const int64_t chunk = chunk_steps(T);
+  const int64_t chunk = backward_chunk_steps(T, strategy);
   Tensor d_gates = empty_frames({chunk, B}, 4 * C, H, W, g.channels_last, opts);
   // winograd with one-step chunks (T < 32): the step's conv inputs x_t and h_{t-1} are read where they
   // are (x, and the output or h0; winograd takes no lengths) instead of copied into `inputs`; the g
@@ -773,7 +787,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   // Chunk by chunk of consecutive steps (see below); winograd reset_after with one-step chunks (T < 32)
   // reads the step's conv inputs x_t and h_{t-1} where they are (x, and the output or h0; winograd takes
   // no lengths) instead of copying them into `inputs` (Ballas scales h_{t-1} in place, so it keeps the copy).
-  const int64_t chunk = chunk_steps(T);
+  const int64_t chunk = backward_chunk_steps(T, strategy);
   const bool in_place_inputs = wino && reset_after && chunk == 1;
   // ... and runs the step's two input-gradient convs as one: the gate gradients in one frame
   // [x_n, r, z, h_n] (d_x = its channels [0, 3C), d_h = [C, 4C)), d r and d z transformed once.
@@ -790,7 +804,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> convgru_sequence_back
   Tensor dV_ih, dV_hh, dV_n, dV_frame;
   Tensor db_x, db_h;  // winograd: Σ d_x (b_ih's gradient, and the Ballas b_hh's) and Σ d_h (reset_after's b_hh)
   Tensor db_frame;    // merged_input_grads: Σ of the gradient frame [x_n, r, z, h_n] (both biases' gradients)
-  const int64_t frames = B * chunk_steps(T);
+  const int64_t frames = B * chunk;
   if (merged_input_grads) {  // both weight gradients from one call per step: rows [0, Cin) W_ih's, [Cin, Cin + C) W_hh's
     if (has_bias) db_frame = at::zeros({4 * C}, opts.dtype(at::kDouble));
     dV_frame = winograd_weight_grad_buffer(Cin + C, 4 * C, x.scalar_type(), frames, H, W);
