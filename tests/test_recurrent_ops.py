@@ -53,8 +53,8 @@ def test_sequence_matches_reference(config, reverse, strategy, dtype, layout):
     check_sequence(config, reverse, strategy, dtype, layout)
 
 
-def check_sequence(config, reverse, strategy, dtype, layout):
-    sample = make_seq_sample(config, reverse, dtype, layout)
+def check_sequence(config, reverse, strategy, dtype, layout, shape=None):
+    sample = make_seq_sample(config, reverse, dtype, layout, shape)
     leaves = sample.leaves()
     ours = sample.run_ops(leaves, strategy)
     grad_outputs = upstream_grads(ours)
@@ -79,6 +79,17 @@ def check_sequence(config, reverse, strategy, dtype, layout):
         ours_nograd = sample.run_ops(sample.tensors, strategy)
     for name, a, o, c in zip(names, ours_nograd, oracle, comparator):
         assert_parity(a, o, dtype, f"{name} (no_grad)", c)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("strategy", ["hoisted", "concat"])
+@pytest.mark.parametrize("config", SEQ_CONFIGS, ids=SeqConfig.id)
+def test_sequence_backward_chunk_boundaries(config, strategy, T, reverse):
+    """The oneDNN strategies' backward sums its weight gradients over chunks of at least two steps
+    (backward_chunk_steps in csrc/recurrent/recurrent_ops.cpp): a sequence shorter than a chunk (T = 1)
+    and one whose last chunk is partial (T = 5: 2 + 2 + 1 steps) equal the float64 reference."""
+    check_sequence(config, reverse, strategy, torch.float64, "contiguous", shape=(2, T, 3, 4, 5, 6))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
