@@ -1576,7 +1576,7 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
     scalar_t* grad_input;
     void run(int64_t row_begin, int64_t row_end) const {
       SpreadPrefetch prefetch;
-      add_rows_read(prefetch, g, input, static_cast<const scalar_t*>(nullptr), row_begin, row_end, true);
+      add_rows_read<scalar_t>(prefetch, g, input, nullptr, row_begin, row_end, true);
       prefetch.spread_over(plan.groups * (row_end - row_begin));
       for (int64_t v = 0; v < plan.groups; ++v)
         for (int64_t row = row_begin; row < row_end; ++row) {
@@ -1585,7 +1585,7 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
         }
     }
     void add_next_rows(SpreadPrefetch& prefetch, int64_t next_begin, int64_t next_end) const {
-      add_rows_read(prefetch, f, grad_output, static_cast<const scalar_t*>(nullptr), next_begin, next_end, true);
+      add_rows_read<scalar_t>(prefetch, f, grad_output, nullptr, next_begin, next_end, true);
     }
   };
   weight_grad_impl<scalar_t>(wa, InputGradRows{g, f, plan, static_cast<const scalar_t*>(wa.input), grad_output,

@@ -143,9 +143,9 @@ void check_reserve(const char* op, const Tensor& reserve, const SeqGeometry& g,
   TORCH_CHECK_VALUE(reserve.is_contiguous(), op, ": reserve must be contiguous (as the forward op returns it)");
 }
 
-// Steps per chunk: the hoisted input convolution (forward) and the batched weight gradients (backward)
-// run over the B * chunk frames of consecutive steps, so their outputs, gradients and the convolutions'
-// internal copies exist for one chunk instead of the whole sequence.
+// Steps per chunk: the hoisted input convolution (forward) and the batched weight gradients (backward,
+// through backward_chunk_steps) run over the B * chunk frames of consecutive steps, so their outputs,
+// gradients and the convolutions' internal copies exist for one chunk instead of the whole sequence.
 int64_t chunk_steps(int64_t T) { return std::max<int64_t>(1, T / 16); }
 
 // Steps per chunk of the backward's batched weight gradients. Winograd: chunk_steps (one-step chunks read each
