@@ -123,7 +123,9 @@ def extensions():
     sources = cpu_sources()
     # -fno-math-errno/-fno-trapping-math let gcc vectorise the gate loops (no libm errno, no FP traps);
     # -fopenmp makes at::parallel_for parallel (without _OPENMP its header falls back to a serial loop).
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    # -g0 overrides the -g in Python's own CFLAGS: the templated kernels' debug info made a 115 MB library
+    # and ~40 % of the compile time; without it the CPU-only library is ~12 MB (symbol names stay, for perf).
+    cxx = ["-O3", "-g0", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     link = ["-fopenmp"]
     if not with_cuda:
         print(f"fastvid: building CPU kernels only (toolkit: {cuda_home}, torch CUDA: {torch.version.cuda})")
