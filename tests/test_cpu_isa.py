@@ -240,3 +240,40 @@ def test_channels_last_interior_sweeps(cpu_isa, kernel, stride, dilation, dtype)
         bound = 16 * u * terms + (2.0 ** -8 * ref.abs() if dtype == torch.bfloat16 else 0) + 1e-300
         err = (ours.double() - ref).abs()
         assert (err <= bound).all(), f"{name}: max error {err.max().item():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+# ------------------------------------------------------------------ bf16 / fp16 loads and stores
+def half_precision_values(dtype, n, generator):
+    """n values of dtype, by bit pattern: about half subnormals of the dtype (the conversions' edge),
+    the rest normal numbers of either sign; no zeros, infinities or NaNs."""
+    subnormal_max = 0x03FF if dtype == torch.float16 else 0x007F  # exponent field 0
+    subnormal = torch.randint(1, subnormal_max + 1, (n,), generator=generator, dtype=torch.int32)
+    normal = torch.randn(n, generator=generator).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    bits = torch.where(torch.rand(n, generator=generator) < 0.5, subnormal, normal)
+    bits = bits | torch.where(torch.rand(n, generator=generator) < 0.5, 0x8000, 0)
+    return bits.to(torch.uint16).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["ncdhw", "cl3d"])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_half_precision_loads_and_stores_round_as_pytorch(cpu_isa, dtype, layout, scale):
+    """The vector loads that widen bf16 / fp16 to fp32 and the stores that round back (csrc/cpu_vec.h,
+    per ISA path: vpmovzxwd + shift, F16C) are exact and round to nearest even as PyTorch's conversion,
+    subnormals included: a depthwise conv whose only nonzero tap is `scale` at the centre computes
+    x · scale exactly in fp32, so its output must equal (x.float() * scale).to(dtype) bit for bit
+    (scale 0.5 makes every odd subnormal a rounding tie)."""
+    g = torch.Generator().manual_seed(5)
+    C = 2 * 16 + 16 + 3  # 2- and 1-vector blocks and a tail at every vector width
+    x = half_precision_values(dtype, C * 3 * 4 * 21, g).view(1, C, 3, 4, 21)
+    if layout == "cl3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    w = torch.zeros(C, 1, 3, 3, 3, dtype=dtype)
+    w[:, :, 1, 1, 1] = scale
+    out = OPS.depthwise_conv3d(x, w, None, [1, 1, 1], [1, 1, 1], [1, 1, 1])
+    assert OPS._cpu_isa_ran("depthwise3d") == cpu_isa
+    expected = (x.float() * scale).to(dtype)
+    mismatch = out.contiguous().view(torch.int16) != expected.contiguous().view(torch.int16)
+    assert not mismatch.any(), (f"{int(mismatch.sum())} of {x.numel()} differ, e.g. input "
+                                f"{x.contiguous()[mismatch][:4].tolist()} -> {out.contiguous()[mismatch][:4].tolist()}, "
+                                f"expected {expected.contiguous()[mismatch][:4].tolist()}")
