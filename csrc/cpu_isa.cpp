@@ -25,7 +25,9 @@ const char* const kFamilies[] = {"depthwise3d", "recurrent", "attention"};
 Isa detect() {
 #ifdef FASTVID_ISA_X86
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // Everything the paths' targets (cpu_isa.h) let the compiler use: f16c (fp16 loads and stores), bmi, bmi2.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("avx512cd");
