@@ -108,6 +108,11 @@ CONFIGS = [
     Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (2, 2, 6, 24)),
     Config(2, 1, (1, 3, 7), (1, 1, 1), (0, 1, 3), (1, 1, 1), (1, 2, 5, 16)),
     Config(2, 1, (3, 3, 3), (1, 1, 1), (1, 1, 3), (1, 1, 3), (1, 3, 5, 26), bias=False),
+    # NCDHW W stride 2, the scratch rows' two phases split by whole vectors (build_rows): W padding 2
+    # with kW = 5 and a W of four 16-lane vectors + 5 (vector chunks, the last overlapping, and a tail);
+    # no W padding with an even W
+    Config(2, 1, (3, 3, 5), (1, 2, 2), (1, 1, 2), (1, 1, 1), (1, 3, 6, 69)),
+    Config(2, 1, (3, 3, 3), (1, 1, 2), (1, 1, 0), (1, 1, 1), (1, 3, 4, 40)),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

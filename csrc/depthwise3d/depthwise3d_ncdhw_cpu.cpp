@@ -94,7 +94,7 @@ struct RowLayout {
 };
 
 // `rows` source rows of n values (row h at src + h·n) into scratch rows dst + h·dst_stride laid out as
-// `layout`. With one phase only the values are written: the zero padding around them is at the same
+// `layout`. Only the values are written: the zero padding around them is at the same
 // places in every row a scratch buffer holds, so the buffer is zeroed once (PlaneCache::init, the
 // weight gradient's go_plane) and never written there (the per-row fills were ~5 % of the forward).
 // One-phase rows of at least one vector are copied as whole vectors, the last one ending at the row's
@@ -121,13 +121,34 @@ FASTVID_INLINE void build_rows(const scalar_t* src, int64_t rows, int64_t n, con
     }
     return;
   }
+  // Several phases (W stride s): source value j goes to phase (j + left) % s at index (j + left) / s,
+  // m = j + left below. For s = 2 (the stride-2 convs of X3D and its kin) whole vectors of 2·L source values
+  // are split into the two phases by two shuffles; the per-value loop (a division and a store each)
+  // was ~45 % of the 4x48x8x56^2 stride-2 forward's samples (perf, one thread).
+  const int64_t s = layout.phases, len = layout.phase_len, left = layout.left;
+  const int64_t m_end = std::min(n + left, s * len);
   for (int64_t h = 0; h < rows; ++h, src += n, dst += dst_stride) {
-    for (int64_t r = 0; r < layout.phases; ++r) {
-      acc_t* d = dst + r * layout.phase_len;
-      for (int64_t i = 0; i < layout.phase_len; ++i) {
-        const int64_t j = i * layout.phases + r - layout.left;
-        d[i] = (j >= 0 && j < n) ? static_cast<acc_t>(src[j]) : acc_t(0);
+    int64_t m = left, vector_begin = m_end, vector_end = m_end;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      using V = typename Vec<acc_t>::type;
+      constexpr int L = Vec<acc_t>::lanes;
+      // Chunks start at even m, read source [m - left, m - left + 2L) and write [m / 2, m / 2 + L) of both phases.
+      const int64_t first = left + (left & 1), last = std::min(n + left - 2 * L, 2 * (len - L)) & ~int64_t(1);
+      if (s == 2 && first <= last) {
+        auto split = [&](int64_t m0) {
+          const V a = load_vec<V>(src + m0 - left), b = load_vec<V>(src + m0 - left + L);
+          store_vec(dst + m0 / 2, __builtin_shuffle(a, b, cpu::kEven));
+          store_vec(dst + len + m0 / 2, __builtin_shuffle(a, b, cpu::kOdd));
+        };
+        for (int64_t m0 = first; m0 < last; m0 += 2 * L) split(m0);
+        split(last);  // the last chunk ends where the vectors can reach (it may overlap the one before)
+        vector_begin = first, vector_end = last + 2 * L;
       }
+    }
+    for (; m < m_end; ++m) {
+      if (m == vector_begin) m = vector_end;
+      if (m >= m_end) break;
+      dst[(m % s) * len + m / s] = static_cast<acc_t>(src[m - left]);
     }
   }
 }
