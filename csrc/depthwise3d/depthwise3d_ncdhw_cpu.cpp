@@ -682,14 +682,16 @@ void input_grad_impl(const InputGradArgs& a) {
 }
 
 // ------------------------------------------------------------------------ weight (+bias) gradient
-// sums[kw] += Σ_rows Σ_q go_rows[row][q] · x_rows[row][offset[kw] + q], q in [0, OW); go rows are
+// sums[kw] += Σ_rows Σ_q go_rows[row][q] · x_rows[row][offset[kw] + q] per lane, q in [0, OW) (the
+// caller adds the lanes once per unit; summed here per call, they made the 4x96x8x28^2 weight gradient
+// take 2.4 ms instead of 1.9-2.1, two threads, AVX-512); go rows are
 // zero beyond OW and the x values the last, partial vector reads there are masked out (so a
 // non-finite input element no output reads cannot leak in as 0·inf). Vectors are taken in pairs into
 // two sets of accumulators (2·KW independent chains).
 template <int KW, bool kMasked, typename acc_t>
 FASTVID_INLINE void weight_grad_vectors(int64_t nrows, const acc_t* const* go_rows, const acc_t* const* x_rows,
                                         const int64_t* offset, int64_t q_begin, int64_t q_end, int64_t tail,
-                                        acc_t* sums) {
+                                        typename Vec<acc_t>::type* sums) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::lanes;
   typedef std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t> Bits;
@@ -729,17 +731,12 @@ FASTVID_INLINE void weight_grad_vectors(int64_t nrows, const acc_t* const* go_ro
   }
   if (pending_go != nullptr) step(acc[which], pending_go, pending_x);
 #pragma GCC unroll 7
-  for (int k = 0; k < KW; ++k) {
-    const V a = acc[0][k] + acc[1][k];
-    acc_t total = 0;
-    for (int l = 0; l < L; ++l) total += a[l];
-    sums[k] += total;
-  }
+  for (int k = 0; k < KW; ++k) sums[k] += acc[0][k] + acc[1][k];
 }
 
 template <int KW, typename acc_t>
 FASTVID_INLINE void weight_grad_rows(int64_t nrows, const acc_t* const* go_rows, const acc_t* const* x_rows,
-                                     const int64_t* offset, int64_t OW, acc_t* sums) {
+                                     const int64_t* offset, int64_t OW, typename Vec<acc_t>::type* sums) {
   constexpr int L = Vec<acc_t>::lanes;
   const int64_t full = OW / L * L, tail = OW % L;
   if (full > 0) weight_grad_vectors<KW, false>(nrows, go_rows, x_rows, offset, 0, full, 0, sums);
@@ -769,16 +766,14 @@ void weight_grad_unit(const Geometry& g, const scalar_t* input, const scalar_t* 
   const RowLayout go_layout{1, go_len, 0};
   const acc_t* go_rows[512];
   const acc_t* x_rows[512];
+  // The unit's sums per lane: weight taps, then bias.
+  V lane_sums[kMaxTaps + 1];
+  for (int64_t t = 0; t <= g.taps(); ++t) lane_sums[t] = V{};
   for (int64_t ot = ot_begin; ot < ot_end; ++ot) {
     const scalar_t* go = grad_output + (bc * OT + ot) * OH * OW;
     build_rows(go, OH, OW, go_layout, go_plane.data(), go_len);
-    if (want_bias) {
-      V sum{};
-      for (int64_t i = 0; i < OH * go_len; i += L) sum += load_vec<V>(go_plane.data() + i);
-      acc_t total = 0;
-      for (int l = 0; l < L; ++l) total += sum[l];
-      partial[g.taps()] += total;
-    }
+    if (want_bias)
+      for (int64_t i = 0; i < OH * go_len; i += L) lane_sums[g.taps()] += load_vec<V>(go_plane.data() + i);
     if (!want_weight) continue;
     for (int64_t kt = 0; kt < kT; ++kt) {
       const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
@@ -786,7 +781,7 @@ void weight_grad_unit(const Geometry& g, const scalar_t* input, const scalar_t* 
       const acc_t* xp = x_cache.plane(bc, it, input + (bc * T + it) * H * W, H, W) + x_cache.top * lay.size();
       for (int64_t kh = 0; kh < kH; ++kh) {
         const Range rows = valid_outputs(kh, g.stride[1], g.padding[1], g.dilation[1], H, OH);
-        acc_t* sums = partial + (kt * kH + kh) * kW;
+        V* sums = lane_sums + (kt * kH + kh) * kW;
         // Rows in batches that fit the pointer arrays.
         for (int64_t oh0 = rows.begin; oh0 < rows.end; oh0 += 512) {
           const int64_t n = std::min<int64_t>(512, rows.end - oh0);
@@ -807,6 +802,11 @@ void weight_grad_unit(const Geometry& g, const scalar_t* input, const scalar_t* 
         }
       }
     }
+  }
+  for (int64_t t = 0; t <= g.taps(); ++t) {
+    acc_t total = 0;
+    for (int l = 0; l < L; ++l) total += lane_sums[t][l];
+    partial[t] += total;
   }
 }
 
