@@ -2,14 +2,15 @@
 //
 // Outputs are laid out like the input: channels_last_3d when `channels_last(input)` holds, else
 // contiguous (fastvid/ops/depthwise3d.py mirrors this rule in the fake kernels).
-// Input not channels_last, and on CPU channel multiplier 1 and rows >= 16 wide: the NCDHW kernels
-// (depthwise3d_ncdhw_cpu.cpp, depthwise3d_cuda.cu) run on the contiguous tensors directly, weight as
-// [C*m, taps]. Otherwise the kernels work on channels-innermost (NDHWC) tensors: the wrappers bring input and
+// Input not channels_last, and on CPU channel multiplier 1 and rows wide enough (ncdhw_path): the
+// NCDHW kernels (depthwise3d_ncdhw_cpu.cpp, depthwise3d_cuda.cu) run on the contiguous tensors
+// directly, weight as [C*m, taps]. Otherwise the kernels work on channels-innermost (NDHWC) tensors: the wrappers bring input and
 // grad_output to channels_last_3d (a no-op for channels_last_3d inputs), transpose the weight to
 // [taps, C*m] in the accumulation type, and copy outputs back to contiguous where the input is not
 // channels_last. Registered for CPU, and for CUDA when built with CUDA (kernels in
 // depthwise3d_cuda.cu).
 #include "depthwise3d_kernels.h"
+#include "../cpu_isa.h"
 #include "../fastvid_common.h"
 
 #include <ATen/ATen.h>
@@ -40,16 +41,27 @@ bool channels_last(const Tensor& input) {
   return input.size(1) > 1 && input.stride(1) == 1 && input.size(2) * input.size(3) * input.size(4) > 1;
 }
 
-// CPU inputs that take the NCDHW kernels: m == 1, not channels_last, and rows of at least one
-// 16-float vector. Narrower rows (the 8×8 and 4×4 planes of late X3D stages) leave most vector lanes
-// idle and pay the per-plane set-up for few outputs: there the channels-innermost kernels, layout
-// copies included, measured 1.3-3.4× faster (B=2, C=216-432, T=8).
+// CPU inputs that take the NCDHW kernels: m == 1, not channels_last, and rows at least
+// ncdhw_min_width() wide. Narrower rows leave most vector lanes idle and pay the per-plane set-up for
+// few outputs: there the channels-innermost kernels, layout copies included, run faster (B=2,
+// C=216-432, T=8: 8×8 and 4×4 planes 1.3-3.4×). Where the two cross depends on the vector width:
+// Intel Xeon, two threads, 4×C×8×W² with C·W² = 37632, forward and backward (both gradients):
+// AVX-512 NCDHW from W = 12 (W = 12 / 14: forward 1.0 / 0.9 ms against 1.6-1.7 / 1.7-2.2, backward
+// 2.8-3.0 / 2.4 against 3.3 / 2.5-2.7; W = 8 and 10 backward 25-30 % slower), AVX2 from W = 8
+// (forward 0.8-1.2 ms against 1.6-2.7 at W = 8-14, backward equal or faster; W = 7 forward 2.1
+// against 1.7). The baseline path keeps the width of one AVX-512 vector (not measured).
 // The CUDA kernels take NCDHW tensors of any width and multiplier (threads along W stay coalesced).
-constexpr int64_t kNcdhwMinWidth = 16;
+int64_t ncdhw_min_width() {
+  switch (cpu_isa::active()) {
+    case cpu_isa::Isa::avx512: return 12;
+    case cpu_isa::Isa::avx2: return 8;
+    default: return 16;
+  }
+}
 bool ncdhw_path(const Tensor& input, const Geometry& g) {
   if (channels_last(input)) return false;
   if (input.is_cuda()) return true;
-  return g.multiplier == 1 && input.size(4) >= kNcdhwMinWidth;
+  return g.multiplier == 1 && input.size(4) >= ncdhw_min_width();
 }
 
 void check_same(const char* op, const char* name, const Tensor& t, const Tensor& input) {
