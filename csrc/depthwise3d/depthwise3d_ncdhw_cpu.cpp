@@ -112,7 +112,14 @@ FASTVID_INLINE void build_rows(const scalar_t* src, int64_t rows, int64_t n, con
     dst += left;
     for (int64_t h = 0; h < rows; ++h, src += n, dst += dst_stride) {
       if (count < L) {
-        for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<acc_t>(src[i]);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (2 * count >= L) {  // two half vectors, the second ending at the row's end (12-15 wide at 16 lanes)
+            std::memcpy(dst, src, L / 2 * sizeof(acc_t));
+            std::memcpy(dst + count - L / 2, src + count - L / 2, L / 2 * sizeof(acc_t));
+            continue;
+          }
+        }
+        for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<acc_t>(src[i]);  // (a memcpy call per row)
         continue;
       }
       int64_t i = 0;
@@ -187,6 +194,19 @@ struct PlaneCache {
   }
 };
 
+#if defined(FASTVID_ISA_X86) && FASTVID_VEC_BYTES >= 32
+// p[0, n) = the first n lanes of v (0 < n < lanes), the other lanes' memory untouched.
+template <typename V>
+FASTVID_INLINE void masked_store(float* p, const V& v, int64_t n) {
+#if FASTVID_VEC_BYTES == 64
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+#else
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), lane), (__m256)v);
+#endif
+}
+#endif
+
 constexpr int kMaxTaps = 7 * 7 * 7;
 constexpr int kGroupRows = 4;  // output rows computed together (independent accumulator chains)
 
@@ -251,7 +271,18 @@ FASTVID_INLINE void store_block(const V (&a)[R][NV], int64_t q0, int64_t count, 
       if (n <= 0) break;
       if (out_step == 1 && n == L) {
         store_vec(out[r] + q, a[r][j]);
-      } else {
+        continue;
+      }
+#if defined(FASTVID_ISA_X86) && FASTVID_VEC_BYTES >= 32
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        // A masked store (every row of a 14x14 plane is one partial vector at 16 lanes).
+        if (out_step == 1) {
+          masked_store(out[r] + q, a[r][j], n);
+          continue;
+        }
+      }
+#endif
+      {
         // A copy, not a[r][j]'s address: an address-taken accumulator array is kept on the stack, and
         // every FMA into it stored there (OW = 28 at 16 lanes: half the blocks of the forward).
         const V v = a[r][j];
