@@ -43,18 +43,18 @@ bool channels_last(const Tensor& input) {
 
 // CPU inputs that take the NCDHW kernels: m == 1, not channels_last, and rows at least
 // ncdhw_min_width() wide. Narrower rows leave most vector lanes idle and pay the per-plane set-up for
-// few outputs: there the channels-innermost kernels, layout copies included, run faster (B=2,
-// C=216-432, T=8: 8×8 and 4×4 planes 1.3-3.4×). Where the two cross depends on the vector width:
-// Intel Xeon, two threads, 4×C×8×W² with C·W² = 37632, forward and backward (both gradients):
-// AVX-512 NCDHW from W = 12 (W = 12 / 14: forward 1.0 / 0.9 ms against 1.6-1.7 / 1.7-2.2, backward
-// 2.8-3.0 / 2.4 against 3.3 / 2.5-2.7; W = 8 and 10 backward 25-30 % slower), AVX2 from W = 8
-// (forward 0.8-1.2 ms against 1.6-2.7 at W = 8-14, backward equal or faster; W = 7 forward 2.1
-// against 1.7). The baseline path keeps the width of one AVX-512 vector (not measured).
+// few outputs: there the channels-innermost kernels, layout copies included, run faster. Where the two
+// cross, measured on the Intel Xeon (two threads, 4×C×8×W² with C·W² ≈ 37632, forward and backward
+// with both gradients, separate processes, the best of 3-4 on a noisy VM), session 32 after the NCDHW
+// weight-gradient and narrow-row changes: AVX-512 NCDHW faster from W = 8 (W = 8: forward 1.3 ms against
+// 1.7-1.9, backward 2.8-2.9 against 3.6; W = 7 at C = 432: 0.96 / 2.0 against 0.62 / 1.3), AVX2 from
+// W = 7 (7: 1.45 / 2.9 against 1.65 / 3.5; 6: equal). The baseline path keeps the width of one
+// AVX-512 vector (not measured).
 // The CUDA kernels take NCDHW tensors of any width and multiplier (threads along W stay coalesced).
 int64_t ncdhw_min_width() {
   switch (cpu_isa::active()) {
-    case cpu_isa::Isa::avx512: return 12;
-    case cpu_isa::Isa::avx2: return 8;
+    case cpu_isa::Isa::avx512: return 8;
+    case cpu_isa::Isa::avx2: return 7;
     default: return 16;
   }
 }
