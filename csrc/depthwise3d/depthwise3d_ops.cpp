@@ -42,26 +42,27 @@ bool channels_last(const Tensor& input) {
 }
 
 // CPU inputs that take the NCDHW kernels: m == 1, not channels_last, and rows at least
-// ncdhw_min_width() wide. Narrower rows leave most vector lanes idle and pay the per-plane set-up for
+// ncdhw_min_width wide. Narrower rows leave most vector lanes idle and pay the per-plane set-up for
 // few outputs: there the channels-innermost kernels, layout copies included, run faster. Where the two
 // cross, measured on the Intel Xeon (two threads, 4×C×8×W² with C·W² ≈ 37632, forward and backward
 // with both gradients, separate processes, the best of 3-4 on a noisy VM), session 32 after the NCDHW
 // weight-gradient and narrow-row changes: AVX-512 NCDHW faster from W = 8 (W = 8: forward 1.3 ms against
 // 1.7-1.9, backward 2.8-2.9 against 3.6; W = 7 at C = 432: 0.96 / 2.0 against 0.62 / 1.3), AVX2 from
-// W = 7 (7: 1.45 / 2.9 against 1.65 / 3.5; 6: equal). The baseline path keeps the width of one
-// AVX-512 vector (not measured).
+// W = 7 for fp32 (7: 1.45 / 2.9 against 1.65 / 3.5; 6: equal) and W = 8 otherwise (bf16 at 7x7: 2.55 /
+// 4.15 against 1.5-1.8 / 3.4-3.5, its narrow rows are stored one value at a time). The baseline path
+// keeps the width of one AVX-512 vector (not measured).
 // The CUDA kernels take NCDHW tensors of any width and multiplier (threads along W stay coalesced).
-int64_t ncdhw_min_width() {
+int64_t ncdhw_min_width(at::ScalarType dtype) {
   switch (cpu_isa::active()) {
     case cpu_isa::Isa::avx512: return 8;
-    case cpu_isa::Isa::avx2: return 7;
+    case cpu_isa::Isa::avx2: return dtype == at::kFloat ? 7 : 8;
     default: return 16;
   }
 }
 bool ncdhw_path(const Tensor& input, const Geometry& g) {
   if (channels_last(input)) return false;
   if (input.is_cuda()) return true;
-  return g.multiplier == 1 && input.size(4) >= ncdhw_min_width();
+  return g.multiplier == 1 && input.size(4) >= ncdhw_min_width(input.scalar_type());
 }
 
 void check_same(const char* op, const char* name, const Tensor& t, const Tensor& input) {
