@@ -932,7 +932,7 @@ void weight_grad_unit(const Geometry& g, const scalar_t* input, const scalar_t* 
   // and, where an input plane is no larger than an output plane, of the input plane after this ot's last
   // (the one the next ot adds to x_cache), a third of each per kt. Intel Xeon, two threads, separate
   // processes, weight gradient after native's fwd+bwd (its tensors then come from memory) / back to
-  // back: 4x96x8x28^2 2.0-2.3 -> 1.5-1.7 ms / equal (AVX2 2.4-2.5 -> 1.9-2.0 / equal), 14^2 1.04 -> 0.9 /
+  // back: 4x96x8x28^2 2.0-2.3 -> 1.5-1.9 ms / equal (AVX2 2.4-2.5 -> 1.9-2.0 / equal), 14^2 1.04 -> 0.9 /
   // equal; with H and W stride 2 (56^2 input planes, four times an output plane) the input planes' prefetch
   // made it 5-20 % slower, the grad_output planes' alone 5-10 % faster.
   const int64_t go_total = g.batch * g.channels * OT * OH * OW, x_total = g.batch * g.channels * T * H * W;
