@@ -832,19 +832,18 @@ void input_grad_row(const Geometry& g, const scalar_t* grad_output,
     const int64_t pad_w = g.padding[2], s_w = g.stride[2], d_w = g.dilation[2], kW = g.kernel[2], W = g.in[2];
     const bool sweep = s_w == 1 || d_w == 1;
     const int64_t ow_per_tap = s_w == 1 ? d_w : 1;
+    // The grad_output rows (kt, kh) this input row reads, with their weight rows.
     const scalar_t* src_rows[7 * 7];
     const acc_t* w_rows[7 * 7];
     int64_t rows = 0;
-    if (sweep) {
-      for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
-        int64_t ot;
-        if (!output_index(it, kt, g.stride[0], g.padding[0], g.dilation[0], OT, &ot)) continue;
-        for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
-          int64_t oh;
-          if (!output_index(ih, kh, g.stride[1], g.padding[1], g.dilation[1], OH, &oh)) continue;
-          src_rows[rows] = grad_output + ndhwc_offset(b, ot, oh, 0, 0, OT, OH, OW, Cout);
-          w_rows[rows++] = weight + (kt * g.kernel[1] + kh) * kW * Cout;
-        }
+    for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
+      int64_t ot;
+      if (!output_index(it, kt, g.stride[0], g.padding[0], g.dilation[0], OT, &ot)) continue;
+      for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+        int64_t oh;
+        if (!output_index(ih, kh, g.stride[1], g.padding[1], g.dilation[1], OH, &oh)) continue;
+        src_rows[rows] = grad_output + ndhwc_offset(b, ot, oh, 0, 0, OT, OH, OW, Cout);
+        w_rows[rows++] = weight + (kt * g.kernel[1] + kh) * kW * Cout;
       }
     }
     for (int64_t r = 0; r < std::min(s_w, W); ++r) {
@@ -863,18 +862,12 @@ void input_grad_row(const Geometry& g, const scalar_t* grad_output,
           continue;
         }
         int64_t n = 0;
-        for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
-          int64_t ot;
-          if (!output_index(it, kt, g.stride[0], g.padding[0], g.dilation[0], OT, &ot)) continue;
-          for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
-            int64_t oh;
-            if (!output_index(ih, kh, g.stride[1], g.padding[1], g.dilation[1], OH, &oh)) continue;
-            for (int64_t kw = 0; kw < kW; ++kw) {
-              int64_t ow;
-              if (!output_index(iw, kw, s_w, pad_w, d_w, OW, &ow)) continue;
-              go_offsets[n] = ndhwc_offset(b, ot, oh, ow, 0, OT, OH, OW, Cout);
-              w_offsets[n++] = ((kt * g.kernel[1] + kh) * kW + kw) * Cout;
-            }
+        for (int64_t q = 0; q < rows; ++q) {
+          for (int64_t kw = 0; kw < kW; ++kw) {
+            int64_t ow;
+            if (!output_index(iw, kw, s_w, pad_w, d_w, OW, &ow)) continue;
+            go_offsets[n] = (src_rows[q] - grad_output) + ow * Cout;
+            w_offsets[n++] = (w_rows[q] - weight) + kw * Cout;
           }
         }
         accumulate_channels<scalar_t, acc_t>(C, n, go_offsets, w_offsets, grad_output, weight, nullptr,
