@@ -157,7 +157,8 @@ __attribute__((always_inline)) inline void accumulate_channels(int64_t C, int64_
 // kPositions consecutive positions along W at once, all of whose W taps are in range (interior):
 //   out[p·out_step + c] = init[c] + Σ_r Σ_kw src_rows[r][kw·kw_step + p·p_step + c] · w_rows[r][kw·w_step + c]
 // for the (kt, kh) pairs r. Each weight vector is loaded once per tap and used for every position,
-// so the loop does ~1 load per FMA instead of 2. Used by the forward and (stride 1) input gradient.
+// so the loop does ~1 load per FMA instead of 2. Used by the forward and the input gradient without
+// a flipped kernel (input_grad_row: the inputs of one W residue, taps every s-th).
 constexpr int kPositions = 8;
 
 // The same sum when the W taps step by one position (kw_step = S·p_step, S = ±1: the forward with
