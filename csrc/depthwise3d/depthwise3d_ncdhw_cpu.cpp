@@ -940,7 +940,9 @@ void weight_grad_unit(const Geometry& g, const scalar_t* input, const scalar_t* 
   for (int64_t ot = ot_begin; ot < ot_end; ++ot) {
     const scalar_t* go = grad_output + (bc * OT + ot) * OH * OW;
     const int64_t it_last = std::min(T - 1, ot * g.stride[0] - g.padding[0] + (kT - 1) * g.dilation[0]);
-    const int64_t go_next = (bc * OT + ot + 1) * OH * OW, x_next = (bc * T + it_last + 1) * H * W;
+    const int64_t go_next = (bc * OT + ot + 1) * OH * OW;
+    // (it_last < 0 where every T tap of this ot is in the padding)
+    const int64_t x_next = (bc * T + std::max<int64_t>(it_last + 1, 0)) * H * W;
     const char* pf_go = reinterpret_cast<const char*>(grad_output + go_next);
     const char* pf_x = reinterpret_cast<const char*>(input + x_next);
     const int64_t pf_go_bytes = std::min(OH * OW, go_total - go_next) * int64_t(sizeof(scalar_t));

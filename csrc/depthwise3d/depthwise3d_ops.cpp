@@ -4,11 +4,11 @@
 // contiguous (fastvid/ops/depthwise3d.py mirrors this rule in the fake kernels).
 // Input not channels_last, and on CPU channel multiplier 1 and rows wide enough (ncdhw_path): the
 // NCDHW kernels (depthwise3d_ncdhw_cpu.cpp, depthwise3d_cuda.cu) run on the contiguous tensors
-// directly, weight as [C*m, taps]. Otherwise the kernels work on channels-innermost (NDHWC) tensors: the wrappers bring input and
-// grad_output to channels_last_3d (a no-op for channels_last_3d inputs), transpose the weight to
-// [taps, C*m] in the accumulation type, and copy outputs back to contiguous where the input is not
-// channels_last. Registered for CPU, and for CUDA when built with CUDA (kernels in
-// depthwise3d_cuda.cu).
+// directly, weight as [C*m, taps]. Otherwise the kernels work on channels-innermost (NDHWC) tensors:
+// the wrappers bring input and grad_output to channels_last_3d (a no-op for channels_last_3d inputs),
+// transpose the weight to [taps, C*m] in the accumulation type, and copy outputs back to contiguous
+// where the input is not channels_last. Registered for CPU, and for CUDA when built with CUDA (kernels
+// in depthwise3d_cuda.cu).
 #include "depthwise3d_kernels.h"
 #include "../cpu_isa.h"
 #include "../fastvid_common.h"
