@@ -446,7 +446,7 @@ FASTVID_INLINE void stencil_block_h3k3_aligned(int64_t q, int64_t count, int64_t
       if (n >= 16)
         store_vec(out[r] + q + 16 * j, a[r][j]);
       else
-        _mm512_mask_storeu_ps(out[r] + q + 16 * j, static_cast<__mmask16>((1u << n) - 1), (__m512)a[r][j]);
+        masked_store(out[r] + q + 16 * j, a[r][j], n);
     }
   }
 }
@@ -719,6 +719,9 @@ void input_grad_plane(const Geometry& g, const scalar_t* grad_output,
     if constexpr (std::is_same_v<acc_t, float>) {
       if (sw == 2 && pairs >= L) {
         const int64_t n0 = residue_taps(rh, 0, src, wt), n1 = residue_taps(rh, 1, src1, wt1);
+        // An odd W's last column: residue 0 at position `pairs`.
+        const acc_t* last_src[kMaxTaps];
+        for (int64_t t = 0; t < n0; ++t) last_src[t] = src[t] + pairs;
         for (int64_t i0 = 0; i0 < rows; i0 += kGroupRows) {
           const int64_t count = std::min<int64_t>(kGroupRows, rows - i0);
           for (int64_t r = 0; r < count; ++r) {
@@ -732,9 +735,6 @@ void input_grad_plane(const Geometry& g, const scalar_t* grad_output,
             default: stencil_rows_pair<4>(pairs, n0, src, wt, n1, src1, wt1, row_offset, outs); break;
           }
           if (W % 2 == 0) continue;
-          // An odd W's last column (residue 0, position `pairs`).
-          const acc_t* last_src[kMaxTaps];
-          for (int64_t t = 0; t < n0; ++t) last_src[t] = src[t] + pairs;
           for (int64_t r = 0; r < count; ++r) outs[r] += 2 * pairs;
           stencil_rows(count, 1, n0, last_src, wt, row_offset, acc_t(0), outs, sw);
         }
