@@ -113,6 +113,13 @@ CONFIGS = [
     # no W padding with an even W
     Config(2, 1, (3, 3, 5), (1, 2, 2), (1, 1, 2), (1, 1, 1), (1, 3, 6, 69)),
     Config(2, 1, (3, 3, 3), (1, 1, 2), (1, 1, 0), (1, 1, 1), (1, 3, 4, 40)),
+    # NCDHW small planes (rows narrower than 16, every stride 1: per batch item and channel vector,
+    # transposed in cache; CONFIGS[0, 1, 5, 11, 17, 25, 26, 30, 31] take it too): padding at the kernel's
+    # reach (output larger than the input, the flipped kernel unpadded) with W = 15 and a channel tail;
+    # T dilation without T padding; a volume too large for the path's scratch (the other kernels run)
+    Config(20, 1, (3, 3, 3), (1, 1, 1), (2, 2, 2), (1, 1, 1), (2, 3, 4, 15)),
+    Config(5, 1, (3, 3, 3), (1, 1, 1), (0, 1, 1), (2, 1, 1), (1, 6, 4, 3)),
+    Config(3, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 10, 200, 6)),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -240,6 +247,22 @@ def test_ncdhw_weight_grad_thread_invariant_and_ignores_unread_inputs():
     x_inf[..., 37] = float("inf")
     assert torch.equal(OPS.depthwise_conv3d_backward(go, x_inf, w, *args, [False, True, True])[1], two[1])
     torch.testing.assert_close(two[1], torch.nn.grad.conv3d_weight(x, w.shape, go, *args, groups=3))
+
+
+@pytest.mark.parametrize("kernel,padding", [((3, 3, 3), (1, 1, 1)), ((3, 1, 5), (1, 0, 2))], ids=["k3", "generic"])
+def test_ncdhw_small_plane_grads_thread_invariant(kernel, padding, cpu_isa):
+    """NCDHW small planes (W < 16, stride 1): the weight/bias gradients are bit-identical for 1 and 2
+    threads (one partial per batch item and channel vector, added in batch order) on every ISA path,
+    and match conv3d_weight."""
+    x = torch.randn(3, 20, 4, 5, 7, dtype=torch.float64)
+    w = torch.randn(20, 1, *kernel, dtype=torch.float64)
+    args = ((1, 1, 1), padding, (1, 1, 1))
+    go = torch.randn(OPS.depthwise_conv3d(x, w, None, *args).shape, dtype=torch.float64)
+    one, two = backward_at_one_and_two_threads(go, x, w, args, [True, True, True])
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(two[1], torch.nn.grad.conv3d_weight(x, w.shape, go, *args, groups=20))
+    torch.testing.assert_close(two[2], go.sum((0, 2, 3, 4)))
 
 
 @pytest.mark.parametrize("channels,kernel,shape", [(20, (3, 3, 3), (2, 5, 9, 7)), (108, (3, 3, 3), (2, 5, 9, 7)),
@@ -546,7 +569,8 @@ def test_cuda_opcheck(config):
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4], CONFIGS[8], CONFIGS[10], CONFIGS[11], CONFIGS[12],
                                     CONFIGS[14], CONFIGS[16], CONFIGS[17], CONFIGS[18], CONFIGS[27], CONFIGS[28],
                                     CONFIGS[29], CONFIGS[31], CONFIGS[19], CONFIGS[21], CONFIGS[33], CONFIGS[34],
-                                    CONFIGS[35], *CONFIGS[36:40]], ids=Config.id)
+                                    CONFIGS[35], *CONFIGS[36:40], CONFIGS[0], CONFIGS[5], *CONFIGS[42:44]],
+                         ids=Config.id)
 def test_no_out_of_bounds_reads(config, layout, cpu_isa):
     """Inputs and grad_output are views into buffers whose neighbouring memory is NaN: a read outside
     a tensor would turn the results NaN (on every CPU ISA path: each has its own vector width)."""

@@ -2,9 +2,10 @@
 //
 // Outputs are laid out like the input: channels_last_3d when `channels_last(input)` holds, else
 // contiguous (fastvid/ops/depthwise3d.py mirrors this rule in the fake kernels).
-// Input not channels_last, and on CPU channel multiplier 1 and rows wide enough (ncdhw_path): the
+// Input not channels_last, and on CPU channel multiplier 1 and rows wide enough (kernel_path): the
 // NCDHW kernels (depthwise3d_ncdhw_cpu.cpp, depthwise3d_cuda.cu) run on the contiguous tensors
-// directly, weight as [C*m, taps]. Otherwise the kernels work on channels-innermost (NDHWC) tensors:
+// directly, weight as [C*m, taps]; narrower CPU rows with every stride 1 likewise through the
+// small-plane kernels (depthwise3d_ncdhw_small_cpu.cpp). Otherwise the kernels work on channels-innermost (NDHWC) tensors:
 // the wrappers bring input and grad_output to channels_last_3d (a no-op for channels_last_3d inputs),
 // transpose the weight to [taps, C*m] in the accumulation type, and copy outputs back to contiguous
 // where the input is not channels_last. Registered for CPU, and for CUDA when built with CUDA (kernels
@@ -41,17 +42,15 @@ bool channels_last(const Tensor& input) {
   return input.size(1) > 1 && input.stride(1) == 1 && input.size(2) * input.size(3) * input.size(4) > 1;
 }
 
-// CPU inputs that take the NCDHW kernels: m == 1, not channels_last, and rows at least
-// ncdhw_min_width wide. Narrower rows leave most vector lanes idle and pay the per-plane set-up for
-// few outputs: there the channels-innermost kernels, layout copies included, run faster. Where the two
-// cross, measured on the Intel Xeon (two threads, 4×C×8×W² with C·W² ≈ 37632, forward and backward
-// with both gradients, separate processes, the best of 3-4 on a noisy VM), session 32 after the NCDHW
-// weight-gradient and narrow-row changes: AVX-512 NCDHW faster from W = 8 (W = 8: forward 1.3 ms against
-// 1.7-1.9, backward 2.8-2.9 against 3.6; W = 7 at C = 432: 0.96 / 2.0 against 0.62 / 1.3), AVX2 from
-// W = 7 for fp32 (7: 1.45 / 2.9 against 1.65 / 3.5; 6: equal) and W = 8 otherwise (bf16 at 7x7: 2.55 /
-// 4.15 against 1.5-1.8 / 3.4-3.5, its narrow rows are stored one value at a time). The baseline path
-// keeps the width of one AVX-512 vector (not measured).
-// The CUDA kernels take NCDHW tensors of any width and multiplier (threads along W stay coalesced).
+// The row width from which the NCDHW row kernels (depthwise3d_ncdhw_cpu.cpp) beat the channels-innermost
+// kernels with their layout copies, for geometries the small-plane kernels do not take (kernel_path).
+// Narrower rows leave most vector lanes idle and pay the per-plane set-up for few outputs. Measured on
+// the Intel Xeon (two threads, 4×C×8×W² with C·W² ≈ 37632, forward and backward with both gradients,
+// separate processes, the best of 3-4 on a noisy VM), session 32: AVX-512 NCDHW faster from W = 8
+// (W = 8: forward 1.3 ms against 1.7-1.9, backward 2.8-2.9 against 3.6; W = 7 at C = 432: 0.96 / 2.0
+// against 0.62 / 1.3), AVX2 from W = 7 for fp32 (7: 1.45 / 2.9 against 1.65 / 3.5; 6: equal) and W = 8
+// otherwise (bf16 at 7x7: 2.55 / 4.15 against 1.5-1.8 / 3.4-3.5, its narrow rows are stored one value
+// at a time). The baseline path keeps the width of one AVX-512 vector (not measured).
 int64_t ncdhw_min_width(at::ScalarType dtype) {
   switch (cpu_isa::active()) {
     case cpu_isa::Isa::avx512: return 8;
@@ -59,10 +58,26 @@ int64_t ncdhw_min_width(at::ScalarType dtype) {
     default: return 16;
   }
 }
-bool ncdhw_path(const Tensor& input, const Geometry& g) {
-  if (channels_last(input)) return false;
-  if (input.is_cuda()) return true;
-  return g.multiplier == 1 && input.size(4) >= ncdhw_min_width(input.scalar_type());
+
+// Rows narrower than this take the small-plane kernels where ncdhw_small_applies (every stride 1, a
+// padding within the kernel's reach, volumes that fit their scratch). Against the row kernels (session 33,
+// same machine and method, the best of two): faster up to W = 14 on every path and dtype (AVX-512 fp32
+// W = 8: forward 0.58 ms / backward 1.16 against 1.26 / 2.83; W = 14: 0.53 / 1.28 against 0.65 / 1.41;
+// bf16 W = 14: 0.46 / 1.11 against 1.14 / 2.04; AVX2 W = 14: 0.60 / 1.23 against 0.69 / 1.53; baseline
+// W = 14: 0.94 / 1.90 against 1.12 / 2.62), about equal at W = 16 (AVX-512 0.61 / 1.42 against 0.53 / 1.10).
+constexpr int64_t kSmallPlaneWidth = 16;
+
+// Which kernels a call runs. CUDA: the NCDHW kernels, any width and multiplier (threads along W stay
+// coalesced). CPU inputs not channels_last with m == 1: the small-plane kernels (transposed to
+// channels-innermost per batch item and channel vector in cache) for narrow rows, the row kernels for
+// rows at least ncdhw_min_width wide; everything else the channels-innermost kernels.
+enum class Path { ncdhw_rows, ncdhw_small, channels_last };
+Path kernel_path(const Tensor& input, const Geometry& g) {
+  if (channels_last(input)) return Path::channels_last;
+  if (input.is_cuda()) return Path::ncdhw_rows;
+  if (g.multiplier != 1) return Path::channels_last;
+  if (input.size(4) < kSmallPlaneWidth && ncdhw_small_applies(g)) return Path::ncdhw_small;
+  return input.size(4) >= ncdhw_min_width(input.scalar_type()) ? Path::ncdhw_rows : Path::channels_last;
 }
 
 void check_same(const char* op, const char* name, const Tensor& t, const Tensor& input) {
@@ -137,10 +152,12 @@ Tensor in_input_layout(const Tensor& ndhwc, const Tensor& input) {
   return out;
 }
 
-// Where the kernels run: the NCDHW kernels (ncdhw_path) or the channels-innermost ones. The argument
-// structs are the same; this says how operands, weights and results are laid out for each.
+// Where the kernels run: the NCDHW kernels (row or small-plane, kernel_path) or the channels-innermost
+// ones. The argument structs are the same; this says how operands, weights and results are laid out.
 struct KernelLayout {
+  Path path;
   bool ncdhw;
+  explicit KernelLayout(Path p) : path(p), ncdhw(p != Path::channels_last) {}
   Tensor operand(const Tensor& t) const {
     return ncdhw ? t.contiguous() : t.contiguous(at::MemoryFormat::ChannelsLast3d);
   }
@@ -165,7 +182,7 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
   }
   const c10::DeviceGuard guard(input.device());
   const Tensor b = bias.has_value() ? bias->to(acc_type(input.scalar_type())).contiguous() : Tensor();
-  const KernelLayout layout{ncdhw_path(input, g)};
+  const KernelLayout layout(kernel_path(input, g));
   const Tensor x = layout.operand(input);
   const Tensor w = layout.weight(weight, g);
   Tensor out = layout.empty(g, g.out_channels(), false, input.options());
@@ -176,7 +193,8 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
   a.weight = w.data_ptr();
   a.bias = b.defined() ? b.data_ptr() : nullptr;
   a.output = out.data_ptr();
-  if (layout.ncdhw) FASTVID_LAUNCH(forward_ncdhw, a, input.device());
+  if (layout.path == Path::ncdhw_small) forward_ncdhw_small_cpu(a);
+  else if (layout.ncdhw) FASTVID_LAUNCH(forward_ncdhw, a, input.device());
   else FASTVID_LAUNCH(forward, a, input.device());
   return layout.result(out, input);
 }
@@ -198,7 +216,7 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
   Tensor grad_input = at::empty({0}, input.options());
   Tensor grad_weight = at::empty({0}, input.options());
   Tensor grad_bias = at::empty({0}, input.options());
-  const KernelLayout layout{ncdhw_path(input, g)};
+  const KernelLayout layout(kernel_path(input, g));
   const Tensor go = layout.operand(grad_output);
   const bool want_input = output_mask[0], want_weight = output_mask[1] || output_mask[2];
   Tensor w, gi, x, gw, gb;
@@ -227,7 +245,9 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
     wa.grad_weight = gw.defined() ? gw.data_ptr() : nullptr;
     wa.grad_bias = gb.defined() ? gb.data_ptr() : nullptr;
   }
-  if (want_input && want_weight && !layout.ncdhw && !input.is_cuda()) {
+  if (layout.path == Path::ncdhw_small) {
+    backward_ncdhw_small_cpu(ia, wa);  // both in one pass
+  } else if (want_input && want_weight && !layout.ncdhw && !input.is_cuda()) {
     backward_cpu(ia, wa);  // both in one pass where it can
   } else {
     if (want_input) {

@@ -1,0 +1,521 @@
+// CPU depthwise 3D conv kernels for NCDHW tensors with small planes: rows narrower than the NCDHW row
+// kernels take (depthwise3d_ops.cpp, ncdhw_min_width), channel multiplier 1, every stride 1.
+//
+// Vectorised along W (depthwise3d_ncdhw_cpu.cpp), rows of 7 values leave most lanes of a vector idle
+// and a plane's set-up costs more than its few outputs; vectorised along channels, every lane is
+// busy, but the tensors had to be copied to channels_last_3d and back through memory (two copies per
+// forward, three per backward). Here one work unit is one batch item × one vector of L channels: its
+// source volume (in NCDHW the L channels' T·H·W values lie one after another) is transposed in
+// cache, L×L blocks in registers, into a zero-padded channels-innermost scratch [Tp][Hp][Wp][L];
+// every tap is then a whole-vector FMA with the unit's L weights, no bounds tests, and the unit's
+// results are transposed back into the NCDHW tensor. Each tensor is read or written once per call.
+//   forward:         out[o] = bias + Σ_k w[k] · X[o + k·d]              (X: the input padded by p)
+//   input gradient:  the forward over grad_output with the kernel flipped and padding d·(k - 1) - p
+//                    (flipped_geometry: why every stride must be 1)
+//   weight gradient: gw[k] = Σ_o go[o] · X[o + k·d], gb = Σ_o go[o]: one partial per unit, the units
+//                    of a channel vector added in batch order (bit-identical whatever the thread count)
+// Everything below is compiled once per ISA path (cpu_isa.h); the entry points at the top pick one.
+#include "depthwise3d_kernels.h"
+#include "depthwise3d_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../cpu_isa.h"
+#include "../fastvid_common.h"
+
+#ifdef FASTVID_ISA_X86
+#include <immintrin.h>  // cpu_vec.h's bf16 / fp16 conversions: included once, outside the per-ISA passes
+#endif
+
+#ifndef FASTVID_ISA
+// The path's geometry rules (read by every ISA pass below and by ncdhw_small_applies).
+namespace fastvid {
+namespace depthwise3d {
+namespace small_plane {
+// Output positions computed together along W (independent accumulators); the last block of a row
+// reads the scratch's zero columns past the row and is stored only up to OW.
+constexpr int64_t kBlock = 8;
+// Scratch width: the forward's blocks read up to round_up(OW, kBlock) - 1 + (kW - 1)·dW.
+inline int64_t padded_width(const Geometry& g) {
+  const int64_t blocks_end = (g.out[2] + kBlock - 1) / kBlock * kBlock + (g.kernel[2] - 1) * g.dilation[2];
+  return std::max(g.in[2] + 2 * g.padding[2], blocks_end);
+}
+// Positions of the padded volume the forward (or, for the flipped geometry, the input gradient) reads.
+inline int64_t padded_positions(const Geometry& g) {
+  return (g.in[0] + 2 * g.padding[0]) * (g.in[1] + 2 * g.padding[1]) * padded_width(g);
+}
+// Per unit the scratch holds up to three such volumes of one 64-byte vector per position; at most
+// this many positions each keeps them in a 2 MB L2 (and half of a 1 MB one).
+constexpr int64_t kMaxPositions = 8192;
+}  // namespace small_plane
+}  // namespace depthwise3d
+}  // namespace fastvid
+
+#define FASTVID_ISA_SOURCE "depthwise3d/depthwise3d_ncdhw_small_cpu.cpp"
+#include "../cpu_isa_each.h"
+
+namespace fastvid {
+namespace depthwise3d {
+bool ncdhw_small_applies(const Geometry& g) {
+  const std::optional<Geometry> flipped = flipped_geometry(g);  // nullopt: a stride > 1, m > 1, padding > reach
+  if (!flipped) return false;
+  const int64_t out_positions = g.out[0] * g.out[1] * g.out[2], in_positions = g.in[0] * g.in[1] * g.in[2];
+  return small_plane::padded_positions(g) <= small_plane::kMaxPositions &&
+         small_plane::padded_positions(*flipped) <= small_plane::kMaxPositions &&
+         std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
+}
+void forward_ncdhw_small_cpu(const ForwardArgs& args) { FASTVID_ISA_CALL(depthwise3d, forward_ncdhw_small(args)); }
+void backward_ncdhw_small_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args) {
+  FASTVID_ISA_CALL(depthwise3d, backward_ncdhw_small(input_grad_args, weight_grad_args));
+}
+}  // namespace depthwise3d
+}  // namespace fastvid
+
+#else  // ------------------------------------------------ one ISA path: namespace FASTVID_ISA
+#include "depthwise3d_cpu_vec.h"
+
+namespace fastvid {
+namespace depthwise3d {
+namespace FASTVID_ISA {
+namespace {
+
+using cpu::load_vec;
+using cpu::store_vec;
+using cpu::Vec;
+using small_plane::kBlock;
+
+#ifndef FASTVID_INLINE
+#define FASTVID_INLINE __attribute__((always_inline)) inline
+#endif
+
+// Rows a and b of an L×L block, a = row i and b = row i + bit (bit i clear): exchanges element
+// (i, l + bit) with (i + bit, l) for every column l with that bit clear, i.e. swaps that bit of the
+// row and of the column index. Doing it for every bit (in any order) transposes the block.
+template <int bit, typename V, size_t... l>
+FASTVID_INLINE void exchange_bit(V& a, V& b, std::index_sequence<l...>) {
+  constexpr size_t L = sizeof...(l);
+  const V low = __builtin_shufflevector(a, b, ((l & bit) ? L + l - bit : l)...);
+  const V high = __builtin_shufflevector(a, b, ((l & bit) ? L + l : l + bit)...);
+  a = low, b = high;
+}
+template <int bit, int L, typename V, size_t... i>
+FASTVID_INLINE void exchange_rows(V (&r)[L], std::index_sequence<i...>) {
+  (((i & bit) == 0 ? exchange_bit<bit>(r[i], r[(i + bit) % L], std::make_index_sequence<L>{}) : void()), ...);
+}
+template <int L, int bit = L / 2, typename V>
+FASTVID_INLINE void transpose(V (&r)[L]) {
+  if constexpr (bit >= 1) {
+    exchange_rows<bit, L>(r, std::make_index_sequence<L>{});
+    transpose<L, bit / 2>(r);
+  }
+}
+
+// One unit's source volume into its padded scratch: channel l's n values at src + l·n (l < lanes)
+// to dst[offset[j] + l] for positions j in [0, n); lanes >= `lanes` (the tail of the channels) get 0.
+template <typename scalar_t, typename acc_t>
+void scatter_in(const scalar_t* src, int64_t lanes, int64_t n, const int64_t* offset, acc_t* dst) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V r[L];
+  int64_t j0 = 0;
+  for (; j0 + L <= n; j0 += L) {
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l) r[l] = l < lanes ? load_vec<V>(src + l * n + j0) : V{};
+    transpose<L>(r);
+#pragma GCC unroll 16
+    for (int j = 0; j < L; ++j) store_vec(dst + offset[j0 + j], r[j]);
+  }
+  if (j0 == n) return;
+  const int64_t rest = n - j0;  // the last positions: through a zeroed block (no reads past a row)
+  alignas(64) acc_t block[L][L] = {};
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t j = 0; j < rest; ++j) block[l][j] = static_cast<acc_t>(src[l * n + j0 + j]);
+#pragma GCC unroll 16
+  for (int l = 0; l < L; ++l) r[l] = load_vec<V>(block[l]);
+  transpose<L>(r);
+#pragma GCC unroll 16
+  for (int j = 0; j < L; ++j)
+    if (j < rest) store_vec(dst + offset[j0 + j], r[j]);
+}
+
+// The inverse for a compact result: src[j·L + l] (positions j in [0, n), src readable up to position
+// round_up(n, L)) into channel rows dst + l·n for l < lanes.
+template <typename scalar_t, typename acc_t>
+void gather_out(const acc_t* src, int64_t lanes, int64_t n, scalar_t* dst) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V r[L];
+  for (int64_t j0 = 0; j0 < n; j0 += L) {
+#pragma GCC unroll 16
+    for (int j = 0; j < L; ++j) r[j] = load_vec<V>(src + (j0 + j) * L);
+    transpose<L>(r);
+    const int64_t count = std::min<int64_t>(L, n - j0);
+    if (count == L) {
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l)
+        if (l < lanes) store_vec(dst + l * n + j0, r[l]);
+    } else {
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) {
+        if (l >= lanes) continue;
+        alignas(64) acc_t values[L];
+        std::memcpy(values, &r[l], sizeof values);
+        for (int64_t j = 0; j < count; ++j) dst[l * n + j0 + j] = static_cast<scalar_t>(values[j]);
+      }
+    }
+  }
+}
+
+// Scratch of one unit's padded source volume: dims[0] × dims[1] × dims[2] positions of L lanes, and
+// the scratch offset of each source position (t, h, w) in row-major order.
+struct PaddedVolume {
+  int64_t dims[3] = {0, 0, 0}, pad[3] = {0, 0, 0};
+  std::vector<int64_t> offset;
+  int64_t elements(int lanes) const { return dims[0] * dims[1] * dims[2] * lanes; }
+  // Scratch element of padded position (t, h, w) relative to the source's (0, 0, 0) position.
+  int64_t at(int64_t t, int64_t h, int64_t w, int lanes) const {
+    return (((t + pad[0]) * dims[1] + h + pad[1]) * dims[2] + w + pad[2]) * lanes;
+  }
+};
+
+// The volume a correlation with geometry g reads (its input, padded by g.padding).
+PaddedVolume padded_volume(const Geometry& g, int lanes) {
+  PaddedVolume v;
+  for (int d = 0; d < 3; ++d) v.pad[d] = g.padding[d];
+  v.dims[0] = g.in[0] + 2 * g.padding[0];
+  v.dims[1] = g.in[1] + 2 * g.padding[1];
+  v.dims[2] = small_plane::padded_width(g);
+  v.offset.reserve(g.in[0] * g.in[1] * g.in[2]);
+  for (int64_t t = 0; t < g.in[0]; ++t)
+    for (int64_t h = 0; h < g.in[1]; ++h)
+      for (int64_t w = 0; w < g.in[2]; ++w) v.offset.push_back(v.at(t, h, w, lanes));
+  return v;
+}
+
+// The correlation's loop constants for one unit geometry.
+struct Taps {
+  int64_t rows;              // kT·kH (kt, kh) pairs
+  int64_t row_offset[7 * 7];  // (kt, kh) -> its source row's offset from the output row's
+  int64_t kW, kw_step;       // W taps and the scratch step between them (dW·L)
+  int64_t src_row, out_row;  // one padded source row, one compact output row (elements)
+};
+
+// R output rows × P positions along W (R·P independent accumulators):
+//   out[rr·out_row + p·L] = init + Σ_(kt, kh) Σ_kw src[row_offset + rr·src_row + p·L + kw·kw_step] · w[tap]
+// with the taps in (kt, kh, kw) order. kReuse (kW = 3, dW = 1): each source vector of a row is loaded
+// once for the up to 3 positions that read it (P + 2 loads for 3·P FMAs), the 3 weights held.
+template <int P, int R, bool kReuse, typename V, typename acc_t>
+FASTVID_INLINE void correlate_block(const Taps& t, const acc_t* src, const acc_t* w, const V& init, acc_t* out) {
+  constexpr int L = sizeof(V) / sizeof(acc_t);
+  V a[R][P];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * P; ++i) a[i / P][i % P] = init;
+  for (int64_t r = 0; r < t.rows; ++r, w += t.kW * L) {
+    const acc_t* x = src + t.row_offset[r];
+    if constexpr (kReuse) {
+      const V w0 = load_vec<V>(w), w1 = load_vec<V>(w + L), w2 = load_vec<V>(w + 2 * L);
+#pragma GCC unroll 2
+      for (int rr = 0; rr < R; ++rr) {
+#pragma GCC unroll 10
+        for (int i = 0; i < P + 2; ++i) {
+          V xv = load_vec<V>(x + rr * t.src_row + i * L);
+          asm("" : "+v"(xv));  // one load for its up to 3 FMAs (gcc would fold it into each of them)
+          if (i < P) a[rr][i] += xv * w0;
+          if (i >= 1 && i - 1 < P) a[rr][i - 1] += xv * w1;
+          if (i >= 2) a[rr][i - 2] += xv * w2;
+        }
+      }
+    } else {
+      for (int64_t kw = 0; kw < t.kW; ++kw, x += t.kw_step) {
+        const V wv = load_vec<V>(w + kw * L);
+#pragma GCC unroll 16
+        for (int i = 0; i < R * P; ++i) a[i / P][i % P] += load_vec<V>(x + (i / P) * t.src_row + (i % P) * L) * wv;
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R * P; ++i) store_vec(out + (i / P) * t.out_row + (i % P) * L, a[i / P][i % P]);
+}
+
+template <int R, bool kReuse, typename V, typename acc_t>
+FASTVID_INLINE void correlate_rows(const Taps& t, int64_t OW, const acc_t* src, const acc_t* w, const V& init,
+                                   acc_t* out) {
+  constexpr int L = sizeof(V) / sizeof(acc_t);
+  for (int64_t ow0 = 0; ow0 < OW; ow0 += kBlock) {
+    const acc_t* x = src + ow0 * L;
+    acc_t* o = out + ow0 * L;
+    switch (std::min<int64_t>(kBlock, OW - ow0)) {  // exactly the row's positions: no idle accumulators
+      case 1: correlate_block<1, R, kReuse>(t, x, w, init, o); break;
+      case 2: correlate_block<2, R, kReuse>(t, x, w, init, o); break;
+      case 3: correlate_block<3, R, kReuse>(t, x, w, init, o); break;
+      case 4: correlate_block<4, R, kReuse>(t, x, w, init, o); break;
+      case 5: correlate_block<5, R, kReuse>(t, x, w, init, o); break;
+      case 6: correlate_block<6, R, kReuse>(t, x, w, init, o); break;
+      case 7: correlate_block<7, R, kReuse>(t, x, w, init, o); break;
+      default: correlate_block<8, R, kReuse>(t, x, w, init, o); break;
+    }
+  }
+}
+
+// out[(ot·OH + oh)·OW + ow] = bias + Σ_taps w[tap] · src[the padded position o + k·d] for one unit
+// (every stride 1), src padded as padded_volume(g), w [taps][L], bias [L] or nullptr, out compact.
+// Output rows in pairs (two rows' accumulators: at OW = 7, 14 chains instead of 7).
+template <typename acc_t>
+void correlate_unit(const Geometry& g, const PaddedVolume& v, const acc_t* src, const acc_t* w, const acc_t* bias,
+                    acc_t* out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  const int64_t OH = g.out[1], OW = g.out[2];
+  Taps t;
+  t.rows = g.kernel[0] * g.kernel[1];
+  t.src_row = v.dims[2] * L;
+  t.out_row = OW * L;
+  for (int64_t kt = 0; kt < g.kernel[0]; ++kt)
+    for (int64_t kh = 0; kh < g.kernel[1]; ++kh)
+      t.row_offset[kt * g.kernel[1] + kh] = (kt * g.dilation[0] * v.dims[1] + kh * g.dilation[1]) * t.src_row;
+  t.kW = g.kernel[2];
+  t.kw_step = g.dilation[2] * L;
+  const bool reuse = t.kW == 3 && g.dilation[2] == 1;
+  const V init = bias != nullptr ? load_vec<V>(bias) : V{};
+  for (int64_t ot = 0; ot < g.out[0]; ++ot)
+    for (int64_t oh = 0; oh < OH; oh += 2) {
+      const acc_t* x = src + (ot * v.dims[1] + oh) * t.src_row;
+      acc_t* o = out + (ot * OH + oh) * t.out_row;
+      if (oh + 2 <= OH) {
+        if (reuse) correlate_rows<2, true>(t, OW, x, w, init, o);
+        else correlate_rows<2, false>(t, OW, x, w, init, o);
+      } else {
+        if (reuse) correlate_rows<1, true>(t, OW, x, w, init, o);
+        else correlate_rows<1, false>(t, OW, x, w, init, o);
+      }
+    }
+}
+
+// kH = kW = 3 with dW = 1: a[kh·3 + kw] += Σ_p go[p] · x[kh][p + kw] over P positions of one output row,
+// the P grad_output vectors loaded once and each X vector once for the up to 3 (p, kw) pairs reading it
+// (P + 3·(P + 2) loads for 9·P FMAs). P + 10 vector registers: P up to 8 with 32 registers, 4 with 16.
+constexpr int kWeightBlock = cpu::kVecBytes == 64 ? 8 : 4;
+template <int P, typename V, typename acc_t>
+FASTVID_INLINE void weight_grad_block_k3(const acc_t* go, const acc_t* const* x, int64_t x0, V (&a)[9]) {
+  constexpr int L = sizeof(V) / sizeof(acc_t);
+  V gv[P];
+#pragma GCC unroll 8
+  for (int p = 0; p < P; ++p) gv[p] = load_vec<V>(go + p * L);
+#pragma GCC unroll 3
+  for (int kh = 0; kh < 3; ++kh) {
+#pragma GCC unroll 10
+    for (int i = 0; i < P + 2; ++i) {
+      V xv = load_vec<V>(x[kh] + x0 + i * L);
+      asm("" : "+v"(xv));  // one load for its up to 3 FMAs
+#pragma GCC unroll 3
+      for (int kw = 0; kw < 3; ++kw)
+        if (i - kw >= 0 && i - kw < P) a[kh * 3 + kw] += gv[i - kw] * xv;
+    }
+  }
+}
+template <typename V, typename acc_t>
+FASTVID_INLINE void weight_grad_block_k3(int64_t count, const acc_t* go, const acc_t* const* x, int64_t x0, V (&a)[9]) {
+  switch (count) {
+    case 1: return weight_grad_block_k3<1>(go, x, x0, a);
+    case 2: return weight_grad_block_k3<2>(go, x, x0, a);
+    case 3: return weight_grad_block_k3<3>(go, x, x0, a);
+    case 4: return weight_grad_block_k3<4>(go, x, x0, a);
+  }
+  if constexpr (kWeightBlock == 8) {
+    switch (count) {
+      case 5: return weight_grad_block_k3<5>(go, x, x0, a);
+      case 6: return weight_grad_block_k3<6>(go, x, x0, a);
+      case 7: return weight_grad_block_k3<7>(go, x, x0, a);
+      default: return weight_grad_block_k3<8>(go, x, x0, a);
+    }
+  }
+}
+
+// A unit's weight and bias gradient sums added to sums[tap·L + l] (tap == taps: the bias):
+// gw[k] = Σ_o go[o] · X[o + k·d], gb = Σ_o go[o]; go and X in their padded scratch volumes.
+template <typename acc_t>
+void weight_grad_unit(const Geometry& g, const PaddedVolume& go_volume, const acc_t* go, const PaddedVolume& x_volume,
+                      const acc_t* x, bool want_weight, bool want_bias, acc_t* sums) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t kT = g.kernel[0], kH = g.kernel[1], kW = g.kernel[2], taps = g.taps();
+  const auto go_row = [&](int64_t ot, int64_t oh) { return go + go_volume.at(ot, oh, 0, L); };
+  // X's padded row o + k·d (the padded volume's first position is X's (0, 0, 0)).
+  const auto x_row = [&](int64_t ot, int64_t oh, int64_t kt, int64_t kh) {
+    return x + ((ot + kt * g.dilation[0]) * x_volume.dims[1] + oh + kh * g.dilation[1]) * x_volume.dims[2] * L;
+  };
+  if (want_bias) {
+    V a[4] = {};
+    for (int64_t ot = 0; ot < OT; ++ot)
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        const acc_t* gr = go_row(ot, oh);
+        int64_t ow = 0;
+        for (; ow + 4 <= OW; ow += 4)
+#pragma GCC unroll 4
+          for (int p = 0; p < 4; ++p) a[p] += load_vec<V>(gr + (ow + p) * L);
+        for (; ow < OW; ++ow) a[0] += load_vec<V>(gr + ow * L);
+      }
+    store_vec(sums + taps * L, load_vec<V>(sums + taps * L) + ((a[0] + a[1]) + (a[2] + a[3])));
+  }
+  if (!want_weight) return;
+  if (kH == 3 && kW == 3 && g.dilation[2] == 1) {  // the 9 (kh, kw) sums of one kt in registers
+    for (int64_t kt = 0; kt < kT; ++kt) {
+      V a[9] = {};
+      for (int64_t ot = 0; ot < OT; ++ot)
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const acc_t* gr = go_row(ot, oh);
+          const acc_t* xr[3] = {x_row(ot, oh, kt, 0), x_row(ot, oh, kt, 1), x_row(ot, oh, kt, 2)};
+          for (int64_t ow0 = 0; ow0 < OW; ow0 += kWeightBlock)
+            weight_grad_block_k3<V>(std::min<int64_t>(kWeightBlock, OW - ow0), gr + ow0 * L, xr, ow0 * L, a);
+        }
+#pragma GCC unroll 9
+      for (int i = 0; i < 9; ++i) store_vec(sums + (kt * 9 + i) * L, load_vec<V>(sums + (kt * 9 + i) * L) + a[i]);
+    }
+    return;
+  }
+  for (int64_t kt = 0; kt < kT; ++kt)
+    for (int64_t kh = 0; kh < kH; ++kh)
+      for (int64_t kw = 0; kw < kW; ++kw) {
+        V a[4] = {};
+        for (int64_t ot = 0; ot < OT; ++ot)
+          for (int64_t oh = 0; oh < OH; ++oh) {
+            const acc_t* gr = go_row(ot, oh);
+            const acc_t* xr = x_row(ot, oh, kt, kh) + kw * g.dilation[2] * L;
+            int64_t ow = 0;
+            for (; ow + 4 <= OW; ow += 4)
+#pragma GCC unroll 4
+              for (int p = 0; p < 4; ++p) a[p] += load_vec<V>(gr + (ow + p) * L) * load_vec<V>(xr + (ow + p) * L);
+            for (; ow < OW; ++ow) a[0] += load_vec<V>(gr + ow * L) * load_vec<V>(xr + ow * L);
+          }
+        acc_t* s = sums + ((kt * kH + kh) * kW + kw) * L;
+        store_vec(s, load_vec<V>(s) + ((a[0] + a[1]) + (a[2] + a[3])));
+      }
+}
+
+// The unit's weights [taps][L] (flipped: tap order reversed) from the [C, taps] weight, lanes past the
+// channels 0.
+template <typename acc_t>
+void unit_weights(const acc_t* weight, int64_t taps, int64_t lanes, bool flipped, acc_t* w) {
+  constexpr int L = Vec<acc_t>::lanes;
+  std::fill(w, w + taps * L, acc_t(0));
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t t = 0; t < taps; ++t) w[t * L + l] = weight[l * taps + (flipped ? taps - 1 - t : t)];
+}
+
+template <typename scalar_t>
+void forward_impl(const ForwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = Vec<acc_t>::lanes;
+  const Geometry& g = a.geo;
+  const int64_t B = g.batch, C = g.channels, taps = g.taps(), groups = (C + L - 1) / L;
+  const int64_t in_positions = g.in[0] * g.in[1] * g.in[2], out_positions = g.out[0] * g.out[1] * g.out[2];
+  if (B == 0) return;
+  const auto* input = static_cast<const scalar_t*>(a.input);
+  const auto* weight = static_cast<const acc_t*>(a.weight);
+  const auto* bias = static_cast<const acc_t*>(a.bias);
+  auto* output = static_cast<scalar_t*>(a.output);
+  const PaddedVolume volume = padded_volume(g, L);
+  // Units (channel vector, batch item), batch innermost: consecutive units share their weights.
+  at::parallel_for(0, groups * B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> x(volume.elements(L), acc_t(0));  // its padding stays 0: only positions are written
+    std::vector<acc_t> out((out_positions + L) * L, acc_t(0));
+    std::vector<acc_t> w((taps + 1) * L);
+    int64_t group = -1;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t gi = u / B, b = u % B, c0 = gi * L, lanes = std::min<int64_t>(L, C - c0);
+      if (gi != group) {
+        unit_weights(weight + c0 * taps, taps, lanes, false, w.data());
+        std::fill(w.begin() + taps * L, w.end(), acc_t(0));
+        if (bias != nullptr) std::copy(bias + c0, bias + c0 + lanes, w.begin() + taps * L);
+        group = gi;
+      }
+      scatter_in(input + (b * C + c0) * in_positions, lanes, in_positions, volume.offset.data(), x.data());
+      correlate_unit(g, volume, x.data(), w.data(), bias != nullptr ? w.data() + taps * L : nullptr, out.data());
+      gather_out(out.data(), lanes, out_positions, output + (b * C + c0) * out_positions);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = Vec<acc_t>::lanes;
+  auto* grad_input = static_cast<scalar_t*>(ia.grad_input);
+  auto* grad_weight = static_cast<acc_t*>(wa.grad_weight);
+  auto* grad_bias = static_cast<acc_t*>(wa.grad_bias);
+  const bool want_input = grad_input != nullptr, want_weight = grad_weight != nullptr, want_bias = grad_bias != nullptr;
+  if (!want_input && !want_weight && !want_bias) return;
+  const Geometry& g = want_input ? ia.geo : wa.geo;
+  const Geometry f = *flipped_geometry(g);  // ncdhw_small_applies held
+  const int64_t B = g.batch, C = g.channels, taps = g.taps(), groups = (C + L - 1) / L;
+  const int64_t in_positions = g.in[0] * g.in[1] * g.in[2], out_positions = g.out[0] * g.out[1] * g.out[2];
+  const auto* grad_output = static_cast<const scalar_t*>(want_input ? ia.grad_output : wa.grad_output);
+  const auto* weight = static_cast<const acc_t*>(ia.weight);
+  const auto* input = static_cast<const scalar_t*>(wa.input);
+  const int64_t units = groups * B, per_unit = (taps + 1) * L;
+  // The flipped forward's source volume: grad_output padded by d·(k - 1) - p. The weight gradient reads
+  // grad_output at its positions in it, and the input padded as for the forward.
+  const PaddedVolume go_volume = padded_volume(f, L);
+  const PaddedVolume x_volume = want_weight ? padded_volume(g, L) : PaddedVolume{};
+  std::vector<acc_t> partials(want_weight || want_bias ? units * per_unit : 0, acc_t(0));
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> go(go_volume.elements(L), acc_t(0)), x(x_volume.elements(L), acc_t(0));
+    std::vector<acc_t> gi(want_input ? (in_positions + L) * L : 0, acc_t(0)), w(want_input ? taps * L : 0);
+    int64_t group = -1;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t gr = u / B, b = u % B, c0 = gr * L, lanes = std::min<int64_t>(L, C - c0);
+      scatter_in(grad_output + (b * C + c0) * out_positions, lanes, out_positions, go_volume.offset.data(), go.data());
+      if (want_input) {
+        if (gr != group) unit_weights(weight + c0 * taps, taps, lanes, true, w.data()), group = gr;
+        correlate_unit(f, go_volume, go.data(), w.data(), static_cast<const acc_t*>(nullptr), gi.data());
+        gather_out(gi.data(), lanes, in_positions, grad_input + (b * C + c0) * in_positions);
+      }
+      if (want_weight)
+        scatter_in(input + (b * C + c0) * in_positions, lanes, in_positions, x_volume.offset.data(), x.data());
+      if (want_weight || want_bias)
+        weight_grad_unit(g, go_volume, go.data(), x_volume, x.data(), want_weight, want_bias,
+                         partials.data() + u * per_unit);
+    }
+  });
+  if (want_weight) std::fill(grad_weight, grad_weight + C * taps, acc_t(0));
+  if (want_bias) std::fill(grad_bias, grad_bias + C, acc_t(0));
+  for (int64_t u = 0; u < units; ++u) {  // batch order within each channel vector
+    const int64_t c0 = u / B * L, lanes = std::min<int64_t>(L, C - c0);
+    const acc_t* p = partials.data() + u * per_unit;
+    for (int64_t l = 0; l < lanes; ++l) {
+      if (want_weight)
+        for (int64_t t = 0; t < taps; ++t) grad_weight[(c0 + l) * taps + t] += p[t * L + l];
+      if (want_bias) grad_bias[c0 + l] += p[taps * L + l];
+    }
+  }
+}
+
+}  // namespace
+
+void forward_ncdhw_small(const ForwardArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d",
+                                  [&] { forward_impl<scalar_t>(args); });
+}
+
+void backward_ncdhw_small(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args) {
+  const at::ScalarType dtype =
+      input_grad_args.grad_input != nullptr ? input_grad_args.dtype : weight_grad_args.dtype;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fastvid.depthwise_conv3d_backward",
+                                  [&] { backward_impl<scalar_t>(input_grad_args, weight_grad_args); });
+}
+
+}  // namespace FASTVID_ISA
+}  // namespace depthwise3d
+}  // namespace fastvid
+#endif  // FASTVID_ISA
