@@ -113,8 +113,9 @@ CONFIGS = [
     # no W padding with an even W
     Config(2, 1, (3, 3, 5), (1, 2, 2), (1, 1, 2), (1, 1, 1), (1, 3, 6, 69)),
     Config(2, 1, (3, 3, 3), (1, 1, 2), (1, 1, 0), (1, 1, 1), (1, 3, 4, 40)),
-    # NCDHW small planes (rows narrower than 16, every stride 1: per batch item and channel vector,
-    # transposed in cache; CONFIGS[0, 1, 5, 11, 17, 25, 26, 30, 31] take it too): padding at the kernel's
+    # small planes (NCDHW rows narrower than 16, every stride 1: per batch item and channel vector,
+    # transposed in cache; CONFIGS[0, 1, 5, 11, 17, 25, 26, 30, 31] take it too, and the channels_last_3d
+    # backward of those narrower than 8): padding at the kernel's
     # reach (output larger than the input, the flipped kernel unpadded) with W = 15 and a channel tail;
     # T dilation without T padding; a volume too large for the path's scratch (the other kernels run)
     Config(20, 1, (3, 3, 3), (1, 1, 1), (2, 2, 2), (1, 1, 1), (2, 3, 4, 15)),
@@ -249,15 +250,17 @@ def test_ncdhw_weight_grad_thread_invariant_and_ignores_unread_inputs():
     torch.testing.assert_close(two[1], torch.nn.grad.conv3d_weight(x, w.shape, go, *args, groups=3))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("kernel,padding", [((3, 3, 3), (1, 1, 1)), ((3, 1, 5), (1, 0, 2))], ids=["k3", "generic"])
-def test_ncdhw_small_plane_grads_thread_invariant(kernel, padding, cpu_isa):
-    """NCDHW small planes (W < 16, stride 1): the weight/bias gradients are bit-identical for 1 and 2
-    threads (one partial per batch item and channel vector, added in batch order) on every ISA path,
-    and match conv3d_weight."""
-    x = torch.randn(3, 20, 4, 5, 7, dtype=torch.float64)
+def test_small_plane_grads_thread_invariant(kernel, padding, layout, cpu_isa):
+    """Small planes (W = 7, stride 1; channels_last_3d: the backward): the weight/bias gradients are
+    bit-identical for 1 and 2 threads (one partial per batch item and channel vector, added in batch
+    order) on every ISA path, and match conv3d_weight."""
+    fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
+    x = torch.randn(3, 20, 4, 5, 7, dtype=torch.float64).contiguous(memory_format=fmt)
     w = torch.randn(20, 1, *kernel, dtype=torch.float64)
     args = ((1, 1, 1), padding, (1, 1, 1))
-    go = torch.randn(OPS.depthwise_conv3d(x, w, None, *args).shape, dtype=torch.float64)
+    go = torch.randn(OPS.depthwise_conv3d(x, w, None, *args).shape, dtype=torch.float64).contiguous(memory_format=fmt)
     one, two = backward_at_one_and_two_threads(go, x, w, args, [True, True, True])
     for a, b in zip(one, two):
         assert torch.equal(a, b)

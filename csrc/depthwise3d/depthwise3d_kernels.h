@@ -84,14 +84,16 @@ void forward_ncdhw_cpu(const ForwardArgs& args);
 void input_grad_ncdhw_cpu(const InputGradArgs& args);
 void weight_grad_ncdhw_cpu(const WeightGradArgs& args);
 
-// depthwise3d_ncdhw_small_cpu.cpp: NCDHW tensors whose rows the ops give to neither kernel set above
-// (narrower than the NCDHW row kernels take), m == 1 and every stride 1 with a padding the flipped
-// kernel allows (flipped_geometry), small enough volumes (ncdhw_small_applies): per batch item and
-// vector of channels, transposed to channels-innermost in cache. The NCDHW kernels' argument layouts;
-// both gradients in one call, grad_input / grad_weight / grad_bias nullptr where not wanted.
-bool ncdhw_small_applies(const Geometry& g);
-void forward_ncdhw_small_cpu(const ForwardArgs& args);
-void backward_ncdhw_small_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args);
+// depthwise3d_small_cpu.cpp: small planes (rows narrower than the ops' kSmallPlaneWidth), m == 1 and
+// every stride 1 with a padding the flipped kernel allows (flipped_geometry), volumes that fit the
+// path's scratch (small_plane_applies): per batch item and vector of channels, in a channels-innermost
+// scratch in cache. Activations NCDHW (channels_last false: transposed in and out) or NDHWC, weight and
+// grad_weight [C, taps] as for the NCDHW kernels; both gradients in one call, grad_input / grad_weight /
+// grad_bias nullptr where not wanted.
+bool small_plane_applies(const Geometry& g);
+void forward_small_cpu(const ForwardArgs& args, bool channels_last);
+void backward_small_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args,
+                        bool channels_last);
 
 #ifdef FASTVID_WITH_CUDA
 // depthwise3d_cuda.cu (kernels: depthwise3d_cuda_kernels.cuh): NDHWC tensors as above, and NCDHW

@@ -4,9 +4,10 @@
 // contiguous (fastvid/ops/depthwise3d.py mirrors this rule in the fake kernels).
 // Input not channels_last, and on CPU channel multiplier 1 and rows wide enough (kernel_path): the
 // NCDHW kernels (depthwise3d_ncdhw_cpu.cpp, depthwise3d_cuda.cu) run on the contiguous tensors
-// directly, weight as [C*m, taps]; narrower CPU rows with every stride 1 likewise through the
-// small-plane kernels (depthwise3d_ncdhw_small_cpu.cpp). Otherwise the kernels work on channels-innermost (NDHWC) tensors:
-// the wrappers bring input and grad_output to channels_last_3d (a no-op for channels_last_3d inputs),
+// directly, weight as [C*m, taps]; on CPU narrow rows with every stride 1 (and the backward of narrow
+// channels_last_3d ones) run the small-plane kernels on the tensors as they are
+// (depthwise3d_small_cpu.cpp, weight [C, taps]). Otherwise the kernels work on channels-innermost
+// (NDHWC) tensors: the wrappers bring input and grad_output to channels_last_3d (a no-op for channels_last_3d inputs),
 // transpose the weight to [taps, C*m] in the accumulation type, and copy outputs back to contiguous
 // where the input is not channels_last. Registered for CPU, and for CUDA when built with CUDA (kernels
 // in depthwise3d_cuda.cu).
@@ -59,24 +60,32 @@ int64_t ncdhw_min_width(at::ScalarType dtype) {
   }
 }
 
-// Rows narrower than this take the small-plane kernels where ncdhw_small_applies (every stride 1, a
-// padding within the kernel's reach, volumes that fit their scratch). Against the row kernels (session 33,
-// same machine and method, the best of two): faster up to W = 14 on every path and dtype (AVX-512 fp32
-// W = 8: forward 0.58 ms / backward 1.16 against 1.26 / 2.83; W = 14: 0.53 / 1.28 against 0.65 / 1.41;
-// bf16 W = 14: 0.46 / 1.11 against 1.14 / 2.04; AVX2 W = 14: 0.60 / 1.23 against 0.69 / 1.53; baseline
-// W = 14: 0.94 / 1.90 against 1.12 / 2.62), about equal at W = 16 (AVX-512 0.61 / 1.42 against 0.53 / 1.10).
+// Rows narrower than kSmallPlaneWidth take the small-plane kernels where small_plane_applies (every
+// stride 1, a padding within the kernel's reach, volumes that fit their scratch). Session 33, same
+// machine and method, two threads, 4×C×8×W² with C·W² ≈ 37632, the best of two. NCDHW, against the row
+// kernels: faster up to W = 14 on every path and dtype (AVX-512 fp32 W = 8: forward 0.58 ms / backward
+// 1.16 against 1.26 / 2.83; W = 14: 0.53 / 1.28 against 0.65 / 1.41; bf16 W = 14: 0.46 / 1.11 against
+// 1.14 / 2.04; AVX2 W = 14: 0.60 / 1.23 against 0.69 / 1.53; baseline W = 14: 0.94 / 1.90 against 1.12 /
+// 2.62), about equal at W = 16 (AVX-512 0.61 / 1.42 against 0.53 / 1.10). channels_last_3d, against the
+// channels-innermost kernels: their forward stays faster at every width (7², C = 432: 0.23 against 0.30
+// ms), the backward is slower up to W = 7 (AVX-512 / AVX2, C = 432: 1.92 / 1.02 against 0.59 / 0.79;
+// W = 5, C = 864: 1.16 / 1.44 against 0.80 / 0.90), not from W = 8 (C = 588: 1.46 / 1.68 against 1.59 /
+// 2.27): there only the backward of rows narrower than kSmallPlaneWidthChannelsLast takes them.
 constexpr int64_t kSmallPlaneWidth = 16;
+constexpr int64_t kSmallPlaneWidthChannelsLast = 8;
 
-// Which kernels a call runs. CUDA: the NCDHW kernels, any width and multiplier (threads along W stay
-// coalesced). CPU inputs not channels_last with m == 1: the small-plane kernels (transposed to
-// channels-innermost per batch item and channel vector in cache) for narrow rows, the row kernels for
-// rows at least ncdhw_min_width wide; everything else the channels-innermost kernels.
-enum class Path { ncdhw_rows, ncdhw_small, channels_last };
-Path kernel_path(const Tensor& input, const Geometry& g) {
-  if (channels_last(input)) return Path::channels_last;
-  if (input.is_cuda()) return Path::ncdhw_rows;
-  if (g.multiplier != 1) return Path::channels_last;
-  if (input.size(4) < kSmallPlaneWidth && ncdhw_small_applies(g)) return Path::ncdhw_small;
+// Which kernels a call (forward or backward) runs. CUDA: the NCDHW kernels (any width and multiplier:
+// threads along W stay coalesced), the channels-innermost ones for channels_last inputs. CPU with
+// m == 1: the small-plane kernels for narrow rows (above); else, for inputs not channels_last, the row
+// kernels for rows at least ncdhw_min_width wide; everything else the channels-innermost kernels (NCDHW
+// inputs through layout copies).
+enum class Path { ncdhw_rows, small_planes, channels_last };
+Path kernel_path(const Tensor& input, const Geometry& g, bool backward) {
+  const bool cl = channels_last(input);
+  if (input.is_cuda()) return cl ? Path::channels_last : Path::ncdhw_rows;
+  const int64_t small_width = !cl ? kSmallPlaneWidth : backward ? kSmallPlaneWidthChannelsLast : 0;
+  if (g.multiplier == 1 && input.size(4) < small_width && small_plane_applies(g)) return Path::small_planes;
+  if (cl || g.multiplier != 1) return Path::channels_last;
   return input.size(4) >= ncdhw_min_width(input.scalar_type()) ? Path::ncdhw_rows : Path::channels_last;
 }
 
@@ -152,23 +161,28 @@ Tensor in_input_layout(const Tensor& ndhwc, const Tensor& input) {
   return out;
 }
 
-// Where the kernels run: the NCDHW kernels (row or small-plane, kernel_path) or the channels-innermost
-// ones. The argument structs are the same; this says how operands, weights and results are laid out.
+// Where the kernels run (kernel_path) and so how operands, weights and results are laid out for them;
+// the argument structs are the same for all.
 struct KernelLayout {
   Path path;
-  bool ncdhw;
-  explicit KernelLayout(Path p) : path(p), ncdhw(p != Path::channels_last) {}
+  bool channels_last;  // operands and kernel outputs channels_last_3d
+  KernelLayout(Path p, const Tensor& input)
+      : path(p), channels_last(p == Path::channels_last || (p == Path::small_planes && fastvid::depthwise3d::channels_last(input))) {}
+  // The weight (and its gradient) as [C*m, taps]; the channels-innermost kernels take [taps, C*m].
+  bool weight_per_channel() const { return path != Path::channels_last; }
   Tensor operand(const Tensor& t) const {
-    return ncdhw ? t.contiguous() : t.contiguous(at::MemoryFormat::ChannelsLast3d);
+    return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast3d) : t.contiguous();
   }
-  // [C*m, taps] (NCDHW) or [taps, C*m], in the accumulation type.
-  Tensor weight(const Tensor& w, const Geometry& g) const { return ncdhw ? ncdhw_weight(w, g) : kernel_weight(w, g); }
+  // In the accumulation type.
+  Tensor weight(const Tensor& w, const Geometry& g) const {
+    return weight_per_channel() ? ncdhw_weight(w, g) : kernel_weight(w, g);
+  }
   Tensor empty(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options) const {
-    if (!ncdhw) return empty_channels_last(g, channels, input_side, options);
+    if (channels_last) return empty_channels_last(g, channels, input_side, options);
     const int64_t* dims = input_side ? g.in : g.out;
     return at::empty({g.batch, channels, dims[0], dims[1], dims[2]}, options);
   }
-  Tensor result(const Tensor& t, const Tensor& input) const { return ncdhw ? t : in_input_layout(t, input); }
+  Tensor result(const Tensor& t, const Tensor& input) const { return channels_last ? in_input_layout(t, input) : t; }
 };
 
 Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
@@ -182,7 +196,7 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
   }
   const c10::DeviceGuard guard(input.device());
   const Tensor b = bias.has_value() ? bias->to(acc_type(input.scalar_type())).contiguous() : Tensor();
-  const KernelLayout layout(kernel_path(input, g));
+  const KernelLayout layout(kernel_path(input, g, false), input);
   const Tensor x = layout.operand(input);
   const Tensor w = layout.weight(weight, g);
   Tensor out = layout.empty(g, g.out_channels(), false, input.options());
@@ -193,8 +207,8 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
   a.weight = w.data_ptr();
   a.bias = b.defined() ? b.data_ptr() : nullptr;
   a.output = out.data_ptr();
-  if (layout.path == Path::ncdhw_small) forward_ncdhw_small_cpu(a);
-  else if (layout.ncdhw) FASTVID_LAUNCH(forward_ncdhw, a, input.device());
+  if (layout.path == Path::small_planes) forward_small_cpu(a, layout.channels_last);
+  else if (layout.path == Path::ncdhw_rows) FASTVID_LAUNCH(forward_ncdhw, a, input.device());
   else FASTVID_LAUNCH(forward, a, input.device());
   return layout.result(out, input);
 }
@@ -216,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
   Tensor grad_input = at::empty({0}, input.options());
   Tensor grad_weight = at::empty({0}, input.options());
   Tensor grad_bias = at::empty({0}, input.options());
-  const KernelLayout layout(kernel_path(input, g));
+  const KernelLayout layout(kernel_path(input, g, true), input);
   const Tensor go = layout.operand(grad_output);
   const bool want_input = output_mask[0], want_weight = output_mask[1] || output_mask[2];
   Tensor w, gi, x, gw, gb;
@@ -234,8 +248,9 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
   if (want_weight) {
     x = layout.operand(input);
     // The kernels' weight gradient is laid out like their weight: [C*m, taps] or [taps, C*m].
-    const std::vector<int64_t> gw_shape = layout.ncdhw ? std::vector<int64_t>{g.out_channels(), g.taps()}
-                                                       : std::vector<int64_t>{g.taps(), g.out_channels()};
+    const std::vector<int64_t> gw_shape = layout.weight_per_channel()
+                                              ? std::vector<int64_t>{g.out_channels(), g.taps()}
+                                              : std::vector<int64_t>{g.taps(), g.out_channels()};
     if (output_mask[1]) gw = at::empty(gw_shape, input.options().dtype(acc));
     if (output_mask[2]) gb = at::empty({g.out_channels()}, input.options().dtype(acc));
     wa.geo = g;
@@ -245,24 +260,24 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
     wa.grad_weight = gw.defined() ? gw.data_ptr() : nullptr;
     wa.grad_bias = gb.defined() ? gb.data_ptr() : nullptr;
   }
-  if (layout.path == Path::ncdhw_small) {
-    backward_ncdhw_small_cpu(ia, wa);  // both in one pass
-  } else if (want_input && want_weight && !layout.ncdhw && !input.is_cuda()) {
+  if (layout.path == Path::small_planes) {
+    backward_small_cpu(ia, wa, layout.channels_last);  // both in one pass
+  } else if (want_input && want_weight && layout.path == Path::channels_last && !input.is_cuda()) {
     backward_cpu(ia, wa);  // both in one pass where it can
   } else {
     if (want_input) {
-      if (layout.ncdhw) FASTVID_LAUNCH(input_grad_ncdhw, ia, input.device());
+      if (layout.path == Path::ncdhw_rows) FASTVID_LAUNCH(input_grad_ncdhw, ia, input.device());
       else FASTVID_LAUNCH(input_grad, ia, input.device());
     }
     if (want_weight) {
-      if (layout.ncdhw) FASTVID_LAUNCH(weight_grad_ncdhw, wa, input.device());
+      if (layout.path == Path::ncdhw_rows) FASTVID_LAUNCH(weight_grad_ncdhw, wa, input.device());
       else FASTVID_LAUNCH(weight_grad, wa, input.device());
     }
   }
   if (want_input) grad_input = layout.result(gi, input);
   if (gw.defined()) {
     grad_weight = at::empty(weight.sizes(), input.options());
-    grad_weight.view({g.out_channels(), g.taps()}).copy_(layout.ncdhw ? gw : gw.t());
+    grad_weight.view({g.out_channels(), g.taps()}).copy_(layout.weight_per_channel() ? gw : gw.t());
   }
   if (gb.defined()) {
     grad_bias = at::empty({g.out_channels()}, input.options());

@@ -38,7 +38,7 @@
 #endif
 
 #ifndef FASTVID_ISA
-// The path's geometry rules (read by every ISA pass below and by ncdhw_small_applies).
+// The path's geometry rules (read by every ISA pass below and by small_plane_applies).
 namespace fastvid {
 namespace depthwise3d {
 namespace small_plane {
@@ -61,12 +61,12 @@ constexpr int64_t kMaxPositions = 8192;
 }  // namespace depthwise3d
 }  // namespace fastvid
 
-#define FASTVID_ISA_SOURCE "depthwise3d/depthwise3d_ncdhw_small_cpu.cpp"
+#define FASTVID_ISA_SOURCE "depthwise3d/depthwise3d_small_cpu.cpp"
 #include "../cpu_isa_each.h"
 
 namespace fastvid {
 namespace depthwise3d {
-bool ncdhw_small_applies(const Geometry& g) {
+bool small_plane_applies(const Geometry& g) {
   const std::optional<Geometry> flipped = flipped_geometry(g);  // nullopt: a stride > 1, m > 1, padding > reach
   if (!flipped) return false;
   const int64_t out_positions = g.out[0] * g.out[1] * g.out[2], in_positions = g.in[0] * g.in[1] * g.in[2];
@@ -74,9 +74,12 @@ bool ncdhw_small_applies(const Geometry& g) {
          small_plane::padded_positions(*flipped) <= small_plane::kMaxPositions &&
          std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
 }
-void forward_ncdhw_small_cpu(const ForwardArgs& args) { FASTVID_ISA_CALL(depthwise3d, forward_ncdhw_small(args)); }
-void backward_ncdhw_small_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args) {
-  FASTVID_ISA_CALL(depthwise3d, backward_ncdhw_small(input_grad_args, weight_grad_args));
+void forward_small_cpu(const ForwardArgs& args, bool channels_last) {
+  FASTVID_ISA_CALL(depthwise3d, forward_small(args, channels_last));
+}
+void backward_small_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args,
+                        bool channels_last) {
+  FASTVID_ISA_CALL(depthwise3d, backward_small(input_grad_args, weight_grad_args, channels_last));
 }
 }  // namespace depthwise3d
 }  // namespace fastvid
@@ -175,6 +178,54 @@ void gather_out(const acc_t* src, int64_t lanes, int64_t n, scalar_t* dst) {
     }
   }
 }
+
+// One unit's values in an activation tensor: NCDHW (its L channel rows of n values one after another,
+// transposed by scatter_in / gather_out) or channels innermost (at every position L values, C apart:
+// copied a vector at a time). The channel tail (lanes < L) goes through a zeroed block.
+template <bool kChannelsLast, typename scalar_t, typename acc_t>
+void load_unit(const scalar_t* src, int64_t C, int64_t lanes, int64_t n, const int64_t* offset, acc_t* dst) {
+  if constexpr (!kChannelsLast) {
+    scatter_in(src, lanes, n, offset, dst);
+  } else {
+    using V = typename Vec<acc_t>::type;
+    constexpr int L = Vec<acc_t>::lanes;
+    if (lanes == L) {
+      for (int64_t j = 0; j < n; ++j) store_vec(dst + offset[j], load_vec<V>(src + j * C));
+      return;
+    }
+    alignas(64) acc_t block[L] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t l = 0; l < lanes; ++l) block[l] = static_cast<acc_t>(src[j * C + l]);
+      store_vec(dst + offset[j], load_vec<V>(block));
+    }
+  }
+}
+template <bool kChannelsLast, typename scalar_t, typename acc_t>
+void store_unit(const acc_t* src, int64_t C, int64_t lanes, int64_t n, scalar_t* dst) {
+  if constexpr (!kChannelsLast) {
+    gather_out(src, lanes, n, dst);
+  } else {
+    using V = typename Vec<acc_t>::type;
+    constexpr int L = Vec<acc_t>::lanes;
+    if (lanes == L) {
+      for (int64_t j = 0; j < n; ++j) store_vec(dst + j * C, load_vec<V>(src + j * L));
+      return;
+    }
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t l = 0; l < lanes; ++l) dst[j * C + l] = static_cast<scalar_t>(src[j * L + l]);
+  }
+}
+
+// Unit u (channel vector u / B, batch item u % B) of an activation tensor with `positions` positions.
+template <bool kChannelsLast>
+struct UnitIndex {
+  int64_t B, C, L;
+  int64_t offset(int64_t u, int64_t positions) const {
+    const int64_t b = u % B, c0 = u / B * L;
+    return kChannelsLast ? b * positions * C + c0 : (b * C + c0) * positions;
+  }
+  int64_t lanes(int64_t u) const { return std::min(L, C - u / B * L); }
+};
 
 // Scratch of one unit's padded source volume: dims[0] × dims[1] × dims[2] positions of L lanes, and
 // the scratch offset of each source position (t, h, w) in row-major order.
@@ -276,19 +327,23 @@ FASTVID_INLINE void correlate_rows(const Taps& t, int64_t OW, const acc_t* src, 
 struct Prefetch {
   static constexpr int kMax = 3;
   const char* next[kMax] = {};
-  int64_t left[kMax] = {};  // lines
+  int64_t left[kMax] = {}, step[kMax] = {};  // lines, bytes between them
   int regions = 0;
   int64_t total = 0;
-  void add(const void* p, int64_t bytes) {
-    if (p == nullptr || bytes <= 0 || regions == kMax) return;
-    next[regions] = static_cast<const char*>(p);
-    left[regions] = (bytes + 63) / 64;
+  // One unit's values in a tensor (as load_unit / store_unit read and write them): NCDHW a contiguous
+  // block, channels innermost one line per position.
+  template <bool kChannelsLast, typename scalar_t>
+  void add(const scalar_t* p, const UnitIndex<kChannelsLast>& unit, int64_t u, int64_t positions) {
+    if (p == nullptr || regions == kMax) return;
+    next[regions] = reinterpret_cast<const char*>(p + unit.offset(u, positions));
+    left[regions] = kChannelsLast ? positions : (unit.lanes(u) * positions * int64_t(sizeof(scalar_t)) + 63) / 64;
+    step[regions] = kChannelsLast ? unit.C * int64_t(sizeof(scalar_t)) : 64;
     total += left[regions++];
   }
   // Up to n more lines, in region order.
   void issue(int64_t n) {
     for (int r = 0; r < regions && n > 0; ++r)
-      for (; left[r] > 0 && n > 0; --left[r], --n, next[r] += 64) __builtin_prefetch(next[r], 0, 2);
+      for (; left[r] > 0 && n > 0; --left[r], --n, next[r] += step[r]) __builtin_prefetch(next[r], 0, 2);
   }
 };
 
@@ -440,7 +495,7 @@ void unit_weights(const acc_t* weight, int64_t taps, int64_t lanes, bool flipped
     for (int64_t t = 0; t < taps; ++t) w[t * L + l] = weight[l * taps + (flipped ? taps - 1 - t : t)];
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kChannelsLast>
 void forward_impl(const ForwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::lanes;
@@ -453,11 +508,7 @@ void forward_impl(const ForwardArgs& a) {
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
   const PaddedVolume volume = padded_volume(g, L);
-  // Unit u's first element and bytes in a tensor of `positions` values per channel.
-  const auto unit_offset = [&](int64_t u, int64_t positions) { return (u % B * C + u / B * L) * positions; };
-  const auto unit_bytes = [&](int64_t u, int64_t positions) {
-    return std::min<int64_t>(L, C - u / B * L) * positions * int64_t(sizeof(scalar_t));
-  };
+  const UnitIndex<kChannelsLast> unit{B, C, L};
   // Units (channel vector, batch item), batch innermost: consecutive units share their weights.
   at::parallel_for(0, groups * B, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> x(volume.elements(L), acc_t(0));  // its padding stays 0: only positions are written
@@ -465,25 +516,26 @@ void forward_impl(const ForwardArgs& a) {
     std::vector<acc_t> w((taps + 1) * L);
     int64_t group = -1;
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t gi = u / B, b = u % B, c0 = gi * L, lanes = std::min<int64_t>(L, C - c0);
+      const int64_t gi = u / B, c0 = gi * L, lanes = unit.lanes(u);
       if (gi != group) {
         unit_weights(weight + c0 * taps, taps, lanes, false, w.data());
         std::fill(w.begin() + taps * L, w.end(), acc_t(0));
         if (bias != nullptr) std::copy(bias + c0, bias + c0 + lanes, w.begin() + taps * L);
         group = gi;
       }
-      scatter_in(input + (b * C + c0) * in_positions, lanes, in_positions, volume.offset.data(), x.data());
-      Prefetch prefetch;  // this unit's output rows, the next unit's input
-      prefetch.add(output + unit_offset(u, out_positions), unit_bytes(u, out_positions));
-      if (u + 1 < end) prefetch.add(input + unit_offset(u + 1, in_positions), unit_bytes(u + 1, in_positions));
+      load_unit<kChannelsLast>(input + unit.offset(u, in_positions), C, lanes, in_positions, volume.offset.data(),
+                               x.data());
+      Prefetch prefetch;  // this unit's output, the next unit's input
+      prefetch.add(output, unit, u, out_positions);
+      if (u + 1 < end) prefetch.add(input, unit, u + 1, in_positions);
       correlate_unit(g, volume, x.data(), w.data(), bias != nullptr ? w.data() + taps * L : nullptr, out.data(),
                      prefetch);
-      gather_out(out.data(), lanes, out_positions, output + (b * C + c0) * out_positions);
+      store_unit<kChannelsLast>(out.data(), C, lanes, out_positions, output + unit.offset(u, out_positions));
     }
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kChannelsLast>
 void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::lanes;
@@ -493,17 +545,14 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   const bool want_input = grad_input != nullptr, want_weight = grad_weight != nullptr, want_bias = grad_bias != nullptr;
   if (!want_input && !want_weight && !want_bias) return;
   const Geometry& g = want_input ? ia.geo : wa.geo;
-  const Geometry f = *flipped_geometry(g);  // ncdhw_small_applies held
+  const Geometry f = *flipped_geometry(g);  // small_plane_applies held
   const int64_t B = g.batch, C = g.channels, taps = g.taps(), groups = (C + L - 1) / L;
   const int64_t in_positions = g.in[0] * g.in[1] * g.in[2], out_positions = g.out[0] * g.out[1] * g.out[2];
   const auto* grad_output = static_cast<const scalar_t*>(want_input ? ia.grad_output : wa.grad_output);
   const auto* weight = static_cast<const acc_t*>(ia.weight);
   const auto* input = static_cast<const scalar_t*>(wa.input);
   const int64_t units = groups * B, per_unit = (taps + 1) * L;
-  const auto unit_offset = [&](int64_t u, int64_t positions) { return (u % B * C + u / B * L) * positions; };
-  const auto unit_bytes = [&](int64_t u, int64_t positions) {
-    return std::min<int64_t>(L, C - u / B * L) * positions * int64_t(sizeof(scalar_t));
-  };
+  const UnitIndex<kChannelsLast> unit{B, C, L};
   // The flipped forward's source volume: grad_output padded by d·(k - 1) - p. The weight gradient reads
   // grad_output at its positions in it, and the input padded as for the forward.
   const PaddedVolume go_volume = padded_volume(f, L);
@@ -514,21 +563,23 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
     std::vector<acc_t> gi(want_input ? (in_positions + L) * L : 0, acc_t(0)), w(want_input ? taps * L : 0);
     int64_t group = -1;
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t gr = u / B, b = u % B, c0 = gr * L, lanes = std::min<int64_t>(L, C - c0);
-      scatter_in(grad_output + (b * C + c0) * out_positions, lanes, out_positions, go_volume.offset.data(), go.data());
+      const int64_t gr = u / B, c0 = gr * L, lanes = unit.lanes(u);
+      load_unit<kChannelsLast>(grad_output + unit.offset(u, out_positions), C, lanes, out_positions,
+                               go_volume.offset.data(), go.data());
       if (want_input) {
         if (gr != group) unit_weights(weight + c0 * taps, taps, lanes, true, w.data()), group = gr;
-        Prefetch prefetch;  // this unit's grad_input rows, the next unit's grad_output and input
-        prefetch.add(grad_input + unit_offset(u, in_positions), unit_bytes(u, in_positions));
+        Prefetch prefetch;  // this unit's grad_input, the next unit's grad_output and input
+        prefetch.add(grad_input, unit, u, in_positions);
         if (u + 1 < end) {
-          prefetch.add(grad_output + unit_offset(u + 1, out_positions), unit_bytes(u + 1, out_positions));
-          if (want_weight) prefetch.add(input + unit_offset(u + 1, in_positions), unit_bytes(u + 1, in_positions));
+          prefetch.add(grad_output, unit, u + 1, out_positions);
+          if (want_weight) prefetch.add(input, unit, u + 1, in_positions);
         }
         correlate_unit(f, go_volume, go.data(), w.data(), static_cast<const acc_t*>(nullptr), gi.data(), prefetch);
-        gather_out(gi.data(), lanes, in_positions, grad_input + (b * C + c0) * in_positions);
+        store_unit<kChannelsLast>(gi.data(), C, lanes, in_positions, grad_input + unit.offset(u, in_positions));
       }
       if (want_weight)
-        scatter_in(input + (b * C + c0) * in_positions, lanes, in_positions, x_volume.offset.data(), x.data());
+        load_unit<kChannelsLast>(input + unit.offset(u, in_positions), C, lanes, in_positions,
+                                 x_volume.offset.data(), x.data());
       if (want_weight || want_bias)
         weight_grad_unit(g, go_volume, go.data(), x_volume, x.data(), want_weight, want_bias,
                          partials.data() + u * per_unit);
@@ -537,7 +588,7 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   if (want_weight) std::fill(grad_weight, grad_weight + C * taps, acc_t(0));
   if (want_bias) std::fill(grad_bias, grad_bias + C, acc_t(0));
   for (int64_t u = 0; u < units; ++u) {  // batch order within each channel vector
-    const int64_t c0 = u / B * L, lanes = std::min<int64_t>(L, C - c0);
+    const int64_t c0 = u / B * L, lanes = unit.lanes(u);
     const acc_t* p = partials.data() + u * per_unit;
     for (int64_t l = 0; l < lanes; ++l) {
       if (want_weight)
@@ -549,16 +600,20 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
 
 }  // namespace
 
-void forward_ncdhw_small(const ForwardArgs& args) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d",
-                                  [&] { forward_impl<scalar_t>(args); });
+void forward_small(const ForwardArgs& args, bool channels_last) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d", [&] {
+    if (channels_last) forward_impl<scalar_t, true>(args);
+    else forward_impl<scalar_t, false>(args);
+  });
 }
 
-void backward_ncdhw_small(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args) {
+void backward_small(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args, bool channels_last) {
   const at::ScalarType dtype =
       input_grad_args.grad_input != nullptr ? input_grad_args.dtype : weight_grad_args.dtype;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fastvid.depthwise_conv3d_backward",
-                                  [&] { backward_impl<scalar_t>(input_grad_args, weight_grad_args); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fastvid.depthwise_conv3d_backward", [&] {
+    if (channels_last) backward_impl<scalar_t, true>(input_grad_args, weight_grad_args);
+    else backward_impl<scalar_t, false>(input_grad_args, weight_grad_args);
+  });
 }
 
 }  // namespace FASTVID_ISA
