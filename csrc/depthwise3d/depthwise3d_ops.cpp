@@ -68,9 +68,10 @@ int64_t ncdhw_min_width(at::ScalarType dtype) {
 // 1.14 / 2.04; AVX2 W = 14: 0.60 / 1.23 against 0.69 / 1.53; baseline W = 14: 0.94 / 1.90 against 1.12 /
 // 2.62), about equal at W = 16 (AVX-512 0.61 / 1.42 against 0.53 / 1.10). channels_last_3d, against the
 // channels-innermost kernels: their forward stays faster at every width (7², C = 432: 0.23 against 0.30
-// ms), the backward is slower up to W = 7 (AVX-512 / AVX2, C = 432: 1.92 / 1.02 against 0.59 / 0.79;
-// W = 5, C = 864: 1.16 / 1.44 against 0.80 / 0.90), not from W = 8 (C = 588: 1.46 / 1.68 against 1.59 /
-// 2.27): there only the backward of rows narrower than kSmallPlaneWidthChannelsLast takes them.
+// ms), the backward is slower up to W = 7 (AVX-512 / AVX2, C = 432, three runs: 0.77-1.33 / 1.02-1.67
+// against 0.59-0.66 / 0.77-1.13; W = 5, C = 864: 1.16 / 1.44 against 0.80 / 0.90), not from W = 8
+// (C = 588: 1.46 / 1.68 against 1.59 / 2.27): there only the backward of rows narrower than
+// kSmallPlaneWidthChannelsLast takes them.
 constexpr int64_t kSmallPlaneWidth = 16;
 constexpr int64_t kSmallPlaneWidthChannelsLast = 8;
 
