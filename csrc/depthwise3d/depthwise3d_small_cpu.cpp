@@ -1,14 +1,16 @@
-// CPU depthwise 3D conv kernels for NCDHW tensors with small planes: rows narrower than the NCDHW row
-// kernels take (depthwise3d_ops.cpp, ncdhw_min_width), channel multiplier 1, every stride 1.
+// CPU depthwise 3D conv kernels for small planes: channel multiplier 1, every stride 1, rows narrower
+// than the ops send elsewhere (depthwise3d_ops.cpp, kernel_path: NCDHW rows narrower than 16, the
+// backward of channels_last_3d rows narrower than 8).
 //
 // Vectorised along W (depthwise3d_ncdhw_cpu.cpp), rows of 7 values leave most lanes of a vector idle
 // and a plane's set-up costs more than its few outputs; vectorised along channels, every lane is
-// busy, but the tensors had to be copied to channels_last_3d and back through memory (two copies per
+// busy, but NCDHW tensors had to be copied to channels_last_3d and back through memory (two copies per
 // forward, three per backward). Here one work unit is one batch item × one vector of L channels: its
-// source volume (in NCDHW the L channels' T·H·W values lie one after another) is transposed in
-// cache, L×L blocks in registers, into a zero-padded channels-innermost scratch [Tp][Hp][Wp][L];
-// every tap is then a whole-vector FMA with the unit's L weights, no bounds tests, and the unit's
-// results are transposed back into the NCDHW tensor. Each tensor is read or written once per call.
+// source volume is brought into a zero-padded channels-innermost scratch [Tp][Hp][Wp][L] in cache
+// (NCDHW: the L channels' T·H·W values lie one after another and are transposed L×L blocks at a time in
+// registers; channels_last_3d: one vector per position), every tap is then a whole-vector FMA with
+// the unit's L weights, no bounds tests, and the unit's results go back the same way. Each tensor
+// is read or written once per call.
 //   forward:         out[o] = bias + Σ_k w[k] · X[o + k·d]              (X: the input padded by p)
 //   input gradient:  the forward over grad_output with the kernel flipped and padding d·(k - 1) - p
 //                    (flipped_geometry: why every stride must be 1)
