@@ -166,24 +166,24 @@ Tensor in_input_layout(const Tensor& ndhwc, const Tensor& input) {
 // the argument structs are the same for all.
 struct KernelLayout {
   Path path;
-  bool channels_last;  // operands and kernel outputs channels_last_3d
+  bool channels_last_3d;  // operands and kernel outputs channels_last_3d (else contiguous)
   KernelLayout(Path p, const Tensor& input)
-      : path(p), channels_last(p == Path::channels_last || (p == Path::small_planes && fastvid::depthwise3d::channels_last(input))) {}
+      : path(p), channels_last_3d(p == Path::channels_last || (p == Path::small_planes && channels_last(input))) {}
   // The weight (and its gradient) as [C*m, taps]; the channels-innermost kernels take [taps, C*m].
   bool weight_per_channel() const { return path != Path::channels_last; }
   Tensor operand(const Tensor& t) const {
-    return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast3d) : t.contiguous();
+    return channels_last_3d ? t.contiguous(at::MemoryFormat::ChannelsLast3d) : t.contiguous();
   }
   // In the accumulation type.
   Tensor weight(const Tensor& w, const Geometry& g) const {
     return weight_per_channel() ? ncdhw_weight(w, g) : kernel_weight(w, g);
   }
   Tensor empty(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options) const {
-    if (channels_last) return empty_channels_last(g, channels, input_side, options);
+    if (channels_last_3d) return empty_channels_last(g, channels, input_side, options);
     const int64_t* dims = input_side ? g.in : g.out;
     return at::empty({g.batch, channels, dims[0], dims[1], dims[2]}, options);
   }
-  Tensor result(const Tensor& t, const Tensor& input) const { return channels_last ? in_input_layout(t, input) : t; }
+  Tensor result(const Tensor& t, const Tensor& input) const { return channels_last_3d ? in_input_layout(t, input) : t; }
 };
 
 Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
@@ -208,7 +208,7 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
   a.weight = w.data_ptr();
   a.bias = b.defined() ? b.data_ptr() : nullptr;
   a.output = out.data_ptr();
-  if (layout.path == Path::small_planes) forward_small_cpu(a, layout.channels_last);
+  if (layout.path == Path::small_planes) forward_small_cpu(a, layout.channels_last_3d);
   else if (layout.path == Path::ncdhw_rows) FASTVID_LAUNCH(forward_ncdhw, a, input.device());
   else FASTVID_LAUNCH(forward, a, input.device());
   return layout.result(out, input);
@@ -262,7 +262,7 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
     wa.grad_bias = gb.defined() ? gb.data_ptr() : nullptr;
   }
   if (layout.path == Path::small_planes) {
-    backward_small_cpu(ia, wa, layout.channels_last);  // both in one pass
+    backward_small_cpu(ia, wa, layout.channels_last_3d);  // both in one pass
   } else if (want_input && want_weight && layout.path == Path::channels_last && !input.is_cuda()) {
     backward_cpu(ia, wa);  // both in one pass where it can
   } else {
