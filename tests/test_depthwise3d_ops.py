@@ -121,6 +121,12 @@ CONFIGS = [
     Config(20, 1, (3, 3, 3), (1, 1, 1), (2, 2, 2), (1, 1, 1), (2, 3, 4, 15)),
     Config(5, 1, (3, 3, 3), (1, 1, 1), (0, 1, 1), (2, 1, 1), (1, 6, 4, 3)),
     Config(3, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 10, 200, 6)),
+    # small planes with kW = 5 (each source vector shared by 5 taps; the weight sums per (kt, kh) row of
+    # taps) and a channel tail; kW = 5 under kH = 3 with W padding below the reach (OW = 9: a block of 8
+    # and one of 1); kW = 3 under kH = 1
+    Config(20, 1, (3, 5, 5), (1, 1, 1), (1, 2, 2), (1, 1, 1), (2, 3, 6, 9)),
+    Config(3, 1, (1, 3, 5), (1, 1, 1), (0, 1, 1), (1, 1, 1), (1, 2, 5, 11)),
+    Config(5, 1, (3, 1, 3), (1, 1, 1), (1, 0, 1), (1, 1, 1), (1, 4, 5, 6)),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -572,7 +578,8 @@ def test_cuda_opcheck(config):
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4], CONFIGS[8], CONFIGS[10], CONFIGS[11], CONFIGS[12],
                                     CONFIGS[14], CONFIGS[16], CONFIGS[17], CONFIGS[18], CONFIGS[27], CONFIGS[28],
                                     CONFIGS[29], CONFIGS[31], CONFIGS[19], CONFIGS[21], CONFIGS[33], CONFIGS[34],
-                                    CONFIGS[35], *CONFIGS[36:40], CONFIGS[0], CONFIGS[5], *CONFIGS[42:44]],
+                                    CONFIGS[35], *CONFIGS[36:40], CONFIGS[0], CONFIGS[5], *CONFIGS[42:44],
+                                    *CONFIGS[45:48]],
                          ids=Config.id)
 def test_no_out_of_bounds_reads(config, layout, cpu_isa):
     """Inputs and grad_output are views into buffers whose neighbouring memory is NaN: a read outside

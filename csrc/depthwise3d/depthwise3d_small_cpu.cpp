@@ -265,9 +265,10 @@ struct Taps {
 
 // R output rows × P positions along W (R·P independent accumulators):
 //   out[rr·out_row + p·L] = init + Σ_(kt, kh) Σ_kw src[row_offset + rr·src_row + p·L + kw·kw_step] · w[tap]
-// with the taps in (kt, kh, kw) order. kReuse (kW = 3, dW = 1): each source vector of a row is loaded
-// once for the up to 3 positions that read it (P + 2 loads for 3·P FMAs), the 3 weights held.
-template <int P, int R, bool kReuse, typename V, typename acc_t>
+// with the taps in (kt, kh, kw) order. KW > 0 (kW = KW, dW = 1): each source vector of a row is loaded
+// once for the up to KW positions that read it (P + KW - 1 loads for KW·P FMAs), the KW weights held;
+// KW = 0: any kW and W dilation, one load per FMA.
+template <int P, int R, int KW, typename V, typename acc_t>
 FASTVID_INLINE void correlate_block(const Taps& t, const acc_t* src, const acc_t* w, const V& init, acc_t* out) {
   constexpr int L = sizeof(V) / sizeof(acc_t);
   V a[R][P];
@@ -275,17 +276,19 @@ FASTVID_INLINE void correlate_block(const Taps& t, const acc_t* src, const acc_t
   for (int i = 0; i < R * P; ++i) a[i / P][i % P] = init;
   for (int64_t r = 0; r < t.rows; ++r, w += t.kW * L) {
     const acc_t* x = src + t.row_offset[r];
-    if constexpr (kReuse) {
-      const V w0 = load_vec<V>(w), w1 = load_vec<V>(w + L), w2 = load_vec<V>(w + 2 * L);
+    if constexpr (KW > 0) {
+      V wk[KW];
+#pragma GCC unroll 8
+      for (int k = 0; k < KW; ++k) wk[k] = load_vec<V>(w + k * L);
 #pragma GCC unroll 2
       for (int rr = 0; rr < R; ++rr) {
-#pragma GCC unroll 10
-        for (int i = 0; i < P + 2; ++i) {
+#pragma GCC unroll 16
+        for (int i = 0; i < P + KW - 1; ++i) {
           V xv = load_vec<V>(x + rr * t.src_row + i * L);
-          asm("" : "+v"(xv));  // one load for its up to 3 FMAs (gcc would fold it into each of them)
-          if (i < P) a[rr][i] += xv * w0;
-          if (i >= 1 && i - 1 < P) a[rr][i - 1] += xv * w1;
-          if (i >= 2) a[rr][i - 2] += xv * w2;
+          asm("" : "+v"(xv));  // one load for its up to KW FMAs (gcc would fold it into each of them)
+#pragma GCC unroll 8
+          for (int k = 0; k < KW; ++k)
+            if (i - k >= 0 && i - k < P) a[rr][i - k] += xv * wk[k];
         }
       }
     } else {
@@ -300,7 +303,7 @@ FASTVID_INLINE void correlate_block(const Taps& t, const acc_t* src, const acc_t
   for (int i = 0; i < R * P; ++i) store_vec(out + (i / P) * t.out_row + (i % P) * L, a[i / P][i % P]);
 }
 
-template <int R, bool kReuse, typename V, typename acc_t>
+template <int R, int KW, typename V, typename acc_t>
 FASTVID_INLINE void correlate_rows(const Taps& t, int64_t OW, const acc_t* src, const acc_t* w, const V& init,
                                    acc_t* out) {
   constexpr int L = sizeof(V) / sizeof(acc_t);
@@ -308,16 +311,24 @@ FASTVID_INLINE void correlate_rows(const Taps& t, int64_t OW, const acc_t* src, 
     const acc_t* x = src + ow0 * L;
     acc_t* o = out + ow0 * L;
     switch (std::min<int64_t>(kBlock, OW - ow0)) {  // exactly the row's positions: no idle accumulators
-      case 1: correlate_block<1, R, kReuse>(t, x, w, init, o); break;
-      case 2: correlate_block<2, R, kReuse>(t, x, w, init, o); break;
-      case 3: correlate_block<3, R, kReuse>(t, x, w, init, o); break;
-      case 4: correlate_block<4, R, kReuse>(t, x, w, init, o); break;
-      case 5: correlate_block<5, R, kReuse>(t, x, w, init, o); break;
-      case 6: correlate_block<6, R, kReuse>(t, x, w, init, o); break;
-      case 7: correlate_block<7, R, kReuse>(t, x, w, init, o); break;
-      default: correlate_block<8, R, kReuse>(t, x, w, init, o); break;
+      case 1: correlate_block<1, R, KW>(t, x, w, init, o); break;
+      case 2: correlate_block<2, R, KW>(t, x, w, init, o); break;
+      case 3: correlate_block<3, R, KW>(t, x, w, init, o); break;
+      case 4: correlate_block<4, R, KW>(t, x, w, init, o); break;
+      case 5: correlate_block<5, R, KW>(t, x, w, init, o); break;
+      case 6: correlate_block<6, R, KW>(t, x, w, init, o); break;
+      case 7: correlate_block<7, R, KW>(t, x, w, init, o); break;
+      default: correlate_block<8, R, KW>(t, x, w, init, o); break;
     }
   }
+}
+
+// Two output rows where there are two, else one.
+template <int KW, typename V, typename acc_t>
+FASTVID_INLINE void correlate_row_pair(const Taps& t, int64_t rows, int64_t OW, const acc_t* src, const acc_t* w,
+                                       const V& init, acc_t* out) {
+  if (rows == 2) correlate_rows<2, KW>(t, OW, src, w, init, out);
+  else correlate_rows<1, KW>(t, OW, src, w, init, out);
 }
 
 // Memory the next steps of a thread will touch (the next unit's source volume, this unit's output
@@ -367,7 +378,7 @@ void correlate_unit(const Geometry& g, const PaddedVolume& v, const acc_t* src, 
       t.row_offset[kt * g.kernel[1] + kh] = (kt * g.dilation[0] * v.dims[1] + kh * g.dilation[1]) * t.src_row;
   t.kW = g.kernel[2];
   t.kw_step = g.dilation[2] * L;
-  const bool reuse = t.kW == 3 && g.dilation[2] == 1;
+  const int64_t reuse_kw = g.dilation[2] == 1 && (t.kW == 3 || t.kW == 5) ? t.kW : 0;
   const V init = bias != nullptr ? load_vec<V>(bias) : V{};
   const int64_t steps = g.out[0] * ((OH + 1) / 2), per_step = (prefetch.total + steps - 1) / steps;
   for (int64_t ot = 0; ot < g.out[0]; ++ot)
@@ -375,52 +386,51 @@ void correlate_unit(const Geometry& g, const PaddedVolume& v, const acc_t* src, 
       prefetch.issue(per_step);
       const acc_t* x = src + (ot * v.dims[1] + oh) * t.src_row;
       acc_t* o = out + (ot * OH + oh) * t.out_row;
-      if (oh + 2 <= OH) {
-        if (reuse) correlate_rows<2, true>(t, OW, x, w, init, o);
-        else correlate_rows<2, false>(t, OW, x, w, init, o);
-      } else {
-        if (reuse) correlate_rows<1, true>(t, OW, x, w, init, o);
-        else correlate_rows<1, false>(t, OW, x, w, init, o);
-      }
+      const int64_t rows = std::min<int64_t>(2, OH - oh);
+      if (reuse_kw == 3) correlate_row_pair<3>(t, rows, OW, x, w, init, o);
+      else if (reuse_kw == 5) correlate_row_pair<5>(t, rows, OW, x, w, init, o);
+      else correlate_row_pair<0>(t, rows, OW, x, w, init, o);
     }
 }
 
-// kH = kW = 3 with dW = 1: a[kh·3 + kw] += Σ_p go[p] · x[kh][p + kw] over P positions of one output row,
-// the P grad_output vectors loaded once and each X vector once for the up to 3 (p, kw) pairs reading it
-// (P + 3·(P + 2) loads for 9·P FMAs). P + 10 vector registers: P up to 8 with 32 registers, 4 with 16.
+// dW = 1: a[kh·KW + kw] += Σ_p go[p] · x[kh][p + kw] for KH rows of X and KW taps over P positions of one
+// output row, the P grad_output vectors loaded once and each X vector once for the up to KW (p, kw)
+// pairs reading it (P + KH·(P + KW - 1) loads for KH·KW·P FMAs). P + KH·KW + 1 vector registers: P up
+// to 8 with 32 registers, 4 with 16.
 constexpr int kWeightBlock = cpu::kVecBytes == 64 ? 8 : 4;
-template <int P, typename V, typename acc_t>
-FASTVID_INLINE void weight_grad_block_k3(const acc_t* go, const acc_t* const* x, int64_t x0, V (&a)[9]) {
+template <int P, int KH, int KW, typename V, typename acc_t>
+FASTVID_INLINE void weight_grad_block(const acc_t* go, const acc_t* const* x, int64_t x0, V (&a)[KH * KW]) {
   constexpr int L = sizeof(V) / sizeof(acc_t);
   V gv[P];
 #pragma GCC unroll 8
   for (int p = 0; p < P; ++p) gv[p] = load_vec<V>(go + p * L);
 #pragma GCC unroll 3
-  for (int kh = 0; kh < 3; ++kh) {
-#pragma GCC unroll 10
-    for (int i = 0; i < P + 2; ++i) {
+  for (int kh = 0; kh < KH; ++kh) {
+#pragma GCC unroll 12
+    for (int i = 0; i < P + KW - 1; ++i) {
       V xv = load_vec<V>(x[kh] + x0 + i * L);
-      asm("" : "+v"(xv));  // one load for its up to 3 FMAs
-#pragma GCC unroll 3
-      for (int kw = 0; kw < 3; ++kw)
-        if (i - kw >= 0 && i - kw < P) a[kh * 3 + kw] += gv[i - kw] * xv;
+      asm("" : "+v"(xv));  // one load for its up to KW FMAs
+#pragma GCC unroll 5
+      for (int kw = 0; kw < KW; ++kw)
+        if (i - kw >= 0 && i - kw < P) a[kh * KW + kw] += gv[i - kw] * xv;
     }
   }
 }
-template <typename V, typename acc_t>
-FASTVID_INLINE void weight_grad_block_k3(int64_t count, const acc_t* go, const acc_t* const* x, int64_t x0, V (&a)[9]) {
+template <int KH, int KW, typename V, typename acc_t>
+FASTVID_INLINE void weight_grad_block(int64_t count, const acc_t* go, const acc_t* const* x, int64_t x0,
+                                      V (&a)[KH * KW]) {
   switch (count) {
-    case 1: return weight_grad_block_k3<1>(go, x, x0, a);
-    case 2: return weight_grad_block_k3<2>(go, x, x0, a);
-    case 3: return weight_grad_block_k3<3>(go, x, x0, a);
-    case 4: return weight_grad_block_k3<4>(go, x, x0, a);
+    case 1: return weight_grad_block<1, KH, KW>(go, x, x0, a);
+    case 2: return weight_grad_block<2, KH, KW>(go, x, x0, a);
+    case 3: return weight_grad_block<3, KH, KW>(go, x, x0, a);
+    case 4: return weight_grad_block<4, KH, KW>(go, x, x0, a);
   }
   if constexpr (kWeightBlock == 8) {
     switch (count) {
-      case 5: return weight_grad_block_k3<5>(go, x, x0, a);
-      case 6: return weight_grad_block_k3<6>(go, x, x0, a);
-      case 7: return weight_grad_block_k3<7>(go, x, x0, a);
-      default: return weight_grad_block_k3<8>(go, x, x0, a);
+      case 5: return weight_grad_block<5, KH, KW>(go, x, x0, a);
+      case 6: return weight_grad_block<6, KH, KW>(go, x, x0, a);
+      case 7: return weight_grad_block<7, KH, KW>(go, x, x0, a);
+      default: return weight_grad_block<8, KH, KW>(go, x, x0, a);
     }
   }
 }
@@ -453,19 +463,34 @@ void weight_grad_unit(const Geometry& g, const PaddedVolume& go_volume, const ac
     store_vec(sums + taps * L, load_vec<V>(sums + taps * L) + ((a[0] + a[1]) + (a[2] + a[3])));
   }
   if (!want_weight) return;
-  if (kH == 3 && kW == 3 && g.dilation[2] == 1) {  // the 9 (kh, kw) sums of one kt in registers
-    for (int64_t kt = 0; kt < kT; ++kt) {
-      V a[9] = {};
-      for (int64_t ot = 0; ot < OT; ++ot)
-        for (int64_t oh = 0; oh < OH; ++oh) {
-          const acc_t* gr = go_row(ot, oh);
-          const acc_t* xr[3] = {x_row(ot, oh, kt, 0), x_row(ot, oh, kt, 1), x_row(ot, oh, kt, 2)};
-          for (int64_t ow0 = 0; ow0 < OW; ow0 += kWeightBlock)
-            weight_grad_block_k3<V>(std::min<int64_t>(kWeightBlock, OW - ow0), gr + ow0 * L, xr, ow0 * L, a);
-        }
-#pragma GCC unroll 9
-      for (int i = 0; i < 9; ++i) store_vec(sums + (kt * 9 + i) * L, load_vec<V>(sums + (kt * 9 + i) * L) + a[i]);
+  // The KH·KW sums of KH (kh) rows of one kt in registers over every output row, added to sums.
+  const auto sweep = [&](auto kh_rows, auto kw_taps, int64_t kt, int64_t kh0) {
+    constexpr int KH = decltype(kh_rows)::value, KW = decltype(kw_taps)::value;
+    V a[KH * KW] = {};
+    for (int64_t ot = 0; ot < OT; ++ot)
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        const acc_t* xr[KH];
+        for (int kh = 0; kh < KH; ++kh) xr[kh] = x_row(ot, oh, kt, kh0 + kh);
+        const acc_t* gr = go_row(ot, oh);
+        for (int64_t ow0 = 0; ow0 < OW; ow0 += kWeightBlock)
+          weight_grad_block<KH, KW>(std::min<int64_t>(kWeightBlock, OW - ow0), gr + ow0 * L, xr, ow0 * L, a);
+      }
+    for (int i = 0; i < KH * KW; ++i) {
+      acc_t* s = sums + ((kt * kH + kh0) * kW + i) * L;
+      store_vec(s, load_vec<V>(s) + a[i]);
     }
+  };
+  using std::integral_constant;
+  if (kH == 3 && kW == 3 && g.dilation[2] == 1) {  // the 9 (kh, kw) sums of a kt together
+    for (int64_t kt = 0; kt < kT; ++kt) sweep(integral_constant<int, 3>{}, integral_constant<int, 3>{}, kt, 0);
+    return;
+  }
+  if ((kW == 3 || kW == 5) && g.dilation[2] == 1) {  // a (kt, kh) row of taps at a time
+    for (int64_t kt = 0; kt < kT; ++kt)
+      for (int64_t kh = 0; kh < kH; ++kh) {
+        if (kW == 3) sweep(integral_constant<int, 1>{}, integral_constant<int, 3>{}, kt, kh);
+        else sweep(integral_constant<int, 1>{}, integral_constant<int, 5>{}, kt, kh);
+      }
     return;
   }
   for (int64_t kt = 0; kt < kT; ++kt)
