@@ -56,9 +56,11 @@ inline int64_t padded_width(const Geometry& g) {
 inline int64_t padded_positions(const Geometry& g) {
   return (g.in[0] + 2 * g.padding[0]) * (g.in[1] + 2 * g.padding[1]) * padded_width(g);
 }
-// Per unit the scratch holds up to three such volumes of one 64-byte vector per position; at most
-// this many positions each keeps them in a 2 MB L2 (and half of a 1 MB one).
-constexpr int64_t kMaxPositions = 8192;
+// Per unit the scratch holds up to three such volumes of one 64-byte vector per position (the backward:
+// two padded ones and its result). Larger volumes take the other kernels: against the row kernels
+// (AVX-512, two threads, session 33) the small-plane ones were 12-15 % faster at 9,792 positions
+// (2×192×32×14²), ~5 % at 12,096 (2×64×16×40×10) and 10-25 % slower at 19,008 (2×96×64×14²).
+constexpr int64_t kMaxPositions = 16384;
 }  // namespace small_plane
 }  // namespace depthwise3d
 }  // namespace fastvid
