@@ -127,6 +127,11 @@ CONFIGS = [
     Config(20, 1, (3, 5, 5), (1, 1, 1), (1, 2, 2), (1, 1, 1), (2, 3, 6, 9)),
     Config(3, 1, (1, 3, 5), (1, 1, 1), (0, 1, 1), (1, 1, 1), (1, 2, 5, 11)),
     Config(5, 1, (3, 1, 3), (1, 1, 1), (1, 0, 1), (1, 1, 1), (1, 4, 5, 6)),
+    # NCDHW stride 2 into X3D's 14² and 7² stages: 28-wide rows (too short for a 16-lane chunk of the phase
+    # split: half-vector chunks on the AVX-512 path); output rows of 7 (narrower than the row kernels take
+    # on AVX-512: the channels-innermost kernels on layout copies there)
+    Config(20, 1, (3, 3, 3), (1, 2, 2), (1, 1, 1), (1, 1, 1), (2, 3, 6, 28)),
+    Config(6, 1, (3, 3, 3), (1, 2, 2), (1, 1, 1), (1, 1, 1), (1, 2, 6, 14)),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

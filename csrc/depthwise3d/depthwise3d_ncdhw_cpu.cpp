@@ -93,6 +93,30 @@ struct RowLayout {
   int64_t size() const { return phases * phase_len; }
 };
 
+// One chunk of 2·LT source values (VT: LT floats) split into its even and odd values, stored at dst and
+// dst + len (the two phases of a stride-2 scratch row).
+template <typename VT, typename scalar_t, size_t... l>
+FASTVID_INLINE void split_chunk(const scalar_t* src, float* dst, int64_t len, std::index_sequence<l...>) {
+  constexpr int64_t LT = sizeof...(l);
+  const VT a = load_vec<VT>(src), b = load_vec<VT>(src + LT);
+  store_vec(dst, VT(__builtin_shufflevector(a, b, (2 * l)...)));
+  store_vec(dst + len, VT(__builtin_shufflevector(a, b, (2 * l + 1)...)));
+}
+// The chunks of one row of n source values (zero-extended by `left`) into the two phases of len values:
+// chunks start at even m = source index + left, read source [m - left, m - left + 2·LT) and write
+// [m / 2, m / 2 + LT) of both phases; the last one ends where the vectors can reach (overlapping the one
+// before). Returns the range of m covered, empty where no chunk fits.
+template <typename VT, typename scalar_t>
+FASTVID_INLINE Range split_two_phases(const scalar_t* src, int64_t n, int64_t left, int64_t len, float* dst) {
+  constexpr int64_t LT = sizeof(VT) / sizeof(float);
+  const int64_t first = left + (left & 1), last = std::min(n + left - 2 * LT, 2 * (len - LT)) & ~int64_t(1);
+  if (first > last) return {0, 0};
+  for (int64_t m0 = first; m0 < last; m0 += 2 * LT)
+    split_chunk<VT>(src + m0 - left, dst + m0 / 2, len, std::make_index_sequence<LT>{});
+  split_chunk<VT>(src + last - left, dst + last / 2, len, std::make_index_sequence<LT>{});
+  return {first, last + 2 * LT};
+}
+
 // `rows` source rows of n values (row h at src + h·n) into scratch rows dst + h·dst_stride laid out as
 // `layout`. Only the values are written: the zero padding around them is at the same
 // places in every row a scratch buffer holds, so the buffer is zeroed once (PlaneCache::init, the
@@ -130,32 +154,32 @@ FASTVID_INLINE void build_rows(const scalar_t* src, int64_t rows, int64_t n, con
   }
   // Several phases (W stride s): source value j goes to phase (j + left) % s at index (j + left) / s,
   // m = j + left below. For s = 2 (the stride-2 convs of X3D and its kin) whole vectors of 2·L source values
-  // are split into the two phases by two shuffles; the per-value loop (a division and a store each)
-  // was ~45 % of the 4x48x8x56^2 stride-2 forward's samples (perf, one thread).
+  // are split into the two phases by two shuffles (split_two_phases; half vectors where a row is too short
+  // for whole ones), the rest value by value with the phase and index stepped, not divided: the per-value
+  // loop with a division each was ~45 % of the 4x48x8x56^2 stride-2 forward's samples and ~55 % of the
+  // 4x96x8x28^2 one's on the AVX-512 path, whose 28-value rows were too short for a 16-lane chunk (perf,
+  // one thread).
   const int64_t s = layout.phases, len = layout.phase_len, left = layout.left;
   const int64_t m_end = std::min(n + left, s * len);
   for (int64_t h = 0; h < rows; ++h, src += n, dst += dst_stride) {
     int64_t m = left, vector_begin = m_end, vector_end = m_end;
     if constexpr (std::is_same_v<acc_t, float>) {
-      using V = typename Vec<acc_t>::type;
-      constexpr int L = Vec<acc_t>::lanes;
-      // Chunks start at even m, read source [m - left, m - left + 2L) and write [m / 2, m / 2 + L) of both phases.
-      const int64_t first = left + (left & 1), last = std::min(n + left - 2 * L, 2 * (len - L)) & ~int64_t(1);
-      if (s == 2 && first <= last) {
-        auto split = [&](int64_t m0) {
-          const V a = load_vec<V>(src + m0 - left), b = load_vec<V>(src + m0 - left + L);
-          store_vec(dst + m0 / 2, __builtin_shuffle(a, b, cpu::kEven));
-          store_vec(dst + len + m0 / 2, __builtin_shuffle(a, b, cpu::kOdd));
-        };
-        for (int64_t m0 = first; m0 < last; m0 += 2 * L) split(m0);
-        split(last);  // the last chunk ends where the vectors can reach (it may overlap the one before)
-        vector_begin = first, vector_end = last + 2 * L;
+      if (s == 2) {
+        using Half = float __attribute__((vector_size(cpu::kVecBytes / 2)));
+        Range covered = split_two_phases<typename Vec<acc_t>::type>(src, n, left, len, dst);
+        if (covered.begin == covered.end) covered = split_two_phases<Half>(src, n, left, len, dst);
+        if (covered.begin < covered.end) vector_begin = covered.begin, vector_end = covered.end;
       }
     }
+    int64_t q = m / s, r = m % s;  // m's index and phase
     for (; m < m_end; ++m) {
-      if (m == vector_begin) m = vector_end;
-      if (m >= m_end) break;
-      dst[(m % s) * len + m / s] = static_cast<acc_t>(src[m - left]);
+      if (m == vector_begin) {
+        m = vector_end;
+        if (m >= m_end) break;
+        q = m / s, r = m % s;
+      }
+      dst[r * len + q] = static_cast<acc_t>(src[m - left]);
+      if (++r == s) r = 0, ++q;
     }
   }
 }
