@@ -43,9 +43,11 @@ bool channels_last(const Tensor& input) {
   return input.size(1) > 1 && input.stride(1) == 1 && input.size(2) * input.size(3) * input.size(4) > 1;
 }
 
-// The row width from which the NCDHW row kernels (depthwise3d_ncdhw_cpu.cpp) beat the channels-innermost
-// kernels with their layout copies, for geometries the small-plane kernels do not take (kernel_path).
-// Narrower rows leave most vector lanes idle and pay the per-plane set-up for few outputs. Measured on
+// The row width (input and output rows) from which the NCDHW row kernels (depthwise3d_ncdhw_cpu.cpp) beat
+// the channels-innermost kernels with their layout copies, for geometries the small-plane kernels do not
+// take (kernel_path). Narrower rows leave most vector lanes idle and pay the per-plane set-up for few
+// outputs (4x192x8x14^2 with H and W stride 2, 7-wide output rows, AVX-512, session 33: forward 0.93-1.03
+// ms / backward 2.84-3.00 on the row kernels against 0.73-0.83 / 1.66-2.28 on layout copies). Measured on
 // the Intel Xeon (two threads, 4×C×8×W² with C·W² ≈ 37632, forward and backward with both gradients,
 // separate processes, the best of 3-4 on a noisy VM), session 32: AVX-512 NCDHW faster from W = 8
 // (W = 8: forward 1.3 ms against 1.7-1.9, backward 2.8-2.9 against 3.6; W = 7 at C = 432: 0.96 / 2.0
@@ -87,7 +89,8 @@ Path kernel_path(const Tensor& input, const Geometry& g, bool backward) {
   const int64_t small_width = !cl ? kSmallPlaneWidth : backward ? kSmallPlaneWidthChannelsLast : 0;
   if (g.multiplier == 1 && input.size(4) < small_width && small_plane_applies(g)) return Path::small_planes;
   if (cl || g.multiplier != 1) return Path::channels_last;
-  return input.size(4) >= ncdhw_min_width(input.scalar_type()) ? Path::ncdhw_rows : Path::channels_last;
+  const int64_t min_width = ncdhw_min_width(input.scalar_type());
+  return std::min(input.size(4), g.out[2]) >= min_width ? Path::ncdhw_rows : Path::channels_last;
 }
 
 void check_same(const char* op, const char* name, const Tensor& t, const Tensor& input) {
