@@ -211,7 +211,7 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
   a.weight = w.data_ptr();
   a.bias = b.defined() ? b.data_ptr() : nullptr;
   a.output = out.data_ptr();
-  if (layout.path == Path::small_planes) forward_small_cpu(a, layout.channels_last_3d);
+  if (layout.path == Path::small_planes) forward_small_cpu(a);  // NCDHW: kernel_path sends no channels_last forward
   else if (layout.path == Path::ncdhw_rows) FASTVID_LAUNCH(forward_ncdhw, a, input.device());
   else FASTVID_LAUNCH(forward, a, input.device());
   return layout.result(out, input);

@@ -78,9 +78,7 @@ bool small_plane_applies(const Geometry& g) {
          small_plane::padded_positions(*flipped) <= small_plane::kMaxPositions &&
          std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
 }
-void forward_small_cpu(const ForwardArgs& args, bool channels_last) {
-  FASTVID_ISA_CALL(depthwise3d, forward_small(args, channels_last));
-}
+void forward_small_cpu(const ForwardArgs& args) { FASTVID_ISA_CALL(depthwise3d, forward_small(args)); }
 void backward_small_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args,
                         bool channels_last) {
   FASTVID_ISA_CALL(depthwise3d, backward_small(input_grad_args, weight_grad_args, channels_last));
@@ -524,7 +522,8 @@ void unit_weights(const acc_t* weight, int64_t taps, int64_t lanes, bool flipped
     for (int64_t t = 0; t < taps; ++t) w[t * L + l] = weight[l * taps + (flipped ? taps - 1 - t : t)];
 }
 
-template <typename scalar_t, bool kChannelsLast>
+// NCDHW only: the channels-innermost forward beats this one on channels_last_3d inputs (kernel_path).
+template <typename scalar_t>
 void forward_impl(const ForwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::lanes;
@@ -537,7 +536,7 @@ void forward_impl(const ForwardArgs& a) {
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
   const PaddedVolume volume = padded_volume(g, L);
-  const UnitIndex<kChannelsLast> unit{B, C, L};
+  const UnitIndex<false> unit{B, C, L};
   // Units (channel vector, batch item), batch innermost: consecutive units share their weights.
   at::parallel_for(0, groups * B, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> x(volume.elements(L), acc_t(0));  // its padding stays 0: only positions are written
@@ -552,14 +551,13 @@ void forward_impl(const ForwardArgs& a) {
         if (bias != nullptr) std::copy(bias + c0, bias + c0 + lanes, w.begin() + taps * L);
         group = gi;
       }
-      load_unit<kChannelsLast>(input + unit.offset(u, in_positions), C, lanes, in_positions, volume.offset.data(),
-                               x.data());
+      load_unit<false>(input + unit.offset(u, in_positions), C, lanes, in_positions, volume.offset.data(), x.data());
       Prefetch prefetch;  // this unit's output, the next unit's input
       prefetch.add(output, unit, u, out_positions);
       if (u + 1 < end) prefetch.add(input, unit, u + 1, in_positions);
       correlate_unit(g, volume, x.data(), w.data(), bias != nullptr ? w.data() + taps * L : nullptr, out.data(),
                      prefetch);
-      store_unit<kChannelsLast>(out.data(), C, lanes, out_positions, output + unit.offset(u, out_positions));
+      store_unit<false>(out.data(), C, lanes, out_positions, output + unit.offset(u, out_positions));
     }
   });
 }
@@ -629,11 +627,9 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
 
 }  // namespace
 
-void forward_small(const ForwardArgs& args, bool channels_last) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d", [&] {
-    if (channels_last) forward_impl<scalar_t, true>(args);
-    else forward_impl<scalar_t, false>(args);
-  });
+void forward_small(const ForwardArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "fastvid.depthwise_conv3d",
+                                  [&] { forward_impl<scalar_t>(args); });
 }
 
 void backward_small(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args, bool channels_last) {
