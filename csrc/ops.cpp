@@ -117,4 +117,9 @@ TORCH_LIBRARY(fastvid, m) {
   m.def("_cpu_isa_ran(str family) -> str");
   // [L2 of one core, last-level cache] in bytes as the kernels' cache rules see them (0: unknown).
   m.def("_cpu_cache_bytes() -> int[]");
+  // The block cache for big CPU results (csrc/cpu_block_cache.h): [limit, kept bytes, hits, misses];
+  // returning every kept block to the system (fastvid.empty_cpu_cache()); an fp32 tensor from it (tests).
+  m.def("_cpu_block_cache_stats() -> int[]");
+  m.def("_cpu_block_cache_release() -> ()");
+  m.def("_cpu_block_cache_empty(int[] size) -> Tensor");
 }

@@ -7,5 +7,7 @@ from . import nn  # noqa: F401
 from . import models  # noqa: F401
 from .convert import convert
 from ._info import info
+from ._memory import empty_cpu_cache
 
-__all__ = ["__version__", "backend", "get_backend", "set_backend", "info", "ops", "nn", "models", "convert"]
+__all__ = ["__version__", "backend", "get_backend", "set_backend", "info", "empty_cpu_cache", "ops", "nn", "models",
+           "convert"]

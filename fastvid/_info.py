@@ -5,6 +5,7 @@ import platform
 import torch
 
 from . import _backend
+from ._memory import cpu_block_cache_info
 from ._version import __version__
 
 
@@ -25,6 +26,7 @@ def info() -> dict:
         "extension_error": None if _backend.EXTENSION_ERROR is None else str(_backend.EXTENSION_ERROR),
         **cpu_isa_info(),
         **cpu_cache_info(),
+        **cpu_block_cache_info(),
     }
 
 

@@ -39,6 +39,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../cpu_block_cache.h"
 #include "../cpu_isa.h"
 #include "../fastvid_common.h"
 
@@ -146,7 +147,7 @@ TileB<float> packed_b(const Operand<float>& x, bool transpose, int64_t batches, 
                       at::Tensor& store) {
   const int64_t cols = FASTVID_ISA_CALL(attention, gemm_cols()), panels = (n + cols - 1) / cols;
   const int64_t panel_stride = k * cols, batch_stride = panels * panel_stride;
-  store = at::empty({batches * batch_stride}, at::TensorOptions().dtype(at::kFloat));
+  store = cpu_block_cache::empty({batches * batch_stride}, at::TensorOptions().dtype(at::kFloat));
   float* dst = store.data_ptr<float>();
   const TileB<float> src = plain_b(x, transpose);
   at::parallel_for(0, batches * panels, 1, [&](int64_t begin, int64_t end) {
@@ -466,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> nonlocal_attention_cpu(const at::Tensor& q_in
     return {out.to(at::kBFloat16), lse};
   }
   const at::Tensor q = as_operand_layout(q_in), k = as_operand_layout(k_in), v = as_operand_layout(v_in);
-  at::Tensor out = at::empty({sz.B, sz.N, sz.Dv}, q.options());
+  at::Tensor out = cpu_block_cache::empty({sz.B, sz.N, sz.Dv}, q.options());
   at::Tensor lse = at::empty({sz.B, sz.N}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "nonlocal_attention_cpu",
                                  [&] { forward_kernel<scalar_t>(q, k, v, scale, sz, out, lse); });
@@ -653,9 +654,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_backward_cpu(
                 c10::IntArrayRef(row_shape), ", got ", grad_lse_in->sizes());
     grad_lse = grad_lse_in->to(acc_dtype).contiguous();
   }
-  at::Tensor grad_q = at::empty({sz.B, sz.N, sz.D}, q.options());
-  at::Tensor grad_k = at::empty({sz.B, sz.M, sz.D}, q.options());
-  at::Tensor grad_v = at::empty({sz.B, sz.M, sz.Dv}, q.options());
+  at::Tensor grad_q = cpu_block_cache::empty({sz.B, sz.N, sz.D}, q.options());
+  at::Tensor grad_k = cpu_block_cache::empty({sz.B, sz.M, sz.D}, q.options());
+  at::Tensor grad_v = cpu_block_cache::empty({sz.B, sz.M, sz.Dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "nonlocal_attention_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad_out, grad_lse.defined() ? &grad_lse : nullptr, q, k, v, out, lse, scale, sz,
                               grad_q, grad_k, grad_v);

@@ -12,6 +12,7 @@
 // where the input is not channels_last. Registered for CPU, and for CUDA when built with CUDA (kernels
 // in depthwise3d_cuda.cu).
 #include "depthwise3d_kernels.h"
+#include "../cpu_block_cache.h"
 #include "../cpu_isa.h"
 #include "../fastvid_common.h"
 
@@ -152,15 +153,15 @@ Tensor ncdhw_weight(const Tensor& weight, const Geometry& g) {
 
 Tensor empty_channels_last(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options) {
   const int64_t* dims = input_side ? g.in : g.out;
-  return at::empty({g.batch, channels, dims[0], dims[1], dims[2]},
-                   options.memory_format(at::MemoryFormat::ChannelsLast3d));
+  return cpu_block_cache::empty({g.batch, channels, dims[0], dims[1], dims[2]},
+                                options.memory_format(at::MemoryFormat::ChannelsLast3d));
 }
 
 // The op's result for a kernel output computed in NDHWC: kept if the input is channels_last,
 // else copied into a fresh contiguous tensor.
 Tensor in_input_layout(const Tensor& ndhwc, const Tensor& input) {
   if (channels_last(input)) return ndhwc;
-  Tensor out = at::empty(ndhwc.sizes(), ndhwc.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = cpu_block_cache::empty(ndhwc.sizes(), ndhwc.options().memory_format(at::MemoryFormat::Contiguous));
   out.copy_(ndhwc);
   return out;
 }
@@ -175,7 +176,9 @@ struct KernelLayout {
   // The weight (and its gradient) as [C*m, taps]; the channels-innermost kernels take [taps, C*m].
   bool weight_per_channel() const { return path != Path::channels_last; }
   Tensor operand(const Tensor& t) const {
-    return channels_last_3d ? t.contiguous(at::MemoryFormat::ChannelsLast3d) : t.contiguous();
+    const auto format = channels_last_3d ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
+    if (t.is_contiguous(format)) return t;
+    return cpu_block_cache::empty(t.sizes(), t.options().memory_format(format)).copy_(t);
   }
   // In the accumulation type.
   Tensor weight(const Tensor& w, const Geometry& g) const {
@@ -184,7 +187,7 @@ struct KernelLayout {
   Tensor empty(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options) const {
     if (channels_last_3d) return empty_channels_last(g, channels, input_side, options);
     const int64_t* dims = input_side ? g.in : g.out;
-    return at::empty({g.batch, channels, dims[0], dims[1], dims[2]}, options);
+    return cpu_block_cache::empty({g.batch, channels, dims[0], dims[1], dims[2]}, options);
   }
   Tensor result(const Tensor& t, const Tensor& input) const { return channels_last_3d ? in_input_layout(t, input) : t; }
 };

@@ -122,7 +122,7 @@ std::vector<Tensor> reserve_views(const Tensor& reserve, const SeqGeometry& g,
 
 Tensor new_reserve(bool save, const SeqGeometry& g, const std::vector<ReserveRegion>& regions,
                    const at::TensorOptions& opts) {
-  Tensor reserve = at::empty({save ? reserve_bytes(g, regions) : 0}, opts.dtype(at::kByte));
+  Tensor reserve = cpu_block_cache::empty({save ? reserve_bytes(g, regions) : 0}, opts.dtype(at::kByte));
   if (!save) return reserve;
   // Zero the alignment padding after each region, so the op's output is fully defined (opcheck and
   // compiled graphs compare it byte for byte).

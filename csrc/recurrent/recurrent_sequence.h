@@ -4,6 +4,7 @@
 #pragma once
 
 #include "recurrent_kernels.h"
+#include "../cpu_block_cache.h"
 
 #include <ATen/ATen.h>
 
@@ -69,13 +70,13 @@ inline Tensor empty_frames(std::vector<int64_t> lead, int64_t C, int64_t H, int6
   std::vector<int64_t> sizes = lead;
   if (!channels_last) {
     sizes.insert(sizes.end(), {C, H, W});
-    return at::empty(sizes, options);
+    return cpu_block_cache::empty(sizes, options);
   }
   sizes.insert(sizes.end(), {H, W, C});
   std::vector<int64_t> perm;
   for (int64_t i = 0; i < n; ++i) perm.push_back(i);
   perm.insert(perm.end(), {n + 2, n, n + 1});
-  return at::empty(sizes, options).permute(perm);
+  return cpu_block_cache::empty(sizes, options).permute(perm);
 }
 
 // A [B, T, C, H, W] tensor laid out like empty_frames (copies only if it is not already).
@@ -212,7 +213,7 @@ inline OptTensor narrow_optional(const OptTensor& t, int64_t start, int64_t leng
 }
 
 inline Tensor empty_like_frame(const SeqGeometry& g, int64_t C, const at::TensorOptions& o) {
-  return at::empty({g.B, C, g.H, g.W}, o.memory_format(frame_format(g.channels_last)));
+  return cpu_block_cache::empty({g.B, C, g.H, g.W}, o.memory_format(frame_format(g.channels_last)));
 }
 
 // Time index of forward step f.

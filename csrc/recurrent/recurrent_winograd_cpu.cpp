@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "../cpu_isa.h"
+#include "../cpu_block_cache.h"
 
 #ifndef FASTVID_WINOGRAD_SHARED
 #define FASTVID_WINOGRAD_SHARED
@@ -275,7 +276,8 @@ Tensor transform_weights(const Tensor& weight, bool flipped, int64_t gates) {
   const int64_t N = weight.size(flipped ? 1 : 0), K = weight.size(flipped ? 0 : 1);
   const int64_t C = N / gates, Cp = gates > 1 ? gate_columns(C) : C;
   const int64_t columns = gates * Cp;
-  Tensor V = at::empty({A * A, K, gate_columns(columns)}, weight.options().dtype(acc_type(weight.scalar_type())));
+  Tensor V = cpu_block_cache::empty({A * A, K, gate_columns(columns)},
+                                    weight.options().dtype(acc_type(weight.scalar_type())));
   transform_weights_into<M>(weight, flipped, gates, 0, K, V, 0, 0, true);
   return V.narrow(2, 0, gates > 1 ? columns : N);
 }
@@ -398,7 +400,8 @@ Tensor winograd_conv2(const Tensor& x, const Tensor& V_x, const Tensor& h, const
   Tensor bias_acc;
   winograd::Job j = make_job(x, V_x, bias, g, bias_acc);
   set_input(j, 1, h, V_h);
-  Tensor out = at::empty({x.size(0), j.N, x.size(2), x.size(3)}, x.options().memory_format(frame_format(g.channels_last)));
+  Tensor out = cpu_block_cache::empty({x.size(0), j.N, x.size(2), x.size(3)},
+                                      x.options().memory_format(frame_format(g.channels_last)));
   j.tanh = tanh;
   j.out = plane(out);
   run(j);
@@ -414,7 +417,7 @@ Tensor winograd_gru_input_grad_weights(const Tensor& weight_ih, const Tensor& we
   const int64_t C = weight_hh.size(1), Cin = weight_ih.size(1), Cp = gate_columns(Cin), N = Cp + C;
   const int64_t m = winograd_tile(weight_ih.scalar_type()), A = m + 2;
   TORCH_CHECK(weight_hh.scalar_type() == weight_ih.scalar_type(), "winograd_gru_input_grad_weights: one dtype");
-  const Tensor V = at::empty({A * A, 4 * C, gate_columns(N)},
+  const Tensor V = cpu_block_cache::empty({A * A, 4 * C, gate_columns(N)},
                              weight_ih.options().dtype(acc_type(weight_ih.scalar_type())));
   const auto place = [&](const Tensor& weight, int64_t k_begin, int64_t k_count, int64_t row0, int64_t col0,
                          bool fill) {
@@ -454,8 +457,8 @@ void winograd_gru_input_grads(const Tensor& d, const Tensor& V, const SeqGeometr
 }
 
 Tensor winograd_conv(const Tensor& input, const Tensor& V, const OptTensor& bias, const SeqGeometry& g, bool tanh) {
-  Tensor out = at::empty({input.size(0), V.size(2), input.size(2), input.size(3)},
-                         input.options().memory_format(frame_format(g.channels_last)));
+  Tensor out = cpu_block_cache::empty({input.size(0), V.size(2), input.size(2), input.size(3)},
+                                      input.options().memory_format(frame_format(g.channels_last)));
   winograd_conv_out(input, V, bias, g, out, tanh);
   return out;
 }
@@ -581,7 +584,8 @@ Tensor winograd_weight_grad_buffer(int64_t K, int64_t N, at::ScalarType dtype, i
   // one partial sum per thread, but no more than one call's groups of strips can fill
   const int64_t groups = winograd::strip_groups(frames, H, W, m);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups));
-  return at::zeros({chunks, A * A, K, Np}, at::TensorOptions().dtype(acc_type(dtype))).narrow(3, 0, N);
+  Tensor partials = cpu_block_cache::empty({chunks, A * A, K, Np}, at::TensorOptions().dtype(acc_type(dtype)));
+  return partials.zero_().narrow(3, 0, N);
 }
 
 // The layout winograd_weight_grad_buffer allocates: [chunks, alpha², K, N] of dense chunks and slices,
