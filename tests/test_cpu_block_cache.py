@@ -22,6 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_VALUES = (256 << 10) // 4  # kMinBytes in fp32 values
 
 
+@pytest.fixture(autouse=True)
+def empty_cache():
+    """Each test starts with no blocks kept (earlier tests' freed results would otherwise serve its
+    allocations)."""
+    fastvid.empty_cpu_cache()
+
+
 def stats():
     limit, kept, hits, misses = OPS._cpu_block_cache_stats()
     return {"limit": limit, "kept": kept, "hits": hits, "misses": misses}

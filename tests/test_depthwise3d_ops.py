@@ -113,7 +113,8 @@ CONFIGS = [
     # no W padding with an even W
     Config(2, 1, (3, 3, 5), (1, 2, 2), (1, 1, 2), (1, 1, 1), (1, 3, 6, 69)),
     Config(2, 1, (3, 3, 3), (1, 1, 2), (1, 1, 0), (1, 1, 1), (1, 3, 4, 40)),
-    # small planes (NCDHW rows narrower than 16, every stride 1: per batch item and channel vector,
+    # small planes (NCDHW rows narrower than 16, every stride 1 (the forward also W stride 2, see below):
+    # per batch item and channel vector,
     # transposed in cache; CONFIGS[0, 1, 5, 11, 17, 25, 26, 30, 31] take it too, and the channels_last_3d
     # backward of those narrower than 8): padding at the kernel's
     # reach (output larger than the input, the flipped kernel unpadded) with W = 15 and a channel tail;
@@ -132,6 +133,11 @@ CONFIGS = [
     # on AVX-512: the channels-innermost kernels on layout copies there)
     Config(20, 1, (3, 3, 3), (1, 2, 2), (1, 1, 1), (1, 1, 1), (2, 3, 6, 28)),
     Config(6, 1, (3, 3, 3), (1, 2, 2), (1, 1, 1), (1, 1, 1), (1, 2, 6, 14)),
+    # the small-plane forward with W stride 2 (its backward takes the other kernels; CONFIGS[3, 28, 49]
+    # take it too): kW = 5 with H and W stride 2 (a source vector shared by the taps of its phase) and a
+    # channel tail; T and W stride 2 with W dilation 2 (one load per tap)
+    Config(20, 1, (1, 5, 5), (1, 2, 2), (0, 2, 2), (1, 1, 1), (2, 3, 11, 11)),
+    Config(4, 1, (3, 3, 3), (2, 1, 2), (1, 1, 2), (1, 1, 2), (1, 7, 5, 13)),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

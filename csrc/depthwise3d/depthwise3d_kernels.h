@@ -91,6 +91,8 @@ void weight_grad_ncdhw_cpu(const WeightGradArgs& args);
 // weight and grad_weight [C, taps] as for the NCDHW kernels; both gradients in one call, grad_input /
 // grad_weight / grad_bias nullptr where not wanted.
 bool small_plane_applies(const Geometry& g);
+// The forward alone: also W stride 2 with any T and H stride (no flipped kernel needed).
+bool small_plane_forward_applies(const Geometry& g);
 void forward_small_cpu(const ForwardArgs& args);
 void backward_small_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args,
                         bool channels_last);

@@ -1,6 +1,6 @@
-// CPU depthwise 3D conv kernels for small planes: channel multiplier 1, every stride 1, rows narrower
-// than the ops send elsewhere (depthwise3d_ops.cpp, kernel_path: NCDHW rows narrower than 16, the
-// backward of channels_last_3d rows narrower than 8).
+// CPU depthwise 3D conv kernels for small planes: channel multiplier 1, every stride 1 (the forward
+// also W stride 2 with any T and H stride), rows narrower than the ops send elsewhere (depthwise3d_ops.cpp,
+// kernel_path: NCDHW rows narrower than 16, the backward of channels_last_3d rows narrower than 8).
 //
 // Vectorised along W (depthwise3d_ncdhw_cpu.cpp), rows of 7 values leave most lanes of a vector idle
 // and a plane's set-up costs more than its few outputs; vectorised along channels, every lane is
@@ -11,7 +11,7 @@
 // registers; channels_last_3d: one vector per position), every tap is then a whole-vector FMA with
 // the unit's L weights, no bounds tests, and the unit's results go back the same way. Each tensor
 // is read or written once per call.
-//   forward:         out[o] = bias + Σ_k w[k] · X[o + k·d]              (X: the input padded by p)
+//   forward:         out[o] = bias + Σ_k w[k] · X[o·s + k·d]            (X: the input padded by p)
 //   input gradient:  the forward over grad_output with the kernel flipped and padding d·(k - 1) - p
 //                    (flipped_geometry: why every stride must be 1)
 //   weight gradient: gw[k] = Σ_o go[o] · X[o + k·d], gb = Σ_o go[o]: one partial per unit, the units
@@ -47,9 +47,10 @@ namespace small_plane {
 // Output positions computed together along W (independent accumulators); the last block of a row
 // reads the scratch's zero columns past the row and is stored only up to OW.
 constexpr int64_t kBlock = 8;
-// Scratch width: the forward's blocks read up to round_up(OW, kBlock) - 1 + (kW - 1)·dW.
+// Scratch width: the forward's blocks read up to (round_up(OW, kBlock) - 1)·sW + (kW - 1)·dW.
 inline int64_t padded_width(const Geometry& g) {
-  const int64_t blocks_end = (g.out[2] + kBlock - 1) / kBlock * kBlock + (g.kernel[2] - 1) * g.dilation[2];
+  const int64_t blocks_end =
+      ((g.out[2] + kBlock - 1) / kBlock * kBlock - 1) * g.stride[2] + (g.kernel[2] - 1) * g.dilation[2] + 1;
   return std::max(g.in[2] + 2 * g.padding[2], blocks_end);
 }
 // Positions of the padded volume the forward (or, for the flipped geometry, the input gradient) reads.
@@ -70,6 +71,21 @@ constexpr int64_t kMaxPositions = 16384;
 
 namespace fastvid {
 namespace depthwise3d {
+// The forward alone also takes W stride 2, with any T and H stride: 4x192x8x14^2 -> 7^2 (X3D's stride-2
+// block into its last stage, two threads, session 34) 0.83 -> 0.36 ms (AVX-512: layout copies before),
+// 0.64 -> 0.32 (AVX2: the row kernels); 4x96x16x12^2 -> 6^2 0.63 -> 0.26 / 0.69 -> 0.26 ms. Not a T or
+// H stride alone: the row kernels stay as fast or faster there (T stride 2, 14^2: 0.43-0.45 against
+// 0.44-0.52 ms).
+bool small_plane_forward_applies(const Geometry& g) {
+  const bool unit_strides = g.stride[0] == 1 && g.stride[1] == 1 && g.stride[2] == 1;
+  if (g.multiplier != 1 || !(unit_strides || g.stride[2] == 2)) return false;
+  for (int d = 0; d < 3; ++d)
+    if (g.padding[d] > g.dilation[d] * (g.kernel[d] - 1)) return false;  // as flipped_geometry
+  const int64_t out_positions = g.out[0] * g.out[1] * g.out[2], in_positions = g.in[0] * g.in[1] * g.in[2];
+  return small_plane::padded_positions(g) <= small_plane::kMaxPositions &&
+         std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
+}
+
 bool small_plane_applies(const Geometry& g) {
   const std::optional<Geometry> flipped = flipped_geometry(g);  // nullopt: a stride > 1, m > 1, padding > reach
   if (!flipped) return false;
@@ -261,14 +277,15 @@ struct Taps {
   int64_t row_offset[7 * 7];  // (kt, kh) -> its source row's offset from the output row's
   int64_t kW, kw_step;       // W taps and the scratch step between them (dW·L)
   int64_t src_row, out_row;  // one padded source row, one compact output row (elements)
+  int64_t next_row;          // from an output row's source row to the next output row's (sH·src_row)
 };
 
-// R output rows × P positions along W (R·P independent accumulators):
-//   out[rr·out_row + p·L] = init + Σ_(kt, kh) Σ_kw src[row_offset + rr·src_row + p·L + kw·kw_step] · w[tap]
+// R output rows × P positions along W with W stride S (R·P independent accumulators):
+//   out[rr·out_row + p·L] = init + Σ_(kt, kh) Σ_kw src[row_offset + rr·next_row + p·S·L + kw·kw_step] · w[tap]
 // with the taps in (kt, kh, kw) order. KW > 0 (kW = KW, dW = 1): each source vector of a row is loaded
-// once for the up to KW positions that read it (P + KW - 1 loads for KW·P FMAs), the KW weights held;
-// KW = 0: any kW and W dilation, one load per FMA.
-template <int P, int R, int KW, typename V, typename acc_t>
+// once for the up to KW positions that read it ((P - 1)·S + KW loads for KW·P FMAs), the KW weights
+// held; KW = 0: any kW and W dilation, one load per FMA.
+template <int P, int R, int KW, int S, typename V, typename acc_t>
 FASTVID_INLINE void correlate_block(const Taps& t, const acc_t* src, const acc_t* w, const V& init, acc_t* out) {
   constexpr int L = sizeof(V) / sizeof(acc_t);
   V a[R][P];
@@ -282,20 +299,21 @@ FASTVID_INLINE void correlate_block(const Taps& t, const acc_t* src, const acc_t
       for (int k = 0; k < KW; ++k) wk[k] = load_vec<V>(w + k * L);
 #pragma GCC unroll 2
       for (int rr = 0; rr < R; ++rr) {
-#pragma GCC unroll 16
-        for (int i = 0; i < P + KW - 1; ++i) {
-          V xv = load_vec<V>(x + rr * t.src_row + i * L);
+#pragma GCC unroll 32
+        for (int i = 0; i < (P - 1) * S + KW; ++i) {
+          V xv = load_vec<V>(x + rr * t.next_row + i * L);
           asm("" : "+v"(xv));  // one load for its up to KW FMAs (gcc would fold it into each of them)
 #pragma GCC unroll 8
           for (int k = 0; k < KW; ++k)
-            if (i - k >= 0 && i - k < P) a[rr][i - k] += xv * wk[k];
+            if (i - k >= 0 && (i - k) % S == 0 && (i - k) / S < P) a[rr][(i - k) / S] += xv * wk[k];
         }
       }
     } else {
       for (int64_t kw = 0; kw < t.kW; ++kw, x += t.kw_step) {
         const V wv = load_vec<V>(w + kw * L);
 #pragma GCC unroll 16
-        for (int i = 0; i < R * P; ++i) a[i / P][i % P] += load_vec<V>(x + (i / P) * t.src_row + (i % P) * L) * wv;
+        for (int i = 0; i < R * P; ++i)
+          a[i / P][i % P] += load_vec<V>(x + (i / P) * t.next_row + (i % P) * S * L) * wv;
       }
     }
   }
@@ -303,32 +321,32 @@ FASTVID_INLINE void correlate_block(const Taps& t, const acc_t* src, const acc_t
   for (int i = 0; i < R * P; ++i) store_vec(out + (i / P) * t.out_row + (i % P) * L, a[i / P][i % P]);
 }
 
-template <int R, int KW, typename V, typename acc_t>
+template <int R, int KW, int S, typename V, typename acc_t>
 FASTVID_INLINE void correlate_rows(const Taps& t, int64_t OW, const acc_t* src, const acc_t* w, const V& init,
                                    acc_t* out) {
   constexpr int L = sizeof(V) / sizeof(acc_t);
   for (int64_t ow0 = 0; ow0 < OW; ow0 += kBlock) {
-    const acc_t* x = src + ow0 * L;
+    const acc_t* x = src + ow0 * S * L;
     acc_t* o = out + ow0 * L;
     switch (std::min<int64_t>(kBlock, OW - ow0)) {  // exactly the row's positions: no idle accumulators
-      case 1: correlate_block<1, R, KW>(t, x, w, init, o); break;
-      case 2: correlate_block<2, R, KW>(t, x, w, init, o); break;
-      case 3: correlate_block<3, R, KW>(t, x, w, init, o); break;
-      case 4: correlate_block<4, R, KW>(t, x, w, init, o); break;
-      case 5: correlate_block<5, R, KW>(t, x, w, init, o); break;
-      case 6: correlate_block<6, R, KW>(t, x, w, init, o); break;
-      case 7: correlate_block<7, R, KW>(t, x, w, init, o); break;
-      default: correlate_block<8, R, KW>(t, x, w, init, o); break;
+      case 1: correlate_block<1, R, KW, S>(t, x, w, init, o); break;
+      case 2: correlate_block<2, R, KW, S>(t, x, w, init, o); break;
+      case 3: correlate_block<3, R, KW, S>(t, x, w, init, o); break;
+      case 4: correlate_block<4, R, KW, S>(t, x, w, init, o); break;
+      case 5: correlate_block<5, R, KW, S>(t, x, w, init, o); break;
+      case 6: correlate_block<6, R, KW, S>(t, x, w, init, o); break;
+      case 7: correlate_block<7, R, KW, S>(t, x, w, init, o); break;
+      default: correlate_block<8, R, KW, S>(t, x, w, init, o); break;
     }
   }
 }
 
 // Two output rows where there are two, else one.
-template <int KW, typename V, typename acc_t>
+template <int KW, int S, typename V, typename acc_t>
 FASTVID_INLINE void correlate_row_pair(const Taps& t, int64_t rows, int64_t OW, const acc_t* src, const acc_t* w,
                                        const V& init, acc_t* out) {
-  if (rows == 2) correlate_rows<2, KW>(t, OW, src, w, init, out);
-  else correlate_rows<1, KW>(t, OW, src, w, init, out);
+  if (rows == 2) correlate_rows<2, KW, S>(t, OW, src, w, init, out);
+  else correlate_rows<1, KW, S>(t, OW, src, w, init, out);
 }
 
 // Memory the next steps of a thread will touch (the next unit's source volume, this unit's output
@@ -360,11 +378,11 @@ struct Prefetch {
   }
 };
 
-// out[(ot·OH + oh)·OW + ow] = bias + Σ_taps w[tap] · src[the padded position o + k·d] for one unit
-// (every stride 1), src padded as padded_volume(g), w [taps][L], bias [L] or nullptr, out compact.
+// out[(ot·OH + oh)·OW + ow] = bias + Σ_taps w[tap] · src[the padded position o·s + k·d] for one unit
+// (W stride 1 or 2), src padded as padded_volume(g), w [taps][L], bias [L] or nullptr, out compact.
 // Output rows in pairs (two rows' accumulators: at OW = 7, 14 chains instead of 7).
-template <typename acc_t>
-void correlate_unit(const Geometry& g, const PaddedVolume& v, const acc_t* src, const acc_t* w, const acc_t* bias,
+template <int S, typename acc_t>
+void correlate_unit_strided(const Geometry& g, const PaddedVolume& v, const acc_t* src, const acc_t* w, const acc_t* bias,
                     acc_t* out, Prefetch& prefetch) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::lanes;
@@ -373,6 +391,7 @@ void correlate_unit(const Geometry& g, const PaddedVolume& v, const acc_t* src, 
   t.rows = g.kernel[0] * g.kernel[1];
   t.src_row = v.dims[2] * L;
   t.out_row = OW * L;
+  t.next_row = g.stride[1] * t.src_row;
   for (int64_t kt = 0; kt < g.kernel[0]; ++kt)
     for (int64_t kh = 0; kh < g.kernel[1]; ++kh)
       t.row_offset[kt * g.kernel[1] + kh] = (kt * g.dilation[0] * v.dims[1] + kh * g.dilation[1]) * t.src_row;
@@ -384,13 +403,20 @@ void correlate_unit(const Geometry& g, const PaddedVolume& v, const acc_t* src, 
   for (int64_t ot = 0; ot < g.out[0]; ++ot)
     for (int64_t oh = 0; oh < OH; oh += 2) {
       prefetch.issue(per_step);
-      const acc_t* x = src + (ot * v.dims[1] + oh) * t.src_row;
+      const acc_t* x = src + (ot * g.stride[0] * v.dims[1] + oh * g.stride[1]) * t.src_row;
       acc_t* o = out + (ot * OH + oh) * t.out_row;
       const int64_t rows = std::min<int64_t>(2, OH - oh);
-      if (reuse_kw == 3) correlate_row_pair<3>(t, rows, OW, x, w, init, o);
-      else if (reuse_kw == 5) correlate_row_pair<5>(t, rows, OW, x, w, init, o);
-      else correlate_row_pair<0>(t, rows, OW, x, w, init, o);
+      if (reuse_kw == 3) correlate_row_pair<3, S>(t, rows, OW, x, w, init, o);
+      else if (reuse_kw == 5) correlate_row_pair<5, S>(t, rows, OW, x, w, init, o);
+      else correlate_row_pair<0, S>(t, rows, OW, x, w, init, o);
     }
+}
+
+template <typename acc_t>
+void correlate_unit(const Geometry& g, const PaddedVolume& v, const acc_t* src, const acc_t* w, const acc_t* bias,
+                    acc_t* out, Prefetch& prefetch) {
+  if (g.stride[2] == 2) correlate_unit_strided<2>(g, v, src, w, bias, out, prefetch);
+  else correlate_unit_strided<1>(g, v, src, w, bias, out, prefetch);
 }
 
 // dW = 1: a[kh·KW + kw] += Σ_p go[p] · x[kh][p + kw] for KH rows of X and KW taps over P positions of one
