@@ -1,4 +1,4 @@
-"""fastvid's cache of big CPU blocks (csrc/cpu_block_cache.h): the ops' CPU results and layout copies
+"""fastvid's cache of big CPU blocks (csrc/cpu_block_cache.h): the ops' CPU results, layout copies and scratch
 of 256 KiB or more come from blocks freed earlier instead of fresh memory the OS faults in page by page.
 ``FASTVID_CPU_BLOCK_CACHE_MB`` (read at the cache's first use) bounds the bytes kept while unused
 (default 1024; 0 turns the cache off)."""
