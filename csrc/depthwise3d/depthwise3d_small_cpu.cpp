@@ -86,13 +86,11 @@ bool small_plane_forward_applies(const Geometry& g) {
          std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
 }
 
+// The backward: the forward's rules, every stride 1, and the flipped kernel's volume within the limit too.
 bool small_plane_applies(const Geometry& g) {
   const std::optional<Geometry> flipped = flipped_geometry(g);  // nullopt: a stride > 1, m > 1, padding > reach
-  if (!flipped) return false;
-  const int64_t out_positions = g.out[0] * g.out[1] * g.out[2], in_positions = g.in[0] * g.in[1] * g.in[2];
-  return small_plane::padded_positions(g) <= small_plane::kMaxPositions &&
-         small_plane::padded_positions(*flipped) <= small_plane::kMaxPositions &&
-         std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
+  return flipped && small_plane_forward_applies(g) &&
+         small_plane::padded_positions(*flipped) <= small_plane::kMaxPositions;
 }
 void forward_small_cpu(const ForwardArgs& args) { FASTVID_ISA_CALL(depthwise3d, forward_small(args)); }
 void backward_small_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args,
