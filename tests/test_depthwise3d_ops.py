@@ -113,8 +113,8 @@ CONFIGS = [
     # no W padding with an even W
     Config(2, 1, (3, 3, 5), (1, 2, 2), (1, 1, 2), (1, 1, 1), (1, 3, 6, 69)),
     Config(2, 1, (3, 3, 3), (1, 1, 2), (1, 1, 0), (1, 1, 1), (1, 3, 4, 40)),
-    # small planes (NCDHW rows narrower than 16, every stride 1 (the forward also W stride 2, see below):
-    # per batch item and channel vector,
+    # small planes (NCDHW rows narrower than 16, every stride 1 (the forward also W stride 2, the
+    # backward any stride: see below): per batch item and channel vector,
     # transposed in cache; CONFIGS[0, 1, 5, 11, 17, 25, 26, 30, 31] take it too, and the channels_last_3d
     # backward of those narrower than 8): padding at the kernel's
     # reach (output larger than the input, the flipped kernel unpadded) with W = 15 and a channel tail;
@@ -133,11 +133,18 @@ CONFIGS = [
     # on AVX-512: the channels-innermost kernels on layout copies there)
     Config(20, 1, (3, 3, 3), (1, 2, 2), (1, 1, 1), (1, 1, 1), (2, 3, 6, 28)),
     Config(6, 1, (3, 3, 3), (1, 2, 2), (1, 1, 1), (1, 1, 1), (1, 2, 6, 14)),
-    # the small-plane forward with W stride 2 (its backward takes the other kernels; CONFIGS[3, 28, 49]
-    # take it too): kW = 5 with H and W stride 2 (a source vector shared by the taps of its phase) and a
-    # channel tail; T and W stride 2 with W dilation 2 (one load per tap)
+    # the small-plane forward with W stride 2 (CONFIGS[3, 28, 49] take it too): kW = 5 with H and W
+    # stride 2 (a source vector shared by the taps of its phase) and a channel tail; T and W stride 2 with
+    # W dilation 2 (one load per tap)
     Config(20, 1, (1, 5, 5), (1, 2, 2), (0, 2, 2), (1, 1, 1), (2, 3, 11, 11)),
     Config(4, 1, (3, 3, 3), (2, 1, 2), (1, 1, 2), (1, 1, 2), (1, 7, 5, 13)),
+    # the small-plane backward with strides (grad_output spread over the stride-1 grid, zeros between;
+    # CONFIGS[3, 6, 16, 20, 23, 28, 49, 50, 51] take it too): T stride 3 with the last input row reached
+    # through the padding, H stride 2 with H dilation, kW = 5 with W stride 2 and no W padding (the last
+    # input column read by no output: gradient 0), a channel tail; kT = 1 with T stride 2 and kW = 1
+    # with W stride 3 (whole rows and columns no output reads), W = 7 (the channels_last_3d backward too)
+    Config(20, 1, (3, 3, 5), (3, 2, 2), (1, 0, 0), (1, 2, 1), (2, 8, 9, 12)),
+    Config(5, 1, (1, 3, 1), (2, 1, 3), (0, 1, 0), (1, 1, 1), (1, 5, 6, 7)),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -268,15 +275,16 @@ def test_ncdhw_weight_grad_thread_invariant_and_ignores_unread_inputs():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
-@pytest.mark.parametrize("kernel,padding", [((3, 3, 3), (1, 1, 1)), ((3, 1, 5), (1, 0, 2))], ids=["k3", "generic"])
-def test_small_plane_grads_thread_invariant(kernel, padding, layout, cpu_isa):
-    """Small planes (W = 7, stride 1; channels_last_3d: the backward): the weight/bias gradients are
-    bit-identical for 1 and 2 threads (one partial per batch item and channel vector, added in batch
-    order) on every ISA path, and match conv3d_weight."""
+@pytest.mark.parametrize("kernel,stride,padding", [((3, 3, 3), (1, 1, 1), (1, 1, 1)), ((3, 1, 5), (1, 1, 1), (1, 0, 2)),
+                                                   ((3, 3, 3), (1, 2, 2), (1, 1, 1))], ids=["k3", "generic", "strided"])
+def test_small_plane_grads_thread_invariant(kernel, stride, padding, layout, cpu_isa):
+    """Small planes (W = 7; channels_last_3d: the backward): the weight/bias gradients are bit-identical
+    for 1 and 2 threads (one partial per batch item and channel vector, added in batch order) on every
+    ISA path, and match conv3d_weight."""
     fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
     x = torch.randn(3, 20, 4, 5, 7, dtype=torch.float64).contiguous(memory_format=fmt)
     w = torch.randn(20, 1, *kernel, dtype=torch.float64)
-    args = ((1, 1, 1), padding, (1, 1, 1))
+    args = (stride, padding, (1, 1, 1))
     go = torch.randn(OPS.depthwise_conv3d(x, w, None, *args).shape, dtype=torch.float64).contiguous(memory_format=fmt)
     one, two = backward_at_one_and_two_threads(go, x, w, args, [True, True, True])
     for a, b in zip(one, two):

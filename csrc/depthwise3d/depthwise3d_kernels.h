@@ -85,13 +85,13 @@ void input_grad_ncdhw_cpu(const InputGradArgs& args);
 void weight_grad_ncdhw_cpu(const WeightGradArgs& args);
 
 // depthwise3d_small_cpu.cpp: small planes (rows narrower than the ops' kSmallPlaneWidth), m == 1 and
-// every stride 1 with a padding the flipped kernel allows (flipped_geometry), volumes that fit the
-// path's scratch (small_plane_applies): per batch item and vector of channels, in a channels-innermost
+// a padding the flipped kernel allows (flipped_geometry), any stride, volumes that fit the path's
+// scratch (small_plane_applies): per batch item and vector of channels, in a channels-innermost
 // scratch in cache. Activations NCDHW (transposed in and out), in the backward also NDHWC (channels_last),
 // weight and grad_weight [C, taps] as for the NCDHW kernels; both gradients in one call, grad_input /
 // grad_weight / grad_bias nullptr where not wanted.
 bool small_plane_applies(const Geometry& g);
-// The forward alone: also W stride 2 with any T and H stride (no flipped kernel needed).
+// The forward: every stride 1, or W stride 2 with any T and H stride.
 bool small_plane_forward_applies(const Geometry& g);
 void forward_small_cpu(const ForwardArgs& args);
 void backward_small_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args,

@@ -4,8 +4,8 @@
 // contiguous (fastvid/ops/depthwise3d.py mirrors this rule in the fake kernels).
 // Input not channels_last, and on CPU channel multiplier 1 and rows wide enough (kernel_path): the
 // NCDHW kernels (depthwise3d_ncdhw_cpu.cpp, depthwise3d_cuda.cu) run on the contiguous tensors
-// directly, weight as [C*m, taps]; on CPU narrow rows with every stride 1 (the forward: or a W stride of
-// 2; and the backward of narrow channels_last_3d ones) run the small-plane kernels on the tensors as they are
+// directly, weight as [C*m, taps]; on CPU narrow rows (the forward: every stride 1 or a W stride of 2, the
+// backward: any stride; and the backward of narrow channels_last_3d ones) run the small-plane kernels on the tensors as they are
 // (depthwise3d_small_cpu.cpp, weight [C, taps]). Otherwise the kernels work on channels-innermost
 // (NDHWC) tensors: the wrappers bring input and grad_output to channels_last_3d (a no-op for channels_last_3d inputs),
 // transpose the weight to [taps, C*m] in the accumulation type, and copy outputs back to contiguous
@@ -63,9 +63,9 @@ int64_t ncdhw_min_width(at::ScalarType dtype) {
   }
 }
 
-// Rows narrower than kSmallPlaneWidth take the small-plane kernels where small_plane_applies (every
-// stride 1, a padding within the kernel's reach, volumes that fit their scratch; the forward also with a
-// W stride of 2: small_plane_forward_applies). Session 33, same
+// Rows narrower than kSmallPlaneWidth take the small-plane kernels where small_plane_applies (the
+// backward: any stride, a padding within the kernel's reach, volumes that fit their scratch) or
+// small_plane_forward_applies (the forward: the same with every stride 1 or a W stride of 2). Session 33, same
 // machine and method, two threads, 4×C×8×W² with C·W² ≈ 37632, the best of two. NCDHW, against the row
 // kernels: faster up to W = 14 on every path and dtype (AVX-512 fp32 W = 8: forward 0.58 ms / backward
 // 1.16 against 1.26 / 2.83; W = 14: 0.53 / 1.28 against 0.65 / 1.41; bf16 W = 14: 0.46 / 1.11 against

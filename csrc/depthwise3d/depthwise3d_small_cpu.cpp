@@ -1,6 +1,7 @@
 // CPU depthwise 3D conv kernels for small planes: channel multiplier 1, every stride 1 (the forward
-// also W stride 2 with any T and H stride), rows narrower than the ops send elsewhere (depthwise3d_ops.cpp,
-// kernel_path: NCDHW rows narrower than 16, the backward of channels_last_3d rows narrower than 8).
+// also W stride 2 with any T and H stride, the backward also any stride), rows narrower than the ops send
+// elsewhere (depthwise3d_ops.cpp, kernel_path: NCDHW rows narrower than 16, the backward of channels_last_3d
+// rows narrower than 8).
 //
 // Vectorised along W (depthwise3d_ncdhw_cpu.cpp), rows of 7 values leave most lanes of a vector idle
 // and a plane's set-up costs more than its few outputs; vectorised along channels, every lane is
@@ -13,8 +14,9 @@
 // is read or written once per call.
 //   forward:         out[o] = bias + Σ_k w[k] · X[o·s + k·d]            (X: the input padded by p)
 //   input gradient:  the forward over grad_output with the kernel flipped and padding d·(k - 1) - p
-//                    (flipped_geometry: why every stride must be 1)
-//   weight gradient: gw[k] = Σ_o go[o] · X[o + k·d], gb = Σ_o go[o]: one partial per unit, the units
+//                    (flipped_geometry); with a stride s, over grad_output placed at the positions o·s of
+//                    the stride-1 output grid with zeros between (backward_geometry)
+//   weight gradient: gw[k] = Σ_o go[o] · X[o·s + k·d], gb = Σ_o go[o]: one partial per unit, the units
 //                    of a channel vector added in batch order (bit-identical whatever the thread count)
 // Everything below is compiled once per ISA path (cpu_isa.h); the entry points at the top pick one.
 #include "depthwise3d_kernels.h"
@@ -62,6 +64,18 @@ inline int64_t padded_positions(const Geometry& g) {
 // (AVX-512, two threads, session 33) the small-plane ones were 12-15 % faster at 9,792 positions
 // (2×192×32×14²), ~5 % at 12,096 (2×64×16×40×10) and 10-25 % slower at 19,008 (2×96×64×14²).
 constexpr int64_t kMaxPositions = 16384;
+// The backward's input gradient as a stride-1 correlation: the flipped kernel (flipped_geometry) over the
+// conv's stride-1 output grid, in which grad_output's values sit at the positions o·s, zeros between.
+// Its output is the input's size whatever the stride (the grid is in + 2p - d·(k - 1) wide). nullopt:
+// m > 1 or a padding beyond the kernel's reach.
+inline std::optional<Geometry> backward_geometry(const Geometry& g) {
+  Geometry unit = g;
+  for (int d = 0; d < 3; ++d) {
+    unit.stride[d] = 1;
+    unit.out[d] = output_size(g.in[d], g.kernel[d], 1, g.padding[d], g.dilation[d]);
+  }
+  return flipped_geometry(unit);
+}
 }  // namespace small_plane
 }  // namespace depthwise3d
 }  // namespace fastvid
@@ -86,11 +100,21 @@ bool small_plane_forward_applies(const Geometry& g) {
          std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
 }
 
-// The backward: the forward's rules, every stride 1, and the flipped kernel's volume within the limit too.
+// The backward: m == 1, a padding within the kernel's reach, and the input's, grad_output's and the
+// flipped kernel's volumes within the limit. Any stride: the input gradient then spends FMAs on the
+// zeros between grad_output's values (s_T·s_H·s_W as many as the forward's), still faster than the
+// other kernels on every stride measured (session 35, two threads, both gradients after native's
+// fwd+bwd, AVX-512 / AVX2, against the row kernels or layout copies before): 4x192x8x14^2 s(1,2,2)
+// 2.38 -> 1.13 / 2.70 -> 0.96 ms; s(2,1,1) 1.32 -> 1.28 / 1.59 -> 1.20; s(2,2,2) 1.95 -> 0.97 / 1.74 ->
+// 0.95; s(3,3,3) 1.65 -> 0.84 / 1.73 -> 0.77; 4x432x8x7^2 s(1,2,2) 1.34 -> 0.70 / 1.50 -> 0.67 (its
+// channels_last_3d backward 0.75 / 0.82 either way).
 bool small_plane_applies(const Geometry& g) {
-  const std::optional<Geometry> flipped = flipped_geometry(g);  // nullopt: a stride > 1, m > 1, padding > reach
-  return flipped && small_plane_forward_applies(g) &&
-         small_plane::padded_positions(*flipped) <= small_plane::kMaxPositions;
+  const std::optional<Geometry> f = small_plane::backward_geometry(g);  // nullopt: m > 1, padding > reach
+  if (!f) return false;
+  const int64_t out_positions = g.out[0] * g.out[1] * g.out[2], in_positions = g.in[0] * g.in[1] * g.in[2];
+  return small_plane::padded_positions(g) <= small_plane::kMaxPositions &&
+         small_plane::padded_positions(*f) <= small_plane::kMaxPositions &&
+         std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
 }
 void forward_small_cpu(const ForwardArgs& args) { FASTVID_ISA_CALL(depthwise3d, forward_small(args)); }
 void backward_small_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args,
@@ -255,6 +279,17 @@ struct PaddedVolume {
   }
 };
 
+// Scratch offsets of `count` positions (row-major) placed `step` apart from the volume's (0, 0, 0):
+// where load_unit writes a source of count[0]·count[1]·count[2] positions.
+std::vector<int64_t> grid_offsets(const PaddedVolume& v, const int64_t* count, const int64_t* step, int lanes) {
+  std::vector<int64_t> offset;
+  offset.reserve(count[0] * count[1] * count[2]);
+  for (int64_t t = 0; t < count[0]; ++t)
+    for (int64_t h = 0; h < count[1]; ++h)
+      for (int64_t w = 0; w < count[2]; ++w) offset.push_back(v.at(t * step[0], h * step[1], w * step[2], lanes));
+  return offset;
+}
+
 // The volume a correlation with geometry g reads (its input, padded by g.padding).
 PaddedVolume padded_volume(const Geometry& g, int lanes) {
   PaddedVolume v;
@@ -262,10 +297,8 @@ PaddedVolume padded_volume(const Geometry& g, int lanes) {
   v.dims[0] = g.in[0] + 2 * g.padding[0];
   v.dims[1] = g.in[1] + 2 * g.padding[1];
   v.dims[2] = small_plane::padded_width(g);
-  v.offset.reserve(g.in[0] * g.in[1] * g.in[2]);
-  for (int64_t t = 0; t < g.in[0]; ++t)
-    for (int64_t h = 0; h < g.in[1]; ++h)
-      for (int64_t w = 0; w < g.in[2]; ++w) v.offset.push_back(v.at(t, h, w, lanes));
+  const int64_t unit[3] = {1, 1, 1};
+  v.offset = grid_offsets(v, g.in, unit, lanes);
   return v;
 }
 
@@ -417,61 +450,64 @@ void correlate_unit(const Geometry& g, const PaddedVolume& v, const acc_t* src, 
   else correlate_unit_strided<1>(g, v, src, w, bias, out, prefetch);
 }
 
-// dW = 1: a[kh·KW + kw] += Σ_p go[p] · x[kh][p + kw] for KH rows of X and KW taps over P positions of one
-// output row, the P grad_output vectors loaded once and each X vector once for the up to KW (p, kw)
-// pairs reading it (P + KH·(P + KW - 1) loads for KH·KW·P FMAs). P + KH·KW + 1 vector registers: P up
-// to 8 with 32 registers, 4 with 16.
+// dW = 1, W stride S: a[kh·KW + kw] += Σ_p go[p·S] · x[kh][p·S + kw] for KH rows of X and KW taps over
+// P positions of one output row (go in the grid's row: its values S vectors apart), the P grad_output
+// vectors loaded once and each X vector once for the up to KW (p, kw) pairs reading it
+// (P + KH·((P - 1)·S + KW) loads for KH·KW·P FMAs). P + KH·KW + 1 vector registers: P up to 8 with 32
+// registers, 4 with 16.
 constexpr int kWeightBlock = cpu::kVecBytes == 64 ? 8 : 4;
-template <int P, int KH, int KW, typename V, typename acc_t>
+template <int P, int KH, int KW, int S, typename V, typename acc_t>
 FASTVID_INLINE void weight_grad_block(const acc_t* go, const acc_t* const* x, int64_t x0, V (&a)[KH * KW]) {
   constexpr int L = sizeof(V) / sizeof(acc_t);
   V gv[P];
 #pragma GCC unroll 8
-  for (int p = 0; p < P; ++p) gv[p] = load_vec<V>(go + p * L);
+  for (int p = 0; p < P; ++p) gv[p] = load_vec<V>(go + p * S * L);
 #pragma GCC unroll 3
   for (int kh = 0; kh < KH; ++kh) {
-#pragma GCC unroll 12
-    for (int i = 0; i < P + KW - 1; ++i) {
+#pragma GCC unroll 20
+    for (int i = 0; i < (P - 1) * S + KW; ++i) {
       V xv = load_vec<V>(x[kh] + x0 + i * L);
       asm("" : "+v"(xv));  // one load for its up to KW FMAs
 #pragma GCC unroll 5
       for (int kw = 0; kw < KW; ++kw)
-        if (i - kw >= 0 && i - kw < P) a[kh * KW + kw] += gv[i - kw] * xv;
+        if (i - kw >= 0 && (i - kw) % S == 0 && (i - kw) / S < P) a[kh * KW + kw] += gv[(i - kw) / S] * xv;
     }
   }
 }
-template <int KH, int KW, typename V, typename acc_t>
+template <int KH, int KW, int S, typename V, typename acc_t>
 FASTVID_INLINE void weight_grad_block(int64_t count, const acc_t* go, const acc_t* const* x, int64_t x0,
                                       V (&a)[KH * KW]) {
   switch (count) {
-    case 1: return weight_grad_block<1, KH, KW>(go, x, x0, a);
-    case 2: return weight_grad_block<2, KH, KW>(go, x, x0, a);
-    case 3: return weight_grad_block<3, KH, KW>(go, x, x0, a);
-    case 4: return weight_grad_block<4, KH, KW>(go, x, x0, a);
+    case 1: return weight_grad_block<1, KH, KW, S>(go, x, x0, a);
+    case 2: return weight_grad_block<2, KH, KW, S>(go, x, x0, a);
+    case 3: return weight_grad_block<3, KH, KW, S>(go, x, x0, a);
+    case 4: return weight_grad_block<4, KH, KW, S>(go, x, x0, a);
   }
   if constexpr (kWeightBlock == 8) {
     switch (count) {
-      case 5: return weight_grad_block<5, KH, KW>(go, x, x0, a);
-      case 6: return weight_grad_block<6, KH, KW>(go, x, x0, a);
-      case 7: return weight_grad_block<7, KH, KW>(go, x, x0, a);
-      default: return weight_grad_block<8, KH, KW>(go, x, x0, a);
+      case 5: return weight_grad_block<5, KH, KW, S>(go, x, x0, a);
+      case 6: return weight_grad_block<6, KH, KW, S>(go, x, x0, a);
+      case 7: return weight_grad_block<7, KH, KW, S>(go, x, x0, a);
+      default: return weight_grad_block<8, KH, KW, S>(go, x, x0, a);
     }
   }
 }
 
 // A unit's weight and bias gradient sums added to sums[tap·L + l] (tap == taps: the bias):
-// gw[k] = Σ_o go[o] · X[o + k·d], gb = Σ_o go[o]; go and X in their padded scratch volumes.
+// gw[k] = Σ_o go[o] · X[o·s + k·d], gb = Σ_o go[o]; go (at the positions o·s, zeros between: the
+// input gradient's volume) and X in their padded scratch volumes.
 template <typename acc_t>
 void weight_grad_unit(const Geometry& g, const PaddedVolume& go_volume, const acc_t* go, const PaddedVolume& x_volume,
                       const acc_t* x, bool want_weight, bool want_bias, acc_t* sums) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::lanes;
-  const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2], sW = g.stride[2];
   const int64_t kT = g.kernel[0], kH = g.kernel[1], kW = g.kernel[2], taps = g.taps();
-  const auto go_row = [&](int64_t ot, int64_t oh) { return go + go_volume.at(ot, oh, 0, L); };
-  // X's padded row o + k·d (the padded volume's first position is X's (0, 0, 0)).
+  const auto go_row = [&](int64_t ot, int64_t oh) { return go + go_volume.at(ot * g.stride[0], oh * g.stride[1], 0, L); };
+  // X's padded row o·s + k·d (the padded volume's first position is X's (0, 0, 0)).
   const auto x_row = [&](int64_t ot, int64_t oh, int64_t kt, int64_t kh) {
-    return x + ((ot + kt * g.dilation[0]) * x_volume.dims[1] + oh + kh * g.dilation[1]) * x_volume.dims[2] * L;
+    return x + ((ot * g.stride[0] + kt * g.dilation[0]) * x_volume.dims[1] + oh * g.stride[1] + kh * g.dilation[1]) *
+                   x_volume.dims[2] * L;
   };
   if (want_bias) {
     V a[4] = {};
@@ -481,15 +517,15 @@ void weight_grad_unit(const Geometry& g, const PaddedVolume& go_volume, const ac
         int64_t ow = 0;
         for (; ow + 4 <= OW; ow += 4)
 #pragma GCC unroll 4
-          for (int p = 0; p < 4; ++p) a[p] += load_vec<V>(gr + (ow + p) * L);
-        for (; ow < OW; ++ow) a[0] += load_vec<V>(gr + ow * L);
+          for (int p = 0; p < 4; ++p) a[p] += load_vec<V>(gr + (ow + p) * sW * L);
+        for (; ow < OW; ++ow) a[0] += load_vec<V>(gr + ow * sW * L);
       }
     store_vec(sums + taps * L, load_vec<V>(sums + taps * L) + ((a[0] + a[1]) + (a[2] + a[3])));
   }
   if (!want_weight) return;
   // The KH·KW sums of KH (kh) rows of one kt in registers over every output row, added to sums.
-  const auto sweep = [&](auto kh_rows, auto kw_taps, int64_t kt, int64_t kh0) {
-    constexpr int KH = decltype(kh_rows)::value, KW = decltype(kw_taps)::value;
+  const auto sweep = [&](auto kh_rows, auto kw_taps, auto w_stride, int64_t kt, int64_t kh0) {
+    constexpr int KH = decltype(kh_rows)::value, KW = decltype(kw_taps)::value, S = decltype(w_stride)::value;
     V a[KH * KW] = {};
     for (int64_t ot = 0; ot < OT; ++ot)
       for (int64_t oh = 0; oh < OH; ++oh) {
@@ -497,24 +533,31 @@ void weight_grad_unit(const Geometry& g, const PaddedVolume& go_volume, const ac
         for (int kh = 0; kh < KH; ++kh) xr[kh] = x_row(ot, oh, kt, kh0 + kh);
         const acc_t* gr = go_row(ot, oh);
         for (int64_t ow0 = 0; ow0 < OW; ow0 += kWeightBlock)
-          weight_grad_block<KH, KW>(std::min<int64_t>(kWeightBlock, OW - ow0), gr + ow0 * L, xr, ow0 * L, a);
+          weight_grad_block<KH, KW, S>(std::min<int64_t>(kWeightBlock, OW - ow0), gr + ow0 * S * L, xr, ow0 * S * L,
+                                       a);
       }
     for (int i = 0; i < KH * KW; ++i) {
       acc_t* s = sums + ((kt * kH + kh0) * kW + i) * L;
       store_vec(s, load_vec<V>(s) + a[i]);
     }
   };
-  using std::integral_constant;
-  if (kH == 3 && kW == 3 && g.dilation[2] == 1) {  // the 9 (kh, kw) sums of a kt together
-    for (int64_t kt = 0; kt < kT; ++kt) sweep(integral_constant<int, 3>{}, integral_constant<int, 3>{}, kt, 0);
-    return;
-  }
-  if ((kW == 3 || kW == 5) && g.dilation[2] == 1) {  // a (kt, kh) row of taps at a time
-    for (int64_t kt = 0; kt < kT; ++kt)
+  // The register sweeps for dW = 1 and a W stride of 1 or 2.
+  const auto sweeps = [&](auto w_stride) {
+    using std::integral_constant;
+    if (kH == 3 && kW == 3) {  // the 9 (kh, kw) sums of a kt together
+      for (int64_t kt = 0; kt < kT; ++kt)
+        sweep(integral_constant<int, 3>{}, integral_constant<int, 3>{}, w_stride, kt, 0);
+      return;
+    }
+    for (int64_t kt = 0; kt < kT; ++kt)  // a (kt, kh) row of taps at a time
       for (int64_t kh = 0; kh < kH; ++kh) {
-        if (kW == 3) sweep(integral_constant<int, 1>{}, integral_constant<int, 3>{}, kt, kh);
-        else sweep(integral_constant<int, 1>{}, integral_constant<int, 5>{}, kt, kh);
+        if (kW == 3) sweep(integral_constant<int, 1>{}, integral_constant<int, 3>{}, w_stride, kt, kh);
+        else sweep(integral_constant<int, 1>{}, integral_constant<int, 5>{}, w_stride, kt, kh);
       }
+  };
+  if ((kW == 3 || kW == 5) && g.dilation[2] == 1 && sW <= 2) {
+    if (sW == 2) sweeps(std::integral_constant<int, 2>{});
+    else sweeps(std::integral_constant<int, 1>{});
     return;
   }
   for (int64_t kt = 0; kt < kT; ++kt)
@@ -528,8 +571,9 @@ void weight_grad_unit(const Geometry& g, const PaddedVolume& go_volume, const ac
             int64_t ow = 0;
             for (; ow + 4 <= OW; ow += 4)
 #pragma GCC unroll 4
-              for (int p = 0; p < 4; ++p) a[p] += load_vec<V>(gr + (ow + p) * L) * load_vec<V>(xr + (ow + p) * L);
-            for (; ow < OW; ++ow) a[0] += load_vec<V>(gr + ow * L) * load_vec<V>(xr + ow * L);
+              for (int p = 0; p < 4; ++p)
+                a[p] += load_vec<V>(gr + (ow + p) * sW * L) * load_vec<V>(xr + (ow + p) * sW * L);
+            for (; ow < OW; ++ow) a[0] += load_vec<V>(gr + ow * sW * L) * load_vec<V>(xr + ow * sW * L);
           }
         acc_t* s = sums + ((kt * kH + kh) * kW + kw) * L;
         store_vec(s, load_vec<V>(s) + ((a[0] + a[1]) + (a[2] + a[3])));
@@ -596,7 +640,7 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   const bool want_input = grad_input != nullptr, want_weight = grad_weight != nullptr, want_bias = grad_bias != nullptr;
   if (!want_input && !want_weight && !want_bias) return;
   const Geometry& g = want_input ? ia.geo : wa.geo;
-  const Geometry f = *flipped_geometry(g);  // small_plane_applies held
+  const Geometry f = *small_plane::backward_geometry(g);  // small_plane_applies held
   const int64_t B = g.batch, C = g.channels, taps = g.taps(), groups = (C + L - 1) / L;
   const int64_t in_positions = g.in[0] * g.in[1] * g.in[2], out_positions = g.out[0] * g.out[1] * g.out[2];
   const auto* grad_output = static_cast<const scalar_t*>(want_input ? ia.grad_output : wa.grad_output);
@@ -604,9 +648,10 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   const auto* input = static_cast<const scalar_t*>(wa.input);
   const int64_t units = groups * B, per_unit = (taps + 1) * L;
   const UnitIndex<kChannelsLast> unit{B, C, L};
-  // The flipped forward's source volume: grad_output padded by d·(k - 1) - p. The weight gradient reads
-  // grad_output at its positions in it, and the input padded as for the forward.
-  const PaddedVolume go_volume = padded_volume(f, L);
+  // The flipped forward's source volume: grad_output at the grid positions o·s, padded by d·(k - 1) - p.
+  // The weight gradient reads grad_output at its positions in it, and the input padded as for the forward.
+  PaddedVolume go_volume = padded_volume(f, L);
+  go_volume.offset = grid_offsets(go_volume, g.out, g.stride, L);
   const PaddedVolume x_volume = want_weight ? padded_volume(g, L) : PaddedVolume{};
   std::vector<acc_t> partials(want_weight || want_bias ? units * per_unit : 0, acc_t(0));
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
