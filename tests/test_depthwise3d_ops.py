@@ -138,11 +138,13 @@ CONFIGS = [
     # W dilation 2 (one load per tap)
     Config(20, 1, (1, 5, 5), (1, 2, 2), (0, 2, 2), (1, 1, 1), (2, 3, 11, 11)),
     Config(4, 1, (3, 3, 3), (2, 1, 2), (1, 1, 2), (1, 1, 2), (1, 7, 5, 13)),
-    # the small-plane backward with strides (grad_output spread over the stride-1 grid, zeros between;
-    # CONFIGS[3, 6, 16, 20, 23, 28, 49, 50, 51] take it too): T stride 3 with the last input row reached
-    # through the padding, H stride 2 with H dilation, kW = 5 with W stride 2 and no W padding (the last
-    # input column read by no output: gradient 0), a channel tail; kT = 1 with T stride 2 and kW = 1
-    # with W stride 3 (whole rows and columns no output reads), W = 7 (the channels_last_3d backward too)
+    # the small-plane backward with strides (one input-gradient correlation per phase of the input
+    # positions; CONFIGS[3, 6, 16, 20, 23, 28, 49, 50, 51] take it too): T stride 3 with the last input
+    # row reached through the padding (phases of 3, 3 and 2 rows), H stride 2 with H dilation 2 (odd
+    # input rows read by no tap: a phase without taps), kW = 5 with W stride 2 and no W padding
+    # (phases of 3 and 2 taps; the last input column read by no output: gradient 0), a channel tail;
+    # kT = 1 with T stride 2 and kW = 1 with W stride 3 (phases without taps: whole rows and columns no
+    # output reads), W = 7 (the channels_last_3d backward too)
     Config(20, 1, (3, 3, 5), (3, 2, 2), (1, 0, 0), (1, 2, 1), (2, 8, 9, 12)),
     Config(5, 1, (1, 3, 1), (2, 1, 3), (0, 1, 0), (1, 1, 1), (1, 5, 6, 7)),
 ]

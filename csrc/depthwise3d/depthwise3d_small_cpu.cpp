@@ -14,8 +14,9 @@
 // is read or written once per call.
 //   forward:         out[o] = bias + Σ_k w[k] · X[o·s + k·d]            (X: the input padded by p)
 //   input gradient:  the forward over grad_output with the kernel flipped and padding d·(k - 1) - p
-//                    (flipped_geometry); with a stride s, over grad_output placed at the positions o·s of
-//                    the stride-1 output grid with zeros between (backward_geometry)
+//                    (flipped_geometry); with a stride s, one such correlation per phase of the input
+//                    positions (i mod s along each dim), each with the flipped taps that reach
+//                    grad_output's positions (backward_phases)
 //   weight gradient: gw[k] = Σ_o go[o] · X[o·s + k·d], gb = Σ_o go[o]: one partial per unit, the units
 //                    of a channel vector added in batch order (bit-identical whatever the thread count)
 // Everything below is compiled once per ISA path (cpu_isa.h); the entry points at the top pick one.
@@ -30,6 +31,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -64,17 +66,55 @@ inline int64_t padded_positions(const Geometry& g) {
 // (AVX-512, two threads, session 33) the small-plane ones were 12-15 % faster at 9,792 positions
 // (2×192×32×14²), ~5 % at 12,096 (2×64×16×40×10) and 10-25 % slower at 19,008 (2×96×64×14²).
 constexpr int64_t kMaxPositions = 16384;
-// The backward's input gradient as a stride-1 correlation: the flipped kernel (flipped_geometry) over the
-// conv's stride-1 output grid, in which grad_output's values sit at the positions o·s, zeros between.
-// Its output is the input's size whatever the stride (the grid is in + 2p - d·(k - 1) wide). nullopt:
-// m > 1 or a padding beyond the kernel's reach.
-inline std::optional<Geometry> backward_geometry(const Geometry& g) {
-  Geometry unit = g;
-  for (int d = 0; d < 3; ++d) {
-    unit.stride[d] = 1;
-    unit.out[d] = output_size(g.in[d], g.kernel[d], 1, g.padding[d], g.dilation[d]);
+// The backward's input gradient along one dim, stride s: grad_input[i] = Σ_j wf[j] · G[i + j·d - P'] with
+// the flipped taps wf, P' = d·(k - 1) - p, and G grad_output on the stride-1 output grid (its values at the
+// positions o·s, zeros between). The input positions i = s·m + π of one phase π read nonzero values
+// only through the taps j with (π + j·d - P') divisible by s: grad_output[m + (π + j·d - P') / s]. So each
+// phase is a stride-1 correlation over the compact grad_output with those taps (j s/gcd(s, d) apart,
+// reading d/gcd(s, d) positions apart). Stride 1: one phase, every tap (the flipped forward).
+struct Phase {
+  int64_t count = 0;      // input positions of the phase (m < count)
+  int64_t taps = 0;       // taps reaching grad_output (0: the phase's gradient is 0)
+  int64_t first_tap = 0;  // j of the first; the next ones tap_step apart
+  int64_t tap_step = 1;
+  int64_t first_read = 0;  // grad_output position the first tap reads for m = 0; the next taps' read_step apart
+  int64_t read_step = 1;
+};
+struct PhasesOfDim {
+  std::vector<Phase> phases;  // one per π < s
+  int64_t pad_before = 0, pad_after = 0;  // zero positions grad_output's scratch needs on each side
+};
+inline PhasesOfDim backward_phases(const Geometry& g, int d) {
+  const int64_t k = g.kernel[d], s = g.stride[d], dil = g.dilation[d], reach = dil * (k - 1) - g.padding[d];
+  const int64_t gcd = std::gcd(s, dil);
+  PhasesOfDim result;
+  for (int64_t pi = 0; pi < s; ++pi) {
+    Phase ph;
+    ph.count = pi < g.in[d] ? (g.in[d] - pi + s - 1) / s : 0;
+    ph.tap_step = s / gcd;
+    ph.read_step = dil / gcd;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t offset = pi + j * dil - reach;
+      if (((offset % s) + s) % s != 0) continue;
+      if (ph.taps++ == 0) ph.first_tap = j, ph.first_read = offset / s;  // exact division
+    }
+    if (ph.count > 0 && ph.taps > 0) {
+      const int64_t last_read = ph.count - 1 + ph.first_read + (ph.taps - 1) * ph.read_step;
+      result.pad_before = std::max(result.pad_before, -ph.first_read);
+      result.pad_after = std::max(result.pad_after, last_read - (g.out[d] - 1));
+    }
+    result.phases.push_back(ph);
   }
-  return flipped_geometry(unit);
+  return result;
+}
+// Positions of the backward's grad_output scratch (compact, padded as backward_phases asks).
+inline int64_t grad_output_positions(const Geometry& g) {
+  int64_t n = 1;
+  for (int d = 0; d < 3; ++d) {
+    const PhasesOfDim p = backward_phases(g, d);
+    n *= g.out[d] + p.pad_before + p.pad_after;
+  }
+  return n;
 }
 }  // namespace small_plane
 }  // namespace depthwise3d
@@ -100,20 +140,21 @@ bool small_plane_forward_applies(const Geometry& g) {
          std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
 }
 
-// The backward: m == 1, a padding within the kernel's reach, and the input's, grad_output's and the
-// flipped kernel's volumes within the limit. Any stride: the input gradient then spends FMAs on the
-// zeros between grad_output's values (s_T·s_H·s_W as many as the forward's), still faster than the
-// other kernels on every stride measured (session 35, two threads, both gradients after native's
-// fwd+bwd, AVX-512 / AVX2, against the row kernels or layout copies before): 4x192x8x14^2 s(1,2,2)
-// 2.38 -> 1.13 / 2.70 -> 0.96 ms; s(2,1,1) 1.32 -> 1.28 / 1.59 -> 1.20; s(2,2,2) 1.95 -> 0.97 / 1.74 ->
-// 0.95; s(3,3,3) 1.65 -> 0.84 / 1.73 -> 0.77; 4x432x8x7^2 s(1,2,2) 1.34 -> 0.70 / 1.50 -> 0.67 (its
-// channels_last_3d backward 0.75 / 0.82 either way).
+// The backward: m == 1, a padding within the kernel's reach (as flipped_geometry), and the input's and
+// grad_output's volumes within the limit; any stride (one correlation per phase: backward_phases).
+// Against the other kernels (the row kernels, or layout copies) it was faster on every stride measured
+// (session 35, two threads, both gradients after native's fwd+bwd, AVX-512 / AVX2): 4x192x8x14^2
+// s(1,2,2) 2.34 -> 0.88 / 2.96 -> 0.73 ms; s(2,1,1) 1.31 -> 1.09 / 1.74 -> 0.88; s(2,2,2) 1.90 -> 0.66 /
+// 1.89 -> 0.56; s(3,3,3) 1.56 -> 0.61 / 1.70 -> 0.53; 4x96x16x12^2 s(1,2,2) 1.44 -> 0.59 / 1.56 -> 0.51;
+// 4x432x8x7^2 s(1,2,2) 1.39 -> 0.53 / 1.46 -> 0.52, its channels_last_3d backward 0.65 -> 0.57 /
+// 0.71 -> 0.53.
 bool small_plane_applies(const Geometry& g) {
-  const std::optional<Geometry> f = small_plane::backward_geometry(g);  // nullopt: m > 1, padding > reach
-  if (!f) return false;
+  if (g.multiplier != 1) return false;
+  for (int d = 0; d < 3; ++d)
+    if (g.padding[d] > g.dilation[d] * (g.kernel[d] - 1)) return false;
   const int64_t out_positions = g.out[0] * g.out[1] * g.out[2], in_positions = g.in[0] * g.in[1] * g.in[2];
   return small_plane::padded_positions(g) <= small_plane::kMaxPositions &&
-         small_plane::padded_positions(*f) <= small_plane::kMaxPositions &&
+         small_plane::grad_output_positions(g) <= small_plane::kMaxPositions &&
          std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
 }
 void forward_small_cpu(const ForwardArgs& args) { FASTVID_ISA_CALL(depthwise3d, forward_small(args)); }
@@ -302,22 +343,31 @@ PaddedVolume padded_volume(const Geometry& g, int lanes) {
   return v;
 }
 
-// The correlation's loop constants for one unit geometry.
-struct Taps {
-  int64_t rows;              // kT·kH (kt, kh) pairs
-  int64_t row_offset[7 * 7];  // (kt, kh) -> its source row's offset from the output row's
-  int64_t kW, kw_step;       // W taps and the scratch step between them (dW·L)
-  int64_t src_row, out_row;  // one padded source row, one compact output row (elements)
-  int64_t next_row;          // from an output row's source row to the next output row's (sH·src_row)
+// One correlation over a unit's scratch: count[0] × count[1] × count[2] outputs, output (ot, oh, ow)
+//   out[out0 + ot·out_t + oh·out_h + ow·out_step] =
+//     init + Σ_(row r) Σ_(kw < kW) src[ot·src_t + oh·src_h + ow·S·L + row_offset[r] + kw·kw_step] · w[r·kW + kw]
+// with w from the sweep's first weight vector. The forward is one sweep (forward_sweep); the backward's
+// input gradient one per phase of the input positions (input_grad_sweeps).
+struct Sweep {
+  int64_t rows = 0;                // tap rows: (kt, kh) pairs
+  int64_t row_offset[7 * 7] = {};  // each one's source row, from the output's (elements)
+  int64_t kW = 0, kw_step = 0;     // W taps per row and the scratch step between them
+  int64_t weights = 0;             // the sweep's first weight vector
+  int64_t count[3] = {0, 0, 0};
+  int64_t src_t = 0, src_h = 0;                          // source step per output T / H row
+  int64_t out0 = 0, out_t = 0, out_h = 0, out_step = 0;  // output offsets
+  // kW where correlate_block shares a row's loads among its taps (3, 5, and 2: the phases of a k = 3,
+  // stride-2 input gradient; 9-11 % faster there than one load per FMA), else 0
+  int64_t reuse_kw = 0;
+  int S = 1;             // source positions per output position along W (1 or 2)
 };
 
-// R output rows × P positions along W with W stride S (R·P independent accumulators):
-//   out[rr·out_row + p·L] = init + Σ_(kt, kh) Σ_kw src[row_offset + rr·next_row + p·S·L + kw·kw_step] · w[tap]
-// with the taps in (kt, kh, kw) order. KW > 0 (kW = KW, dW = 1): each source vector of a row is loaded
-// once for the up to KW positions that read it ((P - 1)·S + KW loads for KW·P FMAs), the KW weights
-// held; KW = 0: any kW and W dilation, one load per FMA.
+// R output rows × P positions along W (R·P independent accumulators) of a sweep; rows src_h / out_h
+// apart. KW > 0 (kW = KW, kw_step = L): each source vector of a row is loaded once for the up to KW
+// positions that read it ((P - 1)·S + KW loads for KW·P FMAs), the KW weights held; KW = 0: any kW and
+// step, one load per FMA.
 template <int P, int R, int KW, int S, typename V, typename acc_t>
-FASTVID_INLINE void correlate_block(const Taps& t, const acc_t* src, const acc_t* w, const V& init, acc_t* out) {
+FASTVID_INLINE void correlate_block(const Sweep& t, const acc_t* src, const acc_t* w, const V& init, acc_t* out) {
   constexpr int L = sizeof(V) / sizeof(acc_t);
   V a[R][P];
 #pragma GCC unroll 16
@@ -332,7 +382,7 @@ FASTVID_INLINE void correlate_block(const Taps& t, const acc_t* src, const acc_t
       for (int rr = 0; rr < R; ++rr) {
 #pragma GCC unroll 32
         for (int i = 0; i < (P - 1) * S + KW; ++i) {
-          V xv = load_vec<V>(x + rr * t.next_row + i * L);
+          V xv = load_vec<V>(x + rr * t.src_h + i * L);
           asm("" : "+v"(xv));  // one load for its up to KW FMAs (gcc would fold it into each of them)
 #pragma GCC unroll 8
           for (int k = 0; k < KW; ++k)
@@ -344,21 +394,21 @@ FASTVID_INLINE void correlate_block(const Taps& t, const acc_t* src, const acc_t
         const V wv = load_vec<V>(w + kw * L);
 #pragma GCC unroll 16
         for (int i = 0; i < R * P; ++i)
-          a[i / P][i % P] += load_vec<V>(x + (i / P) * t.next_row + (i % P) * S * L) * wv;
+          a[i / P][i % P] += load_vec<V>(x + (i / P) * t.src_h + (i % P) * S * L) * wv;
       }
     }
   }
 #pragma GCC unroll 16
-  for (int i = 0; i < R * P; ++i) store_vec(out + (i / P) * t.out_row + (i % P) * L, a[i / P][i % P]);
+  for (int i = 0; i < R * P; ++i) store_vec(out + (i / P) * t.out_h + (i % P) * t.out_step, a[i / P][i % P]);
 }
 
 template <int R, int KW, int S, typename V, typename acc_t>
-FASTVID_INLINE void correlate_rows(const Taps& t, int64_t OW, const acc_t* src, const acc_t* w, const V& init,
-                                   acc_t* out) {
+FASTVID_INLINE void correlate_rows(const Sweep& t, const acc_t* src, const acc_t* w, const V& init, acc_t* out) {
   constexpr int L = sizeof(V) / sizeof(acc_t);
+  const int64_t OW = t.count[2];
   for (int64_t ow0 = 0; ow0 < OW; ow0 += kBlock) {
     const acc_t* x = src + ow0 * S * L;
-    acc_t* o = out + ow0 * L;
+    acc_t* o = out + ow0 * t.out_step;
     switch (std::min<int64_t>(kBlock, OW - ow0)) {  // exactly the row's positions: no idle accumulators
       case 1: correlate_block<1, R, KW, S>(t, x, w, init, o); break;
       case 2: correlate_block<2, R, KW, S>(t, x, w, init, o); break;
@@ -374,10 +424,10 @@ FASTVID_INLINE void correlate_rows(const Taps& t, int64_t OW, const acc_t* src, 
 
 // Two output rows where there are two, else one.
 template <int KW, int S, typename V, typename acc_t>
-FASTVID_INLINE void correlate_row_pair(const Taps& t, int64_t rows, int64_t OW, const acc_t* src, const acc_t* w,
-                                       const V& init, acc_t* out) {
-  if (rows == 2) correlate_rows<2, KW, S>(t, OW, src, w, init, out);
-  else correlate_rows<1, KW, S>(t, OW, src, w, init, out);
+FASTVID_INLINE void correlate_row_pair(const Sweep& t, int64_t rows, const acc_t* src, const acc_t* w, const V& init,
+                                       acc_t* out) {
+  if (rows == 2) correlate_rows<2, KW, S>(t, src, w, init, out);
+  else correlate_rows<1, KW, S>(t, src, w, init, out);
 }
 
 // Memory the next steps of a thread will touch (the next unit's source volume, this unit's output
@@ -409,50 +459,121 @@ struct Prefetch {
   }
 };
 
-// out[(ot·OH + oh)·OW + ow] = bias + Σ_taps w[tap] · src[the padded position o·s + k·d] for one unit
-// (W stride 1 or 2), src padded as padded_volume(g), w [taps][L], bias [L] or nullptr, out compact.
-// Output rows in pairs (two rows' accumulators: at OW = 7, 14 chains instead of 7).
-template <int S, typename acc_t>
-void correlate_unit_strided(const Geometry& g, const PaddedVolume& v, const acc_t* src, const acc_t* w, const acc_t* bias,
-                    acc_t* out, Prefetch& prefetch) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int L = Vec<acc_t>::lanes;
-  const int64_t OH = g.out[1], OW = g.out[2];
-  Taps t;
+// The forward's sweep for a unit: out[(ot·OH + oh)·OW + ow] = bias + Σ_taps w[tap] · src[the padded
+// position o·s + k·d] (W stride 1 or 2), src padded as padded_volume(g), w [taps][L], out compact.
+Sweep forward_sweep(const Geometry& g, const PaddedVolume& v, int L) {
+  Sweep t;
+  const int64_t src_row = v.dims[2] * L;
   t.rows = g.kernel[0] * g.kernel[1];
-  t.src_row = v.dims[2] * L;
-  t.out_row = OW * L;
-  t.next_row = g.stride[1] * t.src_row;
   for (int64_t kt = 0; kt < g.kernel[0]; ++kt)
     for (int64_t kh = 0; kh < g.kernel[1]; ++kh)
-      t.row_offset[kt * g.kernel[1] + kh] = (kt * g.dilation[0] * v.dims[1] + kh * g.dilation[1]) * t.src_row;
+      t.row_offset[kt * g.kernel[1] + kh] = (kt * g.dilation[0] * v.dims[1] + kh * g.dilation[1]) * src_row;
   t.kW = g.kernel[2];
   t.kw_step = g.dilation[2] * L;
-  const int64_t reuse_kw = g.dilation[2] == 1 && (t.kW == 3 || t.kW == 5) ? t.kW : 0;
-  const V init = bias != nullptr ? load_vec<V>(bias) : V{};
-  const int64_t steps = g.out[0] * ((OH + 1) / 2), per_step = (prefetch.total + steps - 1) / steps;
-  for (int64_t ot = 0; ot < g.out[0]; ++ot)
-    for (int64_t oh = 0; oh < OH; oh += 2) {
+  t.reuse_kw = g.dilation[2] == 1 && (t.kW == 3 || t.kW == 5) ? t.kW : 0;
+  for (int d = 0; d < 3; ++d) t.count[d] = g.out[d];
+  t.src_t = g.stride[0] * v.dims[1] * src_row;
+  t.src_h = g.stride[1] * src_row;
+  t.out_t = g.out[1] * g.out[2] * L;
+  t.out_h = g.out[2] * L;
+  t.out_step = L;
+  t.S = static_cast<int>(g.stride[2]);
+  return t;
+}
+
+// The backward's grad_output scratch: compact, padded as backward_phases asks.
+PaddedVolume grad_output_volume(const Geometry& g, int lanes) {
+  PaddedVolume v;
+  for (int d = 0; d < 3; ++d) {
+    const small_plane::PhasesOfDim p = small_plane::backward_phases(g, d);
+    v.pad[d] = p.pad_before;
+    v.dims[d] = g.out[d] + p.pad_before + p.pad_after;
+  }
+  const int64_t unit[3] = {1, 1, 1};
+  v.offset = grid_offsets(v, g.out, unit, lanes);
+  return v;
+}
+
+// The input gradient's sweeps, one per phase (πT, πH, πW) of the input positions (backward_phases) over
+// grad_output's scratch v, each storing its positions s·m + π of the compact result. weight_taps gets
+// the weight's tap (of [taps], unflipped) for each weight vector the sweeps read, in order.
+std::vector<Sweep> input_grad_sweeps(const Geometry& g, const PaddedVolume& v, int L, std::vector<int64_t>& weight_taps) {
+  using small_plane::Phase;
+  const small_plane::PhasesOfDim dims[3] = {small_plane::backward_phases(g, 0), small_plane::backward_phases(g, 1),
+                                            small_plane::backward_phases(g, 2)};
+  const int64_t src_row = v.dims[2] * L, taps = g.taps();
+  std::vector<Sweep> sweeps;
+  weight_taps.clear();
+  for (int64_t pt = 0; pt < g.stride[0]; ++pt)
+    for (int64_t ph = 0; ph < g.stride[1]; ++ph)
+      for (int64_t pw = 0; pw < g.stride[2]; ++pw) {
+        const Phase& T = dims[0].phases[pt];
+        const Phase& H = dims[1].phases[ph];
+        const Phase& W = dims[2].phases[pw];
+        if (T.count == 0 || H.count == 0 || W.count == 0) continue;
+        Sweep t;
+        t.rows = T.taps * H.taps;  // 0 (or kW = 0): the phase's gradient is 0, stored as such
+        t.weights = static_cast<int64_t>(weight_taps.size());
+        for (int64_t at = 0; at < T.taps; ++at)
+          for (int64_t ah = 0; ah < H.taps; ++ah) {
+            t.row_offset[at * H.taps + ah] =
+                v.at(T.first_read + at * T.read_step, H.first_read + ah * H.read_step, W.first_read, L);
+            for (int64_t aw = 0; aw < W.taps; ++aw) {
+              const int64_t jt = T.first_tap + at * T.tap_step, jh = H.first_tap + ah * H.tap_step,
+                            jw = W.first_tap + aw * W.tap_step;
+              weight_taps.push_back(taps - 1 - (jt * g.kernel[1] + jh) * g.kernel[2] - jw);  // j flipped
+            }
+          }
+        t.kW = W.taps;
+        t.kw_step = W.read_step * L;
+        t.reuse_kw = W.read_step == 1 && (W.taps == 2 || W.taps == 3 || W.taps == 5) ? W.taps : 0;
+        t.count[0] = T.count, t.count[1] = H.count, t.count[2] = W.count;
+        t.src_t = v.dims[1] * src_row;
+        t.src_h = src_row;
+        t.out0 = ((pt * g.in[1] + ph) * g.in[2] + pw) * L;
+        t.out_t = g.stride[0] * g.in[1] * g.in[2] * L;
+        t.out_h = g.stride[1] * g.in[2] * L;
+        t.out_step = g.stride[2] * L;
+        t.S = 1;
+        sweeps.push_back(t);
+      }
+  return sweeps;
+}
+
+// One unit's sweeps: w the unit's weight vectors (as the sweeps' weights index them), bias [L] or
+// nullptr. Output rows in pairs (two rows' accumulators: at OW = 7, 14 chains instead of 7).
+template <int S, typename V, typename acc_t>
+void run_sweep(const Sweep& t, const acc_t* src, const acc_t* w, const V& init, acc_t* out, Prefetch& prefetch,
+               int64_t per_step) {
+  for (int64_t ot = 0; ot < t.count[0]; ++ot)
+    for (int64_t oh = 0; oh < t.count[1]; oh += 2) {
       prefetch.issue(per_step);
-      const acc_t* x = src + (ot * g.stride[0] * v.dims[1] + oh * g.stride[1]) * t.src_row;
-      acc_t* o = out + (ot * OH + oh) * t.out_row;
-      const int64_t rows = std::min<int64_t>(2, OH - oh);
-      if (reuse_kw == 3) correlate_row_pair<3, S>(t, rows, OW, x, w, init, o);
-      else if (reuse_kw == 5) correlate_row_pair<5, S>(t, rows, OW, x, w, init, o);
-      else correlate_row_pair<0, S>(t, rows, OW, x, w, init, o);
+      const acc_t* x = src + ot * t.src_t + oh * t.src_h;
+      acc_t* o = out + t.out0 + ot * t.out_t + oh * t.out_h;
+      const int64_t rows = std::min<int64_t>(2, t.count[1] - oh);
+      if (t.reuse_kw == 2) correlate_row_pair<2, S>(t, rows, x, w, init, o);
+      else if (t.reuse_kw == 3) correlate_row_pair<3, S>(t, rows, x, w, init, o);
+      else if (t.reuse_kw == 5) correlate_row_pair<5, S>(t, rows, x, w, init, o);
+      else correlate_row_pair<0, S>(t, rows, x, w, init, o);
     }
 }
-
 template <typename acc_t>
-void correlate_unit(const Geometry& g, const PaddedVolume& v, const acc_t* src, const acc_t* w, const acc_t* bias,
-                    acc_t* out, Prefetch& prefetch) {
-  if (g.stride[2] == 2) correlate_unit_strided<2>(g, v, src, w, bias, out, prefetch);
-  else correlate_unit_strided<1>(g, v, src, w, bias, out, prefetch);
+void correlate_unit(const std::vector<Sweep>& sweeps, const acc_t* src, const acc_t* w, const acc_t* bias, acc_t* out,
+                    Prefetch& prefetch) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  const V init = bias != nullptr ? load_vec<V>(bias) : V{};
+  int64_t steps = 0;
+  for (const Sweep& t : sweeps) steps += t.count[0] * ((t.count[1] + 1) / 2);
+  const int64_t per_step = steps > 0 ? (prefetch.total + steps - 1) / steps : 0;
+  for (const Sweep& t : sweeps) {
+    if (t.S == 2) run_sweep<2>(t, src, w + t.weights * L, init, out, prefetch, per_step);
+    else run_sweep<1>(t, src, w + t.weights * L, init, out, prefetch, per_step);
+  }
 }
 
-// dW = 1, W stride S: a[kh·KW + kw] += Σ_p go[p·S] · x[kh][p·S + kw] for KH rows of X and KW taps over
-// P positions of one output row (go in the grid's row: its values S vectors apart), the P grad_output
-// vectors loaded once and each X vector once for the up to KW (p, kw) pairs reading it
+// dW = 1, W stride S: a[kh·KW + kw] += Σ_p go[p] · x[kh][p·S + kw] for KH rows of X and KW taps over
+// P positions of one output row, the P grad_output vectors loaded once and each X vector once for the up to KW (p, kw) pairs reading it
 // (P + KH·((P - 1)·S + KW) loads for KH·KW·P FMAs). P + KH·KW + 1 vector registers: P up to 8 with 32
 // registers, 4 with 16.
 constexpr int kWeightBlock = cpu::kVecBytes == 64 ? 8 : 4;
@@ -461,7 +582,7 @@ FASTVID_INLINE void weight_grad_block(const acc_t* go, const acc_t* const* x, in
   constexpr int L = sizeof(V) / sizeof(acc_t);
   V gv[P];
 #pragma GCC unroll 8
-  for (int p = 0; p < P; ++p) gv[p] = load_vec<V>(go + p * S * L);
+  for (int p = 0; p < P; ++p) gv[p] = load_vec<V>(go + p * L);
 #pragma GCC unroll 3
   for (int kh = 0; kh < KH; ++kh) {
 #pragma GCC unroll 20
@@ -494,8 +615,7 @@ FASTVID_INLINE void weight_grad_block(int64_t count, const acc_t* go, const acc_
 }
 
 // A unit's weight and bias gradient sums added to sums[tap·L + l] (tap == taps: the bias):
-// gw[k] = Σ_o go[o] · X[o·s + k·d], gb = Σ_o go[o]; go (at the positions o·s, zeros between: the
-// input gradient's volume) and X in their padded scratch volumes.
+// gw[k] = Σ_o go[o] · X[o·s + k·d], gb = Σ_o go[o]; go and X in their padded scratch volumes.
 template <typename acc_t>
 void weight_grad_unit(const Geometry& g, const PaddedVolume& go_volume, const acc_t* go, const PaddedVolume& x_volume,
                       const acc_t* x, bool want_weight, bool want_bias, acc_t* sums) {
@@ -503,7 +623,7 @@ void weight_grad_unit(const Geometry& g, const PaddedVolume& go_volume, const ac
   constexpr int L = Vec<acc_t>::lanes;
   const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2], sW = g.stride[2];
   const int64_t kT = g.kernel[0], kH = g.kernel[1], kW = g.kernel[2], taps = g.taps();
-  const auto go_row = [&](int64_t ot, int64_t oh) { return go + go_volume.at(ot * g.stride[0], oh * g.stride[1], 0, L); };
+  const auto go_row = [&](int64_t ot, int64_t oh) { return go + go_volume.at(ot, oh, 0, L); };
   // X's padded row o·s + k·d (the padded volume's first position is X's (0, 0, 0)).
   const auto x_row = [&](int64_t ot, int64_t oh, int64_t kt, int64_t kh) {
     return x + ((ot * g.stride[0] + kt * g.dilation[0]) * x_volume.dims[1] + oh * g.stride[1] + kh * g.dilation[1]) *
@@ -517,8 +637,8 @@ void weight_grad_unit(const Geometry& g, const PaddedVolume& go_volume, const ac
         int64_t ow = 0;
         for (; ow + 4 <= OW; ow += 4)
 #pragma GCC unroll 4
-          for (int p = 0; p < 4; ++p) a[p] += load_vec<V>(gr + (ow + p) * sW * L);
-        for (; ow < OW; ++ow) a[0] += load_vec<V>(gr + ow * sW * L);
+          for (int p = 0; p < 4; ++p) a[p] += load_vec<V>(gr + (ow + p) * L);
+        for (; ow < OW; ++ow) a[0] += load_vec<V>(gr + ow * L);
       }
     store_vec(sums + taps * L, load_vec<V>(sums + taps * L) + ((a[0] + a[1]) + (a[2] + a[3])));
   }
@@ -533,8 +653,7 @@ void weight_grad_unit(const Geometry& g, const PaddedVolume& go_volume, const ac
         for (int kh = 0; kh < KH; ++kh) xr[kh] = x_row(ot, oh, kt, kh0 + kh);
         const acc_t* gr = go_row(ot, oh);
         for (int64_t ow0 = 0; ow0 < OW; ow0 += kWeightBlock)
-          weight_grad_block<KH, KW, S>(std::min<int64_t>(kWeightBlock, OW - ow0), gr + ow0 * S * L, xr, ow0 * S * L,
-                                       a);
+          weight_grad_block<KH, KW, S>(std::min<int64_t>(kWeightBlock, OW - ow0), gr + ow0 * L, xr, ow0 * S * L, a);
       }
     for (int i = 0; i < KH * KW; ++i) {
       acc_t* s = sums + ((kt * kH + kh0) * kW + i) * L;
@@ -572,22 +691,22 @@ void weight_grad_unit(const Geometry& g, const PaddedVolume& go_volume, const ac
             for (; ow + 4 <= OW; ow += 4)
 #pragma GCC unroll 4
               for (int p = 0; p < 4; ++p)
-                a[p] += load_vec<V>(gr + (ow + p) * sW * L) * load_vec<V>(xr + (ow + p) * sW * L);
-            for (; ow < OW; ++ow) a[0] += load_vec<V>(gr + ow * sW * L) * load_vec<V>(xr + ow * sW * L);
+                a[p] += load_vec<V>(gr + (ow + p) * L) * load_vec<V>(xr + (ow + p) * sW * L);
+            for (; ow < OW; ++ow) a[0] += load_vec<V>(gr + ow * L) * load_vec<V>(xr + ow * sW * L);
           }
         acc_t* s = sums + ((kt * kH + kh) * kW + kw) * L;
         store_vec(s, load_vec<V>(s) + ((a[0] + a[1]) + (a[2] + a[3])));
       }
 }
 
-// The unit's weights [taps][L] (flipped: tap order reversed) from the [C, taps] weight, lanes past the
-// channels 0.
+// The unit's weight vectors w[n·L + l] = weight[l·taps + tap_of[n]] for n < count (the forward: every tap
+// in order, tap_of nullptr), lanes past the channels 0, from the [C, taps] weight.
 template <typename acc_t>
-void unit_weights(const acc_t* weight, int64_t taps, int64_t lanes, bool flipped, acc_t* w) {
+void unit_weights(const acc_t* weight, int64_t taps, int64_t lanes, const int64_t* tap_of, int64_t count, acc_t* w) {
   constexpr int L = Vec<acc_t>::lanes;
-  std::fill(w, w + taps * L, acc_t(0));
+  std::fill(w, w + count * L, acc_t(0));
   for (int64_t l = 0; l < lanes; ++l)
-    for (int64_t t = 0; t < taps; ++t) w[t * L + l] = weight[l * taps + (flipped ? taps - 1 - t : t)];
+    for (int64_t n = 0; n < count; ++n) w[n * L + l] = weight[l * taps + (tap_of != nullptr ? tap_of[n] : n)];
 }
 
 // NCDHW only: the channels-innermost forward beats this one on channels_last_3d inputs (kernel_path).
@@ -604,6 +723,7 @@ void forward_impl(const ForwardArgs& a) {
   const auto* bias = static_cast<const acc_t*>(a.bias);
   auto* output = static_cast<scalar_t*>(a.output);
   const PaddedVolume volume = padded_volume(g, L);
+  const std::vector<Sweep> sweeps{forward_sweep(g, volume, L)};
   const UnitIndex<false> unit{B, C, L};
   // Units (channel vector, batch item), batch innermost: consecutive units share their weights.
   at::parallel_for(0, groups * B, 1, [&](int64_t begin, int64_t end) {
@@ -614,7 +734,7 @@ void forward_impl(const ForwardArgs& a) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t gi = u / B, c0 = gi * L, lanes = unit.lanes(u);
       if (gi != group) {
-        unit_weights(weight + c0 * taps, taps, lanes, false, w.data());
+        unit_weights(weight + c0 * taps, taps, lanes, nullptr, taps, w.data());
         std::fill(w.begin() + taps * L, w.end(), acc_t(0));
         if (bias != nullptr) std::copy(bias + c0, bias + c0 + lanes, w.begin() + taps * L);
         group = gi;
@@ -623,8 +743,7 @@ void forward_impl(const ForwardArgs& a) {
       Prefetch prefetch;  // this unit's output, the next unit's input
       prefetch.add(output, unit, u, out_positions);
       if (u + 1 < end) prefetch.add(input, unit, u + 1, in_positions);
-      correlate_unit(g, volume, x.data(), w.data(), bias != nullptr ? w.data() + taps * L : nullptr, out.data(),
-                     prefetch);
+      correlate_unit(sweeps, x.data(), w.data(), bias != nullptr ? w.data() + taps * L : nullptr, out.data(), prefetch);
       store_unit<false>(out.data(), C, lanes, out_positions, output + unit.offset(u, out_positions));
     }
   });
@@ -640,7 +759,6 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   const bool want_input = grad_input != nullptr, want_weight = grad_weight != nullptr, want_bias = grad_bias != nullptr;
   if (!want_input && !want_weight && !want_bias) return;
   const Geometry& g = want_input ? ia.geo : wa.geo;
-  const Geometry f = *small_plane::backward_geometry(g);  // small_plane_applies held
   const int64_t B = g.batch, C = g.channels, taps = g.taps(), groups = (C + L - 1) / L;
   const int64_t in_positions = g.in[0] * g.in[1] * g.in[2], out_positions = g.out[0] * g.out[1] * g.out[2];
   const auto* grad_output = static_cast<const scalar_t*>(want_input ? ia.grad_output : wa.grad_output);
@@ -648,29 +766,34 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   const auto* input = static_cast<const scalar_t*>(wa.input);
   const int64_t units = groups * B, per_unit = (taps + 1) * L;
   const UnitIndex<kChannelsLast> unit{B, C, L};
-  // The flipped forward's source volume: grad_output at the grid positions o·s, padded by d·(k - 1) - p.
-  // The weight gradient reads grad_output at its positions in it, and the input padded as for the forward.
-  PaddedVolume go_volume = padded_volume(f, L);
-  go_volume.offset = grid_offsets(go_volume, g.out, g.stride, L);
+  // grad_output padded for the input gradient's sweeps (their weight vectors: the taps in weight_taps),
+  // the input padded as for the forward.
+  const PaddedVolume go_volume = grad_output_volume(g, L);
+  std::vector<int64_t> weight_taps;
+  const std::vector<Sweep> sweeps = want_input ? input_grad_sweeps(g, go_volume, L, weight_taps) : std::vector<Sweep>{};
   const PaddedVolume x_volume = want_weight ? padded_volume(g, L) : PaddedVolume{};
   std::vector<acc_t> partials(want_weight || want_bias ? units * per_unit : 0, acc_t(0));
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> go(go_volume.elements(L), acc_t(0)), x(x_volume.elements(L), acc_t(0));
-    std::vector<acc_t> gi(want_input ? (in_positions + L) * L : 0, acc_t(0)), w(want_input ? taps * L : 0);
+    std::vector<acc_t> gi(want_input ? (in_positions + L) * L : 0, acc_t(0)), w(weight_taps.size() * L);
     int64_t group = -1;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t gr = u / B, c0 = gr * L, lanes = unit.lanes(u);
       load_unit<kChannelsLast>(grad_output + unit.offset(u, out_positions), C, lanes, out_positions,
                                go_volume.offset.data(), go.data());
       if (want_input) {
-        if (gr != group) unit_weights(weight + c0 * taps, taps, lanes, true, w.data()), group = gr;
+        if (gr != group) {
+          unit_weights(weight + c0 * taps, taps, lanes, weight_taps.data(), static_cast<int64_t>(weight_taps.size()),
+                       w.data());
+          group = gr;
+        }
         Prefetch prefetch;  // this unit's grad_input, the next unit's grad_output and input
         prefetch.add(grad_input, unit, u, in_positions);
         if (u + 1 < end) {
           prefetch.add(grad_output, unit, u + 1, out_positions);
           if (want_weight) prefetch.add(input, unit, u + 1, in_positions);
         }
-        correlate_unit(f, go_volume, go.data(), w.data(), static_cast<const acc_t*>(nullptr), gi.data(), prefetch);
+        correlate_unit(sweeps, go.data(), w.data(), static_cast<const acc_t*>(nullptr), gi.data(), prefetch);
         store_unit<kChannelsLast>(gi.data(), C, lanes, in_positions, grad_input + unit.offset(u, in_positions));
       }
       if (want_weight)
