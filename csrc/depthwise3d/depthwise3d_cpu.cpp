@@ -988,40 +988,45 @@ __attribute__((always_inline)) inline void weight_block_bf16(float* pw, const c1
   }
 }
 
-// All KW taps of one (go row, input row) pair at once, W stride and dilation 1:
-//   pw[kw·Cout + c] += Σ_{i<count} go[i·go_step + c] · x[(i + kw)·x_step + c]   (kw < KW)
+// All KW taps of one (go row, input row) pair at once, W dilation 1 and W stride S:
+//   pw[kw·Cout + c] += Σ_{i<count} go[i·go_step + c] · x[(i·S + kw)·x_step + c]   (kw < KW)
 // for the NV·lanes channels from c0, less the first `first_lane` ones. Each go and x vector is
-// loaded once and used for every tap that reads it (the last KW - 1 input vectors stay in
-// registers): 2 loads per KW FMAs instead of 2 per FMA in weight_block, KW·NV accumulator chains.
-template <int KW, int NV, typename scalar_t, typename acc_t>
+// loaded once and used for every tap that reads it (the last KW - S input vectors stay in
+// registers): 1 + S loads per KW FMAs instead of 2 per FMA in weight_block, KW·NV accumulator chains.
+template <int KW, int NV, int S = 1, typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void weight_taps_reuse(acc_t* pw, int64_t Cout, const scalar_t* go,
                                                              const scalar_t* x, int64_t count, int64_t go_step,
                                                              int64_t x_step, int64_t c0, int first_lane = 0) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::lanes;
+  static_assert(S >= 1 && S < KW, "weight_taps_reuse: the windows of consecutive outputs must overlap");
   V acc[KW][NV], window[KW][NV];
 #pragma GCC unroll 8
   for (int k = 0; k < KW; ++k)
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) acc[k][j] = V{};
 #pragma GCC unroll 8
-  for (int k = 0; k + 1 < KW; ++k)
+  for (int k = 0; k + S < KW; ++k)
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) window[k][j] = load_vec<V>(x + k * x_step + c0 + j * L);
-  const scalar_t* xp = x + (KW - 1) * x_step + c0;
+  const scalar_t* xp = x + (KW - S) * x_step + c0;  // the S input vectors each output adds
   const scalar_t* gp = go + c0;
-  for (int64_t i = 0; i < count; ++i, xp += x_step, gp += go_step) {
+  for (int64_t i = 0; i < count; ++i, xp += S * x_step, gp += go_step) {
     V gv[NV];
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) gv[j] = load_vec<V>(gp + j * L), window[KW - 1][j] = load_vec<V>(xp + j * L);
+    for (int j = 0; j < NV; ++j) {
+      gv[j] = load_vec<V>(gp + j * L);
+#pragma GCC unroll 4
+      for (int k = KW - S; k < KW; ++k) window[k][j] = load_vec<V>(xp + (k - (KW - S)) * x_step + j * L);
+    }
 #pragma GCC unroll 8
     for (int k = 0; k < KW; ++k)
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) acc[k][j] += gv[j] * window[k][j];
 #pragma GCC unroll 8
-    for (int k = 0; k + 1 < KW; ++k)
+    for (int k = 0; k + S < KW; ++k)
 #pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) window[k][j] = window[k + 1][j];
+      for (int j = 0; j < NV; ++j) window[k][j] = window[k + S][j];
   }
 #pragma GCC unroll 8
   for (int k = 0; k < KW; ++k)
@@ -1036,22 +1041,22 @@ __attribute__((always_inline)) inline void weight_taps_reuse(acc_t* pw, int64_t 
 
 // weight_taps_reuse over all C channels (register blocks as wide as the ISA's registers allow, then
 // one vector; the channel tail as one masked vector, or tap by tap where C is below one vector).
-template <int KW, typename scalar_t, typename acc_t>
+template <int KW, int S = 1, typename scalar_t, typename acc_t>
 void weight_row_reuse(acc_t* pw, int64_t C, const scalar_t* go, const scalar_t* x, int64_t count) {
   constexpr int L = Vec<acc_t>::lanes;
   // Registers: KW·NV accumulators + KW·NV window + NV grad_output vectors (32 zmm / 16 ymm, xmm).
   constexpr int NV = cpu::kVecBytes == 64 ? (KW <= 3 ? 4 : 2) : (KW <= 3 ? 2 : 1);
   int64_t c = 0;
-  for (; c + NV * L <= C; c += NV * L) weight_taps_reuse<KW, NV>(pw, C, go, x, count, C, C, c);
+  for (; c + NV * L <= C; c += NV * L) weight_taps_reuse<KW, NV, S>(pw, C, go, x, count, C, C, c);
   if constexpr (NV > 1)
-    for (; c + L <= C; c += L) weight_taps_reuse<KW, 1>(pw, C, go, x, count, C, C, c);
+    for (; c + L <= C; c += L) weight_taps_reuse<KW, 1, S>(pw, C, go, x, count, C, C, c);
   // The channel tail as the last whole vector, its lanes below c masked out of the sum.
   if (c < C && C >= L) {
-    weight_taps_reuse<KW, 1>(pw, C, go, x, count, C, C, C - L, static_cast<int>(c - (C - L)));
+    weight_taps_reuse<KW, 1, S>(pw, C, go, x, count, C, C, C - L, static_cast<int>(c - (C - L)));
     c = C;
   }
   for (; c < C; ++c)
-    for (int k = 0; k < KW; ++k) weight_block<0>(pw + k * C, go, x + k * C, count, C, C, c);
+    for (int k = 0; k < KW; ++k) weight_block<0>(pw + k * C, go, x + k * C, count, C, S * C, c);
 }
 
 // One tap of a row: pw[c] += Σ_{i<count} go[i·go_step + c] · x[i·x_step + c] over all C channels.
@@ -1095,17 +1100,26 @@ void weight_grad_row(const Geometry& g, const scalar_t* input, const scalar_t* g
         const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
         const scalar_t* x_row = input + ndhwc_offset(b, it, ih, 0, 0, T, H, W, C);
         acc_t* pw_row = partial_w + (kt * g.kernel[1] + kh) * g.kernel[2] * Cout;
-        // Interior outputs [lo, hi) (every W tap in range) take all taps at once where the W stride
-        // and dilation are 1; the rest goes tap by tap.
+        // Interior outputs [lo, hi) (every W tap in range) take all taps at once where the W
+        // dilation is 1 and the W stride 1 or 2; the rest goes tap by tap.
         int64_t lo = 0, hi = 0;
-        if (g.stride[2] == 1 && g.dilation[2] == 1 && (g.kernel[2] == 3 || g.kernel[2] == 5)) {
-          lo = std::min(g.padding[2], g.out[2]);
-          hi = std::max(lo, std::min(g.out[2], W - g.kernel[2] + 1 + g.padding[2]));
+        const int64_t sW = g.stride[2];
+        if ((sW == 1 || sW == 2) && g.dilation[2] == 1 && (g.kernel[2] == 3 || g.kernel[2] == 5)) {
+          lo = std::min((g.padding[2] + sW - 1) / sW, g.out[2]);  // ow·sW - padding >= 0
+          if (W + g.padding[2] >= g.kernel[2])  // ow·sW - padding + kW - 1 <= W - 1
+            hi = std::max(lo, std::min(g.out[2], (W + g.padding[2] - g.kernel[2]) / sW + 1));
+          else
+            hi = lo;
           if (hi > lo) {
             const scalar_t* go = go_row + lo * Cout;
-            const scalar_t* x = x_row + (lo - g.padding[2]) * C;
-            if (g.kernel[2] == 3) weight_row_reuse<3>(pw_row, C, go, x, hi - lo);
-            else weight_row_reuse<5>(pw_row, C, go, x, hi - lo);
+            const scalar_t* x = x_row + (lo * sW - g.padding[2]) * C;
+            if (sW == 1) {
+              if (g.kernel[2] == 3) weight_row_reuse<3>(pw_row, C, go, x, hi - lo);
+              else weight_row_reuse<5>(pw_row, C, go, x, hi - lo);
+            } else {
+              if (g.kernel[2] == 3) weight_row_reuse<3, 2>(pw_row, C, go, x, hi - lo);
+              else weight_row_reuse<5, 2>(pw_row, C, go, x, hi - lo);
+            }
           }
         }
         for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
