@@ -30,6 +30,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
@@ -84,7 +85,7 @@ struct PhasesOfDim {
   std::vector<Phase> phases;  // one per π < s
   int64_t pad_before = 0, pad_after = 0;  // zero positions grad_output's scratch needs on each side
 };
-inline PhasesOfDim backward_phases(const Geometry& g, int d) {
+inline PhasesOfDim phases_of_dim(const Geometry& g, int d) {
   const int64_t k = g.kernel[d], s = g.stride[d], dil = g.dilation[d], reach = dil * (k - 1) - g.padding[d];
   const int64_t gcd = std::gcd(s, dil);
   PhasesOfDim result;
@@ -107,14 +108,24 @@ inline PhasesOfDim backward_phases(const Geometry& g, int d) {
   }
   return result;
 }
-// Positions of the backward's grad_output scratch (compact, padded as backward_phases asks).
-inline int64_t grad_output_positions(const Geometry& g) {
+using BackwardPhases = std::array<PhasesOfDim, 3>;  // T, H, W
+inline BackwardPhases backward_phases(const Geometry& g) {
+  return {phases_of_dim(g, 0), phases_of_dim(g, 1), phases_of_dim(g, 2)};
+}
+// Positions of the backward's grad_output scratch (compact, padded as the phases ask).
+inline int64_t grad_output_positions(const Geometry& g, const BackwardPhases& phases) {
   int64_t n = 1;
-  for (int d = 0; d < 3; ++d) {
-    const PhasesOfDim p = backward_phases(g, d);
-    n *= g.out[d] + p.pad_before + p.pad_after;
-  }
+  for (int d = 0; d < 3; ++d) n *= g.out[d] + phases[d].pad_before + phases[d].pad_after;
   return n;
+}
+// The rules both directions share: m == 1, a padding within the kernel's reach (as flipped_geometry),
+// the input's padded volume and the input's and output's positions within the limit.
+inline bool fits_small_planes(const Geometry& g) {
+  if (g.multiplier != 1) return false;
+  for (int d = 0; d < 3; ++d)
+    if (g.padding[d] > g.dilation[d] * (g.kernel[d] - 1)) return false;
+  const int64_t out_positions = g.out[0] * g.out[1] * g.out[2], in_positions = g.in[0] * g.in[1] * g.in[2];
+  return padded_positions(g) <= kMaxPositions && std::max(out_positions, in_positions) <= kMaxPositions;
 }
 }  // namespace small_plane
 }  // namespace depthwise3d
@@ -132,16 +143,11 @@ namespace depthwise3d {
 // 0.44-0.52 ms).
 bool small_plane_forward_applies(const Geometry& g) {
   const bool unit_strides = g.stride[0] == 1 && g.stride[1] == 1 && g.stride[2] == 1;
-  if (g.multiplier != 1 || !(unit_strides || g.stride[2] == 2)) return false;
-  for (int d = 0; d < 3; ++d)
-    if (g.padding[d] > g.dilation[d] * (g.kernel[d] - 1)) return false;  // as flipped_geometry
-  const int64_t out_positions = g.out[0] * g.out[1] * g.out[2], in_positions = g.in[0] * g.in[1] * g.in[2];
-  return small_plane::padded_positions(g) <= small_plane::kMaxPositions &&
-         std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
+  return (unit_strides || g.stride[2] == 2) && small_plane::fits_small_planes(g);
 }
 
-// The backward: m == 1, a padding within the kernel's reach (as flipped_geometry), and the input's and
-// grad_output's volumes within the limit; any stride (one correlation per phase: backward_phases).
+// The backward: the shared rules and grad_output's volume within the limit; any stride (one correlation
+// per phase: backward_phases).
 // Against the other kernels (the row kernels, or layout copies) it was faster on every stride measured
 // (session 35, two threads, both gradients after native's fwd+bwd, AVX-512 / AVX2): 4x192x8x14^2
 // s(1,2,2) 2.34 -> 0.88 / 2.96 -> 0.73 ms; s(2,1,1) 1.31 -> 1.09 / 1.74 -> 0.88; s(2,2,2) 1.90 -> 0.66 /
@@ -149,13 +155,8 @@ bool small_plane_forward_applies(const Geometry& g) {
 // 4x432x8x7^2 s(1,2,2) 1.39 -> 0.53 / 1.46 -> 0.52, its channels_last_3d backward 0.65 -> 0.57 /
 // 0.71 -> 0.53.
 bool small_plane_applies(const Geometry& g) {
-  if (g.multiplier != 1) return false;
-  for (int d = 0; d < 3; ++d)
-    if (g.padding[d] > g.dilation[d] * (g.kernel[d] - 1)) return false;
-  const int64_t out_positions = g.out[0] * g.out[1] * g.out[2], in_positions = g.in[0] * g.in[1] * g.in[2];
-  return small_plane::padded_positions(g) <= small_plane::kMaxPositions &&
-         small_plane::grad_output_positions(g) <= small_plane::kMaxPositions &&
-         std::max(out_positions, in_positions) <= small_plane::kMaxPositions;
+  return small_plane::fits_small_planes(g) &&  // before the phases: they assume a padding within reach
+         small_plane::grad_output_positions(g, small_plane::backward_phases(g)) <= small_plane::kMaxPositions;
 }
 void forward_small_cpu(const ForwardArgs& args) { FASTVID_ISA_CALL(depthwise3d, forward_small(args)); }
 void backward_small_cpu(const InputGradArgs& input_grad_args, const WeightGradArgs& weight_grad_args,
@@ -320,14 +321,14 @@ struct PaddedVolume {
   }
 };
 
-// Scratch offsets of `count` positions (row-major) placed `step` apart from the volume's (0, 0, 0):
-// where load_unit writes a source of count[0]·count[1]·count[2] positions.
-std::vector<int64_t> grid_offsets(const PaddedVolume& v, const int64_t* count, const int64_t* step, int lanes) {
+// Scratch offsets of a source's count[0] × count[1] × count[2] positions (row-major) from the volume's
+// (0, 0, 0): where load_unit writes them.
+std::vector<int64_t> source_offsets(const PaddedVolume& v, const int64_t* count, int lanes) {
   std::vector<int64_t> offset;
   offset.reserve(count[0] * count[1] * count[2]);
   for (int64_t t = 0; t < count[0]; ++t)
     for (int64_t h = 0; h < count[1]; ++h)
-      for (int64_t w = 0; w < count[2]; ++w) offset.push_back(v.at(t * step[0], h * step[1], w * step[2], lanes));
+      for (int64_t w = 0; w < count[2]; ++w) offset.push_back(v.at(t, h, w, lanes));
   return offset;
 }
 
@@ -338,8 +339,7 @@ PaddedVolume padded_volume(const Geometry& g, int lanes) {
   v.dims[0] = g.in[0] + 2 * g.padding[0];
   v.dims[1] = g.in[1] + 2 * g.padding[1];
   v.dims[2] = small_plane::padded_width(g);
-  const int64_t unit[3] = {1, 1, 1};
-  v.offset = grid_offsets(v, g.in, unit, lanes);
+  v.offset = source_offsets(v, g.in, lanes);
   return v;
 }
 
@@ -481,26 +481,23 @@ Sweep forward_sweep(const Geometry& g, const PaddedVolume& v, int L) {
   return t;
 }
 
-// The backward's grad_output scratch: compact, padded as backward_phases asks.
-PaddedVolume grad_output_volume(const Geometry& g, int lanes) {
+// The backward's grad_output scratch: compact, padded as its phases ask.
+PaddedVolume grad_output_volume(const Geometry& g, const small_plane::BackwardPhases& phases, int lanes) {
   PaddedVolume v;
   for (int d = 0; d < 3; ++d) {
-    const small_plane::PhasesOfDim p = small_plane::backward_phases(g, d);
-    v.pad[d] = p.pad_before;
-    v.dims[d] = g.out[d] + p.pad_before + p.pad_after;
+    v.pad[d] = phases[d].pad_before;
+    v.dims[d] = g.out[d] + phases[d].pad_before + phases[d].pad_after;
   }
-  const int64_t unit[3] = {1, 1, 1};
-  v.offset = grid_offsets(v, g.out, unit, lanes);
+  v.offset = source_offsets(v, g.out, lanes);
   return v;
 }
 
 // The input gradient's sweeps, one per phase (πT, πH, πW) of the input positions (backward_phases) over
 // grad_output's scratch v, each storing its positions s·m + π of the compact result. weight_taps gets
 // the weight's tap (of [taps], unflipped) for each weight vector the sweeps read, in order.
-std::vector<Sweep> input_grad_sweeps(const Geometry& g, const PaddedVolume& v, int L, std::vector<int64_t>& weight_taps) {
+std::vector<Sweep> input_grad_sweeps(const Geometry& g, const small_plane::BackwardPhases& dims, const PaddedVolume& v,
+                                     int L, std::vector<int64_t>& weight_taps) {
   using small_plane::Phase;
-  const small_plane::PhasesOfDim dims[3] = {small_plane::backward_phases(g, 0), small_plane::backward_phases(g, 1),
-                                            small_plane::backward_phases(g, 2)};
   const int64_t src_row = v.dims[2] * L, taps = g.taps();
   std::vector<Sweep> sweeps;
   weight_taps.clear();
@@ -573,9 +570,9 @@ void correlate_unit(const std::vector<Sweep>& sweeps, const acc_t* src, const ac
 }
 
 // dW = 1, W stride S: a[kh·KW + kw] += Σ_p go[p] · x[kh][p·S + kw] for KH rows of X and KW taps over
-// P positions of one output row, the P grad_output vectors loaded once and each X vector once for the up to KW (p, kw) pairs reading it
-// (P + KH·((P - 1)·S + KW) loads for KH·KW·P FMAs). P + KH·KW + 1 vector registers: P up to 8 with 32
-// registers, 4 with 16.
+// P positions of one output row, the P grad_output vectors loaded once and each X vector once for the
+// up to KW (p, kw) pairs reading it (P + KH·((P - 1)·S + KW) loads for KH·KW·P FMAs). P + KH·KW + 1
+// vector registers: P up to 8 with 32 registers, 4 with 16.
 constexpr int kWeightBlock = cpu::kVecBytes == 64 ? 8 : 4;
 template <int P, int KH, int KW, int S, typename V, typename acc_t>
 FASTVID_INLINE void weight_grad_block(const acc_t* go, const acc_t* const* x, int64_t x0, V (&a)[KH * KW]) {
@@ -768,9 +765,11 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   const UnitIndex<kChannelsLast> unit{B, C, L};
   // grad_output padded for the input gradient's sweeps (their weight vectors: the taps in weight_taps),
   // the input padded as for the forward.
-  const PaddedVolume go_volume = grad_output_volume(g, L);
+  const small_plane::BackwardPhases phases = small_plane::backward_phases(g);
+  const PaddedVolume go_volume = grad_output_volume(g, phases, L);
   std::vector<int64_t> weight_taps;
-  const std::vector<Sweep> sweeps = want_input ? input_grad_sweeps(g, go_volume, L, weight_taps) : std::vector<Sweep>{};
+  const std::vector<Sweep> sweeps =
+      want_input ? input_grad_sweeps(g, phases, go_volume, L, weight_taps) : std::vector<Sweep>{};
   const PaddedVolume x_volume = want_weight ? padded_volume(g, L) : PaddedVolume{};
   std::vector<acc_t> partials(want_weight || want_bias ? units * per_unit : 0, acc_t(0));
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
