@@ -422,12 +422,16 @@ constexpr int64_t kStreamBytesPerThread = 1024 * 1024;
 // - only where every position starts a line (C a multiple of 16 floats, output line-aligned): with
 //   C = 108 most vectors straddle two lines, and streaming the aligned ones among plain stores to the
 //   same lines made the AVX2 forward slower (4x108x8x28^2, two threads: 2.2-2.4 -> 2.8-3.1 ms);
-// - only for outputs above a quarter of the last-level cache: a smaller one's lines are likely still
-//   cached (the allocator hands out recently written memory, and the layers around keep theirs in L3),
-//   and a streaming store to a cached line first evicts it. Intel Xeon with a 480 MB L3, 4x96x8x28^2
-//   (9.6 MB out), two threads, in-process A/B: plain stores 1.0-1.1 ms against streaming 2.6-3.6 ms
-//   (AVX2) and 1.05-1.15 against 1.8-1.9 (AVX-512) right after native's conv, as fast or faster
-//   back to back but for AVX-512 with the phases below differing (1.23 vs 1.12 ms);
+// - at 256 bits only for outputs above a quarter of the last-level cache: a smaller one's lines are
+//   likely still cached (the allocator hands out recently written memory, and the layers around keep
+//   theirs in L3), and a streaming store to a cached line first evicts it. Intel Xeon with a 480 MB L3,
+//   4x96x8x28^2 (9.6 MB out), two threads, in-process A/B: plain stores 1.0-1.1 ms against streaming
+//   2.6-3.6 ms (AVX2) right after native's conv. At 512 bits (a store is a whole line) at any size:
+//   7fd9c13 measured plain 1.05-1.15 against streaming 1.8-1.9 ms there, but session 36 on the
+//   same Xeon, in the bench's cycles (each variant after native's module step, variants shuffled per
+//   round, 30 rounds, medians, phases below differing), 4x96x8x28^2 module fwd+bwd 5.4-5.6 -> 4.8-4.9
+//   ms and no-grad forward 1.76-1.78 -> 1.30-1.33; 4x48x8x56^2 10.7 -> 9.0 and 3.09 -> 2.18;
+//   4x192x8x14^2 3.57 -> 3.42 and 1.04 -> 0.92; 4x432x8x7^2 2.53 -> 2.40 and 0.84 -> 0.60;
 // - not where a position is a whole number of 128-byte pairs of lines (C·4 a multiple of 128) and the
 //   output and input have the same 128-byte phase (bit 6 of their distance 0): then the input lines a
 //   channel group loads are 4 KiB aliases of output lines it has just stored (the same low 12 address
@@ -447,8 +451,8 @@ bool streams_output(const Geometry& g, const void* input, const void* output, in
     case Streaming::kNever: return false;
     case Streaming::kAuto: break;
   }
-  return lines && output_bytes > threads * kStreamBytesPerThread && !likely_in_last_level_cache(output_bytes) &&
-         !aliasing_phase;
+  const bool likely_uncached = cpu::kVecBytes == 64 || !likely_in_last_level_cache(output_bytes);
+  return lines && output_bytes > threads * kStreamBytesPerThread && likely_uncached && !aliasing_phase;
 }
 
 // Stores lanes [first, L) of v to p + first (the lanes below belong to another channel vector: not
