@@ -22,6 +22,10 @@ namespace cpu_block_cache {
 namespace {
 
 constexpr size_t kPageBytes = 4096;
+constexpr size_t kPhaseBytes = 64;  // the spare bytes of each block: empty()'s other_phase_of
+
+// The address whose 128-byte phase the next allocate() on this thread takes the other of (empty()).
+thread_local const void* t_other_phase_of = nullptr;
 
 int64_t limit_from_environment() {
   const char* mb = std::getenv("FASTVID_CPU_BLOCK_CACHE_MB");
@@ -46,7 +50,7 @@ class Cache final : public c10::Allocator {
   explicit Cache(int64_t limit) : limit_(limit) {}
 
   c10::DataPtr allocate(size_t n) override {
-    const size_t bytes = (n + kPageBytes - 1) / kPageBytes * kPageBytes;
+    const size_t bytes = (n + kPhaseBytes + kPageBytes - 1) / kPageBytes * kPageBytes;
     Block* block = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -66,7 +70,12 @@ class Cache final : public c10::Allocator {
     if (block == nullptr) block = new Block{new_memory(bytes), bytes};
     block->requested = n;
     report(block, static_cast<int64_t>(n));
-    return {block->data, block, &Cache::free_block, at::Device(at::kCPU)};
+    char* data = static_cast<char*>(block->data);
+    if (t_other_phase_of != nullptr) {
+      const auto distance = reinterpret_cast<uintptr_t>(data) - reinterpret_cast<uintptr_t>(t_other_phase_of);
+      if ((distance & kPhaseBytes) == 0) data += kPhaseBytes;
+    }
+    return {data, block, &Cache::free_block, at::Device(at::kCPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
@@ -188,12 +197,16 @@ void Cache::free_block(void* context) { cache().keep(static_cast<Block*>(context
 
 }  // namespace
 
-at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options, const void* other_phase_of) {
   Cache& c = cache();
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (options.device().type() != at::kCPU || options.pinned_memory() || c.limit() == 0 || bytes < kMinBytes) {
     return at::empty(sizes, options);
   }
+  struct PhaseRequest {  // for the allocate() inside empty_generic, and no other
+    explicit PhaseRequest(const void* p) { t_other_phase_of = p; }
+    ~PhaseRequest() { t_other_phase_of = nullptr; }
+  } request(other_phase_of);
   at::Tensor t = at::detail::empty_generic(sizes, &c, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                            c10::typeMetaToScalarType(options.dtype()),
                                            options.memory_format_opt());

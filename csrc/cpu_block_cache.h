@@ -28,7 +28,14 @@ constexpr int64_t kDefaultLimitMB = 1024;
 
 // at::empty(sizes, options) for CPU tensors, backed by a cached block where it is big enough; other
 // devices get at::empty. options may carry a memory format.
-at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+// other_phase_of (optional): where the tensor gets a block, its data starts 64 bytes into it where
+// that makes bit 6 of its distance to this address 1 (every block has 64 bytes to spare). A kernel
+// that reads `other_phase_of` while it writes the result then never loads lines whose low 12 address
+// bits equal those of the result lines it has just stored (4 KiB aliasing: such loads wait on the
+// stores; see streams_output in depthwise3d_cpu.cpp). PyTorch's big CPU tensors and the blocks here
+// come from posix_memalign(64) at the same offset in their pages, so without this the distance's
+// bit 6 was 0 in every case seen.
+at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options, const void* other_phase_of = nullptr);
 
 struct Stats {
   int64_t limit_bytes;   // kept-while-unused limit

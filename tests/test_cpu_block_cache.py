@@ -196,7 +196,8 @@ def test_depthwise_results_in_reused_blocks(layout, size):
     del y, grad_input
     y = OPS.depthwise_conv3d(x, w, None, *args)
     grad_input, grad_weight, _ = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, False])
-    assert {y.data_ptr(), grad_input.data_ptr()} <= addresses
+    # the same blocks (a result may start 64 bytes further in: the other 128-byte phase, see below)
+    assert {y.data_ptr() >> 12, grad_input.data_ptr() >> 12} <= {a >> 12 for a in addresses}
     torch.testing.assert_close(y.double(), expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_input.double(), xr.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_weight.double(), wr.grad, rtol=1e-4, atol=1e-3)
@@ -246,3 +247,28 @@ def test_recurrent_results_in_reused_blocks(cell, strategy):
     torch.testing.assert_close(x.grad, expected[1], rtol=0, atol=0)
     for p, want in zip(module.parameters(), expected[2]):
         torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
+
+
+# ---- the phase of a result against what its kernel reads ---------------------------------------------
+@pytest.mark.parametrize("shift", [0, 16])  # the input 0 or 64 bytes into its buffer: both 128-byte phases
+def test_depthwise_results_take_the_other_128_byte_phase_of_their_operand(shift):
+    """A kernel that reads x while it stores y never has y's lines 4 KiB-aliasing the x lines it loads
+    next (cpu_block_cache::empty's other_phase_of): bit 6 of the distance y - x is 1, whatever x's own
+    phase; likewise grad_input against grad_output."""
+    g = torch.Generator().manual_seed(5)
+    B, C, T, H, W = 2, 96, 8, 14, 14  # 1.2 MB results: cached blocks
+    n = B * C * T * H * W
+    x = torch.randn(n + 16, generator=g)[shift:shift + n].view(B, T, H, W, C).permute(0, 4, 1, 2, 3)
+    go = torch.randn(n + 16, generator=g)[16 - shift:16 - shift + n].view(B, T, H, W, C).permute(0, 4, 1, 2, 3)
+    assert x.is_contiguous(memory_format=torch.channels_last_3d) and go.is_contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(C, 1, 3, 3, 3, generator=g)
+    args = ([1, 1, 1], [1, 1, 1], [1, 1, 1])
+    y = OPS.depthwise_conv3d(x, w, None, *args)
+    grad_input, _, _ = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, False, False])
+    assert (y.data_ptr() - x.data_ptr()) & 64 and (grad_input.data_ptr() - go.data_ptr()) & 64
+    assert y.storage_offset() == 0 and grad_input.storage_offset() == 0
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    expected = reference_depthwise(xr, wr, padding=1)
+    expected.backward(go.double())
+    torch.testing.assert_close(y.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_input.double(), xr.grad, rtol=1e-5, atol=1e-5)

@@ -437,9 +437,14 @@ constexpr int64_t kStreamBytesPerThread = 1024 * 1024;
 //   channel group loads are 4 KiB aliases of output lines it has just stored (the same low 12 address
 //   bits; with the phases differing, only lines of another group are), and such loads wait for the
 //   streaming stores ahead of them to leave the store buffer. Same Intel, back to back: AVX2 2.1 vs
-//   1.2 ms, AVX-512 1.27 vs 1.12 (the equal phase is 1 in 2 of PyTorch's 64-byte aligned allocations;
-//   plain stores: 1.04 vs 0.97 ms). Not measured on AMD; session 24 saw the AVX2 forward take 0.9 ms in
-//   one process and 1.9 in the next on Zen 4, which this would explain.
+//   1.2 ms, AVX-512 1.27 vs 1.12 (plain stores: 1.04 vs 0.97 ms). Not measured on AMD; session 24 saw
+//   the AVX2 forward take 0.9 ms in one process and 1.9 in the next on Zen 4, which this would explain.
+//   The ops' results come from cpu_block_cache::empty in the other phase of the operand the kernel
+//   reads (depthwise3d_ops.cpp), so this rule bites only where that cache is off or the result small:
+//   before, every big result of session 36's runs had the equal phase (PyTorch's and the cache's big
+//   blocks sit at the same offset in their pages), and none streamed. Bench workload of the quick run's
+//   channels_last_3d fwd+bwd (4x96x8x28^2, AVX-512, two threads, after native's step, medians of 35,
+//   two alternations): 6.75 / 6.40 ms before both changes -> 5.86 / 5.19.
 // (Streaming::kAlways / kNever: see depthwise3d_kernels.h.)
 bool streams_output(const Geometry& g, const void* input, const void* output, int64_t output_bytes, int64_t threads) {
   const auto in = reinterpret_cast<uintptr_t>(input), out = reinterpret_cast<uintptr_t>(output);

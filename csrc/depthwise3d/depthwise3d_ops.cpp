@@ -153,10 +153,11 @@ Tensor ncdhw_weight(const Tensor& weight, const Geometry& g) {
   return weight.to(acc_type(weight.scalar_type())).reshape({g.out_channels(), g.taps()}).contiguous();
 }
 
-Tensor empty_channels_last(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options) {
+Tensor empty_channels_last(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options,
+                           const void* read_alongside) {
   const int64_t* dims = input_side ? g.in : g.out;
   return cpu_block_cache::empty({g.batch, channels, dims[0], dims[1], dims[2]},
-                                options.memory_format(at::MemoryFormat::ChannelsLast3d));
+                                options.memory_format(at::MemoryFormat::ChannelsLast3d), read_alongside);
 }
 
 // The op's result for a kernel output computed in NDHWC: kept if the input is channels_last,
@@ -186,10 +187,13 @@ struct KernelLayout {
   Tensor weight(const Tensor& w, const Geometry& g) const {
     return weight_per_channel() ? ncdhw_weight(w, g) : kernel_weight(w, g);
   }
-  Tensor empty(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options) const {
-    if (channels_last_3d) return empty_channels_last(g, channels, input_side, options);
+  // A kernel output; read_alongside: the operand the kernel reads while writing it (its other 128-byte
+  // phase: cpu_block_cache::empty).
+  Tensor empty(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options,
+               const void* read_alongside) const {
+    if (channels_last_3d) return empty_channels_last(g, channels, input_side, options, read_alongside);
     const int64_t* dims = input_side ? g.in : g.out;
-    return cpu_block_cache::empty({g.batch, channels, dims[0], dims[1], dims[2]}, options);
+    return cpu_block_cache::empty({g.batch, channels, dims[0], dims[1], dims[2]}, options, read_alongside);
   }
   Tensor result(const Tensor& t, const Tensor& input) const { return channels_last_3d ? in_input_layout(t, input) : t; }
 };
@@ -208,7 +212,7 @@ Tensor depthwise_conv3d(const Tensor& input, const Tensor& weight, const OptTens
   const KernelLayout layout(kernel_path(input, g, false), input);
   const Tensor x = layout.operand(input);
   const Tensor w = layout.weight(weight, g);
-  Tensor out = layout.empty(g, g.out_channels(), false, input.options());
+  Tensor out = layout.empty(g, g.out_channels(), false, input.options(), x.data_ptr());
   ForwardArgs a;
   a.geo = g;
   a.dtype = input.scalar_type();
@@ -246,7 +250,7 @@ std::tuple<Tensor, Tensor, Tensor> depthwise_conv3d_backward(const Tensor& grad_
   InputGradArgs ia;
   if (want_input) {
     w = layout.weight(weight, g);
-    gi = layout.empty(g, g.channels, true, input.options());
+    gi = layout.empty(g, g.channels, true, input.options(), go.data_ptr());
     ia.geo = g;
     ia.dtype = input.scalar_type();
     ia.grad_output = go.data_ptr();
