@@ -187,13 +187,16 @@ struct KernelLayout {
   Tensor weight(const Tensor& w, const Geometry& g) const {
     return weight_per_channel() ? ncdhw_weight(w, g) : kernel_weight(w, g);
   }
-  // A kernel output; read_alongside: the operand the kernel reads while writing it (its other 128-byte
-  // phase: cpu_block_cache::empty).
+  // A kernel output; read_alongside: the operand the kernel reads while writing it. Channels innermost,
+  // the result takes its other 128-byte phase (cpu_block_cache::empty; the channels-innermost kernels'
+  // streaming stores need it: streams_output). NCDHW results keep the cache's own placement: the NCDHW
+  // kernels load and store along W (their forward with the other phase: 1.64-2.05 ms against 1.69-1.97,
+  // 4x96x8x28^2, bench loop, five alternations: no gain to take).
   Tensor empty(const Geometry& g, int64_t channels, bool input_side, const at::TensorOptions& options,
                const void* read_alongside) const {
     if (channels_last_3d) return empty_channels_last(g, channels, input_side, options, read_alongside);
     const int64_t* dims = input_side ? g.in : g.out;
-    return cpu_block_cache::empty({g.batch, channels, dims[0], dims[1], dims[2]}, options, read_alongside);
+    return cpu_block_cache::empty({g.batch, channels, dims[0], dims[1], dims[2]}, options);
   }
   Tensor result(const Tensor& t, const Tensor& input) const { return channels_last_3d ? in_input_layout(t, input) : t; }
 };
