@@ -30,6 +30,15 @@ from .. import ops
 MODES = ("embedded_gaussian", "dot_product", "gaussian", "concatenation")
 
 
+def _pooling_layout(t: Tensor) -> Tensor:
+    """``t`` in the layout PyTorch's CPU max-pooling is fastest on: channels-last for 2-D and 3-D windows
+    (the same values and argmax positions, NaNs and ties included; two threads, session 37: [2, 256, 8,
+    28, 28] with (1, 2, 2) windows 8.5 -> 3.2 ms copy included, [4, 256, 56, 56] with 2×2 7.7 -> 2.5)."""
+    if t.device.type != "cpu" or t.dim() not in (4, 5):
+        return t
+    return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
 class _WindowMaxPool(torch.autograd.Function):
     """Max-pool with stride = kernel (non-overlapping windows) whose backward keeps only the argmax
     positions, as int32. nn.MaxPoolNd's autograd also keeps its whole input alive — here φ and g at
@@ -39,7 +48,7 @@ class _WindowMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, kernel) -> Tensor:
         pool = {3: F.max_pool1d, 4: F.max_pool2d, 5: F.max_pool3d}[x.dim()]
-        out, positions = pool(x, kernel, kernel, return_indices=True)
+        out, positions = pool(_pooling_layout(x), kernel, kernel, return_indices=True)
         small = math.prod(x.shape[2:]) < 2 ** 31
         ctx.save_for_backward(positions.to(torch.int32) if small else positions)
         ctx.input_shape = x.shape
@@ -225,7 +234,7 @@ class NonLocalBlock(nn.Module):
         kernel = self.pool.kernel_size
         if _is_plain_max_pool(self.pool) and torch.is_grad_enabled() and t.requires_grad:
             return _WindowMaxPool.apply(t, kernel)
-        return self.pool(t).to(t.dtype)  # CPU autocast runs max-pooling in fp32; the maximum is exact
+        return self.pool(_pooling_layout(t)).to(t.dtype)  # CPU autocast pools in fp32; the maximum is exact
 
     def attend(self, x: Tensor) -> Tensor:
         """The attention output y ``[B, N, inter]`` (N = positions of x; before the output conv)."""
