@@ -65,18 +65,23 @@ class _WindowMaxPool(torch.autograd.Function):
 
 
 class _PointwiseConv(torch.autograd.Function):
-    """``W t + b`` for t ``[B, C, L]``, W ``[O, C]``, b ``[O]`` or None: the 1×1(×1) projections. Forward
-    is oneDNN's 1-D convolution; backward is three batched GEMMs (the BLAS), which read the gradient in
-    either stride order. oneDNN's convolution backward first copies a transposed gradient (θ's: the
-    attention op's dq is ``[B, N, inter]``) and ran at ~30 % of the FMA peak: AVX-512, two threads, B=2
-    C=256 L=6272, fwd+bwd 27.9 / 37.3 ms (O = 128 transposed / 256) against forward 3.6 / 16.0 plus
-    6.4 / 12.9 ms for these products (session 37)."""
+    """``W t + b`` ``[B, O, L]`` for t ``[B, C, L]``, W ``[O, C]``, b ``[O]`` or None: the 1×1(×1)
+    projections, as batched GEMMs (the BLAS reads either stride order in place). The result is the
+    transpose of ``[B, L, O]`` storage: the attention op then reads q, k and v as dense rows (q read
+    transposed made the op ~5 % slower) and the φ/g max-pool gets its channels-last input without a copy.
+    oneDNN's 1-D convolution, used before, took about as long forward, but its backward first copied a
+    transposed gradient (θ's: the attention op's dq is ``[B, N, inter]``) and ran at ~30 % of the FMA peak:
+    AVX-512, two threads, B=2 C=256 L=6272, conv fwd+bwd 27.9 / 37.3 ms (O = 128 transposed / 256)
+    against forward 3.6 / 16.0 plus 6.4 / 12.9 ms for the backward GEMMs (session 37)."""
 
     @staticmethod
     def forward(ctx, t: Tensor, weight: Tensor, bias: Optional[Tensor]):
         ctx.save_for_backward(t, weight)
         ctx.has_bias = bias is not None
-        return F.conv1d(t, weight.unsqueeze(-1), bias)
+        weight_t = weight.t().expand(t.shape[0], -1, -1)
+        rows = t.transpose(1, 2)
+        out = torch.bmm(rows, weight_t) if bias is None else torch.baddbmm(bias, rows, weight_t)
+        return out.transpose(1, 2)
 
     @staticmethod
     @once_differentiable
@@ -219,9 +224,8 @@ class NonLocalBlock(nn.Module):
     @staticmethod
     def _pointwise(convs, t: Tensor) -> Tensor:
         """The 1×1(×1) convolutions ``convs`` (same input) applied to ``t`` ``[B, C, *positions]`` as one
-        1-D convolution over the flattened positions with the stacked weights: ``[B, Σ out_channels, L]``.
-        One product for θ, φ and g; oneDNN's 1×1 convolution measured ~13 % faster here than the
-        same product as a batched GEMM (MKL), whose backward is faster (_PointwiseConv)."""
+        product over the flattened positions with the stacked weights: ``[B, Σ out_channels, L]``, stored
+        positions-major (_PointwiseConv). One product for φ and g."""
         weight = torch.cat([c.weight.flatten(1) for c in convs]) if len(convs) > 1 else convs[0].weight.flatten(1)
         if all(c.bias is None for c in convs):
             bias = None
