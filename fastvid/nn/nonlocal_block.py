@@ -77,7 +77,7 @@ class _PointwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: Tensor, weight: Tensor, bias: Optional[Tensor]):
         ctx.save_for_backward(t, weight)
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         weight_t = weight.t().expand(t.shape[0], -1, -1)
         rows = t.transpose(1, 2)
         out = torch.bmm(rows, weight_t) if bias is None else torch.baddbmm(bias, rows, weight_t)
@@ -88,9 +88,16 @@ class _PointwiseConv(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         t, weight = ctx.saved_tensors
         needs_t, needs_weight, needs_bias = ctx.needs_input_grad
-        grad_t = torch.bmm(weight.t().expand(grad.shape[0], -1, -1), grad) if needs_t else None
-        grad_weight = torch.bmm(grad, t.transpose(1, 2)).sum(0) if needs_weight else None
-        grad_bias = grad.sum((0, 2)) if needs_bias and ctx.has_bias else None
+        # Under autocast the forward's product ran in the autocast dtype, which is grad's: the backward's
+        # products run in it too, and each gradient returns in its input's dtype (the batch and bias sums
+        # accumulated in it), as autocast's own casts would return it.
+        grad_t = grad_weight = grad_bias = None
+        if needs_t:
+            grad_t = torch.bmm(weight.to(grad.dtype).t().expand(grad.shape[0], -1, -1), grad).to(t.dtype)
+        if needs_weight:
+            grad_weight = torch.bmm(grad, t.to(grad.dtype).transpose(1, 2)).sum(0, dtype=weight.dtype)
+        if needs_bias and ctx.bias_dtype is not None:
+            grad_bias = grad.sum((0, 2), dtype=ctx.bias_dtype)
         return grad_t, grad_weight, grad_bias
 
 
