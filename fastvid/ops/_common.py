@@ -6,7 +6,7 @@ from torch import Tensor
 
 
 def autocast_inputs(device_type: str, *tensors):
-    """Under autocast, cast the floating inputs of a conv-based op to the autocast dtype."""
+    """Under autocast, cast the floating inputs of an op that runs in the autocast dtype to it."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)

@@ -428,7 +428,10 @@ def lstm_cell(gates_pre: Tensor, c_prev: Tensor, peephole: Optional[Tensor] = No
 
 def gru_cell(x_gates: Tensor, h_gates: Tensor, h_prev: Tensor, reset_after: bool = True) -> Tensor:
     """Fused GRU gates (r, z, n): ``x_gates``, ``h_gates`` ``[B, 3C, H, W]`` and ``h_prev`` → ``h``.
-    With ``reset_after=False`` the n slot of ``h_gates`` must hold U*(r⊙h_prev) (see gru_reset_hidden)."""
+    With ``reset_after=False`` the n slot of ``h_gates`` must hold U*(r⊙h_prev) (see gru_reset_hidden).
+    Under autocast all three run in the autocast dtype, as ATen's gru_cell does under CUDA autocast and
+    as convgru casts its h0: a ConvGRUCell's fp32 (default or given) state meets bf16 conv outputs."""
+    x_gates, h_gates, h_prev = autocast_inputs(x_gates.device.type, x_gates, h_gates, h_prev)
     which = _backend.resolve(dict(x_gates=x_gates, h_gates=h_gates, h_prev=h_prev))
     if which in ("cpu", "cuda"):
         return torch.ops.fastvid.gru_cell(x_gates, h_gates, h_prev, reset_after)[0]
@@ -438,7 +441,8 @@ def gru_cell(x_gates: Tensor, h_gates: Tensor, h_prev: Tensor, reset_after: bool
 
 
 def gru_reset_hidden(x_r: Tensor, h_r: Tensor, h_prev: Tensor) -> Tensor:
-    """σ(x_r + h_r) ⊙ h_prev, the first stage of the Ballas et al. ConvGRU."""
+    """σ(x_r + h_r) ⊙ h_prev, the first stage of the Ballas et al. ConvGRU (autocast: as gru_cell)."""
+    x_r, h_r, h_prev = autocast_inputs(x_r.device.type, x_r, h_r, h_prev)
     which = _backend.resolve(dict(x_r=x_r, h_r=h_r, h_prev=h_prev))
     if which in ("cpu", "cuda"):
         return torch.ops.fastvid.gru_reset_hidden(x_r, h_r, h_prev)
