@@ -7,6 +7,7 @@ from torch import nn
 
 import fastvid
 from fastvid.nn import Conv2Plus1d, DepthwiseConv3d, SeparableConv3d, r2plus1d_mid_channels
+from _tolerances import assert_full_precision
 
 
 
@@ -129,8 +130,29 @@ def test_convert_inplace_and_top_level_module():
     assert type(out) is DepthwiseConv3d and type(single) is nn.Conv3d
 
 
+@pytest.mark.parametrize("kernel_size,dilation,padding,expected", [
+    (3, 1, "same", (1, 1, 1)), ((1, 3, 5), 1, "same", (0, 1, 2)), (3, (1, 2, 3), "same", (1, 2, 3)),
+    ((2, 3, 3), (2, 1, 1), "same", (1, 1, 1)), (3, 1, "valid", (0, 0, 0)), ((2, 4, 3), 2, "valid", (0, 0, 0))])
+def test_convert_takes_string_paddings(kernel_size, dilation, padding, expected):
+    """padding='valid', and 'same' where its total d·(k - 1) is even in every dimension, convert with the
+    numbers PyTorch pads; output and gradients match the fp64 native conv."""
+    torch.manual_seed(0)
+    native = nn.Conv3d(6, 12, kernel_size, padding=padding, dilation=dilation, groups=6).double()
+    converted = fastvid.convert(native)
+    assert type(converted) is DepthwiseConv3d and converted.padding == expected
+    x = torch.randn(2, 6, 7, 9, 11, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = converted(xa), native(xb)
+    assert_full_precision(ours, theirs, "output")
+    grad = torch.randn_like(theirs)
+    ours_grads = torch.autograd.grad(ours, [xa, converted.weight, converted.bias], grad)
+    theirs_grads = torch.autograd.grad(theirs, [xb, native.weight, native.bias], grad)
+    for name, a, b in zip(("x", "weight", "bias"), ours_grads, theirs_grads):
+        assert_full_precision(a, b, f"grad {name}")
+
+
 def test_convert_skips_what_it_cannot_reproduce():
-    model = nn.Sequential(nn.Conv3d(4, 4, 3, padding="same", groups=4),
+    model = nn.Sequential(nn.Conv3d(4, 4, (3, 2, 3), padding="same", groups=4),  # H padded 0 before, 1 after
                           nn.Conv3d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"),
                           nn.Conv3d(4, 8, 3, groups=2))
     converted = fastvid.convert(copy.deepcopy(model))

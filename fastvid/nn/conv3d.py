@@ -67,20 +67,32 @@ class DepthwiseConv3d(nn.Module):
         """The DepthwiseConv3d equal to ``conv`` (which must have groups == in_channels), weights shared."""
         if not is_depthwise_conv3d(conv):
             raise ValueError(f"not a convertible depthwise nn.Conv3d: {conv}")
-        module = cls(conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        module = cls(conv.in_channels, conv.kernel_size, conv.stride, _numeric_padding(conv), conv.dilation,
                      bias=conv.bias is not None, channel_multiplier=conv.out_channels // conv.in_channels)
         module.weight = conv.weight
         module.bias = conv.bias
         return module.train(conv.training)
 
 
+def _numeric_padding(conv: nn.Conv3d) -> Optional[tuple]:
+    """``conv.padding`` as one number per dimension, or None where no symmetric padding equals it:
+    'valid' is 0; 'same' (stride 1) pads d·(k - 1) in all, half on each side, and PyTorch puts an odd
+    total's extra element on the far side only."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0, 0)
+    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+
+
 def is_depthwise_conv3d(module: nn.Module) -> bool:
     """An nn.Conv3d that DepthwiseConv3d reproduces exactly and its kernels run: groups ==
-    in_channels, zero padding given as numbers, a floating weight, kernel sizes up to
-    ``ops.depthwise3d.MAX_KERNEL_SIZE``."""
+    in_channels, zero padding given as numbers, 'valid' or a symmetric 'same', a floating weight,
+    kernel sizes up to ``ops.depthwise3d.MAX_KERNEL_SIZE``."""
     return (type(module) is nn.Conv3d and module.groups == module.in_channels
             and module.out_channels % module.in_channels == 0 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str) and module.weight.is_floating_point()
+            and _numeric_padding(module) is not None and module.weight.is_floating_point()
             and all(k <= ops.depthwise3d.MAX_KERNEL_SIZE for k in module.kernel_size))
 
 
