@@ -1,6 +1,6 @@
 """Python entry points (modules and fastvid.ops functions) reject bad arguments with a ValueError /
 RuntimeError naming the argument, before any kernel runs (the raw torch.ops.fastvid checks are tested
-with each op family)."""
+with each op family); the command-line tools reject bad option values with an argparse error."""
 import pytest
 import torch
 
@@ -77,3 +77,37 @@ def test_nonlocal_block_mixed_dtypes():
         block(X_VIDEO.double())
     with torch.autocast("cpu", torch.bfloat16):
         assert block(X_VIDEO).dtype in (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--rounds", "0"], "argument --rounds: must be a positive integer, got 0"),
+    (["bench", "--rounds", "2.5"], "argument --rounds: '2.5' is not an integer"),
+    (["bench", "--warmup", "-1"], "argument --warmup: must be an integer >= 0, got -1"),
+    (["bench", "--threads", "0"], "argument --threads: must be a positive integer, got 0"),
+    (["bench", "--wait-idle", "-2"], "argument --wait-idle: must be >= 0, got -2"),
+    (["bench", "--device", "foo"], "argument --device: 'foo' is not a torch device"),
+    (["bench", "--device", "meta"], "argument --device: fastvid runs on cpu or cuda, got 'meta'"),
+    (["train", "--model", "early_fusion", "--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
+    (["train", "--model", "early_fusion", "--batch-size", "0"], "argument --batch-size: must be a positive integer"),
+    (["train", "--model", "early_fusion", "--test-clips", "0"], "argument --test-clips: must be a positive integer"),
+    (["train", "--model", "early_fusion", "--lr", "-1"], "argument --lr: must be > 0, got -1"),
+    (["train", "--model", "early_fusion", "--noise", "-1"], "argument --noise: must be >= 0, got -1"),
+])
+def test_command_line_option_values(argv, message, capsys):
+    """A bad number is an argparse error naming the option (exit 2), not a traceback, a division by zero
+    or a value silently replaced by the default (--rounds 0 ran the default 10 rounds)."""
+    from fastvid.__main__ import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["bench"], ["train", "--model", "early_fusion"]])
+def test_command_line_cuda_without_a_gpu(command, capsys):
+    from fastvid.__main__ import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(command + ["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "argument --device: 'cuda': no CUDA device here" in capsys.readouterr().err

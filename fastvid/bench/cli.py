@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from .. import _argtypes
 from . import attention, cases, depthwise, measure, report, results, runner
 
 
@@ -35,15 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also draw PNG charts into DIR (fastvid/bench/plot.py): of this run, or of --report FILE")
     parser.add_argument("--run-id", default=None,
                         help="with --report: which run ('latest' (default), 'all' = newest row per case, or an id)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per provider and case")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per provider and case")
+    parser.add_argument("--rounds", type=_argtypes.positive_int, default=None,
+                        help="timed rounds per provider and case")
+    parser.add_argument("--warmup", type=_argtypes.non_negative_int, default=None,
+                        help="untimed calls per provider and case")
     parser.add_argument("--only", metavar="TEXT", action="append", default=None,
                         help="run only cases whose name contains TEXT (repeatable, any matches), "
                              "e.g. --only ConvGRU --only bf16-fwd_bwd, --only DepthwiseConv3d --only X3DBlock")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_argtypes.positive_int, default=None,
                         help="torch.set_num_threads(N) first (default: torch's choice)")
-    parser.add_argument("--device", default="cpu", help="device to run on (default: %(default)s)")
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--device", type=_argtypes.device, default="cpu",
+                        help="device to run on (default: %(default)s)")
+    parser.add_argument("--wait-idle", type=_argtypes.non_negative_float, default=0.0, metavar="SECONDS",
                         help="before each case wait up to SECONDS for other processes to leave the cores idle "
                              "(on a shared machine, neighbours distort timings badly; default: don't wait)")
     parser.add_argument("--malloc-keep", action="store_true",

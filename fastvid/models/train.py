@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
+from .. import _argtypes
 from ._registry import _BUILDERS, build, list_models
 from .moving_digits import moving_digits
 from .synthetic import NUM_CLASSES, MotionClips, motion_clips
@@ -346,26 +347,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=("classify", "predict"), default="classify",
                         help="classify: motion clips -> class; predict: moving digits -> future frames")
     parser.add_argument("--model", required=True, help="registered model name (fastvid.models.list_models())")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--frames", type=int, default=None, help="frames per clip (default 16; predict: 10)")
-    parser.add_argument("--size", type=int, default=None, help="clip height and width in pixels (default 32; predict: 16)")
-    parser.add_argument("--batch-size", type=int, default=None, help="per process (default 32; predict: 16)")
+    parser.add_argument("--epochs", type=_argtypes.positive_int, default=5)
+    parser.add_argument("--frames", type=_argtypes.positive_int, default=None,
+                        help="frames per clip (default 16; predict: 10)")
+    parser.add_argument("--size", type=_argtypes.positive_int, default=None,
+                        help="clip height and width in pixels (default 32; predict: 16)")
+    parser.add_argument("--batch-size", type=_argtypes.positive_int, default=None,
+                        help="per process (default 32; predict: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data, the initialisation and the batch order")
-    parser.add_argument("--train-clips", type=int, default=None, help="default 512; predict: 1200")
-    parser.add_argument("--test-clips", type=int, default=None, help="held-out clips (default 256; predict: 128)")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 3e-3; predict: 1e-2)")
-    parser.add_argument("--noise", type=float, default=0.5,
+    parser.add_argument("--train-clips", type=_argtypes.positive_int, default=None, help="default 512; predict: 1200")
+    parser.add_argument("--test-clips", type=_argtypes.positive_int, default=None,
+                        help="held-out clips (default 256; predict: 128)")
+    parser.add_argument("--lr", type=_argtypes.positive_float, default=None,
+                        help="Adam learning rate (default 3e-3; predict: 1e-2)")
+    parser.add_argument("--noise", type=_argtypes.non_negative_float, default=0.5,
                         help="classify: standard deviation of the background noise")
-    parser.add_argument("--input-frames", type=int, default=None,
+    parser.add_argument("--input-frames", type=_argtypes.positive_int, default=None,
                         help="predict: observed frames; the rest are predicted (default frames // 2)")
-    parser.add_argument("--digits", type=int, default=1, help="predict: moving digits per clip")
+    parser.add_argument("--digits", type=_argtypes.positive_int, default=1, help="predict: moving digits per clip")
     parser.add_argument("--set", dest="model_kwargs", action="append", type=_literal_assignment, default=[],
                         metavar="KEY=VALUE", help="extra builder argument, e.g. --set 'channels=(8, 16)'")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--device", type=_argtypes.device, default="cpu",
+                        help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     parser.add_argument("--checkpoint", metavar="FILE", default=None,
                         help="save model and optimizer state here after every epoch (rank 0 only)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_argtypes.positive_int, default=None,
                         help="torch.set_num_threads(N) first (1 is fastest for these small models on a busy machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
