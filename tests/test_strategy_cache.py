@@ -1,6 +1,7 @@
 """The auto strategy cache of fastvid.ops.convlstm / convgru (fastvid/ops/recurrent.py): thread-safe,
 bounded, keyed on what predicts the choice (a new clip length does not re-time), never timed under
-deterministic algorithms, and the compiled graph uses the choice eager made."""
+deterministic algorithms, the compiled graph uses the choice eager made, and a first call under
+activation checkpointing is timed without recomputing the checkpointed forward."""
 import threading
 import time
 
@@ -173,3 +174,44 @@ def test_compiled_run_uses_the_eager_choice(cls, monkeypatch):
         assert list(fastvid.ops.chosen_strategies().values()) == ["concat"]
         assert _strategies_in_graph(module, x) == [ops_recurrent.STRATEGIES["concat"]]
     torch._dynamo.reset()
+
+
+CHECKPOINTED_FIRST_CALL = """
+import sys, torch, fastvid
+from torch.utils.checkpoint import checkpoint
+from fastvid.nn import ConvGRU, ConvLSTM
+reentrant = sys.argv[1] == "reentrant"
+fastvid.ops.set_strategy("auto")
+torch.manual_seed(0)
+for module in (ConvLSTM(3, 4, 3, num_layers=2), ConvGRU(3, 4, 3)):
+    x = torch.randn(2, 3, 3, 5, 6)
+    grads = {}
+    for how in ("checkpoint", "plain", "reference"):
+        m = module.double() if how == "reference" else module.float()
+        m.zero_grad()
+        xx = x.detach().to(next(m.parameters()).dtype).requires_grad_()
+        with fastvid.backend("reference" if how == "reference" else "auto"):
+            out = checkpoint(m, xx, use_reentrant=reentrant)[0] if how == "checkpoint" else m(xx)[0]
+            out.square().sum().backward()
+        grads[how] = [xx.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    assert fastvid.ops.chosen_strategies(), "the first call was not timed"
+    for a, b in zip(grads["checkpoint"], grads["plain"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the recompute ran the cached strategy
+    for a, r in zip(grads["checkpoint"], grads["reference"]):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+def test_first_call_under_activation_checkpointing(mode):
+    """The auto strategy is timed inside the first forward, with a backward per candidate. Under
+    torch.utils.checkpoint(use_reentrant=False) that backward unpacked tensors the checkpoint had
+    dropped, which recomputed the checkpointed forward, whose sequence op then waited for the timing
+    lock: the first training step hung for ever. Run in a subprocess with a timeout so that a hang fails
+    the test instead of the suite; the gradients match an unchecked run and the fp64 reference backend."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", CHECKPOINTED_FIRST_CALL, mode], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

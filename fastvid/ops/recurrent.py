@@ -73,8 +73,18 @@ def winograd_unsupported_reason(x: Tensor, weight_hh: Tensor, dilation, lengths=
     return None
 
 
+def _keep_saved(tensor: Tensor) -> Tensor:
+    return tensor
+
+
 def _time_strategies(device_type: str, run, grad_inputs, candidates=(0, 1)) -> int:
-    """The fastest strategy code: each candidate once to warm up, then best of two timed runs."""
+    """The fastest strategy code: each candidate once to warm up, then best of two timed runs.
+
+    The timed backwards keep their saved tensors as they are (identity saved-tensor hooks, which
+    override the caller's): under activation checkpointing (torch.utils.checkpoint, use_reentrant=False)
+    the caller's hooks drop them, and unpacking one in a timed backward recomputed the checkpointed
+    forward, whose sequence op waited for this timing to finish: a deadlock. (save_on_cpu would
+    likewise time its copies.)"""
     def once(code):
         if not grad_inputs:
             with torch.no_grad():
@@ -83,6 +93,11 @@ def _time_strategies(device_type: str, run, grad_inputs, candidates=(0, 1)) -> i
         output = run(code)[0]
         torch.autograd.grad(output, grad_inputs, torch.ones_like(output), allow_unused=True)
 
+    with torch.autograd.graph.saved_tensors_hooks(_keep_saved, _keep_saved):
+        return _fastest(device_type, once, candidates)
+
+
+def _fastest(device_type: str, once, candidates) -> int:
     timings = {}
     for code in candidates:
         once(code)  # warm-up: oneDNN/cuDNN build their primitives on the first call
