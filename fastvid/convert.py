@@ -5,7 +5,8 @@
 ``groups == in_channels`` → ``DepthwiseConv3d``; nonlocal blocks → ``NonLocalBlock``).
 ``fastvid.convert(model, to="reference")`` goes back: every fastvid layer becomes plain PyTorch
 modules with the same parameters (``fastvid/convert_reference.py``), for export and for users
-without the compiled extension.
+without the compiled extension. Both ways, the hooks registered on a replaced module run on its
+replacement (a warning names hooks on its parts, which may not run).
 """
 from __future__ import annotations
 
@@ -68,8 +69,34 @@ def _replacement(module: nn.Module, converters: List[Converter], path: str, tole
                           f"{name} converter raised {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2)
             return None
         if new is not None:
+            _take_over_hooks(module, new, path)
             return new
     return None
+
+
+#: nn.Module's registries of forward and backward hooks.
+_HOOK_REGISTRIES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+                    "_backward_hooks")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, registry) for registry in _HOOK_REGISTRIES)
+
+
+def _take_over_hooks(old: nn.Module, new: nn.Module, path: str) -> None:
+    """The replacement runs the hooks registered on the module it replaces (as torch.ao.quantization's
+    module swap keeps them): it takes over the registries themselves, so the handles' remove() still
+    works. Hooks on the replaced module's submodules may not run (the replacement computes them inside
+    its fused op): a warning names them."""
+    for registry in _HOOK_REGISTRIES:
+        setattr(new, registry, getattr(old, registry))
+    new._is_full_backward_hook = old._is_full_backward_hook
+    hooked = [f"{path}.{name}" if path else name for name, sub in old.named_modules() if name and _has_hooks(sub)]
+    if hooked:
+        warnings.warn(f"fastvid.convert: hooks registered on {', '.join(hooked)} may not run: "
+                      f"{path or 'the model'} ({type(old).__name__}) became a {type(new).__name__}, which computes "
+                      "its parts inside fused ops; register them on the converted model", RuntimeWarning, stacklevel=3)
 
 
 def _convert_children(module: nn.Module, converters: List[Converter], prefix: str, tolerant: bool) -> None:

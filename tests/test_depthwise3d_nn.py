@@ -151,6 +151,35 @@ def test_convert_takes_string_paddings(kernel_size, dilation, padding, expected)
         assert_full_precision(a, b, f"grad {name}")
 
 
+def test_convert_keeps_the_hooks_of_replaced_modules():
+    """Forward pre-hooks (with kwargs), forward hooks and full backward hooks registered on a converted conv
+    run on its replacement, both ways (to fastvid and back to reference), with the replacement's tensors;
+    the handles still remove them."""
+    model = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1, groups=4), nn.ReLU())
+    calls = []
+    handles = [
+        model[0].register_forward_pre_hook(lambda m, args, kwargs: calls.append(("pre", type(m))), with_kwargs=True),
+        model[0].register_forward_hook(lambda m, args, out: calls.append(("forward", type(m), out.detach().clone()))),
+        model[0].register_full_backward_hook(lambda m, gin, gout: calls.append(("backward", type(m), gin[0].clone()))),
+    ]
+    x = torch.randn(2, 4, 3, 5, 5)
+    for target, kind in (("fastvid", DepthwiseConv3d), ("reference", nn.Conv3d)):
+        model = fastvid.convert(model, inplace=True, to=target)
+        assert type(model[0]) is kind
+        calls.clear()
+        xx = x.clone().requires_grad_()
+        out = model(xx)
+        out.sum().backward()
+        assert [c[:2] for c in calls] == [("pre", kind), ("forward", kind), ("backward", kind)]
+        torch.testing.assert_close(calls[1][2], model[0](x), rtol=0, atol=0)
+        torch.testing.assert_close(calls[2][2], xx.grad, rtol=0, atol=0)  # grad of the conv's input = x's
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    model(x.requires_grad_()).sum().backward()
+    assert calls == []
+
+
 def test_convert_skips_what_it_cannot_reproduce():
     model = nn.Sequential(nn.Conv3d(4, 4, (3, 2, 3), padding="same", groups=4),  # H padded 0 before, 1 after
                           nn.Conv3d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"),

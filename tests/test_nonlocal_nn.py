@@ -236,6 +236,20 @@ def test_convert_standalone_style(kind, dims):
     _check_converted(block.train(), torch.randn(2, 8, *SIZES[dims]), kind)
 
 
+def test_convert_warns_of_hooks_inside_a_replaced_block():
+    """A hook on the converted block itself carries over; one on a part of it (its θ conv, computed inside
+    the fused op) may not run, and a warning names it."""
+    model = nn.Sequential(randomize(PytorchvideoStyleNonLocal(8, 4))).eval()
+    seen = []
+    model[0].register_forward_hook(lambda m, args, out: seen.append("block"))
+    model[0].conv_theta.register_forward_hook(lambda m, args, out: seen.append("theta"))
+    with pytest.warns(RuntimeWarning, match=r"hooks registered on 0\.conv_theta may not run"):
+        converted = fastvid.convert(model)
+    assert isinstance(converted[0], NonLocalBlock)
+    converted(torch.randn(2, 8, 2, 4, 4))
+    assert "block" in seen
+
+
 def test_convert_keeps_other_layers_and_shares_weights_inplace():
     model = nn.Sequential(
         nn.Conv3d(4, 8, 1),
