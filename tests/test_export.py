@@ -8,6 +8,8 @@
 * Models with fastvid layers export with ``torch.export`` too, keeping the ``torch.ops.fastvid`` ops
   (their fake kernels let it trace them): running those programs needs fastvid loaded, and ONNX has
   no translation for them.
+* ``torch.jit.trace`` records the same ops (the traced module saves, loads and takes another batch
+  size), except the NonLocalBlock's fused steps, which raise an error that names the way out.
 """
 import subprocess
 import sys
@@ -115,3 +117,34 @@ def test_reference_model_exports_to_onnx(case):
     onnx.checker.check_model(proto)
     outputs = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})
     torch.testing.assert_close(flat([torch.from_numpy(o) for o in outputs]), expected)
+
+
+@pytest.mark.parametrize("case", ["depthwise", "convlstm", "convgru", "convlstm_cell", "convgru_cell", "attention_convlstm"])
+def test_fastvid_model_traces_with_torch_jit(case, tmp_path):
+    """A fresh model's first call under torch.jit.trace (the auto strategy is not timed there: the timed
+    runs would be recorded; before, the strategy key failed on the tracer's tensor sizes)."""
+    fastvid.ops.set_strategy("auto")  # empties the strategy cache: this is the model's first call
+    model, _, x, expected = _case(case)
+    fastvid.ops.set_strategy("auto")
+    traced = torch.jit.trace(model, x, check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert "fastvid::" in graph
+    sequence_calls = {"convlstm": ("fastvid::convlstm_sequence(", 4), "convgru": ("fastvid::convgru_sequence(", 1)}
+    if case in sequence_calls:  # one per layer and direction: no timed run was recorded
+        op, calls = sequence_calls[case]
+        assert graph.count(op) == calls, graph
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    loaded = torch.jit.load(tmp_path / "traced.pt")
+    other = torch.randn(3, *x.shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(flat(loaded(x)), expected)
+        torch.testing.assert_close(flat(loaded(other)), flat(model(other)))
+
+
+def test_nonlocal_block_under_torch_jit_trace_names_the_way_out():
+    model, reference, x, expected = _case("nonlocal")
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record it .* to='reference'"):
+        torch.jit.trace(model, x, check_trace=False)
+    traced = torch.jit.trace(reference, x, check_trace=False)
+    with torch.no_grad():
+        torch.testing.assert_close(flat(traced(x)), expected)

@@ -282,6 +282,9 @@ class NonLocalBlock(nn.Module):
         return ops.concatenation_attention(q @ w[0], k @ w[1], v)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing():  # TorchScript cannot hold the Python autograd functions of its fused steps
+            raise RuntimeError("NonLocalBlock: torch.jit.trace cannot record it (its fused steps are Python autograd "
+                               "functions); trace fastvid.convert(model, to='reference'), or use torch.export")
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(f"NonLocalBlock(dims={self.dims}): expected input [B, {self.in_channels}, "
                              f"{'positions' if self.dims == 1 else '...'}] of rank {self.dims + 2}, got "

@@ -54,7 +54,7 @@ def _tuning_key(x: Tensor, C: int, kernel, dilation, channels_last: bool, save: 
     8+): both strategies do the same work per step (hoisting batches the T input convolutions into
     one), so their ratio moves little with the clip length once a few steps amortise the batching; a
     new T in a known bucket reuses the choice instead of timing ~6 passes inside the user's forward."""
-    B, T, C_in, H, W = x.shape
+    B, T, C_in, H, W = (int(n) for n in x.shape)  # torch.jit.trace hands out sizes as tensors
     return (x.device.type, x.dtype, B, C_in, H, W, C, tuple(kernel), tuple(dilation), min(T, 8).bit_length(),
             channels_last, save) + family
 
@@ -131,9 +131,10 @@ def _pick_strategy(name: Optional[str], key, run, grad_inputs=(), winograd_reaso
         return STRATEGIES[FIXED_STRATEGY]
     # A call winograd cannot run (e.g. with lengths) gets its own choice, never a cached 'winograd'.
     key = key + (winograd_reason is None,)
-    if torch.compiler.is_compiling():
-        # Cannot time while tracing: the choice eager made for this key, if any (read without the
-        # lock, which tracing cannot enter; a dict read is atomic), so eager and compiled agree.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # Cannot time while tracing (torch.jit.trace would record the timed runs into its graph): the
+        # choice eager made for this key, if any (read without the lock, which dynamo cannot enter; a
+        # dict read is atomic), so eager and compiled agree.
         return _strategy_cache.get(key, STRATEGIES[FIXED_STRATEGY])
     with _cache_lock:
         if key in _strategy_cache:
