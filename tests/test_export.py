@@ -8,6 +8,7 @@
 * Models with fastvid layers export with ``torch.export`` too, keeping the ``torch.ops.fastvid`` ops
   (their fake kernels let it trace them): running those programs needs fastvid loaded, and ONNX has
   no translation for them.
+* With dynamic sizes (batch, time, frame size as ``torch.export.Dim``) the programs run other sizes.
 * ``torch.jit.trace`` records the same ops (the traced module saves, loads and takes another batch
   size), except the NonLocalBlock's fused steps, which raise an error that names the way out.
 """
@@ -105,6 +106,30 @@ def test_fastvid_model_exports_with_its_ops(case):
     program = torch.export.export(model, (x,))
     assert _fastvid_ops(program)  # the kernels stay in the graph
     torch.testing.assert_close(flat(program.module()(x)), expected)
+
+
+@pytest.mark.parametrize("case", ["depthwise", "nonlocal", "convlstm", "convgru"])
+def test_fastvid_model_exports_with_dynamic_sizes(case):
+    """Batch, time (or depth) and the frame size as export Dims: the program runs other sizes and matches
+    the eager model (fp32 tolerance: the recurrent program runs the fixed 'hoisted' strategy, eager its timed
+    choice). Before, the recurrent strategy's cache key pinned the sizes (or could not hash them)."""
+    from torch.export import Dim
+    model, _, x, _ = _case(case)
+    frames = Dim("frames", min=2, max=64)
+    half_h, half_w = Dim("half_h", min=1, max=128), Dim("half_w", min=1, max=128)  # the nonlocal pool halves H, W
+    time_dim = 1 if case.startswith("conv") else 2
+    sizes = {0: Dim("batch", min=1, max=64), time_dim: frames, x.dim() - 2: 2 * half_h, x.dim() - 1: 2 * half_w}
+    program = torch.export.export(model, (x,), dynamic_shapes=(sizes,))
+    other_shape = list(x.shape)
+    for axis, grow in ((0, 1), (time_dim, 2), (x.dim() - 2, 2), (x.dim() - 1, 4)):
+        other_shape[axis] += grow
+    other = torch.randn(*other_shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, eager = flat(program.module()(other)), flat(model(other))
+    scale = max(t.abs().max().item() for t in eager)  # the recurrent states' own scale: the LSTM's c_n is larger
+    assert [t.shape for t in ours] == [t.shape for t in eager]
+    for a, b in zip(ours, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "every_layer"])  # every_layer: ~30 s, same layers

@@ -53,7 +53,11 @@ def _tuning_key(x: Tensor, C: int, kernel, dilation, channels_last: bool, save: 
     dtype, device, layout, training (save) and the op family. T enters only as a bucket (1, 2-3, 4-7,
     8+): both strategies do the same work per step (hoisting batches the T input convolutions into
     one), so their ratio moves little with the clip length once a few steps amortise the batching; a
-    new T in a known bucket reuses the choice instead of timing ~6 passes inside the user's forward."""
+    new T in a known bucket reuses the choice instead of timing ~6 passes inside the user's forward.
+    None where a size is symbolic (torch.export or torch.compile with dynamic shapes): no one eager
+    choice applies to all the sizes it stands for, and hashing it would pin it to one."""
+    if any(isinstance(n, torch.SymInt) for n in x.shape):
+        return None
     B, T, C_in, H, W = (int(n) for n in x.shape)  # torch.jit.trace hands out sizes as tensors
     return (x.device.type, x.dtype, B, C_in, H, W, C, tuple(kernel), tuple(dilation), min(T, 8).bit_length(),
             channels_last, save) + family
@@ -115,7 +119,8 @@ def _fastest(device_type: str, once, candidates) -> int:
 
 
 def _pick_strategy(name: Optional[str], key, run, grad_inputs=(), winograd_reason: Optional[str] = None) -> int:
-    """Strategy code for one sequence call. `run(code)` runs the op once with that strategy; with
+    """Strategy code for one sequence call (`key`: _tuning_key's; None: FIXED_STRATEGY, untimed).
+    `run(code)` runs the op once with that strategy; with
     `grad_inputs` (a training call) each candidate is timed forward + backward, else forward only.
     `winograd_reason`: why 'winograd' cannot run this call (None: it can; auto then times it too).
     Thread-safe: one thread times a key, threads needing a choice meanwhile wait for it."""
@@ -127,7 +132,7 @@ def _pick_strategy(name: Optional[str], key, run, grad_inputs=(), winograd_reaso
             raise ValueError(f"strategy 'winograd' cannot run this sequence: {winograd_reason}; "
                              "use 'hoisted', 'concat' or 'auto'")
         return STRATEGIES[name]
-    if torch.are_deterministic_algorithms_enabled():
+    if torch.are_deterministic_algorithms_enabled() or key is None:
         return STRATEGIES[FIXED_STRATEGY]
     # A call winograd cannot run (e.g. with lengths) gets its own choice, never a cached 'winograd'.
     key = key + (winograd_reason is None,)
