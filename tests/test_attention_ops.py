@@ -302,6 +302,25 @@ def test_autocast_bf16():
     assert_low_precision(out, oracle(q, k, v, 0.5)[0], torch.bfloat16, "output under autocast", yardstick=yardstick)
 
 
+@pytest.mark.parametrize("op", [nonlocal_attention, dot_product_attention], ids=lambda f: f.__name__)
+def test_autocast_with_mixed_input_dtypes(op):
+    """Under autocast q, k, v often arrive in different dtypes (q from a projection run in bf16, k and v as
+    stored, as in TemporalAttention(score='general')): autocast casts them all first, as for SDPA, instead
+    of the "must share a dtype" error meant for calls outside autocast (which still raise). The result is
+    the op on the three cast to bf16, and its q/k/v gradients come back in each input's dtype."""
+    q, k, v = make((2, 30, 20, 8, 8), torch.float32, "contiguous")
+    q_bf16 = q.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = op(q_bf16, k, v)
+    assert out.dtype == torch.bfloat16
+    expected = op(q_bf16.detach(), k.detach().bfloat16(), v.detach().bfloat16())
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grads = torch.autograd.grad(out.float().sum(), (q_bf16, k, v))
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    with pytest.raises(TypeError, match="must share a dtype"):
+        op(q_bf16, k, v)
+
+
 def test_double_backward_raises():
     q, k, v = make((1, 4, 3, 2, 2), torch.float64, "contiguous")
     out = nonlocal_attention(q, k, v)

@@ -12,6 +12,7 @@ from torch import nn
 import fastvid
 from conftest import requires_cuda
 from fastvid.nn import NonLocalBlock
+from _tolerances import assert_low_precision
 
 MODES = ["embedded_gaussian", "dot_product", "gaussian", "concatenation"]
 SIZES = {1: (12,), 2: (6, 8), 3: (3, 6, 8)}
@@ -362,6 +363,31 @@ def test_temporal_attention_matches_luong_scores(score, single_query):
     fast = attention(query, keys, values)  # the kernel path for dot/general
     torch.testing.assert_close(fast, expected)
     torch.testing.assert_close(torch.autograd.grad(fast.sum(), keys)[0], torch.autograd.grad(expected.sum(), keys)[0])
+
+
+@pytest.mark.parametrize("score", ["dot", "general", "concat"])
+def test_temporal_attention_under_autocast(score):
+    """Under bf16 autocast (fp32 module and inputs) every score runs and trains: the context in bf16 by the
+    flash rule against the fp64 Luong formula on the values autocast rounds (query, keys, W), with that
+    formula's result rounded to bf16 as yardstick. ('general' raised "q, k, v must share a dtype": its
+    query projection ran in bf16, keys and values stayed fp32.)"""
+    from fastvid.nn import TemporalAttention
+    torch.manual_seed(0)
+    Dk = 6 if score == "dot" else 5
+    attention = TemporalAttention(6, Dk, score=score, attention_dim=4)
+    query, keys = torch.randn(3, 2, 6), torch.randn(3, 7, Dk, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        context = attention(query, keys)
+    context.float().sum().backward()
+    assert context.dtype == torch.bfloat16 and keys.grad is not None and torch.isfinite(keys.grad).all()
+    if score == "concat":  # Bahdanau's MLP: its rounding points are PyTorch's own ops, checked above for running
+        return
+    q = query.bfloat16().double()
+    if score == "general":
+        q = (q @ attention.weight.detach().bfloat16().double()).bfloat16().double()  # the projection, in bf16
+    k = keys.detach().bfloat16().double()
+    expected = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ k
+    assert_low_precision(context, expected, torch.bfloat16, f"TemporalAttention({score}) under autocast")
 
 
 def test_temporal_attention_bad_arguments():

@@ -43,6 +43,12 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _autocast(q, k, v):
+    """q, k, v in the autocast dtype where autocast is on, before the argument checks (under autocast the
+    three often differ: one from a projection run in bf16, the others as stored)."""
+    return autocast_inputs(q.device.type, q, k, v) if isinstance(q, Tensor) else (q, k, v)
+
+
 def _check_attention_args(op, q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -147,6 +153,7 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     accumulates in fp32. Rows of q, k, v
     may be strided either way (``[B, N, D]`` with unit stride along D or along N: a channels-first
     projection's transpose is read without a copy)."""
+    q, k, v = _autocast(q, k, v)
     heads = None
     if isinstance(q, Tensor) and q.dim() == 4:
         if not (isinstance(k, Tensor) and isinstance(v, Tensor) and k.dim() == 4 and v.dim() == 4):
@@ -161,7 +168,6 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
-    q, k, v = autocast_inputs(q.device.type, q, k, v)
     which = _backend.resolve({"q": q, "k": k, "v": v})
     if which == "cpu" and _has_cpu_op():
         if q.dtype == torch.float16:  # the CPU kernel has no fp16 GEMM: compute in fp32, return fp16
@@ -184,6 +190,7 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
 def dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Wang et al.'s dot-product nonlocal: ``(q kᵀ / M) v`` for ``[B, N, D]``, ``[B, M, D]``,
     ``[B, M, Dv]``, computed as ``q (kᵀ v) / M``: no N×M matrix, O(N·D·Dv) work."""
+    q, k, v = _autocast(q, k, v)
     _check_attention_args("dot_product_attention", q, k, v)
     return torch.matmul(q, torch.matmul(k.transpose(1, 2), v)) / k.shape[1]
 
