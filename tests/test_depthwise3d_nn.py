@@ -151,6 +151,25 @@ def test_convert_takes_string_paddings(kernel_size, dilation, padding, expected)
         assert_full_precision(a, b, f"grad {name}")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+def test_unbatched_input_as_nn_conv3d(layout):
+    """nn.Conv3d takes an unbatched [C, T, H, W] input; so does its drop-in (before: 'input must be [B, C, T,
+    H, W]' after fastvid.convert). Output and gradients against the fp64 native conv."""
+    torch.manual_seed(0)
+    native = nn.Conv3d(6, 12, 3, padding=1, groups=6).double()
+    ours = fastvid.convert(native)
+    x = torch.randn(1, 6, 4, 5, 7, dtype=torch.float64)
+    x = (x.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last_3d" else x)[0]
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = ours(xa), native(xb)
+    assert out.shape == expected.shape == (12, 4, 5, 7)
+    assert_full_precision(out, expected, "output")
+    grad = torch.randn_like(expected)
+    for name, a, b in zip(("x", "weight", "bias"), torch.autograd.grad(out, [xa, ours.weight, ours.bias], grad),
+                          torch.autograd.grad(expected, [xb, native.weight, native.bias], grad)):
+        assert_full_precision(a, b, f"grad {name}")
+
+
 def test_convert_keeps_the_hooks_of_replaced_modules():
     """Forward pre-hooks (with kwargs), forward hooks and full backward hooks registered on a converted conv
     run on its replacement, both ways (to fastvid and back to reference), with the replacement's tensors;

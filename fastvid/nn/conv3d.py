@@ -56,6 +56,8 @@ class DepthwiseConv3d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:  # unbatched [C, T, H, W], as nn.Conv3d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         return ops.depthwise_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
     def extra_repr(self):
