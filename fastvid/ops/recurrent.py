@@ -94,14 +94,10 @@ def _time_strategies(device_type: str, run, grad_inputs, candidates=(0, 1)) -> i
             with torch.no_grad():
                 run(code)
             return
-        output = run(code)[0]
-        torch.autograd.grad(output, grad_inputs, torch.ones_like(output), allow_unused=True)
+        with torch.autograd.graph.saved_tensors_hooks(_keep_saved, _keep_saved):
+            output = run(code)[0]
+            torch.autograd.grad(output, grad_inputs, torch.ones_like(output), allow_unused=True)
 
-    with torch.autograd.graph.saved_tensors_hooks(_keep_saved, _keep_saved):
-        return _fastest(device_type, once, candidates)
-
-
-def _fastest(device_type: str, once, candidates) -> int:
     timings = {}
     for code in candidates:
         once(code)  # warm-up: oneDNN/cuDNN build their primitives on the first call
