@@ -15,6 +15,21 @@ def _cl(x):
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
+def _assert_matches_native(ours, native, x):
+    """``ours`` on ``x`` against the fp64 ``native`` conv: the output, and the gradients of x, the weight and
+    (where there is one) the bias for one random upstream gradient."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = ours(xa), native(xb)
+    assert out.shape == expected.shape
+    assert_full_precision(out, expected, "output")
+    grad = torch.randn_like(expected)
+    names = ["x", "weight"] + (["bias"] if native.bias is not None else [])
+    ours_grads = torch.autograd.grad(out, [xa] + [getattr(ours, n) for n in names[1:]], grad)
+    native_grads = torch.autograd.grad(expected, [xb] + [getattr(native, n) for n in names[1:]], grad)
+    for name, a, b in zip(names, ours_grads, native_grads):
+        assert_full_precision(a, b, f"grad {name}")
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(kernel_size=3, padding=1),
     dict(kernel_size=(3, 5, 1), stride=(1, 2, 1), padding=(1, 2, 0)),
@@ -30,18 +45,7 @@ def test_depthwise_module_equals_grouped_conv3d(kwargs, layout):
     ours = DepthwiseConv3d(C, **kwargs).double()
     ours.load_state_dict(native.state_dict())  # same names and shapes
     x = torch.randn(2, C, 7, 9, 8, dtype=torch.float64)
-    if layout == "channels_last_3d":
-        x = _cl(x)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = native(x1), ours(x2)
-    torch.testing.assert_close(y2, y1)
-    g = torch.randn_like(y1)
-    y1.backward(g)
-    y2.backward(g)
-    torch.testing.assert_close(x2.grad, x1.grad)
-    torch.testing.assert_close(ours.weight.grad, native.weight.grad)
-    if native.bias is not None:
-        torch.testing.assert_close(ours.bias.grad, native.bias.grad)
+    _assert_matches_native(ours, native, _cl(x) if layout == "channels_last_3d" else x)
 
 
 def test_state_dict_loads_both_ways():
@@ -140,15 +144,7 @@ def test_convert_takes_string_paddings(kernel_size, dilation, padding, expected)
     native = nn.Conv3d(6, 12, kernel_size, padding=padding, dilation=dilation, groups=6).double()
     converted = fastvid.convert(native)
     assert type(converted) is DepthwiseConv3d and converted.padding == expected
-    x = torch.randn(2, 6, 7, 9, 11, dtype=torch.float64)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ours, theirs = converted(xa), native(xb)
-    assert_full_precision(ours, theirs, "output")
-    grad = torch.randn_like(theirs)
-    ours_grads = torch.autograd.grad(ours, [xa, converted.weight, converted.bias], grad)
-    theirs_grads = torch.autograd.grad(theirs, [xb, native.weight, native.bias], grad)
-    for name, a, b in zip(("x", "weight", "bias"), ours_grads, theirs_grads):
-        assert_full_precision(a, b, f"grad {name}")
+    _assert_matches_native(converted, native, torch.randn(2, 6, 7, 9, 11, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
@@ -159,15 +155,9 @@ def test_unbatched_input_as_nn_conv3d(layout):
     native = nn.Conv3d(6, 12, 3, padding=1, groups=6).double()
     ours = fastvid.convert(native)
     x = torch.randn(1, 6, 4, 5, 7, dtype=torch.float64)
-    x = (x.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last_3d" else x)[0]
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, expected = ours(xa), native(xb)
-    assert out.shape == expected.shape == (12, 4, 5, 7)
-    assert_full_precision(out, expected, "output")
-    grad = torch.randn_like(expected)
-    for name, a, b in zip(("x", "weight", "bias"), torch.autograd.grad(out, [xa, ours.weight, ours.bias], grad),
-                          torch.autograd.grad(expected, [xb, native.weight, native.bias], grad)):
-        assert_full_precision(a, b, f"grad {name}")
+    x = (_cl(x) if layout == "channels_last_3d" else x)[0]
+    assert native(x).shape == (12, 4, 5, 7)
+    _assert_matches_native(ours, native, x)
 
 
 def test_convert_keeps_the_hooks_of_replaced_modules():
