@@ -148,9 +148,8 @@ def test_reference_model_exports_to_onnx(case):
 def test_fastvid_model_traces_with_torch_jit(case, tmp_path):
     """A fresh model's first call under torch.jit.trace (the auto strategy is not timed there: the timed
     runs would be recorded; before, the strategy key failed on the tracer's tensor sizes)."""
-    fastvid.ops.set_strategy("auto")  # empties the strategy cache: this is the model's first call
     model, _, x, expected = _case(case)
-    fastvid.ops.set_strategy("auto")
+    fastvid.ops.set_strategy("auto")  # empties the strategy cache: the trace is the model's first call
     traced = torch.jit.trace(model, x, check_trace=False)
     graph = str(traced.inlined_graph)
     assert "fastvid::" in graph
