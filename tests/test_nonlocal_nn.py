@@ -116,6 +116,14 @@ def test_bad_arguments():
         NonLocalBlock(8)(torch.randn(2, 8, 2, 4, 4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="input x has dtype torch.bfloat16"):
         NonLocalBlock(8)(torch.randn(2, 8, 2, 4, 4, dtype=torch.bfloat16))
+    # a map smaller than the key pool's window: the block's own message, before PyTorch's pooling error
+    for block, x in ((NonLocalBlock(8), torch.randn(2, 8, 4, 1, 1)), (NonLocalBlock(8, dims=1), torch.randn(2, 8, 1)),
+                     (NonLocalBlock(8, pool_size=2), torch.randn(2, 8, 1, 4, 4))):
+        for requires_grad in (False, True):
+            with pytest.raises(ValueError, match=r"sub_sample max-pools the keys with window \(.*\), larger than"):
+                block(x.requires_grad_(requires_grad))
+    assert NonLocalBlock(8)(torch.randn(2, 8, 1, 2, 2)).shape == (2, 8, 1, 2, 2)  # the window itself fits
+    assert NonLocalBlock(8, sub_sample=False)(torch.randn(2, 8, 4, 1, 1)).shape == (2, 8, 4, 1, 1)
 
 
 # ======================================================================================= drop-in conversion

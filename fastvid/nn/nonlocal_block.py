@@ -289,6 +289,12 @@ class NonLocalBlock(nn.Module):
             raise ValueError(f"NonLocalBlock(dims={self.dims}): expected input [B, {self.in_channels}, "
                              f"{'positions' if self.dims == 1 else '...'}] of rank {self.dims + 2}, got "
                              f"{tuple(x.shape)}")
+        if _is_plain_max_pool(self.pool):  # (padding or ceil_mode would let a smaller input through)
+            window = _as_tuple(self.pool.kernel_size, self.dims)
+            if any(size < k for size, k in zip(x.shape[2:], window)):
+                raise ValueError(f"NonLocalBlock: sub_sample max-pools the keys with window {window}, larger than "
+                                 f"the input's {tuple(x.shape[2:])} in some dimension (give a smaller pool_size, "
+                                 f"or sub_sample=False)")
         parameter_dtype = self.g.weight.dtype
         if x.dtype != parameter_dtype and not torch.is_autocast_enabled(x.device.type):
             raise RuntimeError(f"NonLocalBlock: input x has dtype {x.dtype} but the parameters have dtype "
@@ -368,15 +374,17 @@ def _is_pointwise_conv(m) -> bool:
             and all(s == 1 for s in m.stride) and all(p == 0 for p in m.padding) and m.groups == 1)
 
 
+def _as_tuple(value, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
 def _is_plain_max_pool(m) -> bool:
     """A max pool whose stride equals its kernel, without padding/dilation (what both styles use)."""
     if not isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
         return False
     stride = m.stride if m.stride is not None else m.kernel_size
-    def as_tuple(v):
-        return tuple(v) if isinstance(v, (tuple, list)) else (v,)
-    return (as_tuple(stride) == as_tuple(m.kernel_size) and set(as_tuple(m.padding)) == {0}
-            and set(as_tuple(m.dilation)) == {1} and not m.ceil_mode and not m.return_indices)
+    return (_as_tuple(stride, 1) == _as_tuple(m.kernel_size, 1) and set(_as_tuple(m.padding, 1)) == {0}
+            and set(_as_tuple(m.dilation, 1)) == {1} and not m.ceil_mode and not m.return_indices)
 
 
 def _conv_then_pool(m):
