@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import fastvid
@@ -195,3 +196,19 @@ def test_convert_skips_what_it_cannot_reproduce():
                           nn.Conv3d(4, 8, 3, groups=2))
     converted = fastvid.convert(copy.deepcopy(model))
     assert all(type(m) is nn.Conv3d for m in converted)
+
+
+def test_convert_leaves_a_pruned_conv_native_and_says_why():
+    """A pruned depthwise conv's weight is recomputed by a hook each call (weight_orig · weight_mask): it stays
+    native with a warning saying so, and the model still computes the pruned function."""
+    model = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1, groups=4))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    x = torch.randn(1, 4, 3, 5, 5)
+    with pytest.warns(RuntimeWarning, match=r"0 \(Conv3d\) left unconverted: .*its weight is recomputed by a hook "
+                                            r"each call \(torch.nn.utils.prune"):
+        converted = fastvid.convert(model, inplace=True)
+    assert type(converted[0]) is nn.Conv3d
+    torch.testing.assert_close(converted(x), nn.functional.conv3d(x, model[0].weight_orig * model[0].weight_mask,
+                                                                  model[0].bias, padding=1, groups=4))
+    torch.nn.utils.prune.remove(model[0], "weight")  # the hook removed: now it converts
+    assert type(fastvid.convert(model)[0]) is DepthwiseConv3d

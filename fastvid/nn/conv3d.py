@@ -69,6 +69,12 @@ class DepthwiseConv3d(nn.Module):
         """The DepthwiseConv3d equal to ``conv`` (which must have groups == in_channels), weights shared."""
         if not is_depthwise_conv3d(conv):
             raise ValueError(f"not a convertible depthwise nn.Conv3d: {conv}")
+        computed = [name for name in ("weight", "bias")
+                    if getattr(conv, name) is not None and not isinstance(getattr(conv, name), nn.Parameter)]
+        if computed:  # the replacement shares parameters; a hook's result would be a stale copy
+            raise ValueError(f"its {' and '.join(computed)} is recomputed by a hook each call (torch.nn.utils.prune "
+                             "or the old weight_norm), not a parameter; remove the hook first (prune.remove / "
+                             "remove_weight_norm) or convert before adding it")
         module = cls(conv.in_channels, conv.kernel_size, conv.stride, _numeric_padding(conv), conv.dilation,
                      bias=conv.bias is not None, channel_multiplier=conv.out_channels // conv.in_channels)
         module.weight = conv.weight
