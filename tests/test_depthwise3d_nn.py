@@ -204,11 +204,26 @@ def test_convert_leaves_a_pruned_conv_native_and_says_why():
     model = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1, groups=4))
     torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
     x = torch.randn(1, 4, 3, 5, 5)
-    with pytest.warns(RuntimeWarning, match=r"0 \(Conv3d\) left unconverted: .*its weight is recomputed by a hook "
-                                            r"each call \(torch.nn.utils.prune"):
+    with pytest.warns(RuntimeWarning, match=r"0 \(Conv3d\) left unconverted: .*its weight is recomputed each call "
+                                            r"\(by torch.nn.utils.prune"):
         converted = fastvid.convert(model, inplace=True)
     assert type(converted[0]) is nn.Conv3d
     torch.testing.assert_close(converted(x), nn.functional.conv3d(x, model[0].weight_orig * model[0].weight_mask,
                                                                   model[0].bias, padding=1, groups=4))
     torch.nn.utils.prune.remove(model[0], "weight")  # the hook removed: now it converts
+    assert type(fastvid.convert(model)[0]) is DepthwiseConv3d
+
+
+def test_convert_leaves_a_parametrized_conv_native_and_says_why():
+    """The same for a parametrization (weight_norm): before, such a conv stayed native without a word."""
+    model = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1, groups=4))
+    nn.utils.parametrizations.weight_norm(model[0], "weight")
+    x = torch.randn(1, 4, 3, 5, 5)
+    expected = model(x)
+    with pytest.warns(RuntimeWarning, match=r"0 \(ParametrizedConv3d\) left unconverted: .*its weight is "
+                                            r"recomputed each call"):
+        converted = fastvid.convert(model)
+    assert type(converted[0]) is type(model[0])
+    torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
+    nn.utils.parametrize.remove_parametrizations(model[0], "weight")
     assert type(fastvid.convert(model)[0]) is DepthwiseConv3d

@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .. import ops
 
@@ -71,10 +72,10 @@ class DepthwiseConv3d(nn.Module):
             raise ValueError(f"not a convertible depthwise nn.Conv3d: {conv}")
         computed = [name for name in ("weight", "bias")
                     if getattr(conv, name) is not None and not isinstance(getattr(conv, name), nn.Parameter)]
-        if computed:  # the replacement shares parameters; a hook's result would be a stale copy
-            raise ValueError(f"its {' and '.join(computed)} is recomputed by a hook each call (torch.nn.utils.prune "
-                             "or the old weight_norm), not a parameter; remove the hook first (prune.remove / "
-                             "remove_weight_norm) or convert before adding it")
+        if computed:  # the replacement shares parameters; a computed tensor would be a stale copy
+            raise ValueError(f"its {' and '.join(computed)} is recomputed each call (by torch.nn.utils.prune, "
+                             "weight_norm or another parametrization), not a parameter; remove that first "
+                             "(prune.remove, parametrize.remove_parametrizations) or convert before adding it")
         module = cls(conv.in_channels, conv.kernel_size, conv.stride, _numeric_padding(conv), conv.dilation,
                      bias=conv.bias is not None, channel_multiplier=conv.out_channels // conv.in_channels)
         module.weight = conv.weight
@@ -94,11 +95,17 @@ def _numeric_padding(conv: nn.Conv3d) -> Optional[tuple]:
     return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
 
 
+def _is_conv3d(module: nn.Module) -> bool:
+    """An nn.Conv3d, or the class torch.nn.utils.parametrize makes of one (the same forward; its parametrized
+    tensors computed on access): from_conv3d then says why it cannot share them."""
+    return type(module) is nn.Conv3d or (parametrize.is_parametrized(module) and type(module).__bases__ == (nn.Conv3d,))
+
+
 def is_depthwise_conv3d(module: nn.Module) -> bool:
     """An nn.Conv3d that DepthwiseConv3d reproduces exactly and its kernels run: groups ==
     in_channels, zero padding given as numbers, 'valid' or a symmetric 'same', a floating weight,
     kernel sizes up to ``ops.depthwise3d.MAX_KERNEL_SIZE``."""
-    return (type(module) is nn.Conv3d and module.groups == module.in_channels
+    return (_is_conv3d(module) and module.groups == module.in_channels
             and module.out_channels % module.in_channels == 0 and module.padding_mode == "zeros"
             and _numeric_padding(module) is not None and module.weight.is_floating_point()
             and all(k <= ops.depthwise3d.MAX_KERNEL_SIZE for k in module.kernel_size))
