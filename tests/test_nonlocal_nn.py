@@ -245,6 +245,23 @@ def test_convert_standalone_style(kind, dims):
     _check_converted(block.train(), torch.randn(2, 8, *SIZES[dims]), kind)
 
 
+def test_convert_keeps_a_parametrized_conv_live():
+    """A weight-normed θ conv (torch.nn.utils.parametrize makes its class a subclass of nn.Conv3d) converts
+    (before: the converter raised KeyError on the class): the block shares the conv and reads its weight
+    every call, so the parametrization stays live."""
+    model = nn.Sequential(randomize(PytorchvideoStyleNonLocal(8, 4))).eval()
+    nn.utils.parametrizations.weight_norm(model[0].conv_theta, "weight")
+    x = torch.randn(2, 8, 2, 4, 4, dtype=torch.float64)
+    converted = _check_converted(model, x, "embedded_gaussian")
+    before = converted(x)
+    with torch.no_grad():  # the norm g of the weight, in both models
+        for block_theta in (model[0].conv_theta, converted[0].theta):
+            block_theta.parametrizations.weight.original0.mul_(1.5)
+    after = converted(x)
+    torch.testing.assert_close(after, model(x))
+    assert not torch.allclose(after, before)
+
+
 def test_convert_warns_of_hooks_inside_a_replaced_block():
     """A hook on the converted block itself carries over; one on a part of it (its θ conv, computed inside
     the fused op) may not run, and a warning names it."""

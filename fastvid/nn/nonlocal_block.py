@@ -397,7 +397,8 @@ def _conv_then_pool(m):
 
 
 def _dims_of(conv) -> int:
-    return {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(conv)]
+    # isinstance: a parametrized conv (weight_norm) is a subclass; the block reads its weight each call
+    return next(dims for cls, dims in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)) if isinstance(conv, cls))
 
 
 def _candidates_pytorchvideo(module):
