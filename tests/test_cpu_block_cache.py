@@ -196,8 +196,10 @@ def test_depthwise_results_in_reused_blocks(layout, size):
     del y, grad_input
     y = OPS.depthwise_conv3d(x, w, None, *args)
     grad_input, grad_weight, _ = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, False])
-    # the same blocks (a result may start 64 bytes further in: the other 128-byte phase, see below)
-    assert {y.data_ptr() >> 12, grad_input.data_ptr() >> 12} <= {a >> 12 for a in addresses}
+    # the same blocks: a result may start 64 bytes further in or back (the other 128-byte phase, see below),
+    # which can cross a page boundary (comparing page numbers failed when a block started 64 bytes before one)
+    for result in (y, grad_input):
+        assert any(abs(result.data_ptr() - a) <= 64 for a in addresses)
     torch.testing.assert_close(y.double(), expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_input.double(), xr.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_weight.double(), wr.grad, rtol=1e-4, atol=1e-3)
