@@ -147,6 +147,28 @@ def test_deterministic_mode_never_times(train, monkeypatch):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_vmap_over_a_fresh_layer_is_not_timed(cls, monkeypatch):
+    """torch.func.vmap over a fresh layer (no cached choice) runs 'hoisted' untimed, through PyTorch's
+    per-sample fallback: equal to the per-clip calls (before, the timing's backward raised "element 0 of
+    tensors does not require grad" inside the transform). torch.func.grad still cannot run the C++
+    autograd ops: PyTorch's own error says so (before: one about the timing's saved-tensor hooks)."""
+    def no_timer():
+        raise AssertionError("the strategy was timed inside a torch.func transform")
+    monkeypatch.setattr(ops_recurrent.time, "perf_counter", no_timer)
+    torch.manual_seed(0)
+    layer = cls(2, 3, 3)
+    clips = torch.randn(3, 2, 4, 2, 6, 5)  # 3 batches of 2 clips
+    outputs = torch.func.vmap(lambda x: layer(x)[0])(clips)
+    assert fastvid.ops.chosen_strategies() == {}
+    layer.strategy = ops_recurrent.FIXED_STRATEGY
+    torch.testing.assert_close(outputs, torch.stack([layer(x)[0] for x in clips]), rtol=0, atol=0)
+    layer.strategy = None
+    parameters = {name: p.detach() for name, p in layer.named_parameters()}
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda p: torch.func.functional_call(layer, p, (clips[0],))[0].sum())(parameters)
+
+
 def _strategies_in_graph(fn, *args):
     """The strategy argument of every fastvid sequence op in the graph torch.compile traces for fn."""
     graphs = []
