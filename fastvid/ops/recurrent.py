@@ -132,7 +132,8 @@ def _pick_strategy(name: Optional[str], key, run, grad_inputs=(), winograd_reaso
         return STRATEGIES[FIXED_STRATEGY]
     # A call winograd cannot run (e.g. with lengths) gets its own choice, never a cached 'winograd'.
     key = key + (winograd_reason is None,)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._functorch.peek_interpreter_stack():
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
         # Cannot time while tracing (torch.jit.trace would record the timed runs into its graph) nor
         # inside a torch.func transform (its timed backward failed under vmap, whose per-sample fallback
         # otherwise runs the op): the choice eager made for this key, if any (read without the lock,
