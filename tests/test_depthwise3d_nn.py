@@ -227,3 +227,15 @@ def test_convert_leaves_a_parametrized_conv_native_and_says_why():
     torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
     nn.utils.parametrize.remove_parametrizations(model[0], "weight")
     assert type(fastvid.convert(model)[0]) is DepthwiseConv3d
+
+
+def test_convert_to_reference_of_a_parametrized_depthwise_conv_says_why():
+    """The way back: a DepthwiseConv3d weight_norm'ed after converting cannot give its twin a shared parameter;
+    to='reference' (which must convert every layer) raises saying why, instead of nn.Module's "cannot assign
+    'torch.FloatTensor' as parameter 'weight'"."""
+    model = nn.Sequential(DepthwiseConv3d(4, 3, padding=1))
+    nn.utils.parametrizations.weight_norm(model[0], "weight")
+    with pytest.raises(ValueError, match=r"ParametrizedDepthwiseConv3d: its weight is recomputed each call"):
+        fastvid.convert(model, to="reference")
+    nn.utils.parametrize.remove_parametrizations(model[0], "weight")
+    assert type(fastvid.convert(model, to="reference")[0]) is nn.Conv3d

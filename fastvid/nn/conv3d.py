@@ -70,17 +70,23 @@ class DepthwiseConv3d(nn.Module):
         """The DepthwiseConv3d equal to ``conv`` (which must have groups == in_channels), weights shared."""
         if not is_depthwise_conv3d(conv):
             raise ValueError(f"not a convertible depthwise nn.Conv3d: {conv}")
-        computed = [name for name in ("weight", "bias")
-                    if getattr(conv, name) is not None and not isinstance(getattr(conv, name), nn.Parameter)]
-        if computed:  # the replacement shares parameters; a computed tensor would be a stale copy
-            raise ValueError(f"its {' and '.join(computed)} is recomputed each call (by torch.nn.utils.prune, "
-                             "weight_norm or another parametrization), not a parameter; remove that first "
-                             "(prune.remove, parametrize.remove_parametrizations) or convert before adding it")
+        check_parameters_shareable(conv)
         module = cls(conv.in_channels, conv.kernel_size, conv.stride, _numeric_padding(conv), conv.dilation,
                      bias=conv.bias is not None, channel_multiplier=conv.out_channels // conv.in_channels)
         module.weight = conv.weight
         module.bias = conv.bias
         return module.train(conv.training)
+
+
+def check_parameters_shareable(module: nn.Module) -> None:
+    """Raises where ``module``'s weight or bias is not a parameter but recomputed each call: a converted twin
+    (either way) shares the parameters, and a computed tensor would become a stale copy."""
+    computed = [name for name in ("weight", "bias")
+                if getattr(module, name) is not None and not isinstance(getattr(module, name), nn.Parameter)]
+    if computed:
+        raise ValueError(f"{type(module).__name__}: its {' and '.join(computed)} is recomputed each call (by "
+                         "torch.nn.utils.prune, weight_norm or another parametrization), not a parameter; remove "
+                         "that first (prune.remove, parametrize.remove_parametrizations) or convert before adding it")
 
 
 def _numeric_padding(conv: nn.Conv3d) -> Optional[tuple]:
@@ -97,14 +103,15 @@ def _numeric_padding(conv: nn.Conv3d) -> Optional[tuple]:
 
 def _is_conv3d(module: nn.Module) -> bool:
     """An nn.Conv3d, or the class torch.nn.utils.parametrize makes of one (the same forward; its parametrized
-    tensors computed on access): from_conv3d then says why it cannot share them."""
+    tensors computed on access)."""
     return type(module) is nn.Conv3d or (parametrize.is_parametrized(module) and type(module).__bases__ == (nn.Conv3d,))
 
 
 def is_depthwise_conv3d(module: nn.Module) -> bool:
-    """An nn.Conv3d that DepthwiseConv3d reproduces exactly and its kernels run: groups ==
-    in_channels, zero padding given as numbers, 'valid' or a symmetric 'same', a floating weight,
-    kernel sizes up to ``ops.depthwise3d.MAX_KERNEL_SIZE``."""
+    """An nn.Conv3d (or a parametrized one: from_conv3d then says why it cannot share its weight) that
+    DepthwiseConv3d reproduces exactly and its kernels run: groups == in_channels, zero padding given as
+    numbers, 'valid' or a symmetric 'same', a floating weight, kernel sizes up to
+    ``ops.depthwise3d.MAX_KERNEL_SIZE``."""
     return (_is_conv3d(module) and module.groups == module.in_channels
             and module.out_channels % module.in_channels == 0 and module.padding_mode == "zeros"
             and _numeric_padding(module) is not None and module.weight.is_floating_point()
