@@ -149,6 +149,33 @@ def test_convert_takes_string_paddings(kernel_size, dilation, padding, expected)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("kernel_size,dilation,padding", [
+    (3, 1, "same"), ((2, 4, 3), 1, "same"), (4, 2, "same"), ((2, 3, 3), (1, 1, 2), "same"), ((1, 3, 5), 1, "valid")])
+def test_string_padding_as_nn_conv3d(kernel_size, dilation, padding, layout):
+    """DepthwiseConv3d (and ops.depthwise_conv3d) take padding='same' / 'valid' as nn.Conv3d does, an odd
+    'same' total included (its extra element after, as PyTorch pads it); before, the string was read as
+    a tuple of its letters. Output and gradients against the fp64 native conv."""
+    torch.manual_seed(0)
+    native = nn.Conv3d(4, 8, kernel_size, padding=padding, dilation=dilation, groups=4).double()
+    ours = DepthwiseConv3d(4, kernel_size, padding=padding, dilation=dilation, channel_multiplier=2).double()
+    ours.load_state_dict(native.state_dict())
+    assert ours.padding == padding
+    x = torch.randn(2, 4, 5, 9, 11, dtype=torch.float64)
+    _assert_matches_native(ours, native, _cl(x) if layout == "channels_last_3d" else x)
+    assert fastvid.convert(ours, to="reference").padding == padding
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(padding="full"), "padding must be 'same', 'valid', one int or a \\(T, H, W\\) triple, got 'full'"),
+    (dict(padding="same", stride=2), "padding='same' is not supported for strided convolutions")])
+def test_bad_string_padding_says_why(kwargs, message):
+    with pytest.raises(ValueError, match="DepthwiseConv3d: " + message):
+        DepthwiseConv3d(4, 3, **kwargs)
+    with pytest.raises(ValueError, match="fastvid.depthwise_conv3d: " + message):
+        fastvid.ops.depthwise_conv3d(torch.randn(1, 4, 3, 3, 3), torch.randn(4, 1, 3, 3, 3), **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
 def test_unbatched_input_as_nn_conv3d(layout):
     """nn.Conv3d takes an unbatched [C, T, H, W] input; so does its drop-in (before: 'input must be [B, C, T,
     H, W]' after fastvid.convert). Output and gradients against the fp64 native conv."""

@@ -24,16 +24,23 @@ def _triple(v) -> tuple:
 class DepthwiseConv3d(nn.Module):
     """Channel-wise 3D convolution: output channel o convolves input channel o // channel_multiplier."""
 
-    def __init__(self, channels: int, kernel_size: IntOrTriple, stride: IntOrTriple = 1, padding: IntOrTriple = 0,
-                 dilation: IntOrTriple = 1, bias: bool = True, channel_multiplier: int = 1):
+    def __init__(self, channels: int, kernel_size: IntOrTriple, stride: IntOrTriple = 1,
+                 padding: Union[IntOrTriple, str] = 0, dilation: IntOrTriple = 1, bias: bool = True,
+                 channel_multiplier: int = 1):
         super().__init__()
         if channels <= 0 or channel_multiplier <= 0:
             raise ValueError(f"channels and channel_multiplier must be positive, got {channels}, {channel_multiplier}")
         self.channels, self.channel_multiplier = channels, channel_multiplier
         self.kernel_size, self.stride = _triple(kernel_size), _triple(stride)
-        self.padding, self.dilation = _triple(padding), _triple(dilation)
+        self.dilation = _triple(dilation)
+        # a string stays a string, as in nn.Conv3d (ops.depthwise_conv3d turns it into numbers per call)
+        self.padding = padding if isinstance(padding, str) else _triple(padding)
+        if isinstance(padding, str):
+            ops.depthwise3d.check_padding_string("DepthwiseConv3d", padding, self.stride)
         for name, value, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
                                  ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
+            if isinstance(value, str):
+                continue
             if len(value) != 3 or any(v < low for v in value):
                 raise ValueError(f"DepthwiseConv3d: {name} must be one int or a (T, H, W) triple, each >= {low}, "
                                  f"got {value}")

@@ -7,6 +7,7 @@ kernels in csrc/depthwise3d/, autograd in csrc/autograd.cpp) get fake kernels he
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
@@ -27,6 +28,34 @@ def _triple(v):
     if len(v) == 1:
         return v * 3
     return v
+
+
+PADDING_STRINGS = ("same", "valid")
+
+
+def check_padding_string(who: str, padding: str, stride) -> None:
+    """``padding`` as F.conv3d takes a string: 'valid', or 'same' with stride 1 (PyTorch's rule)."""
+    if padding not in PADDING_STRINGS:
+        raise ValueError(f"{who}: padding must be 'same', 'valid', one int or a (T, H, W) triple, got {padding!r}")
+    if padding == "same" and any(s != 1 for s in _triple(stride)):
+        raise ValueError(f"{who}: padding='same' is not supported for strided convolutions (as in F.conv3d), "
+                         f"got stride {_triple(stride)}")
+
+
+def _resolve_padding_string(input: Tensor, weight: Tensor, padding: str, dilation):
+    """(input, padding triple) equal to F.conv3d's string ``padding``: 'valid' pads nothing; 'same' pads d·(k − 1)
+    in each dimension, half before and half after, and where that total is odd PyTorch puts the extra
+    element after: that element is padded onto the input here (a copy, as F.conv3d makes one), the rest
+    is the kernels' symmetric padding."""
+    if padding == "valid":
+        return input, (0, 0, 0)
+    if not isinstance(weight, Tensor) or weight.dim() != 5 or input.dim() != 5:  # the shape check says what is wrong
+        return input, (0, 0, 0)
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    extra = [t % 2 for t in totals]
+    if any(extra):  # F.pad's order: last dimension first, (before, after) each
+        input = F.pad(input, (0, extra[2], 0, extra[1], 0, extra[0]))
+    return input, tuple(t // 2 for t in totals)
 
 
 def _channels_last(input: Tensor) -> bool:
@@ -92,10 +121,15 @@ def depthwise_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     ``input`` ``[B, C, T, H, W]`` (NCDHW or channels_last_3d: the CPU kernel prefers channels_last_3d
     and returns its output in the input's layout), ``weight`` ``[m*C, 1, kT, kH, kW]`` (channel
     multiplier m; kernel sizes up to 7), ``bias`` ``[m*C]`` or None; ``stride``, ``padding`` and
-    ``dilation`` are ints or (T, H, W) triples."""
-    stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
+    ``dilation`` are ints or (T, H, W) triples; ``padding`` may also be 'same' (stride 1) or 'valid', as
+    in F.conv3d."""
     if not isinstance(input, Tensor):
         raise TypeError(f"fastvid.depthwise_conv3d: input must be a Tensor, got {type(input).__name__}")
+    stride, dilation = _triple(stride), _triple(dilation)
+    if isinstance(padding, str):
+        check_padding_string("fastvid.depthwise_conv3d", padding, stride)
+        input, padding = _resolve_padding_string(input, weight, padding, dilation)
+    padding = _triple(padding)
     for name, value, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         if len(value) != 3 or any(v < low for v in value):  # checked here for every backend, not only the kernels
             raise ValueError(f"fastvid.depthwise_conv3d: {name} must be one int or a (T, H, W) triple, each >= {low}, "
