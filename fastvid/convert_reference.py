@@ -288,7 +288,7 @@ class ReferenceNonLocalBlock(nn.Module):
         else:
             w = self.concat_project.weight.view(2, self.inter_channels)
             affinity = torch.relu(torch.matmul(w[0], theta)[:, :, None] + torch.matmul(w[1], phi)[:, None, :]) / M
-        y = torch.matmul(affinity, g.transpose(1, 2)).transpose(1, 2).reshape(x.shape[0], -1, *x.shape[2:])
+        y = torch.matmul(affinity, g.transpose(1, 2)).transpose(1, 2).reshape(x.shape[0], self.inter_channels, *x.shape[2:])
         z = self.out(y)
         return x + (self.norm(z) if self.norm is not None else z)
 

@@ -153,6 +153,8 @@ def test_degenerate_shapes_forward_backward_match_reference(name, shape):
     parameter equal the same module in float64 on the reference backend."""
     shape = DEGENERATE[shape]
     module = _build(name, channels=shape[2]).train()
+    if name == "NonLocalBlock" and shape[0] * shape[1] * shape[3] * shape[4] == 1:
+        module.eval()  # its training BatchNorm refuses one value per channel, as nn.BatchNorm (test_nonlocal_nn)
     inputs = _inputs(name, shape)
     ours, ours_grads = _outputs_and_grads(module, inputs)
     module64 = copy.deepcopy(module).double()

@@ -451,6 +451,40 @@ def test_folded_batch_norm_matches_nn_batchnorm(momentum, dtype):
         assert int(block.norm.num_batches_tracked) == int(norm.num_batches_tracked)
 
 
+@pytest.mark.parametrize("sub_sample", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch_as_nn_batchnorm(mode, train, sub_sample):
+    """A batch of 0 clips: an empty output, zero gradients for every parameter, and the BatchNorm as
+    nn.BatchNorm3d leaves it (in training the batch counted, the running statistics untouched; before,
+    they became NaN and the max-pool's backward raised). The reference twin does the same."""
+    block = randomize(NonLocalBlock(8, 4, mode, sub_sample=sub_sample)).double().train(train)
+    twin = fastvid.convert(copy.deepcopy(block), to="reference")
+    native_norm = copy.deepcopy(block.norm)
+    native_norm(torch.randn(0, 8, 3, 6, 8, dtype=torch.float64))
+    x = torch.randn(0, 8, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+    for module in (block, twin):
+        out = module(x)
+        assert out.shape == x.shape
+        out.sum().backward()
+        for name, p in module.named_parameters():
+            assert p.grad is not None and not p.grad.any(), name
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(module.norm, name), getattr(native_norm, name)), name
+
+
+def test_training_on_one_value_per_channel_raises_as_nn_batchnorm():
+    """One position of one clip has no batch variance: nn.BatchNorm raises in training, so does the block
+    (before: it returned x + β and pulled running_var towards 0); in eval mode it runs."""
+    block = randomize(NonLocalBlock(4, 2, sub_sample=False, dims=1))
+    x = torch.randn(1, 4, 1)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        nn.BatchNorm1d(4).train()(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        block.train()(x)
+    torch.testing.assert_close(block.eval()(x), explicit_block(block, x))
+
+
 def _block_with_offset_values(ratio, seed=0):
     """A randomised block whose attention output y has, per channel, mean = ratio × std: a constant
     added to g's bias shifts every softmax-weighted average of g by that constant."""

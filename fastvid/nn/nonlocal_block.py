@@ -60,7 +60,7 @@ class _WindowMaxPool(torch.autograd.Function):
         (positions,) = ctx.saved_tensors
         shape = ctx.input_shape
         grad_input = grad.new_zeros(shape[0], shape[1], math.prod(shape[2:]))
-        grad_input.scatter_(2, positions.flatten(2).long(), grad.reshape(shape[0], shape[1], -1))
+        grad_input.scatter_(2, positions.flatten(2).long(), grad.reshape(positions.flatten(2).shape))
         return grad_input.view(shape), None
 
 
@@ -325,25 +325,32 @@ class NonLocalBlock(nn.Module):
         norm = self.norm
         acc = torch.float64 if y.dtype == torch.float64 else torch.float32
         rows = y.reshape(-1, y.shape[-1])
+        n = rows.shape[0]  # values per channel of z
+        if norm.training and n == 1:  # nn.BatchNorm's check (one value has no variance)
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         with torch.autocast(y.device.type, enabled=False):
             weight, bias = weight.to(acc), bias.to(acc)
             gamma = norm.weight.to(acc) if norm.affine else None
             beta = norm.bias.to(acc) if norm.affine else weight.new_zeros(())
-            if norm.training or not norm.track_running_stats:
-                pivot, delta, cov_y = _CentredMoments.apply(rows)
+            if norm.training or not norm.track_running_stats or n == 0:
+                if n == 0:  # an empty batch (output empty, gradients zero): no statistics to take
+                    D = y.shape[-1]
+                    pivot, delta, cov_y = y.new_zeros(D), weight.new_zeros(D), weight.new_zeros(D, D)
+                else:
+                    pivot, delta, cov_y = _CentredMoments.apply(rows)
                 var = ((weight @ cov_y) * weight).sum(1).clamp_min(0)
                 scale = torch.rsqrt(var + norm.eps) if gamma is None else torch.rsqrt(var + norm.eps) * gamma
                 # b cancels against μ; it stays in the graph with nn.BatchNorm's zero gradient (DDP expects one)
                 shift = beta - scale * (weight @ delta) + 0 * bias
                 if norm.training and norm.track_running_stats:
                     with torch.no_grad():
-                        n = rows.shape[0]
-                        norm.num_batches_tracked += 1
-                        factor = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
-                        mean = weight @ (pivot.to(acc) + delta) + bias
-                        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-                        unbiased = var * (n / max(n - 1, 1))
-                        norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
+                        norm.num_batches_tracked += 1  # nn.BatchNorm counts an empty batch, stats untouched
+                        if n > 0:
+                            factor = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+                            mean = weight @ (pivot.to(acc) + delta) + bias
+                            norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+                            unbiased = var * (n / (n - 1))
+                            norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
             else:
                 with torch.no_grad():
                     pivot = rows.to(acc).mean(0).to(y.dtype)
