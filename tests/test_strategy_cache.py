@@ -237,3 +237,25 @@ def test_first_call_under_activation_checkpointing(mode):
     result = subprocess.run([sys.executable, "-c", CHECKPOINTED_FIRST_CALL, mode], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_timing_reaches_none_of_the_callers_tensors(cls):
+    """The first training call of a shape times each strategy with a backward inside forward. Those
+    backwards ran on the caller's tensors: a hook on the input or on a weight fired once per timed
+    backward, and an input that retain_grad()s kept the timing's gradient (with a loss whose true
+    gradient is 0, |grad| ~5). Now each hook fires once, in the caller's backward, and the gradients
+    are the loss's own."""
+    module = cls(3, 4, 3)
+    leaf = torch.randn(1, 2, 3, 5, 11, requires_grad=True)
+    x = leaf * 1.0
+    x.retain_grad()
+    fired = {"x": 0, "weight_hh": 0}
+    x.register_hook(lambda g: fired.__setitem__("x", fired["x"] + 1))
+    module.weight_hh_l0.register_hook(lambda g: fired.__setitem__("weight_hh", fired["weight_hh"] + 1))
+    out = module(x)[0]
+    assert fastvid.ops.chosen_strategies(), "the call was not timed"
+    assert fired == {"x": 0, "weight_hh": 0}
+    (out * 0).sum().backward()
+    assert fired == {"x": 1, "weight_hh": 1}
+    assert not x.grad.any() and not leaf.grad.any() and not module.weight_ih_l0.grad.any()

@@ -81,21 +81,27 @@ def _keep_saved(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def _time_strategies(device_type: str, run, grad_inputs, candidates=(0, 1)) -> int:
-    """The fastest strategy code: each candidate once to warm up, then best of two timed runs.
+def _time_strategies(device_type: str, run, args, candidates=(0, 1)) -> int:
+    """The fastest strategy code: each candidate once to warm up, then best of two timed runs of
+    ``run(code, args)``, with backward where a tensor of ``args`` requires grad.
 
-    The timed backwards keep their saved tensors as they are (identity saved-tensor hooks, which
-    override the caller's): under activation checkpointing (torch.utils.checkpoint, use_reentrant=False)
-    the caller's hooks drop them, and unpacking one in a timed backward recomputed the checkpointed
-    forward, whose sequence op waited for this timing to finish: a deadlock. (save_on_cpu would
-    likewise time its copies.)"""
+    The timed runs take detached copies of the caller's tensors (the same storage), so their backwards
+    reach none of the caller's graph: before, a hook on an input or weight fired once per timed
+    backward and a retain_grad()'ed input kept the timing's gradient. The timed backwards keep their
+    saved tensors as they are (identity saved-tensor hooks, which override the caller's): under
+    activation checkpointing (torch.utils.checkpoint, use_reentrant=False) the caller's hooks drop
+    them, and unpacking one in a timed backward recomputed the checkpointed forward, whose sequence op
+    waited for this timing to finish: a deadlock. (save_on_cpu would likewise time its copies.)"""
+    args = tuple(t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t for t in args)
+    grad_inputs = [t for t in args if isinstance(t, Tensor) and t.requires_grad] if torch.is_grad_enabled() else []
+
     def once(code):
         if not grad_inputs:
             with torch.no_grad():
-                run(code)
+                run(code, args)
             return
         with torch.autograd.graph.saved_tensors_hooks(_keep_saved, _keep_saved):
-            output = run(code)[0]
+            output = run(code, args)[0]
             torch.autograd.grad(output, grad_inputs, torch.ones_like(output), allow_unused=True)
 
     timings = {}
@@ -114,10 +120,10 @@ def _time_strategies(device_type: str, run, grad_inputs, candidates=(0, 1)) -> i
     return min(timings, key=timings.get)
 
 
-def _pick_strategy(name: Optional[str], key, run, grad_inputs=(), winograd_reason: Optional[str] = None) -> int:
+def _pick_strategy(name: Optional[str], key, run, args, winograd_reason: Optional[str] = None) -> int:
     """Strategy code for one sequence call (`key`: _tuning_key's; None: FIXED_STRATEGY, untimed).
-    `run(code)` runs the op once with that strategy; with
-    `grad_inputs` (a training call) each candidate is timed forward + backward, else forward only.
+    `run(code, args)` runs the op once with that strategy on the tensors `args`; where one requires
+    grad (a training call) each candidate is timed forward + backward, else forward only.
     `winograd_reason`: why 'winograd' cannot run this call (None: it can; auto then times it too).
     Thread-safe: one thread times a key, threads needing a choice meanwhile wait for it."""
     name = name or _default_strategy
@@ -148,7 +154,7 @@ def _pick_strategy(name: Optional[str], key, run, grad_inputs=(), winograd_reaso
             if key in _strategy_cache:
                 return _strategy_cache[key]
         candidates = tuple(c for n, c in STRATEGIES.items() if n != "winograd" or winograd_reason is None)
-        code = _time_strategies(key[0], run, grad_inputs, candidates)
+        code = _time_strategies(key[0], run, args, candidates)
         with _cache_lock:
             _strategy_cache[key] = code
             while len(_strategy_cache) > CACHE_SIZE:
@@ -567,15 +573,14 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
 
     channels_last = _channels_last(x)
 
-    def run(code):
-        return torch.ops.fastvid.convlstm_sequence(x, weight_ih, weight_hh, bias, h0, c0, peephole, padding,
-                                                   dilation, reverse, code, channels_last, save, lengths)
+    def run(code, args):
+        return torch.ops.fastvid.convlstm_sequence(*args, padding, dilation, reverse, code, channels_last, save,
+                                                   lengths)
 
     key = _tuning_key(x, C, weight_hh.shape[2:], dilation, channels_last, save)
-    grad_inputs = [t for t in (x, weight_ih, weight_hh, bias, h0, c0, peephole) if save and t is not None
-                   and t.requires_grad]
+    args = (x, weight_ih, weight_hh, bias, h0, c0, peephole)
     reason = winograd_unsupported_reason(x, weight_hh, dilation, lengths)
-    output, h_n, c_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs, reason))
+    output, h_n, c_n, *_ = run(_pick_strategy(strategy, key, run, args, reason), args)
     return output, h_n, c_n
 
 
@@ -606,13 +611,12 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
 
     channels_last = _channels_last(x)
 
-    def run(code):
-        return torch.ops.fastvid.convgru_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation,
-                                                  reset_after, reverse, code, channels_last, save, lengths)
+    def run(code, args):
+        return torch.ops.fastvid.convgru_sequence(*args, padding, dilation, reset_after, reverse, code, channels_last,
+                                                  save, lengths)
 
     key = _tuning_key(x, C, weight_hh.shape[2:], dilation, channels_last, save, "gru", reset_after)
-    grad_inputs = [t for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0) if save and t is not None
-                   and t.requires_grad]
+    args = (x, weight_ih, weight_hh, bias_ih, bias_hh, h0)
     reason = winograd_unsupported_reason(x, weight_hh, dilation, lengths)
-    output, h_n, *_ = run(_pick_strategy(strategy, key, run, grad_inputs, reason))
+    output, h_n, *_ = run(_pick_strategy(strategy, key, run, args, reason), args)
     return output, h_n
