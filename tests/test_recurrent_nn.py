@@ -542,6 +542,31 @@ def test_from_concat_conv_keeps_dtype():
     _assert_all_close(list(got), list(expected), "float64 cell", rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("kernel,dilation,padding", [(3, 1, "same"), ((3, 5), (2, 1), "same"), (1, 1, "valid")])
+def test_from_concat_conv_takes_string_paddings(kernel, dilation, padding):
+    """nn.Conv2d's padding='same' (symmetric: odd kernels) and 'valid' (a 1×1 conv) are the cell's padding
+    (before: "conv padding same is not 'same' padding (1, 1)"); the cell equals the float64 step."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(C_IN + C, 4 * C, kernel, padding=padding, dilation=dilation).double()
+    cell = ConvLSTMCell.from_concat_conv(conv, C)
+    x = torch.randn(B, C_IN, H, W, dtype=torch.float64)
+    h, c = torch.randn(B, C, H, W, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)
+    with torch.no_grad():
+        _assert_all_close(list(cell(x, (h, c))), list(_hand_written_step(conv, x, h, c, "ifgo")), "cell",
+                          rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("conv_kwargs,message", [
+    (dict(kernel_size=3, padding=1, padding_mode="reflect"), "zero-pad.*padding_mode='reflect'"),
+    (dict(kernel_size=(2, 3), padding="same"), "padding 'same' is not the cell's"),
+    (dict(kernel_size=3, padding="valid"), "padding 'valid' is not the cell's")])
+def test_from_concat_conv_refuses_other_paddings(conv_kwargs, message):
+    """A conv padding other than the cell's zero 'same' padding is refused, saying why (a reflect-padded conv
+    was accepted and the cell computed zero-padded gates: h off by ~0.2)."""
+    with pytest.raises(ValueError, match=message):
+        ConvLSTMCell.from_concat_conv(nn.Conv2d(C_IN + C, 4 * C, **conv_kwargs), C)
+
+
 def test_from_concat_conv_rejects_bad_convs():
     with pytest.raises(ValueError, match="gate_order"):
         ConvLSTMCell.from_concat_conv(nn.Conv2d(C_IN + C, 4 * C, 3, padding=1), C, "ifgx")

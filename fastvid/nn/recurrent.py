@@ -165,8 +165,16 @@ class ConvLSTMCell(_ConvRNNCellBase):
         dilation = _pair(conv.dilation)
         kernel = _pair(conv.kernel_size)
         expected = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
-        if _pair(conv.padding) != expected:
-            raise ValueError(f"conv padding {conv.padding} is not 'same' padding {expected}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv must zero-pad (the cell's convolutions do), got padding_mode={conv.padding_mode!r}")
+        if conv.padding == "same":  # symmetric where d·(k - 1) is even: that is the cell's padding
+            same = all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, kernel))
+            padding = expected if same else None
+        else:
+            padding = (0, 0) if conv.padding == "valid" else _pair(conv.padding)
+        if padding != expected:
+            raise ValueError(f"conv padding {conv.padding!r} is not the cell's 'same' padding {expected} (d·(k - 1) / 2 "
+                             f"on each side, for kernel {kernel} and dilation {dilation})")
         cell = cls(conv.in_channels - C, C, kernel, bias=conv.bias is not None, dilation=dilation, peephole=peephole)
         order = [gate_order.index(g) for g in "ifgo"]  # position of i, f, g, o in the conv's output
         weight = torch.cat([conv.weight.detach()[k * C:(k + 1) * C] for k in order])
