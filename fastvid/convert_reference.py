@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from .nn.attention_lstm import AttentionConvLSTM
 from .nn.conv3d import DepthwiseConv3d, check_parameters_shareable
 from .nn.nonlocal_block import NonLocalBlock
-from .nn.recurrent import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell
+from .nn.recurrent import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell, _ConvRNNBase, _no_lengths_with_norm
+from .ops.recurrent import _check_lengths
 from .reference import recurrent as ref
 from .reference import recurrent_norm as ref_norm
 from .reference.attention_lstm import attention_convlstm
@@ -165,6 +166,8 @@ class _ReferenceConvRNN(_SharesParameters):
         output = below if self.batch_first else below.transpose(0, 1)
         return output, [_stack_or_list(list(kind)) for kind in zip(*finals)]
 
+    stream = _ConvRNNBase.stream  # the same chunk-by-chunk contract as the fastvid layer's
+
 
 class ReferenceConvLSTM(_ReferenceConvRNN):
     """Plain-PyTorch ``fastvid.nn.ConvLSTM``: ``output, (h_n, c_n) = m(x, (h_0, c_0))``."""
@@ -172,8 +175,9 @@ class ReferenceConvLSTM(_ReferenceConvRNN):
     def __init__(self, module: ConvLSTM):
         super().__init__(module, self._ATTRIBUTES + ("peephole", "unit_forget_bias", "norm"))
 
-    def forward(self, x: Tensor, state=None):
+    def forward(self, x: Tensor, state=None, lengths=None):
         def run_direction(inp, x, layer, d, suffix, index):
+            steps = _check_lengths("convlstm", lengths, inp)
             C = self.hidden_channels[layer]
             h0 = self._initial(None if state is None else state[0], index, x, C)
             c0 = self._initial(None if state is None else state[1], index, x, C, ref.compute_dtype(x.dtype))
@@ -182,11 +186,12 @@ class ReferenceConvLSTM(_ReferenceConvRNN):
             peephole = self._parameters["peephole" + suffix] if self.peephole else None
             inp, w_ih, w_hh, bias, h0 = _autocast(inp, w_ih, w_hh, bias, h0)
             if self.norm == "layer":
+                _no_lengths_with_norm(lengths)
                 norm = [self._parameters[name + suffix] for name in ("ln_gain_ih", "ln_gain_hh", "ln_gain_c", "ln_bias_c")]
                 return ref_norm.convlstm_ln_sequence(inp, w_ih, w_hh, bias, h0, c0, *norm, self._padding(layer),
                                                      self.dilation[layer], reverse=d == 1)
             return ref.convlstm_sequence(inp, w_ih, w_hh, bias, h0, c0, peephole, self._padding(layer),
-                                         self.dilation[layer], reverse=d == 1)
+                                         self.dilation[layer], reverse=d == 1, lengths=steps)
 
         output, (h_n, c_n) = self._run(x, run_direction)
         return output, (h_n, c_n)
@@ -202,18 +207,20 @@ class ReferenceConvGRU(_ReferenceConvRNN):
         inp = super()._layer_input(x, below, layer)
         return torch.cat([x, inp], 2) if (layer > 0 and self.input_to_all_layers) else inp
 
-    def forward(self, x: Tensor, h_0=None):
+    def forward(self, x: Tensor, h_0=None, lengths=None):
         def run_direction(inp, x, layer, d, suffix, index):
+            steps = _check_lengths("convgru", lengths, inp)
             h0 = self._initial(h_0, index, x, self.hidden_channels[layer])
             params = _autocast(inp, *(self._parameters.get(name + suffix)
                                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")), h0)
             inp, w_ih, w_hh, b_ih, b_hh, h0 = params
             if self.norm == "layer":
+                _no_lengths_with_norm(lengths)
                 gains = [self._parameters[name + suffix] for name in ("ln_gain_ih", "ln_gain_hh")]
                 return ref_norm.convgru_ln_sequence(inp, w_ih, w_hh, b_ih, b_hh, h0, *gains, self._padding(layer),
                                                     self.dilation[layer], reverse=d == 1)
             return ref.convgru_sequence(inp, w_ih, w_hh, b_ih, b_hh, h0, self._padding(layer), self.dilation[layer],
-                                        reset_after=self.reset_after, reverse=d == 1)
+                                        reset_after=self.reset_after, reverse=d == 1, lengths=steps)
 
         output, (h_n,) = self._run(x, run_direction)
         return output, h_n

@@ -185,6 +185,36 @@ def test_converted_cells_and_sequences_keep_initial_states():
         assert not torch.allclose(flat(ref(x, state)), flat(ref(x)))  # the state was used
 
 
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_twins_take_lengths_and_stream(cls, block_fastvid_ops):
+    """The plain-PyTorch twins take the layers' ``lengths=`` and ``stream()`` (before: "unexpected keyword
+    argument 'lengths'" / no attribute 'stream'): outputs, final states and input gradients equal the fastvid
+    layer's (fp64; two layers, bidirectional for lengths), and bidirectional twins refuse to stream."""
+    torch.manual_seed(0)
+    layer = cls(3, 4, num_layers=2, bidirectional=True).double()
+    one_way = cls(3, 4, num_layers=2).double()
+    x = torch.randn(3, 5, 3, 6, 6, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4])
+
+    def run(module, *args, **kwargs):
+        clip = x.clone().requires_grad_()
+        out = module(clip, *args, **kwargs)
+        flat(out).sum().backward()
+        return flat(out).detach(), clip.grad
+
+    expected = run(layer, lengths=lengths)
+    chunks = [one_way.stream(x[:, :2]), None]
+    chunks[1] = one_way.stream(x[:, 2:], chunks[0][1])
+    twin, twin_one_way = fastvid.convert(layer, to="reference"), fastvid.convert(one_way, to="reference")
+    block_fastvid_ops()
+    torch.testing.assert_close(run(twin, lengths=lengths), expected, rtol=1e-12, atol=1e-12)
+    first = twin_one_way.stream(x[:, :2])
+    second = twin_one_way.stream(x[:, 2:], first[1])
+    torch.testing.assert_close([flat(first), flat(second)], [flat(chunks[0]), flat(chunks[1])], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="bidirectional module cannot run chunk by chunk"):
+        twin.stream(x)
+
+
 def test_convert_at_the_top_level_and_bf16_state_dtype():
     cell = ConvLSTMCell(3, 4).to(torch.bfloat16)
     ref = fastvid.convert(cell, to="reference")
