@@ -148,6 +148,22 @@ def test_convert_takes_string_paddings(kernel_size, dilation, padding, expected)
     _assert_matches_native(converted, native, torch.randn(2, 6, 7, 9, 11, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("channels", [2, 4, 16])
+def test_input_with_other_channels_raises_as_nn_conv3d(channels):
+    """nn.Conv3d(8, 8, groups=8) refuses an input of 2, 4 or 16 channels; its drop-in ran 2 and 4 as channel
+    multipliers 4 and 2 (F.conv3d(groups=2)'s numbers, no error)."""
+    native = nn.Conv3d(8, 8, 3, padding=1, groups=8)
+    x = torch.randn(1, channels, 4, 8, 8)
+    with pytest.raises(RuntimeError, match="expected input.*to have 8 channels"):
+        native(x)
+    for module in (fastvid.convert(native), DepthwiseConv3d(8, 3, padding=1)):
+        with pytest.raises(ValueError, match=rf"DepthwiseConv3d: expected input \[B, 8, T, H, W\] or \[8, T, H, W\], "
+                                             rf"got \(1, {channels}, "):
+            module(x)
+        with pytest.raises(ValueError, match=rf"got \({channels}, 4, 8, 8\) \({channels} channels instead of 8\)"):
+            module(x[0])
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("kernel_size,dilation,padding", [
     (3, 1, "same"), ((2, 4, 3), 1, "same"), (4, 2, "same"), ((2, 3, 3), (1, 1, 2), "same"), ((1, 3, 5), 1, "valid")])

@@ -64,6 +64,11 @@ class DepthwiseConv3d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
+        # The op reads the channel multiplier off the weight and the input (F.conv3d(groups=C) semantics):
+        # an input with a divisor of the module's channels would run as another multiplier.
+        if x.dim() in (4, 5) and x.shape[-4] != self.channels:
+            raise ValueError(f"DepthwiseConv3d: expected input [B, {self.channels}, T, H, W] or [{self.channels}, T, H, "
+                             f"W], got {tuple(x.shape)} ({x.shape[-4]} channels instead of {self.channels})")
         if x.dim() == 4:  # unbatched [C, T, H, W], as nn.Conv3d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         return ops.depthwise_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
