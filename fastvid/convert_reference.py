@@ -20,6 +20,7 @@ from .nn.attention_lstm import AttentionConvLSTM
 from .nn.conv3d import DepthwiseConv3d, check_parameters_shareable
 from .nn.nonlocal_block import NonLocalBlock
 from .nn.recurrent import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell, _ConvRNNBase, _no_lengths_with_norm
+from .ops._common import autocast_inputs
 from .ops.recurrent import _check_lengths
 from .reference import recurrent as ref
 from .reference import recurrent_norm as ref_norm
@@ -39,11 +40,7 @@ def depthwise_to_conv3d(module: DepthwiseConv3d) -> nn.Conv3d:
 # ------------------------------------------------------------------------------ recurrent twins
 def _autocast(*tensors):
     """What fastvid.ops does under autocast: conv inputs in the autocast dtype (the cell state keeps its own)."""
-    device = next(t.device.type for t in tensors if isinstance(t, Tensor))
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+    return autocast_inputs(next(t.device.type for t in tensors if isinstance(t, Tensor)), *tensors)
 
 
 class _SharesParameters(nn.Module):

@@ -115,6 +115,23 @@ def test_save_load_pickle_and_state_dict_round_trips(name):
             assert torch.equal(a, e), f"{how}: outputs differ"
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_meta_device_gives_the_shapes(name, train):
+    """On the meta device (shape inference and MAC counting without memory, as for nn.Conv3d) every module
+    and its to='reference' twin return outputs of the shapes, dtypes and order of a CPU call; before, every
+    layer that runs a fastvid op raised "unknown device type for autocast" (and NonLocalBlock "unsupported
+    scalarType")."""
+    module = _build(name).train(train)
+    inputs = _inputs(name)
+    expected = [(o.shape, o.dtype) for o in _flat(module(*inputs))]
+    for twin in (module, fastvid.convert(module, to="reference")):
+        meta = copy.deepcopy(twin).to("meta")
+        outputs = _flat(meta(*[x.to("meta") for x in inputs]))
+        assert all(o.device.type == "meta" for o in outputs)
+        assert [(o.shape, o.dtype) for o in outputs] == expected
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_inference_mode(name):
     """Under torch.inference_mode every module runs (no autograd state is touched) and gives the

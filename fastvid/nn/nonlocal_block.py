@@ -16,6 +16,7 @@ output conv starts at zero), so a freshly inserted block is the identity.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Optional, Sequence, Union
@@ -37,6 +38,17 @@ def _pooling_layout(t: Tensor) -> Tensor:
     if t.device.type != "cpu" or t.dim() not in (4, 5):
         return t
     return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _autocast_off(device_type: str):
+    """Autocast off for the block's fp32 statistics; devices without autocast (meta) have nothing to turn off."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _WindowMaxPool(torch.autograd.Function):
@@ -113,7 +125,7 @@ class _CentredMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: Tensor):
         acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        with torch.autocast(rows.device.type, enabled=False):
+        with _autocast_off(rows.device.type):
             pivot = rows.to(acc).mean(0).to(rows.dtype)
             centred = rows.to(acc) - pivot.to(acc)
             delta = centred.mean(0)
@@ -129,7 +141,7 @@ class _CentredMoments(torch.autograd.Function):
         # d cov = (Cᵀ dC + dCᵀ C)/n with C the centred rows; the mean's path vanishes as C's columns sum to 0.
         rows, pivot, delta = ctx.saved_tensors
         n = rows.shape[0]
-        with torch.autocast(rows.device.type, enabled=False):
+        with _autocast_off(rows.device.type):
             centred = rows.to(delta.dtype) - pivot.to(delta.dtype) - delta
             grad = centred @ ((grad_cov + grad_cov.T) / n) + grad_delta / n
         return grad.to(rows.dtype)
@@ -145,7 +157,7 @@ class _CentredAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, folded: Tensor, y: Tensor, pivot: Tensor, shift: Tensor):
-        with torch.autocast(y.device.type, enabled=False):
+        with _autocast_off(y.device.type):
             centred = (y - pivot).transpose(1, 2)
             weight = folded.to(y.dtype).expand(y.shape[0], -1, -1)
             if x.dtype == y.dtype:
@@ -165,7 +177,7 @@ class _CentredAffine(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         folded, y, pivot = ctx.saved_tensors
         acc = folded.dtype
-        with torch.autocast(grad.device.type, enabled=False):
+        with _autocast_off(grad.device.type):
             grad_acc = grad.to(acc)
             grad_folded = (grad_acc @ (y.to(acc) - pivot.to(acc))).sum(0)
             # bmm reads the transposed grad in place (matmul against a 2-D folded would copy it first)
@@ -296,7 +308,7 @@ class NonLocalBlock(nn.Module):
                                  f"the input's {tuple(x.shape[2:])} in some dimension (give a smaller pool_size, "
                                  f"or sub_sample=False)")
         parameter_dtype = self.g.weight.dtype
-        if x.dtype != parameter_dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != parameter_dtype and not _autocast_on(x.device.type):
             raise RuntimeError(f"NonLocalBlock: input x has dtype {x.dtype} but the parameters have dtype "
                                f"{parameter_dtype} (convert one of them, or run under torch.autocast)")
         y = self.attend(x)  # [B, N, inter], rows contiguous
@@ -328,7 +340,7 @@ class NonLocalBlock(nn.Module):
         n = rows.shape[0]  # values per channel of z
         if norm.training and n == 1:  # nn.BatchNorm's check (one value has no variance)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        with torch.autocast(y.device.type, enabled=False):
+        with _autocast_off(y.device.type):
             weight, bias = weight.to(acc), bias.to(acc)
             gamma = norm.weight.to(acc) if norm.affine else None
             beta = norm.bias.to(acc) if norm.affine else weight.new_zeros(())
