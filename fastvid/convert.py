@@ -14,7 +14,7 @@ import copy
 import warnings
 from typing import Callable, List, Optional, Tuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from .nn.conv3d import DepthwiseConv3d, is_depthwise_conv3d
 from .nn.nonlocal_block import nonlocal_from_module
@@ -36,6 +36,19 @@ CONVERTERS: List[Converter] = [
 TARGETS = ("fastvid", "reference")
 
 
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy(model), where the tensors a forward pre-hook recomputes each call are copied detached:
+    torch.nn.utils.prune (and the hook forms of weight_norm / spectral_norm) keep them as plain non-leaf
+    attributes, which deepcopy refuses ("Only Tensors created explicitly by the user ... support the
+    deepcopy protocol"); the copy's own hook recomputes them from its copied parameters on its first call."""
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def convert(model: nn.Module, inplace: bool = False, to: str = "fastvid") -> nn.Module:
     """Returns ``model`` with its layers replaced (outputs equal within float tolerance, parameters
     kept). ``to="fastvid"``: native layers → fastvid layers; ``to="reference"``: fastvid layers →
@@ -47,7 +60,7 @@ def convert(model: nn.Module, inplace: bool = False, to: str = "fastvid") -> nn.
     else:
         converters = CONVERTERS
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
     # to="reference" must replace every fastvid layer (export needs them all), so a failure raises;
     # to="fastvid" leaves a module it cannot check native, with a warning.
     tolerant = to == "fastvid"

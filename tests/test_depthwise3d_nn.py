@@ -241,6 +241,30 @@ def test_convert_skips_what_it_cannot_reproduce():
     assert all(type(m) is nn.Conv3d for m in converted)
 
 
+def test_convert_copies_a_pruned_model():
+    """fastvid.convert(model) (inplace=False) deep-copies the model first; a pruned module's weight is a
+    non-leaf attribute, which copy.deepcopy refuses, so any pruned model raised PyTorch's "Only Tensors
+    created explicitly by the user ... deepcopy protocol". Now the copy converts what it can (the pruned
+    conv stays native with its warning), computes the original's function, keeps its own live pruning
+    (its weight follows its weight_orig), and the original is untouched."""
+    model = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1, groups=4), nn.Conv3d(4, 4, 3, padding=1, groups=4),
+                          nn.Flatten(), nn.Linear(4 * 3 * 5 * 5, 2))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    torch.nn.utils.prune.l1_unstructured(model[3], "weight", amount=0.5)
+    x = torch.randn(1, 4, 3, 5, 5)
+    expected = model(x)
+    with pytest.warns(RuntimeWarning, match=r"0 \(Conv3d\) left unconverted: .*recomputed each call"):
+        converted = fastvid.convert(model)
+    assert [type(m) for m in converted] == [nn.Conv3d, DepthwiseConv3d, nn.Flatten, nn.Linear]
+    assert [type(m) for m in model] == [nn.Conv3d, nn.Conv3d, nn.Flatten, nn.Linear]
+    torch.testing.assert_close(converted(x), expected)
+    with torch.no_grad():
+        converted[3].weight_orig.mul_(2)
+    assert converted[3].weight_orig.data_ptr() != model[3].weight_orig.data_ptr()
+    converted(x)  # the pruning hook recomputes weight = weight_orig * weight_mask
+    torch.testing.assert_close(converted[3].weight, 2 * model[3].weight)
+
+
 def test_convert_leaves_a_pruned_conv_native_and_says_why():
     """A pruned depthwise conv's weight is recomputed by a hook each call (weight_orig · weight_mask): it stays
     native with a warning saying so, and the model still computes the pruned function."""
