@@ -11,6 +11,7 @@ replacement (a warning names hooks on its parts, which may not run).
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Callable, List, Optional, Tuple
 
@@ -83,8 +84,25 @@ def _replacement(module: nn.Module, converters: List[Converter], path: str, tole
             return None
         if new is not None:
             _take_over_hooks(module, new, path)
+            _warn_of_dropped_arguments(module, new, path)
             return new
     return None
+
+
+def _warn_of_dropped_arguments(old: nn.Module, new: nn.Module, path: str) -> None:
+    """A replacement is checked on forward(x) only; forward arguments of the original beyond the input
+    that the replacement does not take (AlexHex7's nonlocal port: return_nl_map=False) make calls that
+    pass them raise TypeError: a warning names them."""
+    taken = inspect.signature(new.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in taken.values()):
+        return
+    dropped = [p for p in list(inspect.signature(old.forward).parameters.values())[1:]
+               if p.name not in taken and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if dropped:
+        names = ", ".join(str(p) for p in dropped)
+        warnings.warn(f"fastvid.convert: {path or 'the model'} ({type(old).__name__}) became a {type(new).__name__}, "
+                      f"whose forward does not take its argument(s) {names}: calls that pass them will raise "
+                      "TypeError (the replacement computes forward(x) only)", RuntimeWarning, stacklevel=3)
 
 
 #: nn.Module's registries of forward and backward hooks.

@@ -276,6 +276,24 @@ def test_convert_warns_of_hooks_inside_a_replaced_block():
     assert "block" in seen
 
 
+def test_convert_warns_of_forward_arguments_the_block_drops():
+    """A hand-written block whose forward takes more than the input (the popular standalone port's
+    forward(x, return_nl_map=False)) converts, being probed on forward(x), with a warning naming the
+    argument: a call that passes it raises TypeError (before: no warning)."""
+    class WithMap(StandaloneStyleNonLocal):
+        def forward(self, x, return_nl_map=False):
+            return super().forward(x)
+
+    model = nn.Sequential(randomize(WithMap(8))).eval()
+    with pytest.warns(RuntimeWarning, match=r"0 \(WithMap\) became a NonLocalBlock, whose forward does not take its "
+                                            r"argument\(s\) return_nl_map=False"):
+        converted = fastvid.convert(model)
+    x = torch.randn(2, 8, 2, 4, 4)
+    torch.testing.assert_close(converted(x), model(x))
+    with pytest.raises(TypeError, match="return_nl_map"):
+        converted[0](x, return_nl_map=True)
+
+
 def test_convert_keeps_other_layers_and_shares_weights_inplace():
     model = nn.Sequential(
         nn.Conv3d(4, 8, 1),
