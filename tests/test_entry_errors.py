@@ -25,10 +25,38 @@ X_VIDEO = torch.randn(2, 3, 4, 6, 6)  # [B, C, T, H, W]
     (lambda: DepthwiseConv3d(3, 3, stride=(1, 0, 1)), "DepthwiseConv3d: stride must be"),
     (lambda: DepthwiseConv3d(3, 3, padding=-1), "DepthwiseConv3d: padding must be .* >= 0"),
     (lambda: DepthwiseConv3d(3, (3, 3)), "DepthwiseConv3d: kernel_size must be one int or a \\(T, H, W\\) triple"),
+    (lambda: ConvLSTM(4, 3, kernel_size=(3,)), "kernel_size must be one int or an \\(H, W\\) pair, got \\(3,\\)"),
+    (lambda: ConvLSTMCell(4, 3, kernel_size=(3, 3, 3)), "kernel_size must be one int or an \\(H, W\\) pair"),
 ])
 def test_module_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("cls", [ConvLSTMCell, ConvGRUCell])
+def test_cell_step_shapes(cls):
+    """A cell takes one time step [B, C_in, H, W] and states [B, C, H, W]; anything else is named (before: "too
+    many values to unpack" for a clip, a broadcasting error for a wrong state)."""
+    cell, x = cls(4, 3), torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"input must be one time step \[B, 4, H, W\], got \(2, 1, 4, 5, 5\) \(a whole "
+                                         r"clip goes to the sequence layer\)"):
+        cell(x.unsqueeze(1))
+    with pytest.raises(ValueError, match=r"input must be one time step \[B, 4, H, W\], got \(4, 5, 5\)"):
+        cell(x[0])
+    bad = torch.randn(2, 3, 5, 4)
+    with pytest.raises(ValueError, match=r"h must be \[B, C, H, W\] = \(2, 3, 5, 5\), got \(2, 3, 5, 4\)"):
+        cell(x, (bad, torch.randn(2, 3, 5, 5)) if cls is ConvLSTMCell else bad)
+    if cls is ConvLSTMCell:
+        with pytest.raises(ValueError, match=r"c must be \[B, C, H, W\] = \(2, 3, 5, 5\), got \(2, 3, 5, 4\)"):
+            cell(x, (torch.randn(2, 3, 5, 5), bad))
+
+
+def test_dropout_with_one_layer_warns_as_nn_lstm():
+    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
+        torch.nn.LSTM(4, 3, dropout=0.5)
+    for cls in (ConvLSTM, ConvGRU):
+        with pytest.warns(UserWarning, match="non-zero dropout expects num_layers > 1, got dropout=0.5 and num_layers=1"):
+            cls(4, 3, dropout=0.5)
 
 
 @pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])

@@ -9,6 +9,7 @@ between backends. Inputs are ``[B, T, C, H, W]`` (``batch_first=True``) or ``[T,
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -33,6 +34,8 @@ def _pair(v) -> tuple:
 
 
 def _check_kernel(kernel_size):
+    if len(kernel_size) != 2:
+        raise ValueError(f"kernel_size must be one int or an (H, W) pair, got {kernel_size}")
     if any(k % 2 == 0 or k < 1 for k in kernel_size):
         raise ValueError(f"kernel_size must be odd (the state keeps its H x W with 'same' padding), got {kernel_size}")
 
@@ -109,6 +112,17 @@ class _ConvRNNCellBase(nn.Module):
         B, _, H, W = x.shape
         return x.new_zeros(B, self.hidden_channels, H, W, dtype=dtype)
 
+    def _check_step(self, x: Tensor, **states) -> None:
+        """One time step's input [B, C_in, H, W] and states [B, C, H, W] (None: zeros), or a clear error."""
+        name = type(self).__name__
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{name}: input must be one time step [B, {self.in_channels}, H, W], got {tuple(x.shape)}"
+                             + (" (a whole clip goes to the sequence layer)" if x.dim() == 5 else ""))
+        expected = (x.shape[0], self.hidden_channels, x.shape[2], x.shape[3])
+        for state_name, state in states.items():
+            if state is not None and tuple(state.shape) != expected:
+                raise ValueError(f"{name}: {state_name} must be [B, C, H, W] = {expected}, got {tuple(state.shape)}")
+
 
 class ConvLSTMCell(_ConvRNNCellBase):
     """One ConvLSTM step (Shi et al. 2015): ``(h, c) = cell(x, (h, c))`` on ``[B, C, H, W]`` maps.
@@ -139,6 +153,7 @@ class ConvLSTMCell(_ConvRNNCellBase):
         _reset_norm(self, "")
 
     def forward(self, x: Tensor, state: Optional[tuple] = None):
+        self._check_step(x, h=None if state is None else state[0], c=None if state is None else state[1])
         h, c = state if state is not None else (self._zeros(x), self._zeros(x, ops.recurrent._acc(x.dtype)))
         if self.norm == "layer":  # one step of the fused sequence op
             bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
@@ -219,6 +234,7 @@ class ConvGRUCell(_ConvRNNCellBase):
         _reset_norm(self, "")
 
     def forward(self, x: Tensor, h: Optional[Tensor] = None) -> Tensor:
+        self._check_step(x, h=h)
         h = self._zeros(x) if h is None else h
         if self.norm == "layer":  # one step of the fused sequence op
             return ops.convgru_ln(x.unsqueeze(1), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, h,
@@ -261,6 +277,9 @@ class _ConvRNNBase(nn.Module):
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        if dropout > 0 and num_layers == 1:  # nn.LSTM's warning
+            warnings.warn(f"dropout applies between layers, so non-zero dropout expects num_layers > 1, got "
+                          f"dropout={dropout} and num_layers=1", UserWarning, stacklevel=3)
         if in_channels <= 0:
             raise ValueError(f"in_channels must be positive, got {in_channels}")
         self.in_channels, self.num_layers = in_channels, num_layers
