@@ -163,6 +163,16 @@ def test_i3d_mixed_widths_and_shapes():
 
 # ------------------------------------------------------------------------------------------ inflation
 
+@pytest.mark.parametrize("frames", [1, 2, 3, 4, 5])
+def test_i3d_runs_any_clip_length(frames):
+    """The docstring's "any T >= 1 and H, W >= 32": pool_5a pools 2x2x2 with TF's 'SAME' output size
+    (ceil_mode); before, T <= 4 at 32x32 left it one frame, and PyTorch's pooling raised "Output size is too small"."""
+    model = build("i3d", num_classes=NUM_CLASSES, width_multiplier=0.125).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, frames, 32, 32)).shape == (1, NUM_CLASSES)
+    assert model.features.pool_5a(torch.randn(1, 2, 3, 3, 1)).shape == (1, 2, 2, 2, 1)  # ceil(size / 2)
+
+
 def _small_2d_net():
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
@@ -223,6 +233,24 @@ def test_inflated_layers():
     assert isinstance(next(iter(net2d)), nn.Conv2d)  # the input module is left alone
     single = inflate_2d_to_3d(nn.Conv2d(2, 3, 3), 3)
     assert isinstance(single, nn.Conv3d) and single.kernel_size == (3, 3, 3)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_inflated_module_keeps_dtype_and_device(affine):
+    """A float64 2D network inflates to a float64 3D one that runs (its BatchNorms were built in float32:
+    "mixed dtype" in forward, the float64 statistics rounded), and a BatchNorm without affine parameters
+    lands on its statistics' device (meta here; it was built on the CPU and failed to load)."""
+    net2d = _small_2d_net().double()
+    if not affine:
+        net2d[1] = nn.BatchNorm2d(8, affine=False).double().eval()
+    net3d = inflate_2d_to_3d(net2d, time_kernel=3).eval()
+    assert {p.dtype for p in net3d.state_dict().values() if p.is_floating_point()} == {torch.float64}
+    assert torch.equal(net3d[1].running_mean, net2d[1].running_mean)
+    video = _static_video(torch.randn(1, 3, 16, 16, dtype=torch.float64), 5)
+    with torch.no_grad():
+        assert net3d(video).dtype == torch.float64
+    on_meta = inflate_2d_to_3d(copy.deepcopy(net2d).to("meta"), time_kernel=3)
+    assert {p.device.type for p in on_meta.state_dict().values()} == {"meta"}
 
 
 def test_inflated_state_dict_loads_into_3d_twin():

@@ -54,8 +54,9 @@ def _inflate_conv(conv: nn.Conv2d, t: int, time_padding: Optional[int]) -> nn.Co
 
 
 def _inflate_batchnorm(norm: nn.BatchNorm2d) -> nn.BatchNorm3d:
+    like = norm.weight if norm.affine else norm.running_mean  # (one of them exists: BatchNorm2d has state)
     norm3d = nn.BatchNorm3d(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats,
-                            device=norm.weight.device if norm.affine else None)
+                            device=None if like is None else like.device, dtype=None if like is None else like.dtype)
     norm3d.load_state_dict(norm.state_dict())  # same names, same shapes
     return norm3d.train(norm.training)
 
@@ -216,7 +217,9 @@ class I3D(nn.Module):
         ])
         channels = stem_widths[2]
         pools_before = {"mixed_4b": ("pool_4a", nn.MaxPool3d(3, stride=2, padding=1)),
-                        "mixed_5b": ("pool_5a", nn.MaxPool3d(2, stride=2))}
+                        # ceil_mode: the output TF's 'SAME' pooling gives (ceil(size / 2)), as pool_4a's padding
+                        # does; a 1-frame or 1-pixel map then pools to itself instead of raising
+                        "mixed_5b": ("pool_5a", nn.MaxPool3d(2, stride=2, ceil_mode=True))}
         for name, widths in MIXED_WIDTHS.items():
             if name in pools_before:
                 pool_name, pool = pools_before[name]
