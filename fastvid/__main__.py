@@ -16,6 +16,8 @@ import argparse
 import sys
 from typing import Callable, List, NamedTuple, Optional
 
+from fastvid import _argtypes
+
 
 class Command(NamedTuple):
     name: str
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in _commands():
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
-        sub.set_defaults(run=command.run)
+        sub.set_defaults(run=command.run, command_parser=sub)
     return parser
 
 
@@ -88,7 +90,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except _argtypes.UsageError as error:  # raised by the commands' own argument checks, before any work
+        args.command_parser.error(str(error))
 
 
 if __name__ == "__main__":

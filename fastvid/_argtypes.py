@@ -11,6 +11,8 @@ def _number(kind, low: float, strict: bool, what: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if value != value or value in (float("inf"), float("-inf")):  # nan / inf pass every comparison below
+            raise argparse.ArgumentTypeError(f"{what}, got {text} (not a finite number)")
         if value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"{what}, got {text}")
         return value
@@ -22,6 +24,11 @@ positive_int = _number(int, 0, True, "must be a positive integer")
 non_negative_int = _number(int, 0, False, "must be an integer >= 0")
 positive_float = _number(float, 0.0, True, "must be > 0")
 non_negative_float = _number(float, 0.0, False, "must be >= 0")
+
+
+class UsageError(Exception):
+    """An option combination argparse cannot check by itself: ``python -m fastvid`` prints it as the
+    command's usage error (exit status 2), before any work."""
 
 
 def device(text: str) -> str:

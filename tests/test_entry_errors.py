@@ -120,6 +120,20 @@ def test_nonlocal_block_mixed_dtypes():
     (["train", "--model", "early_fusion", "--test-clips", "0"], "argument --test-clips: must be a positive integer"),
     (["train", "--model", "early_fusion", "--lr", "-1"], "argument --lr: must be > 0, got -1"),
     (["train", "--model", "early_fusion", "--noise", "-1"], "argument --noise: must be >= 0, got -1"),
+    # nan and inf passed every comparison: nan reached Adam's traceback, inf trained silently
+    (["train", "--model", "early_fusion", "--lr", "nan"], "argument --lr: must be > 0, got nan (not a finite number)"),
+    (["train", "--model", "early_fusion", "--noise", "inf"], "argument --noise: must be >= 0, got inf (not a finite"),
+    (["bench", "--wait-idle", "nan"], "argument --wait-idle: must be >= 0, got nan (not a finite number)"),
+    # combinations checked before any work (before: tracebacks from the data generators and builders)
+    (["train", "--model", "nosuch"], "train: error: --model: unknown model 'nosuch'; registered: beyond_snippets, c3d"),
+    (["train", "--model", "early_fusion", "--frames", "3"], "--frames must be >= 4 for motion clips"),
+    (["train", "--model", "early_fusion", "--size", "3"], "--size must be >= 4 for motion clips, got 3"),
+    (["train", "--model", "convlstm_forecaster"], "--model convlstm_forecaster predicts frames: add --task predict"),
+    (["train", "--task", "predict", "--model", "c3d"], "--model c3d is not a frame predictor"),
+    (["train", "--task", "predict", "--model", "convlstm_forecaster", "--frames", "1"],
+     "--frames must be >= 2 to predict (one observed, one predicted), got 1"),
+    (["train", "--task", "predict", "--model", "convlstm_forecaster", "--frames", "4", "--input-frames", "4"],
+     "--input-frames must be in 1..3 (--frames - 1), got 4"),
 ])
 def test_command_line_option_values(argv, message, capsys):
     """A bad number is an argparse error naming the option (exit 2), not a traceback, a division by zero

@@ -377,12 +377,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """What argparse cannot check alone (the model's kind against --task, the clip sizes the data needs),
+    as a UsageError before any work."""
+    if args.model not in _BUILDERS:
+        raise _argtypes.UsageError(f"--model: unknown model {args.model!r}; registered: {', '.join(list_models())}")
+    frames, size = _task_default(args, "frames"), _task_default(args, "size")
+    predictor = "future_frames" in inspect.signature(_BUILDERS[args.model]).parameters
+    if args.task == "classify":
+        if predictor:
+            raise _argtypes.UsageError(f"--model {args.model} predicts frames: add --task predict")
+        if frames < 4:
+            raise _argtypes.UsageError(f"--frames must be >= 4 for motion clips (two frames per half), got {frames}")
+        if size < 4:
+            raise _argtypes.UsageError(f"--size must be >= 4 for motion clips, got {size}")
+        return
+    if not predictor:
+        raise _argtypes.UsageError(f"--model {args.model} is not a frame predictor (its builder has no future_frames "
+                                   "argument); try --model convlstm_forecaster, or --task classify")
+    if frames < 2:
+        raise _argtypes.UsageError(f"--frames must be >= 2 to predict (one observed, one predicted), got {frames}")
+    input_frames = frames // 2 if args.input_frames is None else args.input_frames
+    if not 0 < input_frames < frames:
+        raise _argtypes.UsageError(f"--input-frames must be in 1..{frames - 1} (--frames - 1), got {input_frames}")
+
+
 def _task_default(args: argparse.Namespace, name: str):
     value = getattr(args, name)
     return TASK_DEFAULTS[name][args.task == "predict"] if value is None else value
 
 
 def main(args: argparse.Namespace) -> int:
+    check_arguments(args)
     frames, size, batch_size, train_clips, test_clips, lr = (_task_default(args, name) for name in TASK_DEFAULTS)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -428,4 +454,4 @@ def _forecast_report(name: str, result: ForecastResult) -> str:
 __all__ = ["TrainResult", "ProgressBar", "builder_arguments", "takes_flow", "class_scores", "Distributed",
            "init_distributed", "prepare_model", "accuracy", "fit", "save_checkpoint", "train_model", "run",
            "ForecastResult", "forecast_errors", "predictor_arguments", "run_predict", "TASK_DEFAULTS",
-           "add_arguments", "main"]
+           "add_arguments", "check_arguments", "main"]
