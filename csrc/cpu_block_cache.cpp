@@ -10,8 +10,10 @@
 
 #include <pthread.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <limits>
 #include <list>
 #include <map>
 #include <mutex>
@@ -35,7 +37,10 @@ int64_t limit_from_environment() {
   TORCH_CHECK_VALUE(end != mb && *end == '\0' && value >= 0,
                     "FASTVID_CPU_BLOCK_CACHE_MB must be a whole number of MiB >= 0 (0 turns fastvid's CPU block ",
                     "cache off), got '", mb, "'");
-  return static_cast<int64_t>(value) << 20;
+  // Beyond 2^43 MiB the byte count overflows int64 (it read as negative: the cache silently off); no
+  // machine holds that much, so it is the same as no limit.
+  constexpr long long kMaxMB = std::numeric_limits<int64_t>::max() >> 20;
+  return static_cast<int64_t>(std::min(value, kMaxMB)) << 20;
 }
 
 struct Block {

@@ -134,6 +134,21 @@ def test_a_bad_limit_is_a_clear_error(value):
     assert "FASTVID_CPU_BLOCK_CACHE_MB must be a whole number of MiB" in proc.stderr and value in proc.stderr
 
 
+@pytest.mark.parametrize("value", ["8796093022208", "99999999999999999999999"])
+def test_a_huge_limit_is_no_limit(value):
+    """2^43 MiB and more overflowed the byte count: the limit read as negative and the cache kept nothing
+    (fastvid.info() showed -9223372036854775808). Now it is capped at the largest byte count, and blocks
+    come back."""
+    proc = _run_with_limit(value, f"""
+first = OPS._cpu_block_cache_empty([{MIN_VALUES} * 4])
+address = first.data_ptr()
+del first
+print(OPS._cpu_block_cache_empty([{MIN_VALUES} * 4]).data_ptr() == address, fastvid.info()["cpu_block_cache_limit_bytes"])
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", str(((1 << 63) - 1) >> 20 << 20)]
+
+
 def test_out_of_memory_returns_the_kept_blocks_first():
     proc = _run_with_limit("1024", """
 import resource
