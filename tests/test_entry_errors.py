@@ -145,6 +145,21 @@ def test_command_line_option_values(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("line, message", [
+    ("{}", "not a results row (it lacks ['op', 'provider'"),
+    ('{"op": "ConvLSTM", "run_id": "a"}', "not a results row (it lacks ['provider'"),
+    ("[1, 2]", "not a results row (it is a JSON list, not an object)"),
+    ("not json", "not a JSON row")])
+def test_report_of_a_file_that_is_not_bench_results(line, message, tmp_path, capsys):
+    """bench --report names a line that is JSON but not a results row, as it named non-JSON lines (before: a
+    KeyError / AttributeError traceback from the report)."""
+    from fastvid.__main__ import main
+    path = tmp_path / "rows.jsonl"
+    path.write_text(line + "\n")
+    assert main(["bench", "--report", str(path)]) == 2
+    assert f"fastvid bench --report: {path}:1: {message}" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("command", [["bench"], ["train", "--model", "early_fusion"]])
 def test_command_line_cuda_without_a_gpu(command, capsys):

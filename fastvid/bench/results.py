@@ -82,9 +82,14 @@ def load(path: str) -> List[dict]:
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not a JSON row ({exc})") from None
+            missing = [k for k in REQUIRED_KEYS if k not in row] if isinstance(row, dict) else None
+            if missing is None or missing:  # JSON, but not a row the bench writes
+                what = f"lacks {missing}" if missing else f"is a JSON {type(row).__name__}, not an object"
+                raise ValueError(f"{path}:{number}: not a results row (it {what})")
+            rows.append(row)
     return rows
 
 
