@@ -33,6 +33,9 @@ def info() -> dict:
 #: The CPU ISA paths, lowest first (csrc/cpu_isa.h), and the kernel families compiled for each.
 CPU_ISA_PATHS = ("baseline", "avx2", "avx512")
 CPU_ISA_FAMILIES = ("depthwise3d", "recurrent", "attention")
+# The request as the kernels saw it: fastvid._C reads FASTVID_CPU_ISA once, when it loads (with this package);
+# a later change of the variable changes nothing, so info() does not re-read it.
+_CPU_ISA_REQUEST = os.environ.get("FASTVID_CPU_ISA") or None
 
 
 def cpu_isa_info() -> dict:
@@ -40,7 +43,7 @@ def cpu_isa_info() -> dict:
     is compiled for every path, so they agree), the paths this CPU can run (``cpu_isa_supported``),
     whether it has native bf16 arithmetic (``cpu_isa_bf16``: AVX512-BF16) and the FASTVID_CPU_ISA
     request read at import (``cpu_isa_forced``)."""
-    forced = os.environ.get("FASTVID_CPU_ISA") or None
+    forced = _CPU_ISA_REQUEST
     if not _backend.cpu_kernels():
         return {"cpu_isa": None, "cpu_isa_supported": [], "cpu_isa_bf16": None, "cpu_isa_forced": forced}
     ops = torch.ops.fastvid

@@ -120,6 +120,15 @@ def test_env_variable_read_at_import(isa):
     assert (active, ran, forced) == (isa, isa, isa)
 
 
+def test_info_reports_the_request_made_at_import(monkeypatch):
+    """cpu_isa_forced is the FASTVID_CPU_ISA the kernels saw when fastvid loaded; setting the variable later
+    changes no path, and info() no longer re-reads it (it reported a forced path not in effect)."""
+    before = fastvid.info()
+    monkeypatch.setenv("FASTVID_CPU_ISA", "baseline" if before["cpu_isa_forced"] != "baseline" else "avx2")
+    after = fastvid.info()
+    assert (after["cpu_isa_forced"], after["cpu_isa"]) == (before["cpu_isa_forced"], before["cpu_isa"])
+
+
 def test_env_variable_unknown_or_unsupported_is_clamped_with_a_warning():
     best = OPS._cpu_isa_supported()
     (active, _, _), stderr = _import_with_env("sse9")
