@@ -160,6 +160,14 @@ def test_report_of_a_file_that_is_not_bench_results(line, message, tmp_path, cap
     assert f"fastvid bench --report: {path}:1: {message}" in capsys.readouterr().err
 
 
+def test_bench_isa_names(capsys):
+    """--isa names a misspelt path as not a path (before: "['bogus'] not supported by this CPU", as if it were a
+    real path this CPU lacks)."""
+    from fastvid.__main__ import main
+    assert main(["bench", "--isa", "avx2,AVX2"]) == 2
+    assert "--isa avx2,AVX2: ['AVX2'] not a CPU ISA path (the paths: baseline, avx2, avx512" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("command", [["bench"], ["train", "--model", "early_fusion"]])
 def test_command_line_cuda_without_a_gpu(command, capsys):

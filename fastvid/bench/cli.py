@@ -17,6 +17,7 @@ import sys
 import torch
 
 from .. import _argtypes
+from .._info import CPU_ISA_PATHS
 from . import attention, cases, depthwise, measure, report, results, runner
 
 
@@ -118,6 +119,11 @@ def main(args: argparse.Namespace) -> int:
         paths = [None]
     elif args.isa not in (None, "all"):
         wanted = args.isa.split(",")
+        names = [p for p in wanted if p not in CPU_ISA_PATHS]
+        if names:
+            print(f"--isa {args.isa}: {names} not a CPU ISA path (the paths: {', '.join(CPU_ISA_PATHS)}, or 'all', "
+                  "'active')", file=sys.stderr)
+            return 2
         unknown = [p for p in wanted if p not in paths]
         if unknown:
             print(f"--isa {args.isa}: {unknown} not supported by this CPU (it runs {paths})", file=sys.stderr)
