@@ -160,6 +160,16 @@ def test_report_of_a_file_that_is_not_bench_results(line, message, tmp_path, cap
     assert f"fastvid bench --report: {path}:1: {message}" in capsys.readouterr().err
 
 
+def test_attention_convlstm_names_bad_inputs_in_the_callers_layout():
+    """Time-major (batch_first=False): a wrong attention_input is reported as passed, against the time-major
+    layout (before: its transposed shape against the batch-first one); T = 0 is named (before: a reshape error)."""
+    layer = AttentionConvLSTM(3, 4, batch_first=False, attention_in_channels=2)
+    with pytest.raises(ValueError, match=r"attention_input must be \[T, B, 2, 5, 5\] \(B, T, H, W as x\), got \(3, 2, 1, 5, 5\)"):
+        layer(torch.randn(3, 2, 3, 5, 5), torch.randn(3, 2, 1, 5, 5))
+    with pytest.raises(ValueError, match=r"x has no time steps \(T = 0\), got \(0, 2, 3, 5, 5\)"):
+        layer(torch.randn(0, 2, 3, 5, 5))
+
+
 def test_bench_isa_names(capsys):
     """--isa names a misspelt path as not a path (before: "['bogus'] not supported by this CPU", as if it were a
     real path this CPU lacks)."""

@@ -74,17 +74,21 @@ def attention_convlstm(layer: nn.Module, x: Tensor, attention_input: Optional[Te
     if x.dim() != 5:
         raise ValueError(f"{name}: x must be 5-D [B, T, C, H, W] (batch_first) or [T, B, C, H, W], "
                          f"got {tuple(x.shape)}")
+    given, x_given = None if attention_input is None else tuple(attention_input.shape), tuple(x.shape)  # as passed
     if not layer.batch_first:
         x = x.transpose(0, 1)
         attention_input = None if attention_input is None else attention_input.transpose(0, 1)
     B, T, C, H, W = x.shape
     if C != layer.in_channels:
         raise ValueError(f"{name}: x has {C} channels, expected in_channels = {layer.in_channels}")
+    if T == 0:
+        raise ValueError(f"{name}: x has no time steps (T = 0), got {x_given}")
     source = x if attention_input is None else attention_input
     if source.dim() != 5 or source.shape[:2] != (B, T) or source.shape[3:] != (H, W) \
             or source.shape[2] != layer.attention_in_channels:
-        raise ValueError(f"{name}: attention_input must be [B, T, {layer.attention_in_channels}, {H}, {W}] "
-                         f"(B, T, H, W as x), got {tuple(source.shape)}")
+        layout = f"[B, T, {layer.attention_in_channels}, {H}, {W}]" if layer.batch_first else \
+            f"[T, B, {layer.attention_in_channels}, {H}, {W}]"
+        raise ValueError(f"{name}: attention_input must be {layout} (B, T, H, W as x), got {given}")
     # W_xa * X_t + b_a does not depend on the recurrence: one conv over all B·T frames.
     input_scores = layer.input_attention(source.reshape(B * T, *source.shape[2:])).reshape(B, T, -1, H, W)
     h, c = state if state is not None else (None, None)
