@@ -441,6 +441,11 @@ def test_temporal_attention_bad_arguments():
         TemporalAttention(4, 5, score="dot")
     with pytest.raises(ValueError, match="expected query"):
         TemporalAttention(4)(torch.randn(2, 5), torch.randn(2, 3, 4))
+    # values of another shape than [B, T, Dv] are refused whether or not the weights are returned (a [T, Dv]
+    # broadcast through the weights' matmul but not through the kernel)
+    for return_weights in (True, False):
+        with pytest.raises(ValueError, match=r"values must be \[B, T, Dv\] with B, T = \(3, 5\) as keys, got \(5, 4\)"):
+            TemporalAttention(4)(torch.randn(3, 2, 4), torch.randn(3, 5, 4), torch.randn(5, 4), return_weights=return_weights)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

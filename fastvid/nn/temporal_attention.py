@@ -69,6 +69,9 @@ class TemporalAttention(nn.Module):
             raise ValueError(f"TemporalAttention: expected query [B, ({self.query_dim})] or [B, N, {self.query_dim}] "
                              f"and keys [B, T, {self.key_dim}], got {tuple(query.shape)} and {tuple(keys.shape)}")
         values = keys if values is None else values
+        if values.dim() != 3 or values.shape[:2] != keys.shape[:2]:  # checked for every path, with or without weights
+            raise ValueError(f"TemporalAttention: values must be [B, T, Dv] with B, T = {tuple(keys.shape[:2])} as keys, "
+                             f"got {tuple(values.shape)}")
         if return_weights or self.score == "concat":
             weights = torch.softmax(self.scores(query, keys), dim=-1)
             context = torch.matmul(weights, values)
