@@ -41,10 +41,15 @@ def _deepcopy(model: nn.Module) -> nn.Module:
     """copy.deepcopy(model), where the tensors a forward pre-hook recomputes each call are copied detached:
     torch.nn.utils.prune (and the hook forms of weight_norm / spectral_norm) keep them as plain non-leaf
     attributes, which deepcopy refuses ("Only Tensors created explicitly by the user ... support the
-    deepcopy protocol"); the copy's own hook recomputes them from its copied parameters on its first call."""
+    deepcopy protocol"); the copy's own hook recomputes them from its copied parameters on its first call.
+    Only those: any other non-leaf attribute (a tied view such as weight.t()) would become a frozen copy,
+    so it still raises deepcopy's error."""
     memo = {}
     for module in model.modules():
-        for value in vars(module).values():
+        for hook in module._forward_pre_hooks.values():
+            # prune's methods name their tensor _tensor_name; WeightNorm / SpectralNorm name it name
+            name = getattr(hook, "_tensor_name", None) or getattr(hook, "name", None)
+            value = vars(module).get(name) if isinstance(name, str) else None
             if isinstance(value, Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
     return copy.deepcopy(model, memo)

@@ -265,6 +265,22 @@ def test_convert_copies_a_pruned_model():
     torch.testing.assert_close(converted[3].weight, 2 * model[3].weight)
 
 
+def test_convert_copies_no_other_computed_attribute():
+    """Only the tensors a pruning / norm hook recomputes are copied detached: another non-leaf attribute (a
+    tied view of a weight) would become a frozen copy, so the copy still fails as copy.deepcopy does."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(4, 4, 3, padding=1, groups=4)
+            self.flipped = self.conv.weight.flip(2)
+
+        def forward(self, x):
+            return self.conv(x) + nn.functional.conv3d(x, self.flipped, padding=1, groups=4)
+
+    with pytest.raises(RuntimeError, match="Only Tensors created explicitly by the user"):
+        fastvid.convert(Tied())
+
+
 def test_convert_leaves_a_pruned_conv_native_and_says_why():
     """A pruned depthwise conv's weight is recomputed by a hook each call (weight_orig · weight_mask): it stays
     native with a warning saying so, and the model still computes the pruned function."""

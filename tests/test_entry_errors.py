@@ -49,6 +49,9 @@ def test_cell_step_shapes(cls):
     if cls is ConvLSTMCell:
         with pytest.raises(ValueError, match=r"c must be \[B, C, H, W\] = \(2, 3, 5, 5\), got \(2, 3, 5, 4\)"):
             cell(x, (torch.randn(2, 3, 5, 5), bad))
+        # an h of batch 1 (a learned initial state) broadcasts through the hidden conv, as before the checks
+        h, c = torch.randn(1, 3, 5, 5), torch.randn(2, 3, 5, 5)
+        torch.testing.assert_close(cell(x, (h, c)), cell(x, (h.expand(2, -1, -1, -1), c)))
 
 
 def test_dropout_with_one_layer_warns_as_nn_lstm():

@@ -12,8 +12,10 @@
 * ``torch.jit.trace`` records the same ops (the traced module saves, loads and takes another batch
   size), except the NonLocalBlock's fused steps, which raise an error that names the way out.
 """
+import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -150,7 +152,14 @@ def test_fastvid_model_traces_with_torch_jit(case, tmp_path):
     runs would be recorded; before, the strategy key failed on the tracer's tensor sizes)."""
     model, _, x, expected = _case(case)
     fastvid.ops.set_strategy("auto")  # empties the strategy cache: the trace is the model's first call
-    traced = torch.jit.trace(model, x, check_trace=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, x, check_trace=False)
+    # the cells' and the depthwise conv's Python shape checks are skipped while tracing (booleans of traced
+    # sizes warn, and a trace would freeze them); the sequence layers' checks still warn
+    tracer = [f"{w.filename}:{w.lineno}" for w in caught
+              if issubclass(w.category, torch.jit.TracerWarning) and f"{os.sep}fastvid{os.sep}" in w.filename]
+    assert not tracer or case not in ("depthwise", "convlstm_cell", "convgru_cell"), tracer
     graph = str(traced.inlined_graph)
     assert "fastvid::" in graph
     sequence_calls = {"convlstm": ("fastvid::convlstm_sequence(", 4), "convgru": ("fastvid::convgru_sequence(", 1)}

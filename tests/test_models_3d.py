@@ -165,12 +165,18 @@ def test_i3d_mixed_widths_and_shapes():
 
 @pytest.mark.parametrize("frames", [1, 2, 3, 4, 5])
 def test_i3d_runs_any_clip_length(frames):
-    """The docstring's "any T >= 1 and H, W >= 32": pool_5a pools 2x2x2 with TF's 'SAME' output size
-    (ceil_mode); before, T <= 4 at 32x32 left it one frame, and PyTorch's pooling raised "Output size is too small"."""
+    """The docstring's "any T >= 1 and H, W >= 32": pool_5a's 2x2x2 window shrinks along a dimension of one
+    (before, T <= 4 at 32x32 left it one frame, and PyTorch's pooling raised "Output size is too small");
+    a map of two or more per dimension pools exactly as nn.MaxPool3d(2, stride=2)."""
     model = build("i3d", num_classes=NUM_CLASSES, width_multiplier=0.125).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, frames, 32, 32)).shape == (1, NUM_CLASSES)
-    assert model.features.pool_5a(torch.randn(1, 2, 3, 3, 1)).shape == (1, 2, 2, 2, 1)  # ceil(size / 2)
+    pool = model.features.pool_5a
+    for shape in [(1, 2, 3, 7, 6), (1, 2, 4, 2, 5)]:
+        x = torch.randn(shape)
+        assert torch.equal(pool(x), nn.MaxPool3d(2, stride=2)(x))
+    x = torch.randn(1, 2, 1, 7, 6)
+    assert torch.equal(pool(x), nn.MaxPool3d((1, 2, 2), stride=(1, 2, 2))(x))
 
 
 def _small_2d_net():

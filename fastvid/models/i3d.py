@@ -61,6 +61,19 @@ def _inflate_batchnorm(norm: nn.BatchNorm2d) -> nn.BatchNorm3d:
     return norm3d.train(norm.training)
 
 
+class _WindowFittingMaxPool3d(nn.MaxPool3d):
+    """nn.MaxPool3d(k, stride=k) whose window shrinks to a dimension shorter than k: short clips reach
+    I3D's pool_5a with one frame left (T <= 4 at 32x32), where nn.MaxPool3d raises "Output size is too
+    small"; every map it could pool before pools as it did."""
+
+    def __init__(self, kernel_size: int):
+        super().__init__(kernel_size, stride=kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        window = tuple(min(self.kernel_size, size) for size in x.shape[2:])
+        return nn.functional.max_pool3d(x, window, window)
+
+
 def _pair(v) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -217,9 +230,7 @@ class I3D(nn.Module):
         ])
         channels = stem_widths[2]
         pools_before = {"mixed_4b": ("pool_4a", nn.MaxPool3d(3, stride=2, padding=1)),
-                        # ceil_mode: the output TF's 'SAME' pooling gives (ceil(size / 2)), as pool_4a's padding
-                        # does; a 1-frame or 1-pixel map then pools to itself instead of raising
-                        "mixed_5b": ("pool_5a", nn.MaxPool3d(2, stride=2, ceil_mode=True))}
+                        "mixed_5b": ("pool_5a", _WindowFittingMaxPool3d(2))}
         for name, widths in MIXED_WIDTHS.items():
             if name in pools_before:
                 pool_name, pool = pools_before[name]

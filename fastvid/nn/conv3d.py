@@ -66,7 +66,7 @@ class DepthwiseConv3d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The op reads the channel multiplier off the weight and the input (F.conv3d(groups=C) semantics):
         # an input with a divisor of the module's channels would run as another multiplier.
-        if x.dim() in (4, 5) and x.shape[-4] != self.channels:
+        if not torch.jit.is_tracing() and x.dim() in (4, 5) and x.shape[-4] != self.channels:
             raise ValueError(f"DepthwiseConv3d: expected input [B, {self.channels}, T, H, W] or [{self.channels}, T, H, "
                              f"W], got {tuple(x.shape)} ({x.shape[-4]} channels instead of {self.channels})")
         if x.dim() == 4:  # unbatched [C, T, H, W], as nn.Conv3d takes it

@@ -112,15 +112,21 @@ class _ConvRNNCellBase(nn.Module):
         B, _, H, W = x.shape
         return x.new_zeros(B, self.hidden_channels, H, W, dtype=dtype)
 
-    def _check_step(self, x: Tensor, **states) -> None:
-        """One time step's input [B, C_in, H, W] and states [B, C, H, W] (None: zeros), or a clear error."""
+    def _check_step(self, x: Tensor, broadcast_h: bool = False, **states) -> None:
+        """One time step's input [B, C_in, H, W] and states [B, C, H, W] (None: zeros), or a clear error.
+        broadcast_h: h may have batch 1 (ConvLSTMCell: its hidden conv's output broadcasts, as a learned
+        initial state relies on). Not while tracing: the checks would be Python booleans of traced sizes."""
+        if torch.jit.is_tracing():
+            return
         name = type(self).__name__
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{name}: input must be one time step [B, {self.in_channels}, H, W], got {tuple(x.shape)}"
                              + (" (a whole clip goes to the sequence layer)" if x.dim() == 5 else ""))
         expected = (x.shape[0], self.hidden_channels, x.shape[2], x.shape[3])
         for state_name, state in states.items():
-            if state is not None and tuple(state.shape) != expected:
+            if state is None or tuple(state.shape) == expected:
+                continue
+            if not (broadcast_h and state_name == "h" and tuple(state.shape) == (1, *expected[1:])):
                 raise ValueError(f"{name}: {state_name} must be [B, C, H, W] = {expected}, got {tuple(state.shape)}")
 
 
@@ -153,7 +159,7 @@ class ConvLSTMCell(_ConvRNNCellBase):
         _reset_norm(self, "")
 
     def forward(self, x: Tensor, state: Optional[tuple] = None):
-        self._check_step(x, h=None if state is None else state[0], c=None if state is None else state[1])
+        self._check_step(x, broadcast_h=True, h=None if state is None else state[0], c=None if state is None else state[1])
         h, c = state if state is not None else (self._zeros(x), self._zeros(x, ops.recurrent._acc(x.dtype)))
         if self.norm == "layer":  # one step of the fused sequence op
             bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
