@@ -314,7 +314,8 @@ def test_dropout_between_layers_only_in_training(cls):
 
 def test_dropout_not_applied_to_last_layer_output():
     torch.manual_seed(0)
-    m = _randomize(ConvLSTM(C_IN, C, 3, num_layers=1, dropout=0.5)).train()
+    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers > 1"):  # as nn.LSTM warns
+        m = _randomize(ConvLSTM(C_IN, C, 3, num_layers=1, dropout=0.5)).train()
     x = torch.randn(B, T, C_IN, H, W)
     with torch.no_grad():
         train = _states(m(x))
