@@ -3,6 +3,7 @@ number is an argparse error naming the option, not a traceback or a silently ign
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def _number(kind, low: float, strict: bool, what: str):
@@ -11,7 +12,7 @@ def _number(kind, low: float, strict: bool, what: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if value != value or value in (float("inf"), float("-inf")):  # nan / inf pass every comparison below
+        if not math.isfinite(value):  # nan / inf would pass the comparisons below
             raise argparse.ArgumentTypeError(f"{what}, got {text} (not a finite number)")
         if value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"{what}, got {text}")

@@ -165,6 +165,12 @@ class _ReferenceConvRNN(_SharesParameters):
 
     stream = _ConvRNNBase.stream  # the same chunk-by-chunk contract as the fastvid layer's
 
+    def _checked_lengths(self, name, lengths, x):
+        """``lengths`` checked once per call as the fastvid ops check it (against the batch-first clip)."""
+        if lengths is None or x.dim() != 5:  # no lengths, or _run names the bad input
+            return lengths
+        return _check_lengths(name, lengths, x if self.batch_first else x.transpose(0, 1))
+
 
 class ReferenceConvLSTM(_ReferenceConvRNN):
     """Plain-PyTorch ``fastvid.nn.ConvLSTM``: ``output, (h_n, c_n) = m(x, (h_0, c_0))``."""
@@ -173,8 +179,9 @@ class ReferenceConvLSTM(_ReferenceConvRNN):
         super().__init__(module, self._ATTRIBUTES + ("peephole", "unit_forget_bias", "norm"))
 
     def forward(self, x: Tensor, state=None, lengths=None):
+        steps = self._checked_lengths("convlstm", lengths, x)
+
         def run_direction(inp, x, layer, d, suffix, index):
-            steps = _check_lengths("convlstm", lengths, inp)
             C = self.hidden_channels[layer]
             h0 = self._initial(None if state is None else state[0], index, x, C)
             c0 = self._initial(None if state is None else state[1], index, x, C, ref.compute_dtype(x.dtype))
@@ -205,8 +212,9 @@ class ReferenceConvGRU(_ReferenceConvRNN):
         return torch.cat([x, inp], 2) if (layer > 0 and self.input_to_all_layers) else inp
 
     def forward(self, x: Tensor, h_0=None, lengths=None):
+        steps = self._checked_lengths("convgru", lengths, x)
+
         def run_direction(inp, x, layer, d, suffix, index):
-            steps = _check_lengths("convgru", lengths, inp)
             h0 = self._initial(h_0, index, x, self.hidden_channels[layer])
             params = _autocast(inp, *(self._parameters.get(name + suffix)
                                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")), h0)

@@ -58,11 +58,16 @@ def machine(device="cpu") -> str:
     return f"cpu: {cpu_name()}"
 
 
+def missing_keys(row: dict) -> List[str]:
+    """The REQUIRED_KEYS ``row`` lacks."""
+    return [k for k in REQUIRED_KEYS if k not in row]
+
+
 def append(path: str, rows: Iterable[dict]) -> None:
     """Append rows to the JSONL file (parent folders are created)."""
     rows = list(rows)
     for row in rows:
-        missing = [k for k in REQUIRED_KEYS if k not in row]
+        missing = missing_keys(row)
         if missing:
             raise ValueError(f"results row lacks {missing}: {row}")
     folder = os.path.dirname(path)
@@ -85,7 +90,7 @@ def load(path: str) -> List[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not a JSON row ({exc})") from None
-            missing = [k for k in REQUIRED_KEYS if k not in row] if isinstance(row, dict) else None
+            missing = missing_keys(row) if isinstance(row, dict) else None
             if missing is None or missing:  # JSON, but not a row the bench writes
                 what = f"lacks {missing}" if missing else f"is a JSON {type(row).__name__}, not an object"
                 raise ValueError(f"{path}:{number}: not a results row (it {what})")

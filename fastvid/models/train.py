@@ -281,12 +281,17 @@ def forecast_errors(model: nn.Module, videos: Tensor, input_frames: int, batch_s
     return per_frame[0].tolist(), per_frame[1].tolist(), per_frame[2].tolist()
 
 
+def is_predictor(name: str) -> bool:
+    """Whether registered model ``name`` predicts frames (its builder takes ``future_frames``)."""
+    return "future_frames" in inspect.signature(_BUILDERS[name]).parameters
+
+
 def predictor_arguments(name: str, frames: int, input_frames: int, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Builder arguments of frame predictor ``name``: ``in_channels=1``, ``future_frames``."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     parameters = inspect.signature(_BUILDERS[name]).parameters
-    if "future_frames" not in parameters:
+    if not is_predictor(name):
         raise ValueError(f"model {name!r} is not a frame predictor (its builder has no future_frames argument); "
                          f"try --model convlstm_forecaster")
     if not 0 < input_frames < frames:
@@ -383,7 +388,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.model not in _BUILDERS:
         raise _argtypes.UsageError(f"--model: unknown model {args.model!r}; registered: {', '.join(list_models())}")
     frames, size = _task_default(args, "frames"), _task_default(args, "size")
-    predictor = "future_frames" in inspect.signature(_BUILDERS[args.model]).parameters
+    predictor = is_predictor(args.model)
     if args.task == "classify":
         if predictor:
             raise _argtypes.UsageError(f"--model {args.model} predicts frames: add --task predict")
@@ -453,5 +458,5 @@ def _forecast_report(name: str, result: ForecastResult) -> str:
 
 __all__ = ["TrainResult", "ProgressBar", "builder_arguments", "takes_flow", "class_scores", "Distributed",
            "init_distributed", "prepare_model", "accuracy", "fit", "save_checkpoint", "train_model", "run",
-           "ForecastResult", "forecast_errors", "predictor_arguments", "run_predict", "TASK_DEFAULTS",
+           "ForecastResult", "forecast_errors", "is_predictor", "predictor_arguments", "run_predict", "TASK_DEFAULTS",
            "add_arguments", "check_arguments", "main"]

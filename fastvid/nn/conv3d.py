@@ -33,10 +33,11 @@ class DepthwiseConv3d(nn.Module):
         self.channels, self.channel_multiplier = channels, channel_multiplier
         self.kernel_size, self.stride = _triple(kernel_size), _triple(stride)
         self.dilation = _triple(dilation)
-        # a string stays a string, as in nn.Conv3d (ops.depthwise_conv3d turns it into numbers per call)
-        self.padding = padding if isinstance(padding, str) else _triple(padding)
-        if isinstance(padding, str):
+        if isinstance(padding, str):  # stays a string, as in nn.Conv3d (ops.depthwise_conv3d resolves it per call)
             ops.depthwise3d.check_padding_string("DepthwiseConv3d", padding, self.stride)
+            self.padding = padding
+        else:
+            self.padding = _triple(padding)
         for name, value, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
                                  ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
             if isinstance(value, str):

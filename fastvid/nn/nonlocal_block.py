@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .. import ops
+from ..ops._common import autocast_enabled
 
 MODES = ("embedded_gaussian", "dot_product", "gaussian", "concatenation")
 
@@ -38,10 +39,6 @@ def _pooling_layout(t: Tensor) -> Tensor:
     if t.device.type != "cpu" or t.dim() not in (4, 5):
         return t
     return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
-
-
-def _autocast_on(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _autocast_off(device_type: str):
@@ -308,7 +305,7 @@ class NonLocalBlock(nn.Module):
                                  f"the input's {tuple(x.shape[2:])} in some dimension (give a smaller pool_size, "
                                  f"or sub_sample=False)")
         parameter_dtype = self.g.weight.dtype
-        if x.dtype != parameter_dtype and not _autocast_on(x.device.type):
+        if x.dtype != parameter_dtype and not autocast_enabled(x.device.type):
             raise RuntimeError(f"NonLocalBlock: input x has dtype {x.dtype} but the parameters have dtype "
                                f"{parameter_dtype} (convert one of them, or run under torch.autocast)")
         y = self.attend(x)  # [B, N, inter], rows contiguous

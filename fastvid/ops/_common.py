@@ -5,10 +5,14 @@ import torch
 from torch import Tensor
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for the device type; devices without autocast (meta: shape inference) never."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_inputs(device_type: str, *tensors):
-    """Under autocast, cast the floating inputs of an op that runs in the autocast dtype to it. Devices
-    without autocast (meta: shape inference) run as they are."""
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    """Under autocast, cast the floating inputs of an op that runs in the autocast dtype to it."""
+    if not autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
