@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <fstream>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
 #endif
@@ -126,6 +127,29 @@ bool has_amx_bf16() {
 #endif
 }
 
+namespace {
+// The size of CPU 0's cache of `level` from Linux's sysfs (what lscpu shows), 0 where it is not there.
+// Read first because glibc's sysconf can report another cache: on AMD EPYC VMs (Zen 4, one 32 MiB L3
+// per core complex) _SC_LEVEL3_CACHE_SIZE said 320 MiB, the whole package's, though a core only ever
+// caches in its own complex's L3; the depthwise forward then took a 9.6 MB output as likely cached and
+// wrote it with plain stores, at twice the time of streaming ones (one thread, AVX2 path).
+int64_t sysfs_cache_bytes(int level) {
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size");
+    int cache_level = 0;
+    std::string type, size;
+    if (!(level_file >> cache_level) || !(type_file >> type) || !(size_file >> size)) continue;
+    if (cache_level != level || type == "Instruction") continue;
+    char* unit = nullptr;
+    const long long value = std::strtoll(size.c_str(), &unit, 10);
+    const int64_t scale = *unit == 'K' ? 1024 : *unit == 'M' ? 1024 * 1024 : *unit == '\0' ? 1 : 0;
+    if (value > 0 && scale > 0) return value * scale;
+  }
+  return 0;
+}
+}  // namespace
+
 #ifdef _SC_LEVEL2_CACHE_SIZE  // glibc
 namespace {
 int64_t sysconf_bytes(int name) {
@@ -135,16 +159,22 @@ int64_t sysconf_bytes(int name) {
 }  // namespace
 
 int64_t l2_cache_bytes() {
-  static const int64_t bytes = sysconf_bytes(_SC_LEVEL2_CACHE_SIZE);
+  static const int64_t bytes = [] {
+    const int64_t sysfs = sysfs_cache_bytes(2);
+    return sysfs > 0 ? sysfs : sysconf_bytes(_SC_LEVEL2_CACHE_SIZE);
+  }();
   return bytes;
 }
 int64_t last_level_cache_bytes() {
-  static const int64_t bytes = sysconf_bytes(_SC_LEVEL3_CACHE_SIZE);
+  static const int64_t bytes = [] {
+    const int64_t sysfs = sysfs_cache_bytes(3);
+    return sysfs > 0 ? sysfs : sysconf_bytes(_SC_LEVEL3_CACHE_SIZE);
+  }();
   return bytes;
 }
 #else  // no cache sizes from this libc
-int64_t l2_cache_bytes() { return 0; }
-int64_t last_level_cache_bytes() { return 0; }
+int64_t l2_cache_bytes() { return sysfs_cache_bytes(2); }
+int64_t last_level_cache_bytes() { return sysfs_cache_bytes(3); }
 #endif
 
 }  // namespace cpu_isa

@@ -38,9 +38,10 @@ extern std::atomic<int> g_ran[static_cast<int>(Family::count)];       // last pa
 inline Isa active() { return static_cast<Isa>(g_active.load(std::memory_order_relaxed)); }
 // Whether the CPU has AMX-BF16 and the OS enabled its tile state (cpuid + xgetbv; false off x86-64).
 bool has_amx_bf16();
-// The data cache sizes the kernels' cache rules go by, in bytes, as the OS reports them (sysconf, read
-// once): one core's L2 and the last-level cache (on a VM the host's L3 as the guest is shown it, shared
-// with other tenants). 0 where the OS does not say; each rule picks its own assumption for that.
+// The data cache sizes the kernels' cache rules go by, in bytes, as the OS reports them for CPU 0 (read
+// once): one core's L2 and the last-level cache that core shares (on a VM the host's L3 as the guest is
+// shown it, shared with other tenants). 0 where the OS does not say; each rule picks its own assumption
+// for that.
 int64_t l2_cache_bytes();
 int64_t last_level_cache_bytes();
 // The active path, noted as the one `family` ran (a store only when it changes: no shared-line traffic).
