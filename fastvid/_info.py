@@ -58,9 +58,10 @@ def cpu_isa_info() -> dict:
 
 
 def cpu_cache_info() -> dict:
-    """The data cache sizes in bytes the CPU kernels' cache rules go by, as the OS reports them:
-    ``cpu_l2_bytes`` (one core's L2) and ``cpu_last_level_cache_bytes`` (on a VM the host's L3 as the
-    guest sees it, shared with other tenants); 0 where the OS does not say, None without CPU kernels."""
+    """The data cache sizes in bytes the CPU kernels' cache rules go by, as the OS reports them for CPU 0
+    (Linux's sysfs, else glibc's sysconf): ``cpu_l2_bytes`` (one core's L2) and
+    ``cpu_last_level_cache_bytes`` (the L3 that core shares; on a VM the host's as the guest sees it,
+    shared with other tenants); 0 where the OS does not say, None without CPU kernels."""
     if not _backend.cpu_kernels():
         return {"cpu_l2_bytes": None, "cpu_last_level_cache_bytes": None}
     l2, last_level = torch.ops.fastvid._cpu_cache_bytes()
