@@ -79,6 +79,9 @@ class ReferenceConvLSTMCell(_ReferenceCell):
         super().__init__(cell, ("unit_forget_bias", "norm"), ("bias_ih", "bias_hh", "peephole"))
 
     def forward(self, x: Tensor, state=None):
+        if x.dim() == 3:  # unbatched [C_in, H, W], as the fastvid cell takes it
+            h, c = self.forward(x.unsqueeze(0), None if state is None else tuple(s.unsqueeze(0) for s in state))
+            return h.squeeze(0), c.squeeze(0)
         if state is None:
             B, _, H, W = x.shape
             state = (x.new_zeros(B, self.hidden_channels, H, W),
@@ -102,6 +105,8 @@ class ReferenceConvGRUCell(_ReferenceCell):
         super().__init__(cell, ("reset_after", "norm"))
 
     def forward(self, x: Tensor, h=None):
+        if x.dim() == 3:  # unbatched [C_in, H, W], as the fastvid cell takes it
+            return self.forward(x.unsqueeze(0), None if h is None else h.unsqueeze(0)).squeeze(0)
         if h is None:
             h = x.new_zeros(x.shape[0], self.hidden_channels, *x.shape[2:])
         C, conv = self.hidden_channels, functools.partial(F.conv2d, padding=self.padding, dilation=self.dilation)

@@ -35,14 +35,15 @@ def test_module_construction(make, match):
 
 @pytest.mark.parametrize("cls", [ConvLSTMCell, ConvGRUCell])
 def test_cell_step_shapes(cls):
-    """A cell takes one time step [B, C_in, H, W] and states [B, C, H, W]; anything else is named (before: "too
-    many values to unpack" for a clip, a broadcasting error for a wrong state)."""
+    """A cell takes one time step [B, C_in, H, W] (or unbatched [C_in, H, W]) and states [B, C, H, W]; anything
+    else is named (before: "too many values to unpack" for a clip, a broadcasting error for a wrong state)."""
     cell, x = cls(4, 3), torch.randn(2, 4, 5, 5)
-    with pytest.raises(ValueError, match=r"input must be one time step \[B, 4, H, W\], got \(2, 1, 4, 5, 5\) \(a whole "
-                                         r"clip goes to the sequence layer\)"):
+    with pytest.raises(ValueError, match=r"input must be one time step \[B, 4, H, W\] \(or unbatched \[4, H, W\]\), "
+                                         r"got \(2, 1, 4, 5, 5\) \(a whole clip goes to the sequence layer\)"):
         cell(x.unsqueeze(1))
-    with pytest.raises(ValueError, match=r"input must be one time step \[B, 4, H, W\], got \(4, 5, 5\)"):
-        cell(x[0])
+    with pytest.raises(ValueError, match=r"input must be one time step \[B, 4, H, W\] \(or unbatched \[4, H, W\]\), "
+                                         r"got \(2, 5, 5\)"):
+        cell(x[0, :2])
     bad = torch.randn(2, 3, 5, 4)
     with pytest.raises(ValueError, match=r"h must be \[B, C, H, W\] = \(2, 3, 5, 5\), got \(2, 3, 5, 4\)"):
         cell(x, (bad, torch.randn(2, 3, 5, 5)) if cls is ConvLSTMCell else bad)

@@ -1,6 +1,7 @@
 """fastvid.nn ConvLSTM / ConvGRU modules: shapes, nn.LSTM-style parameters, state dicts, states,
 dropout, initialisation, the Ballas stacked GRU, cells, from_concat_conv, torch.compile, info()."""
 import copy
+import re
 
 import pytest
 import torch
@@ -452,6 +453,42 @@ def test_cells_gradients_match_reference_backend():
             torch.autograd.backward(out, [torch.ones_like(o) * (i + 1) for i, o in enumerate(out)])
             results.append([o.detach() for o in out] + [xx.grad] + [p.grad.clone() for p in cell.parameters()])
         _assert_all_close(results[0], results[1], type(cell).__name__, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("given_state", [False, True], ids=["zero_state", "given_state"])
+@pytest.mark.parametrize("make", [lambda: ConvLSTMCell(C_IN, C, 3, peephole=True),
+                                  lambda: ConvLSTMCell(C_IN, C, 3, norm="layer"), lambda: ConvGRUCell(C_IN, C, 3),
+                                  lambda: ConvGRUCell(C_IN, C, 3, reset_after=False)],
+                         ids=["lstm_peephole", "lstm_layer_norm", "gru", "gru_ballas"])
+def test_cells_take_an_unbatched_step(make, given_state):
+    """x [C_in, H, W] and states [C, H, W], as nn.LSTMCell and nn.Conv2d take one sample (before: 'input must
+    be one time step [B, C_in, H, W]'): outputs and gradients against the plain-PyTorch twin
+    (convert(to='reference')) on the batch of one; a batched state with an unbatched x is named."""
+    torch.manual_seed(0)
+    cell = _randomize(make()).double()
+    twin = fastvid.convert(cell, to="reference")
+    lstm = isinstance(cell, ConvLSTMCell)
+    x = torch.randn(C_IN, H, W, dtype=torch.float64)
+    state = None
+    if given_state:
+        state = tuple(torch.randn(2, C, H, W, dtype=torch.float64).unbind()) if lstm else torch.randn(C, H, W,
+                                                                                                     dtype=torch.float64)
+    batched_state = None if state is None else tuple(s[None] for s in state) if lstm else state[None]
+    ours, ours_grads = _run_with_grads(cell, x, state)
+    expected, expected_grads = _run_with_grads(twin, x[None], batched_state)
+    assert [tuple(o.shape) for o in ours] == [(C, H, W)] * len(ours)
+    _assert_all_close(ours, [e[0] for e in expected], "unbatched outputs", rtol=1e-9, atol=1e-10)
+    with torch.no_grad():  # the twin takes the unbatched step too
+        _assert_all_close(_states(twin(x, state)), ours, "twin's unbatched outputs", rtol=1e-9, atol=1e-10)
+    assert ours_grads.keys() == expected_grads.keys()
+    for name in ours_grads:
+        want = expected_grads[name]
+        want = want[0] if ours_grads[name].dim() == want.dim() - 1 else want  # x's and the states' batch of one
+        _assert_all_close([ours_grads[name]], [want], f"grad {name}", rtol=1e-9, atol=1e-10)
+    batched_h = torch.randn(1, C, H, W, dtype=torch.float64)
+    with pytest.raises(ValueError, match=re.escape(f"h must be [C, H, W] = ({C}, {H}, {W}) for an unbatched input, "
+                                                   f"got (1, {C}, {H}, {W})")):
+        cell(x, (batched_h, torch.randn(C, H, W, dtype=torch.float64)) if lstm else batched_h)
 
 
 @pytest.mark.parametrize("given_state", [False, True], ids=["zero_state", "fp32_state"])

@@ -113,21 +113,25 @@ class _ConvRNNCellBase(nn.Module):
         return x.new_zeros(B, self.hidden_channels, H, W, dtype=dtype)
 
     def _check_step(self, x: Tensor, broadcast_h: bool = False, **states) -> None:
-        """One time step's input [B, C_in, H, W] and states [B, C, H, W] (None: zeros), or a clear error.
-        broadcast_h: h may have batch 1 (ConvLSTMCell: its hidden conv's output broadcasts, as a learned
-        initial state relies on). Not while tracing: the checks would be Python booleans of traced sizes."""
+        """One time step's input [B, C_in, H, W] and states [B, C, H, W] (None: zeros), or unbatched ones
+        ([C_in, H, W] and [C, H, W], as nn.LSTMCell and nn.Conv2d take one sample), or a clear error.
+        broadcast_h: a batched h may have batch 1 (ConvLSTMCell: its hidden conv's output broadcasts, as a
+        learned initial state relies on). Not while tracing: the checks would be Python booleans of traced sizes."""
         if torch.jit.is_tracing():
             return
         name = type(self).__name__
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{name}: input must be one time step [B, {self.in_channels}, H, W], got {tuple(x.shape)}"
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"{name}: input must be one time step [B, {self.in_channels}, H, W] (or unbatched "
+                             f"[{self.in_channels}, H, W]), got {tuple(x.shape)}"
                              + (" (a whole clip goes to the sequence layer)" if x.dim() == 5 else ""))
-        expected = (x.shape[0], self.hidden_channels, x.shape[2], x.shape[3])
+        unbatched = x.dim() == 3
+        expected = (*x.shape[:-3], self.hidden_channels, *x.shape[-2:])
         for state_name, state in states.items():
             if state is None or tuple(state.shape) == expected:
                 continue
-            if not (broadcast_h and state_name == "h" and tuple(state.shape) == (1, *expected[1:])):
-                raise ValueError(f"{name}: {state_name} must be [B, C, H, W] = {expected}, got {tuple(state.shape)}")
+            if not (broadcast_h and not unbatched and state_name == "h" and tuple(state.shape) == (1, *expected[1:])):
+                raise ValueError(f"{name}: {state_name} must be {'[C, H, W]' if unbatched else '[B, C, H, W]'} = "
+                                 f"{expected}{' for an unbatched input' if unbatched else ''}, got {tuple(state.shape)}")
 
 
 class ConvLSTMCell(_ConvRNNCellBase):
@@ -160,6 +164,9 @@ class ConvLSTMCell(_ConvRNNCellBase):
 
     def forward(self, x: Tensor, state: Optional[tuple] = None):
         self._check_step(x, broadcast_h=True, h=None if state is None else state[0], c=None if state is None else state[1])
+        if x.dim() == 3:  # unbatched
+            h, c = self.forward(x.unsqueeze(0), None if state is None else tuple(s.unsqueeze(0) for s in state))
+            return h.squeeze(0), c.squeeze(0)
         h, c = state if state is not None else (self._zeros(x), self._zeros(x, ops.recurrent._acc(x.dtype)))
         if self.norm == "layer":  # one step of the fused sequence op
             bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
@@ -241,6 +248,8 @@ class ConvGRUCell(_ConvRNNCellBase):
 
     def forward(self, x: Tensor, h: Optional[Tensor] = None) -> Tensor:
         self._check_step(x, h=h)
+        if x.dim() == 3:  # unbatched
+            return self.forward(x.unsqueeze(0), None if h is None else h.unsqueeze(0)).squeeze(0)
         h = self._zeros(x) if h is None else h
         if self.norm == "layer":  # one step of the fused sequence op
             return ops.convgru_ln(x.unsqueeze(1), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, h,
