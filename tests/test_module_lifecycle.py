@@ -147,6 +147,25 @@ def test_inference_mode(name):
         assert torch.equal(a, e)
 
 
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_fp64_module_ignores_autocast(name):
+    """Autocast leaves fp64 tensors alone for PyTorch's own ops, so an fp64 model runs in fp64 under it; so
+    does every fastvid module: the same outputs and gradients as outside autocast (before: the kernels'
+    inputs were cast to bf16, DepthwiseConv3d and the sequence layers returned bf16 and SeparableConv3d raised
+    'Input type (BFloat16) and bias type (double)')."""
+    module = _build(name).double()
+    inputs = [x.double() for x in _inputs(name)]
+    def run():
+        outputs, grads = _outputs_and_grads(module, inputs)
+        return outputs + [g for g in grads if g is not None]
+    expected = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run()
+    assert [t.dtype for t in got] == [t.dtype for t in expected] == [torch.float64] * len(expected)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
 # ============================================================================ degenerate shapes
 DEGENERATE = {"T=1": (2, 1, 4, 5, 6), "H=W=1": (2, 3, 4, 1, 1), "C=1": (2, 3, 1, 5, 6), "B=1,T=1,H=W=1": (1, 1, 2, 1, 1)}
 KERNEL_MODULES = ["ConvLSTM", "ConvGRU", "ConvLSTMCell", "ConvGRUCell", "DepthwiseConv3d", "NonLocalBlock",

@@ -587,6 +587,39 @@ def test_autocast_inference(mode):
 
 
 
+def test_autocast_without_norm_adds_x_at_its_precision():
+    """norm=False under bf16 autocast: x + W y + b keeps x in fp32, as PyTorch's x + conv(y) does (before: the
+    residual sum ran in bf16 and rounded x itself, 0.25 off at |x| ~ 100). Output and gradients by the rule
+    of the flash-attention tests against the paper's equations under the same autocast."""
+    block = randomize(NonLocalBlock(8, 4, norm=False, sub_sample=False)).eval()
+    reference, block64 = copy.deepcopy(block), copy.deepcopy(block).double()
+    x = torch.randn(2, 8, 3, 6, 8) + 100
+    x_ours, x_pytorch, x64 = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        ours, pytorch = block(x_ours), explicit_block(reference, x_pytorch)
+    oracle = explicit_block(block64, x64)
+    assert ours.dtype == pytorch.dtype == torch.float32
+    _flash_rule(ours, pytorch, oracle, "output")
+    grad = torch.randn(oracle.shape, dtype=torch.float64)
+    g_ours = torch.autograd.grad(ours, [x_ours, block.out.weight], grad.float())
+    g_pytorch = torch.autograd.grad(pytorch, [x_pytorch, reference.out.weight], grad.float())
+    g_oracle = torch.autograd.grad(oracle, [x64, block64.out.weight], grad)
+    for name, a, b, c in zip(["x", "out.weight"], g_ours, g_pytorch, g_oracle):
+        _flash_rule(a, b, c, f"grad {name}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_integer_input_raises_under_autocast_too(mode):
+    """An integer x is refused with or without autocast (before: under autocast the concatenation mode cast its
+    projection weights to int64 and returned wrong numbers)."""
+    block = NonLocalBlock(8, 4, mode=mode)
+    x = torch.randint(-3, 3, (2, 8, 3, 6, 8))
+    for enabled in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=enabled), \
+                pytest.raises(RuntimeError, match="input x must be a floating-point tensor, got torch.int64"):
+            block(x)
+
+
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "gaussian"])
 def test_autocast_training(mode):
     """Under bf16 autocast with autograd (the projections' backward multiplied fp32 saved inputs by the

@@ -305,6 +305,8 @@ class NonLocalBlock(nn.Module):
                                  f"the input's {tuple(x.shape[2:])} in some dimension (give a smaller pool_size, "
                                  f"or sub_sample=False)")
         parameter_dtype = self.g.weight.dtype
+        if not x.is_floating_point():  # (under autocast too: the projections would take integer weights)
+            raise RuntimeError(f"NonLocalBlock: input x must be a floating-point tensor, got {x.dtype}")
         if x.dtype != parameter_dtype and not autocast_enabled(x.device.type):
             raise RuntimeError(f"NonLocalBlock: input x has dtype {x.dtype} but the parameters have dtype "
                                f"{parameter_dtype} (convert one of them, or run under torch.autocast)")
@@ -317,6 +319,9 @@ class NonLocalBlock(nn.Module):
         if self.norm is not None:  # another norm: apply it to z = W y + b
             z = torch.baddbmm(bias[None, :, None], weight.expand(y.shape[0], -1, -1), y.transpose(1, 2))
             return x + self.norm(z.view(x.shape))
+        if x.dtype != y.dtype:  # under autocast: x added at its own precision, as x + conv(y) would be
+            z = torch.baddbmm(bias[None, :, None], weight.expand(y.shape[0], -1, -1), y.transpose(1, 2))
+            return x + z.view(x.shape)
         # x + W y + b as one batched GEMM on y's transpose (no copy of y, which the attention op keeps
         # for its backward anyway); the bias is added in place.
         out = torch.baddbmm(x.flatten(2), weight.expand(y.shape[0], -1, -1), y.transpose(1, 2))

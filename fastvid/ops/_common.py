@@ -11,11 +11,13 @@ def autocast_enabled(device_type: str) -> bool:
 
 
 def autocast_inputs(device_type: str, *tensors):
-    """Under autocast, cast the floating inputs of an op that runs in the autocast dtype to it."""
+    """Under autocast, cast the floating inputs of an op that runs in the autocast dtype to it; fp64 ones
+    stay fp64, as autocast leaves them for PyTorch's own ops (an fp64 model runs in fp64 under it)."""
     if not autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def check_one_device(op: str, **arguments) -> None:
