@@ -281,10 +281,8 @@ def test_module_bad_input_raises(cls):
         m(torch.randn(B, T, C_IN + 1, H, W))
     with pytest.raises(ValueError, match="5-D"):
         m(torch.randn(T, C_IN, H, W))
-    with pytest.raises(ValueError, match="empty"):
-        m(torch.randn(B, 0, C_IN, H, W))
-    with pytest.raises(ValueError, match="empty"):
-        m(torch.randn(0, T, C_IN, H, W))
+    with pytest.raises(ValueError, match="empty time dimension"):
+        m(torch.randn(B, 0, C_IN, H, W))  # (an empty batch runs: test_empty_batch_runs_as_nn_lstm)
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         cls(C_IN, C, 4)
     with pytest.raises(ValueError, match="num_layers"):
@@ -388,6 +386,41 @@ def test_input_to_all_layers(reset_after, bidirectional):
     assert len(h_n) == len(expected_h) == 3 * D
     for i, (a, e) in enumerate(zip(h_n, expected_h)):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10, msg=lambda msg: f"h_n[{i}]: {msg}")
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("make", [lambda bf: ConvLSTM(C_IN, C, 3, num_layers=2, bidirectional=True, peephole=True,
+                                                      batch_first=bf),
+                                  lambda bf: ConvLSTM(C_IN, C, 3, norm="layer", batch_first=bf),
+                                  lambda bf: ConvGRU(C_IN, C, 3, num_layers=2, reset_after=False, batch_first=bf),
+                                  lambda bf: ConvGRU(C_IN, C, 3, norm="layer", batch_first=bf)],
+                         ids=["lstm", "lstm_layer_norm", "gru_ballas", "gru_layer_norm"])
+def test_empty_batch_runs_as_nn_lstm(make, batch_first):
+    """A batch of 0 clips gives empty outputs and states and zero weight gradients, as nn.LSTM / nn.GRU do
+    and as the plain-PyTorch twin computes (before: 'input has an empty batch or time dimension'). An empty
+    time dimension still raises, as in nn.LSTM."""
+    module = _randomize(make(batch_first))
+    twin = fastvid.convert(module, to="reference")
+    shape = (0, T, C_IN, H, W) if batch_first else (T, 0, C_IN, H, W)
+    results = []
+    for m in (module, twin):
+        m.zero_grad()
+        x = torch.randn(shape, requires_grad=True)
+        outputs = _states(m(x))
+        sum(o.sum() for o in outputs).backward()
+        results.append(([o.shape for o in outputs], x.grad.shape, {n: p.grad for n, p in m.named_parameters()}))
+    (shapes, x_grad, grads), (twin_shapes, twin_x_grad, twin_grads) = results
+    assert shapes == twin_shapes and x_grad == twin_x_grad == shape
+    assert all(0 in s for s in shapes), shapes
+    assert grads.keys() == twin_grads.keys()
+    for name, g in grads.items():
+        assert g is not None and torch.equal(g, torch.zeros_like(g)) and torch.equal(twin_grads[name], g), name
+    if isinstance(module, ConvLSTM) and module.norm is None:
+        lengths = torch.zeros(0, dtype=torch.int64)
+        assert module(torch.randn(shape), lengths=lengths)[0].shape == shapes[0]
+    empty_time = (2, 0, C_IN, H, W) if batch_first else (0, 2, C_IN, H, W)
+    with pytest.raises(ValueError, match="input has an empty time dimension"):
+        module(torch.randn(empty_time))
 
 
 # =========================================================================================== cells

@@ -512,8 +512,6 @@ BAD_INPUTS = {
                     (TypeError, ValueError), r"\bh0\b"),
     "lstm-weight-dtype": (lambda: _convlstm(_lstm_inputs(weight_ih=torch.randn(16, 3, 3, 3, dtype=torch.float64))),
                           (TypeError, ValueError), r"weight_ih.*dtype"),
-    "lstm-B-0": (lambda: _convlstm(_lstm_inputs(x=_x()[:0], h0=None, c0=None)), (ValueError,), r"B = 0"),
-    "gru-B-0": (lambda: _convgru(_gru_inputs(x=_x()[:0], h0=None)), (ValueError,), r"B = 0"),
     "lstm-T-0": (lambda: _convlstm(_lstm_inputs(x=_x()[:, :0])), (ValueError,), r"T = 0|sequence length"),
     "gru-T-0": (lambda: _convgru(_gru_inputs(x=_x()[:, :0])), (ValueError,), r"T = 0|sequence length"),
     "lstm-T-0-hoisted": (lambda: _convlstm(_lstm_inputs(x=_x()[:, :0]), strategy="hoisted"), (ValueError,),
@@ -546,6 +544,22 @@ BAD_INPUTS = {
     "reset-hidden-h_r-shape": (lambda: fastvid.ops.gru_reset_hidden(torch.zeros(2, 4, 5, 6), torch.zeros(2, 4, 5, 5),
                                                                     torch.zeros(2, 4, 5, 6)), (ValueError,), r"h_r"),
 }
+
+
+@pytest.mark.parametrize("op", ["lstm", "gru"])
+def test_empty_batch_gives_empty_results_and_zero_weight_gradients(op):
+    """B = 0 runs as in nn.LSTM / nn.GRU: output [0, T, C, H, W], states [0, C, H, W], every weight and bias
+    gradient zero (before: 'x has batch size B = 0')."""
+    inputs = _lstm_inputs(x=_x()[:0], h0=None, c0=None) if op == "lstm" else _gru_inputs(x=_x()[:0], h0=None)
+    leaves = {name: t.detach().requires_grad_() for name, t in inputs.items()
+              if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    results = (_convlstm if op == "lstm" else _convgru)({**inputs, **leaves})
+    B, T, _, H, W = leaves["x"].shape
+    C = leaves["weight_hh"].shape[1]
+    assert results[0].shape == (0, T, C, H, W) and all(r.shape == (0, C, H, W) for r in results[1:])
+    sum(r.sum() for r in results).backward()
+    for name, t in leaves.items():
+        assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t)), name
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

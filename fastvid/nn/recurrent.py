@@ -342,9 +342,8 @@ class _ConvRNNBase(nn.Module):
         if x.shape[2] != self.in_channels:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[2]} channels, expected "
                              f"in_channels = {self.in_channels}")
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"{type(self).__name__}: input has an empty batch or time dimension "
-                             f"(shape {tuple(x.shape)})")
+        if x.shape[1 if self.batch_first else 0] == 0:  # (an empty batch runs, as in nn.LSTM)
+            raise ValueError(f"{type(self).__name__}: input has an empty time dimension (shape {tuple(x.shape)})")
         return x if self.batch_first else x.transpose(0, 1)
 
     def _check_state(self, name, state, x, layer_state_shape):

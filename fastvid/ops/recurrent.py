@@ -515,6 +515,13 @@ def _sequence_arguments(name, x, weight_hh, h0, padding, dilation, default_h0: b
     return C, _pair(padding), dilation, h0
 
 
+def _sequence_backend(tensors: dict) -> str:
+    """The backend of a sequence op. An empty batch runs the reference's per-step formulas, which give
+    nn.LSTM's answer (empty outputs and states, zero weight gradients); the kernels take B >= 1."""
+    which = _backend.resolve(tensors)
+    return "reference" if tensors["x"].shape[0] == 0 else which
+
+
 def _check_lengths(name, lengths, x):
     """``lengths`` as a ``[B]`` integer tensor (a list/tuple of ints is converted) with values in
     1..T, on the CPU or x's device; None stays None. Checking the values of lengths on a GPU syncs
@@ -533,7 +540,7 @@ def _check_lengths(name, lengths, x):
     if lengths.device.type != "cpu" and lengths.device != x.device:
         raise ValueError(f"fastvid.{name}: lengths is on {lengths.device} but x is on {x.device}; lengths must be "
                          f"on the CPU or x's device")
-    if not torch.compiler.is_compiling():  # values are data: checked eagerly (and again by the C++ op)
+    if lengths.numel() and not torch.compiler.is_compiling():  # values are data: checked eagerly (and by the C++ op)
         low, high = int(lengths.min()), int(lengths.max())
         if low < 1 or high > T:
             raise ValueError(f"fastvid.{name}: lengths must be in 1..T = 1..{T}, got values from {low} to {high}")
@@ -554,7 +561,7 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
     C, padding, dilation, h0 = _sequence_arguments("convlstm", x, weight_hh, h0, padding, dilation, default_h0=False)
     lengths = _check_lengths("convlstm", lengths, x)
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
-    which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
+    which = _sequence_backend(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
                                     peephole=peephole))
     # default states made after autocast, in the dtypes the op takes (a cast would materialise them)
     h0 = _zero_state(x, C, x.dtype, which in ("cpu", "cuda")) if h0 is None else h0
@@ -594,7 +601,7 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
     lengths = _check_lengths("convgru", lengths, x)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias_ih,
                                                               bias_hh, h0)
-    which = _backend.resolve(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
+    which = _sequence_backend(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                                     h0=h0))
     h0 = _zero_state(x, C, x.dtype, which in ("cpu", "cuda")) if h0 is None else h0  # after autocast: see convlstm
     if which == "triton" and (lengths is None or not _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0)):

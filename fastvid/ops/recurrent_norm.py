@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _backend
 from ._common import autocast_inputs, check_one_device
-from .recurrent import _acc, _channels_last, _frame, _frames, _needs_grad, _sequence_arguments, _triton
+from .recurrent import _acc, _channels_last, _frame, _frames, _needs_grad, _sequence_arguments, _sequence_backend, _triton
 from ..reference import recurrent_norm as ref
 
 __all__ = ["convlstm_ln", "convgru_ln"]
@@ -99,7 +99,7 @@ def convlstm_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
     tensors = dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0, gain_ih=gain_ih,
                    gain_hh=gain_hh, gain_c=gain_c, bias_c=bias_c)
-    which = _backend.resolve(tensors)
+    which = _sequence_backend(tensors)
     if which != "cpu":
         cell = _triton_norm().ln_lstm_cell if which in ("triton", "cuda") else ref.ln_lstm_cell
         return ref.convlstm_ln_sequence(x, weight_ih, weight_hh, bias, h0, c0, gain_ih, gain_hh, gain_c, bias_c,
@@ -124,7 +124,7 @@ def convgru_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optiona
                                                                     bias_hh, h0)
     tensors = dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, h0=h0,
                    gain_ih=gain_ih, gain_hh=gain_hh)
-    which = _backend.resolve(tensors)
+    which = _sequence_backend(tensors)
     if which != "cpu":
         cell = _triton_norm().ln_gru_cell if which in ("triton", "cuda") else ref.ln_gru_cell
         return ref.convgru_ln_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding,
