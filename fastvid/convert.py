@@ -88,10 +88,50 @@ def _replacement(module: nn.Module, converters: List[Converter], path: str, tole
                           f"{name} converter raised {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2)
             return None
         if new is not None:
+            _keep_source_keys(module, new)
             _take_over_hooks(module, new, path)
             _warn_of_dropped_arguments(module, new, path)
             return new
     return None
+
+
+class _KeysToSource:
+    """State-dict hook of a replacement: its keys renamed to the module it replaced (a hand-written nonlocal
+    block's ``W.0.weight``, not NonLocalBlock's ``out.weight``), so checkpoints load both ways between the
+    original and the converted model, as DepthwiseConv3d keeps nn.Conv3d's names anyway. The keys pair up
+    by the tensors the two share (_keep_source_keys); a key the original lacks keeps its own name.
+    (Callable objects, not bound methods: the hooks must pickle and take the attribute PyTorch's register
+    functions set.)"""
+
+    def __init__(self, ours_to_source: dict):
+        self.ours_to_source = ours_to_source
+
+    def __call__(self, module, state_dict, prefix, local_metadata):
+        for ours, source in self.ours_to_source.items():
+            if prefix + ours in state_dict:
+                state_dict[prefix + source] = state_dict.pop(prefix + ours)
+
+
+class _KeysFromSource:
+    """Load-state-dict pre-hook: the replaced module's keys (and the replacement's own) load into it."""
+
+    def __init__(self, ours_to_source: dict):
+        self.source_to_ours = {source: ours for ours, source in ours_to_source.items()}
+
+    def __call__(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for source, ours in self.source_to_ours.items():
+            if prefix + source in state_dict:
+                state_dict[prefix + ours] = state_dict.pop(prefix + source)
+
+
+def _keep_source_keys(source: nn.Module, block: nn.Module) -> None:
+    """Gives ``block`` (sharing tensors with ``source``) ``source``'s state-dict keys where they differ."""
+    names = {id(t): name for name, t in source.state_dict(keep_vars=True).items()}
+    mapping = {ours: names[id(t)] for ours, t in block.state_dict(keep_vars=True).items()
+               if id(t) in names and names[id(t)] != ours}
+    if mapping:
+        block.register_state_dict_post_hook(_KeysToSource(mapping))
+        block.register_load_state_dict_pre_hook(_KeysFromSource(mapping))
 
 
 def _warn_of_dropped_arguments(old: nn.Module, new: nn.Module, path: str) -> None:

@@ -294,6 +294,36 @@ def test_convert_warns_of_forward_arguments_the_block_drops():
         converted[0](x, return_nl_map=True)
 
 
+@pytest.mark.parametrize("make,dims", [(lambda: StandaloneStyleNonLocal(8, kind="embedded_gaussian"), 3),
+                                       (lambda: StandaloneStyleNonLocal(8, kind="concatenation"), 3),
+                                       (lambda: StandaloneStyleNonLocal(8, kind="gaussian", dims=2), 2),
+                                       (lambda: PytorchvideoStyleNonLocal(8, 4), 3)],
+                         ids=["standalone_embedded", "standalone_concatenation", "standalone_gaussian_2d", "pytorchvideo"])
+def test_converted_block_keeps_the_checkpoint_keys(make, dims):
+    """A converted hand-written block keeps the original's state-dict keys and shapes (W.0.weight, not
+    out.weight), so a native checkpoint loads into a freshly converted model with strict=True and a converted
+    model's checkpoint into the native one, also through to='reference' (before: strict=True raised and
+    strict=False silently left the block at its fresh init, the identity). All parameters stay shared with the
+    original under inplace=True (the concatenation weight was a reshaped copy an optimizer lost)."""
+    torch.manual_seed(0)
+    native = nn.Sequential(nn.Conv3d(3, 8, 1) if dims == 3 else nn.Conv2d(3, 8, 1), randomize(make())).eval()
+    x = torch.randn(2, 3, *SIZES[dims])
+    checkpoint = native.state_dict()
+    fresh = fastvid.convert(nn.Sequential(native[0].__class__(3, 8, 1), make())).eval()
+    assert isinstance(fresh[1], NonLocalBlock)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in checkpoint.items()}
+    fresh.load_state_dict(checkpoint)  # strict
+    torch.testing.assert_close(fresh(x), native(x))
+    for converted in (fresh, fastvid.convert(fresh, to="reference")):
+        back = nn.Sequential(native[0].__class__(3, 8, 1), make()).eval()
+        back.load_state_dict(converted.state_dict())  # strict
+        torch.testing.assert_close(back(x), native(x))
+    parameters = list(native.parameters())
+    inplace = fastvid.convert(native, inplace=True)
+    assert isinstance(inplace[1], NonLocalBlock)
+    assert {id(p) for p in inplace.parameters()} == {id(p) for p in parameters}
+
+
 def test_convert_keeps_other_layers_and_shares_weights_inplace():
     model = nn.Sequential(
         nn.Conv3d(4, 8, 1),

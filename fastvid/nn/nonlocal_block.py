@@ -474,8 +474,7 @@ def _candidates_standalone(module):
                     and isinstance(concat[1], nn.ReLU)):
                 return []
             block = make("concatenation", theta, phi_pool[0])
-            block.concat_project.weight = nn.Parameter(concat[0].weight.detach().reshape(1, 2 * inter).clone(),
-                                                       requires_grad=concat[0].weight.requires_grad)
+            block.concat_project = concat[0]  # shared, as the other projections (its [1, 2·inter, 1, 1] weight reads alike)
             return [block]
         return [make("embedded_gaussian", theta, phi_pool[0]), make("dot_product", theta, phi_pool[0])]
     if theta is None and g.in_channels == in_channels:  # gaussian: f = softmax(x_iᵀ x_j)
