@@ -109,6 +109,7 @@ class ReferenceConvGRUCell(_ReferenceCell):
             return self.forward(x.unsqueeze(0), None if h is None else h.unsqueeze(0)).squeeze(0)
         if h is None:
             h = x.new_zeros(x.shape[0], self.hidden_channels, *x.shape[2:])
+        h, = _autocast(h)  # as fastvid.ops.gru_cell and gru_reset_hidden take it: h in the autocast dtype too
         C, conv = self.hidden_channels, functools.partial(F.conv2d, padding=self.padding, dilation=self.dilation)
         if self.norm == "layer":
             return ref_norm.ln_gru_cell(conv(x, self.weight_ih), conv(h, self.weight_hh), h, self.bias_ih,

@@ -240,6 +240,25 @@ def test_twins_follow_autocast_like_the_fastvid_ops(module):
     torch.testing.assert_close(out_ref, out, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("make", [lambda: ConvLSTMCell(3, 4, peephole=True), lambda: ConvGRUCell(3, 4),
+                                  lambda: ConvGRUCell(3, 4, reset_after=False), lambda: ConvGRUCell(3, 4, norm="layer")],
+                         ids=["lstm_cell", "gru_cell", "gru_cell_ballas", "gru_cell_layer_norm"])
+@pytest.mark.parametrize("given_state", [False, True])
+def test_cell_twins_follow_autocast_like_the_fastvid_cells(make, given_state):
+    """The cells' twins return the cells' dtypes under bf16 autocast (before: the ConvGRUCell twin returned
+    fp32 where the cell returns bf16: its fp32 h promoted the update; 7.5e-3 apart)."""
+    torch.manual_seed(0)
+    cell = make()
+    twin = fastvid.convert(cell, to="reference")
+    x, h = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    state = None if not given_state else (h, torch.randn(2, 4, 5, 5)) if isinstance(cell, ConvLSTMCell) else h
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = flat_list(cell(x, state)), flat_list(twin(x, state))
+    assert [t.dtype for t in ours] == [t.dtype for t in theirs]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+
+
 def flat_list(states):
     return [states] if isinstance(states, torch.Tensor) else [t for s in states for t in flat_list(s)]
 
