@@ -202,6 +202,10 @@ def test_unbatched_input_as_nn_conv3d(layout):
     x = (_cl(x) if layout == "channels_last_3d" else x)[0]
     assert native(x).shape == (12, 4, 5, 7)
     _assert_matches_native(ours, native, x)
+    # the functional op too, as F.conv3d (before: 'input must be [B, C, T, H, W]')
+    functional = lambda t: fastvid.ops.depthwise_conv3d(t, ours.weight, ours.bias, padding=1)  # noqa: E731
+    functional.weight, functional.bias = ours.weight, ours.bias
+    _assert_matches_native(functional, native, x)
 
 
 def test_convert_keeps_the_hooks_of_replaced_modules():

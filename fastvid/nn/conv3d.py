@@ -70,8 +70,6 @@ class DepthwiseConv3d(nn.Module):
         if not torch.jit.is_tracing() and x.dim() in (4, 5) and x.shape[-4] != self.channels:
             raise ValueError(f"DepthwiseConv3d: expected input [B, {self.channels}, T, H, W] or [{self.channels}, T, H, "
                              f"W], got {tuple(x.shape)} ({x.shape[-4]} channels instead of {self.channels})")
-        if x.dim() == 4:  # unbatched [C, T, H, W], as nn.Conv3d takes it
-            return self.forward(x.unsqueeze(0)).squeeze(0)
         return ops.depthwise_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
     def extra_repr(self):

@@ -119,12 +119,14 @@ def depthwise_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     """Depthwise 3D convolution, ``F.conv3d(input, weight, bias, stride, padding, dilation, groups=C)``.
 
     ``input`` ``[B, C, T, H, W]`` (NCDHW or channels_last_3d: the CPU kernel prefers channels_last_3d
-    and returns its output in the input's layout), ``weight`` ``[m*C, 1, kT, kH, kW]`` (channel
+    and returns its output in the input's layout) or unbatched ``[C, T, H, W]``, ``weight`` ``[m*C, 1, kT, kH, kW]`` (channel
     multiplier m; kernel sizes up to 7), ``bias`` ``[m*C]`` or None; ``stride``, ``padding`` and
     ``dilation`` are ints or (T, H, W) triples; ``padding`` may also be 'same' (stride 1) or 'valid', as
     in F.conv3d."""
     if not isinstance(input, Tensor):
         raise TypeError(f"fastvid.depthwise_conv3d: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() == 4:  # unbatched [C, T, H, W], as F.conv3d takes it
+        return depthwise_conv3d(input.unsqueeze(0), weight, bias, stride, padding, dilation).squeeze(0)
     stride, dilation = _triple(stride), _triple(dilation)
     if isinstance(padding, str):
         check_padding_string("fastvid.depthwise_conv3d", padding, stride)
