@@ -2,6 +2,8 @@
 bounded, keyed on what predicts the choice (a new clip length does not re-time), never timed under
 deterministic algorithms, the compiled graph uses the choice eager made, and a first call under
 activation checkpointing is timed without recomputing the checkpointed forward."""
+import multiprocessing
+import os
 import threading
 import time
 
@@ -51,6 +53,26 @@ def lstm_call(B=1, T=3, H=6, W=5, train=False, module=None):
     if train:
         out.sum().backward()
     return out
+
+
+def _time_a_new_shape_and_exit():
+    torch.set_num_threads(1)  # (OpenMP's own pool is not fork-safe: the child keeps to one thread)
+    lstm_call(H=9, W=11)
+    assert ops_recurrent.chosen_strategies(), "the child timed nothing"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_a_shape_is_timed_does_not_hang():
+    """A process forked while another thread times a new shape (a DataLoader's fork workers starting beside
+    a training thread) inherits the held timing lock; its own first new shape waited on it forever."""
+    child = multiprocessing.get_context("fork").Process(target=_time_a_new_shape_and_exit)
+    with ops_recurrent._timing_lock:  # held, as by a thread timing when the fork happens
+        child.start()
+    child.join(120)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0, "the forked child hung (or failed) at its first new shape"
 
 
 def test_threads_time_a_new_shape_once(timer):

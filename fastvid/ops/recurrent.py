@@ -7,6 +7,7 @@ functions pick the backend (fastvid._backend), apply autocast, and for whole seq
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +33,17 @@ _default_strategy = "auto"
 _strategy_cache: "OrderedDict[tuple, int]" = OrderedDict()  # tuning key -> code, least recently used first
 _cache_lock = threading.Lock()  # guards _strategy_cache
 _timing_lock = threading.Lock()  # one thread times at a time; the others wait for its choice
+
+
+def _fresh_locks_in_child():
+    """A process forked while another thread held a lock (timing a new shape: a DataLoader's fork workers
+    starting beside a training thread) would wait on it forever at its first new shape."""
+    global _cache_lock, _timing_lock
+    _cache_lock, _timing_lock = threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks_in_child)
 
 
 def set_strategy(name: str) -> None:
