@@ -128,9 +128,12 @@ def set_backend(name: str) -> None:
 _DYNAMO_GUARDS_CONTEXTVARS = torch.__version__ >= "2.14"
 
 
-@torch.compiler.assume_constant_result
 def _override_as_traced():
     return _override.get()
+
+
+if not _DYNAMO_GUARDS_CONTEXTVARS:  # only then: the decorator imports torch._dynamo (~1 s; it needs a writable temp dir)
+    _override_as_traced = torch.compiler.assume_constant_result(_override_as_traced)
 
 
 def get_backend() -> str:

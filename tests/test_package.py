@@ -19,6 +19,14 @@ def test_cli_info_prints_the_dict():
     assert "cpu_kernels" in out.stdout and fastvid.__version__ in out.stdout
 
 
+def test_import_does_not_load_dynamo():
+    """`import fastvid` leaves torch._dynamo unimported, as `import torch` does (it cost ~1 s of import
+    time, and dynamo's import makes a cache directory: with no writable temp dir the import failed)."""
+    code = "import sys, fastvid; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
 def test_import_without_extension_falls_back_to_reference_with_one_warning():
     """With fastvid._C unimportable, import works, warns once, and the layers run on the reference."""
     code = textwrap.dedent("""
