@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <fstream>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -50,7 +51,11 @@ bool detect_bf16() {
 const Isa g_cpu = detect();        // what cpuid says
 std::atomic<int> g_supported{static_cast<int>(g_cpu)};  // lowered only by _cpu_isa_simulate (tests)
 
-int parse(const std::string& name) {
+// A path's name, case and surrounding spaces ignored ("AVX2", " avx2 "): -1 for any other text.
+int parse(const std::string& text) {
+  const auto first = text.find_first_not_of(" \t"), last = text.find_last_not_of(" \t");
+  std::string name = first == std::string::npos ? "" : text.substr(first, last - first + 1);
+  for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   for (int i = 0; i < 3; ++i)
     if (name == kNames[i]) return i;
   return -1;

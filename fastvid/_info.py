@@ -33,9 +33,9 @@ def info() -> dict:
 #: The CPU ISA paths, lowest first (csrc/cpu_isa.h), and the kernel families compiled for each.
 CPU_ISA_PATHS = ("baseline", "avx2", "avx512")
 CPU_ISA_FAMILIES = ("depthwise3d", "recurrent", "attention")
-# The request as the kernels saw it: fastvid._C reads FASTVID_CPU_ISA once, when it loads (with this package);
-# a later change of the variable changes nothing, so info() does not re-read it.
-_CPU_ISA_REQUEST = os.environ.get("FASTVID_CPU_ISA") or None
+# The request as the kernels saw it: fastvid._C reads FASTVID_CPU_ISA once, when it loads (with this package),
+# case and surrounding spaces ignored; a later change of the variable changes nothing, so info() does not re-read it.
+_CPU_ISA_REQUEST = os.environ.get("FASTVID_CPU_ISA", "").strip().lower() or None
 
 
 def cpu_isa_info() -> dict:

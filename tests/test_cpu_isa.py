@@ -145,6 +145,14 @@ def test_env_variable_read_at_import(isa):
     assert (active, ran, forced) == (isa, isa, isa)
 
 
+def test_env_variable_ignores_case_and_spaces():
+    """' AVX2 ' asks for the AVX2 path as 'avx2' does (before: an unknown name, warned about on stderr, and
+    the best path ran: the opposite of the lower path asked for, while info() reported 'AVX2' as forced)."""
+    want = "avx2" if "avx2" in supported_paths() else "baseline"
+    (active, ran, forced), stderr = _import_with_env(f" {want.upper()} ")
+    assert (active, ran, forced) == (want, want, want), stderr
+
+
 def test_info_reports_the_request_made_at_import(monkeypatch):
     """cpu_isa_forced is the FASTVID_CPU_ISA the kernels saw when fastvid loaded; setting the variable later
     changes no path, and info() no longer re-reads it (it reported a forced path not in effect)."""
