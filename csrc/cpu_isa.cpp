@@ -153,34 +153,28 @@ int64_t sysfs_cache_bytes(int level) {
   }
   return 0;
 }
-}  // namespace
 
+// The size of the cache of `level` (2 or 3): sysfs, else glibc's sysconf where there is one, else 0.
+int64_t cache_bytes(int level) {
+  const int64_t sysfs = sysfs_cache_bytes(level);
+  if (sysfs > 0) return sysfs;
 #ifdef _SC_LEVEL2_CACHE_SIZE  // glibc
-namespace {
-int64_t sysconf_bytes(int name) {
-  const long bytes = sysconf(name);
-  return bytes > 0 ? int64_t(bytes) : 0;
+  const long bytes = sysconf(level == 2 ? _SC_LEVEL2_CACHE_SIZE : _SC_LEVEL3_CACHE_SIZE);
+  if (bytes > 0) return int64_t(bytes);
+#endif
+  return 0;
 }
 }  // namespace
 
+// Read once: the kernels' cache rules ask on every call.
 int64_t l2_cache_bytes() {
-  static const int64_t bytes = [] {
-    const int64_t sysfs = sysfs_cache_bytes(2);
-    return sysfs > 0 ? sysfs : sysconf_bytes(_SC_LEVEL2_CACHE_SIZE);
-  }();
+  static const int64_t bytes = cache_bytes(2);
   return bytes;
 }
 int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    const int64_t sysfs = sysfs_cache_bytes(3);
-    return sysfs > 0 ? sysfs : sysconf_bytes(_SC_LEVEL3_CACHE_SIZE);
-  }();
+  static const int64_t bytes = cache_bytes(3);
   return bytes;
 }
-#else  // no cache sizes from this libc
-int64_t l2_cache_bytes() { return sysfs_cache_bytes(2); }
-int64_t last_level_cache_bytes() { return sysfs_cache_bytes(3); }
-#endif
 
 }  // namespace cpu_isa
 }  // namespace fastvid

@@ -316,12 +316,11 @@ class NonLocalBlock(nn.Module):
         if isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
             return self._folded_batch_norm(x, y, weight, bias)
         weight, bias = weight.to(y.dtype), bias.to(y.dtype)
-        if self.norm is not None:  # another norm: apply it to z = W y + b
-            z = torch.baddbmm(bias[None, :, None], weight.expand(y.shape[0], -1, -1), y.transpose(1, 2))
-            return x + self.norm(z.view(x.shape))
-        if x.dtype != y.dtype:  # under autocast: x added at its own precision, as x + conv(y) would be
-            z = torch.baddbmm(bias[None, :, None], weight.expand(y.shape[0], -1, -1), y.transpose(1, 2))
-            return x + z.view(x.shape)
+        # z = W y + b formed where another norm takes it, or under autocast (x wider than y: x is added at its
+        # own precision, as x + conv(y) would be)
+        if self.norm is not None or x.dtype != y.dtype:
+            z = torch.baddbmm(bias[None, :, None], weight.expand(y.shape[0], -1, -1), y.transpose(1, 2)).view(x.shape)
+            return x + (z if self.norm is None else self.norm(z))
         # x + W y + b as one batched GEMM on y's transpose (no copy of y, which the attention op keeps
         # for its backward anyway); the bias is added in place.
         out = torch.baddbmm(x.flatten(2), weight.expand(y.shape[0], -1, -1), y.transpose(1, 2))

@@ -574,7 +574,7 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
     lengths = _check_lengths("convlstm", lengths, x)
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
     which = _sequence_backend(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
-                                    peephole=peephole))
+                                   peephole=peephole))
     # default states made after autocast, in the dtypes the op takes (a cast would materialise them)
     h0 = _zero_state(x, C, x.dtype, which in ("cpu", "cuda")) if h0 is None else h0
     c0 = _zero_state(x, C, _acc(x.dtype), which in ("cpu", "cuda")) if c0 is None else c0
@@ -614,7 +614,7 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias_ih,
                                                               bias_hh, h0)
     which = _sequence_backend(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
-                                    h0=h0))
+                                   h0=h0))
     h0 = _zero_state(x, C, x.dtype, which in ("cpu", "cuda")) if h0 is None else h0  # after autocast: see convlstm
     if which == "triton" and (lengths is None or not _needs_grad(x, weight_ih, weight_hh, bias_ih, bias_hh, h0)):
         # the hidden conv and the cell fused: one launch per step (two for reset_after=False)
