@@ -367,9 +367,10 @@ def test_channels_last_forward_work_split(shape, channels, cpu_isa, streaming):
                          ids=["lines", "tail", "C108", "C64"])
 def test_channels_last_fused_backward(shape, channels, cpu_isa, streaming):
     """Stride 1 with the output the size of the input: the channels-innermost backward computes both
-    gradients in one pass, chunk by chunk of rows (csrc/depthwise3d/depthwise3d_cpu.cpp, backward_impl;
-    12 to 448 rows here, so at least 4 chunks per thread). Its results, also with only the weight or
-    only the bias gradient asked for beside the input gradient, are bit-identical to each gradient
+    gradients in one pass, chunk by chunk of rows, where a chunk's rows fit in L2 (here at most 0.6 MB:
+    fused on CPUs with 1 MiB of L2 or more; csrc/depthwise3d/depthwise3d_cpu.cpp, fused_backward_applies,
+    backward_impl; 12 to 448 rows here, so at least 4 chunks per thread). Its results, also with only the
+    weight or only the bias gradient asked for beside the input gradient, are bit-identical to each gradient
     asked for alone (then each runs its own pass) at 1 and 2 threads, with the input gradient's
     streaming stores forced on and off, and match the tap-sum oracle in float64."""
     B, T, H, W = shape

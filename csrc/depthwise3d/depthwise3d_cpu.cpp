@@ -1556,12 +1556,28 @@ void weight_grad_impl(const WeightGradArgs& a, const ChunkWork& chunk_work = Chu
 // ------------------------------------------------------------------------ both gradients
 // Whether backward_impl computes both gradients in one pass: stride 1 with the output the size of the
 // input (output row r and input row r are the same (b, t, h)), the kW = 3 forward kernel serving the
-// input gradient and the weight gradient taking its rows chunk by chunk (weight_grad_by_chunks).
-template <typename acc_t>
+// input gradient and the weight gradient taking its rows chunk by chunk (weight_grad_by_chunks), and
+// the rows a chunk works on fitting in three quarters of a core's L2: the fusion's gain is that a
+// chunk's grad_output rows, read by its input-gradient rows, are still in L2 for its weight sums. Per
+// chunk of r rows of R bytes the input-gradient rows read grad_output rows of three planes and the weight
+// sums input rows of three planes, r + 2 rows each (the H halo): 6 (r + 2) R bytes, the next chunk
+// sharing two planes of each. Where they do not fit, the two passes are faster: Zen 4 (1 MiB L2), two
+// threads, same-process A/B of the module's fwd+bwd (the backward's two forms alternated, p50 of 40):
+// 4x96x8x28^2 (1.0 MB of rows) after native's step 5.75 -> 5.31 ms (AVX-512) and 7.10 -> 6.09 (AVX2),
+// back to back 4.95 -> 4.32 / 6.74 -> 5.66; 4x108x8x28^2 (1.2 MB) 7.21 -> 6.53 / 11.27 -> 9.64; the
+// backward alone at 4x48x8x56^2 (1.9 MB) 6.33 -> 5.17 / 9.27 -> 8.16. Where they fit, the fusion holds
+// its own: 4x192x8x14^2 and 2x96x8x28^2 (0.58 MB) after native's step 2.96 / 1.48 ms fused against 3.11 /
+// 1.56 in two passes (AVX-512). The Intel Xeon's measurements below (2 MiB L2) are at 1.0 MB.
+template <typename scalar_t>
 bool fused_backward_applies(const Geometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
   const auto f = flipped_geometry(g);
   if (!f || !forward_k3_applies<acc_t>(*f) || !weight_grad_by_chunks<acc_t>(g)) return false;
-  return g.out[0] == g.in[0] && g.out[1] == g.in[1] && g.out[2] == g.in[2];
+  if (g.out[0] != g.in[0] || g.out[1] != g.in[1] || g.out[2] != g.in[2]) return false;
+  const int64_t chunks = weight_grad_chunks<acc_t>(g);
+  const int64_t chunk_rows = (g.batch * g.out[0] * g.out[1] + chunks - 1) / chunks;
+  const int64_t row_bytes = g.in[2] * g.channels * int64_t(sizeof(scalar_t));
+  return 6 * (chunk_rows + 2) * row_bytes <= cpu_isa::l2_cache_bytes() * 3 / 4;
 }
 
 // Both gradients. Where fused_backward_applies, per chunk of rows of the weight gradient first the
@@ -1588,7 +1604,7 @@ template <typename scalar_t>
 void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = wa.geo;
-  if (!fused_backward_applies<acc_t>(g)) {
+  if (!fused_backward_applies<scalar_t>(g)) {
     input_grad_impl<scalar_t>(ia);
     return weight_grad_impl<scalar_t>(wa);
   }
