@@ -17,6 +17,7 @@
 #include <list>
 #include <map>
 #include <mutex>
+#include <cctype>
 #include <string>
 
 namespace fastvid {
@@ -33,7 +34,8 @@ int64_t limit_from_environment() {
   const char* mb = std::getenv("FASTVID_CPU_BLOCK_CACHE_MB");
   if (mb == nullptr || *mb == '\0') return kDefaultLimitMB << 20;
   char* end = nullptr;
-  const long long value = std::strtoll(mb, &end, 10);
+  const long long value = std::strtoll(mb, &end, 10);  // skips leading spaces
+  while (end != mb && std::isspace(static_cast<unsigned char>(*end))) ++end;  // and trailing ones, as FASTVID_CPU_ISA
   TORCH_CHECK_VALUE(end != mb && *end == '\0' && value >= 0,
                     "FASTVID_CPU_BLOCK_CACHE_MB must be a whole number of MiB >= 0 (0 turns fastvid's CPU block ",
                     "cache off), got '", mb, "'");

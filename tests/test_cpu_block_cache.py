@@ -134,6 +134,14 @@ def test_a_bad_limit_is_a_clear_error(value):
     assert "FASTVID_CPU_BLOCK_CACHE_MB must be a whole number of MiB" in proc.stderr and value in proc.stderr
 
 
+@pytest.mark.parametrize("value", [" 3", "3 ", " 3 "])
+def test_spaces_around_the_limit_are_ignored(value):
+    """As for FASTVID_CPU_ISA: '3 ' was refused (and fastvid.info() raised) while ' 3' was read as 3."""
+    proc = _run_with_limit(value, "print(fastvid.info()['cpu_block_cache_limit_bytes'])")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(3 << 20)]
+
+
 @pytest.mark.parametrize("value", ["8796093022208", "99999999999999999999999"])
 def test_a_huge_limit_is_no_limit(value):
     """2^43 MiB and more overflowed the byte count: the limit read as negative and the cache kept nothing
