@@ -49,7 +49,8 @@ def _autocast(q, k, v):
     return autocast_inputs(q.device.type, q, k, v) if isinstance(q, Tensor) else (q, k, v)
 
 
-def _check_attention_args(op, q, k, v):
+def _check_attention_args(op, q, k, v, empty_queries=False):
+    """empty_queries: N = 0 is allowed (the public ops: an empty result, as SDPA's); the raw ops refuse it."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"fastvid.{op}: {name} must be a Tensor, got {type(t).__name__}")
@@ -72,7 +73,9 @@ def _check_attention_args(op, q, k, v):
     if q.shape[2] == 0 or v.shape[2] == 0:
         raise ValueError(f"fastvid.{op}: q and k need a positive last dim D (the default scale is 1/sqrt(D)) and v "
                          f"a positive Dv, got q {tuple(q.shape)}, v {tuple(v.shape)}")
-    if q.shape[1] == 0 or k.shape[1] == 0:
+    if k.shape[1] == 0:  # a softmax over no keys has no value
+        raise ValueError(f"fastvid.{op}: need at least one key, got M = 0 (k {tuple(k.shape)})")
+    if q.shape[1] == 0 and not empty_queries:
         raise ValueError(f"fastvid.{op}: need at least one query and one key, got N = {q.shape[1]}, "
                          f"M = {k.shape[1]}")
 
@@ -164,12 +167,14 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
                              f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
         heads = q.shape[:2]
         q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
-    _check_attention_args("nonlocal_attention", q, k, v)
+    _check_attention_args("nonlocal_attention", q, k, v, empty_queries=True)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
     which = _backend.resolve({"q": q, "k": k, "v": v})
-    if which == "cpu" and _has_cpu_op():
+    if q.shape[1] == 0:  # no queries: the empty result (k and v get zero gradients); no kernel launch
+        out = ref.nonlocal_attention(q, k, v, scale)[0]
+    elif which == "cpu" and _has_cpu_op():
         if q.dtype == torch.float16:  # the CPU kernel has no fp16 GEMM: compute in fp32, return fp16
             out = torch.ops.fastvid.nonlocal_attention(q.float(), k.float(), v.float(), scale)[0].half()
         else:
@@ -191,7 +196,7 @@ def dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Wang et al.'s dot-product nonlocal: ``(q kᵀ / M) v`` for ``[B, N, D]``, ``[B, M, D]``,
     ``[B, M, Dv]``, computed as ``q (kᵀ v) / M``: no N×M matrix, O(N·D·Dv) work."""
     q, k, v = _autocast(q, k, v)
-    _check_attention_args("dot_product_attention", q, k, v)
+    _check_attention_args("dot_product_attention", q, k, v, empty_queries=True)
     return torch.matmul(q, torch.matmul(k.transpose(1, 2), v)) / k.shape[1]
 
 
