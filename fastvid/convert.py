@@ -13,12 +13,13 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from .nn.conv3d import DepthwiseConv3d, is_depthwise_conv3d
-from .nn.nonlocal_block import nonlocal_from_module
+from .nn.nonlocal_block import NonLocalBlock, nonlocal_from_module
 
 # (name, replacement(module) -> the module to put in its place, or None where it does not apply),
 # tried in order. One call decides and builds: the nonlocal converter's check is the probe itself.
@@ -58,7 +59,8 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 def convert(model: nn.Module, inplace: bool = False, to: str = "fastvid") -> nn.Module:
     """Returns ``model`` with its layers replaced (outputs equal within float tolerance, parameters
     kept). ``to="fastvid"``: native layers → fastvid layers; ``to="reference"``: fastvid layers →
-    plain PyTorch modules. With ``inplace=False`` the model is deep-copied first."""
+    plain PyTorch modules. With ``inplace=False`` the model is deep-copied first. Use the return value:
+    where ``model`` itself is replaced (a bare ``nn.Conv3d``) it is a new module even with ``inplace=True``."""
     if to not in TARGETS:
         raise ValueError(f"fastvid.convert: to must be one of {TARGETS}, got {to!r}")
     if to == "reference":
@@ -70,10 +72,14 @@ def convert(model: nn.Module, inplace: bool = False, to: str = "fastvid") -> nn.
     # to="reference" must replace every fastvid layer (export needs them all), so a failure raises;
     # to="fastvid" leaves a module it cannot check native, with a warning.
     tolerant = to == "fastvid"
-    replacement = _replacement(model, converters, "", tolerant)
-    if replacement is not None:
-        return replacement
-    _convert_children(model, converters, "", tolerant)
+    # The replacements' constructors initialise weights before taking the originals', and the nonlocal
+    # probe runs a dropout the original may have: both draw from the global generator, which the caller's
+    # seeded run (data order, dropout masks) should find as it left it.
+    with torch.random.fork_rng(devices=[]):
+        replacement = _replacement(model, converters, "", tolerant)
+        if replacement is not None:
+            return replacement
+        _convert_children(model, converters, "", tolerant, {})
     return model
 
 
@@ -88,7 +94,17 @@ def _replacement(module: nn.Module, converters: List[Converter], path: str, tole
                           f"{name} converter raised {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2)
             return None
         if new is not None:
+            lost = _state_not_kept(module, new)
+            if lost:
+                message = (f"fastvid.convert: {path or 'the model'} ({type(module).__name__}) left unconverted: its "
+                           f"{', '.join(lost)} would be lost ({type(new).__name__} has no use for them)")
+                if not tolerant:
+                    raise ValueError(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                return None
             _keep_source_keys(module, new)
+            if isinstance(new, NonLocalBlock):  # it names its parts; a Sequential twin runs them in registration order
+                _follow_parameter_order(module, new)
             _take_over_hooks(module, new, path)
             _warn_of_dropped_arguments(module, new, path)
             return new
@@ -122,6 +138,28 @@ class _KeysFromSource:
         for source, ours in self.source_to_ours.items():
             if prefix + source in state_dict:
                 state_dict[prefix + ours] = state_dict.pop(prefix + source)
+
+
+def _state_not_kept(source: nn.Module, new: nn.Module) -> List[str]:
+    """The state-dict entries of ``source`` that ``new`` does not share: a hand-written block with an extra
+    parameter (a learned residual gain) whose probe passed at that parameter's initial value."""
+    kept = {id(t) for t in new.state_dict(keep_vars=True).values()}
+    return [name for name, t in source.state_dict(keep_vars=True).items() if id(t) not in kept]
+
+
+def _follow_parameter_order(source: nn.Module, new: nn.Module) -> None:
+    """Orders ``new``'s submodules so that its parameters() come in ``source``'s order (a hand-written
+    nonlocal block registers g before theta and phi, NonLocalBlock theta first): an optimizer, and an
+    optimizer state saved from the native model, pair moments with parameters by position."""
+    position = {id(p): i for i, p in enumerate(source.parameters())}
+
+    def first(item):
+        ranks = [position[id(p)] for p in item[1].parameters() if id(p) in position] if item[1] is not None else []
+        return min(ranks, default=len(position))
+
+    items = sorted(new._modules.items(), key=first)  # stable: modules without shared parameters keep their place
+    new._modules.clear()
+    new._modules.update(items)
 
 
 def _keep_source_keys(source: nn.Module, block: nn.Module) -> None:
@@ -175,11 +213,22 @@ def _take_over_hooks(old: nn.Module, new: nn.Module, path: str) -> None:
                       "its parts inside fused ops; register them on the converted model", RuntimeWarning, stacklevel=3)
 
 
-def _convert_children(module: nn.Module, converters: List[Converter], prefix: str, tolerant: bool) -> None:
-    for name, child in module.named_children():
+def _convert_children(module: nn.Module, converters: List[Converter], prefix: str, tolerant: bool,
+                      done: Dict[int, Optional[nn.Module]]) -> None:
+    """done: id(module) -> its replacement (None: converted in place), for modules reached again: one
+    registered under two names or in two parents is converted once and stays one module (named_children()
+    lists a module once per parent, so the second name kept the native layer)."""
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        if id(child) in done:
+            if done[id(child)] is not None:
+                setattr(module, name, done[id(child)])
+            continue
         path = f"{prefix}.{name}" if prefix else name
         replacement = _replacement(child, converters, path, tolerant)
+        done[id(child)] = replacement
         if replacement is not None:
             setattr(module, name, replacement)
         else:
-            _convert_children(child, converters, path, tolerant)
+            _convert_children(child, converters, path, tolerant, done)

@@ -135,6 +135,32 @@ def test_convert_inplace_and_top_level_module():
     assert type(out) is DepthwiseConv3d and type(single) is nn.Conv3d
 
 
+def test_convert_keeps_a_shared_module_one_module():
+    """A conv registered under two names of one parent (named_children() lists it once) kept the native
+    layer under the second name; one in two parents became two modules. Now each is one replacement,
+    wherever it is registered, and the parameters stay tied."""
+    dw = nn.Conv3d(4, 4, 3, padding=1, groups=4)
+    model = nn.Sequential(nn.Sequential(dw, nn.ReLU(), dw), nn.Sequential(dw))
+    model.add_module("again", model[0])
+    converted = fastvid.convert(model)
+    replacements = {id(m) for m in (converted[0][0], converted[0][2], converted[1][0], converted.again[0])}
+    assert len(replacements) == 1 and type(converted[0][0]) is DepthwiseConv3d
+    assert converted.again is converted[0]
+    x = torch.randn(1, 4, 3, 6, 6)
+    torch.testing.assert_close(converted[0](x), model[0](x), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_leaves_the_global_random_stream_alone():
+    """The replacements' constructors draw initial weights before taking the originals': a seeded run
+    with a convert in it drew different dropout masks and data orders than without."""
+    model = _x3d_block()
+    torch.manual_seed(0)
+    fastvid.convert(model)
+    after_convert = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after_convert, torch.rand(4))
+
+
 @pytest.mark.parametrize("kernel_size,dilation,padding,expected", [
     (3, 1, "same", (1, 1, 1)), ((1, 3, 5), 1, "same", (0, 1, 2)), (3, (1, 2, 3), "same", (1, 2, 3)),
     ((2, 3, 3), (2, 1, 1), "same", (1, 1, 1)), (3, 1, "valid", (0, 0, 0)), ((2, 4, 3), 2, "valid", (0, 0, 0))])

@@ -367,7 +367,75 @@ def test_not_converted_when_the_function_differs():
             return super().forward(x) * 2
 
     model = randomize(Impostor(8))
-    assert type(fastvid.convert(model)) is Impostor
+    with pytest.warns(RuntimeWarning, match=r"\(Impostor\) left unconverted: .* it has a nonlocal block's parts, "
+                                            r"but its output differs"):
+        assert type(fastvid.convert(model)) is Impostor
+
+
+@pytest.mark.parametrize("style", ["standalone", "pytorchvideo"])
+def test_convert_keeps_the_parameter_order(style):
+    """The standalone ports register g before theta and phi; NonLocalBlock registered theta first. An
+    optimizer state saved from the native model (moments paired with parameters by position) then gave
+    theta g's moments on the converted one, silently: the shapes agree."""
+    block = StandaloneStyleNonLocal(8) if style == "standalone" else PytorchvideoStyleNonLocal(8, 4, (1, 2, 2), "softmax")
+    model = nn.Sequential(nn.Conv3d(3, 8, 1), randomize(block))
+    converted = fastvid.convert(model)
+    assert isinstance(converted[1], NonLocalBlock)
+    ours, native = list(converted.parameters()), list(model.parameters())
+    assert len(ours) == len(native) and all(torch.equal(a, b) for a, b in zip(ours, native))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 3, 2, 4, 4)).square().sum().backward()
+    optimizer.step()
+    resumed = torch.optim.Adam(converted.parameters())
+    resumed.load_state_dict(optimizer.state_dict())
+    for p, q in zip(converted.parameters(), model.parameters()):
+        assert torch.equal(resumed.state[p]["exp_avg"], optimizer.state[q]["exp_avg"])
+
+
+def test_not_converted_with_a_parameter_the_block_has_no_use_for():
+    """A learned residual gain (x + gamma (z - x)) matches NonLocalBlock at its initial value 1, so the
+    probe passed and the block was converted with gamma dropped: a native checkpoint then failed to
+    load (strict) or loaded with gamma ignored. Now such a block stays native with a warning naming it."""
+    class WithGain(StandaloneStyleNonLocal):
+        def __init__(self, in_channels):
+            super().__init__(in_channels)
+            self.gamma = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x + self.gamma * (super().forward(x) - x)
+
+    block = randomize(WithGain(8)).eval()
+    with torch.no_grad():
+        block.gamma.fill_(1.0)
+    model = nn.Sequential(block, nn.Conv3d(8, 8, 3, padding=1, groups=8))
+    with pytest.warns(RuntimeWarning, match=r"0 \(WithGain\) left unconverted: its gamma would be lost"):
+        converted = fastvid.convert(model)
+    assert type(converted[0]) is WithGain and type(converted[1]) is fastvid.nn.DepthwiseConv3d
+    converted.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_not_converted_with_a_dropout_inside():
+    """A dropout on the attention map changes only the training-mode output: the probe, in eval mode
+    only, passed and the dropout was dropped. The probe runs in training mode too now; convert leaves
+    the caller's random stream as it was (it drew from it: the replacements' initial weights, the probe)."""
+    class WithDropout(StandaloneStyleNonLocal):
+        def __init__(self, in_channels):
+            super().__init__(in_channels)
+            self.dropout = nn.Dropout(0.5)
+
+        def forward(self, x):  # the embedded-gaussian block, dropout on the attention map
+            b = x.shape[0]
+            g_x = self.g(x).view(b, self.inter_channels, -1).permute(0, 2, 1)
+            theta_x = self.theta(x).view(b, self.inter_channels, -1).permute(0, 2, 1)
+            f = self.dropout(torch.softmax(torch.matmul(theta_x, self.phi(x).view(b, self.inter_channels, -1)), -1))
+            y = torch.matmul(f, g_x).permute(0, 2, 1).contiguous().view(b, self.inter_channels, *x.shape[2:])
+            return self.W(y) + x
+
+    model = randomize(WithDropout(8))
+    state = torch.random.get_rng_state()
+    with pytest.warns(RuntimeWarning, match=r"\(WithDropout\) left unconverted: .* its output differs"):
+        assert type(fastvid.convert(model)) is WithDropout
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_probe_that_raises_is_reported_with_the_module_name():

@@ -482,15 +482,16 @@ def _candidates_standalone(module):
 
 
 def _probe_matches(original: nn.Module, candidate: NonLocalBlock) -> bool:
-    """Whether ``candidate`` computes ``original``'s function on a random probe input. Both are copied
-    together (so the submodules they share stay shared) and put in eval mode; the shared final affine
-    map gets random values first, since a freshly initialised block is the identity, which any
-    candidate would match. An exception (from the original or the candidate) propagates: the
-    caller reports it rather than taking it for a mismatch."""
+    """Whether ``candidate`` computes ``original``'s function on a random probe input, in eval mode and
+    in training mode (BatchNorm on batch statistics; a dropout inside the original makes it differ).
+    Both are copied together (so the submodules they share stay shared); the shared final affine map
+    gets random values first, since a freshly initialised block is the identity, which any candidate
+    would match. An exception (from the original or the candidate) propagates: the caller reports it
+    rather than taking it for a mismatch."""
     original, candidate = copy.deepcopy((original, candidate))
-    # In eval mode, fp32 and on the CPU on the copies: a bf16/fp16 model would blur the comparison, and
-    # so would a CUDA one, whose convolutions cuDNN runs in TF32 by default (~1e-3 from fp32).
-    original.eval().float().cpu(), candidate.eval().float().cpu()
+    # fp32 and on the CPU on the copies: a bf16/fp16 model would blur the comparison, and so would a
+    # CUDA one, whose convolutions cuDNN runs in TF32 by default (~1e-3 from fp32).
+    original.float().cpu(), candidate.float().cpu()
     generator = torch.Generator().manual_seed(0)
     final = candidate.norm if candidate.norm is not None else candidate.out
     sizes = {1: (8,), 2: (4, 4), 3: (2, 4, 4)}[candidate.dims]
@@ -498,19 +499,25 @@ def _probe_matches(original: nn.Module, candidate: NonLocalBlock) -> bool:
         for p in final.parameters():
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
         x = torch.randn(2, candidate.in_channels, *sizes, generator=generator)
-        expected, got = original(x), candidate(x)
-    return isinstance(expected, torch.Tensor) and expected.shape == got.shape and \
-        torch.allclose(expected, got, rtol=1e-4, atol=1e-5)
+        for training in (False, True):
+            original.train(training), candidate.train(training)
+            expected, got = original(x), candidate(x)
+            if not (isinstance(expected, torch.Tensor) and expected.shape == got.shape and
+                    torch.allclose(expected, got, rtol=1e-4, atol=1e-5)):
+                return False
+    return True
 
 
 def nonlocal_from_module(module: nn.Module) -> Optional[NonLocalBlock]:
-    """The NonLocalBlock equal to a hand-written nonlocal block (sharing its submodules), or None.
-    Raises RuntimeError when no candidate matched and the probe raised for some (fastvid.convert
-    reports it as a warning): the module looks like a nonlocal block, but could not be checked."""
+    """The NonLocalBlock equal to a hand-written nonlocal block (sharing its submodules), or None where
+    the module does not have a nonlocal block's parts. Raises RuntimeError (fastvid.convert reports it
+    as a warning) where it has them but no form of NonLocalBlock matched: the probe raised for some, or
+    the outputs differ (a variant fastvid does not compute: a scaled softmax, a dropout, another step)."""
     if isinstance(module, NonLocalBlock):
         return None
+    candidates = _candidates_pytorchvideo(module) + _candidates_standalone(module)
     failures = []
-    for candidate in _candidates_pytorchvideo(module) + _candidates_standalone(module):
+    for candidate in candidates:
         try:
             if _probe_matches(module, candidate):
                 return candidate.train(module.training)
@@ -518,4 +525,7 @@ def nonlocal_from_module(module: nn.Module) -> Optional[NonLocalBlock]:
             failures.append(f"{candidate.mode}: {type(error).__name__}: {error}")
     if failures:
         raise RuntimeError("the probe input raised (" + "; ".join(failures) + ")")
+    if candidates:
+        raise RuntimeError("it has a nonlocal block's parts, but its output differs from NonLocalBlock's in every "
+                           f"form tried ({', '.join(c.mode for c in candidates)}), in eval or training mode")
     return None
