@@ -524,6 +524,40 @@ def test_cells_take_an_unbatched_step(make, given_state):
         cell(x, (batched_h, torch.randn(C, H, W, dtype=torch.float64)) if lstm else batched_h)
 
 
+@pytest.mark.parametrize("norm", [None, "layer"])
+def test_lstm_cell_broadcasts_a_batch_one_h_with_or_without_norm(norm):
+    """A batched h of batch 1 (a learned initial state) broadcasts over the batch in ConvLSTMCell; with
+    norm="layer" the cell raised an error of the sequence op it runs (naming an h0 the caller never
+    passed). Both against the cell given h expanded, values and h's gradient (summed over the batch)."""
+    torch.manual_seed(0)
+    cell = _randomize(ConvLSTMCell(C_IN, C, 3, norm=norm)).double()
+    x, c = torch.randn(B, C_IN, H, W, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)
+    h1 = torch.randn(1, C, H, W, dtype=torch.float64, requires_grad=True)
+    h_expanded = h1.detach().expand(B, -1, -1, -1).clone().requires_grad_()
+    ours, expected = cell(x, (h1, c)), cell(x, (h_expanded, c))
+    _assert_all_close(list(ours), list(expected), "outputs", rtol=1e-12, atol=1e-12)
+    sum(o.sum() for o in ours).backward()
+    sum(o.sum() for o in expected).backward()
+    _assert_all_close([h1.grad], [h_expanded.grad.sum(0, keepdim=True)], "grad h", rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c_dtype", [torch.float64, torch.bfloat16])
+def test_a_cell_state_of_another_dtype_is_refused(c_dtype):
+    """c0 (c_prev) must have x's dtype or the fp32 the cell state is kept in beside bf16 / fp16, as h0 must
+    have x's: an fp64 or bf16 c0 beside fp32 x was cast silently (the fp64 one lost its precision)."""
+    x, h = torch.randn(B, T, C_IN, H, W), torch.randn(1, B, C, H, W)
+    c = torch.randn(1, B, C, H, W, dtype=c_dtype)
+    with pytest.raises(TypeError, match=f"c0 has dtype {c_dtype} but x has dtype torch.float32"):
+        ConvLSTM(C_IN, C, 3, batch_first=True)(x, (h, c))
+    with pytest.raises(TypeError, match=f"c0 has dtype {c_dtype} but x has dtype torch.float32"):
+        ConvLSTM(C_IN, C, 3, batch_first=True, norm="layer")(x, (h, c))
+    with pytest.raises(TypeError, match=f"c_prev has dtype {c_dtype} but gates_pre has dtype torch.float32"):
+        ConvLSTMCell(C_IN, C, 3)(x[:, 0], (h[0], c[0]))
+    # fp32 beside bf16 is the cell state's own dtype there
+    out, (_, c_n) = ConvLSTM(C_IN, C, 3, batch_first=True).bfloat16()(x.bfloat16(), (h.bfloat16(), c.float()))
+    assert out.dtype == torch.bfloat16 and c_n.dtype == torch.float32
+
+
 @pytest.mark.parametrize("given_state", [False, True], ids=["zero_state", "fp32_state"])
 @pytest.mark.parametrize("make", [lambda: ConvLSTMCell(C_IN, C, 3, peephole=True),
                                   lambda: ConvGRUCell(C_IN, C, 3), lambda: ConvGRUCell(C_IN, C, 3, reset_after=False)],

@@ -170,6 +170,7 @@ class ConvLSTMCell(_ConvRNNCellBase):
         h, c = state if state is not None else (self._zeros(x), self._zeros(x, ops.recurrent._acc(x.dtype)))
         if self.norm == "layer":  # one step of the fused sequence op
             bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
+            h = h.expand(x.shape[0], -1, -1, -1)  # a batch-1 h broadcasts (_check_step), as in the plain cell
             _, h, c = ops.convlstm_ln(x.unsqueeze(1), self.weight_ih, self.weight_hh, bias, h, c,
                                       *_norm_args(self, "", 4), self.padding, self.dilation)
             return h, c

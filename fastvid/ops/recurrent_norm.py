@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .. import _backend
 from ._common import autocast_inputs, check_one_device
-from .recurrent import _acc, _channels_last, _frame, _frames, _needs_grad, _sequence_arguments, _sequence_backend, _triton
+from .recurrent import (_acc, _channels_last, _check_cell_state_dtype, _frame, _frames, _needs_grad, _sequence_arguments,
+                        _sequence_backend, _triton)
 from ..reference import recurrent_norm as ref
 
 __all__ = ["convlstm_ln", "convgru_ln"]
@@ -97,6 +98,7 @@ def convlstm_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[
     if c0 is None:
         c0 = x.new_zeros(B, C, H, W, dtype=_acc(x.dtype))
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
+    _check_cell_state_dtype("convlstm_ln", "c0", c0, x)
     tensors = dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0, gain_ih=gain_ih,
                    gain_hh=gain_hh, gain_c=gain_c, bias_c=bias_c)
     which = _sequence_backend(tensors)
