@@ -138,6 +138,7 @@ def test_nonlocal_block_mixed_dtypes():
      "--frames must be >= 2 to predict (one observed, one predicted), got 1"),
     (["train", "--task", "predict", "--model", "convlstm_forecaster", "--frames", "4", "--input-frames", "4"],
      "--input-frames must be in 1..3 (--frames - 1), got 4"),
+    (["train", "--model", "early_fusion", "--sync-bn"], "train: error: --sync-bn needs --device cuda"),
 ])
 def test_command_line_option_values(argv, message, capsys):
     """A bad number is an argparse error naming the option (exit 2), not a traceback, a division by zero

@@ -387,6 +387,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     as a UsageError before any work."""
     if args.model not in _BUILDERS:
         raise _argtypes.UsageError(f"--model: unknown model {args.model!r}; registered: {', '.join(list_models())}")
+    if args.sync_bn and torch.device(args.device).type != "cuda":  # (prepare_model raised it after the data was made)
+        raise _argtypes.UsageError("--sync-bn needs --device cuda: torch.nn.SyncBatchNorm synchronises GPU tensors only")
     frames, size = _task_default(args, "frames"), _task_default(args, "size")
     predictor = is_predictor(args.model)
     if args.task == "classify":
