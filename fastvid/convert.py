@@ -214,20 +214,21 @@ def _take_over_hooks(old: nn.Module, new: nn.Module, path: str) -> None:
 
 
 def _convert_children(module: nn.Module, converters: List[Converter], prefix: str, tolerant: bool,
-                      done: Dict[int, Optional[nn.Module]]) -> None:
-    """done: id(module) -> its replacement (None: converted in place), for modules reached again: one
-    registered under two names or in two parents is converted once and stays one module (named_children()
-    lists a module once per parent, so the second name kept the native layer)."""
+                      done: Dict[int, Tuple[nn.Module, Optional[nn.Module]]]) -> None:
+    """done: id(module) -> (the module, kept alive so that its id stays its own; its replacement, None where
+    it was converted in place), for modules reached again: one registered under two names or in two parents
+    is converted once and stays one module (named_children() lists a module once per parent, so the second
+    name kept the native layer)."""
     for name, child in list(module._modules.items()):
         if child is None:
             continue
         if id(child) in done:
-            if done[id(child)] is not None:
-                setattr(module, name, done[id(child)])
+            if done[id(child)][1] is not None:
+                setattr(module, name, done[id(child)][1])
             continue
         path = f"{prefix}.{name}" if prefix else name
         replacement = _replacement(child, converters, path, tolerant)
-        done[id(child)] = replacement
+        done[id(child)] = (child, replacement)
         if replacement is not None:
             setattr(module, name, replacement)
         else:
