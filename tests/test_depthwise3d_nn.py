@@ -135,6 +135,33 @@ def test_convert_inplace_and_top_level_module():
     assert type(out) is DepthwiseConv3d and type(single) is nn.Conv3d
 
 
+def test_module_takes_factory_arguments_and_reads_like_a_depthwise_conv3d():
+    """device= / dtype= as nn.Conv3d takes them (a model built on the meta device raised TypeError), and
+    the attributes code written for a depthwise nn.Conv3d reads (groups, padding_mode: AttributeError)."""
+    meta = DepthwiseConv3d(4, 3, device="meta")
+    assert meta.weight.is_meta and meta.bias.is_meta
+    double = DepthwiseConv3d(4, 3, dtype=torch.float64, channel_multiplier=2)
+    assert double.weight.dtype == double.bias.dtype == torch.float64 and double.weight.shape == (8, 1, 3, 3, 3)
+    native = nn.Conv3d(4, 8, 3, groups=4)
+    assert (double.groups, double.padding_mode) == (native.groups, native.padding_mode) == (4, "zeros")
+
+
+def test_a_kernel_above_the_limit_is_refused_when_built():
+    """Kernel sizes above the kernels' limit (7) were accepted by the constructor and failed at the first call."""
+    with pytest.raises(ValueError, match=r"kernel_size must be at most 7 along each dim .* got \(8, 8, 8\)"):
+        DepthwiseConv3d(2, 8)
+    DepthwiseConv3d(2, (7, 1, 7))
+
+
+def test_r2plus1d_middle_width_is_at_least_one():
+    """Tran et al.'s M (144 for 64 -> 64 channels, 3x3x3) is 0 for a few channels and a 1-wide kernel: the
+    block had a 0-channel middle conv and failed at its first call with PyTorch's weight-size error."""
+    assert r2plus1d_mid_channels(64, 64, 3) == 144
+    assert r2plus1d_mid_channels(1, 1, (3, 1, 1)) == 1
+    block = Conv2Plus1d(1, 1, kernel_size=(3, 1, 1))
+    assert block(torch.randn(1, 1, 4, 4, 4)).shape == (1, 1, 4, 4, 4)
+
+
 def test_convert_keeps_a_shared_module_one_module():
     """A conv registered under two names of one parent (named_children() lists it once) kept the native
     layer under the second name; one in two parents became two modules. Now each is one replacement,

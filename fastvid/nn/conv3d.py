@@ -26,7 +26,7 @@ class DepthwiseConv3d(nn.Module):
 
     def __init__(self, channels: int, kernel_size: IntOrTriple, stride: IntOrTriple = 1,
                  padding: Union[IntOrTriple, str] = 0, dilation: IntOrTriple = 1, bias: bool = True,
-                 channel_multiplier: int = 1):
+                 channel_multiplier: int = 1, device=None, dtype=None):
         super().__init__()
         if channels <= 0 or channel_multiplier <= 0:
             raise ValueError(f"channels and channel_multiplier must be positive, got {channels}, {channel_multiplier}")
@@ -45,9 +45,22 @@ class DepthwiseConv3d(nn.Module):
             if len(value) != 3 or any(v < low for v in value):
                 raise ValueError(f"DepthwiseConv3d: {name} must be one int or a (T, H, W) triple, each >= {low}, "
                                  f"got {value}")
-        self.weight = nn.Parameter(torch.empty(channels * channel_multiplier, 1, *self.kernel_size))
-        self.bias = nn.Parameter(torch.empty(channels * channel_multiplier)) if bias else None
+        if any(k > ops.depthwise3d.MAX_KERNEL_SIZE for k in self.kernel_size):  # (it raised at the first call)
+            raise ValueError(f"DepthwiseConv3d: kernel_size must be at most {ops.depthwise3d.MAX_KERNEL_SIZE} along each "
+                             f"dim (the kernels' limit; nn.Conv3d(groups=C) takes larger), got {self.kernel_size}")
+        factory = dict(device=device, dtype=dtype)  # as nn.Conv3d's: build on the meta device, in fp64, ...
+        self.weight = nn.Parameter(torch.empty(channels * channel_multiplier, 1, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(channels * channel_multiplier, **factory)) if bias else None
         self.reset_parameters()
+
+    # nn.Conv3d's attributes that code written for a depthwise nn.Conv3d reads
+    @property
+    def groups(self) -> int:
+        return self.channels
+
+    @property
+    def padding_mode(self) -> str:
+        return "zeros"
 
     @property
     def in_channels(self) -> int:
@@ -149,9 +162,10 @@ class SeparableConv3d(nn.Module):
 
 def r2plus1d_mid_channels(in_channels: int, out_channels: int, kernel_size: IntOrTriple = 3) -> int:
     """M = ⌊t·d²·N_in·N_out / (d²·N_in + t·N_out)⌋ (Tran et al. 2018): the (2+1)D block then has the
-    parameter count of the full t×d×d convolution."""
+    parameter count of the full t×d×d convolution; at least 1 (the formula gives 0 for a few channels
+    and a 1-wide kernel, and a block of 0 channels fails at its first call)."""
     t, d, _ = _triple(kernel_size)
-    return (t * d * d * in_channels * out_channels) // (d * d * in_channels + t * out_channels)
+    return max(1, (t * d * d * in_channels * out_channels) // (d * d * in_channels + t * out_channels))
 
 
 class Conv2Plus1d(nn.Sequential):
