@@ -606,6 +606,38 @@ def test_training_on_one_value_per_channel_raises_as_nn_batchnorm():
     torch.testing.assert_close(block.eval()(x), explicit_block(block, x))
 
 
+def test_eval_outputs_do_not_depend_on_the_other_samples():
+    """With running statistics each sample's output is its own, as with nn.BatchNorm in eval: the fold
+    centred y on the batch's mean, so a NaN in one clip made every other clip's output NaN, and a clip of
+    large values cost the others fp32 precision (3e-2 off at 1e6)."""
+    block = randomize(NonLocalBlock(8, 4)).eval()
+    x = torch.randn(3, 8, 2, 6, 6)
+    alone = block(x[:1])
+    for other in (torch.full_like(x[1:], float("nan")), x[1:] * 1e6):
+        together = block(torch.cat([x[:1], other]))
+        torch.testing.assert_close(together[:1], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_a_batchnorm_subclass_runs_its_own_forward():
+    """The BatchNorm was folded into the output projection whenever it was a _BatchNorm, so a subclass's
+    forward (SyncBatchNorm's statistics across processes; here a clamp) was skipped silently. Only
+    PyTorch's own BatchNorm1d/2d/3d are folded; against the plain-module twin, in training and eval."""
+    class ClampedBatchNorm3d(nn.BatchNorm3d):
+        def forward(self, z):
+            return super().forward(z).clamp(-0.1, 0.1)
+
+    block = NonLocalBlock(8, 4)
+    block.norm = ClampedBatchNorm3d(8)
+    randomize(block)
+    twin = fastvid.convert(copy.deepcopy(block), to="reference")
+    x = torch.randn(2, 8, 2, 6, 6)
+    for train in (True, False):
+        block.train(train), twin.train(train)
+        out = block(x)
+        assert (out - x).abs().max() <= 0.1 + 1e-6
+        torch.testing.assert_close(out, twin(x), rtol=1e-5, atol=1e-5)
+
+
 def _block_with_offset_values(ratio, seed=0):
     """A randomised block whose attention output y has, per channel, mean = ratio × std: a constant
     added to g's bias shifts every softmax-weighted average of g by that constant."""

@@ -313,7 +313,9 @@ class NonLocalBlock(nn.Module):
         y = self.attend(x)  # [B, N, inter], rows contiguous
         weight = self.out.weight.flatten(1)  # [C, inter]
         bias = self.out.bias if self.out.bias is not None else weight.new_zeros(self.in_channels)
-        if isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
+        # Folded only where the norm is exactly PyTorch's BatchNorm: a subclass (SyncBatchNorm, whose statistics
+        # span the processes; any overridden forward) runs its own forward on z below.
+        if type(self.norm) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
             return self._folded_batch_norm(x, y, weight, bias)
         weight, bias = weight.to(y.dtype), bias.to(y.dtype)
         # z = W y + b formed where another norm takes it, or under autocast (x wider than y: x is added at its
@@ -365,8 +367,10 @@ class NonLocalBlock(nn.Module):
                             unbiased = var * (n / (n - 1))
                             norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
             else:
-                with torch.no_grad():
-                    pivot = rows.to(acc).mean(0).to(y.dtype)
+                # Running statistics: pivot 0, so that each sample's output is its own (a batch mean as pivot
+                # carried one sample's NaN, or its large values' rounding, into the others' outputs); the
+                # cancellation of A y against the shift is nn.BatchNorm's of W y + b against μ.
+                pivot = y.new_zeros(y.shape[-1])
                 scale = torch.rsqrt(norm.running_var.to(acc) + norm.eps)
                 scale = scale if gamma is None else scale * gamma
                 shift = beta + scale * (weight @ pivot.to(acc) + bias - norm.running_mean.to(acc))
