@@ -215,12 +215,15 @@ void gemm(bool trans_a, int64_t m, int64_t n, int64_t k, acc_type<scalar_t> alph
 }
 
 // ---------------------------------------------------------------------------------------- row math
-// The tiles' scores are kept in log2 units (the GEMM's alpha is scale · log2 e), so the softmax
-// needs exp2, one multiply cheaper than exp, and lse = ln 2 · (m + log2 l).
+// The tiles' scores are in natural units (the GEMM's alpha is scale), and P = 2^((s - m) · log2 e):
+// s - m is exact where P matters (Sterbenz), so a row's largest score gives P = 1 exactly in the
+// forward and, against the stored lse (= that score when it dominates), in the backward. (Scores kept
+// in log2 units saved that multiply, but the fp32 lse, stored in natural units, then missed the
+// log2-unit score by its rounding: ~0.2 % of P, and of dV, at scores of 6e4.)
 constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
 
 // Lazy rescaling (as in FlashAttention-4): a row's running max m moves only when a tile's max
-// exceeds it by more than this many binary orders, so most tiles skip rescaling the accumulator
+// exceeds it by more than this many binary orders (times ln 2 in score units), so most tiles skip rescaling the accumulator
 // and the row sum. P entries then stay <= 2^8: no overflow, and no precision lost (the scale of P
 // cancels in out = acc / l).
 constexpr double kRescaleThreshold = 8;
@@ -267,9 +270,11 @@ acc_t row_max(const acc_t* s, int64_t n) {
   return result;
 }
 
-// P = 2^(s - m) over a row; returns its sum. fp32/fp64 write P over s (p_low unused), bf16 into p_low.
+// P = e^(s - m) = 2^((s - m) · log2 e) over a row; returns its sum. fp32/fp64 write P over s (p_low
+// unused), bf16 into p_low.
 template <typename acc_t, typename p_t>
-acc_t exp2_row(acc_t* __restrict s, int64_t n, acc_t m, p_t* __restrict p_low) {
+acc_t exp_row(acc_t* __restrict s, int64_t n, acc_t m, p_t* __restrict p_low) {
+  constexpr acc_t log2e = acc_t(kLog2e);
   acc_t lane_sum[kLanes] = {};
   auto put = [&](int64_t j, acc_t e) {
     if constexpr (std::is_same_v<p_t, acc_t>) s[j] = e;
@@ -278,31 +283,31 @@ acc_t exp2_row(acc_t* __restrict s, int64_t n, acc_t m, p_t* __restrict p_low) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
     for (int u = 0; u < kLanes; ++u) {
-      const acc_t e = exp2_fast(s[j + u] - m);
+      const acc_t e = exp2_fast((s[j + u] - m) * log2e);
       lane_sum[u] += e;
       put(j + u, e);
     }
   acc_t sum = 0;
   for (int u = 0; u < kLanes; ++u) sum += lane_sum[u];
   for (; j < n; ++j) {
-    const acc_t e = exp2_fast(s[j] - m);
+    const acc_t e = exp2_fast((s[j] - m) * log2e);
     sum += e;
     put(j, e);
   }
   return sum;
 }
 
-// Online-softmax update of one query row with a new tile of scores s[0..n) (log2 units) whose max
-// (NaNs skipped) is tile_max: the running max m moves (and l and the output accumulator are rescaled by 2^(m_old - m)) only when the tile's
-// max exceeds m by more than kRescaleThreshold; then P = 2^(s - m) is written (over s, or to p_low
+// Online-softmax update of one query row with a new tile of scores s[0..n) whose max (NaNs skipped)
+// is tile_max: the running max m moves (and l and the output accumulator are rescaled by e^(m_old - m))
+// only when the tile's max exceeds m by more than kRescaleThreshold binary orders; then P = e^(s - m) is written (over s, or to p_low
 // for bf16) and added to l. A row whose scores so far are all -inf keeps m = -inf and adds nothing
 // (P = 0 for this tile); a later finite tile takes over with rescale 0.
 template <typename acc_t, typename p_t>
 void softmax_tile_row(acc_t* s, int64_t n, acc_t tile_max, acc_t& m, acc_t& l, acc_t* out_acc, int64_t dv,
                       p_t* p_low) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  if (tile_max > m + acc_t(kRescaleThreshold)) {
-    const acc_t rescale = m == kNegInf ? acc_t(0) : exp2_fast(m - tile_max);
+  if (tile_max > m + acc_t(kRescaleThreshold * kLn2)) {
+    const acc_t rescale = m == kNegInf ? acc_t(0) : exp2_fast((m - tile_max) * acc_t(kLog2e));
     for (int64_t d = 0; d < dv; ++d) out_acc[d] *= rescale;
     l *= rescale;
     m = tile_max;
@@ -318,19 +323,18 @@ void softmax_tile_row(acc_t* s, int64_t n, acc_t tile_max, acc_t& m, acc_t& l, a
     l += sum;
     return;
   }
-  l += exp2_row(s, n, m, p_low);
+  l += exp_row(s, n, m, p_low);
 }
 
-// Backward of one row of a tile (s in log2 units): P = 2^(s - lse2) with lse2 = log2 e · lse given
-// as lse2_hi + lse2_lo (s - lse2_hi is exact where P matters, so lse2 is not rounded again: with
-// large logits its rounding would scale the whole row of P), and dS = scale · P ∘ (dP - delta).
+// Backward of one row of a tile: P = e^(s - lse) (s - lse exact where P matters: the row's largest
+// score, when it dominates, is the stored lse itself, so its P is 1), and dS = scale · P ∘ (dP - delta).
 // fp32/fp64 write them over s and dp; bf16 into p_low and ds_low.
 template <typename acc_t, typename p_t>
-void softmax_grad_tile_row(acc_t* __restrict s, acc_t* __restrict dp, int64_t n, acc_t lse2_hi,
-                                              acc_t lse2_lo, acc_t delta, acc_t scale, p_t* __restrict p_low,
-                                              p_t* __restrict ds_low) {
+void softmax_grad_tile_row(acc_t* __restrict s, acc_t* __restrict dp, int64_t n, acc_t lse, acc_t delta,
+                                              acc_t scale, p_t* __restrict p_low, p_t* __restrict ds_low) {
+  constexpr acc_t log2e = acc_t(kLog2e);
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t p = exp2_fast((s[j] - lse2_hi) - lse2_lo);
+    const acc_t p = exp2_fast((s[j] - lse) * log2e);
     const acc_t ds = scale * p * (dp[j] - delta);
     if constexpr (std::is_same_v<p_t, acc_t>) {
       s[j] = p;
@@ -399,7 +403,7 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
   const auto v_pv = tile_b(operand<scalar_t>(v_t), false, sz.B, sz.M, sz.Dv, v_store);  // V [M × Dv]
   scalar_t* out = out_t.data_ptr<scalar_t>();
   acc_t* lse = lse_t.data_ptr<acc_t>();
-  const acc_t scale_log2 = acc_t(scale_d * kLog2e);  // scores in log2 units
+  const acc_t scale = acc_t(scale_d);
   const int64_t query_blocks = (sz.N + kQueryBlock - 1) / kQueryBlock;
 
   at::parallel_for(0, sz.B * query_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -418,8 +422,8 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
       std::fill(out_acc.begin(), out_acc.end(), acc_t(0));
       for (int64_t j0 = 0; j0 < sz.M; j0 += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, sz.M - j0);
-        // S = log2 e · scale · Q_i K_jᵀ
-        gemm<scalar_t>(q.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld, k_s, b, 0, j0, acc_t(0),
+        // S = scale · Q_i K_jᵀ
+        gemm<scalar_t>(q.transposed, rows, cols, sz.D, scale, q.block(b, i0), q.ld, k_s, b, 0, j0, acc_t(0),
                        scores.data(), kScoreLd, gemm_tile_max);
         if (gemm_tile_max == nullptr)
           for (int64_t r = 0; r < rows; ++r)
@@ -438,7 +442,7 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
         const acc_t inv = acc_t(1) / row_sum[r];
         scalar_t* out_row = out + (b * sz.N + i0 + r) * sz.Dv;
         for (int64_t d = 0; d < sz.Dv; ++d) out_row[d] = scalar_t(out_acc[r * sz.Dv + d] * inv);
-        lse[b * sz.N + i0 + r] = acc_t(kLn2 * (double(row_max[r]) + std::log2(double(row_sum[r]))));
+        lse[b * sz.N + i0 + r] = acc_t(double(row_max[r]) + std::log(double(row_sum[r])));
       }
     }
   });
@@ -496,7 +500,7 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
   const acc_t* lse = lse_t.data_ptr<acc_t>();
   const acc_t* grad_lse = grad_lse_t ? grad_lse_t->data_ptr<acc_t>() : nullptr;
   scalar_t* grad_q = grad_q_t.data_ptr<scalar_t>();
-  const acc_t scale = acc_t(scale_d), scale_log2 = acc_t(scale_d * kLog2e);
+  const acc_t scale = acc_t(scale_d);
   const int64_t query_blocks = (sz.N + kQueryBlock - 1) / kQueryBlock;
   const int64_t tasks = sz.B * query_blocks;
 
@@ -515,7 +519,7 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
     scalar_t *probs, *dprobs;
     if constexpr (kLowPrecision) probs = probs_low.data(), dprobs = dscores_low.data();
     else probs = scores.data(), dprobs = dscores.data();
-    std::vector<acc_t> grad_q_acc(kQueryBlock * sz.D), delta(kQueryBlock), lse2_hi(kQueryBlock), lse2_lo(kQueryBlock);
+    std::vector<acc_t> grad_q_acc(kQueryBlock * sz.D), delta(kQueryBlock);
     // A transposed or row-padded grad_out (e.g. the gradient of a projection that read out through
     // its transpose) is brought to dense rows one tile at a time, instead of a full contiguous copy.
     std::vector<scalar_t> grad_out_tile(grad_out.transposed || grad_out.ld != sz.Dv ? kQueryBlock * sz.Dv : 0);
@@ -543,11 +547,6 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
             std::copy(dO + r * grad_out.ld, dO + r * grad_out.ld + sz.Dv, grad_out_tile.data() + r * sz.Dv);
           dO = grad_out_tile.data();
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          const double lse2 = kLog2e * double(lse[b * sz.N + i0 + r]);
-          lse2_hi[r] = acc_t(lse2);
-          lse2_lo[r] = acc_t(lse2 - double(lse2_hi[r]));
-        }
         for (int64_t r = 0; r < rows; ++r)
           delta[r] = FASTVID_ISA_CALL(attention, row_dot<scalar_t, acc_t>(dO + r * sz.Dv,
                                                                         out + (b * sz.N + i0 + r) * sz.Dv, sz.Dv)) -
@@ -569,15 +568,15 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
         acc_t* gv_b = gv.data() + (b - b_first) * sz.M * sz.Dv;
         for (int64_t j0 = 0; j0 < sz.M; j0 += kKeyBlock) {
           const int64_t cols = std::min(kKeyBlock, sz.M - j0);
-          // S = log2 e · scale · Q_i K_jᵀ ; dP = dO_i V_jᵀ
-          gemm<scalar_t>(q.transposed, rows, cols, sz.D, scale_log2, q.block(b, i0), q.ld, k_s, b, 0, j0, acc_t(0),
+          // S = scale · Q_i K_jᵀ ; dP = dO_i V_jᵀ
+          gemm<scalar_t>(q.transposed, rows, cols, sz.D, scale, q.block(b, i0), q.ld, k_s, b, 0, j0, acc_t(0),
                          scores.data(), kScoreLd);
           gemm<scalar_t>(false, rows, cols, sz.Dv, acc_t(1), dO, sz.Dv, v_dp, b, 0, j0, acc_t(0), dscores.data(),
                          kScoreLd);
           for (int64_t r = 0; r < rows; ++r)
             FASTVID_ISA_CALL(attention, softmax_grad_tile_row(scores.data() + r * kScoreLd,
-                                                              dscores.data() + r * kScoreLd, cols, lse2_hi[r],
-                                                              lse2_lo[r], delta[r], scale, probs + r * kScoreLd,
+                                                              dscores.data() + r * kScoreLd, cols,
+                                                              lse[b * sz.N + i0 + r], delta[r], scale, probs + r * kScoreLd,
                                                               dprobs + r * kScoreLd));
           // dV_j += Pᵀ dO_i ; dK_j += dSᵀ Q_i ; dQ_i += dS K_j   (dS carries the scale)
           gemm<scalar_t>(true, cols, sz.Dv, rows, acc_t(1), probs, kScoreLd, grad_out_i, 0, 0, 0, acc_t(1),
