@@ -458,3 +458,27 @@ def test_value_gradient_exact_when_one_score_dominates(cpu_isa):
     assert err(ours[2], exact[2]) <= 2 * err(plain[2], exact[2]) + 4 * eps * exact[2].abs().max().item(), "dV"
     for i, name in ((0, "dQ"), (1, "dK")):
         assert err(ours[i], exact[i]) <= 2 * err(sdpa[i], exact[i]) + 4 * eps * exact[i].abs().max().item(), name
+
+
+@pytest.mark.parametrize("shapes,dtypes,error,match", [
+    (((2, 3), (2, 0), (2, 0, 4)), None, ValueError, "need at least one key, got M = 0"),
+    (((2, 3), (3, 5), (3, 5, 4)), None, ValueError, "must agree in B and M"),
+    (((2, 3), (2, 5), (2, 6, 4)), None, ValueError, "must agree in B and M"),
+    (((2, 3), (2, 5), (2, 5, 4)), (torch.float32, torch.float32, torch.float64), TypeError, "share a floating dtype"),
+])
+def test_concatenation_attention_checks_its_arguments(shapes, dtypes, error, match):
+    """It checked only the ranks: M = 0 returned NaN (a mean over no keys), mixed dtypes a silent
+    promotion, a B or M mismatch PyTorch's bmm error."""
+    dtypes = dtypes or (torch.float32,) * 3
+    args = [torch.randn(s, dtype=d) for s, d in zip(shapes, dtypes)]
+    with pytest.raises(error, match=match):
+        concatenation_attention(*args)
+
+
+def test_dot_product_attention_takes_heads_as_nonlocal_attention_does():
+    """4-D [B, heads, rows, dim] operands (refused before, by a message saying 4-D was taken)."""
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 7)
+    out = dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, (q @ k.transpose(-1, -2) / 6) @ v)
+    with pytest.raises(ValueError, match="must agree in \\[B, heads\\]"):
+        dot_product_attention(q, k[:, :2], v[:, :2])

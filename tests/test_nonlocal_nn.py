@@ -3,6 +3,7 @@
 common PyTorch styles (written in this file the way pytorchvideo's NonLocal layer and the popular
 standalone ports write them)."""
 import copy
+import re
 
 import pytest
 import torch
@@ -604,6 +605,19 @@ def test_training_on_one_value_per_channel_raises_as_nn_batchnorm():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         block.train()(x)
     torch.testing.assert_close(block.eval()(x), explicit_block(block, x))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(inter_channels=0), "inter_channels must be positive, got 0"),
+    (dict(pool_size=0), "pool_size must be one int or 3 ints, each >= 1, got 0"),
+    (dict(pool_size=()), "pool_size must be one int or 3 ints"),
+    (dict(pool_size=(2, 2)), "pool_size must be one int or 3 ints"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    """inter_channels = 0 and a pool_size of the wrong length failed at the first call inside the pooling;
+    pool_size = 0 or () silently meant the default window."""
+    with pytest.raises(ValueError, match=re.escape(match) if "(" in match else match):
+        NonLocalBlock(8, **kwargs)
 
 
 def test_eval_outputs_do_not_depend_on_the_other_samples():

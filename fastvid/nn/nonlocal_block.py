@@ -216,6 +216,12 @@ class NonLocalBlock(nn.Module):
         if in_channels <= 0:
             raise ValueError(f"NonLocalBlock: in_channels must be positive, got {in_channels}")
         inter = inter_channels if inter_channels is not None else max(1, in_channels // 2)
+        if inter <= 0:  # (it failed at the first call, inside the pooling)
+            raise ValueError(f"NonLocalBlock: inter_channels must be positive, got {inter_channels}")
+        if pool_size is not None and sub_sample:  # (0 or () read as the default window; a wrong length failed in forward)
+            window = (pool_size,) * dims if isinstance(pool_size, int) else tuple(pool_size)
+            if len(window) != dims or any(not isinstance(k, int) or k < 1 for k in window):
+                raise ValueError(f"NonLocalBlock: pool_size must be one int or {dims} ints, each >= 1, got {pool_size!r}")
         conv = _CONV[dims]
         self.in_channels, self.inter_channels, self.mode, self.dims = in_channels, inter, mode, dims
         self.scale = 1.0 if scale is None else float(scale)
@@ -226,7 +232,7 @@ class NonLocalBlock(nn.Module):
         self.g = conv(in_channels, inter, 1)
         self.out = conv(inter, in_channels, 1)
         self.concat_project = nn.Linear(2 * inter, 1, bias=False) if mode == "concatenation" else None
-        self.pool = _POOL[dims](pool_size or _DEFAULT_POOL[dims]) if sub_sample else None
+        self.pool = _POOL[dims](_DEFAULT_POOL[dims] if pool_size is None else pool_size) if sub_sample else None
         self.norm = _NORM[dims](in_channels) if norm else None
         self.reset_identity()
 

@@ -146,6 +146,19 @@ def _triton_attention(q, k, v, scale):
 
 
 # ------------------------------------------------------------------------------ public ops
+def _fold_heads(op, q, k, v):
+    """``(heads, q, k, v)``: 4-D ``[B, heads, rows, dim]`` operands folded to 3-D (heads = their
+    ``[B, heads]``), 3-D ones as they are (heads None)."""
+    if not (isinstance(q, Tensor) and q.dim() == 4):
+        return None, q, k, v
+    if not (isinstance(k, Tensor) and isinstance(v, Tensor) and k.dim() == 4 and v.dim() == 4):
+        raise ValueError(f"fastvid.{op}: with a heads dimension q, k and v must all be 4-D [B, heads, rows, dim]")
+    if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
+        raise ValueError(f"fastvid.{op}: q, k, v must agree in [B, heads], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return q.shape[:2], q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+
+
 def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
     """``softmax(scale · q kᵀ, dim=-1) v`` without materialising the N×M affinity matrix.
 
@@ -157,16 +170,7 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     may be strided either way (``[B, N, D]`` with unit stride along D or along N: a channels-first
     projection's transpose is read without a copy)."""
     q, k, v = _autocast(q, k, v)
-    heads = None
-    if isinstance(q, Tensor) and q.dim() == 4:
-        if not (isinstance(k, Tensor) and isinstance(v, Tensor) and k.dim() == 4 and v.dim() == 4):
-            raise ValueError("fastvid.nonlocal_attention: with a heads dimension q, k and v must all be 4-D "
-                             "[B, heads, rows, dim]")
-        if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
-            raise ValueError(f"fastvid.nonlocal_attention: q, k, v must agree in [B, heads], got "
-                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-        heads = q.shape[:2]
-        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    heads, q, k, v = _fold_heads("nonlocal_attention", q, k, v)
     _check_attention_args("nonlocal_attention", q, k, v, empty_queries=True)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -194,10 +198,13 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
 
 def dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Wang et al.'s dot-product nonlocal: ``(q kᵀ / M) v`` for ``[B, N, D]``, ``[B, M, D]``,
-    ``[B, M, Dv]``, computed as ``q (kᵀ v) / M``: no N×M matrix, O(N·D·Dv) work."""
+    ``[B, M, Dv]`` (or ``[B, heads, ...]``, as nonlocal_attention takes them), computed as
+    ``q (kᵀ v) / M``: no N×M matrix, O(N·D·Dv) work."""
     q, k, v = _autocast(q, k, v)
+    heads, q, k, v = _fold_heads("dot_product_attention", q, k, v)
     _check_attention_args("dot_product_attention", q, k, v, empty_queries=True)
-    return torch.matmul(q, torch.matmul(k.transpose(1, 2), v)) / k.shape[1]
+    out = torch.matmul(q, torch.matmul(k.transpose(1, 2), v)) / k.shape[1]
+    return out if heads is None else out.unflatten(0, heads)
 
 
 def _concatenation_chunk(query_scores: Tensor, key_scores: Tensor, v: Tensor) -> Tensor:
@@ -217,6 +224,17 @@ def concatenation_attention(query_scores: Tensor, key_scores: Tensor, v: Tensor,
         raise ValueError("fastvid.concatenation_attention: expected query_scores [B, N], key_scores [B, M], "
                          f"v [B, M, Dv], got {tuple(query_scores.shape)}, {tuple(key_scores.shape)}, "
                          f"{tuple(v.shape)}")
+    # (unchecked, a batch or M mismatch gave PyTorch's bmm errors, mixed dtypes a silent promotion and
+    # M = 0 a NaN result: the mean over no keys)
+    if not (query_scores.shape[0] == key_scores.shape[0] == v.shape[0]) or key_scores.shape[1] != v.shape[1]:
+        raise ValueError("fastvid.concatenation_attention: query_scores [B, N], key_scores [B, M] and v [B, M, Dv] "
+                         f"must agree in B and M, got {tuple(query_scores.shape)}, {tuple(key_scores.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (query_scores.dtype == key_scores.dtype == v.dtype) or not v.is_floating_point():
+        raise TypeError("fastvid.concatenation_attention: query_scores, key_scores and v must share a floating "
+                        f"dtype, got {query_scores.dtype}, {key_scores.dtype}, {v.dtype}")
+    if key_scores.shape[1] == 0:
+        raise ValueError(f"fastvid.concatenation_attention: need at least one key, got M = 0 (v {tuple(v.shape)})")
     B, N = query_scores.shape
     M = key_scores.shape[1]
     rows = max(1, max_chunk_elements // max(1, B * M))
