@@ -745,3 +745,15 @@ def test_info():
         assert info["cuda_compiled"] and torch.cuda.is_available()
     if not torch.cuda.is_available():
         assert info["cuda_available"] is False
+
+
+@pytest.mark.parametrize("make_state,got", [(lambda h: (h,), "a tuple of 1"), (lambda h: (h, None), "(Tensor, None)"),
+                                            (lambda h: h, "Tensor")])
+def test_a_malformed_lstm_state_is_named(make_state, got):
+    """(h0,), (h0, None) or a bare tensor as the LSTM state failed inside the layer with an IndexError or an
+    AttributeError ('NoneType' object has no attribute 'dim'); now a ValueError saying what the state must be."""
+    x, h = torch.randn(B, T, C_IN, H, W), torch.randn(1, B, C, H, W)
+    with pytest.raises(ValueError, match=re.escape(f"ConvLSTM: the state must be None or the pair (h_0, c_0), got {got}")):
+        ConvLSTM(C_IN, C, 3, batch_first=True)(x, make_state(h))
+    with pytest.raises(ValueError, match=re.escape(f"ConvLSTMCell: the state must be None or the pair (h, c), got {got}")):
+        ConvLSTMCell(C_IN, C, 3)(x[:, 0], make_state(h[0]))

@@ -163,6 +163,7 @@ class ConvLSTMCell(_ConvRNNCellBase):
         _reset_norm(self, "")
 
     def forward(self, x: Tensor, state: Optional[tuple] = None):
+        _check_lstm_state(self, state)
         self._check_step(x, broadcast_h=True, h=None if state is None else state[0], c=None if state is None else state[1])
         if x.dim() == 3:  # unbatched
             h, c = self.forward(x.unsqueeze(0), None if state is None else tuple(s.unsqueeze(0) for s in state))
@@ -405,6 +406,20 @@ class _ConvRNNBase(nn.Module):
         return self(chunk, state)
 
 
+def _check_lstm_state(owner: nn.Module, state, names=("h", "c")) -> None:
+    """An LSTM state is None or the pair (h, c), neither None (a 1-tuple or a None in it failed with an
+    IndexError or an AttributeError from inside the layer)."""
+    if state is None:
+        return
+    if not isinstance(state, (tuple, list)) or len(state) != 2 or any(s is None for s in state):
+        got = (f"a {type(state).__name__} of {len(state)}" if isinstance(state, (tuple, list))
+               else type(state).__name__)
+        if isinstance(state, (tuple, list)) and len(state) == 2:
+            got = f"({', '.join('None' if s is None else type(s).__name__ for s in state)})"
+        raise ValueError(f"{type(owner).__name__}: the state must be None or the pair ({names[0]}, {names[1]}), "
+                         f"got {got}")
+
+
 def _no_lengths_with_norm(lengths):
     if lengths is not None:
         raise ValueError("lengths= is not supported with norm='layer' yet (the layer-norm kernels take no step mask)")
@@ -456,6 +471,8 @@ class ConvLSTM(_ConvRNNBase):
                 _reset_norm(self, suffix)
 
     def forward(self, x: Tensor, state: Optional[tuple] = None, lengths: Optional[Tensor] = None):
+        _check_lstm_state(self, state, ("h_0", "c_0"))
+
         def run_direction(inp, x, layer, d, suffix, index):
             C = self.hidden_channels[layer]
             h0 = None if state is None else self._state_at(state[0], "h_0", index, x, C)
