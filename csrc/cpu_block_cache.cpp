@@ -12,12 +12,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <limits>
 #include <list>
 #include <map>
 #include <mutex>
-#include <cctype>
 #include <string>
 
 namespace fastvid {

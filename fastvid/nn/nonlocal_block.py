@@ -379,7 +379,7 @@ class NonLocalBlock(nn.Module):
                 pivot = y.new_zeros(y.shape[-1])
                 scale = torch.rsqrt(norm.running_var.to(acc) + norm.eps)
                 scale = scale if gamma is None else scale * gamma
-                shift = beta + scale * (weight @ pivot.to(acc) + bias - norm.running_mean.to(acc))
+                shift = beta + scale * (bias - norm.running_mean.to(acc))
         return _CentredAffine.apply(x.flatten(2), weight * scale[:, None], y, pivot, shift).view(x.shape)
 
     def extra_repr(self) -> str:

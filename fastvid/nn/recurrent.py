@@ -412,10 +412,12 @@ def _check_lstm_state(owner: nn.Module, state, names=("h", "c")) -> None:
     if state is None:
         return
     if not isinstance(state, (tuple, list)) or len(state) != 2 or any(s is None for s in state):
-        got = (f"a {type(state).__name__} of {len(state)}" if isinstance(state, (tuple, list))
-               else type(state).__name__)
-        if isinstance(state, (tuple, list)) and len(state) == 2:
+        if not isinstance(state, (tuple, list)):
+            got = type(state).__name__
+        elif len(state) == 2:
             got = f"({', '.join('None' if s is None else type(s).__name__ for s in state)})"
+        else:
+            got = f"a {type(state).__name__} of {len(state)}"
         raise ValueError(f"{type(owner).__name__}: the state must be None or the pair ({names[0]}, {names[1]}), "
                          f"got {got}")
 

@@ -454,7 +454,7 @@ def lstm_cell(gates_pre: Tensor, c_prev: Tensor, peephole: Optional[Tensor] = No
     """Fused LSTM gates: ``gates_pre`` ``[B, 4C, H, W]`` (i, f, g, o) and ``c_prev`` → ``(h, c)``.
     ``c`` is fp32 for bf16/fp16 inputs. ``peephole``: optional ``[3, C]`` (w_ci, w_cf, w_co)."""
     if isinstance(gates_pre, Tensor):
-        _check_cell_state_dtype("lstm_cell", "c_prev", c_prev, gates_pre)
+        _check_cell_state_dtype("lstm_cell", "c_prev", c_prev, "gates_pre", gates_pre)
     which = _backend.resolve(dict(gates_pre=gates_pre, c_prev=c_prev, peephole=peephole))
     if which in ("cpu", "cuda"):
         h, c, _ = torch.ops.fastvid.lstm_cell(gates_pre, c_prev, peephole)
@@ -529,13 +529,13 @@ def _sequence_arguments(name, x, weight_hh, h0, padding, dilation, default_h0: b
     return C, _pair(padding), dilation, h0
 
 
-def _check_cell_state_dtype(name: str, arg: str, c: Optional[Tensor], like: Tensor) -> None:
+def _check_cell_state_dtype(name: str, arg: str, c: Optional[Tensor], like_arg: str, like: Tensor) -> None:
     """The cell state in ``like``'s dtype or the accumulation dtype it comes back in (fp32 beside bf16 /
     fp16); another (an fp64 c0 beside fp32 x) was cast to it silently, as nn.LSTM refuses it."""
     if isinstance(c, Tensor) and like.is_floating_point() and c.dtype not in (like.dtype, _acc(like.dtype)):
         allowed = sorted({str(like.dtype), str(_acc(like.dtype))})
-        raise TypeError(f"fastvid.{name}: {arg} has dtype {c.dtype} but {'x' if arg == 'c0' else 'gates_pre'} has "
-                        f"dtype {like.dtype}; {arg} must be {' or '.join(allowed)}")
+        raise TypeError(f"fastvid.{name}: {arg} has dtype {c.dtype} but {like_arg} has dtype {like.dtype}; {arg} "
+                        f"must be {' or '.join(allowed)}")
 
 
 def _sequence_backend(tensors: dict) -> str:
@@ -584,7 +584,7 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
     C, padding, dilation, h0 = _sequence_arguments("convlstm", x, weight_hh, h0, padding, dilation, default_h0=False)
     lengths = _check_lengths("convlstm", lengths, x)
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
-    _check_cell_state_dtype("convlstm", "c0", c0, x)
+    _check_cell_state_dtype("convlstm", "c0", c0, "x", x)
     which = _sequence_backend(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
                                    peephole=peephole))
     # default states made after autocast, in the dtypes the op takes (a cast would materialise them)

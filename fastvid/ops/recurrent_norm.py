@@ -98,7 +98,7 @@ def convlstm_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[
     if c0 is None:
         c0 = x.new_zeros(B, C, H, W, dtype=_acc(x.dtype))
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
-    _check_cell_state_dtype("convlstm_ln", "c0", c0, x)
+    _check_cell_state_dtype("convlstm_ln", "c0", c0, "x", x)
     tensors = dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0, gain_ih=gain_ih,
                    gain_hh=gain_hh, gain_c=gain_c, bias_c=bias_c)
     which = _sequence_backend(tensors)
