@@ -652,6 +652,31 @@ def test_a_batchnorm_subclass_runs_its_own_forward():
         torch.testing.assert_close(out, twin(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["batch", "group", None])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_input_gives_channels_last_output(dims, train, norm):
+    """A channels_last(_3d) input keeps its layout through the block, as x + BN(conv(y)) keeps it in
+    the twin (the output came back contiguous: every later layer of a channels-last model then ran
+    in the other layout); values and gradients as the contiguous input's, against the explicit block."""
+    block = randomize(NonLocalBlock(6, 4, dims=dims, norm=norm is not None)).double().train(train)
+    if norm == "group":
+        block.norm = nn.GroupNorm(2, 6).double()
+        randomize(block.norm)
+    memory_format = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    x = torch.randn(2, 6, *SIZES[dims], dtype=torch.float64).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    out = block(x)
+    assert out.is_contiguous(memory_format=memory_format)
+    x_contiguous = x.detach().contiguous().requires_grad_()
+    expected = explicit_block(block, x_contiguous, norm=block.norm)  # the norm in its own mode
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    params = list(block.parameters())
+    torch.testing.assert_close(torch.autograd.grad(out, [x] + params, grad),
+                               torch.autograd.grad(expected, [x_contiguous] + params, grad))
+
+
 def _block_with_offset_values(ratio, seed=0):
     """A randomised block whose attention output y has, per channel, mean = ratio × std: a constant
     added to g's bias shifts every softmax-weighted average of g by that constant."""

@@ -144,27 +144,44 @@ class _CentredMoments(torch.autograd.Function):
         return grad.to(rows.dtype)
 
 
+def _positions_major(x: Tensor) -> bool:
+    """Whether ``x`` ``[B, C, N]`` is stored positions-major: the flattened view of a channels_last(_3d) input."""
+    return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) == x.shape[1]
+
+
+def _projected(y: Tensor, weight: Tensor, like: Tensor, base: Optional[Tensor] = None) -> Tensor:
+    """``weight yᵀ`` (+ ``base``) ``[B, C, N]`` for y ``[B, N, D]`` and weight ``[C, D]``, stored as ``like`` is:
+    positions-major for a channels_last input (the product formed as ``y weightᵀ`` rows, so the block's
+    output keeps the input's layout, as x + conv(y) would), else channels-major."""
+    B = y.shape[0]
+    if _positions_major(like):
+        weight_t = weight.t().expand(B, -1, -1)
+        rows = torch.bmm(y, weight_t) if base is None else torch.baddbmm(base.transpose(1, 2), y, weight_t)
+        return rows.transpose(1, 2)
+    weight = weight.expand(B, -1, -1)
+    return torch.bmm(weight, y.transpose(1, 2)) if base is None else torch.baddbmm(base, weight, y.transpose(1, 2))
+
+
 class _CentredAffine(torch.autograd.Function):
     """``x + A (y − pivot)ᵀ + shift`` for x ``[B, C, N]``, A ``[C, D]`` and shift ``[C]`` (fp32/fp64),
     y ``[B, N, D]``, pivot ``[D]`` (a constant in y's dtype near y's mean): the folded BatchNorm. A's
     gradient Σ g (y − pivot)ᵀ is formed from centred y (as Σ g yᵀ − (Σ g) pivotᵀ it would cancel when
     y's mean dwarfs its spread). Saves y (which the attention op keeps anyway) and recomputes the
     centred copy in backward. Under autocast (x wider than y) x is added after the product, so the
-    residual is not rounded to y's dtype."""
+    residual is not rounded to y's dtype. The result is stored as x is (_projected)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, folded: Tensor, y: Tensor, pivot: Tensor, shift: Tensor):
         with _autocast_off(y.device.type):
-            centred = (y - pivot).transpose(1, 2)
-            weight = folded.to(y.dtype).expand(y.shape[0], -1, -1)
+            centred, weight = y - pivot, folded.to(y.dtype)
             if x.dtype == y.dtype:
-                out = torch.baddbmm(x, weight, centred)
+                out = _projected(centred, weight, x, base=x)
                 # in place saves a pass, but not under torch.compile: torch 2.11's dynamo gives zero
                 # gradients to a Function whose returned tensor is an in-place op's result (2.14 does not)
                 shift_column = shift.to(y.dtype)[None, :, None]
                 out = out + shift_column if torch.compiler.is_compiling() else out.add_(shift_column)
             else:
-                out = x + torch.bmm(weight, centred).add_(shift.to(y.dtype)[None, :, None])
+                out = x + _projected(centred, weight, x).add_(shift.to(y.dtype)[None, :, None])
         ctx.save_for_backward(folded, y, pivot)
         ctx.x_dtype = x.dtype
         return out
@@ -327,11 +344,11 @@ class NonLocalBlock(nn.Module):
         # z = W y + b formed where another norm takes it, or under autocast (x wider than y: x is added at its
         # own precision, as x + conv(y) would be)
         if self.norm is not None or x.dtype != y.dtype:
-            z = torch.baddbmm(bias[None, :, None], weight.expand(y.shape[0], -1, -1), y.transpose(1, 2)).view(x.shape)
+            z = _projected(y, weight, x.flatten(2)).add_(bias[None, :, None]).view(x.shape)
             return x + (z if self.norm is None else self.norm(z))
-        # x + W y + b as one batched GEMM on y's transpose (no copy of y, which the attention op keeps
-        # for its backward anyway); the bias is added in place.
-        out = torch.baddbmm(x.flatten(2), weight.expand(y.shape[0], -1, -1), y.transpose(1, 2))
+        # x + W y + b as one batched GEMM (y read in place, which the attention op keeps for its backward
+        # anyway); the bias is added in place.
+        out = _projected(y, weight, x.flatten(2), base=x.flatten(2))
         return out.add_(bias[None, :, None]).view(x.shape)
 
     def _folded_batch_norm(self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
