@@ -211,6 +211,22 @@ def test_default_backend_matches_reference_backend(case, dtype, batch_first, lay
         torch.testing.assert_close(ours_grads[name], expected_grads[name], **tol, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_bidirectional_output_keeps_channels_last_frames(cls, batch_first):
+    """Each direction's output keeps channels-last frames; the bidirectional layer's concatenation of
+    the two returned them contiguous (torch.cat does not keep that 5-D layout). Values as for the
+    contiguous input."""
+    m = _randomize(cls(C_IN, C, 3, num_layers=2, bidirectional=True, batch_first=batch_first)).double()
+    x = torch.randn(B, T, C_IN, H, W, dtype=torch.float64)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    out = m(channels_last_frames(x) if batch_first else channels_last_frames(x.transpose(0, 1)).transpose(0, 1))[0]
+    frames = (out if batch_first else out.transpose(0, 1)).flatten(0, 1)  # [B·T, 2C, H, W]
+    assert frames.shape[1] == 2 * C and frames.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, m(x.contiguous())[0], rtol=1e-12, atol=1e-12)
+
+
 # ================================================================================== initial states
 @pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
 def test_initial_states_are_used(cls):

@@ -283,6 +283,16 @@ def _init_recurrent(C, weights, biases, unit_forget_bias):
             biases[1][C:2 * C].fill_(0.0)
 
 
+def _cat_channels(outputs):
+    """The directions' outputs [B, T, C, H, W] concatenated along C, in their frame layout: torch.cat
+    returns channels-last frames (channels innermost) contiguous, so a bidirectional layer's output
+    left the layout its input and each direction's output have."""
+    first = outputs[0]
+    if first.shape[2] > 1 and first.stride(2) == 1:
+        return torch.cat([o.permute(0, 1, 3, 4, 2) for o in outputs], -1).permute(0, 1, 4, 2, 3)
+    return torch.cat(outputs, 2)
+
+
 class _ConvRNNBase(nn.Module):
     num_gates = 4
 
@@ -389,7 +399,7 @@ class _ConvRNNBase(nn.Module):
                 out, *states = run_direction(inp, x, layer, d, suffix, layer * self.num_directions + d)
                 direction_outputs.append(out)
                 finals.append(states)
-            outputs = direction_outputs[0] if len(direction_outputs) == 1 else torch.cat(direction_outputs, 2)
+            outputs = direction_outputs[0] if len(direction_outputs) == 1 else _cat_channels(direction_outputs)
         output = outputs if self.batch_first else outputs.transpose(0, 1)
         return output, [_stack_states(list(kind)) for kind in zip(*finals)]
 
