@@ -77,7 +77,7 @@ def test_sequence_op_arguments(op):
     G = 4 if op == "convlstm" else 3
     fn = getattr(fastvid.ops, op)
     w_ih, w_hh = torch.randn(G * 3, 4, 3, 3), torch.randn(G * 3, 3, 3, 3)
-    with pytest.raises(ValueError, match=f"fastvid.{op}: weight_hh must be \\[G\\*C, C, kH, kW\\], got \\({G * 3},\\)"):
+    with pytest.raises(ValueError, match=f"fastvid.{op}: weight_hh must be \\[{G}\\*C, C, kH, kW\\], got \\({G * 3},\\)"):
         fn(X_SEQ, w_ih, torch.randn(G * 3))
     with pytest.raises(ValueError, match=f"fastvid.{op}: dilation must be .* >= 1, got \\(0, 0\\)"):
         fn(X_SEQ, w_ih, w_hh, dilation=0)

@@ -841,3 +841,76 @@ def test_triton_backend_modules_match_reference_backend(kind, triton_spy):
     for name in expected_grads:
         torch.testing.assert_close(ours_grads[name], expected_grads[name], rtol=1e-5, atol=1e-5,
                                    msg=lambda m: f"grad {name}: {m}")
+
+
+# ======================================================================== the same errors on every backend
+def _every_backend_cases(device):
+    """name -> (call, exception type, message regex); tensors on ``device``."""
+    B, T, C_in, C, H, W = 2, 3, 2, 3, 3, 4
+    r = lambda *shape, dtype=torch.float32: torch.randn(*shape, dtype=dtype, device=device)  # noqa: E731
+    x, w_ih4, w_hh4, w_ih3, w_hh3 = r(B, T, C_in, H, W), r(4 * C, C_in, 3, 3), r(4 * C, C, 3, 3), r(3 * C, C_in, 3, 3), \
+        r(3 * C, C, 3, 3)
+    g4, g3, g1 = r(4 * C), r(3 * C), r(C)
+    ops = fastvid.ops
+    return {
+        "lstm-T-0": (lambda: ops.convlstm(x[:, :0], w_ih4, w_hh4), ValueError, r"convlstm: x has sequence length T = 0"),
+        "gru-T-0": (lambda: ops.convgru(x[:, :0], w_ih3, w_hh3), ValueError, r"convgru: x has sequence length T = 0"),
+        "lstm-ln-T-0": (lambda: ops.convlstm_ln(x[:, :0], w_ih4, w_hh4, None, None, None, g4, g4, g1, g1), ValueError,
+                        r"convlstm_ln: x has sequence length T = 0"),
+        "gru-ln-T-0": (lambda: ops.convgru_ln(x[:, :0], w_ih3, w_hh3, None, None, None, g3, g3), ValueError,
+                       r"convgru_ln: x has sequence length T = 0"),
+        "lstm-even-kernel": (lambda: ops.convlstm(x, r(4 * C, C_in, 2, 2), r(4 * C, C, 2, 2)), ValueError,
+                             r"keep its H x W: need an odd kernel .* got kernel 2"),
+        "lstm-padding-0": (lambda: ops.convlstm(x, w_ih4, w_hh4, padding=0), ValueError,
+                           r"keep its H x W: .* got kernel 3, padding 0"),
+        "lstm-ln-padding-0": (lambda: ops.convlstm_ln(x, w_ih4, w_hh4, None, None, None, g4, g4, g1, g1, padding=0),
+                              ValueError, r"keep its H x W: .* got kernel 3, padding 0"),
+        "lstm-h0-width": (lambda: ops.convlstm(x, w_ih4, w_hh4, None, r(B, C, H, W + 1)), ValueError,
+                          r"convlstm: h0 must be \[B, C, H, W\] = \(2, 3, 3, 4\), got \(2, 3, 3, 5\)"),
+        "lstm-c0-width": (lambda: ops.convlstm(x, w_ih4, w_hh4, None, None, r(B, C, H, W + 1)), ValueError,
+                          r"convlstm: c0 must be \[B, C, H, W\]"),
+        "lstm-ln-c0-width": (lambda: ops.convlstm_ln(x, w_ih4, w_hh4, None, None, r(B, C, H, W + 1), g4, g4, g1, g1),
+                             ValueError, r"convlstm_ln: c0 must be \[B, C, H, W\]"),
+        "gru-ln-h0-channels": (lambda: ops.convgru_ln(x, w_ih3, w_hh3, None, None, r(B, C + 1, H, W), g3, g3),
+                               ValueError, r"convgru_ln: h0 must be \[B, C, H, W\] = \(2, 3, 3, 4\)"),
+        "gru-cell-x_gates-fp64": (lambda: ops.gru_cell(r(B, 3 * C, H, W, dtype=torch.float64), r(B, 3 * C, H, W),
+                                                       r(B, C, H, W)), TypeError,
+                                  r"gru_cell: h_gates has dtype torch.float32 but x_gates has dtype torch.float64"),
+        "gru-cell-h_gates-bf16": (lambda: ops.gru_cell(r(B, 3 * C, H, W), r(B, 3 * C, H, W, dtype=torch.bfloat16),
+                                                       r(B, C, H, W)), TypeError, r"gru_cell: h_gates has dtype torch.bfloat16"),
+        "reset-hidden-x_r-fp64": (lambda: ops.gru_reset_hidden(r(B, C, H, W, dtype=torch.float64), r(B, C, H, W),
+                                                               r(B, C, H, W)), TypeError, r"gru_reset_hidden: h_r has dtype"),
+    }
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+@pytest.mark.parametrize("case", list(_every_backend_cases("cpu")))
+def test_bad_input_same_error_on_every_backend(case, backend):
+    """Found by probing backend("triton"): T = 0 returned h0 there (the layer-norm ops failed in torch.stack);
+    a kernel or padding that changes H×W was reported as a wrong h0 the caller never passed, a wrong h0 as a
+    wrong c0, and on the layer-norm ops as a convolution's channel error; the GRU cells computed operands of
+    mixed dtypes. Each is now the C++ op's error on every backend."""
+    device = "cpu"
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not fastvid.info()["triton_available"]:
+            pytest.skip("triton not usable here (needs a GPU or TRITON_INTERPRET=1)")
+        device = TRITON_DEVICE
+    fn, exception, pattern = _every_backend_cases(device)[case]
+    with fastvid.backend(backend), pytest.raises(exception, match=pattern):
+        fn()
+
+
+def test_triton_convgru_refuses_a_bias_of_another_dtype():
+    """An fp64 bias_hh beside fp32 x: the C++ op raises; the Triton sequence computed it in fp32 (and
+    autograd returned its gradient as fp64)."""
+    pytest.importorskip("triton")
+    if not fastvid.info()["triton_available"]:
+        pytest.skip("triton not usable here (needs a GPU or TRITON_INTERPRET=1)")
+    t = {k: v.to(TRITON_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in _gru_inputs().items()}
+    t["bias_hh"] = t["bias_hh"].double()
+    for backend in ("auto", "triton"):
+        if backend == "auto" and TRITON_DEVICE != "cpu":
+            continue  # (the C++ CUDA op is tested by the GPU run)
+        with fastvid.backend(backend), pytest.raises(TypeError, match=r"bias_hh has dtype"):
+            _convgru(t)

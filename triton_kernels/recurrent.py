@@ -298,11 +298,15 @@ if AVAILABLE:
     def _check_tensor(fn, name, t, rank=4):
         check_tensor(fn, name, t, rank)
 
-    def _check_like(fn, ref_name, ref, name, t, channels):
-        """``t`` [B, channels, H, W] on ``ref``'s device with ``ref``'s batch and spatial dims."""
+    def _check_like(fn, ref_name, ref, name, t, channels, same_dtype=False):
+        """``t`` [B, channels, H, W] on ``ref``'s device with ``ref``'s batch and spatial dims (and its dtype
+        with same_dtype: the GRU ops, whose operands the C++ kernels also take in one dtype; an LSTM's cell
+        state may be fp32 beside bf16 gates)."""
         _check_tensor(fn, name, t)
         if t.device != ref.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+        if same_dtype and t.dtype != ref.dtype:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
         if t.shape[0] != ref.shape[0] or t.shape[2:] != ref.shape[2:]:
             raise ValueError(
                 f"{fn}: {name} has shape {tuple(t.shape)}, incompatible with {ref_name} "
@@ -389,8 +393,8 @@ if AVAILABLE:
         fn = "gru_cell"
         _check_tensor(fn, "h_prev", h_prev)
         C = h_prev.shape[1]
-        _check_like(fn, "h_prev", h_prev, "x_gates", x_gates, 3 * C)
-        _check_like(fn, "h_prev", h_prev, "h_gates", h_gates, 3 * C)
+        _check_like(fn, "h_prev", h_prev, "x_gates", x_gates, 3 * C, same_dtype=True)
+        _check_like(fn, "h_prev", h_prev, "h_gates", h_gates, 3 * C, same_dtype=True)
         x_gates, h_gates, h_prev = x_gates.contiguous(), h_gates.contiguous(), h_prev.contiguous()
         acc = compute_dtype(h_prev.dtype)
         h = torch.empty_like(h_prev)
@@ -411,8 +415,8 @@ if AVAILABLE:
         fn = "gru_cell_backward"
         _check_tensor(fn, "h_prev", h_prev)
         C = h_prev.shape[1]
-        _check_like(fn, "h_prev", h_prev, "grad_h", grad_h, C)
-        _check_like(fn, "h_prev", h_prev, "cache", cache, 4 * C)
+        _check_like(fn, "h_prev", h_prev, "grad_h", grad_h, C, same_dtype=True)
+        _check_like(fn, "h_prev", h_prev, "cache", cache, 4 * C, same_dtype=True)
         grad_h, cache, h_prev = grad_h.contiguous(), cache.contiguous(), h_prev.contiguous()
         acc = compute_dtype(cache.dtype)
         B, _, H, W = h_prev.shape
@@ -433,8 +437,8 @@ if AVAILABLE:
         fn = "gru_reset_hidden"
         _check_tensor(fn, "h_prev", h_prev)
         C = h_prev.shape[1]
-        _check_like(fn, "h_prev", h_prev, "x_r", x_r, C)
-        _check_like(fn, "h_prev", h_prev, "h_r", h_r, C)
+        _check_like(fn, "h_prev", h_prev, "x_r", x_r, C, same_dtype=True)
+        _check_like(fn, "h_prev", h_prev, "h_r", h_r, C, same_dtype=True)
         x_r, h_r, h_prev = x_r.contiguous(), h_r.contiguous(), h_prev.contiguous()
         acc = compute_dtype(h_prev.dtype)
         out = torch.empty_like(h_prev)
@@ -451,9 +455,9 @@ if AVAILABLE:
         fn = "gru_reset_hidden_backward"
         _check_tensor(fn, "h_prev", h_prev)
         C = h_prev.shape[1]
-        _check_like(fn, "h_prev", h_prev, "grad", grad, C)
-        _check_like(fn, "h_prev", h_prev, "x_r", x_r, C)
-        _check_like(fn, "h_prev", h_prev, "h_r", h_r, C)
+        _check_like(fn, "h_prev", h_prev, "grad", grad, C, same_dtype=True)
+        _check_like(fn, "h_prev", h_prev, "x_r", x_r, C, same_dtype=True)
+        _check_like(fn, "h_prev", h_prev, "h_r", h_r, C, same_dtype=True)
         grad, x_r, h_r, h_prev = grad.contiguous(), x_r.contiguous(), h_r.contiguous(), h_prev.contiguous()
         acc = compute_dtype(h_prev.dtype)
         grad_r_pre = torch.empty_like(x_r)
@@ -542,8 +546,8 @@ if AVAILABLE:
         fn = "gru_cell_masked"
         _check_tensor(fn, "h_prev", h_prev)
         C = h_prev.shape[1]
-        _check_like(fn, "h_prev", h_prev, "x_gates", x_gates, 3 * C)
-        _check_like(fn, "h_prev", h_prev, "h_gates", h_gates, 3 * C)
+        _check_like(fn, "h_prev", h_prev, "x_gates", x_gates, 3 * C, same_dtype=True)
+        _check_like(fn, "h_prev", h_prev, "h_gates", h_gates, 3 * C, same_dtype=True)
         _check_lengths(fn, lengths, h_prev)
         x_gates, h_gates, h_prev = x_gates.contiguous(), h_gates.contiguous(), h_prev.contiguous()
         acc = compute_dtype(h_prev.dtype)
@@ -567,8 +571,8 @@ if AVAILABLE:
         C = h_prev.shape[1]
         for name, g in (("grad_out", grad_out), ("grad_h", grad_h)):
             if g is not None:
-                _check_like(fn, "h_prev", h_prev, name, g, C)
-        _check_like(fn, "h_prev", h_prev, "cache", cache, 4 * C)
+                _check_like(fn, "h_prev", h_prev, name, g, C, same_dtype=True)
+        _check_like(fn, "h_prev", h_prev, "cache", cache, 4 * C, same_dtype=True)
         _check_lengths(fn, lengths, h_prev)
         cache, h_prev = cache.contiguous(), h_prev.contiguous()
         d_out = torch.zeros_like(h_prev) if grad_out is None else grad_out.contiguous()

@@ -493,6 +493,7 @@ if AVAILABLE:
         fn = "triton_convlstm_hidden"
         padding = _pair_list(fn, "padding", padding, 0)
         dilation = _pair_list(fn, "dilation", dilation, 1)
+        _check_sequence(fn, 4, x_gates, weight_hh, h0, padding, dilation)  # h0 first: c0 is checked against it
         check_tensor(fn, "c0", c0, 4)
         _check_same(fn, "c0", c0, "x_gates", x_gates, dtype=False)
         if tuple(c0.shape) != tuple(h0.shape):
@@ -552,7 +553,7 @@ if AVAILABLE:
         dilation = _pair_list(fn, "dilation", dilation, 1)
         if bias_hh is not None:
             check_tensor(fn, "bias_hh", bias_hh, 1)
-            _check_same(fn, "bias_hh", bias_hh, "x_gates", x_gates, dtype=False)
+            _check_same(fn, "bias_hh", bias_hh, "x_gates", x_gates)  # as the C++ op: one dtype with x
             if bias_hh.shape[0] != 3 * h0.shape[1]:
                 raise ValueError(f"{fn}: bias_hh must be [3*C] = [{3 * h0.shape[1]}], got {tuple(bias_hh.shape)}")
             bias_hh = bias_hh.contiguous()

@@ -465,12 +465,22 @@ def lstm_cell(gates_pre: Tensor, c_prev: Tensor, peephole: Optional[Tensor] = No
     return h, c
 
 
+def _check_one_dtype(name: str, **tensors) -> None:
+    """The GRU cell ops take their operands in one dtype on every backend (the reference computed a mix in
+    h_prev's, where the C++ and Triton kernels refuse it)."""
+    (first_name, first), *others = tensors.items()
+    for arg, t in others:
+        if isinstance(t, Tensor) and isinstance(first, Tensor) and t.dtype != first.dtype:
+            raise TypeError(f"fastvid.{name}: {arg} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")
+
+
 def gru_cell(x_gates: Tensor, h_gates: Tensor, h_prev: Tensor, reset_after: bool = True) -> Tensor:
     """Fused GRU gates (r, z, n): ``x_gates``, ``h_gates`` ``[B, 3C, H, W]`` and ``h_prev`` → ``h``.
     With ``reset_after=False`` the n slot of ``h_gates`` must hold U*(r⊙h_prev) (see gru_reset_hidden).
     Under autocast all three run in the autocast dtype, as ATen's gru_cell does under CUDA autocast and
     as convgru casts its h0: a ConvGRUCell's fp32 (default or given) state meets bf16 conv outputs."""
     x_gates, h_gates, h_prev = autocast_inputs(x_gates.device.type, x_gates, h_gates, h_prev)
+    _check_one_dtype("gru_cell", x_gates=x_gates, h_gates=h_gates, h_prev=h_prev)
     which = _backend.resolve(dict(x_gates=x_gates, h_gates=h_gates, h_prev=h_prev))
     if which in ("cpu", "cuda"):
         return torch.ops.fastvid.gru_cell(x_gates, h_gates, h_prev, reset_after)[0]
@@ -482,6 +492,7 @@ def gru_cell(x_gates: Tensor, h_gates: Tensor, h_prev: Tensor, reset_after: bool
 def gru_reset_hidden(x_r: Tensor, h_r: Tensor, h_prev: Tensor) -> Tensor:
     """σ(x_r + h_r) ⊙ h_prev, the first stage of the Ballas et al. ConvGRU (autocast: as gru_cell)."""
     x_r, h_r, h_prev = autocast_inputs(x_r.device.type, x_r, h_r, h_prev)
+    _check_one_dtype("gru_reset_hidden", x_r=x_r, h_r=h_r, h_prev=h_prev)
     which = _backend.resolve(dict(x_r=x_r, h_r=h_r, h_prev=h_prev))
     if which in ("cpu", "cuda"):
         return torch.ops.fastvid.gru_reset_hidden(x_r, h_r, h_prev)
@@ -509,24 +520,46 @@ def _zero_state(x: Tensor, C: int, dtype, broadcast: bool) -> Tensor:
     return x.new_zeros(B, C, H, W, dtype=dtype)
 
 
-def _sequence_arguments(name, x, weight_hh, h0, padding, dilation, default_h0: bool = True):
-    """Checks x's rank; returns (C, padding ('same' by default), dilation, h0 (zeros by default; with
-    default_h0=False None stays None: the caller makes it with _zero_state once it knows the backend))."""
+def _sequence_arguments(name, gates, x, weight_ih, weight_hh, h0, padding, dilation, default_h0: bool = True):
+    """Checks what every backend needs alike (x's rank and T, the weights' gate rows, 'same' padding, h0's
+    shape); returns (C, padding ('same' by default), dilation, h0 (zeros by default; with default_h0=False
+    None stays None: the caller makes it with _zero_state once it knows the backend))."""
     if not isinstance(x, Tensor) or x.dim() != 5:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"fastvid.{name}: x must be [B, T, C_in, H, W], got {shape}")
-    if not isinstance(weight_hh, Tensor) or weight_hh.dim() != 4:
+    if not isinstance(weight_hh, Tensor) or weight_hh.dim() != 4 or weight_hh.shape[0] != gates * weight_hh.shape[1]:
         shape = tuple(weight_hh.shape) if isinstance(weight_hh, Tensor) else type(weight_hh).__name__
-        raise ValueError(f"fastvid.{name}: weight_hh must be [G*C, C, kH, kW], got {shape}")
+        raise ValueError(f"fastvid.{name}: weight_hh must be [{gates}*C, C, kH, kW], got {shape}")
     C = weight_hh.shape[1]
+    if not isinstance(weight_ih, Tensor) or weight_ih.dim() != 4 or weight_ih.shape[0] != gates * C:
+        shape = tuple(weight_ih.shape) if isinstance(weight_ih, Tensor) else type(weight_ih).__name__
+        raise ValueError(f"fastvid.{name}: weight_ih must be [{gates}*C, C_in, kH, kW] with C = {C} (weight_hh's), "
+                         f"got {shape}")
     dilation = _pair(dilation)
     if len(dilation) != 2 or any(d < 1 for d in dilation):
         raise ValueError(f"fastvid.{name}: dilation must be one int or an (H, W) pair, each >= 1, got {dilation}")
+    if x.shape[1] == 0:  # (the C++ ops said so; the Triton loop returned h0, the LN time loops failed in stack)
+        raise ValueError(f"fastvid.{name}: x has sequence length T = 0 (shape {tuple(x.shape)})")
     if padding is None:
         padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight_hh.shape[2:]))
+    padding = _pair(padding)
+    for k, p, d in zip(weight_hh.shape[2:], padding, dilation):  # checked here for every backend
+        if len(padding) != 2 or p < 0 or 2 * p != d * (k - 1):
+            raise ValueError(f"fastvid.{name}: the hidden state must keep its H x W: need an odd kernel and padding = "
+                             f"dilation * (k - 1) / 2, got kernel {k}, padding {p}, dilation {d}")
+    _check_state_shape(name, "h0", h0, x, C)
     if h0 is None and default_h0:
         h0 = _zero_state(x, C, x.dtype, broadcast=False)
-    return C, _pair(padding), dilation, h0
+    return C, padding, dilation, h0
+
+
+def _check_state_shape(name: str, arg: str, state: Optional[Tensor], x: Tensor, C: int) -> None:
+    """A given initial state must be [B, C, H, W] with x's B, H, W and the layer's C (checked before any
+    backend runs: the Triton and layer-norm paths otherwise failed inside a convolution or named another
+    argument)."""
+    expected = (x.shape[0], C, x.shape[3], x.shape[4])
+    if isinstance(state, Tensor) and tuple(state.shape) != expected:
+        raise ValueError(f"fastvid.{name}: {arg} must be [B, C, H, W] = {expected}, got {tuple(state.shape)}")
 
 
 def _check_cell_state_dtype(name: str, arg: str, c: Optional[Tensor], like_arg: str, like: Tensor) -> None:
@@ -581,8 +614,10 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
     batches, with ``pack_padded_sequence`` semantics: sample b runs steps t < lengths[b] only, its
     output is 0 after them, and in reverse it starts at its last valid step (fastvid/reference/recurrent.py).
     Returns ``(output [B, T, C, H, W], h_n, c_n)``; ``c_n`` is fp32 for bf16/fp16 inputs."""
-    C, padding, dilation, h0 = _sequence_arguments("convlstm", x, weight_hh, h0, padding, dilation, default_h0=False)
+    C, padding, dilation, h0 = _sequence_arguments("convlstm", 4, x, weight_ih, weight_hh, h0, padding, dilation,
+                                                   default_h0=False)
     lengths = _check_lengths("convlstm", lengths, x)
+    _check_state_shape("convlstm", "c0", c0, x, C)
     x, weight_ih, weight_hh, bias, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias, h0)
     _check_cell_state_dtype("convlstm", "c0", c0, "x", x)
     which = _sequence_backend(dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias=bias, h0=h0, c0=c0,
@@ -621,7 +656,8 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
             lengths: Optional[Tensor] = None):
     """One ConvGRU layer, one direction, over ``x`` ``[B, T, C_in, H, W]``. Returns ``(output, h_n)``.
     ``lengths``: optional ``[B]`` valid lengths, as in convlstm."""
-    C, padding, dilation, h0 = _sequence_arguments("convgru", x, weight_hh, h0, padding, dilation, default_h0=False)
+    C, padding, dilation, h0 = _sequence_arguments("convgru", 3, x, weight_ih, weight_hh, h0, padding, dilation,
+                                                   default_h0=False)
     lengths = _check_lengths("convgru", lengths, x)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias_ih,
                                                               bias_hh, h0)

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .. import _backend
 from ._common import autocast_inputs, check_one_device
-from .recurrent import (_acc, _channels_last, _check_cell_state_dtype, _frame, _frames, _needs_grad, _sequence_arguments,
-                        _sequence_backend, _triton)
+from .recurrent import (_acc, _channels_last, _check_cell_state_dtype, _check_state_shape, _frame, _frames,
+                        _needs_grad, _sequence_arguments, _sequence_backend, _triton)
 from ..reference import recurrent_norm as ref
 
 __all__ = ["convlstm_ln", "convgru_ln"]
@@ -92,8 +92,9 @@ def convlstm_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[
     (equations: fastvid/reference/recurrent_norm.py). ``bias``: the summed gate bias ``[4C]``, added
     after the norms; ``gain_ih``, ``gain_hh`` ``[4C]``; ``gain_c``, ``bias_c`` ``[C]``.
     Returns ``(output [B, T, C, H, W], h_n, c_n)``; ``c_n`` is fp32 for bf16/fp16 inputs."""
-    C, padding, dilation, h0 = _sequence_arguments("convlstm_ln", x, weight_hh, h0, padding, dilation)
+    C, padding, dilation, h0 = _sequence_arguments("convlstm_ln", 4, x, weight_ih, weight_hh, h0, padding, dilation)
     _check_norm_params("convlstm_ln", C, 4, gain_ih=gain_ih, gain_hh=gain_hh, gain_c=gain_c, bias_c=bias_c)
+    _check_state_shape("convlstm_ln", "c0", c0, x, C)
     B, _, _, H, W = x.shape
     if c0 is None:
         c0 = x.new_zeros(B, C, H, W, dtype=_acc(x.dtype))
@@ -120,7 +121,7 @@ def convgru_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optiona
     ``[B, T, C_in, H, W]`` (equations: fastvid/reference/recurrent_norm.py). ``bias_ih`` / ``bias_hh``
     ``[3C]`` are added after their norms; ``gain_ih``, ``gain_hh`` ``[3C]``. Returns ``(output, h_n)``.
     CUDA tensors run the Triton step kernel in the reference time loop, as for convlstm_ln."""
-    C, padding, dilation, h0 = _sequence_arguments("convgru_ln", x, weight_hh, h0, padding, dilation)
+    C, padding, dilation, h0 = _sequence_arguments("convgru_ln", 3, x, weight_ih, weight_hh, h0, padding, dilation)
     _check_norm_params("convgru_ln", C, 3, gain_ih=gain_ih, gain_hh=gain_hh)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias_ih,
                                                                     bias_hh, h0)
