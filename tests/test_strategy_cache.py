@@ -220,6 +220,41 @@ def test_compiled_run_uses_the_eager_choice(cls, monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_compiled_with_dynamic_sizes_compiles_once(cls):
+    """Under torch.compile(dynamic=True) a sequence layer recompiled for every new batch size (the strategy
+    lookup's key pinned each size; dynamo hands symbolic sizes to Python as ints) and, past dynamo's
+    recompile limit of 8, fullgraph=True raised. Now one graph serves them (two: dynamo's first call is
+    static)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    compiled = torch.compile(cls(2, 3, 3), backend=backend, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for batch in range(2, 13):
+            compiled(torch.randn(batch, 3, 2, 5, 7))
+    assert len(graphs) <= 2
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_compiled_run_takes_the_fixed_rule_where_eager_chose_differently_by_size(cls, monkeypatch):
+    """The compiled graph holds no sizes in its strategy key: it takes eager's choice for the layer where
+    eager made one (test above) and the fixed rule where eager's choices differ between sizes."""
+    module = cls(2, 3, 3)
+    x, other = torch.randn(2, 4, 2, 6, 5), torch.randn(3, 4, 2, 8, 8)
+    choices = iter([ops_recurrent.STRATEGIES["concat"], ops_recurrent.STRATEGIES["winograd"]])
+    monkeypatch.setattr(ops_recurrent, "_time_strategies", lambda *args: next(choices))
+    with torch.no_grad():
+        module(x), module(other)
+        assert sorted(fastvid.ops.chosen_strategies().values()) == ["concat", "winograd"]
+        assert _strategies_in_graph(module, x) == [ops_recurrent.STRATEGIES[ops_recurrent.FIXED_STRATEGY]]
+    torch._dynamo.reset()
+
+
 CHECKPOINTED_FIRST_CALL = """
 import sys, torch, fastvid
 from torch.utils.checkpoint import checkpoint

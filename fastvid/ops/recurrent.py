@@ -66,13 +66,23 @@ def _tuning_key(x: Tensor, C: int, kernel, dilation, channels_last: bool, save: 
     8+): both strategies do the same work per step (hoisting batches the T input convolutions into
     one), so their ratio moves little with the clip length once a few steps amortise the batching; a
     new T in a known bucket reuses the choice instead of timing ~6 passes inside the user's forward.
-    None where a size is symbolic (torch.export or torch.compile with dynamic shapes): no one eager
-    choice applies to all the sizes it stands for, and hashing it would pin it to one."""
+    None where a size is symbolic (torch.export): no one eager choice applies to all the sizes it stands
+    for, and hashing it would pin it to one. Under torch.compile the sizes are left out (None): dynamo
+    hands a symbolic size to Python as an int (the isinstance test is False there), and a key built from
+    it pinned every batch and frame size (a recompile per size, then fullgraph's recompile limit)."""
     if any(isinstance(n, torch.SymInt) for n in x.shape):
         return None
+    if torch.compiler.is_compiling():
+        return (x.device.type, x.dtype, None, None, None, None, C, tuple(kernel), tuple(dilation), None,
+                channels_last, save) + family
     B, T, C_in, H, W = (int(n) for n in x.shape)  # torch.jit.trace hands out sizes as tensors
     return (x.device.type, x.dtype, B, C_in, H, W, C, tuple(kernel), tuple(dilation), min(T, 8).bit_length(),
             channels_last, save) + family
+
+
+def _without_sizes(key: tuple) -> tuple:
+    """A timed key with its sizes (B, C_in, H, W, T bucket) left out, as _tuning_key makes it under torch.compile."""
+    return key[:2] + (None,) * 4 + key[6:9] + (None,) + key[10:]
 
 
 def winograd_unsupported_reason(x: Tensor, weight_hh: Tensor, dilation, lengths=None) -> Optional[str]:
@@ -155,7 +165,12 @@ def _pick_strategy(name: Optional[str], key, run, args, winograd_reason: Optiona
         # Cannot time while tracing (torch.jit.trace would record the timed runs into its graph) nor
         # inside a torch.func transform (its timed backward failed under vmap, whose per-sample fallback
         # otherwise runs the op): the choice eager made for this key, if any (read without the lock,
-        # which dynamo cannot enter; a dict read is atomic), so eager and compiled agree.
+        # which dynamo cannot enter; a dict read is atomic), so eager and compiled agree. Under
+        # torch.compile the key has no sizes: eager's choice for this layer geometry where it made one
+        # choice for every size it timed, else the fixed rule.
+        if key[2] is None:
+            choices = {code for timed, code in list(_strategy_cache.items()) if _without_sizes(timed) == key}
+            return choices.pop() if len(choices) == 1 else STRATEGIES[FIXED_STRATEGY]
         return _strategy_cache.get(key, STRATEGIES[FIXED_STRATEGY])
     with _cache_lock:
         if key in _strategy_cache:
