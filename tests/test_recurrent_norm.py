@@ -509,3 +509,33 @@ def test_module_pickles_and_state_dict_round_trips(cls):
         assert torch.equal(fresh(x)[0], expected)
     with pytest.raises(RuntimeError, match="Unexpected key"):
         cls(3, 4, bidirectional=True).load_state_dict(m.state_dict())
+
+
+@pytest.mark.parametrize("op", ["convlstm_ln", "convgru_ln"])
+def test_cuda_tensors_without_triton_run_the_reference_cell(op, monkeypatch):
+    """The layer-norm sequence ops have no CUDA C++ kernel: on CUDA tensors their time loop runs Triton's
+    step cell, and without Triton (a CUDA build of torch without it) it took that cell anyway and raised
+    AttributeError. Simulated here: auto resolves to 'cuda' as for CUDA tensors, the Triton module is not
+    available; the op then runs the reference cell and matches the reference backend."""
+    pytest.importorskip("triton")
+    from fastvid import _backend
+    from fastvid.triton_kernels import recurrent_norm as triton_norm
+    monkeypatch.setattr(triton_norm, "AVAILABLE", False)
+    for name in ("ln_lstm_cell", "ln_gru_cell"):
+        monkeypatch.delattr(triton_norm, name, raising=False)
+    B, T, C_in, C, H, W = 2, 3, 2, 3, 4, 4
+    G = 4 if op == "convlstm_ln" else 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, C_in, H, W, generator=g, dtype=torch.float64)
+    w_ih, w_hh = torch.randn(G * C, C_in, 3, 3, generator=g, dtype=torch.float64), \
+        torch.randn(G * C, C, 3, 3, generator=g, dtype=torch.float64)
+    gains = [torch.rand(G * C, generator=g, dtype=torch.float64) + 0.5 for _ in range(2)]
+    args = (x, w_ih, w_hh, None, None, None, *gains, torch.rand(C, generator=g, dtype=torch.float64) + 0.5,
+            torch.randn(C, generator=g, dtype=torch.float64)) if op == "convlstm_ln" else \
+        (x, w_ih, w_hh, None, None, None, *gains)
+    fn = getattr(fastvid.ops, op)
+    with fastvid.backend("reference"):
+        expected = fn(*args)
+    real_resolve = _backend.resolve
+    monkeypatch.setattr(_backend, "resolve", lambda tensors: "cuda" if real_resolve(tensors) == "cpu" else "reference")
+    torch.testing.assert_close(fn(*args), expected, rtol=0, atol=0)

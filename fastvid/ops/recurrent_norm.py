@@ -104,7 +104,7 @@ def convlstm_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[
                    gain_hh=gain_hh, gain_c=gain_c, bias_c=bias_c)
     which = _sequence_backend(tensors)
     if which != "cpu":
-        cell = _triton_norm().ln_lstm_cell if which in ("triton", "cuda") else ref.ln_lstm_cell
+        cell = _step_cell(which, "ln_lstm_cell")
         return ref.convlstm_ln_sequence(x, weight_ih, weight_hh, bias, h0, c0, gain_ih, gain_hh, gain_c, bias_c,
                                         padding, dilation, reverse, cell=cell)
     save = _needs_grad(*tensors.values())
@@ -129,13 +129,24 @@ def convgru_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optiona
                    gain_ih=gain_ih, gain_hh=gain_hh)
     which = _sequence_backend(tensors)
     if which != "cpu":
-        cell = _triton_norm().ln_gru_cell if which in ("triton", "cuda") else ref.ln_gru_cell
+        cell = _step_cell(which, "ln_gru_cell")
         return ref.convgru_ln_sequence(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding,
                                        dilation, reverse, cell=cell)
     output, h_n, *_ = torch.ops.fastvid.convgru_ln_sequence(
         x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding, dilation, reverse,
         _channels_last(x), _needs_grad(*tensors.values()))
     return output, h_n
+
+
+def _step_cell(which: str, name: str):
+    """The step cell of the reference time loop for backend ``which``: Triton's kernel on 'triton', and on
+    'cuda' where Triton runs (these ops have no CUDA C++ kernel); else the reference formulas (a CUDA
+    build without Triton raised an AttributeError here)."""
+    if which == "triton" or (which == "cuda" and _backend.triton_usable()):
+        kernels = _triton_norm()
+        if kernels.AVAILABLE:
+            return getattr(kernels, name)
+    return getattr(ref, name)
 
 
 def _triton_norm():
