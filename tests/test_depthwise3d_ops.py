@@ -573,12 +573,15 @@ def test_bf16_rounds_like_fp32_kernel(config, layout):
 
 # ========================================================================================== CUDA
 @requires_cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("config", CONFIGS, ids=Config.id)
-def test_cuda_matches_conv3d(config, dtype):
-    """The CUDA kernels: output and all three gradients against F.conv3d in float64 (on the GPU)."""
+def test_cuda_matches_conv3d(config, dtype, layout):
+    """The CUDA kernels: output and all three gradients against F.conv3d in float64 (on the GPU), in each
+    layout (NCDHW inputs run the NCDHW kernels, channels_last_3d ones the NDHWC kernels; only channels_last_3d
+    samples ran here before, so the default layout's kernels were checked on one single-channel config)."""
     t = {k: (v.detach().cuda().requires_grad_() if v is not None else None)
-         for k, v in make_sample(config, dtype, "channels_last_3d").items()}
+         for k, v in make_sample(config, dtype, layout).items()}
     out = run_ours(config, t)
     grad_output = random_grad_output(out.shape, dtype, "cuda")
     ours, ours_grads = values_and_grads(run_ours, config, t, grad_output)
@@ -589,10 +592,11 @@ def test_cuda_matches_conv3d(config, dtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2]], ids=Config.id)
-def test_cuda_opcheck(config):
+def test_cuda_opcheck(config, layout):
     t = {k: (v.detach().cuda().requires_grad_() if v is not None else None)
-         for k, v in make_sample(config, torch.float64, "channels_last_3d").items()}
+         for k, v in make_sample(config, torch.float64, layout).items()}
     _opcheck(OPS.depthwise_conv3d.default, (t["input"], t["weight"], t["bias"], *conv_args(config)))
 
 
