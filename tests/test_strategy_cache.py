@@ -255,6 +255,21 @@ def test_compiled_run_takes_the_fixed_rule_where_eager_chose_differently_by_size
     torch._dynamo.reset()
 
 
+def test_timing_waits_for_the_tensors_gpu(monkeypatch):
+    """The timing synchronised the current CUDA device, not the tensors': on cuda:1 beside a current cuda:0
+    it timed how long the launches took to queue. It now waits for the device the tuning key names (the
+    index included, so two GPUs of one process keep their own choices). CPU stand-ins for the launches."""
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    args = (torch.zeros(2),)
+    code = ops_recurrent._time_strategies("cuda:1", lambda code, args: (args[0] + code,), args, (0, 1))
+    assert code in (0, 1) and waited and set(waited) == {"cuda:1"}
+    module, x = ConvLSTM(2, 3, 3), torch.randn(1, 2, 2, 4, 4)
+    with torch.no_grad():
+        module(x)
+    assert {key[0] for key in fastvid.ops.chosen_strategies()} == {"cpu"}
+
+
 CHECKPOINTED_FIRST_CALL = """
 import sys, torch, fastvid
 from torch.utils.checkpoint import checkpoint

@@ -73,10 +73,10 @@ def _tuning_key(x: Tensor, C: int, kernel, dilation, channels_last: bool, save: 
     if any(isinstance(n, torch.SymInt) for n in x.shape):
         return None
     if torch.compiler.is_compiling():
-        return (x.device.type, x.dtype, None, None, None, None, C, tuple(kernel), tuple(dilation), None,
+        return (str(x.device), x.dtype, None, None, None, None, C, tuple(kernel), tuple(dilation), None,
                 channels_last, save) + family
     B, T, C_in, H, W = (int(n) for n in x.shape)  # torch.jit.trace hands out sizes as tensors
-    return (x.device.type, x.dtype, B, C_in, H, W, C, tuple(kernel), tuple(dilation), min(T, 8).bit_length(),
+    return (str(x.device), x.dtype, B, C_in, H, W, C, tuple(kernel), tuple(dilation), min(T, 8).bit_length(),
             channels_last, save) + family
 
 
@@ -103,7 +103,7 @@ def _keep_saved(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def _time_strategies(device_type: str, run, args, candidates=(0, 1)) -> int:
+def _time_strategies(device: str, run, args, candidates=(0, 1)) -> int:
     """The fastest strategy code: each candidate once to warm up, then best of two timed runs of
     ``run(code, args)``, with backward where a tensor of ``args`` requires grad.
 
@@ -129,14 +129,14 @@ def _time_strategies(device_type: str, run, args, candidates=(0, 1)) -> int:
     timings = {}
     for code in candidates:
         once(code)  # warm-up: oneDNN/cuDNN build their primitives on the first call
-        if device_type == "cuda":
-            torch.cuda.synchronize()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
         best = float("inf")
         for _ in range(2):  # best of two: one timing alone flips on noise
             start = time.perf_counter()
             once(code)
-            if device_type == "cuda":
-                torch.cuda.synchronize()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)  # the tensors' GPU, not the current one
             best = min(best, time.perf_counter() - start)
         timings[code] = best
     return min(timings, key=timings.get)
@@ -191,8 +191,8 @@ def _pick_strategy(name: Optional[str], key, run, args, winograd_reason: Optiona
 
 def chosen_strategies() -> dict:
     """The cached auto choices, least recently used first: {tuning key: strategy name}, the key
-    being (device, dtype, B, C_in, H, W, C, kernel, dilation, T bucket, channels_last, training[, family],
-    winograd eligible)."""
+    being (device ('cpu', 'cuda:1'), dtype, B, C_in, H, W, C, kernel, dilation, T bucket, channels_last,
+    training[, family], winograd eligible)."""
     names = {v: k for k, v in STRATEGIES.items()}
     with _cache_lock:
         return {key: names[code] for key, code in _strategy_cache.items()}
