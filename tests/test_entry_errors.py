@@ -191,3 +191,70 @@ def test_command_line_cuda_without_a_gpu(command, capsys):
         main(command + ["--device", "cuda"])
     assert exit_info.value.code == 2
     assert "argument --device: 'cuda': no CUDA device here" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- found by a probing helper
+@pytest.mark.parametrize("score", ["dot", "general", "concat"])
+@pytest.mark.parametrize("return_weights", [False, True])
+def test_temporal_attention_checks_batch_and_keys_on_every_path(score, return_weights):
+    """A query of batch 1 beside keys of batch 2 was broadcast on the softmax path (return_weights, and concat
+    always) and refused on the kernel path; keys of T = 0 gave zero weights there (rows that should sum to 1)."""
+    from fastvid.nn import TemporalAttention
+    attention = TemporalAttention(4, score=score)
+    with pytest.raises(ValueError, match=r"same batch size B .* got query \(1, 3, 4\) and keys \(2, 5, 4\)"):
+        attention(torch.randn(1, 3, 4), torch.randn(2, 5, 4), return_weights=return_weights)
+    with pytest.raises(ValueError, match=r"keys at least one step, got query \(2, 3, 4\) and keys \(2, 0, 4\)"):
+        attention(torch.randn(2, 3, 4), torch.randn(2, 0, 4), return_weights=return_weights)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: __import__("fastvid.nn", fromlist=["TemporalAttention"]).TemporalAttention(4, score="concat",
+                                                                                         attention_dim=0),
+     "attention_dim must be positive, got 0"),
+    (lambda: AttentionConvLSTM(2, 3, attention_channels=0), "attention_channels and attention_in_channels must be"),
+    (lambda: AttentionConvLSTM(2, 3, attention_in_channels=0), "attention_channels and attention_in_channels must be"),
+    (lambda: AttentionConvLSTM(2, 3, attention_kernel_size=-1), "attention_kernel_size must be positive and odd"),
+    (lambda: fastvid.nn.NetVLAD(0, 4), "in_features and clusters must be positive, got 0, 4"),
+    (lambda: fastvid.nn.NetVLAD(4, clusters=0), "in_features and clusters must be positive, got 4, 0"),
+])
+def test_zero_sizes_are_refused_not_defaulted(make, match):
+    """0 meant the default (`x or default`), or divided by zero, or built an empty output."""
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_attention_convlstm_states_and_empty_batch():
+    """A state of the wrong shape failed inside W_ha * h with a convolution's error naming no argument; an empty
+    batch failed to reshape (ConvLSTM runs it). A batch-1 h still broadcasts, as in ConvLSTMCell."""
+    layer = AttentionConvLSTM(2, 3).double()
+    x = torch.randn(2, 3, 2, 4, 4, dtype=torch.float64)
+    h, c = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for bad, which in (((h[:1].expand(3, -1, -1, -1), c), "h"), ((h[:, :2], c), "h"), ((h, c[..., :3]), "c")):
+        with pytest.raises(ValueError, match=rf"AttentionConvLSTM: state {which} must be \[B, C, H, W\] = \(2, 3, 4, 4\)"):
+            layer(x, state=bad)
+    with pytest.raises(ValueError, match="the state must be None or the pair"):
+        layer(x, state=(h,))
+    torch.testing.assert_close(layer(x, state=(h[:1], c)), layer(x, state=(h[:1].expand(2, -1, -1, -1), c)))
+    output, (h_n, c_n), maps = layer(x[:0])
+    assert output.shape == (0, 3, 3, 4, 4) and h_n.shape == c_n.shape == (0, 3, 4, 4) and maps.shape == (0, 3, 4, 4)
+
+
+def test_aggregation_and_frame_models_refuse_inputs_they_cannot_use():
+    """NetVLAD of no descriptors returned a zero vector (documented L2-normalised); ContextGating of the wrong
+    width failed inside its matmul; late fusion's fc head ran any clip of the same T·H·W product (its MLP then
+    read frames and positions mixed up); frames smaller than the CNN's pools failed inside max-pool."""
+    from fastvid import models
+    with pytest.raises(ValueError, match=r"NetVLAD: needs at least one descriptor per sample \(N >= 1\)"):
+        fastvid.nn.NetVLAD(4, 2)(torch.randn(2, 0, 4))
+    with pytest.raises(ValueError, match=r"ContextGating: expected \[\.\.\., 4\] features, got \(2, 5\)"):
+        fastvid.nn.ContextGating(4)(torch.randn(2, 5))
+    late = models.build("late_fusion", num_classes=3, head="fc", frames=3, height=16, width=16, channels=(4, 6),
+                        hidden_features=8).eval()
+    assert late(torch.randn(1, 3, 3, 16, 16)).shape == (1, 3)
+    for video in (torch.randn(1, 3, 6, 16, 8), torch.randn(1, 3, 1, 16, 48)):
+        with pytest.raises(ValueError, match=r"late_fusion\(head='fc'\): built for 3 frames of 16x16"):
+            late(video)
+    for name in ("lrcn", "convgru_rcn", "netvlad"):
+        model = models.build(name, num_classes=3, **{"netvlad": {"channels": (4, 8)}}.get(name, {"cnn_widths": (4, 8)}))
+        with pytest.raises(ValueError, match=r"frames must be at least 4x4 \(2 2x2 max-pools\), got \(3, 3\)"):
+            model.eval()(torch.randn(1, 3, 2, 3, 3))

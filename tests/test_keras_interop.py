@@ -163,3 +163,17 @@ def test_bad_arrays_are_refused():
     other = keras_layer_weights(rng, 5, 3, (3, 3))  # reads 5 channels, the layer below has 3 filters
     with pytest.raises(ValueError, match=r"layers\[1\] reads 5 channels"):
         ConvLSTM.from_keras_weights([[kernel, recurrent, bias], other])
+
+
+def test_one_layer_as_nested_lists_and_integer_tensors():
+    """One layer's arrays as nested Python lists (as read back from JSON) were taken for a stack of layers and
+    refused with a misleading kernel shape; integer torch tensors skipped the floating-point check and failed
+    later in Module.to without naming the argument."""
+    rng = np.random.default_rng(3)
+    weights = keras_layer_weights(rng, 2, 3, (3, 3))
+    from_arrays = ConvLSTM.from_keras_weights(weights)
+    from_lists = ConvLSTM.from_keras_weights([w.tolist() for w in weights])
+    for (name, a), (_, b) in zip(from_arrays.named_parameters(), from_lists.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match=r"kernel must be a floating-point array, got dtype torch.int64"):
+        ConvLSTM.from_keras_weights([torch.from_numpy(w).long() for w in weights])

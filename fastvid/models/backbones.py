@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-
+import torch
 from torch import Tensor, nn
 
 
@@ -26,12 +26,20 @@ class FrameCNN(nn.Module):
             in_channels = width
         self.features = nn.Sequential(*layers)
         self.out_channels = in_channels
+        self.min_size = 2 ** len(widths)  # each 2x2 max-pool halves H and W
+
+    def check_frame_size(self, x: Tensor) -> None:
+        """Frames of at least 2^len(widths) pixels a side, or a clear error (max-pool's "Output size is too small")."""
+        if not torch.jit.is_tracing() and x.dim() == 4 and min(x.shape[2:]) < self.min_size:
+            raise ValueError(f"{type(self).__name__}: frames must be at least {self.min_size}x{self.min_size} "
+                             f"({len(self.features) // 4} 2x2 max-pools), got {tuple(x.shape[2:])}")
 
     def forward(self, x: Tensor) -> Tensor:
+        self.check_frame_size(x)
         return self.features(x)
 
     def pooled(self, x: Tensor) -> Tensor:
-        return self.features(x).mean(dim=(2, 3))
+        return self.forward(x).mean(dim=(2, 3))
 
 
 def per_frame(module: nn.Module, video: Tensor) -> Tensor:

@@ -52,9 +52,9 @@ class FrameNetVLAD(nn.Module):
 def netvlad(num_classes: int = 3862, in_channels: int = 3, frames: int = 300, height: int = 224, width: int = 224,
             channels: Sequence[int] = (32, 64, 128), clusters: int = 64, hidden_features: int = 1024,
             dropout: float = 0.0) -> FrameNetVLAD:
-    """FrameCNN → NetVLAD → context gating → classifier. Any clip size (``frames``/``height``/
-    ``width`` are accepted for a uniform builder signature; YouTube-8M: up to 300 frames at 1 fps,
-    3862 classes)."""
+    """FrameCNN → NetVLAD → context gating → classifier. Any clip size (frames at least 2^len(channels) pixels a
+    side; ``frames``/``height``/``width`` are accepted for a uniform builder signature; YouTube-8M: up to 300
+    frames at 1 fps, 3862 classes)."""
     return FrameNetVLAD(num_classes, in_channels, channels, clusters, hidden_features, dropout)
 
 

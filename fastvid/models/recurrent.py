@@ -123,8 +123,8 @@ class LRCN(nn.Module):
 def lrcn(num_classes: int = 101, frames: int = 16, height: int = 227, width: int = 227, in_channels: int = 3,
          cnn_widths: Sequence[int] = (32, 64, 128), recurrent: str = "lstm", feature_channels: int = 4096,
          hidden_size: int = 256, kernel_size: int = 3, dropout: float = 0.5) -> LRCN:
-    """LRCN (seed 002: 16×227×227 clips, UCF-101). Any clip length and frame size runs; ``frames``,
-    ``height`` and ``width`` only record the paper's input (``model.input_size``)."""
+    """LRCN (seed 002: 16×227×227 clips, UCF-101). Any clip length and frame size (at least 2^len(cnn_widths)
+    pixels a side) runs; ``frames``, ``height`` and ``width`` only record the paper's input (``model.input_size``)."""
     model = LRCN(num_classes, in_channels, cnn_widths, recurrent, feature_channels, hidden_size, kernel_size, dropout)
     model.input_size = (frames, height, width)
     return model
@@ -318,6 +318,7 @@ class LeveledFrameCNN(FrameCNN):
     """``FrameCNN`` that also returns the output of every stage (conv, BN, ReLU, 2×2 max-pool)."""
 
     def stage_outputs(self, x: Tensor):
+        self.check_frame_size(x)
         outputs = []
         for start in range(0, len(self.features), 4):
             x = self.features[start:start + 4](x)
@@ -391,7 +392,8 @@ def convgru_rcn(num_classes: int = 101, frames: int = 16, height: int = 224, wid
                 in_channels: int = 3, cnn_widths: Sequence[int] = (32, 64, 128), levels: Sequence[int] | None = None,
                 hidden_channels=64, kernel_size: int = 3, stacked: bool = False, dropout: float = 0.5) -> GRURCN:
     """GRU-RCN / Stacked GRU-RCN (UCF-101, 224×224 frames; ``levels`` default: every CNN stage).
-    Any clip length and frame size runs; the size arguments are recorded in ``model.input_size``."""
+    Any clip length and frame size (at least 2^len(cnn_widths) pixels a side) runs; the size arguments are
+    recorded in ``model.input_size``."""
     model = GRURCN(num_classes, in_channels, cnn_widths, levels, hidden_channels, kernel_size, stacked, dropout)
     model.input_size = (frames, height, width)
     return model

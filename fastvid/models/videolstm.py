@@ -85,7 +85,7 @@ def videolstm(num_classes: int = 101, frames: int = 30, height: int = 224, width
               attention: str = "motion", dropout: float = 0.5) -> VideoLSTM:
     """VideoLSTM (UCF-101, 30-frame subsequences, 224×224 frames as VGG-16). ``attention``:
     ``"motion"`` (needs flow) or ``"appearance"`` (Convolutional ALSTM). Any clip length and frame
-    size runs; the size arguments are recorded in ``model.input_size``."""
+    size (at least 2^len(cnn_widths) pixels a side) runs; the size arguments are recorded in ``model.input_size``."""
     model = VideoLSTM(num_classes, in_channels, flow_channels, cnn_widths, hidden_channels, attention_channels,
                       kernel_size, attention_kernel_size, attention, dropout)
     model.input_size = (frames, height, width)

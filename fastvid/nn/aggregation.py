@@ -28,6 +28,8 @@ class NetVLAD(nn.Module):
 
     def __init__(self, in_features: int, clusters: int = 64, normalize_input: bool = False, eps: float = 1e-12):
         super().__init__()
+        if in_features < 1 or clusters < 1:  # (0 features divided by zero; 0 clusters gave an empty output)
+            raise ValueError(f"NetVLAD: in_features and clusters must be positive, got {in_features}, {clusters}")
         self.in_features, self.clusters = in_features, clusters
         self.out_features = clusters * in_features
         self.normalize_input, self.eps = normalize_input, eps
@@ -38,6 +40,8 @@ class NetVLAD(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.in_features:
             raise ValueError(f"NetVLAD: expected descriptors [B, N, {self.in_features}], got {tuple(x.shape)}")
+        if x.shape[1] == 0:  # (gave a zero vector where the output is L2-normalised)
+            raise ValueError(f"NetVLAD: needs at least one descriptor per sample (N >= 1), got {tuple(x.shape)}")
         if self.normalize_input:
             x = F.normalize(x, dim=-1, eps=self.eps)
         soft_assign = torch.softmax(self.assignment(x), dim=-1)  # [B, N, K]
@@ -59,6 +63,8 @@ class ContextGating(nn.Module):
         self.gate = nn.Linear(features, features)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.gate.in_features:
+            raise ValueError(f"ContextGating: expected [..., {self.gate.in_features}] features, got {tuple(x.shape)}")
         return torch.sigmoid(self.gate(x)) * x
 
 

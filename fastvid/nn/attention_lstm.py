@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .recurrent import ConvLSTMCell
+from .recurrent import ConvLSTMCell, _check_lstm_state
 
 
 class AttentionConvLSTM(nn.Module):
@@ -42,11 +42,15 @@ class AttentionConvLSTM(nn.Module):
         super().__init__()
         if in_channels <= 0 or hidden_channels <= 0:
             raise ValueError(f"in_channels and hidden_channels must be positive, got {in_channels}, {hidden_channels}")
-        if attention_kernel_size % 2 == 0:
-            raise ValueError(f"attention_kernel_size must be odd (the map keeps its H x W), got {attention_kernel_size}")
+        if attention_kernel_size < 1 or attention_kernel_size % 2 == 0:
+            raise ValueError(f"attention_kernel_size must be positive and odd (the map keeps its H x W), got "
+                             f"{attention_kernel_size}")
         self.in_channels, self.hidden_channels = in_channels, hidden_channels
-        self.attention_channels = attention_channels or hidden_channels
-        self.attention_in_channels = attention_in_channels or in_channels
+        self.attention_channels = hidden_channels if attention_channels is None else attention_channels
+        self.attention_in_channels = in_channels if attention_in_channels is None else attention_in_channels
+        if self.attention_channels <= 0 or self.attention_in_channels <= 0:  # (0 silently meant the default)
+            raise ValueError(f"attention_channels and attention_in_channels must be positive, got "
+                             f"{attention_channels}, {attention_in_channels}")
         self.batch_first = batch_first
         pad = attention_kernel_size // 2
         self.input_attention = nn.Conv2d(self.attention_in_channels, self.attention_channels, attention_kernel_size,
@@ -89,8 +93,16 @@ def attention_convlstm(layer: nn.Module, x: Tensor, attention_input: Optional[Te
         layout = f"[B, T, {layer.attention_in_channels}, {H}, {W}]" if layer.batch_first else \
             f"[T, B, {layer.attention_in_channels}, {H}, {W}]"
         raise ValueError(f"{name}: attention_input must be {layout} (B, T, H, W as x), got {given}")
-    # W_xa * X_t + b_a does not depend on the recurrence: one conv over all B·T frames.
-    input_scores = layer.input_attention(source.reshape(B * T, *source.shape[2:])).reshape(B, T, -1, H, W)
+    hidden = layer.hidden_attention.in_channels
+    _check_lstm_state(layer, state)
+    for state_name, s in zip("hc", state or ()):  # before W_ha * h reads h (its conv error named no argument)
+        batch_one_h = state_name == "h" and isinstance(s, Tensor) and tuple(s.shape) == (1, hidden, H, W)  # (as the cell)
+        if not isinstance(s, Tensor) or (tuple(s.shape) != (B, hidden, H, W) and not batch_one_h):
+            got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise ValueError(f"{name}: state {state_name} must be [B, C, H, W] = {(B, hidden, H, W)}, got {got}")
+    # W_xa * X_t + b_a does not depend on the recurrence: one conv over all B·T frames (channels given: B may be 0).
+    input_scores = layer.input_attention(source.reshape(B * T, *source.shape[2:])).reshape(
+        B, T, layer.input_attention.out_channels, H, W)
     h, c = state if state is not None else (None, None)
     outputs, maps = [], []
     for t in range(T):

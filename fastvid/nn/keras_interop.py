@@ -64,8 +64,19 @@ class KerasConvLSTMWeights(NamedTuple):
         return tuple(self.weight_ih.shape[2:])
 
 
+def _nesting_depth(item: Any) -> int:
+    """Dimensions of ``item`` along its first elements: a kernel as nested lists (read back from JSON) is 4
+    deep, a layer's list of arrays 5."""
+    depth = 0
+    while isinstance(item, (list, tuple)) and len(item) > 0:
+        item, depth = item[0], depth + 1
+    return depth + getattr(item, "ndim", 0)
+
+
 def _as_tensor(array: Any, name: str) -> Tensor:
     if isinstance(array, Tensor):
+        if not array.is_floating_point():  # (an integer tensor failed later in Module.to, unnamed)
+            raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}")
         return array.detach()
     if hasattr(array, "numpy"):  # tf.Tensor / tf.Variable / keras Variable
         array = array.numpy()
@@ -156,8 +167,9 @@ def sequence_from_keras(cls, layers, *, batch_first: bool = True, unit_forget_bi
     ``layers``: one ``get_weights()`` list per layer, bottom first, or a single layer's list."""
     check_keras_config(**config)
     layers = list(layers)
-    if layers and (isinstance(layers[0], (Tensor, np.ndarray)) or hasattr(layers[0], "shape")):
-        layers = [layers]  # one layer's [kernel, recurrent_kernel(, bias)]
+    if layers and (isinstance(layers[0], (Tensor, np.ndarray)) or hasattr(layers[0], "shape")
+                   or _nesting_depth(layers[0]) == 4):
+        layers = [layers]  # one layer's [kernel, recurrent_kernel(, bias)]: its first item a 4-D kernel
     if not layers:
         raise ValueError("layers is empty: pass one get_weights() list per Keras ConvLSTM2D layer")
     converted = [_split_layer(weights, f"layers[{k}]") for k, weights in enumerate(layers)]

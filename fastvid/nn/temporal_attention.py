@@ -45,7 +45,9 @@ class TemporalAttention(nn.Module):
             self.weight = nn.Parameter(torch.empty(query_dim, key_dim))
             nn.init.xavier_uniform_(self.weight)
         if score == "concat":
-            attention_dim = attention_dim or key_dim
+            attention_dim = key_dim if attention_dim is None else attention_dim
+            if attention_dim < 1:  # (0 silently meant the default)
+                raise ValueError(f"TemporalAttention: attention_dim must be positive, got {attention_dim}")
             self.query_proj = nn.Linear(query_dim, attention_dim, bias=False)
             self.key_proj = nn.Linear(key_dim, attention_dim)
             self.score_vector = nn.Parameter(torch.empty(attention_dim).uniform_(-attention_dim ** -0.5,
@@ -68,6 +70,10 @@ class TemporalAttention(nn.Module):
         if query.dim() != 3 or keys.dim() != 3 or query.shape[-1] != self.query_dim or keys.shape[-1] != self.key_dim:
             raise ValueError(f"TemporalAttention: expected query [B, ({self.query_dim})] or [B, N, {self.query_dim}] "
                              f"and keys [B, T, {self.key_dim}], got {tuple(query.shape)} and {tuple(keys.shape)}")
+        if query.shape[0] != keys.shape[0] or keys.shape[1] == 0:  # (the softmax path broadcast a batch of 1, and
+            # returned zero weights for no keys, where the kernel path raised)
+            raise ValueError(f"TemporalAttention: query and keys must have the same batch size B and keys at least "
+                             f"one step, got query {tuple(query.shape)} and keys {tuple(keys.shape)}")
         values = keys if values is None else values
         if values.dim() != 3 or values.shape[:2] != keys.shape[:2]:  # checked for every path, with or without weights
             raise ValueError(f"TemporalAttention: values must be [B, T, Dv] with B, T = {tuple(keys.shape[:2])} as keys, "
