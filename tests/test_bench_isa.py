@@ -259,3 +259,16 @@ def test_depthwise_bandwidth_row_says_which_calls_it_counts(monkeypatch):
     assert copy_row["median"] == 10.0
     assert row["fraction_of_copy"] == pytest.approx(row["median"] / 10.0)
     assert row["every_call_fraction_of_copy"] == pytest.approx(row["every_call_GBps"] / 10.0)
+
+
+def test_rows_record_the_rounds_actually_timed(monkeypatch):
+    """The depthwise and attention time rows recorded the rounds asked for, not those timed: under --quick's
+    budget a slow case times MIN_ROUNDS (the recurrent rows had it right)."""
+    from fastvid.bench import attention, measure
+    real = measure.time_interleaved
+    monkeypatch.setattr(measure, "time_interleaved", lambda fns, rounds, **kw: real(fns, rounds=2, **kw))
+    cases = [(depthwise, depthwise.DWCase("DepthwiseConv3d", TINY_DW, "fp32", "no_grad", "ncdhw")),
+             (attention, attention.AttnCase("NonlocalAttention", attention.AttnShape(2, 70, 30, 16), "no_grad"))]
+    for module, case in cases:
+        rows = module.run_case(case, rounds=5, warmup=0, memory=False)
+        assert {r["rounds"] for r in rows if r["metric"] == "time"} == {2}, case.op

@@ -258,3 +258,75 @@ def test_aggregation_and_frame_models_refuse_inputs_they_cannot_use():
         model = models.build(name, num_classes=3, **{"netvlad": {"channels": (4, 8)}}.get(name, {"cnn_widths": (4, 8)}))
         with pytest.raises(ValueError, match=r"frames must be at least 4x4 \(2 2x2 max-pools\), got \(3, 3\)"):
             model.eval()(torch.randn(1, 3, 2, 3, 3))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--run-id", "latest"], "--run-id selects a run of --report FILE; without --report it does nothing"),
+    (["bench", "--isa", "avx2,avx2"], "--isa avx2,avx2: a path named twice"),
+    (["bench", "--report", "{results}", "--only", "ConvGRU"], "--only selects cases to measure; --report measures"),
+    (["bench", "--out", "{tmp}"], "--out {tmp}: is a folder, not a results file"),
+    (["bench", "--report", "{results}", "--plot", "{results}"], "--plot {results}: exists and is not a folder"),
+])
+def test_bench_usage_problems_before_any_measuring(argv, message, tmp_path, monkeypatch, capsys):
+    """Found by a probing helper: --run-id without --report and --only with --report were ignored silently, a
+    path named twice in --isa measured twice, a folder as --out and a file as --plot failed with a traceback
+    after the measuring. Each is now a usage error (exit 2) before any case runs."""
+    from fastvid.__main__ import main
+    from fastvid.bench import runner
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("measured despite a usage error"))
+    results = tmp_path / "rows.jsonl"
+    results.write_text("")
+    fill = lambda text: text.format(results=results, tmp=tmp_path)  # noqa: E731
+    assert main([fill(a) for a in argv]) == 2
+    assert fill(message) in capsys.readouterr().err
+
+
+def test_bench_plot_without_matplotlib_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """--plot without matplotlib measured everything, then ended in a RuntimeError traceback (exit 1)."""
+    import importlib.util
+    from fastvid.__main__ import main
+    from fastvid.bench import runner
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                        real_find_spec(name, *a))
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("measured despite a usage error"))
+    assert main(["bench", "--quick", "--plot", str(tmp_path / "plots")]) == 2
+    assert "--plot needs matplotlib: pip install matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no rows with run_id 'run-9': the file has no rows"),
+    ('{"op": "ConvLSTM", "provider": "native", "mode": "fwd_bwd", "metric": "time", "shape": "s", "median": null, '
+     '"p20": 1, "p80": 1, "dtype": "fp32", "machine": "m", "version": "0", "timestamp": "t"}',
+     ":1: not a results row (median None is not a number)"),
+])
+def test_bench_report_of_an_empty_or_malformed_file(text, message, tmp_path, capsys):
+    """An empty file printed "(no results)" with exit 0 for a run id it does not hold; a null median reached the
+    table as a TypeError traceback."""
+    from fastvid.__main__ import main
+    path = tmp_path / "rows.jsonl"
+    path.write_text(text + "\n")
+    assert main(["bench", "--report", str(path), "--run-id", "run-9"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_report_all_keeps_every_isa_path():
+    """--run-id all kept the newest row per (case, metric, provider): a run's AVX2 rows (written last, from the
+    child) replaced its AVX-512 rows of the same case. The ISA path is part of what a row measures."""
+    from fastvid.bench import results
+    base = dict(op="ConvGRU", provider="fastvid", mode="no_grad", metric="time", shape="s", dtype="fp32", run_id="r")
+    rows = [dict(base, isa="avx512", median=1.0), dict(base, isa="avx2", median=2.0),
+            dict(base, isa="avx2", median=3.0, run_id="r2")]
+    assert sorted((r["isa"], r["median"]) for r in results.select_run(rows, "all")) == [("avx2", 3.0), ("avx512", 1.0)]
+
+
+def test_bench_isa_active_labels_the_path_fastvid_runs(monkeypatch):
+    """--isa active gave rows without an ISA path (fastvid's forced lower path beside native at full ISA,
+    unlabelled): now the path fastvid runs, measured as that path is elsewhere."""
+    from fastvid.__main__ import main
+    from fastvid.bench import runner
+    seen = {}
+    monkeypatch.setattr(runner, "run", lambda cases, **kwargs: seen.update(kwargs) or ([], []))
+    monkeypatch.setattr(fastvid, "info", lambda real=fastvid.info: dict(real(), cpu_isa="avx2"))
+    assert main(["bench", "--quick", "--only", "ConvGRU", "--isa", "active", "--no-save"]) == 0
+    assert seen["isas"] == ["avx2"]

@@ -338,7 +338,8 @@ def run_case(case: AttnCase, rounds: int, warmup: int, device="cpu", memory: boo
         add("bound", "ceiling", "ms", ceiling.bound_fields(least, fma_G_per_s=fma_per_s / 1e9))
     for provider in case.providers:
         stats = measure.summarize(times[provider].wall)
-        add(provider, "time", "ms", {k: v * 1e3 for k, v in stats.items()}, rounds=rounds, **flop_rate.get(provider, {}),
+        add(provider, "time", "ms", {k: v * 1e3 for k, v in stats.items()}, rounds=len(times[provider].wall),
+            **flop_rate.get(provider, {}),
             parity_max_rel_error=max(parity.values()),
             minor_faults_per_call=sorted(times[provider].minor_faults)[len(times[provider].minor_faults) // 2],
             sys_ms_per_call=1e3 * sorted(times[provider].sys_seconds)[len(times[provider].sys_seconds) // 2])

@@ -12,9 +12,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
+from typing import Optional
 
 import torch
+
+import fastvid
 
 from .. import _argtypes
 from .._info import CPU_ISA_PATHS
@@ -84,7 +89,32 @@ def quick_paths(case, paths):
     return paths[:2] if both else paths[:1]
 
 
+def _usage_problem(args: argparse.Namespace) -> Optional[str]:
+    """What makes these options unusable, found before any measuring (each was found only after a run: a
+    traceback at the end, or an option silently ignored)."""
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            return "--plot needs matplotlib: pip install matplotlib"
+        if os.path.exists(args.plot) and not os.path.isdir(args.plot):
+            return f"--plot {args.plot}: exists and is not a folder"
+    if args.report:
+        if args.only:
+            return "--only selects cases to measure; --report measures nothing (it prints the file's rows)"
+        return None
+    if args.run_id is not None:
+        return "--run-id selects a run of --report FILE; without --report it does nothing"
+    if not args.no_save and os.path.isdir(args.out):
+        return f"--out {args.out}: is a folder, not a results file"
+    if args.isa not in (None, "all", "active") and len(set(args.isa.split(","))) != len(args.isa.split(",")):
+        return f"--isa {args.isa}: a path named twice"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
+    problem = _usage_problem(args)
+    if problem:
+        print(f"fastvid bench: {problem}", file=sys.stderr)
+        return 2
     if args.report:
         try:
             print(report.table_from_file(args.report, args.run_id))
@@ -115,8 +145,9 @@ def main(args: argparse.Namespace) -> int:
     if args.isa is None and args.quick:
         paths = quick_isa_paths(paths)
         isas_of = lambda case: quick_paths(case, paths)  # noqa: E731
-    elif args.isa == "active":
-        paths = [None]
+    elif args.isa == "active":  # the path fastvid runs now (FASTVID_CPU_ISA's): its rows say which, and a path
+        # below the CPU's best is measured as the others are, with native limited to it in a child process
+        paths = [fastvid.info()["cpu_isa"]] if paths != [None] else [None]
     elif args.isa not in (None, "all"):
         wanted = args.isa.split(",")
         names = [p for p in wanted if p not in CPU_ISA_PATHS]

@@ -78,6 +78,10 @@ def append(path: str, rows: Iterable[dict]) -> None:
             f.write(json.dumps(row, sort_keys=False) + "\n")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def load(path: str) -> List[dict]:
     """All rows of the file, in file order (blank lines skipped)."""
     rows = []
@@ -94,6 +98,10 @@ def load(path: str) -> List[dict]:
             if missing is None or missing:  # JSON, but not a row the bench writes
                 what = f"lacks {missing}" if missing else f"is a JSON {type(row).__name__}, not an object"
                 raise ValueError(f"{path}:{number}: not a results row (it {what})")
+            bad = [k for k in ("median", "p20", "p80") if k in row and not _is_number(row[k])]
+            if bad or not isinstance(row["shape"], str):  # (a null median reached the table as a TypeError)
+                what = f"{bad[0]} {row[bad[0]]!r} is not a number" if bad else f"shape {row['shape']!r} is not text"
+                raise ValueError(f"{path}:{number}: not a results row ({what})")
             rows.append(row)
     return rows
 
@@ -108,13 +116,15 @@ def runs(rows: List[dict]) -> List[str]:
 
 def select_run(rows: List[dict], run_id: Optional[str] = None) -> List[dict]:
     """Rows of one run: ``run_id`` ('latest' or None = the last run in the file; 'all' = the
-    newest row of every (case, metric, provider) in the file, whatever run it came from)."""
+    newest row of every (case, metric, provider, ISA path) in the file, whatever run it came from)."""
     if not rows:
+        if run_id not in (None, "latest", "all"):  # (an empty file printed "(no results)" for any id, rc 0)
+            raise ValueError(f"no rows with run_id {run_id!r}: the file has no rows")
         return []
     if run_id == "all":
         latest = {}
         for row in rows:
-            key = (row["op"], row["shape"], row["dtype"], row["mode"], row["metric"], row["provider"])
+            key = (row["op"], row["shape"], row["dtype"], row["mode"], row["metric"], row["provider"], row.get("isa"))
             latest[key] = row
         return list(latest.values())
     if run_id in (None, "latest"):
