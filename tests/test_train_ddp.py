@@ -100,3 +100,16 @@ def test_sync_bn_needs_cuda():
 def test_not_distributed_without_torchrun(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert train.init_distributed("cpu") is None
+
+
+def test_two_stream_trains_data_parallel(tmp_path):
+    """Under torchrun the model is DistributedDataParallel-wrapped, and the training step asked the wrapper's
+    forward(*inputs) whether it takes flow: a two-stream model got none and failed its first batch. One
+    process with torchrun's environment runs the same code path (process group, wrapper, sampler)."""
+    command = [sys.executable, "-m", "fastvid", "train", "--model", "two_stream", "--frames", "4", "--size", "8",
+               "--train-clips", "8", "--test-clips", "4", "--batch-size", "4", "--epochs", "1", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "distributed: world size 1, backend gloo" in done.stdout and "model two_stream: train accuracy" in done.stdout

@@ -91,8 +91,9 @@ def takes_flow(model: nn.Module) -> bool:
 
 
 def class_scores(model: nn.Module, videos: Tensor, flow: Optional[Tensor]) -> Tensor:
-    """Runs ``model`` on a batch and returns its class scores ``[B, num_classes]``."""
-    out = model(videos, flow) if takes_flow(model) else model(videos)
+    """Runs ``model`` (or its DistributedDataParallel wrapper, whose forward takes ``*inputs``: asked of it, a
+    two-stream model got no flow under torchrun) on a batch and returns its class scores ``[B, num_classes]``."""
+    out = model(videos, flow) if takes_flow(unwrap(model)) else model(videos)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -389,8 +390,22 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise _argtypes.UsageError(f"--model: unknown model {args.model!r}; registered: {', '.join(list_models())}")
     if args.sync_bn and torch.device(args.device).type != "cuda":  # (prepare_model raised it after the data was made)
         raise _argtypes.UsageError("--sync-bn needs --device cuda: torch.nn.SyncBatchNorm synchronises GPU tensors only")
+    if not -2 ** 62 <= args.seed < 2 ** 62:  # (the data seeds 2·seed and 2·seed + 1 must fit torch's int64)
+        raise _argtypes.UsageError(f"--seed must be in -2**62..2**62-1, got {args.seed}")
+    if args.checkpoint is not None:  # (found after the first epoch, as a traceback)
+        folder = os.path.dirname(os.path.abspath(args.checkpoint))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if os.path.isdir(args.checkpoint) or not os.path.isdir(folder):
+            raise _argtypes.UsageError(f"--checkpoint {args.checkpoint}: "
+                                       + ("is a folder" if os.path.isdir(args.checkpoint) else f"{folder} is not a folder"))
     frames, size = _task_default(args, "frames"), _task_default(args, "size")
     predictor = is_predictor(args.model)
+    derived = ("future_frames", "in_channels") if args.task == "predict" else ("num_classes", "frames", "height", "width")
+    for key, _ in args.model_kwargs:
+        if key in derived:  # (replaced what the task needs: the loss failed in the first step)
+            raise _argtypes.UsageError(f"--set {key}: set by the task ({', '.join(derived)} follow --task, --frames, "
+                                       "--size and --input-frames)")
     if args.task == "classify":
         if predictor:
             raise _argtypes.UsageError(f"--model {args.model} predicts frames: add --task predict")
@@ -398,6 +413,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise _argtypes.UsageError(f"--frames must be >= 4 for motion clips (two frames per half), got {frames}")
         if size < 4:
             raise _argtypes.UsageError(f"--size must be >= 4 for motion clips, got {size}")
+        _check_model_runs(args, frames, size)
         return
     if not predictor:
         raise _argtypes.UsageError(f"--model {args.model} is not a frame predictor (its builder has no future_frames "
@@ -407,6 +423,28 @@ def check_arguments(args: argparse.Namespace) -> None:
     input_frames = frames // 2 if args.input_frames is None else args.input_frames
     if not 0 < input_frames < frames:
         raise _argtypes.UsageError(f"--input-frames must be in 1..{frames - 1} (--frames - 1), got {input_frames}")
+    _check_model_runs(args, frames, size, input_frames)
+
+
+def _check_model_runs(args: argparse.Namespace, frames: int, size: int, input_frames: Optional[int] = None) -> None:
+    """Builds the model for these sizes and runs it on one clip of the task's data (eval, no grad; the random
+    streams left as they were), so that a size, clip length or --set it cannot take is a usage error before
+    the data and the epochs (it failed inside the first training step, or making the data)."""
+    name, extra = args.model, dict(args.model_kwargs)
+    with torch.random.fork_rng(), torch.no_grad():
+        try:
+            if input_frames is not None:
+                model = build(name, **predictor_arguments(name, frames, input_frames, extra)).eval()
+                clip = moving_digits(1, frames, size, args.digits, seed=0).videos
+                model(clip[:, :, :input_frames], logits=True)
+            else:
+                model = build(name, **builder_arguments(name, frames, size, extra)).eval()
+                clip = motion_clips(1, frames, size, seed=0, noise=args.noise, flow=takes_flow(model))
+                class_scores(model, clip.videos, clip.flow)
+        except (ValueError, TypeError, RuntimeError) as error:
+            settings = "".join(f" --set {key}={value!r}" for key, value in args.model_kwargs)
+            raise _argtypes.UsageError(f"--model {name} cannot run clips of --frames {frames} --size {size}{settings}: "
+                                       f"{error}") from error
 
 
 def _task_default(args: argparse.Namespace, name: str):
