@@ -828,3 +828,24 @@ def test_autocast_training(mode):
     out.float().sum().backward()
     for name, t in [("x", x_pooled), *pooled.named_parameters()]:
         assert t.grad is not None and t.grad.dtype == torch.float32 and t.grad.isfinite().all(), name
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_second_derivatives_raise_on_every_path(mode, train):
+    """A gradient penalty through the block: torch.autograd.grad(penalty, inputs=[a weight before it]) returned
+    the model's second derivative without the block's terms, silently (PyTorch's once_differentiable hangs its
+    error outside the graph, where grad(..., inputs=...) does not go); .backward() raised. Now both raise, and
+    the first derivative taken with create_graph=True is the plain one."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(4, 4, 1), randomize(NonLocalBlock(4, 2, mode=mode, sub_sample=False))).double()
+    net.train(train)
+    x = torch.randn(2, 4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    plain, = torch.autograd.grad((net(x) ** 2).sum(), x)
+    gx, = torch.autograd.grad((net(x) ** 2).sum(), x, create_graph=True)
+    torch.testing.assert_close(gx, plain, rtol=0, atol=0)
+    penalty = (gx ** 2).sum()
+    with pytest.raises(RuntimeError, match="second derivatives|double backward is not supported"):
+        torch.autograd.grad(penalty, net[0].weight, retain_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives|double backward is not supported"):
+        penalty.backward()

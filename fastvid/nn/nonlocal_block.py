@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from .. import ops
 from ..ops._common import autocast_enabled
@@ -48,6 +48,45 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+class _SecondOrderRefused(torch.autograd.Function):
+    """The results of a first-order-only backward, passed on unchanged, with a node whose own backward raises,
+    connected to the tensors those results depend on (the step's saved tensors and incoming gradients)."""
+
+    @staticmethod
+    def forward(ctx, count: int, *tensors: Tensor):
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("NonLocalBlock: second derivatives (create_graph=True, then a gradient of a gradient) are "
+                           "not supported by its fused steps; fastvid.convert(model, to='reference') gives the "
+                           "plain-PyTorch twin, which has them")
+
+
+def _first_order_only(backward):
+    """A Function's backward run without recording; under create_graph its results pass through
+    _SecondOrderRefused, so that a second derivative through the step raises. (PyTorch's once_differentiable
+    hangs its error on detached copies, outside the graph: torch.autograd.grad(..., inputs=...) skipped it and
+    returned the model's second derivative without the block's terms, silently.)"""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        if not create_graph:
+            return results
+        single = not isinstance(results, tuple)
+        as_tuple = (results,) if single else results
+        anchors = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, Tensor) and t.requires_grad]
+        present = [r for r in as_tuple if r is not None]
+        if not anchors or not present:
+            return results
+        refused = iter(_SecondOrderRefused.apply(len(present), *present, *anchors))
+        passed = tuple(None if r is None else next(refused) for r in as_tuple)
+        return passed[0] if single else passed
+    return wrapper
+
+
 class _WindowMaxPool(torch.autograd.Function):
     """Max-pool with stride = kernel (non-overlapping windows) whose backward keeps only the argmax
     positions, as int32. nn.MaxPoolNd's autograd also keeps its whole input alive — here φ and g at
@@ -64,7 +103,7 @@ class _WindowMaxPool(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, grad: Tensor):
         (positions,) = ctx.saved_tensors
         shape = ctx.input_shape
@@ -93,7 +132,7 @@ class _PointwiseConv(torch.autograd.Function):
         return out.transpose(1, 2)
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, grad: Tensor):
         t, weight = ctx.saved_tensors
         needs_t, needs_weight, needs_bias = ctx.needs_input_grad
@@ -133,7 +172,7 @@ class _CentredMoments(torch.autograd.Function):
         return pivot, delta, cov
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, _grad_pivot, grad_delta: Tensor, grad_cov: Tensor):
         # d cov = (Cᵀ dC + dCᵀ C)/n with C the centred rows; the mean's path vanishes as C's columns sum to 0.
         rows, pivot, delta = ctx.saved_tensors
@@ -187,7 +226,7 @@ class _CentredAffine(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, grad: Tensor):
         folded, y, pivot = ctx.saved_tensors
         acc = folded.dtype
