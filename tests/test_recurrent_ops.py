@@ -863,6 +863,8 @@ def _every_backend_cases(device):
                              r"keep its H x W: need an odd kernel .* got kernel 2"),
         "lstm-padding-0": (lambda: ops.convlstm(x, w_ih4, w_hh4, padding=0), ValueError,
                            r"keep its H x W: .* got kernel 3, padding 0"),
+        "lstm-padding-empty": (lambda: ops.convlstm(x, w_ih4, w_hh4, padding=()), ValueError,
+                               r"convlstm: padding must be one int or an \(H, W\) pair, got \(\)"),
         "lstm-ln-padding-0": (lambda: ops.convlstm_ln(x, w_ih4, w_hh4, None, None, None, g4, g4, g1, g1, padding=0),
                               ValueError, r"keep its H x W: .* got kernel 3, padding 0"),
         "lstm-h0-width": (lambda: ops.convlstm(x, w_ih4, w_hh4, None, r(B, C, H, W + 1)), ValueError,

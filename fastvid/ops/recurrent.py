@@ -558,8 +558,10 @@ def _sequence_arguments(name, gates, x, weight_ih, weight_hh, h0, padding, dilat
     if padding is None:
         padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight_hh.shape[2:]))
     padding = _pair(padding)
+    if len(padding) != 2:
+        raise ValueError(f"fastvid.{name}: padding must be one int or an (H, W) pair, got {padding}")
     for k, p, d in zip(weight_hh.shape[2:], padding, dilation):  # checked here for every backend
-        if len(padding) != 2 or p < 0 or 2 * p != d * (k - 1):
+        if p < 0 or 2 * p != d * (k - 1):
             raise ValueError(f"fastvid.{name}: the hidden state must keep its H x W: need an odd kernel and padding = "
                              f"dilation * (k - 1) / 2, got kernel {k}, padding {p}, dilation {d}")
     _check_state_shape(name, "h0", h0, x, C)
