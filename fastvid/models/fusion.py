@@ -125,7 +125,6 @@ class LateFusion(nn.Module):
             self.global_pool = nn.AdaptiveAvgPool3d(1)
             self.classifier = nn.Linear(feature_channels, num_classes)
         else:
-            self.feature_size = (frames, height // 4, width // 4)  # T, H', W' the MLP is sized for
             self.built_for = (frames, height, width)
             flat = feature_channels * frames * (height // 4) * (width // 4)
             self.classifier = nn.Sequential(nn.Linear(flat, hidden_features), nn.ReLU(inplace=True),
@@ -135,8 +134,9 @@ class LateFusion(nn.Module):
         features = self.features(video)  # [B, D, T, H', W']
         if self.head == "pool":
             return self.classifier(self.global_pool(features).flatten(1))
-        if tuple(features.shape[2:]) != self.feature_size:  # (another T·H·W of the same product ran silently)
-            frames, height, width = self.built_for
+        frames, height, width = self.built_for
+        if tuple(features.shape[2:]) != (frames, height // 4, width // 4):  # (another T·H·W of the same product ran
+            # silently: the MLP is sized for these T, H', W')
             raise ValueError(f"late_fusion(head='fc'): built for {frames} frames of {height}x{width}, got video of "
                              f"shape {tuple(video.shape)}")
         # frame-major flattening: the MLP sees each frame's features at a fixed position

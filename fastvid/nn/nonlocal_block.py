@@ -188,17 +188,17 @@ def _positions_major(x: Tensor) -> bool:
     return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) == x.shape[1]
 
 
-def _projected(y: Tensor, weight: Tensor, like: Tensor, base: Optional[Tensor] = None) -> Tensor:
-    """``weight yᵀ`` (+ ``base``) ``[B, C, N]`` for y ``[B, N, D]`` and weight ``[C, D]``, stored as ``like`` is:
-    positions-major for a channels_last input (the product formed as ``y weightᵀ`` rows, so the block's
-    output keeps the input's layout, as x + conv(y) would), else channels-major."""
+def _projected(y: Tensor, weight: Tensor, x: Tensor, add_x: bool = False) -> Tensor:
+    """``weight yᵀ`` (+ ``x`` with add_x) ``[B, C, N]`` for y ``[B, N, D]``, weight ``[C, D]`` and x ``[B, C, N]``,
+    stored as x is: positions-major for a channels_last input (the product formed as ``y weightᵀ`` rows, so the
+    block's output keeps the input's layout, as x + conv(y) would), else channels-major."""
     B = y.shape[0]
-    if _positions_major(like):
+    if _positions_major(x):
         weight_t = weight.t().expand(B, -1, -1)
-        rows = torch.bmm(y, weight_t) if base is None else torch.baddbmm(base.transpose(1, 2), y, weight_t)
+        rows = torch.baddbmm(x.transpose(1, 2), y, weight_t) if add_x else torch.bmm(y, weight_t)
         return rows.transpose(1, 2)
     weight = weight.expand(B, -1, -1)
-    return torch.bmm(weight, y.transpose(1, 2)) if base is None else torch.baddbmm(base, weight, y.transpose(1, 2))
+    return torch.baddbmm(x, weight, y.transpose(1, 2)) if add_x else torch.bmm(weight, y.transpose(1, 2))
 
 
 class _CentredAffine(torch.autograd.Function):
@@ -214,7 +214,7 @@ class _CentredAffine(torch.autograd.Function):
         with _autocast_off(y.device.type):
             centred, weight = y - pivot, folded.to(y.dtype)
             if x.dtype == y.dtype:
-                out = _projected(centred, weight, x, base=x)
+                out = _projected(centred, weight, x, add_x=True)
                 # in place saves a pass, but not under torch.compile: torch 2.11's dynamo gives zero
                 # gradients to a Function whose returned tensor is an in-place op's result (2.14 does not)
                 shift_column = shift.to(y.dtype)[None, :, None]
@@ -387,7 +387,7 @@ class NonLocalBlock(nn.Module):
             return x + (z if self.norm is None else self.norm(z))
         # x + W y + b as one batched GEMM (y read in place, which the attention op keeps for its backward
         # anyway); the bias is added in place.
-        out = _projected(y, weight, x.flatten(2), base=x.flatten(2))
+        out = _projected(y, weight, x.flatten(2), add_x=True)
         return out.add_(bias[None, :, None]).view(x.shape)
 
     def _folded_batch_norm(self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.recurrent import _channels_last  # the sequence ops' own test of the frame layout
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -287,8 +288,7 @@ def _cat_channels(outputs):
     """The directions' outputs [B, T, C, H, W] concatenated along C, in their frame layout: torch.cat
     returns channels-last frames (channels innermost) contiguous, so a bidirectional layer's output
     left the layout its input and each direction's output have."""
-    first = outputs[0]
-    if first.shape[2] > 1 and first.stride(2) == 1:
+    if _channels_last(outputs[0]):
         return torch.cat([o.permute(0, 1, 3, 4, 2) for o in outputs], -1).permute(0, 1, 4, 2, 3)
     return torch.cat(outputs, 2)
 

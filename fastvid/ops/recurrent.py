@@ -73,11 +73,12 @@ def _tuning_key(x: Tensor, C: int, kernel, dilation, channels_last: bool, save: 
     if any(isinstance(n, torch.SymInt) for n in x.shape):
         return None
     if torch.compiler.is_compiling():
-        return (str(x.device), x.dtype, None, None, None, None, C, tuple(kernel), tuple(dilation), None,
-                channels_last, save) + family
-    B, T, C_in, H, W = (int(n) for n in x.shape)  # torch.jit.trace hands out sizes as tensors
-    return (str(x.device), x.dtype, B, C_in, H, W, C, tuple(kernel), tuple(dilation), min(T, 8).bit_length(),
-            channels_last, save) + family
+        B = C_in = H = W = T_bucket = None
+    else:
+        B, T, C_in, H, W = (int(n) for n in x.shape)  # torch.jit.trace hands out sizes as tensors
+        T_bucket = min(T, 8).bit_length()
+    return (str(x.device), x.dtype, B, C_in, H, W, C, tuple(kernel), tuple(dilation), T_bucket, channels_last,
+            save) + family
 
 
 def _without_sizes(key: tuple) -> tuple:
