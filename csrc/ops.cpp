@@ -99,10 +99,12 @@ TORCH_LIBRARY(fastvid, m) {
   m.def("_set_depthwise_streaming(str mode) -> str");
   // ---- attention (csrc/attention/): softmax(scale · q kᵀ) v over [B, rows, dim] operands, see
   // fastvid/reference/attention.py. lse = per-row log-sum-exp (fp32, fp64 for fp64 inputs), saved for
-  // backward; grad_lse may be absent.
-  m.def("nonlocal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  // backward; grad_lse may be absent. save_scores: scores = scale · q kᵀ [B, N, M] in lse's dtype, which
+  // the backward then reads instead of recomputing them (else scores is empty, [0]).
+  m.def("nonlocal_attention(Tensor q, Tensor k, Tensor v, float scale, bool save_scores=False) -> "
+        "(Tensor out, Tensor lse, Tensor scores)");
   m.def("nonlocal_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
-        "Tensor out, Tensor lse, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+        "Tensor out, Tensor lse, float scale, Tensor? scores=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // Private: the CPU kernel's tile (query rows, key rows), for the benchmark's GEMM-rate yardstick.
   m.def("_attention_cpu_tile() -> int[]");
   // Private: the active CPU path's multiply-add rate on all threads, fp32 lanes/s (csrc/cpu_peak.cpp).

@@ -91,7 +91,7 @@ def test_matches_oracle(shape, dtype, bf16_tiles, layout, cpu_isa, monkeypatch):
         monkeypatch.setenv("FASTVID_ATTENTION_BF16_TILES", bf16_tiles)
     q, k, v = make(shape, dtype, layout)
     scale = 0.7 / math.sqrt(shape[3])
-    out, lse = OPS.nonlocal_attention(q, k, v, scale)
+    out, lse, _ = OPS.nonlocal_attention(q, k, v, scale)
     assert out.shape == (shape[0], shape[1], shape[4]) and out.dtype == dtype and out.is_contiguous()
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     g = torch.Generator().manual_seed(1)
@@ -109,7 +109,7 @@ def test_matches_oracle(shape, dtype, bf16_tiles, layout, cpu_isa, monkeypatch):
 
 
 def _values_and_grads(q, k, v, scale, grad_out, grad_lse):
-    out, lse = OPS.nonlocal_attention(q, k, v, scale)
+    out, lse, _ = OPS.nonlocal_attention(q, k, v, scale)
     return [out, lse, *torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), (q, k, v))]
 
 
@@ -174,14 +174,14 @@ def test_minus_inf_scores(dtype):
     q, k, v = (torch.randn(B, rows, dim, generator=g, dtype=dtype) for rows, dim in ((N, D), (M, D), (M, Dv)))
     q[..., 0] = 1.0
     k[:, :600, 0] = float("-inf")
-    out, lse = OPS.nonlocal_attention(q, k, v, 0.7)
+    out, lse, _ = OPS.nonlocal_attention(q, k, v, 0.7)
     exact_out, exact_lse = oracle(q, k, v, 0.7)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     torch.testing.assert_close(out.double(), exact_out, **tolerance(dtype))
     torch.testing.assert_close(lse.double(), exact_lse, **tolerance(dtype))
 
     k[0, :, 0] = float("-inf")
-    out, lse = OPS.nonlocal_attention(q, k, v, 0.7)
+    out, lse, _ = OPS.nonlocal_attention(q, k, v, 0.7)
     assert out[0].isnan().all() and (lse[0] == float("-inf")).all()
     exact_out, exact_lse = oracle(q[1:], k[1:], v[1:], 0.7)
     torch.testing.assert_close(out[1:].double(), exact_out, **tolerance(dtype))
@@ -233,7 +233,7 @@ def test_nan_padding_is_never_read():
     clean = [t.requires_grad_() for t in clean]
     results = []
     for q, k, v in (clean, padded):
-        out, lse = OPS.nonlocal_attention(q, k, v, 0.3)
+        out, lse, _ = OPS.nonlocal_attention(q, k, v, 0.3)
         grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
         results.append([out, lse, *grads])
     for a, b in zip(*results):
@@ -246,7 +246,7 @@ def test_backward_reads_strided_grad_out(layout):
     """grad_out as the transpose of a [B, Dv, N] tensor, or with padded rows, gives the same gradients
     as a contiguous grad_out."""
     q, k, v = make((2, 300, 530, 12, 7), torch.float64, "contiguous")
-    out, lse = OPS.nonlocal_attention(q.detach(), k.detach(), v.detach(), 0.5)
+    out, lse, _ = OPS.nonlocal_attention(q.detach(), k.detach(), v.detach(), 0.5)
     grad = torch.randn(out.shape, dtype=torch.float64)
     strided = grad.transpose(1, 2).contiguous().transpose(1, 2) if layout == "transposed" else \
         torch.cat([grad, torch.full_like(grad[..., :3], float("nan"))], dim=-1)[..., :7]
@@ -261,7 +261,7 @@ def test_deterministic():
     q, k, v = make((3, 200, 700, 16, 16), torch.float32, "contiguous")
     runs = []
     for _ in range(2):
-        out, lse = OPS.nonlocal_attention(q, k, v, 0.25)
+        out, lse, _ = OPS.nonlocal_attention(q, k, v, 0.25)
         runs.append([out, lse, *torch.autograd.grad(out.square().sum(), (q, k, v))])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -271,16 +271,17 @@ def test_opcheck():
     for layout in ("contiguous", "transposed"):
         q, k, v = make((2, 20, 11, 6, 5), torch.float32, layout)
         torch.library.opcheck(OPS.nonlocal_attention.default, (q, k, v, 0.4))
-        out, lse = OPS.nonlocal_attention(q.detach(), k.detach(), v.detach(), 0.4)
+        out, lse, _ = OPS.nonlocal_attention(q.detach(), k.detach(), v.detach(), 0.4)
         for grad_lse in (None, torch.randn_like(lse)):
             torch.library.opcheck(OPS.nonlocal_attention_backward.default,
                                   (torch.randn_like(out), grad_lse, q.detach(), k.detach(), v.detach(), out, lse, 0.4))
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("save_scores", [False, True])
+def test_compile_fullgraph(save_scores):
     """The compiled graph (fake kernel + autograd formula) against the fp64 oracle, output and all grads."""
     q, k, v = make((2, 33, 17, 8, 8), torch.float32, "transposed")
-    compiled = torch.compile(lambda a, b, c: nonlocal_attention(a, b, c, 0.5), fullgraph=True)
+    compiled = torch.compile(lambda a, b, c: nonlocal_attention(a, b, c, 0.5, save_scores=save_scores), fullgraph=True)
     out = compiled(q, k, v)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     exact = oracle(*leaves, 0.5)[0]
@@ -289,6 +290,133 @@ def test_compile_fullgraph():
     for name, a, e in zip("qkv", torch.autograd.grad(out, (q, k, v), grad_out),
                           torch.autograd.grad(exact, leaves, grad_out.double())):
         assert_full_precision(a, e, f"compiled grad_{name}")
+
+
+# ------------------------------------------------------------------------------ save_scores
+SAVED_SHAPES = [(2, 129, 513, 64, 32), (1, 131, 520, 128, 48), (2, 70, 600, 17, 9)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype,bf16_tiles", DTYPE_PATHS)
+@pytest.mark.parametrize("shape", SAVED_SHAPES, ids=["x".join(map(str, s)) for s in SAVED_SHAPES])
+def test_saved_scores_match_oracle_and_recompute(shape, dtype, bf16_tiles, layout, cpu_isa, monkeypatch):
+    """save_scores: the scores output is scale · q kᵀ (fp64 oracle), and the backward that reads them gives
+    the oracle's gradients and the recomputing backward's bits (the same products, in the same order)."""
+    if bf16_tiles is not None:
+        monkeypatch.setenv("FASTVID_ATTENTION_BF16_TILES", bf16_tiles)
+    q, k, v = make(shape, dtype, layout)
+    scale = 0.7 / math.sqrt(shape[3])
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(shape[0], shape[1], shape[4], generator=g).to(dtype)
+    grad_lse = torch.randn(shape[0], shape[1], generator=g)
+    runs = {}
+    for save in (False, True):
+        out, lse, scores = OPS.nonlocal_attention(q, k, v, scale, save)
+        runs[save] = [out, lse, *torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse.to(lse.dtype)).sum(),
+                                                     (q, k, v))]
+        assert scores.shape == ((shape[0], shape[1], shape[2]) if save else (0,)) and scores.dtype == lse.dtype
+        assert not scores.requires_grad
+        if save:
+            exact_scores = torch.matmul(q.detach().double(), k.detach().double().transpose(1, 2)) * scale
+            assert_full_precision(scores, exact_scores, "scores")
+    exact = _oracle_values_and_grads(q, k, v, scale, grad_out, grad_lse)
+    for name, ours, e in zip(["out", "lse", "grad_q", "grad_k", "grad_v"], runs[True], exact):
+        assert_close_to_oracle(name, ours, e)
+    for name, saved, recomputed in zip(["out", "lse", "grad_q", "grad_k", "grad_v"], runs[True], runs[False]):
+        assert torch.equal(saved, recomputed), f"{name}: saved scores changed the result"
+
+
+def test_backward_reads_the_saved_scores():
+    """Given the scores (and lse, out) of another query q2, the backward's dV is P2ᵀ dO, which depends on
+    the scores alone: it matches the oracle's dV for q2. Recomputing from q (no scores) would not."""
+    q, k, v = make((2, 150, 530, 12, 7), torch.float64, "contiguous")
+    q2 = make((2, 150, 530, 12, 7), torch.float64, "contiguous", seed=5)[0]
+    grad_out = torch.randn(2, 150, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out2, lse2, scores2 = OPS.nonlocal_attention(q2.detach(), k.detach(), v.detach(), 0.5, True)
+    expected_dv = _oracle_values_and_grads(q2, k, v, 0.5, grad_out, torch.zeros(2, 150))[4]
+    args = (grad_out, None, q.detach(), k.detach(), v.detach(), out2, lse2, 0.5)
+    torch.testing.assert_close(OPS.nonlocal_attention_backward(*args, scores2)[2], expected_dv)
+    assert not torch.allclose(OPS.nonlocal_attention_backward(*args)[2], expected_dv, rtol=1e-3, atol=1e-3)
+
+
+def _attention_calls(fn):
+    """The save_scores argument of every fastvid.nonlocal_attention dispatched while fn runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is OPS.nonlocal_attention.default:
+                self.calls.append(bool(args[4]) if len(args) > 4 else bool((kwargs or {}).get("save_scores", False)))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as mode:
+        fn()
+    return mode.calls
+
+
+def test_save_scores_only_where_a_backward_reads_them():
+    """The public op asks the kernel for the scores only with save_scores, grad mode on and an input that
+    needs a gradient; the saved scores reach the backward (a [B, N, M] fp32 tensor among the saved ones)."""
+    q, k, v = make((2, 40, 30, 8, 8), torch.float32, "contiguous")
+    assert _attention_calls(lambda: nonlocal_attention(q, k, v, save_scores=True)) == [True]
+    assert _attention_calls(lambda: nonlocal_attention(q, k, v)) == [False]
+    with torch.no_grad():
+        assert _attention_calls(lambda: nonlocal_attention(q, k, v, save_scores=True)) == [False]
+    detached = [t.detach() for t in (q, k, v)]
+    assert _attention_calls(lambda: nonlocal_attention(*detached, save_scores=True)) == [False]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        nonlocal_attention(q, k, v, save_scores=True)
+    assert (2, 40, 30) in saved
+
+
+def test_backward_makes_no_zero_gradient_for_the_scores():
+    """The scores output gets no gradient; the backward must not be handed a B·N·M tensor of zeros for it
+    (autograd materialises missing output gradients unless told not to: 79 MB written per call at the
+    benchmark's shape, which cost more than the saved product)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    q, k, v = make((2, 40, 30, 8, 8), torch.float32, "contiguous")
+    out = nonlocal_attention(q, k, v, save_scores=True)
+
+    class Shapes(TorchDispatchMode):
+        made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in (result if isinstance(result, (tuple, list)) else [result]):
+                if isinstance(t, torch.Tensor):
+                    self.made.append(tuple(t.shape))
+            return result
+
+    with Shapes() as mode:
+        out.backward(torch.ones_like(out))
+    assert (2, 40, 30) not in mode.made
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+def test_save_scores_bad_input():
+    q, k, v = make((2, 40, 30, 8, 8), torch.float32, "contiguous")
+    with pytest.raises(TypeError, match="save_scores must be a bool"):
+        nonlocal_attention(q, k, v, save_scores=1)
+    out, lse, scores = OPS.nonlocal_attention(q.detach(), k.detach(), v.detach(), 0.5, True)
+    args = (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out, lse, 0.5)
+    for wrong in (scores[:, :, :-1], scores.double(), scores[:1]):
+        with pytest.raises(RuntimeError, match=r"scores must be \[2, 40, 30\] Float"):
+            OPS.nonlocal_attention_backward(*args, wrong)
+    # A transposed copy of the right values is read in its own layout (made contiguous).
+    strided = scores.transpose(1, 2).contiguous().transpose(1, 2)
+    for a, b in zip(OPS.nonlocal_attention_backward(*args, strided), OPS.nonlocal_attention_backward(*args, scores)):
+        assert torch.equal(a, b)
+
+
+def test_save_scores_opcheck():
+    q, k, v = make((2, 20, 11, 6, 5), torch.float32, "transposed")
+    torch.library.opcheck(OPS.nonlocal_attention.default, (q, k, v, 0.4, True))
+    out, lse, scores = OPS.nonlocal_attention(q.detach(), k.detach(), v.detach(), 0.4, True)
+    torch.library.opcheck(OPS.nonlocal_attention_backward.default,
+                          (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out, lse, 0.4, scores))
 
 
 def test_autocast_bf16():

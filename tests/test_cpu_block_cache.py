@@ -235,11 +235,11 @@ def test_attention_results_in_reused_blocks():
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
     expected = reference_attention(qr, kr, vr, 0.125)[0]
     expected.backward(go.double())
-    out, lse = OPS.nonlocal_attention(q, k, v, 0.125)
+    out, lse, _ = OPS.nonlocal_attention(q, k, v, 0.125)
     grads = OPS.nonlocal_attention_backward(go, None, q, k, v, out, lse, 0.125)
     addresses = poisoned(out, *grads)
     del out, grads
-    out, lse = OPS.nonlocal_attention(q, k, v, 0.125)
+    out, lse, _ = OPS.nonlocal_attention(q, k, v, 0.125)
     grads = OPS.nonlocal_attention_backward(go, None, q, k, v, out, lse, 0.125)
     assert {out.data_ptr(), *(t.data_ptr() for t in grads)} <= addresses
     torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-5, atol=1e-5)

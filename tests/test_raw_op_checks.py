@@ -93,12 +93,14 @@ def _depthwise_attention_cases():
     s, p, d = [1, 1, 1], [1, 1, 1], [1, 1, 1]
     out = torch.ops.fastvid.depthwise_conv3d(inp, weight, bias, s, p, d)
     q, k, v = torch.randn(B, 6, 4), torch.randn(B, 5, 4), torch.randn(B, 5, 3)
-    o, lse = torch.ops.fastvid.nonlocal_attention(q, k, v, 0.5)
+    o, lse, scores = torch.ops.fastvid.nonlocal_attention(q, k, v, 0.5, True)
     return [
         ("depthwise_conv3d", (inp, weight, bias, s, p, d), {"input"}),
         ("depthwise_conv3d_backward", (torch.randn_like(out), inp, weight, s, p, d, [True, True, True]), {"input"}),
         ("nonlocal_attention", (q, k, v, 0.5), {"q", "k", "v"}),
         ("nonlocal_attention_backward", (torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, 0.5),
+         {"q", "k", "v"}),
+        ("nonlocal_attention_backward", (torch.randn_like(o), torch.randn_like(lse), q, k, v, o, lse, 0.5, scores),
          {"q", "k", "v"}),
     ]
 
@@ -114,7 +116,7 @@ ALL_OPS = {name for name in dir(torch.ops.fastvid) if not name.startswith("_")}
 
 def _tensor_args(op_name, args):
     schema = getattr(torch.ops.fastvid, op_name).default._schema
-    return [(i, a.name) for i, a in enumerate(schema.arguments) if isinstance(args[i], torch.Tensor)]
+    return [(i, a.name) for i, a in enumerate(schema.arguments[:len(args)]) if isinstance(args[i], torch.Tensor)]
 
 
 def _names(message, name):

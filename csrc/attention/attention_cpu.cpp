@@ -6,18 +6,19 @@
 //   q [B, N, D], k [B, M, D], v [B, M, Dv]: each either row-major (unit stride along its last dim)
 //     or "transposed" (unit stride along its rows, e.g. the transpose of a channels-first
 //     projection [B, D, T·H·W]); anything else is made contiguous first.
-//   out [B, N, Dv] contiguous, lse [B, N] (fp32; fp64 for fp64 inputs): log-sum-exp of each score row.
-//   Backward: grad_out [B, N, Dv] (row-major or transposed, like q), grad_lse [B, N] or absent ->
-//     grad_q/k/v contiguous like q/k/v.
+//   out [B, N, Dv] contiguous, lse [B, N] (fp32; fp64 for fp64 inputs): log-sum-exp of each score row;
+//   with save_scores, scores [B, N, M] (lse's dtype) = scale · q kᵀ, else an empty [0].
+//   Backward: grad_out [B, N, Dv] (row-major or transposed, like q), grad_lse [B, N] or absent, scores
+//     as the forward returned them or absent -> grad_q/k/v contiguous like q/k/v.
 //
 // Work: the products of a query block with a key block are GEMMs: fp32 on the AVX-512 / AVX2 paths
 // through our register-blocked kernel (attention_cpu_gemm.h), otherwise through the BLAS that torch
 // loaded (MKL's sgemm_/dgemm_/gemm_bf16bf16f32_); the softmax update
 // between them a vectorised loop. Forward: tasks = (batch, query block), each keeps its running row
-// max m, row sum l and an fp32 output accumulator. Backward: the same tasks recompute P from lse,
-// dP = dO vᵀ, dS = P ∘ (dP - delta) with delta = rowsum(dO ∘ O) - grad_lse, and accumulate
-// dQ per task and dK, dV per thread range (summed afterwards in a fixed order: deterministic for a
-// given thread count).
+// max m, row sum l and an fp32 output accumulator. Backward: the same tasks recompute S (or read
+// the saved scores: one of the seven products fewer for B·N·M values of memory), P from lse,
+// dP = dO vᵀ, dS = P ∘ (dP - delta) with delta = rowsum(dO ∘ O) - grad_lse, and accumulate dQ per task
+// and dK, dV per thread range (summed afterwards in a fixed order: deterministic for a given thread count).
 // Where the time goes (AVX2 path, one thread, B=2 N=6272 M=1568 D=128): the seven tile products
 // 95 % (at ~95 % of the FMA peak measured alongside), the softmax row math 4 %, the rest ~1 %: the
 // whole op at ~91 % of the peak, SDPA (MKL's sgemm) at ~74 %. A key-block-outer backward would only
@@ -72,6 +73,23 @@ constexpr int64_t kScoreLd = kKeyBlock + 16;
 // Packed K/V operands are sliced per key block at whole column panels (32 columns at most).
 static_assert(kKeyBlock % 32 == 0);
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// A score tile's row into the saved scores, which the backward reads long after (B·N·M values, far
+// beyond the caches): fp32 by streaming stores, which skip reading the destination lines first (the
+// forward at B=2 N=6272 M=1568 measured 3 ms slower than without saving, 6 ms with plain stores).
+template <typename acc_t>
+void save_score_row(acc_t* dst, const acc_t* src, int64_t n) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    int64_t j = 0;
+    for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 15) != 0; ++j) dst[j] = src[j];
+    for (; j + 4 <= n; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(src + j));
+    for (; j < n; ++j) dst[j] = src[j];
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n * sizeof(acc_t));
+}
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;  // float for float/bf16, double for double
@@ -394,7 +412,7 @@ Sizes check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, con
 // ---------------------------------------------------------------------------------------- forward
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t, double scale_d,
-                    const Sizes& sz, at::Tensor& out_t, at::Tensor& lse_t) {
+                    const Sizes& sz, at::Tensor& out_t, at::Tensor& lse_t, at::Tensor* scores_t) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kLowPrecision = !std::is_same_v<scalar_t, acc_t>;
   const auto q = operand<scalar_t>(q_t);
@@ -403,6 +421,7 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
   const auto v_pv = tile_b(operand<scalar_t>(v_t), false, sz.B, sz.M, sz.Dv, v_store);  // V [M × Dv]
   scalar_t* out = out_t.data_ptr<scalar_t>();
   acc_t* lse = lse_t.data_ptr<acc_t>();
+  acc_t* saved_scores = scores_t ? scores_t->data_ptr<acc_t>() : nullptr;
   const acc_t scale = acc_t(scale_d);
   const int64_t query_blocks = (sz.N + kQueryBlock - 1) / kQueryBlock;
 
@@ -425,6 +444,9 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
         // S = scale · Q_i K_jᵀ
         gemm<scalar_t>(q.transposed, rows, cols, sz.D, scale, q.block(b, i0), q.ld, k_s, b, 0, j0, acc_t(0),
                        scores.data(), kScoreLd, gemm_tile_max);
+        if (saved_scores != nullptr)
+          for (int64_t r = 0; r < rows; ++r)
+            save_score_row(saved_scores + (b * sz.N + i0 + r) * sz.M + j0, scores.data() + r * kScoreLd, cols);
         if (gemm_tile_max == nullptr)
           for (int64_t r = 0; r < rows; ++r)
             tile_max[r] = FASTVID_ISA_CALL(attention, row_max(scores.data() + r * kScoreLd, cols));
@@ -445,6 +467,9 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
         lse[b * sz.N + i0 + r] = acc_t(double(row_max[r]) + std::log(double(row_sum[r])));
       }
     }
+#if defined(__x86_64__)
+    if (saved_scores != nullptr) _mm_sfence();  // the streamed scores visible before the kernel returns
+#endif
   });
 }
 
@@ -463,27 +488,32 @@ bool use_bf16_tiles() {
 
 bool upcast_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 && !use_bf16_tiles(); }
 
-std::tuple<at::Tensor, at::Tensor> nonlocal_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                          const at::Tensor& v_in, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                      const at::Tensor& v_in, double scale,
+                                                                      bool save_scores) {
   const Sizes sz = check_inputs("nonlocal_attention", q_in, k_in, v_in);
   if (upcast_bf16(q_in)) {
-    auto [out, lse] = nonlocal_attention_cpu(q_in.to(at::kFloat), k_in.to(at::kFloat), v_in.to(at::kFloat), scale);
-    return {out.to(at::kBFloat16), lse};
+    auto [out, lse, scores] = nonlocal_attention_cpu(q_in.to(at::kFloat), k_in.to(at::kFloat), v_in.to(at::kFloat),
+                                                     scale, save_scores);
+    return {out.to(at::kBFloat16), lse, scores};
   }
   const at::Tensor q = as_operand_layout(q_in), k = as_operand_layout(k_in), v = as_operand_layout(v_in);
+  const auto acc_options = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor out = cpu_block_cache::empty({sz.B, sz.N, sz.Dv}, q.options());
-  at::Tensor lse = at::empty({sz.B, sz.N}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "nonlocal_attention_cpu",
-                                 [&] { forward_kernel<scalar_t>(q, k, v, scale, sz, out, lse); });
-  return {out, lse};
+  at::Tensor lse = at::empty({sz.B, sz.N}, acc_options);
+  at::Tensor scores = save_scores ? cpu_block_cache::empty({sz.B, sz.N, sz.M}, acc_options) : at::empty({0}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "nonlocal_attention_cpu", [&] {
+    forward_kernel<scalar_t>(q, k, v, scale, sz, out, lse, save_scores ? &scores : nullptr);
+  });
+  return {out, lse, scores};
 }
 
 // ---------------------------------------------------------------------------------------- backward
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t, const at::Tensor& q_t,
                      const at::Tensor& k_t, const at::Tensor& v_t, const at::Tensor& out_t, const at::Tensor& lse_t,
-                     double scale_d, const Sizes& sz, at::Tensor& grad_q_t, at::Tensor& grad_k_t,
-                     at::Tensor& grad_v_t) {
+                     const at::Tensor* scores_t, double scale_d, const Sizes& sz, at::Tensor& grad_q_t,
+                     at::Tensor& grad_k_t, at::Tensor& grad_v_t) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kLowPrecision = !std::is_same_v<scalar_t, acc_t>;
   const auto q = operand<scalar_t>(q_t);
@@ -498,6 +528,7 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
   const auto grad_out = operand<scalar_t>(grad_out_t);
   const scalar_t* out = out_t.data_ptr<scalar_t>();
   const acc_t* lse = lse_t.data_ptr<acc_t>();
+  const acc_t* saved_scores = scores_t ? scores_t->data_ptr<acc_t>() : nullptr;
   const acc_t* grad_lse = grad_lse_t ? grad_lse_t->data_ptr<acc_t>() : nullptr;
   scalar_t* grad_q = grad_q_t.data_ptr<scalar_t>();
   const acc_t scale = acc_t(scale_d);
@@ -568,9 +599,15 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
         acc_t* gv_b = gv.data() + (b - b_first) * sz.M * sz.Dv;
         for (int64_t j0 = 0; j0 < sz.M; j0 += kKeyBlock) {
           const int64_t cols = std::min(kKeyBlock, sz.M - j0);
-          // S = scale · Q_i K_jᵀ ; dP = dO_i V_jᵀ
-          gemm<scalar_t>(q.transposed, rows, cols, sz.D, scale, q.block(b, i0), q.ld, k_s, b, 0, j0, acc_t(0),
-                         scores.data(), kScoreLd);
+          // S = scale · Q_i K_jᵀ (the forward's, where it saved them) ; dP = dO_i V_jᵀ
+          if (saved_scores != nullptr) {
+            for (int64_t r = 0; r < rows; ++r)
+              std::memcpy(scores.data() + r * kScoreLd, saved_scores + (b * sz.N + i0 + r) * sz.M + j0,
+                          cols * sizeof(acc_t));
+          } else {
+            gemm<scalar_t>(q.transposed, rows, cols, sz.D, scale, q.block(b, i0), q.ld, k_s, b, 0, j0, acc_t(0),
+                           scores.data(), kScoreLd);
+          }
           gemm<scalar_t>(false, rows, cols, sz.Dv, acc_t(1), dO, sz.Dv, v_dp, b, 0, j0, acc_t(0), dscores.data(),
                          kScoreLd);
           for (int64_t r = 0; r < rows; ++r)
@@ -615,20 +652,22 @@ void backward_kernel(const at::Tensor& grad_out_t, const at::Tensor* grad_lse_t,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_backward_cpu(
     const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_lse_in, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    double scale) {
+    double scale, const std::optional<at::Tensor>& scores_in) {
   const Sizes sz = check_inputs("nonlocal_attention_backward", q_in, k_in, v_in);
   if (upcast_bf16(q_in)) {
     auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
     auto [grad_q, grad_k, grad_v] = nonlocal_attention_backward_cpu(
-        f32(grad_out_in), grad_lse_in, f32(q_in), f32(k_in), f32(v_in), f32(out_in), lse_in, scale);
+        f32(grad_out_in), grad_lse_in, f32(q_in), f32(k_in), f32(v_in), f32(out_in), lse_in, scale, scores_in);
     return {grad_q.to(at::kBFloat16), grad_k.to(at::kBFloat16), grad_v.to(at::kBFloat16)};
   }
   const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const std::vector<int64_t> out_shape{sz.B, sz.N, sz.Dv}, row_shape{sz.B, sz.N};
+  const std::vector<int64_t> out_shape{sz.B, sz.N, sz.Dv}, row_shape{sz.B, sz.N}, scores_shape{sz.B, sz.N, sz.M};
+  const bool has_scores = scores_in.has_value() && scores_in->defined();
   // Device and dtype of the saved tensors and gradients, before any of them is read.
   const std::pair<const char*, const at::Tensor*> others[] = {
       {"grad_out", &grad_out_in}, {"out", &out_in}, {"lse", &lse_in},
-      {"grad_lse", grad_lse_in.has_value() && grad_lse_in->defined() ? &*grad_lse_in : nullptr}};
+      {"grad_lse", grad_lse_in.has_value() && grad_lse_in->defined() ? &*grad_lse_in : nullptr},
+      {"scores", has_scores ? &*scores_in : nullptr}};
   for (const auto& [name, t] : others) {
     if (t == nullptr) continue;
     TORCH_CHECK(t->device().is_cpu(), "fastvid.nonlocal_attention_backward: ", name,
@@ -644,8 +683,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_backward_cpu(
   TORCH_CHECK(lse_in.sizes() == row_shape && lse_in.scalar_type() == acc_dtype,
               "fastvid.nonlocal_attention_backward: lse must be ", c10::IntArrayRef(row_shape), " ", acc_dtype,
               ", got ", lse_in.sizes(), " ", lse_in.scalar_type());
+  if (has_scores)
+    TORCH_CHECK(scores_in->sizes() == scores_shape && scores_in->scalar_type() == acc_dtype,
+                "fastvid.nonlocal_attention_backward: scores must be ", c10::IntArrayRef(scores_shape), " ", acc_dtype,
+                " (as nonlocal_attention returned them with save_scores), got ", scores_in->sizes(), " ",
+                scores_in->scalar_type());
   const at::Tensor q = as_operand_layout(q_in), k = as_operand_layout(k_in), v = as_operand_layout(v_in);
   const at::Tensor grad_out = as_operand_layout(grad_out_in.to(q.scalar_type()));
+  const at::Tensor scores = has_scores ? scores_in->contiguous() : at::Tensor();
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor grad_lse;
   if (grad_lse_in.has_value() && grad_lse_in->defined()) {
@@ -657,7 +702,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_backward_cpu(
   at::Tensor grad_k = cpu_block_cache::empty({sz.B, sz.M, sz.D}, q.options());
   at::Tensor grad_v = cpu_block_cache::empty({sz.B, sz.M, sz.Dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "nonlocal_attention_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_out, grad_lse.defined() ? &grad_lse : nullptr, q, k, v, out, lse, scale, sz,
+    backward_kernel<scalar_t>(grad_out, grad_lse.defined() ? &grad_lse : nullptr, q, k, v, out, lse,
+                              has_scores ? &scores : nullptr, scale, sz,
                               grad_q, grad_k, grad_v);
   });
   return {grad_q, grad_k, grad_v};
