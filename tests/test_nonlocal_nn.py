@@ -81,7 +81,11 @@ def test_fresh_block_is_identity(mode, dims):
 def test_matches_paper_equations(mode, dims, sub_sample, pool_before):
     block = randomize(NonLocalBlock(6, 4, mode=mode, dims=dims, sub_sample=sub_sample, scale=0.6,
                                     pool_before_projection=pool_before).double()).eval()
-    x = torch.randn(2, 6, *SIZES[dims], dtype=torch.float64, requires_grad=True)
+    assert_matches_paper(block, torch.randn(2, 6, *SIZES[dims], dtype=torch.float64, requires_grad=True))
+
+
+def assert_matches_paper(block, x):
+    """Output and the gradients of x and every parameter against explicit_block (fp64)."""
     out = block(x)
     expected = explicit_block(block, x)
     torch.testing.assert_close(out, expected)
@@ -612,12 +616,43 @@ def test_training_on_one_value_per_channel_raises_as_nn_batchnorm():
     (dict(pool_size=0), "pool_size must be one int or 3 ints, each >= 1, got 0"),
     (dict(pool_size=()), "pool_size must be one int or 3 ints"),
     (dict(pool_size=(2, 2)), "pool_size must be one int or 3 ints"),
+    (dict(mode="dot_product", save_scores=True), "save_scores applies to the softmax modes"),
+    (dict(mode="concatenation", save_scores=True), "save_scores applies to the softmax modes"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     """inter_channels = 0 and a pool_size of the wrong length failed at the first call inside the pooling;
     pool_size = 0 or () silently meant the default window."""
     with pytest.raises(ValueError, match=re.escape(match) if "(" in match else match):
         NonLocalBlock(8, **kwargs)
+
+
+
+def test_save_scores_must_be_a_bool():
+    with pytest.raises(TypeError, match="save_scores must be a bool, got str"):
+        NonLocalBlock(8, save_scores="yes")
+
+
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "gaussian"])
+def test_save_scores_trains_as_the_paper_block(mode):
+    """save_scores=True: output and every gradient against the paper's equations (fp64), and in training
+    mode the block with save_scores=False gives the same bits in fp32."""
+    block = randomize(NonLocalBlock(6, 4, mode=mode, scale=0.6, save_scores=True).double()).eval()
+    x = torch.randn(2, 6, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+    assert_matches_paper(block, x)
+    assert "save_scores=True" in repr(block)
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+
+    runs = []
+    for save in (True, False):
+        fp32 = randomize(NonLocalBlock(6, 4, mode=mode, scale=0.6, save_scores=save)).train()
+        y = x.detach().float().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out = fp32(y)
+        assert ((2, 3 * 6 * 8, 3 * 3 * 4) in saved) == save  # the scores [B, N, M] (φ pooled (1, 2, 2))
+        runs.append([out, *torch.autograd.grad(out, [y, *fp32.parameters()], grad_out.float())])
+    for saved, recomputed in zip(*runs):
+        assert torch.equal(saved, recomputed)
 
 
 def test_eval_outputs_do_not_depend_on_the_other_samples():

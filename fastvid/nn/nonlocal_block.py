@@ -259,14 +259,25 @@ class NonLocalBlock(nn.Module):
             pytorchvideo's blocks use ``inter_channels ** -0.5``).
         pool_before_projection: pool x once before the φ and g convs (pytorchvideo's order) instead
             of pooling their outputs (Wang et al.'s and the standalone ports' order).
+        save_scores: the two softmax modes on the CPU keep the N×M scores for the backward instead of
+            recomputing them (``ops.nonlocal_attention``'s ``save_scores``: faster training, memory
+            quadratic in the positions; the same results).
     """
+
+    save_scores = False  # (the default of blocks pickled before the argument existed)
 
     def __init__(self, in_channels: int, inter_channels: Optional[int] = None, mode: str = "embedded_gaussian",
                  sub_sample: bool = True, norm: bool = True, dims: int = 3, scale: Optional[float] = None,
-                 pool_size: Optional[Union[int, Sequence[int]]] = None, pool_before_projection: bool = False):
+                 pool_size: Optional[Union[int, Sequence[int]]] = None, pool_before_projection: bool = False,
+                 save_scores: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"NonLocalBlock: mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(save_scores, bool):
+            raise TypeError(f"NonLocalBlock: save_scores must be a bool, got {type(save_scores).__name__}")
+        if save_scores and mode not in ("embedded_gaussian", "gaussian"):
+            raise ValueError(f"NonLocalBlock: save_scores applies to the softmax modes (embedded_gaussian, gaussian); "
+                             f"mode {mode!r} has no scores to save")
         if dims not in _CONV:
             raise ValueError(f"NonLocalBlock: dims must be 1, 2 or 3, got {dims}")
         if in_channels <= 0:
@@ -282,6 +293,7 @@ class NonLocalBlock(nn.Module):
         self.in_channels, self.inter_channels, self.mode, self.dims = in_channels, inter, mode, dims
         self.scale = 1.0 if scale is None else float(scale)
         self.pool_before_projection = pool_before_projection
+        self.save_scores = save_scores
         embedded = mode != "gaussian"
         self.theta = conv(in_channels, inter, 1) if embedded else None
         self.phi = conv(in_channels, inter, 1) if embedded else None
@@ -346,7 +358,7 @@ class NonLocalBlock(nn.Module):
         # Under autocast g is in the autocast dtype, the gaussian mode's θ and φ are x itself.
         q, k = q.to(v.dtype), k.to(v.dtype)
         if self.mode in ("embedded_gaussian", "gaussian"):
-            return ops.nonlocal_attention(q, k, v, scale=self.scale)
+            return ops.nonlocal_attention(q, k, v, scale=self.scale, save_scores=self.save_scores)
         if self.mode == "dot_product":
             return ops.dot_product_attention(q, k, v)
         w = self.concat_project.weight.reshape(2, inter).to(q.dtype)
@@ -440,7 +452,8 @@ class NonLocalBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, inter_channels={self.inter_channels}, mode={self.mode!r}, dims={self.dims}, "
-                f"scale={self.scale}, pool_before_projection={self.pool_before_projection}")
+                f"scale={self.scale}, pool_before_projection={self.pool_before_projection}"
+                + (", save_scores=True" if self.save_scores else ""))
 
 
 # ------------------------------------------------------------------------------ drop-in conversion
