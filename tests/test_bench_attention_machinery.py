@@ -50,3 +50,29 @@ def test_report_pairs_sdpa_and_applies_targets():
     by_op = {c.op: c for c in report.compare(rows)}
     assert by_op["NonlocalAttention"].status.startswith("MISS")
     assert by_op["NonlocalAttention vs SDPA"].status.startswith("MISS")  # 1.04x: parity is not the margin
+
+
+def test_report_pairs_the_saved_scores_variant_with_sdpa():
+    """The fastvid_saved rows (save_scores=True) form their own comparison against the SDPA rows of the same
+    case, time and memory, with the SDPA targets; the default fastvid rows keep theirs."""
+    shape = dataclasses.asdict(attention.AttnShape(2, 6272, 1568))
+    base = dict(op="NonlocalAttention", shape="s", dtype="fp32", mode="fwd_bwd", shape_dims=shape)
+    rows = [dict(base, provider=p, metric=m, median=v, p20=v, p80=v)
+            for p, m, v in (("native", "time", 300.0), ("sdpa", "time", 260.0), ("fastvid", "time", 220.0),
+                            ("fastvid_saved", "time", 200.0), ("sdpa", "peak_memory", 20.0),
+                            ("fastvid", "peak_memory", 15.0), ("fastvid_saved", "peak_memory", 95.0))]
+    by_key = {(c.op, c.metric): c for c in report.compare(rows)}
+    saved = by_key[("NonlocalAttention save_scores vs SDPA", "time")]
+    assert (saved.native["provider"], saved.fastvid["provider"]) == ("sdpa", "fastvid_saved")
+    assert saved.ratio == pytest.approx(1.3) and saved.status == "PASS"
+    assert by_key[("NonlocalAttention vs SDPA", "time")].status.startswith("MISS")  # 260 / 220 = 1.18x
+    assert by_key[("NonlocalAttention vs SDPA", "time")].fastvid["provider"] == "fastvid"
+    memory = by_key[("NonlocalAttention save_scores vs SDPA", "peak_memory")]
+    assert memory.native["median"] == 20.0 and memory.fastvid["median"] == 95.0
+    assert "save_scores vs SDPA" in report.format_table(rows)
+
+
+def test_saved_scores_provider_only_where_a_backward_runs():
+    for mode, expected in (("fwd_bwd", True), ("no_grad", False)):
+        case = attention.AttnCase("NonlocalAttention", TINY_OP, mode)
+        assert ("fastvid_saved" in case.providers) == expected

@@ -3,6 +3,8 @@
 * op level (``NonlocalAttention``): ``fastvid.ops.nonlocal_attention`` vs the naive
   ``softmax(q kᵀ · scale) v`` (provider ``native``) and vs ``F.scaled_dot_product_attention``
   (provider ``sdpa``; the report shows it as a second comparison, "NonlocalAttention vs SDPA");
+  forward+backward also with ``save_scores=True`` (provider ``fastvid_saved``: the scores kept for
+  the backward; the report's "NonlocalAttention save_scores vs SDPA");
   B = 2, D = Dv = 128, (N, M) from the issue.
 * block level (``NonLocalBlock``): the naive nonlocal block a user writes (:class:`NaiveNonLocal3d`:
   1×1×1 convs, max-pool (1,2,2) on φ and g, explicit ``softmax(θᵀφ) g``, output conv + BN) vs the same
@@ -94,7 +96,10 @@ class AttnCase:
 
     @property
     def providers(self):
-        return ("native", "sdpa", "fastvid") if self.op == "NonlocalAttention" else ("native", "fastvid")
+        if self.op != "NonlocalAttention":
+            return ("native", "fastvid")
+        # save_scores changes nothing without a backward
+        return ("native", "sdpa", "fastvid") + (("fastvid_saved",) if self.mode == "fwd_bwd" else ())
 
 
 def iter_cases(quick: bool = False) -> Iterator[AttnCase]:
@@ -187,7 +192,8 @@ def build(case: AttnCase, device="cpu", seed: int = 0, scale_down: int = 1) -> D
         base = [torch.randn(s.B, rows, s.D, generator=generator) for rows in (N, M, M)]
         scale = 1.0 / math.sqrt(s.D)
         fns = {"native": naive_attention, "sdpa": lambda q, k, v, sc: F.scaled_dot_product_attention(q, k, v, scale=sc),
-               "fastvid": fastvid.ops.nonlocal_attention}
+               "fastvid": fastvid.ops.nonlocal_attention,
+               "fastvid_saved": lambda q, k, v, sc: fastvid.ops.nonlocal_attention(q, k, v, sc, save_scores=True)}
         for provider in case.providers:
             inputs = [t.to(device).requires_grad_(needs_grad) for t in base]
             fn = fns[provider]
@@ -237,7 +243,8 @@ def check_parity(workloads: Dict[str, Workload]) -> Dict[str, float]:
 def attention_flops(shape: AttnShape, mode: str, recompute: bool = True) -> int:
     """GEMM FLOPs of one step: forward S = q kᵀ and O = P v (2·N·M·D each per batch, D = Dv);
     backward dP = dO vᵀ, dV = Pᵀ dO, dK = dSᵀ q, dQ = dS k, plus S again where the backward
-    recomputes it (flash style: fastvid, SDPA; not the naive autograd graph, which stores P). The
+    recomputes it (flash style: fastvid, SDPA; not the naive autograd graph, which stores P, nor
+    fastvid with save_scores, which stores S). The
     softmax's exp and row sums are O(N·M), not counted."""
     per_product = 2 * shape.B * shape.N * shape.M * shape.D
     return per_product * (2 if mode == "no_grad" else 6 + int(recompute))
@@ -320,7 +327,7 @@ def run_case(case: AttnCase, rounds: int, warmup: int, device="cpu", memory: boo
     if case.op == "NonlocalAttention" and torch.device(device).type == "cpu":
         sgemm = sgemm_rate(case.shape.D)["best"]
         for provider in case.providers:
-            flops = attention_flops(case.shape, case.mode, recompute=provider != "native")
+            flops = attention_flops(case.shape, case.mode, recompute=provider not in ("native", "fastvid_saved"))
             rate = flops / measure.summarize(times[provider].wall)["median"]
             flop_rate[provider] = dict(gflop_per_s=rate / 1e9, sgemm_gflop_per_s=sgemm / 1e9,
                                        fraction_of_sgemm=rate / sgemm)

@@ -29,7 +29,8 @@ Nonlocal attention targets (issue 4; native = the naive ``softmax(q kᵀ) v`` / 
 
 * NonlocalAttention at N >= 6272: forward >= 2x naive, forward+backward >= 1.5x naive; and
   ``NonlocalAttention vs SDPA`` (provider ``sdpa`` in the native column): >= 1.0x, and (issue 11)
-  forward+backward >= 1.25x at N >= 6272
+  forward+backward >= 1.25x at N >= 6272; the same targets for ``NonlocalAttention save_scores vs
+  SDPA`` (provider ``fastvid_saved`` in the fastvid column: the op with ``save_scores=True``)
 * NonLocalBlock at (8,28,28): forward+backward >= 1.3x; peak memory <= 1/2 of naive there and
   <= 1/4 at (16,28,28)
 """
@@ -84,14 +85,17 @@ def _bandwidth_fraction(fraction: float) -> Target:
     return Target(f">= {fraction:.0%} copy", lambda n, f: f >= fraction * n, lambda n, f: max(1.0, fraction * n / f))
 
 
-ATTENTION_OPS = ("NonlocalAttention", "NonlocalAttention vs SDPA", "NonLocalBlock")
 SDPA_SUFFIX = " vs SDPA"
+SAVED_SCORES_SUFFIX = " save_scores vs SDPA"
+ATTENTION_OPS = ("NonlocalAttention", "NonlocalAttention" + SDPA_SUFFIX, "NonlocalAttention" + SAVED_SCORES_SUFFIX,
+                 "NonLocalBlock")
 
 
 def _attention_target(metric: str, mode: str, op: str, dims: dict) -> Optional[Target]:
     if op == "NonlocalAttention" and metric == "time" and dims.get("N", 0) >= 6272:
         return _speedup(2.0 if mode == "no_grad" else 1.5)
-    if op == "NonlocalAttention" + SDPA_SUFFIX and metric == "time":  # issue 11: a margin at N >= 6272
+    if op in ("NonlocalAttention" + SDPA_SUFFIX, "NonlocalAttention" + SAVED_SCORES_SUFFIX) and metric == "time":
+        # issue 11: a margin at N >= 6272
         return _speedup(1.25 if mode == "fwd_bwd" and dims.get("N", 0) >= 6272 else 1.0)
     if op == "NonLocalBlock":
         thw = (dims.get("T"), dims.get("H"), dims.get("W"))
@@ -219,8 +223,14 @@ def compare(rows: List[dict]) -> List[Comparison]:
         elif row["provider"] == "sdpa":  # a second baseline: its own comparison, SDPA in the native column
             comparison = table.setdefault((row["op"] + SDPA_SUFFIX, *key[1:]), Comparison(row["op"] + SDPA_SUFFIX, *key[1:]))
             comparison.native = row
-    for key, comparison in table.items():
-        if key[0].endswith(SDPA_SUFFIX) and (key[0][:-len(SDPA_SUFFIX)], *key[1:]) in table:
+        elif row["provider"] == "fastvid_saved":  # the op with save_scores: its own comparison against SDPA
+            saved_key = (row["op"] + SAVED_SCORES_SUFFIX, *key[1:])
+            table.setdefault(saved_key, Comparison(*saved_key)).fastvid = row
+    for key, comparison in list(table.items()):
+        if key[0].endswith(SAVED_SCORES_SUFFIX):
+            sdpa = table.get((key[0][:-len(SAVED_SCORES_SUFFIX)] + SDPA_SUFFIX, *key[1:]))
+            comparison.native = sdpa.native if sdpa else None
+        elif key[0].endswith(SDPA_SUFFIX) and (key[0][:-len(SDPA_SUFFIX)], *key[1:]) in table:
             comparison.fastvid = table[(key[0][:-len(SDPA_SUFFIX)], *key[1:])].fastvid
     for key, comparison in table.items():
         if key[4] == "time" and (*key[:4], "ceiling", key[5]) in table:
