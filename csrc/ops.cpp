@@ -100,7 +100,8 @@ TORCH_LIBRARY(fastvid, m) {
   // ---- attention (csrc/attention/): softmax(scale · q kᵀ) v over [B, rows, dim] operands, see
   // fastvid/reference/attention.py. lse = per-row log-sum-exp (fp32, fp64 for fp64 inputs), saved for
   // backward; grad_lse may be absent. save_scores: scores = scale · q kᵀ [B, N, M] in lse's dtype, which
-  // the backward then reads instead of recomputing them (else scores is empty, [0]).
+  // the backward then reads instead of recomputing them (else scores is empty, [0], which the backward
+  // takes as absent).
   m.def("nonlocal_attention(Tensor q, Tensor k, Tensor v, float scale, bool save_scores=False) -> "
         "(Tensor out, Tensor lse, Tensor scores)");
   m.def("nonlocal_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "

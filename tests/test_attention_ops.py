@@ -405,10 +405,34 @@ def test_save_scores_bad_input():
     for wrong in (scores[:, :, :-1], scores.double(), scores[:1]):
         with pytest.raises(RuntimeError, match=r"scores must be \[2, 40, 30\] Float"):
             OPS.nonlocal_attention_backward(*args, wrong)
+    # The forward's empty scores (save_scores off) are the same as none.
+    empty = OPS.nonlocal_attention(q.detach(), k.detach(), v.detach(), 0.5)[2]
+    for a, b in zip(OPS.nonlocal_attention_backward(*args, empty), OPS.nonlocal_attention_backward(*args)):
+        assert torch.equal(a, b)
+    # Saved tensors on another device (meta) are refused, not read as garbage by the fake kernel.
+    for index, name in ((5, "out"), (6, "lse"), (8, "scores")):
+        bad = list(args) + [scores]
+        bad[index] = torch.empty(bad[index].shape, device="meta")
+        with pytest.raises(RuntimeError, match=f"one device.*{name} on meta"):
+            OPS.nonlocal_attention_backward(*bad)
     # A transposed copy of the right values is read in its own layout (made contiguous).
     strided = scores.transpose(1, 2).contiguous().transpose(1, 2)
     for a, b in zip(OPS.nonlocal_attention_backward(*args, strided), OPS.nonlocal_attention_backward(*args, scores)):
         assert torch.equal(a, b)
+
+
+def test_save_scores_not_frozen_into_an_exported_program():
+    """torch.export traces with gradients on; an exported program mostly runs without autograd, so the trace
+    must not record the scores (they would be computed and stored on every call)."""
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return nonlocal_attention(q, k, v, save_scores=True)
+
+    q, k, v = make((2, 20, 11, 6, 5), torch.float32, "contiguous")
+    program = torch.export.export(Attend(), (q, k, v))
+    calls = [n for n in program.graph.nodes if n.target is OPS.nonlocal_attention.default]
+    assert len(calls) == 1 and calls[0].args[4:] in ((), (False,))
+    torch.testing.assert_close(program.module()(q, k, v), nonlocal_attention(q, k, v))
 
 
 def test_save_scores_opcheck():

@@ -632,6 +632,13 @@ def test_save_scores_must_be_a_bool():
         NonLocalBlock(8, save_scores="yes")
 
 
+def test_save_scores_set_later_on_a_mode_without_scores_raises():
+    block = NonLocalBlock(8, mode="dot_product")
+    block.save_scores = True  # (was silently ignored)
+    with pytest.raises(ValueError, match="save_scores applies to the softmax modes"):
+        block(torch.randn(1, 8, 2, 4, 4))
+
+
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "gaussian"])
 def test_save_scores_trains_as_the_paper_block(mode):
     """save_scores=True: output and every gradient against the paper's equations (fp64), and in training

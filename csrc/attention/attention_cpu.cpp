@@ -662,7 +662,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_backward_cpu(
   }
   const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const std::vector<int64_t> out_shape{sz.B, sz.N, sz.Dv}, row_shape{sz.B, sz.N}, scores_shape{sz.B, sz.N, sz.M};
-  const bool has_scores = scores_in.has_value() && scores_in->defined();
+  // The forward's empty [0] scores (save_scores off) mean none, as an absent argument does.
+  const bool has_scores = scores_in.has_value() && scores_in->defined() &&
+                          !(scores_in->dim() == 1 && scores_in->size(0) == 0);
   // Device and dtype of the saved tensors and gradients, before any of them is read.
   const std::pair<const char*, const at::Tensor*> others[] = {
       {"grad_out", &grad_out_in}, {"out", &out_in}, {"lse", &lse_in},

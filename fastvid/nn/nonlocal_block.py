@@ -244,6 +244,12 @@ _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _DEFAULT_POOL = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
 
 
+def _check_save_scores(mode: str, save_scores: bool) -> None:
+    if save_scores and mode not in ("embedded_gaussian", "gaussian"):
+        raise ValueError(f"NonLocalBlock: save_scores applies to the softmax modes (embedded_gaussian, gaussian); "
+                         f"mode {mode!r} has no scores to save")
+
+
 class NonLocalBlock(nn.Module):
     """Nonlocal block for ``[B, C, L]`` (dims=1), ``[B, C, H, W]`` (dims=2) or ``[B, C, T, H, W]``
     (dims=3) inputs.
@@ -275,9 +281,7 @@ class NonLocalBlock(nn.Module):
             raise ValueError(f"NonLocalBlock: mode must be one of {MODES}, got {mode!r}")
         if not isinstance(save_scores, bool):
             raise TypeError(f"NonLocalBlock: save_scores must be a bool, got {type(save_scores).__name__}")
-        if save_scores and mode not in ("embedded_gaussian", "gaussian"):
-            raise ValueError(f"NonLocalBlock: save_scores applies to the softmax modes (embedded_gaussian, gaussian); "
-                             f"mode {mode!r} has no scores to save")
+        _check_save_scores(mode, save_scores)
         if dims not in _CONV:
             raise ValueError(f"NonLocalBlock: dims must be 1, 2 or 3, got {dims}")
         if in_channels <= 0:
@@ -359,6 +363,7 @@ class NonLocalBlock(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)
         if self.mode in ("embedded_gaussian", "gaussian"):
             return ops.nonlocal_attention(q, k, v, scale=self.scale, save_scores=self.save_scores)
+        _check_save_scores(self.mode, self.save_scores)  # (set after construction)
         if self.mode == "dot_product":
             return ops.dot_product_attention(q, k, v)
         w = self.concat_project.weight.reshape(2, inter).to(q.dtype)

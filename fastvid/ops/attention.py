@@ -100,7 +100,8 @@ if _has_cpu_op():
 
     @torch.library.register_fake("fastvid::nonlocal_attention_backward")
     def _(grad_out, grad_lse, q, k, v, out, lse, scale, scores=None):
-        check_one_device("nonlocal_attention_backward", grad_out=grad_out, q=q, k=k, v=v)
+        check_one_device("nonlocal_attention_backward", grad_out=grad_out, grad_lse=grad_lse, q=q, k=k, v=v,
+                         out=out, lse=lse, scores=scores)
         _check_attention_args("nonlocal_attention_backward", q, k, v)
         return torch.empty_like(q, memory_format=torch.contiguous_format), \
             torch.empty_like(k, memory_format=torch.contiguous_format), \
@@ -195,8 +196,10 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     if q.shape[1] == 0:  # no queries: the empty result (k and v get zero gradients); no kernel launch
         out = ref.nonlocal_attention(q, k, v, scale)[0]
     elif which == "cpu" and _has_cpu_op():
-        # Scores only where a backward will read them (not under no_grad or for inputs without gradients).
-        keep = save_scores and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        # Scores only where a backward will read them: not under no_grad, for inputs without gradients, or
+        # in a torch.export trace (the choice would be frozen into a program mostly run without autograd).
+        keep = (save_scores and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+                and not torch.compiler.is_exporting())
         if q.dtype == torch.float16:  # the CPU kernel has no fp16 GEMM: compute in fp32, return fp16
             out = torch.ops.fastvid.nonlocal_attention(q.float(), k.float(), v.float(), scale, keep)[0].half()
         else:
