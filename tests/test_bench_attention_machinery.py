@@ -36,6 +36,23 @@ def test_parity_check_catches_a_wrong_provider():
         attention.check_parity(workloads)
 
 
+@pytest.mark.parametrize("provider", ["fastvid", "fastvid_saved"])
+def test_parity_check_catches_a_wrong_gradient(provider):
+    """Each provider has its own inputs: a provider whose input gradients are 10x off fails the check (with
+    shared leaves every provider's gradients were the same tensors, and any error passed)."""
+    case = attention.AttnCase("NonlocalAttention", TINY_OP, "fwd_bwd")
+    workloads = attention.build(case)
+    right = workloads[provider].fn
+
+    def wrong(q, k, v):
+        out = right(q, k, v)
+        out.register_hook(lambda g: g * 10)
+        return out
+    workloads[provider].fn = wrong
+    with pytest.raises(AssertionError, match="differs from native"):
+        attention.check_parity(workloads)
+
+
 def test_report_pairs_sdpa_and_applies_targets():
     shape = dataclasses.asdict(attention.AttnShape(2, 6272, 1568))
     base = dict(op="NonlocalAttention", shape="s", dtype="fp32", mode="fwd_bwd", metric="time", shape_dims=shape)

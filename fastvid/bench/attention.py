@@ -195,7 +195,9 @@ def build(case: AttnCase, device="cpu", seed: int = 0, scale_down: int = 1) -> D
                "fastvid": fastvid.ops.nonlocal_attention,
                "fastvid_saved": lambda q, k, v, sc: fastvid.ops.nonlocal_attention(q, k, v, sc, save_scores=True)}
         for provider in case.providers:
-            inputs = [t.to(device).requires_grad_(needs_grad) for t in base]
+            # each provider its own leaves (.to of a CPU tensor to the CPU is the tensor itself: shared
+            # leaves held one set of gradients, so the parity check compared a provider's with itself)
+            inputs = [t.to(device).clone().requires_grad_(needs_grad) for t in base]
             fn = fns[provider]
             workloads[provider] = Workload(case, provider, lambda q, k, v, fn=fn: fn(q, k, v, scale), inputs)
         return workloads
