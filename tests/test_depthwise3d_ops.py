@@ -95,6 +95,11 @@ CONFIGS = [
     Config(33, 1, (3, 3, 3), (1, 1, 1), (1, 1, 0), (1, 2, 1), (1, 4, 7, 9)),
     Config(17, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 2, 3, 1)),
     Config(16, 1, (5, 3, 3), (2, 2, 1), (2, 1, 1), (1, 2, 1), (1, 7, 9, 16)),
+    # H padding beyond the kernel's reach: output rows with no H tap in range add to the bias gradient only
+    # (the kH = kW = 3 sweep dropped them); with H dilation 2; a W below 8 (NCDHW inputs reach the same
+    # kernel through a layout copy there)
+    Config(17, 1, (3, 3, 3), (1, 1, 1), (1, 3, 1), (1, 1, 1), (2, 3, 4, 9)),
+    Config(16, 1, (3, 3, 3), (1, 1, 1), (1, 5, 1), (1, 2, 1), (1, 2, 4, 7)),
     # NCDHW scratch-plane forward, row edges at 16 lanes: no padding at all with kW = 1 and W one vector;
     # H padding 2 (an output row reading one input row) with kW = 5, W padding 3 and W of two vectors;
     # T stride and W dilation 3 with a W one past a vector
@@ -627,3 +632,25 @@ def test_no_out_of_bounds_reads(config, layout, cpu_isa):
     grads = OPS.depthwise_conv3d_backward(go, x, w, *args, [True, True, True])
     for name, value in zip(["output", "grad_input", "grad_weight", "grad_bias"], [out, *grads]):
         assert not value.isnan().any(), f"{name} read memory outside its tensors"
+
+
+@pytest.mark.parametrize("input_shape,kernel,stride,padding,dilation,match", [
+    ((1, 4, 3, 6, 7), (3, 3, 3), [0, 1, 1], [1, 1, 1], [1, 1, 1], "stride must"),
+    ((1, 4, 3, 6, 7), (3, 3, 3), [1, 1], [1, 1, 1], [1, 1, 1], "stride must"),
+    ((1, 4, 3, 6, 7), (3, 3, 3), [1, 1, 1], [-1, 1, 1], [1, 1, 1], "padding must"),
+    ((1, 4, 3, 6, 7), (3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 0, 1], "dilation must"),
+    ((1, 4, 9, 9, 9), (8, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], "kernel size along T must be 1..7"),
+    ((1, 4, 1, 6, 7), (3, 3, 3), [1, 1, 1], [0, 1, 1], [1, 1, 1], "larger than the padded input"),
+])
+def test_fake_kernel_refuses_what_the_cpu_kernel_refuses(input_shape, kernel, stride, padding, dilation, match):
+    """On meta tensors (and so under torch.compile) the same refusals as the CPU kernel's, instead of a
+    negative output size or an index error."""
+    for device in ("cpu", "meta"):
+        x = torch.zeros(input_shape, device=device)
+        w = torch.zeros(input_shape[1], 1, *kernel, device=device)
+        with pytest.raises(ValueError, match=match):
+            torch.ops.fastvid.depthwise_conv3d(x, w, None, stride, padding, dilation)
+    compiled = torch.compile(lambda x, w: torch.ops.fastvid.depthwise_conv3d(x, w, None, stride, padding, dilation),
+                             fullgraph=True)
+    with pytest.raises(Exception, match=match):
+        compiled(torch.zeros(input_shape), torch.zeros(input_shape[1], 1, *kernel))

@@ -1284,11 +1284,13 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
   constexpr int L = Vec<acc_t>::lanes;
   const int64_t C = g.channels, T = g.in[0], H = g.in[1], W = g.in[2], OT = g.out[0], OH = g.out[1];
   const int64_t c_begin = v_begin * L, c_end = std::min(v_end * L, C);
-  // Rows none of whose T taps is in range add only to the bias.
+  // Rows none of whose T taps or none of whose H taps is in range (padding beyond the kernel's reach)
+  // add only to the bias; the sweep below skips them.
   if (pb != nullptr)
     for (int64_t row = row_begin; row < row_end; ++row) {
       const TapRange rt = valid_taps((row / OH) % OT, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
-      if (rt.end > rt.begin && pw != nullptr) continue;
+      const TapRange rh = valid_taps(row % OH, 3, g.stride[1], g.padding[1], g.dilation[1], H);
+      if (rt.end > rt.begin && rh.end > rh.begin && pw != nullptr) continue;
       const scalar_t* go = grad_output + row * W * C;
       for (int64_t ow = 0; ow < W; ++ow)
         for (int64_t c = c_begin; c < c_end; ++c) pb[c] += static_cast<acc_t>(go[ow * C + c]);

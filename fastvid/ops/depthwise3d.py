@@ -73,12 +73,29 @@ def _output_size(n, k, s, p, d):
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _check_shapes(op, input, weight):
+_MAX_KERNEL = 7  # kMaxKernel in csrc/depthwise3d/depthwise3d_ops.cpp
+
+
+def _check_shapes(op, input, weight, stride, padding, dilation):
+    """The fake kernels' share of the C++ kernels' check_geometry (depthwise3d_ops.cpp): under torch.compile
+    and on meta tensors the same refusals, instead of a negative output size or an index error later."""
     if input.dim() != 5:
         raise ValueError(f"fastvid.{op}: input must be [B, C, T, H, W], got shape {tuple(input.shape)}")
-    if weight.dim() != 5 or weight.shape[1] != 1 or weight.shape[0] % input.shape[1] != 0:
+    if input.shape[1] == 0 or weight.dim() != 5 or weight.shape[1] != 1 or weight.shape[0] == 0 \
+            or weight.shape[0] % input.shape[1] != 0:
         raise ValueError(f"fastvid.{op}: weight must be [m*C, 1, kT, kH, kW] with C = {input.shape[1]}, "
                          f"got shape {tuple(weight.shape)}")
+    for name, values, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(values) != 3 or any(v < low for v in values):
+            raise ValueError(f"fastvid.{op}: {name} must have 3 values (T, H, W), each >= {low}, got {list(values)}")
+    for d, dim in enumerate("THW"):
+        k, n = weight.shape[2 + d], input.shape[2 + d]
+        if not 1 <= k <= _MAX_KERNEL:
+            raise ValueError(f"fastvid.{op}: weight's kernel size along {dim} must be 1..{_MAX_KERNEL}, got {k}")
+        extent = dilation[d] * (k - 1) + 1
+        if n == 0 or extent > n + 2 * padding[d]:
+            raise ValueError(f"fastvid.{op}: kernel size along {dim} ({k}, dilated to {extent}) is larger than the "
+                             f"padded input ({n} + 2*{padding[d]} = {n + 2 * padding[d]})")
 
 
 # ------------------------------------------------------------- fake kernels (the autograd kernels: csrc/autograd.cpp)
@@ -88,7 +105,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     @torch.library.register_fake("fastvid::depthwise_conv3d")
     def _(input, weight, bias, stride, padding, dilation):
         check_one_device("depthwise_conv3d", input=input, weight=weight, bias=bias)
-        _check_shapes("depthwise_conv3d", input, weight)
+        _check_shapes("depthwise_conv3d", input, weight, stride, padding, dilation)
         B = input.shape[0]
         out = [_output_size(input.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d])
                for d in range(3)]
@@ -98,7 +115,7 @@ if _backend.cpu_kernels():  # the C++ ops exist only when fastvid._C loaded
     @torch.library.register_fake("fastvid::depthwise_conv3d_backward")
     def _(grad_output, input, weight, stride, padding, dilation, output_mask):
         check_one_device("depthwise_conv3d_backward", grad_output=grad_output, input=input, weight=weight)
-        _check_shapes("depthwise_conv3d_backward", input, weight)
+        _check_shapes("depthwise_conv3d_backward", input, weight, stride, padding, dilation)
         empty = input.new_empty(0)
         grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device,
                                  memory_format=_format(input)) if output_mask[0] else empty
