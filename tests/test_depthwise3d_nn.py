@@ -379,3 +379,12 @@ def test_convert_to_reference_of_a_parametrized_depthwise_conv_says_why():
         fastvid.convert(model, to="reference")
     nn.utils.parametrize.remove_parametrizations(model[0], "weight")
     assert type(fastvid.convert(model, to="reference")[0]) is nn.Conv3d
+
+
+def test_from_conv3d_leaves_the_global_random_state_alone():
+    """from_conv3d shares the conv's parameters: the initialisation it replaces must not move the global
+    generator (fastvid.convert already kept it; the public classmethod drew from it)."""
+    conv = nn.Conv3d(4, 8, 3, padding=1, groups=4)
+    before = torch.get_rng_state()
+    module = DepthwiseConv3d.from_conv3d(conv)
+    assert torch.equal(torch.get_rng_state(), before) and module.weight is conv.weight

@@ -177,3 +177,14 @@ def test_one_layer_as_nested_lists_and_integer_tensors():
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match=r"kernel must be a floating-point array, got dtype torch.int64"):
         ConvLSTM.from_keras_weights([torch.from_numpy(w).long() for w in weights])
+
+
+def test_imports_leave_the_global_random_state_alone():
+    """The modules are built and then overwritten: the initialisation they replace must not move the global
+    generator (a seeded script would otherwise draw different numbers after an import)."""
+    rng = np.random.default_rng(0)
+    weights = keras_layer_weights(rng, 3, 4, (3, 3), True)
+    before = torch.get_rng_state()
+    ConvLSTMCell.from_keras_weights(*weights)
+    ConvLSTM.from_keras_weights([list(weights)])
+    assert torch.equal(torch.get_rng_state(), before)

@@ -647,6 +647,13 @@ def test_from_concat_conv(gate_order, bias):
             torch.testing.assert_close(c_cell, c, rtol=1e-5, atol=1e-6, msg=lambda m: f"c at step {t}: {m}")
 
 
+
+def test_from_concat_conv_leaves_the_global_random_state_alone():
+    conv = nn.Conv2d(C_IN + C, 4 * C, 3, padding=1)
+    before = torch.get_rng_state()
+    ConvLSTMCell.from_concat_conv(conv, C)
+    assert torch.equal(torch.get_rng_state(), before)
+
 def test_from_concat_conv_keeps_dtype():
     """A float64 conv gives a float64 cell equal to the float64 hand-written step (weights are not
     silently rounded to float32)."""

@@ -206,7 +206,9 @@ class ConvLSTMCell(_ConvRNNCellBase):
         if padding != expected:
             raise ValueError(f"conv padding {conv.padding!r} is not the cell's 'same' padding {expected} (d·(k - 1) / 2 "
                              f"on each side, for kernel {kernel} and dilation {dilation})")
-        cell = cls(conv.in_channels - C, C, kernel, bias=conv.bias is not None, dilation=dilation, peephole=peephole)
+        with torch.random.fork_rng(devices=[]):  # the initialisation it overwrites draws from the global generator
+            cell = cls(conv.in_channels - C, C, kernel, bias=conv.bias is not None, dilation=dilation,
+                       peephole=peephole)
         order = [gate_order.index(g) for g in "ifgo"]  # position of i, f, g, o in the conv's output
         weight = torch.cat([conv.weight.detach()[k * C:(k + 1) * C] for k in order])
         with torch.no_grad():
@@ -224,7 +226,8 @@ class ConvLSTMCell(_ConvRNNCellBase):
         layer's ``padding``, ``strides``, ``dilation_rate``, ``activation``, ``recurrent_activation``,
         ``unit_forget_bias``; what converts is in fastvid/nn/keras_interop.py."""
         from .keras_interop import cell_from_keras
-        return cell_from_keras(cls, kernel, recurrent_kernel, bias, **config)
+        with torch.random.fork_rng(devices=[]):  # the initialisation it overwrites draws from the global generator
+            return cell_from_keras(cls, kernel, recurrent_kernel, bias, **config)
 
 
 class ConvGRUCell(_ConvRNNCellBase):
@@ -509,7 +512,8 @@ class ConvLSTM(_ConvRNNBase):
         layers' ``padding``, ``strides``, ``dilation_rate``, ``activation``, ``recurrent_activation``,
         ``unit_forget_bias``, and ``batch_first``, ``strategy``; see fastvid/nn/keras_interop.py."""
         from .keras_interop import sequence_from_keras
-        return sequence_from_keras(cls, layers, **config)
+        with torch.random.fork_rng(devices=[]):  # the initialisation it overwrites draws from the global generator
+            return sequence_from_keras(cls, layers, **config)
 
 
 class ConvGRU(_ConvRNNBase):
