@@ -339,21 +339,27 @@ def test_backward_reads_the_saved_scores():
     assert not torch.allclose(OPS.nonlocal_attention_backward(*args)[2], expected_dv, rtol=1e-3, atol=1e-3)
 
 
-def _attention_calls(fn):
-    """The save_scores argument of every fastvid.nonlocal_attention dispatched while fn runs."""
+def _dispatched(fn):
+    """(op, args, kwargs, result) of every operator dispatched while fn runs."""
     from torch.utils._python_dispatch import TorchDispatchMode
+    calls = []
 
     class Record(TorchDispatchMode):
-        calls = []
-
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is OPS.nonlocal_attention.default:
-                self.calls.append(bool(args[4]) if len(args) > 4 else bool((kwargs or {}).get("save_scores", False)))
-            return func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            result = func(*args, **kwargs)
+            calls.append((func, args, kwargs, result))
+            return result
 
-    with Record() as mode:
+    with Record():
         fn()
-    return mode.calls
+    return calls
+
+
+def _attention_calls(fn):
+    """The save_scores argument of every fastvid.nonlocal_attention dispatched while fn runs."""
+    return [bool(args[4]) if len(args) > 4 else bool(kwargs.get("save_scores", False))
+            for func, args, kwargs, _ in _dispatched(fn) if func is OPS.nonlocal_attention.default]
 
 
 def test_save_scores_only_where_a_backward_reads_them():
@@ -376,23 +382,11 @@ def test_backward_makes_no_zero_gradient_for_the_scores():
     """The scores output gets no gradient; the backward must not be handed a B·N·M tensor of zeros for it
     (autograd materialises missing output gradients unless told not to: 79 MB written per call at the
     benchmark's shape, which cost more than the saved product)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     q, k, v = make((2, 40, 30, 8, 8), torch.float32, "contiguous")
     out = nonlocal_attention(q, k, v, save_scores=True)
-
-    class Shapes(TorchDispatchMode):
-        made = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            for t in (result if isinstance(result, (tuple, list)) else [result]):
-                if isinstance(t, torch.Tensor):
-                    self.made.append(tuple(t.shape))
-            return result
-
-    with Shapes() as mode:
-        out.backward(torch.ones_like(out))
-    assert (2, 40, 30) not in mode.made
+    made = [tuple(t.shape) for *_, result in _dispatched(lambda: out.backward(torch.ones_like(out)))
+            for t in (result if isinstance(result, (tuple, list)) else [result]) if isinstance(t, torch.Tensor)]
+    assert (2, 40, 30) not in made
     assert q.grad is not None and k.grad is not None and v.grad is not None
 
 

@@ -226,7 +226,7 @@ def compare(rows: List[dict]) -> List[Comparison]:
         elif row["provider"] == "fastvid_saved":  # the op with save_scores: its own comparison against SDPA
             saved_key = (row["op"] + SAVED_SCORES_SUFFIX, *key[1:])
             table.setdefault(saved_key, Comparison(*saved_key)).fastvid = row
-    for key, comparison in list(table.items()):
+    for key, comparison in table.items():
         if key[0].endswith(SAVED_SCORES_SUFFIX):
             sdpa = table.get((key[0][:-len(SAVED_SCORES_SUFFIX)] + SDPA_SUFFIX, *key[1:]))
             comparison.native = sdpa.native if sdpa else None
