@@ -49,6 +49,25 @@ def test_depthwise_module_equals_grouped_conv3d(kwargs, layout):
     _assert_matches_native(ours, native, _cl(x) if layout == "channels_last_3d" else x)
 
 
+def test_numpy_integer_sizes_are_taken_as_nn_conv3d_takes_them():
+    """Sizes computed with numpy are integers to nn.Conv3d; DepthwiseConv3d, the functional op, ConvLSTM and
+    NonLocalBlock take them too and keep Python ints (before: "'numpy.int64' object is not iterable")."""
+    np = pytest.importorskip("numpy")
+    three, one = np.int64(3), np.int32(1)
+    native = nn.Conv3d(4, 4, three, padding=(one, 1, one), groups=4).double()
+    ours = DepthwiseConv3d(4, three, stride=one, padding=(one, 1, one)).double()
+    assert ours.kernel_size == (3, 3, 3) and all(type(v) is int for v in ours.kernel_size + ours.padding + ours.stride)
+    ours.load_state_dict(native.state_dict())
+    x = torch.randn(2, 4, 3, 6, 5, dtype=torch.float64)
+    _assert_matches_native(ours, native, x)
+    torch.testing.assert_close(fastvid.ops.depthwise_conv3d(x, native.weight, native.bias, one, one), native(x))
+    lstm = fastvid.nn.ConvLSTM(4, 4, three, dilation=one)
+    assert lstm.kernel_size == [(3, 3)] and type(lstm.kernel_size[0][0]) is int
+    assert lstm(torch.randn(2, 3, 4, 6, 5))[0].shape == (2, 3, 4, 6, 5)
+    block = fastvid.nn.NonLocalBlock(4, pool_size=np.int64(2))
+    assert block(torch.randn(2, 4, 3, 6, 6)).shape == (2, 4, 3, 6, 6)
+
+
 def test_state_dict_loads_both_ways():
     native = nn.Conv3d(4, 8, 3, padding=1, groups=4)
     ours = DepthwiseConv3d(4, 3, padding=1, channel_multiplier=2)

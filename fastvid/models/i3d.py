@@ -13,6 +13,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._sizes import pair, triple
 from ._registry import register
 
 # ------------------------------------------------------------------------------------------------
@@ -74,22 +75,18 @@ class _WindowFittingMaxPool3d(nn.MaxPool3d):
         return nn.functional.max_pool3d(x, window, window)
 
 
-def _pair(v) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _inflate_pool(pool: nn.Module) -> Optional[nn.Module]:
     """2D pools become 3D pools of time size 1 (a static video is then pooled frame by frame)."""
     if isinstance(pool, nn.MaxPool2d):
-        return nn.MaxPool3d((1, *_pair(pool.kernel_size)), (1, *_pair(pool.stride)), (0, *_pair(pool.padding)),
-                            (1, *_pair(pool.dilation)), pool.return_indices, pool.ceil_mode)
+        return nn.MaxPool3d((1, *pair(pool.kernel_size)), (1, *pair(pool.stride)), (0, *pair(pool.padding)),
+                            (1, *pair(pool.dilation)), pool.return_indices, pool.ceil_mode)
     if isinstance(pool, nn.AvgPool2d):
-        return nn.AvgPool3d((1, *_pair(pool.kernel_size)), (1, *_pair(pool.stride)), (0, *_pair(pool.padding)),
+        return nn.AvgPool3d((1, *pair(pool.kernel_size)), (1, *pair(pool.stride)), (0, *pair(pool.padding)),
                             pool.ceil_mode, pool.count_include_pad, pool.divisor_override)
     if isinstance(pool, nn.AdaptiveAvgPool2d):
-        return nn.AdaptiveAvgPool3d((None, *_pair(pool.output_size)))
+        return nn.AdaptiveAvgPool3d((None, *pair(pool.output_size)))
     if isinstance(pool, nn.AdaptiveMaxPool2d):
-        return nn.AdaptiveMaxPool3d((None, *_pair(pool.output_size)), pool.return_indices)
+        return nn.AdaptiveMaxPool3d((None, *pair(pool.output_size)), pool.return_indices)
     return None
 
 
@@ -175,7 +172,7 @@ class Unit3d(nn.Sequential):
     k // 2 (symmetric; TensorFlow pads the extra row of even totals at the end)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=1, stride=1):
-        kernel = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        kernel = triple(kernel_size)
         super().__init__(
             nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=tuple(k // 2 for k in kernel),
                       bias=False),

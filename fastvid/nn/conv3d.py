@@ -13,12 +13,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .. import ops
+from .._sizes import triple
 
 IntOrTriple = Union[int, Sequence[int]]
-
-
-def _triple(v) -> tuple:
-    return (v, v, v) if isinstance(v, int) else tuple(v)
 
 
 class DepthwiseConv3d(nn.Module):
@@ -31,13 +28,13 @@ class DepthwiseConv3d(nn.Module):
         if channels <= 0 or channel_multiplier <= 0:
             raise ValueError(f"channels and channel_multiplier must be positive, got {channels}, {channel_multiplier}")
         self.channels, self.channel_multiplier = channels, channel_multiplier
-        self.kernel_size, self.stride = _triple(kernel_size), _triple(stride)
-        self.dilation = _triple(dilation)
+        self.kernel_size, self.stride = triple(kernel_size), triple(stride)
+        self.dilation = triple(dilation)
         if isinstance(padding, str):  # stays a string, as in nn.Conv3d (ops.depthwise_conv3d resolves it per call)
             ops.depthwise3d.check_padding_string("DepthwiseConv3d", padding, self.stride)
             self.padding = padding
         else:
-            self.padding = _triple(padding)
+            self.padding = triple(padding)
         for name, value, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
                                  ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
             if isinstance(value, str):
@@ -165,7 +162,7 @@ def r2plus1d_mid_channels(in_channels: int, out_channels: int, kernel_size: IntO
     """M = ⌊t·d²·N_in·N_out / (d²·N_in + t·N_out)⌋ (Tran et al. 2018): the (2+1)D block then has the
     parameter count of the full t×d×d convolution; at least 1 (the formula gives 0 for a few channels
     and a 1-wide kernel, and a block of 0 channels fails at its first call)."""
-    t, d, _ = _triple(kernel_size)
+    t, d, _ = triple(kernel_size)
     return max(1, (t * d * d * in_channels * out_channels) // (d * d * in_channels + t * out_channels))
 
 
@@ -175,10 +172,10 @@ class Conv2Plus1d(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTriple = 3, stride: IntOrTriple = 1,
                  mid_channels: Optional[int] = None):
-        t, d, d2 = _triple(kernel_size)
+        t, d, d2 = triple(kernel_size)
         if d != d2:
             raise ValueError(f"Conv2Plus1d needs a square spatial kernel, got {kernel_size}")
-        st, sh, sw = _triple(stride)
+        st, sh, sw = triple(stride)
         mid = mid_channels if mid_channels is not None else r2plus1d_mid_channels(in_channels, out_channels,
                                                                                  kernel_size)
         super().__init__(

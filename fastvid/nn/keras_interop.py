@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._sizes import ntuple
+
 IntOrPair = Union[int, Sequence[int]]
 
 
@@ -87,7 +89,7 @@ def _as_tensor(array: Any, name: str) -> Tensor:
 
 
 def _pair(value: IntOrPair, name: str) -> tuple:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = ntuple(value, 2)
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair, got {value!r}")
     return pair

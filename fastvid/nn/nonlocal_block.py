@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .._sizes import ntuple
 from ..ops._common import autocast_enabled
 
 MODES = ("embedded_gaussian", "dot_product", "gaussian", "concatenation")
@@ -290,7 +291,7 @@ class NonLocalBlock(nn.Module):
         if inter <= 0:  # (it failed at the first call, inside the pooling)
             raise ValueError(f"NonLocalBlock: inter_channels must be positive, got {inter_channels}")
         if pool_size is not None and sub_sample:  # (0 or () read as the default window; a wrong length failed in forward)
-            window = (pool_size,) * dims if isinstance(pool_size, int) else tuple(pool_size)
+            window = ntuple(pool_size, dims)
             if len(window) != dims or any(not isinstance(k, int) or k < 1 for k in window):
                 raise ValueError(f"NonLocalBlock: pool_size must be one int or {dims} ints, each >= 1, got {pool_size!r}")
         conv = _CONV[dims]

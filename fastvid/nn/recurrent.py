@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._sizes import pair
 from ..ops.recurrent import _channels_last  # the sequence ops' own test of the frame layout
 
 IntOrPair = Union[int, Sequence[int]]
@@ -28,10 +29,6 @@ def _per_layer(value, num_layers, name):
             raise ValueError(f"{name} has {len(value)} entries but num_layers = {num_layers}")
         return value
     return [value] * num_layers
-
-
-def _pair(v) -> tuple:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _check_kernel(kernel_size):
@@ -91,7 +88,7 @@ class _ConvRNNCellBase(nn.Module):
         if in_channels <= 0 or hidden_channels <= 0:
             raise ValueError(f"in_channels and hidden_channels must be positive, got {in_channels}, {hidden_channels}")
         self.in_channels, self.hidden_channels = in_channels, hidden_channels
-        self.kernel_size, self.dilation = _pair(kernel_size), _pair(dilation)
+        self.kernel_size, self.dilation = pair(kernel_size), pair(dilation)
         _check_kernel(self.kernel_size)
         _check_dilation(self.dilation)
         self.padding = tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
@@ -191,10 +188,10 @@ class ConvLSTMCell(_ConvRNNCellBase):
         if conv.out_channels != 4 * C or conv.in_channels <= C:
             raise ValueError(f"conv must map C_in + {C} channels to {4 * C}, got {conv.in_channels} -> "
                              f"{conv.out_channels}")
-        if conv.groups != 1 or _pair(conv.stride) != (1, 1):
+        if conv.groups != 1 or pair(conv.stride) != (1, 1):
             raise ValueError("conv must have groups=1 and stride=1")
-        dilation = _pair(conv.dilation)
-        kernel = _pair(conv.kernel_size)
+        dilation = pair(conv.dilation)
+        kernel = pair(conv.kernel_size)
         expected = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv must zero-pad (the cell's convolutions do), got padding_mode={conv.padding_mode!r}")
@@ -202,7 +199,7 @@ class ConvLSTMCell(_ConvRNNCellBase):
             same = all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, kernel))
             padding = expected if same else None
         else:
-            padding = (0, 0) if conv.padding == "valid" else _pair(conv.padding)
+            padding = (0, 0) if conv.padding == "valid" else pair(conv.padding)
         if padding != expected:
             raise ValueError(f"conv padding {conv.padding!r} is not the cell's 'same' padding {expected} (d·(k - 1) / 2 "
                              f"on each side, for kernel {kernel} and dilation {dilation})")
@@ -316,8 +313,8 @@ class _ConvRNNBase(nn.Module):
         self.hidden_channels = _per_layer(hidden_channels, num_layers, "hidden_channels")
         if any(not isinstance(c, int) or c <= 0 for c in self.hidden_channels):
             raise ValueError(f"hidden_channels must be a positive int per layer, got {hidden_channels}")
-        self.kernel_size = [_pair(k) for k in _per_layer(kernel_size, num_layers, "kernel_size")]
-        self.dilation = [_pair(d) for d in _per_layer(dilation, num_layers, "dilation")]
+        self.kernel_size = [pair(k) for k in _per_layer(kernel_size, num_layers, "kernel_size")]
+        self.dilation = [pair(d) for d in _per_layer(dilation, num_layers, "dilation")]
         for k in self.kernel_size:
             _check_kernel(k)
         for d in self.dilation:

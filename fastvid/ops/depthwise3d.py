@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from .._sizes import triple
 from ._common import autocast_inputs, check_one_device
 from ..reference import depthwise3d as ref
 
@@ -22,12 +23,9 @@ MAX_KERNEL_SIZE = 7
 
 
 def _triple(v):
-    if isinstance(v, int):
-        return (v, v, v)
-    v = tuple(v)
-    if len(v) == 1:
-        return v * 3
-    return v
+    """A size argument as a (T, H, W) triple; a one-element sequence counts for all three, as F.conv3d takes it."""
+    v = triple(v)
+    return v * 3 if len(v) == 1 else v
 
 
 PADDING_STRINGS = ("same", "valid")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._sizes import pair
 from ._common import autocast_inputs, check_one_device, double_backward_unsupported
 from ..reference import recurrent as ref
 
@@ -522,10 +523,6 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _zero_state(x: Tensor, C: int, dtype, broadcast: bool) -> Tensor:
     """The default initial state: zeros [B, C, H, W]. For the C++ ops (broadcast=True) one zero expanded
     with strides 0, which they read without materialising it (initial_state in recurrent_ops.cpp), so
@@ -551,14 +548,14 @@ def _sequence_arguments(name, gates, x, weight_ih, weight_hh, h0, padding, dilat
         shape = tuple(weight_ih.shape) if isinstance(weight_ih, Tensor) else type(weight_ih).__name__
         raise ValueError(f"fastvid.{name}: weight_ih must be [{gates}*C, C_in, kH, kW] with C = {C} (weight_hh's), "
                          f"got {shape}")
-    dilation = _pair(dilation)
+    dilation = pair(dilation)
     if len(dilation) != 2 or any(d < 1 for d in dilation):
         raise ValueError(f"fastvid.{name}: dilation must be one int or an (H, W) pair, each >= 1, got {dilation}")
     if x.shape[1] == 0:  # (the C++ ops said so; the Triton loop returned h0, the LN time loops failed in stack)
         raise ValueError(f"fastvid.{name}: x has sequence length T = 0 (shape {tuple(x.shape)})")
     if padding is None:
         padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight_hh.shape[2:]))
-    padding = _pair(padding)
+    padding = pair(padding)
     if len(padding) != 2:
         raise ValueError(f"fastvid.{name}: padding must be one int or an (H, W) pair, got {padding}")
     for k, p, d in zip(weight_hh.shape[2:], padding, dilation):  # checked here for every backend
