@@ -181,3 +181,45 @@ def test_nonlocal_block_under_torch_jit_trace_names_the_way_out():
     traced = torch.jit.trace(reference, x, check_trace=False)
     with torch.no_grad():
         torch.testing.assert_close(flat(traced(x)), expected)
+
+
+def test_model_with_every_fastvid_layer_traces_with_torch_fx():
+    """torch.fx.symbolic_trace of a model holding every fastvid layer (converted models look like it): each
+    layer that checks shapes in Python is one call_module node (fastvid.nn._fx), and the GraphModule gives
+    the eager outputs bit for bit (test_module_lifecycle checks each layer alone)."""
+    model, _, x, expected = _case("every_layer")
+    traced = torch.fx.symbolic_trace(model)
+    called = {type(traced.get_submodule(n.target)) for n in traced.graph.nodes if n.op == "call_module"}
+    assert {DepthwiseConv3d, ConvLSTM, ConvGRU, ConvLSTMCell, ConvGRUCell, AttentionConvLSTM} <= called
+    with torch.no_grad():
+        assert torch.equal(flat(traced(x)), expected)
+
+
+class _CallsTheOps(torch.nn.Module):
+    """A user's layer written with the functional ops, called as fastvid.ops.<op>."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.weight = torch.nn.Parameter(torch.randn(3, 1, 3, 3, 3, generator=g))
+        self.weight_ih = torch.nn.Parameter(torch.randn(16, 3, 3, 3, generator=g) * 0.3)  # hidden 4 channels
+        self.weight_hh = torch.nn.Parameter(torch.randn(16, 4, 3, 3, generator=g) * 0.3)
+
+    def forward(self, x):  # [B, 3, T, H, W]
+        y = fastvid.ops.depthwise_conv3d(x, self.weight, None, 1, 1)
+        tokens = y.flatten(2).transpose(1, 2)  # [B, T·H·W, 3]
+        y = y + fastvid.ops.nonlocal_attention(tokens, tokens, tokens, 0.5).transpose(1, 2).reshape(y.shape)
+        out, _, _ = fastvid.ops.convlstm(y.transpose(1, 2), self.weight_ih, self.weight_hh)
+        return out
+
+
+def test_functional_ops_trace_with_torch_fx():
+    """fastvid.ops.<op>(...) in a traced forward is one call_function node per op (torch.fx.wrap in
+    fastvid/ops/__init__.py): before, the ops' Python checks raised TraceError."""
+    model = _CallsTheOps()
+    x = torch.randn(2, 3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    traced = torch.fx.symbolic_trace(model)
+    called = [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function" and "fastvid" in n.target.__module__]
+    assert called == ["depthwise_conv3d", "nonlocal_attention", "convlstm"]
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))

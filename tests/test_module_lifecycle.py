@@ -147,6 +147,61 @@ def test_inference_mode(name):
         assert torch.equal(a, e)
 
 
+class _HoldsOne(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class _HoldsTwo(_HoldsOne):  # TemporalAttention's (query, keys)
+    def forward(self, x, y):
+        return self.layer(x, y)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_torch_fx_traces_a_model_that_holds_the_module(name):
+    """torch.fx.symbolic_trace (what torchvision's feature extraction and FX quantization run) of a model
+    holding the layer gives a GraphModule with bit-identical outputs; a layer whose forward checks shapes or
+    picks its kernel in Python is one call_module node, as nn.LSTM is, and tracing it alone says so. Before,
+    every such layer raised TraceError ("symbolically traced variables cannot be used as inputs to control
+    flow"), and so did any model converted to hold one."""
+    module = _build(name).eval()
+    inputs = _inputs(name)
+    model = (_HoldsOne if len(inputs) == 1 else _HoldsTwo)(module)
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        expected, got = _flat(model(*inputs)), _flat(traced(*inputs))
+    assert len(got) == len(expected)
+    for a, e in zip(got, expected):
+        assert torch.equal(a, e)
+    called = {node.target for node in traced.graph.nodes if node.op == "call_module"}
+    if name in ("SeparableConv3d", "Conv2Plus1d"):  # compositions of layers: traced into their parts
+        assert "layer" not in called and called
+    else:
+        assert called == {"layer"}
+        with pytest.raises(TypeError, match="as a leaf"):
+            torch.fx.symbolic_trace(module)
+
+
+def test_torch_compile_of_many_module_classes_in_one_process():
+    """torch.compile caches compiled frames per code object, at most torch._dynamo.config.recompile_limit (8)
+    each: every fastvid module class has its own forward (a forward shared by all, as a first version of the
+    fx leaf support had, failed at the ninth class with fullgraph=True). Checked with the limit at 1 and two
+    classes; the eager backend keeps it cheap."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for name in ("ContextGating", "NetVLAD"):
+            module = _build(name).eval()
+            inputs = _inputs(name)
+            compiled = torch.compile(module, backend="eager", fullgraph=True)
+            with torch.no_grad():
+                for a, e in zip(_flat(compiled(*inputs)), _flat(module(*inputs))):
+                    torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_fp64_module_ignores_autocast(name):
     """Autocast leaves fp64 tensors alone for PyTorch's own ops, so an fp64 model runs in fp64 under it; so

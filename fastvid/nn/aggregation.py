@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._fx import fx_leaf
+
 
 class NetVLAD(nn.Module):
     """NetVLAD pooling of ``N`` descriptors of size ``D`` into one ``K·D`` vector.
@@ -38,6 +40,8 @@ class NetVLAD(nn.Module):
         nn.init.uniform_(self.centers, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
+            return fx_leaf(self, x)
         if x.dim() != 3 or x.shape[-1] != self.in_features:
             raise ValueError(f"NetVLAD: expected descriptors [B, N, {self.in_features}], got {tuple(x.shape)}")
         if x.shape[1] == 0:  # (gave a zero vector where the output is L2-normalised)
@@ -63,6 +67,8 @@ class ContextGating(nn.Module):
         self.gate = nn.Linear(features, features)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
+            return fx_leaf(self, x)
         if x.dim() == 0 or x.shape[-1] != self.gate.in_features:
             raise ValueError(f"ContextGating: expected [..., {self.gate.in_features}] features, got {tuple(x.shape)}")
         return torch.sigmoid(self.gate(x)) * x

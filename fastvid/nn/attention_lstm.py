@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._fx import fx_leaf
 from .recurrent import ConvLSTMCell, _check_lstm_state
 
 
@@ -66,6 +67,8 @@ class AttentionConvLSTM(nn.Module):
                 f"attention_in_channels={self.attention_in_channels}, batch_first={self.batch_first}")
 
     def forward(self, x: Tensor, attention_input: Optional[Tensor] = None, state: Optional[tuple] = None):
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
+            return fx_leaf(self, x, attention_input, state)
         return attention_convlstm(self, x, attention_input, state)
 
 

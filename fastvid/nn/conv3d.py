@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 
 from .. import ops
 from .._sizes import triple
+from ._fx import fx_leaf
 
 IntOrTriple = Union[int, Sequence[int]]
 
@@ -75,6 +76,8 @@ class DepthwiseConv3d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
+            return fx_leaf(self, x)
         # The op reads the channel multiplier off the weight and the input (F.conv3d(groups=C) semantics):
         # an input with a divisor of the module's channels would run as another multiplier.
         if not torch.jit.is_tracing() and x.dim() in (4, 5) and x.shape[-4] != self.channels:

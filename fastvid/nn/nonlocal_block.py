@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._sizes import ntuple
 from ..ops._common import autocast_enabled
+from ._fx import fx_leaf
 
 MODES = ("embedded_gaussian", "dot_product", "gaussian", "concatenation")
 
@@ -371,6 +372,8 @@ class NonLocalBlock(nn.Module):
         return ops.concatenation_attention(q @ w[0], k @ w[1], v)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
+            return fx_leaf(self, x)
         if torch.jit.is_tracing():  # TorchScript cannot hold the Python autograd functions of its fused steps
             raise RuntimeError("NonLocalBlock: torch.jit.trace cannot record it (its fused steps are Python autograd "
                                "functions); trace fastvid.convert(model, to='reference'), or use torch.export")

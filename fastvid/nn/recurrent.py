@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._sizes import pair
 from ..ops.recurrent import _channels_last  # the sequence ops' own test of the frame layout
+from ._fx import fx_leaf
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -161,6 +162,8 @@ class ConvLSTMCell(_ConvRNNCellBase):
         _reset_norm(self, "")
 
     def forward(self, x: Tensor, state: Optional[tuple] = None):
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
+            return fx_leaf(self, x, state)
         _check_lstm_state(self, state)
         self._check_step(x, broadcast_h=True, h=None if state is None else state[0], c=None if state is None else state[1])
         if x.dim() == 3:  # unbatched
@@ -250,6 +253,8 @@ class ConvGRUCell(_ConvRNNCellBase):
         _reset_norm(self, "")
 
     def forward(self, x: Tensor, h: Optional[Tensor] = None) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
+            return fx_leaf(self, x, h)
         self._check_step(x, h=h)
         if x.dim() == 3:  # unbatched
             return self.forward(x.unsqueeze(0), None if h is None else h.unsqueeze(0)).squeeze(0)
@@ -483,6 +488,8 @@ class ConvLSTM(_ConvRNNBase):
                 _reset_norm(self, suffix)
 
     def forward(self, x: Tensor, state: Optional[tuple] = None, lengths: Optional[Tensor] = None):
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
+            return fx_leaf(self, x, state, lengths)
         _check_lstm_state(self, state, ("h_0", "c_0"))
 
         def run_direction(inp, x, layer, d, suffix, index):
@@ -556,6 +563,8 @@ class ConvGRU(_ConvRNNBase):
                 _reset_norm(self, suffix)
 
     def forward(self, x: Tensor, h_0=None, lengths: Optional[Tensor] = None):
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
+            return fx_leaf(self, x, h_0, lengths)
         def run_direction(inp, x, layer, d, suffix, index):
             h0 = None if h_0 is None else self._state_at(h_0, "h_0", index, x, self.hidden_channels[layer])
             w_ih, w_hh, b_ih, b_hh = self._params(suffix)

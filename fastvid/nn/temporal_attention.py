@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ._fx import fx_leaf
 
 SCORES = ("dot", "general", "concat")
 
@@ -64,6 +65,8 @@ class TemporalAttention(nn.Module):
 
     def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None,
                 return_weights: bool = False) -> Tensor | Tuple[Tensor, Tensor]:
+        if isinstance(query, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
+            return fx_leaf(self, query, keys, values, return_weights)
         single = query.dim() == 2
         if single:
             query = query.unsqueeze(1)
