@@ -176,12 +176,27 @@ def _device_report(tensors):
     return ", ".join(f"{name} on {t.device}" for name, t in _tensors(tensors))
 
 
+def _forward_ad_tangents(tensors) -> list[str]:
+    """The arguments that carry a forward-mode AD tangent (torch.func.jvp / jacfwd, torch.autograd.forward_ad).
+    The kernels' autograd is backward-only, and where no input requires grad PyTorch runs a
+    torch.library.register_autograd op (the cell, attention and Triton ops) without its autograd: the
+    result came back with no tangent, read as zero (torch 2.14)."""
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) < 0:  # no dual level entered: nothing to look at
+        return []
+    return [name for name, t in _tensors(tensors) if torch.autograd.forward_ad.unpack_dual(t).tangent is not None]
+
+
 def not_supported_reasons(name: str, tensors) -> list[str]:
     """Why backend `name` cannot run an op on these tensors (empty list: it can)."""
     devices = _devices(tensors)
     reasons = []
     if len(devices) > 1:
         reasons.append(f"tensors are on several devices ({_device_report(tensors)})")
+    tangents = _forward_ad_tangents(tensors)
+    if tangents:
+        reasons.append(f"{', '.join(map(str, tangents))} carry forward-mode AD tangents (torch.func.jvp / jacfwd, "
+                       "torch.autograd.forward_ad): the kernels have no forward-mode derivative; the 'reference' "
+                       "backend (pure PyTorch) has one")
     if name == "cpu":
         if not cpu_kernels():
             reasons.append(f"fastvid._C is not built ({EXTENSION_ERROR})")

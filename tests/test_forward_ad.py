@@ -1,0 +1,95 @@
+"""Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) through the fastvid ops.
+
+The kernels' autograd is backward-only, and PyTorch runs an op registered with
+torch.library.register_autograd (the cells, the attention op, every Triton op) without its autograd
+when no input requires grad: the result came back with no tangent, read as zero, a silently wrong jvp.
+Inputs that carry a tangent now take the reference backend under 'auto' (pure PyTorch, which has
+forward-mode derivatives), and a forced kernel backend refuses them. Tangents are checked against
+central finite differences in float64, independent of both implementations."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import fastvid
+from fastvid.nn import ConvLSTMCell
+
+pytestmark = pytest.mark.skipif(not fastvid.info()["cpu_kernels"], reason="fastvid._C is not built")
+
+OPS = fastvid.ops
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+# op name -> (function of tensors only, its inputs)
+CASES = {
+    "lstm_cell": (OPS.lstm_cell, lambda: (_randn(1, 8, 3, 3, seed=1), _randn(1, 2, 3, 3, seed=2))),
+    "gru_cell": (OPS.gru_cell, lambda: (_randn(1, 6, 3, 3, seed=1), _randn(1, 6, 3, 3, seed=2),
+                                        _randn(1, 2, 3, 3, seed=3))),
+    "gru_reset_hidden": (OPS.gru_reset_hidden, lambda: tuple(_randn(1, 2, 3, 3, seed=s) for s in (1, 2, 3))),
+    "nonlocal_attention": (lambda q, k, v: OPS.nonlocal_attention(q, k, v, 0.5),
+                           lambda: (_randn(2, 5, 4, seed=1), _randn(2, 6, 4, seed=2), _randn(2, 6, 3, seed=3))),
+    "depthwise_conv3d": (lambda x, w: OPS.depthwise_conv3d(x, w, None, 1, 1),
+                         lambda: (_randn(1, 2, 3, 4, 4, seed=1), _randn(2, 1, 3, 3, 3, seed=2))),
+    "convlstm": (lambda x, w_ih, w_hh: OPS.convlstm(x, w_ih, w_hh),
+                 lambda: (_randn(1, 3, 2, 4, 4, seed=1), _randn(8, 2, 3, 3, seed=2) * 0.3,
+                          _randn(8, 2, 3, 3, seed=3) * 0.3)),
+    "convgru": (lambda x, w_ih, w_hh: OPS.convgru(x, w_ih, w_hh),
+                lambda: (_randn(1, 3, 2, 4, 4, seed=1), _randn(6, 2, 3, 3, seed=2) * 0.3,
+                         _randn(6, 2, 3, 3, seed=3) * 0.3)),
+}
+
+
+def _flat(outputs):
+    return torch.cat([t.reshape(-1) for t in (outputs if isinstance(outputs, tuple) else (outputs,))])
+
+
+def _finite_difference(f, inputs, tangents, eps=1e-6):
+    plus = f(*[x + eps * t for x, t in zip(inputs, tangents)])
+    minus = f(*[x - eps * t for x, t in zip(inputs, tangents)])
+    return (_flat(plus) - _flat(minus)) / (2 * eps)
+
+
+def _assert_tangent(got, expected):
+    assert got.abs().max() > 0.1, "no tangent"  # what the kernels' autograd returned before
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_jvp_matches_finite_differences(name):
+    f, make = CASES[name]
+    inputs = make()
+    tangents = tuple(_randn(*x.shape, seed=10 + i) for i, x in enumerate(inputs))
+    outputs, jvp = torch.func.jvp(f, inputs, tangents)
+    torch.testing.assert_close(_flat(outputs), _flat(f(*inputs)), rtol=1e-12, atol=1e-12)
+    _assert_tangent(_flat(jvp), _finite_difference(f, inputs, tangents))
+
+
+def test_forward_ad_dual_tensors_through_the_lstm_cell():
+    """torch.autograd.forward_ad's own API (the probe's case: the tangent of h was None)."""
+    gates, c = CASES["lstm_cell"][1]()
+    tangent = _randn(*gates.shape, seed=11)
+    with fwAD.dual_level():
+        h, c_next = OPS.lstm_cell(fwAD.make_dual(gates, tangent), c)
+        got = torch.cat([fwAD.unpack_dual(h).tangent.reshape(-1), fwAD.unpack_dual(c_next).tangent.reshape(-1)])
+    _assert_tangent(got, _finite_difference(lambda g: OPS.lstm_cell(g, c), (gates,), (tangent,)))
+
+
+def test_jacfwd_of_a_module():
+    cell = ConvLSTMCell(2, 2, 3).double()
+    x = _randn(1, 2, 3, 3, seed=1)
+    jacobian = torch.func.jacfwd(lambda x: cell(x)[0])(x).reshape(-1, x.numel())
+    for column in (0, 7, 17):
+        direction = torch.zeros(x.numel(), dtype=torch.float64)
+        direction[column] = 1
+        expected = _finite_difference(lambda x: cell(x)[0], (x,), (direction.reshape(x.shape),))
+        torch.testing.assert_close(jacobian[:, column], expected, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["lstm_cell", "nonlocal_attention", "depthwise_conv3d"])
+def test_a_forced_kernel_backend_refuses_tangents(name):
+    f, make = CASES[name]
+    inputs = make()
+    with fastvid.backend("cpu"), pytest.raises(RuntimeError, match="forward-mode AD tangents.*'reference'"):
+        torch.func.jvp(f, inputs, tuple(torch.ones_like(x) for x in inputs))
