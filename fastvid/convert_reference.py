@@ -191,13 +191,13 @@ class ReferenceConvLSTM(_ReferenceConvRNN):
             C = self.hidden_channels[layer]
             h0 = self._initial(None if state is None else state[0], index, x, C)
             c0 = self._initial(None if state is None else state[1], index, x, C, ref.compute_dtype(x.dtype))
-            w_ih, w_hh = self._parameters["weight_ih" + suffix], self._parameters["weight_hh" + suffix]
-            bias = self._parameters["bias_ih" + suffix] + self._parameters["bias_hh" + suffix] if self.bias else None
-            peephole = self._parameters["peephole" + suffix] if self.peephole else None
+            w_ih, w_hh = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
+            bias = getattr(self, "bias_ih" + suffix) + getattr(self, "bias_hh" + suffix) if self.bias else None
+            peephole = getattr(self, "peephole" + suffix) if self.peephole else None
             inp, w_ih, w_hh, bias, h0 = _autocast(inp, w_ih, w_hh, bias, h0)
             if self.norm == "layer":
                 _no_lengths_with_norm(lengths)
-                norm = [self._parameters[name + suffix] for name in ("ln_gain_ih", "ln_gain_hh", "ln_gain_c", "ln_bias_c")]
+                norm = [getattr(self, name + suffix) for name in ("ln_gain_ih", "ln_gain_hh", "ln_gain_c", "ln_bias_c")]
                 return ref_norm.convlstm_ln_sequence(inp, w_ih, w_hh, bias, h0, c0, *norm, self._padding(layer),
                                                      self.dilation[layer], reverse=d == 1)
             return ref.convlstm_sequence(inp, w_ih, w_hh, bias, h0, c0, peephole, self._padding(layer),
@@ -222,12 +222,12 @@ class ReferenceConvGRU(_ReferenceConvRNN):
 
         def run_direction(inp, x, layer, d, suffix, index):
             h0 = self._initial(h_0, index, x, self.hidden_channels[layer])
-            params = _autocast(inp, *(self._parameters.get(name + suffix)
+            params = _autocast(inp, *(getattr(self, name + suffix, None)
                                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")), h0)
             inp, w_ih, w_hh, b_ih, b_hh, h0 = params
             if self.norm == "layer":
                 _no_lengths_with_norm(lengths)
-                gains = [self._parameters[name + suffix] for name in ("ln_gain_ih", "ln_gain_hh")]
+                gains = [getattr(self, name + suffix) for name in ("ln_gain_ih", "ln_gain_hh")]
                 return ref_norm.convgru_ln_sequence(inp, w_ih, w_hh, b_ih, b_hh, h0, *gains, self._padding(layer),
                                                     self.dilation[layer], reverse=d == 1)
             return ref.convgru_sequence(inp, w_ih, w_hh, b_ih, b_hh, h0, self._padding(layer), self.dilation[layer],

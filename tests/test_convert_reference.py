@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import fastvid
@@ -214,6 +215,31 @@ def test_twins_take_lengths_and_stream(cls, block_fastvid_ops):
     with pytest.raises(ValueError, match="bidirectional module cannot run chunk by chunk"):
         twin.stream(x)
 
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "prune"])
+@pytest.mark.parametrize("cls", [ConvLSTM, ConvGRU])
+def test_recurrent_twins_run_parametrized_weights(cls, how, block_fastvid_ops):
+    """weight_norm or pruning applied to a twin's weight, as users apply them to nn.LSTM's: the twin runs with
+    the computed weight, giving the outputs of a twin that holds that weight as a plain parameter (before:
+    KeyError 'weight_ih_l0' / "conv2d() received an invalid combination of arguments": the twins read their
+    parameters from the module's parameter table, where a parametrized weight is not)."""
+    torch.manual_seed(0)
+    twin = fastvid.convert(cls(3, 4, num_layers=2, bidirectional=True, norm="layer" if how == "prune" else None),
+                           to="reference")
+    plain = fastvid.convert(cls(3, 4, num_layers=2, bidirectional=True, norm="layer" if how == "prune" else None),
+                            to="reference")
+    name = "weight_ih_l1_reverse"
+    if how == "weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(twin, name)
+    else:
+        torch.nn.utils.prune.l1_unstructured(twin, name, amount=0.3)
+    plain.load_state_dict({k: v for k, v in twin.state_dict().items() if k in plain.state_dict()}, strict=False)
+    with torch.no_grad():
+        getattr(plain, name).copy_(getattr(twin, name))  # the weight the parametrization computes
+    block_fastvid_ops()
+    x = torch.randn(2, 3, 3, 5, 5)
+    assert torch.equal(flat(twin(x)), flat(plain(x)))
 
 def test_convert_at_the_top_level_and_bf16_state_dtype():
     cell = ConvLSTMCell(3, 4).to(torch.bfloat16)
