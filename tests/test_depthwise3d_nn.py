@@ -68,6 +68,58 @@ def test_numpy_integer_sizes_are_taken_as_nn_conv3d_takes_them():
     assert block(torch.randn(2, 4, 3, 6, 6)).shape == (2, 4, 3, 6, 6)
 
 
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 1, 5), padding="same"),
+                                    dict(kernel_size=3, padding="valid", stride=(1, 2, 2), channel_multiplier=2)])
+def test_is_the_nn_conv3d_it_replaces(kwargs):
+    """Code that walks a model for nn.Conv3d (initialisation loops, weight-decay groups, FLOP counters,
+    fuse_conv_bn_eval) finds DepthwiseConv3d as the convolution it replaced: an nn.Conv3d with the same
+    attributes and the same initialisation draws (before, isinstance loops skipped the converted layers)."""
+    C, m = 4, kwargs.get("channel_multiplier", 1)
+    conv_kwargs = {k: v for k, v in kwargs.items() if k != "channel_multiplier"}
+    torch.manual_seed(0)
+    native = nn.Conv3d(C, C * m, groups=C, **conv_kwargs)
+    torch.manual_seed(0)
+    ours = DepthwiseConv3d(C, **kwargs)
+    assert isinstance(ours, nn.Conv3d)
+    for name in ("in_channels", "out_channels", "groups", "kernel_size", "stride", "padding", "dilation", "transposed",
+                 "output_padding", "padding_mode"):
+        assert getattr(ours, name) == getattr(native, name), name
+    assert list(ours._reversed_padding_repeated_twice) == list(native._reversed_padding_repeated_twice)
+    assert torch.equal(ours.weight, native.weight) and torch.equal(ours.bias, native.bias)
+
+    model = nn.Sequential(ours, nn.BatchNorm3d(C * m)).eval()
+    for module in model.modules():  # a user's initialisation loop
+        if isinstance(module, nn.Conv3d):
+            nn.init.normal_(module.weight, std=0.5)
+    assert not torch.equal(ours.weight, native.weight)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        fused = torch.nn.utils.fusion.fuse_conv_bn_eval(ours, model[1])
+        assert type(fused) is DepthwiseConv3d
+        x = torch.randn(2, C, 5, 6, 7)
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    assert fastvid.convert(model, inplace=True)[0] is ours  # already converted: left as it is
+
+
+def test_modules_pickled_before_it_was_an_nn_conv3d_load():
+    """A DepthwiseConv3d pickled by an earlier fastvid (an nn.Module without nn.Conv3d's attributes) unpickles
+    into the subclass with those attributes filled in, and runs."""
+    for padding in (1, "same"):
+        module = DepthwiseConv3d(3, (3, 3, 5), padding=padding, channel_multiplier=2)
+        state = dict(module.__dict__)
+        for name in ("in_channels", "out_channels", "groups", "transposed", "output_padding", "padding_mode",
+                     "_reversed_padding_repeated_twice"):
+            del state[name]  # what the earlier class kept: channels, channel_multiplier, sizes, parameters
+        old = DepthwiseConv3d.__new__(DepthwiseConv3d)
+        old.__setstate__(state)
+        for name in ("in_channels", "out_channels", "groups", "transposed", "output_padding", "padding_mode"):
+            assert getattr(old, name) == getattr(module, name), name
+        assert list(old._reversed_padding_repeated_twice) == list(module._reversed_padding_repeated_twice)
+        x = torch.randn(1, 3, 4, 5, 6)
+        assert torch.equal(old(x), module(x))
+
+
 def test_state_dict_loads_both_ways():
     native = nn.Conv3d(4, 8, 3, padding=1, groups=4)
     ours = DepthwiseConv3d(4, 3, padding=1, channel_multiplier=2)

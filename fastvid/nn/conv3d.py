@@ -1,11 +1,10 @@
 """Separable 3D convolutions: depthwise, depthwise-separable and R(2+1)D.
 
-``DepthwiseConv3d`` is a drop-in for ``nn.Conv3d(C, m*C, k, groups=C)``: same ``weight``
+``DepthwiseConv3d`` is a drop-in for ``nn.Conv3d(C, m*C, k, groups=C)``, a subclass of it: same ``weight``
 ``[m*C, 1, kT, kH, kW]`` and ``bias`` ``[m*C]`` names and shapes, so state dicts load both ways.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -19,61 +18,49 @@ from ._fx import fx_leaf
 IntOrTriple = Union[int, Sequence[int]]
 
 
-class DepthwiseConv3d(nn.Module):
-    """Channel-wise 3D convolution: output channel o convolves input channel o // channel_multiplier."""
+class DepthwiseConv3d(nn.Conv3d):
+    """Channel-wise 3D convolution: output channel o convolves input channel o // channel_multiplier.
+
+    An nn.Conv3d(channels, channel_multiplier * channels, ..., groups=channels) whose forward runs fastvid's
+    kernels: code that walks a model for nn.Conv3d (weight initialisation, weight-decay groups, FLOP counters,
+    fuse_conv_bn_eval) treats it as the convolution it replaced, with nn.Conv3d's attributes and initialisation."""
 
     def __init__(self, channels: int, kernel_size: IntOrTriple, stride: IntOrTriple = 1,
                  padding: Union[IntOrTriple, str] = 0, dilation: IntOrTriple = 1, bias: bool = True,
                  channel_multiplier: int = 1, device=None, dtype=None):
-        super().__init__()
         if channels <= 0 or channel_multiplier <= 0:
             raise ValueError(f"channels and channel_multiplier must be positive, got {channels}, {channel_multiplier}")
-        self.channels, self.channel_multiplier = channels, channel_multiplier
-        self.kernel_size, self.stride = triple(kernel_size), triple(stride)
-        self.dilation = triple(dilation)
+        kernel_size, stride, dilation = triple(kernel_size), triple(stride), triple(dilation)
         if isinstance(padding, str):  # stays a string, as in nn.Conv3d (ops.depthwise_conv3d resolves it per call)
-            ops.depthwise3d.check_padding_string("DepthwiseConv3d", padding, self.stride)
-            self.padding = padding
+            ops.depthwise3d.check_padding_string("DepthwiseConv3d", padding, stride)
         else:
-            self.padding = triple(padding)
-        for name, value, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
-                                 ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
+            padding = triple(padding)
+        for name, value, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                                 ("dilation", dilation, 1)):
             if isinstance(value, str):
                 continue
             if len(value) != 3 or any(v < low for v in value):
                 raise ValueError(f"DepthwiseConv3d: {name} must be one int or a (T, H, W) triple, each >= {low}, "
                                  f"got {value}")
-        if any(k > ops.depthwise3d.MAX_KERNEL_SIZE for k in self.kernel_size):  # (it raised at the first call)
+        if any(k > ops.depthwise3d.MAX_KERNEL_SIZE for k in kernel_size):  # (it raised at the first call)
             raise ValueError(f"DepthwiseConv3d: kernel_size must be at most {ops.depthwise3d.MAX_KERNEL_SIZE} along each "
-                             f"dim (the kernels' limit; nn.Conv3d(groups=C) takes larger), got {self.kernel_size}")
-        factory = dict(device=device, dtype=dtype)  # as nn.Conv3d's: build on the meta device, in fp64, ...
-        self.weight = nn.Parameter(torch.empty(channels * channel_multiplier, 1, *self.kernel_size, **factory))
-        self.bias = nn.Parameter(torch.empty(channels * channel_multiplier, **factory)) if bias else None
-        self.reset_parameters()
+                             f"dim (the kernels' limit; nn.Conv3d(groups=C) takes larger), got {kernel_size}")
+        super().__init__(channels, channels * channel_multiplier, kernel_size, stride, padding, dilation, groups=channels,
+                         bias=bias, device=device, dtype=dtype)
+        self.channels, self.channel_multiplier = channels, channel_multiplier
 
-    # nn.Conv3d's attributes that code written for a depthwise nn.Conv3d reads
-    @property
-    def groups(self) -> int:
-        return self.channels
-
-    @property
-    def padding_mode(self) -> str:
-        return "zeros"
-
-    @property
-    def in_channels(self) -> int:
-        return self.channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.channels * self.channel_multiplier
-
-    def reset_parameters(self):
-        # nn.Conv3d's default initialisation (fan_in = kT·kH·kW for one input channel per group).
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(math.prod(self.kernel_size))
-            nn.init.uniform_(self.bias, -bound, bound)
+    def __setstate__(self, state):
+        """Modules pickled before DepthwiseConv3d was an nn.Conv3d lack nn.Conv3d's own attributes."""
+        super().__setstate__(state)
+        if "in_channels" not in self.__dict__:
+            self.in_channels, self.out_channels = self.channels, self.channels * self.channel_multiplier
+            self.groups, self.transposed, self.output_padding = self.channels, False, (0, 0, 0)
+            if isinstance(self.padding, str):  # (before, after) per dim, last dim first, as nn.Conv3d records them
+                totals = [d * (k - 1) if self.padding == "same" else 0 for d, k in zip(self.dilation, self.kernel_size)]
+                pads = [(t // 2, t - t // 2) for t in reversed(totals)]
+            else:
+                pads = [(p, p) for p in reversed(self.padding)]
+            self._reversed_padding_repeated_twice = tuple(v for pad in pads for v in pad)
 
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
