@@ -72,14 +72,13 @@ def convert(model: nn.Module, inplace: bool = False, to: str = "fastvid") -> nn.
     # to="reference" must replace every fastvid layer (export needs them all), so a failure raises;
     # to="fastvid" leaves a module it cannot check native, with a warning.
     tolerant = to == "fastvid"
-    # The replacements' constructors initialise weights before taking the originals', and the nonlocal
-    # probe runs a dropout the original may have: both draw from the global generator, which the caller's
-    # seeded run (data order, dropout masks) should find as it left it.
-    with torch.random.fork_rng(devices=[]):
-        replacement = _replacement(model, converters, "", tolerant)
-        if replacement is not None:
-            return replacement
-        _convert_children(model, converters, "", tolerant, {})
+    # Nothing here draws from the global random generator, which the caller's seeded run (data order,
+    # dropout masks) should find as it left it: replacements are built without initialisation
+    # (nn/_build.py), and the nonlocal probe keeps its own draws to itself (nonlocal_block._probe_matches).
+    replacement = _replacement(model, converters, "", tolerant)
+    if replacement is not None:
+        return replacement
+    _convert_children(model, converters, "", tolerant, {})
     return model
 
 

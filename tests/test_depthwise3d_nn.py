@@ -459,3 +459,33 @@ def test_from_conv3d_leaves_the_global_random_state_alone():
     before = torch.get_rng_state()
     module = DepthwiseConv3d.from_conv3d(conv)
     assert torch.equal(torch.get_rng_state(), before) and module.weight is conv.weight
+
+
+def test_converting_does_not_rewind_another_threads_random_numbers():
+    """While one thread converts models (an inference server loading one), another draws random numbers
+    (augmentation, dropout): it never gets the same numbers twice. Before, the conversions saved and restored
+    the process-wide generator around their initialisation (torch.random.fork_rng), rewinding the other
+    thread's draws made meanwhile (thousands of repeated draws in half a second); now they draw nothing."""
+    import threading
+    import time
+    model = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1, groups=8), nn.ReLU())
+    draws, stop = [], threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            draws.append(tuple(torch.rand(4).tolist()))
+
+    drawer = threading.Thread(target=draw)
+    drawer.start()
+    try:
+        end = time.monotonic() + 0.5
+        converted = 0
+        while time.monotonic() < end or converted < 20:
+            for target in ("fastvid", "reference"):
+                fastvid.convert(fastvid.convert(model), to=target)
+            converted += 1
+    finally:
+        stop.set()
+        drawer.join()
+    assert len(draws) > 100
+    assert len(set(draws)) == len(draws), f"{len(draws) - len(set(draws))} of {len(draws)} draws repeated"

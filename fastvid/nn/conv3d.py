@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 from .. import ops
 from .._sizes import triple
+from ._build import built_without_drawing
 from ._fx import fx_leaf
 
 IntOrTriple = Union[int, Sequence[int]]
@@ -82,9 +83,9 @@ class DepthwiseConv3d(nn.Conv3d):
         if not is_depthwise_conv3d(conv):
             raise ValueError(f"not a convertible depthwise nn.Conv3d: {conv}")
         check_parameters_shareable(conv)
-        with torch.random.fork_rng(devices=[]):  # the initialisation it replaces draws from the global generator
-            module = cls(conv.in_channels, conv.kernel_size, conv.stride, _numeric_padding(conv), conv.dilation,
-                         bias=conv.bias is not None, channel_multiplier=conv.out_channels // conv.in_channels)
+        module = built_without_drawing(lambda: cls(
+            conv.in_channels, conv.kernel_size, conv.stride, _numeric_padding(conv), conv.dilation,
+            bias=conv.bias is not None, channel_multiplier=conv.out_channels // conv.in_channels))
         module.weight = conv.weight
         module.bias = conv.bias
         return module.train(conv.training)

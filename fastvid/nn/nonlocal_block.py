@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._sizes import ntuple
 from ..ops._common import autocast_enabled
+from ._build import built_without_drawing
 from ._fx import fx_leaf
 
 MODES = ("embedded_gaussian", "dot_product", "gaussian", "concatenation")
@@ -519,9 +520,9 @@ def _candidates_pytorchvideo(module):
         return []
     theta, phi, g, out = convs
     dims, inter = _dims_of(theta), theta.out_channels
-    block = NonLocalBlock(theta.in_channels, inter, "embedded_gaussian" if instantiation == "softmax" else "dot_product",
-                          sub_sample=pool is not None, norm=norm is not None, dims=dims, scale=inter ** -0.5,
-                          pool_before_projection=True)
+    block = built_without_drawing(lambda: NonLocalBlock(
+        theta.in_channels, inter, "embedded_gaussian" if instantiation == "softmax" else "dot_product",
+        sub_sample=pool is not None, norm=norm is not None, dims=dims, scale=inter ** -0.5, pool_before_projection=True))
     block.theta, block.phi, block.g, block.out, block.pool, block.norm = theta, phi, g, out, pool, norm
     return [block]
 
@@ -544,8 +545,9 @@ def _candidates_standalone(module):
     concat = getattr(module, "concat_project", None)
 
     def make(mode, theta_conv, phi_conv):
-        block = NonLocalBlock(in_channels, inter, mode, sub_sample=pool is not None, norm=norm is not None, dims=dims,
-                              pool_size=pool.kernel_size if pool is not None else None)
+        block = built_without_drawing(lambda: NonLocalBlock(
+            in_channels, inter, mode, sub_sample=pool is not None, norm=norm is not None, dims=dims,
+            pool_size=pool.kernel_size if pool is not None else None))
         block.theta, block.phi, block.g, block.out, block.norm = theta_conv, phi_conv, g, out, norm
         if pool is not None:
             block.pool = pool
@@ -587,12 +589,15 @@ def _probe_matches(original: nn.Module, candidate: NonLocalBlock) -> bool:
         for p in final.parameters():
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
         x = torch.randn(2, candidate.in_channels, *sizes, generator=generator)
-        for training in (False, True):
-            original.train(training), candidate.train(training)
-            expected, got = original(x), candidate(x)
-            if not (isinstance(expected, torch.Tensor) and expected.shape == got.shape and
-                    torch.allclose(expected, got, rtol=1e-4, atol=1e-5)):
-                return False
+        # The original is the user's code: a dropout in it draws from the global generator, which the
+        # caller's seeded run should find as it left it (a thread drawing during these calls is rewound).
+        with torch.random.fork_rng(devices=[]):
+            for training in (False, True):
+                original.train(training), candidate.train(training)
+                expected, got = original(x), candidate(x)
+                if not (isinstance(expected, torch.Tensor) and expected.shape == got.shape and
+                        torch.allclose(expected, got, rtol=1e-4, atol=1e-5)):
+                    return False
     return True
 
 

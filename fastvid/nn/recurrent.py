@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._sizes import pair
 from ..ops.recurrent import _channels_last  # the sequence ops' own test of the frame layout
+from ._build import built_without_drawing
 from ._fx import fx_leaf
 
 IntOrPair = Union[int, Sequence[int]]
@@ -206,9 +207,8 @@ class ConvLSTMCell(_ConvRNNCellBase):
         if padding != expected:
             raise ValueError(f"conv padding {conv.padding!r} is not the cell's 'same' padding {expected} (d·(k - 1) / 2 "
                              f"on each side, for kernel {kernel} and dilation {dilation})")
-        with torch.random.fork_rng(devices=[]):  # the initialisation it overwrites draws from the global generator
-            cell = cls(conv.in_channels - C, C, kernel, bias=conv.bias is not None, dilation=dilation,
-                       peephole=peephole)
+        cell = built_without_drawing(lambda: cls(conv.in_channels - C, C, kernel, bias=conv.bias is not None,
+                                                 dilation=dilation, peephole=peephole))  # peepholes: zero, as built
         order = [gate_order.index(g) for g in "ifgo"]  # position of i, f, g, o in the conv's output
         weight = torch.cat([conv.weight.detach()[k * C:(k + 1) * C] for k in order])
         with torch.no_grad():
@@ -226,8 +226,7 @@ class ConvLSTMCell(_ConvRNNCellBase):
         layer's ``padding``, ``strides``, ``dilation_rate``, ``activation``, ``recurrent_activation``,
         ``unit_forget_bias``; what converts is in fastvid/nn/keras_interop.py."""
         from .keras_interop import cell_from_keras
-        with torch.random.fork_rng(devices=[]):  # the initialisation it overwrites draws from the global generator
-            return cell_from_keras(cls, kernel, recurrent_kernel, bias, **config)
+        return cell_from_keras(cls, kernel, recurrent_kernel, bias, **config)
 
 
 class ConvGRUCell(_ConvRNNCellBase):
@@ -516,8 +515,7 @@ class ConvLSTM(_ConvRNNBase):
         layers' ``padding``, ``strides``, ``dilation_rate``, ``activation``, ``recurrent_activation``,
         ``unit_forget_bias``, and ``batch_first``, ``strategy``; see fastvid/nn/keras_interop.py."""
         from .keras_interop import sequence_from_keras
-        with torch.random.fork_rng(devices=[]):  # the initialisation it overwrites draws from the global generator
-            return sequence_from_keras(cls, layers, **config)
+        return sequence_from_keras(cls, layers, **config)
 
 
 class ConvGRU(_ConvRNNBase):
