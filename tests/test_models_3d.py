@@ -67,6 +67,21 @@ def test_forward_backward(name):
         assert param.grad is not None and torch.isfinite(param.grad).all(), pname
 
 
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_traces_with_torch_fx(name):
+    """torch.fx.symbolic_trace (torchvision's feature extraction, FX quantization) of every 3D model gives the
+    eager outputs bit for bit. I3D's size-fitted pooling windows and SlowFast's pathway split branch on the
+    input, so they are recorded as single nodes (torch.fx.wrap): before, I3D raised TraceError and SlowFast took
+    a traced video for a [slow, fast] pair (its shape check then raised)."""
+    model, video = _tiny(name)
+    model.eval()
+    traced = torch.fx.symbolic_trace(model)
+    other = torch.randn(1, *video.shape[1:])  # sizes are not frozen into the graph
+    with torch.no_grad():
+        for clip in (video, other):
+            assert torch.equal(traced(clip), model(clip))
+
+
 @pytest.mark.parametrize("name", sorted(set(TINY) - set(WITH_FASTVID_KERNELS)))
 def test_torch_nn_models_run_no_fastvid_kernel(name, monkeypatch):
     """I3D, R(2+1)D and SlowFast are built from torch.nn layers only: a backend comparison would compare

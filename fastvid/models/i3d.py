@@ -71,8 +71,16 @@ class _WindowFittingMaxPool3d(nn.MaxPool3d):
         super().__init__(kernel_size, stride=kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        window = tuple(min(self.kernel_size, size) for size in x.shape[2:])
+        window = _fitted_window((self.kernel_size,) * 3, x)
         return nn.functional.max_pool3d(x, window, window)
+
+
+def _fitted_window(window: tuple, x: Tensor) -> tuple:
+    """The (T, H, W) pooling window, each no larger than x's size there."""
+    return tuple(min(k, size) for k, size in zip(window, x.shape[2:]))
+
+
+torch.fx.wrap("_fitted_window")  # torch.fx records it as one node: traced, x's sizes are symbolic
 
 
 def _inflate_pool(pool: nn.Module) -> Optional[nn.Module]:
@@ -242,8 +250,7 @@ class I3D(nn.Module):
 
     def forward(self, video: Tensor) -> Tensor:
         x = self.features(video)
-        t, h, w = x.shape[2:]
-        x = nn.functional.avg_pool3d(x, (min(2, t), min(7, h), min(7, w)), stride=1)
+        x = nn.functional.avg_pool3d(x, _fitted_window((2, 7, 7), x), stride=1)
         x = self.logits(self.dropout(x))  # [B, classes, T', H', W'] (H' = W' = 1 at 224²)
         return x.mean(dim=(2, 3, 4))
 

@@ -201,6 +201,25 @@ class LateralConnection(nn.Sequential):
             nn.ReLU(inplace=True))
 
 
+def _slowfast_pathways(video: Union[Tensor, Sequence[Tensor]], alpha: int) -> List[Tensor]:
+    if isinstance(video, Tensor):
+        if video.dim() != 5:
+            raise ValueError(f"SlowFast: expected video [B, C, T, H, W], got {tuple(video.shape)}")
+        if video.shape[2] % alpha:
+            raise ValueError(f"SlowFast: the fast clip's T={video.shape[2]} must be a multiple of alpha={alpha}")
+        return [video[:, :, ::alpha], video]
+    slow, fast = video
+    if slow.dim() != 5 or fast.dim() != 5 or fast.shape[2] != alpha * slow.shape[2]:
+        raise ValueError(f"SlowFast: expected [slow [B, C, T, H, W], fast [B, C, {alpha}·T, H, W]], got "
+                         f"{tuple(slow.shape)} and {tuple(fast.shape)}")
+    return [slow, fast]
+
+
+# torch.fx records the call as one node, run on the real input: traced, a video is a symbolic value that
+# the Tensor-or-pair test above cannot tell apart (it took the pair branch, the batch's first two clips).
+torch.fx.wrap("_slowfast_pathways")
+
+
 class SlowFast(nn.Module):
     """SlowFast network (ResNet-50 pathways). ``forward(video)`` with ``video`` ``[B, 3, αT, H, W]``
     (the fast pathway's frames; the slow pathway takes every α-th frame, ``video[:, :, ::α]``, which
@@ -266,18 +285,7 @@ class SlowFast(nn.Module):
 
     def pathways(self, video: Union[Tensor, Sequence[Tensor]]) -> List[Tensor]:
         """``[slow, fast]`` input clips from ``video`` (see the class docstring), checked."""
-        if isinstance(video, Tensor):
-            if video.dim() != 5:
-                raise ValueError(f"SlowFast: expected video [B, C, T, H, W], got {tuple(video.shape)}")
-            if video.shape[2] % self.alpha:
-                raise ValueError(f"SlowFast: the fast clip's T={video.shape[2]} must be a multiple of "
-                                 f"alpha={self.alpha}")
-            return [video[:, :, ::self.alpha], video]
-        slow, fast = video
-        if slow.dim() != 5 or fast.dim() != 5 or fast.shape[2] != self.alpha * slow.shape[2]:
-            raise ValueError(f"SlowFast: expected [slow [B, C, T, H, W], fast [B, C, {self.alpha}·T, H, W]], got "
-                             f"{tuple(slow.shape)} and {tuple(fast.shape)}")
-        return [slow, fast]
+        return _slowfast_pathways(video, self.alpha)
 
     def features(self, video: Union[Tensor, Sequence[Tensor]]) -> Dict[str, Tensor]:
         """res5 outputs ``{"slow": [B, 32C, T, H/32, W/32], "fast": [B, 32βC, αT, H/32, W/32]}``."""
