@@ -48,6 +48,8 @@ bool detect_bf16() {
 #endif
 }
 
+std::shared_mutex g_switch;        // held shared by calls that pin the path, exclusively to switch it
+
 const Isa g_cpu = detect();        // what cpuid says
 std::atomic<int> g_supported{static_cast<int>(g_cpu)};  // lowered only by _cpu_isa_simulate (tests)
 
@@ -89,6 +91,7 @@ void set_isa(const std::string& name) {
   TORCH_CHECK(want >= 0, "fastvid._set_cpu_isa: isa must be one of avx512, avx2, baseline, got '", name, "'");
   TORCH_CHECK(want <= g_supported.load(), "fastvid._set_cpu_isa: isa '", name, "' is not supported by this CPU ",
               "(best: ", supported_name(), ")");
+  std::unique_lock<std::shared_mutex> no_pinned_calls(g_switch);
   g_active.store(want);
 }
 
@@ -98,6 +101,7 @@ void simulate(const std::string& name) {
   const int cap = name.empty() ? static_cast<int>(g_cpu) : parse(name);
   TORCH_CHECK(cap >= 0 && cap <= static_cast<int>(g_cpu), "fastvid._cpu_isa_simulate: isa must be '' or one of ",
               "the CPU's paths (<= ", kNames[static_cast<int>(g_cpu)], "), got '", name, "'");
+  std::unique_lock<std::shared_mutex> no_pinned_calls(g_switch);
   g_supported.store(cap);
   if (g_active.load() > cap) g_active.store(cap);
 }
@@ -113,6 +117,8 @@ std::string ran(const std::string& family) {
 }
 
 }  // namespace
+
+std::shared_lock<std::shared_mutex> pin_path() { return std::shared_lock<std::shared_mutex>(g_switch); }
 
 std::atomic<int> g_active{initial_isa()};
 std::atomic<int> g_ran[static_cast<int>(Family::count)] = {-1, -1, -1};

@@ -24,6 +24,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <shared_mutex>
 
 namespace fastvid {
 namespace cpu_isa {
@@ -51,6 +52,11 @@ inline Isa use(Family family) {
   if (ran.load(std::memory_order_relaxed) != isa) ran.store(isa, std::memory_order_relaxed);
   return static_cast<Isa>(isa);
 }
+// An op that reads the active path more than once per call holds this for the call: the attention op
+// sizes its packed operands by one path's panel width, then runs that path's kernels on them (a switch
+// in between, from another thread, corrupted the heap). _set_cpu_isa and _cpu_isa_simulate wait for
+// such calls to end.
+std::shared_lock<std::shared_mutex> pin_path();
 
 }  // namespace cpu_isa
 }  // namespace fastvid

@@ -128,6 +128,47 @@ def test_a_path_the_cpu_lacks_cannot_be_forced():
         OPS._cpu_isa_simulate("avx10")
 
 
+_SWITCH_DURING_ATTENTION = """
+import threading, time, torch, fastvid
+ops, paths = torch.ops.fastvid, {paths!r}
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, n, 16, generator=g, requires_grad=True) for n in (1000, 250, 250))
+expected = fastvid.ops.nonlocal_attention(q, k, v).detach()
+stop = threading.Event()
+
+def switch():
+    i = 0
+    while not stop.is_set():
+        ops._set_cpu_isa(paths[i % len(paths)])
+        i += 1
+        time.sleep(0.0002)
+
+switcher = threading.Thread(target=switch)
+switcher.start()
+worst = 0.0
+for _ in range(600):
+    out = fastvid.ops.nonlocal_attention(q, k, v)
+    out.sum().backward()
+    worst = max(worst, (out - expected).abs().max().item())
+stop.set()
+switcher.join()
+print(worst)
+"""
+
+
+@pytest.mark.skipif(len(supported_paths()) < 2, reason="one ISA path on this CPU: nothing to switch between")
+def test_switching_the_path_while_attention_runs():
+    """_set_cpu_isa from another thread while the attention op runs: the op keeps one path for its whole call
+    (cpu_isa::pin_path) and the switch waits for it. Before, a call sized its packed operands for one path's
+    panel width and ran another path's kernels on them: glibc aborted ("double free or corruption",
+    "malloc_consolidate(): invalid chunk size") in 3 of 3 runs of these 600 calls. A subprocess, as a heap
+    corruption would take the test process down."""
+    proc = subprocess.run([sys.executable, "-c", _SWITCH_DURING_ATTENTION.format(paths=supported_paths())], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split()[-1]) < 1e-5  # every path's result within fp32 rounding of the first
+
+
 def _import_with_env(value):
     env = dict(os.environ, FASTVID_CPU_ISA=value)
     code = ("import sys, torch, fastvid; sys.path.insert(0, 'tests'); from test_cpu_isa import run_every_family; "

@@ -497,6 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_cpu(const at::
                                                      scale, save_scores);
     return {out.to(at::kBFloat16), lse, scores};
   }
+  const auto pinned = cpu_isa::pin_path();  // one ISA path for the whole call (cpu_isa.h)
   const at::Tensor q = as_operand_layout(q_in), k = as_operand_layout(k_in), v = as_operand_layout(v_in);
   const auto acc_options = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor out = cpu_block_cache::empty({sz.B, sz.N, sz.Dv}, q.options());
@@ -660,6 +661,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attention_backward_cpu(
         f32(grad_out_in), grad_lse_in, f32(q_in), f32(k_in), f32(v_in), f32(out_in), lse_in, scale, scores_in);
     return {grad_q.to(at::kBFloat16), grad_k.to(at::kBFloat16), grad_v.to(at::kBFloat16)};
   }
+  const auto pinned = cpu_isa::pin_path();  // one ISA path for the whole call (cpu_isa.h)
   const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const std::vector<int64_t> out_shape{sz.B, sz.N, sz.Dv}, row_shape{sz.B, sz.N}, scores_shape{sz.B, sz.N, sz.M};
   // The forward's empty [0] scores (save_scores off) mean none, as an absent argument does.
