@@ -186,6 +186,20 @@ def _forward_ad_tangents(tensors) -> list[str]:
     return [name for name, t in _tensors(tensors) if torch.autograd.forward_ad.unpack_dual(t).tangent is not None]
 
 
+def _grad_transformed(tensors) -> list[str]:
+    """The arguments a torch.func gradient transform (grad, vjp, jacrev, functional training loops) traces: the
+    kernels' autograd (C++ autograd functions, torch.library registrations) cannot run under it ("must override
+    the setup_context staticmethod", "cannot use C++ torch::autograd::Function with functorch transforms").
+    (torch._C._functorch: PyTorch has no public test for a transform's tensors; without it, nothing is found.)"""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the test below (and handles transforms itself)
+        return []
+    functorch = getattr(torch._C, "_functorch", None)
+    peek, tracked = getattr(functorch, "peek_interpreter_stack", None), getattr(functorch, "is_gradtrackingtensor", None)
+    if peek is None or tracked is None or peek() is None:  # no transform active: nothing to look at
+        return []
+    return [name for name, t in _tensors(tensors) if tracked(t)]
+
+
 def not_supported_reasons(name: str, tensors) -> list[str]:
     """Why backend `name` cannot run an op on these tensors (empty list: it can)."""
     devices = _devices(tensors)
@@ -197,6 +211,11 @@ def not_supported_reasons(name: str, tensors) -> list[str]:
         reasons.append(f"{', '.join(map(str, tangents))} carry forward-mode AD tangents (torch.func.jvp / jacfwd, "
                        "torch.autograd.forward_ad): the kernels have no forward-mode derivative; the 'reference' "
                        "backend (pure PyTorch) has one")
+    traced = _grad_transformed(tensors)
+    if traced:
+        reasons.append(f"{', '.join(map(str, traced))} are traced by a torch.func gradient transform (grad / vjp / "
+                       "jacrev): the kernels' autograd cannot run under it; the 'reference' backend (pure PyTorch) "
+                       "can")
     if name == "cpu":
         if not cpu_kernels():
             reasons.append(f"fastvid._C is not built ({EXTENSION_ERROR})")

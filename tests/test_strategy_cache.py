@@ -173,8 +173,9 @@ def test_deterministic_mode_never_times(train, monkeypatch):
 def test_vmap_over_a_fresh_layer_is_not_timed(cls, monkeypatch):
     """torch.func.vmap over a fresh layer (no cached choice) runs 'hoisted' untimed, through PyTorch's
     per-sample fallback: equal to the per-clip calls (before, the timing's backward raised "element 0 of
-    tensors does not require grad" inside the transform). torch.func.grad still cannot run the C++
-    autograd ops: PyTorch's own error says so (before: one about the timing's saved-tensor hooks)."""
+    tensors does not require grad" inside the transform). Under torch.func.grad the traced inputs run the
+    reference implementation (the C++ autograd ops cannot run there), untimed too, and give autograd's
+    gradients (before: PyTorch's "functorch transforms" error)."""
     def no_timer():
         raise AssertionError("the strategy was timed inside a torch.func transform")
     monkeypatch.setattr(ops_recurrent.time, "perf_counter", no_timer)
@@ -187,8 +188,11 @@ def test_vmap_over_a_fresh_layer_is_not_timed(cls, monkeypatch):
     torch.testing.assert_close(outputs, torch.stack([layer(x)[0] for x in clips]), rtol=0, atol=0)
     layer.strategy = None
     parameters = {name: p.detach() for name, p in layer.named_parameters()}
-    with pytest.raises(RuntimeError, match="functorch transforms"):
-        torch.func.grad(lambda p: torch.func.functional_call(layer, p, (clips[0],))[0].sum())(parameters)
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (clips[0],))[0].sum())(parameters)
+    assert fastvid.ops.chosen_strategies() == {}
+    layer.strategy = ops_recurrent.FIXED_STRATEGY  # (the kernels' gradients, untimed)
+    expected = torch.autograd.grad(layer(clips[0])[0].sum(), list(layer.parameters()))
+    torch.testing.assert_close(list(grads.values()), list(expected), rtol=1e-5, atol=1e-6)
 
 
 def _strategies_in_graph(fn, *args):

@@ -1,11 +1,13 @@
-"""Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) through the fastvid ops.
+"""torch.func transforms and forward-mode AD through the fastvid ops.
 
-The kernels' autograd is backward-only, and PyTorch runs an op registered with
-torch.library.register_autograd (the cells, the attention op, every Triton op) without its autograd
-when no input requires grad: the result came back with no tangent, read as zero, a silently wrong jvp.
-Inputs that carry a tangent now take the reference backend under 'auto' (pure PyTorch, which has
-forward-mode derivatives), and a forced kernel backend refuses them. Tangents are checked against
-central finite differences in float64, independent of both implementations."""
+Forward mode (torch.func.jvp / jacfwd, torch.autograd.forward_ad): the kernels' autograd is backward-only,
+and PyTorch runs an op registered with torch.library.register_autograd (the cells, the attention op, every
+Triton op) without its autograd when no input requires grad: the result came back with no tangent, read as
+zero, a silently wrong jvp. Reverse-mode transforms (torch.func.grad / vjp / jacrev, and vmap of them:
+per-sample gradients) cannot run the kernels' autograd at all (PyTorch raised "functorch transforms" /
+"setup_context"). Inputs that carry a tangent or that a gradient transform traces now take the reference
+backend under 'auto' (pure PyTorch), and a forced kernel backend refuses them. Forward mode is checked
+against central finite differences in float64, reverse mode against torch.autograd through the kernels."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -93,3 +95,63 @@ def test_a_forced_kernel_backend_refuses_tangents(name):
     inputs = make()
     with fastvid.backend("cpu"), pytest.raises(RuntimeError, match="forward-mode AD tangents.*'reference'"):
         torch.func.jvp(f, inputs, tuple(torch.ones_like(x) for x in inputs))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_grad_transform_matches_autograd_through_the_kernels(name):
+    f, make = CASES[name]
+    inputs = make()
+
+    def loss(*args):
+        out = f(*args)
+        return _flat(out).square().sum()
+
+    got = torch.func.grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    expected = torch.autograd.grad(loss(*leaves), leaves)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * e.abs().max().item())
+
+
+@pytest.mark.parametrize("make", [lambda: fastvid.nn.DepthwiseConv3d(3, 3, padding=1),
+                                  lambda: fastvid.nn.ConvLSTM(3, 4, 3)], ids=["DepthwiseConv3d", "ConvLSTM"])
+def test_per_sample_gradients_with_vmap_of_grad(make):
+    """The per-sample-gradient recipe (vmap over grad of functional_call), as differential privacy uses it."""
+    torch.manual_seed(0)
+    module = make().double()
+    clips = _randn(3, 3, 2, 4, 4, seed=1)  # DepthwiseConv3d: [B, C, T, H, W]; ConvLSTM: [B, T, C, H, W]
+    if isinstance(module, fastvid.nn.ConvLSTM):
+        clips = clips.transpose(1, 2).contiguous()
+    parameters = {name: p.detach() for name, p in module.named_parameters()}
+
+    def loss(params, clip):
+        out = torch.func.functional_call(module, params, (clip.unsqueeze(0),))
+        return (out[0] if isinstance(out, tuple) else out).square().sum()  # ConvLSTM: (output, (h, c))
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(parameters, clips)
+    for i, clip in enumerate(clips):
+        expected = torch.autograd.grad(loss(dict(module.named_parameters()), clip), list(module.parameters()))
+        for name, e in zip(parameters, expected):
+            torch.testing.assert_close(per_sample[name][i], e, rtol=1e-10, atol=1e-10 * e.abs().max().item())
+
+
+def test_nonlocal_block_under_a_grad_transform_raises():
+    """The NonLocalBlock's fused steps are Python autograd functions without torch.func support: PyTorch's
+    error (README: the plain-PyTorch twin, fastvid.convert(model, to='reference'), runs under transforms)."""
+    block = fastvid.nn.NonLocalBlock(4, sub_sample=False).double().eval()
+    parameters = {name: p.detach() for name, p in block.named_parameters()}
+    x = _randn(2, 4, 2, 3, 3, seed=1)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda p: torch.func.functional_call(block, p, (x,)).sum())(parameters)
+    twin = fastvid.convert(block, to="reference")
+    grads = torch.func.grad(lambda p: torch.func.functional_call(twin, p, (x,)).sum())(parameters)
+    expected = torch.autograd.grad(block(x).sum(), list(block.parameters()))
+    for name, e in zip(parameters, expected):
+        torch.testing.assert_close(grads[name], e, rtol=1e-10, atol=1e-12)
+
+
+def test_a_forced_kernel_backend_refuses_a_grad_transform():
+    f, make = CASES["depthwise_conv3d"]
+    inputs = make()
+    with fastvid.backend("cpu"), pytest.raises(RuntimeError, match="torch.func gradient transform.*'reference'"):
+        torch.func.grad(lambda x: f(x, inputs[1]).sum())(inputs[0])
