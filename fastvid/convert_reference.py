@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nn.attention_lstm import AttentionConvLSTM
-from .nn._build import built_without_drawing
+from .nn._build import module_to_fill
 from .nn.conv3d import DepthwiseConv3d, check_parameters_shareable
 from .nn.nonlocal_block import NonLocalBlock
 from .nn.recurrent import ConvGRU, ConvGRUCell, ConvLSTM, ConvLSTMCell, _ConvRNNBase, _no_lengths_with_norm
@@ -31,9 +31,9 @@ from .reference.attention_lstm import attention_convlstm
 def depthwise_to_conv3d(module: DepthwiseConv3d) -> nn.Conv3d:
     """``nn.Conv3d(C, m*C, k, groups=C)`` sharing ``module``'s weight and bias."""
     check_parameters_shareable(module)
-    conv = built_without_drawing(lambda: nn.Conv3d(module.channels, module.out_channels, module.kernel_size,
-                                                   module.stride, module.padding, module.dilation,
-                                                   groups=module.channels, bias=module.bias is not None))
+    conv = module_to_fill(nn.Conv3d, nn.Conv3d, module.channels, module.out_channels, module.kernel_size,
+                          module.stride, module.padding, module.dilation, groups=module.channels,
+                          bias=module.bias is not None, padding_mode=module.padding_mode)
     conv.weight = module.weight
     conv.bias = module.bias
     return conv.train(module.training)

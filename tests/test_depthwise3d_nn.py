@@ -102,6 +102,53 @@ def test_is_the_nn_conv3d_it_replaces(kwargs):
     assert fastvid.convert(model, inplace=True)[0] is ours  # already converted: left as it is
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2, 3), padding="same"),
+                                    dict(kernel_size=3, padding=(1, 2, 0), stride=2, channel_multiplier=2)])
+def test_padding_modes_as_nn_conv3d(mode, kwargs):
+    """nn.Conv3d's padding_mode, given to the constructor or set on the module afterwards (code that walks a
+    model for nn.Conv3d may set it): the input padded so, then convolved by the kernels unpadded. Before,
+    DepthwiseConv3d zero-padded whatever padding_mode said (1.1 from nn.Conv3d's output, silently)."""
+    C, m = 3, kwargs.get("channel_multiplier", 1)
+    native = nn.Conv3d(C, C * m, groups=C, padding_mode=mode,
+                       **{k: v for k, v in kwargs.items() if k != "channel_multiplier"}).double()
+    given = DepthwiseConv3d(C, padding_mode=mode, **kwargs).double()
+    set_after = DepthwiseConv3d(C, **kwargs).double()
+    set_after.padding_mode = mode
+    x = torch.randn(2, C, 5, 6, 7, dtype=torch.float64)
+    for ours in (given, set_after):
+        ours.load_state_dict(native.state_dict())
+        _assert_matches_native(ours, native, x)
+    assert f"padding_mode='{mode}'" in repr(given)
+
+
+def test_conversions_into_a_subclass_keep_its_own_state():
+    """from_conv3d / from_concat_conv called on a user's subclass with state of its own: that state keeps its
+    initial values (the conversions build fastvid's own classes without initialising them, since they set all
+    of their state; a subclass is built by its constructor)."""
+    class Scaled(DepthwiseConv3d):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.gain = nn.Parameter(torch.full((self.out_channels,), 2.0))
+
+        def forward(self, x):
+            return super().forward(x) * self.gain.view(-1, 1, 1, 1)
+
+    conv = nn.Conv3d(4, 4, 3, padding=1, groups=4)
+    converted = Scaled.from_conv3d(conv)
+    assert torch.equal(converted.gain, torch.full((4,), 2.0))
+    x = torch.randn(2, 4, 3, 5, 5)
+    torch.testing.assert_close(converted(x), 2 * conv(x), rtol=1e-5, atol=1e-5)
+
+    class Tempered(fastvid.nn.ConvLSTMCell):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("temperature", torch.tensor(1.5))
+
+    cell = Tempered.from_concat_conv(nn.Conv2d(3 + 2, 8, 3, padding=1), hidden_channels=2)
+    assert cell.temperature.item() == 1.5
+
+
 def test_modules_pickled_before_it_was_an_nn_conv3d_load():
     """A DepthwiseConv3d pickled by an earlier fastvid (an nn.Module without nn.Conv3d's attributes) unpickles
     into the subclass with those attributes filled in, and runs."""

@@ -9,11 +9,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from .. import ops
 from .._sizes import triple
-from ._build import built_without_drawing
+from ._build import module_to_fill
 from ._fx import fx_leaf
 
 IntOrTriple = Union[int, Sequence[int]]
@@ -28,7 +29,7 @@ class DepthwiseConv3d(nn.Conv3d):
 
     def __init__(self, channels: int, kernel_size: IntOrTriple, stride: IntOrTriple = 1,
                  padding: Union[IntOrTriple, str] = 0, dilation: IntOrTriple = 1, bias: bool = True,
-                 channel_multiplier: int = 1, device=None, dtype=None):
+                 channel_multiplier: int = 1, device=None, dtype=None, padding_mode: str = "zeros"):
         if channels <= 0 or channel_multiplier <= 0:
             raise ValueError(f"channels and channel_multiplier must be positive, got {channels}, {channel_multiplier}")
         kernel_size, stride, dilation = triple(kernel_size), triple(stride), triple(dilation)
@@ -47,7 +48,7 @@ class DepthwiseConv3d(nn.Conv3d):
             raise ValueError(f"DepthwiseConv3d: kernel_size must be at most {ops.depthwise3d.MAX_KERNEL_SIZE} along each "
                              f"dim (the kernels' limit; nn.Conv3d(groups=C) takes larger), got {kernel_size}")
         super().__init__(channels, channels * channel_multiplier, kernel_size, stride, padding, dilation, groups=channels,
-                         bias=bias, device=device, dtype=dtype)
+                         bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
         self.channels, self.channel_multiplier = channels, channel_multiplier
 
     def __setstate__(self, state):
@@ -71,11 +72,15 @@ class DepthwiseConv3d(nn.Conv3d):
         if not torch.jit.is_tracing() and x.dim() in (4, 5) and x.shape[-4] != self.channels:
             raise ValueError(f"DepthwiseConv3d: expected input [B, {self.channels}, T, H, W] or [{self.channels}, T, H, "
                              f"W], got {tuple(x.shape)} ({x.shape[-4]} channels instead of {self.channels})")
+        if self.padding_mode != "zeros":  # as nn.Conv3d does it: pad the input so, then convolve unpadded
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return ops.depthwise_conv3d(x, self.weight, self.bias, self.stride, 0, self.dilation)
         return ops.depthwise_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
     def extra_repr(self):
         return (f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"dilation={self.dilation}, channel_multiplier={self.channel_multiplier}, bias={self.bias is not None}")
+                f"dilation={self.dilation}, channel_multiplier={self.channel_multiplier}, bias={self.bias is not None}"
+                + (f", padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else ""))
 
     @classmethod
     def from_conv3d(cls, conv: nn.Conv3d) -> "DepthwiseConv3d":
@@ -83,9 +88,9 @@ class DepthwiseConv3d(nn.Conv3d):
         if not is_depthwise_conv3d(conv):
             raise ValueError(f"not a convertible depthwise nn.Conv3d: {conv}")
         check_parameters_shareable(conv)
-        module = built_without_drawing(lambda: cls(
-            conv.in_channels, conv.kernel_size, conv.stride, _numeric_padding(conv), conv.dilation,
-            bias=conv.bias is not None, channel_multiplier=conv.out_channels // conv.in_channels))
+        module = module_to_fill(cls, DepthwiseConv3d, conv.in_channels, conv.kernel_size, conv.stride,
+                                _numeric_padding(conv), conv.dilation, bias=conv.bias is not None,
+                                channel_multiplier=conv.out_channels // conv.in_channels)
         module.weight = conv.weight
         module.bias = conv.bias
         return module.train(conv.training)

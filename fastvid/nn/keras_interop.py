@@ -43,7 +43,8 @@ import torch
 from torch import Tensor
 
 from .._sizes import ntuple
-from ._build import built_without_drawing
+from ._build import module_to_fill
+from .recurrent import ConvLSTM, ConvLSTMCell
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -153,8 +154,8 @@ def cell_from_keras(cls, kernel, recurrent_kernel, bias=None, *, unit_forget_bia
     """``ConvLSTMCell.from_keras_weights``: a cell holding one Keras ConvLSTM2D layer's weights."""
     check_keras_config(**config)
     weights = convert_layer_weights(kernel, recurrent_kernel, bias)
-    cell = built_without_drawing(lambda: cls(weights.in_channels, weights.hidden_channels, weights.kernel_size,
-                                             bias=weights.bias is not None, unit_forget_bias=unit_forget_bias))
+    cell = module_to_fill(cls, ConvLSTMCell, weights.in_channels, weights.hidden_channels, weights.kernel_size,
+                          bias=weights.bias is not None, unit_forget_bias=unit_forget_bias)
     cell = cell.to(weights.weight_ih.dtype)
     with torch.no_grad():
         cell.weight_ih.copy_(weights.weight_ih)
@@ -187,10 +188,10 @@ def sequence_from_keras(cls, layers, *, batch_first: bool = True, unit_forget_bi
     dtypes = {w.weight_ih.dtype for w in converted}
     if len(dtypes) != 1:
         raise ValueError(f"the layers' arrays have different dtypes: {sorted(map(str, dtypes))}")
-    module = built_without_drawing(lambda: cls(
-        converted[0].in_channels, [w.hidden_channels for w in converted], [w.kernel_size for w in converted],
-        num_layers=len(converted), bias=has_bias.pop(), batch_first=batch_first, unit_forget_bias=unit_forget_bias,
-        strategy=strategy)).to(dtypes.pop())
+    module = module_to_fill(cls, ConvLSTM, converted[0].in_channels, [w.hidden_channels for w in converted],
+                            [w.kernel_size for w in converted], num_layers=len(converted), bias=has_bias.pop(),
+                            batch_first=batch_first, unit_forget_bias=unit_forget_bias,
+                            strategy=strategy).to(dtypes.pop())
     with torch.no_grad():
         for layer, weights in enumerate(converted):
             getattr(module, f"weight_ih_l{layer}").copy_(weights.weight_ih)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._sizes import ntuple
 from ..ops._common import autocast_enabled
-from ._build import built_without_drawing
+from ._build import module_to_fill
 from ._fx import fx_leaf
 
 MODES = ("embedded_gaussian", "dot_product", "gaussian", "concatenation")
@@ -520,9 +520,10 @@ def _candidates_pytorchvideo(module):
         return []
     theta, phi, g, out = convs
     dims, inter = _dims_of(theta), theta.out_channels
-    block = built_without_drawing(lambda: NonLocalBlock(
-        theta.in_channels, inter, "embedded_gaussian" if instantiation == "softmax" else "dot_product",
-        sub_sample=pool is not None, norm=norm is not None, dims=dims, scale=inter ** -0.5, pool_before_projection=True))
+    block = module_to_fill(NonLocalBlock, NonLocalBlock, theta.in_channels, inter,
+                           "embedded_gaussian" if instantiation == "softmax" else "dot_product",
+                           sub_sample=pool is not None, norm=norm is not None, dims=dims, scale=inter ** -0.5,
+                           pool_before_projection=True)
     block.theta, block.phi, block.g, block.out, block.pool, block.norm = theta, phi, g, out, pool, norm
     return [block]
 
@@ -545,9 +546,9 @@ def _candidates_standalone(module):
     concat = getattr(module, "concat_project", None)
 
     def make(mode, theta_conv, phi_conv):
-        block = built_without_drawing(lambda: NonLocalBlock(
-            in_channels, inter, mode, sub_sample=pool is not None, norm=norm is not None, dims=dims,
-            pool_size=pool.kernel_size if pool is not None else None))
+        block = module_to_fill(NonLocalBlock, NonLocalBlock, in_channels, inter, mode, sub_sample=pool is not None,
+                               norm=norm is not None, dims=dims,
+                               pool_size=pool.kernel_size if pool is not None else None)
         block.theta, block.phi, block.g, block.out, block.norm = theta_conv, phi_conv, g, out, norm
         if pool is not None:
             block.pool = pool

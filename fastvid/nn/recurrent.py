@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._sizes import pair
 from ..ops.recurrent import _channels_last  # the sequence ops' own test of the frame layout
-from ._build import built_without_drawing
+from ._build import module_to_fill
 from ._fx import fx_leaf
 
 IntOrPair = Union[int, Sequence[int]]
@@ -207,8 +207,8 @@ class ConvLSTMCell(_ConvRNNCellBase):
         if padding != expected:
             raise ValueError(f"conv padding {conv.padding!r} is not the cell's 'same' padding {expected} (d·(k - 1) / 2 "
                              f"on each side, for kernel {kernel} and dilation {dilation})")
-        cell = built_without_drawing(lambda: cls(conv.in_channels - C, C, kernel, bias=conv.bias is not None,
-                                                 dilation=dilation, peephole=peephole))  # peepholes: zero, as built
+        cell = module_to_fill(cls, ConvLSTMCell, conv.in_channels - C, C, kernel, bias=conv.bias is not None,
+                              dilation=dilation, peephole=peephole)  # peepholes: zero, as built
         order = [gate_order.index(g) for g in "ifgo"]  # position of i, f, g, o in the conv's output
         weight = torch.cat([conv.weight.detach()[k * C:(k + 1) * C] for k in order])
         with torch.no_grad():
