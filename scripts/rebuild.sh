@@ -9,4 +9,6 @@ mkdir -p build
 built=$(ls -t build/lib.*/fastvid/_C*.so | head -1)
 cp "$built" "fastvid/.$(basename "$built").new"
 mv "fastvid/.$(basename "$built").new" "fastvid/$(basename "$built")"
+# Import it: an undefined symbol links fine and shows only here (fastvid would fall back to the reference).
+.venv/bin/python -W ignore -c "import sys, fastvid; e = fastvid.info()['extension_error']; sys.exit(f'fastvid._C does not load: {e}' if e else 0)"
 echo "rebuilt fastvid/$(basename "$built")"
