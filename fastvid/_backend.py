@@ -186,16 +186,23 @@ def _forward_ad_tangents(tensors) -> list[str]:
     return [name for name, t in _tensors(tensors) if torch.autograd.forward_ad.unpack_dual(t).tangent is not None]
 
 
+def in_func_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) is active. torch._C._functorch: PyTorch has no
+    public test; without it, False. Not while dynamo traces (it cannot trace the test, and handles
+    transforms itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
 def _grad_transformed(tensors) -> list[str]:
     """The arguments a torch.func gradient transform (grad, vjp, jacrev, functional training loops) traces: the
     kernels' autograd (C++ autograd functions, torch.library registrations) cannot run under it ("must override
     the setup_context staticmethod", "cannot use C++ torch::autograd::Function with functorch transforms").
-    (torch._C._functorch: PyTorch has no public test for a transform's tensors; without it, nothing is found.)"""
-    if torch.compiler.is_compiling():  # dynamo cannot trace the test below (and handles transforms itself)
-        return []
-    functorch = getattr(torch._C, "_functorch", None)
-    peek, tracked = getattr(functorch, "peek_interpreter_stack", None), getattr(functorch, "is_gradtrackingtensor", None)
-    if peek is None or tracked is None or peek() is None:  # no transform active: nothing to look at
+    (torch._C._functorch, as in_func_transform: without it, nothing is found.)"""
+    tracked = getattr(getattr(torch._C, "_functorch", None), "is_gradtrackingtensor", None)
+    if tracked is None or not in_func_transform():
         return []
     return [name for name, t in _tensors(tensors) if tracked(t)]
 

@@ -4,8 +4,8 @@ Forward mode (torch.func.jvp / jacfwd, torch.autograd.forward_ad): the kernels' 
 and PyTorch runs an op registered with torch.library.register_autograd (the cells, the attention op, every
 Triton op) without its autograd when no input requires grad: the result came back with no tangent, read as
 zero, a silently wrong jvp. Reverse-mode transforms (torch.func.grad / vjp / jacrev, and vmap of them:
-per-sample gradients) cannot run the kernels' autograd at all (PyTorch raised "functorch transforms" /
-"setup_context"). Inputs that carry a tangent or that a gradient transform traces now take the reference
+per-sample gradients) cannot run the kernels' autograd at all (PyTorch raised "functorch transforms";
+the NonLocalBlock's Python autograd functions "setup_context" until they took the setup_context form). Inputs that carry a tangent or that a gradient transform traces now take the reference
 backend under 'auto' (pure PyTorch), and a forced kernel backend refuses them. Forward mode is checked
 against central finite differences in float64, reverse mode against torch.autograd through the kernels."""
 import pytest
@@ -135,19 +135,38 @@ def test_per_sample_gradients_with_vmap_of_grad(make):
             torch.testing.assert_close(per_sample[name][i], e, rtol=1e-10, atol=1e-10 * e.abs().max().item())
 
 
-def test_nonlocal_block_under_a_grad_transform_raises():
-    """The NonLocalBlock's fused steps are Python autograd functions without torch.func support: PyTorch's
-    error (README: the plain-PyTorch twin, fastvid.convert(model, to='reference'), runs under transforms)."""
-    block = fastvid.nn.NonLocalBlock(4, sub_sample=False).double().eval()
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product", "concatenation"])
+def test_nonlocal_block_grad_and_per_sample_gradients(mode):
+    """The NonLocalBlock's fused steps (Python autograd functions) take torch.func: grad in training mode
+    (BatchNorm on batch statistics) and vmap(grad) per-sample gradients in eval mode, against autograd.
+    Before, they were old-style functions (forward(ctx, ...)): PyTorch raised "must override the
+    setup_context staticmethod"."""
+    torch.manual_seed(0)
+    block = fastvid.nn.NonLocalBlock(4, mode=mode).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, dtype=p.dtype) * 0.3)
+    x = _randn(3, 4, 2, 4, 4, seed=1)
     parameters = {name: p.detach() for name, p in block.named_parameters()}
-    x = _randn(2, 4, 2, 3, 3, seed=1)
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.grad(lambda p: torch.func.functional_call(block, p, (x,)).sum())(parameters)
-    twin = fastvid.convert(block, to="reference")
-    grads = torch.func.grad(lambda p: torch.func.functional_call(twin, p, (x,)).sum())(parameters)
-    expected = torch.autograd.grad(block(x).sum(), list(block.parameters()))
-    for name, e in zip(parameters, expected):
-        torch.testing.assert_close(grads[name], e, rtol=1e-10, atol=1e-12)
+    buffers = {name: b.detach() for name, b in block.named_buffers()}
+
+    def loss(params, clips):
+        state = {**params, **{name: b.clone() for name, b in buffers.items()}}  # training updates running stats
+        return torch.func.functional_call(block, state, (clips,)).square().sum()
+
+    for training in (True, False):
+        block.train(training)
+        got = torch.func.grad(loss)(parameters, x)
+        expected = torch.autograd.grad(loss(dict(block.named_parameters()), x), list(block.parameters()))
+        scale = max(e.abs().max().item() for e in expected)  # (φ's bias cancels to ~0 in the softmax)
+        for name, e in zip(parameters, expected):
+            torch.testing.assert_close(got[name], e, rtol=1e-10, atol=1e-12 * scale)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(parameters, x.unsqueeze(1))
+    for i in range(x.shape[0]):
+        expected = torch.autograd.grad(loss(dict(block.named_parameters()), x[i:i + 1]), list(block.parameters()))
+        scale = max(e.abs().max().item() for e in expected)
+        for name, e in zip(parameters, expected):
+            torch.testing.assert_close(per_sample[name][i], e, rtol=1e-10, atol=1e-12 * scale)
 
 
 def test_a_forced_kernel_backend_refuses_a_grad_transform():

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from .. import _backend, ops
 from .._sizes import ntuple
 from ..ops._common import autocast_enabled
 from ._build import module_to_fill
@@ -39,7 +39,7 @@ def _pooling_layout(t: Tensor) -> Tensor:
     """``t`` in the layout PyTorch's CPU max-pooling is fastest on: channels-last for 2-D and 3-D windows
     (the same values and argmax positions, NaNs and ties included; two threads, session 37: [2, 256, 8,
     28, 28] with (1, 2, 2) windows 8.5 -> 3.2 ms copy included, [4, 256, 56, 56] with 2×2 7.7 -> 2.5)."""
-    if t.device.type != "cpu" or t.dim() not in (4, 5):
+    if t.device.type != "cpu" or t.dim() not in (4, 5) or _backend.in_func_transform():  # (vmap: no such layouts)
         return t
     return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
 
@@ -55,9 +55,15 @@ class _SecondOrderRefused(torch.autograd.Function):
     """The results of a first-order-only backward, passed on unchanged, with a node whose own backward raises,
     connected to the tensors those results depend on (the step's saved tensors and incoming gradients)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, count: int, *tensors: Tensor):
+    def forward(count: int, *tensors: Tensor):
         return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, *grads):
@@ -96,18 +102,26 @@ class _WindowMaxPool(torch.autograd.Function):
     full resolution, the largest tensor of the block's backward; the gradient needs only the
     positions (each input position is the argmax of at most one window, so a scatter is exact)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, kernel) -> Tensor:
+    def forward(x: Tensor, kernel):
+        """(pooled, argmax positions: int32 where they fit)."""
         pool = {3: F.max_pool1d, 4: F.max_pool2d, 5: F.max_pool3d}[x.dim()]
         out, positions = pool(_pooling_layout(x), kernel, kernel, return_indices=True)
         small = math.prod(x.shape[2:]) < 2 ** 31
-        ctx.save_for_backward(positions.to(torch.int32) if small else positions)
-        ctx.input_shape = x.shape
-        return out
+        return out, positions.to(torch.int32) if small else positions
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        positions = output[1]
+        ctx.mark_non_differentiable(positions)
+        ctx.save_for_backward(positions)
+        ctx.input_shape = inputs[0].shape
 
     @staticmethod
     @_first_order_only
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor, _grad_positions=None):
         (positions,) = ctx.saved_tensors
         shape = ctx.input_shape
         grad_input = grad.new_zeros(shape[0], shape[1], math.prod(shape[2:]))
@@ -125,14 +139,20 @@ class _PointwiseConv(torch.autograd.Function):
     AVX-512, two threads, B=2 C=256 L=6272, conv fwd+bwd 27.9 / 37.3 ms (O = 128 transposed / 256)
     against forward 3.6 / 16.0 plus 6.4 / 12.9 ms for the backward GEMMs (session 37)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, t: Tensor, weight: Tensor, bias: Optional[Tensor]):
-        ctx.save_for_backward(t, weight)
-        ctx.bias_dtype = None if bias is None else bias.dtype
+    def forward(t: Tensor, weight: Tensor, bias: Optional[Tensor]):
         weight_t = weight.t().expand(t.shape[0], -1, -1)
         rows = t.transpose(1, 2)
         out = torch.bmm(rows, weight_t) if bias is None else torch.baddbmm(bias, rows, weight_t)
         return out.transpose(1, 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        t, weight, bias = inputs
+        ctx.save_for_backward(t, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     @_first_order_only
@@ -161,8 +181,10 @@ class _CentredMoments(torch.autograd.Function):
     rounded to fp32 is off by eps·|mean|; ``delta`` keeps that part. Saves only ``rows`` (which the
     block keeps anyway); backward recomputes the centred rows."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, rows: Tensor):
+    def forward(rows: Tensor):
         acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
         with _autocast_off(rows.device.type):
             pivot = rows.to(acc).mean(0).to(rows.dtype)
@@ -170,9 +192,13 @@ class _CentredMoments(torch.autograd.Function):
             delta = centred.mean(0)
             centred -= delta
             cov = centred.T @ centred / rows.shape[0]
-        ctx.mark_non_differentiable(pivot)
-        ctx.save_for_backward(rows, pivot, delta)
         return pivot, delta, cov
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pivot, delta, _ = output
+        ctx.mark_non_differentiable(pivot)
+        ctx.save_for_backward(inputs[0], pivot, delta)
 
     @staticmethod
     @_first_order_only
@@ -212,8 +238,10 @@ class _CentredAffine(torch.autograd.Function):
     centred copy in backward. Under autocast (x wider than y) x is added after the product, so the
     residual is not rounded to y's dtype. The result is stored as x is (_projected)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, folded: Tensor, y: Tensor, pivot: Tensor, shift: Tensor):
+    def forward(x: Tensor, folded: Tensor, y: Tensor, pivot: Tensor, shift: Tensor):
         with _autocast_off(y.device.type):
             centred, weight = y - pivot, folded.to(y.dtype)
             if x.dtype == y.dtype:
@@ -224,9 +252,13 @@ class _CentredAffine(torch.autograd.Function):
                 out = out + shift_column if torch.compiler.is_compiling() else out.add_(shift_column)
             else:
                 out = x + _projected(centred, weight, x).add_(shift.to(y.dtype)[None, :, None])
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, folded, y, pivot, _ = inputs
         ctx.save_for_backward(folded, y, pivot)
         ctx.x_dtype = x.dtype
-        return out
 
     @staticmethod
     @_first_order_only
@@ -334,7 +366,7 @@ class NonLocalBlock(nn.Module):
     def _pool(self, t: Tensor) -> Tensor:
         kernel = self.pool.kernel_size
         if _is_plain_max_pool(self.pool) and torch.is_grad_enabled() and t.requires_grad:
-            return _WindowMaxPool.apply(t, kernel)
+            return _WindowMaxPool.apply(t, kernel)[0]
         return self.pool(_pooling_layout(t)).to(t.dtype)  # CPU autocast pools in fp32; the maximum is exact
 
     def attend(self, x: Tensor) -> Tensor:
