@@ -54,15 +54,12 @@ class DepthwiseConv3d(nn.Conv3d):
     def __setstate__(self, state):
         """Modules pickled before DepthwiseConv3d was an nn.Conv3d lack nn.Conv3d's own attributes."""
         super().__setstate__(state)
-        if "in_channels" not in self.__dict__:
-            self.in_channels, self.out_channels = self.channels, self.channels * self.channel_multiplier
-            self.groups, self.transposed, self.output_padding = self.channels, False, (0, 0, 0)
-            if isinstance(self.padding, str):  # (before, after) per dim, last dim first, as nn.Conv3d records them
-                totals = [d * (k - 1) if self.padding == "same" else 0 for d, k in zip(self.dilation, self.kernel_size)]
-                pads = [(t // 2, t - t // 2) for t in reversed(totals)]
-            else:
-                pads = [(p, p) for p in reversed(self.padding)]
-            self._reversed_padding_repeated_twice = tuple(v for pad in pads for v in pad)
+        if "in_channels" not in self.__dict__:  # nn.Conv3d's own record of these sizes, built on meta to copy from
+            twin = nn.Conv3d(self.channels, self.channels * self.channel_multiplier, self.kernel_size, self.stride,
+                             self.padding, self.dilation, groups=self.channels, device="meta")
+            for name in ("in_channels", "out_channels", "groups", "transposed", "output_padding",
+                         "_reversed_padding_repeated_twice"):
+                setattr(self, name, getattr(twin, name))
 
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: one leaf node (nn/_fx.py)
