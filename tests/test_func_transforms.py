@@ -14,6 +14,7 @@ import torch.autograd.forward_ad as fwAD
 
 import fastvid
 from fastvid.nn import ConvLSTMCell
+from test_convert_reference import flat
 
 pytestmark = pytest.mark.skipif(not fastvid.info()["cpu_kernels"], reason="fastvid._C is not built")
 
@@ -43,14 +44,10 @@ CASES = {
 }
 
 
-def _flat(outputs):
-    return torch.cat([t.reshape(-1) for t in (outputs if isinstance(outputs, tuple) else (outputs,))])
-
-
 def _finite_difference(f, inputs, tangents, eps=1e-6):
     plus = f(*[x + eps * t for x, t in zip(inputs, tangents)])
     minus = f(*[x - eps * t for x, t in zip(inputs, tangents)])
-    return (_flat(plus) - _flat(minus)) / (2 * eps)
+    return (flat(plus) - flat(minus)) / (2 * eps)
 
 
 def _assert_tangent(got, expected):
@@ -64,8 +61,8 @@ def test_jvp_matches_finite_differences(name):
     inputs = make()
     tangents = tuple(_randn(*x.shape, seed=10 + i) for i, x in enumerate(inputs))
     outputs, jvp = torch.func.jvp(f, inputs, tangents)
-    torch.testing.assert_close(_flat(outputs), _flat(f(*inputs)), rtol=1e-12, atol=1e-12)
-    _assert_tangent(_flat(jvp), _finite_difference(f, inputs, tangents))
+    torch.testing.assert_close(flat(outputs), flat(f(*inputs)), rtol=1e-12, atol=1e-12)
+    _assert_tangent(flat(jvp), _finite_difference(f, inputs, tangents))
 
 
 def test_forward_ad_dual_tensors_through_the_lstm_cell():
@@ -104,7 +101,7 @@ def test_grad_transform_matches_autograd_through_the_kernels(name):
 
     def loss(*args):
         out = f(*args)
-        return _flat(out).square().sum()
+        return flat(out).square().sum()
 
     got = torch.func.grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
     leaves = [x.clone().requires_grad_() for x in inputs]
