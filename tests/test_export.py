@@ -214,8 +214,8 @@ class _CallsTheOps(torch.nn.Module):
 
 
 def test_functional_ops_trace_with_torch_fx():
-    """fastvid.ops.<op>(...) in a traced forward is one call_function node per op (torch.fx.wrap in
-    fastvid/ops/__init__.py): before, the ops' Python checks raised TraceError."""
+    """fastvid.ops.<op>(...) in a traced forward is one call_function node per op (each op's
+    __torch_function__ check, fastvid/ops/__init__.py): before, the ops' Python checks raised TraceError."""
     model = _CallsTheOps()
     x = torch.randn(2, 3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
     traced = torch.fx.symbolic_trace(model)
@@ -223,3 +223,76 @@ def test_functional_ops_trace_with_torch_fx():
     assert called == ["depthwise_conv3d", "nonlocal_attention", "convlstm"]
     with torch.no_grad():
         assert torch.equal(traced(x), model(x))
+
+
+def _op_calls():
+    """{op name: arguments} of a small call of every public fastvid op (the first argument a tensor)."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.5
+    x = r(1, 2, 3, 4, 4)  # [B, T, C_in, H, W] for the sequence ops
+    return {
+        "depthwise_conv3d": (r(1, 2, 3, 4, 4), r(2, 1, 3, 3, 3), None, 1, 1),
+        "nonlocal_attention": (r(1, 5, 3), r(1, 4, 3), r(1, 4, 2)),
+        "dot_product_attention": (r(1, 5, 3), r(1, 4, 3), r(1, 4, 2)),
+        "concatenation_attention": (r(1, 5), r(1, 4), r(1, 4, 2)),
+        "lstm_cell": (r(1, 8, 3, 3), r(1, 2, 3, 3)),
+        "gru_cell": (r(1, 6, 3, 3), r(1, 6, 3, 3), r(1, 2, 3, 3)),
+        "gru_reset_hidden": (r(1, 2, 3, 3), r(1, 2, 3, 3), r(1, 2, 3, 3)),
+        "convlstm": (x, r(8, 3, 3, 3), r(8, 2, 3, 3)),
+        "convgru": (x, r(6, 3, 3, 3), r(6, 2, 3, 3)),
+        "convlstm_ln": (x, r(8, 3, 3, 3), r(8, 2, 3, 3), None, None, None, 1 + r(8), 1 + r(8), 1 + r(2), r(2)),
+        "convgru_ln": (x, r(6, 3, 3, 3), r(6, 2, 3, 3), None, None, None, 1 + r(6), 1 + r(6)),
+    }
+
+
+class _CallsOneOp(torch.nn.Module):
+    """A user's layer that imported one op by name (``from fastvid.ops import convlstm``) and calls it on
+    its input, the op's other arguments held as buffers."""
+
+    def __init__(self, op, rest):
+        super().__init__()
+        self.op = op
+        self.rest = [f"arg{i}" if isinstance(a, torch.Tensor) else a for i, a in enumerate(rest)]
+        for name, a in zip(self.rest, rest):
+            if isinstance(a, torch.Tensor):
+                self.register_buffer(name, a)
+
+    def forward(self, x):
+        return self.op(x, *[getattr(self, a) if isinstance(a, str) else a for a in self.rest])
+
+
+@pytest.mark.parametrize("name", sorted(_op_calls()))
+def test_ops_imported_by_name_trace_with_torch_fx(name):
+    """The op bound to a name of the user's module, not looked up in fastvid.ops at the call, is one
+    call_function node too (torch.fx.wrap, used before, patched only fastvid.ops' namespace: the op got
+    fx's Proxy and raised "input must be a Tensor, got Proxy")."""
+    op = getattr(fastvid.ops, name)
+    first, *rest = _op_calls()[name]
+    model = _CallsOneOp(op, rest)
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_function"] == [op]
+    with torch.no_grad():
+        torch.testing.assert_close(flat(traced(first)), flat(model(first)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(_op_calls()))
+def test_torch_function_modes_see_each_op_as_one_call(name):
+    """A TorchFunctionMode (the mechanism of torch.device contexts and of tools that record calls) gets the
+    op itself, as it gets torch.nn.functional's, and its result is the op's."""
+    op = getattr(fastvid.ops, name)
+    args = _op_calls()[name]
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        expected = flat(op(*args))
+        with Record():
+            result = op(*args)
+    assert seen == [op]
+    torch.testing.assert_close(flat(result), expected, rtol=0, atol=0)

@@ -6,13 +6,8 @@ from .recurrent import (  # noqa: F401
 )
 from .recurrent_norm import convgru_ln, convlstm_ln  # noqa: F401
 
-import torch.fx as _fx  # noqa: E402
-
-# Under torch.fx symbolic tracing a call written fastvid.ops.<op>(...) is recorded as one call_function
-# node, run eagerly by the traced module: the ops check shapes and pick a backend in Python, which a
-# symbolic value cannot answer. (fx patches this namespace only: a name imported from it beforehand
-# needs its own torch.fx.wrap.)
-for _op in ("concatenation_attention", "dot_product_attention", "nonlocal_attention", "depthwise_conv3d", "convgru",
-            "convlstm", "gru_cell", "gru_reset_hidden", "lstm_cell", "convgru_ln", "convlstm_ln"):
-    _fx.wrap(_op)
-del _op
+# Each public op starts as torch.nn.functional's do: arguments that override PyTorch functions (a tensor
+# subclass with __torch_function__, a TorchFunctionMode, torch.fx's Proxy) get the call as one call of the
+# op. So under torch.fx symbolic tracing a call is recorded as one call_function node, run eagerly by the
+# traced module, however the op was imported (the ops check shapes and pick a backend in Python, which a
+# symbolic value cannot answer).

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 from torch.utils.checkpoint import checkpoint
 
 from .. import _backend
@@ -184,6 +185,8 @@ def nonlocal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     forward keeps the scores ``scale · q kᵀ`` for the backward, ``B·heads·N·M`` fp32 values (fp64 for
     fp64), instead of recomputing them there: ~9 % less time forward+backward at B = 2, N = 6272,
     M = 1568, D = 128 (README), the same results bit for bit, memory no longer linear in N·M."""
+    if has_torch_function_variadic(q, k, v):
+        return handle_torch_function(nonlocal_attention, (q, k, v), q, k, v, scale, save_scores=save_scores)
     if not isinstance(save_scores, bool):
         raise TypeError(f"fastvid.nonlocal_attention: save_scores must be a bool, got {type(save_scores).__name__}")
     q, k, v = _autocast(q, k, v)
@@ -221,6 +224,8 @@ def dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Wang et al.'s dot-product nonlocal: ``(q kᵀ / M) v`` for ``[B, N, D]``, ``[B, M, D]``,
     ``[B, M, Dv]`` (or ``[B, heads, ...]``, as nonlocal_attention takes them), computed as
     ``q (kᵀ v) / M``: no N×M matrix, O(N·D·Dv) work."""
+    if has_torch_function_variadic(q, k, v):
+        return handle_torch_function(dot_product_attention, (q, k, v), q, k, v)
     q, k, v = _autocast(q, k, v)
     heads, q, k, v = _fold_heads("dot_product_attention", q, k, v)
     _check_attention_args("dot_product_attention", q, k, v, empty_queries=True)
@@ -241,6 +246,9 @@ def concatenation_attention(query_scores: Tensor, key_scores: Tensor, v: Tensor,
     The ReLU of a sum is not a softmax, so the tiled kernel cannot compute it; instead the queries
     are processed in chunks of at most ``max_chunk_elements`` affinities, each chunk recomputed in
     backward (activation checkpointing): peak memory is one chunk, not N×M."""
+    if has_torch_function_variadic(query_scores, key_scores, v):
+        return handle_torch_function(concatenation_attention, (query_scores, key_scores, v), query_scores, key_scores,
+                                     v, max_chunk_elements)
     if query_scores.dim() != 2 or key_scores.dim() != 2 or v.dim() != 3:
         raise ValueError("fastvid.concatenation_attention: expected query_scores [B, N], key_scores [B, M], "
                          f"v [B, M, Dv], got {tuple(query_scores.shape)}, {tuple(key_scores.shape)}, "

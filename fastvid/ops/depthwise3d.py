@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import _backend
 from .._sizes import triple
@@ -138,6 +139,9 @@ def depthwise_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     multiplier m; kernel sizes up to 7), ``bias`` ``[m*C]`` or None; ``stride``, ``padding`` and
     ``dilation`` are ints or (T, H, W) triples; ``padding`` may also be 'same' (stride 1) or 'valid', as
     in F.conv3d."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(depthwise_conv3d, (input, weight, bias), input, weight, bias, stride, padding,
+                                     dilation)
     if not isinstance(input, Tensor):
         raise TypeError(f"fastvid.depthwise_conv3d: input must be a Tensor, got {type(input).__name__}")
     if input.dim() == 4:  # unbatched [C, T, H, W], as F.conv3d takes it

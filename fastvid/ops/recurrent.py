@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import _backend
 from .._sizes import pair
@@ -470,6 +471,8 @@ def _triton_conv():
 def lstm_cell(gates_pre: Tensor, c_prev: Tensor, peephole: Optional[Tensor] = None):
     """Fused LSTM gates: ``gates_pre`` ``[B, 4C, H, W]`` (i, f, g, o) and ``c_prev`` → ``(h, c)``.
     ``c`` is fp32 for bf16/fp16 inputs. ``peephole``: optional ``[3, C]`` (w_ci, w_cf, w_co)."""
+    if has_torch_function_variadic(gates_pre, c_prev, peephole):
+        return handle_torch_function(lstm_cell, (gates_pre, c_prev, peephole), gates_pre, c_prev, peephole)
     if isinstance(gates_pre, Tensor):
         _check_cell_state_dtype("lstm_cell", "c_prev", c_prev, "gates_pre", gates_pre)
     which = _backend.resolve(dict(gates_pre=gates_pre, c_prev=c_prev, peephole=peephole))
@@ -496,6 +499,8 @@ def gru_cell(x_gates: Tensor, h_gates: Tensor, h_prev: Tensor, reset_after: bool
     With ``reset_after=False`` the n slot of ``h_gates`` must hold U*(r⊙h_prev) (see gru_reset_hidden).
     Under autocast all three run in the autocast dtype, as ATen's gru_cell does under CUDA autocast and
     as convgru casts its h0: a ConvGRUCell's fp32 (default or given) state meets bf16 conv outputs."""
+    if has_torch_function_variadic(x_gates, h_gates, h_prev):
+        return handle_torch_function(gru_cell, (x_gates, h_gates, h_prev), x_gates, h_gates, h_prev, reset_after)
     x_gates, h_gates, h_prev = autocast_inputs(x_gates.device.type, x_gates, h_gates, h_prev)
     _check_one_dtype("gru_cell", x_gates=x_gates, h_gates=h_gates, h_prev=h_prev)
     which = _backend.resolve(dict(x_gates=x_gates, h_gates=h_gates, h_prev=h_prev))
@@ -508,6 +513,8 @@ def gru_cell(x_gates: Tensor, h_gates: Tensor, h_prev: Tensor, reset_after: bool
 
 def gru_reset_hidden(x_r: Tensor, h_r: Tensor, h_prev: Tensor) -> Tensor:
     """σ(x_r + h_r) ⊙ h_prev, the first stage of the Ballas et al. ConvGRU (autocast: as gru_cell)."""
+    if has_torch_function_variadic(x_r, h_r, h_prev):
+        return handle_torch_function(gru_reset_hidden, (x_r, h_r, h_prev), x_r, h_r, h_prev)
     x_r, h_r, h_prev = autocast_inputs(x_r.device.type, x_r, h_r, h_prev)
     _check_one_dtype("gru_reset_hidden", x_r=x_r, h_r=h_r, h_prev=h_prev)
     which = _backend.resolve(dict(x_r=x_r, h_r=h_r, h_prev=h_prev))
@@ -629,6 +636,10 @@ def convlstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Ten
     batches, with ``pack_padded_sequence`` semantics: sample b runs steps t < lengths[b] only, its
     output is 0 after them, and in reverse it starts at its last valid step (fastvid/reference/recurrent.py).
     Returns ``(output [B, T, C, H, W], h_n, c_n)``; ``c_n`` is fp32 for bf16/fp16 inputs."""
+    if has_torch_function_variadic(x, weight_ih, weight_hh, bias, h0, c0, peephole, lengths):
+        return handle_torch_function(
+            convlstm, (x, weight_ih, weight_hh, bias, h0, c0, peephole, lengths),
+            x, weight_ih, weight_hh, bias, h0, c0, peephole, padding, dilation, reverse, strategy, lengths)
     C, padding, dilation, h0 = _sequence_arguments("convlstm", 4, x, weight_ih, weight_hh, h0, padding, dilation,
                                                    default_h0=False)
     lengths = _check_lengths("convlstm", lengths, x)
@@ -671,6 +682,10 @@ def convgru(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[T
             lengths: Optional[Tensor] = None):
     """One ConvGRU layer, one direction, over ``x`` ``[B, T, C_in, H, W]``. Returns ``(output, h_n)``.
     ``lengths``: optional ``[B]`` valid lengths, as in convlstm."""
+    if has_torch_function_variadic(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths):
+        return handle_torch_function(
+            convgru, (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, lengths),
+            x, weight_ih, weight_hh, bias_ih, bias_hh, h0, padding, dilation, reset_after, reverse, strategy, lengths)
     C, padding, dilation, h0 = _sequence_arguments("convgru", 3, x, weight_ih, weight_hh, h0, padding, dilation,
                                                    default_h0=False)
     lengths = _check_lengths("convgru", lengths, x)

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import _backend
 from ._common import autocast_inputs, check_one_device
@@ -92,6 +93,10 @@ def convlstm_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[
     (equations: fastvid/reference/recurrent_norm.py). ``bias``: the summed gate bias ``[4C]``, added
     after the norms; ``gain_ih``, ``gain_hh`` ``[4C]``; ``gain_c``, ``bias_c`` ``[C]``.
     Returns ``(output [B, T, C, H, W], h_n, c_n)``; ``c_n`` is fp32 for bf16/fp16 inputs."""
+    if has_torch_function_variadic(x, weight_ih, weight_hh, bias, h0, c0, gain_ih, gain_hh, gain_c, bias_c):
+        return handle_torch_function(
+            convlstm_ln, (x, weight_ih, weight_hh, bias, h0, c0, gain_ih, gain_hh, gain_c, bias_c),
+            x, weight_ih, weight_hh, bias, h0, c0, gain_ih, gain_hh, gain_c, bias_c, padding, dilation, reverse)
     C, padding, dilation, h0 = _sequence_arguments("convlstm_ln", 4, x, weight_ih, weight_hh, h0, padding, dilation)
     _check_norm_params("convlstm_ln", C, 4, gain_ih=gain_ih, gain_hh=gain_hh, gain_c=gain_c, bias_c=bias_c)
     _check_state_shape("convlstm_ln", "c0", c0, x, C)
@@ -121,6 +126,10 @@ def convgru_ln(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optiona
     ``[B, T, C_in, H, W]`` (equations: fastvid/reference/recurrent_norm.py). ``bias_ih`` / ``bias_hh``
     ``[3C]`` are added after their norms; ``gain_ih``, ``gain_hh`` ``[3C]``. Returns ``(output, h_n)``.
     CUDA tensors run the Triton step kernel in the reference time loop, as for convlstm_ln."""
+    if has_torch_function_variadic(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh):
+        return handle_torch_function(
+            convgru_ln, (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh),
+            x, weight_ih, weight_hh, bias_ih, bias_hh, h0, gain_ih, gain_hh, padding, dilation, reverse)
     C, padding, dilation, h0 = _sequence_arguments("convgru_ln", 3, x, weight_ih, weight_hh, h0, padding, dilation)
     _check_norm_params("convgru_ln", C, 3, gain_ih=gain_ih, gain_hh=gain_hh)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0 = autocast_inputs(x.device.type, x, weight_ih, weight_hh, bias_ih,
