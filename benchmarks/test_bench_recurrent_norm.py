@@ -73,10 +73,20 @@ def _step(provider, mode, m, x):
 
 
 def check_agree(m, x):
-    out_f = m(x)[0]
-    out_n = native_ln_convlstm(x, m)
-    err = ((out_f - out_n).abs().max() / out_n.abs().max()).item()
-    assert err < 1e-4, f"fastvid and native LN-ConvLSTM outputs differ by {err:.3g} (relative)"
+    """Outputs and every parameter's and the input's gradient (of the timed steps' upstream gradient of
+    ones) agree, relative to the largest value of each."""
+    results = {}
+    for provider in ("fastvid", "native"):
+        m.zero_grad(set_to_none=True)
+        xg = x.detach().clone().requires_grad_(True)
+        out = m(xg)[0] if provider == "fastvid" else native_ln_convlstm(xg, m)
+        out.backward(torch.ones_like(out))
+        results[provider] = {"output": out.detach(), "x.grad": xg.grad,
+                             **{f"{name}.grad": prm.grad for name, prm in m.named_parameters()}}
+    m.zero_grad(set_to_none=True)
+    for name, expected in results["native"].items():
+        err = ((results["fastvid"][name] - expected).abs().max() / expected.abs().max()).item()
+        assert err < 1e-4, f"fastvid and native LN-ConvLSTM {name} differ by {err:.3g} (relative)"
 
 
 @pytest.mark.parametrize("mode", MODES)
