@@ -14,12 +14,25 @@ pytestmark = pytest.mark.skipif(not fastvid.info()["cpu_kernels"], reason="fastv
 
 
 def test_depthwise_work_counts():
-    # 1x2x3x4x5 input, k = 3, stride 1: 120 elements, 120 outputs x 27 taps.
-    assert ceiling.depthwise_work(120, 120, 3, "no_grad") == {"bytes": 240 * 4, "multiply_adds": 120 * 27}
+    # 120 elements in and out, 2000 in-range taps: x in, y out; one multiply-add per tap.
+    assert ceiling.depthwise_work(120, 120, 2000, "no_grad") == {"bytes": 240 * 4, "multiply_adds": 2000}
     # fwd+bwd: x in, y out; grad_output in, x in again, grad_input out = 5 activations; 3 passes.
-    assert ceiling.depthwise_work(120, 120, 3, "fwd_bwd") == {"bytes": 600 * 4, "multiply_adds": 3 * 120 * 27}
+    assert ceiling.depthwise_work(120, 120, 2000, "fwd_bwd") == {"bytes": 600 * 4, "multiply_adds": 3 * 2000}
     # stride 2 in H and W: a quarter of the outputs (input-sized tensors x 3, output-sized x 2).
-    assert ceiling.depthwise_work(400, 100, 3, "fwd_bwd") == {"bytes": (1200 + 200) * 4, "multiply_adds": 3 * 2700}
+    assert ceiling.depthwise_work(400, 100, 900, "fwd_bwd") == {"bytes": (1200 + 200) * 4, "multiply_adds": 3 * 900}
+
+
+def test_in_range_taps_leave_out_the_padding():
+    # k = 3, padding 1, stride 1 along n positions: 3n taps less the two that fall off the ends.
+    assert ceiling.in_range_taps((8, 28, 28), 3, (1, 1, 1), 1) == 22 * 82 * 82
+    # no padding: every tap is in range
+    assert ceiling.in_range_taps((5, 6, 7), 3, (1, 1, 1), 0) == 3 * 4 * 5 * 27
+    # stride 2 along 6 positions, padding 1: outputs 0, 1, 2 read -1..1, 1..3, 3..5: 2 + 3 + 3 taps
+    assert ceiling.in_range_taps((1, 6, 1), 3, (1, 2, 1), 1) == 1 * 8 * 1
+    # against a direct count: the taps of a conv of ones on ones
+    x = torch.ones(1, 1, 4, 7, 9)
+    count = torch.nn.functional.conv3d(x, torch.ones(1, 1, 3, 3, 3), stride=(1, 2, 3), padding=1).sum().item()
+    assert ceiling.in_range_taps((4, 7, 9), 3, (1, 2, 3), 1) == count
 
 
 def test_least_time_is_the_larger_term():
@@ -88,6 +101,30 @@ def test_report_marks_misses_above_the_ceiling(bound_ms, ceiling_status, time_st
     assert comparisons["time"].status == time_status
     table = report.format_table(_rows("DepthwiseConv3d", "no_grad", 2.0, 1.0, bound_ms))
     assert ("1 of them above this run's ceiling" in table) == (bound_ms == 1.0)
+
+
+@pytest.mark.parametrize("native_sys_ms, shown", [(30.0, True), (15.0, False)])
+def test_report_says_when_natives_time_went_to_the_kernel(native_sys_ms, shown):
+    """A PASS that rests on native's page faults (default glibc malloc) says so: native 200 ms with 30 ms of
+    system CPU time (>= 10 %) is marked, 15 ms is not; fastvid's own system time is not native's."""
+    rows = _rows("DepthwiseConv3d", "no_grad", 200.0, 20.0, 5.0)
+    for r in rows:
+        if r["metric"] == "time":
+            r["sys_ms_per_call"] = native_sys_ms if r["provider"] == "native" else 50.0
+    time_row = {c.metric: c for c in report.compare(rows)}["time"]
+    assert time_row.status == "PASS"
+    lines = [line for line in report.format_table(rows).splitlines() if line.split()[4:5] == ["time"]]
+    assert len(lines) == 1 and ("PASS (native sys 30.0 ms)" in lines[0]) == shown
+    assert "PASS" in lines[0] and "sys 50.0" not in lines[0]
+
+
+def test_conv_rate_rows_sit_in_the_fastvid_column_next_to_the_gemm_rate():
+    rows = [{"op": "ConvLSTM", "provider": provider, "mode": "no_grad", "metric": "conv_gflops_native",
+             "unit": "GFLOP/s", "shape": "B=4", "dtype": "fp32", "isa": "avx2", "median": v, "p20": v, "p80": v}
+            for provider, v in (("gemm", 200.0), ("conv_rate", 150.0))]
+    (c,) = report.compare(rows)
+    assert c.native["provider"] == "gemm" and c.fastvid["provider"] == "conv_rate"
+    assert c.ratio == pytest.approx(0.75)
 
 
 def test_sdpa_comparison_gets_its_own_ceiling():

@@ -432,7 +432,8 @@ def run_case(case: DWCase, rounds: int, warmup: int, device="cpu", memory: bool 
         channels = s.inner or s.C  # the depthwise conv's own channels (the X3D block's inner ones)
         out_positions = math.prod(_output_size(n, s.k, stride, s.k // 2, 1)
                                   for n, stride in zip((s.T, s.H, s.W), s.stride))
-        work = ceiling.depthwise_work(s.B * channels * s.T * s.H * s.W, s.B * channels * out_positions, s.k,
+        taps = s.B * channels * ceiling.in_range_taps((s.T, s.H, s.W), s.k, s.stride, s.k // 2)
+        work = ceiling.depthwise_work(s.B * channels * s.T * s.H * s.W, s.B * channels * out_positions, taps,
                                       case.mode)
         copy_gbps, fma_per_s = copy_bandwidth(device)["median"], ceiling.fma_peak()
         least = ceiling.least_seconds(work["bytes"], work["multiply_adds"], 1e9 * copy_gbps, fma_per_s)

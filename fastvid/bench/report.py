@@ -41,6 +41,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 #: Cores used by other processes (measure.OtherLoad) above which the table warns.
 BUSY_CORES = 0.25
+#: A time row's result notes native's system CPU time where it is this share of its median call or more.
+NATIVE_SYS_SHOWN = 0.1
 
 #: Metric order within a case group, and how each is printed.
 METRICS = ("time", "ceiling", "bandwidth", "peak_memory", "peak_allocated", "ops_per_step", "nested_ops_per_step")
@@ -192,6 +194,16 @@ class Comparison:
         return self.ceiling is not None and self.ceiling.status.startswith("target > ceiling")
 
     @property
+    def native_sys_ms(self) -> Optional[float]:
+        """Time rows: the system CPU time of native's median call (all threads; mostly page faults of big
+        blocks glibc malloc unmapped on free and maps again), where it is at least NATIVE_SYS_SHOWN of the
+        call's wall time."""
+        row = self.native if self.metric == "time" else None
+        if not row or not row.get("median") or row.get("sys_ms_per_call") is None:
+            return None
+        return row["sys_ms_per_call"] if row["sys_ms_per_call"] >= NATIVE_SYS_SHOWN * row["median"] else None
+
+    @property
     def busy(self) -> bool:
         """Measured while other processes kept the cores busy (time rows only)."""
         return self.metric == "time" and any((r or {}).get("other_load") is not None
@@ -218,6 +230,8 @@ def compare(rows: List[dict]) -> List[Comparison]:
             comparison.native = row
         elif row["provider"] == "gemm":  # conv_gflops_*: the machine's GEMM rate, in the native column
             comparison.native = row
+        elif row["provider"] == "conv_rate":  # conv_gflops_<path>: that path's rate (native's too), fastvid column
+            comparison.fastvid = row
         elif row["provider"] == "bound":  # ceiling: the least time the op can take, in the fastvid column
             comparison.fastvid = row
         elif row["provider"] == "sdpa":  # a second baseline: its own comparison, SDPA in the native column
@@ -299,7 +313,8 @@ def format_table(rows: List[dict]) -> str:
             c.op, c.shape, c.dtype + _LAYOUT_SUFFIX.get((c.native or c.fastvid or {}).get("layout"), ""),
             c.mode, c.metric, c.isa or "-", _value(c.native, c.metric), _value(c.fastvid, c.metric),
             _ratio(c), target.label if target else "-",
-            c.status + (" *" if c.busy else ""),
+            c.status + (" *" if c.busy else "")
+            + (f" (native sys {c.native_sys_ms:.1f} ms)" if c.native_sys_ms else ""),
             "" if c.noise is None else f"{100 * c.noise:.0f}%", strategy,
         ))
     widths = [max(len(str(row[i])) for row in [header] + lines) for i in range(len(header))]
@@ -360,11 +375,19 @@ def format_table(rows: List[dict]) -> str:
                "could take here (fastvid column: the larger of the bytes it must move at this run's copy bandwidth "
                "and the multiply-adds it must do at this run's FMA peak of the ISA path on all threads; the X3D "
                "block's: its other layers' fastest measured call plus its depthwise conv's least time; fastvid/bench/"
-               "ceiling.py): the ratio no kernel can beat; 'target > ceiling' = this machine cannot meet the "
-               "target, and a time row's MISS is then marked (bound); 'fastvid at P%' = the least time / fastvid's "
+               "ceiling.py): the ratio no kernel can beat (the X3D block's: no depthwise kernel, its other layers as "
+               "they are); 'target > ceiling' = this machine cannot meet the target that way, and a time row's MISS is "
+               "then marked (bound); 'fastvid at P%' = the least time / fastvid's "
                "time, how close fastvid is to the limit. "
+               "(native sys N ms): native's median call spent that much CPU time (all threads) in the kernel, "
+               "10 % of its wall time or more, mostly faulting in pages of "
+               "big blocks glibc malloc gave back to the OS and maps again (fastvid's kernels keep theirs: "
+               "csrc/cpu_block_cache.cpp); users get this by default, and `bench --malloc-keep` measures both "
+               "with freed memory kept (README: CPU memory allocator). "
                "Attention rows: peak_memory = RSS high-water mark of one step in a fresh subprocess (glibc malloc as "
-               "users get it), peak_allocated = the tensors' own peak (profiler). "
+               "users get it), peak_allocated = the tensors' own peak (profiler); other peak_memory rows: the tensors' "
+               "own peak (profiler), without the freed blocks fastvid's kernels keep for reuse (up to "
+               "FASTVID_CPU_BLOCK_CACHE_MB). "
                f"*: timed while other processes used more than {BUSY_CORES} cores.")
     return "\n".join(out)
 
