@@ -380,7 +380,7 @@ def format_table(rows: List[dict]) -> str:
                "then marked (bound); 'fastvid at P%' = the least time / fastvid's "
                "time, how close fastvid is to the limit. "
                "(native sys N ms): native's median call spent that much CPU time (all threads) in the kernel, "
-               "10 % of its wall time or more, mostly faulting in pages of "
+               f"{NATIVE_SYS_SHOWN:.0%} of its wall time or more, mostly faulting in pages of "
                "big blocks glibc malloc gave back to the OS and maps again (fastvid's kernels keep theirs: "
                "csrc/cpu_block_cache.cpp); users get this by default, and `bench --malloc-keep` measures both "
                "with freed memory kept (README: CPU memory allocator). "
