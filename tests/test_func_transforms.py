@@ -5,8 +5,9 @@ and PyTorch runs an op registered with torch.library.register_autograd (the cell
 Triton op) without its autograd when no input requires grad: the result came back with no tangent, read as
 zero, a silently wrong jvp. Reverse-mode transforms (torch.func.grad / vjp / jacrev, and vmap of them:
 per-sample gradients) cannot run the kernels' autograd at all (PyTorch raised "functorch transforms";
-the NonLocalBlock's Python autograd functions "setup_context" until they took the setup_context form). Inputs that carry a tangent or that a gradient transform traces now take the reference
-backend under 'auto' (pure PyTorch), and a forced kernel backend refuses them. Forward mode is checked
+the NonLocalBlock's Python autograd functions "setup_context" until they took the setup_context form). Inputs
+that carry a tangent or that a gradient transform traces now take the reference backend under 'auto' (pure
+PyTorch), and a forced kernel backend refuses them; the NonLocalBlock's fused steps have their own jvp rules. Forward mode is checked
 against central finite differences in float64, reverse mode against torch.autograd through the kernels."""
 import pytest
 import torch
@@ -164,6 +165,53 @@ def test_nonlocal_block_grad_and_per_sample_gradients(mode):
         scale = max(e.abs().max().item() for e in expected)
         for name, e in zip(parameters, expected):
             torch.testing.assert_close(per_sample[name][i], e, rtol=1e-10, atol=1e-12 * scale)
+
+
+def _random_block(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    block = fastvid.nn.NonLocalBlock(4, **kwargs).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, dtype=p.dtype) * 0.3)
+    return block
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product", "concatenation", "gaussian"])
+def test_nonlocal_block_jvp_matches_finite_differences(mode, training):
+    """Forward mode through the NonLocalBlock's fused steps (their jvp rules: the φ/g max-pool, the pointwise
+    projections, the folded BatchNorm's statistics and affine step), with tangents on the input and on every
+    parameter, in training (batch statistics) and eval mode. Before: PyTorch's "implement the jvp function"."""
+    block = _random_block(mode=mode).train(training)
+    parameters = {name: p.detach() for name, p in block.named_parameters()}
+    buffers = {name: b.detach() for name, b in block.named_buffers()}
+
+    def f(x, *values):
+        state = {**dict(zip(parameters, values)), **{name: b.clone() for name, b in buffers.items()}}
+        return torch.func.functional_call(block, state, (x,))
+
+    inputs = (_randn(3, 4, 2, 4, 4, seed=1), *parameters.values())
+    tangents = tuple(_randn(*t.shape, seed=20 + i) for i, t in enumerate(inputs))
+    output, jvp = torch.func.jvp(f, inputs, tangents)
+    torch.testing.assert_close(output, f(*inputs), rtol=1e-12, atol=1e-12)  # (the attention op: reference there)
+    _assert_tangent(flat(jvp), _finite_difference(f, inputs, tangents))
+
+
+def test_nonlocal_block_forward_ad_in_one_dimension_and_jacfwd():
+    """torch.autograd.forward_ad through a 1-D block (max_pool1d's result is a view of a 2-D pool's, which
+    forward mode refused: "the tangent have the same layout as primal"), and jacfwd (vmap over the jvp
+    rules) against the reverse-mode Jacobian."""
+    block = _random_block(dims=1).train()
+    x, tangent = _randn(2, 4, 8, seed=1), _randn(2, 4, 8, seed=2)
+    state = {name: t.clone() for name, t in block.state_dict().items()}
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(block(fwAD.make_dual(x, tangent))).tangent
+    block.load_state_dict(state)  # (training updated the running statistics)
+    _assert_tangent(flat(got), _finite_difference(block, (x,), (tangent,)))
+    block.eval()
+    x = _randn(1, 4, 6, seed=3)
+    jacobian = torch.func.jacfwd(block)(x)
+    torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(block, x), rtol=1e-10, atol=1e-12)
 
 
 def test_a_forced_kernel_backend_refuses_a_grad_transform():

@@ -109,6 +109,8 @@ class _WindowMaxPool(torch.autograd.Function):
         """(pooled, argmax positions: int32 where they fit)."""
         pool = {3: F.max_pool1d, 4: F.max_pool2d, 5: F.max_pool3d}[x.dim()]
         out, positions = pool(_pooling_layout(x), kernel, kernel, return_indices=True)
+        if out._is_view():  # max_pool1d squeezes a 2-D pool's result: forward-mode AD needs the output's own storage
+            out = out.clone()
         small = math.prod(x.shape[2:]) < 2 ** 31
         return out, positions.to(torch.int32) if small else positions
 
@@ -117,7 +119,14 @@ class _WindowMaxPool(torch.autograd.Function):
         positions = output[1]
         ctx.mark_non_differentiable(positions)
         ctx.save_for_backward(positions)
+        ctx.save_for_forward(positions)
         ctx.input_shape = inputs[0].shape
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, _kernel):
+        """Forward mode: the tangent at each window's argmax."""
+        (positions,) = ctx.saved_tensors
+        return tangent.flatten(2).gather(2, positions.flatten(2).long()).view(positions.shape), None
 
     @staticmethod
     @_first_order_only
@@ -152,7 +161,20 @@ class _PointwiseConv(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         t, weight, bias = inputs
         ctx.save_for_backward(t, weight)
+        ctx.save_for_forward(t, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def jvp(ctx, t_tangent, weight_tangent, bias_tangent):
+        """Forward mode (the product rule): W dt + dW t + db."""
+        t, weight = ctx.saved_tensors
+        terms = []
+        if t_tangent is not None:
+            terms.append(_PointwiseConv.forward(t_tangent, weight, None))
+        if weight_tangent is not None or bias_tangent is not None:
+            dw = weight_tangent if weight_tangent is not None else torch.zeros_like(weight)
+            terms.append(_PointwiseConv.forward(t, dw, bias_tangent))
+        return sum(terms[1:], terms[0])
 
     @staticmethod
     @_first_order_only
@@ -199,6 +221,21 @@ class _CentredMoments(torch.autograd.Function):
         pivot, delta, _ = output
         ctx.mark_non_differentiable(pivot)
         ctx.save_for_backward(inputs[0], pivot, delta)
+        ctx.save_for_forward(inputs[0], pivot, delta)
+
+    @staticmethod
+    def jvp(ctx, rows_tangent: Tensor):
+        """Forward mode: d delta = mean(d rows) (the pivot is a constant), d cov = (Cᵀ dC + dCᵀ C)/n with C the
+        centred rows and dC = d rows - d delta."""
+        rows, pivot, delta = ctx.saved_tensors
+        n = rows.shape[0]
+        with _autocast_off(rows.device.type):
+            centred = rows.to(delta.dtype) - pivot.to(delta.dtype) - delta
+            d_rows = rows_tangent.to(delta.dtype)
+            d_delta = d_rows.mean(0)
+            d_centred = d_rows - d_delta
+            product = centred.T @ d_centred / n
+        return None, d_delta, product + product.T
 
     @staticmethod
     @_first_order_only
@@ -258,7 +295,26 @@ class _CentredAffine(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, folded, y, pivot, _ = inputs
         ctx.save_for_backward(folded, y, pivot)
-        ctx.x_dtype = x.dtype
+        ctx.save_for_forward(folded, y, pivot)
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+
+    @staticmethod
+    def jvp(ctx, x_tangent, folded_tangent, y_tangent, _pivot_tangent, shift_tangent):
+        """Forward mode (the pivot is a constant): dx + dA (y − pivot)ᵀ + A dyᵀ + d shift, [B, C, N]."""
+        folded, y, pivot = ctx.saved_tensors
+        acc = folded.dtype
+        terms = []  # out of place: under vmap (jacfwd) a tangent may be batched where the primals are not
+        with _autocast_off(y.device.type):
+            if folded_tangent is not None:
+                terms.append(((y.to(acc) - pivot.to(acc)) @ folded_tangent.to(acc).T).transpose(1, 2))
+            if y_tangent is not None:
+                terms.append((y_tangent.to(acc) @ folded.T).transpose(1, 2))
+            if shift_tangent is not None:
+                terms.append(shift_tangent.to(acc)[None, :, None])
+            if x_tangent is not None:
+                terms.append(x_tangent.to(acc))
+            out = sum(terms[1:], terms[0])
+        return out.to(ctx.x_dtype).expand(ctx.x_shape)  # (a tangent of the shift alone is [1, C, 1])
 
     @staticmethod
     @_first_order_only
