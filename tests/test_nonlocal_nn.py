@@ -3,6 +3,7 @@
 common PyTorch styles (written in this file the way pytorchvideo's NonLocal layer and the popular
 standalone ports write them)."""
 import copy
+import warnings
 import re
 
 import pytest
@@ -240,6 +241,27 @@ def test_convert_pytorchvideo_style(instantiation, mode, pool_size):
     assert converted[1].theta is not conv_theta  # convert copies by default
     inplace = fastvid.convert(model, inplace=True)
     assert inplace is model and isinstance(model[1], NonLocalBlock) and model[1].theta is conv_theta
+
+
+@pytest.mark.parametrize("instantiation", ["softmax", "dot_product"])
+@pytest.mark.parametrize("pool_size", [(1, 2, 2), (2, 2, 2)])
+def test_convert_accepts_wide_blocks_with_batch_norm(instantiation, pool_size):
+    """The 512-channel blocks of Nonlocal I3D (res3), freshly initialised, convert: the probe compared fp32 outputs
+    with a fixed tolerance, which their BatchNorm on batch statistics (training mode) amplified rounding past
+    (~4e-5 of outputs ~10: pytorchvideo's create_nonlocal blocks stayed native, with a warning that their output
+    differs). It compares in float64 now."""
+    torch.manual_seed(0)
+    block = PytorchvideoStyleNonLocal(512, 256, pool_size, instantiation)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = fastvid.convert(block)
+    assert isinstance(converted, NonLocalBlock)
+    x = torch.randn(2, 512, 2, 4, 4, dtype=torch.float64)
+    block.double(), converted.double()
+    for training in (False, True):
+        block.train(training), converted.train(training)
+        expected = block(x)
+        torch.testing.assert_close(converted(x), expected, rtol=0, atol=1e-12 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
