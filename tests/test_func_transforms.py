@@ -214,6 +214,17 @@ def test_nonlocal_block_forward_ad_in_one_dimension_and_jacfwd():
     torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(block, x), rtol=1e-10, atol=1e-12)
 
 
+def test_nonlocal_block_refuses_forward_over_reverse_with_its_own_message():
+    """Second derivatives by forward mode over a gradient (torch.func.hessian, jvp of grad) raise the block's
+    message naming the way out, as double backward does (before: PyTorch's "implement the jvp function")."""
+    block = _random_block().eval()
+    x = _randn(2, 4, 2, 4, 4, seed=1)
+    with pytest.raises(RuntimeError, match="second derivatives.*to='reference'"):
+        torch.func.hessian(lambda x: block(x).square().sum())(x)
+    twin = fastvid.convert(block, to="reference")
+    assert torch.func.hessian(lambda x: twin(x).square().sum())(x).shape == x.shape * 2
+
+
 def test_a_forced_kernel_backend_refuses_a_grad_transform():
     f, make = CASES["depthwise_conv3d"]
     inputs = make()

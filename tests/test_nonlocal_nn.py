@@ -264,6 +264,34 @@ def test_convert_accepts_wide_blocks_with_batch_norm(instantiation, pool_size):
         torch.testing.assert_close(converted(x), expected, rtol=0, atol=1e-12 * expected.abs().max().item())
 
 
+class Float32SoftmaxNonLocal(StandaloneStyleNonLocal):
+    """A standalone block whose forward takes its softmax in float32 (the autocast-safe habit): it does not run
+    in float64."""
+
+    def forward(self, x):
+        b = x.shape[0]
+        g_x = self.g(x).view(b, self.inter_channels, -1).permute(0, 2, 1)
+        theta_x = self.theta(x).view(b, self.inter_channels, -1).permute(0, 2, 1)
+        f = torch.softmax(theta_x @ self.phi(x).view(b, self.inter_channels, -1), -1, dtype=torch.float32)
+        y = (f @ g_x).permute(0, 2, 1).reshape(b, self.inter_channels, *x.shape[2:])
+        return self.W(y) + x
+
+
+def test_convert_probes_a_block_that_does_not_run_in_float64_in_float32():
+    """The probe runs in float64 where the block's own code does (a fixed fp32 tolerance refused wide blocks); a
+    block that raises there ("expected scalar type Double but found Float") is probed in float32 instead: it
+    converts, as before the float64 probe, and matches in both modes."""
+    block = randomize(Float32SoftmaxNonLocal(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = fastvid.convert(block)
+    assert isinstance(converted, NonLocalBlock) and converted.mode == "embedded_gaussian"
+    x = torch.randn(2, 8, *SIZES[3])
+    for training in (False, True):
+        block.train(training), converted.train(training)
+        torch.testing.assert_close(converted(x), block(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("kind", MODES)
 def test_convert_standalone_style(kind, dims):

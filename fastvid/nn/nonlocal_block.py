@@ -67,9 +67,16 @@ class _SecondOrderRefused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("NonLocalBlock: second derivatives (create_graph=True, then a gradient of a gradient) are "
-                           "not supported by its fused steps; fastvid.convert(model, to='reference') gives the "
-                           "plain-PyTorch twin, which has them")
+        raise RuntimeError(_SECOND_ORDER_REFUSED)
+
+    @staticmethod
+    def jvp(ctx, *tangents):  # forward over reverse (torch.func.hessian, jvp of grad): a second derivative too
+        raise RuntimeError(_SECOND_ORDER_REFUSED)
+
+
+_SECOND_ORDER_REFUSED = ("NonLocalBlock: second derivatives (create_graph=True, then a gradient of a gradient, or "
+                         "forward mode over a gradient) are not supported by its fused steps; "
+                         "fastvid.convert(model, to='reference') gives the plain-PyTorch twin, which has them")
 
 
 def _first_order_only(backward):
@@ -660,43 +667,62 @@ def _candidates_standalone(module):
     return []
 
 
-#: The probe's acceptance: the largest difference between the original's and a candidate's output, relative to
-#: the original's largest value, in float64. A correct candidate differs by rounding only (~1e-14, amplified by a
-#: BatchNorm on batch statistics); a different function (a scaled softmax, another mode, a missing step) by far
-#: more.
-PROBE_RELATIVE_TOLERANCE = 1e-10
+#: The probe's precisions, most telling first, and its acceptance in each: the largest difference between the
+#: original's and a candidate's output relative to the original's largest value. In float64 a correct candidate
+#: differs by rounding only (<= 4e-14 on pytorchvideo's blocks, amplified by a BatchNorm on batch statistics), a
+#: different function (a scaled softmax, another mode, a missing step) by far more. float32 serves a block whose
+#: own code does not run in float64 (float32 tensors made inside its forward).
+PROBE_PRECISIONS = ((torch.float64, 1e-10), (torch.float32, 1e-4))
 
 
 def _probe_matches(original: nn.Module, candidate: NonLocalBlock) -> bool:
     """Whether ``candidate`` computes ``original``'s function on a random probe input, in eval mode and
-    in training mode (BatchNorm on batch statistics; a dropout inside the original makes it differ).
-    Both are copied together (so the submodules they share stay shared); the shared final affine map
-    gets random values first, since a freshly initialised block is the identity, which any candidate
-    would match. An exception (from the original or the candidate) propagates: the caller reports it
-    rather than taking it for a mismatch."""
+    in training mode (BatchNorm on batch statistics; a dropout inside the original makes it differ), in the
+    first of PROBE_PRECISIONS that the original runs in. An exception from the candidate, or from the
+    original in float32, propagates: the caller reports it rather than taking it for a mismatch."""
+    *first, (last_dtype, last_tolerance) = PROBE_PRECISIONS
+    for dtype, tolerance in first:
+        verdict = _probe_in(original, candidate, dtype, tolerance, may_decline=True)
+        if verdict is not None:
+            return verdict
+    return _probe_in(original, candidate, last_dtype, last_tolerance, may_decline=False)
+
+
+def _probe_in(original: nn.Module, candidate: NonLocalBlock, dtype: torch.dtype, tolerance: float,
+              may_decline: bool) -> Optional[bool]:
+    """_probe_matches in one precision; None (may_decline) where the original's forward raises or returns
+    another dtype there. Both are copied together (so the submodules they share stay shared), to the CPU
+    (CUDA's TF32 convolutions would blur the comparison); the shared final affine map gets random values
+    first, since a freshly initialised block is the identity, which any candidate would match."""
     original, candidate = copy.deepcopy((original, candidate))
-    # float64 and on the CPU, on the copies: in fp32 the rounding of a wide block's BatchNorm on batch statistics
-    # passed any fixed tolerance that still tells functions apart (pytorchvideo's 512-channel blocks, 4e-5 of
-    # their output, were refused); bf16/fp16 and CUDA's TF32 convolutions would blur it more.
-    original.double().cpu(), candidate.double().cpu()
+    original.to("cpu", dtype), candidate.to("cpu", dtype)
     generator = torch.Generator().manual_seed(0)
     final = candidate.norm if candidate.norm is not None else candidate.out
     sizes = {1: (8,), 2: (4, 4), 3: (2, 4, 4)}[candidate.dims]
     with torch.no_grad():
         for p in final.parameters():
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
-        x = torch.randn(2, candidate.in_channels, *sizes, generator=generator, dtype=torch.float64)
+        x = torch.randn(2, candidate.in_channels, *sizes, generator=generator, dtype=dtype)
         # The original is the user's code: a dropout in it draws from the global generator, which the
         # caller's seeded run should find as it left it (a thread drawing during these calls is rewound).
         with torch.random.fork_rng(devices=[]):
             for training in (False, True):
                 original.train(training), candidate.train(training)
-                expected, got = original(x), candidate(x)
-                if not (isinstance(expected, torch.Tensor) and expected.shape == got.shape
-                        and expected.dtype == got.dtype):
+                try:
+                    expected = original(x)
+                except Exception:
+                    if may_decline:  # not a verdict: the next precision probes it (and reports what it raises)
+                        return None
+                    raise
+                if not isinstance(expected, torch.Tensor):
                     return False
-                difference = (expected - got).abs().max()
-                if not difference <= PROBE_RELATIVE_TOLERANCE * expected.abs().max():  # (NaN: not <=)
+                if expected.dtype != dtype and may_decline:
+                    return None
+                got = candidate(x)
+                if expected.shape != got.shape:
+                    return False
+                difference = (expected.to(dtype) - got).abs().max()
+                if not difference <= tolerance * expected.abs().max():  # (NaN: not <=)
                     return False
     return True
 
