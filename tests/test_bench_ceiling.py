@@ -118,6 +118,24 @@ def test_report_says_when_natives_time_went_to_the_kernel(native_sys_ms, shown):
     assert "PASS" in lines[0] and "sys 50.0" not in lines[0]
 
 
+def test_report_notes_native_sys_time_against_native_only():
+    """The vs-SDPA rows' baseline column holds SDPA: its system time is not native's and gets no note."""
+    rows = _rows("NonlocalAttention", "fwd_bwd", 300.0, 150.0, 100.0)
+    sdpa = _rows("NonlocalAttention", "fwd_bwd", 160.0, 150.0, 100.0, provider_native="sdpa")
+    rows += [r for r in sdpa if r["provider"] == "sdpa"]
+    for r in rows:
+        r["shape_dims"] = {"N": 6272}
+        if r["metric"] == "time":
+            r["sys_ms_per_call"] = {"native": 1.0, "sdpa": 40.0}.get(r["provider"], 0.0)
+    comparisons = {(c.op, c.metric): c for c in report.compare(rows)}
+    assert comparisons[("NonlocalAttention vs SDPA", "time")].native_sys_ms is None
+    assert comparisons[("NonlocalAttention", "time")].native_sys_ms is None  # 1 ms of 300: below the share
+    rows[0]["sys_ms_per_call"] = 100.0
+    comparisons = {(c.op, c.metric): c for c in report.compare(rows)}
+    assert comparisons[("NonlocalAttention", "time")].native_sys_ms == 100.0
+    assert comparisons[("NonlocalAttention vs SDPA", "time")].native_sys_ms is None
+
+
 def test_conv_rate_rows_sit_in_the_fastvid_column_next_to_the_gemm_rate():
     rows = [{"op": "ConvLSTM", "provider": provider, "mode": "no_grad", "metric": "conv_gflops_native",
              "unit": "GFLOP/s", "shape": "B=4", "dtype": "fp32", "isa": "avx2", "median": v, "p20": v, "p80": v}

@@ -195,11 +195,11 @@ class Comparison:
 
     @property
     def native_sys_ms(self) -> Optional[float]:
-        """Time rows: the system CPU time of native's median call (all threads; mostly page faults of big
-        blocks glibc malloc unmapped on free and maps again), where it is at least NATIVE_SYS_SHOWN of the
-        call's wall time."""
+        """Time rows against native (not SDPA): the system CPU time of native's median call (all threads; mostly
+        page faults of big blocks glibc malloc unmapped on free and maps again), where it is at least
+        NATIVE_SYS_SHOWN of the call's wall time."""
         row = self.native if self.metric == "time" else None
-        if not row or not row.get("median") or row.get("sys_ms_per_call") is None:
+        if not row or row.get("provider") != "native" or not row.get("median") or row.get("sys_ms_per_call") is None:
             return None
         return row["sys_ms_per_call"] if row["sys_ms_per_call"] >= NATIVE_SYS_SHOWN * row["median"] else None
 
