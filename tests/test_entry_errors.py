@@ -83,6 +83,31 @@ def test_sequence_op_arguments(op):
         fn(X_SEQ, w_ih, w_hh, dilation=0)
 
 
+def _cell(*shape):
+    return torch.randn(*shape)
+
+
+# op, the argument replaced, a call with that argument given as `bad`
+NON_TENSOR_CALLS = [
+    ("concatenation_attention", "key_scores",
+     lambda bad: fastvid.ops.concatenation_attention(_cell(1, 5), bad, _cell(1, 4, 2))),
+    ("lstm_cell", "gates_pre", lambda bad: fastvid.ops.lstm_cell(bad, _cell(1, 2, 3, 3))),
+    ("lstm_cell", "c_prev", lambda bad: fastvid.ops.lstm_cell(_cell(1, 8, 3, 3), bad)),
+    ("gru_cell", "h_gates", lambda bad: fastvid.ops.gru_cell(_cell(1, 6, 3, 3), bad, _cell(1, 2, 3, 3))),
+    ("gru_reset_hidden", "x_r", lambda bad: fastvid.ops.gru_reset_hidden(bad, _cell(1, 2, 3, 3), _cell(1, 2, 3, 3))),
+    ("depthwise_conv3d", "input", lambda bad: fastvid.ops.depthwise_conv3d(bad, _cell(2, 1, 3, 3, 3))),
+]
+
+
+@pytest.mark.parametrize("bad", [[[1.0]], None, 3], ids=["list", "None", "int"])
+@pytest.mark.parametrize("op, arg, call", NON_TENSOR_CALLS, ids=[f"{op}-{arg}" for op, arg, _ in NON_TENSOR_CALLS])
+def test_ops_name_a_required_tensor_given_as_something_else(op, arg, call, bad):
+    """Before: "'list' object has no attribute 'device'" (the GRU cells), "... no attribute 'dim'"
+    (concatenation_attention), "gates_pre must be [B, 4*C, H, W], got shape [0]" for None."""
+    with pytest.raises(TypeError, match=f"fastvid.{op}: {arg} must be a Tensor, got {type(bad).__name__}"):
+        call(bad)
+
+
 def test_attention_with_empty_head_dim():
     q, v = torch.randn(1, 5, 0), torch.randn(1, 5, 2)
     with pytest.raises(ValueError, match="positive last dim D \\(the default scale is 1/sqrt\\(D\\)\\)"):

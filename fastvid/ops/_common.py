@@ -20,6 +20,14 @@ def autocast_inputs(device_type: str, *tensors):
                  for t in tensors)
 
 
+def require_tensors(op: str, **arguments) -> None:
+    """A TypeError naming the argument where a required tensor argument is something else (before, a list or
+    None reached attribute lookups: "'list' object has no attribute 'device'")."""
+    for name, value in arguments.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"fastvid.{op}: {name} must be a Tensor, got {type(value).__name__}")
+
+
 def check_one_device(op: str, **arguments) -> None:
     """Fake kernels run for meta/fake inputs; like ATen's meta functions they reject mixed devices."""
     devices = {name: t.device for name, t in arguments.items() if isinstance(t, Tensor)}

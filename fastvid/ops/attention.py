@@ -35,7 +35,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from torch.utils.checkpoint import checkpoint
 
 from .. import _backend
-from ._common import autocast_inputs, check_one_device, double_backward_unsupported
+from ._common import autocast_inputs, check_one_device, double_backward_unsupported, require_tensors
 from ..reference import attention as ref
 
 __all__ = ["nonlocal_attention", "dot_product_attention", "concatenation_attention", "cuda_attention_kernel"]
@@ -249,6 +249,7 @@ def concatenation_attention(query_scores: Tensor, key_scores: Tensor, v: Tensor,
     if has_torch_function_variadic(query_scores, key_scores, v):
         return handle_torch_function(concatenation_attention, (query_scores, key_scores, v), query_scores, key_scores,
                                      v, max_chunk_elements)
+    require_tensors("concatenation_attention", query_scores=query_scores, key_scores=key_scores, v=v)
     if query_scores.dim() != 2 or key_scores.dim() != 2 or v.dim() != 3:
         raise ValueError("fastvid.concatenation_attention: expected query_scores [B, N], key_scores [B, M], "
                          f"v [B, M, Dv], got {tuple(query_scores.shape)}, {tuple(key_scores.shape)}, "

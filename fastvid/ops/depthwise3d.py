@@ -13,7 +13,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import _backend
 from .._sizes import triple
-from ._common import autocast_inputs, check_one_device
+from ._common import autocast_inputs, check_one_device, require_tensors
 from ..reference import depthwise3d as ref
 
 __all__ = ["depthwise_conv3d", "MAX_KERNEL_SIZE"]
@@ -142,8 +142,7 @@ def depthwise_conv3d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     if has_torch_function_variadic(input, weight, bias):
         return handle_torch_function(depthwise_conv3d, (input, weight, bias), input, weight, bias, stride, padding,
                                      dilation)
-    if not isinstance(input, Tensor):
-        raise TypeError(f"fastvid.depthwise_conv3d: input must be a Tensor, got {type(input).__name__}")
+    require_tensors("depthwise_conv3d", input=input)
     if input.dim() == 4:  # unbatched [C, T, H, W], as F.conv3d takes it
         return depthwise_conv3d(input.unsqueeze(0), weight, bias, stride, padding, dilation).squeeze(0)
     stride, dilation = _triple(stride), _triple(dilation)

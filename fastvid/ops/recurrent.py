@@ -19,7 +19,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import _backend
 from .._sizes import pair
-from ._common import autocast_inputs, check_one_device, double_backward_unsupported
+from ._common import autocast_inputs, check_one_device, double_backward_unsupported, require_tensors
 from ..reference import recurrent as ref
 
 __all__ = ["lstm_cell", "gru_cell", "gru_reset_hidden", "convlstm", "convgru", "set_strategy", "STRATEGIES"]
@@ -473,8 +473,8 @@ def lstm_cell(gates_pre: Tensor, c_prev: Tensor, peephole: Optional[Tensor] = No
     ``c`` is fp32 for bf16/fp16 inputs. ``peephole``: optional ``[3, C]`` (w_ci, w_cf, w_co)."""
     if has_torch_function_variadic(gates_pre, c_prev, peephole):
         return handle_torch_function(lstm_cell, (gates_pre, c_prev, peephole), gates_pre, c_prev, peephole)
-    if isinstance(gates_pre, Tensor):
-        _check_cell_state_dtype("lstm_cell", "c_prev", c_prev, "gates_pre", gates_pre)
+    require_tensors("lstm_cell", gates_pre=gates_pre, c_prev=c_prev)
+    _check_cell_state_dtype("lstm_cell", "c_prev", c_prev, "gates_pre", gates_pre)
     which = _backend.resolve(dict(gates_pre=gates_pre, c_prev=c_prev, peephole=peephole))
     if which in ("cpu", "cuda"):
         h, c, _ = torch.ops.fastvid.lstm_cell(gates_pre, c_prev, peephole)
@@ -501,6 +501,7 @@ def gru_cell(x_gates: Tensor, h_gates: Tensor, h_prev: Tensor, reset_after: bool
     as convgru casts its h0: a ConvGRUCell's fp32 (default or given) state meets bf16 conv outputs."""
     if has_torch_function_variadic(x_gates, h_gates, h_prev):
         return handle_torch_function(gru_cell, (x_gates, h_gates, h_prev), x_gates, h_gates, h_prev, reset_after)
+    require_tensors("gru_cell", x_gates=x_gates, h_gates=h_gates, h_prev=h_prev)
     x_gates, h_gates, h_prev = autocast_inputs(x_gates.device.type, x_gates, h_gates, h_prev)
     _check_one_dtype("gru_cell", x_gates=x_gates, h_gates=h_gates, h_prev=h_prev)
     which = _backend.resolve(dict(x_gates=x_gates, h_gates=h_gates, h_prev=h_prev))
@@ -515,6 +516,7 @@ def gru_reset_hidden(x_r: Tensor, h_r: Tensor, h_prev: Tensor) -> Tensor:
     """σ(x_r + h_r) ⊙ h_prev, the first stage of the Ballas et al. ConvGRU (autocast: as gru_cell)."""
     if has_torch_function_variadic(x_r, h_r, h_prev):
         return handle_torch_function(gru_reset_hidden, (x_r, h_r, h_prev), x_r, h_r, h_prev)
+    require_tensors("gru_reset_hidden", x_r=x_r, h_r=h_r, h_prev=h_prev)
     x_r, h_r, h_prev = autocast_inputs(x_r.device.type, x_r, h_r, h_prev)
     _check_one_dtype("gru_reset_hidden", x_r=x_r, h_r=h_r, h_prev=h_prev)
     which = _backend.resolve(dict(x_r=x_r, h_r=h_r, h_prev=h_prev))
