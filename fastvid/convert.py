@@ -122,9 +122,13 @@ class _KeysToSource:
         self.ours_to_source = ours_to_source
 
     def __call__(self, module, state_dict, prefix, local_metadata):
-        for ours, source in self.ours_to_source.items():
-            if prefix + ours in state_dict:
-                state_dict[prefix + source] = state_dict.pop(prefix + ours)
+        renamed = {prefix + ours: prefix + source for ours, source in self.ours_to_source.items()}
+        if not any(key in renamed for key in state_dict):
+            return
+        items = list(state_dict.items())
+        state_dict.clear()
+        for key, value in items:  # renamed in place: the original's key order (pop and insert moved them last)
+            state_dict[renamed.get(key, key)] = value
 
 
 class _KeysFromSource:

@@ -355,7 +355,7 @@ def test_convert_warns_of_forward_arguments_the_block_drops():
                                        (lambda: PytorchvideoStyleNonLocal(8, 4), 3)],
                          ids=["standalone_embedded", "standalone_concatenation", "standalone_gaussian_2d", "pytorchvideo"])
 def test_converted_block_keeps_the_checkpoint_keys(make, dims):
-    """A converted hand-written block keeps the original's state-dict keys and shapes (W.0.weight, not
+    """A converted hand-written block keeps the original's state-dict keys, their order and shapes (W.0.weight, not
     out.weight), so a native checkpoint loads into a freshly converted model with strict=True and a converted
     model's checkpoint into the native one, also through to='reference' (before: strict=True raised and
     strict=False silently left the block at its fresh init, the identity). All parameters stay shared with the
@@ -366,7 +366,8 @@ def test_converted_block_keeps_the_checkpoint_keys(make, dims):
     checkpoint = native.state_dict()
     fresh = fastvid.convert(nn.Sequential(native[0].__class__(3, 8, 1), make())).eval()
     assert isinstance(fresh[1], NonLocalBlock)
-    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in checkpoint.items()}
+    # in the original's order too (the renamed keys came last: code that zips two checkpoints, or diffs them)
+    assert [(k, v.shape) for k, v in fresh.state_dict().items()] == [(k, v.shape) for k, v in checkpoint.items()]
     fresh.load_state_dict(checkpoint)  # strict
     torch.testing.assert_close(fresh(x), native(x))
     for converted in (fresh, fastvid.convert(fresh, to="reference")):
