@@ -103,6 +103,15 @@ def _first_order_only(backward):
     return wrapper
 
 
+def _apply(function, *args):
+    """``function.apply(*args)`` with the forward-mode rule of its ``ForwardMode`` subclass, except under
+    torch.compile: dynamo cannot trace a Function that defines jvp ("Unsupported custom jvp"), and forward mode
+    does not run there."""
+    if not torch.compiler.is_compiling():
+        function = _FORWARD_MODE[function]
+    return function.apply(*args)
+
+
 class _WindowMaxPool(torch.autograd.Function):
     """Max-pool with stride = kernel (non-overlapping windows) whose backward keeps only the argmax
     positions, as int32. nn.MaxPoolNd's autograd also keeps its whole input alive — here φ and g at
@@ -116,7 +125,7 @@ class _WindowMaxPool(torch.autograd.Function):
         """(pooled, argmax positions: int32 where they fit)."""
         pool = {3: F.max_pool1d, 4: F.max_pool2d, 5: F.max_pool3d}[x.dim()]
         out, positions = pool(_pooling_layout(x), kernel, kernel, return_indices=True)
-        if out._is_view():  # max_pool1d squeezes a 2-D pool's result: forward-mode AD needs the output's own storage
+        if x.dim() == 3:  # max_pool1d's result is a view (of a 2-D pool's): forward mode needs its own storage
             out = out.clone()
         small = math.prod(x.shape[2:]) < 2 ** 31
         return out, positions.to(torch.int32) if small else positions
@@ -126,14 +135,7 @@ class _WindowMaxPool(torch.autograd.Function):
         positions = output[1]
         ctx.mark_non_differentiable(positions)
         ctx.save_for_backward(positions)
-        ctx.save_for_forward(positions)
         ctx.input_shape = inputs[0].shape
-
-    @staticmethod
-    def jvp(ctx, tangent: Tensor, _kernel):
-        """Forward mode: the tangent at each window's argmax."""
-        (positions,) = ctx.saved_tensors
-        return tangent.flatten(2).gather(2, positions.flatten(2).long()).view(positions.shape), None
 
     @staticmethod
     @_first_order_only
@@ -143,6 +145,21 @@ class _WindowMaxPool(torch.autograd.Function):
         grad_input = grad.new_zeros(shape[0], shape[1], math.prod(shape[2:]))
         grad_input.scatter_(2, positions.flatten(2).long(), grad.reshape(positions.flatten(2).shape))
         return grad_input.view(shape), None
+
+
+class _WindowMaxPoolForwardMode(_WindowMaxPool):
+    """_WindowMaxPool with its forward-mode (jvp) rule (see _apply)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _WindowMaxPool.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(output[1])
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, _kernel):
+        """Forward mode: the tangent at each window's argmax."""
+        (positions,) = ctx.saved_tensors
+        return tangent.flatten(2).gather(2, positions.flatten(2).long()).view(positions.shape), None
 
 
 class _PointwiseConv(torch.autograd.Function):
@@ -168,20 +185,7 @@ class _PointwiseConv(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         t, weight, bias = inputs
         ctx.save_for_backward(t, weight)
-        ctx.save_for_forward(t, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
-
-    @staticmethod
-    def jvp(ctx, t_tangent, weight_tangent, bias_tangent):
-        """Forward mode (the product rule): W dt + dW t + db."""
-        t, weight = ctx.saved_tensors
-        terms = []
-        if t_tangent is not None:
-            terms.append(_PointwiseConv.forward(t_tangent, weight, None))
-        if weight_tangent is not None or bias_tangent is not None:
-            dw = weight_tangent if weight_tangent is not None else torch.zeros_like(weight)
-            terms.append(_PointwiseConv.forward(t, dw, bias_tangent))
-        return sum(terms[1:], terms[0])
 
     @staticmethod
     @_first_order_only
@@ -199,6 +203,27 @@ class _PointwiseConv(torch.autograd.Function):
         if needs_bias and ctx.bias_dtype is not None:
             grad_bias = grad.sum((0, 2), dtype=ctx.bias_dtype)
         return grad_t, grad_weight, grad_bias
+
+
+class _PointwiseConvForwardMode(_PointwiseConv):
+    """_PointwiseConv with its forward-mode (jvp) rule (see _apply)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _PointwiseConv.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], inputs[1])
+
+    @staticmethod
+    def jvp(ctx, t_tangent, weight_tangent, bias_tangent):
+        """Forward mode (the product rule): W dt + dW t + db."""
+        t, weight = ctx.saved_tensors
+        terms = []
+        if t_tangent is not None:
+            terms.append(_PointwiseConv.forward(t_tangent, weight, None))
+        if weight_tangent is not None or bias_tangent is not None:
+            dw = weight_tangent if weight_tangent is not None else torch.zeros_like(weight)
+            terms.append(_PointwiseConv.forward(t, dw, bias_tangent))
+        return sum(terms[1:], terms[0])
 
 
 class _CentredMoments(torch.autograd.Function):
@@ -228,7 +253,26 @@ class _CentredMoments(torch.autograd.Function):
         pivot, delta, _ = output
         ctx.mark_non_differentiable(pivot)
         ctx.save_for_backward(inputs[0], pivot, delta)
-        ctx.save_for_forward(inputs[0], pivot, delta)
+
+    @staticmethod
+    @_first_order_only
+    def backward(ctx, _grad_pivot, grad_delta: Tensor, grad_cov: Tensor):
+        # d cov = (Cᵀ dC + dCᵀ C)/n with C the centred rows; the mean's path vanishes as C's columns sum to 0.
+        rows, pivot, delta = ctx.saved_tensors
+        n = rows.shape[0]
+        with _autocast_off(rows.device.type):
+            centred = rows.to(delta.dtype) - pivot.to(delta.dtype) - delta
+            grad = centred @ ((grad_cov + grad_cov.T) / n) + grad_delta / n
+        return grad.to(rows.dtype)
+
+
+class _CentredMomentsForwardMode(_CentredMoments):
+    """_CentredMoments with its forward-mode (jvp) rule (see _apply)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _CentredMoments.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], output[0], output[1])
 
     @staticmethod
     def jvp(ctx, rows_tangent: Tensor):
@@ -243,17 +287,6 @@ class _CentredMoments(torch.autograd.Function):
             d_centred = d_rows - d_delta
             product = centred.T @ d_centred / n
         return None, d_delta, product + product.T
-
-    @staticmethod
-    @_first_order_only
-    def backward(ctx, _grad_pivot, grad_delta: Tensor, grad_cov: Tensor):
-        # d cov = (Cᵀ dC + dCᵀ C)/n with C the centred rows; the mean's path vanishes as C's columns sum to 0.
-        rows, pivot, delta = ctx.saved_tensors
-        n = rows.shape[0]
-        with _autocast_off(rows.device.type):
-            centred = rows.to(delta.dtype) - pivot.to(delta.dtype) - delta
-            grad = centred @ ((grad_cov + grad_cov.T) / n) + grad_delta / n
-        return grad.to(rows.dtype)
 
 
 def _positions_major(x: Tensor) -> bool:
@@ -302,8 +335,28 @@ class _CentredAffine(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, folded, y, pivot, _ = inputs
         ctx.save_for_backward(folded, y, pivot)
-        ctx.save_for_forward(folded, y, pivot)
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+
+    @staticmethod
+    @_first_order_only
+    def backward(ctx, grad: Tensor):
+        folded, y, pivot = ctx.saved_tensors
+        acc = folded.dtype
+        with _autocast_off(grad.device.type):
+            grad_acc = grad.to(acc)
+            grad_folded = (grad_acc @ (y.to(acc) - pivot.to(acc))).sum(0)
+            # bmm reads the transposed grad in place (matmul against a 2-D folded would copy it first)
+            grad_y = torch.bmm(grad.to(y.dtype).transpose(1, 2), folded.to(y.dtype).expand(grad.shape[0], -1, -1))
+        return grad.to(ctx.x_dtype), grad_folded, grad_y, None, grad_acc.sum((0, 2))
+
+
+class _CentredAffineForwardMode(_CentredAffine):
+    """_CentredAffine with its forward-mode (jvp) rule (see _apply)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _CentredAffine.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[1], inputs[2], inputs[3])
 
     @staticmethod
     def jvp(ctx, x_tangent, folded_tangent, y_tangent, _pivot_tangent, shift_tangent):
@@ -323,17 +376,9 @@ class _CentredAffine(torch.autograd.Function):
             out = sum(terms[1:], terms[0])
         return out.to(ctx.x_dtype).expand(ctx.x_shape)  # (a tangent of the shift alone is [1, C, 1])
 
-    @staticmethod
-    @_first_order_only
-    def backward(ctx, grad: Tensor):
-        folded, y, pivot = ctx.saved_tensors
-        acc = folded.dtype
-        with _autocast_off(grad.device.type):
-            grad_acc = grad.to(acc)
-            grad_folded = (grad_acc @ (y.to(acc) - pivot.to(acc))).sum(0)
-            # bmm reads the transposed grad in place (matmul against a 2-D folded would copy it first)
-            grad_y = torch.bmm(grad.to(y.dtype).transpose(1, 2), folded.to(y.dtype).expand(grad.shape[0], -1, -1))
-        return grad.to(ctx.x_dtype), grad_folded, grad_y, None, grad_acc.sum((0, 2))
+
+_FORWARD_MODE = {_WindowMaxPool: _WindowMaxPoolForwardMode, _PointwiseConv: _PointwiseConvForwardMode,
+                 _CentredMoments: _CentredMomentsForwardMode, _CentredAffine: _CentredAffineForwardMode}
 
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -424,12 +469,12 @@ class NonLocalBlock(nn.Module):
         else:
             bias = torch.cat([c.bias if c.bias is not None else c.weight.new_zeros(c.out_channels) for c in convs])
         flat = t.flatten(2)
-        return _PointwiseConv.apply(flat, weight.to(flat.dtype), None if bias is None else bias.to(flat.dtype))
+        return _apply(_PointwiseConv, flat, weight.to(flat.dtype), None if bias is None else bias.to(flat.dtype))
 
     def _pool(self, t: Tensor) -> Tensor:
         kernel = self.pool.kernel_size
         if _is_plain_max_pool(self.pool) and torch.is_grad_enabled() and t.requires_grad:
-            return _WindowMaxPool.apply(t, kernel)[0]
+            return _apply(_WindowMaxPool, t, kernel)[0]
         return self.pool(_pooling_layout(t)).to(t.dtype)  # CPU autocast pools in fp32; the maximum is exact
 
     def attend(self, x: Tensor) -> Tensor:
@@ -531,7 +576,7 @@ class NonLocalBlock(nn.Module):
                     D = y.shape[-1]
                     pivot, delta, cov_y = y.new_zeros(D), weight.new_zeros(D), weight.new_zeros(D, D)
                 else:
-                    pivot, delta, cov_y = _CentredMoments.apply(rows)
+                    pivot, delta, cov_y = _apply(_CentredMoments, rows)
                 var = ((weight @ cov_y) * weight).sum(1).clamp_min(0)
                 scale = torch.rsqrt(var + norm.eps) if gamma is None else torch.rsqrt(var + norm.eps) * gamma
                 # b cancels against μ; it stays in the graph with nn.BatchNorm's zero gradient (DDP expects one)
@@ -553,7 +598,7 @@ class NonLocalBlock(nn.Module):
                 scale = torch.rsqrt(norm.running_var.to(acc) + norm.eps)
                 scale = scale if gamma is None else scale * gamma
                 shift = beta + scale * (bias - norm.running_mean.to(acc))
-        return _CentredAffine.apply(x.flatten(2), weight * scale[:, None], y, pivot, shift).view(x.shape)
+        return _apply(_CentredAffine, x.flatten(2), weight * scale[:, None], y, pivot, shift).view(x.shape)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, inter_channels={self.inter_channels}, mode={self.mode!r}, dims={self.dims}, "
