@@ -25,6 +25,8 @@ from typing import Dict
 
 import torch
 
+from ..ops.depthwise3d import _output_size
+
 #: Rounds of the FMA chains per thread per measurement (~3-7 ms), and measurements (the best counts).
 FMA_ITERATIONS = 2_000_000
 FMA_ROUNDS = 10
@@ -65,7 +67,7 @@ def in_range_taps(sizes, k: int, strides, padding: int) -> int:
     padding 1 they are 13 % of all taps)."""
     pairs = 1
     for n, stride in zip(sizes, strides):  # each dimension's valid taps independently
-        outputs = (n + 2 * padding - k) // stride + 1
+        outputs = _output_size(n, k, stride, padding, 1)
         pairs *= sum(0 <= o * stride - padding + t < n for o in range(outputs) for t in range(k))
     return pairs
 

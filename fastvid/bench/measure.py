@@ -8,10 +8,10 @@ Time
     load during the run hits both alike, and every timed call follows another provider's call,
     as a layer's call follows other layers' in a model: each provider meets the same cache state
     in every round (with more than two providers, as the attention and X3D cases have, each follows
-    its own predecessor in the cycle, the same one every round). (Alternating the order each round gave each provider half its calls right
-    after its own, with its data still in cache, and half after the other's, which had evicted
-    it: a two-mode distribution whose median flipped between runs, e.g. 1.3 vs 1.6 ms for the
-    NCDHW depthwise forward.) One round = one call, timed with ``time.perf_counter`` (CUDA: with a
+    its own predecessor in the cycle, the same one every round). (Alternating the order each round
+    gave each provider half its calls right after its own, with its data still in cache, and half
+    after the other's, which had evicted it: a two-mode distribution whose median flipped between
+    runs, e.g. 1.3 vs 1.6 ms for the NCDHW depthwise forward.) One round = one call, timed with ``time.perf_counter`` (CUDA: with a
     synchronize before and after). The garbage collector is off while timing. Reported:
     median and the 20th/80th percentiles over the rounds, plus the median minor page faults and
     system CPU time per call (glibc malloc unmaps big freed blocks, so code that allocates big

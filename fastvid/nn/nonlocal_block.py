@@ -255,14 +255,18 @@ class _CentredMoments(torch.autograd.Function):
         ctx.save_for_backward(inputs[0], pivot, delta)
 
     @staticmethod
+    def centred(rows: Tensor, pivot: Tensor, delta: Tensor) -> Tensor:
+        """The centred rows C in delta's dtype, recomputed from what the forward saved (autocast off)."""
+        return rows.to(delta.dtype) - pivot.to(delta.dtype) - delta
+
+    @staticmethod
     @_first_order_only
     def backward(ctx, _grad_pivot, grad_delta: Tensor, grad_cov: Tensor):
         # d cov = (Cᵀ dC + dCᵀ C)/n with C the centred rows; the mean's path vanishes as C's columns sum to 0.
         rows, pivot, delta = ctx.saved_tensors
         n = rows.shape[0]
         with _autocast_off(rows.device.type):
-            centred = rows.to(delta.dtype) - pivot.to(delta.dtype) - delta
-            grad = centred @ ((grad_cov + grad_cov.T) / n) + grad_delta / n
+            grad = _CentredMoments.centred(rows, pivot, delta) @ ((grad_cov + grad_cov.T) / n) + grad_delta / n
         return grad.to(rows.dtype)
 
 
@@ -281,11 +285,9 @@ class _CentredMomentsForwardMode(_CentredMoments):
         rows, pivot, delta = ctx.saved_tensors
         n = rows.shape[0]
         with _autocast_off(rows.device.type):
-            centred = rows.to(delta.dtype) - pivot.to(delta.dtype) - delta
             d_rows = rows_tangent.to(delta.dtype)
             d_delta = d_rows.mean(0)
-            d_centred = d_rows - d_delta
-            product = centred.T @ d_centred / n
+            product = _CentredMoments.centred(rows, pivot, delta).T @ (d_rows - d_delta) / n
         return None, d_delta, product + product.T
 
 

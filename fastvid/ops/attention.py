@@ -55,9 +55,8 @@ def _autocast(q, k, v):
 
 def _check_attention_args(op, q, k, v, empty_queries=False):
     """empty_queries: N = 0 is allowed (the public ops: an empty result, as SDPA's); the raw ops refuse it."""
+    require_tensors(op, q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"fastvid.{op}: {name} must be a Tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"fastvid.{op}: {name} must be 3-D [B, rows, dim] (4-D with heads before "
                              f"folding), got shape {tuple(t.shape)}")
