@@ -333,16 +333,20 @@ def test_set_depthwise_streaming_rejects_unknown_modes():
         OPS._set_depthwise_streaming("sometimes")
 
 
-@pytest.mark.parametrize("shape,channels", [((2, 8, 28, 28), 96), ((1, 8, 30, 56), 64), ((1, 2, 5, 30), 108)],
-                         ids=["lines", "plane-chunks", "channel-splits"])
+@pytest.mark.parametrize("shape,channels", [((2, 8, 28, 28), 96), ((1, 8, 30, 56), 64), ((1, 2, 5, 30), 108),
+                                            ((2, 8, 28, 28), 108), ((2, 6, 14, 7), 54)],
+                         ids=["lines", "plane-chunks", "channel-splits", "rows-C108", "rows-C54-partial-lines"])
 def test_channels_last_forward_work_split(shape, channels, cpu_isa, streaming):
     """The channels-innermost kW = 3 forward splits its output into boxes of planes x rows x channel
     groups (csrc/depthwise3d/depthwise3d_cpu.cpp, Boxes) and, on the AVX2 and AVX-512 paths, can write
-    fp32 outputs whose positions are whole 64-byte lines (C a multiple of 16) with streaming stores,
-    here forced on and off: outputs of 4.8 MB and 3.4 MB (the second in chunks of 2 of 8 planes and 8
-    bands, the last of 2 rows), and C = 108 in 2 boxes (channel groups split, a tail vector; never
-    streamed). The forward and the stride-1 input gradient (the same kernel, flipped) are
-    bit-identical at 1 and 2 threads and match the tap-sum oracle in float64."""
+    fp32 outputs with streaming stores, here forced on and off: where positions are whole 64-byte
+    lines (C a multiple of 16) from the registers, outputs of 4.8 MB and 3.4 MB (the second in chunks
+    of 2 of 8 planes and 8 bands, the last of 2 rows); else through a per-thread buffer of the box's
+    rows (streams_rows), for boxes with every channel group: C = 108 at 28² (5.4 MB, a tail vector)
+    and C = 54 at 7 wide (rows of 378 values: lines shared by two boxes' rows, written plainly at
+    either end). C = 108 in 2 boxes (channel groups split) is never streamed. The forward and the
+    stride-1 input gradient (the same kernel, flipped) are bit-identical at 1 and 2 threads and match
+    the tap-sum oracle in float64."""
     B, T, H, W = shape
     x = torch.randn(B, channels, T, H, W).contiguous(memory_format=torch.channels_last_3d)
     w, b = torch.randn(channels, 1, 3, 3, 3) / 9, torch.randn(channels)
