@@ -471,7 +471,7 @@ bool streams_output(const Geometry& g, const void* input, const void* output, in
 // the second slot measured ~10 % faster with identical code), buffered against plain stores:
 // 4x108x8x28^2 forward -16 % (AVX-512) / -23 % (AVX2), fwd+bwd -6 % / -8 %; 4x54x8x28^2 and
 // 4x216x8x14^2 (5.4 MB, AVX-512 only: the AVX2 rule keeps them plain) forward -4 % / 0 %, fwd+bwd
-// -1..-3 %. (The fused backward's input-gradient rows keep plain stores.)
+// -1..-3 %. The fused backward's input-gradient rows (backward_impl) go through such a buffer per chunk.
 bool streams_rows(const Geometry& g, int64_t output_bytes, int64_t threads) {
   if (g.channels * int64_t(sizeof(float)) % kLineBytes == 0) return false;  // streams_output's case
   switch (streaming()) {
@@ -1686,11 +1686,20 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
       SpreadPrefetch prefetch;
       add_rows_read<scalar_t>(prefetch, g, input, nullptr, row_begin, row_end, true);
       prefetch.spread_over(plan.groups * (row_end - row_begin));
+      // The chunk's rows (consecutive in grad_input) through the thread's buffer where positions do not
+      // start lines (streams_rows), as forward_k3's boxes.
+      const int64_t row_elements = f.out[2] * f.channels;
+      thread_local std::vector<scalar_t> chunk_rows;  // kept across calls: no allocation per call
+      if (plan.stream_rows)
+        chunk_rows.resize(std::max<size_t>(chunk_rows.size(), (row_end - row_begin) * row_elements));
       for (int64_t v = 0; v < plan.groups; ++v)
         for (int64_t row = row_begin; row < row_end; ++row) {
-          plan.run_row(f, grad_output, weight, nullptr, grad_input, row, v);
+          scalar_t* out_row = plan.stream_rows ? chunk_rows.data() + (row - row_begin) * row_elements : nullptr;
+          plan.run_row(f, grad_output, weight, nullptr, grad_input, row, v, out_row);
           prefetch.step();
         }
+      if (plan.stream_rows)
+        stream_copy(grad_input + row_begin * row_elements, chunk_rows.data(), (row_end - row_begin) * row_elements);
     }
     void add_next_rows(SpreadPrefetch& prefetch, int64_t next_begin, int64_t next_end) const {
       add_rows_read<scalar_t>(prefetch, f, grad_output, nullptr, next_begin, next_end, true);
