@@ -554,6 +554,15 @@ void stream_copy(T* dst, const T* src, int64_t n) {
   std::memcpy(dst, src, n * sizeof(T));
 }
 
+// The calling thread's buffer of at least n values (the rows stream_copy streams out), kept across calls: no
+// allocation per call. forward_k3's boxes and the fused backward's chunks share it (they never nest).
+template <typename T>
+T* thread_rows_buffer(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < size_t(n)) buffer.resize(n);
+  return buffer.data();
+}
+
 // Where a register block's source window leaves its row (conv_block_k3): nowhere, at its first position
 // only (the left padding of 1), at its last only (the right one), or anywhere (bounds from q0 at run time).
 // The first three are template cases, so the unrolled window loads carry no bounds tests: at 512 bits
@@ -821,8 +830,7 @@ void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<
   const int64_t row_elements = g.out[2] * g.channels;
   at::parallel_for(0, boxes.count(g), 1, [&](int64_t begin, int64_t end) {
     SpreadPrefetch prefetch;
-    thread_local std::vector<scalar_t> box_rows;  // kept across calls: no allocation per call
-    if (buffered) box_rows.resize(std::max<size_t>(box_rows.size(), boxes.planes * boxes.band * row_elements));
+    scalar_t* box_rows = buffered ? thread_rows_buffer<scalar_t>(boxes.planes * boxes.band * row_elements) : nullptr;
     for (int64_t item = begin; item < end; ++item) {
       const Box box = boxes(g, item);
       prefetch.clear();
@@ -833,8 +841,7 @@ void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<
       for (int64_t v = box.v0; v < box.v1; ++v) {
         for (int64_t ot = box.t0; ot < box.t1; ++ot)
           for (int64_t oh = box.h0; oh < box.h1; ++oh) {
-            scalar_t* out_row =
-                buffered ? box_rows.data() + ((ot - box.t0) * band + oh - box.h0) * row_elements : nullptr;
+            scalar_t* out_row = buffered ? box_rows + ((ot - box.t0) * band + oh - box.h0) * row_elements : nullptr;
             plan.run_row(g, input, weight, bias, output, (box.b * g.out[0] + ot) * OH + oh, v, out_row);
             if (v > box.v0 || box.v1 - box.v0 == 1) prefetch.step();
           }
@@ -842,7 +849,7 @@ void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<
       if (buffered)  // each plane's rows of the box are consecutive in the output
         for (int64_t ot = box.t0; ot < box.t1; ++ot)
           stream_copy(output + ((box.b * g.out[0] + ot) * OH + box.h0) * row_elements,
-                      box_rows.data() + (ot - box.t0) * band * row_elements, band * row_elements);
+                      box_rows + (ot - box.t0) * band * row_elements, band * row_elements);
     }
 #if FASTVID_VEC_BYTES >= 32
     if (plan.stream || buffered) _mm_sfence();  // the streaming stores are visible before parallel_for returns
@@ -1689,17 +1696,16 @@ void backward_impl(const InputGradArgs& ia, const WeightGradArgs& wa) {
       // The chunk's rows (consecutive in grad_input) through the thread's buffer where positions do not
       // start lines (streams_rows), as forward_k3's boxes.
       const int64_t row_elements = f.out[2] * f.channels;
-      thread_local std::vector<scalar_t> chunk_rows;  // kept across calls: no allocation per call
-      if (plan.stream_rows)
-        chunk_rows.resize(std::max<size_t>(chunk_rows.size(), (row_end - row_begin) * row_elements));
+      scalar_t* chunk_rows =
+          plan.stream_rows ? thread_rows_buffer<scalar_t>((row_end - row_begin) * row_elements) : nullptr;
       for (int64_t v = 0; v < plan.groups; ++v)
         for (int64_t row = row_begin; row < row_end; ++row) {
-          scalar_t* out_row = plan.stream_rows ? chunk_rows.data() + (row - row_begin) * row_elements : nullptr;
+          scalar_t* out_row = plan.stream_rows ? chunk_rows + (row - row_begin) * row_elements : nullptr;
           plan.run_row(f, grad_output, weight, nullptr, grad_input, row, v, out_row);
           prefetch.step();
         }
       if (plan.stream_rows)
-        stream_copy(grad_input + row_begin * row_elements, chunk_rows.data(), (row_end - row_begin) * row_elements);
+        stream_copy(grad_input + row_begin * row_elements, chunk_rows, (row_end - row_begin) * row_elements);
     }
     void add_next_rows(SpreadPrefetch& prefetch, int64_t next_begin, int64_t next_end) const {
       add_rows_read<scalar_t>(prefetch, f, grad_output, nullptr, next_begin, next_end, true);
