@@ -152,6 +152,12 @@ CONFIGS = [
     # output reads), W = 7 (the channels_last_3d backward too)
     Config(20, 1, (3, 3, 5), (3, 2, 2), (1, 0, 0), (1, 2, 1), (2, 8, 9, 12)),
     Config(5, 1, (1, 3, 1), (2, 1, 3), (0, 1, 0), (1, 1, 1), (1, 5, 6, 7)),
+    # channels-innermost register blocks of 10 and 5 (X3D-S's 160-pixel crops: rows of 5, 10, 20): W stride 2
+    # into a row of 10 (two 5-wide blocks on both paths, the first at the left border); a row of 10 at
+    # stride 1 (one 10-wide block with both borders at 512 bits, a left and a right 5-wide one at 256),
+    # each with a channel tail
+    Config(20, 1, (3, 3, 3), (1, 2, 2), (1, 1, 1), (1, 1, 1), (1, 3, 4, 20)),
+    Config(20, 1, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (2, 2, 3, 10), bias=False),
 ]
 LAYOUTS = ["contiguous", "channels_last_3d", "noncontiguous"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -368,9 +368,11 @@ void forward_row(const Geometry& g, const scalar_t* input, const at::opmath_type
 //
 // Positions per block: the block's source window, its P sums and one weight fill the registers
 // (16 + 14 + 1 of 32 at 512 bits; 9 + 7 + 1 of 16 below); W stride 2 reads a window twice as wide.
-// 14 and 7 tile the widths of video nets (7·2^k) exactly.
-constexpr int kBlockW1 = cpu::kVecBytes == 64 ? 14 : 7;
-constexpr int kBlockW2 = cpu::kVecBytes == 64 ? 7 : 4;
+// The widths: 14 and 7 tile 7·2^k (224-pixel crops), 10 and 5 tile 5·2^k (X3D-XS/S's 160-pixel
+// crops: rows of 5, 10, 20); with only 14, 7, 4 a row of 5 ran 8 positions, one of 10 ran 14.
+constexpr int kBlockWidths[] = {14, 10, 7, 5, 4, 1};
+template <int S>
+constexpr int max_block_width() { return cpu::kVecBytes == 64 ? (S == 1 ? 14 : 7) : (S == 1 ? 7 : 5); }
 // Where positions are n·64 bytes apart with 4 | n (C = 64, 128, 192, 256 fp32), a channel group's lines
 // of a row fall into 128 / gcd(n, 64) of the L1's 64 sets (C = 128: 16; rows and planes of such a
 // tensor land on the same sets), the rows a band reuses do not stay in L1, and the blocks' window
@@ -653,15 +655,17 @@ bool forward_k3_applies(const Geometry& g) {
 }
 
 // The block width for a row of OW outputs: the candidate with the fewest window loads + FMAs
-// (blocks × (P·S + 5)), P <= OW.
+// (blocks × (P·S + 5)), P <= OW. Below 512 bits a stride-2 block of 5 needs 17 vectors (11 of window,
+// 5 sums, a weight) in 16 registers and ran 1-4 % slower per position than blocks of 4 (AVX2, Zen 4,
+// rows of 20 and 40): it counts 2 more, so it runs only where it saves blocks (rows of 5, 10, 25, ...).
 template <int S>
 int block_width(int64_t OW) {
-  constexpr int candidates[] = {S == 1 ? kBlockW1 : kBlockW2, 7, 4, 1};
   int best = 1;
   int64_t best_cost = OW * (S + 5);
-  for (int P : candidates) {
-    if (P > OW || P > candidates[0]) continue;
-    const int64_t cost = (OW + P - 1) / P * (P * S + 5);
+  for (int P : kBlockWidths) {
+    if (P > OW || P > max_block_width<S>()) continue;
+    const int spill = cpu::kVecBytes < 64 && S == 2 && P == 5 ? 2 : 0;
+    const int64_t cost = (OW + P - 1) / P * (P * S + 5 + spill);
     if (cost < best_cost) best = P, best_cost = cost;
   }
   return best;
@@ -680,14 +684,21 @@ void forward_row_k3(const Geometry& g, const scalar_t* input, const at::opmath_t
   const scalar_t* src_rows[7 * 7];
   const acc_t* w_rows[7 * 7];
   const int64_t rows = tap_rows(g, b, ot, oh, rt, rh, input, weight, 3 * C, src_rows, w_rows);
-  constexpr int P0 = S == 1 ? kBlockW1 : kBlockW2;
   auto run = [&](auto block) {
-    conv_row_k3<decltype(block)::value, S>(g, rows, src_rows, w_rows, bias, out_row, v_begin, v_end, stream);
+    constexpr int kP = decltype(block)::value;
+    if constexpr (kP <= max_block_width<S>())
+      conv_row_k3<kP, S>(g, rows, src_rows, w_rows, bias, out_row, v_begin, v_end, stream);
+    else
+      TORCH_INTERNAL_ASSERT(false, "depthwise3d: block width ", kP, " above this path's register budget");
   };
-  if (P == P0) run(std::integral_constant<int, P0>{});
-  else if (P == 7) run(std::integral_constant<int, 7>{});
-  else if (P == 4) run(std::integral_constant<int, 4>{});
-  else run(std::integral_constant<int, 1>{});
+  switch (P) {
+    case 14: return run(std::integral_constant<int, 14>{});
+    case 10: return run(std::integral_constant<int, 10>{});
+    case 7: return run(std::integral_constant<int, 7>{});
+    case 5: return run(std::integral_constant<int, 5>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    default: return run(std::integral_constant<int, 1>{});
+  }
 }
 
 // Input indices [begin, end) that output indices [o0, o1) read along one dim.
