@@ -387,7 +387,8 @@ constexpr int kConflictBlockW = 4;
 // Loop order (forward_k3): work items are boxes of output rows -- one batch index, a chunk of output
 // planes and a band of kBandRows rows -- whose input rows fit in L2 (kItemInputBytes). Within an item
 // the channels go in groups of two 64-byte lines per position (group_vectors: 2 vectors at 512 bits, 4
-// at 256, 8 at 128; one line where the output is streamed), outermost, and each group sweeps the
+// at 256, 8 at 128; one line where the output is streamed; all channels where positions do not start
+// lines: positions_start_lines), outermost, and each group sweeps the
 // item's planes and rows: a group's input rows are reused from L1 by the rows of the band and the
 // planes after it, and the box's input lines come from memory once (for the first group) and from L2
 // for the others. While the later groups run, the next item's new input rows are prefetched into L2,
@@ -406,6 +407,18 @@ constexpr int kLineBytes = 64;
 // and 12 % (AVX2); four lines no better. With streaming stores one line, the group streams_output's
 // 4 KiB-aliasing rule was derived and measured for.
 int group_vectors(bool stream) { return (stream ? kLineBytes : 2 * kLineBytes) / cpu::kVecBytes; }
+// Whether each position of a channels-innermost tensor starts a 64-byte line (C · element size a multiple
+// of 64). Where not (X3D's 54, 108, 216 channels in fp32), a line holds the end of one position and the
+// start of the next, and a two-line group is not two lines: the lines at a group's edges are the next
+// group's too and came into L1 once per group. There forward_k3's rows (and the fused backward's
+// input-gradient rows) take all channels of a row in one group (split only where the boxes are too few
+// for the threads): Zen 4, two threads, same-process A/Bs (60 rounds alternating, medians), forward
+// -5..-18 % on both paths at 4x108x8x28^2, 4x216x8x14^2 and the X3D-S shapes (2x54x13x40^2 ..
+// 2x216x13x10^2, stride 1 and 2), both gradients -2..-9 %. Not where positions start lines: there
+// (4x96x8x28^2 and x56^2, 4x192x8x14^2, 2x432x13x20^2, ...) -13..+15 %, no rule.
+bool positions_start_lines(const Geometry& g, int64_t element_bytes) {
+  return g.channels * element_bytes % kLineBytes == 0;
+}
 // Whether tensors of `bytes` an op is about to read or write are likely in the last-level cache
 // already: at most a quarter of it (the layers around them keep theirs there too). Then the next
 // work item's rows need no software prefetch and an output no streaming stores (see streams_output
@@ -718,11 +731,11 @@ struct Box {
 
 // The items: boxes whose input rows take at most kItemInputBytes (bands of up to kBandRows output
 // rows, then as many planes as fit, at least one), the channel groups split further only where there
-// would be fewer than 4 items per thread. Ordered (b, plane chunk, band, channel split), the last
-// fastest: consecutive items share input rows.
+// would be fewer than 4 items per thread (split()). Ordered (b, plane chunk, band, channel split), the
+// last fastest: consecutive items share input rows.
 struct Boxes {
-  int64_t bands, band, chunks, planes, splits, per_split, groups;
-  Boxes(const Geometry& g, int64_t groups_, int64_t threads, int64_t element_bytes) : groups(groups_) {
+  int64_t bands, band, chunks, planes, wanted_splits, splits = 1, per_split = 1, groups = 1;
+  Boxes(const Geometry& g, int64_t threads, int64_t element_bytes) {
     const int64_t OT = g.out[0], OH = g.out[1];
     const int64_t row_bytes = g.in[2] * g.channels * element_bytes;
     auto in_rows = [&](int64_t n, int d) { return (n - 1) * g.stride[d] + (g.kernel[d] - 1) * g.dilation[d] + 1; };
@@ -732,8 +745,11 @@ struct Boxes {
     while (planes < OT && in_rows(band, 1) * in_rows(planes + 1, 0) * row_bytes <= kItemInputBytes) ++planes;
     bands = (OH + band - 1) / band, chunks = (OT + planes - 1) / planes;
     const int64_t boxes = g.batch * chunks * bands;
-    splits = std::min<int64_t>(groups, std::max<int64_t>(1, (4 * threads + boxes - 1) / boxes));
-    per_split = (groups + splits - 1) / splits;
+    wanted_splits = std::max<int64_t>(1, (4 * threads + boxes - 1) / boxes);
+  }
+  // Splits each box's channel groups into up to wanted_splits items.
+  void split(int64_t groups_) {
+    groups = groups_, splits = std::min(groups, wanted_splits), per_split = (groups + splits - 1) / splits;
   }
   int64_t count(const Geometry& g) const { return g.batch * chunks * bands * splits; }
   Box operator()(const Geometry& g, int64_t item) const {
@@ -804,14 +820,16 @@ struct RowPlan {
   bool stream, stream_rows;
   int64_t vectors, per_group, groups;
 
-  RowPlan(const Geometry& g, const scalar_t* input, const scalar_t* output) {
+  // min_groups: how many channel groups the caller wants at least (forward_k3's boxes' splits).
+  RowPlan(const Geometry& g, const scalar_t* input, const scalar_t* output, int64_t min_groups = 1) {
     const int64_t output_bytes =
         g.batch * g.out[0] * g.out[1] * g.out[2] * g.channels * int64_t(sizeof(scalar_t));
     P = uses_conflict_blocks<S, scalar_t>(g) ? kConflictBlockW : block_width<S>(g.out[2]);
     stream = kStreams<scalar_t> && streams_output(g, input, output, output_bytes, at::get_num_threads());
     stream_rows = kStreams<scalar_t> && streams_rows(g, output_bytes, at::get_num_threads());
     vectors = (g.channels + Vec<acc_t>::lanes - 1) / Vec<acc_t>::lanes;
-    per_group = group_vectors(stream);
+    const int64_t split = std::min(vectors, min_groups);  // where positions do not start lines: all channels
+    per_group = positions_start_lines(g, sizeof(scalar_t)) ? group_vectors(stream) : (vectors + split - 1) / split;
     groups = (vectors + per_group - 1) / per_group;
   }
   // Output row `row` ((b·OT + ot)·OH + oh), channel group v, into out_row (by default the row of output).
@@ -828,14 +846,15 @@ void forward_k3(const Geometry& g, const scalar_t* input, const at::opmath_type<
                 const at::opmath_type<scalar_t>* bias, scalar_t* output) {
   const int64_t OH = g.out[1];
   const int64_t threads = at::get_num_threads();
-  const RowPlan<S, scalar_t> plan(g, input, output);
+  Boxes boxes(g, threads, sizeof(scalar_t));
+  const RowPlan<S, scalar_t> plan(g, input, output, boxes.wanted_splits);
+  boxes.split(plan.groups);
   // The next box's new input rows come from memory only where the input is unlikely to be in L3. Intel
   // Xeon, 480 MB L3, 4x96x8x28^2, two threads, same-process A/B: without that prefetch 3-17 % faster back
   // to back, after native's conv or after a 64 MB read, -10..+9 % after a 64 MB write (Zen 4, 32 MB L3,
   // session 24: 3-56 % slower without it).
   const bool prefetch_next = !likely_in_last_level_cache(g.batch * g.in[0] * g.in[1] * g.in[2] * g.channels *
                                                          int64_t(sizeof(scalar_t)));
-  const Boxes boxes(g, plan.groups, threads, sizeof(scalar_t));
   // A box's output rows through the thread's buffer (streams_rows): every channel group of them.
   const bool buffered = plan.stream_rows && boxes.splits == 1;
   const int64_t row_elements = g.out[2] * g.channels;
