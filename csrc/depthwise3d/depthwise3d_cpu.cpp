@@ -1351,7 +1351,15 @@ bool weight_grad_k3_applies(const Geometry& g) {
 }
 
 // Channel vectors per work item of the weight gradient: 128 bytes of fp32 (two 64-byte lines, the
-// pair the L2 prefetcher fetches together).
+// pair the L2 prefetcher fetches together). Below 512 bits, where the chunks are the items
+// (weight_grad_by_chunks), all channels instead: that order sweeps each row once per group with all
+// the group's vectors, so one group uses every line of a row while it is in L1 where two-line groups
+// took each row from L2 once per group (and the lines at a group's edge twice where positions do not
+// start lines). Zen 4, AVX2, same-process A/B (40 rounds alternating, medians), weight gradient alone:
+// one thread 4x96x8x28^2 -14 %, 4x108x8x28^2 -27 %, 4x112x8x28^2 -24 %, 2x54x13x40^2 -26 %; two
+// threads -14 %, -44 %, -16 %, -31 % (2x216x13x10^2 within +-5 %); both gradients (the fused pass at
+// 2x96 and 2x108x8x28^2) -4..-20 % at one and two threads; the baseline path -5..-16 %. At 512 bits
+// (each channel block sweeps all the chunk's rows, its sums in registers) 0..+9 % alone: kept.
 constexpr int64_t kWeightGroupV = 128 / cpu::kVecBytes;
 
 // Prefetches channels [0, width) of `positions` positions C apart from p, one per 64-byte line.
@@ -1554,16 +1562,18 @@ void weight_grad_impl(const WeightGradArgs& a, const ChunkWork& chunk_work = Chu
     // Each item writes only its channel groups' sums of its chunk's partials, so the result does not
     // depend on which thread runs it.
     const int64_t vectors = (g.channels + L - 1) / L;
-    const int64_t groups = (vectors + kWeightGroupV - 1) / kWeightGroupV;
+    const bool by_chunks = weight_grad_by_chunks<acc_t>(g);
+    const int64_t group_v = cpu::kVecBytes < 64 && by_chunks ? vectors : kWeightGroupV;  // see kWeightGroupV
+    const int64_t groups = (vectors + group_v - 1) / group_v;
     auto rows_k3 = [&](int64_t chunk, int64_t group, bool prefetch_next_rows, auto&& on_row) {
       acc_t* pw = partials.data() + chunk * per_chunk;
       const auto [row_begin, row_end] = chunk_rows(chunk);
       weight_grad_rows_k3(g, input, grad_output, grad_weight != nullptr ? pw : nullptr,
                           grad_bias != nullptr ? pw + taps * Cout : nullptr, row_begin, row_end,
-                          group * kWeightGroupV, std::min(vectors, (group + 1) * kWeightGroupV), prefetch_next_rows,
+                          group * group_v, std::min(vectors, (group + 1) * group_v), prefetch_next_rows,
                           on_row);
     };
-    if (weight_grad_by_chunks<acc_t>(g)) {
+    if (by_chunks) {
       // Items: chunks, each with all channel groups in turn. A chunk's rows of input and grad_output
       // come from memory for its first group and from L2 for the others, while those prefetch the
       // next chunk's rows (add_rows_read): Zen 4, 4x96x8x28^2, each call's tensors cold:
@@ -1606,7 +1616,7 @@ void weight_grad_impl(const WeightGradArgs& a, const ChunkWork& chunk_work = Chu
           const auto [row_begin, row_end] = chunk_rows(chunk);
           chunk_work.run(row_begin, row_end);
           // over the row calls of the later groups (weight_grad_rows_k3: per kt, and per vector below 512 bits)
-          const int64_t calls_per_group = g.kernel[0] * (row_end - row_begin) * (cpu::kVecBytes == 64 ? 1 : kWeightGroupV);
+          const int64_t calls_per_group = g.kernel[0] * (row_end - row_begin) * (cpu::kVecBytes == 64 ? 1 : group_v);
           prefetch.spread_over(std::max<int64_t>(1, groups - 1) * calls_per_group);
           // The later groups' rows are in L2 from group 0 and need no per-row prefetch (measured
           // without it, 4x96x8x28^2: AVX-512 1.72 -> 1.65 ms at 2 threads, AVX2 2.91 -> 2.76).
