@@ -729,9 +729,14 @@ struct Box {
   int64_t b, t0, t1, h0, h1, v0, v1;
 };
 
-// The items: boxes whose input rows take at most kItemInputBytes (bands of up to kBandRows output
-// rows, then as many planes as fit, at least one), the channel groups split further only where there
-// would be fewer than 4 items per thread (split()). Ordered (b, plane chunk, band, channel split), the
+// The items: boxes whose input rows take at most kItemInputBytes: of the bands of up to kBandRows output
+// rows, each with as many planes as fit (at least one), the one that reads the fewest input rows per
+// output row (ties: the taller band); the channel groups split further only where there would be fewer
+// than 4 items per thread (split()). With H stride 2 the tallest band was taken before: 4 rows reading
+// 9, which at X3D-S's row sizes (17 KB) left room for one plane, each input plane read by three boxes
+// (6.75 input rows per output row; 2 rows x 4 planes: 3.75). Zen 4, two threads, same-process A/B:
+// stride-2 forwards 2x54x13x80², 2x108x13x40², 2x216x13x20², 4x192x8x28² -12..-29 % on both paths,
+// 2x432x13x10² and 4x48x8x56² -2..-7 %; stride 1 keeps its boxes. Ordered (b, plane chunk, band, channel split), the
 // last fastest: consecutive items share input rows.
 struct Boxes {
   int64_t bands, band, chunks, planes, wanted_splits, splits = 1, per_split = 1, groups = 1;
@@ -739,10 +744,15 @@ struct Boxes {
     const int64_t OT = g.out[0], OH = g.out[1];
     const int64_t row_bytes = g.in[2] * g.channels * element_bytes;
     auto in_rows = [&](int64_t n, int d) { return (n - 1) * g.stride[d] + (g.kernel[d] - 1) * g.dilation[d] + 1; };
-    band = std::min<int64_t>(kBandRows, OH);
-    while (band > 1 && in_rows(band, 1) * in_rows(1, 0) * row_bytes > kItemInputBytes) --band;
-    planes = 1;
-    while (planes < OT && in_rows(band, 1) * in_rows(planes + 1, 0) * row_bytes <= kItemInputBytes) ++planes;
+    band = planes = 1;
+    double fewest = 0;
+    for (int64_t n = std::min<int64_t>(kBandRows, OH); n >= 1; --n) {
+      if (n > 1 && in_rows(n, 1) * in_rows(1, 0) * row_bytes > kItemInputBytes) continue;
+      int64_t p = 1;
+      while (p < OT && in_rows(n, 1) * in_rows(p + 1, 0) * row_bytes <= kItemInputBytes) ++p;
+      const double reads = double(in_rows(n, 1) * in_rows(p, 0)) / double(n * p);
+      if (fewest == 0 || reads < fewest) fewest = reads, band = n, planes = p;
+    }
     bands = (OH + band - 1) / band, chunks = (OT + planes - 1) / planes;
     const int64_t boxes = g.batch * chunks * bands;
     wanted_splits = std::max<int64_t>(1, (4 * threads + boxes - 1) / boxes);
