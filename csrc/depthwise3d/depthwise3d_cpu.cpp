@@ -385,18 +385,17 @@ constexpr int max_block_width() { return cpu::kVecBytes == 64 ? (S == 1 ? 14 : 7
 // bf16 (C = 128 and 256: 9-17 % slower).
 constexpr int kConflictBlockW = 4;
 // Loop order (forward_k3): work items are boxes of output rows -- one batch index, a chunk of output
-// planes and a band of kBandRows rows -- whose input rows fit in L2 (kItemInputBytes). Within an item
-// the channels go in groups of two 64-byte lines per position (group_vectors: 2 vectors at 512 bits, 4
-// at 256, 8 at 128; one line where the output is streamed; all channels where positions do not start
-// lines: positions_start_lines), outermost, and each group sweeps the
-// item's planes and rows: a group's input rows are reused from L1 by the rows of the band and the
-// planes after it, and the box's input lines come from memory once (for the first group) and from L2
-// for the others. While the later groups run, the next item's new input rows are prefetched into L2,
-// spread over the row calls, so that its first group does not wait on memory. AMD Zen 4, 4x96x8x28^2,
-// two threads, each call's input cold: 1.8 -> 1.1 ms with the streaming stores below (one channel
-// vector over whole output planes before: every 64-byte line of a position read in a separate pass over
-// the plane, ~25 % of the FMA peak against ~80 % with the data in L2; all channels of a row at a time:
-// no reuse of a row from L1 across planes).
+// planes and a band of up to kBandRows rows (Boxes) -- whose input rows fit in L2 (kItemInputBytes).
+// Within an item the channels go in groups of two 64-byte lines per position (group_vectors: 2 vectors at
+// 512 bits, 4 at 256, 8 at 128; one line where the output is streamed; all channels where positions do
+// not start lines: positions_start_lines), outermost, and each group sweeps the item's planes and rows: a
+// group's input rows are reused from L1 by the rows of the band and the planes after it, and the box's
+// input lines come from memory once (for the first group) and from L2 for the others. While the later
+// groups run, the next item's new input rows are prefetched into L2, spread over the row calls, so that
+// its first group does not wait on memory. AMD Zen 4, 4x96x8x28^2, two threads, each call's input cold:
+// 1.8 -> 1.1 ms with the streaming stores below (one channel vector over whole output planes before:
+// every 64-byte line of a position read in a separate pass over the plane, ~25 % of the FMA peak against
+// ~80 % with the data in L2; all channels of a row at a time: no reuse of a row from L1 across planes).
 constexpr int kBandRows = 4;
 constexpr int64_t kItemInputBytes = 512 * 1024;
 constexpr int kLineBytes = 64;
@@ -736,8 +735,8 @@ struct Box {
 // 9, which at X3D-S's row sizes (17 KB) left room for one plane, each input plane read by three boxes
 // (6.75 input rows per output row; 2 rows x 4 planes: 3.75). Zen 4, two threads, same-process A/B:
 // stride-2 forwards 2x54x13x80², 2x108x13x40², 2x216x13x20², 4x192x8x28² -12..-29 % on both paths,
-// 2x432x13x10² and 4x48x8x56² -2..-7 %; stride 1 keeps its boxes. Ordered (b, plane chunk, band, channel split), the
-// last fastest: consecutive items share input rows.
+// 2x432x13x10² and 4x48x8x56² -2..-7 %; stride 1 keeps its boxes. Ordered (b, plane chunk, band,
+// channel split), the last fastest: consecutive items share input rows.
 struct Boxes {
   int64_t bands, band, chunks, planes, wanted_splits, splits = 1, per_split = 1, groups = 1;
   Boxes(const Geometry& g, int64_t threads, int64_t element_bytes) {
