@@ -42,6 +42,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -463,7 +464,7 @@ constexpr int64_t kStreamBytesPerThread = 1024 * 1024;
 bool streams_output(const Geometry& g, const void* input, const void* output, int64_t output_bytes, int64_t threads) {
   const auto in = reinterpret_cast<uintptr_t>(input), out = reinterpret_cast<uintptr_t>(output);
   const int64_t position_bytes = g.channels * int64_t(sizeof(float));
-  const bool lines = position_bytes % kLineBytes == 0 && out % kLineBytes == 0;
+  const bool lines = positions_start_lines(g, sizeof(float)) && out % kLineBytes == 0;
   const bool aliasing_phase = position_bytes % (2 * kLineBytes) == 0 && ((out - in) / kLineBytes) % 2 == 0;
   switch (streaming()) {
     case Streaming::kAlways: return lines;
@@ -487,7 +488,7 @@ bool streams_output(const Geometry& g, const void* input, const void* output, in
 // 4x216x8x14^2 (5.4 MB, AVX-512 only: the AVX2 rule keeps them plain) forward -4 % / 0 %, fwd+bwd
 // -1..-3 %. The fused backward's input-gradient rows (backward_impl) go through such a buffer per chunk.
 bool streams_rows(const Geometry& g, int64_t output_bytes, int64_t threads) {
-  if (g.channels * int64_t(sizeof(float)) % kLineBytes == 0) return false;  // streams_output's case
+  if (positions_start_lines(g, sizeof(float))) return false;  // streams_output's case
   switch (streaming()) {
     case Streaming::kAlways: return true;
     case Streaming::kNever: return false;
@@ -744,13 +745,13 @@ struct Boxes {
     const int64_t row_bytes = g.in[2] * g.channels * element_bytes;
     auto in_rows = [&](int64_t n, int d) { return (n - 1) * g.stride[d] + (g.kernel[d] - 1) * g.dilation[d] + 1; };
     band = planes = 1;
-    double fewest = 0;
+    double fewest = std::numeric_limits<double>::infinity();
     for (int64_t n = std::min<int64_t>(kBandRows, OH); n >= 1; --n) {
       if (n > 1 && in_rows(n, 1) * in_rows(1, 0) * row_bytes > kItemInputBytes) continue;
       int64_t p = 1;
       while (p < OT && in_rows(n, 1) * in_rows(p + 1, 0) * row_bytes <= kItemInputBytes) ++p;
       const double reads = double(in_rows(n, 1) * in_rows(p, 0)) / double(n * p);
-      if (fewest == 0 || reads < fewest) fewest = reads, band = n, planes = p;
+      if (reads < fewest) fewest = reads, band = n, planes = p;
     }
     bands = (OH + band - 1) / band, chunks = (OT + planes - 1) / planes;
     const int64_t boxes = g.batch * chunks * bands;
@@ -829,7 +830,8 @@ struct RowPlan {
   bool stream, stream_rows;
   int64_t vectors, per_group, groups;
 
-  // min_groups: how many channel groups the caller wants at least (forward_k3's boxes' splits).
+  // min_groups: where positions do not start lines, the channels go in that many groups (forward_k3's
+  // boxes' splits; all channels in one by default); elsewhere in two-line groups (group_vectors).
   RowPlan(const Geometry& g, const scalar_t* input, const scalar_t* output, int64_t min_groups = 1) {
     const int64_t output_bytes =
         g.batch * g.out[0] * g.out[1] * g.out[2] * g.channels * int64_t(sizeof(scalar_t));
