@@ -427,8 +427,8 @@ bool likely_in_last_level_cache(int64_t bytes) { return bytes <= cpu_isa::last_l
 
 // Outputs larger than this per thread (more than its L2 can keep for a consumer) and than a quarter of
 // the last-level cache may be written with streaming stores (fp32, aligned whole vectors): the line is
-// not read from memory first. At 256 bits the two halves of a line are stored one block apart (vectors
-// v and v + 1 of a line group) and meet in the write-combining buffers. Zen 4 (32 MB L3), 4x96x8x28^2,
+// not read from memory first. At 256 bits the two halves of a line are streamed back to back (conv_row_k3's
+// line pairs) and meet in the write-combining buffers. Zen 4 (32 MB L3), 4x96x8x28^2,
 // each call's tensors cold: AVX-512 two threads 1.5 -> 1.1 ms, AVX2 one thread 3.5 -> 2.2 ms; a BatchNorm
 // + ReLU on the output after it took the same time (1.13 vs 1.20 ms) either way. See streams_output.
 constexpr int64_t kStreamBytesPerThread = 1024 * 1024;
@@ -590,13 +590,23 @@ enum BlockBorder { kBorderNone, kBorderLeft, kBorderRight, kBorderAny };
 // over the (kt, kh) rows r. Per row the source window (N vectors) is loaded once into registers,
 // then each tap's weight vector is used for all P positions; per position the taps are added in tap
 // order (as forward_element). Border (BlockBorder): window positions outside [0, width) are the zero padding (a
-// zero product where forward_element skips the tap: the same sum for finite weights). Lanes below
-// first_lane are not stored.
+// zero product where forward_element skips the tap: the same sum for finite weights). The sums go to
+// `to` (BlockOut).
+template <typename scalar_t, typename acc_t>
+struct BlockOut {
+  scalar_t* out;  // position p's vector at out + p·step
+  int64_t step;
+  int first_lane;  // lanes below it are not stored
+  bool stream;
+  // Streamed fp32 at 256 bits (conv_row_k3's line pairs): the line's first vector of each position,
+  // at line_head + p·lanes, streamed just before this block's vector (the line's second).
+  const acc_t* line_head;
+};
 template <int P, int S, int Border, typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const scalar_t* const* src_rows,
                                                          const acc_t* const* w_rows, int64_t C, int64_t q0,
-                                                         int64_t width, const acc_t* init, scalar_t* out,
-                                                         int64_t c0, int first_lane, bool stream) {
+                                                         int64_t width, const acc_t* init, int64_t c0,
+                                                         const BlockOut<scalar_t, acc_t>& to) {
   using V = typename Vec<acc_t>::type;
   constexpr int N = (P - 1) * S + 3;  // source positions read
   V a[P];
@@ -626,20 +636,42 @@ __attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const sca
   }
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p) {
-    if (first_lane > 0) store_lanes(out + p * C + c0, a[p], first_lane);
-    else if (stream) store_line(out + p * C + c0, a[p]);
-    else store_vec(out + p * C + c0, a[p]);
+    scalar_t* dst = to.out + p * to.step;
+    if (to.line_head != nullptr) {
+      store_line(dst - Vec<acc_t>::lanes, load_vec<V>(to.line_head + p * Vec<acc_t>::lanes));
+      store_line(dst, a[p]);
+    } else if (to.first_lane > 0) {
+      store_lanes(dst, a[p], to.first_lane);
+    } else if (to.stream) {
+      store_line(dst, a[p]);
+    } else {
+      store_vec(dst, a[p]);
+    }
   }
 }
 
 // One output row in P-position blocks (the last block ends at the row's end, overlapping the one
 // before it where P does not divide the width), for the channel vectors [v_begin, v_end) (vector v
 // starts at channel v·L; the last one, where C is not a multiple of L, at C - L).
+//
+// Line pairs: a streamed fp32 output at 256 bits has two vectors per 64-byte line, computed by two
+// blocks in turn. The first block's sums wait in line_head (L1) and the second streams both halves
+// back to back, so the write-combining buffer receives the whole line at once; streamed one block
+// apart (7 positions x 9 rows of FMAs), the halves could leave separately, each a partial-line write.
+// AMD Zen 4, AVX2 path, 4x96x8x28^2, each call's input cold, same-process A/B (40 rounds alternating,
+// medians, three runs): two threads -15/-22/-21 %, one thread -0.3/-7.3/-1.4 %; 4x64x8x56^2 two threads
+// +0.2/-28/+5 %, one -3..+3 %. The gains came in the runs where memory was busy (plain 2.4-2.8 ms; on a
+// quiet machine both ~1.6 ms).
 template <int P, int S, typename scalar_t, typename acc_t>
 void conv_row_k3(const Geometry& g, int64_t rows, const scalar_t* const* src_rows, const acc_t* const* w_rows,
                  const acc_t* init, scalar_t* out_row, int64_t v_begin, int64_t v_end, bool stream) {
   constexpr int L = Vec<acc_t>::lanes, N = (P - 1) * S + 3;
+  constexpr bool kLinePairs = kStreams<scalar_t> && cpu::kVecBytes == 32;
   const int64_t C = g.channels, W = g.in[2], OW = g.out[2], pad = g.padding[2];
+  const bool pairs = kLinePairs && stream;
+  // Streaming happens only where positions start lines: whole lines per group (group_vectors).
+  TORCH_INTERNAL_ASSERT(!pairs || (v_begin % 2 == 0 && v_end % 2 == 0 && C % (2 * L) == 0));
+  alignas(64) acc_t line_head[kLinePairs ? P * L : 1];
   for (int64_t ow0 = 0; ow0 < OW; ow0 += P) {
     const int64_t start = std::min(ow0, OW - P), q0 = start * S - pad;
     scalar_t* out = out_row + start * C;
@@ -648,9 +680,13 @@ void conv_row_k3(const Geometry& g, int64_t rows, const scalar_t* const* src_row
                        : q0 >= 0 && q0 + N == W + 1 ? kBorderRight : kBorderAny;
     for (int64_t v = v_begin; v < v_end; ++v) {
       const int64_t c0 = std::min(v * L, C - L);
-      const int first_lane = static_cast<int>(v * L - c0);
+      BlockOut<scalar_t, acc_t> to{out + c0, C, static_cast<int>(v * L - c0), stream, nullptr};
+      if constexpr (kLinePairs) {
+        if (pairs && v % 2 == 0) to = {line_head, L, 0, false, nullptr};
+        else if (pairs) to.line_head = line_head;
+      }
       auto block = [&](auto kind) {
-        conv_block_k3<P, S, decltype(kind)::value>(rows, src_rows, w_rows, C, q0, W, init, out, c0, first_lane, stream);
+        conv_block_k3<P, S, decltype(kind)::value>(rows, src_rows, w_rows, C, q0, W, init, c0, to);
       };
       if (border == kBorderNone) block(std::integral_constant<int, kBorderNone>{});
       else if (border == kBorderLeft) block(std::integral_constant<int, kBorderLeft>{});
