@@ -506,8 +506,11 @@ template <typename T, typename V>
 __attribute__((always_inline)) inline void store_lanes(T* p, const V& v, int first) {
   constexpr int L = sizeof(V) / sizeof(v[0]);
 #if FASTVID_VEC_BYTES == 64
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float> && sizeof(V) == 64) {
     _mm512_mask_storeu_ps(p, static_cast<__mmask16>(0xFFFFu << first), (__m512)v);
+    return;
+  } else if constexpr (std::is_same_v<T, float> && sizeof(V) == 32) {  // conv_row_k3's half tails
+    _mm256_mask_storeu_ps(p, static_cast<__mmask8>(0xFFu << first), (__m256)v);
     return;
   }
 #elif FASTVID_VEC_BYTES == 32
@@ -532,7 +535,7 @@ constexpr bool kStreams = std::is_same_v<T, float> && FASTVID_VEC_BYTES >= 32;
 template <typename T, typename V>
 __attribute__((always_inline)) inline void store_line(T* p, const V& v) {
 #if FASTVID_VEC_BYTES == 64
-  if constexpr (kStreams<T>) {
+  if constexpr (kStreams<T> && sizeof(V) == 64) {
     if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, (__m512)v);
   }
 #elif FASTVID_VEC_BYTES == 32
@@ -585,7 +588,8 @@ T* thread_rows_buffer(int64_t n) {
 // A/B against kBorderAny for both: forward and input gradient 4-5 % (AVX-512) and 5-7 % (AVX2) faster.
 enum BlockBorder { kBorderNone, kBorderLeft, kBorderRight, kBorderAny };
 
-// One register block: P output positions, the channel vector at c0:
+// One register block: P output positions, the channel vector V at c0 (the path's vector, or a 256-bit
+// one for conv_row_k3's half tails):
 //   out[p·C + c] = init[c] + Σ_r Σ_{k<3} src_rows[r][(q0 + p·S + k)·C + c] · w_rows[r][k·C + c]
 // over the (kt, kh) rows r. Per row the source window (N vectors) is loaded once into registers,
 // then each tap's weight vector is used for all P positions; per position the taps are added in tap
@@ -602,12 +606,11 @@ struct BlockOut {
   // at line_head + p·lanes, streamed just before this block's vector (the line's second).
   const acc_t* line_head;
 };
-template <int P, int S, int Border, typename scalar_t, typename acc_t>
+template <int P, int S, int Border, typename V, typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void conv_block_k3(int64_t rows, const scalar_t* const* src_rows,
                                                          const acc_t* const* w_rows, int64_t C, int64_t q0,
                                                          int64_t width, const acc_t* init, int64_t c0,
                                                          const BlockOut<scalar_t, acc_t>& to) {
-  using V = typename Vec<acc_t>::type;
   constexpr int N = (P - 1) * S + 3;  // source positions read
   V a[P];
   const V start = init != nullptr ? load_vec<V>(init + c0) : V{};
@@ -672,26 +675,48 @@ void conv_row_k3(const Geometry& g, int64_t rows, const scalar_t* const* src_row
   // Streaming happens only where positions start lines: whole lines per group (group_vectors).
   TORCH_INTERNAL_ASSERT(!pairs || (v_begin % 2 == 0 && v_end % 2 == 0 && C % (2 * L) == 0));
   alignas(64) acc_t line_head[kLinePairs ? P * L : 1];
+  // Half tails: at 512 bits a channel tail of at most 8 fp32 runs in a 256-bit vector (c0 = C - 8), not in
+  // a 512-bit one overlapping the vector before (C = 24 computed 32 channels, 40 computed 48, 54 computed
+  // 64); on Zen 4 a 256-bit FMA takes half a 512-bit one's time. Same-process A/B (40 rounds alternating,
+  // medians, inputs warm), AVX-512 path: 4x24x8x56^2 forward -10 % (two threads) / -13 % (one),
+  // 4x40x8x56^2 -10 / -4 %, 2x54x13x40^2 -3 / -4 % (4x96x8x28^2, no tail, -2.5 %: the noise); fwd+bwd
+  // -3..-4 % at C = 24 and 40. (On CPUs with two 512-bit FMA units the half vector costs the same time.)
+  constexpr bool kHalfTails = cpu::kVecBytes == 64 && std::is_same_v<scalar_t, float>;
+  typedef float HalfVec __attribute__((vector_size(32)));
+  const int64_t last = (C + L - 1) / L - 1;
+  const bool half_tail = kHalfTails && C % L != 0 && C % L <= L / 2;
   for (int64_t ow0 = 0; ow0 < OW; ow0 += P) {
     const int64_t start = std::min(ow0, OW - P), q0 = start * S - pad;
     scalar_t* out = out_row + start * C;
     const int border = q0 >= 0 && q0 + N <= W ? kBorderNone
                        : q0 == -1 && N <= W + 1 ? kBorderLeft
                        : q0 >= 0 && q0 + N == W + 1 ? kBorderRight : kBorderAny;
+    // The block over channels [c0, c0 + lanes of vec) for this border case.
+    auto run_block = [&](auto vec, int64_t c0, const BlockOut<scalar_t, acc_t>& to) {
+      using V = decltype(vec);
+      auto block = [&](auto kind) {
+        conv_block_k3<P, S, decltype(kind)::value, V>(rows, src_rows, w_rows, C, q0, W, init, c0, to);
+      };
+      if (border == kBorderNone) block(std::integral_constant<int, kBorderNone>{});
+      else if (border == kBorderLeft) block(std::integral_constant<int, kBorderLeft>{});
+      else if (border == kBorderRight) block(std::integral_constant<int, kBorderRight>{});
+      else block(std::integral_constant<int, kBorderAny>{});
+    };
     for (int64_t v = v_begin; v < v_end; ++v) {
+      if constexpr (kHalfTails) {
+        if (half_tail && v == last) {
+          const int64_t c0 = C - L / 2;
+          run_block(HalfVec{}, c0, BlockOut<scalar_t, acc_t>{out + c0, C, static_cast<int>(v * L - c0), false, nullptr});
+          continue;
+        }
+      }
       const int64_t c0 = std::min(v * L, C - L);
       BlockOut<scalar_t, acc_t> to{out + c0, C, static_cast<int>(v * L - c0), stream, nullptr};
       if constexpr (kLinePairs) {
         if (pairs && v % 2 == 0) to = {line_head, L, 0, false, nullptr};
         else if (pairs) to.line_head = line_head;
       }
-      auto block = [&](auto kind) {
-        conv_block_k3<P, S, decltype(kind)::value>(rows, src_rows, w_rows, C, q0, W, init, c0, to);
-      };
-      if (border == kBorderNone) block(std::integral_constant<int, kBorderNone>{});
-      else if (border == kBorderLeft) block(std::integral_constant<int, kBorderLeft>{});
-      else if (border == kBorderRight) block(std::integral_constant<int, kBorderRight>{});
-      else block(std::integral_constant<int, kBorderAny>{});
+      run_block(typename Vec<acc_t>::type{}, c0, to);
     }
   }
 }
