@@ -1443,7 +1443,8 @@ void prefetch_positions(const scalar_t* p, int64_t positions, int64_t C, int64_t
 }
 
 // Output rows [row_begin, row_end), channel vectors [v_begin, v_end) (vector v: channels from v·L; the
-// last one, where C is not a multiple of L, from C - L with its lanes below v·L masked), added into
+// last one, where C is not a multiple of L, from C - L -- a half tail from C - L/2 -- with its lanes
+// below v·L masked), added into
 // pw ([taps, C]) and pb ([C]; either may be nullptr). Only the channels of those vectors are read or
 // written, so items with other vectors may run at the same time on the same pw / pb.
 // Per channel block and kt the 9 (kh, kw) sums are carried over the rows and added to pw at the end.
@@ -1474,8 +1475,12 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
         for (int64_t c = c_begin; c < c_end; ++c) pb[c] += static_cast<acc_t>(go[ow * C + c]);
     }
   if (pw == nullptr) return;
-  auto block = [&](auto nv, int64_t c0, int first_lane, int64_t rows_begin, int64_t rows_end, int64_t pf_end) {
+  // NV vectors of type decltype(vec) (the path's, or a half tail's) from channel c0.
+  auto block = [&](auto nv, int64_t c0, int first_lane, int64_t rows_begin, int64_t rows_end, int64_t pf_end,
+                   auto vec) {
     constexpr int NV = decltype(nv)::value;
+    using V = decltype(vec);
+    constexpr int L = sizeof(V) / sizeof(acc_t);
     for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
       WeightAcc<NV, V> acc;
       for (int j = 0; j < NV; ++j) {
@@ -1539,15 +1544,31 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
   // The vectors [v_begin, v_end) over rows [rows_begin, rows_end).
   const int64_t full = C / L;  // whole vectors; vector `full` (if any) is the tail
   const int64_t prefetch_end = prefetch_next_rows ? row_end : row_begin;  // rows prefetched: < prefetch_end
+  // At 512 bits a channel tail of at most 8 runs in a 256-bit vector, as conv_row_k3's half tails. Zen 4,
+  // AVX-512 path, same-process A/B (20-30 rounds alternating, medians), weight + bias gradient two / one
+  // threads: 4x24x8x56^2 -11 / -12 %, 4x40x8x56^2 -9 / -7 %, 2x54x13x40^2 -5 / -8 %, 2x216x13x10^2 0 / -5 %
+  // (4x96x8x28^2, no tail: 0 / +2 %); both gradients -2..-7 %.
+  constexpr bool kHalfTails = cpu::kVecBytes == 64 && std::is_same_v<acc_t, float>;
+  typedef float HalfVec __attribute__((vector_size(32)));
+  const bool half_tail = kHalfTails && C % L != 0 && C % L <= L / 2;
   auto blocks = [&](int64_t rows_begin, int64_t rows_end) {
     int64_t v = v_begin;
     for (; v + kWeightBlockC <= std::min(v_end, full); v += kWeightBlockC)
-      block(std::integral_constant<int, kWeightBlockC>{}, v * L, 0, rows_begin, rows_end, prefetch_end);
+      block(std::integral_constant<int, kWeightBlockC>{}, v * L, 0, rows_begin, rows_end, prefetch_end, V{});
     if constexpr (kWeightBlockC > 1)
       for (; v < std::min(v_end, full); ++v)
-        block(std::integral_constant<int, 1>{}, v * L, 0, rows_begin, rows_end, prefetch_end);
-    if (v < v_end) block(std::integral_constant<int, 1>{}, C - L, static_cast<int>(v * L - (C - L)), rows_begin,
-                         rows_end, prefetch_end);
+        block(std::integral_constant<int, 1>{}, v * L, 0, rows_begin, rows_end, prefetch_end, V{});
+    if (v < v_end) {
+      if constexpr (kHalfTails) {
+        if (half_tail) {
+          block(std::integral_constant<int, 1>{}, C - L / 2, static_cast<int>(v * L - (C - L / 2)), rows_begin,
+                rows_end, prefetch_end, HalfVec{});
+          return;
+        }
+      }
+      block(std::integral_constant<int, 1>{}, C - L, static_cast<int>(v * L - (C - L)), rows_begin,
+            rows_end, prefetch_end, V{});
+    }
   };
   // Order: at 512 bits each channel block sweeps all the rows (the sums stay in registers across
   // rows); with narrower vectors (half lines per position) all vectors of the group per row (both
