@@ -581,11 +581,6 @@ T* thread_rows_buffer(int64_t n) {
   return buffer.data();
 }
 
-// Where a register block's source window leaves its row (conv_block_k3): nowhere, at its first position
-// only (the left padding of 1), at its last only (the right one), or anywhere (bounds from q0 at run time).
-// The first three are template cases, so the unrolled window loads carry no bounds tests: at 512 bits
-// every block of a 28-wide row is a left or right one. Zen 4, 4x96x8x28^2 cl3d, two threads, in-process
-// A/B against kBorderAny for both: forward and input gradient 4-5 % (AVX-512) and 5-7 % (AVX2) faster.
 // Prefetches runs of memory into L2, a few 64-byte lines per step(): the next work item's rows,
 // fetched while the current item computes from L2 (the loop orders of forward_k3 and the weight
 // gradient), instead of loaded when that item starts and waits on them.
@@ -611,6 +606,11 @@ class SpreadPrefetch {
   int64_t line_ = 0, lines_ = 0, per_step_ = 0;
 };
 
+// Where a register block's source window leaves its row (conv_block_k3): nowhere, at its first position
+// only (the left padding of 1), at its last only (the right one), or anywhere (bounds from q0 at run time).
+// The first three are template cases, so the unrolled window loads carry no bounds tests: at 512 bits
+// every block of a 28-wide row is a left or right one. Zen 4, 4x96x8x28^2 cl3d, two threads, in-process
+// A/B against kBorderAny for both: forward and input gradient 4-5 % (AVX-512) and 5-7 % (AVX2) faster.
 enum BlockBorder { kBorderNone, kBorderLeft, kBorderRight, kBorderAny };
 
 // One register block: P output positions, the channel vector V at c0 (the path's vector, or a 256-bit
@@ -858,7 +858,6 @@ struct Boxes {
             split * per_split, std::min(groups, (split + 1) * per_split)};
   }
 };
-
 
 // Adds to `prefetch` the input rows of box `next` that box `cur` does not read (per input plane one
 // run of consecutive rows: channels-innermost rows of one plane are contiguous).
@@ -1455,8 +1454,7 @@ void prefetch_positions(const scalar_t* p, int64_t positions, int64_t C, int64_t
 
 // Output rows [row_begin, row_end), channel vectors [v_begin, v_end) (vector v: channels from v·L; the
 // last one, where C is not a multiple of L, from C - L -- a half tail from C - L/2 -- with its lanes
-// below v·L masked), added into
-// pw ([taps, C]) and pb ([C]; either may be nullptr). Only the channels of those vectors are read or
+// below v·L masked), added into pw ([taps, C]) and pb ([C]; either may be nullptr). Only the channels of those vectors are read or
 // written, so items with other vectors may run at the same time on the same pw / pb.
 // Per channel block and kt the 9 (kh, kw) sums are carried over the rows and added to pw at the end.
 // prefetch_next_rows: software-prefetch each next row's lines (off where the rows are in L2 already).
