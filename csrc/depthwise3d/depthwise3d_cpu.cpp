@@ -392,11 +392,12 @@ constexpr int kConflictBlockW = 4;
 // not start lines: positions_start_lines), outermost, and each group sweeps the item's planes and rows: a
 // group's input rows are reused from L1 by the rows of the band and the planes after it, and the box's
 // input lines come from memory once (for the first group) and from L2 for the others. While the later
-// groups run, the next item's new input rows are prefetched into L2, spread over the row calls, so that
-// its first group does not wait on memory. AMD Zen 4, 4x96x8x28^2, two threads, each call's input cold:
-// 1.8 -> 1.1 ms with the streaming stores below (one channel vector over whole output planes before:
-// every 64-byte line of a position read in a separate pass over the plane, ~25 % of the FMA peak against
-// ~80 % with the data in L2; all channels of a row at a time: no reuse of a row from L1 across planes).
+// groups run, the next item's new input rows are prefetched into L2, spread over the register blocks, so
+// that its first group does not wait on memory. AMD Zen 4, 4x96x8x28^2, two threads, each call's input
+// cold: 1.8 -> 1.1 ms with the streaming stores below (one channel vector over whole output planes
+// before: every 64-byte line of a position read in a separate pass over the plane, ~25 % of the FMA peak
+// against ~80 % with the data in L2; all channels of a row at a time: no reuse of a row from L1 across
+// planes).
 constexpr int kBandRows = 4;
 constexpr int64_t kItemInputBytes = 512 * 1024;
 constexpr int kLineBytes = 64;
@@ -606,6 +607,19 @@ class SpreadPrefetch {
   int64_t line_ = 0, lines_ = 0, per_step_ = 0;
 };
 
+// Half tails: at 512 bits a channel tail of at most 8 fp32 runs in a 256-bit vector (from C - 8), not in a
+// 512-bit one overlapping the vector before (C = 24 computed 32 channels, 40 computed 48, 54 computed 64);
+// on Zen 4 a 256-bit FMA takes half a 512-bit one's time (on CPUs with two 512-bit FMA units the half
+// vector costs the same time). Used by conv_row_k3 (fp32 only: store_vec narrows full-width vectors) and
+// weight_grad_rows_k3. Same-process A/B (40 rounds alternating, medians, inputs warm), AVX-512 path,
+// forward: 4x24x8x56^2 -10 % (two threads) / -13 % (one), 4x40x8x56^2 -10 / -4 %, 2x54x13x40^2 -3 / -4 %
+// (4x96x8x28^2, no tail, -2.5 %: the noise); fwd+bwd -3..-4 % at C = 24 and 40.
+typedef float HalfVec __attribute__((vector_size(32)));
+bool has_half_tail(int64_t C) {
+  constexpr int64_t L = Vec<float>::lanes;
+  return cpu::kVecBytes == 64 && C % L != 0 && C % L <= L / 2;
+}
+
 // Where a register block's source window leaves its row (conv_block_k3): nowhere, at its first position
 // only (the left padding of 1), at its last only (the right one), or anywhere (bounds from q0 at run time).
 // The first three are template cases, so the unrolled window loads carry no bounds tests: at 512 bits
@@ -702,16 +716,9 @@ void conv_row_k3(const Geometry& g, int64_t rows, const scalar_t* const* src_row
   // Streaming happens only where positions start lines: whole lines per group (group_vectors).
   TORCH_INTERNAL_ASSERT(!pairs || (v_begin % 2 == 0 && v_end % 2 == 0 && C % (2 * L) == 0));
   alignas(64) acc_t line_head[kLinePairs ? P * L : 1];
-  // Half tails: at 512 bits a channel tail of at most 8 fp32 runs in a 256-bit vector (c0 = C - 8), not in
-  // a 512-bit one overlapping the vector before (C = 24 computed 32 channels, 40 computed 48, 54 computed
-  // 64); on Zen 4 a 256-bit FMA takes half a 512-bit one's time. Same-process A/B (40 rounds alternating,
-  // medians, inputs warm), AVX-512 path: 4x24x8x56^2 forward -10 % (two threads) / -13 % (one),
-  // 4x40x8x56^2 -10 / -4 %, 2x54x13x40^2 -3 / -4 % (4x96x8x28^2, no tail, -2.5 %: the noise); fwd+bwd
-  // -3..-4 % at C = 24 and 40. (On CPUs with two 512-bit FMA units the half vector costs the same time.)
-  constexpr bool kHalfTails = cpu::kVecBytes == 64 && std::is_same_v<scalar_t, float>;
-  typedef float HalfVec __attribute__((vector_size(32)));
+  constexpr bool kHalfTails = cpu::kVecBytes == 64 && std::is_same_v<scalar_t, float>;  // see has_half_tail
   const int64_t last = (C + L - 1) / L - 1;
-  const bool half_tail = kHalfTails && C % L != 0 && C % L <= L / 2;
+  const bool half_tail = kHalfTails && has_half_tail(C);
   for (int64_t ow0 = 0; ow0 < OW; ow0 += P) {
     const int64_t start = std::min(ow0, OW - P), q0 = start * S - pad;
     scalar_t* out = out_row + start * C;
@@ -1454,8 +1461,9 @@ void prefetch_positions(const scalar_t* p, int64_t positions, int64_t C, int64_t
 
 // Output rows [row_begin, row_end), channel vectors [v_begin, v_end) (vector v: channels from v·L; the
 // last one, where C is not a multiple of L, from C - L -- a half tail from C - L/2 -- with its lanes
-// below v·L masked), added into pw ([taps, C]) and pb ([C]; either may be nullptr). Only the channels of those vectors are read or
-// written, so items with other vectors may run at the same time on the same pw / pb.
+// below v·L masked), added into pw ([taps, C]) and pb ([C]; either may be nullptr). Only the channels of
+// those vectors are read or written, so items with other vectors may run at the same time on the same
+// pw / pb.
 // Per channel block and kt the 9 (kh, kw) sums are carried over the rows and added to pw at the end.
 // prefetch_next_rows: software-prefetch each next row's lines (off where the rows are in L2 already).
 // on_row of weight_grad_rows_k3: called after each row's sweep (the prefetch of the next chunk's rows).
@@ -1553,13 +1561,11 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
   // The vectors [v_begin, v_end) over rows [rows_begin, rows_end).
   const int64_t full = C / L;  // whole vectors; vector `full` (if any) is the tail
   const int64_t prefetch_end = prefetch_next_rows ? row_end : row_begin;  // rows prefetched: < prefetch_end
-  // At 512 bits a channel tail of at most 8 runs in a 256-bit vector, as conv_row_k3's half tails. Zen 4,
-  // AVX-512 path, same-process A/B (20-30 rounds alternating, medians), weight + bias gradient two / one
-  // threads: 4x24x8x56^2 -11 / -12 %, 4x40x8x56^2 -9 / -7 %, 2x54x13x40^2 -5 / -8 %, 2x216x13x10^2 0 / -5 %
-  // (4x96x8x28^2, no tail: 0 / +2 %); both gradients -2..-7 %.
+  // Half tails (has_half_tail). Zen 4, AVX-512 path, same-process A/B (20-30 rounds alternating, medians),
+  // weight + bias gradient two / one threads: 4x24x8x56^2 -11 / -12 %, 4x40x8x56^2 -9 / -7 %, 2x54x13x40^2
+  // -5 / -8 %, 2x216x13x10^2 0 / -5 % (4x96x8x28^2, no tail: 0 / +2 %); both gradients -2..-7 %.
   constexpr bool kHalfTails = cpu::kVecBytes == 64 && std::is_same_v<acc_t, float>;
-  typedef float HalfVec __attribute__((vector_size(32)));
-  const bool half_tail = kHalfTails && C % L != 0 && C % L <= L / 2;
+  const bool half_tail = kHalfTails && has_half_tail(C);
   auto blocks = [&](int64_t rows_begin, int64_t rows_end) {
     int64_t v = v_begin;
     for (; v + kWeightBlockC <= std::min(v_end, full); v += kWeightBlockC)
