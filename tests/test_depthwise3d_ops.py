@@ -423,6 +423,34 @@ def test_channels_last_fused_backward(shape, channels, cpu_isa, streaming):
     assert_full_precision(both[2], go.double().sum((0, 2, 3, 4)), "bias gradient")
 
 
+@pytest.mark.parametrize("shape,channels,stride", [((1, 3, 40, 40), 54, (1, 2, 2)), ((2, 4, 9, 27), 64, (1, 2, 2)),
+                                                   ((1, 2, 180, 34), 54, (1, 2, 2)), ((1, 7, 30, 30), 20, (2, 2, 2))],
+                         ids=["C54", "C64-odd", "C54-tall", "T-stride"])
+def test_channels_last_stride2_backward(shape, channels, stride, cpu_isa, streaming):
+    """kH = kW = 3 with H and W stride 2 and padding 1 (X3D's downsampling convs): the channels-innermost input
+    gradient computes both W phases of its rows per block of outputs (csrc/depthwise3d/depthwise3d_cpu.cpp,
+    input_grad_row_w2), streamed out through a per-thread buffer where streaming is forced on; both gradients walk
+    their rows in bands along H (BandOrder: with 1-2 MiB of L2 here the weight gradient's bands are 3-20 grad_output
+    rows, the input gradient's of C54-tall about half its 180 rows). An odd W (the last input in the even phase)
+    and H, a channel tail, and a T stride. Both gradients are bit-identical at 1 and 2 threads and match the tap-sum
+    oracle in float64."""
+    B, T, H, W = shape
+    x = torch.randn(B, channels, T, H, W).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(channels, 1, 3, 3, 3) / 9
+    args = (stride, (1, 1, 1), (1, 1, 1))
+    go = torch.randn_like(OPS.depthwise_conv3d(x, w, None, *args))
+    one, two = backward_at_one_and_two_threads(go, x, w, args, [True, True, True])
+    for name, a, b in zip(("input", "weight", "bias"), one, two):
+        assert torch.equal(a, b), f"{name} gradient depends on the thread count"
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    oracle = tap_sum_depthwise(x64, w64, None, *args)
+    gi_oracle, gw_oracle = torch.autograd.grad(oracle, (x64, w64), go.double())
+    assert two[0].is_contiguous(memory_format=torch.channels_last_3d)
+    assert_full_precision(two[0], gi_oracle, "input gradient")
+    assert_full_precision(two[1], gw_oracle, "weight gradient")
+    assert_full_precision(two[2], go.double().sum((0, 2, 3, 4)), "bias gradient")
+
+
 def tap_sum_depthwise(x, w, b, stride, padding, dilation):
     """Depthwise conv as the sum over kernel taps of weight × a strided window of the zero-padded
     input, in float64: an oracle that shares no code with F.conv3d."""

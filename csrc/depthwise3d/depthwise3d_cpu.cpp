@@ -13,7 +13,9 @@
 //     the input gradient 8 inputs of one W residue at a time, with W stride or W dilation 1); border
 //     positions build their list of valid taps and run accumulate_channels.
 //   With every stride 1 the input gradient is the forward with the kernel flipped
-//     (flipped_geometry). The accumulators stay in registers, in GCC vectors of the accumulation
+//     (flipped_geometry). kW = 3 with W stride 2 and padding 1 (X3D's downsampling convs): per input
+//     row both W phases of a block of outputs at once (input_grad_row_w2). The other input gradients and
+//     weight gradients walk their rows in bands along H (BandOrder). The accumulators stay in registers, in GCC vectors of the accumulation
 //     type (fp32 for bf16/fp16) as wide as the ISA path's registers, stored once per position.
 //   weight gradient: kH = kW = 3 with W stride, dilation and padding 1: weight_grad_rows_k3 (the
 //     9 (kh, kw) sums of one kt and the bias sum in registers while a 3-vector grad_output window
@@ -41,6 +43,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -488,8 +491,14 @@ bool streams_output(const Geometry& g, const void* input, const void* output, in
 // 4x108x8x28^2 forward -16 % (AVX-512) / -23 % (AVX2), fwd+bwd -6 % / -8 %; 4x54x8x28^2 and
 // 4x216x8x14^2 (5.4 MB, AVX-512 only: the AVX2 rule keeps them plain) forward -4 % / 0 %, fwd+bwd
 // -1..-3 %. The fused backward's input-gradient rows (backward_impl) go through such a buffer per chunk.
+bool streams_buffered_rows(int64_t output_bytes, int64_t threads);
 bool streams_rows(const Geometry& g, int64_t output_bytes, int64_t threads) {
   if (positions_start_lines(g, sizeof(float))) return false;  // streams_output's case
+  return streams_buffered_rows(output_bytes, threads);
+}
+// The size rule of rows written through a buffer and streamed out whole lines at a time (stream_copy):
+// streams_rows' and the W-stride-2 input gradient's (input_grad_row_w2).
+bool streams_buffered_rows(int64_t output_bytes, int64_t threads) {
   switch (streaming()) {
     case Streaming::kAlways: return true;
     case Streaming::kNever: return false;
@@ -606,6 +615,34 @@ class SpreadPrefetch {
   size_t run_ = 0;
   int64_t line_ = 0, lines_ = 0, per_step_ = 0;
 };
+
+// Rows (b, plane, row) in band order: per batch item, bands of `band` rows along H, each band's rows plane
+// by plane (band 0 or >= height: the plain order). Where a row reads rows of kT planes of another tensor
+// (the input gradient grad_output's, the weight gradient the input's), walking a band through the planes
+// keeps the rows it reads in L2 for the next planes, while the plain order reads them from memory once
+// per T tap when planes are larger than L2.
+struct BandOrder {
+  int64_t planes, height, band;
+  int64_t row(int64_t index) const {
+    if (band <= 0 || band >= height) return index;
+    const int64_t per_item = planes * height, b = index / per_item, i = index % per_item;
+    const int64_t bands = (height + band - 1) / band;
+    const int64_t k = std::min(i / (band * planes), bands - 1), within = i - k * band * planes;
+    const int64_t rows = std::min(band, height - k * band);  // the last band may be lower
+    return b * per_item + (within / rows) * height + k * band + within % rows;
+  }
+};
+// The band height such that the rows a band reads per plane, `stride` per row plus `reach` - stride, over
+// all planes it reads (`source_plane_row_bytes`: the bytes of one row in each of them), take at most half
+// of L2. Zen 4 (1 MiB L2), two threads, same-process A/B over the band height, X3D-S's stride-2 layers
+// (2x54x13x80^2, 2x108x13x40^2, 2x216x13x20^2): the weight gradient's bands of 2 / 4 / 8 rows (this rule:
+// 4 at all three) against the plain order -17..-33 % / -16..-26 % / -6..-25 % at 80^2 and 40^2, -5..-8 %
+// at 20^2 (with 8 at 40^2 10 % slower than 4); the input gradient (kW = 3 W-stride-2 rows) bands of 2, 8
+// and 36 input rows within 5 % of one another, 3-10 % faster than the plain order.
+int64_t rows_per_band(int64_t source_plane_row_bytes, int64_t stride, int64_t reach) {
+  const int64_t rows_read = cpu_isa::l2_cache_bytes() / 2 / std::max<int64_t>(1, source_plane_row_bytes);
+  return std::max<int64_t>(1, (rows_read - reach) / stride + 1);
+}
 
 // Half tails: at 512 bits a channel tail of at most 8 fp32 runs in a 256-bit vector (from C - 8), not in a
 // 512-bit one overlapping the vector before (C = 24 computed 32 channels, 40 computed 48, 54 computed 64);
@@ -1081,6 +1118,120 @@ void input_grad_row(const Geometry& g, const scalar_t* grad_output,
           input_grad_element<scalar_t, acc_t>(g, grad_output, weight, b, it, ih, iw, c));
 }
 
+// ------------------------------------------- input gradient, kW = 3 with W stride 2 (split by W phase)
+// With W stride 2, padding 1 and dilation 1 (X3D's and CSN's downsampling convs), input iw = 2j takes
+// the middle tap of output j and iw = 2j + 1 the left tap of output j + 1 and the right one of output j:
+//   gi[2j]     = Σ_r w_r[1] · go_r[j]
+//   gi[2j + 1] = Σ_r w_r[2] · go_r[j] + w_r[0] · go_r[j + 1]
+// over the (kt, kh) pairs r whose grad_output row reaches the input row. A block of N outputs j gives the
+// 2N consecutive inputs from 2j0 with N + 1 loads and 3N FMAs per row; `has_next`: go_r[j0 + N] exists
+// (else its taps are outside); `outputs`: how many of the 2N inputs exist (an odd W ends on an even one).
+template <int N, typename V, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void input_grad_block_w2(int64_t rows, const scalar_t* const* go_rows,
+                                                               const acc_t* const* w_rows, int64_t C, int64_t c0,
+                                                               int64_t j0, bool has_next, int64_t outputs,
+                                                               scalar_t* out) {
+  V even[N], odd[N];
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) even[i] = V{}, odd[i] = V{};
+  for (int64_t r = 0; r < rows; ++r) {
+    const V w0 = load_vec<V>(w_rows[r] + c0), w1 = load_vec<V>(w_rows[r] + C + c0),
+            w2 = load_vec<V>(w_rows[r] + 2 * C + c0);
+    const scalar_t* g = go_rows[r] + j0 * C + c0;
+    V cur = load_vec<V>(g);
+    asm("" : "+v"(cur));  // one load per vector, not one per FMA that reads it (see sweep_rows_reuse)
+#pragma GCC unroll 16
+    for (int i = 0; i < N; ++i) {
+      even[i] += w1 * cur;
+      odd[i] += w2 * cur;
+      if (i + 1 < N || has_next) {
+        V next = load_vec<V>(g + (i + 1) * C);
+        asm("" : "+v"(next));
+        odd[i] += w0 * next;
+        cur = next;
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) {
+    if (2 * i < outputs) store_vec(out + 2 * i * C + c0, even[i]);
+    if (2 * i + 1 < outputs) store_vec(out + (2 * i + 1) * C + c0, odd[i]);
+  }
+}
+
+template <typename acc_t>
+bool input_grad_w2_applies(const Geometry& g) {
+  return g.multiplier == 1 && g.kernel[2] == 3 && g.stride[2] == 2 && g.padding[2] == 1 && g.dilation[2] == 1 &&
+         g.channels >= Vec<acc_t>::lanes && g.kernel[0] * g.kernel[1] <= 7 * 7;
+}
+
+// One input-gradient row grad_input[b, it, ih, :, :] where input_grad_w2_applies: blocks of N outputs
+// along W (the rest in blocks of N/2, N/4, ... 1), each over all channel vectors (the tail as the last
+// whole vector, overlapping the one before). With a `buffer` (fp32 rows streamed out), the blocks are
+// computed there and each block's whole lines streamed to gi_row as soon as they are complete, so the
+// streaming stores spread over the row's work instead of coming in one burst.
+template <typename scalar_t>
+void input_grad_row_w2(const Geometry& g, const scalar_t* grad_output, const at::opmath_type<scalar_t>* weight,
+                       scalar_t* gi_row, scalar_t* buffer, int64_t b, int64_t it, int64_t ih) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  // Registers: 2N accumulators, 3 weights, 2 grad_output vectors (32 zmm / 16 ymm).
+  constexpr int N = cpu::kVecBytes == 64 ? 8 : 4;
+  const int64_t C = g.channels, OT = g.out[0], OH = g.out[1], OW = g.out[2], W = g.in[2];
+  const scalar_t* go_rows[7 * 7];
+  const acc_t* w_rows[7 * 7];
+  int64_t rows = 0;
+  for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
+    int64_t ot;
+    if (!output_index(it, kt, g.stride[0], g.padding[0], g.dilation[0], OT, &ot)) continue;
+    for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+      int64_t oh;
+      if (!output_index(ih, kh, g.stride[1], g.padding[1], g.dilation[1], OH, &oh)) continue;
+      go_rows[rows] = grad_output + ndhwc_offset(b, ot, oh, 0, 0, OT, OH, OW, C);
+      w_rows[rows++] = weight + (kt * g.kernel[1] + kh) * 3 * C;
+    }
+  }
+  // The grad_output rows of the newest plane the row one plane on reads (its kt = 0 taps), into L2 while
+  // this row computes: band order (input_grad_impl) comes to them a band of rows later.
+  thread_local SpreadPrefetch next_plane;
+  next_plane.clear();
+  int64_t next_ot;
+  if (it + 1 < g.in[0] && output_index(it + 1, 0, g.stride[0], g.padding[0], g.dilation[0], OT, &next_ot))
+    for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+      int64_t oh;
+      if (output_index(ih, kh, g.stride[1], g.padding[1], g.dilation[1], OH, &oh))
+        next_plane.add(grad_output + ndhwc_offset(b, next_ot, oh, 0, 0, OT, OH, OW, C), OW * C * int64_t(sizeof(scalar_t)));
+    }
+  next_plane.spread_over((OW + N - 1) / N);
+  scalar_t* out = buffer != nullptr ? buffer : gi_row;
+  int64_t streamed = 0;  // elements of the row streamed out so far
+  int64_t j0 = 0;
+  auto block = [&](auto n) {
+    const int64_t outputs = std::min<int64_t>(2 * n, W - 2 * j0);
+    for (int64_t c0 = 0; c0 < C; c0 += L)
+      input_grad_block_w2<decltype(n)::value, V>(rows, go_rows, w_rows, C, std::min(c0, C - L), j0, j0 + n < OW,
+                                                 outputs, out + 2 * j0 * C);
+    next_plane.step();
+    j0 += n;
+    if (buffer == nullptr) return;
+    const int64_t done = (2 * (j0 - n) + outputs) * C;
+    // Up to the last line boundary of gi_row (the line across it waits for the next block), all at the end.
+    const int64_t upto =
+        done == W * C ? done
+                      : done - int64_t(reinterpret_cast<uintptr_t>(gi_row + done) % kLineBytes / sizeof(scalar_t));
+    if (upto > streamed) stream_copy(gi_row + streamed, buffer + streamed, upto - streamed), streamed = upto;
+  };
+  while (j0 + N < OW) block(std::integral_constant<int, N>{});
+  auto tail = [&](auto n) {
+    if (OW - j0 >= n) block(n);
+  };
+  if constexpr (N > 4) tail(std::integral_constant<int, 8>{});
+  tail(std::integral_constant<int, 4>{});
+  tail(std::integral_constant<int, 2>{});
+  tail(std::integral_constant<int, 1>{});
+}
+
 template <typename scalar_t>
 void input_grad_impl(const InputGradArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -1099,13 +1250,28 @@ void input_grad_impl(const InputGradArgs& a) {
     return forward_impl<scalar_t>(f);
   }
   auto* grad_input = static_cast<scalar_t*>(a.grad_input);
+  // Band order: the grad_output rows a band's input rows read stay in L2 from one plane to the next.
+  const int64_t go_row_bytes = g.out[2] * C * int64_t(sizeof(scalar_t));
+  const BandOrder order{T, H, g.stride[1] * rows_per_band(g.kernel[0] * go_row_bytes, 1, 2)};
+  const bool w2 = input_grad_w2_applies<acc_t>(g);
+  const bool w2_stream = w2 && kStreams<scalar_t> &&
+                         streams_buffered_rows(rows * g.in[2] * C * int64_t(sizeof(scalar_t)), at::get_num_threads());
   at::parallel_for(0, rows, grain_for(g.in[2] * C), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t row = order.row(idx);
       const int64_t b = row / (T * H), it = (row / H) % T, ih = row % H;
       scalar_t* gi_row = grad_input + row * g.in[2] * C;
+      if (w2) {
+        input_grad_row_w2<scalar_t>(g, grad_output, weight, gi_row,
+                                    w2_stream ? thread_rows_buffer<scalar_t>(g.in[2] * C) : nullptr, b, it, ih);
+        continue;
+      }
       if (g.multiplier == 1) input_grad_row<scalar_t, true>(g, grad_output, weight, gi_row, b, it, ih);
       else input_grad_row<scalar_t, false>(g, grad_output, weight, gi_row, b, it, ih);
     }
+#if FASTVID_VEC_BYTES >= 32
+    if (w2_stream) _mm_sfence();
+#endif
   });
 }
 
@@ -1283,7 +1449,7 @@ TapRange valid_outputs(int64_t k, int64_t stride, int64_t padding, int64_t dilat
 template <typename scalar_t, bool kUnitMultiplier>
 void weight_grad_row(const Geometry& g, const scalar_t* input, const scalar_t* go_row,
                                         at::opmath_type<scalar_t>* partial_w, at::opmath_type<scalar_t>* partial_b,
-                                        int64_t b, int64_t ot, int64_t oh) {
+                                        int64_t b, int64_t ot, int64_t oh, SpreadPrefetch* prefetch = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = g.channels, m = kUnitMultiplier ? 1 : g.multiplier, Cout = C * m;
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2];
@@ -1318,6 +1484,7 @@ void weight_grad_row(const Geometry& g, const scalar_t* input, const scalar_t* g
             }
           }
         }
+        if (prefetch != nullptr) prefetch->step();  // once per (kt, kh)
         for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
           const TapRange r = valid_outputs(kw, g.stride[2], g.padding[2], g.dilation[2], W, g.out[2]);
           // [r.begin, r.end) minus [lo, hi): at most two pieces.
@@ -1747,16 +1914,36 @@ void weight_grad_impl(const WeightGradArgs& a, const ChunkWork& chunk_work = Chu
     }
   } else {
     TORCH_INTERNAL_ASSERT(!kChunkWork, "weight_grad_impl: chunk work needs chunk items (weight_grad_by_chunks)");
+    // Chunks of rows in band order: the input rows a band's grad_output rows read stay in L2 from one plane
+    // to the next, instead of coming from memory once per T tap.
+    const int64_t x_row_bytes = g.in[2] * g.channels * int64_t(sizeof(scalar_t));
+    const BandOrder order{OT, OH, rows_per_band(g.kernel[0] * x_row_bytes, g.stride[1],
+                                                (g.kernel[1] - 1) * g.dilation[1] + 1)};
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         acc_t* pw = partials.data() + chunk * per_chunk;
         acc_t* w = grad_weight != nullptr ? pw : nullptr;
         acc_t* bb = grad_bias != nullptr ? pw + taps * Cout : nullptr;
         const auto [row_begin, row_end] = chunk_rows(chunk);
-        for (int64_t row = row_begin; row < row_end; ++row) {
+        SpreadPrefetch next_plane;
+        for (int64_t idx = row_begin; idx < row_end; ++idx) {
+          const int64_t row = order.row(idx);
           const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
           const scalar_t* go_row = grad_output + row * g.out[2] * Cout;
-          if (g.multiplier == 1) weight_grad_row<scalar_t, true>(g, input, go_row, w, bb, b, ot, oh);
+          // The input rows of the newest plane the row one plane on reads (its last T tap), into L2 while
+          // this row's taps run: band order comes to them a band of rows later.
+          next_plane.clear();
+          const int64_t next_it = (ot + 1) * g.stride[0] - g.padding[0] + (g.kernel[0] - 1) * g.dilation[0];
+          if (ot + 1 < OT && next_it >= 0 && next_it < g.in[0]) {
+            const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], g.in[1]);
+            for (int64_t kh = rh.begin; kh < rh.end; ++kh) {
+              const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+              next_plane.add(input + ndhwc_offset(b, next_it, ih, 0, 0, g.in[0], g.in[1], g.in[2], g.channels),
+                             x_row_bytes);
+            }
+          }
+          next_plane.spread_over(g.kernel[0] * g.kernel[1]);
+          if (g.multiplier == 1) weight_grad_row<scalar_t, true>(g, input, go_row, w, bb, b, ot, oh, &next_plane);
           else weight_grad_row<scalar_t, false>(g, input, go_row, w, bb, b, ot, oh);
         }
       }
