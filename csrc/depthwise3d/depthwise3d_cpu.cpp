@@ -15,7 +15,8 @@
 //   With every stride 1 the input gradient is the forward with the kernel flipped
 //     (flipped_geometry). kW = 3 with W stride 2 and padding 1 (X3D's downsampling convs): per input
 //     row both W phases of a block of outputs at once (input_grad_row_w2). The other input gradients and
-//     weight gradients walk their rows in bands along H (BandOrder). The accumulators stay in registers, in GCC vectors of the accumulation
+//     the generic weight gradient walk their rows in bands along H (BandOrder).
+//     The accumulators stay in registers, in GCC vectors of the accumulation
 //     type (fp32 for bf16/fp16) as wide as the ISA path's registers, stored once per position.
 //   weight gradient: kH = kW = 3 with W stride, dilation and padding 1: weight_grad_rows_k3 (the
 //     9 (kh, kw) sums of one kt and the bias sum in registers while a 3-vector grad_output window
@@ -43,7 +44,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -1201,7 +1201,8 @@ void input_grad_row_w2(const Geometry& g, const scalar_t* grad_output, const at:
     for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
       int64_t oh;
       if (output_index(ih, kh, g.stride[1], g.padding[1], g.dilation[1], OH, &oh))
-        next_plane.add(grad_output + ndhwc_offset(b, next_ot, oh, 0, 0, OT, OH, OW, C), OW * C * int64_t(sizeof(scalar_t)));
+        next_plane.add(grad_output + ndhwc_offset(b, next_ot, oh, 0, 0, OT, OH, OW, C),
+                       OW * C * int64_t(sizeof(scalar_t)));
     }
   next_plane.spread_over((OW + N - 1) / N);
   scalar_t* out = buffer != nullptr ? buffer : gi_row;
