@@ -1047,14 +1047,33 @@ std::vector<acc_t> flipped_weight(const Geometry& g, const acc_t* weight) {
   return w;
 }
 
+// The grad_output rows (kt, kh) the input row (b, it, ih) reads, with their weight rows ([kW][C·m] each):
+// their count (at most kT·kH <= 7·7).
+template <typename scalar_t, typename acc_t>
+int64_t rows_read_by_input_row(const Geometry& g, const scalar_t* grad_output, const acc_t* weight, int64_t b,
+                               int64_t it, int64_t ih, const scalar_t** go_rows, const acc_t** w_rows) {
+  const int64_t Cout = g.out_channels(), OT = g.out[0], OH = g.out[1], OW = g.out[2];
+  int64_t rows = 0;
+  for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
+    int64_t ot;
+    if (!output_index(it, kt, g.stride[0], g.padding[0], g.dilation[0], OT, &ot)) continue;
+    for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+      int64_t oh;
+      if (!output_index(ih, kh, g.stride[1], g.padding[1], g.dilation[1], OH, &oh)) continue;
+      go_rows[rows] = grad_output + ndhwc_offset(b, ot, oh, 0, 0, OT, OH, OW, Cout);
+      w_rows[rows++] = weight + (kt * g.kernel[1] + kh) * g.kernel[2] * Cout;
+    }
+  }
+  return rows;
+}
+
 // One input-gradient row grad_input[b, it, ih, :, :] (a gather: no two tasks write one element).
 template <typename scalar_t, bool kUnitMultiplier>
 void input_grad_row(const Geometry& g, const scalar_t* grad_output,
                                        const at::opmath_type<scalar_t>* weight, scalar_t* gi_row, int64_t b,
                                        int64_t it, int64_t ih) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = g.channels, m = kUnitMultiplier ? 1 : g.multiplier, Cout = C * m;
-  const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t C = g.channels, m = kUnitMultiplier ? 1 : g.multiplier, Cout = C * m, OW = g.out[2];
   if (kUnitMultiplier) {  // tap list per position, register-blocked channel loop
     int64_t go_offsets[kMaxTaps], w_offsets[kMaxTaps];
     // With W stride or W dilation 1, interior inputs (every W tap of their residue reaches an output)
@@ -1066,20 +1085,9 @@ void input_grad_row(const Geometry& g, const scalar_t* grad_output,
     const int64_t pad_w = g.padding[2], s_w = g.stride[2], d_w = g.dilation[2], kW = g.kernel[2], W = g.in[2];
     const bool sweep = s_w == 1 || d_w == 1;
     const int64_t ow_per_tap = s_w == 1 ? d_w : 1;
-    // The grad_output rows (kt, kh) this input row reads, with their weight rows.
     const scalar_t* src_rows[7 * 7];
     const acc_t* w_rows[7 * 7];
-    int64_t rows = 0;
-    for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
-      int64_t ot;
-      if (!output_index(it, kt, g.stride[0], g.padding[0], g.dilation[0], OT, &ot)) continue;
-      for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
-        int64_t oh;
-        if (!output_index(ih, kh, g.stride[1], g.padding[1], g.dilation[1], OH, &oh)) continue;
-        src_rows[rows] = grad_output + ndhwc_offset(b, ot, oh, 0, 0, OT, OH, OW, Cout);
-        w_rows[rows++] = weight + (kt * g.kernel[1] + kh) * kW * Cout;
-      }
-    }
+    const int64_t rows = rows_read_by_input_row(g, grad_output, weight, b, it, ih, src_rows, w_rows);
     for (int64_t r = 0; r < std::min(s_w, W); ++r) {
       const int64_t kw0 = (r + pad_w) % s_w;
       const int64_t taps = kw0 < kW ? (kW - 1 - kw0) / s_w + 1 : 0;  // kw0, kw0 + s, ... below kW
@@ -1162,7 +1170,7 @@ __attribute__((always_inline)) inline void input_grad_block_w2(int64_t rows, con
 template <typename acc_t>
 bool input_grad_w2_applies(const Geometry& g) {
   return g.multiplier == 1 && g.kernel[2] == 3 && g.stride[2] == 2 && g.padding[2] == 1 && g.dilation[2] == 1 &&
-         g.channels >= Vec<acc_t>::lanes && g.kernel[0] * g.kernel[1] <= 7 * 7;
+         g.channels >= Vec<acc_t>::lanes;
 }
 
 // One input-gradient row grad_input[b, it, ih, :, :] where input_grad_w2_applies: blocks of N outputs
@@ -1181,17 +1189,7 @@ void input_grad_row_w2(const Geometry& g, const scalar_t* grad_output, const at:
   const int64_t C = g.channels, OT = g.out[0], OH = g.out[1], OW = g.out[2], W = g.in[2];
   const scalar_t* go_rows[7 * 7];
   const acc_t* w_rows[7 * 7];
-  int64_t rows = 0;
-  for (int64_t kt = 0; kt < g.kernel[0]; ++kt) {
-    int64_t ot;
-    if (!output_index(it, kt, g.stride[0], g.padding[0], g.dilation[0], OT, &ot)) continue;
-    for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
-      int64_t oh;
-      if (!output_index(ih, kh, g.stride[1], g.padding[1], g.dilation[1], OH, &oh)) continue;
-      go_rows[rows] = grad_output + ndhwc_offset(b, ot, oh, 0, 0, OT, OH, OW, C);
-      w_rows[rows++] = weight + (kt * g.kernel[1] + kh) * 3 * C;
-    }
-  }
+  const int64_t rows = rows_read_by_input_row(g, grad_output, weight, b, it, ih, go_rows, w_rows);
   // The grad_output rows of the newest plane the row one plane on reads (its kt = 0 taps), into L2 while
   // this row computes: band order (input_grad_impl) comes to them a band of rows later.
   thread_local SpreadPrefetch next_plane;
