@@ -1212,9 +1212,9 @@ void input_grad_row_w2(const Geometry& g, const scalar_t* grad_output, const at:
       input_grad_block_w2<decltype(n)::value, V>(rows, go_rows, w_rows, C, std::min(c0, C - L), j0, j0 + n < OW,
                                                  outputs, out + 2 * j0 * C);
     next_plane.step();
+    const int64_t done = (2 * j0 + outputs) * C;  // elements of the row complete
     j0 += n;
     if (buffer == nullptr) return;
-    const int64_t done = (2 * (j0 - n) + outputs) * C;
     // Up to the last line boundary of gi_row (the line across it waits for the next block), all at the end.
     const int64_t upto =
         done == W * C ? done
@@ -1249,7 +1249,9 @@ void input_grad_impl(const InputGradArgs& a) {
     return forward_impl<scalar_t>(f);
   }
   auto* grad_input = static_cast<scalar_t*>(a.grad_input);
-  // Band order: the grad_output rows a band's input rows read stay in L2 from one plane to the next.
+  // Band order: the grad_output rows a band's input rows read stay in L2 from one plane to the next. Its
+  // height counted in grad_output rows (stride 1, and about one more row read: kH = 3 with H stride 2),
+  // H stride input rows each.
   const int64_t go_row_bytes = g.out[2] * C * int64_t(sizeof(scalar_t));
   const BandOrder order{T, H, g.stride[1] * rows_per_band(g.kernel[0] * go_row_bytes, 1, 2)};
   const bool w2 = input_grad_w2_applies<acc_t>(g);
@@ -1688,7 +1690,7 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
         }
         // The bias sum rides along the sweep of the row's first T tap in range.
         const bool with_bias = pb != nullptr && kt == first_kt;
-        const TapRange rh = valid_taps(oh, 3, g.stride[1], g.padding[1], g.dilation[1], H);
+        const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], H);
         const scalar_t* x_rows[3] = {nullptr, nullptr, nullptr};
         for (int64_t kh = rh.begin; kh < rh.end; ++kh) {
           const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
@@ -1758,12 +1760,13 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
   for (int64_t row = row_begin; row < row_end; ++row) blocks(row, row + 1);
 }
 
-// Adds to `prefetch` the rows that output rows [row_begin, row_end) of a kH = 3 geometry read (the kH =
-// kW = 3 weight gradient's, or the flipped geometry's of the fused backward, whose input is
-// grad_output): each grad_output row where grad_output is given, and per T tap in range -- or only the
-// last one, last_t_tap_only: in the plane-major chunk order the one input plane of a chunk that the
-// chunk before it did not read -- the input row of its last H tap (all its H taps for the first row and
-// at the top of a plane; the rest were read by the rows before).
+// Adds to `prefetch` the rows that output rows [row_begin, row_end) read (the kH = kW = 3 weight
+// gradient's, the flipped geometry's of the fused backward, whose input is grad_output, and one row at a
+// time the generic weight gradient's): each grad_output row where grad_output is given (stride-1 W only:
+// output rows as wide as input rows), and per T tap in range -- or only the last one, last_t_tap_only: in
+// the plane-major chunk order the one input plane of a chunk that the chunk before it did not read --
+// the input row of its last H tap (all its H taps for the first row and at the top of a plane; with H
+// stride 1 the rest were read by the rows before).
 template <typename scalar_t>
 void add_rows_read(SpreadPrefetch& prefetch, const Geometry& g, const scalar_t* input, const scalar_t* grad_output,
                    int64_t row_begin, int64_t row_end, bool last_t_tap_only) {
@@ -1773,7 +1776,7 @@ void add_rows_read(SpreadPrefetch& prefetch, const Geometry& g, const scalar_t* 
     const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
     if (grad_output != nullptr) prefetch.add(grad_output + row * W * C, row_bytes);
     const TapRange rt = valid_taps(ot, g.kernel[0], g.stride[0], g.padding[0], g.dilation[0], T);
-    const TapRange rh = valid_taps(oh, 3, g.stride[1], g.padding[1], g.dilation[1], H);
+    const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], H);
     const int64_t kh_begin = row == row_begin || oh == 0 ? rh.begin : std::max(rh.begin, rh.end - 1);
     for (int64_t kt = last_t_tap_only ? std::max(rt.begin, rt.end - 1) : rt.begin; kt < rt.end; ++kt) {
       const int64_t it = ot * g.stride[0] - g.padding[0] + kt * g.dilation[0];
@@ -1929,21 +1932,16 @@ void weight_grad_impl(const WeightGradArgs& a, const ChunkWork& chunk_work = Chu
           const int64_t row = order.row(idx);
           const int64_t b = row / (OT * OH), ot = (row / OH) % OT, oh = row % OH;
           const scalar_t* go_row = grad_output + row * g.out[2] * Cout;
+          if (g.multiplier != 1) {
+            weight_grad_row<scalar_t, false>(g, input, go_row, w, bb, b, ot, oh);
+            continue;
+          }
           // The input rows of the newest plane the row one plane on reads (its last T tap), into L2 while
           // this row's taps run: band order comes to them a band of rows later.
           next_plane.clear();
-          const int64_t next_it = (ot + 1) * g.stride[0] - g.padding[0] + (g.kernel[0] - 1) * g.dilation[0];
-          if (ot + 1 < OT && next_it >= 0 && next_it < g.in[0]) {
-            const TapRange rh = valid_taps(oh, g.kernel[1], g.stride[1], g.padding[1], g.dilation[1], g.in[1]);
-            for (int64_t kh = rh.begin; kh < rh.end; ++kh) {
-              const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
-              next_plane.add(input + ndhwc_offset(b, next_it, ih, 0, 0, g.in[0], g.in[1], g.in[2], g.channels),
-                             x_row_bytes);
-            }
-          }
+          if (ot + 1 < OT) add_rows_read<scalar_t>(next_plane, g, input, nullptr, row + OH, row + OH + 1, true);
           next_plane.spread_over(g.kernel[0] * g.kernel[1]);
-          if (g.multiplier == 1) weight_grad_row<scalar_t, true>(g, input, go_row, w, bb, b, ot, oh, &next_plane);
-          else weight_grad_row<scalar_t, false>(g, input, go_row, w, bb, b, ot, oh);
+          weight_grad_row<scalar_t, true>(g, input, go_row, w, bb, b, ot, oh, &next_plane);
         }
       }
     });
