@@ -1608,17 +1608,18 @@ bool weight_grad_k3_applies(const Geometry& g) {
 }
 
 // Channel vectors per work item of the weight gradient: 128 bytes of fp32 (two 64-byte lines, the
-// pair the L2 prefetcher fetches together). At 128 bits, where the chunks are the items
-// (weight_grad_by_chunks), all channels instead: its rows go in the per-row order (weight_grad_rows_k3),
-// which sweeps each row once per group with all the group's vectors, so one group uses every line of
-// a row while it is in L1 where two-line groups took each row from L2 once per group (and the lines at
-// a group's edge twice where positions do not start lines). Zen 4, same-process A/B (40 rounds
-// alternating, medians), weight gradient alone, measured with AVX2 when it had that order: one thread
-// 4x96x8x28^2 -14 %, 4x108x8x28^2 -27 %, 4x112x8x28^2 -24 %, 2x54x13x40^2 -26 %; two threads -14 %,
-// -44 %, -16 %, -31 % (2x216x13x10^2 within +-5 %); both gradients -4..-20 %; the baseline path -5..-16 %.
-// With the block order (256 and 512 bits; each channel block sweeps all the chunk's rows, its sums in
-// registers) the group size hardly matters: 512 bits 0..+9 % alone, AVX2 (session 52, two threads,
-// 4x96 / 4x108x8x28^2, 2x54x13x40^2) -6..+6 %.
+// pair the L2 prefetcher fetches together). Below 512 bits, where the chunks are the items
+// (weight_grad_by_chunks), all channels instead. Measured first with the per-row order (all vectors of
+// the group per row, now 128 bits only: one group uses every line of a row while it is in L1 where
+// two-line groups took each row from L2 once per group, and the lines at a group's edge twice where
+// positions do not start lines): Zen 4, AVX2, same-process A/B (40 rounds alternating, medians), weight
+// gradient alone, one thread 4x96x8x28^2 -14 %, 4x108x8x28^2 -27 %, 4x112x8x28^2 -24 %, 2x54x13x40^2
+// -26 %; two threads -14 %, -44 %, -16 %, -31 % (2x216x13x10^2 within +-5 %); both gradients -4..-20 %;
+// the baseline path -5..-16 %. With AVX2's block order (session 52, two threads, same-process A/B, 30
+// rounds, cold): all channels against two-line groups 4x48x8x56^2 -20 % / -13 % (weight / both
+// gradients), 4x96x8x28^2 +1 % / -8 %, 4x108x8x28^2 +3 %, 2x54x13x40^2 +3 %, 4x192x8x14^2 +3 %,
+// 2x216x13x10^2 -2..-7 % / -1 %.
+// At 512 bits (each channel block sweeps all the chunk's rows, its sums in registers) 0..+9 % alone: kept.
 constexpr int64_t kWeightGroupV = 128 / cpu::kVecBytes;
 
 // Prefetches channels [0, width) of `positions` positions C apart from p, one per 64-byte line.
@@ -1758,10 +1759,11 @@ void weight_grad_rows_k3(const Geometry& g, const scalar_t* input, const scalar_
   // Order: at 256 and 512 bits each channel block sweeps all the rows (the sums stay in registers
   // across rows); at 128 bits (quarter lines per position) all vectors of the group per row (every
   // quarter of a line while it is in L1), the sums stored per row. AVX2 had the per-row order until
-  // session 52: Zen 4, same-process A/B (15-30 rounds alternating, each call's tensors cold, medians),
-  // weight + bias gradient two threads 4x96x8x28^2 -13 / -15 %, 4x48x8x56^2 -10 %, 4x108x8x28^2 -14 %,
-  // 2x54x13x40^2 -6 %, 4x192x8x14^2 -15 %; both gradients -3..-10 %; one thread -6..-17 %. (Baseline
-  // path: -7, -7, +10, +2 %: kept per row.)
+  // session 52: Zen 4, two threads, same-process A/B (30 rounds alternating, each call's tensors cold,
+  // medians, all channels in one group either way), weight + bias gradient 4x96x8x28^2 -15..-19 %,
+  // 4x108x8x28^2 -17 %, 4x48x8x56^2 -5 %, 4x192x8x14^2 -15 %, 2x54x13x40^2 -8 %, 2x108x13x20^2 -11 %,
+  // 2x216x13x10^2 +10..+12 %; both gradients 4x96x8x28^2 -12 %, 4x48x8x56^2 -6 %, 2x216x13x10^2 -7 %.
+  // (Baseline path, one thread: -7, -7, +10, +2 %: kept per row.)
   if (cpu::kVecBytes >= 32) return blocks(row_begin, row_end);
   for (int64_t row = row_begin; row < row_end; ++row) blocks(row, row + 1);
 }
@@ -1846,7 +1848,7 @@ void weight_grad_impl(const WeightGradArgs& a, const ChunkWork& chunk_work = Chu
     // depend on which thread runs it.
     const int64_t vectors = (g.channels + L - 1) / L;
     const bool by_chunks = weight_grad_by_chunks<acc_t>(g);
-    const int64_t group_v = cpu::kVecBytes < 32 && by_chunks ? vectors : kWeightGroupV;  // see kWeightGroupV
+    const int64_t group_v = cpu::kVecBytes < 64 && by_chunks ? vectors : kWeightGroupV;  // see kWeightGroupV
     const int64_t groups = (vectors + group_v - 1) / group_v;
     auto rows_k3 = [&](int64_t chunk, int64_t group, bool prefetch_next_rows, auto&& on_row) {
       acc_t* pw = partials.data() + chunk * per_chunk;
