@@ -1618,8 +1618,8 @@ bool weight_grad_k3_applies(const Geometry& g) {
 // the baseline path -5..-16 %. With AVX2's block order (session 52, two threads, same-process A/B, 30
 // rounds, cold): all channels against two-line groups 4x48x8x56^2 -20 % / -13 % (weight / both
 // gradients), 4x96x8x28^2 +1 % / -8 %, 4x108x8x28^2 +3 %, 2x54x13x40^2 +3 %, 4x192x8x14^2 +3 %,
-// 2x216x13x10^2 -2..-7 % / -1 %.
-// At 512 bits (each channel block sweeps all the chunk's rows, its sums in registers) 0..+9 % alone: kept.
+// 2x216x13x10^2 -2..-7 % / -1 %. At 512 bits (its block order with two vectors per block) all channels
+// measured 0..+9 % slower alone: two-line groups kept.
 constexpr int64_t kWeightGroupV = 128 / cpu::kVecBytes;
 
 // Prefetches channels [0, width) of `positions` positions C apart from p, one per 64-byte line.
