@@ -70,7 +70,7 @@ def _worker(rank, port, path):
         # Both ranks past their last collective before either closes its connections. Once in CI (session
         # 52) rank 0 died with SIGABRT ("terminate called without an active exception", no Python
         # traceback; where is unknown, not reproduced in 13 local runs with or without other load): a rank
-        # tearing down while its peer still talks to it is the usual cause of that abort in gloo.
+        # tearing down while its peer still talks to it is one way to get that abort.
         dist.barrier()
     finally:
         dist.destroy_process_group()
